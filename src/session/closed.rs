@@ -1,0 +1,151 @@
+//! Close-notification futures.
+//!
+//! # Invariants
+//!
+//! A waiter checks `COMPLETE` and registers its waker in one critical section
+//! of the session's lock; the closer sets `COMPLETE` and takes every waker in
+//! one critical section of the same lock. So a waiter either sees the close
+//! or is woken by it: no wake-up is lost. A waiter that leaves before the
+//! close clears its own slot, so a cancelled wait leaks nothing.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::handle::{Inner, Session};
+use super::state::CloseReason;
+
+/// Future returned by [`Session::closed`]: resolves with the close reason once
+/// the session's close has completed.
+#[must_use = "futures do nothing unless polled"]
+pub struct Closed<'a, P> {
+    session: &'a Session<P>,
+    slot: Option<usize>,
+}
+
+/// Future returned by [`Session::closed_owned`]: the `'static` variant of
+/// [`Closed`].
+#[must_use = "futures do nothing unless polled"]
+pub struct ClosedOwned<P> {
+    session: Session<P>,
+    slot: Option<usize>,
+}
+
+impl<'a, P> Closed<'a, P> {
+    pub(super) fn new(session: &'a Session<P>) -> Self {
+        Self {
+            session,
+            slot: None,
+        }
+    }
+}
+
+impl<P> ClosedOwned<P> {
+    pub(super) fn new(session: Session<P>) -> Self {
+        Self {
+            session,
+            slot: None,
+        }
+    }
+}
+
+impl<P> Future for Closed<'_, P> {
+    type Output = CloseReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let this = self.get_mut();
+        poll_closed(&this.session.inner, &mut this.slot, cx)
+    }
+}
+
+impl<P> Future for ClosedOwned<P> {
+    type Output = CloseReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let this = self.get_mut();
+        poll_closed(&this.session.inner, &mut this.slot, cx)
+    }
+}
+
+impl<P> Drop for Closed<'_, P> {
+    fn drop(&mut self) {
+        leave(&self.session.inner, &mut self.slot);
+    }
+}
+
+impl<P> Drop for ClosedOwned<P> {
+    fn drop(&mut self) {
+        leave(&self.session.inner, &mut self.slot);
+    }
+}
+
+impl<P> fmt::Debug for Closed<'_, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Closed")
+            .field("session", &self.session.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> fmt::Debug for ClosedOwned<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClosedOwned")
+            .field("session", &self.session.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn poll_closed<P>(
+    inner: &Inner<P>,
+    slot: &mut Option<usize>,
+    cx: &mut Context<'_>,
+) -> Poll<CloseReason> {
+    // Fast path without the lock; `completed` is an Acquire load.
+    if let Some(reason) = inner.word.completed() {
+        // The closer emptied the waiter list: the slot is gone with it.
+        *slot = None;
+        return Poll::Ready(reason);
+    }
+    let mut shared = inner.shared.lock();
+    if let Some(reason) = inner.word.completed() {
+        *slot = None;
+        return Poll::Ready(reason);
+    }
+    let waiters = &mut shared.waiters;
+    match slot.and_then(|index| waiters.get_mut(index)) {
+        Some(Some(waker)) => {
+            if !waker.will_wake(cx.waker()) {
+                waker.clone_from(cx.waker());
+            }
+        }
+        _ => {
+            // Reuse a slot freed by a cancelled waiter, so a session's list
+            // never grows past its peak number of concurrent waiters.
+            let index = match waiters.iter().position(Option::is_none) {
+                Some(index) => index,
+                None => {
+                    waiters.push(None);
+                    waiters.len() - 1
+                }
+            };
+            waiters[index] = Some(cx.waker().clone());
+            *slot = Some(index);
+        }
+    }
+    Poll::Pending
+}
+
+/// Unregisters a waiter that leaves before the close completes.
+fn leave<P>(inner: &Inner<P>, slot: &mut Option<usize>) {
+    let Some(index) = slot.take() else { return };
+    let mut shared = inner.shared.lock();
+    // After the close completed the list is empty and stays empty, so this
+    // finds nothing; before, the slot is this waiter's own.
+    if let Some(entry) = shared.waiters.get_mut(index) {
+        *entry = None;
+    }
+    while matches!(shared.waiters.last(), Some(None)) {
+        shared.waiters.pop();
+    }
+}

@@ -1,0 +1,398 @@
+//! The session handle.
+//!
+//! # Invariants
+//!
+//! - The state word (see `state.rs`) is the single source of truth for the
+//!   session's state; the `shared` mutex never holds state of its own.
+//! - Resources and the token are taken out of `shared` exactly once, by the
+//!   caller that won the close, and nothing is added after the close.
+//! - `COMPLETE` is set under the `shared` lock, and a waiter registers its
+//!   waker under the same lock after checking `COMPLETE`: no wake-up is lost.
+//!
+//! # Deadlock safety
+//!
+//! The session has one lock, `shared`. It is never held while calling user
+//! code (resources are released, wakers woken, after it is dropped) except in
+//! [`Session::with_token`], whose closure must not call back into the
+//! session. Stores may hold their own locks while taking it; it never takes
+//! theirs.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::task::Waker;
+
+use tokio::time::{Duration, Instant};
+
+use super::closed::{Closed, ClosedOwned};
+use super::resource::{AttachError, Resource};
+use super::state::{CloseOutcome, CloseReason, SessionState, StateWord, Transition};
+use super::token::SessionToken;
+use super::traffic::{Traffic, TrafficCounters};
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::loom::{Arc, Mutex};
+
+/// A session bound to a router: a cheap cloneable handle.
+///
+/// Clones share one session. The handle carries the session's identity, its
+/// router and router incarnation, its state machine, traffic counters, secret
+/// token, user payload `P`, and the resources attached to it.
+///
+/// Stores create sessions (see [`SessionStore::create`](crate::SessionStore::create));
+/// [`NewSession::into_session`] builds a handle directly for store
+/// implementations and tests.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(9), Incarnation::new(1))
+///     .token(b"secret".to_vec())
+///     .into_session();
+/// session.record_in(1500);
+///
+/// let waiter = session.clone();
+/// let wait = tokio::spawn(async move { waiter.closed().await });
+///
+/// assert!(session.begin_terminating().won());
+/// assert!(session.close(CloseReason::RouterDeleted).won());
+/// assert_eq!(wait.await.unwrap(), CloseReason::RouterDeleted);
+/// assert_eq!(session.state(), SessionState::Closed);
+/// assert_eq!(session.with_token(|t| t.is_none()), true); // wiped on close
+/// assert_eq!(session.traffic().bytes_in, 1500);
+/// # }
+/// ```
+pub struct Session<P = ()> {
+    pub(super) inner: Arc<Inner<P>>,
+}
+
+pub(super) struct Inner<P> {
+    id: SessionId,
+    router: RouterId,
+    incarnation: Incarnation,
+    created_at: Instant,
+    pub(super) word: StateWord,
+    traffic: TrafficCounters,
+    pub(super) shared: Mutex<Shared>,
+    payload: P,
+}
+
+/// What the session's lock guards.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Wakers of pending close waiters; a waiter's slot index is stable until
+    /// the waiter leaves. Emptied (taken) when the close completes.
+    pub(super) waiters: Vec<Option<Waker>>,
+    resources: Vec<Box<dyn Resource>>,
+    token: Option<SessionToken>,
+}
+
+impl<P> Clone for Session<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<P> fmt::Debug for Session<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.inner.id)
+            .field("router", &self.inner.router)
+            .field("incarnation", &self.inner.incarnation)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> Session<P> {
+    /// The session's id.
+    #[must_use]
+    pub fn id(&self) -> SessionId {
+        self.inner.id
+    }
+
+    /// The router the session is bound to.
+    #[must_use]
+    pub fn router(&self) -> RouterId {
+        self.inner.router
+    }
+
+    /// The incarnation of the router the session was created against.
+    #[must_use]
+    pub fn incarnation(&self) -> Incarnation {
+        self.inner.incarnation
+    }
+
+    /// When the session was created, on tokio's clock.
+    #[must_use]
+    pub fn created_at(&self) -> Instant {
+        self.inner.created_at
+    }
+
+    /// How long the session has existed, on tokio's clock.
+    #[must_use]
+    pub fn age(&self) -> Duration {
+        self.inner.created_at.elapsed()
+    }
+
+    /// The user payload given at creation.
+    #[must_use]
+    pub fn payload(&self) -> &P {
+        &self.inner.payload
+    }
+
+    /// The session's current state.
+    #[must_use]
+    pub fn state(&self) -> SessionState {
+        self.inner.word.state()
+    }
+
+    /// Returns `true` once the session is closed.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.state().is_closed()
+    }
+
+    /// The reason the session was closed, or `None` while it is open.
+    #[must_use]
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.inner.word.reason()
+    }
+
+    /// Moves the session from `Active` to `Terminating`.
+    ///
+    /// Exactly one caller wins; the others learn the state they found. A
+    /// session that is already `Terminating` or `Closed` is left as it is.
+    pub fn begin_terminating(&self) -> Transition {
+        self.inner.word.begin_terminating()
+    }
+
+    /// Closes the session (from `Active` or `Terminating`) with `reason`.
+    ///
+    /// Exactly one caller wins the close and gets [`CloseOutcome::Closed`];
+    /// that caller wipes the token, releases the attached resources (in
+    /// reverse order of attachment, outside every lock) and then wakes every
+    /// close waiter. Other callers get [`CloseOutcome::AlreadyClosed`] with
+    /// the winner's reason, at once.
+    ///
+    /// This closes the handle only; a session closed this way stays in its
+    /// store until it is removed. [`SessionStore::close`](crate::SessionStore::close)
+    /// closes and removes in one call.
+    pub fn close(&self, reason: CloseReason) -> CloseOutcome {
+        let outcome = self.inner.word.close(reason);
+        if outcome.won() {
+            self.complete_close(reason);
+        }
+        outcome
+    }
+
+    #[cold]
+    fn complete_close(&self, reason: CloseReason) {
+        let (resources, token) = {
+            let mut shared = self.inner.shared.lock();
+            (std::mem::take(&mut shared.resources), shared.token.take())
+        };
+        drop(token); // `SessionToken` zeroizes its bytes on drop.
+        for resource in resources.into_iter().rev() {
+            if catch_unwind(AssertUnwindSafe(|| resource.release(reason))).is_err() {
+                tracing::error!(session = %self.inner.id, router = %self.inner.router,
+                    "a session resource panicked while being released; the panic was contained");
+            }
+        }
+        let waiters = {
+            let mut shared = self.inner.shared.lock();
+            self.inner.word.mark_complete();
+            std::mem::take(&mut shared.waiters)
+        };
+        for waker in waiters.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+
+    /// Waits until the session is closed and its close has completed
+    /// (resources released, token wiped); resolves with the close reason.
+    ///
+    /// Level-triggered: ready at once if the session is already closed. Any
+    /// number of waiters may wait at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future before it resolves unregisters it and
+    /// leaves the session untouched.
+    pub fn closed(&self) -> Closed<'_, P> {
+        Closed::new(self)
+    }
+
+    /// Like [`closed`](Self::closed), but the future owns a handle and is
+    /// `'static`, for spawning or storing.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`closed`](Self::closed).
+    pub fn closed_owned(&self) -> ClosedOwned<P> {
+        ClosedOwned::new(self.clone())
+    }
+
+    /// Attaches a resource to be released exactly once when the session
+    /// closes.
+    ///
+    /// # Errors
+    ///
+    /// [`AttachError`] hands the resource back if the session is already
+    /// closed; the caller then releases it itself.
+    pub fn attach<R: Resource>(&self, resource: R) -> Result<(), AttachError<R>> {
+        let mut shared = self.inner.shared.lock();
+        // Read under the lock: a closer takes the resources under the same
+        // lock after its compare-exchange, so either it takes this one or
+        // this read sees `Closed`.
+        if self.inner.word.state().is_closed() {
+            return Err(AttachError(resource));
+        }
+        shared.resources.push(Box::new(resource));
+        Ok(())
+    }
+
+    /// Runs `f` on the session's token: `None` if it has none or once the
+    /// session is closed (the token is wiped then).
+    ///
+    /// # Deadlock
+    ///
+    /// `f` runs under the session's lock; it must not call back into this
+    /// session.
+    pub fn with_token<R>(&self, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let shared = self.inner.shared.lock();
+        f(shared.token.as_ref().map(SessionToken::as_bytes))
+    }
+
+    /// Counts one packet of `bytes` received from the client.
+    pub fn record_in(&self, bytes: u64) {
+        self.inner.traffic.record_in(bytes);
+    }
+
+    /// Counts one packet of `bytes` sent to the client.
+    pub fn record_out(&self, bytes: u64) {
+        self.inner.traffic.record_out(bytes);
+    }
+
+    /// A snapshot of the traffic counters (not a consistent cut across them).
+    #[must_use]
+    pub fn traffic(&self) -> Traffic {
+        self.inner.traffic.snapshot()
+    }
+
+    /// Returns `true` when both handles are the same session (not merely the
+    /// same id).
+    #[must_use]
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.inner, &b.inner)
+    }
+}
+
+/// The description of a session to create.
+///
+/// ```
+/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+///
+/// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3))
+///     .token(b"t0k3n".to_vec())
+///     .payload("client-a");
+/// assert_eq!(spec.router(), RouterId::new(2));
+/// ```
+pub struct NewSession<P = ()> {
+    id: SessionId,
+    router: RouterId,
+    incarnation: Incarnation,
+    token: Option<SessionToken>,
+    payload: P,
+}
+
+impl NewSession<()> {
+    /// A session `id` on `router`, created against the router's
+    /// `incarnation`, without token or payload.
+    #[must_use]
+    pub fn new(id: SessionId, router: RouterId, incarnation: Incarnation) -> Self {
+        Self {
+            id,
+            router,
+            incarnation,
+            token: None,
+            payload: (),
+        }
+    }
+}
+
+impl<P> NewSession<P> {
+    /// Sets the session's secret token.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<SessionToken>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Sets the user payload.
+    #[must_use]
+    pub fn payload<Q>(self, payload: Q) -> NewSession<Q> {
+        NewSession {
+            id: self.id,
+            router: self.router,
+            incarnation: self.incarnation,
+            token: self.token,
+            payload,
+        }
+    }
+
+    /// The session id.
+    #[must_use]
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The router.
+    #[must_use]
+    pub fn router(&self) -> RouterId {
+        self.router
+    }
+
+    /// The router incarnation the session is created against.
+    #[must_use]
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    /// Builds the session handle, `Active`, created now on tokio's clock.
+    ///
+    /// Stores call this once they accepted the session; a session built here
+    /// belongs to no store.
+    #[must_use]
+    pub fn into_session(self) -> Session<P> {
+        Session {
+            inner: Arc::new(Inner {
+                id: self.id,
+                router: self.router,
+                incarnation: self.incarnation,
+                created_at: Instant::now(),
+                word: StateWord::new(),
+                traffic: TrafficCounters::default(),
+                shared: Mutex::new(Shared {
+                    token: self.token,
+                    ..Shared::default()
+                }),
+                payload: self.payload,
+            }),
+        }
+    }
+}
+
+impl<P> fmt::Debug for NewSession<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewSession")
+            .field("id", &self.id)
+            .field("router", &self.router)
+            .field("incarnation", &self.incarnation)
+            .finish_non_exhaustive()
+    }
+}

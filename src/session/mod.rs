@@ -1,0 +1,18 @@
+//! Sessions: the handle, its state machine and close notification.
+
+mod closed;
+mod handle;
+mod resource;
+mod state;
+mod token;
+mod traffic;
+
+#[cfg(all(test, session_lifecycle_loom))]
+mod loom_tests;
+
+pub use closed::{Closed, ClosedOwned};
+pub use handle::{NewSession, Session};
+pub use resource::{AttachError, Resource};
+pub use state::{CloseOutcome, CloseReason, SessionState, Transition};
+pub use token::SessionToken;
+pub use traffic::Traffic;

@@ -1,0 +1,279 @@
+//! The session state machine packed into one atomic word.
+//!
+//! # Invariants
+//!
+//! - The state only moves `Active → Terminating → Closed` or
+//!   `Active → Closed`; every move is one compare-exchange, so exactly one
+//!   caller wins it.
+//! - The close reason is written by the same compare-exchange that moves the
+//!   state to `Closed`, so a reader never sees `Closed` without its reason.
+//! - `COMPLETE` is set only after `Closed`, by the caller that won the close,
+//!   once the session's resources are released and its token wiped.
+
+use std::fmt;
+
+use crate::loom::{AtomicU32, Ordering};
+
+const STATE_MASK: u32 = 0b11;
+const ACTIVE: u32 = 0;
+const TERMINATING: u32 = 1;
+const CLOSED: u32 = 2;
+/// Set once the close has finished its side effects.
+const COMPLETE: u32 = 1 << 2;
+const REASON_SHIFT: u32 = 8;
+
+/// Where a session is in its life.
+///
+/// A session only moves forward: `Active → Terminating → Closed`, or
+/// `Active → Closed`. `Closed` is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// The session is open and carrying traffic.
+    Active,
+    /// The session's router is being deleted; the session was asked to close
+    /// and is waiting for its router or client to confirm.
+    Terminating,
+    /// The session is closed; see its [`CloseReason`].
+    Closed,
+}
+
+impl SessionState {
+    /// Returns `true` for [`SessionState::Closed`].
+    #[must_use]
+    pub const fn is_closed(self) -> bool {
+        matches!(self, Self::Closed)
+    }
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Active => "active",
+            Self::Terminating => "terminating",
+            Self::Closed => "closed",
+        })
+    }
+}
+
+/// Why a session was closed.
+///
+/// ```
+/// use session_lifecycle::CloseReason;
+///
+/// assert!(CloseReason::Forced.is_forced());
+/// assert!(!CloseReason::ClientClosed.is_forced());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client or its router closed the session normally.
+    ClientClosed,
+    /// The session's router is being deleted and the close was confirmed.
+    RouterDeleted,
+    /// The session stopped answering heartbeats and probes.
+    LivenessTimeout,
+    /// The session did not confirm termination before the deadline and its
+    /// retries, and was closed by the controller.
+    Forced,
+    /// The session was reclaimed by the controller (an orphan or a session
+    /// left behind by an interrupted operation).
+    Reclaimed,
+    /// The session's router stayed disconnected past its grace period.
+    RouterLost,
+    /// The controller is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Returns `true` when the controller closed the session without its
+    /// peer confirming: [`Forced`](Self::Forced),
+    /// [`LivenessTimeout`](Self::LivenessTimeout),
+    /// [`Reclaimed`](Self::Reclaimed), [`RouterLost`](Self::RouterLost) and
+    /// [`Shutdown`](Self::Shutdown).
+    #[must_use]
+    pub const fn is_forced(self) -> bool {
+        !matches!(self, Self::ClientClosed | Self::RouterDeleted)
+    }
+
+    const fn code(self) -> u32 {
+        match self {
+            Self::ClientClosed => 1,
+            Self::RouterDeleted => 2,
+            Self::LivenessTimeout => 3,
+            Self::Forced => 4,
+            Self::Reclaimed => 5,
+            Self::RouterLost => 6,
+            Self::Shutdown => 7,
+        }
+    }
+
+    fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::ClientClosed,
+            2 => Self::RouterDeleted,
+            3 => Self::LivenessTimeout,
+            5 => Self::Reclaimed,
+            6 => Self::RouterLost,
+            7 => Self::Shutdown,
+            // Only `code()` writes reason bits, so 4 is the one value left;
+            // decoding stays total instead of panicking on the impossible.
+            _ => Self::Forced,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClientClosed => "client closed",
+            Self::RouterDeleted => "router deleted",
+            Self::LivenessTimeout => "liveness timeout",
+            Self::Forced => "forced after deadline",
+            Self::Reclaimed => "reclaimed",
+            Self::RouterLost => "router lost",
+            Self::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// The outcome of [`Session::begin_terminating`](crate::Session::begin_terminating):
+/// whether this caller moved the session, and if not, where it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "the outcome says whether this caller won the transition"]
+pub enum Transition {
+    /// This caller moved the session to the new state.
+    Won,
+    /// The session was not in a state the transition starts from; it is in
+    /// `current` and this caller changed nothing.
+    Lost {
+        /// The state the session was found in.
+        current: SessionState,
+    },
+}
+
+impl Transition {
+    /// Returns `true` when this caller won the transition.
+    #[must_use]
+    pub const fn won(self) -> bool {
+        matches!(self, Self::Won)
+    }
+}
+
+/// The outcome of closing a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "the outcome says whether this caller closed the session"]
+pub enum CloseOutcome {
+    /// This caller closed the session with its reason; it ran the release of
+    /// the session's resources.
+    Closed,
+    /// The session was already closed by another caller, for `reason`; this
+    /// call changed nothing.
+    AlreadyClosed {
+        /// The reason given by the caller that won the close.
+        reason: CloseReason,
+    },
+}
+
+impl CloseOutcome {
+    /// Returns `true` when this caller closed the session.
+    #[must_use]
+    pub const fn won(self) -> bool {
+        matches!(self, Self::Closed)
+    }
+}
+
+/// The atomic state word: state in bits 0–1, `COMPLETE` in bit 2, the close
+/// reason's code in bits 8–15.
+#[derive(Debug)]
+pub(crate) struct StateWord(AtomicU32);
+
+impl StateWord {
+    pub(crate) fn new() -> Self {
+        Self(AtomicU32::new(ACTIVE))
+    }
+
+    pub(crate) fn state(&self) -> SessionState {
+        // Acquire pairs with the AcqRel of the transitions, so a caller that
+        // sees `Closed` also sees what the closer wrote before closing.
+        decode_state(self.0.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        // Acquire: same pairing as `state`.
+        decode_reason(self.0.load(Ordering::Acquire))
+    }
+
+    /// `Some(reason)` once the close has completed its side effects.
+    pub(crate) fn completed(&self) -> Option<CloseReason> {
+        // Acquire pairs with the Release in `mark_complete`: a waiter that
+        // sees COMPLETE also sees the released resources and wiped token.
+        let word = self.0.load(Ordering::Acquire);
+        if word & COMPLETE == 0 {
+            None
+        } else {
+            decode_reason(word)
+        }
+    }
+
+    pub(crate) fn begin_terminating(&self) -> Transition {
+        // AcqRel on success orders this transition with every other one;
+        // Acquire on failure so the reported state is current.
+        match self.0.compare_exchange(
+            ACTIVE,
+            TERMINATING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Transition::Won,
+            Err(word) => Transition::Lost {
+                current: decode_state(word),
+            },
+        }
+    }
+
+    /// Moves an open session to `Closed` with `reason`; `Closed` means this
+    /// caller won and must complete the close.
+    pub(crate) fn close(&self, reason: CloseReason) -> CloseOutcome {
+        let closed = CLOSED | (reason.code() << REASON_SHIFT);
+        // Relaxed first guess; the compare-exchange below re-reads.
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            if current & STATE_MASK == CLOSED {
+                return CloseOutcome::AlreadyClosed {
+                    reason: CloseReason::from_code(current >> REASON_SHIFT),
+                };
+            }
+            // AcqRel on success: publishes everything the closer did before
+            // and sees everything earlier transitions published. Acquire on
+            // failure for the reason read above.
+            match self.0.compare_exchange_weak(
+                current,
+                closed,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return CloseOutcome::Closed,
+                Err(word) => current = word,
+            }
+        }
+    }
+
+    /// Marks the close complete; only the caller that won `close` calls it.
+    pub(crate) fn mark_complete(&self) {
+        // Release: publishes the released resources and wiped token to any
+        // waiter that Acquire-loads COMPLETE.
+        self.0.fetch_or(COMPLETE, Ordering::Release);
+    }
+}
+
+fn decode_state(word: u32) -> SessionState {
+    match word & STATE_MASK {
+        ACTIVE => SessionState::Active,
+        TERMINATING => SessionState::Terminating,
+        _ => SessionState::Closed,
+    }
+}
+
+fn decode_reason(word: u32) -> Option<CloseReason> {
+    (word & STATE_MASK == CLOSED).then(|| CloseReason::from_code(word >> REASON_SHIFT))
+}

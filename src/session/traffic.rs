@@ -1,0 +1,58 @@
+//! Per-session traffic counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a session's traffic counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes received from the session's client.
+    pub bytes_in: u64,
+    /// Bytes sent to the session's client.
+    pub bytes_out: u64,
+    /// Packets received from the session's client.
+    pub packets_in: u64,
+    /// Packets sent to the session's client.
+    pub packets_out: u64,
+}
+
+impl Traffic {
+    /// Bytes in both directions, saturating at `u64::MAX`.
+    #[must_use]
+    pub const fn total_bytes(&self) -> u64 {
+        self.bytes_in.saturating_add(self.bytes_out)
+    }
+}
+
+/// The live counters: relaxed atomics, so bumping them is one uncontended
+/// `fetch_add` each. They order nothing else and need no more.
+#[derive(Debug, Default)]
+pub(crate) struct TrafficCounters {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    packets_in: AtomicU64,
+    packets_out: AtomicU64,
+}
+
+impl TrafficCounters {
+    pub(crate) fn record_in(&self, bytes: u64) {
+        // Relaxed: statistics only.
+        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        self.packets_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_out(&self, bytes: u64) {
+        // Relaxed: statistics only.
+        self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.packets_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Traffic {
+        // Relaxed: a snapshot is not a consistent cut across the counters.
+        Traffic {
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            packets_in: self.packets_in.load(Ordering::Relaxed),
+            packets_out: self.packets_out.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The in-memory store.
+//!
+//! # Invariants
+//!
+//! - Under a router's entry lock, the router's index and the session map's
+//!   sessions of that router agree exactly: a session is inserted into both,
+//!   and removed from both, inside one critical section of that lock.
+//! - A session is inserted only while its router is `Live` in the session's
+//!   incarnation; checking that and inserting is one critical section, so
+//!   once `fence` set `Fenced` no session can be added (I2).
+//! - Incarnations come from one store-wide counter, so they never repeat,
+//!   even after a tombstone is evicted.
+//!
+//! # Deadlock safety
+//!
+//! Locks are taken in this order, never the reverse:
+//!
+//! 1. the `tombstones` mutex, released before anything below is taken;
+//! 2. a `routers` dashmap shard;
+//! 3. a router entry's mutex;
+//! 4. a `sessions` dashmap shard;
+//!
+//! and no lock of the store is held while a session is closed, because
+//! closing runs the session's resources (user code that may call the store).
+//! Iterating `sessions` (shard guards held) never takes a router lock: the
+//! audit copies the handles out first. No guard lives across an `.await`;
+//! the async trait methods only wrap the synchronous ones.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+
+use super::error::{
+    BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
+    RouterError, SessionError,
+};
+use super::report::{AuditReport, FenceSnapshot, FinishReport, RouterStatus};
+use super::SessionStore;
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
+
+/// Default number of deleted router incarnations remembered.
+const DEFAULT_TOMBSTONES: usize = 65_536;
+
+/// The default [`SessionStore`]: sessions in memory, in one process.
+///
+/// Sessions live in a sharded map (dashmap); each router has an entry under
+/// its own small lock holding its phase, incarnation and session index, so
+/// creating a session on one router never waits for another router.
+/// Deleted incarnations are remembered as tombstones, bounded in number by
+/// [`MemoryStoreBuilder::tombstone_capacity`]; when one is evicted, the
+/// router id becomes unknown again, and creates against the old incarnation
+/// are still refused because incarnations never repeat.
+///
+/// Every method of [`SessionStore`] resolves without waiting.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store: MemoryStore<&'static str> = MemoryStore::builder().tombstone_capacity(1024).build();
+/// let router = RouterId::new(3);
+/// let incarnation = store.register_router(router).await?;
+/// let spec = NewSession::new(SessionId::new(1), router, incarnation).payload("alice");
+/// let session = store.create(spec).await?;
+/// assert_eq!(*session.payload(), "alice");
+/// assert_eq!(store.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemoryStore<P = ()> {
+    sessions: DashMap<SessionId, Session<P>, RandomState>,
+    routers: DashMap<RouterId, RouterEntry, RandomState>,
+    next_incarnation: AtomicU64,
+    tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
+    tombstone_capacity: usize,
+}
+
+/// A router's entry: everything "check the fence + add to the index" reads
+/// and writes, under one lock.
+type RouterEntry = Mutex<RouterSlot>;
+
+struct RouterSlot {
+    status: RouterStatus,
+    index: HashSet<SessionId, RandomState>,
+}
+
+/// Builder of a [`MemoryStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    tombstone_capacity: usize,
+    shard_amount: Option<usize>,
+}
+
+impl MemoryStoreBuilder {
+    /// How many deleted router incarnations to remember (default 65,536).
+    /// Past that, the oldest tombstone is forgotten and its router id becomes
+    /// unknown; creates against it are still refused.
+    pub fn tombstone_capacity(mut self, capacity: usize) -> Self {
+        self.tombstone_capacity = capacity;
+        self
+    }
+
+    /// The number of shards of the session and router maps (default: four
+    /// per core, rounded up to a power of two).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `shards` is not a power of two greater than 1, as dashmap
+    /// requires.
+    pub fn shard_amount(mut self, shards: usize) -> Self {
+        assert!(
+            shards > 1 && shards.is_power_of_two(),
+            "shard amount must be a power of two greater than 1, got {shards}"
+        );
+        self.shard_amount = Some(shards);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build<P>(self) -> MemoryStore<P> {
+        let (sessions, routers) = match self.shard_amount {
+            Some(shards) => (
+                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+            ),
+            None => (
+                DashMap::with_hasher(RandomState::default()),
+                DashMap::with_hasher(RandomState::default()),
+            ),
+        };
+        MemoryStore {
+            sessions,
+            routers,
+            next_incarnation: AtomicU64::new(1),
+            tombstones: Mutex::new(VecDeque::new()),
+            tombstone_capacity: self.tombstone_capacity,
+        }
+    }
+}
+
+impl<P> Default for MemoryStore<P> {
+    fn default() -> Self {
+        MemoryStore::builder().build()
+    }
+}
+
+impl<P> fmt::Debug for MemoryStore<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("sessions", &self.sessions.len())
+            .field("routers", &self.routers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore<()> {
+    /// A store with default settings, for sessions without payload.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A builder to configure the store.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            tombstone_capacity: DEFAULT_TOMBSTONES,
+            shard_amount: None,
+        }
+    }
+}
+
+impl<P> MemoryStore<P> {
+    /// The number of sessions in the store.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// `true` when the store holds no session.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The number of routers the store knows, tombstones included.
+    #[must_use]
+    pub fn router_count(&self) -> usize {
+        self.routers.len()
+    }
+
+    fn register_router_now(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
+        match self.routers.entry(router) {
+            Entry::Vacant(vacant) => {
+                let incarnation = self.new_incarnation();
+                vacant.insert(Mutex::new(RouterSlot::live(incarnation)));
+                Ok(incarnation)
+            }
+            Entry::Occupied(occupied) => {
+                let mut slot = occupied.get().lock();
+                match slot.status {
+                    RouterStatus::Live(incarnation) => {
+                        Err(RegisterError::AlreadyRegistered { router, incarnation })
+                    }
+                    RouterStatus::Fenced(incarnation) => {
+                        Err(RegisterError::Deleting { router, incarnation })
+                    }
+                    RouterStatus::Deleted(_) => {
+                        let incarnation = self.new_incarnation();
+                        *slot = RouterSlot::live(incarnation);
+                        Ok(incarnation)
+                    }
+                }
+            }
+        }
+    }
+
+    fn new_incarnation(&self) -> Incarnation {
+        // Relaxed: uniqueness needs only the atomicity of the increment; the
+        // incarnation is published under the router's lock.
+        Incarnation::new(self.next_incarnation.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn router_status_now(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let status = entry.lock().status;
+        Ok(status)
+    }
+
+    fn create_now(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
+        let router = spec.router();
+        let Some(entry) = self.routers.get(&router) else {
+            return Err(CreateError::new(CreateErrorKind::UnknownRouter(router), spec));
+        };
+        let mut slot = entry.lock();
+        if let Err(kind) = slot.admits(router, spec.incarnation()) {
+            return Err(CreateError::new(kind, spec));
+        }
+        match self.sessions.entry(spec.id()) {
+            Entry::Occupied(_) => {
+                let kind = CreateErrorKind::DuplicateSession(spec.id());
+                Err(CreateError::new(kind, spec))
+            }
+            Entry::Vacant(vacant) => {
+                let session = spec.into_session();
+                slot.index.insert(session.id());
+                vacant.insert(session.clone());
+                Ok(session)
+            }
+        }
+    }
+
+    fn get_now(&self, id: SessionId) -> Option<Session<P>> {
+        self.sessions.get(&id).map(|session| session.clone())
+    }
+
+    /// Removes `session` from the map and its router's index if the map
+    /// still holds this very session; `true` if it did.
+    fn unlink(&self, session: &Session<P>) -> bool {
+        let Some(entry) = self.routers.get(&session.router()) else {
+            return false;
+        };
+        let mut slot = entry.lock();
+        // Checking the map under the router lock keeps a reused id safe: only
+        // this session's own entry is removed, from both places at once.
+        let removed = self
+            .sessions
+            .remove_if(&session.id(), |_, stored| Session::ptr_eq(stored, session))
+            .is_some();
+        if removed {
+            slot.index.remove(&session.id());
+        }
+        removed
+    }
+
+    fn close_now(&self, id: SessionId, reason: CloseReason) -> Result<CloseOutcome, SessionError> {
+        let session = self.get_now(id).ok_or(SessionError::UnknownSession(id))?;
+        let outcome = session.close(reason);
+        self.unlink(&session);
+        Ok(outcome)
+    }
+
+    fn remove_now(&self, id: SessionId) -> Result<Session<P>, SessionError> {
+        let session = self.get_now(id).ok_or(SessionError::UnknownSession(id))?;
+        // Close before unlinking, so no session is ever out of the store and
+        // still open; losing the close to another caller is fine.
+        let _ = session.close(CloseReason::Reclaimed);
+        if self.unlink(&session) {
+            Ok(session)
+        } else {
+            Err(SessionError::UnknownSession(id))
+        }
+    }
+
+    fn sessions_now(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
+        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let slot = entry.lock();
+        Ok(self.lookup(&slot.index))
+    }
+
+    fn count_now(&self, router: RouterId) -> Result<usize, RouterError> {
+        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let count = entry.lock().index.len();
+        Ok(count)
+    }
+
+    /// Handles of the indexed sessions; call with the router's lock held.
+    fn lookup(&self, index: &HashSet<SessionId, RandomState>) -> Vec<Session<P>> {
+        index.iter().filter_map(|id| self.get_now(*id)).collect()
+    }
+
+    fn fence_now(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
+        let entry = self.routers.get(&router).ok_or(FenceError::UnknownRouter(router))?;
+        let mut slot = entry.lock();
+        let (incarnation, newly_fenced) = match slot.status {
+            RouterStatus::Live(incarnation) => {
+                slot.status = RouterStatus::Fenced(incarnation);
+                (incarnation, true)
+            }
+            RouterStatus::Fenced(incarnation) => (incarnation, false),
+            RouterStatus::Deleted(incarnation) => {
+                return Err(FenceError::AlreadyDeleted { router, incarnation });
+            }
+        };
+        Ok(FenceSnapshot {
+            router,
+            incarnation,
+            newly_fenced,
+            sessions: self.lookup(&slot.index),
+        })
+    }
+
+    fn finish_now(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError> {
+        // Close what is still open outside every lock (closing runs user
+        // resources). The router is fenced, so its index can only shrink
+        // between here and the removal below.
+        let open = {
+            let entry = self.routers.get(&router).ok_or(FinishError::UnknownRouter(router))?;
+            let slot = entry.lock();
+            check_finishable(router, incarnation, slot.status)?;
+            self.lookup(&slot.index)
+        };
+        let closed = open
+            .iter()
+            .filter(|session| session.close(CloseReason::Reclaimed).won())
+            .count();
+        let removed = {
+            let entry = self.routers.get(&router).ok_or(FinishError::UnknownRouter(router))?;
+            let mut slot = entry.lock();
+            check_finishable(router, incarnation, slot.status)?;
+            slot.status = RouterStatus::Deleted(incarnation);
+            let index = std::mem::take(&mut slot.index);
+            for id in &index {
+                self.sessions.remove(id);
+            }
+            index.len()
+        };
+        self.remember_tombstone(router, incarnation);
+        Ok(FinishReport {
+            router,
+            incarnation,
+            removed,
+            closed,
+        })
+    }
+
+    fn remember_tombstone(&self, router: RouterId, incarnation: Incarnation) {
+        let evicted: Vec<_> = {
+            let mut tombstones = self.tombstones.lock();
+            tombstones.push_back((router, incarnation));
+            let excess = tombstones.len().saturating_sub(self.tombstone_capacity);
+            tombstones.drain(..excess).collect()
+        };
+        for (router, incarnation) in evicted {
+            // Only if the router was not registered again since.
+            self.routers.remove_if(&router, |_, entry| {
+                entry.lock().status == RouterStatus::Deleted(incarnation)
+            });
+        }
+    }
+
+    fn audit_now(&self) -> AuditReport {
+        let mut report = AuditReport {
+            routers: self.routers.len(),
+            sessions: self.sessions.len(),
+            ..AuditReport::default()
+        };
+        // Index → map, router by router under each router's lock.
+        for entry in self.routers.iter() {
+            let router = *entry.key();
+            let slot = entry.value().lock();
+            for id in &slot.index {
+                match self.get_now(*id) {
+                    Some(session) if session.router() == router => {
+                        if !slot.status_holds(session.incarnation()) {
+                            report.orphans.push(*id);
+                        }
+                    }
+                    _ => report.missing_from_map.push((router, *id)),
+                }
+            }
+        }
+        // Map → index: copy the handles out first (a router lock must not be
+        // taken under a session shard guard), then re-check each under its
+        // router's lock, where map and index agree exactly.
+        let mut by_router: HashMap<RouterId, Vec<Session<P>>> = HashMap::new();
+        for stored in self.sessions.iter() {
+            by_router.entry(stored.router()).or_default().push(stored.clone());
+        }
+        for (router, sessions) in by_router {
+            let entry = self.routers.get(&router);
+            let slot = entry.as_ref().map(|entry| entry.lock());
+            for session in sessions {
+                if !self.holds(&session) {
+                    continue; // removed meanwhile
+                }
+                if session.is_closed() {
+                    report.closed_in_store.push(session.id());
+                }
+                match &slot {
+                    None => report.orphans.push(session.id()),
+                    Some(slot) => {
+                        if !slot.index.contains(&session.id()) {
+                            report.missing_from_index.push(session.id());
+                        }
+                        if !slot.status_holds(session.incarnation()) {
+                            report.orphans.push(session.id());
+                        }
+                    }
+                }
+            }
+        }
+        report.orphans.sort_unstable();
+        report.orphans.dedup();
+        report
+    }
+
+    /// `true` if the map holds this very session.
+    fn holds(&self, session: &Session<P>) -> bool {
+        self.sessions
+            .get(&session.id())
+            .is_some_and(|stored| Session::ptr_eq(&stored, session))
+    }
+}
+
+fn check_finishable(
+    router: RouterId,
+    requested: Incarnation,
+    status: RouterStatus,
+) -> Result<(), FinishError> {
+    match status {
+        RouterStatus::Fenced(current) if current == requested => Ok(()),
+        RouterStatus::Deleted(current) if current == requested => {
+            Err(FinishError::AlreadyDeleted { router, incarnation: current })
+        }
+        RouterStatus::Live(current) if current == requested => {
+            Err(FinishError::NotFenced { router, incarnation: current })
+        }
+        other => Err(FinishError::IncarnationMismatch {
+            router,
+            requested,
+            current: other.incarnation(),
+        }),
+    }
+}
+
+impl RouterSlot {
+    fn live(incarnation: Incarnation) -> Self {
+        Self {
+            status: RouterStatus::Live(incarnation),
+            index: HashSet::default(),
+        }
+    }
+
+    /// Whether a session may be created in `requested`.
+    fn admits(&self, router: RouterId, requested: Incarnation) -> Result<(), CreateErrorKind> {
+        match self.status {
+            RouterStatus::Live(live) if live == requested => Ok(()),
+            RouterStatus::Fenced(fenced) if fenced == requested => {
+                Err(CreateErrorKind::Fenced { router, incarnation: fenced })
+            }
+            RouterStatus::Deleted(deleted) if deleted == requested => {
+                Err(CreateErrorKind::RouterDeleted { router, incarnation: deleted })
+            }
+            RouterStatus::Live(live) => Err(CreateErrorKind::StaleIncarnation {
+                router,
+                requested,
+                live: Some(live),
+            }),
+            RouterStatus::Fenced(_) | RouterStatus::Deleted(_) => {
+                Err(CreateErrorKind::StaleIncarnation { router, requested, live: None })
+            }
+        }
+    }
+
+    /// Whether a stored session of `incarnation` belongs here: the router is
+    /// live or fenced in that very incarnation.
+    fn status_holds(&self, incarnation: Incarnation) -> bool {
+        matches!(self.status,
+            RouterStatus::Live(current) | RouterStatus::Fenced(current) if current == incarnation)
+    }
+}
+
+impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
+    type Payload = P;
+
+    async fn register_router(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
+        self.register_router_now(router)
+    }
+
+    async fn router_status(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        self.router_status_now(router)
+    }
+
+    async fn create(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
+        self.create_now(spec)
+    }
+
+    async fn get(&self, id: SessionId) -> Result<Option<Session<P>>, BackendError> {
+        Ok(self.get_now(id))
+    }
+
+    async fn close(&self, id: SessionId, reason: CloseReason) -> Result<CloseOutcome, SessionError> {
+        self.close_now(id, reason)
+    }
+
+    async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
+        self.remove_now(id)
+    }
+
+    async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
+        self.sessions_now(router)
+    }
+
+    async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
+        self.count_now(router)
+    }
+
+    async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
+        self.fence_now(router)
+    }
+
+    async fn finish(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError> {
+        self.finish_now(router, incarnation)
+    }
+
+    async fn audit(&self) -> Result<AuditReport, BackendError> {
+        Ok(self.audit_now())
+    }
+}

@@ -1,0 +1,194 @@
+//! The session store: the trait, its reports, and the in-memory store.
+
+mod error;
+mod memory;
+mod report;
+
+use std::future::Future;
+
+pub use error::{
+    BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
+    RouterError, SessionError,
+};
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use report::{AuditReport, FenceSnapshot, FinishReport, RouterStatus};
+
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
+
+/// Where the sessions of a controller live.
+///
+/// The methods are async so a remote store (etcd) can implement the trait;
+/// [`MemoryStore`] answers every call without waiting. Implementations keep
+/// these guarantees, which the rest of the crate relies on:
+///
+/// - **Fence (I2).** Once [`fence`](Self::fence) returned for a router, every
+///   [`create`](Self::create) on that router, or on any older incarnation of
+///   it, fails; and every session created before is in the fence's snapshot
+///   or already closed and removed.
+/// - **Incarnations.** [`register_router`](Self::register_router) hands out a
+///   larger incarnation each time a router id is registered after deletion;
+///   a session names the incarnation it is created against and is refused
+///   unless that incarnation is live.
+/// - **Index consistency (I7).** The router→sessions index and the session
+///   map agree; [`audit`](Self::audit) checks it.
+/// - **Cleanup lives in the store.** [`close`](Self::close) closes and
+///   removes; [`finish`](Self::finish) closes whatever is left of a fenced
+///   router before it tombstones the incarnation, whatever path got there.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+///
+/// let session = store.create(NewSession::new(SessionId::new(10), router, incarnation)).await?;
+/// assert_eq!(store.count(router).await?, 1);
+///
+/// let snapshot = store.fence(router).await?;
+/// assert_eq!(snapshot.sessions.len(), 1);
+/// let late = store.create(NewSession::new(SessionId::new(11), router, incarnation)).await;
+/// assert!(late.is_err()); // fenced
+///
+/// let _ = store.close(session.id(), CloseReason::RouterDeleted).await?;
+/// store.finish(router, incarnation).await?;
+/// assert!(store.audit().await?.is_clean());
+/// # Ok(())
+/// # }
+/// ```
+pub trait SessionStore: Send + Sync + 'static {
+    /// The user payload each session carries.
+    type Payload: Send + Sync + 'static;
+
+    /// Registers a router and returns its new incarnation.
+    ///
+    /// A router whose previous incarnation was deleted gets a larger one.
+    ///
+    /// # Errors
+    ///
+    /// [`RegisterError::AlreadyRegistered`] if the router is live,
+    /// [`RegisterError::Deleting`] while it is fenced.
+    fn register_router(
+        &self,
+        router: RouterId,
+    ) -> impl Future<Output = Result<Incarnation, RegisterError>> + Send;
+
+    /// The router's phase and incarnation.
+    ///
+    /// # Errors
+    ///
+    /// [`RouterError::UnknownRouter`] if the store does not know the router
+    /// (never registered, or its tombstone was evicted).
+    fn router_status(
+        &self,
+        router: RouterId,
+    ) -> impl Future<Output = Result<RouterStatus, RouterError>> + Send;
+
+    /// Creates a session, if its router is live in the session's incarnation.
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError`] says why (unknown router, stale incarnation, fenced or
+    /// deleted router, duplicate id) and hands the description back; nothing
+    /// changed in the store.
+    fn create(
+        &self,
+        spec: NewSession<Self::Payload>,
+    ) -> impl Future<Output = Result<Session<Self::Payload>, CreateError<Self::Payload>>> + Send;
+
+    /// The session with this id, if the store holds it.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed.
+    fn get(
+        &self,
+        id: SessionId,
+    ) -> impl Future<Output = Result<Option<Session<Self::Payload>>, BackendError>> + Send;
+
+    /// Closes the session with `reason` and removes it from the store.
+    ///
+    /// Closing a session that is already closed is not an error: the outcome
+    /// says this caller lost the race, and the session is still removed.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionError::UnknownSession`] if the store does not hold the id.
+    fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> impl Future<Output = Result<CloseOutcome, SessionError>> + Send;
+
+    /// Removes the session from the store and returns it. A session that is
+    /// still open is closed first with [`CloseReason::Reclaimed`]: no session
+    /// leaves the store open.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionError::UnknownSession`] if the store does not hold the id.
+    fn remove(
+        &self,
+        id: SessionId,
+    ) -> impl Future<Output = Result<Session<Self::Payload>, SessionError>> + Send;
+
+    /// The sessions the store holds for the router, in no particular order.
+    ///
+    /// # Errors
+    ///
+    /// [`RouterError::UnknownRouter`] if the store does not know the router.
+    fn sessions(
+        &self,
+        router: RouterId,
+    ) -> impl Future<Output = Result<Vec<Session<Self::Payload>>, RouterError>> + Send;
+
+    /// How many sessions the store holds for the router.
+    ///
+    /// # Errors
+    ///
+    /// [`RouterError::UnknownRouter`] if the store does not know the router.
+    fn count(&self, router: RouterId) -> impl Future<Output = Result<usize, RouterError>> + Send;
+
+    /// Fences the router: atomically stops every creation on it and returns
+    /// a snapshot of its sessions.
+    ///
+    /// Fencing a router that is already fenced returns a fresh snapshot
+    /// (with [`FenceSnapshot::newly_fenced`] false): this is how an
+    /// interrupted deletion resumes.
+    ///
+    /// # Errors
+    ///
+    /// [`FenceError::UnknownRouter`], or [`FenceError::AlreadyDeleted`] if the
+    /// router's last incarnation is deleted.
+    fn fence(
+        &self,
+        router: RouterId,
+    ) -> impl Future<Output = Result<FenceSnapshot<Self::Payload>, FenceError>> + Send;
+
+    /// Finishes the deletion of a fenced router incarnation: closes (with
+    /// [`CloseReason::Reclaimed`]) any session still open, removes every
+    /// session of the router, and tombstones the incarnation.
+    ///
+    /// # Errors
+    ///
+    /// [`FinishError`] if the router is unknown, not fenced, in another
+    /// incarnation, or already deleted; nothing changed then.
+    fn finish(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> impl Future<Output = Result<FinishReport, FinishError>> + Send;
+
+    /// Checks the router index against the session map and looks for
+    /// orphans. It does not repair anything.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed.
+    fn audit(&self) -> impl Future<Output = Result<AuditReport, BackendError>> + Send;
+}

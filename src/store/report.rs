@@ -1,0 +1,114 @@
+//! Plain data returned by the store.
+
+use std::fmt;
+
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::Session;
+
+/// A router's phase in the store, with the incarnation it applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouterStatus {
+    /// Registered; sessions may be created in this incarnation.
+    Live(Incarnation),
+    /// Its deletion has started; no session can be created.
+    Fenced(Incarnation),
+    /// This incarnation was deleted (a tombstone).
+    Deleted(Incarnation),
+}
+
+impl RouterStatus {
+    /// The incarnation the status applies to.
+    #[must_use]
+    pub const fn incarnation(self) -> Incarnation {
+        match self {
+            Self::Live(incarnation) | Self::Fenced(incarnation) | Self::Deleted(incarnation) => {
+                incarnation
+            }
+        }
+    }
+}
+
+/// What [`SessionStore::fence`](crate::SessionStore::fence) returns: the
+/// fenced incarnation and the sessions the router held at the fence.
+pub struct FenceSnapshot<P> {
+    /// The router.
+    pub router: RouterId,
+    /// The fenced incarnation.
+    pub incarnation: Incarnation,
+    /// `true` if this call fenced the router, `false` if it was fenced
+    /// already (an earlier deletion did not finish).
+    pub newly_fenced: bool,
+    /// The router's sessions at the fence, in no particular order.
+    pub sessions: Vec<Session<P>>,
+}
+
+impl<P> fmt::Debug for FenceSnapshot<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FenceSnapshot")
+            .field("router", &self.router)
+            .field("incarnation", &self.incarnation)
+            .field("newly_fenced", &self.newly_fenced)
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+/// What [`SessionStore::finish`](crate::SessionStore::finish) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FinishReport {
+    /// The router.
+    pub router: RouterId,
+    /// The incarnation now tombstoned.
+    pub incarnation: Incarnation,
+    /// Sessions removed from the store.
+    pub removed: usize,
+    /// Of those, sessions that were still open and that `finish` closed
+    /// with [`CloseReason::Reclaimed`](crate::CloseReason::Reclaimed).
+    pub closed: usize,
+}
+
+/// What [`SessionStore::audit`](crate::SessionStore::audit) found.
+///
+/// An audit walks the store while it keeps serving; each finding was
+/// re-checked under the router's lock, so it was true at some instant, but
+/// the report is not one consistent cut of the whole store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Routers the store knows, tombstones included.
+    pub routers: usize,
+    /// Sessions in the session map.
+    pub sessions: usize,
+    /// Index entries with no matching session in the map (I7 broken).
+    pub missing_from_map: Vec<(RouterId, SessionId)>,
+    /// Sessions in the map missing from their router's index (I7 broken).
+    pub missing_from_index: Vec<SessionId>,
+    /// Sessions whose router is unknown, deleted, or in another incarnation:
+    /// zombies.
+    pub orphans: Vec<SessionId>,
+    /// Closed sessions still in the store: closed through their handle and
+    /// not removed yet. Not a fault by itself (a deletion removes them), but
+    /// they hold memory until removed.
+    pub closed_in_store: Vec<SessionId>,
+}
+
+impl AuditReport {
+    /// `true` when the index and map agree and there are no orphans.
+    #[must_use]
+    pub fn is_consistent(&self) -> bool {
+        self.missing_from_map.is_empty()
+            && self.missing_from_index.is_empty()
+            && self.orphans.is_empty()
+    }
+
+    /// `true` when consistent and no closed session lingers in the store.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.is_consistent() && self.closed_in_store.is_empty()
+    }
+
+    /// The number of zombie sessions: orphans of a deleted or unknown router.
+    #[must_use]
+    pub fn zombies(&self) -> usize {
+        self.orphans.len()
+    }
+}
