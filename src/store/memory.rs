@@ -565,3 +565,62 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         Ok(self.audit_now())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The audit must see each kind of corruption; these corrupt the store
+    //! behind its API, which only code inside the module can do.
+
+    use super::*;
+
+    fn store_with_sessions(n: u64) -> (MemoryStore, RouterId, Incarnation) {
+        let store = MemoryStore::new();
+        let router = RouterId::new(1);
+        let incarnation = store.register_router_now(router).unwrap();
+        for id in 0..n {
+            store
+                .create_now(NewSession::new(SessionId::new(id), router, incarnation))
+                .unwrap();
+        }
+        (store, router, incarnation)
+    }
+
+    #[test]
+    fn a_clean_store_audits_clean() {
+        let (store, _, _) = store_with_sessions(10);
+        let report = store.audit_now();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.routers, report.sessions), (1, 10));
+    }
+
+    #[test]
+    fn audit_finds_a_session_missing_from_the_index() {
+        let (store, router, _) = store_with_sessions(3);
+        store.routers.get(&router).unwrap().lock().index.remove(&SessionId::new(1));
+        let report = store.audit_now();
+        assert_eq!(report.missing_from_index, vec![SessionId::new(1)]);
+        assert!(!report.is_consistent());
+    }
+
+    #[test]
+    fn audit_finds_an_index_entry_missing_from_the_map() {
+        let (store, router, _) = store_with_sessions(3);
+        store.sessions.remove(&SessionId::new(2));
+        let report = store.audit_now();
+        assert_eq!(report.missing_from_map, vec![(router, SessionId::new(2))]);
+    }
+
+    #[test]
+    fn audit_finds_orphans_of_deleted_and_unknown_routers() {
+        let (store, router, incarnation) = store_with_sessions(0);
+        store.fence_now(router).unwrap();
+        store.finish_now(router, incarnation).unwrap();
+        let zombie = NewSession::new(SessionId::new(7), router, incarnation).into_session();
+        store.sessions.insert(zombie.id(), zombie);
+        let stray = NewSession::new(SessionId::new(8), RouterId::new(99), incarnation).into_session();
+        store.sessions.insert(stray.id(), stray);
+        let report = store.audit_now();
+        assert_eq!(report.orphans, vec![SessionId::new(7), SessionId::new(8)]);
+        assert_eq!(report.zombies(), 2);
+    }
+}
