@@ -192,6 +192,15 @@ impl<P> MemoryStore<P> {
         self.sessions.is_empty()
     }
 
+    /// Gives memory back to the allocator after many sessions were removed.
+    ///
+    /// Router indexes shrink by themselves as they empty; the session map
+    /// keeps its capacity until this is called. It locks each shard of the
+    /// map in turn, so call it off the hot path (after a large deletion).
+    pub fn shrink_to_fit(&self) {
+        self.sessions.shrink_to_fit();
+    }
+
     /// The number of routers the store knows, tombstones included.
     #[must_use]
     pub fn router_count(&self) -> usize {
@@ -278,6 +287,7 @@ impl<P> MemoryStore<P> {
             .is_some();
         if removed {
             slot.index.remove(&session.id());
+            shrink_if_sparse(&mut slot.index);
         }
         removed
     }
@@ -453,6 +463,14 @@ impl<P> MemoryStore<P> {
         self.sessions
             .get(&session.id())
             .is_some_and(|stored| Session::ptr_eq(&stored, session))
+    }
+}
+
+/// Gives back an index's memory once it is mostly empty; halving at a
+/// quarter full keeps the cost amortised O(1) per removal.
+fn shrink_if_sparse(index: &mut HashSet<SessionId, RandomState>) {
+    if index.capacity() > 64 && index.len() * 4 < index.capacity() {
+        index.shrink_to(index.len() * 2);
     }
 }
 
