@@ -28,37 +28,45 @@ use session_lifecycle::{
 static ALLOC: Cap<System> = Cap::new(System, usize::MAX);
 
 fn now<F: std::future::Future>(future: F) -> F::Output {
-    future.now_or_never().expect("MemoryStore resolves without waiting")
+    future
+        .now_or_never()
+        .expect("MemoryStore resolves without waiting")
 }
 
 /// The baseline: the same data behind one global mutex.
 #[derive(Default)]
 struct GlobalMutexStore {
-    inner: Mutex<(HashMap<SessionId, Session>, HashMap<RouterId, HashSet<SessionId>>)>,
+    inner: Mutex<Tables>,
+}
+
+#[derive(Default)]
+struct Tables {
+    sessions: HashMap<SessionId, Session>,
+    index: HashMap<RouterId, HashSet<SessionId>>,
 }
 
 impl GlobalMutexStore {
     fn register(&self, router: RouterId) {
-        self.inner.lock().1.insert(router, HashSet::new());
+        self.inner.lock().index.insert(router, HashSet::new());
     }
 
     fn create(&self, id: SessionId, router: RouterId) -> Session {
         let session = NewSession::new(id, router, Incarnation::new(1)).into_session();
         let mut inner = self.inner.lock();
-        if let Some(index) = inner.1.get_mut(&router) {
+        if let Some(index) = inner.index.get_mut(&router) {
             index.insert(id);
         }
-        inner.0.insert(id, session.clone());
+        inner.sessions.insert(id, session.clone());
         session
     }
 
     fn close(&self, id: SessionId) {
-        let session = self.inner.lock().0.get(&id).cloned();
+        let session = self.inner.lock().sessions.get(&id).cloned();
         if let Some(session) = session {
             let _ = session.close(CloseReason::ClientClosed);
             let mut inner = self.inner.lock();
-            inner.0.remove(&id);
-            if let Some(index) = inner.1.get_mut(&session.router()) {
+            inner.sessions.remove(&id);
+            if let Some(index) = inner.index.get_mut(&session.router()) {
                 index.remove(&id);
             }
         }

@@ -1,4 +1,91 @@
 //! Router-bound session lifecycle for network controllers.
+//!
+//! A controller of an overlay network keeps sessions that live on its
+//! routers. This crate tracks them so that cleanup is strongly consistent:
+//! when a router is deleted, each of its sessions ends `Closed`, its
+//! resources are released exactly once, and nothing can attach to that
+//! router again.
+//!
+//! # The pieces
+//!
+//! - [`Session`]: a cheap cloneable handle with a lock-free state machine
+//!   ([`SessionState`]: `Active → Terminating → Closed`), a close reason
+//!   ([`CloseReason`]), close-notification futures ([`Session::closed`],
+//!   [`Session::closed_owned`]), traffic counters, a secret token wiped on
+//!   close, a user payload, and attached [`Resource`]s released exactly once.
+//! - [`SessionStore`]: where sessions live, as a trait with async methods so
+//!   a remote store can implement it. Routers are registered and get an
+//!   [`Incarnation`]; sessions are created against it; [`SessionStore::fence`]
+//!   stops creation on a router and snapshots its sessions;
+//!   [`SessionStore::finish`] tombstones the incarnation;
+//!   [`SessionStore::audit`] checks the index.
+//! - [`MemoryStore`]: the default store, in memory: a sharded session map and
+//!   a per-router entry under one small lock.
+//!
+//! # Quick start
+//!
+//! ```
+//! use session_lifecycle::{
+//!     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionState, SessionStore,
+//! };
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = MemoryStore::new();
+//! let router = RouterId::new(1);
+//! let incarnation = store.register_router(router).await?;
+//!
+//! // A client connects through the router.
+//! let spec = NewSession::new(SessionId::new(100), router, incarnation).token(b"secret".to_vec());
+//! let session = store.create(spec).await?;
+//! session.attach(|reason: CloseReason| println!("port released: {reason}"))?;
+//!
+//! // Somebody waits for the session to end.
+//! let waiter = tokio::spawn(session.closed_owned());
+//!
+//! // The router is deleted: fence it, then close what it held.
+//! let snapshot = store.fence(router).await?;
+//! for session in &snapshot.sessions {
+//!     let _ = session.begin_terminating();
+//! }
+//! let _ = store.close(session.id(), CloseReason::RouterDeleted).await?;
+//! store.finish(router, incarnation).await?;
+//!
+//! assert_eq!(waiter.await?, CloseReason::RouterDeleted);
+//! assert_eq!(session.state(), SessionState::Closed);
+//! assert!(store.create(NewSession::new(SessionId::new(101), router, incarnation)).await.is_err());
+//! assert!(store.audit().await?.is_clean());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Invariants
+//!
+//! These are the guarantees the crate is built and tested around:
+//!
+//! - **I2 Fence.** From the moment a router's deletion starts (its fence), no
+//!   session can be created on it or on any older incarnation of it.
+//! - **I3 Monotonic state.** `Active → Terminating → Closed`, or
+//!   `Active → Closed`; never backwards, `Closed` is final, and exactly one
+//!   caller wins each transition and learns that it won.
+//! - **I7 Index consistency.** The router→sessions index and the session map
+//!   always agree; [`SessionStore::audit`] checks it.
+//!
+//! Closing is complete when [`Session::closed`] resolves: the token is
+//! wiped, every attached resource was released once, and every waiter woke.
+//!
+//! # Time
+//!
+//! All time goes through tokio's clock ([`tokio::time::Instant`]), so tests
+//! run with paused time (`#[tokio::test(start_paused = true)]`).
+//!
+//! # Concurrency
+//!
+//! No lock of the crate is held across an `.await` or while user code runs
+//! (resources, wakers). Each module with locks documents its lock order
+//! under `# Deadlock safety`. The state word and close notification are
+//! model-checked with loom:
+//! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
@@ -7,7 +94,10 @@
     rust_2018_idioms,
     unreachable_pub
 )]
-#![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms), allow(dead_code))))]
+#![doc(test(
+    no_crate_inject,
+    attr(deny(warnings, rust_2018_idioms), allow(dead_code))
+))]
 
 mod id;
 mod loom;
@@ -24,3 +114,7 @@ pub use store::{
     FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, RouterError,
     RouterStatus, SessionError, SessionStore,
 };
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

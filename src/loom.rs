@@ -42,6 +42,9 @@ impl<T> Mutex<T> {
         // Poisoning cannot lose data here: every critical section of the
         // session leaves its state consistent before anything can panic.
         #[cfg(session_lifecycle_loom)]
-        return self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        return self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
 }

@@ -66,13 +66,26 @@ async fn no_create_escapes_the_fence() {
         let mut accepted = 0;
         for creator in creators {
             for id in creator.await.unwrap() {
-                assert!(in_snapshot.contains(&id), "{id} was created but is not in the snapshot");
+                assert!(
+                    in_snapshot.contains(&id),
+                    "{id} was created but is not in the snapshot"
+                );
                 accepted += 1;
             }
         }
-        assert_eq!(accepted, in_snapshot.len(), "the snapshot holds only accepted creates");
+        assert_eq!(
+            accepted,
+            in_snapshot.len(),
+            "the snapshot holds only accepted creates"
+        );
         assert_eq!(store.count(router).await.unwrap(), accepted);
-        let late = store.create(NewSession::new(SessionId::new(u64::MAX), router, incarnation)).await;
+        let late = store
+            .create(NewSession::new(
+                SessionId::new(u64::MAX),
+                router,
+                incarnation,
+            ))
+            .await;
         assert!(late.is_err());
         store.finish(router, incarnation).await.unwrap();
     }

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseOutcome, CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation,
-    MemoryStore, NewSession, RegisterError, RouterError, RouterId, RouterStatus, SessionError,
-    SessionId, SessionState, SessionStore,
+    CloseOutcome, CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation, MemoryStore,
+    NewSession, RegisterError, RouterError, RouterId, RouterStatus, SessionError, SessionId,
+    SessionState, SessionStore,
 };
 
 const R: RouterId = RouterId::new(1);
@@ -24,9 +24,15 @@ async fn store_with_router() -> (MemoryStore, Incarnation) {
 #[tokio::test]
 async fn register_gives_a_live_incarnation() {
     let (store, incarnation) = store_with_router().await;
-    assert_eq!(store.router_status(R).await.unwrap(), RouterStatus::Live(incarnation));
+    assert_eq!(
+        store.router_status(R).await.unwrap(),
+        RouterStatus::Live(incarnation)
+    );
     match store.register_router(R).await {
-        Err(RegisterError::AlreadyRegistered { router, incarnation: live }) => {
+        Err(RegisterError::AlreadyRegistered {
+            router,
+            incarnation: live,
+        }) => {
             assert_eq!((router, live), (R, incarnation));
         }
         other => panic!("expected AlreadyRegistered, got {other:?}"),
@@ -40,7 +46,13 @@ async fn create_get_count_and_list() {
         store.create(spec(id, incarnation)).await.unwrap();
     }
     assert_eq!(store.count(R).await.unwrap(), 5);
-    let mut ids: Vec<_> = store.sessions(R).await.unwrap().iter().map(|s| s.id().get()).collect();
+    let mut ids: Vec<_> = store
+        .sessions(R)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id().get())
+        .collect();
     ids.sort_unstable();
     assert_eq!(ids, vec![0, 1, 2, 3, 4]);
     let got = store.get(SessionId::new(3)).await.unwrap().unwrap();
@@ -52,9 +64,15 @@ async fn create_get_count_and_list() {
 #[tokio::test]
 async fn create_on_an_unknown_router_is_refused_and_handed_back() {
     let store = MemoryStore::new();
-    let err = store.create(spec(1, Incarnation::new(1)).token(b"t".to_vec())).await.unwrap_err();
+    let err = store
+        .create(spec(1, Incarnation::new(1)).token(b"t".to_vec()))
+        .await
+        .unwrap_err();
     assert_eq!(*err.kind(), CreateErrorKind::UnknownRouter(R));
-    assert!(err.to_string().starts_with("session not created: router-1 is not registered"));
+    assert!(
+        err.to_string()
+            .starts_with("session not created: router-1 is not registered")
+    );
     let back = err.into_spec();
     assert_eq!(back.id(), SessionId::new(1));
     assert!(store.is_empty());
@@ -67,7 +85,11 @@ async fn create_with_a_stale_incarnation_is_refused() {
     let err = store.create(spec(1, stale)).await.unwrap_err();
     assert_eq!(
         *err.kind(),
-        CreateErrorKind::StaleIncarnation { router: R, requested: stale, live: Some(incarnation) }
+        CreateErrorKind::StaleIncarnation {
+            router: R,
+            requested: stale,
+            live: Some(incarnation)
+        }
     );
     assert!(store.is_empty());
 }
@@ -77,7 +99,10 @@ async fn duplicate_ids_are_refused_and_change_nothing() {
     let (store, incarnation) = store_with_router().await;
     let first = store.create(spec(7, incarnation)).await.unwrap();
     let err = store.create(spec(7, incarnation)).await.unwrap_err();
-    assert_eq!(*err.kind(), CreateErrorKind::DuplicateSession(SessionId::new(7)));
+    assert_eq!(
+        *err.kind(),
+        CreateErrorKind::DuplicateSession(SessionId::new(7))
+    );
     let stored = store.get(SessionId::new(7)).await.unwrap().unwrap();
     assert!(session_lifecycle::Session::ptr_eq(&first, &stored));
     assert_eq!(store.count(R).await.unwrap(), 1);
@@ -91,9 +116,18 @@ async fn fence_refuses_every_later_create() {
     assert!(snapshot.newly_fenced);
     assert_eq!(snapshot.incarnation, incarnation);
     assert_eq!(snapshot.sessions.len(), 1);
-    assert_eq!(store.router_status(R).await.unwrap(), RouterStatus::Fenced(incarnation));
+    assert_eq!(
+        store.router_status(R).await.unwrap(),
+        RouterStatus::Fenced(incarnation)
+    );
     let err = store.create(spec(2, incarnation)).await.unwrap_err();
-    assert_eq!(*err.kind(), CreateErrorKind::Fenced { router: R, incarnation });
+    assert_eq!(
+        *err.kind(),
+        CreateErrorKind::Fenced {
+            router: R,
+            incarnation
+        }
+    );
     match store.register_router(R).await {
         Err(RegisterError::Deleting { .. }) => {}
         other => panic!("expected Deleting, got {other:?}"),
@@ -107,7 +141,10 @@ async fn fencing_again_resumes_with_a_fresh_snapshot() {
         store.create(spec(id, incarnation)).await.unwrap();
     }
     store.fence(R).await.unwrap();
-    let _ = store.close(SessionId::new(0), CloseReason::RouterDeleted).await.unwrap();
+    let _ = store
+        .close(SessionId::new(0), CloseReason::RouterDeleted)
+        .await
+        .unwrap();
     let again = store.fence(R).await.unwrap();
     assert!(!again.newly_fenced);
     assert_eq!(again.sessions.len(), 2);
@@ -117,7 +154,13 @@ async fn fencing_again_resumes_with_a_fresh_snapshot() {
 async fn close_closes_and_removes() {
     let (store, incarnation) = store_with_router().await;
     let session = store.create(spec(1, incarnation)).await.unwrap();
-    assert_eq!(store.close(session.id(), CloseReason::ClientClosed).await.unwrap(), CloseOutcome::Closed);
+    assert_eq!(
+        store
+            .close(session.id(), CloseReason::ClientClosed)
+            .await
+            .unwrap(),
+        CloseOutcome::Closed
+    );
     assert_eq!(session.close_reason(), Some(CloseReason::ClientClosed));
     assert!(store.get(session.id()).await.unwrap().is_none());
     assert_eq!(store.count(R).await.unwrap(), 0);
@@ -136,8 +179,13 @@ async fn closing_a_handle_closed_session_reports_the_lost_race_and_removes_it() 
     assert!(audit.is_consistent());
     assert_eq!(audit.closed_in_store, vec![session.id()]);
     assert_eq!(
-        store.close(session.id(), CloseReason::Forced).await.unwrap(),
-        CloseOutcome::AlreadyClosed { reason: CloseReason::ClientClosed }
+        store
+            .close(session.id(), CloseReason::Forced)
+            .await
+            .unwrap(),
+        CloseOutcome::AlreadyClosed {
+            reason: CloseReason::ClientClosed
+        }
     );
     assert!(store.is_empty());
     assert!(store.audit().await.unwrap().is_clean());
@@ -150,14 +198,20 @@ async fn remove_closes_an_open_session_first() {
     let removed = store.remove(session.id()).await.unwrap();
     assert_eq!(removed.close_reason(), Some(CloseReason::Reclaimed));
     assert!(store.is_empty());
-    assert!(matches!(store.remove(session.id()).await, Err(SessionError::UnknownSession(_))));
+    assert!(matches!(
+        store.remove(session.id()).await,
+        Err(SessionError::UnknownSession(_))
+    ));
 }
 
 #[tokio::test]
 async fn a_reused_id_is_not_unlinked_by_the_old_handle() {
     let (store, incarnation) = store_with_router().await;
     let old = store.create(spec(1, incarnation)).await.unwrap();
-    let _ = store.close(old.id(), CloseReason::ClientClosed).await.unwrap();
+    let _ = store
+        .close(old.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
     let new = store.create(spec(1, incarnation)).await.unwrap();
     // Closing the old handle again through the store would find the new one
     // by id; the old handle itself is already closed and must not matter.
@@ -175,20 +229,28 @@ async fn finish_closes_what_is_left_removes_all_and_tombstones() {
     for id in 0..4 {
         let session = store.create(spec(id, incarnation)).await.unwrap();
         let released = Arc::clone(&released);
-        session.attach(move |_| {
-            released.fetch_add(1, Ordering::SeqCst);
-        }).unwrap();
+        session
+            .attach(move |_| {
+                released.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
         sessions.push(session);
     }
     store.fence(R).await.unwrap();
     assert!(sessions[0].close(CloseReason::RouterDeleted).won()); // confirmed, still stored
-    let _ = store.close(sessions[1].id(), CloseReason::RouterDeleted).await.unwrap(); // confirmed and removed
+    let _ = store
+        .close(sessions[1].id(), CloseReason::RouterDeleted)
+        .await
+        .unwrap(); // confirmed and removed
     let report = store.finish(R, incarnation).await.unwrap();
     assert_eq!((report.removed, report.closed), (3, 2));
     assert!(sessions.iter().all(|s| s.is_closed()));
     assert_eq!(released.load(Ordering::SeqCst), 4);
     assert!(store.is_empty());
-    assert_eq!(store.router_status(R).await.unwrap(), RouterStatus::Deleted(incarnation));
+    assert_eq!(
+        store.router_status(R).await.unwrap(),
+        RouterStatus::Deleted(incarnation)
+    );
     assert!(store.audit().await.unwrap().is_clean());
 }
 
@@ -196,7 +258,10 @@ async fn finish_closes_what_is_left_removes_all_and_tombstones() {
 async fn finish_errors_change_nothing() {
     let (store, incarnation) = store_with_router().await;
     store.create(spec(1, incarnation)).await.unwrap();
-    assert!(matches!(store.finish(R, incarnation).await, Err(FinishError::NotFenced { .. })));
+    assert!(matches!(
+        store.finish(R, incarnation).await,
+        Err(FinishError::NotFenced { .. })
+    ));
     assert!(matches!(
         store.finish(RouterId::new(9), incarnation).await,
         Err(FinishError::UnknownRouter(_))
@@ -209,7 +274,10 @@ async fn finish_errors_change_nothing() {
     ));
     assert_eq!(store.count(R).await.unwrap(), 1);
     store.finish(R, incarnation).await.unwrap();
-    assert!(matches!(store.finish(R, incarnation).await, Err(FinishError::AlreadyDeleted { .. })));
+    assert!(matches!(
+        store.finish(R, incarnation).await,
+        Err(FinishError::AlreadyDeleted { .. })
+    ));
 }
 
 #[tokio::test]
@@ -218,9 +286,21 @@ async fn a_deleted_router_refuses_creates_and_fences() {
     store.fence(R).await.unwrap();
     store.finish(R, incarnation).await.unwrap();
     let err = store.create(spec(1, incarnation)).await.unwrap_err();
-    assert_eq!(*err.kind(), CreateErrorKind::RouterDeleted { router: R, incarnation });
-    assert!(matches!(store.fence(R).await, Err(FenceError::AlreadyDeleted { .. })));
-    assert!(matches!(store.fence(RouterId::new(9)).await, Err(FenceError::UnknownRouter(_))));
+    assert_eq!(
+        *err.kind(),
+        CreateErrorKind::RouterDeleted {
+            router: R,
+            incarnation
+        }
+    );
+    assert!(matches!(
+        store.fence(R).await,
+        Err(FenceError::AlreadyDeleted { .. })
+    ));
+    assert!(matches!(
+        store.fence(RouterId::new(9)).await,
+        Err(FenceError::UnknownRouter(_))
+    ));
 }
 
 #[tokio::test]
@@ -233,7 +313,11 @@ async fn re_registering_gives_a_newer_incarnation_and_refuses_the_old() {
     let err = store.create(spec(1, old)).await.unwrap_err();
     assert_eq!(
         *err.kind(),
-        CreateErrorKind::StaleIncarnation { router: R, requested: old, live: Some(new) }
+        CreateErrorKind::StaleIncarnation {
+            router: R,
+            requested: old,
+            live: Some(new)
+        }
     );
     store.create(spec(1, new)).await.unwrap();
 }
@@ -251,8 +335,14 @@ async fn tombstones_are_bounded_and_old_incarnations_stay_refused() {
     }
     assert_eq!(store.router_count(), 2);
     let (router, incarnation) = deleted[0];
-    assert!(matches!(store.router_status(router).await, Err(RouterError::UnknownRouter(_))));
-    let err = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await.unwrap_err();
+    assert!(matches!(
+        store.router_status(router).await,
+        Err(RouterError::UnknownRouter(_))
+    ));
+    let err = store
+        .create(NewSession::new(SessionId::new(1), router, incarnation))
+        .await
+        .unwrap_err();
     assert_eq!(*err.kind(), CreateErrorKind::UnknownRouter(router));
     // Registering the evicted id again still moves forward.
     let again = store.register_router(router).await.unwrap();
@@ -265,17 +355,31 @@ async fn tombstones_are_bounded_and_old_incarnations_stay_refused() {
     let i9 = store.register_router(r9).await.unwrap();
     store.fence(r9).await.unwrap();
     store.finish(r9, i9).await.unwrap();
-    assert_eq!(store.router_status(router).await.unwrap(), RouterStatus::Live(fresh));
+    assert_eq!(
+        store.router_status(router).await.unwrap(),
+        RouterStatus::Live(fresh)
+    );
 }
 
 #[tokio::test]
 async fn router_lookups_of_unknown_routers_fail() {
     let store = MemoryStore::new();
     let unknown = RouterId::new(42);
-    assert!(matches!(store.count(unknown).await, Err(RouterError::UnknownRouter(r)) if r == unknown));
-    assert!(matches!(store.sessions(unknown).await, Err(RouterError::UnknownRouter(_))));
-    assert!(matches!(store.router_status(unknown).await, Err(RouterError::UnknownRouter(_))));
-    assert_eq!(RouterError::UnknownRouter(unknown).to_string(), "router-42 is not registered");
+    assert!(
+        matches!(store.count(unknown).await, Err(RouterError::UnknownRouter(r)) if r == unknown)
+    );
+    assert!(matches!(
+        store.sessions(unknown).await,
+        Err(RouterError::UnknownRouter(_))
+    ));
+    assert!(matches!(
+        store.router_status(unknown).await,
+        Err(RouterError::UnknownRouter(_))
+    ));
+    assert_eq!(
+        RouterError::UnknownRouter(unknown).to_string(),
+        "router-42 is not registered"
+    );
 }
 
 #[tokio::test]
@@ -285,11 +389,16 @@ async fn a_resource_may_call_back_into_the_store() {
     let incarnation = store.register_router(R).await.unwrap();
     let session = store.create(spec(1, incarnation)).await.unwrap();
     let inner = Arc::clone(&store);
-    session.attach(move |_| {
-        assert_eq!(inner.len(), 1);
-        assert!(inner.router_count() >= 1);
-    }).unwrap();
-    let _ = store.close(session.id(), CloseReason::ClientClosed).await.unwrap();
+    session
+        .attach(move |_| {
+            assert_eq!(inner.len(), 1);
+            assert!(inner.router_count() >= 1);
+        })
+        .unwrap();
+    let _ = store
+        .close(session.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
     store.fence(R).await.unwrap();
     store.finish(R, incarnation).await.unwrap();
 }

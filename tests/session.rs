@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, Session, SessionId,
-    SessionState, Transition,
+    CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, Session, SessionId, SessionState,
+    Transition,
 };
 use tokio_test::task;
 use tokio_test::{assert_pending, assert_ready_eq};
@@ -32,7 +32,9 @@ fn active_terminating_closed() {
     assert_eq!(s.state(), SessionState::Terminating);
     assert_eq!(
         s.begin_terminating(),
-        Transition::Lost { current: SessionState::Terminating }
+        Transition::Lost {
+            current: SessionState::Terminating
+        }
     );
     assert_eq!(s.close(CloseReason::RouterDeleted), CloseOutcome::Closed);
     assert_eq!(s.state(), SessionState::Closed);
@@ -52,11 +54,15 @@ fn closed_is_final() {
     assert!(s.close(CloseReason::LivenessTimeout).won());
     assert_eq!(
         s.begin_terminating(),
-        Transition::Lost { current: SessionState::Closed }
+        Transition::Lost {
+            current: SessionState::Closed
+        }
     );
     assert_eq!(
         s.close(CloseReason::Forced),
-        CloseOutcome::AlreadyClosed { reason: CloseReason::LivenessTimeout }
+        CloseOutcome::AlreadyClosed {
+            reason: CloseReason::LivenessTimeout
+        }
     );
     assert_eq!(s.state(), SessionState::Closed);
     assert_eq!(s.close_reason(), Some(CloseReason::LivenessTimeout));
@@ -78,7 +84,10 @@ fn every_close_reason_round_trips() {
         assert_eq!(s.close_reason(), Some(reason));
         assert_eq!(
             reason.is_forced(),
-            !matches!(reason, CloseReason::ClientClosed | CloseReason::RouterDeleted)
+            !matches!(
+                reason,
+                CloseReason::ClientClosed | CloseReason::RouterDeleted
+            )
         );
     }
 }
@@ -164,7 +173,11 @@ fn a_dropped_owned_waiter_leaks_nothing() {
     assert_ready_eq!(survivor.poll(), CloseReason::ClientClosed);
     drop(survivor);
     drop(s);
-    assert_eq!(Arc::strong_count(&payload), 1, "a waiter kept the session alive");
+    assert_eq!(
+        Arc::strong_count(&payload),
+        1,
+        "a waiter kept the session alive"
+    );
 }
 
 #[test]
@@ -180,7 +193,11 @@ fn a_dropped_waiter_frees_its_waker() {
         drop(fut);
         drop(waker);
     }
-    assert_eq!(Arc::strong_count(&alive), 1, "a cancelled waiter kept its waker");
+    assert_eq!(
+        Arc::strong_count(&alive),
+        1,
+        "a cancelled waiter kept its waker"
+    );
 }
 
 struct CountingWaker(#[allow(dead_code)] Arc<()>);
@@ -219,13 +236,18 @@ fn resources_are_released_once_in_reverse_order() {
     let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
     for i in 0..3 {
         let log = Arc::clone(&log);
-        s.attach(move |reason| log.lock().push((i, reason))).unwrap();
+        s.attach(move |reason| log.lock().push((i, reason)))
+            .unwrap();
     }
     assert!(s.close(CloseReason::Forced).won());
     let _ = s.close(CloseReason::ClientClosed);
     assert_eq!(
         *log.lock(),
-        vec![(2, CloseReason::Forced), (1, CloseReason::Forced), (0, CloseReason::Forced)]
+        vec![
+            (2, CloseReason::Forced),
+            (1, CloseReason::Forced),
+            (0, CloseReason::Forced)
+        ]
     );
 }
 
@@ -242,7 +264,11 @@ fn resources_are_released_once_under_racing_closes() {
             .unwrap();
         }
         std::thread::scope(|scope| {
-            for reason in [CloseReason::Forced, CloseReason::ClientClosed, CloseReason::Reclaimed] {
+            for reason in [
+                CloseReason::Forced,
+                CloseReason::ClientClosed,
+                CloseReason::Reclaimed,
+            ] {
                 let s = &s;
                 scope.spawn(move || {
                     let _ = s.close(reason);
@@ -274,7 +300,11 @@ fn a_panicking_resource_is_contained() {
     let mut waiter = task::spawn(s.closed());
     assert_pending!(waiter.poll());
     assert!(s.close(CloseReason::Forced).won());
-    assert_eq!(released.load(Ordering::SeqCst), 1, "the other resource was still released");
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        1,
+        "the other resource was still released"
+    );
     assert_ready_eq!(waiter.poll(), CloseReason::Forced);
 }
 
@@ -283,9 +313,12 @@ fn the_token_is_wiped_on_close() {
     let s = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
         .token(b"hunter2".to_vec())
         .into_session();
-    assert_eq!(s.with_token(|t| t.map(<[u8]>::to_vec)), Some(b"hunter2".to_vec()));
+    assert_eq!(
+        s.with_token(|t| t.map(<[u8]>::to_vec)),
+        Some(b"hunter2".to_vec())
+    );
     assert!(s.close(CloseReason::ClientClosed).won());
-    assert_eq!(s.with_token(|t| t.is_none()), true);
+    assert!(s.with_token(|t| t.is_none()));
 }
 
 #[test]
@@ -333,5 +366,8 @@ fn payload_and_debug() {
         .into_session();
     assert_eq!(s.payload(), "tenant-a");
     let debug = format!("{s:?}");
-    assert!(debug.contains("session-5") || debug.contains("SessionId(5)"), "{debug}");
+    assert!(
+        debug.contains("session-5") || debug.contains("SessionId(5)"),
+        "{debug}"
+    );
 }

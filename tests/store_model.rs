@@ -14,9 +14,8 @@ use futures::FutureExt;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use session_lifecycle::{
-    CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation,
-    MemoryStore, NewSession, RegisterError, RouterId, RouterStatus, Session, SessionId,
-    SessionState, SessionStore,
+    CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation, MemoryStore, NewSession,
+    RegisterError, RouterId, RouterStatus, Session, SessionId, SessionState, SessionStore,
 };
 
 const ROUTERS: u64 = 3;
@@ -69,7 +68,11 @@ impl Model {
 
     fn incarnation(&self, router: u64, stale: bool) -> u64 {
         let current = self.routers.get(&router).map_or(1, |r| r.incarnation);
-        if stale { current.wrapping_sub(1) } else { current }
+        if stale {
+            current.wrapping_sub(1)
+        } else {
+            current
+        }
     }
 
     fn stored_of(&self, router: u64) -> BTreeSet<u64> {
@@ -122,14 +125,30 @@ impl ReferenceStateMachine for Reference {
         match *step {
             Step::Register(r) => {
                 if m.routers.get(&r).is_none_or(|r| r.phase == Phase::Deleted) {
-                    m.routers.insert(r, RouterModel { phase: Phase::Live, incarnation: m.next_incarnation });
+                    m.routers.insert(
+                        r,
+                        RouterModel {
+                            phase: Phase::Live,
+                            incarnation: m.next_incarnation,
+                        },
+                    );
                     m.next_incarnation += 1;
                 }
             }
             Step::Create { id, router, stale } => {
-                let live = m.routers.get(&router).is_some_and(|r| r.phase == Phase::Live);
+                let live = m
+                    .routers
+                    .get(&router)
+                    .is_some_and(|r| r.phase == Phase::Live);
                 if live && !stale && !m.stored(id) {
-                    m.sessions.insert(id, SessionModel { router, state: SessionState::Active, stored: true });
+                    m.sessions.insert(
+                        id,
+                        SessionModel {
+                            router,
+                            state: SessionState::Active,
+                            stored: true,
+                        },
+                    );
                 }
             }
             Step::Close { id, .. } | Step::Remove { id } => {
@@ -144,7 +163,11 @@ impl ReferenceStateMachine for Reference {
                 }
             }
             Step::Terminate { id } => {
-                if let Some(s) = m.sessions.get_mut(&id).filter(|s| s.state == SessionState::Active) {
+                if let Some(s) = m
+                    .sessions
+                    .get_mut(&id)
+                    .filter(|s| s.state == SessionState::Active)
+                {
                     s.state = SessionState::Terminating;
                 }
             }
@@ -154,9 +177,17 @@ impl ReferenceStateMachine for Reference {
                 }
             }
             Step::Finish { router, stale } => {
-                if !stale && m.routers.get(&router).is_some_and(|r| r.phase == Phase::Fenced) {
+                if !stale
+                    && m.routers
+                        .get(&router)
+                        .is_some_and(|r| r.phase == Phase::Fenced)
+                {
                     m.routers.get_mut(&router).unwrap().phase = Phase::Deleted;
-                    for s in m.sessions.values_mut().filter(|s| s.stored && s.router == router) {
+                    for s in m
+                        .sessions
+                        .values_mut()
+                        .filter(|s| s.stored && s.router == router)
+                    {
                         s.state = SessionState::Closed;
                         s.stored = false;
                     }
@@ -178,7 +209,9 @@ struct Sut {
 }
 
 fn now<F: std::future::Future>(future: F) -> F::Output {
-    future.now_or_never().expect("MemoryStore resolves without waiting")
+    future
+        .now_or_never()
+        .expect("MemoryStore resolves without waiting")
 }
 
 fn rank(state: SessionState) -> u8 {
@@ -196,7 +229,12 @@ impl StateMachineTest for StoreTest {
     type Reference = Reference;
 
     fn init_test(_: &Model) -> Sut {
-        Sut { store: MemoryStore::new(), before: empty_model(), handles: HashMap::new(), all: Vec::new() }
+        Sut {
+            store: MemoryStore::new(),
+            before: empty_model(),
+            handles: HashMap::new(),
+            all: Vec::new(),
+        }
     }
 
     fn apply(mut sut: Sut, after: &Model, step: Step) -> Sut {
@@ -209,8 +247,13 @@ impl StateMachineTest for StoreTest {
                     None | Some(Phase::Deleted) => {
                         assert_eq!(result.unwrap().get(), after.routers[&r].incarnation);
                     }
-                    Some(Phase::Live) => assert!(matches!(result, Err(RegisterError::AlreadyRegistered { .. }))),
-                    Some(Phase::Fenced) => assert!(matches!(result, Err(RegisterError::Deleting { .. }))),
+                    Some(Phase::Live) => assert!(matches!(
+                        result,
+                        Err(RegisterError::AlreadyRegistered { .. })
+                    )),
+                    Some(Phase::Fenced) => {
+                        assert!(matches!(result, Err(RegisterError::Deleting { .. })))
+                    }
                 }
             }
             Step::Create { id, router, stale } => {
@@ -232,13 +275,22 @@ impl StateMachineTest for StoreTest {
                         router: RouterId::new(router),
                         incarnation,
                     }),
-                    Some(_) if before.stored(id) => Some(CreateErrorKind::DuplicateSession(SessionId::new(id))),
+                    Some(_) if before.stored(id) => {
+                        Some(CreateErrorKind::DuplicateSession(SessionId::new(id)))
+                    }
                     Some(_) => None,
                 };
                 match result {
                     Ok(session) => {
-                        assert!(expected.is_none(), "create accepted against the model: {step:?}");
-                        assert_eq!(before.routers[&router].phase, Phase::Live, "I2: created on a fenced router");
+                        assert!(
+                            expected.is_none(),
+                            "create accepted against the model: {step:?}"
+                        );
+                        assert_eq!(
+                            before.routers[&router].phase,
+                            Phase::Live,
+                            "I2: created on a fenced router"
+                        );
                         sut.all.push((session.clone(), SessionState::Active, None));
                         sut.handles.insert(id, session);
                     }
@@ -275,11 +327,14 @@ impl StateMachineTest for StoreTest {
                 let result = now(store.fence(RouterId::new(r)));
                 match before.routers.get(&r).map(|r| r.phase) {
                     None => assert!(matches!(result, Err(FenceError::UnknownRouter(_)))),
-                    Some(Phase::Deleted) => assert!(matches!(result, Err(FenceError::AlreadyDeleted { .. }))),
+                    Some(Phase::Deleted) => {
+                        assert!(matches!(result, Err(FenceError::AlreadyDeleted { .. })))
+                    }
                     Some(phase) => {
                         let snapshot = result.unwrap();
                         assert_eq!(snapshot.newly_fenced, phase == Phase::Live);
-                        let ids: BTreeSet<u64> = snapshot.sessions.iter().map(|s| s.id().get()).collect();
+                        let ids: BTreeSet<u64> =
+                            snapshot.sessions.iter().map(|s| s.id().get()).collect();
                         assert_eq!(ids, before.stored_of(r), "fence snapshot");
                     }
                 }
@@ -289,13 +344,23 @@ impl StateMachineTest for StoreTest {
                 let result = now(store.finish(RouterId::new(router), incarnation));
                 match before.routers.get(&router).map(|r| r.phase) {
                     None => assert!(matches!(result, Err(FinishError::UnknownRouter(_)))),
-                    Some(_) if stale => assert!(matches!(result, Err(FinishError::IncarnationMismatch { .. }))),
-                    Some(Phase::Live) => assert!(matches!(result, Err(FinishError::NotFenced { .. }))),
-                    Some(Phase::Deleted) => assert!(matches!(result, Err(FinishError::AlreadyDeleted { .. }))),
+                    Some(_) if stale => assert!(matches!(
+                        result,
+                        Err(FinishError::IncarnationMismatch { .. })
+                    )),
+                    Some(Phase::Live) => {
+                        assert!(matches!(result, Err(FinishError::NotFenced { .. })))
+                    }
+                    Some(Phase::Deleted) => {
+                        assert!(matches!(result, Err(FinishError::AlreadyDeleted { .. })))
+                    }
                     Some(Phase::Fenced) => {
                         let report = result.unwrap();
                         let stored = before.stored_of(router);
-                        let open = stored.iter().filter(|id| before.sessions[id].state != SessionState::Closed).count();
+                        let open = stored
+                            .iter()
+                            .filter(|id| before.sessions[id].state != SessionState::Closed)
+                            .count();
                         assert_eq!((report.removed, report.closed), (stored.len(), open));
                     }
                 }
@@ -304,7 +369,10 @@ impl StateMachineTest for StoreTest {
         // I3: nothing moved backwards, and a close reason never changes.
         for (handle, state, reason) in &mut sut.all {
             let (now_state, now_reason) = (handle.state(), handle.close_reason());
-            assert!(rank(now_state) >= rank(*state), "I3: {state:?} went back to {now_state:?}");
+            assert!(
+                rank(now_state) >= rank(*state),
+                "I3: {state:?} went back to {now_state:?}"
+            );
             if reason.is_some() {
                 assert_eq!(*reason, now_reason, "I3: the close reason changed");
             }
@@ -328,11 +396,19 @@ impl StateMachineTest for StoreTest {
                 Phase::Deleted => RouterStatus::Deleted(incarnation),
             };
             assert_eq!(status, expected);
-            assert_eq!(now(store.count(id)).unwrap(), m.stored_of(*r).len(), "count of {id}");
+            assert_eq!(
+                now(store.count(id)).unwrap(),
+                m.stored_of(*r).len(),
+                "count of {id}"
+            );
         }
         // Every handle agrees with the model; retired ones are closed.
         for (id, handle) in &sut.handles {
-            assert_eq!(handle.state(), m.sessions[id].state, "state of session {id}");
+            assert_eq!(
+                handle.state(),
+                m.sessions[id].state,
+                "state of session {id}"
+            );
         }
         // I7 and no orphans; the lingering closed sessions are the model's.
         let audit = now(store.audit()).unwrap();
@@ -349,14 +425,21 @@ impl StateMachineTest for StoreTest {
         let latest: Vec<&Session> = sut.handles.values().collect();
         for (handle, _, _) in &sut.all {
             if !latest.iter().any(|l| Session::ptr_eq(l, handle)) {
-                assert!(handle.is_closed(), "an older session of a reused id is open");
+                assert!(
+                    handle.is_closed(),
+                    "an older session of a reused id is open"
+                );
             }
         }
     }
 }
 
 fn empty_model() -> Model {
-    Model { routers: BTreeMap::new(), sessions: BTreeMap::new(), next_incarnation: 1 }
+    Model {
+        routers: BTreeMap::new(),
+        sessions: BTreeMap::new(),
+        next_incarnation: 1,
+    }
 }
 
 prop_state_machine! {

@@ -60,7 +60,7 @@ use crate::loom::{Arc, Mutex};
 /// assert!(session.close(CloseReason::RouterDeleted).won());
 /// assert_eq!(wait.await.unwrap(), CloseReason::RouterDeleted);
 /// assert_eq!(session.state(), SessionState::Closed);
-/// assert_eq!(session.with_token(|t| t.is_none()), true); // wiped on close
+/// assert!(session.with_token(|t| t.is_none())); // wiped on close
 /// assert_eq!(session.traffic().bytes_in, 1500);
 /// # }
 /// ```

@@ -218,12 +218,10 @@ impl StateWord {
     pub(crate) fn begin_terminating(&self) -> Transition {
         // AcqRel on success orders this transition with every other one;
         // Acquire on failure so the reported state is current.
-        match self.0.compare_exchange(
-            ACTIVE,
-            TERMINATING,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
+        match self
+            .0
+            .compare_exchange(ACTIVE, TERMINATING, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => Transition::Won,
             Err(word) => Transition::Lost {
                 current: decode_state(word),
@@ -246,12 +244,10 @@ impl StateWord {
             // AcqRel on success: publishes everything the closer did before
             // and sees everything earlier transitions published. Acquire on
             // failure for the reason read above.
-            match self.0.compare_exchange_weak(
-                current,
-                closed,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self
+                .0
+                .compare_exchange_weak(current, closed, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return CloseOutcome::Closed,
                 Err(word) => current = word,
             }

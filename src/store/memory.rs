@@ -35,12 +35,12 @@ use dashmap::mapref::entry::Entry;
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
+use super::SessionStore;
 use super::error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
     RouterError, SessionError,
 };
 use super::report::{AuditReport, FenceSnapshot, FinishReport, RouterStatus};
-use super::SessionStore;
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 
@@ -217,12 +217,14 @@ impl<P> MemoryStore<P> {
             Entry::Occupied(occupied) => {
                 let mut slot = occupied.get().lock();
                 match slot.status {
-                    RouterStatus::Live(incarnation) => {
-                        Err(RegisterError::AlreadyRegistered { router, incarnation })
-                    }
-                    RouterStatus::Fenced(incarnation) => {
-                        Err(RegisterError::Deleting { router, incarnation })
-                    }
+                    RouterStatus::Live(incarnation) => Err(RegisterError::AlreadyRegistered {
+                        router,
+                        incarnation,
+                    }),
+                    RouterStatus::Fenced(incarnation) => Err(RegisterError::Deleting {
+                        router,
+                        incarnation,
+                    }),
                     RouterStatus::Deleted(_) => {
                         let incarnation = self.new_incarnation();
                         *slot = RouterSlot::live(incarnation);
@@ -240,7 +242,10 @@ impl<P> MemoryStore<P> {
     }
 
     fn router_status_now(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
-        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(RouterError::UnknownRouter(router))?;
         let status = entry.lock().status;
         Ok(status)
     }
@@ -248,7 +253,10 @@ impl<P> MemoryStore<P> {
     fn create_now(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
         let router = spec.router();
         let Some(entry) = self.routers.get(&router) else {
-            return Err(CreateError::new(CreateErrorKind::UnknownRouter(router), spec));
+            return Err(CreateError::new(
+                CreateErrorKind::UnknownRouter(router),
+                spec,
+            ));
         };
         let mut slot = entry.lock();
         if let Err(kind) = slot.admits(router, spec.incarnation()) {
@@ -312,13 +320,19 @@ impl<P> MemoryStore<P> {
     }
 
     fn sessions_now(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
-        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(RouterError::UnknownRouter(router))?;
         let slot = entry.lock();
         Ok(self.lookup(&slot.index))
     }
 
     fn count_now(&self, router: RouterId) -> Result<usize, RouterError> {
-        let entry = self.routers.get(&router).ok_or(RouterError::UnknownRouter(router))?;
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(RouterError::UnknownRouter(router))?;
         let count = entry.lock().index.len();
         Ok(count)
     }
@@ -329,7 +343,10 @@ impl<P> MemoryStore<P> {
     }
 
     fn fence_now(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
-        let entry = self.routers.get(&router).ok_or(FenceError::UnknownRouter(router))?;
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(FenceError::UnknownRouter(router))?;
         let mut slot = entry.lock();
         let (incarnation, newly_fenced) = match slot.status {
             RouterStatus::Live(incarnation) => {
@@ -338,7 +355,10 @@ impl<P> MemoryStore<P> {
             }
             RouterStatus::Fenced(incarnation) => (incarnation, false),
             RouterStatus::Deleted(incarnation) => {
-                return Err(FenceError::AlreadyDeleted { router, incarnation });
+                return Err(FenceError::AlreadyDeleted {
+                    router,
+                    incarnation,
+                });
             }
         };
         Ok(FenceSnapshot {
@@ -358,7 +378,10 @@ impl<P> MemoryStore<P> {
         // resources). The router is fenced, so its index can only shrink
         // between here and the removal below.
         let open = {
-            let entry = self.routers.get(&router).ok_or(FinishError::UnknownRouter(router))?;
+            let entry = self
+                .routers
+                .get(&router)
+                .ok_or(FinishError::UnknownRouter(router))?;
             let slot = entry.lock();
             check_finishable(router, incarnation, slot.status)?;
             self.lookup(&slot.index)
@@ -368,7 +391,10 @@ impl<P> MemoryStore<P> {
             .filter(|session| session.close(CloseReason::Reclaimed).won())
             .count();
         let removed = {
-            let entry = self.routers.get(&router).ok_or(FinishError::UnknownRouter(router))?;
+            let entry = self
+                .routers
+                .get(&router)
+                .ok_or(FinishError::UnknownRouter(router))?;
             let mut slot = entry.lock();
             check_finishable(router, incarnation, slot.status)?;
             slot.status = RouterStatus::Deleted(incarnation);
@@ -428,7 +454,10 @@ impl<P> MemoryStore<P> {
         // router's lock, where map and index agree exactly.
         let mut by_router: HashMap<RouterId, Vec<Session<P>>> = HashMap::new();
         for stored in self.sessions.iter() {
-            by_router.entry(stored.router()).or_default().push(stored.clone());
+            by_router
+                .entry(stored.router())
+                .or_default()
+                .push(stored.clone());
         }
         for (router, sessions) in by_router {
             let entry = self.routers.get(&router);
@@ -482,11 +511,15 @@ fn check_finishable(
     match status {
         RouterStatus::Fenced(current) if current == requested => Ok(()),
         RouterStatus::Deleted(current) if current == requested => {
-            Err(FinishError::AlreadyDeleted { router, incarnation: current })
+            Err(FinishError::AlreadyDeleted {
+                router,
+                incarnation: current,
+            })
         }
-        RouterStatus::Live(current) if current == requested => {
-            Err(FinishError::NotFenced { router, incarnation: current })
-        }
+        RouterStatus::Live(current) if current == requested => Err(FinishError::NotFenced {
+            router,
+            incarnation: current,
+        }),
         other => Err(FinishError::IncarnationMismatch {
             router,
             requested,
@@ -507,11 +540,15 @@ impl RouterSlot {
     fn admits(&self, router: RouterId, requested: Incarnation) -> Result<(), CreateErrorKind> {
         match self.status {
             RouterStatus::Live(live) if live == requested => Ok(()),
-            RouterStatus::Fenced(fenced) if fenced == requested => {
-                Err(CreateErrorKind::Fenced { router, incarnation: fenced })
-            }
+            RouterStatus::Fenced(fenced) if fenced == requested => Err(CreateErrorKind::Fenced {
+                router,
+                incarnation: fenced,
+            }),
             RouterStatus::Deleted(deleted) if deleted == requested => {
-                Err(CreateErrorKind::RouterDeleted { router, incarnation: deleted })
+                Err(CreateErrorKind::RouterDeleted {
+                    router,
+                    incarnation: deleted,
+                })
             }
             RouterStatus::Live(live) => Err(CreateErrorKind::StaleIncarnation {
                 router,
@@ -519,7 +556,11 @@ impl RouterSlot {
                 live: Some(live),
             }),
             RouterStatus::Fenced(_) | RouterStatus::Deleted(_) => {
-                Err(CreateErrorKind::StaleIncarnation { router, requested, live: None })
+                Err(CreateErrorKind::StaleIncarnation {
+                    router,
+                    requested,
+                    live: None,
+                })
             }
         }
     }
@@ -551,7 +592,11 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         Ok(self.get_now(id))
     }
 
-    async fn close(&self, id: SessionId, reason: CloseReason) -> Result<CloseOutcome, SessionError> {
+    async fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
         self.close_now(id, reason)
     }
 
@@ -614,7 +659,13 @@ mod tests {
     #[test]
     fn audit_finds_a_session_missing_from_the_index() {
         let (store, router, _) = store_with_sessions(3);
-        store.routers.get(&router).unwrap().lock().index.remove(&SessionId::new(1));
+        store
+            .routers
+            .get(&router)
+            .unwrap()
+            .lock()
+            .index
+            .remove(&SessionId::new(1));
         let report = store.audit_now();
         assert_eq!(report.missing_from_index, vec![SessionId::new(1)]);
         assert!(!report.is_consistent());
@@ -635,7 +686,8 @@ mod tests {
         store.finish_now(router, incarnation).unwrap();
         let zombie = NewSession::new(SessionId::new(7), router, incarnation).into_session();
         store.sessions.insert(zombie.id(), zombie);
-        let stray = NewSession::new(SessionId::new(8), RouterId::new(99), incarnation).into_session();
+        let stray =
+            NewSession::new(SessionId::new(8), RouterId::new(99), incarnation).into_session();
         store.sessions.insert(stray.id(), stray);
         let report = store.audit_now();
         assert_eq!(report.orphans, vec![SessionId::new(7), SessionId::new(8)]);
