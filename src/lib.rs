@@ -99,11 +99,16 @@
     attr(deny(warnings, rust_2018_idioms), allow(dead_code))
 ))]
 
+mod deleter;
 mod id;
 mod loom;
 mod session;
 mod store;
 
+pub use deleter::{
+    DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
+    RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
+};
 pub use id::{Incarnation, RouterId, SessionId};
 pub use session::{
     AttachError, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource, Session,

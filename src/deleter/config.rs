@@ -1,0 +1,184 @@
+//! Configuration of the deleter and the bound it implies.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use backon::ExponentialBuilder;
+use tokio::time::Duration;
+
+use super::RouterDeleter;
+use super::notifier::TerminationNotifier;
+use crate::store::SessionStore;
+
+/// The settings of a [`RouterDeleter`], with their defaults.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) batch_size: usize,
+    pub(crate) notify_rate: Option<NonZeroU32>,
+    pub(crate) notify_timeout: Duration,
+    pub(crate) confirm_timeout: Duration,
+    pub(crate) retries: u32,
+    pub(crate) retry_min_delay: Duration,
+    pub(crate) retry_max_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            notify_rate: None,
+            notify_timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(10),
+            retries: 3,
+            retry_min_delay: Duration::from_millis(500),
+            retry_max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// The re-notification backoff: exponential, factor 2, with jitter.
+    pub(crate) fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.retry_min_delay)
+            .with_max_delay(self.retry_max_delay)
+            .with_factor(2.0)
+            .with_max_times(self.retries as usize)
+            .with_jitter()
+    }
+
+    /// The longest a deletion of `sessions` sessions can wait on timers,
+    /// whatever the notifier does; see [`RouterDeleter::max_wait`].
+    pub(crate) fn max_wait(&self, sessions: usize) -> Duration {
+        let batches = u32::try_from(sessions.div_ceil(self.batch_size)).unwrap_or(u32::MAX);
+        let pacing = self.notify_rate.map_or(Duration::ZERO, |rate| {
+            Duration::from_secs_f64(sessions as f64 / f64::from(rate.get()))
+        });
+        let round = self
+            .notify_timeout
+            .saturating_mul(batches)
+            .saturating_add(pacing)
+            .saturating_add(self.confirm_timeout);
+        let mut total = round.saturating_mul(self.retries.saturating_add(1));
+        let mut delay = self.retry_min_delay;
+        for _ in 0..self.retries {
+            // Jitter adds up to one more delay.
+            total = total.saturating_add(delay.min(self.retry_max_delay).saturating_mul(2));
+            delay = delay.saturating_mul(2);
+        }
+        total
+    }
+}
+
+/// Builder of a [`RouterDeleter`].
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{MemoryStore, NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
+///
+/// struct Wire;
+/// impl TerminationNotifier for Wire {
+///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = std::sync::Arc::new(MemoryStore::new());
+/// let deleter = RouterDeleter::builder()
+///     .batch_size(500)
+///     .notify_rate(20_000)
+///     .confirm_timeout(Duration::from_secs(5))
+///     .retries(2)
+///     .build(store, Wire);
+/// assert!(deleter.max_wait(10_000) > Duration::from_secs(5));
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct RouterDeleterBuilder {
+    config: Config,
+}
+
+impl RouterDeleterBuilder {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sessions per notification call (default 1,000).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `size` is 0.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        assert!(size > 0, "batch size must be at least 1");
+        self.config.batch_size = size;
+        self
+    }
+
+    /// At most this many sessions notified per second, so deleting a huge
+    /// router does not flood the controller or the router (default: no
+    /// limit).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `sessions_per_second` is 0.
+    pub fn notify_rate(mut self, sessions_per_second: u32) -> Self {
+        let rate = NonZeroU32::new(sessions_per_second);
+        assert!(
+            rate.is_some(),
+            "notify rate must be at least 1 session per second"
+        );
+        self.config.notify_rate = rate;
+        self
+    }
+
+    /// How long one notification call may take before it counts as failed
+    /// (default 5 s).
+    pub fn notify_timeout(mut self, timeout: Duration) -> Self {
+        self.config.notify_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for confirmations after each notification round
+    /// (default 10 s).
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.config.confirm_timeout = timeout;
+        self
+    }
+
+    /// How many times to re-notify the sessions that did not confirm before
+    /// force-closing them (default 3).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.config.retries = retries;
+        self
+    }
+
+    /// The backoff between notification rounds: exponential from `min` to
+    /// `max`, factor 2, each delay plus a random jitter of up to itself
+    /// (defaults 500 ms and 10 s).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min` is greater than `max`.
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        assert!(
+            min <= max,
+            "minimum retry delay {min:?} exceeds the maximum {max:?}"
+        );
+        self.config.retry_min_delay = min;
+        self.config.retry_max_delay = max;
+        self
+    }
+
+    /// Builds the deleter over `store`, notifying through `notifier`.
+    ///
+    /// The deleter spawns its runs on the current tokio runtime when
+    /// [`RouterDeleter::delete`] is first polled.
+    pub fn build<S: SessionStore, N: TerminationNotifier>(
+        self,
+        store: Arc<S>,
+        notifier: N,
+    ) -> RouterDeleter<S, N> {
+        RouterDeleter::from_parts(store, notifier, self.config)
+    }
+}

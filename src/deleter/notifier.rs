@@ -1,0 +1,106 @@
+//! The controller's side of termination: telling routers to close sessions.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::id::{Incarnation, RouterId, SessionId};
+
+/// Tells a router (and through it, clients) to close sessions.
+///
+/// The controller implements it, typically by sending one message per call
+/// to the router. Calls are batched: one call carries up to the deleter's
+/// batch size of sessions, all of one router. The router's confirmations do
+/// not come back through this trait: the controller closes each confirmed
+/// session ([`SessionStore::close`](crate::SessionStore::close) or
+/// [`Session::close`](crate::Session::close)) when the confirmation arrives,
+/// and the deleter sees the sessions close.
+///
+/// The deleter protects itself from the notifier: a call that errors, hangs
+/// past [`RouterDeleterBuilder::notify_timeout`](crate::RouterDeleterBuilder::notify_timeout)
+/// or panics is counted as a failed attempt, and the sessions it carried are
+/// notified again on the next round, then force-closed.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{NotifyError, TerminationBatch, TerminationNotifier};
+///
+/// struct Wire; // your connection registry
+///
+/// impl TerminationNotifier for Wire {
+///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+///         // Send one "terminate these sessions" frame to batch.router here.
+///         let _ = (batch.router, batch.sessions.len());
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait TerminationNotifier: Send + Sync + 'static {
+    /// Asks the router to close the sessions of `batch`.
+    ///
+    /// `Ok` means the request was sent, not that any session closed.
+    fn notify(
+        &self,
+        batch: TerminationBatch,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send;
+}
+
+impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
+    fn notify(
+        &self,
+        batch: TerminationBatch,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        (**self).notify(batch)
+    }
+}
+
+/// One notification: sessions of one router to terminate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TerminationBatch {
+    /// The router being deleted.
+    pub router: RouterId,
+    /// Its incarnation being deleted.
+    pub incarnation: Incarnation,
+    /// The sessions to terminate.
+    pub sessions: Vec<SessionId>,
+    /// The notification round: 0 for the first notification, 1.. for
+    /// re-notifications of sessions that did not confirm.
+    pub round: u32,
+}
+
+/// A notification could not be sent.
+#[derive(Clone, thiserror::Error)]
+#[error("termination notice not sent: {0}")]
+pub struct NotifyError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl NotifyError {
+    /// Wraps the transport's error.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Arc::new(error))
+    }
+
+    /// An error with a message only.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self(Arc::new(Message(message.into())))
+    }
+}
+
+impl fmt::Debug for NotifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("NotifyError")
+            .field(&self.0.to_string())
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Message(String);
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}

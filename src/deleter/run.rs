@@ -1,0 +1,317 @@
+//! One deletion run: fence → mark → notify/wait rounds → force → finish.
+//!
+//! # Invariants
+//!
+//! - Every session of the snapshot is either already closed when marked, or
+//!   tracked by `Pending`; `Pending::open` counts the tracked sessions not
+//!   yet closed, and reaching zero wakes the run once.
+//! - Every timer wait is bounded by the configuration (`Config::max_wait`),
+//!   and every notifier call by `notify_timeout`; a notifier panic is caught.
+//! - The run closes every tracked session before it calls `finish`, and
+//!   awaits each close's completion, so when it returns all resources are
+//!   released and all waiters woken (I1).
+//!
+//! # Deadlock safety
+//!
+//! The run takes no lock of its own; `Pending` is atomics and a `Notify`.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use backon::Retryable;
+use futures::FutureExt;
+use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
+use tracing::Instrument;
+
+use super::config::Config;
+use super::notifier::{TerminationBatch, TerminationNotifier};
+use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
+use crate::id::{Incarnation, RouterId};
+use crate::session::{CloseReason, Session, Transition};
+use crate::store::{FenceError, FinishError, SessionStore};
+
+/// Runs the deletion of `router` to its end.
+pub(super) async fn delete_router<S, N>(
+    store: &S,
+    notifier: &N,
+    config: &Config,
+    router: RouterId,
+) -> Result<DeleteOutcome, DeleteError>
+where
+    S: SessionStore,
+    N: TerminationNotifier,
+{
+    let started = Instant::now();
+    let snapshot = match store.fence(router).await {
+        Ok(snapshot) => snapshot,
+        Err(FenceError::AlreadyDeleted { incarnation, .. }) => {
+            return Ok(DeleteOutcome::AlreadyDeleted {
+                router,
+                incarnation,
+            });
+        }
+        Err(error) => return Err(DeleteError::from_fence(router, error)),
+    };
+    let span = tracing::info_span!("delete_router", %router, incarnation = %snapshot.incarnation);
+    let mut report = DeletionReport {
+        router,
+        incarnation: snapshot.incarnation,
+        resumed: !snapshot.newly_fenced,
+        sessions: snapshot.sessions.len(),
+        confirmed: 0,
+        already_closed: 0,
+        forced: 0,
+        rounds: 0,
+        notify_attempts: 0,
+        notify_failures: 0,
+        durations: PhaseDurations::default(),
+    };
+    report.durations.fence = started.elapsed();
+    let run = Run {
+        notifier,
+        config,
+        router,
+        incarnation: snapshot.incarnation,
+        pending: Arc::new(Pending::default()),
+        tracked: Vec::with_capacity(snapshot.sessions.len()),
+        rounds: AtomicU32::new(0),
+        attempts: AtomicU32::new(0),
+        failures: AtomicU32::new(0),
+        notify_nanos: AtomicU64::new(0),
+    };
+    run.execute(store, snapshot.sessions, report, started)
+        .instrument(span)
+        .await
+}
+
+struct Run<'a, N, P> {
+    notifier: &'a N,
+    config: &'a Config,
+    router: RouterId,
+    incarnation: Incarnation,
+    pending: Arc<Pending>,
+    tracked: Vec<Session<P>>,
+    rounds: AtomicU32,
+    attempts: AtomicU32,
+    failures: AtomicU32,
+    notify_nanos: AtomicU64,
+}
+
+/// Not every session confirmed within a round.
+#[derive(Debug)]
+struct Unconfirmed(usize);
+
+impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
+    async fn execute<S: SessionStore<Payload = P>>(
+        mut self,
+        store: &S,
+        sessions: Vec<Session<P>>,
+        mut report: DeletionReport,
+        started: Instant,
+    ) -> Result<DeleteOutcome, DeleteError> {
+        tracing::info!(
+            sessions = report.sessions,
+            resumed = report.resumed,
+            "router fenced"
+        );
+        let phase = Instant::now();
+        report.already_closed = self.mark(sessions);
+        report.durations.mark = phase.elapsed();
+
+        let phase = Instant::now();
+        let config = self.config;
+        let this = &self;
+        let _ = (move || this.round())
+            .retry(config.backoff())
+            .sleep(tokio::time::sleep)
+            .notify(|Unconfirmed(open), delay| {
+                tracing::debug!(
+                    open,
+                    ?delay,
+                    "sessions unconfirmed; notifying again after backoff"
+                );
+            })
+            .await;
+        let notify = Duration::from_nanos(self.notify_nanos.load(Ordering::Relaxed));
+        report.durations.notify = notify;
+        report.durations.wait = phase.elapsed().saturating_sub(notify);
+        report.rounds = self.rounds.load(Ordering::Relaxed);
+        report.notify_attempts = self.attempts.load(Ordering::Relaxed);
+        report.notify_failures = self.failures.load(Ordering::Relaxed);
+
+        let phase = Instant::now();
+        report.forced = self.force_close().await;
+        report.durations.force = phase.elapsed();
+
+        let phase = Instant::now();
+        match store.finish(self.router, self.incarnation).await {
+            Ok(finished) => report.forced += finished.closed,
+            // Another controller finished the same incarnation: done.
+            Err(FinishError::AlreadyDeleted { .. }) => {}
+            Err(error) => return Err(DeleteError::from_finish(self.router, error)),
+        }
+        report.durations.finish = phase.elapsed();
+        report.confirmed = report
+            .sessions
+            .saturating_sub(report.already_closed + report.forced);
+        report.durations.total = started.elapsed();
+        tracing::info!(
+            confirmed = report.confirmed,
+            forced = report.forced,
+            already_closed = report.already_closed,
+            rounds = report.rounds,
+            "router deleted"
+        );
+        self.tracked.clear();
+        Ok(DeleteOutcome::Deleted(report))
+    }
+
+    /// Marks every open session `Terminating` and tracks it; returns how
+    /// many were already closed.
+    fn mark(&mut self, sessions: Vec<Session<P>>) -> usize {
+        let mut already_closed = 0;
+        for session in sessions {
+            match session.begin_terminating() {
+                // `Terminating` already: an earlier run marked it; resume.
+                Transition::Won
+                | Transition::Lost {
+                    current: crate::SessionState::Terminating,
+                } => {
+                    self.pending.track(&session);
+                    self.tracked.push(session);
+                }
+                Transition::Lost { .. } => already_closed += 1,
+            }
+        }
+        tracing::debug!(
+            tracked = self.tracked.len(),
+            already_closed,
+            "sessions marked terminating"
+        );
+        already_closed
+    }
+
+    /// One round: notify the sessions still open, then wait for them.
+    async fn round(&self) -> Result<(), Unconfirmed> {
+        let round = self.rounds.fetch_add(1, Ordering::Relaxed);
+        let open: Vec<_> = self
+            .tracked
+            .iter()
+            .filter(|session| !session.is_closed())
+            .map(Session::id)
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        self.notify(open, round).await;
+        let spent = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.notify_nanos.fetch_add(spent, Ordering::Relaxed);
+        let deadline = Instant::now() + self.config.confirm_timeout;
+        match self.pending.all_closed_by(deadline).await {
+            0 => Ok(()),
+            open => Err(Unconfirmed(open)),
+        }
+    }
+
+    /// Sends `open` in paced batches; each call is bounded and contained.
+    async fn notify(&self, open: Vec<crate::SessionId>, round: u32) {
+        let start = Instant::now();
+        let mut sent = 0usize;
+        for chunk in open.chunks(self.config.batch_size) {
+            if let Some(rate) = self.config.notify_rate {
+                let due = Duration::from_secs_f64(sent as f64 / f64::from(rate.get()));
+                tokio::time::sleep_until(start + due).await;
+            }
+            sent += chunk.len();
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            let batch = TerminationBatch {
+                router: self.router,
+                incarnation: self.incarnation,
+                sessions: chunk.to_vec(),
+                round,
+            };
+            let call = AssertUnwindSafe(self.notifier.notify(batch)).catch_unwind();
+            let failure = match tokio::time::timeout(self.config.notify_timeout, call).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(error))) => Some(error.to_string()),
+                Ok(Err(_panic)) => Some(String::from("the notifier panicked")),
+                Err(_elapsed) => Some(String::from("the notifier timed out")),
+            };
+            if let Some(failure) = failure {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(round, sessions = chunk.len(), %failure, "termination notice failed");
+            }
+        }
+    }
+
+    /// Force-closes what is still open and waits until every tracked close
+    /// has completed; returns how many this run forced.
+    async fn force_close(&self) -> usize {
+        let forced = self
+            .tracked
+            .iter()
+            .filter(|session| session.close(CloseReason::Forced).won())
+            .count();
+        if forced > 0 {
+            tracing::warn!(forced, "force-closed sessions that did not confirm in time");
+        }
+        // A close won by another caller may still be releasing resources;
+        // each wait is ready at once unless that close is in flight.
+        for session in &self.tracked {
+            session.closed().await;
+        }
+        forced
+    }
+}
+
+/// The tracked sessions still open, with one wake-up when none is left.
+#[derive(Debug, Default)]
+struct Pending {
+    open: AtomicUsize,
+    none_open: Notify,
+}
+
+impl Pending {
+    /// Counts `session` until it closes.
+    fn track<P>(self: &Arc<Self>, session: &Session<P>) {
+        // Count first, so the decrement of a close racing the attach can
+        // never go below zero.
+        self.open.fetch_add(1, Ordering::AcqRel);
+        let pending = Arc::clone(self);
+        if session
+            .attach(move |_: CloseReason| pending.closed_one())
+            .is_err()
+        {
+            self.closed_one(); // closed meanwhile
+        }
+    }
+
+    fn closed_one(&self) {
+        // AcqRel: the waiter's Acquire load of zero sees every close.
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.none_open.notify_waiters();
+        }
+    }
+
+    /// Waits until no tracked session is open, or `deadline`; returns how
+    /// many are still open.
+    async fn all_closed_by(&self, deadline: Instant) -> usize {
+        loop {
+            let notified = self.none_open.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a wake-up between the check and
+            // the await is not lost.
+            notified.as_mut().enable();
+            let open = self.open.load(Ordering::Acquire);
+            if open == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.open.load(Ordering::Acquire);
+            }
+        }
+    }
+}

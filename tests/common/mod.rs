@@ -1,0 +1,175 @@
+//! Shared test kit: a scripted notifier and a router full of observable
+//! sessions.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use session_lifecycle::{
+    CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterId, Session, SessionId,
+    SessionStore, TerminationBatch, TerminationNotifier,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Duration;
+
+/// What the scripted notifier does with one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Confirms every session of the batch, then returns `Ok`.
+    Ok,
+    /// Confirms the sessions with an even id, then returns `Ok`.
+    Partial,
+    /// Returns an error, confirming nothing.
+    Error,
+    /// Sleeps 300 ms, then confirms every session and returns `Ok`.
+    Slow,
+    /// Never returns.
+    Never,
+    /// Panics.
+    Panic,
+}
+
+pub const BEHAVIOURS: [Behaviour; 6] = [
+    Behaviour::Ok,
+    Behaviour::Partial,
+    Behaviour::Error,
+    Behaviour::Slow,
+    Behaviour::Never,
+    Behaviour::Panic,
+];
+
+/// A notifier that behaves as scripted on the first round and on retries,
+/// confirming through the store as a router's answers would.
+pub struct Scripted {
+    pub store: Arc<MemoryStore>,
+    pub first: Behaviour,
+    pub retries: Behaviour,
+    pub calls: AtomicU32,
+}
+
+impl Scripted {
+    pub fn new(store: Arc<MemoryStore>, first: Behaviour, retries: Behaviour) -> Self {
+        Self {
+            store,
+            first,
+            retries,
+            calls: AtomicU32::new(0),
+        }
+    }
+
+    async fn confirm(&self, ids: impl Iterator<Item = SessionId>) {
+        for id in ids {
+            let _ = self.store.close(id, CloseReason::RouterDeleted).await;
+        }
+    }
+}
+
+impl TerminationNotifier for Scripted {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let behaviour = if batch.round == 0 {
+            self.first
+        } else {
+            self.retries
+        };
+        match behaviour {
+            Behaviour::Ok => self.confirm(batch.sessions.into_iter()).await,
+            Behaviour::Partial => {
+                self.confirm(batch.sessions.into_iter().filter(|id| id.get() % 2 == 0))
+                    .await;
+            }
+            Behaviour::Error => return Err(NotifyError::msg("router unreachable")),
+            Behaviour::Slow => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                self.confirm(batch.sessions.into_iter()).await;
+            }
+            Behaviour::Never => std::future::pending::<()>().await,
+            Behaviour::Panic => panic!("scripted notifier panic"),
+        }
+        Ok(())
+    }
+}
+
+/// A router's sessions, each with a counting resource and a close waiter.
+pub struct Observed {
+    pub router: RouterId,
+    pub incarnation: Incarnation,
+    pub sessions: Vec<Session>,
+    pub releases: Vec<Arc<AtomicUsize>>,
+    pub waiters: Vec<JoinHandle<CloseReason>>,
+}
+
+pub async fn observed_router(
+    store: &MemoryStore,
+    router: RouterId,
+    first_id: u64,
+    n: u64,
+) -> Observed {
+    let incarnation = store.register_router(router).await.unwrap();
+    let mut observed = Observed {
+        router,
+        incarnation,
+        sessions: Vec::new(),
+        releases: Vec::new(),
+        waiters: Vec::new(),
+    };
+    for id in first_id..first_id + n {
+        let session = store
+            .create(NewSession::new(SessionId::new(id), router, incarnation))
+            .await
+            .unwrap();
+        let released = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&released);
+        session
+            .attach(move |_| {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        observed.waiters.push(tokio::spawn(session.closed_owned()));
+        observed.releases.push(released);
+        observed.sessions.push(session);
+    }
+    observed
+}
+
+impl Observed {
+    /// I1: nothing of the router in the store, every session closed, every
+    /// resource released exactly once, every waiter woken.
+    pub async fn assert_deleted(self, store: &MemoryStore) {
+        assert_eq!(
+            store.router_status(self.router).await.unwrap(),
+            session_lifecycle::RouterStatus::Deleted(self.incarnation)
+        );
+        assert_eq!(store.count(self.router).await.unwrap(), 0);
+        for session in &self.sessions {
+            assert!(session.is_closed(), "{session:?} is not closed");
+            assert!(
+                store.get(session.id()).await.unwrap().is_none(),
+                "{session:?} still stored"
+            );
+        }
+        for released in &self.releases {
+            assert_eq!(released.load(Ordering::SeqCst), 1, "resource released once");
+        }
+        for waiter in self.waiters {
+            let reason = tokio::time::timeout(Duration::from_secs(1), waiter)
+                .await
+                .expect("a close waiter did not wake")
+                .unwrap();
+            assert!(
+                matches!(
+                    reason,
+                    CloseReason::RouterDeleted | CloseReason::Forced | CloseReason::ClientClosed
+                ),
+                "{reason}"
+            );
+        }
+    }
+
+    pub fn count_reason(&self, reason: CloseReason) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| s.close_reason() == Some(reason))
+            .count()
+    }
+}

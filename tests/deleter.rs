@@ -1,0 +1,295 @@
+//! `RouterDeleter`: the run, its bound (paused time), joining, resuming,
+//! shutdown and errors.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::{Behaviour, Scripted, observed_router};
+use session_lifecycle::{
+    CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
+};
+use tokio::time::{Duration, Instant};
+
+const R: RouterId = RouterId::new(7);
+
+fn deleter(
+    store: &Arc<MemoryStore>,
+    first: Behaviour,
+    retries: Behaviour,
+) -> RouterDeleter<MemoryStore, Arc<Scripted>> {
+    RouterDeleter::builder()
+        .batch_size(10)
+        .notify_timeout(Duration::from_secs(1))
+        .confirm_timeout(Duration::from_secs(2))
+        .retries(2)
+        .retry_backoff(Duration::from_millis(500), Duration::from_secs(4))
+        .build(
+            Arc::clone(store),
+            Arc::new(Scripted::new(Arc::clone(store), first, retries)),
+        )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cooperative_router_confirms_everything() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 25).await;
+    let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
+    let outcome = deleter.delete(R).await.unwrap();
+    let report = outcome.report().unwrap().clone();
+    assert_eq!(
+        (
+            report.sessions,
+            report.confirmed,
+            report.forced,
+            report.already_closed
+        ),
+        (25, 25, 0, 0)
+    );
+    assert_eq!(
+        (
+            report.rounds,
+            report.notify_attempts,
+            report.notify_failures
+        ),
+        (1, 3, 0)
+    );
+    assert!(!report.resumed);
+    assert_eq!(observed.count_reason(CloseReason::RouterDeleted), 25);
+    assert_eq!(
+        report.durations.total,
+        Duration::ZERO,
+        "nothing waited on a timer"
+    );
+    observed.assert_deleted(&store).await;
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_that_never_answers_is_forced_within_the_bound() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 25).await;
+    let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
+    let start = Instant::now();
+    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    let elapsed = start.elapsed();
+    // 3 rounds × (3 batches × 1 s notify timeout + 2 s confirm timeout),
+    // plus two backoffs of 0.5–1 s and 1–2 s (jitter).
+    assert!(
+        elapsed >= Duration::from_millis(15_000 + 1_500),
+        "{elapsed:?}"
+    );
+    assert!(
+        elapsed <= Duration::from_millis(15_000 + 3_000),
+        "{elapsed:?}"
+    );
+    assert!(
+        elapsed <= deleter.max_wait(25),
+        "{elapsed:?} > {:?}",
+        deleter.max_wait(25)
+    );
+    assert_eq!((report.confirmed, report.forced), (0, 25));
+    assert_eq!(
+        (
+            report.rounds,
+            report.notify_attempts,
+            report.notify_failures
+        ),
+        (3, 9, 9)
+    );
+    assert_eq!(observed.count_reason(CloseReason::Forced), 25);
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_and_panics_are_contained_and_forced() {
+    for behaviour in [Behaviour::Error, Behaviour::Panic] {
+        let store = Arc::new(MemoryStore::new());
+        let observed = observed_router(&store, R, 0, 5).await;
+        let deleter = deleter(&store, behaviour, behaviour);
+        let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+        assert_eq!(
+            (report.forced, report.notify_failures),
+            (5, 3),
+            "{behaviour:?}"
+        );
+        observed.assert_deleted(&store).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stragglers_are_renotified_then_confirm() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 20).await;
+    let deleter = deleter(&store, Behaviour::Partial, Behaviour::Ok);
+    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    assert_eq!((report.confirmed, report.forced, report.rounds), (20, 0, 2));
+    // Round 1 carried only the 10 odd-numbered stragglers: one batch.
+    assert_eq!(report.notify_attempts, 2 + 1);
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn partial_confirmation_forces_the_rest() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 20).await;
+    let deleter = deleter(&store, Behaviour::Partial, Behaviour::Partial);
+    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    assert_eq!((report.confirmed, report.forced), (10, 10));
+    assert_eq!(observed.count_reason(CloseReason::Forced), 10);
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_closed_before_the_run_count_as_already_closed() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 6).await;
+    // Closed through the handle: still stored, already closed.
+    assert!(observed.sessions[0].close(CloseReason::ClientClosed).won());
+    assert!(observed.sessions[1].close(CloseReason::ClientClosed).won());
+    let report = deleter(&store, Behaviour::Ok, Behaviour::Ok)
+        .delete(R)
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            report.sessions,
+            report.already_closed,
+            report.confirmed,
+            report.forced
+        ),
+        (6, 2, 4, 0)
+    );
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_deletes_join_one_run() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 12).await;
+    let deleter = deleter(&store, Behaviour::Slow, Behaviour::Slow);
+    let callers: Vec<_> = (0..4).map(|_| tokio::spawn(deleter.delete(R))).collect();
+    let mut reports = Vec::new();
+    for caller in callers {
+        reports.push(caller.await.unwrap().unwrap());
+    }
+    assert!(
+        reports.windows(2).all(|pair| pair[0] == pair[1]),
+        "all joiners get the same report"
+    );
+    let report = reports[0].report().unwrap();
+    assert_eq!((report.confirmed, report.rounds), (12, 1));
+    // The notifier saw one run: 2 batches, once.
+    let notifier_calls = report.notify_attempts;
+    assert_eq!(notifier_calls, 2);
+    assert!(matches!(
+        deleter.delete(R).await.unwrap(),
+        DeleteOutcome::AlreadyDeleted { .. }
+    ));
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_caller_does_not_stop_the_run() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 15).await;
+    let deleter = deleter(&store, Behaviour::Never, Behaviour::Ok);
+    let dropped = tokio::time::timeout(Duration::from_millis(1_500), deleter.delete(R)).await;
+    assert!(dropped.is_err(), "the first round is still running");
+    assert_eq!(deleter.running(), 1);
+    deleter.shutdown().await;
+    assert_eq!(deleter.running(), 0);
+    assert_eq!(observed.count_reason(CloseReason::RouterDeleted), 15);
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_router_is_resumed() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 8).await;
+    // An earlier run fenced the router, marked some sessions and died.
+    let snapshot = store.fence(R).await.unwrap();
+    for session in &snapshot.sessions[..4] {
+        assert!(session.begin_terminating().won());
+    }
+    let report = deleter(&store, Behaviour::Ok, Behaviour::Ok)
+        .delete(R)
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
+    assert!(report.resumed);
+    assert_eq!((report.sessions, report.confirmed), (8, 8));
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_and_already_deleted_routers() {
+    let store = Arc::new(MemoryStore::new());
+    let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
+    assert!(
+        matches!(deleter.delete(RouterId::new(99)).await, Err(DeleteError::UnknownRouter(r)) if r == RouterId::new(99))
+    );
+    let observed = observed_router(&store, R, 0, 3).await;
+    assert!(matches!(
+        deleter.delete(R).await.unwrap(),
+        DeleteOutcome::Deleted(_)
+    ));
+    match deleter.delete(R).await.unwrap() {
+        DeleteOutcome::AlreadyDeleted {
+            router,
+            incarnation,
+        } => {
+            assert_eq!((router, incarnation), (R, observed.incarnation));
+        }
+        other => panic!("expected AlreadyDeleted, got {other:?}"),
+    }
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_refuses_new_deletions_and_waits_for_running_ones() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 4).await;
+    let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
+    let running = tokio::spawn(deleter.delete(R));
+    tokio::task::yield_now().await;
+    deleter.shutdown().await;
+    assert!(
+        running.is_finished(),
+        "shutdown returned before the run ended"
+    );
+    let report = running.await.unwrap().unwrap().report().unwrap().clone();
+    assert_eq!(report.forced, 4);
+    let _ = observed_router(&store, RouterId::new(8), 100, 1).await;
+    assert!(matches!(
+        deleter.delete(RouterId::new(8)).await,
+        Err(DeleteError::ShuttingDown)
+    ));
+    observed.assert_deleted(&store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn notifications_are_paced() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, R, 0, 1_000).await;
+    let notifier = Arc::new(Scripted::new(
+        Arc::clone(&store),
+        Behaviour::Ok,
+        Behaviour::Ok,
+    ));
+    let deleter = RouterDeleter::builder()
+        .batch_size(100)
+        .notify_rate(200)
+        .build(Arc::clone(&store), Arc::clone(&notifier));
+    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    // 10 batches of 100 at 200 sessions/s: the last leaves 4.5 s after the first.
+    assert_eq!(report.durations.notify, Duration::from_millis(4_500));
+    assert_eq!(notifier.calls.load(Ordering::SeqCst), 10);
+    observed.assert_deleted(&store).await;
+}
