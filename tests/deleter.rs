@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{Behaviour, Scripted, observed_router};
+use common::{Behaviour, HOUR, Scripted, observed_router, within};
 use session_lifecycle::{
     CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
 };
@@ -36,7 +36,7 @@ async fn a_cooperative_router_confirms_everything() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 25).await;
     let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
-    let outcome = deleter.delete(R).await.unwrap();
+    let outcome = within(HOUR, deleter.delete(R)).await.unwrap();
     let report = outcome.report().unwrap().clone();
     assert_eq!(
         (
@@ -72,7 +72,12 @@ async fn a_router_that_never_answers_is_forced_within_the_bound() {
     let observed = observed_router(&store, R, 0, 25).await;
     let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
     let start = Instant::now();
-    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    let report = within(HOUR, deleter.delete(R))
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
     let elapsed = start.elapsed();
     // 3 rounds × (3 batches × 1 s notify timeout + 2 s confirm timeout),
     // plus two backoffs of 0.5–1 s and 1–2 s (jitter).
@@ -108,7 +113,12 @@ async fn errors_and_panics_are_contained_and_forced() {
         let store = Arc::new(MemoryStore::new());
         let observed = observed_router(&store, R, 0, 5).await;
         let deleter = deleter(&store, behaviour, behaviour);
-        let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+        let report = within(HOUR, deleter.delete(R))
+            .await
+            .unwrap()
+            .report()
+            .unwrap()
+            .clone();
         assert_eq!(
             (report.forced, report.notify_failures),
             (5, 3),
@@ -123,7 +133,12 @@ async fn stragglers_are_renotified_then_confirm() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 20).await;
     let deleter = deleter(&store, Behaviour::Partial, Behaviour::Ok);
-    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    let report = within(HOUR, deleter.delete(R))
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
     assert_eq!((report.confirmed, report.forced, report.rounds), (20, 0, 2));
     // Round 1 carried only the 10 odd-numbered stragglers: one batch.
     assert_eq!(report.notify_attempts, 2 + 1);
@@ -135,7 +150,12 @@ async fn partial_confirmation_forces_the_rest() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 20).await;
     let deleter = deleter(&store, Behaviour::Partial, Behaviour::Partial);
-    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    let report = within(HOUR, deleter.delete(R))
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
     assert_eq!((report.confirmed, report.forced), (10, 10));
     assert_eq!(observed.count_reason(CloseReason::Forced), 10);
     observed.assert_deleted(&store).await;
@@ -148,13 +168,15 @@ async fn sessions_closed_before_the_run_count_as_already_closed() {
     // Closed through the handle: still stored, already closed.
     assert!(observed.sessions[0].close(CloseReason::ClientClosed).won());
     assert!(observed.sessions[1].close(CloseReason::ClientClosed).won());
-    let report = deleter(&store, Behaviour::Ok, Behaviour::Ok)
-        .delete(R)
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = within(
+        HOUR,
+        deleter(&store, Behaviour::Ok, Behaviour::Ok).delete(R),
+    )
+    .await
+    .unwrap()
+    .report()
+    .unwrap()
+    .clone();
     assert_eq!(
         (
             report.sessions,
@@ -187,7 +209,7 @@ async fn concurrent_deletes_join_one_run() {
     let notifier_calls = report.notify_attempts;
     assert_eq!(notifier_calls, 2);
     assert!(matches!(
-        deleter.delete(R).await.unwrap(),
+        within(HOUR, deleter.delete(R)).await.unwrap(),
         DeleteOutcome::AlreadyDeleted { .. }
     ));
     observed.assert_deleted(&store).await;
@@ -216,13 +238,15 @@ async fn a_fenced_router_is_resumed() {
     for session in &snapshot.sessions[..4] {
         assert!(session.begin_terminating().won());
     }
-    let report = deleter(&store, Behaviour::Ok, Behaviour::Ok)
-        .delete(R)
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = within(
+        HOUR,
+        deleter(&store, Behaviour::Ok, Behaviour::Ok).delete(R),
+    )
+    .await
+    .unwrap()
+    .report()
+    .unwrap()
+    .clone();
     assert!(report.resumed);
     assert_eq!((report.sessions, report.confirmed), (8, 8));
     observed.assert_deleted(&store).await;
@@ -233,14 +257,14 @@ async fn unknown_and_already_deleted_routers() {
     let store = Arc::new(MemoryStore::new());
     let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
     assert!(
-        matches!(deleter.delete(RouterId::new(99)).await, Err(DeleteError::UnknownRouter(r)) if r == RouterId::new(99))
+        matches!(within(HOUR, deleter.delete(RouterId::new(99))).await, Err(DeleteError::UnknownRouter(r)) if r == RouterId::new(99))
     );
     let observed = observed_router(&store, R, 0, 3).await;
     assert!(matches!(
-        deleter.delete(R).await.unwrap(),
+        within(HOUR, deleter.delete(R)).await.unwrap(),
         DeleteOutcome::Deleted(_)
     ));
-    match deleter.delete(R).await.unwrap() {
+    match within(HOUR, deleter.delete(R)).await.unwrap() {
         DeleteOutcome::AlreadyDeleted {
             router,
             incarnation,
@@ -268,7 +292,7 @@ async fn shutdown_refuses_new_deletions_and_waits_for_running_ones() {
     assert_eq!(report.forced, 4);
     let _ = observed_router(&store, RouterId::new(8), 100, 1).await;
     assert!(matches!(
-        deleter.delete(RouterId::new(8)).await,
+        within(HOUR, deleter.delete(RouterId::new(8))).await,
         Err(DeleteError::ShuttingDown)
     ));
     observed.assert_deleted(&store).await;
@@ -287,9 +311,74 @@ async fn notifications_are_paced() {
         .batch_size(100)
         .notify_rate(200)
         .build(Arc::clone(&store), Arc::clone(&notifier));
-    let report = deleter.delete(R).await.unwrap().report().unwrap().clone();
+    let report = within(HOUR, deleter.delete(R))
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
     // 10 batches of 100 at 200 sessions/s: the last leaves 4.5 s after the first.
     assert_eq!(report.durations.notify, Duration::from_millis(4_500));
     assert_eq!(notifier.calls.load(Ordering::SeqCst), 10);
     observed.assert_deleted(&store).await;
+}
+
+/// Confirms by closing each session from a plain OS thread, as a transport
+/// thread of the controller would.
+struct ThreadConfirm(Arc<MemoryStore>);
+
+impl session_lifecycle::TerminationNotifier for ThreadConfirm {
+    async fn notify(
+        &self,
+        batch: session_lifecycle::TerminationBatch,
+    ) -> Result<(), session_lifecycle::NotifyError> {
+        let store = Arc::clone(&self.0);
+        std::thread::spawn(move || {
+            for id in batch.sessions {
+                let _ = futures::executor::block_on(store.close(id, CloseReason::RouterDeleted));
+            }
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_returns_only_after_in_flight_releases_finish() {
+    let store = Arc::new(MemoryStore::new());
+    let incarnation = store.register_router(R).await.unwrap();
+    let session = store
+        .create(session_lifecycle::NewSession::new(
+            session_lifecycle::SessionId::new(1),
+            R,
+            incarnation,
+        ))
+        .await
+        .unwrap();
+    // A slow release: it blocks its (confirming) thread until a timer task
+    // opens the gate, well after the session counts as closed.
+    let (gate, wait) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&released);
+    session
+        .attach(move |_| {
+            let _ = wait.recv();
+            done.store(true, Ordering::SeqCst);
+        })
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = gate.send(());
+    });
+    let deleter = RouterDeleter::new(Arc::clone(&store), ThreadConfirm(Arc::clone(&store)));
+    let report = within(Duration::from_secs(60), deleter.delete(R))
+        .await
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
+    assert_eq!(report.confirmed, 1);
+    assert!(
+        released.load(Ordering::SeqCst),
+        "delete returned before the session's release finished"
+    );
 }

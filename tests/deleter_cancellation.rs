@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{BEHAVIOURS, Behaviour, Scripted, observed_router};
+use common::{BEHAVIOURS, Behaviour, HOUR, Scripted, observed_router, within};
 use session_lifecycle::{CloseReason, MemoryStore, RouterDeleter, RouterId};
 use tokio::time::{Duration, Instant};
 
@@ -50,9 +50,9 @@ async fn case(first: Behaviour, retries: Behaviour, drop_at: Option<Duration>, k
             let dropped = tokio::time::timeout(at, caller).await;
             dropped.ok()
         }
-        None => Some(caller.await),
+        None => Some(within(HOUR, caller).await),
     };
-    deleter.shutdown().await;
+    within(HOUR, deleter.shutdown()).await;
     let elapsed = start.elapsed();
     let label = format!("{first:?}/{retries:?}, drop at {drop_at:?}");
     assert!(

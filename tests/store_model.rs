@@ -1,22 +1,29 @@
-//! Model-based property test of `MemoryStore` (proptest-state-machine).
+//! Model-based property test of `MemoryStore` and `RouterDeleter`
+//! (proptest-state-machine).
 //!
 //! Random sequences of register / create / close / terminate / remove /
-//! fence / finish / re-register run against the store and against a simple
-//! reference model. After every step: the results match the model, every
-//! create after a fence failed (I2), no session moved backwards (I3), the
-//! index and the map agree (I7), and the counts match the model.
+//! fence / finish / delete / re-register run against the store and against
+//! a simple reference model. Deletions run on a paused current-thread
+//! runtime with a notifier that confirms only even session ids, so both
+//! confirmations and forced closes happen. After every step: the results
+//! match the model, every create after a fence failed (I2), no session moved
+//! backwards (I3), the index and the map agree (I7), the counts match the
+//! model, and no session of a deleted incarnation is open or stored (I1).
 //!
 //! `PROPTEST_CASES=5000 cargo test --test store_model` runs a bigger search.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use futures::FutureExt;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use session_lifecycle::{
-    CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation, MemoryStore, NewSession,
-    RegisterError, RouterId, RouterStatus, Session, SessionId, SessionState, SessionStore,
+    CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, FenceError, FinishError, Incarnation,
+    MemoryStore, NewSession, NotifyError, RegisterError, RouterDeleter, RouterId, RouterStatus,
+    Session, SessionId, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
 };
+use tokio::time::Duration;
 
 const ROUTERS: u64 = 3;
 const IDS: u64 = 12;
@@ -59,6 +66,7 @@ enum Step {
     Remove { id: u64 },
     Fence(u64),
     Finish { router: u64, stale: bool },
+    Delete(u64),
 }
 
 impl Model {
@@ -115,8 +123,9 @@ impl ReferenceStateMachine for Reference {
             1 => id.clone().prop_map(|id| Step::Terminate { id }),
             1 => id.prop_map(|id| Step::Remove { id }),
             2 => router.clone().prop_map(Step::Fence),
-            2 => (router, proptest::bool::weighted(0.2))
+            2 => (router.clone(), proptest::bool::weighted(0.2))
                 .prop_map(|(router, stale)| Step::Finish { router, stale }),
+            2 => router.prop_map(Step::Delete),
         ]
         .boxed()
     }
@@ -176,6 +185,22 @@ impl ReferenceStateMachine for Reference {
                     r.phase = Phase::Fenced;
                 }
             }
+            Step::Delete(router) => {
+                if m.routers
+                    .get(&router)
+                    .is_some_and(|r| r.phase != Phase::Deleted)
+                {
+                    m.routers.get_mut(&router).unwrap().phase = Phase::Deleted;
+                    for s in m
+                        .sessions
+                        .values_mut()
+                        .filter(|s| s.stored && s.router == router)
+                    {
+                        s.state = SessionState::Closed;
+                        s.stored = false;
+                    }
+                }
+            }
             Step::Finish { router, stale } => {
                 if !stale
                     && m.routers
@@ -198,8 +223,22 @@ impl ReferenceStateMachine for Reference {
     }
 }
 
+/// Confirms the sessions with an even id, as a router that lost the rest.
+struct EvenConfirm(Arc<MemoryStore>);
+
+impl TerminationNotifier for EvenConfirm {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        for id in batch.sessions.into_iter().filter(|id| id.get() % 2 == 0) {
+            let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+        }
+        Ok(())
+    }
+}
+
 struct Sut {
-    store: MemoryStore,
+    store: Arc<MemoryStore>,
+    runtime: tokio::runtime::Runtime,
+    deleter: RouterDeleter<MemoryStore, EvenConfirm>,
     /// The model as of the previous step: the expected outcomes come from it.
     before: Model,
     /// The latest handle per id, as in the model.
@@ -229,8 +268,21 @@ impl StateMachineTest for StoreTest {
     type Reference = Reference;
 
     fn init_test(_: &Model) -> Sut {
+        let store = Arc::new(MemoryStore::new());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let deleter = RouterDeleter::builder()
+            .batch_size(4)
+            .confirm_timeout(Duration::from_secs(1))
+            .retries(1)
+            .build(Arc::clone(&store), EvenConfirm(Arc::clone(&store)));
         Sut {
-            store: MemoryStore::new(),
+            store,
+            runtime,
+            deleter,
             before: empty_model(),
             handles: HashMap::new(),
             all: Vec::new(),
@@ -339,6 +391,53 @@ impl StateMachineTest for StoreTest {
                     }
                 }
             }
+            Step::Delete(router) => {
+                let started = sut.runtime.block_on(async { tokio::time::Instant::now() });
+                let result = sut
+                    .runtime
+                    .block_on(async {
+                        tokio::time::timeout(
+                            Duration::from_secs(3_600),
+                            sut.deleter.delete(RouterId::new(router)),
+                        )
+                        .await
+                    })
+                    .expect("delete finishes within its bound");
+                let waited = sut.runtime.block_on(async move { started.elapsed() });
+                match before.routers.get(&router).map(|r| r.phase) {
+                    None => assert!(matches!(result, Err(DeleteError::UnknownRouter(_)))),
+                    Some(Phase::Deleted) => {
+                        assert!(
+                            matches!(result, Ok(DeleteOutcome::AlreadyDeleted { .. })),
+                            "{result:?}"
+                        );
+                    }
+                    Some(phase) => {
+                        let outcome = result.unwrap();
+                        let report = outcome.report().unwrap();
+                        let stored = before.stored_of(router);
+                        let closed = |id: &&u64| before.sessions[*id].state == SessionState::Closed;
+                        let already = stored.iter().filter(closed).count();
+                        let forced = stored
+                            .iter()
+                            .filter(|id| !closed(id) && *id % 2 == 1)
+                            .count();
+                        assert_eq!(report.resumed, phase == Phase::Fenced);
+                        assert_eq!(
+                            (report.sessions, report.already_closed, report.forced),
+                            (stored.len(), already, forced)
+                        );
+                        assert_eq!(
+                            report.confirmed + report.already_closed + report.forced,
+                            report.sessions
+                        );
+                        assert!(
+                            waited <= sut.deleter.max_wait(stored.len()),
+                            "I4: {waited:?}"
+                        );
+                    }
+                }
+            }
             Step::Finish { router, stale } => {
                 let incarnation = Incarnation::new(before.incarnation(router, stale));
                 let result = now(store.finish(RouterId::new(router), incarnation));
@@ -421,6 +520,21 @@ impl StateMachineTest for StoreTest {
             .map(|(id, _)| *id)
             .collect();
         assert_eq!(lingering, expected);
+        // I1: no session of a deleted incarnation is open or stored.
+        for (handle, _, _) in &sut.all {
+            let status = now(store.router_status(handle.router())).unwrap();
+            if status == RouterStatus::Deleted(handle.incarnation()) {
+                assert!(
+                    handle.is_closed(),
+                    "I1: {handle:?} of a deleted router is open"
+                );
+                let stored = now(store.get(handle.id())).unwrap();
+                assert!(
+                    !stored.is_some_and(|s| Session::ptr_eq(&s, handle)),
+                    "I1: {handle:?} still stored"
+                );
+            }
+        }
         // Sessions replaced by a newer one of the same id are closed.
         let latest: Vec<&Session> = sut.handles.values().collect();
         for (handle, _, _) in &sut.all {

@@ -172,8 +172,8 @@ impl RouterDeleterBuilder {
 
     /// Builds the deleter over `store`, notifying through `notifier`.
     ///
-    /// The deleter spawns its runs on the current tokio runtime when
-    /// [`RouterDeleter::delete`] is first polled.
+    /// The deleter spawns each run on the tokio runtime that first polls
+    /// [`RouterDeleter::delete`].
     pub fn build<S: SessionStore, N: TerminationNotifier>(
         self,
         store: Arc<S>,

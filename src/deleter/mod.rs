@@ -195,15 +195,17 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: the run belongs to the deleter. Dropping this future
-    /// stops only the waiting; the deletion goes on and finishes.
+    /// Cancel-safe: the run starts when this future is first polled (on the
+    /// current tokio runtime) and from then on belongs to the deleter.
+    /// Dropping the future stops only the waiting; the deletion goes on and
+    /// finishes.
     pub fn delete(
         &self,
         router: RouterId,
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
-        let joined = self.join_or_start(router);
+        let this = self.clone();
         async move {
-            let mut result = joined?;
+            let mut result = this.join_or_start(router)?;
             match result.wait_for(Option::is_some).await {
                 Ok(outcome) => outcome
                     .clone()

@@ -173,3 +173,17 @@ impl Observed {
             .count()
     }
 }
+
+/// Awaits `future`, failing the test if it takes longer than `limit`:
+/// a broken run shows up as a failure, not as a hung test. Under paused
+/// time the limit costs nothing, the clock jumps to it.
+pub async fn within<F: std::future::Future>(limit: Duration, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("not finished within {limit:?}"),
+    }
+}
+
+/// A generous bound for a paused-time delete: far beyond any deadline +
+/// retry schedule used by the tests.
+pub const HOUR: Duration = Duration::from_secs(3_600);
