@@ -1,8 +1,9 @@
 //! The demo controller on the in-memory store.
 //!
 //! Registers routers, opens sessions on them from concurrent tasks, closes
-//! some as clients leave, deletes one router by hand (fence, close, finish),
-//! shows that creates on it are refused, audits the store and prints counts.
+//! some as clients leave, deletes three routers at once with a
+//! `RouterDeleter` (one of them dead, so its sessions are forced), shows that
+//! creates on them are refused, audits the store and prints counts.
 //! Exits non-zero if the audit finds anything.
 //!
 //! `cargo run --release --example controller`
@@ -11,7 +12,35 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+use session_lifecycle::{
+    CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
+    SessionStore, TerminationBatch, TerminationNotifier,
+};
+use tokio::time::Duration;
+
+/// Stands in for the routers: a live router confirms each notified session
+/// a moment later (the confirmation closes the session in the store); the
+/// dead one never answers.
+struct Routers {
+    store: Arc<MemoryStore>,
+    dead: RouterId,
+}
+
+impl TerminationNotifier for Routers {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        if batch.router == self.dead {
+            return Err(NotifyError::msg(format!("{} is unreachable", batch.router)));
+        }
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for id in batch.sessions {
+                let _ = store.close(id, CloseReason::RouterDeleted).await;
+            }
+        });
+        Ok(())
+    }
+}
 
 const ROUTERS: u64 = 10;
 const SESSIONS_PER_ROUTER: u64 = 10_000;
@@ -61,39 +90,54 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     println!("closed by clients:       {client_closed}");
     println!("sessions in the store:   {}", store.len());
 
-    // Delete router 0: fence, ask its sessions to terminate, close them as
-    // the router confirms, then finish.
-    let router = RouterId::new(0);
-    let snapshot = store.fence(router).await?;
-    let fenced = snapshot.sessions.len();
-    for session in &snapshot.sessions {
-        let _ = session.begin_terminating();
+    // Delete routers 0, 1 and 2 at once. Routers 0 and 1 answer the
+    // termination notices; router 2 is dead and never answers, so its
+    // sessions are forced after the deadline and one retry.
+    let deleter = RouterDeleter::builder()
+        .batch_size(1_000)
+        .confirm_timeout(Duration::from_millis(200))
+        .retries(1)
+        .retry_backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build(
+            Arc::clone(&store),
+            Routers {
+                store: Arc::clone(&store),
+                dead: RouterId::new(2),
+            },
+        );
+    let deletions: Vec<_> = (0..3)
+        .map(|r| tokio::spawn(deleter.delete(RouterId::new(r))))
+        .collect();
+    let mut deleted_sessions = 0;
+    let mut refused = true;
+    for (r, deletion) in deletions.into_iter().enumerate() {
+        let router = RouterId::new(r as u64);
+        let outcome = deletion.await??;
+        let Some(report) = outcome.report() else {
+            return Err(format!("{router} was already deleted").into());
+        };
+        deleted_sessions += report.sessions;
+        println!(
+            "{router} deleted:        {} sessions: {} confirmed, {} forced, {} rounds, {:?}",
+            report.sessions, report.confirmed, report.forced, report.rounds, report.durations.total
+        );
+        refused &= store
+            .create(NewSession::new(
+                SessionId::new(u64::MAX),
+                router,
+                incarnations[r],
+            ))
+            .await
+            .is_err();
     }
-    for session in &snapshot.sessions {
-        let _ = store
-            .close(session.id(), CloseReason::RouterDeleted)
-            .await?;
-    }
-    let finish = store.finish(router, snapshot.incarnation).await?;
-    let refused = store
-        .create(NewSession::new(
-            SessionId::new(u64::MAX),
-            router,
-            snapshot.incarnation,
-        ))
-        .await
-        .is_err();
+    deleter.shutdown().await;
     println!(
-        "router-0 deleted:        {fenced} sessions closed, {} left for finish",
-        finish.closed
-    );
-    println!(
-        "create on router-0:      {}",
+        "creates on deleted:      {}",
         if refused { "refused" } else { "ACCEPTED" }
     );
 
     let audit = store.audit().await?;
-    let expected_released = client_closed as usize + fenced;
+    let expected_released = client_closed as usize + deleted_sessions;
     println!(
         "resources released:      {} (expected {expected_released})",
         released.load(Ordering::Relaxed)

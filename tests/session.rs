@@ -232,23 +232,20 @@ async fn owned_waiters_resolve_across_tasks() {
 
 #[test]
 fn resources_are_released_once_in_reverse_order() {
-    let s = session();
-    let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    for i in 0..3 {
-        let log = Arc::clone(&log);
-        s.attach(move |reason| log.lock().push((i, reason)))
-            .unwrap();
+    // 0, 1, 2 and 3 resources: the inline first one and the spilled rest.
+    for n in 0..=3 {
+        let s = session();
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        for i in 0..n {
+            let log = Arc::clone(&log);
+            s.attach(move |reason| log.lock().push((i, reason)))
+                .unwrap();
+        }
+        assert!(s.close(CloseReason::Forced).won());
+        let _ = s.close(CloseReason::ClientClosed);
+        let expected: Vec<_> = (0..n).rev().map(|i| (i, CloseReason::Forced)).collect();
+        assert_eq!(*log.lock(), expected, "{n} resources");
     }
-    assert!(s.close(CloseReason::Forced).won());
-    let _ = s.close(CloseReason::ClientClosed);
-    assert_eq!(
-        *log.lock(),
-        vec![
-            (2, CloseReason::Forced),
-            (1, CloseReason::Forced),
-            (0, CloseReason::Forced)
-        ]
-    );
 }
 
 #[test]

@@ -76,6 +76,7 @@ where
         incarnation: snapshot.incarnation,
         pending: Arc::new(Pending::default()),
         tracked: Vec::with_capacity(snapshot.sessions.len()),
+        first_round: Vec::with_capacity(snapshot.sessions.len()),
         rounds: AtomicU32::new(0),
         attempts: AtomicU32::new(0),
         failures: AtomicU32::new(0),
@@ -93,6 +94,9 @@ struct Run<'a, N, P> {
     incarnation: Incarnation,
     pending: Arc<Pending>,
     tracked: Vec<Session<P>>,
+    /// Ids of `tracked`, collected while marking: the first round sends
+    /// them without another pass over the sessions.
+    first_round: Vec<crate::SessionId>,
     rounds: AtomicU32,
     attempts: AtomicU32,
     failures: AtomicU32,
@@ -170,7 +174,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
 
     /// Marks every open session `Terminating` and tracks it; returns how
     /// many were already closed.
-    fn mark(&mut self, sessions: Vec<Session<P>>) -> usize {
+    fn mark(&mut self, mut sessions: Vec<Session<P>>) -> usize {
+        // Every later pass (notify, confirm, force) follows this order.
+        sessions.sort_unstable_by_key(Session::address);
         let mut already_closed = 0;
         for session in sessions {
             match session.begin_terminating() {
@@ -180,6 +186,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                     current: crate::SessionState::Terminating,
                 } => {
                     self.pending.track(&session);
+                    self.first_round.push(session.id());
                     self.tracked.push(session);
                 }
                 Transition::Lost { .. } => already_closed += 1,
@@ -196,12 +203,18 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// One round: notify the sessions still open, then wait for them.
     async fn round(&self) -> Result<(), Unconfirmed> {
         let round = self.rounds.fetch_add(1, Ordering::Relaxed);
-        let open: Vec<_> = self
-            .tracked
-            .iter()
-            .filter(|session| !session.is_closed())
-            .map(Session::id)
-            .collect();
+        let later;
+        let open: &[crate::SessionId] = if round == 0 {
+            &self.first_round
+        } else {
+            later = self
+                .tracked
+                .iter()
+                .filter(|session| !session.is_closed())
+                .map(Session::id)
+                .collect::<Vec<_>>();
+            &later
+        };
         if open.is_empty() {
             return Ok(());
         }
@@ -217,7 +230,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 
     /// Sends `open` in paced batches; each call is bounded and contained.
-    async fn notify(&self, open: Vec<crate::SessionId>, round: u32) {
+    async fn notify(&self, open: &[crate::SessionId], round: u32) {
         let start = Instant::now();
         let mut sent = 0usize;
         for chunk in open.chunks(self.config.batch_size) {
@@ -250,17 +263,21 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// Force-closes what is still open and waits until every tracked close
     /// has completed; returns how many this run forced.
     async fn force_close(&self) -> usize {
-        let forced = self
-            .tracked
-            .iter()
-            .filter(|session| session.close(CloseReason::Forced).won())
-            .count();
+        let mut forced = 0;
+        let mut in_flight = Vec::new();
+        for session in &self.tracked {
+            // A close this run wins completes before `close` returns; one
+            // won by another caller may still be releasing resources.
+            if session.close(CloseReason::Forced).won() {
+                forced += 1;
+            } else if !session.is_close_complete() {
+                in_flight.push(session);
+            }
+        }
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
-        // A close won by another caller may still be releasing resources;
-        // each wait is ready at once unless that close is in flight.
-        for session in &self.tracked {
+        for session in in_flight {
             session.closed().await;
         }
         forced

@@ -66,3 +66,36 @@ impl<R> fmt::Debug for AttachError<R> {
         f.debug_tuple("AttachError").finish_non_exhaustive()
     }
 }
+
+/// The resources of one session: most sessions hold none or one, so the
+/// first is kept inline and a vector is allocated only for a second.
+#[derive(Default)]
+pub(super) enum Resources {
+    #[default]
+    None,
+    One(Box<dyn Resource>),
+    Many(Vec<Box<dyn Resource>>),
+}
+
+impl Resources {
+    pub(super) fn push(&mut self, resource: Box<dyn Resource>) {
+        *self = match std::mem::take(self) {
+            Resources::None => Resources::One(resource),
+            Resources::One(first) => Resources::Many(vec![first, resource]),
+            Resources::Many(mut all) => {
+                all.push(resource);
+                Resources::Many(all)
+            }
+        };
+    }
+
+    /// The resources, last attached first: the order they are released in.
+    pub(super) fn into_release_order(self) -> impl Iterator<Item = Box<dyn Resource>> {
+        let (one, many) = match self {
+            Resources::None => (None, Vec::new()),
+            Resources::One(first) => (Some(first), Vec::new()),
+            Resources::Many(all) => (None, all),
+        };
+        one.into_iter().chain(many.into_iter().rev())
+    }
+}

@@ -26,7 +26,7 @@
 //! audit copies the handles out first. No guard lives across an `.await`;
 //! the async trait methods only wrap the synchronous ones.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -78,7 +78,7 @@ const DEFAULT_TOMBSTONES: usize = 65_536;
 /// ```
 pub struct MemoryStore<P = ()> {
     sessions: DashMap<SessionId, Session<P>, RandomState>,
-    routers: DashMap<RouterId, RouterEntry, RandomState>,
+    routers: DashMap<RouterId, RouterEntry<P>, RandomState>,
     next_incarnation: AtomicU64,
     tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
     tombstone_capacity: usize,
@@ -86,12 +86,16 @@ pub struct MemoryStore<P = ()> {
 
 /// A router's entry: everything "check the fence + add to the index" reads
 /// and writes, under one lock.
-type RouterEntry = Mutex<RouterSlot>;
+type RouterEntry<P> = Mutex<RouterSlot<P>>;
 
-struct RouterSlot {
+struct RouterSlot<P> {
     status: RouterStatus,
-    index: HashSet<SessionId, RandomState>,
+    /// The router's sessions, as handles: listing or fencing a router reads
+    /// only this, never the session map.
+    index: SessionIndex<P>,
 }
+
+type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 
 /// Builder of a [`MemoryStore`].
 #[derive(Debug, Clone)]
@@ -269,7 +273,7 @@ impl<P> MemoryStore<P> {
             }
             Entry::Vacant(vacant) => {
                 let session = spec.into_session();
-                slot.index.insert(session.id());
+                slot.index.insert(session.id(), session.clone());
                 vacant.insert(session.clone());
                 Ok(session)
             }
@@ -325,7 +329,7 @@ impl<P> MemoryStore<P> {
             .get(&router)
             .ok_or(RouterError::UnknownRouter(router))?;
         let slot = entry.lock();
-        Ok(self.lookup(&slot.index))
+        Ok(handles(&slot.index))
     }
 
     fn count_now(&self, router: RouterId) -> Result<usize, RouterError> {
@@ -335,11 +339,6 @@ impl<P> MemoryStore<P> {
             .ok_or(RouterError::UnknownRouter(router))?;
         let count = entry.lock().index.len();
         Ok(count)
-    }
-
-    /// Handles of the indexed sessions; call with the router's lock held.
-    fn lookup(&self, index: &HashSet<SessionId, RandomState>) -> Vec<Session<P>> {
-        index.iter().filter_map(|id| self.get_now(*id)).collect()
     }
 
     fn fence_now(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
@@ -365,7 +364,7 @@ impl<P> MemoryStore<P> {
             router,
             incarnation,
             newly_fenced,
-            sessions: self.lookup(&slot.index),
+            sessions: handles(&slot.index),
         })
     }
 
@@ -384,7 +383,7 @@ impl<P> MemoryStore<P> {
                 .ok_or(FinishError::UnknownRouter(router))?;
             let slot = entry.lock();
             check_finishable(router, incarnation, slot.status)?;
-            self.lookup(&slot.index)
+            handles(&slot.index)
         };
         let closed = open
             .iter()
@@ -399,8 +398,9 @@ impl<P> MemoryStore<P> {
             check_finishable(router, incarnation, slot.status)?;
             slot.status = RouterStatus::Deleted(incarnation);
             let index = std::mem::take(&mut slot.index);
-            for id in &index {
-                self.sessions.remove(id);
+            for (id, indexed) in &index {
+                self.sessions
+                    .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed));
             }
             index.len()
         };
@@ -438,14 +438,11 @@ impl<P> MemoryStore<P> {
         for entry in self.routers.iter() {
             let router = *entry.key();
             let slot = entry.value().lock();
-            for id in &slot.index {
-                match self.get_now(*id) {
-                    Some(session) if session.router() == router => {
-                        if !slot.status_holds(session.incarnation()) {
-                            report.orphans.push(*id);
-                        }
-                    }
-                    _ => report.missing_from_map.push((router, *id)),
+            for (id, indexed) in &slot.index {
+                if !self.holds(indexed) {
+                    report.missing_from_map.push((router, *id));
+                } else if indexed.router() != router || !slot.status_holds(indexed.incarnation()) {
+                    report.orphans.push(*id);
                 }
             }
         }
@@ -472,7 +469,8 @@ impl<P> MemoryStore<P> {
                 match &slot {
                     None => report.orphans.push(session.id()),
                     Some(slot) => {
-                        if !slot.index.contains(&session.id()) {
+                        let indexed = slot.index.get(&session.id());
+                        if !indexed.is_some_and(|indexed| Session::ptr_eq(indexed, &session)) {
                             report.missing_from_index.push(session.id());
                         }
                         if !slot.status_holds(session.incarnation()) {
@@ -495,10 +493,15 @@ impl<P> MemoryStore<P> {
     }
 }
 
+/// Handles of the indexed sessions; call with the router's lock held.
+fn handles<P>(index: &SessionIndex<P>) -> Vec<Session<P>> {
+    index.values().cloned().collect()
+}
+
 /// Gives back an index's memory once it is mostly empty; halving at a
 /// quarter full keeps the cost amortised O(1) per removal.
-fn shrink_if_sparse(index: &mut HashSet<SessionId, RandomState>) {
-    if index.capacity() > 64 && index.len() * 4 < index.capacity() {
+fn shrink_if_sparse<P>(index: &mut SessionIndex<P>) {
+    if index.capacity() > 16 && index.len() * 4 < index.capacity() {
         index.shrink_to(index.len() * 2);
     }
 }
@@ -528,11 +531,11 @@ fn check_finishable(
     }
 }
 
-impl RouterSlot {
+impl<P> RouterSlot<P> {
     fn live(incarnation: Incarnation) -> Self {
         Self {
             status: RouterStatus::Live(incarnation),
-            index: HashSet::default(),
+            index: HashMap::default(),
         }
     }
 

@@ -1,0 +1,343 @@
+//! Deleting a router: `RouterDeleter` next to two baselines written here.
+//!
+//! Every variant deletes one router whose sessions are confirmed at once by
+//! an in-process notifier (it closes each notified session through the
+//! store, as a router's answer would), and is timed until every session of
+//! the router is closed and gone from the store.
+//!
+//! - `router_deleter`: [`RouterDeleter::delete`] on a [`MemoryStore`].
+//! - `baseline_scan_spawn`: the original design. One `Mutex<HashMap>` of all
+//!   sessions, scanned in full for the router's sessions, and one
+//!   fire-and-forget task spawned per session to notify, close and remove
+//!   it. The original returns before that work is done; here the clock
+//!   stops when the last task has finished, so both sides do the same work.
+//! - `baseline_sequential`: the write-up's loop on the same `MemoryStore`:
+//!   list the router's sessions, mark them all terminating, notify them (in
+//!   the same batches as the deleter), then await each session's close in
+//!   turn.
+//!
+//! Groups: `delete/{1k,10k,100k}` (the router alone in the store) and
+//! `delete_among_1m/1k` (the same 1k-session router in a store that also
+//! holds 1M sessions of 1,000 other routers).
+//!
+//! `cargo bench --bench delete_router`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use parking_lot::Mutex;
+use session_lifecycle::{
+    CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
+    Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+};
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+const BATCH: usize = 1_000;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Confirms every notified session at once, through the store.
+struct ConfirmAtOnce(Arc<MemoryStore>);
+
+impl TerminationNotifier for ConfirmAtOnce {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        for id in batch.sessions {
+            let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+        }
+        Ok(())
+    }
+}
+
+/// Hands out ids so that no two iterations share a router or a session.
+#[derive(Default)]
+struct Ids {
+    routers: AtomicU64,
+    sessions: AtomicU64,
+}
+
+impl Ids {
+    fn router(&self) -> RouterId {
+        RouterId::new(1 << 32 | self.routers.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn sessions(&self, n: u64) -> u64 {
+        (1 << 40) + self.sessions.fetch_add(n, Ordering::Relaxed)
+    }
+}
+
+/// Registers a fresh router with `n` sessions in `store`.
+async fn fill(store: &MemoryStore, ids: &Ids, n: u64) -> RouterId {
+    let router = ids.router();
+    let incarnation = store.register_router(router).await.expect("fresh router");
+    let first = ids.sessions(n);
+    for i in 0..n {
+        let spec = NewSession::new(SessionId::new(first + i), router, incarnation);
+        drop(store.create(spec).await.expect("live router"));
+    }
+    router
+}
+
+/// 1M sessions on 1,000 routers that are never deleted.
+async fn crowd(store: &MemoryStore) {
+    for r in 0..1_000u64 {
+        let router = RouterId::new(r);
+        let incarnation = store.register_router(router).await.expect("fresh router");
+        for i in 0..1_000 {
+            let spec = NewSession::new(SessionId::new(r * 1_000 + i), router, incarnation);
+            drop(store.create(spec).await.expect("live router"));
+        }
+    }
+}
+
+fn deleter(store: &Arc<MemoryStore>) -> RouterDeleter<MemoryStore, ConfirmAtOnce> {
+    RouterDeleter::builder()
+        .batch_size(BATCH)
+        .build(Arc::clone(store), ConfirmAtOnce(Arc::clone(store)))
+}
+
+/// Times `iters` deletions of fresh `n`-session routers in `store`.
+fn time_deleter(rt: &Runtime, store: &Arc<MemoryStore>, ids: &Ids, n: u64, iters: u64) -> Duration {
+    let deleter = deleter(store);
+    rt.block_on(async {
+        let mut spent = Duration::ZERO;
+        for _ in 0..iters {
+            let router = fill(store, ids, n).await;
+            let start = Instant::now();
+            let outcome = deleter.delete(router).await.expect("router deleted");
+            spent += start.elapsed();
+            let report = outcome.report().expect("a fresh router is deleted");
+            assert_eq!(report.confirmed as u64, n, "{report:?}");
+            black_box(report);
+        }
+        spent
+    })
+}
+
+/// Times `iters` runs of the write-up's sequential loop.
+fn time_sequential(
+    rt: &Runtime,
+    store: &Arc<MemoryStore>,
+    ids: &Ids,
+    n: u64,
+    iters: u64,
+) -> Duration {
+    let notifier = Arc::new(ConfirmAtOnce(Arc::clone(store)));
+    rt.block_on(async {
+        let mut spent = Duration::ZERO;
+        for _ in 0..iters {
+            let router = fill(store, ids, n).await;
+            let start = Instant::now();
+            let (store2, notifier2) = (Arc::clone(store), Arc::clone(&notifier));
+            tokio::spawn(async move { sequential(&store2, &notifier2, router).await })
+                .await
+                .expect("sequential loop");
+            spent += start.elapsed();
+            assert_eq!(store.count(router).await.expect("known router"), 0);
+        }
+        spent
+    })
+}
+
+/// The write-up's `DeleteRouter`: mark all, then wait for each in turn.
+async fn sequential(store: &MemoryStore, notifier: &ConfirmAtOnce, router: RouterId) {
+    let sessions = store.sessions(router).await.expect("known router");
+    for session in &sessions {
+        let _ = session.begin_terminating();
+    }
+    let incarnation = sessions
+        .first()
+        .map_or(Incarnation::new(0), Session::incarnation);
+    for chunk in sessions.chunks(BATCH) {
+        let batch = TerminationBatch {
+            router,
+            incarnation,
+            sessions: chunk.iter().map(Session::id).collect(),
+            round: 0,
+        };
+        let _ = notifier.notify(batch).await;
+    }
+    for session in &sessions {
+        session.closed().await;
+    }
+}
+
+/// The original design's store: every session in one locked map.
+#[derive(Default)]
+struct ScanStore {
+    sessions: Mutex<HashMap<SessionId, Session>>,
+}
+
+impl ScanStore {
+    fn fill(&self, ids: &Ids, n: u64) -> RouterId {
+        let router = ids.router();
+        let first = ids.sessions(n);
+        let mut sessions = self.sessions.lock();
+        for i in 0..n {
+            let id = SessionId::new(first + i);
+            let session = NewSession::new(id, router, Incarnation::new(1)).into_session();
+            sessions.insert(id, session);
+        }
+        router
+    }
+
+    fn crowd(&self) {
+        let mut sessions = self.sessions.lock();
+        for r in 0..1_000u64 {
+            for i in 0..1_000 {
+                let id = SessionId::new(r * 1_000 + i);
+                let session = NewSession::new(id, RouterId::new(r), Incarnation::new(1));
+                sessions.insert(id, session.into_session());
+            }
+        }
+    }
+
+    /// Closes and removes one session: what the router's answer does.
+    fn confirm(&self, id: SessionId) {
+        let session = self.sessions.lock().remove(&id);
+        if let Some(session) = session {
+            let _ = session.close(CloseReason::RouterDeleted);
+        }
+    }
+}
+
+/// The original `DeleteRouter`: scan everything, spawn cleanup per session.
+fn scan_and_spawn(store: &Arc<ScanStore>, router: RouterId, done: &Arc<Countdown>) {
+    let victims: Vec<SessionId> = store
+        .sessions
+        .lock()
+        .values()
+        .filter(|session| session.router() == router)
+        .map(Session::id)
+        .collect();
+    done.add(victims.len());
+    for id in victims {
+        let (store, done) = (Arc::clone(store), Arc::clone(done));
+        tokio::spawn(async move {
+            store.confirm(id);
+            done.one();
+        });
+    }
+}
+
+/// Lets the bench see when fire-and-forget work has finished.
+#[derive(Default)]
+struct Countdown {
+    left: AtomicUsize,
+    zero: Notify,
+}
+
+impl Countdown {
+    fn add(&self, n: usize) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn one(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.zero.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let zero = self.zero.notified();
+            if self.left.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            zero.await;
+        }
+    }
+}
+
+fn time_scan_spawn(
+    rt: &Runtime,
+    store: &Arc<ScanStore>,
+    ids: &Ids,
+    n: u64,
+    iters: u64,
+) -> Duration {
+    rt.block_on(async {
+        let mut spent = Duration::ZERO;
+        for _ in 0..iters {
+            let router = store.fill(ids, n);
+            let done = Arc::new(Countdown::default());
+            let start = Instant::now();
+            scan_and_spawn(store, router, &done);
+            done.wait().await;
+            spent += start.elapsed();
+        }
+        spent
+    })
+}
+
+fn delete(c: &mut Criterion) {
+    let rt = runtime();
+    let ids = Ids::default();
+    let mut group = c.benchmark_group("delete");
+    group.sample_size(10);
+    for (label, n) in [("1k", 1_000u64), ("10k", 10_000), ("100k", 100_000)] {
+        group.throughput(Throughput::Elements(n));
+        let store = Arc::new(MemoryStore::new());
+        group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
+            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, n, iters));
+        });
+        group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
+            b.iter_custom(|iters| time_sequential(&rt, &store, &ids, n, iters));
+        });
+        let scan = Arc::new(ScanStore::default());
+        group.bench_function(BenchmarkId::new("baseline_scan_spawn", label), |b| {
+            b.iter_custom(|iters| time_scan_spawn(&rt, &scan, &ids, n, iters));
+        });
+    }
+    group.finish();
+}
+
+fn delete_among_1m(c: &mut Criterion, quick: bool) {
+    let rt = runtime();
+    let ids = Ids::default();
+    let mut group = c.benchmark_group("delete_among_1m");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(1_000));
+    let store = Arc::new(MemoryStore::new());
+    let scan = Arc::new(ScanStore::default());
+    if !quick {
+        rt.block_on(crowd(&store));
+        scan.crowd();
+    }
+    group.bench_function(BenchmarkId::new("router_deleter", "1k"), |b| {
+        b.iter_custom(|iters| time_deleter(&rt, &store, &ids, 1_000, iters));
+    });
+    group.bench_function(BenchmarkId::new("baseline_sequential", "1k"), |b| {
+        b.iter_custom(|iters| time_sequential(&rt, &store, &ids, 1_000, iters));
+    });
+    group.bench_function(BenchmarkId::new("baseline_scan_spawn", "1k"), |b| {
+        b.iter_custom(|iters| time_scan_spawn(&rt, &scan, &ids, 1_000, iters));
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1))
+        .configure_from_args()
+}
+
+fn main() {
+    // `--test` (CI) runs each bench once; skip building the 1M crowd there.
+    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    let mut criterion = config();
+    delete(&mut criterion);
+    delete_among_1m(&mut criterion, quick);
+    criterion.final_summary();
+}
