@@ -21,6 +21,12 @@
 //!   [`SessionStore::audit`] checks the index.
 //! - [`MemoryStore`]: the default store, in memory: a sharded session map and
 //!   a per-router entry under one small lock.
+//! - [`RouterDeleter`]: deletes a router and cleans up every one of its
+//!   sessions, and always finishes: fence, mark `Terminating`, notify your
+//!   routers in paced batches through your [`TerminationNotifier`], wait for
+//!   confirmations against a deadline, re-notify stragglers with backoff,
+//!   force-close what is left, tombstone the incarnation; returns a
+//!   [`DeletionReport`].
 //!
 //! # Quick start
 //!
@@ -43,7 +49,9 @@
 //! // Somebody waits for the session to end.
 //! let waiter = tokio::spawn(session.closed_owned());
 //!
-//! // The router is deleted: fence it, then close what it held.
+//! // The router is deleted: fence it, then close what it held. (In a
+//! // controller, `RouterDeleter` runs these steps, with deadlines, retries
+//! // and force-close.)
 //! let snapshot = store.fence(router).await?;
 //! for session in &snapshot.sessions {
 //!     let _ = session.begin_terminating();
@@ -63,11 +71,21 @@
 //!
 //! These are the guarantees the crate is built and tested around:
 //!
+//! - **I1 No zombies.** Once [`RouterDeleter::delete`] returns, the store
+//!   holds no session of that router, each of them is `Closed`, every close
+//!   waiter has woken, and every resource was released exactly once.
 //! - **I2 Fence.** From the moment a router's deletion starts (its fence), no
 //!   session can be created on it or on any older incarnation of it.
 //! - **I3 Monotonic state.** `Active → Terminating → Closed`, or
 //!   `Active → Closed`; never backwards, `Closed` is final, and exactly one
 //!   caller wins each transition and learns that it won.
+//! - **I4 Bounded.** A deletion finishes within
+//!   [`RouterDeleter::max_wait`] (the configured deadline, retries and
+//!   backoff), whatever the notifier does: errors, hangs, panics or never
+//!   answers.
+//! - **I6 Cancel-safe and idempotent.** Dropping a `delete` future does not
+//!   stop or corrupt the deletion; concurrent deletes of one router share one
+//!   run; deleting a half-deleted router resumes it.
 //! - **I7 Index consistency.** The router→sessions index and the session map
 //!   always agree; [`SessionStore::audit`] checks it.
 //!

@@ -52,23 +52,41 @@ impl Config {
     pub(crate) fn max_wait(&self, sessions: usize) -> Duration {
         let batches = u32::try_from(sessions.div_ceil(self.batch_size)).unwrap_or(u32::MAX);
         let pacing = self.notify_rate.map_or(Duration::ZERO, |rate| {
-            Duration::from_secs_f64(sessions as f64 / f64::from(rate.get()))
+            Duration::try_from_secs_f64(sessions as f64 / f64::from(rate.get()))
+                .unwrap_or(Duration::MAX)
         });
         let round = self
             .notify_timeout
             .saturating_mul(batches)
             .saturating_add(pacing)
             .saturating_add(self.confirm_timeout);
-        let mut total = round.saturating_mul(self.retries.saturating_add(1));
+        let rounds = self.retries.saturating_add(1);
+        let mut total = round.saturating_mul(rounds);
+        // Backoff: each delay doubles up to the maximum; jitter adds up to
+        // one more delay.
         let mut delay = self.retry_min_delay;
-        for _ in 0..self.retries {
-            // Jitter adds up to one more delay.
-            total = total.saturating_add(delay.min(self.retry_max_delay).saturating_mul(2));
+        let mut left = self.retries;
+        while left > 0 && delay < self.retry_max_delay {
+            total = total.saturating_add(delay.saturating_mul(2));
             delay = delay.saturating_mul(2);
+            left -= 1;
         }
-        total
+        total = total.saturating_add(self.retry_max_delay.saturating_mul(2).saturating_mul(left));
+        // Timer granularity: tokio fires timers on whole milliseconds, and
+        // backon computes delays in `f32`; one millisecond of slack per
+        // timer covers both (per round: a timeout and a pacing sleep per
+        // batch, and the confirmation deadline; per retry: the backoff).
+        let timers = batches
+            .saturating_mul(2)
+            .saturating_add(1)
+            .saturating_mul(rounds)
+            .saturating_add(self.retries);
+        total.saturating_add(TIMER_SLACK.saturating_mul(timers))
     }
 }
+
+/// Slack per timer in [`Config::max_wait`].
+const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// Builder of a [`RouterDeleter`].
 ///
@@ -180,5 +198,47 @@ impl RouterDeleterBuilder {
         notifier: N,
     ) -> RouterDeleter<S, N> {
         RouterDeleter::from_parts(store, notifier, self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_wait_adds_up_the_schedule() {
+        let config = Config {
+            batch_size: 10,
+            notify_rate: None,
+            notify_timeout: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(2),
+            retries: 2,
+            retry_min_delay: Duration::from_millis(500),
+            retry_max_delay: Duration::from_secs(4),
+        };
+        // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
+        // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
+        assert_eq!(
+            config.max_wait(25),
+            Duration::from_millis(15_000 + 3_000 + 23)
+        );
+    }
+
+    #[test]
+    fn max_wait_saturates_on_extreme_settings() {
+        let config = Config {
+            batch_size: 1,
+            notify_rate: NonZeroU32::new(1),
+            notify_timeout: Duration::MAX,
+            confirm_timeout: Duration::MAX,
+            retries: u32::MAX,
+            retry_min_delay: Duration::from_nanos(1),
+            retry_max_delay: Duration::MAX,
+        };
+        assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
+        assert_eq!(
+            Config::default().max_wait(0),
+            Duration::from_millis(47_000 + 7)
+        );
     }
 }

@@ -11,8 +11,9 @@
 //! # Deadlock safety
 //!
 //! The deleter has one lock, `runs`, held only to look up, insert or remove
-//! an entry (and to spawn a run's task, which does not wait). It is never
-//! held across an `.await` and never while another lock is taken.
+//! an entry, or to close the tracker. It is never held across an `.await`,
+//! while another lock is taken, or while a run's task is spawned (a runtime
+//! shutting down drops the task at once, and dropping it takes `runs`).
 
 mod config;
 mod notifier;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use parking_lot::Mutex;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
@@ -165,8 +167,12 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// on timers, whatever the notifier does: per round (the first
     /// notification and each retry) one `notify_timeout` per batch, the
     /// pacing, and the `confirm_timeout`; plus each backoff delay with its
-    /// maximal jitter. Work that does not wait (fencing, marking, closing)
-    /// comes on top and is proportional to `sessions`.
+    /// maximal jitter; plus one millisecond per timer for timer granularity.
+    /// Work that does not wait (fencing, marking, closing) comes on top and
+    /// is proportional to `sessions`. Saturates at [`Duration::MAX`].
+    ///
+    /// A notifier that blocks its thread instead of awaiting (a synchronous
+    /// call inside `notify`) cannot be timed out and is not covered.
     #[must_use]
     pub fn max_wait(&self, sessions: usize) -> Duration {
         self.inner.config.max_wait(sessions)
@@ -220,21 +226,36 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         if let Some(running) = runs.get(&router) {
             return Ok(running.clone());
         }
+        // Checked under `runs`, where `shutdown` closes the tracker: no run
+        // starts after a shutdown began.
         if self.inner.tracker.is_closed() {
             return Err(DeleteError::ShuttingDown);
         }
+        let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
         let (done, result) = watch::channel(None);
         runs.insert(router, result.clone());
-        let inner = Arc::clone(&self.inner);
-        self.inner.tracker.spawn(async move {
+        // Taken under `runs`: a `shutdown` that starts after this point
+        // waits for the run.
+        let token = self.inner.tracker.token();
+        drop(runs);
+        // Spawned outside the lock: a runtime that is shutting down drops
+        // the task at once, and `RunEntry::drop` takes `runs`.
+        let entry = RunEntry {
+            inner: Arc::clone(&self.inner),
+            router,
+            result: result.clone(),
+        };
+        drop(runtime.spawn(async move {
+            let _token = token;
+            let inner = &entry.inner;
             let run = run::delete_router(&*inner.store, &inner.notifier, &inner.config, router);
             let outcome = AssertUnwindSafe(run)
                 .catch_unwind()
                 .await
                 .unwrap_or(Err(DeleteError::Interrupted(router)));
             done.send_replace(Some(outcome));
-            inner.runs.lock().remove(&router);
-        });
+            // `entry` drops here, removing the run from `runs`.
+        }));
         Ok(result)
     }
 
@@ -246,7 +267,31 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// Cancel-safe: dropping the future stops only the waiting; the deleter
     /// stays shut for new deletions.
     pub async fn shutdown(&self) {
-        self.inner.tracker.close();
+        {
+            let _runs = self.inner.runs.lock();
+            self.inner.tracker.close();
+        }
         self.inner.tracker.wait().await;
+    }
+}
+
+/// A run's entry in `runs`, removed when the run's task ends, whether it
+/// finished or was dropped with its runtime; a later `delete` then starts
+/// afresh (and resumes the fenced router) instead of joining a dead run.
+struct RunEntry<S, N> {
+    inner: Arc<Inner<S, N>>,
+    router: RouterId,
+    result: watch::Receiver<RunResult>,
+}
+
+impl<S, N> Drop for RunEntry<S, N> {
+    fn drop(&mut self) {
+        let mut runs = self.inner.runs.lock();
+        if runs
+            .get(&self.router)
+            .is_some_and(|entry| entry.same_channel(&self.result))
+        {
+            runs.remove(&self.router);
+        }
     }
 }

@@ -62,7 +62,8 @@ pub struct TerminationBatch {
     pub router: RouterId,
     /// Its incarnation being deleted.
     pub incarnation: Incarnation,
-    /// The sessions to terminate.
+    /// The sessions to terminate, in no particular order; at most the
+    /// configured batch size.
     pub sessions: Vec<SessionId>,
     /// The notification round: 0 for the first notification, 1.. for
     /// re-notifications of sessions that did not confirm.

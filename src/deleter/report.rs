@@ -91,6 +91,10 @@ pub enum DeleteError {
     /// The deleter is shutting down and takes no new deletion.
     #[error("the router deleter is shutting down")]
     ShuttingDown,
+    /// `delete` was polled outside a tokio runtime, where the run cannot be
+    /// spawned.
+    #[error("deletion needs a tokio runtime to run on; poll `delete` inside one")]
+    NoRuntime,
     /// The run stopped before finishing (its runtime shut down, or the run
     /// itself failed unexpectedly). The router stays fenced: calling
     /// `delete` again resumes the deletion.

@@ -43,48 +43,61 @@ where
     S: SessionStore,
     N: TerminationNotifier,
 {
-    let started = Instant::now();
-    let snapshot = match store.fence(router).await {
-        Ok(snapshot) => snapshot,
-        Err(FenceError::AlreadyDeleted { incarnation, .. }) => {
-            return Ok(DeleteOutcome::AlreadyDeleted {
-                router,
-                incarnation,
-            });
-        }
-        Err(error) => return Err(DeleteError::from_fence(router, error)),
-    };
-    let span = tracing::info_span!("delete_router", %router, incarnation = %snapshot.incarnation);
-    let mut report = DeletionReport {
-        router,
-        incarnation: snapshot.incarnation,
-        resumed: !snapshot.newly_fenced,
-        sessions: snapshot.sessions.len(),
-        confirmed: 0,
-        already_closed: 0,
-        forced: 0,
-        rounds: 0,
-        notify_attempts: 0,
-        notify_failures: 0,
-        durations: PhaseDurations::default(),
-    };
-    report.durations.fence = started.elapsed();
-    let run = Run {
-        notifier,
-        config,
-        router,
-        incarnation: snapshot.incarnation,
-        pending: Arc::new(Pending::default()),
-        tracked: Vec::with_capacity(snapshot.sessions.len()),
-        first_round: Vec::with_capacity(snapshot.sessions.len()),
-        rounds: AtomicU32::new(0),
-        attempts: AtomicU32::new(0),
-        failures: AtomicU32::new(0),
-        notify_nanos: AtomicU64::new(0),
-    };
-    run.execute(store, snapshot.sessions, report, started)
-        .instrument(span)
-        .await
+    let span = tracing::info_span!(
+        "delete_router",
+        %router,
+        incarnation = tracing::field::Empty
+    );
+    async move {
+        let started = Instant::now();
+        let fenced = store
+            .fence(router)
+            .instrument(tracing::debug_span!("fence"))
+            .await;
+        let snapshot = match fenced {
+            Ok(snapshot) => snapshot,
+            Err(FenceError::AlreadyDeleted { incarnation, .. }) => {
+                return Ok(DeleteOutcome::AlreadyDeleted {
+                    router,
+                    incarnation,
+                });
+            }
+            Err(error) => return Err(DeleteError::from_fence(router, error)),
+        };
+        tracing::Span::current()
+            .record("incarnation", tracing::field::display(snapshot.incarnation));
+        let mut report = DeletionReport {
+            router,
+            incarnation: snapshot.incarnation,
+            resumed: !snapshot.newly_fenced,
+            sessions: snapshot.sessions.len(),
+            confirmed: 0,
+            already_closed: 0,
+            forced: 0,
+            rounds: 0,
+            notify_attempts: 0,
+            notify_failures: 0,
+            durations: PhaseDurations::default(),
+        };
+        report.durations.fence = started.elapsed();
+        let run = Run {
+            notifier,
+            config,
+            router,
+            incarnation: snapshot.incarnation,
+            pending: Arc::new(Pending::default()),
+            tracked: Vec::with_capacity(snapshot.sessions.len()),
+            first_round: Vec::with_capacity(snapshot.sessions.len()),
+            closing: Vec::new(),
+            rounds: AtomicU32::new(0),
+            attempts: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            notify_nanos: AtomicU64::new(0),
+        };
+        run.execute(store, snapshot.sessions, report, started).await
+    }
+    .instrument(span)
+    .await
 }
 
 struct Run<'a, N, P> {
@@ -97,6 +110,8 @@ struct Run<'a, N, P> {
     /// Ids of `tracked`, collected while marking: the first round sends
     /// them without another pass over the sessions.
     first_round: Vec<crate::SessionId>,
+    /// Sessions found closed but with their close still in flight.
+    closing: Vec<Session<P>>,
     rounds: AtomicU32,
     attempts: AtomicU32,
     failures: AtomicU32,
@@ -121,7 +136,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             "router fenced"
         );
         let phase = Instant::now();
-        report.already_closed = self.mark(sessions);
+        report.already_closed = tracing::debug_span!("mark").in_scope(|| self.mark(sessions));
         report.durations.mark = phase.elapsed();
 
         let phase = Instant::now();
@@ -137,6 +152,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                     "sessions unconfirmed; notifying again after backoff"
                 );
             })
+            .instrument(tracing::debug_span!("notify_and_wait"))
             .await;
         let notify = Duration::from_nanos(self.notify_nanos.load(Ordering::Relaxed));
         report.durations.notify = notify;
@@ -146,17 +162,38 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         report.notify_failures = self.failures.load(Ordering::Relaxed);
 
         let phase = Instant::now();
-        report.forced = self.force_close().await;
+        report.forced = self
+            .force_close()
+            .instrument(tracing::debug_span!("force_close"))
+            .await;
         report.durations.force = phase.elapsed();
 
         let phase = Instant::now();
-        match store.finish(self.router, self.incarnation).await {
-            Ok(finished) => report.forced += finished.closed,
-            // Another controller finished the same incarnation: done.
-            Err(FinishError::AlreadyDeleted { .. }) => {}
+        let finished = store
+            .finish(self.router, self.incarnation)
+            .instrument(tracing::debug_span!("finish"))
+            .await;
+        match finished {
+            // Sessions the snapshot missed (a store that lists lazily)
+            // closed by `finish` count as forced.
+            Ok(finished) => {
+                report.sessions += finished.closed;
+                report.forced += finished.closed;
+            }
+            // Another deleter (or the controller) finished this very
+            // incarnation first, and the router may since have been
+            // registered again or forgotten: this incarnation is deleted.
+            Err(
+                FinishError::AlreadyDeleted { .. }
+                | FinishError::IncarnationMismatch { .. }
+                | FinishError::UnknownRouter(_),
+            ) => {
+                tracing::info!("the incarnation was finished by another caller");
+            }
             Err(error) => return Err(DeleteError::from_finish(self.router, error)),
         }
         report.durations.finish = phase.elapsed();
+        debug_assert!(report.already_closed + report.forced <= report.sessions);
         report.confirmed = report
             .sessions
             .saturating_sub(report.already_closed + report.forced);
@@ -189,7 +226,14 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                     self.first_round.push(session.id());
                     self.tracked.push(session);
                 }
-                Transition::Lost { .. } => already_closed += 1,
+                Transition::Lost { .. } => {
+                    already_closed += 1;
+                    // Closed by someone else, who may still be releasing
+                    // its resources: the run waits for that too (I1).
+                    if !session.is_close_complete() {
+                        self.closing.push(session);
+                    }
+                }
             }
         }
         tracing::debug!(
@@ -202,7 +246,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
 
     /// One round: notify the sessions still open, then wait for them.
     async fn round(&self) -> Result<(), Unconfirmed> {
-        let round = self.rounds.fetch_add(1, Ordering::Relaxed);
+        // Rounds run one after another: a plain load, then the increment
+        // once this round sends something.
+        let round = self.rounds.load(Ordering::Relaxed);
         let later;
         let open: &[crate::SessionId] = if round == 0 {
             &self.first_round
@@ -218,11 +264,12 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         if open.is_empty() {
             return Ok(());
         }
+        self.rounds.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
         self.notify(open, round).await;
         let spent = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.notify_nanos.fetch_add(spent, Ordering::Relaxed);
-        let deadline = Instant::now() + self.config.confirm_timeout;
+        let deadline = after(self.config.confirm_timeout);
         match self.pending.all_closed_by(deadline).await {
             0 => Ok(()),
             open => Err(Unconfirmed(open)),
@@ -235,18 +282,22 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         let mut sent = 0usize;
         for chunk in open.chunks(self.config.batch_size) {
             if let Some(rate) = self.config.notify_rate {
-                let due = Duration::from_secs_f64(sent as f64 / f64::from(rate.get()));
-                tokio::time::sleep_until(start + due).await;
+                let due = Duration::try_from_secs_f64(sent as f64 / f64::from(rate.get()))
+                    .unwrap_or(FAR_FUTURE);
+                tokio::time::sleep_until(start.checked_add(due).unwrap_or_else(|| after(due)))
+                    .await;
             }
             sent += chunk.len();
-            self.attempts.fetch_add(1, Ordering::Relaxed);
+            bump(&self.attempts);
             let batch = TerminationBatch {
                 router: self.router,
                 incarnation: self.incarnation,
                 sessions: chunk.to_vec(),
                 round,
             };
-            let call = AssertUnwindSafe(self.notifier.notify(batch)).catch_unwind();
+            // `notify` itself, not only its future, may panic: call it
+            // inside the guarded future.
+            let call = AssertUnwindSafe(async { self.notifier.notify(batch).await }).catch_unwind();
             let failure = match tokio::time::timeout(self.config.notify_timeout, call).await {
                 Ok(Ok(Ok(()))) => None,
                 Ok(Ok(Err(error))) => Some(error.to_string()),
@@ -254,7 +305,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                 Err(_elapsed) => Some(String::from("the notifier timed out")),
             };
             if let Some(failure) = failure {
-                self.failures.fetch_add(1, Ordering::Relaxed);
+                bump(&self.failures);
                 tracing::warn!(round, sessions = chunk.len(), %failure, "termination notice failed");
             }
         }
@@ -277,11 +328,28 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
-        for session in in_flight {
+        for session in in_flight.into_iter().chain(&self.closing) {
             session.closed().await;
         }
         forced
     }
+}
+
+/// Far enough not to matter (as tokio's own far future): what a deadline
+/// past `Instant`'s range means.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// The instant `delay` from now, saturating far in the future.
+fn after(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// Adds one to a report counter, saturating.
+fn bump(counter: &AtomicU32) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
 }
 
 /// The tracked sessions still open, with one wake-up when none is left.

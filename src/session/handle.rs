@@ -157,14 +157,14 @@ impl<P> Session<P> {
         self.state().is_closed()
     }
 
-    /// Returns `true` once a close has completed its side effects (what
-    /// [`Session::closed`] waits for).
     /// Where the session lives in memory: sorting by it makes a pass over
     /// many sessions walk memory in order.
     pub(crate) fn address(&self) -> usize {
         Arc::as_ptr(&self.inner).addr()
     }
 
+    /// Returns `true` once a close has completed its side effects (what
+    /// [`Session::closed`] waits for).
     pub(crate) fn is_close_complete(&self) -> bool {
         self.inner.word.completed().is_some()
     }
