@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{Behaviour, HOUR, Scripted, observed_router, within};
+use common::{Behaviour, HOUR, Scripted, observed_router, report_within, scripted, within};
 use session_lifecycle::{
     CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
 };
@@ -72,12 +72,7 @@ async fn a_router_that_never_answers_is_forced_within_the_bound() {
     let observed = observed_router(&store, R, 0, 25).await;
     let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
     let start = Instant::now();
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     let elapsed = start.elapsed();
     // 3 rounds × (3 batches × 1 s notify timeout + 2 s confirm timeout),
     // plus two backoffs of 0.5–1 s and 1–2 s (jitter).
@@ -113,12 +108,7 @@ async fn errors_and_panics_are_contained_and_forced() {
         let store = Arc::new(MemoryStore::new());
         let observed = observed_router(&store, R, 0, 5).await;
         let deleter = deleter(&store, behaviour, behaviour);
-        let report = within(HOUR, deleter.delete(R))
-            .await
-            .unwrap()
-            .report()
-            .unwrap()
-            .clone();
+        let report = report_within(HOUR, deleter.delete(R)).await;
         assert_eq!(
             (report.forced, report.notify_failures),
             (5, 3),
@@ -133,12 +123,7 @@ async fn stragglers_are_renotified_then_confirm() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 20).await;
     let deleter = deleter(&store, Behaviour::Partial, Behaviour::Ok);
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.confirmed, report.forced, report.rounds), (20, 0, 2));
     // Round 1 carried only the 10 odd-numbered stragglers: one batch.
     assert_eq!(report.notify_attempts, 2 + 1);
@@ -150,12 +135,7 @@ async fn partial_confirmation_forces_the_rest() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 20).await;
     let deleter = deleter(&store, Behaviour::Partial, Behaviour::Partial);
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.confirmed, report.forced), (10, 10));
     assert_eq!(observed.count_reason(CloseReason::Forced), 10);
     observed.assert_deleted(&store).await;
@@ -302,21 +282,12 @@ async fn shutdown_refuses_new_deletions_and_waits_for_running_ones() {
 async fn notifications_are_paced() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 1_000).await;
-    let notifier = Arc::new(Scripted::new(
-        Arc::clone(&store),
-        Behaviour::Ok,
-        Behaviour::Ok,
-    ));
+    let notifier = scripted(&store, Behaviour::Ok, Behaviour::Ok);
     let deleter = RouterDeleter::builder()
         .batch_size(100)
         .notify_rate(200)
         .build(Arc::clone(&store), Arc::clone(&notifier));
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     // 10 batches of 100 at 200 sessions/s: the last leaves 4.5 s after the first.
     assert_eq!(report.durations.notify, Duration::from_millis(4_500));
     assert_eq!(notifier.calls.load(Ordering::SeqCst), 10);
@@ -370,12 +341,7 @@ async fn delete_returns_only_after_in_flight_releases_finish() {
         let _ = gate.send(());
     });
     let deleter = RouterDeleter::new(Arc::clone(&store), ThreadConfirm(Arc::clone(&store)));
-    let report = within(Duration::from_secs(60), deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(Duration::from_secs(60), deleter.delete(R)).await;
     assert_eq!(report.confirmed, 1);
     assert!(
         released.load(Ordering::SeqCst),

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{Behaviour, HOUR, Scripted, observed_router, within};
+use common::{Behaviour, HOUR, observed_router, report_within, scripted};
 use session_lifecycle::{
     CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
     RouterStatus, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
@@ -42,12 +42,7 @@ async fn a_notifier_that_panics_before_its_future_is_contained() {
     let deleter = RouterDeleter::builder()
         .retries(1)
         .build(Arc::clone(&store), PanicsEagerly);
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.forced, report.notify_failures), (5, 2));
     observed.assert_deleted(&store).await;
 }
@@ -62,19 +57,10 @@ async fn deadlines_past_the_clock_range_do_not_break_the_run() {
         .retry_backoff(Duration::MAX, Duration::MAX)
         .build(
             Arc::clone(&store),
-            Arc::new(Scripted::new(
-                Arc::clone(&store),
-                Behaviour::Ok,
-                Behaviour::Ok,
-            )),
+            scripted(&store, Behaviour::Ok, Behaviour::Ok),
         );
     assert_eq!(deleter.max_wait(5), Duration::MAX);
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!(report.confirmed, 5);
     observed.assert_deleted(&store).await;
 }
@@ -112,18 +98,9 @@ async fn a_close_in_flight_when_the_run_starts_is_awaited() {
     });
     let deleter = RouterDeleter::new(
         Arc::clone(&store),
-        Arc::new(Scripted::new(
-            Arc::clone(&store),
-            Behaviour::Ok,
-            Behaviour::Ok,
-        )),
+        scripted(&store, Behaviour::Ok, Behaviour::Ok),
     );
-    let report = within(Duration::from_secs(60), deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(Duration::from_secs(60), deleter.delete(R)).await;
     assert_eq!((report.sessions, report.already_closed), (1, 1));
     assert!(
         released.load(Ordering::SeqCst),
@@ -150,11 +127,7 @@ fn a_run_whose_runtime_died_is_resumed_on_another() {
             .confirm_timeout(Duration::from_secs(10))
             .build(
                 Arc::clone(&store),
-                Arc::new(Scripted::new(
-                    Arc::clone(&store),
-                    Behaviour::Never,
-                    Behaviour::Ok,
-                )),
+                scripted(&store, Behaviour::Never, Behaviour::Ok),
             );
         // Start the run and let it get as far as the first notification.
         let started = tokio::time::timeout(Duration::from_secs(2), deleter.delete(R)).await;
@@ -172,12 +145,7 @@ fn a_run_whose_runtime_died_is_resumed_on_another() {
             RouterStatus::Fenced(observed.incarnation)
         );
         // The retry behaviour of the notifier confirms.
-        let report = within(HOUR, deleter.delete(R))
-            .await
-            .unwrap()
-            .report()
-            .unwrap()
-            .clone();
+        let report = report_within(HOUR, deleter.delete(R)).await;
         assert!(report.resumed);
         assert_eq!(report.sessions, 4);
         let store = Arc::clone(&store);
@@ -196,11 +164,7 @@ fn polling_delete_outside_a_runtime_is_a_typed_error() {
     let store = Arc::new(MemoryStore::new());
     let deleter = RouterDeleter::new(
         Arc::clone(&store),
-        Arc::new(Scripted::new(
-            Arc::clone(&store),
-            Behaviour::Ok,
-            Behaviour::Ok,
-        )),
+        scripted(&store, Behaviour::Ok, Behaviour::Ok),
     );
     let result = futures::executor::block_on(deleter.delete(R));
     assert!(matches!(result, Err(DeleteError::NoRuntime)), "{result:?}");
@@ -230,12 +194,7 @@ async fn an_incarnation_finished_by_someone_else_counts_as_deleted() {
     let store = Arc::new(MemoryStore::new());
     let observed = observed_router(&store, R, 0, 3).await;
     let deleter = RouterDeleter::new(Arc::clone(&store), FinishesFirst(Arc::clone(&store)));
-    let report = within(HOUR, deleter.delete(R))
-        .await
-        .unwrap()
-        .report()
-        .unwrap()
-        .clone();
+    let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!(report.incarnation, observed.incarnation);
     assert_eq!(report.confirmed + report.already_closed + report.forced, 3);
     // The new incarnation is live and was not touched.

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Behaviour, HOUR, Scripted, observed_router, within};
+use common::{Behaviour, HOUR, observed_router, scripted, within};
 use parking_lot::Mutex;
 use session_lifecycle::{MemoryStore, RouterDeleter, RouterId};
 use tokio::time::Duration;
@@ -71,11 +71,7 @@ fn the_run_and_each_phase_have_spans_and_forcing_warns() {
             .retries(1)
             .build(
                 Arc::clone(&store),
-                Arc::new(Scripted::new(
-                    Arc::clone(&store),
-                    Behaviour::Never,
-                    Behaviour::Never,
-                )),
+                scripted(&store, Behaviour::Never, Behaviour::Never),
             );
         let outcome = within(HOUR, deleter.delete(router)).await.unwrap();
         assert_eq!(outcome.report().unwrap().forced, 4);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterId, Session, SessionId,
-    SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, DeleteError, DeleteOutcome, DeletionReport, Incarnation, MemoryStore, NewSession,
+    NotifyError, RouterId, Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Duration;
@@ -187,3 +187,20 @@ pub async fn within<F: std::future::Future>(limit: Duration, future: F) -> F::Ou
 /// A generous bound for a paused-time delete: far beyond any deadline +
 /// retry schedule used by the tests.
 pub const HOUR: Duration = Duration::from_secs(3_600);
+
+/// Runs a deletion to its end within `limit` and returns its report;
+/// fails the test on any other outcome.
+pub async fn report_within<F>(limit: Duration, delete: F) -> DeletionReport
+where
+    F: std::future::Future<Output = Result<DeleteOutcome, DeleteError>>,
+{
+    match within(limit, delete).await {
+        Ok(DeleteOutcome::Deleted(report)) => report,
+        other => panic!("expected a deletion report, got {other:?}"),
+    }
+}
+
+/// A scripted notifier confirming through `store`.
+pub fn scripted(store: &Arc<MemoryStore>, first: Behaviour, retries: Behaviour) -> Arc<Scripted> {
+    Arc::new(Scripted::new(Arc::clone(store), first, retries))
+}
