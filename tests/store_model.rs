@@ -556,8 +556,17 @@ fn empty_model() -> Model {
     }
 }
 
+/// 1,000 cases (about a second in a debug build) unless `PROPTEST_CASES`
+/// says otherwise.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(1_000)
+}
+
 prop_state_machine! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
     #[test]
     fn memory_store_follows_the_model(sequential 1..48 => StoreTest);
 }
