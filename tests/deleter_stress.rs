@@ -66,8 +66,24 @@ struct Created {
     released: Arc<AtomicUsize>,
 }
 
+/// How many times to run the scenario: once, or `SESSION_LIFECYCLE_SOAK`
+/// times for a soak (`SESSION_LIFECYCLE_SOAK=200 cargo test --release
+/// --test deleter_stress`).
+fn rounds() -> u64 {
+    std::env::var("SESSION_LIFECYCLE_SOAK")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_half_the_routers_under_load_leaves_no_zombie() {
+    for round in 0..rounds() {
+        one_round(round).await;
+    }
+}
+
+async fn one_round(round: u64) {
     let store = Arc::new(MemoryStore::new());
     let mut incarnations = HashMap::new();
     for r in 0..ROUTERS {
@@ -145,7 +161,7 @@ async fn deleting_half_the_routers_under_load_leaves_no_zombie() {
             Arc::clone(&store),
             LateRouter {
                 store: Arc::clone(&store),
-                seed: AtomicU64::new(7),
+                seed: AtomicU64::new(7 + round),
             },
         );
 
