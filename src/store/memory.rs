@@ -389,6 +389,8 @@ impl<P> MemoryStore<P> {
             .iter()
             .filter(|session| session.close(CloseReason::Reclaimed).won())
             .count();
+        // The handles come out of the lock and drop after it: dropping the
+        // last handle of a session runs its payload's `Drop`, user code.
         let removed = {
             let entry = self
                 .routers
@@ -402,13 +404,13 @@ impl<P> MemoryStore<P> {
                 self.sessions
                     .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed));
             }
-            index.len()
+            index
         };
         self.remember_tombstone(router, incarnation);
         Ok(FinishReport {
             router,
             incarnation,
-            removed,
+            removed: removed.len(),
             closed,
         })
     }
