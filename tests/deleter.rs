@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{Behaviour, HOUR, Scripted, observed_router, report_within, scripted, within};
+use common::{
+    Behaviour, HOUR, Scripted, SlowRelease, observed_router, report_within, scripted, within,
+};
 use session_lifecycle::{
     CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
 };
@@ -327,19 +329,7 @@ async fn delete_returns_only_after_in_flight_releases_finish() {
         .unwrap();
     // A slow release: it blocks its (confirming) thread until a timer task
     // opens the gate, well after the session counts as closed.
-    let (gate, wait) = std::sync::mpsc::channel::<()>();
-    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let done = Arc::clone(&released);
-    session
-        .attach(move |_| {
-            let _ = wait.recv();
-            done.store(true, Ordering::SeqCst);
-        })
-        .unwrap();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = gate.send(());
-    });
+    let released = SlowRelease::attach(&session).open_after(Duration::from_millis(100));
     let deleter = RouterDeleter::new(Arc::clone(&store), ThreadConfirm(Arc::clone(&store)));
     let report = report_within(Duration::from_secs(60), deleter.delete(R)).await;
     assert_eq!(report.confirmed, 1);

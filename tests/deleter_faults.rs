@@ -7,9 +7,9 @@ mod common;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
-use common::{Behaviour, HOUR, observed_router, report_within, scripted};
+use common::{Behaviour, HOUR, SlowRelease, observed_router, report_within, scripted};
 use session_lifecycle::{
     CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
     RouterStatus, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
@@ -75,15 +75,7 @@ async fn a_close_in_flight_when_the_run_starts_is_awaited() {
         .unwrap();
     // The client closes the session on its own thread; the release blocks
     // until the gate opens, so the close is won but not complete.
-    let (gate, wait) = std::sync::mpsc::channel::<()>();
-    let released = Arc::new(AtomicBool::new(false));
-    let done = Arc::clone(&released);
-    session
-        .attach(move |_| {
-            let _ = wait.recv();
-            done.store(true, Ordering::SeqCst);
-        })
-        .unwrap();
+    let slow = SlowRelease::attach(&session);
     let closer = {
         let session = session.clone();
         std::thread::spawn(move || session.close(CloseReason::ClientClosed))
@@ -92,10 +84,7 @@ async fn a_close_in_flight_when_the_run_starts_is_awaited() {
     while !session.is_closed() {
         tokio::task::yield_now().await;
     }
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = gate.send(());
-    });
+    let released = slow.open_after(Duration::from_millis(100));
     let deleter = RouterDeleter::new(
         Arc::clone(&store),
         scripted(&store, Behaviour::Ok, Behaviour::Ok),

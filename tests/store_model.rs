@@ -83,6 +83,22 @@ impl Model {
         }
     }
 
+    /// The router's incarnation ends: every stored session of it is closed
+    /// and gone.
+    fn delete(&mut self, router: u64) {
+        if let Some(r) = self.routers.get_mut(&router) {
+            r.phase = Phase::Deleted;
+        }
+        for s in self
+            .sessions
+            .values_mut()
+            .filter(|s| s.stored && s.router == router)
+        {
+            s.state = SessionState::Closed;
+            s.stored = false;
+        }
+    }
+
     fn stored_of(&self, router: u64) -> BTreeSet<u64> {
         self.sessions
             .iter()
@@ -190,15 +206,7 @@ impl ReferenceStateMachine for Reference {
                     .get(&router)
                     .is_some_and(|r| r.phase != Phase::Deleted)
                 {
-                    m.routers.get_mut(&router).unwrap().phase = Phase::Deleted;
-                    for s in m
-                        .sessions
-                        .values_mut()
-                        .filter(|s| s.stored && s.router == router)
-                    {
-                        s.state = SessionState::Closed;
-                        s.stored = false;
-                    }
+                    m.delete(router);
                 }
             }
             Step::Finish { router, stale } => {
@@ -207,15 +215,7 @@ impl ReferenceStateMachine for Reference {
                         .get(&router)
                         .is_some_and(|r| r.phase == Phase::Fenced)
                 {
-                    m.routers.get_mut(&router).unwrap().phase = Phase::Deleted;
-                    for s in m
-                        .sessions
-                        .values_mut()
-                        .filter(|s| s.stored && s.router == router)
-                    {
-                        s.state = SessionState::Closed;
-                        s.stored = false;
-                    }
+                    m.delete(router);
                 }
             }
         }

@@ -204,3 +204,38 @@ where
 pub fn scripted(store: &Arc<MemoryStore>, first: Behaviour, retries: Behaviour) -> Arc<Scripted> {
     Arc::new(Scripted::new(Arc::clone(store), first, retries))
 }
+
+/// A resource whose release blocks its thread until the gate opens: a close
+/// that is won (the session reads `Closed`) but not yet complete.
+pub struct SlowRelease {
+    gate: std::sync::mpsc::Sender<()>,
+    /// Set once the release has run.
+    pub released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowRelease {
+    /// Attaches a slow release to `session`.
+    pub fn attach(session: &Session) -> Self {
+        let (gate, wait) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::clone(&released);
+        session
+            .attach(move |_| {
+                let _ = wait.recv();
+                done.store(true, Ordering::SeqCst);
+            })
+            .unwrap();
+        Self { gate, released }
+    }
+
+    /// Opens the gate `delay` from now, from a timer task; returns the flag
+    /// telling whether the release has run.
+    pub fn open_after(self, delay: Duration) -> Arc<std::sync::atomic::AtomicBool> {
+        let Self { gate, released } = self;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = gate.send(());
+        });
+        released
+    }
+}
