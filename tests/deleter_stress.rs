@@ -113,7 +113,9 @@ async fn one_round(round: u64) {
 
     // Creators and closers keep going during the deletions.
     let mut load = Vec::new();
+    let refused = Arc::new(AtomicU64::new(0));
     for c in 0..CREATORS {
+        let refused = Arc::clone(&refused);
         let (store, created, next_id, flags, stop, incarnations) = (
             Arc::clone(&store),
             Arc::clone(&created),
@@ -123,7 +125,6 @@ async fn one_round(round: u64) {
             incarnations.clone(),
         );
         load.push(tokio::spawn(async move {
-            let mut refused_after_delete = 0u64;
             let mut i = c;
             while !stop.load(Ordering::SeqCst) {
                 let router = RouterId::new(i % ROUTERS);
@@ -133,7 +134,9 @@ async fn one_round(round: u64) {
                         !after_delete,
                         "a create on {router} succeeded after its deletion returned"
                     ),
-                    Err(()) => refused_after_delete += u64::from(after_delete),
+                    Err(()) => {
+                        refused.fetch_add(u64::from(after_delete), Ordering::SeqCst);
+                    }
                 }
                 // Close a random earlier session now and then.
                 if i % 3 == 0 {
@@ -147,7 +150,6 @@ async fn one_round(round: u64) {
                     tokio::task::yield_now().await;
                 }
             }
-            refused_after_delete
         }));
     }
 
@@ -201,14 +203,19 @@ async fn one_round(round: u64) {
             );
         }
     }
-    // Let the load run a little past the deletions, then stop it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Keep the load going past the deletions until creates on deleted
+    // routers have been refused a good number of times, then stop it.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while refused.load(Ordering::SeqCst) < 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("creates on deleted routers were tried and refused");
     stop.store(true, Ordering::SeqCst);
-    let mut refused = 0;
     for task in load {
-        refused += task.await.unwrap();
+        task.await.unwrap();
     }
-    assert!(refused > 0, "no create was tried after a deletion");
 
     // Late confirmations may still be in flight: they only close sessions
     // of deleted routers, all of which are closed already.
