@@ -27,6 +27,14 @@
 //!   confirmations against a deadline, re-notify stragglers with backoff,
 //!   force-close what is left, tombstone the incarnation; returns a
 //!   [`DeletionReport`].
+//! - [`ReclaimQueue`]: releases what closed sessions held, by priority
+//!   ([`ResourceClass`] first, then traffic, with aging: see
+//!   [`DefaultPolicy`]), bounded with backpressure, run by worker tasks,
+//!   retried on a [`RetrySchedule`]; what fails for good is reported as a
+//!   [`ReclaimEvent::ReclaimFailed`]. Replace the [`ReclaimPolicy`] to change
+//!   the order, the retries or the long-lived threshold. Give it to the
+//!   deleter ([`RouterDeleterBuilder::reclaim_queue`]) and forced sessions'
+//!   resources are released through it, critical first.
 //!
 //! # Quick start
 //!
@@ -83,6 +91,11 @@
 //!   [`RouterDeleter::max_wait`] (the configured deadline, retries and
 //!   backoff), whatever the notifier does: errors, hangs, panics or never
 //!   answers.
+//! - **I5 Nothing dropped.** Every task of a [`ReclaimQueue`] is run,
+//!   retried, or reported failed by an event; under overload pushers wait
+//!   (or get their task back from [`ReclaimQueue::try_push`]); the queue
+//!   never holds more than its capacity; a shutdown hands back what it did
+//!   not run.
 //! - **I6 Cancel-safe and idempotent.** Dropping a `delete` future does not
 //!   stop or corrupt the deletion; concurrent deletes of one router share one
 //!   run; deleting a half-deleted router resumes it.
@@ -120,6 +133,7 @@
 mod deleter;
 mod id;
 mod loom;
+mod reclaim;
 mod session;
 mod store;
 
@@ -128,9 +142,14 @@ pub use deleter::{
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
 };
 pub use id::{Incarnation, RouterId, SessionId};
+pub use reclaim::{
+    BuildError, DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind,
+    ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask,
+    RetrySchedule, ShutdownReport, TaskInfo, TryPushError,
+};
 pub use session::{
-    AttachError, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource, Session,
-    SessionState, SessionToken, Traffic, Transition,
+    AttachError, Classed, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource,
+    ResourceClass, Session, SessionState, SessionToken, Traffic, Transition,
 };
 pub use store::{
     AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
-    Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, ReclaimQueue, RouterDeleter,
+    RouterId, Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::time::Duration;
 
@@ -79,11 +79,31 @@ fn rounds() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_half_the_routers_under_load_leaves_no_zombie() {
     for round in 0..rounds() {
-        one_round(round).await;
+        one_round(round, None).await;
     }
 }
 
-async fn one_round(round: u64) {
+/// The same with forced sessions' resources released through a small
+/// `ReclaimQueue` (capacity 64: the deleters wait on its backpressure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forced_releases_through_a_reclaim_queue_leave_no_zombie() {
+    for round in 0..rounds() {
+        let queue = ReclaimQueue::builder()
+            .capacity(64)
+            .workers(2)
+            .build()
+            .unwrap();
+        let forced = one_round(round, Some(queue.clone())).await;
+        let stats = queue.stats();
+        assert_eq!(stats.pushed, forced as u64, "one task per forced session");
+        assert_eq!((stats.completed, stats.failed), (stats.pushed, 0));
+        assert_eq!((stats.depth, stats.in_flight), (0, 0));
+        assert!(stats.peak_depth <= 64);
+    }
+}
+
+/// Runs the scenario; returns how many sessions the deletions forced.
+async fn one_round(round: u64, queue: Option<ReclaimQueue>) -> usize {
     let store = Arc::new(MemoryStore::new());
     let mut incarnations = HashMap::new();
     for r in 0..ROUTERS {
@@ -153,7 +173,11 @@ async fn one_round(round: u64) {
         }));
     }
 
-    let deleter = RouterDeleter::builder()
+    let mut builder = RouterDeleter::builder();
+    if let Some(queue) = queue {
+        builder = builder.reclaim_queue(queue);
+    }
+    let deleter = builder
         .batch_size(250)
         .notify_timeout(Duration::from_millis(200))
         .confirm_timeout(Duration::from_millis(150))
@@ -254,6 +278,7 @@ async fn one_round(round: u64) {
     }
     let audit = store.audit().await.unwrap();
     assert!(audit.is_clean(), "{audit:?}");
+    forced
 }
 
 async fn create(

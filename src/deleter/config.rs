@@ -8,6 +8,7 @@ use tokio::time::Duration;
 
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
+use crate::reclaim::ReclaimQueue;
 use crate::store::SessionStore;
 
 /// The settings of a [`RouterDeleter`], with their defaults.
@@ -20,6 +21,8 @@ pub(crate) struct Config {
     pub(crate) retries: u32,
     pub(crate) retry_min_delay: Duration,
     pub(crate) retry_max_delay: Duration,
+    /// Where forced sessions' resources are released, if anywhere.
+    pub(crate) reclaim: Option<ReclaimQueue>,
 }
 
 impl Default for Config {
@@ -32,6 +35,7 @@ impl Default for Config {
             retries: 3,
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(10),
+            reclaim: None,
         }
     }
 }
@@ -188,6 +192,19 @@ impl RouterDeleterBuilder {
         self
     }
 
+    /// Releases the resources of force-closed sessions through `queue`
+    /// instead of in the deleter: every forced session is closed first, then
+    /// its resources are queued class by class, critical ones of every
+    /// session first (see [`ReclaimQueue::close_session`]). The deletion
+    /// still returns only once every release ran or was reported failed, so
+    /// its force phase also waits for the queue (backpressure included) on
+    /// top of [`RouterDeleter::max_wait`]; a paused queue holds deletions in
+    /// that phase until it is resumed.
+    pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
+        self.config.reclaim = Some(queue);
+        self
+    }
+
     /// Builds the deleter over `store`, notifying through `notifier`.
     ///
     /// The deleter spawns each run on the tokio runtime that first polls
@@ -215,6 +232,7 @@ mod tests {
             retries: 2,
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(4),
+            reclaim: None,
         };
         // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
         // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
@@ -234,6 +252,7 @@ mod tests {
             retries: u32::MAX,
             retry_min_delay: Duration::from_nanos(1),
             retry_max_delay: Duration::MAX,
+            reclaim: None,
         };
         assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
         assert_eq!(

@@ -29,7 +29,7 @@ use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
 use crate::id::{Incarnation, RouterId};
-use crate::session::{CloseReason, Session, Transition};
+use crate::session::{CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.
@@ -316,22 +316,63 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     async fn force_close(&self) -> usize {
         let mut forced = 0;
         let mut in_flight = Vec::new();
+        let mut queued = Vec::new();
         for session in &self.tracked {
-            // A close this run wins completes before `close` returns; one
-            // won by another caller may still be releasing resources.
-            if session.close(CloseReason::Forced).won() {
+            if let Some(queue) = &self.config.reclaim {
+                // The close is won here; its resources are released by the
+                // queue, critical ones of every session first.
+                match session.close_deferred(CloseReason::Forced) {
+                    Ok(deferred) => {
+                        forced += 1;
+                        queued.extend(queue.release_tasks(session, deferred));
+                        in_flight.push(session);
+                        continue;
+                    }
+                    Err(_already_closed) => {}
+                }
+            } else if session.close(CloseReason::Forced).won() {
+                // A close this run wins completes before `close` returns.
                 forced += 1;
-            } else if !session.is_close_complete() {
+                continue;
+            }
+            // Won by another caller, who may still be releasing resources.
+            if !session.is_close_complete() {
                 in_flight.push(session);
             }
         }
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
+        if let Some(queue) = &self.config.reclaim {
+            // Stable: within a class, sessions keep the run's order.
+            queued.sort_by_key(|task| task.info().class.rank());
+            for task in queued {
+                queue.push_or_release(task).await;
+            }
+        }
         for session in in_flight.into_iter().chain(&self.closing) {
             session.closed().await;
         }
         forced
+    }
+}
+
+/// Counts its session closed when released, or when dropped unattached: a
+/// close of any kind counts once.
+struct Closing(Arc<Pending>);
+
+impl Resource for Closing {
+    fn release(self: Box<Self>, _reason: CloseReason) {}
+
+    /// Only a counter: never worth queueing.
+    fn release_inline(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.closed_one();
     }
 }
 
@@ -365,12 +406,8 @@ impl Pending {
         // Count first, so the decrement of a close racing the attach can
         // never go below zero.
         self.open.fetch_add(1, Ordering::AcqRel);
-        let pending = Arc::clone(self);
-        if session
-            .attach(move |_: CloseReason| pending.closed_one())
-            .is_err()
-        {
-            self.closed_one(); // closed meanwhile
+        if let Err(refused) = session.attach(Closing(Arc::clone(self))) {
+            drop(refused); // closed meanwhile: `Closing::drop` counts it
         }
     }
 

@@ -24,7 +24,7 @@ use std::task::Waker;
 use tokio::time::{Duration, Instant};
 
 use super::closed::{Closed, ClosedOwned};
-use super::resource::{AttachError, Resource, Resources};
+use super::resource::{AttachError, Resource, ResourceClass, Resources};
 use super::state::{CloseOutcome, CloseReason, SessionState, StateWord, Transition};
 use super::token::SessionToken;
 use super::traffic::{Traffic, TrafficCounters};
@@ -169,6 +169,12 @@ impl<P> Session<P> {
         self.inner.word.completed().is_some()
     }
 
+    /// Flags the session as reported long-lived; `true` for the one caller
+    /// that set the flag, so each session is reported once.
+    pub(crate) fn flag_long_lived(&self) -> bool {
+        self.inner.word.flag_long_lived()
+    }
+
     /// The reason the session was closed, or `None` while it is open.
     #[must_use]
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -203,17 +209,31 @@ impl<P> Session<P> {
     }
 
     fn complete_close(&self, reason: CloseReason) {
+        let resources = self.take_resources();
+        for resource in resources.into_release_order() {
+            self.release_contained(resource, reason);
+        }
+        self.finish_close();
+    }
+
+    /// Takes the resources out and wipes the token; only the caller that
+    /// won the close calls it.
+    fn take_resources(&self) -> Resources {
         let (resources, token) = {
             let mut shared = self.inner.shared.lock();
             (std::mem::take(&mut shared.resources), shared.token.take())
         };
         drop(token); // `SessionToken` zeroizes its bytes on drop.
-        for resource in resources.into_release_order() {
-            if catch_unwind(AssertUnwindSafe(|| resource.release(reason))).is_err() {
-                tracing::error!(session = %self.inner.id, router = %self.inner.router,
-                    "a session resource panicked while being released; the panic was contained");
-            }
-        }
+        resources
+    }
+
+    /// Releases one resource, containing a panic; `false` if it panicked.
+    fn release_contained(&self, resource: Box<dyn Resource>, reason: CloseReason) -> bool {
+        release_contained(resource, reason, self.inner.id, self.inner.router)
+    }
+
+    /// Marks the close complete and wakes every waiter.
+    fn finish_close(&self) {
         let waiters = {
             let mut shared = self.inner.shared.lock();
             self.inner.word.mark_complete();
@@ -222,6 +242,44 @@ impl<P> Session<P> {
         for waker in waiters.into_iter().flatten() {
             waker.wake();
         }
+    }
+
+    /// Closes the session with `reason` but hands its resources back,
+    /// grouped by class, for the caller to release later (through a
+    /// reclamation queue); resources that ask to be released inline are
+    /// released here. The token is wiped at once. The close completes (its
+    /// waiters wake) when the last clone of the returned `completion` drops.
+    ///
+    /// `Err` with the outcome if another caller closed the session first.
+    pub(crate) fn close_deferred(&self, reason: CloseReason) -> Result<DeferredClose, CloseOutcome>
+    where
+        P: Send + Sync + 'static,
+    {
+        let outcome = self.inner.word.close(reason);
+        if !outcome.won() {
+            return Err(outcome);
+        }
+        let resources = self.take_resources();
+        let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
+        if !resources.is_empty() {
+            for resource in resources.into_release_order() {
+                if resource.release_inline() {
+                    self.release_contained(resource, reason);
+                    continue;
+                }
+                let class = resource.class();
+                match groups.iter_mut().find(|(c, _)| *c == class) {
+                    Some((_, group)) => group.push(resource),
+                    None => groups.push((class, vec![resource])),
+                }
+            }
+        }
+        groups.sort_by_key(|(class, _)| class.rank());
+        Ok(DeferredClose {
+            reason,
+            groups,
+            completion: std::sync::Arc::new(CompleteOnDrop(self.clone())),
+        })
     }
 
     /// Waits until the session is closed and its close has completed
@@ -300,6 +358,41 @@ impl<P> Session<P> {
     #[must_use]
     pub fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
+    }
+}
+
+/// Releases one resource, containing a panic; `false` if it panicked.
+pub(crate) fn release_contained(
+    resource: Box<dyn Resource>,
+    reason: CloseReason,
+    session: SessionId,
+    router: RouterId,
+) -> bool {
+    let released = catch_unwind(AssertUnwindSafe(|| resource.release(reason))).is_ok();
+    if !released {
+        tracing::error!(%session, %router,
+            "a session resource panicked while being released; the panic was contained");
+    }
+    released
+}
+
+/// A close whose resources are released later: see
+/// [`Session::close_deferred`].
+pub(crate) struct DeferredClose {
+    pub(crate) reason: CloseReason,
+    /// The resources by class, most urgent first; within a class, last
+    /// attached first.
+    pub(crate) groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)>,
+    /// Completes the close when its last clone drops.
+    pub(crate) completion: std::sync::Arc<dyn Send + Sync>,
+}
+
+/// Completes a deferred close when dropped.
+struct CompleteOnDrop<P>(Session<P>);
+
+impl<P> Drop for CompleteOnDrop<P> {
+    fn drop(&mut self) {
+        self.0.finish_close();
     }
 }
 

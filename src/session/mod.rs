@@ -11,8 +11,9 @@ mod traffic;
 mod loom_tests;
 
 pub use closed::{Closed, ClosedOwned};
+pub(crate) use handle::{DeferredClose, release_contained};
 pub use handle::{NewSession, Session};
-pub use resource::{AttachError, Resource};
+pub use resource::{AttachError, Classed, Resource, ResourceClass};
 pub use state::{CloseOutcome, CloseReason, SessionState, Transition};
 pub use token::SessionToken;
 pub use traffic::Traffic;

@@ -37,6 +37,22 @@ pub trait Resource: Send + 'static {
     /// Releases the resource. Called at most once, by the caller that closed
     /// the session, outside every lock of the crate.
     fn release(self: Box<Self>, reason: CloseReason);
+
+    /// How urgent releasing this resource is when the release goes through a
+    /// [`ReclaimQueue`](crate::ReclaimQueue) (a force-close, a reap, a
+    /// sweep): critical resources of every session are released before
+    /// high ones, and so on. [`ResourceClass::Normal`] unless overridden;
+    /// wrap a closure in [`Classed`] to give it another class.
+    fn class(&self) -> ResourceClass {
+        ResourceClass::Normal
+    }
+
+    /// Whether a queued close releases this resource at once, in the closing
+    /// caller, instead of queueing it: for releases that are trivial and
+    /// cannot fail (a counter, a wake-up). `false` unless overridden.
+    fn release_inline(&self) -> bool {
+        false
+    }
 }
 
 impl<F> Resource for F
@@ -45,6 +61,98 @@ where
 {
     fn release(self: Box<Self>, reason: CloseReason) {
         (*self)(reason);
+    }
+}
+
+/// The class of a resource or of a reclamation task: what is released first
+/// when releases queue up. Ordered `Low < Normal < High < Critical`.
+///
+/// ```
+/// use session_lifecycle::ResourceClass;
+///
+/// assert!(ResourceClass::Critical > ResourceClass::High);
+/// assert_eq!(ResourceClass::ALL[0], ResourceClass::Critical);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceClass {
+    /// Cheap to hold a while longer (a policy-cache entry, statistics).
+    Low,
+    /// Most resources (buffers, routing-cache entries).
+    #[default]
+    Normal,
+    /// Scarce resources other sessions wait for (ports, bandwidth).
+    High,
+    /// Resources whose leak harms the system (kernel state, credentials,
+    /// exclusive locks held on the router's behalf).
+    Critical,
+}
+
+impl ResourceClass {
+    /// Every class, most urgent first.
+    pub const ALL: [ResourceClass; 4] = [Self::Critical, Self::High, Self::Normal, Self::Low];
+
+    /// The class's rank in urgency: 0 for `Critical` up to 3 for `Low`.
+    #[must_use]
+    pub const fn rank(self) -> u32 {
+        match self {
+            Self::Critical => 0,
+            Self::High => 1,
+            Self::Normal => 2,
+            Self::Low => 3,
+        }
+    }
+}
+
+impl fmt::Display for ResourceClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Critical => "critical",
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        })
+    }
+}
+
+/// A resource with an explicit [`ResourceClass`].
+///
+/// ```
+/// use session_lifecycle::{Classed, CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId, SessionId};
+///
+/// let port = Classed::new(ResourceClass::Critical, |_reason: CloseReason| { /* free the port */ });
+/// assert_eq!(port.class(), ResourceClass::Critical);
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1)).into_session();
+/// session.attach(port).unwrap();
+/// ```
+#[derive(Clone, Debug)]
+pub struct Classed<R> {
+    class: ResourceClass,
+    resource: R,
+}
+
+impl<R: Resource> Classed<R> {
+    /// `resource`, released with the urgency of `class`.
+    pub fn new(class: ResourceClass, resource: R) -> Self {
+        Self { class, resource }
+    }
+
+    /// The wrapped resource.
+    pub fn into_inner(self) -> R {
+        self.resource
+    }
+}
+
+impl<R: Resource> Resource for Classed<R> {
+    fn release(self: Box<Self>, reason: CloseReason) {
+        Box::new(self.resource).release(reason);
+    }
+
+    fn class(&self) -> ResourceClass {
+        self.class
+    }
+
+    fn release_inline(&self) -> bool {
+        self.resource.release_inline()
     }
 }
 
@@ -87,6 +195,11 @@ impl Resources {
                 Resources::Many(all)
             }
         };
+    }
+
+    /// Returns `true` when no resource is attached.
+    pub(super) fn is_empty(&self) -> bool {
+        matches!(self, Resources::None)
     }
 
     /// The resources, last attached first: the order they are released in.

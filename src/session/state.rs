@@ -20,6 +20,8 @@ const TERMINATING: u32 = 1;
 const CLOSED: u32 = 2;
 /// Set once the close has finished its side effects.
 const COMPLETE: u32 = 1 << 2;
+/// Set once the session was reported long-lived; survives every transition.
+const LONG_LIVED: u32 = 1 << 3;
 const REASON_SHIFT: u32 = 8;
 
 /// Where a session is in its life.
@@ -182,8 +184,8 @@ impl CloseOutcome {
     }
 }
 
-/// The atomic state word: state in bits 0–1, `COMPLETE` in bit 2, the close
-/// reason's code in bits 8–15.
+/// The atomic state word: state in bits 0–1, `COMPLETE` in bit 2,
+/// `LONG_LIVED` in bit 3, the close reason's code in bits 8–15.
 #[derive(Debug)]
 pub(crate) struct StateWord(AtomicU32);
 
@@ -216,16 +218,26 @@ impl StateWord {
     }
 
     pub(crate) fn begin_terminating(&self) -> Transition {
-        // AcqRel on success orders this transition with every other one;
-        // Acquire on failure so the reported state is current.
-        match self
-            .0
-            .compare_exchange(ACTIVE, TERMINATING, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Transition::Won,
-            Err(word) => Transition::Lost {
-                current: decode_state(word),
-            },
+        // Relaxed first guess; the compare-exchange below re-reads.
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            if current & STATE_MASK != ACTIVE {
+                return Transition::Lost {
+                    current: decode_state(current),
+                };
+            }
+            // AcqRel on success orders this transition with every other one;
+            // Acquire on failure so the reported state is current. The
+            // `LONG_LIVED` flag is carried over.
+            match self.0.compare_exchange_weak(
+                current,
+                (current & !STATE_MASK) | TERMINATING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Transition::Won,
+                Err(word) => current = word,
+            }
         }
     }
 
@@ -244,14 +256,22 @@ impl StateWord {
             // AcqRel on success: publishes everything the closer did before
             // and sees everything earlier transitions published. Acquire on
             // failure for the reason read above.
-            match self
-                .0
-                .compare_exchange_weak(current, closed, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.0.compare_exchange_weak(
+                current,
+                closed | (current & LONG_LIVED),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return CloseOutcome::Closed,
                 Err(word) => current = word,
             }
         }
+    }
+
+    /// Sets the long-lived flag; `true` for the one caller that set it.
+    pub(crate) fn flag_long_lived(&self) -> bool {
+        // Relaxed: the flag orders nothing else.
+        self.0.fetch_or(LONG_LIVED, Ordering::Relaxed) & LONG_LIVED == 0
     }
 
     /// Marks the close complete; only the caller that won `close` calls it.
@@ -272,4 +292,36 @@ fn decode_state(word: u32) -> SessionState {
 
 fn decode_reason(word: u32) -> Option<CloseReason> {
     (word & STATE_MASK == CLOSED).then(|| CloseReason::from_code(word >> REASON_SHIFT))
+}
+
+#[cfg(all(test, not(session_lifecycle_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_long_lived_flag_is_set_once_and_survives_every_transition() {
+        let word = StateWord::new();
+        assert!(word.flag_long_lived());
+        assert!(!word.flag_long_lived(), "a second caller does not set it");
+        assert!(word.begin_terminating().won());
+        assert_eq!(word.state(), SessionState::Terminating);
+        assert!(word.close(CloseReason::Forced).won());
+        word.mark_complete();
+        assert_eq!(word.state(), SessionState::Closed);
+        assert_eq!(word.completed(), Some(CloseReason::Forced));
+        assert!(!word.flag_long_lived(), "the flag outlived the transitions");
+
+        // The flag does not block or fake a transition.
+        let word = StateWord::new();
+        assert!(word.flag_long_lived());
+        assert_eq!(word.state(), SessionState::Active);
+        assert!(word.close(CloseReason::ClientClosed).won());
+        assert!(
+            word.begin_terminating()
+                == Transition::Lost {
+                    current: SessionState::Closed
+                }
+        );
+        assert_eq!(word.reason(), Some(CloseReason::ClientClosed));
+    }
 }

@@ -1,0 +1,333 @@
+//! Reclamation policies: priority, retry schedule, long-lived threshold.
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::time::Duration;
+
+use super::task::TaskInfo;
+
+/// How urgent a task is, as the delay after which it is due: the queue
+/// always runs the task due first (earliest `pushed at + delay`, ties in
+/// push order).
+///
+/// A delay is a priority that ages: a task with a long delay is overtaken
+/// only by tasks pushed less than its delay (minus theirs) after it, never
+/// starved by a constant stream of urgent work.
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::Priority;
+///
+/// let soon = Priority::due_in(Duration::from_millis(10));
+/// assert!(Priority::URGENT < soon);
+/// assert_eq!(soon.delay(), Duration::from_millis(10));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(Duration);
+
+impl Priority {
+    /// Due at once: the most urgent priority.
+    pub const URGENT: Priority = Priority(Duration::ZERO);
+
+    /// Due `delay` after the task is pushed.
+    #[must_use]
+    pub const fn due_in(delay: Duration) -> Self {
+        Self(delay)
+    }
+
+    /// The delay after which the task is due.
+    #[must_use]
+    pub const fn delay(self) -> Duration {
+        self.0
+    }
+}
+
+/// When and how often a failing task is retried: exponential backoff with
+/// optional jitter (through `backon`), and a timeout per attempt.
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::RetrySchedule;
+///
+/// let schedule = RetrySchedule::default()
+///     .retries(5)
+///     .delays(Duration::from_millis(50), Duration::from_secs(2))
+///     .attempt_timeout(Duration::from_secs(1));
+/// assert_eq!(schedule.max_attempts(), 6);
+/// assert!(schedule.max_duration() >= Duration::from_secs(6));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetrySchedule {
+    retries: u32,
+    min_delay: Duration,
+    max_delay: Duration,
+    factor: f32,
+    jitter: bool,
+    attempt_timeout: Duration,
+}
+
+/// Longest backoff delay a schedule accepts; longer ones are clamped (a
+/// reclamation retried less than hourly is a failure to report).
+const MAX_DELAY: Duration = Duration::from_secs(3600);
+
+impl Default for RetrySchedule {
+    /// 3 retries, delays from 100 ms doubling up to 5 s, with jitter, and
+    /// 10 s per attempt.
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            factor: 2.0,
+            jitter: true,
+            attempt_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetrySchedule {
+    /// No retry: the first failure is final.
+    #[must_use]
+    pub fn none() -> Self {
+        Self::default().retries(0)
+    }
+
+    /// Sets how many times a failed attempt is retried.
+    #[must_use]
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Sets the first backoff delay and the largest one (each clamped to one
+    /// hour; `max` is raised to `min` if below it).
+    #[must_use]
+    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
+        self.min_delay = min.min(MAX_DELAY);
+        self.max_delay = max.min(MAX_DELAY).max(self.min_delay);
+        self
+    }
+
+    /// Sets the growth factor of the delay (values below 1 or not finite
+    /// mean 1: constant delays).
+    #[must_use]
+    pub fn factor(mut self, factor: f32) -> Self {
+        self.factor = if factor.is_finite() && factor >= 1.0 {
+            factor
+        } else {
+            1.0
+        };
+        self
+    }
+
+    /// Turns jitter on (the default) or off. Jitter adds up to one more
+    /// delay at random to each delay, so failing tasks do not retry in step.
+    #[must_use]
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Sets the longest one attempt may run; a late attempt counts as a
+    /// retryable failure ([`ReclaimErrorKind::TimedOut`](crate::ReclaimErrorKind::TimedOut)).
+    #[must_use]
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// The most attempts a task gets: retries + 1, saturating.
+    #[must_use]
+    pub fn max_attempts(&self) -> u32 {
+        self.retries.saturating_add(1)
+    }
+
+    /// The per-attempt timeout.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// The longest a task can take from its first attempt to its final
+    /// outcome: every attempt timing out, plus every delay with its maximal
+    /// jitter, plus one millisecond per timer. Saturates.
+    #[must_use]
+    pub fn max_duration(&self) -> Duration {
+        let attempts = self.max_attempts();
+        let mut total = self.attempt_timeout.saturating_mul(attempts);
+        let mut delay = self.min_delay;
+        for _ in 0..self.retries.min(64) {
+            let jittered = if self.jitter {
+                delay.saturating_mul(2)
+            } else {
+                delay
+            };
+            total = total.saturating_add(jittered);
+            delay = Duration::try_from_secs_f64(delay.as_secs_f64() * f64::from(self.factor))
+                .unwrap_or(self.max_delay)
+                .min(self.max_delay);
+        }
+        if self.retries > 64 {
+            let per = if self.jitter {
+                self.max_delay.saturating_mul(2)
+            } else {
+                self.max_delay
+            };
+            total = total.saturating_add(per.saturating_mul(self.retries - 64));
+        }
+        total.saturating_add(Duration::from_millis(1).saturating_mul(attempts.saturating_mul(2)))
+    }
+
+    /// The delays between attempts.
+    pub(super) fn backoff(&self) -> ExponentialBackoff {
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(self.factor)
+            .with_max_times(usize::try_from(self.retries).unwrap_or(usize::MAX));
+        if self.jitter {
+            builder.with_jitter().build()
+        } else {
+            builder.build()
+        }
+    }
+}
+
+/// How a [`ReclaimQueue`](crate::ReclaimQueue) orders, retries and watches
+/// its work. Replace [`DefaultPolicy`] to change any of it.
+///
+/// The queue calls the policy outside its locks; a policy that panics in a
+/// worker is contained (the default schedule is used instead).
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{Priority, ReclaimPolicy, ResourceClass, RetrySchedule, TaskInfo};
+///
+/// /// Strict classes and no traffic bonus; tokens never retried.
+/// struct Strict;
+///
+/// impl ReclaimPolicy for Strict {
+///     fn priority(&self, task: &TaskInfo) -> Priority {
+///         Priority::due_in(Duration::from_secs(60) * task.class.rank())
+///     }
+///     fn retry_schedule(&self, task: &TaskInfo) -> RetrySchedule {
+///         if task.class == ResourceClass::Critical { RetrySchedule::none() } else { RetrySchedule::default() }
+///     }
+/// }
+/// ```
+pub trait ReclaimPolicy: Send + Sync + 'static {
+    /// The priority of a task, computed once when it is pushed.
+    fn priority(&self, task: &TaskInfo) -> Priority;
+
+    /// The retry schedule of a task, computed when it starts running.
+    fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {
+        RetrySchedule::default()
+    }
+
+    /// Sessions older than this are reported once each as long-lived by
+    /// [`ReclaimQueue::check_long_lived`](crate::ReclaimQueue::check_long_lived);
+    /// `None` turns the check off. 24 hours unless overridden.
+    fn long_lived_threshold(&self) -> Option<Duration> {
+        Some(Duration::from_secs(24 * 3600))
+    }
+}
+
+/// The default [`ReclaimPolicy`]: resource class first, then traffic, with
+/// aging.
+///
+/// A task of class rank `r` (0 for critical up to 3 for low) and traffic `t`
+/// bytes is due after
+/// `r × spacing + spacing / 2 × (1 − log2(1 + t) / 64)`: classes are
+/// `spacing` apart, and traffic moves a task up to half a spacing earlier
+/// within its class (busier sessions first). Tasks pushed together come out
+/// class by class, busiest first.
+///
+/// **Starvation bound.** No task waits behind a task pushed more than its own
+/// delay after it: a low task is never overtaken by work pushed more than
+/// `3.5 × spacing` later (3.5 s with the default spacing of 1 s), however
+/// much critical work keeps arriving.
+///
+/// ```
+/// use session_lifecycle::{DefaultPolicy, ReclaimPolicy, ResourceClass, RouterId, SessionId, TaskInfo};
+///
+/// let policy = DefaultPolicy::default();
+/// let task = |class, traffic| TaskInfo::new(SessionId::new(1), RouterId::new(1), class, traffic);
+/// let critical = policy.priority(&task(ResourceClass::Critical, 0));
+/// let busy_high = policy.priority(&task(ResourceClass::High, 1 << 40));
+/// let idle_high = policy.priority(&task(ResourceClass::High, 0));
+/// assert!(critical < busy_high && busy_high < idle_high);
+/// assert!(policy.priority(&task(ResourceClass::Low, 0)).delay() <= policy.max_delay());
+/// ```
+#[derive(Clone, Debug)]
+pub struct DefaultPolicy {
+    spacing: Duration,
+    retry: RetrySchedule,
+    long_lived: Option<Duration>,
+}
+
+/// Largest class spacing accepted; larger ones are clamped.
+const MAX_SPACING: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for DefaultPolicy {
+    fn default() -> Self {
+        Self {
+            spacing: Duration::from_secs(1),
+            retry: RetrySchedule::default(),
+            long_lived: Some(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl DefaultPolicy {
+    /// Sets how far apart the classes are (default 1 s, at most one day):
+    /// how long a less urgent task waits before it overtakes newer, more
+    /// urgent ones.
+    #[must_use]
+    pub fn class_spacing(mut self, spacing: Duration) -> Self {
+        self.spacing = spacing.min(MAX_SPACING);
+        self
+    }
+
+    /// Sets the retry schedule of every task.
+    #[must_use]
+    pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
+        self.retry = schedule;
+        self
+    }
+
+    /// Sets the long-lived threshold (`None`: no check).
+    #[must_use]
+    pub fn long_lived_threshold(mut self, threshold: Option<Duration>) -> Self {
+        self.long_lived = threshold;
+        self
+    }
+
+    /// The longest delay this policy gives a task (a low task of no
+    /// traffic): `3.5 × spacing`, the starvation bound.
+    #[must_use]
+    pub fn max_delay(&self) -> Duration {
+        self.spacing.saturating_mul(3) + self.spacing / 2
+    }
+}
+
+impl ReclaimPolicy for DefaultPolicy {
+    fn priority(&self, task: &TaskInfo) -> Priority {
+        let half = self.spacing / 2;
+        // log2(1 + t) ∈ [0, 64] for every u64 t.
+        let busy = ((task.traffic as f64) + 1.0).log2() / 64.0;
+        let within = Duration::try_from_secs_f64(half.as_secs_f64() * (1.0 - busy.clamp(0.0, 1.0)))
+            .unwrap_or(half);
+        Priority::due_in(
+            self.spacing
+                .saturating_mul(task.class.rank())
+                .saturating_add(within),
+        )
+    }
+
+    fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {
+        self.retry
+    }
+
+    fn long_lived_threshold(&self) -> Option<Duration> {
+        self.long_lived
+    }
+}
