@@ -29,6 +29,7 @@ use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
 use crate::id::{Incarnation, RouterId};
+use crate::reclaim::release_tasks;
 use crate::session::{CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
@@ -318,13 +319,13 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         let mut in_flight = Vec::new();
         let mut queued = Vec::new();
         for session in &self.tracked {
-            if let Some(queue) = &self.config.reclaim {
+            if self.config.reclaim.is_some() {
                 // The close is won here; its resources are released by the
                 // queue, critical ones of every session first.
                 match session.close_deferred(CloseReason::Forced) {
                     Ok(deferred) => {
                         forced += 1;
-                        queued.extend(queue.release_tasks(session, deferred));
+                        queued.extend(release_tasks(session, deferred));
                         in_flight.push(session);
                         continue;
                     }

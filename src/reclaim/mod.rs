@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 pub use policy::{DefaultPolicy, Priority, ReclaimPolicy, RetrySchedule};
 pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushError};
 
+pub(crate) use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
 use crate::session::{CloseOutcome, CloseReason, Session};
@@ -401,22 +402,13 @@ impl ReclaimQueue {
     {
         match session.close_deferred(reason) {
             Ok(deferred) => {
-                for task in task::release_tasks(session, deferred) {
+                for task in release_tasks(session, deferred) {
                     self.push_or_release(task).await;
                 }
                 CloseOutcome::Closed
             }
             Err(outcome) => outcome,
         }
-    }
-
-    /// The tasks releasing the resources of a session closed deferred.
-    pub(crate) fn release_tasks<P>(
-        &self,
-        session: &Session<P>,
-        deferred: crate::session::DeferredClose,
-    ) -> impl Iterator<Item = ReclaimTask> + use<P> {
-        task::release_tasks(session, deferred)
     }
 
     /// Queues a task of [`close_session`](Self::close_session) or, on a

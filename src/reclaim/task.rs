@@ -227,7 +227,7 @@ impl Drop for ReleaseGroup {
 
 /// The tasks releasing the resources of a session closed with
 /// `close_deferred`: one per class, most urgent first.
-pub(super) fn release_tasks<P>(
+pub(crate) fn release_tasks<P>(
     session: &Session<P>,
     deferred: DeferredClose,
 ) -> impl Iterator<Item = ReclaimTask> + use<P> {

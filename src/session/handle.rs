@@ -261,17 +261,15 @@ impl<P> Session<P> {
         }
         let resources = self.take_resources();
         let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
-        if !resources.is_empty() {
-            for resource in resources.into_release_order() {
-                if resource.release_inline() {
-                    self.release_contained(resource, reason);
-                    continue;
-                }
-                let class = resource.class();
-                match groups.iter_mut().find(|(c, _)| *c == class) {
-                    Some((_, group)) => group.push(resource),
-                    None => groups.push((class, vec![resource])),
-                }
+        for resource in resources.into_release_order() {
+            if resource.release_inline() {
+                self.release_contained(resource, reason);
+                continue;
+            }
+            let class = resource.class();
+            match groups.iter_mut().find(|(c, _)| *c == class) {
+                Some((_, group)) => group.push(resource),
+                None => groups.push((class, vec![resource])),
             }
         }
         groups.sort_by_key(|(class, _)| class.rank());
