@@ -35,6 +35,15 @@
 //!   the order, the retries or the long-lived threshold. Give it to the
 //!   deleter ([`RouterDeleterBuilder::reclaim_queue`]) and forced sessions'
 //!   resources are released through it, critical first.
+//! - [`LivenessMonitor`]: finds dead sessions without convicting live ones.
+//!   [`LivenessMonitor::heartbeat`] is a few atomic operations on the
+//!   session; each session's timeout adapts to its own heartbeat
+//!   inter-arrival (RFC 6298 style); one task and one timer wheel look at
+//!   each session once per timeout; suspects are probed through your
+//!   [`Prober`], one call per router and round, and reaped
+//!   ([`CloseReason::LivenessTimeout`]) after the last silent round, within
+//!   [`LivenessMonitor::reap_bound`]. If the controller itself stalls, the
+//!   monitor extends deadlines instead of convicting anyone.
 //!
 //! # Quick start
 //!
@@ -132,7 +141,9 @@
 
 mod deleter;
 mod id;
+mod liveness;
 mod loom;
+mod message;
 mod reclaim;
 mod session;
 mod store;
@@ -142,6 +153,10 @@ pub use deleter::{
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
 };
 pub use id::{Incarnation, RouterId, SessionId};
+pub use liveness::{
+    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats,
+    MonitorBuildError, NoProbe, ProbeBatch, ProbeError, Prober, WatchError,
+};
 pub use reclaim::{
     BuildError, DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind,
     ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask,

@@ -40,6 +40,7 @@ fn a_session_costs_at_most_256_bytes_and_memory_returns_after_close() {
     }
     let total = ROUTERS * PER_ROUTER;
     let per_session = (ALLOC.allocated() - start) as f64 / total as f64;
+    println!("{per_session:.1} bytes per session");
     assert!(
         per_session <= MAX_BYTES_PER_SESSION,
         "{per_session:.1} bytes per session"

@@ -1,10 +1,10 @@
 //! The controller's side of termination: telling routers to close sessions.
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
 use crate::id::{Incarnation, RouterId, SessionId};
+use crate::message::transport_error;
 
 /// Tells a router (and through it, clients) to close sessions.
 ///
@@ -70,38 +70,8 @@ pub struct TerminationBatch {
     pub round: u32,
 }
 
-/// A notification could not be sent.
-#[derive(Clone, thiserror::Error)]
-#[error("termination notice not sent: {0}")]
-pub struct NotifyError(Arc<dyn std::error::Error + Send + Sync>);
-
-impl NotifyError {
-    /// Wraps the transport's error.
-    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self(Arc::new(error))
-    }
-
-    /// An error with a message only.
-    pub fn msg(message: impl Into<String>) -> Self {
-        Self(Arc::new(Message(message.into())))
-    }
-}
-
-impl fmt::Debug for NotifyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("NotifyError")
-            .field(&self.0.to_string())
-            .finish()
-    }
-}
-
-#[derive(Debug)]
-struct Message(String);
-
-impl fmt::Display for Message {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Message {}
+transport_error!(
+    /// A notification could not be sent.
+    NotifyError,
+    "termination notice not sent"
+);

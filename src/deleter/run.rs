@@ -29,7 +29,6 @@ use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
 use crate::id::{Incarnation, RouterId};
-use crate::reclaim::release_tasks;
 use crate::session::{CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
@@ -315,44 +314,28 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// Force-closes what is still open and waits until every tracked close
     /// has completed; returns how many this run forced.
     async fn force_close(&self) -> usize {
-        let mut forced = 0;
-        let mut in_flight = Vec::new();
-        let mut queued = Vec::new();
-        for session in &self.tracked {
-            if self.config.reclaim.is_some() {
-                // The close is won here; its resources are released by the
-                // queue, critical ones of every session first.
-                match session.close_deferred(CloseReason::Forced) {
-                    Ok(deferred) => {
-                        forced += 1;
-                        queued.extend(release_tasks(session, deferred));
-                        in_flight.push(session);
-                        continue;
-                    }
-                    Err(_already_closed) => {}
-                }
-            } else if session.close(CloseReason::Forced).won() {
-                // A close this run wins completes before `close` returns.
-                forced += 1;
-                continue;
-            }
-            // Won by another caller, who may still be releasing resources.
-            if !session.is_close_complete() {
-                in_flight.push(session);
-            }
-        }
+        let forced = match &self.config.reclaim {
+            // The closes are won here; resources are released by the queue,
+            // critical ones of every session first.
+            Some(queue) => queue
+                .close_sessions(&self.tracked, CloseReason::Forced)
+                .await
+                .len(),
+            // A close won here completes before `close` returns.
+            None => self
+                .tracked
+                .iter()
+                .filter(|session| session.close(CloseReason::Forced).won())
+                .count(),
+        };
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
-        if let Some(queue) = &self.config.reclaim {
-            // Stable: within a class, sessions keep the run's order.
-            queued.sort_by_key(|task| task.info().class.rank());
-            for task in queued {
-                queue.push_or_release(task).await;
+        // Closes won by other callers, or queued, may still be releasing.
+        for session in self.tracked.iter().chain(&self.closing) {
+            if !session.is_close_complete() {
+                session.closed().await;
             }
-        }
-        for session in in_flight.into_iter().chain(&self.closing) {
-            session.closed().await;
         }
         forced
     }

@@ -40,9 +40,10 @@ use tokio_util::task::TaskTracker;
 pub use policy::{DefaultPolicy, Priority, ReclaimPolicy, RetrySchedule};
 pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushError};
 
-pub(crate) use task::release_tasks;
+use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
+use crate::id::SessionId;
 use crate::session::{CloseOutcome, CloseReason, Session};
 
 /// A bounded priority queue of reclamation work, run by worker tasks.
@@ -409,6 +410,34 @@ impl ReclaimQueue {
             }
             Err(outcome) => outcome,
         }
+    }
+
+    /// Closes every open session of `sessions` with `reason` first, then
+    /// queues their releases, the most urgent class of all sessions first
+    /// (within a class, in the order given). Returns the ids of the
+    /// sessions this call closed.
+    pub(crate) async fn close_sessions<P>(
+        &self,
+        sessions: &[Session<P>],
+        reason: CloseReason,
+    ) -> Vec<SessionId>
+    where
+        P: Send + Sync + 'static,
+    {
+        let mut closed = Vec::new();
+        let mut queued = Vec::new();
+        for session in sessions {
+            if let Ok(deferred) = session.close_deferred(reason) {
+                closed.push(session.id());
+                queued.extend(release_tasks(session, deferred));
+            }
+        }
+        // Stable: within a class, sessions keep the given order.
+        queued.sort_by_key(|task| task.info().class.rank());
+        for task in queued {
+            self.push_or_release(task).await;
+        }
+        closed
     }
 
     /// Queues a task of [`close_session`](Self::close_session) or, on a

@@ -23,9 +23,10 @@ use std::task::Waker;
 
 use tokio::time::{Duration, Instant};
 
+use super::beat::Beat;
 use super::closed::{Closed, ClosedOwned};
 use super::resource::{AttachError, Resource, ResourceClass, Resources};
-use super::state::{CloseOutcome, CloseReason, SessionState, StateWord, Transition};
+use super::state::{CloseOutcome, CloseReason, SessionState, StateWord, Transition, WatchRefused};
 use super::token::SessionToken;
 use super::traffic::{Traffic, TrafficCounters};
 use crate::id::{Incarnation, RouterId, SessionId};
@@ -75,6 +76,7 @@ pub(super) struct Inner<P> {
     created_at: Instant,
     pub(super) word: StateWord,
     traffic: TrafficCounters,
+    beat: Beat,
     pub(super) shared: Mutex<Shared>,
     payload: P,
 }
@@ -167,6 +169,26 @@ impl<P> Session<P> {
     /// [`Session::closed`] waits for).
     pub(crate) fn is_close_complete(&self) -> bool {
         self.inner.word.completed().is_some()
+    }
+
+    /// Returns `true` if both handles are clones of one session.
+    pub(crate) fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The session's heartbeat state.
+    pub(crate) fn beat(&self) -> &Beat {
+        &self.inner.beat
+    }
+
+    /// Tags the session as watched by the liveness monitor `tag`.
+    pub(crate) fn watch(&self, tag: u16) -> Result<(), WatchRefused> {
+        self.inner.word.watch(tag)
+    }
+
+    /// The tag of the monitor watching the session (0: none) and its state.
+    pub(crate) fn watcher(&self) -> (u16, SessionState) {
+        self.inner.word.watcher()
     }
 
     /// Flags the session as reported long-lived; `true` for the one caller
@@ -479,6 +501,7 @@ impl<P> NewSession<P> {
                 created_at: Instant::now(),
                 word: StateWord::new(),
                 traffic: TrafficCounters::default(),
+                beat: Beat::default(),
                 shared: Mutex::new(Shared {
                     token: self.token,
                     ..Shared::default()

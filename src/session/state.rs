@@ -23,6 +23,13 @@ const COMPLETE: u32 = 1 << 2;
 /// Set once the session was reported long-lived; survives every transition.
 const LONG_LIVED: u32 = 1 << 3;
 const REASON_SHIFT: u32 = 8;
+const REASON_MASK: u32 = 0xFF;
+/// The tag of the liveness monitor watching the session (0: none), in bits
+/// 16–31; set once, survives every transition.
+const WATCHER_SHIFT: u32 = 16;
+const WATCHER_MASK: u32 = 0xFFFF << WATCHER_SHIFT;
+/// The bits a close carries over from the open state.
+const KEPT_ON_CLOSE: u32 = LONG_LIVED | WATCHER_MASK;
 
 /// Where a session is in its life.
 ///
@@ -185,7 +192,8 @@ impl CloseOutcome {
 }
 
 /// The atomic state word: state in bits 0–1, `COMPLETE` in bit 2,
-/// `LONG_LIVED` in bit 3, the close reason's code in bits 8–15.
+/// `LONG_LIVED` in bit 3, the close reason's code in bits 8–15, the
+/// watching monitor's tag in bits 16–31.
 #[derive(Debug)]
 pub(crate) struct StateWord(AtomicU32);
 
@@ -250,7 +258,7 @@ impl StateWord {
         loop {
             if current & STATE_MASK == CLOSED {
                 return CloseOutcome::AlreadyClosed {
-                    reason: CloseReason::from_code(current >> REASON_SHIFT),
+                    reason: CloseReason::from_code((current >> REASON_SHIFT) & REASON_MASK),
                 };
             }
             // AcqRel on success: publishes everything the closer did before
@@ -258,7 +266,7 @@ impl StateWord {
             // failure for the reason read above.
             match self.0.compare_exchange_weak(
                 current,
-                closed | (current & LONG_LIVED),
+                closed | (current & KEPT_ON_CLOSE),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -274,12 +282,60 @@ impl StateWord {
         self.0.fetch_or(LONG_LIVED, Ordering::Relaxed) & LONG_LIVED == 0
     }
 
+    /// Tags the session as watched by the monitor `tag` (non-zero).
+    pub(crate) fn watch(&self, tag: u16) -> Result<(), WatchRefused> {
+        let tag = u32::from(tag) << WATCHER_SHIFT;
+        // Relaxed first guess; the compare-exchange below re-reads.
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            if current & STATE_MASK == CLOSED {
+                return Err(WatchRefused::Closed);
+            }
+            if current & WATCHER_MASK != 0 {
+                return Err(WatchRefused::Watched);
+            }
+            // Release on success, paired with the Acquire of `watcher`: a
+            // heartbeat that sees the tag sees what the watcher did before.
+            // The watcher writes the initial liveness state right after; a
+            // heartbeat racing that write is overwritten, which is harmless.
+            match self.0.compare_exchange_weak(
+                current,
+                current | tag,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(word) => current = word,
+            }
+        }
+    }
+
+    /// The tag of the watching monitor (0: none) and the state, from one
+    /// load.
+    pub(crate) fn watcher(&self) -> (u16, SessionState) {
+        // Acquire pairs with the Release of `watch`.
+        let word = self.0.load(Ordering::Acquire);
+        // Lossless: the shift leaves 16 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let tag = (word >> WATCHER_SHIFT) as u16;
+        (tag, decode_state(word))
+    }
+
     /// Marks the close complete; only the caller that won `close` calls it.
     pub(crate) fn mark_complete(&self) {
         // Release: publishes the released resources and wiped token to any
         // waiter that Acquire-loads COMPLETE.
         self.0.fetch_or(COMPLETE, Ordering::Release);
     }
+}
+
+/// Why a session could not be watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WatchRefused {
+    /// The session is closed.
+    Closed,
+    /// A monitor watches it already.
+    Watched,
 }
 
 fn decode_state(word: u32) -> SessionState {
@@ -291,7 +347,8 @@ fn decode_state(word: u32) -> SessionState {
 }
 
 fn decode_reason(word: u32) -> Option<CloseReason> {
-    (word & STATE_MASK == CLOSED).then(|| CloseReason::from_code(word >> REASON_SHIFT))
+    (word & STATE_MASK == CLOSED)
+        .then(|| CloseReason::from_code((word >> REASON_SHIFT) & REASON_MASK))
 }
 
 #[cfg(all(test, not(session_lifecycle_loom)))]
@@ -323,5 +380,31 @@ mod tests {
                 }
         );
         assert_eq!(word.reason(), Some(CloseReason::ClientClosed));
+    }
+
+    #[test]
+    fn the_watcher_tag_is_set_once_and_survives_every_transition() {
+        let word = StateWord::new();
+        assert_eq!(word.watcher(), (0, SessionState::Active));
+        assert_eq!(word.watch(7), Ok(()));
+        assert_eq!(word.watch(8), Err(WatchRefused::Watched));
+        assert!(word.flag_long_lived());
+        assert!(word.begin_terminating().won());
+        assert_eq!(word.watcher(), (7, SessionState::Terminating));
+        assert!(word.close(CloseReason::LivenessTimeout).won());
+        word.mark_complete();
+        assert_eq!(word.watcher(), (7, SessionState::Closed));
+        assert_eq!(word.completed(), Some(CloseReason::LivenessTimeout));
+        assert!(!word.flag_long_lived());
+
+        let word = StateWord::new();
+        assert!(word.close(CloseReason::ClientClosed).won());
+        assert_eq!(word.watch(3), Err(WatchRefused::Closed));
+        assert_eq!(word.watcher(), (0, SessionState::Closed));
+        let word = StateWord::new();
+        assert_eq!(word.watch(u16::MAX), Ok(()));
+        assert!(word.close(CloseReason::ClientClosed).won());
+        assert_eq!(word.reason(), Some(CloseReason::ClientClosed));
+        assert_eq!(word.watcher(), (u16::MAX, SessionState::Closed));
     }
 }

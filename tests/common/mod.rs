@@ -239,3 +239,84 @@ impl SlowRelease {
         released
     }
 }
+
+/// What the recording prober answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Nobody answers.
+    Nobody,
+    /// Every probed session answers in the call's result.
+    Everyone,
+    /// Each probed session answers with probability `per_mille / 1000`
+    /// (deterministic: a xorshift seeded per prober).
+    Some { per_mille: u64 },
+}
+
+/// A prober that records every call and answers as told.
+pub struct RecordingProber {
+    pub answer: Answer,
+    pub calls: parking_lot::Mutex<Vec<session_lifecycle::ProbeBatch>>,
+    rng: parking_lot::Mutex<Rng>,
+}
+
+impl RecordingProber {
+    pub fn new(answer: Answer) -> Arc<Self> {
+        Arc::new(Self {
+            answer,
+            calls: parking_lot::Mutex::new(Vec::new()),
+            rng: parking_lot::Mutex::new(Rng::new(0x5eed)),
+        })
+    }
+
+    /// Calls made for `router`, with how many sessions each carried.
+    pub fn calls_for(&self, router: RouterId) -> Vec<usize> {
+        self.calls
+            .lock()
+            .iter()
+            .filter(|batch| batch.router == router)
+            .map(|batch| batch.sessions.len())
+            .collect()
+    }
+}
+
+impl session_lifecycle::Prober for RecordingProber {
+    async fn probe(
+        &self,
+        batch: session_lifecycle::ProbeBatch,
+    ) -> Result<Vec<SessionId>, session_lifecycle::ProbeError> {
+        self.calls.lock().push(batch.clone());
+        Ok(match self.answer {
+            Answer::Nobody => Vec::new(),
+            Answer::Everyone => batch.sessions,
+            Answer::Some { per_mille } => {
+                let mut rng = self.rng.lock();
+                batch
+                    .sessions
+                    .into_iter()
+                    .filter(|_| rng.below(1_000) < per_mille)
+                    .collect()
+            }
+        })
+    }
+}
+
+/// A small deterministic xorshift generator for simulations.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in `0..bound` (bound > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}

@@ -1,0 +1,267 @@
+//! Configuration of the liveness monitor and the bounds it implies.
+
+use std::sync::Arc;
+
+use tokio::time::Duration;
+
+use super::LivenessMonitor;
+use super::probe::Prober;
+use super::report::MonitorBuildError;
+use crate::reclaim::ReclaimQueue;
+use crate::session::TimeoutRule;
+use crate::store::SessionStore;
+
+/// The longest any duration setting may be.
+const MAX_SETTING: Duration = Duration::from_secs(24 * 60 * 60);
+/// The finest and coarsest monitor tick.
+const GRANULARITY: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(1));
+/// Timer wheel sizes, in slots (powers of two).
+const WHEEL_SLOTS: (u64, u64) = (64, 1 << 16);
+
+/// The validated settings, in the monitor's units (milliseconds).
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) interval: u64,
+    pub(crate) rule: TimeoutRule,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) probe_retries: u32,
+    pub(crate) events: usize,
+    pub(crate) reclaim: Option<ReclaimQueue>,
+}
+
+impl Config {
+    /// The monitor's tick: its clock's resolution and the timer wheel's
+    /// slot width.
+    pub(crate) fn tick(&self) -> Duration {
+        Duration::from_millis(self.rule.granularity)
+    }
+
+    /// Slots of the timer wheel: enough to cover the maximum timeout, so
+    /// an entry is looked at once per timeout, not more.
+    pub(crate) fn wheel_slots(&self) -> u64 {
+        (self.rule.max.div_ceil(self.rule.granularity) + 2)
+            .next_power_of_two()
+            .clamp(WHEEL_SLOTS.0, WHEEL_SLOTS.1)
+    }
+
+    /// The wait before the next probe round of suspects that failed
+    /// `failed` rounds (≥ 1): half the probe timeout, doubling, capped at
+    /// four probe timeouts.
+    pub(crate) fn probe_backoff(&self, failed: u32) -> Duration {
+        let half = self.probe_timeout / 2;
+        let factor = 1u32 << failed.saturating_sub(1).min(3);
+        half.saturating_mul(factor)
+            .min(self.probe_timeout.saturating_mul(4))
+    }
+
+    /// See [`LivenessMonitor::reap_bound`].
+    pub(crate) fn reap_bound(&self, timeout: Duration) -> Duration {
+        let rounds = self.probe_retries.saturating_add(1);
+        // A suspect may first wait for the round in flight, then goes
+        // through its own rounds with a backoff between each two.
+        let mut total = timeout
+            .saturating_add(self.tick())
+            .saturating_add(self.probe_timeout.saturating_mul(rounds.saturating_add(1)));
+        for failed in 1..=self.probe_retries.min(64) {
+            total = total.saturating_add(self.probe_backoff(failed));
+        }
+        let beyond = self.probe_retries.saturating_sub(64);
+        total = total.saturating_add(self.probe_backoff(64).saturating_mul(beyond));
+        // Timer granularity: tokio fires timers on whole milliseconds; one
+        // millisecond per timer (the tick, and per round the probe timeout
+        // and the backoff).
+        let timers = rounds.saturating_add(1).saturating_mul(2).saturating_add(1);
+        total.saturating_add(Duration::from_millis(u64::from(timers)))
+    }
+}
+
+/// Builder of a [`LivenessMonitor`].
+///
+/// Every duration is checked by [`build`](Self::build), which returns a
+/// [`MonitorBuildError`] instead of panicking.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{LivenessMonitor, MemoryStore, ProbeBatch, ProbeError, Prober, SessionId};
+///
+/// struct Wire;
+/// impl Prober for Wire {
+///     async fn probe(&self, _: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+///         Ok(Vec::new()) // answers come back as heartbeats
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let monitor = LivenessMonitor::builder()
+///     .heartbeat_interval(Duration::from_secs(5))
+///     .timeout_range(Duration::from_secs(5), Duration::from_secs(120))
+///     .pause_allowance(Duration::from_secs(2))
+///     .probe_timeout(Duration::from_secs(2))
+///     .probe_retries(3)
+///     .build(Arc::new(MemoryStore::new()), Wire)?;
+/// assert!(monitor.reap_bound(Duration::from_secs(10)) > Duration::from_secs(18));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct LivenessMonitorBuilder {
+    interval: Duration,
+    min_timeout: Duration,
+    max_timeout: Duration,
+    pause_allowance: Duration,
+    granularity: Duration,
+    probe_timeout: Duration,
+    probe_retries: u32,
+    events: usize,
+    reclaim: Option<ReclaimQueue>,
+}
+
+impl Default for LivenessMonitorBuilder {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            min_timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(60),
+            pause_allowance: Duration::from_secs(1),
+            granularity: Duration::from_millis(50),
+            probe_timeout: Duration::from_secs(1),
+            probe_retries: 2,
+            events: 1_024,
+            reclaim: None,
+        }
+    }
+}
+
+impl LivenessMonitorBuilder {
+    /// A builder with the defaults: heartbeat interval 1 s, timeout within
+    /// [1 s, 60 s], pause allowance 1 s, granularity 50 ms, probe timeout
+    /// 1 s, 2 probe retries, 1,024 buffered events, no reclaim queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How often sessions are expected to heartbeat: the estimate every
+    /// newly watched session starts from. Within [granularity, 1 day].
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// The range every session's timeout is clamped to. `min ≤ max`, both
+    /// within [granularity, 1 day].
+    pub fn timeout_range(mut self, min: Duration, max: Duration) -> Self {
+        self.min_timeout = min;
+        self.max_timeout = max;
+        self
+    }
+
+    /// Added to every timeout: how long the controller itself may stall
+    /// (a pause, a slow disk) without convicting anyone. A monitor tick
+    /// late by more than this extends every deadline instead (the
+    /// local-health guard). At most 1 day.
+    pub fn pause_allowance(mut self, allowance: Duration) -> Self {
+        self.pause_allowance = allowance;
+        self
+    }
+
+    /// The monitor's tick: the resolution of heartbeat times and the
+    /// granularity floor of the timeout (RFC 6298's G). Within
+    /// [1 ms, 1 s]; whole milliseconds.
+    pub fn granularity(mut self, granularity: Duration) -> Self {
+        self.granularity = granularity;
+        self
+    }
+
+    /// How long a probe round waits for answers. Within (0, 1 day].
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// How many more probe rounds a suspect gets after the first before it
+    /// is reaped.
+    pub fn probe_retries(mut self, retries: u32) -> Self {
+        self.probe_retries = retries;
+        self
+    }
+
+    /// How many events a subscriber may fall behind before it misses some.
+    pub fn event_capacity(mut self, events: usize) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Releases reaped sessions' resources through `queue` (by class, then
+    /// traffic) instead of inline in the monitor.
+    pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
+        self.reclaim = Some(queue);
+        self
+    }
+
+    /// Builds the monitor and starts its task on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`MonitorBuildError`] names the setting out of range, or says there
+    /// is no runtime.
+    pub fn build<S, Pr>(
+        self,
+        store: Arc<S>,
+        prober: Pr,
+    ) -> Result<LivenessMonitor<S, Pr>, MonitorBuildError>
+    where
+        S: SessionStore,
+        Pr: Prober,
+    {
+        let config = self.validate()?;
+        LivenessMonitor::start(store, prober, config)
+    }
+
+    fn validate(self) -> Result<Config, MonitorBuildError> {
+        let (finest, coarsest) = GRANULARITY;
+        if self.granularity < finest || self.granularity > coarsest {
+            return Err(MonitorBuildError::Granularity(self.granularity));
+        }
+        let granularity = self.granularity;
+        let within = |d: Duration| d >= granularity && d <= MAX_SETTING;
+        if !within(self.interval) {
+            return Err(MonitorBuildError::HeartbeatInterval(self.interval));
+        }
+        if !within(self.min_timeout)
+            || !within(self.max_timeout)
+            || self.min_timeout > self.max_timeout
+        {
+            return Err(MonitorBuildError::TimeoutRange {
+                min: self.min_timeout,
+                max: self.max_timeout,
+            });
+        }
+        if self.pause_allowance > MAX_SETTING {
+            return Err(MonitorBuildError::PauseAllowance(self.pause_allowance));
+        }
+        if self.probe_timeout.is_zero() || self.probe_timeout > MAX_SETTING {
+            return Err(MonitorBuildError::ProbeTimeout(self.probe_timeout));
+        }
+        Ok(Config {
+            interval: millis(self.interval),
+            rule: TimeoutRule {
+                granularity: millis(granularity).max(1),
+                pause_allowance: millis(self.pause_allowance),
+                min: millis(self.min_timeout),
+                max: millis(self.max_timeout),
+            },
+            probe_timeout: self.probe_timeout,
+            probe_retries: self.probe_retries,
+            events: self.events.max(1),
+            reclaim: self.reclaim,
+        })
+    }
+}
+
+/// Whole milliseconds of `d`, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,554 @@
+//! Liveness: adaptive heartbeat timeouts, probing of suspects, and reaping
+//! of dead sessions.
+//!
+//! # Invariants
+//!
+//! - A session is watched by at most one monitor: its state word carries
+//!   the monitor's tag, set once by [`LivenessMonitor::watch`].
+//! - A watched, active session is in exactly one place: the `incoming`
+//!   list, the wheel (owned by the monitor task), a router's pending
+//!   suspects, or its probe driver's round. Closed and terminating sessions
+//!   leave wherever they are next looked at.
+//! - The clock only moves forward: the monitor task raises it each tick
+//!   (`fetch_max`); its top bit, once set, says the monitor stopped.
+//!
+//! # Deadlock safety
+//!
+//! Two locks, `incoming` and `suspects`, never held together, never across
+//! an `.await` or while user code (the prober, the store) runs.
+
+mod config;
+mod probe;
+mod report;
+mod wheel;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::sync::broadcast;
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::LivenessMonitorBuilder;
+pub use probe::{NoProbe, ProbeBatch, ProbeError, Prober};
+pub use report::{HeartbeatError, LivenessEvent, LivenessStats, MonitorBuildError, WatchError};
+
+use crate::id::{RouterId, SessionId};
+use crate::session::{Estimate, Session, SessionState, WatchRefused};
+use crate::store::{MemoryStore, SessionStore};
+use config::{Config, millis};
+use probe::{Group, Suspect};
+use wheel::Wheel;
+
+/// Set in the clock once the monitor stops.
+const STOPPED: u64 = 1 << 63;
+
+/// Tags tell monitors apart in a session's state word; 0 means unwatched.
+static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
+
+/// Finds dead ("zombie") sessions quickly without convicting live ones.
+///
+/// - **Heartbeats** ([`heartbeat`](Self::heartbeat)) are a few atomic
+///   operations on state the session already holds: no lock, no
+///   allocation, no timer work. [`heartbeat_id`](Self::heartbeat_id) takes
+///   an id off the wire (one store look-up more).
+/// - **Adaptive timeouts.** Each session's timeout follows its own
+///   heartbeat inter-arrival, RFC 6298 style: smoothed mean and mean
+///   deviation (α = 1/8, β = 1/4); timeout = mean + max(granularity,
+///   4 × deviation) + pause allowance, clamped to the configured range. A
+///   session that slows down gradually widens its own timeout.
+/// - **One task, one timer wheel, lazy re-arm.** Each session has one wheel
+///   entry; when it comes up, a session heard since is re-filed at its new
+///   deadline, one not heard becomes suspect. The monitor's work grows with
+///   timeouts, not heartbeats.
+/// - **Probes.** Suspects are probed through your [`Prober`], one call per
+///   router and round; an answer (or a heartbeat) before the probe timeout
+///   spares the session. After `1 + probe_retries` silent rounds, with
+///   backoff between them, the session is reaped: closed with
+///   [`CloseReason::LivenessTimeout`](crate::CloseReason::LivenessTimeout),
+///   its resources released through the
+///   [`ReclaimQueue`](crate::ReclaimQueue) if one is configured, and removed
+///   from the store. [`reap_bound`](Self::reap_bound) bounds how long that
+///   takes.
+/// - **Local-health guard.** If the monitor's own tick runs late by more
+///   than the pause allowance (the controller was paused or starved), it
+///   extends every deadline by the stall instead of convicting anyone.
+///
+/// Events ([`subscribe`](Self::subscribe)) come per router, and say when a
+/// whole router went silent.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+///     SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+///
+/// let alive = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let dead = store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
+/// monitor.watch(&alive)?;
+/// monitor.watch(&dead)?;
+///
+/// // `alive` heartbeats every second; `dead` never does.
+/// for _ in 0..20 {
+///     tokio::time::sleep(Duration::from_secs(1)).await;
+///     monitor.heartbeat(&alive)?;
+/// }
+/// assert_eq!(dead.close_reason(), Some(CloseReason::LivenessTimeout));
+/// assert!(!alive.is_closed());
+/// assert!(store.get(dead.id()).await?.is_none()); // removed from the store
+/// assert_eq!(monitor.stats().reaped, 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct LivenessMonitor<S: SessionStore, Pr> {
+    shared: Arc<Shared<S, Pr>>,
+    _owner: Arc<Owner>,
+}
+
+/// Stops the monitor when the last handle drops.
+#[derive(Debug)]
+struct Owner(CancellationToken);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+struct Shared<S: SessionStore, Pr> {
+    store: Arc<S>,
+    prober: Pr,
+    config: Config,
+    tag: u16,
+    epoch: Instant,
+    /// Milliseconds since `epoch`, raised each tick; `STOPPED` once stopped.
+    clock: AtomicU64,
+    /// The end of the last stall: sessions count as heard then at least.
+    amnesty: AtomicU64,
+    /// Sessions to file in the wheel: new watches and spared suspects.
+    incoming: Mutex<Vec<Session<S::Payload>>>,
+    suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
+    counters: Counters,
+    events: broadcast::Sender<LivenessEvent>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl<S: SessionStore, Pr> Clone for LivenessMonitor<S, Pr> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            _owner: Arc::clone(&self._owner),
+        }
+    }
+}
+
+impl<S: SessionStore, Pr> fmt::Debug for LivenessMonitor<S, Pr> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LivenessMonitor")
+            .field("config", &self.shared.config)
+            .field("stats", &self.shared.counters.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LivenessMonitor<MemoryStore, NoProbe> {
+    /// A builder to configure the monitor, for any store and prober.
+    pub fn builder() -> LivenessMonitorBuilder {
+        LivenessMonitorBuilder::new()
+    }
+}
+
+impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
+    fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, MonitorBuildError> {
+        let runtime = Handle::try_current().map_err(|_| MonitorBuildError::NoRuntime)?;
+        let tag = loop {
+            // Relaxed: a unique counter. Skips 0, which means "unwatched".
+            let raw = NEXT_TAG.fetch_add(1, Ordering::Relaxed) % u32::from(u16::MAX);
+            if let Ok(tag) = u16::try_from(raw + 1) {
+                break tag;
+            }
+        };
+        let (events, _) = broadcast::channel(config.events);
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            store,
+            prober,
+            config,
+            tag,
+            epoch: Instant::now(),
+            clock: AtomicU64::new(0),
+            amnesty: AtomicU64::new(0),
+            incoming: Mutex::new(Vec::new()),
+            suspects: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            events,
+            stop: stop.clone(),
+            tracker: TaskTracker::new(),
+        });
+        shared.tracker.spawn_on(run(Arc::clone(&shared)), &runtime);
+        Ok(Self {
+            shared,
+            _owner: Arc::new(Owner(stop)),
+        })
+    }
+
+    /// Starts watching `session`: from now on it must heartbeat (or answer
+    /// probes) within its timeout. Its estimate starts from the configured
+    /// heartbeat interval.
+    ///
+    /// # Errors
+    ///
+    /// [`WatchError`] if the session is closed, already watched (by this or
+    /// another monitor), or the monitor is shut down.
+    pub fn watch(&self, session: &Session<S::Payload>) -> Result<(), WatchError> {
+        let shared = &*self.shared;
+        if shared.stopped() {
+            return Err(WatchError::ShutDown);
+        }
+        session.watch(shared.tag).map_err(|refused| match refused {
+            WatchRefused::Closed => WatchError::Closed(session.id()),
+            WatchRefused::Watched => WatchError::AlreadyWatched(session.id()),
+        })?;
+        session
+            .beat()
+            .reset(shared.now(), Estimate::initial(shared.config.interval));
+        shared.counters.watched.fetch_add(1, Ordering::Relaxed);
+        shared.incoming.lock().push(session.clone());
+        Ok(())
+    }
+
+    /// Records a heartbeat of `session`: a few atomic operations, no lock,
+    /// no allocation, no timer work.
+    ///
+    /// # Errors
+    ///
+    /// [`HeartbeatError`] for a closed session, one this monitor does not
+    /// watch, or after shutdown; the heartbeat is counted in
+    /// [`LivenessStats::ignored_heartbeats`] and changes nothing.
+    #[inline]
+    pub fn heartbeat(&self, session: &Session<S::Payload>) -> Result<(), HeartbeatError> {
+        let shared = &*self.shared;
+        let (tag, state) = session.watcher();
+        // Relaxed: the clock orders nothing; one tick of staleness is the
+        // granularity the estimate allows for.
+        let clock = shared.clock.load(Ordering::Relaxed);
+        if tag != shared.tag || state.is_closed() || clock & STOPPED != 0 {
+            return Err(shared.ignore(session.id(), tag, state));
+        }
+        session.beat().record(clock, shared.config.rule.max);
+        Ok(())
+    }
+
+    /// Records a heartbeat of the session with this id, looked up in the
+    /// store: for controllers that receive ids off the wire. On a
+    /// [`MemoryStore`] the look-up never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`heartbeat`](Self::heartbeat), plus
+    /// [`HeartbeatError::UnknownSession`] if the store holds no such session
+    /// and [`HeartbeatError::Store`] if its backend failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the heartbeat is recorded, or not, in one step after the
+    /// look-up.
+    pub async fn heartbeat_id(&self, id: SessionId) -> Result<(), HeartbeatError> {
+        match self.shared.store.get(id).await {
+            Ok(Some(session)) => self.heartbeat(&session),
+            Ok(None) => Err(self.shared.ignored(HeartbeatError::UnknownSession(id))),
+            Err(error) => Err(self.shared.ignored(HeartbeatError::Store { id, error })),
+        }
+    }
+
+    /// The session's current timeout, if this monitor watches it and it is
+    /// open: its deadline is this long after it was last heard.
+    #[must_use]
+    pub fn timeout(&self, session: &Session<S::Payload>) -> Option<Duration> {
+        let (tag, state) = session.watcher();
+        (tag == self.shared.tag && !state.is_closed()).then(|| {
+            let timeout = session.beat().estimate().timeout(&self.shared.config.rule);
+            Duration::from_millis(timeout)
+        })
+    }
+
+    /// The longest from a session's last heartbeat to its reap, for a
+    /// session whose timeout is `timeout` (see [`timeout`](Self::timeout)),
+    /// if nothing answers for it: the timeout, one tick for the wheel, one
+    /// probe timeout for a round already in flight for its router, then
+    /// `1 + probe_retries` rounds of one probe timeout each with their
+    /// backoffs, and a millisecond per timer. A stall caught by the
+    /// local-health guard extends it by the stall. Saturates at
+    /// [`Duration::MAX`].
+    #[must_use]
+    pub fn reap_bound(&self, timeout: Duration) -> Duration {
+        self.shared.config.reap_bound(timeout)
+    }
+
+    /// Subscribes to the monitor's events from now on.
+    ///
+    /// A subscriber that falls behind by more than the event capacity loses
+    /// the oldest events and learns how many from
+    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<LivenessEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// A snapshot of the monitor's counters.
+    #[must_use]
+    pub fn stats(&self) -> LivenessStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stops the monitor: no more heartbeats, probes or reaps; probe rounds
+    /// in flight are dropped (their suspects stay open). Returns when the
+    /// monitor's tasks have ended. Dropping every handle stops it too.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the monitor is stopped once this is first polled;
+    /// dropping the future stops only the waiting.
+    pub async fn shutdown(&self) {
+        self.shared.clock.fetch_or(STOPPED, Ordering::Relaxed);
+        self.shared.stop.cancel();
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+    }
+}
+
+/// The monitor task: each tick, raise the clock, check its own health,
+/// file incoming sessions, and look at the entries that came up.
+async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
+    let granularity = shared.config.rule.granularity;
+    let mut wheel = Wheel::new(shared.config.wheel_slots());
+    let mut convicted: HashMap<RouterId, Vec<Suspect<S::Payload>>> = HashMap::new();
+    let mut next = shared.epoch + shared.config.tick();
+    while shared.sleep(next).await {
+        let now = Instant::now();
+        let now_ms = shared.raise_clock(now);
+        let late = now.saturating_duration_since(next);
+        if millis(late) > shared.config.rule.pause_allowance {
+            shared.stalled(now_ms, late);
+        }
+        let incoming = std::mem::take(&mut *shared.incoming.lock());
+        for session in incoming {
+            shared.file(&mut wheel, session, now_ms, &mut convicted);
+        }
+        let mut fires = 0u64;
+        for tick in wheel.advance(now_ms / granularity) {
+            let due = wheel.take(tick);
+            fires += due.len() as u64;
+            for session in due {
+                shared.file(&mut wheel, session, now_ms, &mut convicted);
+            }
+        }
+        shared
+            .counters
+            .timer_fires
+            .fetch_add(fires, Ordering::Relaxed);
+        for (router, suspects) in convicted.drain() {
+            shared.hand_over(router, suspects);
+        }
+        let next_tick = (now_ms / granularity).saturating_add(1);
+        next = shared.epoch + Duration::from_millis(next_tick.saturating_mul(granularity));
+    }
+    shared.clock.fetch_or(STOPPED, Ordering::Relaxed);
+}
+
+impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
+    fn stopped(&self) -> bool {
+        // Relaxed: as in `heartbeat`.
+        self.clock.load(Ordering::Relaxed) & STOPPED != 0
+    }
+
+    /// The clock, in milliseconds since the epoch.
+    fn now(&self) -> u64 {
+        // Relaxed: as in `heartbeat`.
+        self.clock.load(Ordering::Relaxed) & !STOPPED
+    }
+
+    fn raise_clock(&self, now: Instant) -> u64 {
+        let ms = millis(now.saturating_duration_since(self.epoch)).min(STOPPED - 1);
+        // Relaxed: as in `heartbeat`. `fetch_max` keeps `STOPPED`.
+        self.clock.fetch_max(ms, Ordering::Relaxed);
+        ms
+    }
+
+    /// The local-health guard: the tick ran `late`; everyone counts as
+    /// heard now.
+    #[cold]
+    fn stalled(&self, now: u64, late: Duration) {
+        // Relaxed: read by the monitor task and the drivers, which only
+        // need it eventually; the stall counter tells drivers a round was
+        // disturbed.
+        self.amnesty.fetch_max(now, Ordering::Relaxed);
+        self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(?late, "liveness monitor stalled; extending every deadline");
+        self.emit(LivenessEvent::MonitorStalled { late_by: late });
+    }
+
+    fn stall_count(&self) -> u64 {
+        self.counters.stalls.load(Ordering::Relaxed)
+    }
+
+    /// Files a session in the wheel at its deadline, convicts it if the
+    /// deadline has passed, or lets it leave if it is no longer active.
+    fn file(
+        &self,
+        wheel: &mut Wheel<Session<S::Payload>>,
+        session: Session<S::Payload>,
+        now: u64,
+        convicted: &mut HashMap<RouterId, Vec<Suspect<S::Payload>>>,
+    ) {
+        if session.watcher().1 != SessionState::Active {
+            self.counters.leave();
+            return;
+        }
+        let beat = session.beat();
+        let heard = beat.heard();
+        // Relaxed: see `stalled`.
+        let from = heard.max(self.amnesty.load(Ordering::Relaxed));
+        let deadline = from.saturating_add(beat.estimate().timeout(&self.config.rule));
+        if deadline >= now {
+            wheel.insert(session, deadline.div_ceil(self.config.rule.granularity));
+            return;
+        }
+        self.counters.suspect();
+        convicted
+            .entry(session.router())
+            .or_default()
+            .push(Suspect {
+                session,
+                heard,
+                failed: 0,
+            });
+    }
+
+    /// Gives a router's new suspects to its probe driver, starting one if
+    /// none runs.
+    fn hand_over(self: &Arc<Self>, router: RouterId, suspects: Vec<Suspect<S::Payload>>) {
+        let start = {
+            let mut groups = self.suspects.lock();
+            let group = groups.entry(router).or_default();
+            group.pending.extend(suspects);
+            !std::mem::replace(&mut group.driving, true)
+        };
+        if start {
+            self.tracker.spawn(probe::drive(Arc::clone(self), router));
+        }
+    }
+
+    /// Sleeps until `until`; `false` if the monitor stopped first.
+    async fn sleep(&self, until: Instant) -> bool {
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => false,
+            () = tokio::time::sleep_until(until) => true,
+        }
+    }
+
+    fn emit(&self, event: LivenessEvent) {
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+
+    #[cold]
+    fn ignore(&self, id: SessionId, tag: u16, state: SessionState) -> HeartbeatError {
+        self.ignored(if self.stopped() {
+            HeartbeatError::ShutDown
+        } else if state.is_closed() {
+            HeartbeatError::Closed(id)
+        } else {
+            debug_assert_ne!(tag, self.tag);
+            HeartbeatError::NotWatched(id)
+        })
+    }
+
+    #[cold]
+    fn ignored(&self, error: HeartbeatError) -> HeartbeatError {
+        self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(%error, "heartbeat ignored");
+        error
+    }
+}
+
+/// The monitor's counters; relaxed atomics, statistics only.
+#[derive(Debug, Default)]
+struct Counters {
+    watched: AtomicU64,
+    suspects: AtomicU64,
+    suspected: AtomicU64,
+    spared: AtomicU64,
+    reaped: AtomicU64,
+    probes: AtomicU64,
+    probe_errors: AtomicU64,
+    ignored: AtomicU64,
+    timer_fires: AtomicU64,
+    stalls: AtomicU64,
+}
+
+impl Counters {
+    fn suspect(&self) {
+        self.suspects.fetch_add(1, Ordering::Relaxed);
+        self.suspected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn unsuspect(&self) {
+        self.suspects.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn spare(&self) {
+        self.unsuspect();
+        self.spared.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn leave(&self) {
+        self.watched.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn probe(&self) {
+        self.probes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn probe_error(&self) {
+        self.probe_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reaped(&self, n: usize) {
+        self.reaped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LivenessStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LivenessStats {
+            watched: get(&self.watched),
+            suspects: get(&self.suspects),
+            suspected: get(&self.suspected),
+            spared: get(&self.spared),
+            reaped: get(&self.reaped),
+            probes: get(&self.probes),
+            probe_errors: get(&self.probe_errors),
+            ignored_heartbeats: get(&self.ignored),
+            timer_fires: get(&self.timer_fires),
+            stalls: get(&self.stalls),
+        }
+    }
+}

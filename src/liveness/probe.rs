@@ -1,0 +1,386 @@
+//! Probing suspects: the controller's `Prober`, and the per-router rounds.
+//!
+//! # Invariants
+//!
+//! - A router has at most one probe driver at a time: `Group::driving` is
+//!   set under the `suspects` lock by whoever spawns it and cleared under
+//!   the same lock by the driver when it leaves with nothing pending.
+//! - A suspect is held by exactly one place: the monitor's wheel, a
+//!   router's pending list, or its driver's round.
+//!
+//! # Deadlock safety
+//!
+//! One lock, `Shared::suspects`, held only to move suspects in or out of a
+//! group; never across an `.await` or a call into user code.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use super::Shared;
+use super::report::LivenessEvent;
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::message::transport_error;
+use crate::session::{CloseReason, Session, SessionState};
+use crate::store::SessionStore;
+
+/// Asks routers whether sessions are alive.
+///
+/// The controller implements it, typically by sending one "are these
+/// sessions alive?" frame to the router. One call carries every suspect of
+/// one router in a round. A session counts as alive if its id is in the
+/// returned list, or if it is heard (a
+/// [`heartbeat`](crate::LivenessMonitor::heartbeat)) before the round's
+/// probe timeout: answers may come back either way.
+///
+/// The monitor protects itself from the prober: a call that errors, hangs
+/// past the probe timeout or panics is a round nobody answered (reported in
+/// [`LivenessEvent::ProbeFailed`]).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{ProbeBatch, ProbeError, Prober, SessionId};
+///
+/// struct Wire; // your connection registry
+///
+/// impl Prober for Wire {
+///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+///         // Send one probe frame to batch.router; its answers arrive later
+///         // as heartbeats. A request/response transport returns them here.
+///         let _ = (batch.router, batch.sessions.len());
+///         Ok(Vec::new())
+///     }
+/// }
+/// ```
+pub trait Prober: Send + Sync + 'static {
+    /// Probes the sessions of `batch`; returns those that answered.
+    fn probe(
+        &self,
+        batch: ProbeBatch,
+    ) -> impl Future<Output = Result<Vec<SessionId>, ProbeError>> + Send;
+}
+
+impl<Pr: Prober> Prober for Arc<Pr> {
+    fn probe(
+        &self,
+        batch: ProbeBatch,
+    ) -> impl Future<Output = Result<Vec<SessionId>, ProbeError>> + Send {
+        (**self).probe(batch)
+    }
+}
+
+/// A prober that asks nobody: suspects are spared only by a heartbeat
+/// before their probe rounds run out. For controllers whose routers have
+/// no probe message.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoProbe;
+
+impl Prober for NoProbe {
+    async fn probe(&self, _batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+        Ok(Vec::new())
+    }
+}
+
+/// One probe call: suspects of one router.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProbeBatch {
+    /// The router to ask.
+    pub router: RouterId,
+    /// The incarnation of the router the first suspect belongs to.
+    pub incarnation: Incarnation,
+    /// The suspects, in no particular order.
+    pub sessions: Vec<SessionId>,
+    /// The round of the router's probing, from 1.
+    pub round: u32,
+}
+
+transport_error!(
+    /// A probe call failed.
+    ProbeError,
+    "probe failed"
+);
+
+/// A session that missed its deadline.
+pub(super) struct Suspect<P> {
+    pub(super) session: Session<P>,
+    /// When it was last heard, as the monitor convicted it.
+    pub(super) heard: u64,
+    /// Probe rounds it failed.
+    pub(super) failed: u32,
+}
+
+/// A router's suspects waiting for its driver.
+pub(super) struct Group<P> {
+    pub(super) pending: Vec<Suspect<P>>,
+    pub(super) driving: bool,
+}
+
+impl<P> Default for Group<P> {
+    fn default() -> Self {
+        Self {
+            pending: Vec::new(),
+            driving: false,
+        }
+    }
+}
+
+/// What became of a suspect when looked at again.
+enum Verdict {
+    /// Still silent and open: keep probing.
+    Silent,
+    /// Heard since: back to the wheel.
+    Answered,
+    /// Closed or terminating: it leaves the monitor.
+    Gone,
+}
+
+/// Probes `router`'s suspects in rounds until none is left: each round is
+/// one call with every suspect, then a wait until the probe timeout (unless
+/// all answered). Sessions that fail `1 + retries` rounds are reaped.
+pub(super) async fn drive<S: SessionStore, Pr: Prober>(
+    shared: Arc<Shared<S, Pr>>,
+    router: RouterId,
+) {
+    let mut round: Vec<Suspect<S::Payload>> = Vec::new();
+    let mut rounds = 0u32;
+    loop {
+        let Some(fresh) = shared.take_pending(router, round.is_empty()) else {
+            return;
+        };
+        // Suspects heard since they were convicted go back to the wheel
+        // unprobed; closed ones leave.
+        round.retain(|suspect| shared.keep(suspect));
+        let fresh: Vec<_> = fresh.into_iter().filter(|s| shared.keep(s)).collect();
+        let fresh_ids: Vec<SessionId> = fresh.iter().map(|s| s.session.id()).collect();
+        round.extend(fresh);
+        if round.is_empty() {
+            continue;
+        }
+        let watched = shared.open_watched(router).await;
+        let silent = |n: usize| watched.is_some_and(|w| w > 0 && n >= w);
+        if !fresh_ids.is_empty() {
+            tracing::debug!(%router, suspects = fresh_ids.len(), "sessions missed their heartbeat deadline");
+            shared.emit(LivenessEvent::SessionSuspect {
+                router,
+                sessions: fresh_ids,
+                router_silent: silent(round.len()),
+            });
+        }
+        rounds = rounds.saturating_add(1);
+        let stalls = shared.stall_count();
+        let Some(error) = shared.probe_round(router, rounds, &round).await else {
+            return; // shut down
+        };
+        if shared.stall_count() != stalls {
+            // The controller stalled during the round: answers may have
+            // been held up; the round does not count against anyone.
+            continue;
+        }
+        let mut failed = Vec::new();
+        let mut dead = Vec::new();
+        let retries = shared.config.probe_retries;
+        round.retain_mut(|suspect| {
+            if !shared.keep(suspect) {
+                return false;
+            }
+            suspect.failed = suspect.failed.saturating_add(1);
+            failed.push(suspect.session.id());
+            if suspect.failed > retries {
+                dead.push(suspect.session.clone());
+                return false;
+            }
+            true
+        });
+        if !failed.is_empty() {
+            shared.emit(LivenessEvent::ProbeFailed {
+                router,
+                router_silent: silent(failed.len()),
+                sessions: failed,
+                round: rounds,
+                error,
+            });
+        }
+        if !dead.is_empty() {
+            let router_silent = silent(dead.len());
+            shared.reap(router, dead, router_silent).await;
+        }
+        if let Some(youngest) = round.iter().map(|s| s.failed).min() {
+            if !shared.has_pending(router) {
+                let backoff = shared.config.probe_backoff(youngest);
+                if !shared.sleep(Instant::now() + backoff).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
+    /// Takes the router's pending suspects; `None` (and the driver leaves)
+    /// when there are none and the driver holds none either.
+    fn take_pending(&self, router: RouterId, idle: bool) -> Option<Vec<Suspect<S::Payload>>> {
+        let mut groups = self.suspects.lock();
+        let group = groups.entry(router).or_default();
+        if group.pending.is_empty() && idle {
+            groups.remove(&router);
+            return None;
+        }
+        Some(std::mem::take(&mut group.pending))
+    }
+
+    fn has_pending(&self, router: RouterId) -> bool {
+        self.suspects
+            .lock()
+            .get(&router)
+            .is_some_and(|group| !group.pending.is_empty())
+    }
+
+    /// Looks at a suspect again: `true` to keep it. Sends answered ones
+    /// back to the wheel and lets gone ones leave.
+    fn keep(&self, suspect: &Suspect<S::Payload>) -> bool {
+        match self.verdict(suspect) {
+            Verdict::Silent => true,
+            Verdict::Answered => {
+                self.counters.spare();
+                self.incoming.lock().push(suspect.session.clone());
+                false
+            }
+            Verdict::Gone => {
+                self.counters.unsuspect();
+                self.counters.leave();
+                false
+            }
+        }
+    }
+
+    fn verdict(&self, suspect: &Suspect<S::Payload>) -> Verdict {
+        let (_, state) = suspect.session.watcher();
+        if state != SessionState::Active {
+            Verdict::Gone
+        } else if suspect.session.beat().heard() > suspect.heard {
+            Verdict::Answered
+        } else {
+            Verdict::Silent
+        }
+    }
+
+    /// How many open sessions of the router this monitor watches, from the
+    /// store; `None` if the store could not say.
+    async fn open_watched(&self, router: RouterId) -> Option<usize> {
+        let sessions = self.store.sessions(router).await.ok()?;
+        Some(
+            sessions
+                .iter()
+                .filter(|s| s.watcher() == (self.tag, SessionState::Active))
+                .count(),
+        )
+    }
+
+    /// One probe call with every suspect of `round`, then the wait for
+    /// answers. `None` if the monitor shut down; otherwise the call's error,
+    /// if it failed.
+    async fn probe_round(
+        &self,
+        router: RouterId,
+        number: u32,
+        round: &[Suspect<S::Payload>],
+    ) -> Option<Option<super::ProbeError>> {
+        let batch = ProbeBatch {
+            router,
+            incarnation: round
+                .first()
+                .map_or(Incarnation::new(0), |s| s.session.incarnation()),
+            sessions: round.iter().map(|s| s.session.id()).collect(),
+            round: number,
+        };
+        self.counters.probe();
+        let deadline = Instant::now() + self.config.probe_timeout;
+        let call = AssertUnwindSafe(self.prober.probe(batch)).catch_unwind();
+        let outcome = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return None,
+            outcome = tokio::time::timeout_at(deadline, call) => outcome,
+        };
+        let error = match outcome {
+            Ok(Ok(Ok(alive))) => {
+                let now = self.now();
+                for suspect in round {
+                    if alive.contains(&suspect.session.id()) {
+                        suspect.session.beat().refresh(now);
+                    }
+                }
+                None
+            }
+            Ok(Ok(Err(error))) => Some(error),
+            Ok(Err(_panic)) => Some(ProbeError::msg("the prober panicked")),
+            Err(_elapsed) => Some(ProbeError::msg("no answer within the probe timeout")),
+        };
+        if let Some(error) = &error {
+            self.counters.probe_error();
+            tracing::debug!(%router, %error, "probe call failed");
+        }
+        // Answers may still come as heartbeats until the probe timeout.
+        let all_answered = round
+            .iter()
+            .all(|s| !matches!(self.verdict(s), Verdict::Silent));
+        if !all_answered && !self.sleep(deadline).await {
+            return None;
+        }
+        Some(error)
+    }
+
+    /// Closes the dead suspects with `LivenessTimeout` (resources through
+    /// the reclaim queue if there is one) and removes them from the store.
+    async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
+        let reason = CloseReason::LivenessTimeout;
+        let closed: Vec<SessionId> = match &self.config.reclaim {
+            Some(queue) => queue.close_sessions(&dead, reason).await,
+            None => dead
+                .iter()
+                .filter(|s| s.close(reason).won())
+                .map(Session::id)
+                .collect(),
+        };
+        // `closed` is a subsequence of `dead`, in order.
+        let mut won = closed.iter().peekable();
+        for session in &dead {
+            self.counters.unsuspect();
+            self.counters.leave();
+            if won.next_if_eq(&&session.id()).is_some() {
+                self.remove_from_store(session).await;
+            }
+        }
+        if closed.is_empty() {
+            return;
+        }
+        self.counters.reaped(closed.len());
+        tracing::info!(%router, reaped = closed.len(), router_silent, "reaped sessions that answered no probe");
+        self.emit(LivenessEvent::SessionReaped {
+            router,
+            sessions: closed,
+            router_silent,
+        });
+    }
+
+    /// Removes the reaped session from the store, unless the store's entry
+    /// for its id is another session.
+    async fn remove_from_store(&self, session: &Session<S::Payload>) {
+        let id = session.id();
+        match self.store.get(id).await {
+            Ok(Some(held)) if held.same(session) => {
+                if let Err(error) = self.store.remove(id).await {
+                    tracing::debug!(%id, %error, "reaped session already removed");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%id, %error, "reaped session left in the store: backend failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! What the liveness monitor reports: events, statistics and errors.
+
+use tokio::time::Duration;
+
+use super::probe::ProbeError;
+use crate::id::{RouterId, SessionId};
+
+/// Something the liveness monitor found, from
+/// [`LivenessMonitor::subscribe`](crate::LivenessMonitor::subscribe).
+///
+/// Events are per router: when a router dies, its sessions are reported
+/// together, and `router_silent` says that every session the monitor
+/// watched on that router is among them (one router problem, not N session
+/// problems).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum LivenessEvent {
+    /// Sessions missed their heartbeat deadline and are about to be probed.
+    SessionSuspect {
+        /// Their router.
+        router: RouterId,
+        /// The sessions that became suspect since the router's last round.
+        sessions: Vec<SessionId>,
+        /// Every open session the monitor watches on the router is suspect.
+        router_silent: bool,
+    },
+    /// A probe round ended with sessions that did not answer.
+    ProbeFailed {
+        /// Their router.
+        router: RouterId,
+        /// The sessions that did not answer.
+        sessions: Vec<SessionId>,
+        /// The round of the router's probing, from 1.
+        round: u32,
+        /// Why the probe call itself failed, if it did: the prober's error,
+        /// a timeout, or a panic. `None` if the call succeeded and these
+        /// sessions did not answer.
+        error: Option<ProbeError>,
+        /// Every open session the monitor watches on the router failed.
+        router_silent: bool,
+    },
+    /// Sessions that failed every probe round were closed with
+    /// [`CloseReason::LivenessTimeout`](crate::CloseReason::LivenessTimeout).
+    SessionReaped {
+        /// Their router.
+        router: RouterId,
+        /// The sessions closed by the monitor.
+        sessions: Vec<SessionId>,
+        /// Every open session the monitor watched on the router was reaped.
+        router_silent: bool,
+    },
+    /// The monitor's tick ran late by more than the pause allowance (the
+    /// controller stalled): every deadline was extended by the stall
+    /// instead of convicting anyone.
+    MonitorStalled {
+        /// How late the tick ran.
+        late_by: Duration,
+    },
+}
+
+/// A snapshot of the monitor's counters, from
+/// [`LivenessMonitor::stats`](crate::LivenessMonitor::stats).
+///
+/// Each field is read on its own: the snapshot is not a consistent cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LivenessStats {
+    /// Sessions watched now. A session closed by someone else leaves the
+    /// monitor at once (no heartbeat, probe or reap touches it again) but
+    /// is counted here until its timer entry comes up, within one timeout.
+    pub watched: u64,
+    /// Sessions suspect now (being probed).
+    pub suspects: u64,
+    /// Sessions that became suspect, in total.
+    pub suspected: u64,
+    /// Suspects that answered (a probe answer or a heartbeat) and went back
+    /// to being watched.
+    pub spared: u64,
+    /// Sessions closed for missing every probe round.
+    pub reaped: u64,
+    /// Probe calls made (one per router and round).
+    pub probes: u64,
+    /// Probe calls that failed: an error, a timeout or a panic.
+    pub probe_errors: u64,
+    /// Heartbeats ignored: unknown, closed or unwatched sessions, or after
+    /// shutdown.
+    pub ignored_heartbeats: u64,
+    /// Timer entries the monitor looked at (re-armed or convicted): its
+    /// work grows with these, not with heartbeats.
+    pub timer_fires: u64,
+    /// Times the local-health guard extended every deadline.
+    pub stalls: u64,
+}
+
+/// Why a heartbeat was ignored. Counted in
+/// [`LivenessStats::ignored_heartbeats`].
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeartbeatError {
+    /// The store holds no session with this id.
+    #[error("heartbeat for unknown {0}")]
+    UnknownSession(SessionId),
+    /// The session is closed.
+    #[error("heartbeat for closed {0}")]
+    Closed(SessionId),
+    /// This monitor does not watch the session.
+    #[error("heartbeat for {0}, which this monitor does not watch")]
+    NotWatched(SessionId),
+    /// The monitor was shut down.
+    #[error("heartbeat after the liveness monitor shut down")]
+    ShutDown,
+    /// The store's backend failed looking the id up.
+    #[error("heartbeat for {id} not recorded: {error}")]
+    Store {
+        /// The session.
+        id: SessionId,
+        /// The backend's error.
+        error: crate::BackendError,
+    },
+}
+
+/// Why a session could not be watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The session is closed.
+    #[error("{0} is closed")]
+    Closed(SessionId),
+    /// A monitor (this one or another) watches it already.
+    #[error("{0} is watched already")]
+    AlreadyWatched(SessionId),
+    /// The monitor was shut down.
+    #[error("the liveness monitor is shut down")]
+    ShutDown,
+}
+
+/// A setting of [`LivenessMonitorBuilder`](crate::LivenessMonitorBuilder)
+/// out of range, or no runtime to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MonitorBuildError {
+    /// `build` was called outside a tokio runtime.
+    #[error("no tokio runtime to run the liveness monitor on")]
+    NoRuntime,
+    /// The granularity is not within [1 ms, 1 s].
+    #[error("granularity {0:?} is not within [1ms, 1s]")]
+    Granularity(Duration),
+    /// The heartbeat interval is not within [granularity, 1 day].
+    #[error("heartbeat interval {0:?} is not within [granularity, 1 day]")]
+    HeartbeatInterval(Duration),
+    /// The timeout range is empty or not within [granularity, 1 day].
+    #[error("timeout range [{min:?}, {max:?}] is empty or not within [granularity, 1 day]")]
+    TimeoutRange {
+        /// The minimum given.
+        min: Duration,
+        /// The maximum given.
+        max: Duration,
+    },
+    /// The pause allowance is longer than 1 day.
+    #[error("pause allowance {0:?} is longer than 1 day")]
+    PauseAllowance(Duration),
+    /// The probe timeout is zero or longer than 1 day.
+    #[error("probe timeout {0:?} is zero or longer than 1 day")]
+    ProbeTimeout(Duration),
+}

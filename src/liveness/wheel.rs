@@ -1,0 +1,106 @@
+//! A single-level timing wheel with lazy re-arm.
+//!
+//! # Invariants
+//!
+//! - An entry inserted for tick `t` sits in slot `t mod N` and is handed
+//!   out by [`Wheel::due`] at tick `t` at the latest (earlier only when its
+//!   deadline lies beyond the wheel's span; the caller re-arms it then).
+//! - Every slot is handed out once per pass, in tick order.
+//!
+//! Entries carry no deadline: the caller computes it from the session when
+//! the entry comes up, so a heartbeat never touches the wheel.
+
+/// The wheel: `N` slots of one tick each, `N` a power of two.
+#[derive(Debug)]
+pub(super) struct Wheel<T> {
+    slots: Box<[Vec<T>]>,
+    /// The last tick handed out.
+    cursor: u64,
+}
+
+impl<T> Wheel<T> {
+    /// A wheel of `slots` slots (a power of two, at least 2).
+    pub(super) fn new(slots: u64) -> Self {
+        let slots = usize::try_from(slots.next_power_of_two().max(2)).unwrap_or(1 << 16);
+        Self {
+            slots: (0..slots).map(|_| Vec::new()).collect(),
+            cursor: 0,
+        }
+    }
+
+    fn span(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    fn index(&self, tick: u64) -> usize {
+        // Lossless: the mask keeps the value below `slots.len()`.
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (tick & (self.span() - 1)) as usize;
+        index
+    }
+
+    /// Files `entry` for `tick`: past ticks go to the next one, ticks
+    /// beyond the span to its last slot.
+    pub(super) fn insert(&mut self, entry: T, tick: u64) {
+        let tick = tick.clamp(self.cursor + 1, self.cursor + self.span() - 1);
+        let index = self.index(tick);
+        self.slots[index].push(entry);
+    }
+
+    /// Moves the wheel to `now` and returns the ticks whose slots are due,
+    /// to be emptied with [`take`](Self::take) in order. After a jump of
+    /// more than the span, each slot comes up once.
+    pub(super) fn advance(&mut self, now: u64) -> std::ops::RangeInclusive<u64> {
+        let from = (self.cursor + 1).max(now.saturating_sub(self.span() - 1));
+        self.cursor = self.cursor.max(now);
+        from..=now
+    }
+
+    /// Takes the entries of `tick`'s slot. The slot's memory goes with
+    /// them: the slot is not used again for a whole turn of the wheel.
+    pub(super) fn take(&mut self, tick: u64) -> Vec<T> {
+        let index = self.index(tick);
+        std::mem::take(&mut self.slots[index])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_come_up_at_their_tick_and_far_ones_at_the_span() {
+        let mut wheel = Wheel::new(8);
+        wheel.insert("a", 3);
+        wheel.insert("past", 0);
+        wheel.insert("far", 100);
+        let mut seen = Vec::new();
+        for now in 1..=10 {
+            for tick in wheel.advance(now) {
+                seen.extend(wheel.take(tick).into_iter().map(|e| (tick, e)));
+            }
+        }
+        assert_eq!(seen, [(1, "past"), (3, "a"), (7, "far")]);
+    }
+
+    #[test]
+    fn a_jump_beyond_the_span_hands_out_each_slot_once() {
+        let mut wheel = Wheel::new(4);
+        for tick in 1..=3 {
+            wheel.insert(tick, tick);
+        }
+        let due: Vec<u64> = wheel.advance(50).collect();
+        assert_eq!(due, [47, 48, 49, 50]);
+        let mut seen: Vec<u64> = due.into_iter().flat_map(|t| wheel.take(t)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2, 3]);
+        wheel.insert(9, 10); // in the past now: next tick
+        assert_eq!(
+            wheel
+                .advance(51)
+                .flat_map(|t| wheel.take(t))
+                .collect::<Vec<_>>(),
+            [9]
+        );
+    }
+}

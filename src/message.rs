@@ -1,0 +1,54 @@
+//! Errors that wrap a transport's error: the controller's notifier and
+//! prober hand back whatever their transport failed with.
+
+/// Declares `$name`, a cheaply cloneable error wrapping any
+/// `std::error::Error` (or a message), displayed as `"$prefix: <error>"`.
+macro_rules! transport_error {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
+        $(#[$meta])*
+        #[derive(Clone)]
+        pub struct $name(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+        impl $name {
+            /// Wraps the transport's error.
+            pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+                Self(std::sync::Arc::new(error))
+            }
+
+            /// An error with a message only.
+            pub fn msg(message: impl Into<String>) -> Self {
+                Self(std::sync::Arc::new($crate::message::Message(message.into())))
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_tuple(stringify!($name))
+                    .field(&self.0.to_string())
+                    .finish()
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!($prefix, ": {}"), self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+    };
+}
+
+pub(crate) use transport_error;
+
+/// An error that is only a message.
+#[derive(Debug)]
+pub(crate) struct Message(pub(crate) String);
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}

@@ -1,0 +1,251 @@
+//! Per-session heartbeat state: when the session was last heard, and its
+//! smoothed heartbeat inter-arrival, in 16 bytes.
+//!
+//! # Invariants
+//!
+//! - `heard` only grows (`fetch_max`): two racing heartbeats never move it
+//!   back, and each one takes the sample from its own predecessor.
+//! - `estimate` is replaced by one compare-exchange per sample, so racing
+//!   samples are each applied once.
+//!
+//! Times are milliseconds on the watching monitor's clock (see
+//! `liveness::Clock`); the session itself does not know the monitor.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The liveness state every session carries; zero until a monitor watches
+/// the session.
+#[derive(Debug, Default)]
+pub(crate) struct Beat {
+    /// When the session was last heard, in monitor milliseconds.
+    heard: AtomicU64,
+    /// The packed [`Estimate`].
+    estimate: AtomicU64,
+}
+
+impl Beat {
+    /// Starts watching: heard `now`, with the initial estimate.
+    pub(crate) fn reset(&self, now: u64, estimate: Estimate) {
+        // Relaxed: the watcher tag's Release/Acquire publishes these.
+        self.heard.store(now, Ordering::Relaxed);
+        self.estimate.store(estimate.pack(), Ordering::Relaxed);
+    }
+
+    /// Records a heartbeat at `now` and feeds the inter-arrival since the
+    /// previous one (capped at `max_sample`) to the estimate. A heartbeat in
+    /// the same millisecond as the previous one only counts as heard.
+    pub(crate) fn record(&self, now: u64, max_sample: u64) {
+        // Relaxed: liveness times order nothing else; the monitor reads
+        // them with Relaxed loads and tolerates a stale value by one tick.
+        let previous = self.heard.fetch_max(now, Ordering::Relaxed);
+        if now <= previous {
+            return;
+        }
+        let sample = (now - previous).min(max_sample);
+        let mut current = self.estimate.load(Ordering::Relaxed);
+        loop {
+            let next = Estimate::unpack(current).update(sample).pack();
+            match self.estimate.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Records `now` as heard without taking a sample: a probe answer says
+    /// the session is alive, not how often it heartbeats.
+    pub(crate) fn refresh(&self, now: u64) {
+        // Relaxed: as in `record`.
+        self.heard.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn heard(&self) -> u64 {
+        // Relaxed: as in `record`.
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn estimate(&self) -> Estimate {
+        // Relaxed: as in `record`.
+        Estimate::unpack(self.estimate.load(Ordering::Relaxed))
+    }
+}
+
+/// The smoothed heartbeat inter-arrival, RFC 6298 style, in fixed point:
+/// the mean scaled by 8 and the mean deviation scaled by 4, in
+/// milliseconds, so the updates with α = 1/8 and β = 1/4 are shifts (as in
+/// Van Jacobson's TCP code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Estimate {
+    mean_x8: u32,
+    deviation_x4: u32,
+}
+
+/// What turns an estimate into a timeout, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TimeoutRule {
+    pub(crate) granularity: u64,
+    pub(crate) pause_allowance: u64,
+    pub(crate) min: u64,
+    pub(crate) max: u64,
+}
+
+impl Estimate {
+    /// The first estimate, from the expected heartbeat interval: mean =
+    /// interval, deviation = interval / 2 (RFC 6298, section 2.2).
+    pub(crate) fn initial(interval: u64) -> Self {
+        Self {
+            mean_x8: saturate(interval.saturating_mul(8)),
+            deviation_x4: saturate(interval.saturating_mul(2)),
+        }
+    }
+
+    /// Feeds one inter-arrival `sample` (milliseconds):
+    /// `deviation ← ¾·deviation + ¼·|mean − sample|`, then
+    /// `mean ← ⅞·mean + ⅛·sample`.
+    #[must_use]
+    pub(crate) fn update(self, sample: u64) -> Self {
+        let mean_x8 = u64::from(self.mean_x8);
+        let deviation_x4 = u64::from(self.deviation_x4);
+        let mean = mean_x8 >> 3;
+        let error = sample.abs_diff(mean);
+        Self {
+            mean_x8: saturate(mean_x8 - mean + sample),
+            deviation_x4: saturate(deviation_x4 - (deviation_x4 >> 2) + error),
+        }
+    }
+
+    /// The timeout: `mean + max(granularity, 4·deviation) + pause
+    /// allowance`, clamped to `[min, max]`.
+    pub(crate) fn timeout(self, rule: &TimeoutRule) -> u64 {
+        let mean = u64::from(self.mean_x8) >> 3;
+        let spread = rule.granularity.max(u64::from(self.deviation_x4));
+        mean.saturating_add(spread)
+            .saturating_add(rule.pause_allowance)
+            .clamp(rule.min, rule.max.max(rule.min))
+    }
+
+    fn pack(self) -> u64 {
+        (u64::from(self.mean_x8) << 32) | u64::from(self.deviation_x4)
+    }
+
+    fn unpack(word: u64) -> Self {
+        Self {
+            mean_x8: saturate(word >> 32),
+            deviation_x4: saturate(word & u64::from(u32::MAX)),
+        }
+    }
+}
+
+fn saturate(value: u64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+#[cfg(all(test, not(session_lifecycle_loom)))]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const RULE: TimeoutRule = TimeoutRule {
+        granularity: 50,
+        pause_allowance: 1_000,
+        min: 1_000,
+        max: 60_000,
+    };
+
+    #[test]
+    fn a_steady_heartbeat_converges_to_its_interval() {
+        let mut estimate = Estimate::initial(1_000);
+        assert_eq!(estimate.timeout(&RULE), 1_000 + 2_000 + 1_000);
+        for _ in 0..200 {
+            estimate = estimate.update(1_000);
+        }
+        // The deviation decays to zero; the granularity floor stays.
+        assert_eq!(estimate.timeout(&RULE), 1_000 + 50 + 1_000);
+    }
+
+    #[test]
+    fn beats_record_samples_and_refreshes_do_not() {
+        let beat = Beat::default();
+        beat.reset(10_000, Estimate::initial(1_000));
+        beat.record(12_000, 60_000);
+        assert_eq!(beat.heard(), 12_000);
+        assert_eq!(beat.estimate(), Estimate::initial(1_000).update(2_000));
+        let before = beat.estimate();
+        beat.refresh(20_000);
+        beat.record(20_000, 60_000); // same millisecond: no sample
+        beat.record(19_000, 60_000); // late racer: no sample, heard stays
+        assert_eq!((beat.heard(), beat.estimate()), (20_000, before));
+        beat.record(u64::MAX, 60_000); // huge gap: capped sample
+        assert_eq!(beat.estimate(), before.update(60_000));
+    }
+
+    fn samples() -> impl Strategy<Value = (u64, Vec<u64>)> {
+        (
+            1..=120_000u64,
+            prop::collection::vec(
+                prop_oneof![0..=3_000u64, 0..=200_000u64, Just(u64::MAX)],
+                1..200,
+            ),
+        )
+    }
+
+    proptest! {
+        /// The fixed-point estimator follows RFC 6298's formulas (α = 1/8,
+        /// β = 1/4, K = 4, computed exactly in `f64`) to within rounding.
+        #[test]
+        fn the_estimate_follows_rfc_6298(
+            interval in 1..=60_000u64,
+            gaps in prop::collection::vec(1..=60_000u64, 1..100),
+        ) {
+            let rule = TimeoutRule { granularity: 1, pause_allowance: 0, min: 1, max: 1_000_000 };
+            let mut estimate = Estimate::initial(interval);
+            let (mut srtt, mut rttvar) = (interval as f64, interval as f64 / 2.0);
+            for gap in gaps {
+                estimate = estimate.update(gap);
+                rttvar = 0.75 * rttvar + 0.25 * (srtt - gap as f64).abs();
+                srtt = 0.875 * srtt + 0.125 * gap as f64;
+                let exact = srtt + (4.0 * rttvar).max(1.0);
+                let got = estimate.timeout(&rule) as f64;
+                // Rounding: the mean is floored (error in [-1, 1) ms) and the
+                // deviation's error e obeys e' ∈ ¾e + (-2, 3), so stays
+                // within (-8, 12) ms.
+                prop_assert!((got - exact).abs() < 13.0, "{got} vs RFC 6298 {exact}");
+            }
+        }
+
+        /// For any heartbeat sequence the timeout stays within [min, max]
+        /// and never falls below the last inter-arrival that did not
+        /// convict (one that arrived within the timeout in force).
+        #[test]
+        fn the_timeout_is_clamped_and_covers_the_last_accepted_gap(
+            (interval, gaps) in samples(),
+            granularity in 1..=1_000u64,
+            pause_allowance in prop_oneof![Just(0u64), 0..=5_000u64],
+            min in prop_oneof![1..=10u64, 1..=10_000u64],
+            span in 0..=100_000u64,
+        ) {
+            let rule = TimeoutRule { granularity, pause_allowance, min, max: min + span };
+            let beat = Beat::default();
+            beat.reset(0, Estimate::initial(interval));
+            let mut now = 0u64;
+            for gap in gaps {
+                let before = beat.estimate().timeout(&rule);
+                let next = now.saturating_add(gap);
+                let gap = next - now;
+                now = next;
+                beat.record(now, rule.max);
+                let after = beat.estimate().timeout(&rule);
+                prop_assert!((rule.min..=rule.max).contains(&after), "{after} outside");
+                if gap > 0 && gap <= before {
+                    prop_assert!(after >= gap, "timeout {after} below accepted gap {gap}");
+                }
+            }
+        }
+    }
+}
