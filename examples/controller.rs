@@ -3,7 +3,9 @@
 //! Registers routers, opens sessions on them from concurrent tasks, closes
 //! some as clients leave, deletes three routers at once with a
 //! `RouterDeleter` (one of them dead, so its sessions are forced), shows that
-//! creates on them are refused, audits the store and prints counts.
+//! creates on them are refused, then watches the remaining sessions with a
+//! `LivenessMonitor` while 2 % of them are dead (no heartbeat, no probe
+//! answer) until those are reaped, audits the store and prints counts.
 //! Exits non-zero if the audit finds anything.
 //!
 //! `cargo run --release --example controller`
@@ -13,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
-    SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, LivenessMonitor, MemoryStore, NewSession, NotifyError, ProbeBatch, ProbeError,
+    Prober, RouterDeleter, RouterId, Session, SessionId, SessionStore, TerminationBatch,
+    TerminationNotifier,
 };
 use tokio::time::Duration;
 
@@ -40,6 +43,67 @@ impl TerminationNotifier for Routers {
         });
         Ok(())
     }
+}
+
+/// The routers' answers to probes: every session answers but the dead.
+struct Probes;
+
+impl Prober for Probes {
+    async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+        Ok(batch
+            .sessions
+            .into_iter()
+            .filter(|id| !is_dead(*id))
+            .collect())
+    }
+}
+
+/// 2 % of the sessions are dead: their clients vanished without a word.
+fn is_dead(id: SessionId) -> bool {
+    id.get() % 50 == 0
+}
+
+/// Watches `sessions` while the live ones heartbeat every 100 ms, until the
+/// dead ones are reaped; returns (dead, reaped, live sessions convicted).
+async fn liveness(
+    store: &Arc<MemoryStore>,
+    sessions: Vec<Session>,
+) -> Result<(usize, u64, usize), Box<dyn std::error::Error>> {
+    let heartbeat = Duration::from_millis(100);
+    let monitor = LivenessMonitor::builder()
+        .heartbeat_interval(heartbeat)
+        .granularity(Duration::from_millis(10))
+        .timeout_range(heartbeat, Duration::from_secs(5))
+        .pause_allowance(heartbeat)
+        .probe_timeout(heartbeat)
+        .build(Arc::clone(store), Probes)?;
+    for session in &sessions {
+        monitor.watch(session)?;
+    }
+    let (dead, live): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|s| is_dead(s.id()));
+    let beating = {
+        let (monitor, live) = (monitor.clone(), live.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(heartbeat);
+            loop {
+                every.tick().await;
+                for session in &live {
+                    let _ = monitor.heartbeat(session);
+                }
+            }
+        })
+    };
+    let bound = monitor.reap_bound(Duration::from_secs(5));
+    for session in &dead {
+        tokio::time::timeout(bound, session.closed()).await?;
+    }
+    // Keep beating a little longer: nobody alive is convicted.
+    tokio::time::sleep(heartbeat * 5).await;
+    beating.abort();
+    let convicted = live.iter().filter(|s| s.is_closed()).count();
+    let reaped = monitor.stats().reaped;
+    monitor.shutdown().await;
+    Ok((dead.len(), reaped, convicted))
 }
 
 const ROUTERS: u64 = 10;
@@ -136,8 +200,21 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         if refused { "refused" } else { "ACCEPTED" }
     );
 
+    let mut remaining = Vec::new();
+    for r in 3..ROUTERS {
+        remaining.extend(store.sessions(RouterId::new(r)).await?);
+    }
+    let watched = remaining.len();
+    let started = tokio::time::Instant::now();
+    let (dead, reaped, convicted) = liveness(&store, remaining).await?;
+    println!("liveness watched:        {watched} sessions, {dead} of them dead");
+    println!(
+        "dead sessions reaped:    {reaped} in {:?}, live sessions convicted: {convicted}",
+        started.elapsed()
+    );
+
     let audit = store.audit().await?;
-    let expected_released = client_closed as usize + deleted_sessions;
+    let expected_released = client_closed as usize + deleted_sessions + dead;
     println!(
         "resources released:      {} (expected {expected_released})",
         released.load(Ordering::Relaxed)
@@ -148,7 +225,11 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         audit.zombies(),
         audit.missing_from_index.len() + audit.missing_from_map.len()
     );
-    let ok = audit.is_clean() && refused && released.load(Ordering::Relaxed) == expected_released;
+    let ok = audit.is_clean()
+        && refused
+        && released.load(Ordering::Relaxed) == expected_released
+        && reaped == dead as u64
+        && convicted == 0;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
