@@ -128,7 +128,7 @@ async fn dead_sessions_are_reaped_once_while_clients_close_and_live_ones_beat() 
     }
     queue.idle().await;
 
-    let dead = (ROUTERS * PER_ROUTER / 10) as u64;
+    let dead = ROUTERS * PER_ROUTER / 10;
     for (session, releases) in &sessions {
         let id = session.id();
         let (reason, released) = (session.close_reason(), releases.load(Ordering::SeqCst));
