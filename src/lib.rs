@@ -44,6 +44,39 @@
 //!   ([`CloseReason::LivenessTimeout`]) after the last silent round, within
 //!   [`LivenessMonitor::reap_bound`]. If the controller itself stalls, the
 //!   monitor extends deadlines instead of convicting anyone.
+//! - [`Reconciler`]: the backstop when a router cannot confirm anything.
+//!   [`Reconciler::reconcile`] compares what a (re)connected router reports
+//!   with the store, in chunks: it lists what the router should drop and
+//!   closes what the router no longer holds; a stale incarnation's report is
+//!   refused ([`ReconcileError::StaleIncarnation`]).
+//!   [`Reconciler::router_disconnected`] starts a grace period: a short
+//!   disconnect is not a deletion; at its expiry the router's sessions close
+//!   ([`CloseReason::RouterLost`]) and the router stays registered.
+//! - [`AuditSweeper`]: audits the store periodically and repairs what it
+//!   finds ([`SessionStore::repair`]): index/map disagreements, orphans,
+//!   closed sessions left behind. It never touches a deletion's sessions.
+//! - Observability: every piece publishes [`Event`]s on an [`EventBus`] you
+//!   give it (`events(bus)` on each builder); [`Stats::collect`] counts
+//!   sessions per router and adds each piece's counters; `tracing` spans
+//!   cover each deletion, reconciliation, grace expiry and sweep; the
+//!   `metrics` feature feeds the `metrics` facade.
+//!
+//! # Which piece when
+//!
+//! A controller keeping sessions in one process uses a [`MemoryStore`], a
+//! [`RouterDeleter`] for router deletions, and a [`ReclaimQueue`] if
+//! releasing resources is slow or must be ordered. Add a [`LivenessMonitor`]
+//! if clients or routers can die silently, a [`Reconciler`] if routers
+//! reconnect (and for disconnect grace), and an [`AuditSweeper`] as the last
+//! line of defence. Give them all one [`EventBus`] to watch cleanup happen.
+//!
+//! # Cargo features
+//!
+//! - `metrics`: counters, gauges and histograms named `session_lifecycle_*`
+//!   through the [`metrics`](https://docs.rs/metrics) facade (install any
+//!   exporter). Never labelled by session or router id.
+//! - `test-util`: `MemoryStore::corrupt`, which breaks the store's
+//!   invariants on purpose, for tests of audits and repairs.
 //!
 //! # Quick start
 //!
@@ -139,19 +172,27 @@
     attr(deny(warnings, rust_2018_idioms), allow(dead_code))
 ))]
 
+mod cleanup;
 mod deleter;
+mod event;
 mod id;
 mod liveness;
 mod loom;
 mod message;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod reclaim;
+mod reconcile;
 mod session;
+mod stats;
 mod store;
+mod sweeper;
 
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
 };
+pub use event::{Event, EventBus, EventStats, Subscription};
 pub use id::{Incarnation, RouterId, SessionId};
 pub use liveness::{
     HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats,
@@ -162,14 +203,23 @@ pub use reclaim::{
     ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask,
     RetrySchedule, ShutdownReport, TaskInfo, TryPushError,
 };
+pub use reconcile::{
+    ReconcileError, ReconcileReport, ReconcileSummary, Reconciler, ReconcilerBuilder,
+};
 pub use session::{
     AttachError, Classed, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource,
     ResourceClass, Session, SessionState, SessionToken, Traffic, Transition,
 };
+pub use stats::Stats;
+#[cfg(any(test, feature = "test-util"))]
+pub use store::Corruption;
 pub use store::{
     AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
-    FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, RouterError,
-    RouterStatus, SessionError, SessionStore,
+    FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, Repair,
+    RepairAction, RouterCensus, RouterError, RouterStatus, SessionError, SessionStore,
+};
+pub use sweeper::{
+    AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperBuildError, SweeperStats,
 };
 
 #[cfg(doctest)]

@@ -8,6 +8,7 @@ use tokio::time::Duration;
 
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
+use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::store::SessionStore;
 
@@ -23,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) retry_max_delay: Duration,
     /// Where forced sessions' resources are released, if anywhere.
     pub(crate) reclaim: Option<ReclaimQueue>,
+    /// Where the run publishes its events, if anywhere.
+    pub(crate) events: Option<EventBus>,
 }
 
 impl Default for Config {
@@ -36,6 +39,7 @@ impl Default for Config {
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(10),
             reclaim: None,
+            events: None,
         }
     }
 }
@@ -205,6 +209,16 @@ impl RouterDeleterBuilder {
         self
     }
 
+    /// Publishes [`Event::RouterFenced`](crate::Event::RouterFenced),
+    /// [`Event::SessionTerminating`](crate::Event::SessionTerminating) for
+    /// each session a run marks, and
+    /// [`Event::RouterDeleted`](crate::Event::RouterDeleted) with the run's
+    /// report on `bus`.
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.config.events = Some(bus);
+        self
+    }
+
     /// Builds the deleter over `store`, notifying through `notifier`.
     ///
     /// The deleter spawns each run on the tokio runtime that first polls
@@ -233,6 +247,7 @@ mod tests {
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(4),
             reclaim: None,
+            events: None,
         };
         // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
         // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
@@ -253,6 +268,7 @@ mod tests {
             retry_min_delay: Duration::from_nanos(1),
             retry_max_delay: Duration::MAX,
             reclaim: None,
+            events: None,
         };
         assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
         assert_eq!(

@@ -28,6 +28,8 @@ use tracing::Instrument;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
+use crate::cleanup::close_all;
+use crate::event::{Event, emit};
 use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
@@ -66,6 +68,12 @@ where
         };
         tracing::Span::current()
             .record("incarnation", tracing::field::display(snapshot.incarnation));
+        emit(config.events.as_ref(), || Event::RouterFenced {
+            router,
+            incarnation: snapshot.incarnation,
+            sessions: snapshot.sessions.len(),
+            resumed: !snapshot.newly_fenced,
+        });
         let mut report = DeletionReport {
             router,
             incarnation: snapshot.incarnation,
@@ -205,6 +213,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             rounds = report.rounds,
             "router deleted"
         );
+        emit(self.config.events.as_ref(), || {
+            Event::RouterDeleted(report.clone())
+        });
         self.tracked.clear();
         Ok(DeleteOutcome::Deleted(report))
     }
@@ -215,13 +226,23 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         // Every later pass (notify, confirm, force) follows this order.
         sessions.sort_unstable_by_key(Session::address);
         let mut already_closed = 0;
+        let bus = self.config.events.as_ref();
         for session in sessions {
-            match session.begin_terminating() {
+            let marked = session.begin_terminating();
+            match marked {
                 // `Terminating` already: an earlier run marked it; resume.
                 Transition::Won
                 | Transition::Lost {
                     current: crate::SessionState::Terminating,
                 } => {
+                    if marked.won() {
+                        tracing::trace!(session = %session.id(), "session terminating");
+                        emit(bus, || Event::SessionTerminating {
+                            session: session.id(),
+                            router: self.router,
+                            incarnation: session.incarnation(),
+                        });
+                    }
                     self.pending.track(&session);
                     self.first_round.push(session.id());
                     self.tracked.push(session);
@@ -314,20 +335,15 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// Force-closes what is still open and waits until every tracked close
     /// has completed; returns how many this run forced.
     async fn force_close(&self) -> usize {
-        let forced = match &self.config.reclaim {
-            // The closes are won here; resources are released by the queue,
-            // critical ones of every session first.
-            Some(queue) => queue
-                .close_sessions(&self.tracked, CloseReason::Forced)
-                .await
-                .len(),
-            // A close won here completes before `close` returns.
-            None => self
-                .tracked
-                .iter()
-                .filter(|session| session.close(CloseReason::Forced).won())
-                .count(),
-        };
+        // The closes are won here; with a reclaim queue, resources are
+        // released by the queue, critical ones of every session first.
+        let forced = close_all(
+            self.config.reclaim.as_ref(),
+            &self.tracked,
+            CloseReason::Forced,
+        )
+        .await
+        .len();
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }

@@ -7,6 +7,7 @@ use tokio::time::Duration;
 use super::LivenessMonitor;
 use super::probe::Prober;
 use super::report::MonitorBuildError;
+use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::session::TimeoutRule;
 use crate::store::SessionStore;
@@ -27,6 +28,7 @@ pub(crate) struct Config {
     pub(crate) probe_retries: u32,
     pub(crate) events: usize,
     pub(crate) reclaim: Option<ReclaimQueue>,
+    pub(crate) bus: Option<EventBus>,
 }
 
 impl Config {
@@ -117,6 +119,7 @@ pub struct LivenessMonitorBuilder {
     probe_retries: u32,
     events: usize,
     reclaim: Option<ReclaimQueue>,
+    bus: Option<EventBus>,
 }
 
 impl Default for LivenessMonitorBuilder {
@@ -131,6 +134,7 @@ impl Default for LivenessMonitorBuilder {
             probe_retries: 2,
             events: 1_024,
             reclaim: None,
+            bus: None,
         }
     }
 }
@@ -201,6 +205,13 @@ impl LivenessMonitorBuilder {
         self
     }
 
+    /// Also publishes every [`LivenessEvent`](crate::LivenessEvent) on
+    /// `bus`, as [`Event::Liveness`](crate::Event::Liveness).
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
     /// Builds the monitor and starts its task on the current tokio runtime.
     ///
     /// # Errors
@@ -257,6 +268,7 @@ impl LivenessMonitorBuilder {
             probe_retries: self.probe_retries,
             events: self.events.max(1),
             reclaim: self.reclaim,
+            bus: self.bus,
         })
     }
 }

@@ -38,6 +38,7 @@ pub use config::LivenessMonitorBuilder;
 pub use probe::{NoProbe, ProbeBatch, ProbeError, Prober};
 pub use report::{HeartbeatError, LivenessEvent, LivenessStats, MonitorBuildError, WatchError};
 
+use crate::event::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
@@ -466,6 +467,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     fn emit(&self, event: LivenessEvent) {
+        crate::event::emit(self.config.bus.as_ref(), || Event::Liveness(event.clone()));
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }

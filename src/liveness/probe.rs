@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::report::LivenessEvent;
+use crate::cleanup::{close_all, remove_if_same};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::message::transport_error;
 use crate::session::{CloseReason, Session, SessionState};
@@ -338,21 +339,14 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// the reclaim queue if there is one) and removes them from the store.
     async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
         let reason = CloseReason::LivenessTimeout;
-        let closed: Vec<SessionId> = match &self.config.reclaim {
-            Some(queue) => queue.close_sessions(&dead, reason).await,
-            None => dead
-                .iter()
-                .filter(|s| s.close(reason).won())
-                .map(Session::id)
-                .collect(),
-        };
+        let closed = close_all(self.config.reclaim.as_ref(), &dead, reason).await;
         // `closed` is a subsequence of `dead`, in order.
         let mut won = closed.iter().peekable();
         for session in &dead {
             self.counters.unsuspect();
             self.counters.leave();
             if won.next_if_eq(&&session.id()).is_some() {
-                self.remove_from_store(session).await;
+                remove_if_same(&*self.store, session).await;
             }
         }
         if closed.is_empty() {
@@ -365,22 +359,5 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             sessions: closed,
             router_silent,
         });
-    }
-
-    /// Removes the reaped session from the store, unless the store's entry
-    /// for its id is another session.
-    async fn remove_from_store(&self, session: &Session<S::Payload>) {
-        let id = session.id();
-        match self.store.get(id).await {
-            Ok(Some(held)) if held.same(session) => {
-                if let Err(error) = self.store.remove(id).await {
-                    tracing::debug!(%id, %error, "reaped session already removed");
-                }
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%id, %error, "reaped session left in the store: backend failed");
-            }
-        }
     }
 }

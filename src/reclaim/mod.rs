@@ -43,6 +43,7 @@ pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownRepo
 use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
+use crate::event::{Event, EventBus};
 use crate::id::SessionId;
 use crate::session::{CloseOutcome, CloseReason, Session};
 
@@ -130,6 +131,7 @@ struct Shared {
     stop: AtomicBool,
     counters: Counters,
     events: broadcast::Sender<ReclaimEvent>,
+    bus: Option<EventBus>,
     tracker: TaskTracker,
     aborts: Mutex<Vec<AbortHandle>>,
     interrupted: Mutex<Vec<TaskInfo>>,
@@ -218,6 +220,7 @@ pub struct ReclaimQueueBuilder {
     workers: usize,
     policy: Arc<dyn ReclaimPolicy>,
     events: usize,
+    bus: Option<EventBus>,
     paused: bool,
 }
 
@@ -239,6 +242,7 @@ impl Default for ReclaimQueueBuilder {
             workers: 2,
             policy: Arc::new(DefaultPolicy::default()),
             events: 1_024,
+            bus: None,
             paused: false,
         }
     }
@@ -268,6 +272,13 @@ impl ReclaimQueueBuilder {
     /// (default 1,024; see [`ReclaimQueue::subscribe`]).
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.events = events;
+        self
+    }
+
+    /// Also publishes every [`ReclaimEvent`] on `bus`, as
+    /// [`Event::Reclaim`].
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.bus = Some(bus);
         self
     }
 
@@ -308,6 +319,7 @@ impl ReclaimQueueBuilder {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             events,
+            bus: self.bus,
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::with_capacity(self.workers)),
             interrupted: Mutex::new(Vec::new()),
@@ -473,7 +485,7 @@ impl ReclaimQueue {
                 reported += 1;
                 tracing::warn!(session = %session.id(), router = %session.router(), ?age,
                     "long-lived session");
-                let _ = self.shared.events.send(ReclaimEvent::LongLivedSession {
+                self.shared.publish(ReclaimEvent::LongLivedSession {
                     session: session.id(),
                     router: session.router(),
                     incarnation: session.incarnation(),
@@ -734,7 +746,7 @@ impl Shared {
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(task = ?info, attempt = running.attempts, %error, ?delay,
                 "reclamation failed; retrying after backoff");
-            let _ = self.events.send(ReclaimEvent::ReclaimRetried {
+            self.publish(ReclaimEvent::ReclaimRetried {
                 task: info,
                 attempt: running.attempts,
                 error,
@@ -747,11 +759,18 @@ impl Shared {
     fn fail(&self, task: TaskInfo, attempts: u32, error: ReclaimError) {
         self.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::error!(?task, attempts, %error, "reclamation failed");
-        let _ = self.events.send(ReclaimEvent::ReclaimFailed {
+        self.publish(ReclaimEvent::ReclaimFailed {
             task,
             attempts,
             error,
         });
+    }
+
+    /// Sends `event` to the queue's subscribers and to the event bus.
+    fn publish(&self, event: ReclaimEvent) {
+        crate::event::emit(self.bus.as_ref(), || Event::Reclaim(event.clone()));
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
     }
 }
 

@@ -225,6 +225,8 @@ impl<P> Session<P> {
     pub fn close(&self, reason: CloseReason) -> CloseOutcome {
         let outcome = self.inner.word.close(reason);
         if outcome.won() {
+            #[cfg(feature = "metrics")]
+            crate::metrics::closed(reason);
             self.complete_close(reason);
         }
         outcome
@@ -281,6 +283,8 @@ impl<P> Session<P> {
         if !outcome.won() {
             return Err(outcome);
         }
+        #[cfg(feature = "metrics")]
+        crate::metrics::closed(reason);
         let resources = self.take_resources();
         let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
         for resource in resources.into_release_order() {

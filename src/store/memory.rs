@@ -19,12 +19,17 @@
 //! 2. a `routers` dashmap shard;
 //! 3. a router entry's mutex;
 //! 4. a `sessions` dashmap shard;
+//! 5. the event bus's broadcast lock, taken last and alone by tokio (to
+//!    publish `SessionCreated` while 3 and 4 are held, so the event comes
+//!    before anybody can see the session).
 //!
 //! and no lock of the store is held while a session is closed, because
 //! closing runs the session's resources (user code that may call the store).
 //! Iterating `sessions` (shard guards held) never takes a router lock: the
-//! audit copies the handles out first. No guard lives across an `.await`;
-//! the async trait methods only wrap the synchronous ones.
+//! audit copies the handles out first, and `repair` looks each session up
+//! on its own before it takes the session's router lock. No guard lives
+//! across an `.await`; the async trait methods only wrap the synchronous
+//! ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -40,9 +45,12 @@ use super::error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
     RouterError, SessionError,
 };
-use super::report::{AuditReport, FenceSnapshot, FinishReport, RouterStatus};
+use super::report::{
+    AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
+};
+use crate::event::{CloseHook, Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
-use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
+use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
 
 /// Default number of deleted router incarnations remembered.
 const DEFAULT_TOMBSTONES: usize = 65_536;
@@ -82,6 +90,7 @@ pub struct MemoryStore<P = ()> {
     next_incarnation: AtomicU64,
     tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
     tombstone_capacity: usize,
+    events: Option<EventBus>,
 }
 
 /// A router's entry: everything "check the fence + add to the index" reads
@@ -103,6 +112,7 @@ type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 pub struct MemoryStoreBuilder {
     tombstone_capacity: usize,
     shard_amount: Option<usize>,
+    events: Option<EventBus>,
 }
 
 impl MemoryStoreBuilder {
@@ -130,6 +140,16 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Publishes [`Event::SessionCreated`] and [`Event::SessionClosed`] of
+    /// every session the store creates on `bus` (default: none).
+    ///
+    /// Each session then carries a small close hook (one allocation of 32
+    /// bytes), released inline by its close whatever path closes it.
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.events = Some(bus);
+        self
+    }
+
     /// Builds the store.
     pub fn build<P>(self) -> MemoryStore<P> {
         let (sessions, routers) = match self.shard_amount {
@@ -148,6 +168,7 @@ impl MemoryStoreBuilder {
             next_incarnation: AtomicU64::new(1),
             tombstones: Mutex::new(VecDeque::new()),
             tombstone_capacity: self.tombstone_capacity,
+            events: self.events,
         }
     }
 }
@@ -179,6 +200,7 @@ impl MemoryStore<()> {
         MemoryStoreBuilder {
             tombstone_capacity: DEFAULT_TOMBSTONES,
             shard_amount: None,
+            events: None,
         }
     }
 }
@@ -273,6 +295,7 @@ impl<P> MemoryStore<P> {
             }
             Entry::Vacant(vacant) => {
                 let session = spec.into_session();
+                self.announce(&session);
                 slot.index.insert(session.id(), session.clone());
                 vacant.insert(session.clone());
                 Ok(session)
@@ -487,11 +510,191 @@ impl<P> MemoryStore<P> {
         report
     }
 
+    /// Publishes the creation of `session`, before anybody else can see it,
+    /// and hooks its close to the event bus.
+    fn announce(&self, session: &Session<P>) {
+        let (id, router, incarnation) = (session.id(), session.router(), session.incarnation());
+        emit(self.events.as_ref(), || Event::SessionCreated {
+            session: id,
+            router,
+            incarnation,
+        });
+        if let Some(bus) = &self.events {
+            let hook = CloseHook {
+                bus: bus.clone(),
+                session: id,
+                router,
+                incarnation,
+            };
+            // A new session is open: the attach cannot be refused.
+            let _ = session.attach(hook);
+        }
+    }
+
+    fn census_now(&self) -> Vec<RouterCensus> {
+        let mut census = Vec::new();
+        for entry in self.routers.iter() {
+            let slot = entry.value().lock();
+            if matches!(slot.status, RouterStatus::Deleted(_)) && slot.index.is_empty() {
+                continue;
+            }
+            let mut counts = RouterCensus::new(*entry.key(), slot.status);
+            for session in slot.index.values() {
+                match session.state() {
+                    SessionState::Active => counts.active += 1,
+                    SessionState::Terminating => counts.terminating += 1,
+                    SessionState::Closed => counts.closed += 1,
+                }
+            }
+            census.push(counts);
+        }
+        census.sort_unstable_by_key(|counts| counts.router);
+        census
+    }
+
+    fn repair_now(&self, findings: &AuditReport) -> Vec<Repair> {
+        let mut repairs = Vec::new();
+        for &(router, id) in &findings.missing_from_map {
+            self.repair_index_entry(router, id, &mut repairs);
+        }
+        for &id in &findings.missing_from_index {
+            self.repair_unindexed(id, &mut repairs);
+        }
+        for &id in &findings.orphans {
+            let Some(stored) = self.get_now(id) else {
+                continue; // removed meanwhile
+            };
+            if self.belongs(&stored) {
+                continue; // not an orphan (any more): the audit raced a change
+            }
+            self.evict(&stored, RepairAction::OrphanReclaimed, &mut repairs);
+        }
+        for &id in &findings.closed_in_store {
+            if let Some(stored) = self.get_now(id).filter(Session::is_closed) {
+                self.evict(&stored, RepairAction::ClosedRemoved, &mut repairs);
+            }
+        }
+        repairs
+    }
+
+    /// An index entry of `router` whose session is not in the map: put the
+    /// session back if it still belongs, drop the entry otherwise.
+    fn repair_index_entry(&self, router: RouterId, id: SessionId, repairs: &mut Vec<Repair>) {
+        let dropped = {
+            let Some(entry) = self.routers.get(&router) else {
+                return;
+            };
+            let mut slot = entry.lock();
+            let Some(indexed) = slot.index.get(&id).cloned() else {
+                return; // removed meanwhile
+            };
+            if self.holds(&indexed) {
+                return; // repaired meanwhile
+            }
+            let belongs = !indexed.is_closed()
+                && indexed.router() == router
+                && slot.status_holds(indexed.incarnation());
+            if belongs {
+                if let Entry::Vacant(vacant) = self.sessions.entry(id) {
+                    vacant.insert(indexed.clone());
+                    repairs.push(repair(&indexed, RepairAction::Restored));
+                    return;
+                }
+            }
+            slot.index.remove(&id);
+            shrink_if_sparse(&mut slot.index);
+            repairs.push(repair(&indexed, RepairAction::DroppedIndexEntry));
+            indexed
+        };
+        // Outside every lock: closing runs the session's resources.
+        let _ = dropped.close(CloseReason::Reclaimed);
+    }
+
+    /// A session in the map missing from its router's index: index it if it
+    /// belongs, evict it otherwise.
+    fn repair_unindexed(&self, id: SessionId, repairs: &mut Vec<Repair>) {
+        let Some(stored) = self.get_now(id) else {
+            return;
+        };
+        if let Some(entry) = self.routers.get(&stored.router()) {
+            let mut slot = entry.lock();
+            if !self.holds(&stored)
+                || slot
+                    .index
+                    .get(&id)
+                    .is_some_and(|indexed| Session::ptr_eq(indexed, &stored))
+            {
+                return; // removed or repaired meanwhile
+            }
+            if !stored.is_closed()
+                && slot.status_holds(stored.incarnation())
+                && !slot.index.contains_key(&id)
+            {
+                slot.index.insert(id, stored.clone());
+                repairs.push(repair(&stored, RepairAction::Reindexed));
+                return;
+            }
+        }
+        let action = if self.belongs(&stored) {
+            RepairAction::ClosedRemoved
+        } else {
+            RepairAction::OrphanReclaimed
+        };
+        self.evict(&stored, action, repairs);
+    }
+
+    /// Whether the router `session` names holds its incarnation (live or
+    /// fenced): only then is the session not an orphan.
+    fn belongs(&self, session: &Session<P>) -> bool {
+        self.routers
+            .get(&session.router())
+            .is_some_and(|entry| entry.lock().status_holds(session.incarnation()))
+    }
+
+    /// Closes `session` (if open) and removes it from the map and from any
+    /// index holding it.
+    fn evict(&self, session: &Session<P>, action: RepairAction, repairs: &mut Vec<Repair>) {
+        let _ = session.close(CloseReason::Reclaimed);
+        let id = session.id();
+        let removed = match self.routers.get(&session.router()) {
+            Some(entry) => {
+                let mut slot = entry.lock();
+                if slot
+                    .index
+                    .get(&id)
+                    .is_some_and(|indexed| Session::ptr_eq(indexed, session))
+                {
+                    slot.index.remove(&id);
+                    shrink_if_sparse(&mut slot.index);
+                }
+                self.sessions
+                    .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
+                    .is_some()
+            }
+            None => self
+                .sessions
+                .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
+                .is_some(),
+        };
+        if removed {
+            repairs.push(repair(session, action));
+        }
+    }
+
     /// `true` if the map holds this very session.
     fn holds(&self, session: &Session<P>) -> bool {
         self.sessions
             .get(&session.id())
             .is_some_and(|stored| Session::ptr_eq(&stored, session))
+    }
+}
+
+fn repair<P>(session: &Session<P>, action: RepairAction) -> Repair {
+    Repair {
+        session: session.id(),
+        router: session.router(),
+        incarnation: session.incarnation(),
+        action,
     }
 }
 
@@ -631,6 +834,53 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
 
     async fn audit(&self) -> Result<AuditReport, BackendError> {
         Ok(self.audit_now())
+    }
+
+    async fn census(&self) -> Result<Vec<RouterCensus>, BackendError> {
+        Ok(self.census_now())
+    }
+
+    async fn repair(&self, findings: &AuditReport) -> Result<Vec<Repair>, BackendError> {
+        Ok(self.repair_now(findings))
+    }
+}
+
+/// A way to break a [`MemoryStore`]'s invariants behind its API, to test
+/// that [`SessionStore::audit`] finds it and
+/// [`AuditSweeper`](crate::AuditSweeper) repairs it. Test-only.
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Corruption<P> {
+    /// Removes the session from its router's index only.
+    Unindex(SessionId),
+    /// Removes the session from the session map only.
+    DropFromMap(SessionId),
+    /// Puts a session into the session map only, bypassing every check
+    /// (an orphan if its router does not hold its incarnation).
+    Inject(Session<P>),
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl<P> MemoryStore<P> {
+    /// Applies `corruption`. Test-only: it breaks the store's invariants.
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn corrupt(&self, corruption: Corruption<P>) {
+        match corruption {
+            Corruption::Unindex(id) => {
+                let router = self.get_now(id).map(|session| session.router());
+                if let Some(entry) = router.and_then(|router| self.routers.get(&router)) {
+                    entry.lock().index.remove(&id);
+                }
+            }
+            Corruption::DropFromMap(id) => {
+                self.sessions.remove(&id);
+            }
+            Corruption::Inject(session) => {
+                self.sessions.insert(session.id(), session);
+            }
+        }
     }
 }
 

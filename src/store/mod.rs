@@ -10,8 +10,12 @@ pub use error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
     RouterError, SessionError,
 };
+#[cfg(any(test, feature = "test-util"))]
+pub use memory::Corruption;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
-pub use report::{AuditReport, FenceSnapshot, FinishReport, RouterStatus};
+pub use report::{
+    AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
+};
 
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
@@ -191,4 +195,40 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// [`BackendError`] if the store's backend failed.
     fn audit(&self) -> impl Future<Output = Result<AuditReport, BackendError>> + Send;
+
+    /// Counts each known router's sessions by state, for capacity planning
+    /// and [`Stats`](crate::Stats). Routers whose last incarnation is
+    /// deleted and that hold no session are left out.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed.
+    fn census(&self) -> impl Future<Output = Result<Vec<RouterCensus>, BackendError>> + Send;
+
+    /// Repairs what an [`audit`](Self::audit) found. Each finding is checked
+    /// again first (the store kept serving since the audit), and only what is
+    /// still wrong is repaired:
+    ///
+    /// - a session missing from its router's index is indexed again if it
+    ///   is open and its router holds its incarnation, and reclaimed as an
+    ///   orphan otherwise;
+    /// - an index entry missing from the session map is put back if its
+    ///   session is open and the id is free, and dropped otherwise;
+    /// - an orphan is closed with [`CloseReason::Reclaimed`] (if still open)
+    ///   and removed;
+    /// - a closed session left in the store is removed.
+    ///
+    /// Sessions are closed outside the store's locks, and a session already
+    /// closed is not closed again, so a repair racing a deletion never
+    /// releases anything twice. Sessions of a fenced router belong to their
+    /// deletion and are never orphans.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed; repairs made before
+    /// the failure stay made.
+    fn repair(
+        &self,
+        findings: &AuditReport,
+    ) -> impl Future<Output = Result<Vec<Repair>, BackendError>> + Send;
 }

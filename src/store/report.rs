@@ -112,3 +112,99 @@ impl AuditReport {
         self.orphans.len()
     }
 }
+
+/// One router's sessions by state, from
+/// [`SessionStore::census`](crate::SessionStore::census).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouterCensus {
+    /// The router.
+    pub router: RouterId,
+    /// Its phase and incarnation.
+    pub status: RouterStatus,
+    /// Its sessions in the store that are `Active`.
+    pub active: usize,
+    /// Its sessions in the store that are `Terminating`.
+    pub terminating: usize,
+    /// Its sessions still in the store though `Closed` (closed through
+    /// their handle, not removed yet).
+    pub closed: usize,
+}
+
+impl RouterCensus {
+    /// A census entry with no session.
+    #[must_use]
+    pub const fn new(router: RouterId, status: RouterStatus) -> Self {
+        Self {
+            router,
+            status,
+            active: 0,
+            terminating: 0,
+            closed: 0,
+        }
+    }
+
+    /// All of the router's sessions in the store.
+    #[must_use]
+    pub const fn sessions(&self) -> usize {
+        self.active + self.terminating + self.closed
+    }
+}
+
+/// One finding of an [`AuditReport`] that
+/// [`SessionStore::repair`](crate::SessionStore::repair) fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repair {
+    /// The session concerned.
+    pub session: SessionId,
+    /// The router it names.
+    pub router: RouterId,
+    /// The router incarnation it names.
+    pub incarnation: Incarnation,
+    /// What was done.
+    pub action: RepairAction,
+}
+
+/// What [`SessionStore::repair`](crate::SessionStore::repair) did about one
+/// finding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RepairAction {
+    /// An open session of a live or fenced router was in the session map
+    /// but missing from its router's index: it was indexed again.
+    Reindexed,
+    /// An open session of a live or fenced router was in its router's index
+    /// but missing from the session map: it was put back in the map.
+    Restored,
+    /// An index entry whose session could not be restored (closed, or its
+    /// id taken by another session) was dropped; the session was closed
+    /// with [`CloseReason::Reclaimed`](crate::CloseReason::Reclaimed) if it
+    /// was open.
+    DroppedIndexEntry,
+    /// An orphan (its router unknown, deleted, or in another incarnation)
+    /// was closed with [`CloseReason::Reclaimed`](crate::CloseReason::Reclaimed)
+    /// if still open, and removed.
+    OrphanReclaimed,
+    /// A closed session that lingered in the store was removed.
+    ClosedRemoved,
+}
+
+impl RepairAction {
+    /// A short snake-case name, as used in logs and metric labels.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Reindexed => "reindexed",
+            Self::Restored => "restored",
+            Self::DroppedIndexEntry => "dropped_index_entry",
+            Self::OrphanReclaimed => "orphan_reclaimed",
+            Self::ClosedRemoved => "closed_removed",
+        }
+    }
+}
+
+impl fmt::Display for RepairAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,48 @@
+//! Closing sessions on the controller's side, shared by every path that
+//! does it (force-close, reaping, reconciliation, grace expiry, sweeps).
+
+use crate::id::SessionId;
+use crate::reclaim::ReclaimQueue;
+use crate::session::{CloseReason, Session};
+use crate::store::SessionStore;
+
+/// Closes each open session of `sessions` with `reason`, its resources
+/// through `queue` if there is one (critical ones of every session first),
+/// inline otherwise. Returns the ids this call closed, in the given order:
+/// a session another caller closed first is left to that caller.
+pub(crate) async fn close_all<P>(
+    queue: Option<&ReclaimQueue>,
+    sessions: &[Session<P>],
+    reason: CloseReason,
+) -> Vec<SessionId>
+where
+    P: Send + Sync + 'static,
+{
+    match queue {
+        Some(queue) => queue.close_sessions(sessions, reason).await,
+        // A close won here completes before `close` returns.
+        None => sessions
+            .iter()
+            .filter(|session| session.close(reason).won())
+            .map(Session::id)
+            .collect(),
+    }
+}
+
+/// Removes `session` from `store`, unless the store's entry for its id is
+/// another session (the id was reused). Failures are logged: the session is
+/// closed already, and the audit sweeper removes what is left.
+pub(crate) async fn remove_if_same<S: SessionStore>(store: &S, session: &Session<S::Payload>) {
+    let id = session.id();
+    match store.get(id).await {
+        Ok(Some(held)) if held.same(session) => {
+            if let Err(error) = store.remove(id).await {
+                tracing::debug!(%id, %error, "closed session already removed");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(%id, %error, "closed session left in the store: backend failed");
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! Reconciliation against what a router reports, and the disconnect grace
+//! period.
+//!
+//! # Invariants
+//!
+//! - A router has at most one grace entry in `graces`; whoever removes it
+//!   (the expiry task, a reconciliation, or a new disconnect after the
+//!   router's incarnation changed) owns what follows: an expiry task closes
+//!   sessions only after removing its own entry (same epoch), and a
+//!   canceller aborts the task only after removing the entry, so a grace
+//!   period either expires or is cancelled, never both.
+//! - Reconciliation and grace expiry close only sessions of the router's
+//!   live incarnation, and re-check that the router is still live before
+//!   each chunk: once a deletion fenced the router, its sessions are left to
+//!   the deleter alone.
+//!
+//! # Deadlock safety
+//!
+//! One lock, `graces`, held only to look up, insert or remove an entry; never
+//! across an `.await`, while spawning, or while another lock is taken.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+use tokio::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cleanup::{close_all, remove_if_same};
+use crate::event::{Event, EventBus, emit};
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::reclaim::ReclaimQueue;
+use crate::session::{CloseReason, Session, SessionState};
+use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
+
+/// Reconciles what routers report against the store, and gives
+/// disconnected routers a grace period.
+///
+/// - [`reconcile`](Self::reconcile): a router (re)connected and reported
+///   the sessions it holds. The outcome lists what the router should drop
+///   (sessions the controller does not know, has closed, or that belong to
+///   another router or incarnation), and the sessions the router no longer
+///   holds are closed on the controller
+///   ([`CloseReason::Reclaimed`]) and removed. Reports of any size are
+///   handled in chunks, with no lock held across chunks.
+/// - [`router_disconnected`](Self::router_disconnected): starts the
+///   router's grace period. A reconciliation within it cancels it; at its
+///   expiry the router's sessions are closed ([`CloseReason::RouterLost`])
+///   and removed, and the router itself stays registered. A router whose
+///   deletion starts meanwhile is left to the deleter.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// for id in 1..=3 {
+///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+/// }
+///
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// // The router reconnects holding sessions 1, 2 and 9: 9 is unknown, 3 is gone.
+/// let ids = [1, 2, 9].map(SessionId::new);
+/// let report = reconciler.reconcile(router, incarnation, ids).await?;
+/// assert_eq!(report.drop, vec![SessionId::new(9)]);
+/// assert_eq!(report.closed, vec![SessionId::new(3)]);
+/// assert_eq!(store.len(), 2);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Reconciler<S: SessionStore> {
+    inner: Arc<Inner<S>>,
+}
+
+struct Inner<S: SessionStore> {
+    store: Arc<S>,
+    config: Config,
+    graces: Mutex<HashMap<RouterId, Grace>>,
+    epochs: AtomicU64,
+    tracker: TaskTracker,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    grace: Duration,
+    chunk: usize,
+    spare_younger_than: Duration,
+    reclaim: Option<ReclaimQueue>,
+    events: Option<EventBus>,
+}
+
+struct Grace {
+    incarnation: Incarnation,
+    epoch: u64,
+    deadline: Instant,
+    task: Option<AbortHandle>,
+}
+
+/// Builder of a [`Reconciler`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ReconcilerBuilder {
+    config: Config,
+}
+
+impl Reconciler<crate::MemoryStore> {
+    /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
+    /// sessions, no session spared for its youth, no reclaim queue, no
+    /// event bus.
+    pub fn builder() -> ReconcilerBuilder {
+        ReconcilerBuilder {
+            config: Config {
+                grace: Duration::from_secs(30),
+                chunk: 4_096,
+                spare_younger_than: Duration::ZERO,
+                reclaim: None,
+                events: None,
+            },
+        }
+    }
+}
+
+impl ReconcilerBuilder {
+    /// How long a disconnected router has to reconnect before its sessions
+    /// are closed (default 30 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+
+    /// How many sessions are handled between two yields to the runtime
+    /// (default 4,096; at least 1).
+    pub fn chunk_size(mut self, chunk: usize) -> Self {
+        self.config.chunk = chunk.max(1);
+        self
+    }
+
+    /// Sessions created less than `age` before a reconciliation started are
+    /// never closed for missing from the report: the router may have taken
+    /// its report before they reached it. Set it to the longest delay
+    /// between a router taking its report and the controller receiving it
+    /// (default zero: only sessions created after the call started are
+    /// spared).
+    pub fn spare_younger_than(mut self, age: Duration) -> Self {
+        self.config.spare_younger_than = age;
+        self
+    }
+
+    /// Releases the resources of the sessions it closes through `queue`.
+    pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
+        self.config.reclaim = Some(queue);
+        self
+    }
+
+    /// Publishes [`Event::Reconciled`], [`Event::RouterDisconnected`] and
+    /// [`Event::RouterLost`] on `bus`.
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.config.events = Some(bus);
+        self
+    }
+
+    /// Builds the reconciler over `store`.
+    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Reconciler<S> {
+        Reconciler {
+            inner: Arc::new(Inner {
+                store,
+                config: self.config,
+                graces: Mutex::new(HashMap::new()),
+                epochs: AtomicU64::new(0),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+}
+
+/// What a reconciliation found and did, in counts; carried by
+/// [`Event::Reconciled`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReconcileSummary {
+    /// The router.
+    pub router: RouterId,
+    /// Its live incarnation.
+    pub incarnation: Incarnation,
+    /// Distinct session ids the router reported.
+    pub reported: usize,
+    /// Reported sessions the controller holds open for this router and
+    /// incarnation.
+    pub matched: usize,
+    /// Reported sessions the controller does not know.
+    pub unknown: usize,
+    /// Reported sessions the controller closed already.
+    pub closed_reported: usize,
+    /// Reported sessions of another router or another incarnation.
+    pub foreign: usize,
+    /// Sessions the controller held that the router no longer holds, closed
+    /// by this call.
+    pub closed: usize,
+    /// Sessions missing from the report spared because they are younger
+    /// than the configured age.
+    pub spared: usize,
+    /// Whether the call cancelled the router's grace period.
+    pub grace_cancelled: bool,
+    /// Chunks handled.
+    pub chunks: usize,
+    /// How long the call took, on tokio's clock.
+    pub duration: Duration,
+}
+
+/// The outcome of [`Reconciler::reconcile`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReconcileReport {
+    /// The counts.
+    pub summary: ReconcileSummary,
+    /// Sessions the router should drop: reported, but unknown to the
+    /// controller, closed, or of another router or incarnation. Sorted.
+    pub drop: Vec<SessionId>,
+    /// Sessions the router no longer holds, closed on the controller by this
+    /// call. Sorted.
+    pub closed: Vec<SessionId>,
+}
+
+/// Why a reconciliation or a grace period was refused.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconcileError {
+    /// The store does not know the router.
+    #[error("{0} is not registered")]
+    UnknownRouter(RouterId),
+    /// The router reported from an incarnation that is not its live one: a
+    /// stale report (the router was deleted and registered again since, or
+    /// the report is older than its deletion). Nothing was changed.
+    #[error("{router} reported {reported}, but the store has it {current:?}")]
+    StaleIncarnation {
+        /// The router.
+        router: RouterId,
+        /// The incarnation the report names.
+        reported: Incarnation,
+        /// The router's status in the store.
+        current: RouterStatus,
+    },
+    /// The router's deletion has started (or finished); its sessions belong
+    /// to the deleter.
+    #[error("{router} is being deleted or deleted ({status:?})")]
+    NotLive {
+        /// The router.
+        router: RouterId,
+        /// Its status in the store.
+        status: RouterStatus,
+    },
+    /// No tokio runtime to run the grace timer on.
+    #[error("no tokio runtime: router_disconnected must be called within one")]
+    NoRuntime,
+    /// The reconciler was shut down.
+    #[error("the reconciler is shut down")]
+    ShutDown,
+    /// The store's backend failed.
+    #[error(transparent)]
+    Store(#[from] BackendError),
+}
+
+impl From<RouterError> for ReconcileError {
+    fn from(error: RouterError) -> Self {
+        match error {
+            RouterError::UnknownRouter(router) => Self::UnknownRouter(router),
+            RouterError::Backend(error) => Self::Store(error),
+        }
+    }
+}
+
+/// Far enough not to matter: what a grace period past `Instant`'s range
+/// means.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+impl<S: SessionStore> Clone for Reconciler<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: SessionStore> fmt::Debug for Reconciler<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("config", &self.inner.config)
+            .field("in_grace", &self.in_grace())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: SessionStore> Reconciler<S> {
+    /// The store it works on.
+    #[must_use]
+    pub fn store(&self) -> &Arc<S> {
+        &self.inner.store
+    }
+
+    /// Routers in their grace period now.
+    #[must_use]
+    pub fn in_grace(&self) -> usize {
+        self.inner.graces.lock().len()
+    }
+
+    /// When `router`'s grace period ends, if it is in one.
+    #[must_use]
+    pub fn grace_deadline(&self, router: RouterId) -> Option<Instant> {
+        self.inner.graces.lock().get(&router).map(|g| g.deadline)
+    }
+
+    /// Reconciles `reported`, the sessions `router` says it holds in
+    /// `incarnation`, against the store: see the type's documentation.
+    /// Cancels the router's grace period, if it is in one.
+    ///
+    /// Duplicate ids in the report count once. Sessions created after the
+    /// call started (or younger than
+    /// [`spare_younger_than`](ReconcilerBuilder::spare_younger_than)) are
+    /// never closed for missing from the report.
+    ///
+    /// # Errors
+    ///
+    /// [`ReconcileError::StaleIncarnation`] for a report from an incarnation
+    /// that is not the router's live one, [`ReconcileError::NotLive`] if the
+    /// router's deletion started (before the call or during it: the call
+    /// stops at the next chunk), [`ReconcileError::UnknownRouter`], and
+    /// [`ReconcileError::Store`] if the backend failed. Sessions closed
+    /// before an error stay closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops between two store calls: every session is
+    /// either untouched or closed and removed (a closed session the store
+    /// still holds is removed by the next reconciliation or sweep).
+    pub async fn reconcile(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        reported: impl IntoIterator<Item = SessionId>,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let span = tracing::info_span!("reconcile", %router, %incarnation);
+        self.reconcile_inner(router, incarnation, reported.into_iter().collect())
+            .instrument(span)
+            .await
+    }
+
+    async fn reconcile_inner(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        reported: HashSet<SessionId, RandomState>,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let started = Instant::now();
+        let store = &*self.inner.store;
+        let config = &self.inner.config;
+        self.check_live(router, incarnation).await?;
+        let grace_cancelled = self.cancel_grace(router, incarnation);
+        let mut summary = ReconcileSummary {
+            router,
+            incarnation,
+            reported: reported.len(),
+            matched: 0,
+            unknown: 0,
+            closed_reported: 0,
+            foreign: 0,
+            closed: 0,
+            spared: 0,
+            grace_cancelled,
+            chunks: 0,
+            duration: Duration::ZERO,
+        };
+        let mut drop = Vec::new();
+
+        // What the router holds, against the store.
+        let mut ids: Vec<SessionId> = reported.iter().copied().collect();
+        ids.sort_unstable();
+        for chunk in ids.chunks(config.chunk) {
+            self.next_chunk(router, incarnation, &mut summary).await?;
+            for &id in chunk {
+                match store.get(id).await? {
+                    None => summary.unknown += 1,
+                    Some(session)
+                        if session.router() != router || session.incarnation() != incarnation =>
+                    {
+                        summary.foreign += 1;
+                    }
+                    Some(session) if session.is_closed() => summary.closed_reported += 1,
+                    Some(_) => {
+                        summary.matched += 1;
+                        continue;
+                    }
+                }
+                tracing::trace!(session = %id, "router holds a session it should drop");
+                drop.push(id);
+            }
+        }
+
+        // What the store holds that the router no longer does.
+        let cutoff = started
+            .checked_sub(config.spare_younger_than)
+            .unwrap_or(started);
+        let held = store.sessions(router).await?;
+        let mut missing: Vec<Session<S::Payload>> = Vec::new();
+        for session in held {
+            if session.incarnation() != incarnation
+                || session.state() == SessionState::Closed
+                || reported.contains(&session.id())
+            {
+                continue;
+            }
+            if session.created_at() >= cutoff {
+                summary.spared += 1;
+            } else {
+                missing.push(session);
+            }
+        }
+        missing.sort_unstable_by_key(Session::id);
+        let mut closed = Vec::new();
+        for chunk in missing.chunks(config.chunk) {
+            self.next_chunk(router, incarnation, &mut summary).await?;
+            closed.extend(self.close_and_remove(chunk, CloseReason::Reclaimed).await);
+        }
+        summary.closed = closed.len();
+        summary.duration = started.elapsed();
+        tracing::info!(
+            reported = summary.reported,
+            matched = summary.matched,
+            dropped = drop.len(),
+            closed = summary.closed,
+            "router reconciled"
+        );
+        emit(config.events.as_ref(), || Event::Reconciled(summary));
+        Ok(ReconcileReport {
+            summary,
+            drop,
+            closed,
+        })
+    }
+
+    /// Counts a chunk; from the second on, yields to the runtime and checks
+    /// that the router is still live.
+    async fn next_chunk(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        summary: &mut ReconcileSummary,
+    ) -> Result<(), ReconcileError> {
+        summary.chunks += 1;
+        if summary.chunks > 1 {
+            tokio::task::yield_now().await;
+            self.check_live(router, incarnation).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_live(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<(), ReconcileError> {
+        match self.inner.store.router_status(router).await? {
+            RouterStatus::Live(live) if live == incarnation => Ok(()),
+            status @ (RouterStatus::Fenced(current) | RouterStatus::Deleted(current))
+                if current == incarnation =>
+            {
+                Err(ReconcileError::NotLive { router, status })
+            }
+            current => Err(ReconcileError::StaleIncarnation {
+                router,
+                reported: incarnation,
+                current,
+            }),
+        }
+    }
+
+    /// Closes the open sessions of `sessions` (resources through the reclaim
+    /// queue if there is one) and removes them from the store; returns the
+    /// ids this call closed.
+    async fn close_and_remove(
+        &self,
+        sessions: &[Session<S::Payload>],
+        reason: CloseReason,
+    ) -> Vec<SessionId> {
+        let closed = close_all(self.inner.config.reclaim.as_ref(), sessions, reason).await;
+        for session in sessions {
+            if session.is_closed() {
+                remove_if_same(&*self.inner.store, session).await;
+            }
+        }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for id in &closed {
+                tracing::trace!(session = %id, %reason, "session closed");
+            }
+        }
+        closed
+    }
+
+    /// Starts `router`'s grace period: unless a
+    /// [`reconcile`](Self::reconcile) of the router comes first, its
+    /// sessions are closed with [`CloseReason::RouterLost`] when the period
+    /// ends. Returns the deadline. A router already in its grace period
+    /// keeps its deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`ReconcileError::NotLive`] if the router's deletion started (the
+    /// deleter handles its sessions), [`ReconcileError::UnknownRouter`],
+    /// [`ReconcileError::NoRuntime`] outside a tokio runtime,
+    /// [`ReconcileError::ShutDown`] after [`shutdown`](Self::shutdown), and
+    /// [`ReconcileError::Store`] if the backend failed.
+    pub async fn router_disconnected(&self, router: RouterId) -> Result<Instant, ReconcileError> {
+        let incarnation = match self.inner.store.router_status(router).await? {
+            RouterStatus::Live(incarnation) => incarnation,
+            status => return Err(ReconcileError::NotLive { router, status }),
+        };
+        let runtime = Handle::try_current().map_err(|_| ReconcileError::NoRuntime)?;
+        let grace = self.inner.config.grace;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(grace)
+            .or_else(|| now.checked_add(FAR_FUTURE))
+            .unwrap_or(now);
+        let epoch = {
+            let mut graces = self.inner.graces.lock();
+            if self.inner.tracker.is_closed() {
+                return Err(ReconcileError::ShutDown);
+            }
+            match graces.get(&router) {
+                Some(running) if running.incarnation == incarnation => {
+                    return Ok(running.deadline);
+                }
+                _ => {}
+            }
+            let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+            let replaced = graces.insert(
+                router,
+                Grace {
+                    incarnation,
+                    epoch,
+                    deadline,
+                    task: None,
+                },
+            );
+            if let Some(task) = replaced.and_then(|old| old.task) {
+                task.abort();
+            }
+            epoch
+        };
+        let this = self.clone();
+        let task = self.inner.tracker.spawn_on(
+            async move { this.expire(router, incarnation, epoch, deadline).await },
+            &runtime,
+        );
+        let mut graces = self.inner.graces.lock();
+        match graces.get_mut(&router) {
+            Some(entry) if entry.epoch == epoch => entry.task = Some(task.abort_handle()),
+            // Shut down meanwhile: the timer must not hold the shutdown up.
+            // (Cancelled or expired otherwise: the task ends by itself, and
+            // an expiry already closing sessions is not cut half-way.)
+            _ if self.inner.tracker.is_closed() => task.abort(),
+            _ => {}
+        }
+        drop(graces);
+        tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
+        emit(self.inner.config.events.as_ref(), || {
+            Event::RouterDisconnected {
+                router,
+                incarnation,
+                grace,
+            }
+        });
+        Ok(deadline)
+    }
+
+    /// Removes the grace entry of `router` in `incarnation` and stops its
+    /// timer; `true` if there was one.
+    fn cancel_grace(&self, router: RouterId, incarnation: Incarnation) -> bool {
+        let mut graces = self.inner.graces.lock();
+        if graces
+            .get(&router)
+            .is_none_or(|grace| grace.incarnation != incarnation)
+        {
+            return false;
+        }
+        if let Some(task) = graces.remove(&router).and_then(|grace| grace.task) {
+            task.abort();
+        }
+        true
+    }
+
+    async fn expire(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        epoch: u64,
+        deadline: Instant,
+    ) {
+        tokio::time::sleep_until(deadline).await;
+        {
+            let mut graces = self.inner.graces.lock();
+            if graces.get(&router).is_none_or(|grace| grace.epoch != epoch) {
+                return; // cancelled
+            }
+            graces.remove(&router);
+        }
+        let span = tracing::info_span!("grace_expired", %router, %incarnation);
+        let closed = self.close_lost(router, incarnation).instrument(span).await;
+        emit(self.inner.config.events.as_ref(), || Event::RouterLost {
+            router,
+            incarnation,
+            closed,
+        });
+    }
+
+    /// Closes the sessions of a router whose grace period expired, chunk by
+    /// chunk while it stays live in `incarnation`; returns how many.
+    async fn close_lost(&self, router: RouterId, incarnation: Incarnation) -> usize {
+        let held = match self.inner.store.sessions(router).await {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(%error, "grace expired but the router's sessions could not be listed");
+                return 0;
+            }
+        };
+        let mut open: Vec<_> = held
+            .into_iter()
+            .filter(|s| s.incarnation() == incarnation && !s.is_closed())
+            .collect();
+        open.sort_unstable_by_key(Session::id);
+        let mut closed = 0;
+        for chunk in open.chunks(self.inner.config.chunk) {
+            match self.inner.store.router_status(router).await {
+                Ok(RouterStatus::Live(live)) if live == incarnation => {}
+                Ok(status) => {
+                    tracing::info!(
+                        ?status,
+                        "router no longer live; its sessions are left to the deleter"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "grace expiry stopped: router status unknown");
+                    break;
+                }
+            }
+            closed += self
+                .close_and_remove(chunk, CloseReason::RouterLost)
+                .await
+                .len();
+            tokio::task::yield_now().await;
+        }
+        tracing::warn!(closed, "grace period expired; router's sessions closed");
+        closed
+    }
+
+    /// Stops every grace timer (their routers keep their sessions) and
+    /// refuses new ones; waits for an expiry that is running to finish.
+    pub async fn shutdown(&self) {
+        let stopped: Vec<_> = {
+            let mut graces = self.inner.graces.lock();
+            self.inner.tracker.close();
+            graces.drain().filter_map(|(_, grace)| grace.task).collect()
+        };
+        for task in stopped {
+            task.abort();
+        }
+        self.inner.tracker.wait().await;
+    }
+}

@@ -1,0 +1,385 @@
+//! The audit sweeper: a periodic audit of the store, and the repair of what
+//! it finds.
+//!
+//! # Invariants
+//!
+//! - One sweep runs at a time (`running` is held across the sweep; it is a
+//!   tokio mutex, the only lock of the module held across an `.await`, and
+//!   no other lock is taken under it).
+//! - A sweep closes only orphans, which no deletion owns: a fenced router
+//!   holds its incarnation, so its sessions are never orphans, and an orphan
+//!   stays one (incarnations never repeat). Every close goes through the
+//!   session's state machine, which releases resources once, whoever else
+//!   closes the session at the same time.
+//!
+//! # Deadlock safety
+//!
+//! `running` (async) is taken first and alone; the `last` report mutex is
+//! taken only to store or copy a report, never across an `.await`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cleanup::close_all;
+use crate::event::{Event, EventBus, emit};
+use crate::reclaim::ReclaimQueue;
+use crate::session::{CloseReason, Session};
+use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus, SessionStore};
+
+/// Audits the store periodically and repairs what it finds.
+///
+/// Each sweep runs [`SessionStore::audit`], closes the orphans it reports
+/// (sessions whose router is gone, deleted, or in a newer incarnation) with
+/// [`CloseReason::Reclaimed`], their resources through the reclaim queue if
+/// one is configured, and calls [`SessionStore::repair`], which re-checks
+/// and fixes each finding: index/map disagreements, orphans, closed
+/// sessions left in the store. Each repair is logged and published as an
+/// [`Event::Repaired`].
+///
+/// A sweep never races a deletion into a double release: sessions of a
+/// fenced router are never orphans, and every close goes through the
+/// session's state machine, which releases resources exactly once.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use tokio::time::Duration;
+/// use session_lifecycle::{AuditSweeper, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let sweeper = AuditSweeper::builder()
+///     .interval(Duration::from_secs(60))
+///     .build(Arc::clone(&store))?;
+///
+/// let report = sweeper.sweep().await?; // one sweep now, besides the periodic ones
+/// assert!(report.audit.is_clean() && report.repairs.is_empty());
+/// sweeper.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct AuditSweeper<S> {
+    inner: Arc<Inner<S>>,
+}
+
+struct Inner<S> {
+    store: Arc<S>,
+    config: Config,
+    running: tokio::sync::Mutex<()>,
+    last: Mutex<Option<SweepReport>>,
+    counters: Counters,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    interval: Duration,
+    reclaim: Option<ReclaimQueue>,
+    events: Option<EventBus>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    sweeps: AtomicU64,
+    findings: AtomicU64,
+    repairs: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Builder of an [`AuditSweeper`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct AuditSweeperBuilder {
+    config: Config,
+}
+
+/// What one sweep found and repaired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepReport {
+    /// The audit the sweep started from.
+    pub audit: AuditReport,
+    /// What was repaired (findings fixed meanwhile by the store's own work
+    /// are not repeated here).
+    pub repairs: Vec<Repair>,
+    /// How long the sweep took, on tokio's clock.
+    pub duration: Duration,
+}
+
+/// A snapshot of an [`AuditSweeper`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweeperStats {
+    /// Sweeps run.
+    pub sweeps: u64,
+    /// Findings the audits reported, summed over sweeps.
+    pub findings: u64,
+    /// Repairs made.
+    pub repairs: u64,
+    /// Sweeps the store's backend failed.
+    pub failures: u64,
+}
+
+/// Why an [`AuditSweeper`] could not be built.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SweeperBuildError {
+    /// No tokio runtime to run the sweeper's task on.
+    #[error("no tokio runtime: build the sweeper within one")]
+    NoRuntime,
+    /// The interval is zero.
+    #[error("the sweep interval must be above zero")]
+    ZeroInterval,
+}
+
+impl AuditSweeper<()> {
+    /// A builder with the defaults: a sweep every 60 s, no reclaim queue,
+    /// no event bus.
+    pub fn builder() -> AuditSweeperBuilder {
+        AuditSweeperBuilder {
+            config: Config {
+                interval: Duration::from_secs(60),
+                reclaim: None,
+                events: None,
+            },
+        }
+    }
+}
+
+impl AuditSweeperBuilder {
+    /// Time between the end of a sweep and the start of the next (default
+    /// 60 s). An audit walks the whole store, so keep it in minutes for
+    /// millions of sessions.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.config.interval = interval;
+        self
+    }
+
+    /// Releases the resources of the orphans it closes through `queue`.
+    pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
+        self.config.reclaim = Some(queue);
+        self
+    }
+
+    /// Publishes an [`Event::Repaired`] per repair on `bus`.
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.config.events = Some(bus);
+        self
+    }
+
+    /// Builds the sweeper over `store` and starts its periodic task on the
+    /// current tokio runtime; the first sweep runs one interval from now.
+    ///
+    /// # Errors
+    ///
+    /// [`SweeperBuildError`] outside a tokio runtime or for a zero interval.
+    pub fn build<S: SessionStore>(
+        self,
+        store: Arc<S>,
+    ) -> Result<AuditSweeper<S>, SweeperBuildError> {
+        if self.config.interval.is_zero() {
+            return Err(SweeperBuildError::ZeroInterval);
+        }
+        let runtime = Handle::try_current().map_err(|_| SweeperBuildError::NoRuntime)?;
+        let sweeper = AuditSweeper {
+            inner: Arc::new(Inner {
+                store,
+                config: self.config,
+                running: tokio::sync::Mutex::new(()),
+                last: Mutex::new(None),
+                counters: Counters::default(),
+                stop: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        };
+        let this = sweeper.clone();
+        drop(
+            sweeper
+                .inner
+                .tracker
+                .spawn_on(async move { this.run().await }, &runtime),
+        );
+        sweeper.inner.tracker.close();
+        Ok(sweeper)
+    }
+}
+
+impl<S> Clone for AuditSweeper<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S> fmt::Debug for AuditSweeper<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditSweeper")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> AuditSweeper<S> {
+    /// The sweeper's counters.
+    #[must_use]
+    pub fn stats(&self) -> SweeperStats {
+        let c = &self.inner.counters;
+        SweeperStats {
+            sweeps: c.sweeps.load(Ordering::Relaxed),
+            findings: c.findings.load(Ordering::Relaxed),
+            repairs: c.repairs.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The report of the last sweep that completed.
+    #[must_use]
+    pub fn last_report(&self) -> Option<SweepReport> {
+        self.inner.last.lock().clone()
+    }
+
+    /// Stops the periodic sweeps; a sweep in progress finishes first.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the sweeper stays stopped.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.tracker.wait().await;
+    }
+}
+
+impl<S: SessionStore> AuditSweeper<S> {
+    async fn run(&self) {
+        loop {
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(self.inner.config.interval) => {}
+            }
+            // The periodic sweep logs its own failure.
+            let _ = self.sweep().await;
+        }
+    }
+
+    /// Runs one sweep now (waiting for one in progress to finish first).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed; repairs made before
+    /// the failure stay made.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the sweep between two store calls; what it
+    /// repaired stays repaired, and the next sweep finds the rest.
+    pub async fn sweep(&self) -> Result<SweepReport, BackendError> {
+        let _running = self.inner.running.lock().await;
+        let sweep = self.inner.counters.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("sweep", sweep);
+        let result = self.sweep_once().instrument(span).await;
+        match &result {
+            Ok(report) => *self.inner.last.lock() = Some(report.clone()),
+            Err(error) => {
+                self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(sweep, %error, "audit sweep failed");
+            }
+        }
+        result
+    }
+
+    async fn sweep_once(&self) -> Result<SweepReport, BackendError> {
+        let started = Instant::now();
+        let store = &*self.inner.store;
+        let audit = store.audit().await?;
+        let findings = audit.missing_from_map.len()
+            + audit.missing_from_index.len()
+            + audit.orphans.len()
+            + audit.closed_in_store.len();
+        let counters = &self.inner.counters;
+        counters
+            .findings
+            .fetch_add(findings as u64, Ordering::Relaxed);
+        if findings == 0 {
+            tracing::debug!(sessions = audit.sessions, "audit clean");
+            return Ok(SweepReport {
+                audit,
+                repairs: Vec::new(),
+                duration: started.elapsed(),
+            });
+        }
+        // Orphans are closed here, so that their resources go through the
+        // reclaim queue; the store's repair then removes them.
+        let mut orphans: Vec<Session<S::Payload>> = Vec::with_capacity(audit.orphans.len());
+        for &id in &audit.orphans {
+            // The id may have been removed and reused since the audit: close
+            // only a session that is itself an orphan.
+            if let Some(session) = store.get(id).await? {
+                if !belongs(store, &session).await? {
+                    orphans.push(session);
+                }
+            }
+        }
+        let closed = close_all(
+            self.inner.config.reclaim.as_ref(),
+            &orphans,
+            CloseReason::Reclaimed,
+        )
+        .await;
+        drop(orphans);
+        let repairs = store.repair(&audit).await?;
+        counters
+            .repairs
+            .fetch_add(repairs.len() as u64, Ordering::Relaxed);
+        for repair in &repairs {
+            tracing::warn!(
+                router = %repair.router,
+                incarnation = %repair.incarnation,
+                session = %repair.session,
+                action = %repair.action,
+                "store repaired"
+            );
+            emit(self.inner.config.events.as_ref(), || {
+                Event::Repaired(*repair)
+            });
+        }
+        tracing::info!(
+            findings,
+            repairs = repairs.len(),
+            orphans_closed = closed.len(),
+            "audit sweep repaired the store"
+        );
+        Ok(SweepReport {
+            audit,
+            repairs,
+            duration: started.elapsed(),
+        })
+    }
+}
+
+/// Whether `session`'s router holds its incarnation (live or fenced): only
+/// then is the session not an orphan.
+async fn belongs<S: SessionStore>(
+    store: &S,
+    session: &Session<S::Payload>,
+) -> Result<bool, BackendError> {
+    match store.router_status(session.router()).await {
+        Ok(RouterStatus::Live(current) | RouterStatus::Fenced(current)) => {
+            Ok(current == session.incarnation())
+        }
+        Ok(RouterStatus::Deleted(_)) | Err(RouterError::UnknownRouter(_)) => Ok(false),
+        Err(RouterError::Backend(error)) => Err(error),
+    }
+}

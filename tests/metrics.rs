@@ -1,0 +1,215 @@
+//! The `metrics` feature: a scripted scenario recorded by a debugging
+//! recorder, without any event bus.
+//!
+//! One test only: the recorder is installed globally, for this whole test
+//! binary.
+#![cfg(feature = "metrics")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{HOUR, report_within};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use session_lifecycle::{
+    CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
+    SessionStore, Stats, TerminationBatch, TerminationNotifier,
+};
+use tokio::time::Duration;
+
+const R: RouterId = RouterId::new(9);
+
+/// Confirms the sessions with an id below `below`, ignores the others.
+struct ConfirmBelow {
+    store: Arc<MemoryStore>,
+    below: u64,
+}
+
+impl TerminationNotifier for ConfirmBelow {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        for id in batch.sessions {
+            if id.get() < self.below {
+                let _ = self.store.close(id, CloseReason::RouterDeleted).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One recorded metric: name, labels, value.
+type Metric = (String, Vec<(String, String)>, DebugValue);
+
+fn find<'a>(metrics: &'a [Metric], name: &str, labels: &[(&str, &str)]) -> &'a DebugValue {
+    let matching: Vec<&Metric> = metrics
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .collect();
+    match matching.as_slice() {
+        [(_, _, value)] => value,
+        [] => panic!("no metric {name}{labels:?} in {metrics:#?}"),
+        _ => panic!("several metrics {name}{labels:?}: {matching:#?}"),
+    }
+}
+
+fn counter(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> u64 {
+    match find(metrics, name, labels) {
+        DebugValue::Counter(value) => *value,
+        other => panic!("{name}{labels:?} is not a counter: {other:?}"),
+    }
+}
+
+#[test]
+fn a_scripted_scenario_is_recorded_without_an_event_bus() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install().unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let report = runtime.block_on(async {
+        // No event bus anywhere: the metrics must not need one.
+        let store = Arc::new(MemoryStore::new());
+        let incarnation = store.register_router(R).await.unwrap();
+        for id in 0..10 {
+            store
+                .create(NewSession::new(SessionId::new(id), R, incarnation))
+                .await
+                .unwrap();
+        }
+        for id in 0..2 {
+            assert!(
+                store
+                    .close(SessionId::new(id), CloseReason::ClientClosed)
+                    .await
+                    .unwrap()
+                    .won()
+            );
+        }
+        // Confirms 2..7 (5 sessions), ignores 7, 8, 9 (forced).
+        let notifier = ConfirmBelow {
+            store: Arc::clone(&store),
+            below: 7,
+        };
+        let deleter = RouterDeleter::builder()
+            .confirm_timeout(Duration::from_secs(1))
+            .retries(0)
+            .build(Arc::clone(&store), notifier);
+        let report = report_within(HOUR, deleter.delete(R)).await;
+        let stats = Stats::collect(&*store).await.unwrap();
+        assert_eq!(
+            (stats.active, stats.terminating, stats.closed_in_store),
+            (0, 0, 0)
+        );
+        report
+    });
+    assert_eq!(
+        (
+            report.sessions,
+            report.confirmed,
+            report.forced,
+            report.already_closed
+        ),
+        (8, 5, 3, 0)
+    );
+
+    let metrics: Vec<Metric> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _unit, _description, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|label| (label.key().to_owned(), label.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect();
+
+    for (name, labels, _) in &metrics {
+        assert!(
+            name.starts_with("session_lifecycle_"),
+            "{name} is not in the crate's namespace"
+        );
+        for (label, _) in labels {
+            assert!(
+                label != "session" && label != "router",
+                "{name} is labelled by {label}"
+            );
+        }
+    }
+
+    assert_eq!(
+        counter(&metrics, "session_lifecycle_sessions_created_total", &[]),
+        10
+    );
+    for (reason, count) in [("client_closed", 2), ("router_deleted", 5), ("forced", 3)] {
+        assert_eq!(
+            counter(
+                &metrics,
+                "session_lifecycle_sessions_closed_total",
+                &[("reason", reason)]
+            ),
+            count,
+            "sessions closed with reason {reason}"
+        );
+    }
+    assert_eq!(
+        counter(&metrics, "session_lifecycle_routers_deleted_total", &[]),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "session_lifecycle_routers_fenced_total", &[]),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "session_lifecycle_sessions_terminating_total",
+            &[]
+        ),
+        8
+    );
+    for (outcome, count) in [("confirmed", 5), ("forced", 3), ("already_closed", 0)] {
+        assert_eq!(
+            counter(
+                &metrics,
+                "session_lifecycle_deleted_sessions_total",
+                &[("outcome", outcome)]
+            ),
+            count,
+            "deleted sessions with outcome {outcome}"
+        );
+    }
+    match find(&metrics, "session_lifecycle_deletion_duration_seconds", &[]) {
+        DebugValue::Histogram(samples) => {
+            assert_eq!(samples.len(), 1, "{samples:?}");
+            assert_eq!(
+                samples[0].into_inner(),
+                report.durations.total.as_secs_f64()
+            );
+        }
+        other => panic!("the deletion duration is not a histogram: {other:?}"),
+    }
+    for state in ["active", "terminating", "closed"] {
+        match find(&metrics, "session_lifecycle_sessions", &[("state", state)]) {
+            DebugValue::Gauge(value) => assert_eq!(value.into_inner(), 0.0, "{state}"),
+            other => panic!("sessions{{state={state}}} is not a gauge: {other:?}"),
+        }
+    }
+    // Nobody subscribed to anything: nothing lagged.
+    assert!(
+        !metrics
+            .iter()
+            .any(|(name, _, _)| name == "session_lifecycle_events_lagged_total")
+    );
+}

@@ -1,0 +1,202 @@
+//! The audit sweeper on a deliberately corrupted store (the `test-util`
+//! hook), racing a deletion.
+#![cfg(feature = "test-util")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Behaviour, observed_router, scripted, within};
+use session_lifecycle::{
+    AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
+    RepairAction, RouterDeleter, RouterId, Session, SessionId, SessionStore,
+};
+use tokio::time::Duration;
+
+/// A session built outside the store, with a counting resource: what a
+/// buggy path (or a crash between two writes) could leave in the map.
+fn stray(id: u64, router: RouterId, incarnation: Incarnation) -> (Session, Arc<AtomicUsize>) {
+    let session = NewSession::new(SessionId::new(id), router, incarnation).into_session();
+    let released = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&released);
+    session
+        .attach(move |reason: CloseReason| {
+            assert_eq!(reason, CloseReason::Reclaimed);
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    (session, released)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(1_024);
+    let mut events = bus.subscribe();
+
+    // Router 1 stays live and gets corrupted.
+    let live = observed_router(&store, RouterId::new(1), 0, 20).await;
+    store.corrupt(Corruption::Unindex(SessionId::new(1)));
+    store.corrupt(Corruption::DropFromMap(SessionId::new(2)));
+    let _ = live.sessions[3].close(CloseReason::ClientClosed); // lingers in the store
+    let _ = live.sessions[4].close(CloseReason::ClientClosed);
+    store.corrupt(Corruption::DropFromMap(SessionId::new(4)));
+
+    // Orphans: of a deleted router, of an unknown router, and of router 1's
+    // older incarnation.
+    let gone = RouterId::new(2);
+    let gone_inc = store.register_router(gone).await.unwrap();
+    store.fence(gone).await.unwrap();
+    store.finish(gone, gone_inc).await.unwrap();
+    let (orphan_deleted, rel_deleted) = stray(500, gone, gone_inc);
+    let (orphan_unknown, rel_unknown) = stray(501, RouterId::new(77), gone_inc);
+    let older = Incarnation::new(live.incarnation.get() - 1);
+    let (orphan_older, rel_older) = stray(502, live.router, older);
+    for orphan in [&orphan_deleted, &orphan_unknown, &orphan_older] {
+        store.corrupt(Corruption::Inject(orphan.clone()));
+    }
+
+    // Router 3 is being deleted meanwhile: it confirms half its sessions
+    // slowly and never the rest, so the sweep lands in its wait.
+    let deleting = observed_router(&store, RouterId::new(3), 1_000, 50).await;
+    let notifier = scripted(&store, Behaviour::Partial, Behaviour::Never);
+    let deleter = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_secs(5))
+        .notify_timeout(Duration::from_secs(1))
+        .retries(1)
+        .retry_backoff(Duration::from_millis(100), Duration::from_millis(100))
+        .build(Arc::clone(&store), notifier);
+    let deletion = tokio::spawn(deleter.delete(deleting.router));
+    while deleter.running() == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(deleter.running(), 1, "the deletion is in flight");
+
+    let before = store.audit().await.unwrap();
+    assert!(!before.is_consistent(), "{before:?}");
+    let sweeper = AuditSweeper::builder()
+        .events(bus.clone())
+        .build(Arc::clone(&store))
+        .unwrap();
+    // Two sweeps back to back, both racing the deletion: the second finds
+    // nothing left to do.
+    let report = sweeper.sweep().await.unwrap();
+    let second = sweeper.sweep().await.unwrap();
+    assert!(second.repairs.is_empty(), "{second:?}");
+
+    let repaired: HashSet<(u64, RepairAction)> = report
+        .repairs
+        .iter()
+        .map(|r| (r.session.get(), r.action))
+        .collect();
+    let expected: HashSet<(u64, RepairAction)> = [
+        (1, RepairAction::Reindexed),
+        (2, RepairAction::Restored),
+        (3, RepairAction::ClosedRemoved),
+        (4, RepairAction::DroppedIndexEntry),
+        (500, RepairAction::OrphanReclaimed),
+        (501, RepairAction::OrphanReclaimed),
+        (502, RepairAction::OrphanReclaimed),
+    ]
+    .into_iter()
+    .collect();
+    // Sessions of router 3 the router confirmed by closing through the
+    // store are removed already; none of router 3's appears in a repair.
+    assert_eq!(repaired, expected, "{report:?}");
+
+    // Orphans closed once with `Reclaimed`, and gone.
+    for (orphan, released) in [
+        (&orphan_deleted, &rel_deleted),
+        (&orphan_unknown, &rel_unknown),
+        (&orphan_older, &rel_older),
+    ] {
+        assert_eq!(orphan.close_reason(), Some(CloseReason::Reclaimed));
+        assert_eq!(released.load(Ordering::SeqCst), 1);
+        assert!(store.get(orphan.id()).await.unwrap().is_none());
+    }
+    // Live router: repaired sessions open and reachable both ways.
+    for id in [1, 2] {
+        let held = store.get(SessionId::new(id)).await.unwrap().unwrap();
+        assert!(!held.is_closed());
+        assert!(
+            store
+                .sessions(live.router)
+                .await
+                .unwrap()
+                .iter()
+                .any(|s| s.id() == held.id())
+        );
+    }
+    assert_eq!(store.count(live.router).await.unwrap(), 18);
+
+    // The deletion finishes untouched: every resource released once.
+    let outcome = within(Duration::from_secs(60), deletion)
+        .await
+        .unwrap()
+        .unwrap();
+    let report_d = outcome.report().unwrap();
+    assert_eq!(report_d.sessions, 50);
+    assert_eq!(report_d.confirmed + report_d.forced, 50, "{report_d:?}");
+    deleting.assert_deleted(&store).await;
+    // Router 1: the two closed sessions released once, the rest untouched.
+    for (at, released) in live.releases.iter().enumerate() {
+        let expected = usize::from(at == 3 || at == 4);
+        assert_eq!(released.load(Ordering::SeqCst), expected, "session {at}");
+    }
+    let after = store.audit().await.unwrap();
+    assert!(after.is_clean(), "{after:?}");
+
+    // One event per repair, in the sweep's order.
+    let mut published = Vec::new();
+    while let Some(event) = events.try_recv() {
+        if let Event::Repaired(repair) = event {
+            published.push(repair);
+        }
+    }
+    assert_eq!(published, report.repairs);
+    let stats = sweeper.stats();
+    assert_eq!((stats.sweeps, stats.repairs, stats.failures), (2, 7, 0));
+    assert_eq!(sweeper.last_report(), Some(second));
+    sweeper.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_periodic_sweep_finds_an_orphan_on_its_own() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(64);
+    let mut events = bus.subscribe();
+    let sweeper = AuditSweeper::builder()
+        .interval(Duration::from_secs(10))
+        .events(bus)
+        .build(Arc::clone(&store))
+        .unwrap();
+    let (orphan, released) = stray(9, RouterId::new(5), Incarnation::new(1));
+    store.corrupt(Corruption::Inject(orphan.clone()));
+
+    let repair = within(Duration::from_secs(11), async {
+        loop {
+            if let Some(Event::Repaired(repair)) = events.recv().await {
+                return repair;
+            }
+        }
+    })
+    .await;
+    assert_eq!(repair.session, orphan.id());
+    assert_eq!(repair.action, RepairAction::OrphanReclaimed);
+    assert_eq!(released.load(Ordering::SeqCst), 1);
+    assert!(store.is_empty());
+    within(Duration::from_secs(1), sweeper.shutdown()).await;
+    assert_eq!(sweeper.stats().sweeps, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sweeper_needs_an_interval() {
+    let store = Arc::new(MemoryStore::new());
+    let built = AuditSweeper::builder()
+        .interval(Duration::ZERO)
+        .build(store);
+    assert!(built.is_err());
+}
