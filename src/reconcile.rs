@@ -19,6 +19,7 @@
 //! One lock, `graces`, held only to look up, insert or remove an entry; never
 //! across an `.await`, while spawning, or while another lock is taken.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -325,7 +326,9 @@ impl<S: SessionStore> Reconciler<S> {
     /// `incarnation`, against the store: see the type's documentation.
     /// Cancels the router's grace period, if it is in one.
     ///
-    /// Duplicate ids in the report count once. Sessions created after the
+    /// `reported` is any iterator of ids or of references to ids (a
+    /// `Vec<SessionId>`, a `&[SessionId]`, a decoder's iterator). Duplicate
+    /// ids in the report count once. Sessions created after the
     /// call started (or younger than
     /// [`spare_younger_than`](ReconcilerBuilder::spare_younger_than)) are
     /// never closed for missing from the report.
@@ -344,14 +347,19 @@ impl<S: SessionStore> Reconciler<S> {
     /// Dropping the future stops between two store calls: every session is
     /// either untouched or closed and removed (a closed session the store
     /// still holds is removed by the next reconciliation or sweep).
-    pub async fn reconcile(
+    pub async fn reconcile<I>(
         &self,
         router: RouterId,
         incarnation: Incarnation,
-        reported: impl IntoIterator<Item = SessionId>,
-    ) -> Result<ReconcileReport, ReconcileError> {
+        reported: I,
+    ) -> Result<ReconcileReport, ReconcileError>
+    where
+        I: IntoIterator,
+        I::Item: Borrow<SessionId>,
+    {
         let span = tracing::info_span!("reconcile", %router, %incarnation);
-        self.reconcile_inner(router, incarnation, reported.into_iter().collect())
+        let reported = reported.into_iter().map(|id| *id.borrow()).collect();
+        self.reconcile_inner(router, incarnation, reported)
             .instrument(span)
             .await
     }

@@ -73,7 +73,10 @@ impl Stats {
     ///
     /// [`BackendError`] if the store's backend failed.
     pub async fn collect<S: SessionStore>(store: &S) -> Result<Self, BackendError> {
-        let mut routers = store.census().await?;
+        Ok(Self::from_census(store.census().await?))
+    }
+
+    pub(crate) fn from_census(mut routers: Vec<RouterCensus>) -> Self {
         routers.sort_unstable_by_key(|census| census.router);
         let mut stats = Self::default();
         for router in &routers {
@@ -84,7 +87,7 @@ impl Stats {
         stats.routers = routers;
         #[cfg(feature = "metrics")]
         crate::metrics::sessions(&stats);
-        Ok(stats)
+        stats
     }
 
     /// Adds the deletions `deleter` is running.

@@ -91,8 +91,9 @@ async fn a_report_is_reconciled_unknown_missing_closed_and_foreign() {
     }
 
     // Reconciling again finds nothing more to close.
+    // (A slice of ids works as well as owned ids.)
     let again = reconciler
-        .reconcile(one.router, one.incarnation, ids([0, 1, 2]))
+        .reconcile(one.router, one.incarnation, &ids([0, 1, 2]))
         .await
         .unwrap();
     assert!(again.closed.is_empty() && again.drop.is_empty());

@@ -50,6 +50,7 @@ async fn collect_counts_per_router_and_in_total() {
     let b = populate(&store, B, 100, (1, 2, 5)).await;
 
     let stats = Stats::collect(&*store).await.unwrap();
+    assert_eq!(store.stats(), stats, "the synchronous snapshot agrees");
     assert_eq!(
         (stats.active, stats.terminating, stats.closed_in_store),
         (5, 5, 7)

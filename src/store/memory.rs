@@ -51,6 +51,7 @@ use super::report::{
 use crate::event::{CloseHook, Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
+use crate::stats::Stats;
 
 /// Default number of deleted router incarnations remembered.
 const DEFAULT_TOMBSTONES: usize = 65_536;
@@ -225,6 +226,14 @@ impl<P> MemoryStore<P> {
     /// map in turn, so call it off the hot path (after a large deletion).
     pub fn shrink_to_fit(&self) {
         self.sessions.shrink_to_fit();
+    }
+
+    /// Counts the sessions per router and in total: [`Stats::collect`] on
+    /// this store, without the `.await`. One pass over every session, each
+    /// router under its own lock.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        Stats::from_census(self.census_now())
     }
 
     /// The number of routers the store knows, tombstones included.
