@@ -1,238 +1,601 @@
-//! The demo controller on the in-memory store.
+//! The demo controller on the in-memory store: the README's main job.
 //!
-//! Registers routers, opens sessions on them from concurrent tasks, closes
-//! some as clients leave, deletes three routers at once with a
-//! `RouterDeleter` (one of them dead, so its sessions are forced), shows that
-//! creates on them are refused, then watches the remaining sessions with a
-//! `LivenessMonitor` while 2 % of them are dead (no heartbeat, no probe
-//! answer) until those are reaped, audits the store and prints counts.
-//! Exits non-zero if the audit finds anything.
+//! A simulated overlay controller, by default 100 routers × 5,000 sessions:
 //!
-//! `cargo run --release --example controller`
+//! 1. **Open.** Tasks open every session (each with a resource that counts
+//!    its release) and a `LivenessMonitor` watches them all.
+//! 2. **Heartbeats and dead sessions.** Two tasks heartbeat the live
+//!    sessions; 2 % of the sessions are dead (no heartbeat, no probe answer)
+//!    and are found and reaped through the probes.
+//! 3. **Deletions under load.** A fifth of the routers are deleted at once
+//!    by a `RouterDeleter`, while churn tasks keep creating and closing
+//!    sessions on the other routers and keep trying to create sessions on
+//!    the routers being deleted. The routers' notifier loses 1 % of the
+//!    termination notices and confirms the rest after random delays; one
+//!    router never answers, so its sessions are forced.
+//! 4. **Check.** An `AuditSweeper` pass and `audit()`: zombies must be 0,
+//!    every closed session must have released its resource exactly once,
+//!    and no create may have succeeded on a deleted router.
+//!
+//! The summary lists sessions created, routers deleted, confirmed vs forced
+//! closes, dead sessions found, the audit, deletion latency p50/p99 and
+//! peak memory. The exit code is non-zero if any check fails.
+//!
+//! ```sh
+//! cargo run --release --example controller
+//! cargo run --release --example controller -- --routers 20 --sessions 50000
+//! cargo run --release --example controller -- --help
+//! ```
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
-    CloseReason, LivenessMonitor, MemoryStore, NewSession, NotifyError, ProbeBatch, ProbeError,
-    Prober, RouterDeleter, RouterId, Session, SessionId, SessionStore, TerminationBatch,
-    TerminationNotifier,
+    AuditSweeper, CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession,
+    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session,
+    SessionId, SessionStore, Stats, TerminationBatch, TerminationNotifier,
 };
-use tokio::time::Duration;
+use tokio::task::JoinSet;
+use tokio::time::{Duration, Instant};
 
-/// Stands in for the routers: a live router confirms each notified session
-/// a moment later (the confirmation closes the session in the store); the
-/// dead one never answers.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The demo controller on the in-memory store.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Routers registered.
+    #[arg(long, default_value_t = 100)]
+    routers: u64,
+    /// Sessions opened per router.
+    #[arg(long, default_value_t = 5_000)]
+    sessions: u64,
+    /// One session in this many is dead (default: 2 %).
+    #[arg(long, default_value_t = 50)]
+    dead_one_in: u64,
+    /// Percentage of routers deleted under load.
+    #[arg(long, default_value_t = 20)]
+    delete_percent: u64,
+    /// Percentage of termination notices the routers lose.
+    #[arg(long, default_value_t = 1.0)]
+    loss_percent: f64,
+    /// Heartbeat interval, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    heartbeat_ms: u64,
+    /// Seed of the simulation's randomness.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+impl Args {
+    fn is_dead(&self, id: SessionId) -> bool {
+        id.get() < self.routers * self.sessions && id.get() % self.dead_one_in.max(1) == 0
+    }
+
+    /// The routers to delete: every k-th, the first of them never answers.
+    fn doomed(&self) -> Vec<RouterId> {
+        let count = (self.routers * self.delete_percent / 100).clamp(1, self.routers);
+        let step = (self.routers / count).max(1);
+        (0..count).map(|i| RouterId::new(i * step)).collect()
+    }
+}
+
+/// A small deterministic generator (splitmix64): the demo needs no crate
+/// for its dice.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// `true` with probability `percent` / 100.
+    fn chance(&mut self, percent: f64) -> bool {
+        ((self.next() % 1_000_000) as f64) < percent * 10_000.0
+    }
+}
+
+/// Stands in for the routers answering termination notices: each notice
+/// is lost with the configured probability; the rest are confirmed (the
+/// session closed in the store, as the router's answer would) after a
+/// random delay of up to 50 ms. The mute router never answers.
 struct Routers {
     store: Arc<MemoryStore>,
-    dead: RouterId,
+    mute: RouterId,
+    loss_percent: f64,
+    seed: AtomicU64,
+    lost: AtomicUsize,
 }
 
 impl TerminationNotifier for Routers {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        if batch.router == self.dead {
-            return Err(NotifyError::msg(format!("{} is unreachable", batch.router)));
+        if batch.router == self.mute {
+            // Accepted by the network, never answered.
+            return Ok(());
         }
-        let store = Arc::clone(&self.store);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            for id in batch.sessions {
-                let _ = store.close(id, CloseReason::RouterDeleted).await;
+        let mut dice = Dice(self.seed.fetch_add(1, Ordering::Relaxed));
+        // Four groups per batch, each confirmed after its own delay.
+        let mut groups: [Vec<SessionId>; 4] = Default::default();
+        for id in batch.sessions {
+            if dice.chance(self.loss_percent) {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
-        });
+            groups[(dice.next() % 4) as usize].push(id);
+        }
+        for group in groups {
+            let store = Arc::clone(&self.store);
+            let delay = Duration::from_millis(1 + dice.next() % 50);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                for id in group {
+                    let _ = store.close(id, CloseReason::RouterDeleted).await;
+                }
+            });
+        }
         Ok(())
     }
 }
 
-/// The routers' answers to probes: every session answers but the dead.
-struct Probes;
+/// The routers' answers to liveness probes: every session answers but the
+/// dead ones.
+struct Probes {
+    args: Args,
+}
 
 impl Prober for Probes {
     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
         Ok(batch
             .sessions
             .into_iter()
-            .filter(|id| !is_dead(*id))
+            .filter(|id| !self.args.is_dead(*id))
             .collect())
     }
 }
 
-/// 2 % of the sessions are dead: their clients vanished without a word.
-fn is_dead(id: SessionId) -> bool {
-    id.get() % 50 == 0
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+fn bar(len: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_message(message);
+    if std::io::stderr().is_terminal() {
+        if let Ok(style) = ProgressStyle::with_template("{msg:24} [{bar:40}] {pos}/{len} {elapsed}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar
 }
 
-/// Watches `sessions` while the live ones heartbeat every 100 ms, until the
-/// dead ones are reaped; returns (dead, reaped, live sessions convicted).
-async fn liveness(
-    store: &Arc<MemoryStore>,
-    sessions: Vec<Session>,
-) -> Result<(usize, u64, usize), Box<dyn std::error::Error>> {
-    let heartbeat = Duration::from_millis(100);
+/// What the run counted.
+#[derive(Default)]
+struct Counts {
+    created: AtomicUsize,
+    client_closed: AtomicUsize,
+    released: Arc<AtomicUsize>,
+    refused_on_deleted: AtomicUsize,
+    accepted_on_deleted: AtomicUsize,
+}
+
+impl Counts {
+    /// Opens a session with a resource counting its release.
+    async fn open(
+        &self,
+        store: &MemoryStore,
+        id: SessionId,
+        router: RouterId,
+        incarnation: session_lifecycle::Incarnation,
+    ) -> Result<Session, BoxError> {
+        let session = store
+            .create(NewSession::new(id, router, incarnation))
+            .await?;
+        session.record_in(512);
+        let released = Arc::clone(&self.released);
+        session.attach(move |_: CloseReason| {
+            released.fetch_add(1, Ordering::Relaxed);
+        })?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(session)
+    }
+}
+
+/// Peak resident memory of the process, from `/proc/self/status`.
+fn peak_memory() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(format!("{:.1} MiB", kib as f64 / 1024.0))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode, BoxError> {
+    let args = Args::parse();
+    if args.routers == 0 || args.sessions == 0 {
+        return Err("--routers and --sessions must be above zero".into());
+    }
+    let started = Instant::now();
+    let store = Arc::new(MemoryStore::new());
+    let counts = Arc::new(Counts::default());
+    // Room for the burst of a fifth of the routers deleted at once (about
+    // one `SessionTerminating` per session); what a slow reader still
+    // misses is counted, not lost silently.
+    let bus = EventBus::new(1 << 18);
+    let (stop_watching, stop) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(watch_events(bus.subscribe(), stop));
+    let queue = ReclaimQueue::builder()
+        .workers(2)
+        .events(bus.clone())
+        .build()?;
+
+    // 1. Open: one task per router.
+    let mut incarnations = Vec::new();
+    for r in 0..args.routers {
+        incarnations.push(store.register_router(RouterId::new(r)).await?);
+    }
+    let total = args.routers * args.sessions;
+    let opening = bar(total, "opening sessions");
+    let mut tasks = JoinSet::new();
+    for (r, incarnation) in incarnations.iter().copied().enumerate() {
+        let (store, counts, opening) = (Arc::clone(&store), Arc::clone(&counts), opening.clone());
+        let per_router = args.sessions;
+        tasks.spawn(async move {
+            let router = RouterId::new(r as u64);
+            let mut sessions = Vec::with_capacity(per_router as usize);
+            for i in 0..per_router {
+                let id = SessionId::new(r as u64 * per_router + i);
+                sessions.push(counts.open(&store, id, router, incarnation).await?);
+                if i % 1_024 == 0 {
+                    opening.inc(1_024.min(per_router - i));
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok::<_, BoxError>(sessions)
+        });
+    }
+    let mut sessions = Vec::with_capacity(total as usize);
+    while let Some(opened) = tasks.join_next().await {
+        sessions.extend(opened??);
+    }
+    opening.finish_and_clear();
+    let opened_in = started.elapsed();
+
+    // 2. Heartbeats and dead sessions.
+    let heartbeat = Duration::from_millis(args.heartbeat_ms.max(10));
     let monitor = LivenessMonitor::builder()
         .heartbeat_interval(heartbeat)
         .granularity(Duration::from_millis(10))
-        .timeout_range(heartbeat, Duration::from_secs(5))
+        .timeout_range(heartbeat, Duration::from_secs(10))
         .pause_allowance(heartbeat)
         .probe_timeout(heartbeat)
-        .build(Arc::clone(store), Probes)?;
+        .probe_retries(1)
+        .reclaim_queue(queue.clone())
+        .events(bus.clone())
+        .build(Arc::clone(&store), Probes { args: args.clone() })?;
     for session in &sessions {
         monitor.watch(session)?;
     }
-    let (dead, live): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|s| is_dead(s.id()));
-    let beating = {
-        let (monitor, live) = (monitor.clone(), live.clone());
-        tokio::spawn(async move {
+    let (dead, live): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|s| args.is_dead(s.id()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut beating = JoinSet::new();
+    let half = live.len() / 2;
+    for part in [live[..half].to_vec(), live[half..].to_vec()] {
+        let (monitor, stop) = (monitor.clone(), Arc::clone(&stop));
+        beating.spawn(async move {
             let mut every = tokio::time::interval(heartbeat);
-            loop {
+            let mut part = part;
+            while !stop.load(Ordering::Relaxed) {
                 every.tick().await;
-                for session in &live {
-                    let _ = monitor.heartbeat(session);
-                }
+                // Sessions of deleted routers leave as they close.
+                part.retain(|session| monitor.heartbeat(session).is_ok());
+                tokio::task::yield_now().await;
             }
-        })
-    };
-    let bound = monitor.reap_bound(Duration::from_secs(5));
+        });
+    }
+    let liveness_started = Instant::now();
+    let reaping = bar(dead.len() as u64, "reaping dead sessions");
+    let bound = monitor.reap_bound(Duration::from_secs(10));
     for session in &dead {
         tokio::time::timeout(bound, session.closed()).await?;
+        reaping.inc(1);
     }
-    // Keep beating a little longer: nobody alive is convicted.
-    tokio::time::sleep(heartbeat * 5).await;
-    beating.abort();
-    let convicted = live.iter().filter(|s| s.is_closed()).count();
-    let reaped = monitor.stats().reaped;
-    monitor.shutdown().await;
-    Ok((dead.len(), reaped, convicted))
-}
+    reaping.finish_and_clear();
+    let reaped_in = liveness_started.elapsed();
 
-const ROUTERS: u64 = 10;
-const SESSIONS_PER_ROUTER: u64 = 10_000;
-
-#[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let store = Arc::new(MemoryStore::new());
-    let released = Arc::new(AtomicUsize::new(0));
-
-    let mut incarnations = Vec::new();
-    for r in 0..ROUTERS {
-        incarnations.push(store.register_router(RouterId::new(r)).await?);
-    }
-
-    // One task per router opens its sessions; every third client leaves.
-    let mut tasks = Vec::new();
-    for (r, incarnation) in incarnations.iter().copied().enumerate() {
-        let (store, released) = (Arc::clone(&store), Arc::clone(&released));
-        tasks.push(tokio::spawn(async move {
-            let router = RouterId::new(r as u64);
-            let mut closed = 0;
-            for i in 0..SESSIONS_PER_ROUTER {
-                let id = SessionId::new(r as u64 * SESSIONS_PER_ROUTER + i);
-                let session = store
-                    .create(NewSession::new(id, router, incarnation))
-                    .await?;
-                session.record_in(512);
-                let released = Arc::clone(&released);
-                session.attach(move |_| {
-                    released.fetch_add(1, Ordering::Relaxed);
-                })?;
-                if i % 3 == 0 {
-                    let _ = store.close(id, CloseReason::ClientClosed).await?;
-                    closed += 1;
-                }
-            }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(closed)
-        }));
-    }
-    let mut client_closed = 0;
-    for task in tasks {
-        client_closed += task.await?.map_err(|e| e.to_string())?;
-    }
-    let created = ROUTERS * SESSIONS_PER_ROUTER;
-    println!("routers registered:      {ROUTERS}");
-    println!("sessions created:        {created}");
-    println!("closed by clients:       {client_closed}");
-    println!("sessions in the store:   {}", store.len());
-
-    // Delete routers 0, 1 and 2 at once. Routers 0 and 1 answer the
-    // termination notices; router 2 is dead and never answers, so its
-    // sessions are forced after the deadline and one retry.
+    // 3. Deletions under load.
+    let doomed = args.doomed();
+    let mute = doomed[0];
+    let routers = Arc::new(Routers {
+        store: Arc::clone(&store),
+        mute,
+        loss_percent: args.loss_percent,
+        seed: AtomicU64::new(args.seed),
+        lost: AtomicUsize::new(0),
+    });
     let deleter = RouterDeleter::builder()
         .batch_size(1_000)
-        .confirm_timeout(Duration::from_millis(200))
-        .retries(1)
-        .retry_backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build(
+        .confirm_timeout(Duration::from_millis(500))
+        .retries(2)
+        .retry_backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .reclaim_queue(queue.clone())
+        .events(bus.clone())
+        .build(Arc::clone(&store), Arc::clone(&routers));
+    let next_id = Arc::new(AtomicU64::new(total));
+    let mut churn = JoinSet::new();
+    for worker in 0..2u64 {
+        let (store, counts, stop, next_id) = (
             Arc::clone(&store),
-            Routers {
-                store: Arc::clone(&store),
-                dead: RouterId::new(2),
-            },
+            Arc::clone(&counts),
+            Arc::clone(&stop),
+            Arc::clone(&next_id),
         );
-    let deletions: Vec<_> = (0..3)
-        .map(|r| tokio::spawn(deleter.delete(RouterId::new(r))))
-        .collect();
-    let mut deleted_sessions = 0;
-    let mut refused = true;
-    for (r, deletion) in deletions.into_iter().enumerate() {
-        let router = RouterId::new(r as u64);
-        let outcome = deletion.await??;
-        let Some(report) = outcome.report() else {
-            return Err(format!("{router} was already deleted").into());
+        let (args, doomed, incarnations) = (args.clone(), doomed.clone(), incarnations.clone());
+        churn.spawn(async move {
+            let mut dice = Dice(args.seed ^ worker);
+            while !stop.load(Ordering::Relaxed) {
+                let r = dice.next() % args.routers;
+                let router = RouterId::new(r);
+                let id = SessionId::new(next_id.fetch_add(1, Ordering::Relaxed));
+                let incarnation = incarnations[r as usize];
+                match counts.open(&store, id, router, incarnation).await {
+                    Ok(_) => {
+                        tokio::task::yield_now().await;
+                        // A deletion may have closed it meanwhile.
+                        if store
+                            .close(id, CloseReason::ClientClosed)
+                            .await
+                            .is_ok_and(|outcome| outcome.won())
+                        {
+                            counts.client_closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) if doomed.contains(&router) => {
+                        counts.refused_on_deleted.fetch_add(1, Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok::<_, BoxError>(())
+        });
+    }
+    let deleting = bar(doomed.len() as u64, "deleting routers");
+    let deletions_started = Instant::now();
+    let mut deletions = JoinSet::new();
+    for &router in &doomed {
+        let delete = deleter.delete(router);
+        deletions.spawn(async move { (router, delete.await) });
+    }
+    let mut latencies = Vec::new();
+    let (mut deleted, mut confirmed, mut forced, mut already_closed) = (0, 0, 0, 0);
+    let mut mute_forced = 0;
+    while let Some(joined) = deletions.join_next().await {
+        let (router, outcome) = joined?;
+        let outcome = outcome?;
+        let report = outcome
+            .report()
+            .ok_or_else(|| format!("{router} was already deleted"))?;
+        deleted += 1;
+        confirmed += report.confirmed;
+        forced += report.forced;
+        already_closed += report.already_closed;
+        if router == mute {
+            mute_forced = report.forced;
+        }
+        latencies.push(report.durations.total);
+        deleting.inc(1);
+    }
+    deleting.finish_and_clear();
+    let deleted_in = deletions_started.elapsed();
+    // A create on a deleted router after its deletion: must be refused.
+    for (&router, r) in doomed.iter().zip(0..) {
+        let incarnation = incarnations[router.get() as usize];
+        let late = NewSession::new(SessionId::new(u64::MAX - r), router, incarnation);
+        match store.create(late).await {
+            Ok(_) => counts.accepted_on_deleted.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counts.refused_on_deleted.fetch_add(1, Ordering::Relaxed),
         };
-        deleted_sessions += report.sessions;
-        println!(
-            "{router} deleted:        {} sessions: {} confirmed, {} forced, {} rounds, {:?}",
-            report.sessions, report.confirmed, report.forced, report.rounds, report.durations.total
-        );
-        refused &= store
-            .create(NewSession::new(
-                SessionId::new(u64::MAX),
-                router,
-                incarnations[r],
-            ))
-            .await
-            .is_err();
     }
+
+    // 4. Wind down and check.
+    stop.store(true, Ordering::Relaxed);
+    while let Some(done) = churn.join_next().await {
+        done??;
+    }
+    while let Some(done) = beating.join_next().await {
+        done?;
+    }
+    let live_convicted = live
+        .iter()
+        .filter(|s| s.close_reason() == Some(CloseReason::LivenessTimeout))
+        .count();
+    let liveness = monitor.stats();
+    monitor.shutdown().await;
     deleter.shutdown().await;
-    println!(
-        "creates on deleted:      {}",
-        if refused { "refused" } else { "ACCEPTED" }
-    );
-
-    let mut remaining = Vec::new();
-    for r in 3..ROUTERS {
-        remaining.extend(store.sessions(RouterId::new(r)).await?);
-    }
-    let watched = remaining.len();
-    let started = tokio::time::Instant::now();
-    let (dead, reaped, convicted) = liveness(&store, remaining).await?;
-    println!("liveness watched:        {watched} sessions, {dead} of them dead");
-    println!(
-        "dead sessions reaped:    {reaped} in {:?}, live sessions convicted: {convicted}",
-        started.elapsed()
-    );
-
+    let drained = queue.shutdown(Duration::from_secs(10)).await;
+    let sweeper = AuditSweeper::builder()
+        .events(bus.clone())
+        .build(Arc::clone(&store))?;
+    let sweep = sweeper.sweep().await?;
+    sweeper.shutdown().await;
     let audit = store.audit().await?;
-    let expected_released = client_closed as usize + deleted_sessions + dead;
+    let stats = Stats::collect(&*store).await?;
+    let created = counts.created.load(Ordering::Relaxed);
+    let open_now = store.len();
+    let released = counts.released.load(Ordering::Relaxed);
+    let closed = created - open_now;
+    latencies.sort_unstable();
+    let doomed_sessions: usize = doomed.len() * args.sessions as usize;
+
+    println!("routers registered:      {}", args.routers);
     println!(
-        "resources released:      {} (expected {expected_released})",
-        released.load(Ordering::Relaxed)
+        "sessions created:        {created} ({total} opened in {opened_in:.2?}, the rest by churn)"
     );
-    println!("sessions in the store:   {}", store.len());
     println!(
-        "audit:                   zombies = {}, index disagreements = {}",
+        "closed by clients:       {}",
+        counts.client_closed.load(Ordering::Relaxed)
+    );
+    println!(
+        "dead sessions found:     {} of {} reaped in {reaped_in:.2?} (probes: {}, live convicted: {live_convicted})",
+        liveness.reaped,
+        dead.len(),
+        liveness.probes
+    );
+    println!(
+        "routers deleted:         {deleted} of {} in {deleted_in:.2?} ({doomed_sessions} initial sessions, plus churn)",
+        doomed.len()
+    );
+    println!(
+        "deletion closes:         {confirmed} confirmed, {forced} forced ({mute_forced} on the mute {mute}), {already_closed} already closed"
+    );
+    println!(
+        "notices lost:            {}",
+        routers.lost.load(Ordering::Relaxed)
+    );
+    println!(
+        "deletion latency:        p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.last().copied().unwrap_or_default()
+    );
+    println!(
+        "creates on deleted:      {} refused, {} accepted after deletion",
+        counts.refused_on_deleted.load(Ordering::Relaxed),
+        counts.accepted_on_deleted.load(Ordering::Relaxed)
+    );
+    println!("resources released:      {released} (closed sessions: {closed})");
+    println!(
+        "reclaim queue:           drained = {}, left = {}",
+        drained.drained,
+        drained.left.len()
+    );
+    let _ = stop_watching.send(());
+    let seen = watcher.await?;
+    let lagged = bus.stats().lagged;
+    println!(
+        "events:                  {} router fenced, {} terminating, {} deleted, {} reaped, {} repaired; {lagged} missed (lag)",
+        seen.fenced, seen.terminating, seen.deleted, seen.reaped, seen.repaired
+    );
+    println!(
+        "sessions in the store:   {open_now} ({} active, {} terminating) on {} routers",
+        stats.active,
+        stats.terminating,
+        stats.routers.len()
+    );
+    println!(
+        "audit:                   zombies = {}, index disagreements = {}, repairs = {}",
         audit.zombies(),
-        audit.missing_from_index.len() + audit.missing_from_map.len()
+        audit.missing_from_index.len() + audit.missing_from_map.len(),
+        sweep.repairs.len()
     );
-    let ok = audit.is_clean()
-        && refused
-        && released.load(Ordering::Relaxed) == expected_released
-        && reaped == dead as u64
-        && convicted == 0;
+    println!(
+        "peak memory:             {}",
+        peak_memory().unwrap_or_else(|| "n/a".into())
+    );
+    println!("total time:              {:.2?}", started.elapsed());
+
+    let checks = [
+        ("audit clean", audit.is_clean() && sweep.repairs.is_empty()),
+        (
+            "no create accepted on a deleted router",
+            counts.accepted_on_deleted.load(Ordering::Relaxed) == 0,
+        ),
+        ("every close released its resource once", released == closed),
+        (
+            "every dead session reaped",
+            liveness.reaped == dead.len() as u64,
+        ),
+        ("no live session convicted", live_convicted == 0),
+        ("every doomed router deleted", deleted == doomed.len()),
+        (
+            "the mute router's sessions forced",
+            mute_forced >= args.sessions as usize - dead_on(&args, mute),
+        ),
+        ("the reclaim queue drained", drained.drained),
+    ];
+    let mut ok = true;
+    for (check, passed) in checks {
+        if !passed {
+            eprintln!("FAILED: {check}");
+            ok = false;
+        }
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What the event subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    fenced: usize,
+    terminating: usize,
+    deleted: usize,
+    reaped: usize,
+    repaired: usize,
+}
+
+/// Counts the events of the run until told to stop, then counts what is
+/// still buffered.
+async fn watch_events(
+    mut events: session_lifecycle::Subscription,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Seen {
+    let mut seen = Seen::default();
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = &mut stop => break,
+        };
+        match event {
+            Some(event) => seen.count(event),
+            None => return seen,
+        }
+    }
+    while let Some(event) = events.try_recv() {
+        seen.count(event);
+    }
+    seen
+}
+
+impl Seen {
+    fn count(&mut self, event: Event) {
+        match event {
+            Event::RouterFenced { .. } => self.fenced += 1,
+            Event::SessionTerminating { .. } => self.terminating += 1,
+            Event::RouterDeleted(_) => self.deleted += 1,
+            Event::Liveness(session_lifecycle::LivenessEvent::SessionReaped {
+                sessions, ..
+            }) => self.reaped += sessions.len(),
+            Event::Repaired(_) => self.repaired += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Dead sessions among the initial sessions of `router` (reaped before the
+/// deletion, so not forced by it).
+fn dead_on(args: &Args, router: RouterId) -> usize {
+    let first = router.get() * args.sessions;
+    (first..first + args.sessions)
+        .filter(|&id| args.is_dead(SessionId::new(id)))
+        .count()
 }
