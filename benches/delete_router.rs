@@ -16,9 +16,15 @@
 //!   the same batches as the deleter), then await each session's close in
 //!   turn.
 //!
-//! Groups: `delete/{1k,10k,100k}` (the router alone in the store) and
-//! `delete_among_1m/1k` (the same 1k-session router in a store that also
-//! holds 1M sessions of 1,000 other routers).
+//! Groups, together the cost-growth table of BENCHMARKS.md:
+//!
+//! - `delete/{1k,10k,100k,1m}`: a router of that many sessions, alone in
+//!   the store;
+//! - `delete_1k_among/{1k,10k,100k,1m}`: a 1k-session router in a store
+//!   that also holds that many sessions of other routers (1,000 sessions
+//!   each).
+//!
+//! `--test` (CI) runs each once and skips the 1M cases.
 //!
 //! `cargo bench --bench delete_router`
 
@@ -28,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use parking_lot::Mutex;
 use session_lifecycle::{
     CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
@@ -88,9 +94,9 @@ async fn fill(store: &MemoryStore, ids: &Ids, n: u64) -> RouterId {
     router
 }
 
-/// 1M sessions on 1,000 routers that are never deleted.
-async fn crowd(store: &MemoryStore) {
-    for r in 0..1_000u64 {
+/// `n` sessions on routers of 1,000 sessions each, never deleted.
+async fn crowd(store: &MemoryStore, n: u64) {
+    for r in 0..n.div_ceil(1_000) {
         let router = RouterId::new(r);
         let incarnation = store.register_router(router).await.expect("fresh router");
         for i in 0..1_000 {
@@ -191,9 +197,9 @@ impl ScanStore {
         router
     }
 
-    fn crowd(&self) {
+    fn crowd(&self, n: u64) {
         let mut sessions = self.sessions.lock();
-        for r in 0..1_000u64 {
+        for r in 0..n.div_ceil(1_000) {
             for i in 0..1_000 {
                 let id = SessionId::new(r * 1_000 + i);
                 let session = NewSession::new(id, RouterId::new(r), Incarnation::new(1));
@@ -280,12 +286,26 @@ fn time_scan_spawn(
     })
 }
 
-fn delete(c: &mut Criterion) {
+const SIZES: [(&str, u64); 4] = [
+    ("1k", 1_000),
+    ("10k", 10_000),
+    ("100k", 100_000),
+    ("1m", 1_000_000),
+];
+
+fn delete(c: &mut Criterion, quick: bool) {
     let rt = runtime();
     let ids = Ids::default();
     let mut group = c.benchmark_group("delete");
     group.sample_size(10);
-    for (label, n) in [("1k", 1_000u64), ("10k", 10_000), ("100k", 100_000)] {
+    for (label, n) in SIZES {
+        if quick && n > 100_000 {
+            continue;
+        }
+        if n >= 100_000 {
+            // Each iteration is long: one per sample.
+            group.sampling_mode(SamplingMode::Flat);
+        }
         group.throughput(Throughput::Elements(n));
         let store = Arc::new(MemoryStore::new());
         group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
@@ -302,27 +322,30 @@ fn delete(c: &mut Criterion) {
     group.finish();
 }
 
-fn delete_among_1m(c: &mut Criterion, quick: bool) {
+fn delete_1k_among(c: &mut Criterion, quick: bool) {
     let rt = runtime();
     let ids = Ids::default();
-    let mut group = c.benchmark_group("delete_among_1m");
+    let mut group = c.benchmark_group("delete_1k_among");
     group.sample_size(20);
     group.throughput(Throughput::Elements(1_000));
-    let store = Arc::new(MemoryStore::new());
-    let scan = Arc::new(ScanStore::default());
-    if !quick {
-        rt.block_on(crowd(&store));
-        scan.crowd();
+    for (label, n) in SIZES {
+        if quick && n > 100_000 {
+            continue;
+        }
+        let store = Arc::new(MemoryStore::new());
+        let scan = Arc::new(ScanStore::default());
+        rt.block_on(crowd(&store, n));
+        scan.crowd(n);
+        group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
+            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, 1_000, iters));
+        });
+        group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
+            b.iter_custom(|iters| time_sequential(&rt, &store, &ids, 1_000, iters));
+        });
+        group.bench_function(BenchmarkId::new("baseline_scan_spawn", label), |b| {
+            b.iter_custom(|iters| time_scan_spawn(&rt, &scan, &ids, 1_000, iters));
+        });
     }
-    group.bench_function(BenchmarkId::new("router_deleter", "1k"), |b| {
-        b.iter_custom(|iters| time_deleter(&rt, &store, &ids, 1_000, iters));
-    });
-    group.bench_function(BenchmarkId::new("baseline_sequential", "1k"), |b| {
-        b.iter_custom(|iters| time_sequential(&rt, &store, &ids, 1_000, iters));
-    });
-    group.bench_function(BenchmarkId::new("baseline_scan_spawn", "1k"), |b| {
-        b.iter_custom(|iters| time_scan_spawn(&rt, &scan, &ids, 1_000, iters));
-    });
     group.finish();
 }
 
@@ -334,10 +357,10 @@ fn config() -> Criterion {
 }
 
 fn main() {
-    // `--test` (CI) runs each bench once; skip building the 1M crowd there.
+    // `--test` (CI) runs each bench once; skip the 1M cases there.
     let quick = std::env::args().any(|a| a == "--test" || a == "--list");
     let mut criterion = config();
-    delete(&mut criterion);
-    delete_among_1m(&mut criterion, quick);
+    delete(&mut criterion, quick);
+    delete_1k_among(&mut criterion, quick);
     criterion.final_summary();
 }

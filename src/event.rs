@@ -49,6 +49,63 @@ use crate::store::Repair;
 /// marking (a client closing its session at the moment its router is
 /// fenced) may be published just before the `SessionTerminating` of the mark
 /// it beat by a hair.
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     CloseReason, Event, EventBus, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
+///     SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+/// };
+///
+/// /// A router that never confirms.
+/// struct Silent;
+///
+/// impl TerminationNotifier for Silent {
+///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = EventBus::new(1_024);
+/// let mut events = bus.subscribe();
+/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>());
+/// let deleter = RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent);
+///
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = deleter.delete(router).await?;
+///
+/// let mut seen = Vec::new();
+/// while let Some(event) = events.try_recv() {
+///     match event {
+///         Event::SessionCreated { .. } => seen.push("created"),
+///         Event::RouterFenced { sessions, .. } => {
+///             assert_eq!(sessions, 1);
+///             seen.push("fenced");
+///         }
+///         Event::SessionTerminating { .. } => seen.push("terminating"),
+///         Event::SessionClosed { reason, .. } => {
+///             assert_eq!(reason, CloseReason::Forced); // nobody confirmed
+///             seen.push("closed");
+///         }
+///         Event::RouterDeleted(report) => {
+///             assert_eq!(report.forced, 1);
+///             seen.push("deleted");
+///         }
+///         _ => {}
+///     }
+/// }
+/// assert_eq!(seen, ["created", "fenced", "terminating", "closed", "deleted"]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Event {
@@ -165,11 +222,13 @@ pub enum Event {
 /// ```
 #[derive(Clone)]
 pub struct EventBus {
+    sender: broadcast::Sender<Event>,
     shared: Arc<BusShared>,
 }
 
+/// The bus's counters, shared with its subscriptions (which must not hold
+/// the sender: the channel closes when the last bus clone drops).
 struct BusShared {
-    sender: broadcast::Sender<Event>,
     capacity: usize,
     subscribers: AtomicUsize,
     published: AtomicU64,
@@ -177,6 +236,31 @@ struct BusShared {
 }
 
 /// A snapshot of an [`EventBus`]'s counters.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = EventBus::new(2);
+/// let mut events = bus.subscribe();
+/// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// for id in 0..5 {
+///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+/// }
+/// // The subscriber fell 3 events behind a bus of capacity 2.
+/// assert!(events.try_recv().is_some());
+///
+/// let stats = bus.stats();
+/// assert_eq!((stats.capacity, stats.subscribers), (2, 1));
+/// assert_eq!((stats.published, stats.lagged), (5, 3));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EventStats {
@@ -194,13 +278,22 @@ pub struct EventStats {
 impl EventBus {
     /// A bus whose subscribers may each fall `capacity` events behind
     /// (at least 1) before they miss some.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::EventBus;
+    ///
+    /// assert_eq!(EventBus::new(4_096).stats().capacity, 4_096);
+    /// assert_eq!(EventBus::new(0).stats().capacity, 1);
+    /// ```
     #[must_use]
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         let (sender, _) = broadcast::channel(capacity);
         Self {
+            sender,
             shared: Arc::new(BusShared {
-                sender,
                 capacity,
                 subscribers: AtomicUsize::new(0),
                 published: AtomicU64::new(0),
@@ -210,19 +303,46 @@ impl EventBus {
     }
 
     /// Subscribes to every event published from now on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::EventBus;
+    ///
+    /// let bus = EventBus::default();
+    /// let events = bus.subscribe();
+    /// assert_eq!(bus.stats().subscribers, 1);
+    /// drop(events);
+    /// assert_eq!(bus.stats().subscribers, 0); // nobody listens: events cost nothing
+    /// ```
     #[must_use]
     pub fn subscribe(&self) -> Subscription {
         // Counted before the receiver exists: a publisher that sees zero
         // subscribers skips only events this subscription could not get.
         self.shared.subscribers.fetch_add(1, Ordering::AcqRel);
         Subscription {
-            receiver: self.shared.sender.subscribe(),
+            receiver: self.sender.subscribe(),
             shared: Arc::clone(&self.shared),
             lagged: 0,
         }
     }
 
     /// The bus's counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{EventBus, MemoryStore, RouterId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    /// let _ = store.register_router(RouterId::new(1)).await?;
+    /// assert_eq!(bus.stats().published, 0); // no subscriber, nothing sent
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn stats(&self) -> EventStats {
         EventStats {
@@ -239,7 +359,7 @@ impl EventBus {
     }
 
     fn send(&self, event: Event) {
-        if self.shared.sender.send(event).is_ok() {
+        if self.sender.send(event).is_ok() {
             self.shared.published.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -278,6 +398,40 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
 /// One subscriber's view of an [`EventBus`]: every event published after
 /// [`EventBus::subscribe`], minus those it missed by falling behind (see
 /// the bus's `# Lag`).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// // A listener task: counts closes until every clone of the bus is gone.
+/// let listener = tokio::spawn(async move {
+///     let mut closed = 0;
+///     while let Some(event) = events.recv().await {
+///         if let Event::SessionClosed { .. } = event {
+///             closed += 1;
+///         }
+///     }
+///     closed
+/// });
+///
+/// let store = MemoryStore::builder().events(bus).build::<()>();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = store.close(session.id(), CloseReason::ClientClosed).await?;
+/// drop(store); // drops the last clone of the bus
+///
+/// assert_eq!(listener.await?, 1);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Subscription {
     receiver: broadcast::Receiver<Event>,
     shared: Arc<BusShared>,
@@ -292,6 +446,28 @@ impl Subscription {
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future loses no event.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// match events.recv().await {
+    ///     Some(Event::SessionCreated { session, .. }) => assert_eq!(session, SessionId::new(1)),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
             match self.receiver.recv().await {
@@ -303,6 +479,26 @@ impl Subscription {
     }
 
     /// The next event if one is buffered, without waiting.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// assert!(events.try_recv().is_none());
+    ///
+    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// assert!(events.try_recv().is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn try_recv(&mut self) -> Option<Event> {
         loop {
             match self.receiver.try_recv() {
@@ -314,6 +510,27 @@ impl Subscription {
     }
 
     /// Events this subscription missed because it fell behind.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::new(1);
+    /// let mut events = bus.subscribe();
+    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// for id in 0..3 {
+    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    /// }
+    /// assert!(events.try_recv().is_some()); // the newest; two were missed
+    /// assert_eq!(events.lagged(), 2);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn lagged(&self) -> u64 {
         self.lagged

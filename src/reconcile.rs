@@ -36,6 +36,7 @@ use tracing::Instrument;
 use crate::cleanup::{close_all, remove_if_same};
 use crate::event::{Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
+use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseReason, Session, SessionState};
 use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
@@ -93,13 +94,27 @@ struct Inner<S: SessionStore> {
     tracker: TaskTracker,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Config {
     grace: Duration,
     chunk: usize,
     spare_younger_than: Duration,
     reclaim: Option<ReclaimQueue>,
     events: Option<EventBus>,
+    liveness: Option<Arc<dyn RouterHold>>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("grace", &self.grace)
+            .field("chunk", &self.chunk)
+            .field("spare_younger_than", &self.spare_younger_than)
+            .field("reclaim", &self.reclaim.is_some())
+            .field("events", &self.events.is_some())
+            .field("liveness", &self.liveness.is_some())
+            .finish()
+    }
 }
 
 struct Grace {
@@ -128,6 +143,7 @@ impl Reconciler<crate::MemoryStore> {
                 spare_younger_than: Duration::ZERO,
                 reclaim: None,
                 events: None,
+                liveness: None,
             },
         }
     }
@@ -162,6 +178,19 @@ impl ReconcilerBuilder {
     /// Releases the resources of the sessions it closes through `queue`.
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.config.reclaim = Some(queue);
+        self
+    }
+
+    /// Holds a router in `monitor` for as long as its grace period lasts
+    /// ([`LivenessMonitor::hold_router`]): a disconnected router cannot
+    /// carry heartbeats or probe answers, and its sessions must not be
+    /// reaped before the grace period decides their fate. Without it, a
+    /// monitored router's sessions are reaped as soon as their probes fail.
+    pub fn liveness<S: SessionStore, Pr: Prober>(
+        mut self,
+        monitor: &LivenessMonitor<S, Pr>,
+    ) -> Self {
+        self.config.liveness = Some(Arc::new(monitor.clone()));
         self
     }
 
@@ -561,8 +590,14 @@ impl<S: SessionStore> Reconciler<S> {
                     task: None,
                 },
             );
-            if let Some(task) = replaced.and_then(|old| old.task) {
-                task.abort();
+            match replaced {
+                // The router's hold carries over to the new period.
+                Some(old) => {
+                    if let Some(task) = old.task {
+                        task.abort();
+                    }
+                }
+                None => self.hold(router),
             }
             epoch
         };
@@ -605,7 +640,21 @@ impl<S: SessionStore> Reconciler<S> {
         if let Some(task) = graces.remove(&router).and_then(|grace| grace.task) {
             task.abort();
         }
+        drop(graces);
+        self.release(router);
         true
+    }
+
+    fn hold(&self, router: RouterId) {
+        if let Some(monitor) = &self.inner.config.liveness {
+            monitor.hold(router);
+        }
+    }
+
+    fn release(&self, router: RouterId) {
+        if let Some(monitor) = &self.inner.config.liveness {
+            monitor.release(router);
+        }
     }
 
     async fn expire(
@@ -625,6 +674,7 @@ impl<S: SessionStore> Reconciler<S> {
         }
         let span = tracing::info_span!("grace_expired", %router, %incarnation);
         let closed = self.close_lost(router, incarnation).instrument(span).await;
+        self.release(router);
         emit(self.inner.config.events.as_ref(), || Event::RouterLost {
             router,
             incarnation,
@@ -679,10 +729,13 @@ impl<S: SessionStore> Reconciler<S> {
         let stopped: Vec<_> = {
             let mut graces = self.inner.graces.lock();
             self.inner.tracker.close();
-            graces.drain().filter_map(|(_, grace)| grace.task).collect()
+            graces.drain().collect()
         };
-        for task in stopped {
-            task.abort();
+        for (router, grace) in stopped {
+            if let Some(task) = grace.task {
+                task.abort();
+            }
+            self.release(router);
         }
         self.inner.tracker.wait().await;
     }

@@ -242,3 +242,24 @@ async fn a_close_through_the_handle_is_published() {
     // Still in the store, closed.
     assert!(store.get(session.id()).await.unwrap().is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_ends_when_every_bus_clone_is_gone() {
+    let bus = EventBus::new(8);
+    let mut events = bus.subscribe();
+    let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    store
+        .create(NewSession::new(SessionId::new(1), router, incarnation))
+        .await
+        .unwrap();
+    drop((bus, store));
+    // The buffered event first, then the end.
+    assert!(matches!(
+        events.recv().await,
+        Some(Event::SessionCreated { .. })
+    ));
+    let end = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}

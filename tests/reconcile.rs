@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Behaviour, observed_router, scripted, within};
 use session_lifecycle::{
-    CloseReason, Event, EventBus, MemoryStore, NewSession, ReconcileError, Reconciler,
-    RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore,
+    CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, NoProbe,
+    ReconcileError, Reconciler, RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore,
 };
 use tokio::time::{Duration, Instant};
 
@@ -381,4 +381,74 @@ async fn shutdown_stops_grace_timers() {
         matches!(refused, Err(ReconcileError::ShutDown)),
         "{refused:?}"
     );
+}
+
+/// A monitored router that disconnects: with the reconciler holding it in
+/// the monitor, its sessions wait out the grace period; without, they are
+/// reaped as soon as their probes fail (the control case).
+#[tokio::test(start_paused = true)]
+async fn a_monitored_router_in_grace_is_not_reaped() {
+    for hold in [true, false] {
+        let store = Arc::new(MemoryStore::new());
+        let observed = observed_router(&store, RouterId::new(1), 0, 10).await;
+        let monitor = LivenessMonitor::builder()
+            .heartbeat_interval(Duration::from_secs(1))
+            .timeout_range(Duration::from_secs(1), Duration::from_secs(10))
+            .build(Arc::clone(&store), NoProbe)
+            .unwrap();
+        for session in &observed.sessions {
+            monitor.watch(session).unwrap();
+        }
+        let beat = |monitor: &LivenessMonitor<MemoryStore, NoProbe>| {
+            for session in &observed.sessions {
+                let _ = monitor.heartbeat(session);
+            }
+        };
+        for _ in 0..5 {
+            beat(&monitor);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut builder = Reconciler::builder().grace_period(Duration::from_secs(60));
+        if hold {
+            builder = builder.liveness(&monitor);
+        }
+        let reconciler = builder.build(Arc::clone(&store));
+        reconciler
+            .router_disconnected(observed.router)
+            .await
+            .unwrap();
+        assert_eq!(monitor.is_held(observed.router), hold);
+
+        // Silent for 30 s: far past the reap bound, within the grace period.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let reaped = observed.count_reason(CloseReason::LivenessTimeout);
+        if !hold {
+            assert_eq!(reaped, 10, "the control case reaps");
+            continue;
+        }
+        assert_eq!(reaped, 0);
+        assert_eq!(monitor.stats().reaped, 0);
+
+        // It reconnects: the hold ends, heartbeats resume, nobody is reaped.
+        let report = reconciler
+            .reconcile(
+                observed.router,
+                observed.incarnation,
+                (0..10).map(SessionId::new),
+            )
+            .await
+            .unwrap();
+        assert!(report.summary.grace_cancelled);
+        assert!(!monitor.is_held(observed.router));
+        for _ in 0..30 {
+            beat(&monitor);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(observed.sessions.iter().all(|s| !s.is_closed()));
+
+        // Silent again, not held: now it is reaped.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(observed.count_reason(CloseReason::LivenessTimeout), 10);
+        monitor.shutdown().await;
+    }
 }

@@ -200,3 +200,46 @@ async fn a_sweeper_needs_an_interval() {
         .build(store);
     assert!(built.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sweep_leaves_a_fenced_routers_sessions_to_its_deletion() {
+    let store = Arc::new(MemoryStore::new());
+    let doomed = observed_router(&store, RouterId::new(1), 0, 4).await;
+    // The deletion's force phase, half-way: fenced, one session closed
+    // through its handle, one missing from the index, none removed yet.
+    let snapshot = store.fence(doomed.router).await.unwrap();
+    assert_eq!(snapshot.sessions.len(), 4);
+    let _ = doomed.sessions[0].close(CloseReason::Forced);
+    store.corrupt(Corruption::Unindex(SessionId::new(1)));
+    let sweeper = AuditSweeper::builder().build(Arc::clone(&store)).unwrap();
+    let report = sweeper.sweep().await.unwrap();
+    assert_eq!(report.audit.closed_in_store, vec![SessionId::new(0)]);
+    assert!(report.repairs.is_empty(), "{report:?}");
+    assert!(!doomed.sessions[1].is_closed());
+
+    // `finish` removes what its index holds; the unindexed session is then
+    // an orphan of a deleted router, and the next sweep reclaims it.
+    let finished = store
+        .finish(doomed.router, doomed.incarnation)
+        .await
+        .unwrap();
+    assert_eq!(finished.removed, 3);
+    let report = sweeper.sweep().await.unwrap();
+    let repairs: Vec<_> = report
+        .repairs
+        .iter()
+        .map(|r| (r.session, r.action))
+        .collect();
+    assert_eq!(
+        repairs,
+        vec![(SessionId::new(1), RepairAction::OrphanReclaimed)]
+    );
+    assert!(
+        doomed
+            .releases
+            .iter()
+            .all(|r| r.load(Ordering::SeqCst) == 1)
+    );
+    assert!(store.audit().await.unwrap().is_clean());
+    sweeper.shutdown().await;
+}

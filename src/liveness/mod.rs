@@ -14,8 +14,9 @@
 //!
 //! # Deadlock safety
 //!
-//! Two locks, `incoming` and `suspects`, never held together, never across
-//! an `.await` or while user code (the prober, the store) runs.
+//! Three locks, `incoming`, `suspects` and `held`, never two held together,
+//! never across an `.await` or while user code (the prober, the store)
+//! runs.
 
 mod config;
 mod probe;
@@ -145,6 +146,9 @@ struct Shared<S: SessionStore, Pr> {
     /// Sessions to file in the wheel: new watches and spared suspects.
     incoming: Mutex<Vec<Session<S::Payload>>>,
     suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
+    /// Routers whose sessions are not convicted for now (a disconnected
+    /// router in its grace period), with how many holds each has.
+    held: Mutex<HashMap<RouterId, usize>>,
     counters: Counters,
     events: broadcast::Sender<LivenessEvent>,
     stop: CancellationToken,
@@ -198,6 +202,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             amnesty: AtomicU64::new(0),
             incoming: Mutex::new(Vec::new()),
             suspects: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             events,
             stop: stop.clone(),
@@ -319,6 +324,58 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         self.shared.counters.snapshot()
     }
 
+    /// Holds `router`: while held, none of its sessions is convicted. A
+    /// session whose deadline passes counts as heard at that moment and
+    /// gets a whole timeout more, and suspects already being probed are
+    /// spared at their next look. For a router that disconnected and may
+    /// come back (its grace period): give the monitor to
+    /// [`ReconcilerBuilder::liveness`](crate::ReconcilerBuilder::liveness)
+    /// and the reconciler holds and releases it for you.
+    ///
+    /// Holds nest: each `hold_router` needs its own
+    /// [`release_router`](Self::release_router).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe, RouterId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor = LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// let router = RouterId::new(4);
+    /// monitor.hold_router(router); // it disconnected
+    /// assert!(monitor.is_held(router));
+    /// monitor.release_router(router); // it is back
+    /// assert!(!monitor.is_held(router));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn hold_router(&self, router: RouterId) {
+        *self.shared.held.lock().entry(router).or_default() += 1;
+    }
+
+    /// Releases one hold of `router` (see
+    /// [`hold_router`](Self::hold_router)); its sessions are judged by their
+    /// heartbeats again once no hold is left. Releasing a router that is not
+    /// held does nothing.
+    pub fn release_router(&self, router: RouterId) {
+        let mut held = self.shared.held.lock();
+        if let Some(holds) = held.get_mut(&router) {
+            *holds -= 1;
+            if *holds == 0 {
+                held.remove(&router);
+            }
+        }
+    }
+
+    /// Whether `router` is held now.
+    #[must_use]
+    pub fn is_held(&self, router: RouterId) -> bool {
+        self.shared.is_held(router)
+    }
+
     /// Stops the monitor: no more heartbeats, probes or reaps; probe rounds
     /// in flight are dropped (their suspects stay open). Returns when the
     /// monitor's tasks have ended. Dropping every handle stops it too.
@@ -332,6 +389,23 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         self.shared.stop.cancel();
         self.shared.tracker.close();
         self.shared.tracker.wait().await;
+    }
+}
+
+/// What a [`Reconciler`](crate::Reconciler) needs of a monitor, without its
+/// type parameters.
+pub(crate) trait RouterHold: Send + Sync + 'static {
+    fn hold(&self, router: RouterId);
+    fn release(&self, router: RouterId);
+}
+
+impl<S: SessionStore, Pr: Prober> RouterHold for LivenessMonitor<S, Pr> {
+    fn hold(&self, router: RouterId) {
+        self.hold_router(router);
+    }
+
+    fn release(&self, router: RouterId) {
+        self.release_router(router);
     }
 }
 
@@ -432,6 +506,14 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             wheel.insert(session, deadline.div_ceil(self.config.rule.granularity));
             return;
         }
+        if self.is_held(session.router()) {
+            // Counts as heard now: a held router's sessions wait out the
+            // hold, then get a whole timeout.
+            beat.refresh(now);
+            let deadline = now.saturating_add(beat.estimate().timeout(&self.config.rule));
+            wheel.insert(session, deadline.div_ceil(self.config.rule.granularity));
+            return;
+        }
         self.counters.suspect();
         convicted
             .entry(session.router())
@@ -441,6 +523,11 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
                 heard,
                 failed: 0,
             });
+    }
+
+    /// Whether `router` is held; only asked on the way to a conviction.
+    fn is_held(&self, router: RouterId) -> bool {
+        self.held.lock().contains_key(&router)
     }
 
     /// Gives a router's new suspects to its probe driver, starting one if

@@ -244,6 +244,10 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Looks at a suspect again: `true` to keep it. Sends answered ones
     /// back to the wheel and lets gone ones leave.
     fn keep(&self, suspect: &Suspect<S::Payload>) -> bool {
+        if self.is_held(suspect.session.router()) {
+            // Its router is held (disconnected, in its grace period): spared.
+            suspect.session.beat().refresh(self.now());
+        }
         match self.verdict(suspect) {
             Verdict::Silent => true,
             Verdict::Answered => {

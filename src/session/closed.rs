@@ -18,6 +18,25 @@ use super::state::CloseReason;
 
 /// Future returned by [`Session::closed`]: resolves with the close reason once
 /// the session's close has completed.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// // Wait a while for the close; giving up (dropping the future) is safe.
+/// let wait = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
+/// assert!(wait.is_err());
+///
+/// let _ = session.close(CloseReason::ClientClosed);
+/// assert_eq!(session.closed().await, CloseReason::ClientClosed);
+/// # }
+/// ```
 #[must_use = "futures do nothing unless polled"]
 pub struct Closed<'a, P> {
     session: &'a Session<P>,
@@ -26,6 +45,28 @@ pub struct Closed<'a, P> {
 
 /// Future returned by [`Session::closed_owned`]: the `'static` variant of
 /// [`Closed`].
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{ClosedOwned, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// // Owned futures can be stored and spawned: one cleanup task per session.
+/// let waiter: ClosedOwned<()> = session.closed_owned();
+/// let cleanup = tokio::spawn(async move {
+///     let reason = waiter.await;
+///     println!("session closed: {reason}");
+///     reason
+/// });
+/// let _ = session.close(CloseReason::RouterDeleted);
+/// assert_eq!(cleanup.await?, CloseReason::RouterDeleted);
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "futures do nothing unless polled"]
 pub struct ClosedOwned<P> {
     session: Session<P>,

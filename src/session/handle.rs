@@ -112,48 +112,148 @@ impl<P> fmt::Debug for Session<P> {
 
 impl<P> Session<P> {
     /// The session's id.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///     .into_session();
+    /// assert_eq!(session.id(), SessionId::new(7));
+    /// ```
     #[must_use]
     pub fn id(&self) -> SessionId {
         self.inner.id
     }
 
     /// The router the session is bound to.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///     .into_session();
+    /// assert_eq!(session.router(), RouterId::new(2));
+    /// ```
     #[must_use]
     pub fn router(&self) -> RouterId {
         self.inner.router
     }
 
     /// The incarnation of the router the session was created against.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///     .into_session();
+    /// assert_eq!(session.incarnation(), Incarnation::new(3));
+    /// ```
     #[must_use]
     pub fn incarnation(&self) -> Incarnation {
         self.inner.incarnation
     }
 
     /// When the session was created, on tokio's clock.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// tokio::time::advance(Duration::from_secs(5)).await;
+    /// assert_eq!(session.created_at().elapsed(), Duration::from_secs(5));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn created_at(&self) -> Instant {
         self.inner.created_at
     }
 
     /// How long the session has existed, on tokio's clock.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// tokio::time::advance(Duration::from_secs(90)).await;
+    /// assert_eq!(session.age(), Duration::from_secs(90));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn age(&self) -> Duration {
         self.inner.created_at.elapsed()
     }
 
     /// The user payload given at creation.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// /// What the controller keeps about the client.
+    /// struct Client {
+    ///     name: &'static str,
+    /// }
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .payload(Client { name: "alice" })
+    ///     .into_session();
+    /// assert_eq!(session.payload().name, "alice");
+    /// ```
     #[must_use]
     pub fn payload(&self) -> &P {
         &self.inner.payload
     }
 
     /// The session's current state.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert_eq!(session.state(), SessionState::Active);
+    /// ```
     #[must_use]
     pub fn state(&self) -> SessionState {
         self.inner.word.state()
     }
 
     /// Returns `true` once the session is closed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert!(!session.is_closed());
+    /// let _ = session.close(CloseReason::ClientClosed);
+    /// assert!(session.is_closed());
+    /// ```
     #[must_use]
     pub fn is_closed(&self) -> bool {
         self.state().is_closed()
@@ -198,6 +298,18 @@ impl<P> Session<P> {
     }
 
     /// The reason the session was closed, or `None` while it is open.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert_eq!(session.close_reason(), None);
+    /// let _ = session.close(CloseReason::LivenessTimeout);
+    /// assert_eq!(session.close_reason(), Some(CloseReason::LivenessTimeout));
+    /// ```
     #[must_use]
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.inner.word.reason()
@@ -207,6 +319,25 @@ impl<P> Session<P> {
     ///
     /// Exactly one caller wins; the others learn the state they found. A
     /// session that is already `Terminating` or `Closed` is left as it is.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState, Transition};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// // A deletion marks the session, then waits for its router to confirm.
+    /// assert!(session.begin_terminating().won());
+    /// assert_eq!(session.state(), SessionState::Terminating);
+    ///
+    /// // A session closed first is not marked.
+    /// let _ = session.close(CloseReason::RouterDeleted);
+    /// assert_eq!(
+    ///     session.begin_terminating(),
+    ///     Transition::Lost { current: SessionState::Closed }
+    /// );
+    /// ```
     pub fn begin_terminating(&self) -> Transition {
         self.inner.word.begin_terminating()
     }
@@ -222,6 +353,25 @@ impl<P> Session<P> {
     /// This closes the handle only; a session closed this way stays in its
     /// store until it is removed. [`SessionStore::close`](crate::SessionStore::close)
     /// closes and removes in one call.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// session.attach(|reason: CloseReason| println!("port freed: {reason}"))?;
+    ///
+    /// // The router confirmed; the port is freed here, once.
+    /// assert_eq!(session.close(CloseReason::RouterDeleted), CloseOutcome::Closed);
+    /// // A late force-close loses and learns the winner's reason.
+    /// assert_eq!(
+    ///     session.close(CloseReason::Forced),
+    ///     CloseOutcome::AlreadyClosed { reason: CloseReason::RouterDeleted }
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn close(&self, reason: CloseReason) -> CloseOutcome {
         let outcome = self.inner.word.close(reason);
         if outcome.won() {
@@ -316,6 +466,26 @@ impl<P> Session<P> {
     ///
     /// Cancel-safe: dropping the future before it resolves unregisters it and
     /// leaves the session untouched.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// let waiter = session.clone();
+    /// let wait = tokio::spawn(async move { waiter.closed().await });
+    /// let _ = session.close(CloseReason::ClientClosed);
+    /// assert_eq!(wait.await?, CloseReason::ClientClosed);
+    ///
+    /// // Level-triggered: a closed session's wait is ready at once.
+    /// assert_eq!(session.closed().await, CloseReason::ClientClosed);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn closed(&self) -> Closed<'_, P> {
         Closed::new(self)
     }
@@ -326,6 +496,22 @@ impl<P> Session<P> {
     /// # Cancel safety
     ///
     /// Cancel-safe, as [`closed`](Self::closed).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// let wait = tokio::spawn(session.closed_owned());
+    /// let _ = session.close(CloseReason::RouterLost);
+    /// assert_eq!(wait.await?, CloseReason::RouterLost);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn closed_owned(&self) -> ClosedOwned<P> {
         ClosedOwned::new(self.clone())
     }
@@ -337,6 +523,22 @@ impl<P> Session<P> {
     ///
     /// [`AttachError`] hands the resource back if the session is already
     /// closed; the caller then releases it itself.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Classed, Incarnation, NewSession, RouterId, SessionId, ResourceClass};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// session.attach(|_: CloseReason| println!("buffer freed"))?;
+    /// session.attach(Classed::new(ResourceClass::High, |_: CloseReason| println!("port freed")))?;
+    ///
+    /// // Released in reverse order of attachment: the port, then the buffer.
+    /// let _ = session.close(CloseReason::ClientClosed);
+    /// assert!(session.attach(|_: CloseReason| {}).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn attach<R: Resource>(&self, resource: R) -> Result<(), AttachError<R>> {
         let mut shared = self.inner.shared.lock();
         // Read under the lock: a closer takes the resources under the same
@@ -356,22 +558,73 @@ impl<P> Session<P> {
     ///
     /// `f` runs under the session's lock; it must not call back into this
     /// session.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .token(b"s3cret".to_vec())
+    ///     .into_session();
+    /// // Check a client's credential without copying the secret out.
+    /// assert!(session.with_token(|token| token == Some(b"s3cret".as_slice())));
+    ///
+    /// let _ = session.close(CloseReason::ClientClosed);
+    /// assert!(session.with_token(|token| token.is_none())); // wiped
+    /// ```
     pub fn with_token<R>(&self, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let shared = self.inner.shared.lock();
         f(shared.token.as_ref().map(SessionToken::as_bytes))
     }
 
     /// Counts one packet of `bytes` received from the client.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// session.record_in(1_500);
+    /// session.record_in(40);
+    /// assert_eq!(session.traffic().bytes_in, 1_540);
+    /// assert_eq!(session.traffic().packets_in, 2);
+    /// ```
     pub fn record_in(&self, bytes: u64) {
         self.inner.traffic.record_in(bytes);
     }
 
     /// Counts one packet of `bytes` sent to the client.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// session.record_out(1_500);
+    /// assert_eq!((session.traffic().bytes_out, session.traffic().packets_out), (1_500, 1));
+    /// ```
     pub fn record_out(&self, bytes: u64) {
         self.inner.traffic.record_out(bytes);
     }
 
     /// A snapshot of the traffic counters (not a consistent cut across them).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// session.record_in(100);
+    /// session.record_out(400);
+    /// assert_eq!(session.traffic().total_bytes(), 500);
+    /// ```
     #[must_use]
     pub fn traffic(&self) -> Traffic {
         self.inner.traffic.snapshot()
@@ -379,6 +632,18 @@ impl<P> Session<P> {
 
     /// Returns `true` when both handles are the same session (not merely the
     /// same id).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, Session};
+    ///
+    /// let spec = || NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
+    /// let session = spec().into_session();
+    /// let other = spec().into_session();
+    /// assert!(Session::ptr_eq(&session, &session.clone()));
+    /// assert!(!Session::ptr_eq(&session, &other)); // same id, another session
+    /// ```
     #[must_use]
     pub fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
@@ -422,6 +687,8 @@ impl<P> Drop for CompleteOnDrop<P> {
 
 /// The description of a session to create.
 ///
+/// # Example
+///
 /// ```
 /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
 ///
@@ -441,6 +708,23 @@ pub struct NewSession<P = ()> {
 impl NewSession<()> {
     /// A session `id` on `router`, created against the router's
     /// `incarnation`, without token or payload.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation);
+    /// let session = store.create(spec).await?;
+    /// assert_eq!(session.incarnation(), incarnation);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn new(id: SessionId, router: RouterId, incarnation: Incarnation) -> Self {
         Self {
@@ -455,6 +739,17 @@ impl NewSession<()> {
 
 impl<P> NewSession<P> {
     /// Sets the session's secret token.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .token(&b"k3y"[..])
+    ///     .into_session();
+    /// assert_eq!(session.with_token(|token| token.map(<[u8]>::len)), Some(3));
+    /// ```
     #[must_use]
     pub fn token(mut self, token: impl Into<SessionToken>) -> Self {
         self.token = Some(token.into());
@@ -462,6 +757,16 @@ impl<P> NewSession<P> {
     }
 
     /// Sets the user payload.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .payload(String::from("client-a"));
+    /// assert_eq!(spec.into_session().payload(), "client-a");
+    /// ```
     #[must_use]
     pub fn payload<Q>(self, payload: Q) -> NewSession<Q> {
         NewSession {
@@ -474,18 +779,45 @@ impl<P> NewSession<P> {
     }
 
     /// The session id.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// assert_eq!(spec.id(), SessionId::new(1));
+    /// ```
     #[must_use]
     pub fn id(&self) -> SessionId {
         self.id
     }
 
     /// The router.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// assert_eq!(spec.router(), RouterId::new(2));
+    /// ```
     #[must_use]
     pub fn router(&self) -> RouterId {
         self.router
     }
 
     /// The router incarnation the session is created against.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// assert_eq!(spec.incarnation(), Incarnation::new(3));
+    /// ```
     #[must_use]
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation
@@ -495,6 +827,17 @@ impl<P> NewSession<P> {
     ///
     /// Stores call this once they accepted the session; a session built here
     /// belongs to no store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState};
+    ///
+    /// // A store implementation, once it accepted the session:
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert_eq!(session.state(), SessionState::Active);
+    /// ```
     #[must_use]
     pub fn into_session(self) -> Session<P> {
         Session {

@@ -35,6 +35,21 @@ const KEPT_ON_CLOSE: u32 = LONG_LIVED | WATCHER_MASK;
 ///
 /// A session only moves forward: `Active → Terminating → Closed`, or
 /// `Active → Closed`. `Closed` is final.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState};
+///
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// assert_eq!(session.state(), SessionState::Active);
+/// assert!(session.begin_terminating().won());
+/// assert_eq!(session.state(), SessionState::Terminating);
+/// assert!(session.close(CloseReason::RouterDeleted).won());
+/// assert!(session.state().is_closed());
+/// assert_eq!(session.state().to_string(), "closed");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SessionState {
     /// The session is open and carrying traffic.
@@ -48,6 +63,15 @@ pub enum SessionState {
 
 impl SessionState {
     /// Returns `true` for [`SessionState::Closed`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::SessionState;
+    ///
+    /// assert!(SessionState::Closed.is_closed());
+    /// assert!(!SessionState::Terminating.is_closed());
+    /// ```
     #[must_use]
     pub const fn is_closed(self) -> bool {
         matches!(self, Self::Closed)
@@ -66,11 +90,22 @@ impl fmt::Display for SessionState {
 
 /// Why a session was closed.
 ///
-/// ```
-/// use session_lifecycle::CloseReason;
+/// # Example
 ///
+/// ```
+/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+///
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// let _ = session.close(CloseReason::Forced);
+/// match session.close_reason() {
+///     Some(reason) if reason.is_forced() => println!("controller closed it: {reason}"),
+///     Some(reason) => println!("peer closed it: {reason}"),
+///     None => println!("still open"),
+/// }
 /// assert!(CloseReason::Forced.is_forced());
 /// assert!(!CloseReason::ClientClosed.is_forced());
+/// assert_eq!(CloseReason::Forced.to_string(), "forced after deadline");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -99,6 +134,15 @@ impl CloseReason {
     /// [`LivenessTimeout`](Self::LivenessTimeout),
     /// [`Reclaimed`](Self::Reclaimed), [`RouterLost`](Self::RouterLost) and
     /// [`Shutdown`](Self::Shutdown).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::CloseReason;
+    ///
+    /// assert!(CloseReason::LivenessTimeout.is_forced());
+    /// assert!(!CloseReason::RouterDeleted.is_forced());
+    /// ```
     #[must_use]
     pub const fn is_forced(self) -> bool {
         !matches!(self, Self::ClientClosed | Self::RouterDeleted)
@@ -147,6 +191,21 @@ impl fmt::Display for CloseReason {
 
 /// The outcome of [`Session::begin_terminating`](crate::Session::begin_terminating):
 /// whether this caller moved the session, and if not, where it was.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState, Transition};
+///
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// assert_eq!(session.begin_terminating(), Transition::Won);
+/// // A second caller loses and learns where the session is.
+/// match session.begin_terminating() {
+///     Transition::Won => unreachable!("only one caller wins"),
+///     Transition::Lost { current } => assert_eq!(current, SessionState::Terminating),
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "the outcome says whether this caller won the transition"]
 pub enum Transition {
@@ -162,6 +221,17 @@ pub enum Transition {
 
 impl Transition {
     /// Returns `true` when this caller won the transition.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert!(session.begin_terminating().won());
+    /// assert!(!session.begin_terminating().won());
+    /// ```
     #[must_use]
     pub const fn won(self) -> bool {
         matches!(self, Self::Won)
@@ -169,6 +239,21 @@ impl Transition {
 }
 
 /// The outcome of closing a session.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+///
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// assert_eq!(session.close(CloseReason::ClientClosed), CloseOutcome::Closed);
+/// // The client and a deletion race: the second close changes nothing.
+/// match session.close(CloseReason::Forced) {
+///     CloseOutcome::Closed => unreachable!("closed already"),
+///     CloseOutcome::AlreadyClosed { reason } => assert_eq!(reason, CloseReason::ClientClosed),
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "the outcome says whether this caller closed the session"]
 pub enum CloseOutcome {
@@ -185,6 +270,17 @@ pub enum CloseOutcome {
 
 impl CloseOutcome {
     /// Returns `true` when this caller closed the session.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .into_session();
+    /// assert!(session.close(CloseReason::ClientClosed).won());
+    /// assert!(!session.close(CloseReason::ClientClosed).won());
+    /// ```
     #[must_use]
     pub const fn won(self) -> bool {
         matches!(self, Self::Closed)

@@ -10,11 +10,15 @@ use zeroize::Zeroize;
 /// may not optimise away) when the token is dropped, which happens when its
 /// session closes. `Debug` never shows the bytes.
 ///
+/// # Example
+///
 /// ```
 /// use session_lifecycle::SessionToken;
 ///
 /// let token = SessionToken::from(b"secret".to_vec());
+/// assert_eq!(token.as_bytes(), b"secret");
 /// assert_eq!(token.len(), 6);
+/// assert!(!token.is_empty());
 /// assert_eq!(format!("{token:?}"), "SessionToken(6 bytes)");
 /// ```
 #[derive(Clone, PartialEq, Eq)]
@@ -22,18 +26,43 @@ pub struct SessionToken(Box<[u8]>);
 
 impl SessionToken {
     /// Returns the token's bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::SessionToken;
+    ///
+    /// let token = SessionToken::from(&b"k3y"[..]);
+    /// assert_eq!(token.as_bytes(), b"k3y");
+    /// ```
     #[must_use]
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
     /// Returns the token's length in bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::SessionToken;
+    ///
+    /// assert_eq!(SessionToken::from(vec![0u8; 32]).len(), 32);
+    /// ```
     #[must_use]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Returns `true` for an empty token.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::SessionToken;
+    ///
+    /// assert!(SessionToken::from(Vec::new()).is_empty());
+    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

@@ -3,6 +3,21 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a session's traffic counters.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, Traffic};
+///
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// session.record_in(1_200);
+/// session.record_out(300);
+/// let traffic: Traffic = session.traffic();
+/// assert_eq!((traffic.bytes_in, traffic.packets_in), (1_200, 1));
+/// assert_eq!((traffic.bytes_out, traffic.packets_out), (300, 1));
+/// assert_eq!(traffic.total_bytes(), 1_500);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// Bytes received from the session's client.
@@ -17,6 +32,15 @@ pub struct Traffic {
 
 impl Traffic {
     /// Bytes in both directions, saturating at `u64::MAX`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::Traffic;
+    ///
+    /// let traffic = Traffic { bytes_in: 10, bytes_out: 5, ..Traffic::default() };
+    /// assert_eq!(traffic.total_bytes(), 15);
+    /// ```
     #[must_use]
     pub const fn total_bytes(&self) -> u64 {
         self.bytes_in.saturating_add(self.bytes_out)

@@ -8,18 +8,64 @@ use crate::session::NewSession;
 
 /// A failure of a store's backend (a remote store unreachable, a timeout).
 /// [`MemoryStore`](crate::MemoryStore) never returns it.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{BackendError, SessionError};
+///
+/// // A remote store wraps its client's error; every store error converts from it.
+/// let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "etcd did not answer");
+/// let error = SessionError::from(BackendError::new(timeout));
+/// assert!(matches!(error, SessionError::Backend(_)));
+/// assert_eq!(error.to_string(), "store backend failed: etcd did not answer");
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("store backend failed: {0}")]
 pub struct BackendError(Arc<dyn std::error::Error + Send + Sync>);
 
 impl BackendError {
     /// Wraps the backend's own error.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::BackendError;
+    ///
+    /// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+    /// let error = BackendError::new(refused);
+    /// assert_eq!(error.to_string(), "store backend failed: connection refused");
+    /// ```
     pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self(Arc::new(error))
     }
 }
 
 /// Error of [`SessionStore::register_router`](crate::SessionStore::register_router).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, RegisterError, RouterId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// match store.register_router(router).await {
+///     Err(RegisterError::AlreadyRegistered { incarnation: live, .. }) => {
+///         assert_eq!(live, incarnation); // keeps its incarnation
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// let _ = store.fence(router).await?; // its deletion starts
+/// let error = store.register_router(router).await.unwrap_err();
+/// assert!(matches!(error, RegisterError::Deleting { .. }));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
@@ -46,6 +92,34 @@ pub enum RegisterError {
 }
 
 /// Why [`SessionStore::create`](crate::SessionStore::create) rejected a session.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+///
+/// let again = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await;
+/// let error = again.unwrap_err();
+/// assert_eq!(*error.kind(), CreateErrorKind::DuplicateSession(SessionId::new(1)));
+///
+/// // A client that still knows the router's previous life is refused.
+/// let stale = NewSession::new(SessionId::new(2), router, Incarnation::new(0));
+/// match store.create(stale).await.unwrap_err().kind() {
+///     CreateErrorKind::StaleIncarnation { live, .. } => assert_eq!(*live, Some(incarnation)),
+///     other => panic!("unexpected {other}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CreateErrorKind {
@@ -96,6 +170,29 @@ impl Eq for BackendError {}
 
 /// Error of [`SessionStore::create`](crate::SessionStore::create): why, and
 /// the rejected session description, handed back unchanged.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.fence(router).await?;
+///
+/// let spec = NewSession::new(SessionId::new(1), router, incarnation).token(b"t0k3n".to_vec());
+/// let error = store.create(spec).await.unwrap_err();
+/// assert!(matches!(error.kind(), CreateErrorKind::Fenced { .. }));
+/// assert_eq!(error.to_string(), "session not created: router-1 (incarnation-1) is fenced for deletion");
+/// // The description, token included, comes back to place the client elsewhere.
+/// let spec = error.into_spec();
+/// assert_eq!(spec.id(), SessionId::new(1));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(thiserror::Error)]
 #[error("session not created: {kind}")]
 pub struct CreateError<P> {
@@ -105,17 +202,49 @@ pub struct CreateError<P> {
 
 impl<P> CreateError<P> {
     /// Builds the error; for store implementations.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let router = RouterId::new(9);
+    /// let spec = NewSession::new(SessionId::new(1), router, Incarnation::new(1));
+    /// let error = CreateError::new(CreateErrorKind::UnknownRouter(router), spec);
+    /// assert_eq!(error.to_string(), "session not created: router-9 is not registered");
+    /// ```
     pub fn new(kind: CreateErrorKind, spec: NewSession<P>) -> Self {
         Self { kind, spec }
     }
 
     /// Why the session was rejected.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
+    /// let error = CreateError::new(CreateErrorKind::DuplicateSession(SessionId::new(1)), spec);
+    /// assert_eq!(*error.kind(), CreateErrorKind::DuplicateSession(SessionId::new(1)));
+    /// ```
     #[must_use]
     pub fn kind(&self) -> &CreateErrorKind {
         &self.kind
     }
 
     /// Returns the rejected session description.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1)).payload("alice");
+    /// let error = CreateError::new(CreateErrorKind::UnknownRouter(RouterId::new(1)), spec);
+    /// let spec = error.into_spec();
+    /// assert_eq!(spec.id(), SessionId::new(1));
+    /// ```
     pub fn into_spec(self) -> NewSession<P> {
         self.spec
     }
@@ -132,6 +261,23 @@ impl<P> fmt::Debug for CreateError<P> {
 
 /// Error of [`SessionStore::close`](crate::SessionStore::close) and
 /// [`SessionStore::remove`](crate::SessionStore::remove).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, MemoryStore, SessionError, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// // A confirmation for a session the store no longer holds.
+/// match store.close(SessionId::new(5), CloseReason::RouterDeleted).await {
+///     Err(SessionError::UnknownSession(id)) => assert_eq!(id, SessionId::new(5)),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -146,6 +292,21 @@ pub enum SessionError {
 /// Error of the router look-ups: [`SessionStore::sessions`](crate::SessionStore::sessions),
 /// [`SessionStore::count`](crate::SessionStore::count) and
 /// [`SessionStore::router_status`](crate::SessionStore::router_status).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, RouterError, RouterId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let error = store.count(RouterId::new(3)).await.unwrap_err();
+/// assert!(matches!(error, RouterError::UnknownRouter(router) if router == RouterId::new(3)));
+/// assert_eq!(error.to_string(), "router-3 is not registered");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RouterError {
@@ -158,6 +319,28 @@ pub enum RouterError {
 }
 
 /// Error of [`SessionStore::fence`](crate::SessionStore::fence).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{FenceError, MemoryStore, RouterId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// assert!(matches!(store.fence(router).await, Err(FenceError::UnknownRouter(_))));
+///
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.fence(router).await?;
+/// let _ = store.finish(router, incarnation).await?;
+/// match store.fence(router).await {
+///     Err(FenceError::AlreadyDeleted { incarnation: deleted, .. }) => assert_eq!(deleted, incarnation),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FenceError {
@@ -178,6 +361,27 @@ pub enum FenceError {
 }
 
 /// Error of [`SessionStore::finish`](crate::SessionStore::finish).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{FinishError, Incarnation, MemoryStore, RouterId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// // Only a fenced router can be finished.
+/// let error = store.finish(router, incarnation).await.unwrap_err();
+/// assert!(matches!(error, FinishError::NotFenced { .. }));
+///
+/// let _ = store.fence(router).await?;
+/// let error = store.finish(router, Incarnation::new(42)).await.unwrap_err();
+/// assert!(matches!(error, FinishError::IncarnationMismatch { current, .. } if current == incarnation));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FinishError {

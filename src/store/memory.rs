@@ -108,6 +108,21 @@ struct RouterSlot<P> {
 type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 
 /// Builder of a [`MemoryStore`].
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{EventBus, MemoryStore};
+///
+/// let bus = EventBus::new(4_096);
+/// // Sessions carry the client's name.
+/// let store: MemoryStore<String> = MemoryStore::builder()
+///     .tombstone_capacity(10_000)
+///     .shard_amount(64)
+///     .events(bus.clone())
+///     .build();
+/// assert!(store.is_empty());
+/// ```
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct MemoryStoreBuilder {
@@ -120,6 +135,27 @@ impl MemoryStoreBuilder {
     /// How many deleted router incarnations to remember (default 65,536).
     /// Past that, the oldest tombstone is forgotten and its router id becomes
     /// unknown; creates against it are still refused.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>();
+    /// for raw in 1..=2 {
+    ///     let router = RouterId::new(raw);
+    ///     let incarnation = store.register_router(router).await?;
+    ///     let _ = store.fence(router).await?;
+    ///     let _ = store.finish(router, incarnation).await?;
+    /// }
+    /// // Only the last deletion is remembered.
+    /// assert!(store.router_status(RouterId::new(1)).await.is_err());
+    /// assert!(store.router_status(RouterId::new(2)).await.is_ok());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn tombstone_capacity(mut self, capacity: usize) -> Self {
         self.tombstone_capacity = capacity;
         self
@@ -132,6 +168,15 @@ impl MemoryStoreBuilder {
     ///
     /// Panics if `shards` is not a power of two greater than 1, as dashmap
     /// requires.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().shard_amount(256).build::<()>();
+    /// assert!(store.is_empty());
+    /// ```
     pub fn shard_amount(mut self, shards: usize) -> Self {
         assert!(
             shards > 1 && shards.is_power_of_two(),
@@ -146,12 +191,52 @@ impl MemoryStoreBuilder {
     ///
     /// Each session then carries a small close hook (one allocation of 32
     /// bytes), released inline by its close whatever path closes it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::new(64);
+    /// let mut events = bus.subscribe();
+    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ = session.close(CloseReason::ClientClosed);
+    ///
+    /// assert!(matches!(events.try_recv(), Some(Event::SessionCreated { .. })));
+    /// match events.try_recv() {
+    ///     Some(Event::SessionClosed { reason, .. }) => assert_eq!(reason, CloseReason::ClientClosed),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.events = Some(bus);
         self
     }
 
-    /// Builds the store.
+    /// Builds the store, for sessions carrying a payload of type `P`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// #[derive(Debug)]
+    /// struct Client {
+    ///     name: String,
+    /// }
+    ///
+    /// let store: MemoryStore<Client> = MemoryStore::builder().build();
+    /// assert_eq!(store.len(), 0);
+    /// ```
     pub fn build<P>(self) -> MemoryStore<P> {
         let (sessions, routers) = match self.shard_amount {
             Some(shards) => (
@@ -191,12 +276,33 @@ impl<P> fmt::Debug for MemoryStore<P> {
 
 impl MemoryStore<()> {
     /// A store with default settings, for sessions without payload.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// let store = MemoryStore::new();
+    /// assert!(store.is_empty());
+    /// // With a payload: `MemoryStore::<MyPayload>::default()` or the builder.
+    /// let named: MemoryStore<String> = MemoryStore::default();
+    /// assert!(named.is_empty());
+    /// ```
     #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// A builder to configure the store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// let store: MemoryStore<u32> = MemoryStore::builder().tombstone_capacity(1_024).build();
+    /// assert!(store.is_empty());
+    /// ```
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             tombstone_capacity: DEFAULT_TOMBSTONES,
@@ -208,12 +314,48 @@ impl MemoryStore<()> {
 
 impl<P> MemoryStore<P> {
     /// The number of sessions in the store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// for id in 0..3 {
+    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    /// }
+    /// assert_eq!(store.len(), 3);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
 
     /// `true` when the store holds no session.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// assert!(!store.is_empty());
+    /// let _ = store.close(session.id(), CloseReason::ClientClosed).await?;
+    /// assert!(store.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
@@ -224,6 +366,27 @@ impl<P> MemoryStore<P> {
     /// Router indexes shrink by themselves as they empty; the session map
     /// keeps its capacity until this is called. It locks each shard of the
     /// map in turn, so call it off the hot path (after a large deletion).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// for id in 0..10_000 {
+    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    /// }
+    /// let _ = store.fence(router).await?;
+    /// let _ = store.finish(router, incarnation).await?; // removes all 10,000
+    /// store.shrink_to_fit();
+    /// assert!(store.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn shrink_to_fit(&self) {
         self.sessions.shrink_to_fit();
     }
@@ -231,12 +394,48 @@ impl<P> MemoryStore<P> {
     /// Counts the sessions per router and in total: [`Stats::collect`] on
     /// this store, without the `.await`. One pass over every session, each
     /// router under its own lock.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// let stats = store.stats(); // no `.await`: usable from a synchronous metrics callback
+    /// assert_eq!(stats.active, 1);
+    /// assert_eq!(stats.router(router).map(|census| census.active), Some(1));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn stats(&self) -> Stats {
         Stats::from_census(self.census_now())
     }
 
     /// The number of routers the store knows, tombstones included.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.fence(router).await?;
+    /// let _ = store.finish(router, incarnation).await?;
+    /// assert_eq!(store.router_count(), 1); // its tombstone
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn router_count(&self) -> usize {
         self.routers.len()
@@ -580,6 +779,9 @@ impl<P> MemoryStore<P> {
         }
         for &id in &findings.closed_in_store {
             if let Some(stored) = self.get_now(id).filter(Session::is_closed) {
+                if self.deleting(stored.router()) {
+                    continue; // the deletion's `finish` removes it
+                }
                 self.evict(&stored, RepairAction::ClosedRemoved, &mut repairs);
             }
         }
@@ -594,6 +796,9 @@ impl<P> MemoryStore<P> {
                 return;
             };
             let mut slot = entry.lock();
+            if matches!(slot.status, RouterStatus::Fenced(_)) {
+                return; // the deletion's `finish` handles the index
+            }
             let Some(indexed) = slot.index.get(&id).cloned() else {
                 return; // removed meanwhile
             };
@@ -627,6 +832,13 @@ impl<P> MemoryStore<P> {
         };
         if let Some(entry) = self.routers.get(&stored.router()) {
             let mut slot = entry.lock();
+            if matches!(slot.status, RouterStatus::Fenced(current) if current == stored.incarnation())
+            {
+                // A session of a router being deleted: once the deletion's
+                // `finish` tombstones the router, it is an orphan, and the
+                // next sweep reclaims it.
+                return;
+            }
             if !self.holds(&stored)
                 || slot
                     .index
@@ -650,6 +862,14 @@ impl<P> MemoryStore<P> {
             RepairAction::OrphanReclaimed
         };
         self.evict(&stored, action, repairs);
+    }
+
+    /// Whether `router` is fenced: its deletion runs, and its sessions are
+    /// the deletion's alone.
+    fn deleting(&self, router: RouterId) -> bool {
+        self.routers
+            .get(&router)
+            .is_some_and(|entry| matches!(entry.lock().status, RouterStatus::Fenced(_)))
     }
 
     /// Whether the router `session` names holds its incarnation (live or
@@ -857,6 +1077,34 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
 /// A way to break a [`MemoryStore`]'s invariants behind its API, to test
 /// that [`SessionStore::audit`] finds it and
 /// [`AuditSweeper`](crate::AuditSweeper) repairs it. Test-only.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     Corruption, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+///
+/// store.corrupt(Corruption::Unindex(SessionId::new(1)));
+/// // A session of a router that never existed: an orphan.
+/// let stray = NewSession::new(SessionId::new(2), RouterId::new(99), Incarnation::new(1));
+/// store.corrupt(Corruption::Inject(stray.into_session()));
+///
+/// let findings = store.audit().await?;
+/// assert_eq!(findings.missing_from_index, vec![SessionId::new(1)]);
+/// assert_eq!(findings.orphans, vec![SessionId::new(2)]);
+/// let _ = store.repair(&findings).await?;
+/// assert!(store.audit().await?.is_clean());
+/// # Ok(())
+/// # }
+/// ```
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 #[derive(Debug)]
@@ -874,6 +1122,25 @@ pub enum Corruption<P> {
 #[cfg(any(test, feature = "test-util"))]
 impl<P> MemoryStore<P> {
     /// Applies `corruption`. Test-only: it breaks the store's invariants.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// store.corrupt(Corruption::DropFromMap(SessionId::new(1)));
+    /// let findings = store.audit().await?;
+    /// assert_eq!(findings.missing_from_map, vec![(router, SessionId::new(1))]);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn corrupt(&self, corruption: Corruption<P>) {
         match corruption {

@@ -67,6 +67,32 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// ```
 pub trait SessionStore: Send + Sync + 'static {
     /// The user payload each session carries.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// /// Works with any store whose sessions carry the client's name.
+    /// async fn client_name<S>(store: &S, id: SessionId) -> Option<String>
+    /// where
+    ///     S: SessionStore<Payload = String>,
+    /// {
+    ///     let session = store.get(id).await.ok()??;
+    ///     Some(session.payload().clone())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store: MemoryStore<String> = MemoryStore::default();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation).payload("alice".to_owned());
+    /// let _ = store.create(spec).await?;
+    /// assert_eq!(client_name(&store, SessionId::new(1)).await.as_deref(), Some("alice"));
+    /// # Ok(())
+    /// # }
+    /// ```
     type Payload: Send + Sync + 'static;
 
     /// Registers a router and returns its new incarnation.
@@ -77,6 +103,26 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// [`RegisterError::AlreadyRegistered`] if the router is live,
     /// [`RegisterError::Deleting`] while it is fenced.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.fence(router).await?;
+    /// let _ = store.finish(router, incarnation).await?;
+    ///
+    /// // The router comes back after its deletion: a new life.
+    /// let again = store.register_router(router).await?;
+    /// assert!(again > incarnation);
+    /// # Ok(())
+    /// # }
+    /// ```
     fn register_router(
         &self,
         router: RouterId,
@@ -88,6 +134,22 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// [`RouterError::UnknownRouter`] if the store does not know the router
     /// (never registered, or its tombstone was evicted).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, RouterId, RouterStatus, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// assert_eq!(store.router_status(router).await?, RouterStatus::Live(incarnation));
+    /// assert!(store.router_status(RouterId::new(2)).await.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     fn router_status(
         &self,
         router: RouterId,
@@ -100,12 +162,47 @@ pub trait SessionStore: Send + Sync + 'static {
     /// [`CreateError`] says why (unknown router, stale incarnation, fenced or
     /// deleted router, duplicate id) and hands the description back; nothing
     /// changed in the store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation).token(b"t0k3n".to_vec());
+    /// let session = store.create(spec).await?;
+    /// assert_eq!(session.router(), router);
+    /// # Ok(())
+    /// # }
+    /// ```
     fn create(
         &self,
         spec: NewSession<Self::Payload>,
     ) -> impl Future<Output = Result<Session<Self::Payload>, CreateError<Self::Payload>>> + Send;
 
     /// The session with this id, if the store holds it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let created = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let found = store.get(SessionId::new(1)).await?.expect("held");
+    /// assert_eq!(found.id(), created.id());
+    /// assert!(store.get(SessionId::new(2)).await?.is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
@@ -123,6 +220,27 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`SessionError::UnknownSession`] if the store does not hold the id.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// // The client hung up.
+    /// let outcome = store.close(session.id(), CloseReason::ClientClosed).await?;
+    /// assert!(outcome.won());
+    /// assert!(session.is_closed());
+    /// assert!(store.get(session.id()).await?.is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
     fn close(
         &self,
         id: SessionId,
@@ -136,12 +254,50 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`SessionError::UnknownSession`] if the store does not hold the id.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let removed = store.remove(SessionId::new(1)).await?;
+    /// assert_eq!(removed.close_reason(), Some(CloseReason::Reclaimed)); // no session leaves open
+    /// assert!(store.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
     fn remove(
         &self,
         id: SessionId,
     ) -> impl Future<Output = Result<Session<Self::Payload>, SessionError>> + Send;
 
     /// The sessions the store holds for the router, in no particular order.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// for id in 1..=3 {
+    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    /// }
+    /// let mut ids: Vec<_> = store.sessions(router).await?.iter().map(|s| s.id()).collect();
+    /// ids.sort();
+    /// assert_eq!(ids, [1, 2, 3].map(SessionId::new));
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
@@ -152,6 +308,23 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Session<Self::Payload>>, RouterError>> + Send;
 
     /// How many sessions the store holds for the router.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// assert_eq!(store.count(router).await?, 0);
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// assert_eq!(store.count(router).await?, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
@@ -169,6 +342,27 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// [`FenceError::UnknownRouter`], or [`FenceError::AlreadyDeleted`] if the
     /// router's last incarnation is deleted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// let snapshot = store.fence(router).await?;
+    /// assert_eq!(snapshot.sessions.len(), 1);
+    /// // No session can be created on the router any more (invariant I2).
+    /// let late = store.create(NewSession::new(SessionId::new(2), router, incarnation)).await;
+    /// assert!(late.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     fn fence(
         &self,
         router: RouterId,
@@ -182,6 +376,26 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// [`FinishError`] if the router is unknown, not fenced, in another
     /// incarnation, or already deleted; nothing changed then.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ = store.fence(router).await?;
+    ///
+    /// let report = store.finish(router, incarnation).await?;
+    /// assert_eq!(report.removed, 1);
+    /// assert_eq!(store.router_status(router).await?, RouterStatus::Deleted(incarnation));
+    /// # Ok(())
+    /// # }
+    /// ```
     fn finish(
         &self,
         router: RouterId,
@@ -194,11 +408,49 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`BackendError`] if the store's backend failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// let report = store.audit().await?;
+    /// assert!(report.is_clean(), "{report:?}");
+    /// assert_eq!(report.sessions, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     fn audit(&self) -> impl Future<Output = Result<AuditReport, BackendError>> + Send;
 
     /// Counts each known router's sessions by state, for capacity planning
     /// and [`Stats`](crate::Stats). Routers whose last incarnation is
     /// deleted and that hold no session are left out.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    ///
+    /// let census = store.census().await?;
+    /// assert_eq!(census.len(), 1);
+    /// assert_eq!((census[0].router, census[0].active), (router, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
@@ -218,15 +470,39 @@ pub trait SessionStore: Send + Sync + 'static {
     ///   and removed;
     /// - a closed session left in the store is removed.
     ///
-    /// Sessions are closed outside the store's locks, and a session already
-    /// closed is not closed again, so a repair racing a deletion never
-    /// releases anything twice. Sessions of a fenced router belong to their
-    /// deletion and are never orphans.
+    /// Findings on a fenced router are left alone: its sessions belong to
+    /// its deletion, whose `finish` removes them (and once the router is
+    /// tombstoned, whatever the deletion missed is an orphan for the next
+    /// repair). Sessions are closed outside the store's locks, and a session
+    /// already closed is not closed again, so a repair racing a deletion
+    /// never releases anything twice.
     ///
     /// # Errors
     ///
     /// [`BackendError`] if the store's backend failed; repairs made before
     /// the failure stay made.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ = session.close(CloseReason::ClientClosed); // closed, not removed
+    ///
+    /// let findings = store.audit().await?;
+    /// assert!(!findings.is_clean());
+    /// let repairs = store.repair(&findings).await?;
+    /// assert_eq!(repairs.len(), 1);
+    /// assert!(store.audit().await?.is_clean());
+    /// # Ok(())
+    /// # }
+    /// ```
     fn repair(
         &self,
         findings: &AuditReport,

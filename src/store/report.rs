@@ -6,6 +6,30 @@ use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::Session;
 
 /// A router's phase in the store, with the incarnation it applies to.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, RouterId, RouterStatus, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// assert_eq!(store.router_status(router).await?, RouterStatus::Live(incarnation));
+///
+/// let _ = store.fence(router).await?;
+/// assert_eq!(store.router_status(router).await?, RouterStatus::Fenced(incarnation));
+///
+/// let _ = store.finish(router, incarnation).await?;
+/// match store.router_status(router).await? {
+///     RouterStatus::Deleted(deleted) => assert_eq!(deleted, incarnation),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RouterStatus {
     /// Registered; sessions may be created in this incarnation.
@@ -18,6 +42,14 @@ pub enum RouterStatus {
 
 impl RouterStatus {
     /// The incarnation the status applies to.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, RouterStatus};
+    ///
+    /// assert_eq!(RouterStatus::Fenced(Incarnation::new(4)).incarnation(), Incarnation::new(4));
+    /// ```
     #[must_use]
     pub const fn incarnation(self) -> Incarnation {
         match self {
@@ -30,6 +62,33 @@ impl RouterStatus {
 
 /// What [`SessionStore::fence`](crate::SessionStore::fence) returns: the
 /// fenced incarnation and the sessions the router held at the fence.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+///
+/// let snapshot = store.fence(router).await?;
+/// assert!(snapshot.newly_fenced);
+/// assert_eq!(snapshot.incarnation, incarnation);
+/// for session in &snapshot.sessions {
+///     let _ = session.begin_terminating(); // then notify the router
+/// }
+///
+/// // Fencing again (an interrupted deletion resuming) takes a fresh snapshot.
+/// let resumed = store.fence(router).await?;
+/// assert!(!resumed.newly_fenced);
+/// assert_eq!(resumed.sessions.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
 pub struct FenceSnapshot<P> {
     /// The router.
     pub router: RouterId,
@@ -54,6 +113,29 @@ impl<P> fmt::Debug for FenceSnapshot<P> {
 }
 
 /// What [`SessionStore::finish`](crate::SessionStore::finish) did.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// for id in 1..=2 {
+///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+/// }
+/// let snapshot = store.fence(router).await?;
+/// let _ = snapshot.sessions[0].close(CloseReason::RouterDeleted); // one confirmed
+///
+/// let report = store.finish(router, incarnation).await?;
+/// assert_eq!((report.removed, report.closed), (2, 1)); // the other was closed by `finish`
+/// assert_eq!(report.incarnation, incarnation);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FinishReport {
     /// The router.
@@ -72,6 +154,28 @@ pub struct FinishReport {
 /// An audit walks the store while it keeps serving; each finding was
 /// re-checked under the router's lock, so it was true at some instant, but
 /// the report is not one consistent cut of the whole store.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = session.close(CloseReason::ClientClosed); // through the handle: still in the store
+///
+/// let report = store.audit().await?;
+/// assert_eq!((report.routers, report.sessions), (1, 1));
+/// assert_eq!(report.closed_in_store, vec![session.id()]);
+/// assert!(report.is_consistent() && !report.is_clean());
+/// assert_eq!(report.zombies(), 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditReport {
     /// Routers the store knows, tombstones included.
@@ -93,6 +197,16 @@ pub struct AuditReport {
 
 impl AuditReport {
     /// `true` when the index and map agree and there are no orphans.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{AuditReport, SessionId};
+    ///
+    /// let report = AuditReport { orphans: vec![SessionId::new(3)], ..AuditReport::default() };
+    /// assert!(!report.is_consistent());
+    /// assert!(AuditReport::default().is_consistent());
+    /// ```
     #[must_use]
     pub fn is_consistent(&self) -> bool {
         self.missing_from_map.is_empty()
@@ -101,12 +215,30 @@ impl AuditReport {
     }
 
     /// `true` when consistent and no closed session lingers in the store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{AuditReport, SessionId};
+    ///
+    /// let report = AuditReport { closed_in_store: vec![SessionId::new(3)], ..AuditReport::default() };
+    /// assert!(report.is_consistent() && !report.is_clean());
+    /// ```
     #[must_use]
     pub fn is_clean(&self) -> bool {
         self.is_consistent() && self.closed_in_store.is_empty()
     }
 
     /// The number of zombie sessions: orphans of a deleted or unknown router.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{AuditReport, SessionId};
+    ///
+    /// let report = AuditReport { orphans: vec![SessionId::new(3), SessionId::new(4)], ..AuditReport::default() };
+    /// assert_eq!(report.zombies(), 2);
+    /// ```
     #[must_use]
     pub fn zombies(&self) -> usize {
         self.orphans.len()
@@ -115,6 +247,30 @@ impl AuditReport {
 
 /// One router's sessions by state, from
 /// [`SessionStore::census`](crate::SessionStore::census).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// for id in 1..=3 {
+///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+/// }
+/// let _ = store.fence(router).await?.sessions[0].begin_terminating();
+///
+/// let census = store.census().await?;
+/// let entry = &census[0];
+/// assert_eq!(entry.status, RouterStatus::Fenced(incarnation));
+/// assert_eq!((entry.active, entry.terminating, entry.closed), (2, 1, 0));
+/// assert_eq!(entry.sessions(), 3);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RouterCensus {
@@ -132,7 +288,17 @@ pub struct RouterCensus {
 }
 
 impl RouterCensus {
-    /// A census entry with no session.
+    /// A census entry with no session; for store implementations.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
+    ///
+    /// let mut census = RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
+    /// census.active += 1;
+    /// assert_eq!(census.sessions(), 1);
+    /// ```
     #[must_use]
     pub const fn new(router: RouterId, status: RouterStatus) -> Self {
         Self {
@@ -145,6 +311,16 @@ impl RouterCensus {
     }
 
     /// All of the router's sessions in the store.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
+    ///
+    /// let mut census = RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
+    /// (census.active, census.terminating, census.closed) = (5, 2, 1);
+    /// assert_eq!(census.sessions(), 8);
+    /// ```
     #[must_use]
     pub const fn sessions(&self) -> usize {
         self.active + self.terminating + self.closed
@@ -153,6 +329,32 @@ impl RouterCensus {
 
 /// One finding of an [`AuditReport`] that
 /// [`SessionStore::repair`](crate::SessionStore::repair) fixed.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, RepairAction, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = session.close(CloseReason::ClientClosed); // left in the store
+///
+/// let findings = store.audit().await?;
+/// let repairs = store.repair(&findings).await?;
+/// let repair = repairs[0];
+/// assert_eq!((repair.session, repair.router), (session.id(), router));
+/// assert_eq!(repair.incarnation, incarnation);
+/// assert_eq!(repair.action, RepairAction::ClosedRemoved);
+/// assert!(store.audit().await?.is_clean());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Repair {
     /// The session concerned.
@@ -167,6 +369,25 @@ pub struct Repair {
 
 /// What [`SessionStore::repair`](crate::SessionStore::repair) did about one
 /// finding.
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{Repair, RepairAction};
+///
+/// /// Whether a repair points at a bug worth paging someone for.
+/// fn alarming(repair: &Repair) -> bool {
+///     match repair.action {
+///         RepairAction::ClosedRemoved => false, // routine housekeeping
+///         RepairAction::OrphanReclaimed => true,
+///         _ => true, // the index and the map disagreed
+///     }
+/// }
+///
+/// assert_eq!(RepairAction::Reindexed.to_string(), "reindexed");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RepairAction {
@@ -191,6 +412,14 @@ pub enum RepairAction {
 
 impl RepairAction {
     /// A short snake-case name, as used in logs and metric labels.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::RepairAction;
+    ///
+    /// assert_eq!(RepairAction::OrphanReclaimed.as_str(), "orphan_reclaimed");
+    /// ```
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
