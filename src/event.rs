@@ -57,8 +57,8 @@ use crate::store::Repair;
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     CloseReason, Event, EventBus, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
-///     SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+///     CloseReason, Event, EventBus, MemoryStore, NewSession, NotifyError, RouterDeleter,
+///     RouterId, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
 /// };
 ///
 /// /// A router that never confirms.
@@ -75,7 +75,8 @@ use crate::store::Repair;
 /// let bus = EventBus::new(1_024);
 /// let mut events = bus.subscribe();
 /// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>());
-/// let deleter = RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent);
+/// let deleter =
+///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent);
 ///
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
@@ -200,7 +201,9 @@ pub enum Event {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -240,7 +243,9 @@ struct BusShared {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -250,7 +255,8 @@ struct BusShared {
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// for id in 0..5 {
-///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+///     let _ =
+///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 /// // The subscriber fell 3 events behind a bus of capacity 2.
 /// assert!(events.try_recv().is_some());
@@ -403,7 +409,8 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId,
+///     SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -424,7 +431,8 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
 /// let store = MemoryStore::builder().events(bus).build::<()>();
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
 /// let _ = store.close(session.id(), CloseReason::ClientClosed).await?;
 /// drop(store); // drops the last clone of the bus
 ///
@@ -450,7 +458,9 @@ impl Subscription {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -459,10 +469,13 @@ impl Subscription {
     /// let store = MemoryStore::builder().events(bus).build::<()>();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// match events.recv().await {
-    ///     Some(Event::SessionCreated { session, .. }) => assert_eq!(session, SessionId::new(1)),
+    ///     Some(Event::SessionCreated { session, .. }) => {
+    ///         assert_eq!(session, SessionId::new(1))
+    ///     }
     ///     other => panic!("unexpected {other:?}"),
     /// }
     /// # Ok(())
@@ -483,7 +496,9 @@ impl Subscription {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -494,7 +509,8 @@ impl Subscription {
     /// let store = MemoryStore::builder().events(bus).build::<()>();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// assert!(events.try_recv().is_some());
     /// # Ok(())
     /// # }
@@ -514,7 +530,9 @@ impl Subscription {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -524,7 +542,9 @@ impl Subscription {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {
-    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    ///     let _ = store
+    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
+    ///         .await?;
     /// }
     /// assert!(events.try_recv().is_some()); // the newest; two were missed
     /// assert_eq!(events.lagged(), 2);

@@ -10,12 +10,16 @@ macro_rules! id_type {
 
         impl $name {
             #[doc = concat!("Creates a `", stringify!($name), "` from its raw value.")]
+            ///
+            /// See the example on the type.
             #[must_use]
             pub const fn new(raw: u64) -> Self {
                 Self(raw)
             }
 
             /// Returns the raw value.
+            ///
+            /// See the example on the type.
             #[must_use]
             pub const fn get(self) -> u64 {
                 self.0
@@ -48,11 +52,15 @@ id_type!(
     /// Router ids are chosen by the controller and may be reused after the
     /// router is deleted; the [`Incarnation`] tells the lives of one id apart.
     ///
+    /// # Example
+    ///
     /// ```
     /// use session_lifecycle::RouterId;
     ///
-    /// let router = RouterId::from(7);
+    /// let router = RouterId::new(7);
+    /// assert_eq!(router, RouterId::from(7));
     /// assert_eq!(router.get(), 7);
+    /// assert_eq!(u64::from(router), 7);
     /// assert_eq!(router.to_string(), "router-7");
     /// ```
     RouterId,
@@ -65,10 +73,15 @@ id_type!(
     /// Session ids are chosen by the controller (often they arrive off the
     /// wire); a store rejects an id that is already in use.
     ///
+    /// # Example
+    ///
     /// ```
     /// use session_lifecycle::SessionId;
     ///
-    /// assert_eq!(SessionId::from(42).to_string(), "session-42");
+    /// let id = SessionId::new(42);
+    /// assert_eq!(id.get(), 42);
+    /// assert_eq!(SessionId::from(42), id);
+    /// assert_eq!(id.to_string(), "session-42");
     /// ```
     SessionId,
     "session-"
@@ -81,10 +94,13 @@ id_type!(
     /// yields a larger incarnation, and nothing created against an older
     /// incarnation is accepted (invariant I2 of the crate docs).
     ///
+    /// # Example
+    ///
     /// ```
     /// use session_lifecycle::Incarnation;
     ///
-    /// assert!(Incarnation::from(2) > Incarnation::from(1));
+    /// assert!(Incarnation::new(2) > Incarnation::from(1));
+    /// assert_eq!(Incarnation::new(3).get(), 3);
     /// assert_eq!(Incarnation::from(3).to_string(), "incarnation-3");
     /// ```
     Incarnation,

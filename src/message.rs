@@ -11,11 +11,15 @@ macro_rules! transport_error {
 
         impl $name {
             /// Wraps the transport's error.
+            ///
+            /// See the example on the type.
             pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
                 Self(std::sync::Arc::new(error))
             }
 
             /// An error with a message only.
+            ///
+            /// See the example on the type.
             pub fn msg(message: impl Into<String>) -> Self {
                 Self(std::sync::Arc::new($crate::message::Message(message.into())))
             }

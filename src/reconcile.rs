@@ -61,7 +61,9 @@ use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
 ///
 /// ```
 /// use std::sync::Arc;
-/// use session_lifecycle::{MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -125,6 +127,32 @@ struct Grace {
 }
 
 /// Builder of a [`Reconciler`].
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     EventBus, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue, Reconciler,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let reconciler = Reconciler::builder()
+///     .grace_period(Duration::from_secs(60))
+///     .chunk_size(1_024)
+///     .spare_younger_than(Duration::from_secs(2))
+///     .reclaim_queue(ReclaimQueue::builder().build()?)
+///     .liveness(&monitor)
+///     .events(EventBus::default())
+///     .build(Arc::clone(&store));
+/// assert_eq!(reconciler.in_grace(), 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct ReconcilerBuilder {
@@ -135,6 +163,16 @@ impl Reconciler<crate::MemoryStore> {
     /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
     /// sessions, no session spared for its youth, no reclaim queue, no
     /// event bus.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{MemoryStore, Reconciler};
+    ///
+    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new()));
+    /// assert_eq!(reconciler.in_grace(), 0);
+    /// ```
     pub fn builder() -> ReconcilerBuilder {
         ReconcilerBuilder {
             config: Config {
@@ -152,6 +190,8 @@ impl Reconciler<crate::MemoryStore> {
 impl ReconcilerBuilder {
     /// How long a disconnected router has to reconnect before its sessions
     /// are closed (default 30 s).
+    ///
+    /// See the example on [`ReconcilerBuilder`].
     pub fn grace_period(mut self, grace: Duration) -> Self {
         self.config.grace = grace;
         self
@@ -159,6 +199,8 @@ impl ReconcilerBuilder {
 
     /// How many sessions are handled between two yields to the runtime
     /// (default 4,096; at least 1).
+    ///
+    /// See the example on [`ReconcilerBuilder`].
     pub fn chunk_size(mut self, chunk: usize) -> Self {
         self.config.chunk = chunk.max(1);
         self
@@ -170,12 +212,43 @@ impl ReconcilerBuilder {
     /// between a router taking its report and the controller receiving it
     /// (default zero: only sessions created after the call started are
     /// spared).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let reconciler = Reconciler::builder()
+    ///     .spare_younger_than(Duration::from_secs(5))
+    ///     .build(Arc::clone(&store));
+    ///
+    /// // Created just before the router took its report: not in it, but spared.
+    /// let young =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let report =
+    ///     reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
+    /// assert_eq!(report.summary.spared, 1);
+    /// assert!(!young.is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn spare_younger_than(mut self, age: Duration) -> Self {
         self.config.spare_younger_than = age;
         self
     }
 
     /// Releases the resources of the sessions it closes through `queue`.
+    ///
+    /// See the example on [`ReconcilerBuilder`].
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.config.reclaim = Some(queue);
         self
@@ -186,6 +259,32 @@ impl ReconcilerBuilder {
     /// carry heartbeats or probe answers, and its sessions must not be
     /// reaped before the grace period decides their fate. Without it, a
     /// monitored router's sessions are reaped as soon as their probes fail.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NoProbe, Reconciler, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store));
+    ///
+    /// let _ = reconciler.router_disconnected(router).await?;
+    /// assert!(monitor.is_held(router)); // no reaping during the grace period
+    /// // It is back: the reconciliation ends the grace period and the hold.
+    /// let _ = reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
+    /// assert!(!monitor.is_held(router));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn liveness<S: SessionStore, Pr: Prober>(
         mut self,
         monitor: &LivenessMonitor<S, Pr>,
@@ -196,12 +295,40 @@ impl ReconcilerBuilder {
 
     /// Publishes [`Event::Reconciled`], [`Event::RouterDisconnected`] and
     /// [`Event::RouterLost`] on `bus`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     Event, EventBus, MemoryStore, Reconciler, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store));
+    ///
+    /// let _ = reconciler.reconcile(router, incarnation, [SessionId::new(9)]).await?;
+    /// match events.try_recv() {
+    ///     Some(Event::Reconciled(summary)) => assert_eq!(summary.unknown, 1),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self
     }
 
     /// Builds the reconciler over `store`.
+    ///
+    /// See the example on [`ReconcilerBuilder`].
     pub fn build<S: SessionStore>(self, store: Arc<S>) -> Reconciler<S> {
         Reconciler {
             inner: Arc::new(Inner {
@@ -217,6 +344,41 @@ impl ReconcilerBuilder {
 
 /// What a reconciliation found and did, in counts; carried by
 /// [`Event::Reconciled`].
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let other = RouterId::new(2);
+/// let other_incarnation = store.register_router(other).await?;
+/// for id in 1..=3 {
+///     let _ =
+///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+/// }
+/// let _ =
+///     store.create(NewSession::new(SessionId::new(4), other, other_incarnation)).await?;
+/// let _ = store.close(SessionId::new(3), CloseReason::ClientClosed).await?;
+///
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// // The router holds 1 and 3 (closed since), 4 (another router's) and 9 (unknown).
+/// let ids = [1, 3, 4, 9].map(SessionId::new);
+/// let summary = reconciler.reconcile(router, incarnation, ids).await?.summary;
+/// assert_eq!((summary.reported, summary.matched), (4, 1));
+/// assert_eq!((summary.unknown, summary.foreign), (2, 1)); // 3 is gone from the store
+/// assert_eq!(summary.closed, 1); // 2: the controller held it, the router no longer does
+/// assert!(!summary.grace_cancelled);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReconcileSummary {
@@ -250,6 +412,36 @@ pub struct ReconcileSummary {
 }
 
 /// The outcome of [`Reconciler::reconcile`].
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let kept =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let lost =
+///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
+///
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let report =
+///     reconciler.reconcile(router, incarnation, [kept.id(), SessionId::new(7)]).await?;
+/// // Tell the router to drop what the controller does not hold...
+/// assert_eq!(report.drop, vec![SessionId::new(7)]);
+/// // ...and the sessions the router lost were closed here.
+/// assert_eq!(report.closed, vec![lost.id()]);
+/// assert!(lost.is_closed() && !kept.is_closed());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReconcileReport {
@@ -264,6 +456,42 @@ pub struct ReconcileReport {
 }
 
 /// Why a reconciliation or a grace period was refused.
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     Incarnation, MemoryStore, ReconcileError, Reconciler, RouterId, RouterStatus,
+///     SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+///
+/// // A report from an older life of the router is refused, and changes nothing.
+/// let stale =
+///     reconciler.reconcile(router, Incarnation::new(0), Vec::<SessionId>::new()).await;
+/// match stale {
+///     Err(ReconcileError::StaleIncarnation { current, .. }) => {
+///         assert_eq!(current, RouterStatus::Live(incarnation));
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// // Once its deletion started, the router's sessions belong to the deleter.
+/// let _ = store.fence(router).await?;
+/// let late = reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await;
+/// assert!(matches!(late, Err(ReconcileError::NotLive { .. })));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReconcileError {
@@ -334,18 +562,33 @@ impl<S: SessionStore> fmt::Debug for Reconciler<S> {
 
 impl<S: SessionStore> Reconciler<S> {
     /// The store it works on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{MemoryStore, Reconciler};
+    ///
+    /// let store = Arc::new(MemoryStore::new());
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// assert!(Arc::ptr_eq(reconciler.store(), &store));
+    /// ```
     #[must_use]
     pub fn store(&self) -> &Arc<S> {
         &self.inner.store
     }
 
     /// Routers in their grace period now.
+    ///
+    /// See the example on [`router_disconnected`](Self::router_disconnected).
     #[must_use]
     pub fn in_grace(&self) -> usize {
         self.inner.graces.lock().len()
     }
 
     /// When `router`'s grace period ends, if it is in one.
+    ///
+    /// See the example on [`router_disconnected`](Self::router_disconnected).
     #[must_use]
     pub fn grace_deadline(&self, router: RouterId) -> Option<Instant> {
         self.inner.graces.lock().get(&router).map(|g| g.deadline)
@@ -376,6 +619,34 @@ impl<S: SessionStore> Reconciler<S> {
     /// Dropping the future stops between two store calls: every session is
     /// either untouched or closed and removed (a closed session the store
     /// still holds is removed by the next reconciliation or sweep).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    ///
+    /// // The router reconnects: it decodes its report and sends it, any size.
+    /// let decoded: Vec<u64> = vec![1];
+    /// let report = reconciler
+    ///     .reconcile(router, incarnation, decoded.iter().map(|&raw| SessionId::new(raw)))
+    ///     .await?;
+    /// assert!(report.drop.is_empty() && report.closed.is_empty());
+    /// assert!(!session.is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn reconcile<I>(
         &self,
         router: RouterId,
@@ -550,6 +821,12 @@ impl<S: SessionStore> Reconciler<S> {
     /// ends. Returns the deadline. A router already in its grace period
     /// keeps its deadline.
     ///
+    /// Handle one router's disconnects and reconnects in order (one task
+    /// per router connection, or a per-router lock): a `router_disconnected`
+    /// for an old connection that runs after the new connection's
+    /// `reconcile` starts a grace period that would close the reconnected
+    /// router's sessions at its end.
+    ///
     /// # Errors
     ///
     /// [`ReconcileError::NotLive`] if the router's deletion started (the
@@ -557,6 +834,39 @@ impl<S: SessionStore> Reconciler<S> {
     /// [`ReconcileError::NoRuntime`] outside a tokio runtime,
     /// [`ReconcileError::ShutDown`] after [`shutdown`](Self::shutdown), and
     /// [`ReconcileError::Store`] if the backend failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, Reconciler, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let reconciler = Reconciler::builder()
+    ///     .grace_period(Duration::from_secs(30))
+    ///     .build(Arc::clone(&store));
+    ///
+    /// let deadline = reconciler.router_disconnected(router).await?;
+    /// assert_eq!(reconciler.in_grace(), 1);
+    /// assert_eq!(reconciler.grace_deadline(router), Some(deadline));
+    ///
+    /// // It does not come back: at the deadline its sessions close; it stays registered.
+    /// assert_eq!(session.closed().await, CloseReason::RouterLost);
+    /// assert_eq!(reconciler.in_grace(), 0);
+    /// assert!(store.router_status(router).await.is_ok());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn router_disconnected(&self, router: RouterId) -> Result<Instant, ReconcileError> {
         let incarnation = match self.inner.store.router_status(router).await? {
             RouterStatus::Live(incarnation) => incarnation,
@@ -725,6 +1035,34 @@ impl<S: SessionStore> Reconciler<S> {
 
     /// Stops every grace timer (their routers keep their sessions) and
     /// refuses new ones; waits for an expiry that is running to finish.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     MemoryStore, NewSession, ReconcileError, Reconciler, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let _ = reconciler.router_disconnected(router).await?;
+    ///
+    /// reconciler.shutdown().await;
+    /// assert_eq!(reconciler.in_grace(), 0);
+    /// assert!(!session.is_closed()); // the router keeps its sessions
+    /// let refused = reconciler.router_disconnected(router).await;
+    /// assert!(matches!(refused, Err(ReconcileError::ShutDown)));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self) {
         let stopped: Vec<_> = {
             let mut graces = self.inner.graces.lock();

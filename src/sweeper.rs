@@ -98,6 +98,26 @@ struct Counters {
 }
 
 /// Builder of an [`AuditSweeper`].
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{AuditSweeper, EventBus, MemoryStore, ReclaimQueue};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let sweeper = AuditSweeper::builder()
+///     .interval(Duration::from_secs(300))
+///     .reclaim_queue(ReclaimQueue::builder().build()?)
+///     .events(EventBus::default())
+///     .build(store)?;
+/// assert_eq!(sweeper.stats().sweeps, 0); // the first sweep runs in five minutes
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct AuditSweeperBuilder {
@@ -105,6 +125,34 @@ pub struct AuditSweeperBuilder {
 }
 
 /// What one sweep found and repaired.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     AuditSweeper, CloseReason, MemoryStore, NewSession, RepairAction, RouterId,
+///     SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = session.close(CloseReason::ClientClosed); // closed, never removed
+///
+/// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
+/// let report = sweeper.sweep().await?;
+/// assert_eq!(report.audit.closed_in_store, vec![session.id()]);
+/// assert_eq!(report.repairs[0].action, RepairAction::ClosedRemoved);
+/// println!("sweep took {:?}", report.duration);
+/// assert!(store.is_empty());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweepReport {
@@ -118,6 +166,33 @@ pub struct SweepReport {
 }
 
 /// A snapshot of an [`AuditSweeper`]'s counters.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     AuditSweeper, CloseReason, MemoryStore, NewSession, RouterId, SessionId,
+///     SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let _ = session.close(CloseReason::ClientClosed);
+///
+/// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
+/// let _ = sweeper.sweep().await?;
+/// let _ = sweeper.sweep().await?; // nothing left to find
+/// let stats = sweeper.stats();
+/// assert_eq!((stats.sweeps, stats.findings, stats.repairs, stats.failures), (2, 1, 1, 0));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweeperStats {
@@ -132,6 +207,23 @@ pub struct SweeperStats {
 }
 
 /// Why an [`AuditSweeper`] could not be built.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{AuditSweeper, MemoryStore, SweeperBuildError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let built = AuditSweeper::builder()
+///     .interval(Duration::ZERO)
+///     .build(Arc::new(MemoryStore::new()));
+/// assert!(matches!(built, Err(SweeperBuildError::ZeroInterval)));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SweeperBuildError {
@@ -146,6 +238,20 @@ pub enum SweeperBuildError {
 impl AuditSweeper<()> {
     /// A builder with the defaults: a sweep every 60 s, no reclaim queue,
     /// no event bus.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{AuditSweeper, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sweeper = AuditSweeper::builder().build(Arc::new(MemoryStore::new()))?;
+    /// assert!(sweeper.last_report().is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder() -> AuditSweeperBuilder {
         AuditSweeperBuilder {
             config: Config {
@@ -161,18 +267,52 @@ impl AuditSweeperBuilder {
     /// Time between the end of a sweep and the start of the next (default
     /// 60 s). An audit walks the whole store, so keep it in minutes for
     /// millions of sessions.
+    ///
+    /// See the example on [`AuditSweeperBuilder`].
     pub fn interval(mut self, interval: Duration) -> Self {
         self.config.interval = interval;
         self
     }
 
     /// Releases the resources of the orphans it closes through `queue`.
+    ///
+    /// See the example on [`AuditSweeperBuilder`].
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.config.reclaim = Some(queue);
         self
     }
 
     /// Publishes an [`Event::Repaired`] per repair on `bus`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     AuditSweeper, CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId,
+    ///     SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ = session.close(CloseReason::ClientClosed);
+    ///
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let sweeper = AuditSweeper::builder().events(bus).build(Arc::clone(&store))?;
+    /// let _ = sweeper.sweep().await?;
+    /// match events.try_recv() {
+    ///     Some(Event::Repaired(repair)) => assert_eq!(repair.session, session.id()),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self
@@ -184,6 +324,8 @@ impl AuditSweeperBuilder {
     /// # Errors
     ///
     /// [`SweeperBuildError`] outside a tokio runtime or for a zero interval.
+    ///
+    /// See the example on [`AuditSweeperBuilder`].
     pub fn build<S: SessionStore>(
         self,
         store: Arc<S>,
@@ -234,6 +376,8 @@ impl<S> fmt::Debug for AuditSweeper<S> {
 
 impl<S> AuditSweeper<S> {
     /// The sweeper's counters.
+    ///
+    /// See the example on [`SweeperStats`].
     #[must_use]
     pub fn stats(&self) -> SweeperStats {
         let c = &self.inner.counters;
@@ -246,6 +390,27 @@ impl<S> AuditSweeper<S> {
     }
 
     /// The report of the last sweep that completed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{AuditSweeper, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sweeper = AuditSweeper::builder()
+    ///     .interval(Duration::from_secs(60))
+    ///     .build(Arc::new(MemoryStore::new()))?;
+    /// assert!(sweeper.last_report().is_none());
+    ///
+    /// tokio::time::sleep(Duration::from_secs(61)).await; // the periodic sweep ran
+    /// let report = sweeper.last_report().expect("one sweep");
+    /// assert!(report.audit.is_clean());
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn last_report(&self) -> Option<SweepReport> {
         self.inner.last.lock().clone()
@@ -256,6 +421,24 @@ impl<S> AuditSweeper<S> {
     /// # Cancel safety
     ///
     /// Cancel-safe: the sweeper stays stopped.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{AuditSweeper, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sweeper = AuditSweeper::builder().build(Arc::new(MemoryStore::new()))?;
+    /// sweeper.shutdown().await;
+    /// tokio::time::sleep(Duration::from_secs(3_600)).await;
+    /// assert_eq!(sweeper.stats().sweeps, 0); // no periodic sweep any more
+    /// let _ = sweeper.sweep().await?; // sweeping on demand still works
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self) {
         self.inner.stop.cancel();
         self.inner.tracker.wait().await;
@@ -285,6 +468,23 @@ impl<S: SessionStore> AuditSweeper<S> {
     ///
     /// Dropping the future stops the sweep between two store calls; what it
     /// repaired stays repaired, and the next sweep finds the rest.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{AuditSweeper, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sweeper = AuditSweeper::builder().build(Arc::new(MemoryStore::new()))?;
+    /// // After an incident, sweep at once instead of waiting for the next period.
+    /// let report = sweeper.sweep().await?;
+    /// assert!(report.repairs.is_empty());
+    /// assert_eq!(sweeper.stats().sweeps, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn sweep(&self) -> Result<SweepReport, BackendError> {
         let _running = self.inner.running.lock().await;
         let sweep = self.inner.counters.sweeps.fetch_add(1, Ordering::Relaxed) + 1;

@@ -1,49 +1,42 @@
 //! The controller: a TCP listener, one task per router connection, and the
 //! crate's pieces wired to the wire.
 //!
-//! - Sessions live in a [`MemoryStore`]. `OpenSession` creates one and the
-//!   [`LivenessMonitor`] watches it; `Heartbeat` feeds the monitor.
-//! - The monitor's [`Prober`] sends a `Probe` frame and awaits the router's
+//! - Sessions live in a `MemoryStore`. `OpenSession` creates one, attaches
+//!   a resource that counts its close by reason, and the `LivenessMonitor`
+//!   watches it; `Heartbeat` feeds the monitor.
+//! - The monitor's `Prober` sends a `Probe` frame and awaits the router's
 //!   `ProbeAnswer` (the monitor times the call out).
-//! - The [`RouterDeleter`]'s [`TerminationNotifier`] sends `Terminate`
-//!   frames; the router's `Closed` frames close the sessions in the store,
-//!   which is what the deleter waits for.
+//! - The `RouterDeleter`'s `TerminationNotifier` sends `Terminate` frames;
+//!   the router's `Closed` frames close the sessions in the store, which is
+//!   what the deleter waits for.
 //! - A connection that ends starts the router's grace period
-//!   ([`Reconciler::router_disconnected`]); a reconnection's `Hello` is
-//!   reconciled, which cancels it.
+//!   (`Reconciler::router_disconnected`), during which the monitor holds
+//!   the router; a reconnection's `Hello` is reconciled, which cancels it.
 //!
-//! # Deadlock safety
-//!
-//! `Links::routers` and `Links::probes` are plain mutexes, never held
-//! together nor across an `.await`. Each router's link slot is an async
-//! mutex, held across the handshake of a (re)connection and across the
-//! `router_disconnected` call of a connection that ended, so the two are
-//! serialised per router: a reconnection that overtakes the old
-//! connection's end is not undone by it. Nothing else is locked under it.
+//! See `links.rs` for how connections are tied to routers.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt;
 use session_lifecycle::{
-    CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession, NotifyError,
-    ProbeBatch, ProbeError, Prober, Reconciler, RouterDeleter, RouterId, SessionId, SessionState,
-    SessionStore, TerminationBatch, TerminationNotifier,
+    CloseOutcome, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
 };
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Duration;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::links::{Link, Links, Outbound, WireNotifier, WireProber};
 use super::protocol::{ControllerFrame, JsonCodec, RouterFrame, WireError, write_frames};
+use super::summary::Closes;
 
 type Codec = JsonCodec<RouterFrame, ControllerFrame>;
-type Outbound = mpsc::UnboundedSender<ControllerFrame>;
 
 /// The controller's timing.
 #[derive(Clone, Copy, Debug)]
@@ -80,14 +73,16 @@ struct Shared {
     reconciler: Reconciler<MemoryStore>,
     deleter: RouterDeleter<MemoryStore, WireNotifier>,
     confirmations: AtomicUsize,
+    closes: Arc<Mutex<Closes>>,
     next_connection: AtomicU64,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Controller {
-    /// Builds the controller's pieces over `store`, all publishing on
-    /// `bus`, and listens on an ephemeral loopback port.
+    /// Builds the controller's pieces over `store`, the monitor and the
+    /// reconciler publishing on `bus`, and listens on an ephemeral loopback
+    /// port.
     pub(crate) async fn start(
         store: Arc<MemoryStore>,
         bus: &EventBus,
@@ -103,8 +98,11 @@ impl Controller {
             .probe_retries(2)
             .events(bus.clone())
             .build(Arc::clone(&store), WireProber(Arc::clone(&links)))?;
+        // A router in its grace period carries no heartbeats: the monitor
+        // holds it meanwhile instead of reaping its sessions.
         let reconciler = Reconciler::builder()
             .grace_period(settings.grace)
+            .liveness(&monitor)
             .events(bus.clone())
             .build(Arc::clone(&store));
         let deleter = RouterDeleter::builder()
@@ -113,7 +111,6 @@ impl Controller {
             .confirm_timeout(settings.confirm_timeout)
             .retries(1)
             .retry_backoff(settings.confirm_timeout / 4, settings.confirm_timeout / 2)
-            .events(bus.clone())
             .build(Arc::clone(&store), WireNotifier(Arc::clone(&links)));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -125,6 +122,7 @@ impl Controller {
                 reconciler,
                 deleter,
                 confirmations: AtomicUsize::new(0),
+                closes: Arc::default(),
                 next_connection: AtomicU64::new(0),
                 stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -138,20 +136,31 @@ impl Controller {
         Ok((controller, addr))
     }
 
-    /// Deletes `router` and every one of its sessions.
+    /// The deleter of routers, notifying over the wire.
     pub(crate) fn deleter(&self) -> &RouterDeleter<MemoryStore, WireNotifier> {
         &self.shared.deleter
     }
 
+    /// The liveness monitor, probing over the wire.
     pub(crate) fn monitor(&self) -> &LivenessMonitor<MemoryStore, WireProber> {
         &self.shared.monitor
     }
 
+    /// What came over the wire so far.
     pub(crate) fn wire_stats(&self) -> WireStats {
         WireStats {
             confirmations: self.shared.confirmations.load(Ordering::Relaxed),
             probe_answers: self.shared.links.probe_answers.load(Ordering::Relaxed),
         }
+    }
+
+    /// Sessions closed so far, by reason.
+    pub(crate) fn closes(&self) -> Closes {
+        *self
+            .shared
+            .closes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stops the monitor, the grace timers and the deleter, then closes
@@ -323,7 +332,7 @@ impl Controller {
                 }
             }
             RouterFrame::ProbeAnswer { round, ids } => self.shared.links.answer(router, round, ids),
-            RouterFrame::Closed { ids } => self.confirm(router, ids).await,
+            RouterFrame::Closed { ids } => self.confirm(router, incarnation, ids).await,
             RouterFrame::Hello { .. } => {
                 return Err(WireError::Protocol(String::from("hello after handshake")));
             }
@@ -335,8 +344,15 @@ impl Controller {
         let spec = NewSession::new(SessionId::new(id), router, incarnation);
         match self.shared.store.create(spec).await {
             Ok(session) => {
-                // Refused only if the session closed meanwhile: then there
-                // is nothing to watch.
+                let closes = Arc::clone(&self.shared.closes);
+                // Both are refused only if the session closed meanwhile,
+                // which nothing does before it is answered.
+                let _ = session.attach(move |reason| {
+                    closes
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .record(reason);
+                });
                 let _ = self.shared.monitor.watch(&session);
                 ControllerFrame::SessionOpened { id }
             }
@@ -349,14 +365,14 @@ impl Controller {
 
     /// Closes the sessions `router` says it closed: a confirmation if they
     /// were terminating, a client leaving otherwise. Sessions of other
-    /// routers are left alone.
-    async fn confirm(&self, router: RouterId, ids: Vec<u64>) {
+    /// routers or incarnations are left alone.
+    async fn confirm(&self, router: RouterId, incarnation: Incarnation, ids: Vec<u64>) {
         let store = &self.shared.store;
         for id in ids.into_iter().map(SessionId::new) {
             let Ok(Some(session)) = store.get(id).await else {
                 continue; // closed and removed already
             };
-            if session.router() != router {
+            if session.router() != router || session.incarnation() != incarnation {
                 continue;
             }
             let reason = if session.state() == SessionState::Terminating {
@@ -364,167 +380,9 @@ impl Controller {
             } else {
                 CloseReason::ClientClosed
             };
-            if store
-                .close(id, reason)
-                .await
-                .is_ok_and(|outcome| outcome.won())
-            {
+            if store.close(id, reason).await.is_ok_and(CloseOutcome::won) {
                 self.shared.confirmations.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-}
-
-/// The live connection of a router.
-struct Link {
-    connection: u64,
-    outbound: Outbound,
-}
-
-type Slot = Arc<tokio::sync::Mutex<Option<Link>>>;
-
-/// Which connection serves each router, and the probes awaiting answers.
-#[derive(Default)]
-pub(crate) struct Links {
-    routers: Mutex<HashMap<RouterId, Slot>>,
-    probes: Mutex<HashMap<u64, Probing>>,
-    next_probe: AtomicU64,
-    probe_answers: AtomicUsize,
-}
-
-/// A probe awaiting its answer.
-struct Probing {
-    router: RouterId,
-    answer: oneshot::Sender<Vec<u64>>,
-}
-
-impl Links {
-    fn slot(&self, router: RouterId) -> Slot {
-        let mut routers = self.routers.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(routers.entry(router).or_default())
-    }
-
-    /// Where to send frames for `router`, if it is connected.
-    async fn outbound(&self, router: RouterId) -> Option<Outbound> {
-        let slot = self.slot(router);
-        let link = slot.lock().await;
-        link.as_ref().map(|link| link.outbound.clone())
-    }
-
-    /// Unlinks `connection` from `router` if it still serves it, and starts
-    /// the router's grace period.
-    async fn unlink(
-        &self,
-        router: RouterId,
-        connection: u64,
-        reconciler: &Reconciler<MemoryStore>,
-    ) {
-        let slot = self.slot(router);
-        let mut link = slot.lock().await;
-        if link
-            .as_ref()
-            .is_none_or(|link| link.connection != connection)
-        {
-            return; // a newer connection serves the router
-        }
-        *link = None;
-        // A deleted (or deleting) router has no grace period: `NotLive` is
-        // the expected answer then, and there is nobody to tell otherwise.
-        let _ = reconciler.router_disconnected(router).await;
-    }
-
-    /// Registers a probe of `router`; the answer arrives through
-    /// [`answer`](Self::answer).
-    fn expect(self: &Arc<Self>, router: RouterId) -> (PendingProbe, oneshot::Receiver<Vec<u64>>) {
-        let round = self.next_probe.fetch_add(1, Ordering::Relaxed);
-        let (answer, answered) = oneshot::channel();
-        self.probes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(round, Probing { router, answer });
-        let pending = PendingProbe {
-            links: Arc::clone(self),
-            round,
-        };
-        (pending, answered)
-    }
-
-    /// Hands a probe answer to the probe awaiting it, if any (it may have
-    /// timed out) and if `router` is the one probed.
-    fn answer(&self, router: RouterId, round: u64, ids: Vec<u64>) {
-        let probing = {
-            let mut probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
-            if probes.get(&round).is_some_and(|p| p.router == router) {
-                probes.remove(&round)
-            } else {
-                None
-            }
-        };
-        if let Some(probing) = probing {
-            self.probe_answers.fetch_add(ids.len(), Ordering::Relaxed);
-            let _ = probing.answer.send(ids);
-        }
-    }
-}
-
-/// Forgets its probe when dropped: answered, failed, or timed out by the
-/// monitor.
-struct PendingProbe {
-    links: Arc<Links>,
-    round: u64,
-}
-
-impl Drop for PendingProbe {
-    fn drop(&mut self) {
-        let mut probes = self
-            .links
-            .probes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        probes.remove(&self.round);
-    }
-}
-
-/// Sends `Terminate` frames on the router's connection.
-pub(crate) struct WireNotifier(Arc<Links>);
-
-impl TerminationNotifier for WireNotifier {
-    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        let outbound = self
-            .0
-            .outbound(batch.router)
-            .await
-            .ok_or_else(|| NotifyError::msg(format!("{} is not connected", batch.router)))?;
-        let ids = batch.sessions.iter().map(|id| id.get()).collect();
-        outbound
-            .send(ControllerFrame::Terminate { ids })
-            .map_err(|_| NotifyError::msg(format!("{}'s connection closed", batch.router)))
-    }
-}
-
-/// Sends `Probe` frames on the router's connection and awaits the answer.
-pub(crate) struct WireProber(Arc<Links>);
-
-impl Prober for WireProber {
-    async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-        let router = batch.router;
-        let outbound = self
-            .0
-            .outbound(router)
-            .await
-            .ok_or_else(|| ProbeError::msg(format!("{router} is not connected")))?;
-        let (pending, answered) = self.0.expect(router);
-        let ids = batch.sessions.iter().map(|id| id.get()).collect();
-        outbound
-            .send(ControllerFrame::Probe {
-                round: pending.round,
-                ids,
-            })
-            .map_err(|_| ProbeError::msg(format!("{router}'s connection closed")))?;
-        // The sender lives in `probes` until the answer or `pending`'s drop.
-        let alive = answered
-            .await
-            .map_err(|_| ProbeError::msg("probe abandoned"))?;
-        Ok(alive.into_iter().map(SessionId::new).collect())
     }
 }

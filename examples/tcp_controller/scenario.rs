@@ -18,15 +18,22 @@
 //!    its live ones kept alive by probe answers alone;
 //! 5. everything shuts down and the store is audited.
 //!
-//! Progress is awaited on the crate's [`EventBus`] and on the deletions'
-//! reports, never by sleeping.
+//! Progress is awaited on the crate's [`EventBus`] (the monitor's and the
+//! reconciler's events) and on the deletions' reports, never by sleeping.
 
+// Paths relative to this file, so it can be included from a test too.
 #[path = "controller.rs"]
 mod controller;
+#[path = "links.rs"]
+mod links;
+#[path = "observer.rs"]
+mod observer;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "router.rs"]
 mod router;
+#[path = "summary.rs"]
+pub mod summary;
 
 use std::collections::BTreeSet;
 use std::error::Error;
@@ -36,15 +43,14 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use session_lifecycle::{
-    CloseReason, DeleteOutcome, DeletionReport, Event, EventBus, LivenessEvent, MemoryStore,
-    ReconcileSummary, RouterId, SessionStore,
+    DeleteOutcome, DeletionReport, EventBus, MemoryStore, ReconcileSummary, RouterId, SessionStore,
 };
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
 
 use controller::{Controller, Settings};
+use observer::Observer;
 use router::{Behaviour, RouterHandle};
+use summary::{Counts, Summary};
 
 /// Session ids of router `r` are `r * ID_SPACE + i`.
 const ID_SPACE: u64 = 1_000_000;
@@ -122,207 +128,6 @@ impl Config {
     }
 }
 
-/// Sessions closed, by reason, as published on the event bus.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Closes {
-    /// Confirmed by their router during its deletion.
-    pub router_deleted: usize,
-    /// Forced at the end of a deletion.
-    pub forced: usize,
-    /// Closed by a reconciliation.
-    pub reclaimed: usize,
-    /// Reaped by the liveness monitor.
-    pub liveness_timeout: usize,
-    /// Closed at the end of a grace period.
-    pub router_lost: usize,
-    /// Any other reason.
-    pub other: usize,
-}
-
-/// What the scenario counted.
-#[derive(Clone, Debug)]
-pub struct Summary {
-    /// Routers that took part.
-    pub routers: usize,
-    /// Sessions opened over the wire.
-    pub opened: usize,
-    /// Sessions refused over the wire (opened on a deleted router).
-    pub refused: usize,
-    /// The steady router's sessions confirmed in its deletion.
-    pub confirmed: usize,
-    /// Sessions closed by a `Closed` frame.
-    pub confirmations: usize,
-    /// The mute router's sessions forced in its deletion.
-    pub forced: usize,
-    /// Sessions the reconciliation closed (the flaky router lost them).
-    pub reconciled_closed: usize,
-    /// Sessions the flaky router was told to drop.
-    pub reconciled_dropped: usize,
-    /// Grace periods a reconciliation cancelled.
-    pub grace_cancelled: usize,
-    /// Grace periods that ran out.
-    pub grace_expired: usize,
-    /// Sessions reaped by the liveness monitor.
-    pub reaped: usize,
-    /// Sessions closed, by reason.
-    pub closes: Closes,
-    /// Sessions left in the store.
-    pub remaining: usize,
-    /// Zombies the final audit found.
-    pub zombies: usize,
-    /// Whether the final audit is clean.
-    pub audit_clean: bool,
-    /// Events the scenario's subscription missed.
-    pub events_lagged: u64,
-    /// Probe calls the monitor made (timing-dependent).
-    pub probes: u64,
-    /// Session ids that answered a probe (timing-dependent).
-    pub probe_answers: usize,
-    /// How long the scenario took.
-    pub elapsed: Duration,
-}
-
-impl Summary {
-    /// Compares every exact count with what `config` implies; returns the
-    /// mismatches.
-    pub fn check(&self, config: &Config) -> Result<(), String> {
-        let sessions = config.sessions_per_router;
-        let closes = Closes {
-            router_deleted: sessions,
-            forced: sessions,
-            reclaimed: config.forgotten,
-            liveness_timeout: config.dead,
-            router_lost: 0,
-            other: 0,
-        };
-        let remaining = (config.routers - 2) * sessions - config.forgotten - config.dead;
-        let mut wrong = Vec::new();
-        let mut expect = |what: &str, got: String, want: String| {
-            if got != want {
-                wrong.push(format!("{what}: {got}, expected {want}"));
-            }
-        };
-        expect(
-            "opened",
-            self.opened.to_string(),
-            (config.routers * sessions).to_string(),
-        );
-        expect("refused", self.refused.to_string(), 1.to_string());
-        expect(
-            "confirmed",
-            self.confirmed.to_string(),
-            sessions.to_string(),
-        );
-        expect(
-            "confirmations",
-            self.confirmations.to_string(),
-            sessions.to_string(),
-        );
-        expect("forced", self.forced.to_string(), sessions.to_string());
-        expect(
-            "reconciled closed",
-            self.reconciled_closed.to_string(),
-            config.forgotten.to_string(),
-        );
-        expect(
-            "reconciled dropped",
-            self.reconciled_dropped.to_string(),
-            1.to_string(),
-        );
-        expect(
-            "grace cancelled",
-            self.grace_cancelled.to_string(),
-            1.to_string(),
-        );
-        expect(
-            "grace expired",
-            self.grace_expired.to_string(),
-            0.to_string(),
-        );
-        expect("reaped", self.reaped.to_string(), config.dead.to_string());
-        expect(
-            "closes",
-            format!("{:?}", self.closes),
-            format!("{closes:?}"),
-        );
-        expect(
-            "remaining",
-            self.remaining.to_string(),
-            remaining.to_string(),
-        );
-        expect("zombies", self.zombies.to_string(), 0.to_string());
-        expect(
-            "audit clean",
-            self.audit_clean.to_string(),
-            true.to_string(),
-        );
-        expect(
-            "events lagged",
-            self.events_lagged.to_string(),
-            0.to_string(),
-        );
-        if wrong.is_empty() {
-            Ok(())
-        } else {
-            Err(wrong.join("; "))
-        }
-    }
-}
-
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let closes = &self.closes;
-        writeln!(f, "routers:                 {}", self.routers)?;
-        writeln!(
-            f,
-            "sessions opened:         {} ({} refused after deletion)",
-            self.opened, self.refused
-        )?;
-        writeln!(
-            f,
-            "steady router deleted:   {} confirmed over the wire ({} Closed ids)",
-            self.confirmed, self.confirmations
-        )?;
-        writeln!(f, "mute router deleted:     {} forced", self.forced)?;
-        writeln!(
-            f,
-            "flaky router reconciled: {} closed, {} dropped, grace cancelled {}, expired {}",
-            self.reconciled_closed,
-            self.reconciled_dropped,
-            self.grace_cancelled,
-            self.grace_expired
-        )?;
-        writeln!(
-            f,
-            "quiet router:            {} reaped; {} probes, {} probe answers",
-            self.reaped, self.probes, self.probe_answers
-        )?;
-        writeln!(
-            f,
-            "closes by reason:        router-deleted {}, forced {}, reclaimed {}, liveness-timeout {}, router-lost {}, other {}",
-            closes.router_deleted,
-            closes.forced,
-            closes.reclaimed,
-            closes.liveness_timeout,
-            closes.router_lost,
-            closes.other
-        )?;
-        writeln!(f, "sessions in the store:   {}", self.remaining)?;
-        writeln!(f, "events lagged:           {}", self.events_lagged)?;
-        writeln!(
-            f,
-            "audit:                   {}, zombies = {}",
-            if self.audit_clean {
-                "clean"
-            } else {
-                "NOT CLEAN"
-            },
-            self.zombies
-        )?;
-        write!(f, "elapsed:                 {:?}", self.elapsed)
-    }
-}
-
 /// Runs the scenario on the current tokio runtime.
 ///
 /// # Errors
@@ -332,20 +137,29 @@ impl fmt::Display for Summary {
 pub async fn run(config: Config) -> Result<Summary, Box<dyn Error + Send + Sync>> {
     config.check()?;
     let started = Instant::now();
-    let bus = EventBus::new(16_384);
+    let within = config.step_timeout;
+    // Only the monitor and the reconciler publish: a few events per router,
+    // whatever the number of sessions.
+    let bus = EventBus::new(1_024);
     let mut observer = Observer::spawn(&bus);
-    let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>());
+    let store = Arc::new(MemoryStore::new());
     let (controller, addr) = Controller::start(Arc::clone(&store), &bus, config.settings()).await?;
-    let cast = Cast::connect(addr, &config).await?;
+    let cast = step(
+        "the routers' connections",
+        within,
+        Cast::connect(addr, &config),
+    )
+    .await?;
 
-    let (opened, refused) = cast.open_all(&config).await?;
+    let (opened, refused) = step("the sessions' opening", within, cast.open_all(&config)).await?;
     let (reconciliation, reconciled) = cast.flaky_reconnects(&config, &mut observer).await?;
-    let (steady, mute) = cast.delete(&controller).await?;
+    let (steady, mute) = step("the deletions", within, cast.delete(&controller)).await?;
     // The mute router is deleted: nothing can be opened on it any more.
-    let late = cast.mute.open(vec![config.ids(cast.mute.id()).end]).await?;
-    let reaped = observer
-        .until("the dead sessions' reaping", config.step_timeout, |seen| {
-            (seen.reaped >= config.dead).then_some(seen.reaped)
+    let late_id = config.ids(cast.mute.id()).end;
+    let late = step("the late opening", within, cast.mute.open(vec![late_id])).await?;
+    observer
+        .until("the dead sessions' reaping", within, |seen| {
+            (seen.reaped >= config.dead).then_some(())
         })
         .await?;
 
@@ -356,26 +170,40 @@ pub async fn run(config: Config) -> Result<Summary, Box<dyn Error + Send + Sync>
     let wire = controller.wire_stats();
     let (seen, events_lagged) = observer.finish().await?;
     Ok(Summary {
-        routers: config.routers,
-        opened,
-        refused: refused + late.refused,
-        confirmed: steady.confirmed,
-        confirmations: wire.confirmations,
-        forced: mute.forced,
-        reconciled_closed: reconciled.closed,
-        reconciled_dropped: reconciliation.drop.len(),
-        grace_cancelled: seen.reconciled.iter().filter(|s| s.grace_cancelled).count(),
-        grace_expired: seen.lost,
-        reaped,
-        closes: seen.closes,
-        remaining: store.len(),
-        zombies: audit.zombies(),
-        audit_clean: audit.is_clean(),
-        events_lagged,
+        counts: Counts {
+            routers: config.routers,
+            opened,
+            refused: refused + late.refused,
+            confirmed: steady.confirmed,
+            confirmations: wire.confirmations,
+            forced: mute.forced,
+            reconciled_closed: reconciled.closed,
+            reconciled_dropped: reconciliation.drop.len(),
+            grace_cancelled: seen.reconciled.iter().filter(|s| s.grace_cancelled).count(),
+            grace_expired: seen.lost,
+            reaped: seen.reaped,
+            closes: controller.closes(),
+            remaining: store.len(),
+            zombies: audit.zombies(),
+            audit_clean: audit.is_clean(),
+            events_lagged,
+        },
         probes,
         probe_answers: wire.probe_answers,
         elapsed: started.elapsed(),
     })
+}
+
+/// Runs one step of the scenario, for at most `within`.
+async fn step<T, E: Into<Box<dyn Error + Send + Sync>>>(
+    what: &'static str,
+    within: Duration,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, Box<dyn Error + Send + Sync>> {
+    match tokio::time::timeout(within, step).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(ScenarioError::Timeout(what).into()),
+    }
 }
 
 /// The routers, by role.
@@ -448,37 +276,34 @@ impl Cast {
 
     /// The flaky router drops its connection, loses `forgotten` sessions,
     /// picks up an unknown one, and reconnects once its grace period has
-    /// started.
+    /// started; returns the controller's answer and the reconciliation.
     async fn flaky_reconnects(
         &self,
         config: &Config,
         observer: &mut Observer,
     ) -> Result<(router::Reconciliation, ReconcileSummary), Box<dyn Error + Send + Sync>> {
-        let flaky = self.flaky.id();
+        let (flaky, within) = (self.flaky.id(), config.step_timeout);
         let unknown = config.ids(flaky).start + ID_SPACE - 1;
-        let forgotten = self
-            .flaky
-            .disconnect(config.forgotten, vec![unknown])
-            .await?;
+        let disconnect = self.flaky.disconnect(config.forgotten, vec![unknown]);
+        let forgotten = step("the flaky router's disconnect", within, disconnect).await?;
         observer
-            .until(
-                "the flaky router's disconnect",
-                config.step_timeout,
-                |seen| seen.disconnected.contains(&flaky).then_some(()),
-            )
+            .until("the flaky router's grace period", within, |seen| {
+                seen.disconnected.contains(&flaky).then_some(())
+            })
             .await?;
-        let answer = self.flaky.reconnect().await?;
+        let answer = step("the flaky router's return", within, self.flaky.reconnect()).await?;
         let summary = observer
-            .until(
-                "the flaky router's reconciliation",
-                config.step_timeout,
-                |seen| seen.reconciled.iter().find(|s| s.router == flaky).copied(),
-            )
+            .until("the flaky router's reconciliation", within, |seen| {
+                seen.reconciled.iter().find(|s| s.router == flaky).copied()
+            })
             .await?;
         if answer.closed != forgotten || answer.drop != [unknown] {
             return Err(ScenarioError::Unexpected(format!(
-                "reconciliation closed {:?} and dropped {:?}; the router forgot {forgotten:?} and made up {unknown}",
-                answer.closed, answer.drop
+                "the flaky router forgot {} sessions and made up 1, but the \
+                 reconciliation closed {} and told it to drop {}",
+                forgotten.len(),
+                answer.closed.len(),
+                answer.drop.len()
             ))
             .into());
         }
@@ -511,111 +336,9 @@ impl Cast {
 fn report(outcome: DeleteOutcome) -> Result<DeletionReport, ScenarioError> {
     match outcome {
         DeleteOutcome::Deleted(report) => Ok(report),
-        other => Err(ScenarioError::Unexpected(format!(
-            "a fresh router was already deleted: {other:?}"
+        DeleteOutcome::AlreadyDeleted { router, .. } => Err(ScenarioError::Unexpected(format!(
+            "{router} was deleted before its deletion"
         ))),
-    }
-}
-
-/// What the scenario saw on the event bus so far.
-#[derive(Clone, Debug, Default)]
-struct Seen {
-    disconnected: Vec<RouterId>,
-    reconciled: Vec<ReconcileSummary>,
-    lost: usize,
-    reaped: usize,
-    closes: Closes,
-}
-
-impl Seen {
-    fn record(&mut self, event: &Event) {
-        match event {
-            Event::SessionClosed { reason, .. } => {
-                let closes = &mut self.closes;
-                *match reason {
-                    CloseReason::RouterDeleted => &mut closes.router_deleted,
-                    CloseReason::Forced => &mut closes.forced,
-                    CloseReason::Reclaimed => &mut closes.reclaimed,
-                    CloseReason::LivenessTimeout => &mut closes.liveness_timeout,
-                    CloseReason::RouterLost => &mut closes.router_lost,
-                    _ => &mut closes.other,
-                } += 1;
-            }
-            Event::RouterDisconnected { router, .. } => self.disconnected.push(*router),
-            Event::Reconciled(summary) => self.reconciled.push(*summary),
-            Event::RouterLost { .. } => self.lost += 1,
-            Event::Liveness(LivenessEvent::SessionReaped { sessions, .. }) => {
-                self.reaped += sessions.len();
-            }
-            _ => {}
-        }
-    }
-}
-
-/// A task that reads the event bus into a [`Seen`] the scenario can await.
-struct Observer {
-    seen: watch::Receiver<Seen>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<(Seen, u64)>,
-}
-
-impl Observer {
-    fn spawn(bus: &EventBus) -> Self {
-        let mut events = bus.subscribe();
-        let (publish, seen) = watch::channel(Seen::default());
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => break,
-                    event = events.recv() => match event {
-                        Some(event) => publish.send_modify(|seen| seen.record(&event)),
-                        None => break,
-                    },
-                }
-            }
-            // Everything that publishes has stopped: read what is buffered.
-            while let Some(event) = events.try_recv() {
-                publish.send_modify(|seen| seen.record(&event));
-            }
-            let seen = publish.borrow().clone();
-            (seen, events.lagged())
-        });
-        Self { seen, stop, task }
-    }
-
-    /// Waits until `found` finds something in what was seen, for at most
-    /// `within`.
-    async fn until<T>(
-        &mut self,
-        what: &'static str,
-        within: Duration,
-        mut found: impl FnMut(&Seen) -> Option<T>,
-    ) -> Result<T, ScenarioError> {
-        let deadline = Instant::now() + within;
-        loop {
-            let result = found(&self.seen.borrow_and_update());
-            if let Some(result) = result {
-                return Ok(result);
-            }
-            match tokio::time::timeout_at(deadline, self.seen.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(ScenarioError::Unexpected(format!(
-                        "the observer stopped before {what}"
-                    )));
-                }
-                Err(_) => return Err(ScenarioError::Timeout(what)),
-            }
-        }
-    }
-
-    /// Stops the observer once every publisher has stopped; returns all it
-    /// saw and how many events it missed.
-    async fn finish(self) -> Result<(Seen, u64), tokio::task::JoinError> {
-        let _ = self.stop.send(());
-        self.task.await
     }
 }
 

@@ -98,9 +98,15 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// Builder of a [`RouterDeleter`].
 ///
+/// # Example
+///
 /// ```
+/// use std::sync::Arc;
 /// use std::time::Duration;
-/// use session_lifecycle::{MemoryStore, NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
+/// use session_lifecycle::{
+///     EventBus, MemoryStore, NotifyError, ReclaimQueue, RouterDeleter, TerminationBatch,
+///     TerminationNotifier,
+/// };
 ///
 /// struct Wire;
 /// impl TerminationNotifier for Wire {
@@ -108,15 +114,20 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// }
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() {
-/// let store = std::sync::Arc::new(MemoryStore::new());
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
 /// let deleter = RouterDeleter::builder()
 ///     .batch_size(500)
 ///     .notify_rate(20_000)
+///     .notify_timeout(Duration::from_secs(2))
 ///     .confirm_timeout(Duration::from_secs(5))
 ///     .retries(2)
+///     .retry_backoff(Duration::from_millis(250), Duration::from_secs(4))
+///     .reclaim_queue(ReclaimQueue::builder().build()?)
+///     .events(EventBus::default())
 ///     .build(store, Wire);
 /// assert!(deleter.max_wait(10_000) > Duration::from_secs(5));
+/// # Ok(())
 /// # }
 /// ```
 #[derive(Clone, Debug, Default)]
@@ -135,6 +146,8 @@ impl RouterDeleterBuilder {
     /// # Panics
     ///
     /// Panics if `size` is 0.
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn batch_size(mut self, size: usize) -> Self {
         assert!(size > 0, "batch size must be at least 1");
         self.config.batch_size = size;
@@ -148,6 +161,8 @@ impl RouterDeleterBuilder {
     /// # Panics
     ///
     /// Panics if `sessions_per_second` is 0.
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn notify_rate(mut self, sessions_per_second: u32) -> Self {
         let rate = NonZeroU32::new(sessions_per_second);
         assert!(
@@ -160,6 +175,8 @@ impl RouterDeleterBuilder {
 
     /// How long one notification call may take before it counts as failed
     /// (default 5 s).
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn notify_timeout(mut self, timeout: Duration) -> Self {
         self.config.notify_timeout = timeout;
         self
@@ -167,6 +184,8 @@ impl RouterDeleterBuilder {
 
     /// How long to wait for confirmations after each notification round
     /// (default 10 s).
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.config.confirm_timeout = timeout;
         self
@@ -174,6 +193,8 @@ impl RouterDeleterBuilder {
 
     /// How many times to re-notify the sessions that did not confirm before
     /// force-closing them (default 3).
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn retries(mut self, retries: u32) -> Self {
         self.config.retries = retries;
         self
@@ -186,6 +207,8 @@ impl RouterDeleterBuilder {
     /// # Panics
     ///
     /// Panics if `min` is greater than `max`.
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
         assert!(
             min <= max,
@@ -204,6 +227,50 @@ impl RouterDeleterBuilder {
     /// its force phase also waits for the queue (backpressure included) on
     /// top of [`RouterDeleter::max_wait`]; a paused queue holds deletions in
     /// that phase until it is resumed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     Classed, CloseReason, MemoryStore, NewSession, NotifyError, ReclaimQueue,
+    ///     ResourceClass, RouterDeleter, RouterId, SessionId, SessionStore,
+    ///     TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// /// A router that never confirms: its sessions are force-closed.
+    /// struct Silent;
+    ///
+    /// impl TerminationNotifier for Silent {
+    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let queue = ReclaimQueue::builder().workers(4).build()?;
+    /// let deleter = RouterDeleter::builder()
+    ///     .retries(0)
+    ///     .reclaim_queue(queue.clone())
+    ///     .build(Arc::clone(&store), Silent);
+    ///
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// session.attach(Classed::new(
+    ///     ResourceClass::Critical,
+    ///     |_: CloseReason| { /* free it */ },
+    /// ))?;
+    ///
+    /// let _ = deleter.delete(router).await?;
+    /// // The forced session's release went through the queue, and was done.
+    /// assert_eq!(queue.stats().completed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.config.reclaim = Some(queue);
         self
@@ -214,6 +281,44 @@ impl RouterDeleterBuilder {
     /// each session a run marks, and
     /// [`Event::RouterDeleted`](crate::Event::RouterDeleted) with the run's
     /// report on `bus`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     Event, EventBus, MemoryStore, NotifyError, RouterDeleter, RouterId,
+    ///     SessionStore, TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// /// A router that never confirms: its sessions are force-closed.
+    /// struct Silent;
+    ///
+    /// impl TerminationNotifier for Silent {
+    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let store = Arc::new(MemoryStore::new());
+    /// let deleter =
+    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent);
+    ///
+    /// let router = RouterId::new(1);
+    /// let _ = store.register_router(router).await?;
+    /// let _ = deleter.delete(router).await?;
+    /// assert!(matches!(events.try_recv(), Some(Event::RouterFenced { .. })));
+    /// match events.try_recv() {
+    ///     Some(Event::RouterDeleted(report)) => assert_eq!(report.router, router),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self
@@ -223,6 +328,8 @@ impl RouterDeleterBuilder {
     ///
     /// The deleter spawns each run on the tokio runtime that first polls
     /// [`RouterDeleter::delete`].
+    ///
+    /// See the example on [`RouterDeleterBuilder`].
     pub fn build<S: SessionStore, N: TerminationNotifier>(
         self,
         store: Arc<S>,

@@ -40,6 +40,8 @@ pub trait TerminationNotifier: Send + Sync + 'static {
     /// Asks the router to close the sessions of `batch`.
     ///
     /// `Ok` means the request was sent, not that any session closed.
+    ///
+    /// See the example on [`TerminationNotifier`].
     fn notify(
         &self,
         batch: TerminationBatch,
@@ -56,6 +58,47 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
 }
 
 /// One notification: sessions of one router to terminate.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     Incarnation, NotifyError, RouterId, SessionId, TerminationBatch,
+///     TerminationNotifier,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// /// Writes one text frame per batch (a stand-in for your transport).
+/// struct Wire(std::sync::Mutex<Vec<String>>);
+///
+/// impl TerminationNotifier for Wire {
+///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+///         let ids: Vec<String> =
+///             batch.sessions.iter().map(|id| id.get().to_string()).collect();
+///         let frame = format!(
+///             "TERMINATE {} round={} {}",
+///             batch.incarnation,
+///             batch.round,
+///             ids.join(",")
+///         );
+///         self.0.lock().unwrap().push(frame);
+///         Ok(())
+///     }
+/// }
+///
+/// let wire = Wire(Default::default());
+/// let batch = TerminationBatch {
+///     router: RouterId::new(1),
+///     incarnation: Incarnation::new(3),
+///     sessions: vec![SessionId::new(7), SessionId::new(8)],
+///     round: 0,
+/// };
+/// wire.notify(batch).await?;
+/// assert_eq!(wire.0.lock().unwrap()[0], "TERMINATE incarnation-3 round=0 7,8");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TerminationBatch {
     /// The router being deleted.
@@ -72,6 +115,22 @@ pub struct TerminationBatch {
 
 transport_error!(
     /// A notification could not be sent.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::io;
+    /// use session_lifecycle::NotifyError;
+    ///
+    /// // The transport's own error, or a message.
+    /// let broken = NotifyError::new(io::Error::from(io::ErrorKind::BrokenPipe));
+    /// assert_eq!(broken.to_string(), "termination notice not sent: broken pipe");
+    /// let offline = NotifyError::msg("router-1 is not connected");
+    /// assert_eq!(
+    ///     offline.to_string(),
+    ///     "termination notice not sent: router-1 is not connected"
+    /// );
+    /// ```
     NotifyError,
     "termination notice not sent"
 );

@@ -6,6 +6,44 @@ use crate::id::{Incarnation, RouterId};
 use crate::store::{BackendError, FenceError, FinishError};
 
 /// How a [`RouterDeleter::delete`](crate::RouterDeleter::delete) ended.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
+///     TerminationBatch, TerminationNotifier,
+/// };
+///
+/// /// A router that never confirms: its sessions are force-closed.
+/// struct Silent;
+///
+/// impl TerminationNotifier for Silent {
+///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
+///
+/// let outcome = deleter.delete(router).await?;
+/// assert!(matches!(outcome, DeleteOutcome::Deleted(_)));
+/// // Deleting again is not an error: the outcome says it was done already.
+/// match deleter.delete(router).await? {
+///     DeleteOutcome::AlreadyDeleted { incarnation: deleted, .. } => {
+///         assert_eq!(deleted, incarnation)
+///     }
+///     DeleteOutcome::Deleted(_) => unreachable!("deleted once"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeleteOutcome {
     /// The deletion ran (or was joined) and finished.
@@ -22,6 +60,18 @@ pub enum DeleteOutcome {
 
 impl DeleteOutcome {
     /// The report, if this call's deletion ran.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{DeleteOutcome, Incarnation, RouterId};
+    ///
+    /// let outcome = DeleteOutcome::AlreadyDeleted {
+    ///     router: RouterId::new(1),
+    ///     incarnation: Incarnation::new(1),
+    /// };
+    /// assert!(outcome.report().is_none());
+    /// ```
     #[must_use]
     pub fn report(&self) -> Option<&DeletionReport> {
         match self {
@@ -33,6 +83,53 @@ impl DeleteOutcome {
 
 /// What one deletion did. The session counts add up:
 /// `confirmed + already_closed + forced == sessions`.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
+///     SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+/// };
+///
+/// /// A router that confirms only even session ids.
+/// struct Picky(Arc<MemoryStore>);
+///
+/// impl TerminationNotifier for Picky {
+///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+///         for id in batch.sessions.into_iter().filter(|id| id.get() % 2 == 0) {
+///             let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let mut sessions = Vec::new();
+/// for id in 1..=3 {
+///     sessions.push(
+///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?,
+///     );
+/// }
+/// let _ = sessions[0].close(CloseReason::ClientClosed); // closed before the deletion
+///
+/// let deleter = RouterDeleter::builder()
+///     .retries(0)
+///     .build(Arc::clone(&store), Picky(Arc::clone(&store)));
+/// let outcome = deleter.delete(router).await?;
+/// let report = outcome.report().expect("the deletion ran");
+/// assert_eq!(report.sessions, 3);
+/// assert_eq!((report.already_closed, report.confirmed, report.forced), (1, 1, 1));
+/// assert_eq!((report.rounds, report.notify_attempts, report.notify_failures), (1, 1, 0));
+/// assert!(!report.resumed);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeletionReport {
     /// The router.
@@ -63,6 +160,45 @@ pub struct DeletionReport {
 }
 
 /// Time spent in each phase of a deletion.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
+///     SessionStore, TerminationBatch, TerminationNotifier,
+/// };
+///
+/// /// A router that never confirms: its sessions are force-closed.
+/// struct Silent;
+///
+/// impl TerminationNotifier for Silent {
+///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let deleter = RouterDeleter::builder()
+///     .confirm_timeout(Duration::from_secs(2))
+///     .retries(0)
+///     .build(Arc::clone(&store), Silent);
+///
+/// let outcome = deleter.delete(router).await?;
+/// let durations = outcome.report().expect("the deletion ran").durations;
+/// // Nobody confirmed: the run waited out the confirmation timeout.
+/// assert!(durations.wait >= Duration::from_secs(2));
+/// assert!(durations.total >= durations.wait + durations.force);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PhaseDurations {
     /// Fencing the router and taking the snapshot.
@@ -82,6 +218,45 @@ pub struct PhaseDurations {
 }
 
 /// Error of [`RouterDeleter::delete`](crate::RouterDeleter::delete).
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, TerminationBatch,
+///     TerminationNotifier,
+/// };
+///
+/// /// A router that never confirms: its sessions are force-closed.
+/// struct Silent;
+///
+/// impl TerminationNotifier for Silent {
+///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let deleter = RouterDeleter::new(Arc::new(MemoryStore::new()), Silent);
+/// match deleter.delete(RouterId::new(9)).await {
+///     Err(DeleteError::UnknownRouter(router)) => assert_eq!(router, RouterId::new(9)),
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// deleter.shutdown().await;
+/// match deleter.delete(RouterId::new(9)).await {
+///     Err(DeleteError::ShuttingDown) => {}
+///     // A store failure or an interrupted run leaves the router fenced: retry.
+///     Err(DeleteError::Store { .. } | DeleteError::Interrupted(_)) => {}
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeleteError {

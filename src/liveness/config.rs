@@ -82,10 +82,15 @@ impl Config {
 /// Every duration is checked by [`build`](Self::build), which returns a
 /// [`MonitorBuildError`] instead of panicking.
 ///
+/// # Example
+///
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use session_lifecycle::{LivenessMonitor, MemoryStore, ProbeBatch, ProbeError, Prober, SessionId};
+/// use session_lifecycle::{
+///     EventBus, LivenessMonitor, MemoryStore, ProbeBatch, ProbeError, Prober,
+///     ReclaimQueue, SessionId,
+/// };
 ///
 /// struct Wire;
 /// impl Prober for Wire {
@@ -102,6 +107,10 @@ impl Config {
 ///     .pause_allowance(Duration::from_secs(2))
 ///     .probe_timeout(Duration::from_secs(2))
 ///     .probe_retries(3)
+///     .granularity(Duration::from_millis(100))
+///     .event_capacity(4_096)
+///     .reclaim_queue(ReclaimQueue::builder().build()?)
+///     .events(EventBus::default())
 ///     .build(Arc::new(MemoryStore::new()), Wire)?;
 /// assert!(monitor.reap_bound(Duration::from_secs(10)) > Duration::from_secs(18));
 /// # Ok(())
@@ -143,12 +152,29 @@ impl LivenessMonitorBuilder {
     /// A builder with the defaults: heartbeat interval 1 s, timeout within
     /// [1 s, 60 s], pause allowance 1 s, granularity 50 ms, probe timeout
     /// 1 s, 2 probe retries, 1,024 buffered events, no reclaim queue.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{LivenessMonitorBuilder, MemoryStore, NoProbe};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor =
+    ///     LivenessMonitorBuilder::new().build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// assert_eq!(monitor.stats().watched, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// How often sessions are expected to heartbeat: the estimate every
     /// newly watched session starts from. Within [granularity, 1 day].
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
@@ -156,6 +182,8 @@ impl LivenessMonitorBuilder {
 
     /// The range every session's timeout is clamped to. `min ≤ max`, both
     /// within [granularity, 1 day].
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn timeout_range(mut self, min: Duration, max: Duration) -> Self {
         self.min_timeout = min;
         self.max_timeout = max;
@@ -166,6 +194,8 @@ impl LivenessMonitorBuilder {
     /// (a pause, a slow disk) without convicting anyone. A monitor tick
     /// late by more than this extends every deadline instead (the
     /// local-health guard). At most 1 day.
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn pause_allowance(mut self, allowance: Duration) -> Self {
         self.pause_allowance = allowance;
         self
@@ -174,12 +204,16 @@ impl LivenessMonitorBuilder {
     /// The monitor's tick: the resolution of heartbeat times and the
     /// granularity floor of the timeout (RFC 6298's G). Within
     /// [1 ms, 1 s]; whole milliseconds.
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn granularity(mut self, granularity: Duration) -> Self {
         self.granularity = granularity;
         self
     }
 
     /// How long a probe round waits for answers. Within (0, 1 day].
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
         self
@@ -187,12 +221,16 @@ impl LivenessMonitorBuilder {
 
     /// How many more probe rounds a suspect gets after the first before it
     /// is reaped.
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn probe_retries(mut self, retries: u32) -> Self {
         self.probe_retries = retries;
         self
     }
 
     /// How many events a subscriber may fall behind before it misses some.
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.events = events;
         self
@@ -200,6 +238,8 @@ impl LivenessMonitorBuilder {
 
     /// Releases reaped sessions' resources through `queue` (by class, then
     /// traffic) instead of inline in the monitor.
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.reclaim = Some(queue);
         self
@@ -207,6 +247,8 @@ impl LivenessMonitorBuilder {
 
     /// Also publishes every [`LivenessEvent`](crate::LivenessEvent) on
     /// `bus`, as [`Event::Liveness`](crate::Event::Liveness).
+    ///
+    /// See the example on [`LivenessMonitorBuilder`].
     pub fn events(mut self, bus: EventBus) -> Self {
         self.bus = Some(bus);
         self
@@ -218,6 +260,8 @@ impl LivenessMonitorBuilder {
     ///
     /// [`MonitorBuildError`] names the setting out of range, or says there
     /// is no runtime.
+    ///
+    /// See the examples on [`LivenessMonitorBuilder`] and [`MonitorBuildError`].
     pub fn build<S, Pr>(
         self,
         store: Arc<S>,

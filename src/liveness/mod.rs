@@ -175,6 +175,23 @@ impl<S: SessionStore, Pr> fmt::Debug for LivenessMonitor<S, Pr> {
 
 impl LivenessMonitor<MemoryStore, NoProbe> {
     /// A builder to configure the monitor, for any store and prober.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor = LivenessMonitor::builder()
+    ///     .heartbeat_interval(Duration::from_secs(10))
+    ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// assert_eq!(monitor.stats().watched, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder() -> LivenessMonitorBuilder {
         LivenessMonitorBuilder::new()
     }
@@ -223,6 +240,31 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// [`WatchError`] if the session is closed, already watched (by this or
     /// another monitor), or the monitor is shut down.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// // Watch each session as it is created.
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// monitor.watch(&session)?;
+    /// assert_eq!(monitor.stats().watched, 1);
+    /// assert!(monitor.watch(&session).is_err()); // once is enough
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn watch(&self, session: &Session<S::Payload>) -> Result<(), WatchError> {
         let shared = &*self.shared;
         if shared.stopped() {
@@ -248,6 +290,31 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// [`HeartbeatError`] for a closed session, one this monitor does not
     /// watch, or after shutdown; the heartbeat is counted in
     /// [`LivenessStats::ignored_heartbeats`] and changes nothing.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// monitor.watch(&session)?;
+    ///
+    /// // On each keepalive frame of the session's client:
+    /// monitor.heartbeat(&session)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[inline]
     pub fn heartbeat(&self, session: &Session<S::Payload>) -> Result<(), HeartbeatError> {
         let shared = &*self.shared;
@@ -276,6 +343,37 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// Cancel-safe: the heartbeat is recorded, or not, in one step after the
     /// look-up.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// monitor.watch(&session)?;
+    ///
+    /// // A router forwards keepalives as session ids.
+    /// let frame: &[u64] = &[1];
+    /// for &raw in frame {
+    ///     if let Err(error) = monitor.heartbeat_id(SessionId::new(raw)).await {
+    ///         eprintln!("keepalive ignored: {error}");
+    ///     }
+    /// }
+    /// assert_eq!(monitor.stats().ignored_heartbeats, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn heartbeat_id(&self, id: SessionId) -> Result<(), HeartbeatError> {
         match self.shared.store.get(id).await {
             Ok(Some(session)) => self.heartbeat(&session),
@@ -286,6 +384,36 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 
     /// The session's current timeout, if this monitor watches it and it is
     /// open: its deadline is this long after it was last heard.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+    ///     SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// assert_eq!(monitor.timeout(&session), None); // not watched
+    ///
+    /// monitor.watch(&session)?;
+    /// let timeout = monitor.timeout(&session).expect("watched and open");
+    /// assert!(timeout >= Duration::from_secs(1)); // within the configured range
+    ///
+    /// let _ = session.close(CloseReason::ClientClosed);
+    /// assert_eq!(monitor.timeout(&session), None);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn timeout(&self, session: &Session<S::Payload>) -> Option<Duration> {
         let (tag, state) = session.watcher();
@@ -303,6 +431,33 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// backoffs, and a millisecond per timer. A stall caught by the
     /// local-health guard extends it by the stall. Saturates at
     /// [`Duration::MAX`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// monitor.watch(&session)?;
+    ///
+    /// // If the session dies now, it is reaped within this long.
+    /// let bound = monitor.reap_bound(monitor.timeout(&session).expect("watched"));
+    /// tokio::time::sleep(bound).await;
+    /// assert!(session.is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn reap_bound(&self, timeout: Duration) -> Duration {
         self.shared.config.reap_bound(timeout)
@@ -313,12 +468,16 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// A subscriber that falls behind by more than the event capacity loses
     /// the oldest events and learns how many from
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
+    ///
+    /// See the example on [`LivenessEvent`].
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<LivenessEvent> {
         self.shared.events.subscribe()
     }
 
     /// A snapshot of the monitor's counters.
+    ///
+    /// See the example on [`LivenessStats`].
     #[must_use]
     pub fn stats(&self) -> LivenessStats {
         self.shared.counters.snapshot()
@@ -343,7 +502,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let monitor = LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// let monitor =
+    ///     LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
     /// let router = RouterId::new(4);
     /// monitor.hold_router(router); // it disconnected
     /// assert!(monitor.is_held(router));
@@ -360,6 +520,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// [`hold_router`](Self::hold_router)); its sessions are judged by their
     /// heartbeats again once no hold is left. Releasing a router that is not
     /// held does nothing.
+    ///
+    /// See the example on [`hold_router`](Self::hold_router).
     pub fn release_router(&self, router: RouterId) {
         let mut held = self.shared.held.lock();
         if let Some(holds) = held.get_mut(&router) {
@@ -371,6 +533,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     }
 
     /// Whether `router` is held now.
+    ///
+    /// See the example on [`hold_router`](Self::hold_router).
     #[must_use]
     pub fn is_held(&self, router: RouterId) -> bool {
         self.shared.is_held(router)
@@ -384,6 +548,35 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// Cancel-safe: the monitor is stopped once this is first polled;
     /// dropping the future stops only the waiting.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     SessionStore, WatchError,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// monitor.watch(&session)?;
+    ///
+    /// monitor.shutdown().await;
+    /// assert!(monitor.heartbeat(&session).is_err());
+    /// let late =
+    ///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
+    /// assert_eq!(monitor.watch(&late), Err(WatchError::ShutDown));
+    /// assert!(!session.is_closed()); // nobody is reaped after shutdown
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self) {
         self.shared.clock.fetch_or(STOPPED, Ordering::Relaxed);
         self.shared.stop.cancel();

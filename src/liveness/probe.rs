@@ -59,6 +59,8 @@ use crate::store::SessionStore;
 /// ```
 pub trait Prober: Send + Sync + 'static {
     /// Probes the sessions of `batch`; returns those that answered.
+    ///
+    /// See the example on [`Prober`].
     fn probe(
         &self,
         batch: ProbeBatch,
@@ -77,6 +79,20 @@ impl<Pr: Prober> Prober for Arc<Pr> {
 /// A prober that asks nobody: suspects are spared only by a heartbeat
 /// before their probe rounds run out. For controllers whose routers have
 /// no probe message.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let monitor = LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
+/// assert_eq!(monitor.stats().watched, 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoProbe;
 
@@ -87,6 +103,47 @@ impl Prober for NoProbe {
 }
 
 /// One probe call: suspects of one router.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use session_lifecycle::{
+///     LivenessMonitor, MemoryStore, NewSession, ProbeBatch, ProbeError, Prober, RouterId,
+///     SessionId, SessionStore,
+/// };
+///
+/// /// Records each probe call; nobody answers.
+/// #[derive(Default)]
+/// struct Recorder(Mutex<Vec<ProbeBatch>>);
+///
+/// impl Prober for Recorder {
+///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+///         self.0.lock().unwrap().push(batch);
+///         Ok(Vec::new())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let recorder = Arc::new(Recorder::default());
+/// let monitor =
+///     LivenessMonitor::builder().build(Arc::clone(&store), Arc::clone(&recorder))?;
+/// let dead =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// monitor.watch(&dead)?;
+/// tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+///
+/// let batches = recorder.0.lock().unwrap();
+/// let first = &batches[0];
+/// assert_eq!((first.router, first.incarnation, first.round), (router, incarnation, 1));
+/// assert_eq!(first.sessions, vec![dead.id()]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ProbeBatch {
@@ -102,6 +159,32 @@ pub struct ProbeBatch {
 
 transport_error!(
     /// A probe call failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ProbeBatch, ProbeError, Prober, SessionId};
+    ///
+    /// struct Wire {
+    ///     connected: bool,
+    /// }
+    ///
+    /// impl Prober for Wire {
+    ///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+    ///         if !self.connected {
+    ///             return Err(ProbeError::msg(format!(
+    ///                 "{} is not connected",
+    ///                 batch.router
+    ///             )));
+    ///         }
+    ///         Ok(Vec::new())
+    ///     }
+    /// }
+    ///
+    /// let reset =
+    ///     ProbeError::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    /// assert_eq!(reset.to_string(), "probe failed: connection reset");
+    /// ```
     ProbeError,
     "probe failed"
 );

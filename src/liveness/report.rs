@@ -12,6 +12,50 @@ use crate::id::{RouterId, SessionId};
 /// together, and `router_silent` says that every session the monitor
 /// watched on that router is among them (one router problem, not N session
 /// problems).
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+///     SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let mut events = monitor.subscribe();
+///
+/// let dead =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// monitor.watch(&dead)?; // and it never heartbeats
+/// loop {
+///     match events.recv().await? {
+///         LivenessEvent::SessionSuspect { router_silent, .. } => {
+///             assert!(router_silent); // its only session: the whole router went quiet
+///         }
+///         LivenessEvent::ProbeFailed { round, error, .. } => {
+///             println!("probe round {round} unanswered ({error:?})");
+///         }
+///         LivenessEvent::SessionReaped { sessions, .. } => {
+///             assert_eq!(sessions, vec![dead.id()]);
+///             break;
+///         }
+///         LivenessEvent::MonitorStalled { late_by } => {
+///             println!("controller stalled {late_by:?}")
+///         }
+///         _ => {}
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum LivenessEvent {
@@ -62,6 +106,35 @@ pub enum LivenessEvent {
 /// [`LivenessMonitor::stats`](crate::LivenessMonitor::stats).
 ///
 /// Each field is read on its own: the snapshot is not a consistent cut.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+///     SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let dead =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// monitor.watch(&dead)?;
+/// tokio::time::sleep(Duration::from_secs(30)).await;
+///
+/// let stats = monitor.stats();
+/// assert_eq!((stats.suspected, stats.spared, stats.reaped), (1, 0, 1));
+/// assert!(stats.probes >= 1 && stats.probe_errors == 0);
+/// assert_eq!(stats.stalls, 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LivenessStats {
@@ -94,6 +167,39 @@ pub struct LivenessStats {
 
 /// Why a heartbeat was ignored. Counted in
 /// [`LivenessStats::ignored_heartbeats`].
+///
+/// Heartbeats race closes and deletions, so an error here is routine: log
+/// it at debug level and move on.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     HeartbeatError, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+///     SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+///
+/// // Not watched yet.
+/// assert!(matches!(monitor.heartbeat(&session), Err(HeartbeatError::NotWatched(_))));
+/// // An id off the wire that the store does not hold.
+/// match monitor.heartbeat_id(SessionId::new(99)).await {
+///     Err(HeartbeatError::UnknownSession(id)) => assert_eq!(id, SessionId::new(99)),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// assert_eq!(monitor.stats().ignored_heartbeats, 2);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HeartbeatError {
@@ -120,6 +226,36 @@ pub enum HeartbeatError {
 }
 
 /// Why a session could not be watched.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{
+///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+///     SessionId, SessionStore, WatchError,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+///
+/// monitor.watch(&session)?;
+/// assert_eq!(monitor.watch(&session), Err(WatchError::AlreadyWatched(session.id())));
+///
+/// let _ = session.close(CloseReason::ClientClosed);
+/// let late =
+///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
+/// let _ = late.close(CloseReason::ClientClosed);
+/// assert_eq!(monitor.watch(&late), Err(WatchError::Closed(late.id())));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WatchError {
@@ -136,6 +272,31 @@ pub enum WatchError {
 
 /// A setting of [`LivenessMonitorBuilder`](crate::LivenessMonitorBuilder)
 /// out of range, or no runtime to run on.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{LivenessMonitor, MemoryStore, MonitorBuildError, NoProbe};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let built = LivenessMonitor::builder()
+///     .timeout_range(Duration::from_secs(60), Duration::from_secs(5)) // min above max
+///     .build(Arc::clone(&store), NoProbe);
+/// match built {
+///     Err(MonitorBuildError::TimeoutRange { min, max }) => assert!(min > max),
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// let built =
+///     LivenessMonitor::builder().granularity(Duration::ZERO).build(store, NoProbe);
+/// assert_eq!(built.unwrap_err(), MonitorBuildError::Granularity(Duration::ZERO));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum MonitorBuildError {

@@ -80,7 +80,9 @@ use crate::session::{CloseOutcome, CloseReason, Session};
 /// ```
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU32, Ordering};
-/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass, RouterId, SessionId};
+/// use session_lifecycle::{
+///     ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass, RouterId, SessionId,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -199,19 +201,24 @@ impl Drop for Owner {
 
 /// Builder of a [`ReclaimQueue`].
 ///
+/// # Example
+///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{DefaultPolicy, ReclaimQueue};
+/// use session_lifecycle::{DefaultPolicy, EventBus, ReclaimQueue};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let queue = ReclaimQueue::builder()
 ///     .capacity(10_000)
 ///     .workers(4)
 ///     .policy(DefaultPolicy::default().class_spacing(Duration::from_millis(500)))
-///     .build()
-///     .unwrap();
-/// assert_eq!(queue.stats().capacity, 10_000);
+///     .event_capacity(4_096)
+///     .events(EventBus::default())
+///     .paused(false)
+///     .build()?;
+/// assert_eq!((queue.stats().capacity, queue.stats().workers), (10_000, 4));
+/// # Ok(())
 /// # }
 /// ```
 #[must_use]
@@ -251,18 +258,24 @@ impl Default for ReclaimQueueBuilder {
 impl ReclaimQueueBuilder {
     /// The most tasks waiting at once (default 65,536). Memory is bounded by
     /// `capacity` waiting tasks plus one running task per worker.
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
     /// How many worker tasks run tasks (default 2).
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
     }
 
     /// The policy (default [`DefaultPolicy`]).
+    ///
+    /// See the example on [`ReclaimPolicy`] for a policy of your own.
     pub fn policy(mut self, policy: impl ReclaimPolicy) -> Self {
         self.policy = Arc::new(policy);
         self
@@ -270,6 +283,8 @@ impl ReclaimQueueBuilder {
 
     /// How many events a subscriber may fall behind before it misses some
     /// (default 1,024; see [`ReclaimQueue::subscribe`]).
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.events = events;
         self
@@ -277,6 +292,33 @@ impl ReclaimQueueBuilder {
 
     /// Also publishes every [`ReclaimEvent`] on `bus`, as
     /// [`Event::Reclaim`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+    ///     RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let queue = ReclaimQueue::builder().events(bus).build()?;
+    ///
+    /// let gone = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+    ///     Err::<(), _>(ReclaimError::permanent("no such port"))
+    /// });
+    /// queue.push(gone).await?;
+    /// queue.idle().await;
+    /// assert!(matches!(
+    ///     events.try_recv(),
+    ///     Some(Event::Reclaim(ReclaimEvent::ReclaimFailed { .. }))
+    /// ));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.bus = Some(bus);
         self
@@ -284,6 +326,33 @@ impl ReclaimQueueBuilder {
 
     /// Starts the queue with its workers paused (see
     /// [`ReclaimQueue::pause`]).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// // Paused: fill the queue first, then let the policy order all of it.
+    /// let queue = ReclaimQueue::builder().paused(true).build()?;
+    /// for id in 0..10 {
+    ///     queue.push(task(id)).await?;
+    /// }
+    /// assert_eq!(queue.stats().depth, 10);
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert_eq!(queue.stats().completed, 10);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn paused(mut self, paused: bool) -> Self {
         self.paused = paused;
         self
@@ -295,6 +364,8 @@ impl ReclaimQueueBuilder {
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime;
     /// [`BuildError::ZeroCapacity`] or [`BuildError::ZeroWorkers`].
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
     pub fn build(self) -> Result<ReclaimQueue, BuildError> {
         if self.capacity == 0 {
             return Err(BuildError::ZeroCapacity);
@@ -347,6 +418,19 @@ impl fmt::Debug for ReclaimQueue {
 
 impl ReclaimQueue {
     /// A builder: capacity, workers, policy.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().workers(8).build()?;
+    /// assert_eq!(queue.stats().workers, 8);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder() -> ReclaimQueueBuilder {
         ReclaimQueueBuilder::default()
     }
@@ -363,6 +447,35 @@ impl ReclaimQueue {
     /// Dropping the future before it resolves drops the task with it (a
     /// task releasing session resources then releases them at once) and
     /// leaves the queue as it was.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+    /// queue.push(task(1)).await?;
+    ///
+    /// // Full: the second push waits for room (backpressure), here up to a second.
+    /// let waited =
+    ///     tokio::time::timeout(Duration::from_secs(1), queue.push(task(2))).await;
+    /// assert!(waited.is_err());
+    ///
+    /// queue.resume();
+    /// queue.push(task(3)).await?; // room again once a worker took the first
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn push(&self, task: ReclaimTask) -> Result<(), PushError> {
         let permit = match self.shared.permits.try_acquire() {
             Ok(permit) => permit,
@@ -382,6 +495,29 @@ impl ReclaimQueue {
     ///
     /// [`TryPushError::Full`] or [`TryPushError::ShutDown`], handing the task
     /// back.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+    /// queue.try_push(task(1))?;
+    /// // Full: the task comes back at once instead of waiting.
+    /// let back = queue.try_push(task(2)).unwrap_err().into_task();
+    /// assert_eq!(back.info().session, SessionId::new(2));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
         match self.shared.permits.try_acquire() {
             Ok(permit) => {
@@ -409,6 +545,35 @@ impl ReclaimQueue {
     ///
     /// Once polled, the session is closed; dropping the future before it
     /// resolves releases the resources not yet queued at once.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     Classed, CloseReason, Incarnation, NewSession, ReclaimQueue, ResourceClass,
+    ///     RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
+    /// session.attach(|_: CloseReason| { /* free a buffer */ })?;
+    /// session.attach(Classed::new(
+    ///     ResourceClass::Critical,
+    ///     |_: CloseReason| { /* drop kernel state */ },
+    /// ))?;
+    ///
+    /// let outcome = queue.close_session(&session, CloseReason::Forced).await;
+    /// assert!(outcome.won());
+    /// // The close completes once every queued release ran: one task per class.
+    /// assert_eq!(session.closed().await, CloseReason::Forced);
+    /// assert_eq!(queue.stats().completed, 2);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn close_session<P>(&self, session: &Session<P>, reason: CloseReason) -> CloseOutcome
     where
         P: Send + Sync + 'static,
@@ -469,6 +634,39 @@ impl ReclaimQueue {
     ///
     /// Call it from a periodic task over the sessions you want watched (for
     /// example each router's [`SessionStore::sessions`](crate::SessionStore::sessions)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     DefaultPolicy, Incarnation, NewSession, ReclaimEvent, ReclaimQueue, RouterId,
+    ///     SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hour = Duration::from_secs(3_600);
+    /// let policy = DefaultPolicy::default().long_lived_threshold(Some(hour));
+    /// let queue = ReclaimQueue::builder().policy(policy).build()?;
+    /// let mut events = queue.subscribe();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
+    ///
+    /// tokio::time::advance(2 * hour).await;
+    /// assert_eq!(queue.check_long_lived([&session]), 1);
+    /// assert_eq!(queue.check_long_lived([&session]), 0); // reported once
+    /// match events.recv().await? {
+    ///     ReclaimEvent::LongLivedSession { session: id, age, .. } => {
+    ///         assert_eq!(id, session.id());
+    ///         assert!(age >= hour);
+    ///     }
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn check_long_lived<'a, P: 'a>(
         &self,
         sessions: impl IntoIterator<Item = &'a Session<P>>,
@@ -508,6 +706,34 @@ impl ReclaimQueue {
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged);
     /// failures are also counted in [`stats`](Self::stats) and logged
     /// through `tracing`, so none goes unnoticed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tokio::sync::broadcast::error::RecvError;
+    /// use session_lifecycle::{ReclaimEvent, ReclaimQueue};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// let mut events = queue.subscribe();
+    /// tokio::spawn(async move {
+    ///     loop {
+    ///         match events.recv().await {
+    ///             Ok(ReclaimEvent::ReclaimFailed { task, error, .. }) => {
+    ///                 eprintln!("release of {task:?} failed: {error}");
+    ///             }
+    ///             Ok(_) => {}
+    ///             Err(RecvError::Lagged(missed)) => {
+    ///                 eprintln!("missed {missed} reclaim events")
+    ///             }
+    ///             Err(RecvError::Closed) => break, // the queue is gone
+    ///         }
+    ///     }
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn subscribe(&self) -> broadcast::Receiver<ReclaimEvent> {
         self.shared.events.subscribe()
     }
@@ -515,17 +741,82 @@ impl ReclaimQueue {
     /// Stops the workers from starting tasks (tasks running go on); pushes
     /// still queue. For maintenance windows and deterministic tests. Has no
     /// effect once the queue is closed: a closed queue always drains.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// queue.pause(); // a maintenance window: releases wait
+    /// queue.push(task(1)).await?;
+    /// tokio::task::yield_now().await;
+    /// assert_eq!(queue.stats().depth, 1);
+    ///
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert_eq!(queue.stats().completed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn pause(&self) {
         self.shared.paused.store(true, Ordering::SeqCst);
     }
 
     /// Lets the workers start tasks again.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().paused(true).build()?;
+    /// queue.push(task(1)).await?;
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert!(!queue.stats().paused);
+    /// assert_eq!(queue.stats().completed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
         self.shared.work.notify_waiters();
     }
 
     /// A snapshot of the queue's counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().capacity(512).build()?;
+    /// let stats = queue.stats();
+    /// assert_eq!((stats.capacity, stats.depth, stats.in_flight), (512, 0, 0));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn stats(&self) -> ReclaimStats {
         let shared = &self.shared;
@@ -556,6 +847,30 @@ impl ReclaimQueue {
     /// # Cancel safety
     ///
     /// Cancel-safe: it only observes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// for id in 0..100 {
+    ///     queue.push(task(id)).await?;
+    /// }
+    /// queue.idle().await; // e.g. before taking a snapshot in a test
+    /// assert_eq!(queue.stats().completed, 100);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.idle.notified();
@@ -579,6 +894,32 @@ impl ReclaimQueue {
     ///
     /// Dropping the future leaves the queue closed and the workers
     /// draining without a deadline.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// queue.push(task(1)).await?;
+    ///
+    /// let report = queue.shutdown(Duration::from_secs(5)).await;
+    /// assert!(report.drained && report.left.is_empty() && report.interrupted.is_empty());
+    /// assert!(queue.stats().closed);
+    /// assert!(queue.push(task(2)).await.is_err()); // no new work
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let shared = &self.shared;
         shared.close();

@@ -13,6 +13,8 @@ use super::task::TaskInfo;
 /// only by tasks pushed less than its delay (minus theirs) after it, never
 /// starved by a constant stream of urgent work.
 ///
+/// # Example
+///
 /// ```
 /// use std::time::Duration;
 /// use session_lifecycle::Priority;
@@ -26,15 +28,49 @@ pub struct Priority(Duration);
 
 impl Priority {
     /// Due at once: the most urgent priority.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Priority};
+    ///
+    /// assert_eq!(Priority::URGENT.delay(), Duration::ZERO);
+    /// assert!(Priority::URGENT < Priority::due_in(Duration::from_nanos(1)));
+    /// ```
     pub const URGENT: Priority = Priority(Duration::ZERO);
 
     /// Due `delay` after the task is pushed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Priority};
+    ///
+    /// // Due one second after it is pushed: overtaken only by tasks pushed
+    /// // within the next second whose own delay is shorter.
+    /// let relaxed = Priority::due_in(Duration::from_secs(1));
+    /// assert_eq!(relaxed.delay(), Duration::from_secs(1));
+    /// ```
     #[must_use]
     pub const fn due_in(delay: Duration) -> Self {
         Self(delay)
     }
 
     /// The delay after which the task is due.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Priority};
+    ///
+    /// assert_eq!(
+    ///     Priority::due_in(Duration::from_millis(250)).delay(),
+    ///     Duration::from_millis(250)
+    /// );
+    /// ```
     #[must_use]
     pub const fn delay(self) -> Duration {
         self.0
@@ -43,6 +79,8 @@ impl Priority {
 
 /// When and how often a failing task is retried: exponential backoff with
 /// optional jitter (through `backon`), and a timeout per attempt.
+///
+/// # Example
 ///
 /// ```
 /// use std::time::Duration;
@@ -86,12 +124,28 @@ impl Default for RetrySchedule {
 
 impl RetrySchedule {
     /// No retry: the first failure is final.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::RetrySchedule;
+    ///
+    /// assert_eq!(RetrySchedule::none().max_attempts(), 1);
+    /// ```
     #[must_use]
     pub fn none() -> Self {
         Self::default().retries(0)
     }
 
     /// Sets how many times a failed attempt is retried.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::RetrySchedule;
+    ///
+    /// assert_eq!(RetrySchedule::default().retries(5).max_attempts(), 6);
+    /// ```
     #[must_use]
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
@@ -100,6 +154,20 @@ impl RetrySchedule {
 
     /// Sets the first backoff delay and the largest one (each clamped to one
     /// hour; `max` is raised to `min` if below it).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{RetrySchedule};
+    ///
+    /// let quick = RetrySchedule::default()
+    ///     .retries(2)
+    ///     .delays(Duration::from_millis(10), Duration::from_millis(40))
+    ///     .jitter(false);
+    /// let slow = quick.delays(Duration::from_secs(1), Duration::from_secs(4));
+    /// assert!(quick.max_duration() < slow.max_duration());
+    /// ```
     #[must_use]
     pub fn delays(mut self, min: Duration, max: Duration) -> Self {
         self.min_delay = min.min(MAX_DELAY);
@@ -109,6 +177,22 @@ impl RetrySchedule {
 
     /// Sets the growth factor of the delay (values below 1 or not finite
     /// mean 1: constant delays).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{RetrySchedule};
+    ///
+    /// // 100 ms between each of 4 attempts, no growth, no jitter.
+    /// let steady = RetrySchedule::default()
+    ///     .retries(3)
+    ///     .delays(Duration::from_millis(100), Duration::from_secs(5))
+    ///     .factor(1.0)
+    ///     .jitter(false)
+    ///     .attempt_timeout(Duration::from_secs(1));
+    /// assert_eq!(steady.max_duration(), Duration::from_millis(4 * 1_000 + 3 * 100 + 8));
+    /// ```
     #[must_use]
     pub fn factor(mut self, factor: f32) -> Self {
         self.factor = if factor.is_finite() && factor >= 1.0 {
@@ -121,6 +205,17 @@ impl RetrySchedule {
 
     /// Turns jitter on (the default) or off. Jitter adds up to one more
     /// delay at random to each delay, so failing tasks do not retry in step.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::RetrySchedule;
+    ///
+    /// let jittered = RetrySchedule::default();
+    /// let exact = RetrySchedule::default().jitter(false);
+    /// // Jitter can double each delay: the bound grows with it.
+    /// assert!(exact.max_duration() < jittered.max_duration());
+    /// ```
     #[must_use]
     pub fn jitter(mut self, jitter: bool) -> Self {
         self.jitter = jitter;
@@ -129,6 +224,16 @@ impl RetrySchedule {
 
     /// Sets the longest one attempt may run; a late attempt counts as a
     /// retryable failure ([`ReclaimErrorKind::TimedOut`](crate::ReclaimErrorKind::TimedOut)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{RetrySchedule};
+    ///
+    /// let schedule = RetrySchedule::default().attempt_timeout(Duration::from_secs(2));
+    /// assert_eq!(schedule.timeout(), Duration::from_secs(2));
+    /// ```
     #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
@@ -136,12 +241,30 @@ impl RetrySchedule {
     }
 
     /// The most attempts a task gets: retries + 1, saturating.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::RetrySchedule;
+    ///
+    /// assert_eq!(RetrySchedule::default().max_attempts(), 4); // 3 retries by default
+    /// assert_eq!(RetrySchedule::default().retries(u32::MAX).max_attempts(), u32::MAX);
+    /// ```
     #[must_use]
     pub fn max_attempts(&self) -> u32 {
         self.retries.saturating_add(1)
     }
 
     /// The per-attempt timeout.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{RetrySchedule};
+    ///
+    /// assert_eq!(RetrySchedule::default().timeout(), Duration::from_secs(10));
+    /// ```
     #[must_use]
     pub fn timeout(&self) -> Duration {
         self.attempt_timeout
@@ -150,6 +273,17 @@ impl RetrySchedule {
     /// The longest a task can take from its first attempt to its final
     /// outcome: every attempt timing out, plus every delay with its maximal
     /// jitter, plus one millisecond per timer. Saturates.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{RetrySchedule};
+    ///
+    /// let schedule = RetrySchedule::none().attempt_timeout(Duration::from_secs(3));
+    /// // One attempt that times out, and a millisecond of slack per timer.
+    /// assert_eq!(schedule.max_duration(), Duration::from_millis(3_002));
+    /// ```
     #[must_use]
     pub fn max_duration(&self) -> Duration {
         let attempts = self.max_attempts();
@@ -198,9 +332,13 @@ impl RetrySchedule {
 /// The queue calls the policy outside its locks; a policy that panics in a
 /// worker is contained (the default schedule is used instead).
 ///
+/// # Example
+///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{Priority, ReclaimPolicy, ResourceClass, RetrySchedule, TaskInfo};
+/// use session_lifecycle::{
+///     Priority, ReclaimPolicy, ResourceClass, RetrySchedule, TaskInfo,
+/// };
 ///
 /// /// Strict classes and no traffic bonus; tokens never retried.
 /// struct Strict;
@@ -216,9 +354,13 @@ impl RetrySchedule {
 /// ```
 pub trait ReclaimPolicy: Send + Sync + 'static {
     /// The priority of a task, computed once when it is pushed.
+    ///
+    /// See the example on [`ReclaimPolicy`].
     fn priority(&self, task: &TaskInfo) -> Priority;
 
     /// The retry schedule of a task, computed when it starts running.
+    ///
+    /// See the example on [`ReclaimPolicy`].
     fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {
         RetrySchedule::default()
     }
@@ -226,6 +368,27 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
     /// Sessions older than this are reported once each as long-lived by
     /// [`ReclaimQueue::check_long_lived`](crate::ReclaimQueue::check_long_lived);
     /// `None` turns the check off. 24 hours unless overridden.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Priority, ReclaimPolicy, TaskInfo};
+    ///
+    /// /// Everything urgent; sessions open for more than an hour are reported.
+    /// struct Hourly;
+    ///
+    /// impl ReclaimPolicy for Hourly {
+    ///     fn priority(&self, _task: &TaskInfo) -> Priority {
+    ///         Priority::URGENT
+    ///     }
+    ///     fn long_lived_threshold(&self) -> Option<Duration> {
+    ///         Some(Duration::from_secs(3_600))
+    ///     }
+    /// }
+    ///
+    /// assert_eq!(Hourly.long_lived_threshold(), Some(Duration::from_secs(3_600)));
+    /// ```
     fn long_lived_threshold(&self) -> Option<Duration> {
         Some(Duration::from_secs(24 * 3600))
     }
@@ -246,8 +409,12 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
 /// `3.5 × spacing` later (3.5 s with the default spacing of 1 s), however
 /// much critical work keeps arriving.
 ///
+/// # Example
+///
 /// ```
-/// use session_lifecycle::{DefaultPolicy, ReclaimPolicy, ResourceClass, RouterId, SessionId, TaskInfo};
+/// use session_lifecycle::{
+///     DefaultPolicy, ReclaimPolicy, ResourceClass, RouterId, SessionId, TaskInfo,
+/// };
 ///
 /// let policy = DefaultPolicy::default();
 /// let task = |class, traffic| TaskInfo::new(SessionId::new(1), RouterId::new(1), class, traffic);
@@ -281,6 +448,16 @@ impl DefaultPolicy {
     /// Sets how far apart the classes are (default 1 s, at most one day):
     /// how long a less urgent task waits before it overtakes newer, more
     /// urgent ones.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{DefaultPolicy};
+    ///
+    /// let policy = DefaultPolicy::default().class_spacing(Duration::from_millis(200));
+    /// assert_eq!(policy.max_delay(), Duration::from_millis(700));
+    /// ```
     #[must_use]
     pub fn class_spacing(mut self, spacing: Duration) -> Self {
         self.spacing = spacing.min(MAX_SPACING);
@@ -288,6 +465,25 @@ impl DefaultPolicy {
     }
 
     /// Sets the retry schedule of every task.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     DefaultPolicy, ReclaimPolicy, ResourceClass, RetrySchedule, RouterId,
+    ///     SessionId, TaskInfo,
+    /// };
+    ///
+    /// let patient = RetrySchedule::default()
+    ///     .retries(10)
+    ///     .delays(Duration::from_secs(1), Duration::from_secs(60));
+    /// let policy = DefaultPolicy::default().retry_schedule(patient);
+    /// let task =
+    ///     TaskInfo::new(SessionId::new(1), RouterId::new(1), ResourceClass::Normal, 0);
+    /// // The trait's method, which the queue calls (the builder method shares its name).
+    /// assert_eq!(ReclaimPolicy::retry_schedule(&policy, &task).max_attempts(), 11);
+    /// ```
     #[must_use]
     pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
         self.retry = schedule;
@@ -295,6 +491,20 @@ impl DefaultPolicy {
     }
 
     /// Sets the long-lived threshold (`None`: no check).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{DefaultPolicy, ReclaimPolicy};
+    ///
+    /// let eight_hours = Some(Duration::from_secs(8 * 3_600));
+    /// let policy = DefaultPolicy::default().long_lived_threshold(eight_hours);
+    /// assert_eq!(ReclaimPolicy::long_lived_threshold(&policy), eight_hours);
+    ///
+    /// let unchecked = DefaultPolicy::default().long_lived_threshold(None);
+    /// assert_eq!(ReclaimPolicy::long_lived_threshold(&unchecked), None);
+    /// ```
     #[must_use]
     pub fn long_lived_threshold(mut self, threshold: Option<Duration>) -> Self {
         self.long_lived = threshold;
@@ -303,6 +513,15 @@ impl DefaultPolicy {
 
     /// The longest delay this policy gives a task (a low task of no
     /// traffic): `3.5 × spacing`, the starvation bound.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{DefaultPolicy};
+    ///
+    /// assert_eq!(DefaultPolicy::default().max_delay(), Duration::from_millis(3_500));
+    /// ```
     #[must_use]
     pub fn max_delay(&self) -> Duration {
         self.spacing.saturating_mul(3) + self.spacing / 2

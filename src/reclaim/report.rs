@@ -9,6 +9,47 @@ use crate::id::{Incarnation, RouterId, SessionId};
 
 /// Something a [`ReclaimQueue`](super::ReclaimQueue) reports; see
 /// [`ReclaimQueue::subscribe`](super::ReclaimQueue::subscribe).
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+///     RetrySchedule, RouterId, SessionId,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy =
+///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
+/// let queue = ReclaimQueue::builder().policy(policy).build()?;
+/// let mut events = queue.subscribe();
+///
+/// // The router keeps refusing: retried once, then reported failed.
+/// let refused = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+///     Err::<(), _>(ReclaimError::transient("router refused"))
+/// });
+/// queue.push(refused).await?;
+///
+/// match events.recv().await? {
+///     ReclaimEvent::ReclaimRetried { attempt, delay, .. } => {
+///         assert_eq!(attempt, 1);
+///         assert!(!delay.is_zero());
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// match events.recv().await? {
+///     ReclaimEvent::ReclaimFailed { task, attempts, error } => {
+///         assert_eq!((task.session, attempts), (SessionId::new(1), 2));
+///         assert!(error.is_retryable()); // it failed for good only for lack of retries
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum ReclaimEvent {
@@ -48,6 +89,37 @@ pub enum ReclaimEvent {
 }
 
 /// A snapshot of a [`ReclaimQueue`](super::ReclaimQueue)'s counters.
+///
+/// Each field is read on its own: the snapshot is not a consistent cut.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().capacity(100).paused(true).build()?;
+/// for id in 0..3 {
+///     let task = ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+///         Ok::<(), ReclaimError>(())
+///     });
+///     queue.push(task).await?;
+/// }
+/// let stats = queue.stats();
+/// assert_eq!((stats.capacity, stats.depth, stats.pushed), (100, 3, 3));
+/// assert!(stats.paused && !stats.closed);
+///
+/// queue.resume();
+/// queue.idle().await;
+/// let stats = queue.stats();
+/// assert_eq!(
+///     (stats.depth, stats.peak_depth, stats.completed, stats.failed),
+///     (0, 3, 3, 0)
+/// );
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReclaimStats {
@@ -80,6 +152,36 @@ pub struct ReclaimStats {
 }
 
 /// What [`ReclaimQueue::shutdown`](super::ReclaimQueue::shutdown) leaves.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().workers(1).build()?;
+/// // A release that hangs (its router never answers), then one that would succeed.
+/// let hangs = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || {
+///     std::future::pending::<Result<(), ReclaimError>>()
+/// });
+/// let quick = ReclaimTask::new(SessionId::new(2), RouterId::new(1), || async {
+///     Ok::<(), ReclaimError>(())
+/// });
+/// queue.push(hangs).await?;
+/// queue.push(quick).await?;
+///
+/// let report = queue.shutdown(Duration::from_secs(1)).await;
+/// assert!(!report.drained);
+/// assert_eq!(report.interrupted[0].session, SessionId::new(1));
+/// // What never started is handed back: run it here, persist it, or drop it.
+/// for mut task in report.left {
+///     task.run_once().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -97,12 +199,39 @@ pub struct ShutdownReport {
 
 /// [`ReclaimQueue::push`](super::ReclaimQueue::push) failed because the
 /// queue is shut down; the task is handed back.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().build()?;
+/// let _ = queue.shutdown(Duration::from_secs(1)).await;
+///
+/// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+///     Ok::<(), ReclaimError>(())
+/// });
+/// let error = queue.push(task).await.unwrap_err();
+/// assert_eq!(
+///     error.to_string(),
+///     "the reclaim queue is shut down; the task is handed back"
+/// );
+/// // Not lost: run it here instead.
+/// error.into_task().run_once().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(thiserror::Error)]
 #[error("the reclaim queue is shut down; the task is handed back")]
 pub struct PushError(pub ReclaimTask);
 
 impl PushError {
     /// The task that was not queued.
+    ///
+    /// See the example on [`PushError`].
     pub fn into_task(self) -> ReclaimTask {
         self.0
     }
@@ -116,6 +245,37 @@ impl fmt::Debug for PushError {
 
 /// [`ReclaimQueue::try_push`](super::ReclaimQueue::try_push) did not queue
 /// the task; it is handed back.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId, TryPushError,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+/// let task = |id| {
+///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+///         Ok::<(), ReclaimError>(())
+///     })
+/// };
+/// queue.try_push(task(1))?;
+/// match queue.try_push(task(2)) {
+///     // Full: shed load, or wait for room with `push`.
+///     Err(TryPushError::Full(task)) => {
+///         queue.resume();
+///         queue.push(task).await?;
+///     }
+///     Err(TryPushError::ShutDown(_)) => unreachable!("the queue is open"),
+///     Ok(()) => unreachable!("the queue is full"),
+/// }
+/// queue.idle().await;
+/// assert_eq!(queue.stats().completed, 2);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(thiserror::Error)]
 pub enum TryPushError {
     /// The queue holds `capacity` tasks.
@@ -128,6 +288,28 @@ pub enum TryPushError {
 
 impl TryPushError {
     /// The task that was not queued.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// queue.try_push(task(1))?;
+    /// let back = queue.try_push(task(2)).unwrap_err().into_task();
+    /// assert_eq!(back.info().session, SessionId::new(2));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn into_task(self) -> ReclaimTask {
         match self {
             Self::Full(task) | Self::ShutDown(task) => task,
@@ -146,6 +328,27 @@ impl fmt::Debug for TryPushError {
 }
 
 /// A [`ReclaimQueue`](super::ReclaimQueue) could not be built.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{BuildError, ReclaimQueue};
+///
+/// // Outside a tokio runtime there is nowhere to run the workers.
+/// assert_eq!(ReclaimQueue::builder().build().unwrap_err(), BuildError::NoRuntime);
+///
+/// let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+/// let _inside = runtime.enter();
+/// assert_eq!(
+///     ReclaimQueue::builder().capacity(0).build().unwrap_err(),
+///     BuildError::ZeroCapacity
+/// );
+/// assert_eq!(
+///     ReclaimQueue::builder().workers(0).build().unwrap_err(),
+///     BuildError::ZeroWorkers
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {

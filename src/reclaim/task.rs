@@ -21,6 +21,8 @@ use crate::session::{
 ///
 /// Events about a task carry its `TaskInfo`.
 ///
+/// # Example
+///
 /// ```
 /// use session_lifecycle::{ResourceClass, RouterId, SessionId, TaskInfo};
 ///
@@ -42,6 +44,8 @@ pub struct TaskInfo {
 
 impl TaskInfo {
     /// The description of a task.
+    ///
+    /// See the example on [`TaskInfo`].
     #[must_use]
     pub const fn new(
         session: SessionId,
@@ -64,7 +68,9 @@ impl TaskInfo {
 ///
 /// Closures `FnMut() -> impl Future<Output = Result<(), ReclaimError>>` are
 /// `Reclaim`; the future must own what it uses (`'static`), so clone handles
-/// into it:
+/// into it.
+///
+/// # Example
 ///
 /// ```
 /// use std::sync::Arc;
@@ -83,6 +89,45 @@ impl TaskInfo {
 /// ```
 pub trait Reclaim: Send + 'static {
     /// Starts one attempt.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use futures::future::BoxFuture;
+    /// use session_lifecycle::{Reclaim, ReclaimError, ReclaimTask, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// /// Gives a port back to the router's pool.
+    /// struct FreePort {
+    ///     port: u16,
+    ///     pool: Arc<Mutex<Vec<u16>>>,
+    /// }
+    ///
+    /// impl Reclaim for FreePort {
+    ///     fn reclaim(&mut self) -> BoxFuture<'static, Result<(), ReclaimError>> {
+    ///         let (port, pool) = (self.port, Arc::clone(&self.pool));
+    ///         Box::pin(async move {
+    ///             pool.lock()
+    ///                 .map_err(|_| ReclaimError::permanent("port pool poisoned"))?
+    ///                 .push(port);
+    ///             Ok(())
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// let pool = Arc::new(Mutex::new(Vec::new()));
+    /// let mut task = ReclaimTask::new(
+    ///     SessionId::new(1),
+    ///     RouterId::new(1),
+    ///     FreePort { port: 4000, pool: Arc::clone(&pool) },
+    /// );
+    /// task.run_once().await?;
+    /// assert_eq!(*pool.lock().unwrap(), vec![4000]);
+    /// # Ok(())
+    /// # }
+    /// ```
     fn reclaim(&mut self) -> BoxFuture<'static, Result<(), ReclaimError>>;
 }
 
@@ -104,6 +149,36 @@ where
 /// the tasks that release a session's attached resources; such a task, if
 /// dropped unrun (handed back by a full or shut-down queue and then
 /// dropped), releases its resources at once: it is never lost.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     Incarnation, NewSession, ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass,
+///     RouterId, SessionId,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+///     .into_session();
+/// session.record_in(64 * 1024);
+///
+/// // Withdraw the session's routes from the router: scarce, so class High.
+/// let task = ReclaimTask::for_session(&session, || async {
+///     // ... call the router's API here ...
+///     Ok::<(), ReclaimError>(())
+/// })
+/// .class(ResourceClass::High);
+/// assert_eq!(task.info().traffic, 64 * 1024);
+///
+/// let queue = ReclaimQueue::builder().build()?;
+/// queue.push(task).await?;
+/// queue.idle().await;
+/// assert_eq!(queue.stats().completed, 1);
+/// # Ok(())
+/// # }
+/// ```
 pub struct ReclaimTask {
     info: TaskInfo,
     work: Work,
@@ -117,6 +192,20 @@ pub(super) enum Work {
 impl ReclaimTask {
     /// A task releasing something of `session` on `router`, of class
     /// [`ResourceClass::Normal`] and zero traffic until set.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId,
+    /// };
+    ///
+    /// let task = ReclaimTask::new(SessionId::new(7), RouterId::new(1), || async {
+    ///     Ok::<(), ReclaimError>(())
+    /// });
+    /// assert_eq!(task.info().class, ResourceClass::Normal);
+    /// assert_eq!(task.info().traffic, 0);
+    /// ```
     pub fn new(session: SessionId, router: RouterId, work: impl Reclaim) -> Self {
         Self {
             info: TaskInfo::new(session, router, ResourceClass::Normal, 0),
@@ -126,11 +215,45 @@ impl ReclaimTask {
 
     /// A task releasing something of `session`, with the session's router
     /// and its traffic so far.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     Incarnation, NewSession, ReclaimError, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// let session =
+    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(1))
+    ///         .into_session();
+    /// session.record_out(1_000);
+    /// let task =
+    ///     ReclaimTask::for_session(&session, || async { Ok::<(), ReclaimError>(()) });
+    /// assert_eq!(
+    ///     (task.info().session, task.info().router),
+    ///     (SessionId::new(7), RouterId::new(2))
+    /// );
+    /// assert_eq!(task.info().traffic, 1_000);
+    /// ```
     pub fn for_session<P>(session: &Session<P>, work: impl Reclaim) -> Self {
         Self::new(session.id(), session.router(), work).traffic(session.traffic().total_bytes())
     }
 
     /// Sets the class of what the task releases.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId,
+    /// };
+    ///
+    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+    ///     Ok::<(), ReclaimError>(())
+    /// })
+    /// .class(ResourceClass::Critical);
+    /// assert_eq!(task.info().class, ResourceClass::Critical);
+    /// ```
     #[must_use]
     pub fn class(mut self, class: ResourceClass) -> Self {
         self.info.class = class;
@@ -138,6 +261,18 @@ impl ReclaimTask {
     }
 
     /// Sets the session's traffic in bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ReclaimError, ReclaimTask, RouterId, SessionId};
+    ///
+    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+    ///     Ok::<(), ReclaimError>(())
+    /// })
+    /// .traffic(1 << 30); // a busy session: released first within its class
+    /// assert_eq!(task.info().traffic, 1 << 30);
+    /// ```
     #[must_use]
     pub fn traffic(mut self, bytes: u64) -> Self {
         self.info.traffic = bytes;
@@ -145,6 +280,21 @@ impl ReclaimTask {
     }
 
     /// The task's identity and ordering inputs.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId, TaskInfo,
+    /// };
+    ///
+    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(2), || async {
+    ///     Ok::<(), ReclaimError>(())
+    /// });
+    /// let expected =
+    ///     TaskInfo::new(SessionId::new(1), RouterId::new(2), ResourceClass::Normal, 0);
+    /// assert_eq!(task.info(), expected);
+    /// ```
     #[must_use]
     pub fn info(&self) -> TaskInfo {
         self.info
@@ -157,6 +307,34 @@ impl ReclaimTask {
     /// # Errors
     ///
     /// The attempt's error.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimErrorKind, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+    ///     Err::<(), _>(ReclaimError::transient("router busy"))
+    /// });
+    /// let error = task.run_once().await.unwrap_err();
+    /// assert_eq!(error.kind(), ReclaimErrorKind::Transient);
+    ///
+    /// let mut panicky = ReclaimTask::new(SessionId::new(2), RouterId::new(1), || async {
+    ///     let ports: Vec<u16> = Vec::new();
+    ///     let _ = ports[0]; // a bug: the panic is contained
+    ///     Ok::<(), ReclaimError>(())
+    /// });
+    /// assert_eq!(
+    ///     panicky.run_once().await.unwrap_err().kind(),
+    ///     ReclaimErrorKind::Panicked
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn run_once(&mut self) -> Result<(), ReclaimError> {
         self.attempt(None).await
     }
@@ -256,6 +434,8 @@ pub(crate) fn release_tasks<P>(
 ///
 /// Cheap to clone: events carry it.
 ///
+/// # Example
+///
 /// ```
 /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
 ///
@@ -272,6 +452,40 @@ pub struct ReclaimError {
 }
 
 /// The kind of a [`ReclaimError`].
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().build()?;
+/// let mut events = queue.subscribe();
+/// let alerts = tokio::spawn(async move {
+///     while let Ok(event) = events.recv().await {
+///         if let ReclaimEvent::ReclaimFailed { task, error, .. } = event {
+///             match error.kind() {
+///                 ReclaimErrorKind::Panicked => {
+///                     eprintln!("bug: release of {task:?} panicked")
+///                 }
+///                 ReclaimErrorKind::Interrupted => {
+///                     eprintln!("shutdown cut {task:?} short")
+///                 }
+///                 _ => eprintln!("release of {task:?} failed: {error}"),
+///             }
+///         }
+///     }
+/// });
+/// let _ = queue.shutdown(Duration::from_secs(1)).await;
+/// drop(queue); // the alert loop ends with the queue
+/// alerts.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ReclaimErrorKind {
@@ -292,11 +506,32 @@ pub enum ReclaimErrorKind {
 
 impl ReclaimError {
     /// A failure worth retrying.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimError;
+    ///
+    /// let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "port table locked");
+    /// let error = ReclaimError::transient(busy);
+    /// assert!(error.is_retryable());
+    /// assert_eq!(error.to_string(), "release failed: port table locked");
+    /// ```
     pub fn transient(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self::new(ReclaimErrorKind::Transient, error)
     }
 
     /// A failure that retrying cannot fix.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    ///
+    /// let error = ReclaimError::permanent(format!("no port {} on the router", 4000));
+    /// assert_eq!(error.kind(), ReclaimErrorKind::Permanent);
+    /// assert!(!error.is_retryable());
+    /// ```
     pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self::new(ReclaimErrorKind::Permanent, error)
     }
@@ -328,12 +563,30 @@ impl ReclaimError {
     }
 
     /// The kind of failure.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    ///
+    /// assert_eq!(ReclaimError::transient("busy").kind(), ReclaimErrorKind::Transient);
+    /// ```
     #[must_use]
     pub fn kind(&self) -> ReclaimErrorKind {
         self.kind
     }
 
-    /// Whether the queue retries after this error.
+    /// Whether the queue retries after this error: for
+    /// [`ReclaimErrorKind::Transient`] and [`ReclaimErrorKind::TimedOut`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimError;
+    ///
+    /// assert!(ReclaimError::transient("busy").is_retryable());
+    /// assert!(!ReclaimError::permanent("gone").is_retryable());
+    /// ```
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         matches!(

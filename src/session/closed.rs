@@ -49,7 +49,9 @@ pub struct Closed<'a, P> {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{ClosedOwned, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+/// use session_lifecycle::{
+///     ClosedOwned, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -45,7 +45,9 @@ use crate::loom::{Arc, Mutex};
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState};
+/// use session_lifecycle::{
+///     CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -118,8 +120,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///         .into_session();
     /// assert_eq!(session.id(), SessionId::new(7));
     /// ```
     #[must_use]
@@ -134,8 +137,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///         .into_session();
     /// assert_eq!(session.router(), RouterId::new(2));
     /// ```
     #[must_use]
@@ -150,8 +154,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
+    ///         .into_session();
     /// assert_eq!(session.incarnation(), Incarnation::new(3));
     /// ```
     #[must_use]
@@ -169,8 +174,9 @@ impl<P> Session<P> {
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// tokio::time::advance(Duration::from_secs(5)).await;
     /// assert_eq!(session.created_at().elapsed(), Duration::from_secs(5));
     /// # Ok(())
@@ -191,8 +197,9 @@ impl<P> Session<P> {
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// tokio::time::advance(Duration::from_secs(90)).await;
     /// assert_eq!(session.age(), Duration::from_secs(90));
     /// # Ok(())
@@ -215,9 +222,10 @@ impl<P> Session<P> {
     ///     name: &'static str,
     /// }
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .payload(Client { name: "alice" })
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .payload(Client { name: "alice" })
+    ///         .into_session();
     /// assert_eq!(session.payload().name, "alice");
     /// ```
     #[must_use]
@@ -232,8 +240,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert_eq!(session.state(), SessionState::Active);
     /// ```
     #[must_use]
@@ -248,8 +257,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert!(!session.is_closed());
     /// let _ = session.close(CloseReason::ClientClosed);
     /// assert!(session.is_closed());
@@ -304,8 +314,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert_eq!(session.close_reason(), None);
     /// let _ = session.close(CloseReason::LivenessTimeout);
     /// assert_eq!(session.close_reason(), Some(CloseReason::LivenessTimeout));
@@ -323,10 +334,14 @@ impl<P> Session<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState, Transition};
+    /// use session_lifecycle::{
+    ///     CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState,
+    ///     Transition,
+    /// };
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// // A deletion marks the session, then waits for its router to confirm.
     /// assert!(session.begin_terminating().won());
     /// assert_eq!(session.state(), SessionState::Terminating);
@@ -357,10 +372,13 @@ impl<P> Session<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+    /// use session_lifecycle::{
+    ///     CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+    /// };
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.attach(|reason: CloseReason| println!("port freed: {reason}"))?;
     ///
     /// // The router confirmed; the port is freed here, once.
@@ -474,8 +492,9 @@ impl<P> Session<P> {
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// let waiter = session.clone();
     /// let wait = tokio::spawn(async move { waiter.closed().await });
     /// let _ = session.close(CloseReason::ClientClosed);
@@ -504,8 +523,9 @@ impl<P> Session<P> {
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// let wait = tokio::spawn(session.closed_owned());
     /// let _ = session.close(CloseReason::RouterLost);
     /// assert_eq!(wait.await?, CloseReason::RouterLost);
@@ -527,12 +547,18 @@ impl<P> Session<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, Classed, Incarnation, NewSession, RouterId, SessionId, ResourceClass};
+    /// use session_lifecycle::{
+    ///     CloseReason, Classed, Incarnation, NewSession, RouterId, SessionId,
+    ///     ResourceClass,
+    /// };
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.attach(|_: CloseReason| println!("buffer freed"))?;
-    /// session.attach(Classed::new(ResourceClass::High, |_: CloseReason| println!("port freed")))?;
+    /// session.attach(Classed::new(ResourceClass::High, |_: CloseReason| {
+    ///     println!("port freed")
+    /// }))?;
     ///
     /// // Released in reverse order of attachment: the port, then the buffer.
     /// let _ = session.close(CloseReason::ClientClosed);
@@ -564,9 +590,10 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .token(b"s3cret".to_vec())
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .token(b"s3cret".to_vec())
+    ///         .into_session();
     /// // Check a client's credential without copying the secret out.
     /// assert!(session.with_token(|token| token == Some(b"s3cret".as_slice())));
     ///
@@ -585,8 +612,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.record_in(1_500);
     /// session.record_in(40);
     /// assert_eq!(session.traffic().bytes_in, 1_540);
@@ -603,10 +631,14 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.record_out(1_500);
-    /// assert_eq!((session.traffic().bytes_out, session.traffic().packets_out), (1_500, 1));
+    /// assert_eq!(
+    ///     (session.traffic().bytes_out, session.traffic().packets_out),
+    ///     (1_500, 1)
+    /// );
     /// ```
     pub fn record_out(&self, bytes: u64) {
         self.inner.traffic.record_out(bytes);
@@ -619,8 +651,9 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.record_in(100);
     /// session.record_out(400);
     /// assert_eq!(session.traffic().total_bytes(), 500);
@@ -638,7 +671,8 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, Session};
     ///
-    /// let spec = || NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
+    /// let spec =
+    ///     || NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
     /// let session = spec().into_session();
     /// let other = spec().into_session();
     /// assert!(Session::ptr_eq(&session, &session.clone()));
@@ -745,9 +779,10 @@ impl<P> NewSession<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .token(&b"k3y"[..])
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .token(&b"k3y"[..])
+    ///         .into_session();
     /// assert_eq!(session.with_token(|token| token.map(<[u8]>::len)), Some(3));
     /// ```
     #[must_use]
@@ -785,7 +820,8 @@ impl<P> NewSession<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// let spec =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
     /// assert_eq!(spec.id(), SessionId::new(1));
     /// ```
     #[must_use]
@@ -800,7 +836,8 @@ impl<P> NewSession<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// let spec =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
     /// assert_eq!(spec.router(), RouterId::new(2));
     /// ```
     #[must_use]
@@ -815,7 +852,8 @@ impl<P> NewSession<P> {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
+    /// let spec =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
     /// assert_eq!(spec.incarnation(), Incarnation::new(3));
     /// ```
     #[must_use]
@@ -834,8 +872,9 @@ impl<P> NewSession<P> {
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState};
     ///
     /// // A store implementation, once it accepted the session:
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert_eq!(session.state(), SessionState::Active);
     /// ```
     #[must_use]

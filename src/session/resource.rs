@@ -41,7 +41,9 @@ pub trait Resource: Send + 'static {
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, Resource, RouterId, SessionId};
+    /// use session_lifecycle::{
+    ///     CloseReason, Incarnation, NewSession, Resource, RouterId, SessionId,
+    /// };
     ///
     /// /// A port taken from the router's pool, given back on close.
     /// struct Port {
@@ -56,8 +58,9 @@ pub trait Resource: Send + 'static {
     /// }
     ///
     /// let pool = Arc::new(Mutex::new(Vec::new()));
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// session.attach(Port { number: 4000, pool: Arc::clone(&pool) })?;
     /// let _ = session.close(CloseReason::ClientClosed);
     /// assert_eq!(*pool.lock().unwrap(), vec![4000]);
@@ -210,7 +213,10 @@ impl fmt::Display for ResourceClass {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Classed, CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId, SessionId};
+/// use session_lifecycle::{
+///     Classed, CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId,
+///     SessionId,
+/// };
 ///
 /// let port = Classed::new(ResourceClass::Critical, |_reason: CloseReason| { /* free the port */ });
 /// assert_eq!(port.class(), ResourceClass::Critical);
@@ -306,8 +312,9 @@ impl<R> AttachError<R> {
     /// use std::sync::atomic::{AtomicBool, Ordering};
     /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// let _ = session.close(CloseReason::Shutdown);
     ///
     /// let freed = Arc::new(AtomicBool::new(false));

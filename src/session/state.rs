@@ -39,7 +39,9 @@ const KEPT_ON_CLOSE: u32 = LONG_LIVED | WATCHER_MASK;
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState};
+/// use session_lifecycle::{
+///     CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState,
+/// };
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
@@ -195,7 +197,9 @@ impl fmt::Display for CloseReason {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState, Transition};
+/// use session_lifecycle::{
+///     Incarnation, NewSession, RouterId, SessionId, SessionState, Transition,
+/// };
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
@@ -227,8 +231,9 @@ impl Transition {
     /// ```
     /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert!(session.begin_terminating().won());
     /// assert!(!session.begin_terminating().won());
     /// ```
@@ -243,7 +248,9 @@ impl Transition {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId};
+/// use session_lifecycle::{
+///     CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+/// };
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
@@ -251,7 +258,9 @@ impl Transition {
 /// // The client and a deletion race: the second close changes nothing.
 /// match session.close(CloseReason::Forced) {
 ///     CloseOutcome::Closed => unreachable!("closed already"),
-///     CloseOutcome::AlreadyClosed { reason } => assert_eq!(reason, CloseReason::ClientClosed),
+///     CloseOutcome::AlreadyClosed { reason } => {
+///         assert_eq!(reason, CloseReason::ClientClosed)
+///     }
 /// }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,8 +285,9 @@ impl CloseOutcome {
     /// ```
     /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
     ///
-    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .into_session();
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
     /// assert!(session.close(CloseReason::ClientClosed).won());
     /// assert!(!session.close(CloseReason::ClientClosed).won());
     /// ```

@@ -32,7 +32,10 @@ impl BackendError {
     /// ```
     /// use session_lifecycle::BackendError;
     ///
-    /// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+    /// let refused = std::io::Error::new(
+    ///     std::io::ErrorKind::ConnectionRefused,
+    ///     "connection refused",
+    /// );
     /// let error = BackendError::new(refused);
     /// assert_eq!(error.to_string(), "store backend failed: connection refused");
     /// ```
@@ -97,7 +100,8 @@ pub enum RegisterError {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+///     CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId,
+///     SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -114,7 +118,9 @@ pub enum RegisterError {
 /// // A client that still knows the router's previous life is refused.
 /// let stale = NewSession::new(SessionId::new(2), router, Incarnation::new(0));
 /// match store.create(stale).await.unwrap_err().kind() {
-///     CreateErrorKind::StaleIncarnation { live, .. } => assert_eq!(*live, Some(incarnation)),
+///     CreateErrorKind::StaleIncarnation { live, .. } => {
+///         assert_eq!(*live, Some(incarnation))
+///     }
 ///     other => panic!("unexpected {other}"),
 /// }
 /// # Ok(())
@@ -174,7 +180,9 @@ impl Eq for BackendError {}
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -183,10 +191,14 @@ impl Eq for BackendError {}
 /// let incarnation = store.register_router(router).await?;
 /// let _ = store.fence(router).await?;
 ///
-/// let spec = NewSession::new(SessionId::new(1), router, incarnation).token(b"t0k3n".to_vec());
+/// let spec =
+///     NewSession::new(SessionId::new(1), router, incarnation).token(b"t0k3n".to_vec());
 /// let error = store.create(spec).await.unwrap_err();
 /// assert!(matches!(error.kind(), CreateErrorKind::Fenced { .. }));
-/// assert_eq!(error.to_string(), "session not created: router-1 (incarnation-1) is fenced for deletion");
+/// assert_eq!(
+///     error.to_string(),
+///     "session not created: router-1 (incarnation-1) is fenced for deletion"
+/// );
 /// // The description, token included, comes back to place the client elsewhere.
 /// let spec = error.into_spec();
 /// assert_eq!(spec.id(), SessionId::new(1));
@@ -206,7 +218,9 @@ impl<P> CreateError<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    /// use session_lifecycle::{
+    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    /// };
     ///
     /// let router = RouterId::new(9);
     /// let spec = NewSession::new(SessionId::new(1), router, Incarnation::new(1));
@@ -222,10 +236,14 @@ impl<P> CreateError<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    /// use session_lifecycle::{
+    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    /// };
     ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
-    /// let error = CreateError::new(CreateErrorKind::DuplicateSession(SessionId::new(1)), spec);
+    /// let spec =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
+    /// let error =
+    ///     CreateError::new(CreateErrorKind::DuplicateSession(SessionId::new(1)), spec);
     /// assert_eq!(*error.kind(), CreateErrorKind::DuplicateSession(SessionId::new(1)));
     /// ```
     #[must_use]
@@ -238,10 +256,15 @@ impl<P> CreateError<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId};
+    /// use session_lifecycle::{
+    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    /// };
     ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1)).payload("alice");
-    /// let error = CreateError::new(CreateErrorKind::UnknownRouter(RouterId::new(1)), spec);
+    /// let spec =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .payload("alice");
+    /// let error =
+    ///     CreateError::new(CreateErrorKind::UnknownRouter(RouterId::new(1)), spec);
     /// let spec = error.into_spec();
     /// assert_eq!(spec.id(), SessionId::new(1));
     /// ```
@@ -265,7 +288,9 @@ impl<P> fmt::Debug for CreateError<P> {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, MemoryStore, SessionError, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, SessionError, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -302,7 +327,9 @@ pub enum SessionError {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = MemoryStore::new();
 /// let error = store.count(RouterId::new(3)).await.unwrap_err();
-/// assert!(matches!(error, RouterError::UnknownRouter(router) if router == RouterId::new(3)));
+/// assert!(
+///     matches!(error, RouterError::UnknownRouter(router) if router == RouterId::new(3))
+/// );
 /// assert_eq!(error.to_string(), "router-3 is not registered");
 /// # Ok(())
 /// # }
@@ -335,7 +362,9 @@ pub enum RouterError {
 /// let _ = store.fence(router).await?;
 /// let _ = store.finish(router, incarnation).await?;
 /// match store.fence(router).await {
-///     Err(FenceError::AlreadyDeleted { incarnation: deleted, .. }) => assert_eq!(deleted, incarnation),
+///     Err(FenceError::AlreadyDeleted { incarnation: deleted, .. }) => {
+///         assert_eq!(deleted, incarnation)
+///     }
 ///     other => panic!("unexpected {other:?}"),
 /// }
 /// # Ok(())
@@ -378,7 +407,10 @@ pub enum FenceError {
 ///
 /// let _ = store.fence(router).await?;
 /// let error = store.finish(router, Incarnation::new(42)).await.unwrap_err();
-/// assert!(matches!(error, FinishError::IncarnationMismatch { current, .. } if current == incarnation));
+/// match error {
+///     FinishError::IncarnationMismatch { current, .. } => assert_eq!(current, incarnation),
+///     other => panic!("unexpected {other:?}"),
+/// }
 /// # Ok(())
 /// # }
 /// ```

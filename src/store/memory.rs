@@ -196,7 +196,8 @@ impl MemoryStoreBuilder {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    ///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId,
+    ///     SessionStore,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -206,12 +207,15 @@ impl MemoryStoreBuilder {
     /// let store = MemoryStore::builder().events(bus).build::<()>();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let _ = session.close(CloseReason::ClientClosed);
     ///
     /// assert!(matches!(events.try_recv(), Some(Event::SessionCreated { .. })));
     /// match events.try_recv() {
-    ///     Some(Event::SessionClosed { reason, .. }) => assert_eq!(reason, CloseReason::ClientClosed),
+    ///     Some(Event::SessionClosed { reason, .. }) => {
+    ///         assert_eq!(reason, CloseReason::ClientClosed)
+    ///     }
     ///     other => panic!("unexpected {other:?}"),
     /// }
     /// # Ok(())
@@ -300,7 +304,8 @@ impl MemoryStore<()> {
     /// ```
     /// use session_lifecycle::MemoryStore;
     ///
-    /// let store: MemoryStore<u32> = MemoryStore::builder().tombstone_capacity(1_024).build();
+    /// let store: MemoryStore<u32> =
+    ///     MemoryStore::builder().tombstone_capacity(1_024).build();
     /// assert!(store.is_empty());
     /// ```
     pub fn builder() -> MemoryStoreBuilder {
@@ -326,7 +331,9 @@ impl<P> MemoryStore<P> {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {
-    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    ///     let _ = store
+    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
+    ///         .await?;
     /// }
     /// assert_eq!(store.len(), 3);
     /// # Ok(())
@@ -342,14 +349,17 @@ impl<P> MemoryStore<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// assert!(!store.is_empty());
     /// let _ = store.close(session.id(), CloseReason::ClientClosed).await?;
     /// assert!(store.is_empty());
@@ -378,7 +388,9 @@ impl<P> MemoryStore<P> {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..10_000 {
-    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    ///     let _ = store
+    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
+    ///         .await?;
     /// }
     /// let _ = store.fence(router).await?;
     /// let _ = store.finish(router, incarnation).await?; // removes all 10,000
@@ -405,9 +417,11 @@ impl<P> MemoryStore<P> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
-    /// let stats = store.stats(); // no `.await`: usable from a synchronous metrics callback
+    /// // No `.await`: usable from a synchronous metrics callback.
+    /// let stats = store.stats();
     /// assert_eq!(stats.active, 1);
     /// assert_eq!(stats.router(router).map(|census| census.active), Some(1));
     /// # Ok(())
@@ -1126,14 +1140,17 @@ impl<P> MemoryStore<P> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// store.corrupt(Corruption::DropFromMap(SessionId::new(1)));
     /// let findings = store.audit().await?;

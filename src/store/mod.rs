@@ -43,7 +43,9 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -87,7 +89,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store: MemoryStore<String> = MemoryStore::default();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let spec = NewSession::new(SessionId::new(1), router, incarnation).payload("alice".to_owned());
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation)
+    ///     .payload("alice".to_owned());
     /// let _ = store.create(spec).await?;
     /// assert_eq!(client_name(&store, SessionId::new(1)).await.as_deref(), Some("alice"));
     /// # Ok(())
@@ -173,7 +176,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let spec = NewSession::new(SessionId::new(1), router, incarnation).token(b"t0k3n".to_vec());
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation)
+    ///     .token(b"t0k3n".to_vec());
     /// let session = store.create(spec).await?;
     /// assert_eq!(session.router(), router);
     /// # Ok(())
@@ -196,7 +200,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let created = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let created =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let found = store.get(SessionId::new(1)).await?.expect("held");
     /// assert_eq!(found.id(), created.id());
     /// assert!(store.get(SessionId::new(2)).await?.is_none());
@@ -224,14 +229,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// // The client hung up.
     /// let outcome = store.close(session.id(), CloseReason::ClientClosed).await?;
@@ -258,16 +266,20 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let removed = store.remove(SessionId::new(1)).await?;
-    /// assert_eq!(removed.close_reason(), Some(CloseReason::Reclaimed)); // no session leaves open
+    /// // No session leaves the store open.
+    /// assert_eq!(removed.close_reason(), Some(CloseReason::Reclaimed));
     /// assert!(store.is_empty());
     /// # Ok(())
     /// # }
@@ -290,9 +302,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 1..=3 {
-    ///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    ///     let _ = store
+    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
+    ///         .await?;
     /// }
-    /// let mut ids: Vec<_> = store.sessions(router).await?.iter().map(|s| s.id()).collect();
+    /// let mut ids: Vec<_> =
+    ///     store.sessions(router).await?.iter().map(|s| s.id()).collect();
     /// ids.sort();
     /// assert_eq!(ids, [1, 2, 3].map(SessionId::new));
     /// # Ok(())
@@ -320,7 +335,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// assert_eq!(store.count(router).await?, 0);
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// assert_eq!(store.count(router).await?, 1);
     /// # Ok(())
     /// # }
@@ -353,12 +369,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// let snapshot = store.fence(router).await?;
     /// assert_eq!(snapshot.sessions.len(), 1);
     /// // No session can be created on the router any more (invariant I2).
-    /// let late = store.create(NewSession::new(SessionId::new(2), router, incarnation)).await;
+    /// let late =
+    ///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await;
     /// assert!(late.is_err());
     /// # Ok(())
     /// # }
@@ -380,14 +398,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let _ = store.fence(router).await?;
     ///
     /// let report = store.finish(router, incarnation).await?;
@@ -419,7 +440,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// let report = store.audit().await?;
     /// assert!(report.is_clean(), "{report:?}");
@@ -443,7 +465,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let _ =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     ///
     /// let census = store.census().await?;
     /// assert_eq!(census.len(), 1);
@@ -485,14 +508,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
-    /// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let _ = session.close(CloseReason::ClientClosed); // closed, not removed
     ///
     /// let findings = store.audit().await?;

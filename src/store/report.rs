@@ -48,7 +48,10 @@ impl RouterStatus {
     /// ```
     /// use session_lifecycle::{Incarnation, RouterStatus};
     ///
-    /// assert_eq!(RouterStatus::Fenced(Incarnation::new(4)).incarnation(), Incarnation::new(4));
+    /// assert_eq!(
+    ///     RouterStatus::Fenced(Incarnation::new(4)).incarnation(),
+    ///     Incarnation::new(4)
+    /// );
     /// ```
     #[must_use]
     pub const fn incarnation(self) -> Incarnation {
@@ -117,7 +120,9 @@ impl<P> fmt::Debug for FenceSnapshot<P> {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -125,7 +130,8 @@ impl<P> fmt::Debug for FenceSnapshot<P> {
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// for id in 1..=2 {
-///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+///     let _ =
+///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 /// let snapshot = store.fence(router).await?;
 /// let _ = snapshot.sessions[0].close(CloseReason::RouterDeleted); // one confirmed
@@ -158,15 +164,19 @@ pub struct FinishReport {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = MemoryStore::new();
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// let _ = session.close(CloseReason::ClientClosed); // through the handle: still in the store
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// // Closed through its handle: still in the store.
+/// let _ = session.close(CloseReason::ClientClosed);
 ///
 /// let report = store.audit().await?;
 /// assert_eq!((report.routers, report.sessions), (1, 1));
@@ -203,7 +213,8 @@ impl AuditReport {
     /// ```
     /// use session_lifecycle::{AuditReport, SessionId};
     ///
-    /// let report = AuditReport { orphans: vec![SessionId::new(3)], ..AuditReport::default() };
+    /// let report =
+    ///     AuditReport { orphans: vec![SessionId::new(3)], ..AuditReport::default() };
     /// assert!(!report.is_consistent());
     /// assert!(AuditReport::default().is_consistent());
     /// ```
@@ -221,7 +232,10 @@ impl AuditReport {
     /// ```
     /// use session_lifecycle::{AuditReport, SessionId};
     ///
-    /// let report = AuditReport { closed_in_store: vec![SessionId::new(3)], ..AuditReport::default() };
+    /// let report = AuditReport {
+    ///     closed_in_store: vec![SessionId::new(3)],
+    ///     ..AuditReport::default()
+    /// };
     /// assert!(report.is_consistent() && !report.is_clean());
     /// ```
     #[must_use]
@@ -236,7 +250,10 @@ impl AuditReport {
     /// ```
     /// use session_lifecycle::{AuditReport, SessionId};
     ///
-    /// let report = AuditReport { orphans: vec![SessionId::new(3), SessionId::new(4)], ..AuditReport::default() };
+    /// let report = AuditReport {
+    ///     orphans: vec![SessionId::new(3), SessionId::new(4)],
+    ///     ..AuditReport::default()
+    /// };
     /// assert_eq!(report.zombies(), 2);
     /// ```
     #[must_use]
@@ -251,7 +268,9 @@ impl AuditReport {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore};
+/// use session_lifecycle::{
+///     MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -259,7 +278,8 @@ impl AuditReport {
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// for id in 1..=3 {
-///     let _ = store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+///     let _ =
+///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 /// let _ = store.fence(router).await?.sessions[0].begin_terminating();
 ///
@@ -295,7 +315,8 @@ impl RouterCensus {
     /// ```
     /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
     ///
-    /// let mut census = RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
+    /// let mut census =
+    ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
     /// census.active += 1;
     /// assert_eq!(census.sessions(), 1);
     /// ```
@@ -317,7 +338,8 @@ impl RouterCensus {
     /// ```
     /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
     ///
-    /// let mut census = RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
+    /// let mut census =
+    ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
     /// (census.active, census.terminating, census.closed) = (5, 2, 1);
     /// assert_eq!(census.sessions(), 8);
     /// ```
@@ -334,7 +356,8 @@ impl RouterCensus {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CloseReason, MemoryStore, NewSession, RepairAction, RouterId, SessionId, SessionStore,
+///     CloseReason, MemoryStore, NewSession, RepairAction, RouterId, SessionId,
+///     SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -342,7 +365,8 @@ impl RouterCensus {
 /// let store = MemoryStore::new();
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// let session =
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
 /// let _ = session.close(CloseReason::ClientClosed); // left in the store
 ///
 /// let findings = store.audit().await?;
