@@ -17,7 +17,11 @@
 //! # Deadlock safety
 //!
 //! One lock, `graces`, held only to look up, insert or remove an entry; never
-//! across an `.await`, while spawning, or while another lock is taken.
+//! across an `.await` or while spawning. Under it, the one other lock ever
+//! taken is the liveness monitor's `held` map (when a new grace period
+//! holds its router), a leaf lock that takes nothing else: so a hold is
+//! always in place before a cancel or an expiry can release it. Releases
+//! happen after `graces` is dropped.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};

@@ -17,6 +17,8 @@
 //! Three locks, `incoming`, `suspects` and `held`, never two held together,
 //! never across an `.await` or while user code (the prober, the store)
 //! runs.
+//! `held` is a leaf: a `Reconciler` may take it under its own `graces`
+//! lock, and nothing is taken under it.
 
 mod config;
 mod probe;
