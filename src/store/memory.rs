@@ -192,6 +192,13 @@ impl MemoryStoreBuilder {
     /// Each session then carries a small close hook (one allocation of 32
     /// bytes), released inline by its close whatever path closes it.
     ///
+    /// Cost: while somebody subscribes, each create publishes under its
+    /// router's lock (so the event comes before anyone can see the session),
+    /// and creates on all routers then take turns on the bus's channel lock.
+    /// Per-session events suit audits and tests; a controller creating
+    /// sessions by the million on many threads listens to the router-level
+    /// events of the other pieces instead.
+    ///
     /// # Example
     ///
     /// ```
