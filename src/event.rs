@@ -525,6 +525,43 @@ impl Subscription {
         }
     }
 
+    /// The subscription as a [`Stream`](futures::Stream) of events, for
+    /// stream combinators; it ends when every clone of the bus is dropped.
+    /// Lag is skipped and counted as by [`recv`](Self::recv).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use session_lifecycle::{Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::new(64);
+    /// let events = bus.subscribe().into_stream();
+    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// for id in 0..3 {
+    ///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
+    /// }
+    /// drop(store); // the last clone of the bus: the stream ends after the buffered events
+    ///
+    /// let created = events
+    ///     .filter(|event| std::future::ready(matches!(event, Event::SessionCreated { .. })))
+    ///     .count()
+    ///     .await;
+    /// assert_eq!(created, 3);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_stream(self) -> impl futures::Stream<Item = Event> + Send + 'static {
+        futures::stream::unfold(self, |mut subscription| async move {
+            let event = subscription.recv().await?;
+            Some((event, subscription))
+        })
+    }
+
     /// Events this subscription missed because it fell behind.
     ///
     /// # Example
