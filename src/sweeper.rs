@@ -18,8 +18,8 @@
 //! taken only to store or copy a report, never across an `.await`.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
@@ -320,6 +320,8 @@ impl AuditSweeperBuilder {
 
     /// Builds the sweeper over `store` and starts its periodic task on the
     /// current tokio runtime; the first sweep runs one interval from now.
+    /// The task stops at [`AuditSweeper::shutdown`], or once every handle of
+    /// the sweeper is dropped.
     ///
     /// # Errors
     ///
@@ -345,15 +347,24 @@ impl AuditSweeperBuilder {
                 tracker: TaskTracker::new(),
             }),
         };
-        let this = sweeper.clone();
+        // The task holds the sweeper weakly: dropping every handle stops it.
+        let (inner, stop) = (Arc::downgrade(&sweeper.inner), sweeper.inner.stop.clone());
+        let interval = sweeper.inner.config.interval;
         drop(
             sweeper
                 .inner
                 .tracker
-                .spawn_on(async move { this.run().await }, &runtime),
+                .spawn_on(run(inner, stop, interval), &runtime),
         );
         sweeper.inner.tracker.close();
         Ok(sweeper)
+    }
+}
+
+impl<S> Drop for Inner<S> {
+    fn drop(&mut self) {
+        // The last handle is gone: the periodic task stops.
+        self.stop.cancel();
     }
 }
 
@@ -446,17 +457,6 @@ impl<S> AuditSweeper<S> {
 }
 
 impl<S: SessionStore> AuditSweeper<S> {
-    async fn run(&self) {
-        loop {
-            tokio::select! {
-                () = self.inner.stop.cancelled() => return,
-                () = tokio::time::sleep(self.inner.config.interval) => {}
-            }
-            // The periodic sweep logs its own failure.
-            let _ = self.sweep().await;
-        }
-    }
-
     /// Runs one sweep now (waiting for one in progress to finish first).
     ///
     /// # Errors
@@ -566,6 +566,22 @@ impl<S: SessionStore> AuditSweeper<S> {
             repairs,
             duration: started.elapsed(),
         })
+    }
+}
+
+/// The periodic task: a sweep every `interval`, until shut down or until
+/// every handle of the sweeper is gone.
+async fn run<S: SessionStore>(inner: Weak<Inner<S>>, stop: CancellationToken, interval: Duration) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        // The periodic sweep logs its own failure.
+        let _ = AuditSweeper { inner }.sweep().await;
     }
 }
 

@@ -243,3 +243,19 @@ async fn a_sweep_leaves_a_fenced_routers_sessions_to_its_deletion() {
     assert!(store.audit().await.unwrap().is_clean());
     sweeper.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_stops_the_periodic_sweeps() {
+    let store = Arc::new(MemoryStore::new());
+    let sweeper = AuditSweeper::builder()
+        .interval(Duration::from_secs(10))
+        .build(Arc::clone(&store))
+        .unwrap();
+    drop(sweeper);
+    let (orphan, released) = stray(9, RouterId::new(5), Incarnation::new(1));
+    store.corrupt(Corruption::Inject(orphan));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(released.load(Ordering::SeqCst), 0, "no sweep ran");
+    assert_eq!(store.len(), 1);
+    assert_eq!(Arc::strong_count(&store), 1, "the task let go of the store");
+}
