@@ -6,24 +6,41 @@ use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseReason, Session};
 use crate::store::SessionStore;
 
-/// Closes each open session of `sessions` with `reason`, its resources
-/// through `queue` if there is one (critical ones of every session first),
-/// inline otherwise. Returns the ids this call closed, in the given order:
-/// a session another caller closed first is left to that caller.
+/// Which sessions a close may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseFrom {
+    /// Any open session (`Active` or `Terminating`): the deletion's own
+    /// force-close, and orphans, which no deletion owns.
+    Open,
+    /// Only `Active` sessions: paths that run beside a possible deletion
+    /// (reconciliation, grace expiry, reaping) leave a `Terminating`
+    /// session to the deletion that marked it.
+    Active,
+}
+
+/// Closes each session of `sessions` that `from` allows with `reason`, its
+/// resources through `queue` if there is one (critical ones of every
+/// session first), inline otherwise. Returns the ids this call closed, in
+/// the given order: a session another caller closed (or marked) first is
+/// left to that caller.
 pub(crate) async fn close_all<P>(
     queue: Option<&ReclaimQueue>,
     sessions: &[Session<P>],
     reason: CloseReason,
+    from: CloseFrom,
 ) -> Vec<SessionId>
 where
     P: Send + Sync + 'static,
 {
     match queue {
-        Some(queue) => queue.close_sessions(sessions, reason).await,
-        // A close won here completes before `close` returns.
+        Some(queue) => queue.close_sessions(sessions, reason, from).await,
+        // A close won here completes before it returns.
         None => sessions
             .iter()
-            .filter(|session| session.close(reason).won())
+            .filter(|session| match from {
+                CloseFrom::Open => session.close(reason).won(),
+                CloseFrom::Active => session.close_active(reason),
+            })
             .map(Session::id)
             .collect(),
     }

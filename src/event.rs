@@ -283,7 +283,13 @@ pub struct EventStats {
 
 impl EventBus {
     /// A bus whose subscribers may each fall `capacity` events behind
-    /// (at least 1) before they miss some.
+    /// (at least 1, at most 2^30) before they miss some. The channel's
+    /// slots are allocated up front.
+    ///
+    /// Every clone of the bus keeps the channel open, including the close
+    /// hook a store with a bus attaches to each session it creates: a
+    /// subscription ends once the bus's clones are gone and those sessions
+    /// are closed or dropped.
     ///
     /// # Example
     ///
@@ -295,7 +301,9 @@ impl EventBus {
     /// ```
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
+        // tokio's channel allocates every slot up front (and refuses more
+        // than `usize::MAX / 2`): a billion is more than any use.
+        let capacity = capacity.clamp(1, 1 << 30);
         let (sender, _) = broadcast::channel(capacity);
         Self {
             sender,

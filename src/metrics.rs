@@ -27,8 +27,11 @@ pub(crate) fn record(event: &Event) {
         }
         // Counted by the close itself: see `closed`.
         Event::SessionClosed { .. } => {}
-        Event::RouterFenced { .. } => {
-            counter!("session_lifecycle_routers_fenced_total").increment(1);
+        // A resumed deletion fences again what was fenced already.
+        Event::RouterFenced { resumed, .. } => {
+            if !resumed {
+                counter!("session_lifecycle_routers_fenced_total").increment(1);
+            }
         }
         Event::RouterDeleted(report) => {
             counter!("session_lifecycle_routers_deleted_total").increment(1);

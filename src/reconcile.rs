@@ -3,31 +3,37 @@
 //!
 //! # Invariants
 //!
-//! - A router has at most one grace entry in `graces`; whoever removes it
-//!   (the expiry task, a reconciliation, or a new disconnect after the
-//!   router's incarnation changed) owns what follows: an expiry task closes
-//!   sessions only after removing its own entry (same epoch), and a
-//!   canceller aborts the task only after removing the entry, so a grace
-//!   period either expires or is cancelled, never both.
-//! - Reconciliation and grace expiry close only sessions of the router's
-//!   live incarnation, and re-check that the router is still live before
-//!   each chunk: once a deletion fenced the router, its sessions are left to
-//!   the deleter alone.
+//! - A router has at most one grace entry in `graces`, and whoever removes
+//!   it (the expiry at its end, a reconciliation, a new disconnect of a
+//!   newer incarnation, or shutdown) releases the router's liveness hold,
+//!   exactly once.
+//! - The entry holds its timer's abort handle from the start (the task is
+//!   spawned under the lock). A timer still sleeping is aborted; once the
+//!   expiry closes sessions (`expiry` set), it is only stopped between
+//!   chunks, never cut half-way, and a reconciliation that cancels it waits
+//!   for the chunk in flight, so the two never close the same router's
+//!   sessions side by side.
+//! - Reconciliation, grace expiry and reaping close only `Active` sessions of
+//!   the router's live incarnation (a compare-exchange from `Active`), and
+//!   re-check that the router is live right before each chunk: a session
+//!   its deletion marked `Terminating` is the deletion's alone.
 //!
 //! # Deadlock safety
 //!
-//! One lock, `graces`, held only to look up, insert or remove an entry; never
-//! across an `.await` or while spawning. Under it, the one other lock ever
-//! taken is the liveness monitor's `held` map (when a new grace period
-//! holds its router), a leaf lock that takes nothing else: so a hold is
-//! always in place before a cancel or an expiry can release it. Releases
-//! happen after `graces` is dropped.
+//! Two locks. `graces` (sync) is held only to look up, insert or remove an
+//! entry, and never across an `.await`. Under it, the crate may spawn the
+//! timer task (its future takes no lock when dropped), publish
+//! `RouterDisconnected` (the bus's lock is a leaf) and take the liveness
+//! monitor's `held` map (a leaf): so a hold is in place before any cancel
+//! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
+//! across the awaits of one chunk, never while `graces` is held, and is the
+//! only lock then.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
@@ -37,7 +43,7 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cleanup::{close_all, remove_if_same};
+use crate::cleanup::{CloseFrom, close_all, remove_if_same};
 use crate::event::{Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
@@ -127,7 +133,20 @@ struct Grace {
     incarnation: Incarnation,
     epoch: u64,
     deadline: Instant,
-    task: Option<AbortHandle>,
+    task: AbortHandle,
+    /// Set once the expiry started closing sessions: from then on it is
+    /// stopped between chunks, never aborted half-way.
+    expiry: Option<Arc<Expiry>>,
+}
+
+/// An expiry closing a router's sessions, chunk by chunk.
+#[derive(Default)]
+struct Expiry {
+    /// Raised by a cancel (a reconnect) or a shutdown: no chunk starts after.
+    stop: AtomicBool,
+    /// Held while a chunk closes: a cancel waits on it, so a reconciliation
+    /// never runs beside a chunk of the expiry it cancelled.
+    closing: tokio::sync::Mutex<()>,
 }
 
 /// Builder of a [`Reconciler`].
@@ -293,7 +312,7 @@ impl ReconcilerBuilder {
         mut self,
         monitor: &LivenessMonitor<S, Pr>,
     ) -> Self {
-        self.config.liveness = Some(Arc::new(monitor.clone()));
+        self.config.liveness = Some(monitor.holds());
         self
     }
 
@@ -543,6 +562,15 @@ impl From<RouterError> for ReconcileError {
     }
 }
 
+/// Stops a grace period's timer: aborts it while it sleeps, or stops its
+/// expiry between chunks once it closes sessions.
+fn stop(grace: Grace) {
+    match grace.expiry {
+        Some(expiry) => expiry.stop.store(true, Ordering::Release),
+        None => grace.task.abort(),
+    }
+}
+
 /// Far enough not to matter: what a grace period past `Instant`'s range
 /// means.
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
@@ -678,7 +706,7 @@ impl<S: SessionStore> Reconciler<S> {
         let store = &*self.inner.store;
         let config = &self.inner.config;
         self.check_live(router, incarnation).await?;
-        let grace_cancelled = self.cancel_grace(router, incarnation);
+        let grace_cancelled = self.cancel_grace(router, incarnation).await;
         let mut summary = ReconcileSummary {
             router,
             incarnation,
@@ -720,19 +748,19 @@ impl<S: SessionStore> Reconciler<S> {
         }
 
         // What the store holds that the router no longer does.
-        let cutoff = started
-            .checked_sub(config.spare_younger_than)
-            .unwrap_or(started);
+        // `None`: the age reaches back past the clock's start, so every
+        // session is young enough to be spared.
+        let cutoff = started.checked_sub(config.spare_younger_than);
         let held = store.sessions(router).await?;
         let mut missing: Vec<Session<S::Payload>> = Vec::new();
         for session in held {
             if session.incarnation() != incarnation
-                || session.state() == SessionState::Closed
+                || session.state() != SessionState::Active
                 || reported.contains(&session.id())
             {
                 continue;
             }
-            if session.created_at() >= cutoff {
+            if cutoff.is_none_or(|cutoff| session.created_at() >= cutoff) {
                 summary.spared += 1;
             } else {
                 missing.push(session);
@@ -742,6 +770,9 @@ impl<S: SessionStore> Reconciler<S> {
         let mut closed = Vec::new();
         for chunk in missing.chunks(config.chunk) {
             self.next_chunk(router, incarnation, &mut summary).await?;
+            // Right before closing, even in the first chunk: a router fenced
+            // since is its deletion's.
+            self.check_live(router, incarnation).await?;
             closed.extend(self.close_and_remove(chunk, CloseReason::Reclaimed).await);
         }
         summary.closed = closed.len();
@@ -805,9 +836,20 @@ impl<S: SessionStore> Reconciler<S> {
         sessions: &[Session<S::Payload>],
         reason: CloseReason,
     ) -> Vec<SessionId> {
-        let closed = close_all(self.inner.config.reclaim.as_ref(), sessions, reason).await;
+        // Only `Active` sessions: one its router's deletion marked meanwhile
+        // is the deletion's alone.
+        let closed = close_all(
+            self.inner.config.reclaim.as_ref(),
+            sessions,
+            reason,
+            CloseFrom::Active,
+        )
+        .await;
+        // `closed` is a subsequence of `sessions`, in order: remove what this
+        // call closed, nothing a deletion owns.
+        let mut won = closed.iter().peekable();
         for session in sessions {
-            if session.is_closed() {
+            if won.next_if_eq(&&session.id()).is_some() {
                 remove_if_same(&*self.inner.store, session).await;
             }
         }
@@ -883,54 +925,17 @@ impl<S: SessionStore> Reconciler<S> {
             .checked_add(grace)
             .or_else(|| now.checked_add(FAR_FUTURE))
             .unwrap_or(now);
-        let epoch = {
-            let mut graces = self.inner.graces.lock();
-            if self.inner.tracker.is_closed() {
-                return Err(ReconcileError::ShutDown);
-            }
-            match graces.get(&router) {
-                Some(running) if running.incarnation == incarnation => {
-                    return Ok(running.deadline);
-                }
-                _ => {}
-            }
-            let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
-            let replaced = graces.insert(
-                router,
-                Grace {
-                    incarnation,
-                    epoch,
-                    deadline,
-                    task: None,
-                },
-            );
-            match replaced {
-                // The router's hold carries over to the new period.
-                Some(old) => {
-                    if let Some(task) = old.task {
-                        task.abort();
-                    }
-                }
-                None => self.hold(router),
-            }
-            epoch
-        };
-        let this = self.clone();
-        let task = self.inner.tracker.spawn_on(
-            async move { this.expire(router, incarnation, epoch, deadline).await },
-            &runtime,
-        );
         let mut graces = self.inner.graces.lock();
-        match graces.get_mut(&router) {
-            Some(entry) if entry.epoch == epoch => entry.task = Some(task.abort_handle()),
-            // Shut down meanwhile: the timer must not hold the shutdown up.
-            // (Cancelled or expired otherwise: the task ends by itself, and
-            // an expiry already closing sessions is not cut half-way.)
-            _ if self.inner.tracker.is_closed() => task.abort(),
-            _ => {}
+        if self.inner.tracker.is_closed() {
+            return Err(ReconcileError::ShutDown);
         }
-        drop(graces);
+        if let Some(running) = graces.get(&router) {
+            if running.incarnation == incarnation {
+                return Ok(running.deadline);
+            }
+        }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
+        // Published before the timer exists: `RouterLost` cannot overtake it.
         emit(self.inner.config.events.as_ref(), || {
             Event::RouterDisconnected {
                 router,
@@ -938,25 +943,49 @@ impl<S: SessionStore> Reconciler<S> {
                 grace,
             }
         });
+        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        // Spawned under the lock (the task's future takes no lock when it is
+        // dropped): its entry holds its abort handle from the start.
+        let this = self.clone();
+        let task = self.inner.tracker.spawn_on(
+            async move { this.expire(router, incarnation, epoch, deadline).await },
+            &runtime,
+        );
+        let replaced = graces.insert(
+            router,
+            Grace {
+                incarnation,
+                epoch,
+                deadline,
+                task: task.abort_handle(),
+                expiry: None,
+            },
+        );
+        match replaced {
+            // An older incarnation's period: its hold carries over.
+            Some(old) => stop(old),
+            None => self.hold(router),
+        }
+        drop(graces);
         Ok(deadline)
     }
 
-    /// Removes the grace entry of `router` in `incarnation` and stops its
-    /// timer; `true` if there was one.
-    fn cancel_grace(&self, router: RouterId, incarnation: Incarnation) -> bool {
-        let mut graces = self.inner.graces.lock();
-        if graces
-            .get(&router)
-            .is_none_or(|grace| grace.incarnation != incarnation)
-        {
+    /// Ends the router's grace period, whatever its incarnation (an older
+    /// one's is stale), and waits for a chunk its expiry may be closing;
+    /// `true` if there was one for `incarnation`.
+    async fn cancel_grace(&self, router: RouterId, incarnation: Incarnation) -> bool {
+        let Some(grace) = self.inner.graces.lock().remove(&router) else {
             return false;
-        }
-        if let Some(task) = graces.remove(&router).and_then(|grace| grace.task) {
-            task.abort();
-        }
-        drop(graces);
+        };
+        let matched = grace.incarnation == incarnation;
+        let expiry = grace.expiry.clone();
+        stop(grace);
         self.release(router);
-        true
+        if let Some(expiry) = expiry {
+            // The chunk in flight finishes; none starts after.
+            drop(expiry.closing.lock().await);
+        }
+        matched
     }
 
     fn hold(&self, router: RouterId) {
@@ -979,43 +1008,65 @@ impl<S: SessionStore> Reconciler<S> {
         deadline: Instant,
     ) {
         tokio::time::sleep_until(deadline).await;
-        {
+        let expiry = {
             let mut graces = self.inner.graces.lock();
-            if graces.get(&router).is_none_or(|grace| grace.epoch != epoch) {
+            let Some(grace) = graces.get_mut(&router).filter(|g| g.epoch == epoch) else {
                 return; // cancelled
-            }
-            graces.remove(&router);
-        }
+            };
+            Arc::clone(grace.expiry.get_or_insert_with(Arc::default))
+        };
         let span = tracing::info_span!("grace_expired", %router, %incarnation);
-        let closed = self.close_lost(router, incarnation).instrument(span).await;
-        self.release(router);
-        emit(self.inner.config.events.as_ref(), || Event::RouterLost {
-            router,
-            incarnation,
-            closed,
-        });
+        let closed = self
+            .close_lost(router, incarnation, &expiry)
+            .instrument(span)
+            .await;
+        if let Some(closed) = closed {
+            emit(self.inner.config.events.as_ref(), || Event::RouterLost {
+                router,
+                incarnation,
+                closed,
+            });
+        }
+        let mut graces = self.inner.graces.lock();
+        if graces.get(&router).is_some_and(|g| g.epoch == epoch) {
+            graces.remove(&router);
+            // Under the lock, as the hold was taken: see `# Deadlock safety`.
+            self.release(router);
+        }
     }
 
     /// Closes the sessions of a router whose grace period expired, chunk by
-    /// chunk while it stays live in `incarnation`; returns how many.
-    async fn close_lost(&self, router: RouterId, incarnation: Incarnation) -> usize {
+    /// chunk while it stays live in `incarnation` and the expiry is not
+    /// stopped; how many, or `None` if the router was not live (left to its
+    /// deletion) or the expiry was stopped before closing anything.
+    async fn close_lost(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        expiry: &Expiry,
+    ) -> Option<usize> {
         let held = match self.inner.store.sessions(router).await {
             Ok(held) => held,
             Err(error) => {
                 tracing::warn!(%error, "grace expired but the router's sessions could not be listed");
-                return 0;
+                return None;
             }
         };
         let mut open: Vec<_> = held
             .into_iter()
-            .filter(|s| s.incarnation() == incarnation && !s.is_closed())
+            .filter(|s| s.incarnation() == incarnation && s.state() == SessionState::Active)
             .collect();
         open.sort_unstable_by_key(Session::id);
-        let mut closed = 0;
+        let mut closed = None;
         for (number, chunk) in open.chunks(self.inner.config.chunk).enumerate() {
             if number > 0 {
                 // Between chunks only: a small router closes in one go.
                 tokio::task::yield_now().await;
+            }
+            let _closing = expiry.closing.lock().await;
+            if expiry.stop.load(Ordering::Acquire) {
+                tracing::info!("grace expiry stopped: the router reconnected or shutdown");
+                break;
             }
             match self.inner.store.router_status(router).await {
                 Ok(RouterStatus::Live(live)) if live == incarnation => {}
@@ -1031,12 +1082,21 @@ impl<S: SessionStore> Reconciler<S> {
                     break;
                 }
             }
-            closed += self
+            let now = self
                 .close_and_remove(chunk, CloseReason::RouterLost)
                 .await
                 .len();
+            closed = Some(closed.unwrap_or(0) + now);
         }
-        tracing::warn!(closed, "grace period expired; router's sessions closed");
+        if open.is_empty() {
+            // Nothing to close: lost all the same, if still live.
+            let live = matches!(self.inner.store.router_status(router).await,
+                Ok(RouterStatus::Live(live)) if live == incarnation);
+            closed = live.then_some(0);
+        }
+        if let Some(closed) = closed {
+            tracing::warn!(closed, "grace period expired; router's sessions closed");
+        }
         closed
     }
 
@@ -1077,9 +1137,7 @@ impl<S: SessionStore> Reconciler<S> {
             graces.drain().collect()
         };
         for (router, grace) in stopped {
-            if let Some(task) = grace.task {
-                task.abort();
-            }
+            stop(grace);
             self.release(router);
         }
         self.inner.tracker.wait().await;

@@ -17,6 +17,7 @@
 //! `running` (async) is taken first and alone; the `last` report mutex is
 //! taken only to store or copy a report, never across an `.await`.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -28,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cleanup::close_all;
+use crate::cleanup::{CloseFrom, close_all};
 use crate::event::{Event, EventBus, emit};
+use crate::id::SessionId;
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseReason, Session};
 use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus, SessionStore};
@@ -40,8 +42,10 @@ use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus,
 /// (sessions whose router is gone, deleted, or in a newer incarnation) with
 /// [`CloseReason::Reclaimed`], their resources through the reclaim queue if
 /// one is configured, and calls [`SessionStore::repair`], which re-checks
-/// and fixes each finding: index/map disagreements, orphans, closed
-/// sessions left in the store. Each repair is logged and published as an
+/// and fixes each finding: index/map disagreements, orphans, and closed
+/// sessions left in the store (removed once two sweeps in a row saw them,
+/// so a close whose removal is on its way is not counted as a repair).
+/// Each repair is logged and published as an
 /// [`Event::Repaired`].
 ///
 /// A sweep never races a deletion into a double release: sessions of a
@@ -77,6 +81,11 @@ struct Inner<S> {
     config: Config,
     running: tokio::sync::Mutex<()>,
     last: Mutex<Option<SweepReport>>,
+    /// Closed sessions the last sweep saw in the store: one is removed only
+    /// when two sweeps in a row see it, so a close whose removal is on its
+    /// way (a reconciliation, a reap, a client's `close`) is not taken for a
+    /// leftover.
+    lingering: Mutex<HashSet<SessionId>>,
     counters: Counters,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -145,8 +154,10 @@ pub struct AuditSweeperBuilder {
 /// let _ = session.close(CloseReason::ClientClosed); // closed, never removed
 ///
 /// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
+/// let first = sweeper.sweep().await?;
+/// assert_eq!(first.audit.closed_in_store, vec![session.id()]);
+/// assert!(first.repairs.is_empty()); // seen once: its removal may be on its way
 /// let report = sweeper.sweep().await?;
-/// assert_eq!(report.audit.closed_in_store, vec![session.id()]);
 /// assert_eq!(report.repairs[0].action, RepairAction::ClosedRemoved);
 /// println!("sweep took {:?}", report.duration);
 /// assert!(store.is_empty());
@@ -186,10 +197,11 @@ pub struct SweepReport {
 /// let _ = session.close(CloseReason::ClientClosed);
 ///
 /// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
-/// let _ = sweeper.sweep().await?;
+/// let _ = sweeper.sweep().await?; // sees the closed session once
+/// let _ = sweeper.sweep().await?; // twice: removes it
 /// let _ = sweeper.sweep().await?; // nothing left to find
 /// let stats = sweeper.stats();
-/// assert_eq!((stats.sweeps, stats.findings, stats.repairs, stats.failures), (2, 1, 1, 0));
+/// assert_eq!((stats.sweeps, stats.findings, stats.repairs, stats.failures), (3, 2, 1, 0));
 /// # Ok(())
 /// # }
 /// ```
@@ -306,6 +318,7 @@ impl AuditSweeperBuilder {
     /// let mut events = bus.subscribe();
     /// let sweeper = AuditSweeper::builder().events(bus).build(Arc::clone(&store))?;
     /// let _ = sweeper.sweep().await?;
+    /// let _ = sweeper.sweep().await?; // a closed session is removed when seen twice
     /// match events.try_recv() {
     ///     Some(Event::Repaired(repair)) => assert_eq!(repair.session, session.id()),
     ///     other => panic!("unexpected {other:?}"),
@@ -342,6 +355,7 @@ impl AuditSweeperBuilder {
                 config: self.config,
                 running: tokio::sync::Mutex::new(()),
                 last: Mutex::new(None),
+                lingering: Mutex::new(HashSet::new()),
                 counters: Counters::default(),
                 stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -500,6 +514,21 @@ impl<S: SessionStore> AuditSweeper<S> {
         result
     }
 
+    /// `audit` with only the closed sessions the previous sweep saw too;
+    /// remembers this sweep's for the next.
+    fn second_sighting(&self, audit: &AuditReport) -> AuditReport {
+        let mut lingering = self.inner.lingering.lock();
+        let seen_before = std::mem::replace(
+            &mut *lingering,
+            audit.closed_in_store.iter().copied().collect(),
+        );
+        let mut findings = audit.clone();
+        findings
+            .closed_in_store
+            .retain(|id| seen_before.contains(id));
+        findings
+    }
+
     async fn sweep_once(&self) -> Result<SweepReport, BackendError> {
         let started = Instant::now();
         let store = &*self.inner.store;
@@ -536,10 +565,11 @@ impl<S: SessionStore> AuditSweeper<S> {
             self.inner.config.reclaim.as_ref(),
             &orphans,
             CloseReason::Reclaimed,
+            CloseFrom::Open,
         )
         .await;
         drop(orphans);
-        let repairs = store.repair(&audit).await?;
+        let repairs = store.repair(&self.second_sighting(&audit)).await?;
         counters
             .repairs
             .fetch_add(repairs.len() as u64, Ordering::Relaxed);

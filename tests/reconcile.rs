@@ -452,3 +452,69 @@ async fn a_monitored_router_in_grace_is_not_reaped() {
         monitor.shutdown().await;
     }
 }
+
+/// Reconciliation and grace expiry close only `Active` sessions: one a
+/// deletion (or the controller) marked `Terminating` is left alone.
+#[tokio::test(start_paused = true)]
+async fn terminating_sessions_are_left_to_their_deletion() {
+    let (store, observed, reconciler, _events) = disconnected_setup(4).await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(observed.sessions[0].begin_terminating().won());
+    let report = reconciler
+        .reconcile(observed.router, observed.incarnation, ids([]))
+        .await
+        .unwrap();
+    assert_eq!(report.closed, ids([1, 2, 3]));
+    assert!(!observed.sessions[0].is_closed());
+
+    // The same for a grace expiry.
+    let (store2, observed2, reconciler2, _events2) = disconnected_setup(4).await;
+    assert!(observed2.sessions[3].begin_terminating().won());
+    reconciler2
+        .router_disconnected(observed2.router)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(observed2.count_reason(CloseReason::RouterLost), 3);
+    assert!(!observed2.sessions[3].is_closed());
+    assert_eq!(store2.count(observed2.router).await.unwrap(), 1);
+    drop(store);
+}
+
+/// A reconnect while the expiry is closing sessions chunk by chunk stops
+/// it: what the reconciliation kept stays open.
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_stops_an_expiry_in_progress() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = observed_router(&store, RouterId::new(1), 0, 40).await;
+    let reconciler = Reconciler::builder()
+        .grace_period(Duration::from_secs(30))
+        .chunk_size(1)
+        .build(Arc::clone(&store));
+    reconciler
+        .router_disconnected(observed.router)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // Let the expiry close a few sessions, one chunk per yield.
+    while observed.count_reason(CloseReason::RouterLost) < 3 {
+        tokio::task::yield_now().await;
+    }
+    let report = reconciler
+        .reconcile(observed.router, observed.incarnation, ids(0..40))
+        .await
+        .unwrap();
+    assert!(report.summary.grace_cancelled);
+    let lost = observed.count_reason(CloseReason::RouterLost);
+    assert!(lost < 40, "the expiry was stopped");
+    assert_eq!(report.drop.len(), lost, "the router drops what was lost");
+    assert_eq!(report.summary.matched, 40 - lost);
+    // Long after: the expiry never resumed.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(observed.count_reason(CloseReason::RouterLost), lost);
+    assert_eq!(store.count(observed.router).await.unwrap(), 40 - lost);
+    assert_eq!(reconciler.in_grace(), 0);
+}

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
-use crate::cleanup::close_all;
+use crate::cleanup::{CloseFrom, close_all};
 use crate::event::{Event, emit};
 use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseReason, Resource, Session, Transition};
@@ -341,6 +341,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             self.config.reclaim.as_ref(),
             &self.tracked,
             CloseReason::Forced,
+            CloseFrom::Open,
         )
         .await
         .len();

@@ -515,7 +515,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// # }
     /// ```
     pub fn hold_router(&self, router: RouterId) {
-        *self.shared.held.lock().entry(router).or_default() += 1;
+        Holds(Arc::clone(&self.shared)).hold(router);
     }
 
     /// Releases one hold of `router` (see
@@ -525,13 +525,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// See the example on [`hold_router`](Self::hold_router).
     pub fn release_router(&self, router: RouterId) {
-        let mut held = self.shared.held.lock();
-        if let Some(holds) = held.get_mut(&router) {
-            *holds -= 1;
-            if *holds == 0 {
-                held.remove(&router);
-            }
-        }
+        Holds(Arc::clone(&self.shared)).release(router);
     }
 
     /// Whether `router` is held now.
@@ -594,13 +588,31 @@ pub(crate) trait RouterHold: Send + Sync + 'static {
     fn release(&self, router: RouterId);
 }
 
-impl<S: SessionStore, Pr: Prober> RouterHold for LivenessMonitor<S, Pr> {
+impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
+    /// The monitor's holds, without keeping the monitor running: the
+    /// reconciler's reference does not count as a handle.
+    pub(crate) fn holds(&self) -> Arc<dyn RouterHold> {
+        Arc::new(Holds(Arc::clone(&self.shared)))
+    }
+}
+
+/// A monitor's holds, as a `Reconciler` keeps them: the shared state, not a
+/// handle (dropping every handle still stops the monitor).
+struct Holds<S: SessionStore, Pr>(Arc<Shared<S, Pr>>);
+
+impl<S: SessionStore, Pr: Prober> RouterHold for Holds<S, Pr> {
     fn hold(&self, router: RouterId) {
-        self.hold_router(router);
+        *self.0.held.lock().entry(router).or_default() += 1;
     }
 
     fn release(&self, router: RouterId) {
-        self.release_router(router);
+        let mut held = self.0.held.lock();
+        if let Some(holds) = held.get_mut(&router) {
+            *holds = holds.saturating_sub(1);
+            if *holds == 0 {
+                held.remove(&router);
+            }
+        }
     }
 }
 

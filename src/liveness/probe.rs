@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::report::LivenessEvent;
-use crate::cleanup::{close_all, remove_if_same};
+use crate::cleanup::{CloseFrom, close_all, remove_if_same};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::message::transport_error;
 use crate::session::{CloseReason, Session, SessionState};
@@ -426,7 +426,14 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// the reclaim queue if there is one) and removes them from the store.
     async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
         let reason = CloseReason::LivenessTimeout;
-        let closed = close_all(self.config.reclaim.as_ref(), &dead, reason).await;
+        // A session its router's deletion marked meanwhile is the deletion's.
+        let closed = close_all(
+            self.config.reclaim.as_ref(),
+            &dead,
+            reason,
+            CloseFrom::Active,
+        )
+        .await;
         // `closed` is a subsequence of `dead`, in order.
         let mut won = closed.iter().peekable();
         for session in &dead {

@@ -43,6 +43,7 @@ pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownRepo
 use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
+use crate::cleanup::CloseFrom;
 use crate::event::{Event, EventBus};
 use crate::id::SessionId;
 use crate::session::{CloseOutcome, CloseReason, Session};
@@ -597,6 +598,7 @@ impl ReclaimQueue {
         &self,
         sessions: &[Session<P>],
         reason: CloseReason,
+        from: CloseFrom,
     ) -> Vec<SessionId>
     where
         P: Send + Sync + 'static,
@@ -604,7 +606,11 @@ impl ReclaimQueue {
         let mut closed = Vec::new();
         let mut queued = Vec::new();
         for session in sessions {
-            if let Ok(deferred) = session.close_deferred(reason) {
+            let deferred = match from {
+                CloseFrom::Open => session.close_deferred(reason).ok(),
+                CloseFrom::Active => session.close_deferred_active(reason),
+            };
+            if let Some(deferred) = deferred {
                 closed.push(session.id());
                 queued.extend(release_tasks(session, deferred));
             }

@@ -451,6 +451,39 @@ impl<P> Session<P> {
         if !outcome.won() {
             return Err(outcome);
         }
+        Ok(self.defer_release(reason))
+    }
+
+    /// [`close_deferred`](Self::close_deferred), but only from `Active`:
+    /// `None` if the session is `Terminating` (its deletion's) or closed.
+    pub(crate) fn close_deferred_active(&self, reason: CloseReason) -> Option<DeferredClose>
+    where
+        P: Send + Sync + 'static,
+    {
+        self.inner
+            .word
+            .close_active(reason)
+            .then(|| self.defer_release(reason))
+    }
+
+    /// Closes the session only if it is `Active`, as
+    /// [`close`](Self::close) does; `true` if this call closed it. A
+    /// `Terminating` session is left to the deletion that marked it.
+    pub(crate) fn close_active(&self, reason: CloseReason) -> bool {
+        let won = self.inner.word.close_active(reason);
+        if won {
+            #[cfg(feature = "metrics")]
+            crate::metrics::closed(reason);
+            self.complete_close(reason);
+        }
+        won
+    }
+
+    /// The winner's side of a deferred close: groups the resources by class.
+    fn defer_release(&self, reason: CloseReason) -> DeferredClose
+    where
+        P: Send + Sync + 'static,
+    {
         #[cfg(feature = "metrics")]
         crate::metrics::closed(reason);
         let resources = self.take_resources();
@@ -467,11 +500,11 @@ impl<P> Session<P> {
             }
         }
         groups.sort_by_key(|(class, _)| class.rank());
-        Ok(DeferredClose {
+        DeferredClose {
             reason,
             groups,
             completion: std::sync::Arc::new(CompleteOnDrop(self.clone())),
-        })
+        }
     }
 
     /// Waits until the session is closed and its close has completed

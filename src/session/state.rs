@@ -382,6 +382,28 @@ impl StateWord {
         }
     }
 
+    /// Closes the word only if it is `Active`; `true` if this call closed it.
+    /// A `Terminating` session belongs to its deletion and is left alone.
+    pub(crate) fn close_active(&self, reason: CloseReason) -> bool {
+        let closed = CLOSED | (reason.code() << REASON_SHIFT);
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            if current & STATE_MASK != ACTIVE {
+                return false;
+            }
+            // Orderings as in `close`.
+            match self.0.compare_exchange_weak(
+                current,
+                closed | (current & KEPT_ON_CLOSE),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(word) => current = word,
+            }
+        }
+    }
+
     /// Sets the long-lived flag; `true` for the one caller that set it.
     pub(crate) fn flag_long_lived(&self) -> bool {
         // Relaxed: the flag orders nothing else.
