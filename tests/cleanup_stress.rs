@@ -170,6 +170,8 @@ async fn scenario(seed: u64) {
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
+    // Two sweeps: a closed session is removed on its second sighting.
+    sweeper.sweep().await.unwrap();
     let last = sweeper.sweep().await.unwrap();
     sweeper.shutdown().await;
     reconciler.shutdown().await;
