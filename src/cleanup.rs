@@ -3,20 +3,8 @@
 
 use crate::id::SessionId;
 use crate::reclaim::ReclaimQueue;
-use crate::session::{CloseReason, Session};
+use crate::session::{CloseFrom, CloseReason, Session};
 use crate::store::SessionStore;
-
-/// Which sessions a close may take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CloseFrom {
-    /// Any open session (`Active` or `Terminating`): the deletion's own
-    /// force-close, and orphans, which no deletion owns.
-    Open,
-    /// Only `Active` sessions: paths that run beside a possible deletion
-    /// (reconciliation, grace expiry, reaping) leave a `Terminating`
-    /// session to the deletion that marked it.
-    Active,
-}
 
 /// Closes each session of `sessions` that `from` allows with `reason`, its
 /// resources through `queue` if there is one (critical ones of every
@@ -37,10 +25,7 @@ where
         // A close won here completes before it returns.
         None => sessions
             .iter()
-            .filter(|session| match from {
-                CloseFrom::Open => session.close(reason).won(),
-                CloseFrom::Active => session.close_active(reason),
-            })
+            .filter(|session| session.close_from(reason, from))
             .map(Session::id)
             .collect(),
     }

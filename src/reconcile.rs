@@ -43,12 +43,12 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cleanup::{CloseFrom, close_all, remove_if_same};
+use crate::cleanup::{close_all, remove_if_same};
 use crate::event::{Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
-use crate::session::{CloseReason, Session, SessionState};
+use crate::session::{CloseFrom, CloseReason, Session, SessionState};
 use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
 
 /// Reconciles what routers report against the store, and gives
@@ -770,9 +770,6 @@ impl<S: SessionStore> Reconciler<S> {
         let mut closed = Vec::new();
         for chunk in missing.chunks(config.chunk) {
             self.next_chunk(router, incarnation, &mut summary).await?;
-            // Right before closing, even in the first chunk: a router fenced
-            // since is its deletion's.
-            self.check_live(router, incarnation).await?;
             closed.extend(self.close_and_remove(chunk, CloseReason::Reclaimed).await);
         }
         summary.closed = closed.len();
@@ -803,9 +800,10 @@ impl<S: SessionStore> Reconciler<S> {
         summary.chunks += 1;
         if summary.chunks > 1 {
             tokio::task::yield_now().await;
-            self.check_live(router, incarnation).await?;
         }
-        Ok(())
+        // Right before each chunk, the first included: a router fenced since
+        // the call started is its deletion's.
+        self.check_live(router, incarnation).await
     }
 
     async fn check_live(

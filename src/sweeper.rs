@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cleanup::{CloseFrom, close_all};
+use crate::cleanup::close_all;
 use crate::event::{Event, EventBus, emit};
 use crate::id::SessionId;
 use crate::reclaim::ReclaimQueue;
-use crate::session::{CloseReason, Session};
+use crate::session::{CloseFrom, CloseReason, Session};
 use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus, SessionStore};
 
 /// Audits the store periodically and repairs what it finds.

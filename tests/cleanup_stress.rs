@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::{Behaviour, Rng, scripted};
 use session_lifecycle::{
-    AuditSweeper, CloseReason, Corruption, Incarnation, MemoryStore, NewSession, Reconciler,
-    RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionStore,
+    AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionStore,
 };
 use tokio::task::JoinSet;
 use tokio::time::Duration;
@@ -120,7 +120,10 @@ async fn scenario(seed: u64) {
         });
     }
     // Router 7 disconnects for good: its grace period expires mid-run.
+    let bus = EventBus::new(64);
+    let mut lost = bus.subscribe();
     let reconciler = Reconciler::builder()
+        .events(bus)
         .grace_period(Duration::from_millis(50))
         .chunk_size(64)
         .build(Arc::clone(&store));
@@ -160,8 +163,11 @@ async fn scenario(seed: u64) {
     }
     // Let the grace period expire under the load, then stop.
     tokio::time::timeout(Duration::from_secs(10), async {
-        while store.count(RouterId::new(LOST)).await.unwrap() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            if let Some(Event::RouterLost { router, .. }) = lost.recv().await {
+                assert_eq!(router, RouterId::new(LOST));
+                return;
+            }
         }
     })
     .await

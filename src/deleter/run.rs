@@ -28,10 +28,10 @@ use tracing::Instrument;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
-use crate::cleanup::{CloseFrom, close_all};
+use crate::cleanup::close_all;
 use crate::event::{Event, emit};
 use crate::id::{Incarnation, RouterId};
-use crate::session::{CloseReason, Resource, Session, Transition};
+use crate::session::{CloseFrom, CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.

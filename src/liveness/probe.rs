@@ -22,10 +22,10 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::report::LivenessEvent;
-use crate::cleanup::{CloseFrom, close_all, remove_if_same};
+use crate::cleanup::{close_all, remove_if_same};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::message::transport_error;
-use crate::session::{CloseReason, Session, SessionState};
+use crate::session::{CloseFrom, CloseReason, Session, SessionState};
 use crate::store::SessionStore;
 
 /// Asks routers whether sessions are alive.

@@ -43,10 +43,9 @@ pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownRepo
 use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
-use crate::cleanup::CloseFrom;
 use crate::event::{Event, EventBus};
 use crate::id::SessionId;
-use crate::session::{CloseOutcome, CloseReason, Session};
+use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
 
 /// A bounded priority queue of reclamation work, run by worker tasks.
 ///
@@ -606,11 +605,7 @@ impl ReclaimQueue {
         let mut closed = Vec::new();
         let mut queued = Vec::new();
         for session in sessions {
-            let deferred = match from {
-                CloseFrom::Open => session.close_deferred(reason).ok(),
-                CloseFrom::Active => session.close_deferred_active(reason),
-            };
-            if let Some(deferred) = deferred {
+            if let Some(deferred) = session.close_deferred_from(reason, from) {
                 closed.push(session.id());
                 queued.extend(release_tasks(session, deferred));
             }

@@ -26,7 +26,9 @@ use tokio::time::{Duration, Instant};
 use super::beat::Beat;
 use super::closed::{Closed, ClosedOwned};
 use super::resource::{AttachError, Resource, ResourceClass, Resources};
-use super::state::{CloseOutcome, CloseReason, SessionState, StateWord, Transition, WatchRefused};
+use super::state::{
+    CloseFrom, CloseOutcome, CloseReason, SessionState, StateWord, Transition, WatchRefused,
+};
 use super::token::SessionToken;
 use super::traffic::{Traffic, TrafficCounters};
 use crate::id::{Incarnation, RouterId, SessionId};
@@ -454,29 +456,40 @@ impl<P> Session<P> {
         Ok(self.defer_release(reason))
     }
 
-    /// [`close_deferred`](Self::close_deferred), but only from `Active`:
-    /// `None` if the session is `Terminating` (its deletion's) or closed.
-    pub(crate) fn close_deferred_active(&self, reason: CloseReason) -> Option<DeferredClose>
+    /// [`close_deferred`](Self::close_deferred) from the states `from`
+    /// allows: `None` if another caller closed the session first, or, for
+    /// [`CloseFrom::Active`], if it is `Terminating` (its deletion's).
+    pub(crate) fn close_deferred_from(
+        &self,
+        reason: CloseReason,
+        from: CloseFrom,
+    ) -> Option<DeferredClose>
     where
         P: Send + Sync + 'static,
     {
-        self.inner
-            .word
-            .close_active(reason)
+        self.won_from(reason, from)
             .then(|| self.defer_release(reason))
     }
 
-    /// Closes the session only if it is `Active`, as
-    /// [`close`](Self::close) does; `true` if this call closed it. A
-    /// `Terminating` session is left to the deletion that marked it.
-    pub(crate) fn close_active(&self, reason: CloseReason) -> bool {
-        let won = self.inner.word.close_active(reason);
+    /// Closes the session, as [`close`](Self::close) does, from the states
+    /// `from` allows; `true` if this call closed it.
+    pub(crate) fn close_from(&self, reason: CloseReason, from: CloseFrom) -> bool {
+        let won = self.won_from(reason, from);
         if won {
             #[cfg(feature = "metrics")]
             crate::metrics::closed(reason);
             self.complete_close(reason);
         }
         won
+    }
+
+    /// Moves the state word to `Closed` from the states `from` allows;
+    /// `true` if this call did.
+    fn won_from(&self, reason: CloseReason, from: CloseFrom) -> bool {
+        match from {
+            CloseFrom::Open => self.inner.word.close(reason).won(),
+            CloseFrom::Active => self.inner.word.close_active(reason),
+        }
     }
 
     /// The winner's side of a deferred close: groups the resources by class.

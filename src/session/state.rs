@@ -191,6 +191,18 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// Which sessions a close may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseFrom {
+    /// Any open session (`Active` or `Terminating`): the deletion's own
+    /// force-close, and orphans, which no deletion owns.
+    Open,
+    /// Only `Active` sessions: paths that run beside a possible deletion
+    /// (reconciliation, grace expiry, reaping) leave a `Terminating`
+    /// session to the deletion that marked it.
+    Active,
+}
+
 /// The outcome of [`Session::begin_terminating`](crate::Session::begin_terminating):
 /// whether this caller moved the session, and if not, where it was.
 ///
