@@ -211,6 +211,21 @@ pub use session::{
     ResourceClass, Session, SessionState, SessionToken, Traffic, Transition,
 };
 pub use stats::Stats;
+
+/// The session store on etcd (feature `etcd`): [`EtcdStore`](etcd::EtcdStore)
+/// and what goes with it. The `etcd-client` crate it uses is re-exported as
+/// [`etcd::client`], for a store's [`client`](etcd::EtcdStore::client).
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub mod etcd {
+    #[cfg(feature = "test-util")]
+    pub use crate::store::etcd::WatchSuspension;
+    pub use crate::store::etcd::{
+        DEFAULT_PREFIX, EtcdError, EtcdPayload, EtcdStore, EtcdStoreBuilder, RecordError,
+        WriterStats,
+    };
+    pub use etcd_client as client;
+}
 #[cfg(any(test, feature = "test-util"))]
 pub use store::Corruption;
 pub use store::{

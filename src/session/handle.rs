@@ -907,6 +907,18 @@ impl<P> NewSession<P> {
         self.incarnation
     }
 
+    /// The token, for a store that persists it.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn token_bytes(&self) -> Option<&[u8]> {
+        self.token.as_ref().map(SessionToken::as_bytes)
+    }
+
+    /// The payload, for a store that persists it.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn payload_ref(&self) -> &P {
+        &self.payload
+    }
+
     /// Builds the session handle, `Active`, created now on tokio's clock.
     ///
     /// Stores call this once they accepted the session; a session built here

@@ -162,6 +162,21 @@ impl CloseReason {
         }
     }
 
+    /// The reason as one byte, for stores that persist it.
+    #[cfg(feature = "etcd")]
+    pub(crate) const fn wire_code(self) -> u8 {
+        // `code()` is 1..=7.
+        self.code() as u8
+    }
+
+    /// The reason [`wire_code`](Self::wire_code) encoded, if `code` is one.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn try_from_code(code: u8) -> Option<Self> {
+        (1..=7)
+            .contains(&code)
+            .then(|| Self::from_code(u32::from(code)))
+    }
+
     fn from_code(code: u32) -> Self {
         match code {
             1 => Self::ClientClosed,

@@ -48,6 +48,7 @@ use super::error::{
 use super::report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
+use super::rules::{admits, check_finishable, holds};
 use crate::event::{CloseHook, Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
@@ -961,31 +962,6 @@ fn shrink_if_sparse<P>(index: &mut SessionIndex<P>) {
     }
 }
 
-fn check_finishable(
-    router: RouterId,
-    requested: Incarnation,
-    status: RouterStatus,
-) -> Result<(), FinishError> {
-    match status {
-        RouterStatus::Fenced(current) if current == requested => Ok(()),
-        RouterStatus::Deleted(current) if current == requested => {
-            Err(FinishError::AlreadyDeleted {
-                router,
-                incarnation: current,
-            })
-        }
-        RouterStatus::Live(current) if current == requested => Err(FinishError::NotFenced {
-            router,
-            incarnation: current,
-        }),
-        other => Err(FinishError::IncarnationMismatch {
-            router,
-            requested,
-            current: other.incarnation(),
-        }),
-    }
-}
-
 impl<P> RouterSlot<P> {
     fn live(incarnation: Incarnation) -> Self {
         Self {
@@ -996,38 +972,13 @@ impl<P> RouterSlot<P> {
 
     /// Whether a session may be created in `requested`.
     fn admits(&self, router: RouterId, requested: Incarnation) -> Result<(), CreateErrorKind> {
-        match self.status {
-            RouterStatus::Live(live) if live == requested => Ok(()),
-            RouterStatus::Fenced(fenced) if fenced == requested => Err(CreateErrorKind::Fenced {
-                router,
-                incarnation: fenced,
-            }),
-            RouterStatus::Deleted(deleted) if deleted == requested => {
-                Err(CreateErrorKind::RouterDeleted {
-                    router,
-                    incarnation: deleted,
-                })
-            }
-            RouterStatus::Live(live) => Err(CreateErrorKind::StaleIncarnation {
-                router,
-                requested,
-                live: Some(live),
-            }),
-            RouterStatus::Fenced(_) | RouterStatus::Deleted(_) => {
-                Err(CreateErrorKind::StaleIncarnation {
-                    router,
-                    requested,
-                    live: None,
-                })
-            }
-        }
+        admits(self.status, router, requested)
     }
 
     /// Whether a stored session of `incarnation` belongs here: the router is
     /// live or fenced in that very incarnation.
     fn status_holds(&self, incarnation: Incarnation) -> bool {
-        matches!(self.status,
-            RouterStatus::Live(current) | RouterStatus::Fenced(current) if current == incarnation)
+        holds(self.status, incarnation)
     }
 }
 

@@ -1,8 +1,11 @@
 //! The session store: the trait, its reports, and the in-memory store.
 
 mod error;
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 mod memory;
 mod report;
+mod rules;
 
 use std::future::Future;
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Starts a throwaway etcd on loopback (non-default ports, temporary data
+# directory), waits until it is healthy, and prints the endpoint.
+#
+#   source scripts/etcd-env.sh   # exports SESSION_LIFECYCLE_ETCD and ETCD_PID
+#
+# The server stops when the shell that sourced this exits (trap on EXIT).
+# Needs the `etcd` binary (Debian: apt-get install etcd-server).
+
+etcd_port="${SESSION_LIFECYCLE_ETCD_PORT:-23790}"
+etcd_peer_port=$((etcd_port + 1))
+etcd_dir="$(mktemp -d -t session-lifecycle-etcd.XXXXXX)"
+etcd \
+  --name session-lifecycle-test \
+  --data-dir "$etcd_dir" \
+  --listen-client-urls "http://127.0.0.1:${etcd_port}" \
+  --advertise-client-urls "http://127.0.0.1:${etcd_port}" \
+  --listen-peer-urls "http://127.0.0.1:${etcd_peer_port}" \
+  --initial-advertise-peer-urls "http://127.0.0.1:${etcd_peer_port}" \
+  --initial-cluster "session-lifecycle-test=http://127.0.0.1:${etcd_peer_port}" \
+  --log-level error >"$etcd_dir.log" 2>&1 &
+ETCD_PID=$!
+export ETCD_PID
+trap 'kill "$ETCD_PID" 2>/dev/null; wait "$ETCD_PID" 2>/dev/null; rm -rf "$etcd_dir" "$etcd_dir.log"' EXIT
+
+healthy=0
+for _ in $(seq 1 100); do
+  if ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:${etcd_port}" endpoint health >/dev/null 2>&1; then
+    healthy=1
+    break
+  fi
+  if ! kill -0 "$ETCD_PID" 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+if [ "$healthy" != 1 ]; then
+  echo "etcd did not become healthy on port ${etcd_port}; its log:" >&2
+  cat "$etcd_dir.log" >&2
+  exit 1
+fi
+export SESSION_LIFECYCLE_ETCD="http://127.0.0.1:${etcd_port}"
+echo "etcd is up at $SESSION_LIFECYCLE_ETCD (pid $ETCD_PID, data in $etcd_dir)"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs the EtcdStore test suite against a real etcd on loopback.
+#
+#   scripts/test-etcd.sh            # installs etcd and protoc if missing (as root)
+#   scripts/test-etcd.sh -- --nocapture
+#
+# Starts etcd in a temporary directory on non-default ports, waits for it,
+# runs `cargo test --features etcd` (every test, the etcd ones included) with
+# the endpoint in SESSION_LIFECYCLE_ETCD, and stops etcd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing: ${need[*]} (Debian packages); install them or run as root" >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+# shellcheck source=scripts/etcd-env.sh
+. scripts/etcd-env.sh
+args=()
+if [ "${1:-}" = "--" ]; then
+  shift
+  args=(-- "$@")
+fi
+cargo test --features etcd,test-util --test etcd_store "${args[@]}"
