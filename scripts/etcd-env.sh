@@ -21,7 +21,9 @@ etcd \
   --log-level error >"$etcd_dir.log" 2>&1 &
 ETCD_PID=$!
 export ETCD_PID
-trap 'kill "$ETCD_PID" 2>/dev/null; wait "$ETCD_PID" 2>/dev/null; rm -rf "$etcd_dir" "$etcd_dir.log"' EXIT
+# `|| true`: under `set -e` a stopped server's exit status must not become
+# the shell's.
+trap 'kill "$ETCD_PID" 2>/dev/null || true; wait "$ETCD_PID" 2>/dev/null || true; rm -rf "$etcd_dir" "$etcd_dir.log"' EXIT
 
 healthy=0
 for _ in $(seq 1 100); do
