@@ -37,8 +37,8 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, KvClient, Txn,
+    TxnOp, TxnOpResponse,
 };
 use foldhash::fast::RandomState;
 use futures::StreamExt;
@@ -416,6 +416,10 @@ impl EtcdStoreBuilder {
 ///   resolve. A watch cut off by a compaction re-lists instead.
 /// - `Terminating` is the state of the handles of the controller that runs
 ///   a deletion; etcd records sessions as open or closed.
+/// - A `create` that commits just before its router's fence and answers
+///   only after the whole deletion finished gets a handle of its own, open,
+///   which closes (`Reclaimed`) as soon as the watch reports the record
+///   gone; the deletion closed (and counted) another handle of that session.
 /// - [`get`](SessionStore::get) answers from the handle this controller
 ///   holds when it holds one (kept current by the watch) and reads etcd
 ///   otherwise; every other method reads etcd (linearizable reads).
@@ -1009,15 +1013,15 @@ impl<P: EtcdPayload> Shared<P> {
     }
 
     /// The handles of every record of `router`, read at one revision.
-    async fn router_sessions(
-        &self,
-        router: RouterId,
-        at: Option<i64>,
-    ) -> Result<Vec<Session<P>>, EtcdError> {
+    async fn router_sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, EtcdError> {
+        // Read at the current revision, after the load is announced: every
+        // change the watch applied before is in the read, every later one
+        // is remembered for it. (A read at an older revision could miss a
+        // change the watch applied before the load began.)
         let _loads = self.begin_loads();
         let prefix = self.keys.records(router);
         let end = prefix_end(&prefix);
-        let (kvs, revision) = self.list(prefix, end, at, false).await?;
+        let (kvs, revision) = self.list(prefix, end, None, false).await?;
         let loaded = kvs
             .iter()
             .map(|kv| self.load(kv))
@@ -1323,8 +1327,8 @@ impl<P: EtcdPayload> EtcdStore<P> {
     async fn fence_router(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
         let key = self.shared.keys.router(router);
         for _ in 0..CONTENTION {
-            let (status, read_at) = self.shared.status(router).await?;
-            let (incarnation, newly_fenced, at) = match status {
+            let (status, _) = self.shared.status(router).await?;
+            let (incarnation, newly_fenced) = match status {
                 None => return Err(FenceError::UnknownRouter(router)),
                 Some(RouterStatus::Deleted(incarnation)) => {
                     return Err(FenceError::AlreadyDeleted {
@@ -1332,7 +1336,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
                         incarnation,
                     });
                 }
-                Some(RouterStatus::Fenced(incarnation)) => (incarnation, false, read_at),
+                Some(RouterStatus::Fenced(incarnation)) => (incarnation, false),
                 Some(RouterStatus::Live(incarnation)) => {
                     let txn = Txn::new()
                         .when(live_in(&key, incarnation))
@@ -1350,12 +1354,12 @@ impl<P: EtcdPayload> EtcdStore<P> {
                     if !response.succeeded() {
                         continue; // fenced or re-registered meanwhile: look again
                     }
-                    (incarnation, true, revision_of(&response))
+                    (incarnation, true)
                 }
             };
-            // Every session created before the fence is in the listing at
-            // the fence's revision (I2).
-            let sessions = self.shared.router_sessions(router, Some(at)).await?;
+            // Read after the fence: every session created before it is in
+            // the listing, unless closed and removed since (I2).
+            let sessions = self.shared.router_sessions(router).await?;
             return Ok(FenceSnapshot {
                 router,
                 incarnation,
@@ -1394,30 +1398,24 @@ impl<P: EtcdPayload> EtcdStore<P> {
             if kvs.is_empty() {
                 break;
             }
+            // This controller's handles are closed here (quietly: their
+            // records go below); `handled` says which closes this call won.
+            let mut handled = std::collections::HashMap::new();
             for kv in &kvs {
-                let open = decode_head(kv.value()).map_or(true, |head| head.closed.is_none());
                 let Some(KeyKind::Record(_, id)) = shared.keys.parse(kv.key()) else {
                     continue;
                 };
-                let cached = shared
-                    .cache
-                    .get(&id)
-                    .filter(|c| c.created == kv.create_revision())
-                    .map(|c| c.session.clone());
-                let won = match cached {
-                    // Deleted below: no need to write the close.
-                    Some(session) => {
-                        shared.close_quietly(&session, kv.create_revision(), CloseReason::Reclaimed)
-                    }
-                    None => open,
-                };
-                closed += usize::from(won);
+                let created = kv.create_revision();
+                let cached = shared.cache.get(&id).filter(|c| c.created == created);
+                if let Some(session) = cached.map(|c| c.session.clone()) {
+                    let won = shared.close_quietly(&session, created, CloseReason::Reclaimed);
+                    handled.insert(id, won);
+                }
             }
-            let pages: Vec<_> = kvs
+            let pages: Vec<Vec<TxnOp>> = kvs
                 .chunks(MAX_TXN_OPS / 2)
                 .map(|page| {
-                    let ops: Vec<TxnOp> = page
-                        .iter()
+                    page.iter()
                         .flat_map(|kv| {
                             // A record key that does not parse has no
                             // pointer: a read stands in for it, so records
@@ -1431,55 +1429,68 @@ impl<P: EtcdPayload> EtcdStore<P> {
                                     Some(GetOptions::new().with_count_only()),
                                 ),
                             };
-                            [TxnOp::delete(kv.key(), None), second]
+                            let with_previous = DeleteOptions::new().with_prev_key();
+                            [TxnOp::delete(kv.key(), Some(with_previous)), second]
                         })
-                        .collect();
-                    (page.len(), ops)
+                        .collect()
                 })
                 .collect();
-            let results: Vec<Result<Option<usize>, EtcdError>> = futures::stream::iter(pages)
-                .map(|(count, ops)| {
-                    let txn = Txn::new()
-                        .when([Compare::value(
-                            key.clone(),
-                            CompareOp::Equal,
-                            fenced.clone(),
-                        )])
-                        .and_then(ops);
-                    async move {
-                        let response = shared
-                            .kv()
-                            .txn(txn)
-                            .await
-                            .map_err(EtcdError::request("delete sessions"))?;
-                        if !response.succeeded() {
-                            return Ok(None);
+            let results: Vec<Result<Option<Vec<KeyValue>>, EtcdError>> =
+                futures::stream::iter(pages)
+                    .map(|ops| {
+                        let txn = Txn::new()
+                            .when([Compare::value(
+                                key.clone(),
+                                CompareOp::Equal,
+                                fenced.clone(),
+                            )])
+                            .and_then(ops);
+                        async move {
+                            let response = shared
+                                .kv()
+                                .txn(txn)
+                                .await
+                                .map_err(EtcdError::request("delete sessions"))?;
+                            if !response.succeeded() {
+                                return Ok(None);
+                            }
+                            // The records this page deleted, as they were:
+                            // the even operations' previous values.
+                            let deleted = response
+                                .op_responses()
+                                .into_iter()
+                                .step_by(2)
+                                .filter_map(|op| match op {
+                                    TxnOpResponse::Delete(mut delete) => {
+                                        Some(delete.take_prev_kvs())
+                                    }
+                                    _ => None,
+                                })
+                                .flatten()
+                                .collect();
+                            Ok(Some(deleted))
                         }
-                        // Records are the even operations: count what was
-                        // there to delete (a client close may have won).
-                        let deleted = response
-                            .op_responses()
-                            .iter()
-                            .step_by(2)
-                            .map(|op| match op {
-                                TxnOpResponse::Delete(delete) => {
-                                    usize::try_from(delete.deleted()).unwrap_or(0)
-                                }
-                                _ => 0,
-                            })
-                            .sum::<usize>();
-                        Ok(Some(deleted.min(count)))
-                    }
-                })
-                .buffer_unordered(shared.concurrency)
-                .collect()
-                .await;
+                    })
+                    .buffer_unordered(shared.concurrency)
+                    .collect()
+                    .await;
             for result in results {
-                match result? {
-                    Some(count) => removed += count,
+                let Some(deleted) = result? else {
                     // No longer fenced in this incarnation: say why.
-                    None => check(shared.status(router).await?.0)?,
-                }
+                    check(shared.status(router).await?.0)?;
+                    continue;
+                };
+                removed += deleted.len();
+                // Closed by this call: a record still open when deleted,
+                // unless a handle of it here was closed by someone else.
+                closed += deleted
+                    .iter()
+                    .filter(|kv| decode_head(kv.value()).map_or(true, |h| h.closed.is_none()))
+                    .filter(|kv| match shared.keys.parse(kv.key()) {
+                        Some(KeyKind::Record(_, id)) => handled.get(&id).copied().unwrap_or(true),
+                        _ => true,
+                    })
+                    .count();
             }
             for kv in &kvs {
                 if let Some(KeyKind::Record(_, id)) = shared.keys.parse(kv.key()) {
@@ -1562,11 +1573,10 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
-        let (status, at) = self.shared.status(router).await?;
-        if status.is_none() {
+        if self.shared.status(router).await?.0.is_none() {
             return Err(RouterError::UnknownRouter(router));
         }
-        Ok(self.shared.router_sessions(router, Some(at)).await?)
+        Ok(self.shared.router_sessions(router).await?)
     }
 
     async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
