@@ -36,6 +36,11 @@ for _ in $(seq 1 100); do
   fi
   sleep 0.1
 done
+if [ "$healthy" = 1 ] && { sleep 0.5; ! kill -0 "$ETCD_PID" 2>/dev/null; }; then
+  # Something else answered on the port: not our etcd.
+  echo "port ${etcd_port} is taken by another server; set SESSION_LIFECYCLE_ETCD_PORT" >&2
+  healthy=0
+fi
 if [ "$healthy" != 1 ]; then
   echo "etcd did not become healthy on port ${etcd_port}; its log:" >&2
   cat "$etcd_dir.log" >&2

@@ -766,3 +766,131 @@ async fn etcd_deleter_stress_through_a_reclaim_queue_leaves_no_zombie() {
     };
     suite::deleter_stress(&EtcdBackend, etcd_sizes(), releases).await;
 }
+
+/// Closes of records near the size limit, more than fit in one request,
+/// and two lives of one id closed together: the writer splits its
+/// transactions to fit etcd's limits and never stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_fits_etcd_limits_and_never_stalls() {
+    let Some(endpoint) = endpoint() else { return };
+    let prefix = unique_prefix("limits");
+    let a: EtcdStore<String> = store_at(&endpoint, &prefix).await;
+    let b: EtcdStore<String> = store_at(&endpoint, &prefix).await;
+    let router = RouterId::new(1);
+    let incarnation = a.register_router(router).await.unwrap();
+    let big = "x".repeat(16_000); // just under the default record limit
+    let mut sessions = Vec::new();
+    for id in 1..=130 {
+        let spec = NewSession::new(SessionId::new(id), router, incarnation).payload(big.clone());
+        sessions.push(a.create(spec).await.unwrap());
+    }
+    // Two lives of id 1000 closed in one batch: same record key.
+    let x = SessionId::new(1000);
+    let spec = NewSession::new(x, router, incarnation).payload(String::new());
+    let old = a.create(spec).await.unwrap();
+    let deaf = a.suspend_watch();
+    let _ = b.remove(x).await.unwrap();
+    let spec = NewSession::new(x, router, incarnation).payload(String::new());
+    let _ = b.create(spec).await.unwrap();
+    for session in &sessions {
+        let _ = session.close(CloseReason::LivenessTimeout);
+    }
+    let _ = old.close(CloseReason::ClientClosed);
+    let new = a.get(x).await.unwrap().unwrap();
+    assert!(!Session::ptr_eq(&new, &old));
+    let _ = new.close(CloseReason::ClientClosed);
+    drop(deaf);
+    a.flush().await.unwrap();
+    let stats = a.writer_stats();
+    assert_eq!((stats.closes, stats.refused), (132, 0), "{stats:?}");
+    let census = b.census().await.unwrap();
+    assert_eq!((census[0].active, census[0].closed), (0, 131), "{census:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_session_another_controller_removed_is_unknown() {
+    let Some((a, b, _, incarnation)) = two_controllers("gone").await else {
+        return;
+    };
+    let router = RouterId::new(1);
+    let _ = fill(&a, router, incarnation, 1..=1).await;
+    let deaf = a.suspend_watch(); // A has not heard yet
+    let _ = b.remove(SessionId::new(1)).await.unwrap();
+    let second = a.remove(SessionId::new(1)).await;
+    drop(deaf);
+    assert!(
+        matches!(
+            second,
+            Err(session_lifecycle::SessionError::UnknownSession(_))
+        ),
+        "{:?}",
+        second.map(|s| s.id())
+    );
+}
+
+/// While one controller finishes (or fences) router 1, another removes
+/// some of its sessions and creates their ids again on router 2: the
+/// finish leaves router 2's pointers alone, and no snapshot of router 1
+/// holds a session of router 2. Timing-dependent: each run exercises the
+/// race on the sessions that happen to be moved while the listing or the
+/// deletion is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_reused_on_another_router_during_a_deletion_are_left_alone() {
+    let Some((a, b, _, first)) = two_controllers("reuse").await else {
+        return;
+    };
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let (doomed, other) = (RouterId::new(1), RouterId::new(2));
+    let second = a.register_router(other).await.unwrap();
+    const N: u64 = 2_000;
+    let creates: Vec<_> = (1..=N)
+        .map(|id| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                a.create(NewSession::new(SessionId::new(id), doomed, first))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for create in creates {
+        let _ = create.await.unwrap();
+    }
+    let deletion = {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move {
+            let snapshot = a.fence(doomed).await.unwrap();
+            let foreign: Vec<_> = snapshot
+                .sessions
+                .iter()
+                .filter(|s| s.router() != doomed)
+                .map(Session::id)
+                .collect();
+            (foreign, a.finish(doomed, first).await.unwrap())
+        })
+    };
+    let mut reused = Vec::new();
+    for id in (N - 300..=N).rev().map(SessionId::new) {
+        if deletion.is_finished() {
+            break;
+        }
+        // `remove` succeeds only if B (not the finish) removed it.
+        if b.remove(id).await.is_ok() && b.create(NewSession::new(id, other, second)).await.is_ok()
+        {
+            reused.push(id);
+        }
+    }
+    let (foreign, report) = deletion.await.unwrap();
+    assert!(foreign.is_empty(), "router 1's snapshot holds {foreign:?}");
+    assert_eq!(report.removed + reused.len(), N as usize, "{report:?}");
+    let audit = b.audit().await.unwrap();
+    assert!(audit.is_clean(), "{audit:?}");
+    assert_eq!(b.count(other).await.unwrap(), reused.len());
+    let fresh: EtcdStore = store_at(&endpoint().unwrap(), b.prefix()).await;
+    for &id in &reused {
+        assert!(
+            fresh.get(id).await.unwrap().is_some(),
+            "{id} lost its pointer"
+        );
+    }
+}

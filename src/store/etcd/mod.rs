@@ -13,9 +13,12 @@
 //!   `create_revision`, so no write meant for one life of a session id
 //!   touches a later one, and none brings a deleted record back.
 //! - Each controller holds at most one handle per session record (the
-//!   cache); a close by any controller reaches it through the watch.
-//! - `finish` deletes in pages of at most [`MAX_TXN_OPS`] operations, each
-//!   guarded on the router still being fenced in the incarnation, then
+//!   cache; a `create` answered after its router's whole deletion is the
+//!   one exception, see the type's docs); a close by any controller
+//!   reaches it through the watch.
+//! - `finish` deletes in transactions within [`MAX_TXN_OPS`], each guarded
+//!   on the router still being fenced in the incarnation, each record on
+//!   being the one listed and its pointer on being created with it, then
 //!   confirms with a linearizable count that nothing is left before it
 //!   writes the tombstone. Every step can run again: a deletion whose
 //!   controller died is resumed by another one.
@@ -425,11 +428,25 @@ impl EtcdStoreBuilder {
 ///   otherwise; every other method reads etcd (linearizable reads).
 /// - A deletion is driven by the same [`RouterDeleter`](crate::RouterDeleter):
 ///   its wait sees confirmations through the watch, and
-///   [`finish`](SessionStore::finish) deletes in pages of at most
-///   128 operations (1,000 keys per read) and confirms with a linearizable
-///   count before it writes the tombstone. If the controller running a
+///   [`finish`](SessionStore::finish) reads 1,000 records at a time,
+///   deletes them 32 per transaction (within etcd's 128 operations) and
+///   confirms with a linearizable check that nothing is left before it
+///   writes the tombstone. If the controller running a
 ///   deletion dies after the fence, `RouterDeleter::delete` on another
 ///   controller resumes it.
+///
+/// # Limits
+///
+/// - Deleted routers keep their tombstone key (`deleted <incarnation>`)
+///   forever; `audit` and `census` read every router key.
+/// - While etcd is unreachable, closes made on handles queue in memory
+///   (unbounded) until etcd takes them.
+/// - A pointer put back by [`repair`](SessionStore::repair) is not deleted
+///   by `finish` (it is not the one created with the record); the next
+///   repair drops it.
+/// - The store publishes no [`Event`](crate::Event)s and counts no
+///   `metrics` of its own; the deleter, monitor, reconciler and sweeper
+///   driving it do.
 ///
 /// # Faults
 ///
@@ -498,6 +515,9 @@ pub struct WriterStats {
     pub transactions: u64,
     /// Transactions that failed and were retried.
     pub failures: u64,
+    /// Single writes etcd refused as such (never expected: a record is
+    /// smaller than etcd's request limit); each is logged at error level.
+    pub refused: u64,
 }
 
 impl EtcdStore<()> {
@@ -563,6 +583,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
             removes: counters.removes.load(Relaxed),
             transactions: counters.transactions.load(Relaxed),
             failures: counters.failures.load(Relaxed),
+            refused: counters.refused.load(Relaxed),
         }
     }
 
@@ -787,8 +808,9 @@ impl<P: EtcdPayload> Shared<P> {
     }
 
     /// Turns records read at `revision` into this controller's handles,
-    /// reusing the handles it holds. Records whose handle must be checked
-    /// again (changed while loading) are pushed to `recheck`.
+    /// reusing the handles it holds; a record whose id has a later life
+    /// cached is left out (it is gone). Records whose handle must be
+    /// checked again (changed while loading) are pushed to `recheck`.
     fn adopt(
         &self,
         loaded: Vec<Loaded<P>>,
@@ -802,15 +824,16 @@ impl<P: EtcdPayload> Shared<P> {
             for loaded in loaded {
                 let (id, created) = (loaded.id, loaded.created);
                 let session = match self.cache.entry(id) {
-                    Entry::Occupied(entry) if entry.get().created >= created => {
+                    Entry::Occupied(entry) if entry.get().created == created => {
                         let cached = entry.get().session.clone();
-                        if entry.get().created == created {
-                            if let Some(reason) = loaded.record.closed {
-                                closes.push((cached.clone(), created, reason));
-                            }
+                        if let Some(reason) = loaded.record.closed {
+                            closes.push((cached.clone(), created, reason));
                         }
                         cached
                     }
+                    // A later life of the id is cached: the record read is
+                    // gone already (and may have been another router's).
+                    Entry::Occupied(entry) if entry.get().created > created => continue,
                     entry => {
                         let (session, open) = self.materialize(loaded);
                         let previous = match entry {
@@ -837,8 +860,7 @@ impl<P: EtcdPayload> Shared<P> {
                                 CloseReason::Reclaimed,
                             ));
                         }
-                        let changed = progress.relisting
-                            || progress.misses.get(&id).is_some_and(|&at| at > revision);
+                        let changed = progress.stale(id, revision);
                         if open && changed {
                             recheck.push((session.router(), id, created));
                         }
@@ -1045,35 +1067,47 @@ impl<P: EtcdPayload> Shared<P> {
         };
         let _loads = self.begin_loads();
         let pointer = self.keys.pointer(id);
-        let response = self
-            .kv()
-            .get(pointer.clone(), None)
-            .await
-            .map_err(EtcdError::request("read session pointer"))?;
-        let Some(kv) = response.kvs().first() else {
-            if let Some(created) = stale {
-                self.cache.remove_if(&id, |_, c| c.created == created);
-            }
-            return Ok(None);
-        };
-        let router = parse_pointer(kv)?;
-        let response = self
-            .kv()
-            .get(self.keys.record(router, id), None)
-            .await
-            .map_err(EtcdError::request("read session"))?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        let Some(kv) = response.kvs().first() else {
-            if let Some(created) = stale {
-                self.cache.remove_if(&id, |_, c| c.created == created);
-            }
-            return Ok(None); // a dangling pointer: `audit` reports it
-        };
-        let loaded = self.load(kv)?;
-        let mut recheck = Vec::new();
-        let session = self.adopt(vec![loaded], revision, &mut recheck).pop();
-        self.recheck(recheck).await?;
-        Ok(session)
+        // Two reads (pointer, then record): if the session moved to another
+        // router in between, read again.
+        let mut last_pointer = None;
+        for _ in 0..CONTENTION {
+            let response = self
+                .kv()
+                .get(pointer.clone(), None)
+                .await
+                .map_err(EtcdError::request("read session pointer"))?;
+            let Some(kv) = response.kvs().first() else {
+                if let Some(created) = stale {
+                    self.cache.remove_if(&id, |_, c| c.created == created);
+                }
+                return Ok(None);
+            };
+            let router = parse_pointer(kv)?;
+            let pointer_revision = kv.mod_revision();
+            let response = self
+                .kv()
+                .get(self.keys.record(router, id), None)
+                .await
+                .map_err(EtcdError::request("read session"))?;
+            let revision = response.header().map_or(0, |header| header.revision());
+            let Some(kv) = response.kvs().first() else {
+                if last_pointer == Some(pointer_revision) {
+                    return Ok(None); // a dangling pointer: `audit` reports it
+                }
+                // Moved or removed since the pointer was read: read again.
+                last_pointer = Some(pointer_revision);
+                continue;
+            };
+            let loaded = self.load(kv)?;
+            let mut recheck = Vec::new();
+            let adopted = self.adopt(vec![loaded], revision, &mut recheck).pop();
+            self.recheck(recheck).await?;
+            // Left out: a later life is cached, which is the id's session.
+            return Ok(adopted.or_else(|| self.cache.get(&id).map(|c| c.session.clone())));
+        }
+        Err(EtcdError::Contention {
+            key: String::from_utf8_lossy(&pointer).into_owned(),
+        })
     }
 
     /// Deletes the record of a handle (closed already) and its pointer,
@@ -1109,11 +1143,7 @@ struct LoadGuard<'a, P> {
 
 impl<P> Drop for LoadGuard<'_, P> {
     fn drop(&mut self) {
-        let mut progress = self.shared.progress.lock();
-        progress.loads -= 1;
-        if progress.loads == 0 {
-            progress.misses.clear();
-        }
+        self.shared.progress.lock().end_load();
     }
 }
 
@@ -1290,8 +1320,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
                     (session, None)
                 }
             };
-            let changed =
-                progress.relisting || progress.misses.get(&id).is_some_and(|&at| at > created);
+            let changed = progress.stale(id, created);
             (session, previous, changed)
         };
         if let Some((previous, created)) = previous {
@@ -1311,7 +1340,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
         &self,
         id: SessionId,
         reason: CloseReason,
-    ) -> Result<(Session<P>, CloseOutcome), SessionError> {
+    ) -> Result<(Session<P>, CloseOutcome, bool), SessionError> {
         let session = self
             .shared
             .handle(id)
@@ -1320,8 +1349,8 @@ impl<P: EtcdPayload> EtcdStore<P> {
         // The close is queued before the removal: other controllers see
         // the reason first.
         let outcome = session.close(reason);
-        self.shared.remove_record(&session).await?;
-        Ok((session, outcome))
+        let removed = self.shared.remove_record(&session).await?;
+        Ok((session, outcome, removed))
     }
 
     async fn fence_router(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
@@ -1391,15 +1420,24 @@ impl<P: EtcdPayload> EtcdStore<P> {
         shared.flush().await?;
         let prefix = shared.keys.records(router);
         let (mut removed, mut closed) = (0, 0);
+        // Page by page: a linearizable read of the first 1,000 records left,
+        // then their deletion; the router is fenced, so nothing new appears.
         loop {
-            let (kvs, _) = shared
-                .list(prefix.clone(), prefix_end(&prefix), None, false)
-                .await?;
+            let options = GetOptions::new()
+                .with_range(prefix_end(&prefix))
+                .with_limit(PAGE);
+            let kvs = shared
+                .kv()
+                .get(prefix.clone(), Some(options))
+                .await
+                .map_err(EtcdError::request("list sessions"))?
+                .take_kvs();
             if kvs.is_empty() {
                 break;
             }
-            // This controller's handles are closed here (quietly: their
-            // records go below); `handled` says which closes this call won.
+            // This controller's open handles are closed here (the close is
+            // written too, guarded: if a deletion below fails, etcd still
+            // learns it); `handled` says which closes this call won.
             let mut handled = std::collections::HashMap::new();
             for kv in &kvs {
                 let Some(KeyKind::Record(_, id)) = shared.keys.parse(kv.key()) else {
@@ -1408,93 +1446,26 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 let created = kv.create_revision();
                 let cached = shared.cache.get(&id).filter(|c| c.created == created);
                 if let Some(session) = cached.map(|c| c.session.clone()) {
-                    let won = shared.close_quietly(&session, created, CloseReason::Reclaimed);
-                    handled.insert(id, won);
+                    handled.insert(id, session.close(CloseReason::Reclaimed).won());
                 }
             }
-            let pages: Vec<Vec<TxnOp>> = kvs
-                .chunks(MAX_TXN_OPS / 2)
-                .map(|page| {
-                    page.iter()
-                        .flat_map(|kv| {
-                            // A record key that does not parse has no
-                            // pointer: a read stands in for it, so records
-                            // stay at the even operations.
-                            let second = match shared.keys.parse(kv.key()) {
-                                Some(KeyKind::Record(_, id)) => {
-                                    TxnOp::delete(shared.keys.pointer(id), None)
-                                }
-                                _ => TxnOp::get(
-                                    key.clone(),
-                                    Some(GetOptions::new().with_count_only()),
-                                ),
-                            };
-                            let with_previous = DeleteOptions::new().with_prev_key();
-                            [TxnOp::delete(kv.key(), Some(with_previous)), second]
-                        })
-                        .collect()
-                })
-                .collect();
-            let results: Vec<Result<Option<Vec<KeyValue>>, EtcdError>> =
-                futures::stream::iter(pages)
-                    .map(|ops| {
-                        let txn = Txn::new()
-                            .when([Compare::value(
-                                key.clone(),
-                                CompareOp::Equal,
-                                fenced.clone(),
-                            )])
-                            .and_then(ops);
-                        async move {
-                            let response = shared
-                                .kv()
-                                .txn(txn)
-                                .await
-                                .map_err(EtcdError::request("delete sessions"))?;
-                            if !response.succeeded() {
-                                return Ok(None);
-                            }
-                            // The records this page deleted, as they were:
-                            // the even operations' previous values.
-                            let deleted = response
-                                .op_responses()
-                                .into_iter()
-                                .step_by(2)
-                                .filter_map(|op| match op {
-                                    TxnOpResponse::Delete(mut delete) => {
-                                        Some(delete.take_prev_kvs())
-                                    }
-                                    _ => None,
-                                })
-                                .flatten()
-                                .collect();
-                            Ok(Some(deleted))
-                        }
-                    })
-                    .buffer_unordered(shared.concurrency)
-                    .collect()
-                    .await;
-            for result in results {
-                let Some(deleted) = result? else {
+            for (deleted, kind) in self.delete_page(&key, &fenced, kvs).await? {
+                let Some(deleted) = deleted else {
                     // No longer fenced in this incarnation: say why.
                     check(shared.status(router).await?.0)?;
                     continue;
                 };
-                removed += deleted.len();
-                // Closed by this call: a record still open when deleted,
-                // unless a handle of it here was closed by someone else.
-                closed += deleted
-                    .iter()
-                    .filter(|kv| decode_head(kv.value()).map_or(true, |h| h.closed.is_none()))
-                    .filter(|kv| match shared.keys.parse(kv.key()) {
-                        Some(KeyKind::Record(_, id)) => handled.get(&id).copied().unwrap_or(true),
-                        _ => true,
-                    })
-                    .count();
-            }
-            for kv in &kvs {
-                if let Some(KeyKind::Record(_, id)) = shared.keys.parse(kv.key()) {
-                    let created = kv.create_revision();
+                removed += 1;
+                // Closed by this call: a handle here whose close it won, or
+                // a record no handle here holds, still open when deleted.
+                let open = decode_head(deleted.value()).map_or(true, |h| h.closed.is_none());
+                let won = match kind {
+                    Some(KeyKind::Record(_, id)) => handled.get(&id).copied().unwrap_or(open),
+                    _ => open,
+                };
+                closed += usize::from(won);
+                if let Some(KeyKind::Record(_, id)) = kind {
+                    let created = deleted.create_revision();
                     shared.cache.remove_if(&id, |_, c| c.created == created);
                 }
             }
@@ -1537,6 +1508,114 @@ fn backend_kind(error: EtcdError) -> CreateErrorKind {
     CreateErrorKind::Backend(BackendError::new(error))
 }
 
+impl<P: EtcdPayload> EtcdStore<P> {
+    /// Deletes the listed records of a fenced router, and their pointers, in
+    /// transactions within etcd's [`MAX_TXN_OPS`], several in flight. Each
+    /// transaction is guarded on the router still being fenced in the
+    /// incarnation (`fenced` at `key`); each record is deleted only if it is
+    /// still the one listed (its `create_revision`), and its pointer only if
+    /// it was created with it, so a removal racing `finish` and a new life
+    /// of the id elsewhere are left alone. Returns, per transaction, `None`
+    /// if the router was no longer fenced, else the records it deleted as
+    /// they were, with what their keys name.
+    async fn delete_page(
+        &self,
+        key: &[u8],
+        fenced: &[u8],
+        kvs: Vec<KeyValue>,
+    ) -> Result<Vec<(Option<KeyValue>, Option<KeyKind>)>, EtcdError> {
+        let shared = &self.shared;
+        let mut out = Vec::with_capacity(kvs.len());
+        // Two nested transactions per record; etcd counts a nested
+        // transaction's operations against what its parent leaves of the
+        // 128: 32 records (64 operations) per transaction.
+        let pages: Vec<Vec<KeyValue>> = kvs
+            .chunks(MAX_TXN_OPS / 4)
+            .map(<[KeyValue]>::to_vec)
+            .collect();
+        let results: Vec<Result<Option<Vec<KeyValue>>, EtcdError>> = futures::stream::iter(pages)
+            .map(|page| async move {
+                let ops: Vec<TxnOp> = page
+                    .iter()
+                    .flat_map(|kv| {
+                        let created = kv.create_revision();
+                        // The record, if it is still this one.
+                        let record = TxnOp::txn(
+                            Txn::new()
+                                .when([Compare::create_revision(
+                                    kv.key(),
+                                    CompareOp::Equal,
+                                    created,
+                                )])
+                                .and_then([TxnOp::delete(
+                                    kv.key(),
+                                    Some(DeleteOptions::new().with_prev_key()),
+                                )]),
+                        );
+                        // Its pointer, if created with it.
+                        let pointer = match shared.keys.parse(kv.key()) {
+                            Some(KeyKind::Record(_, id)) => {
+                                let pointer = shared.keys.pointer(id);
+                                Some(TxnOp::txn(
+                                    Txn::new()
+                                        .when([Compare::create_revision(
+                                            pointer.clone(),
+                                            CompareOp::Equal,
+                                            created,
+                                        )])
+                                        .and_then([TxnOp::delete(pointer, None)]),
+                                ))
+                            }
+                            _ => None,
+                        };
+                        std::iter::once(record).chain(pointer)
+                    })
+                    .collect();
+                let txn = Txn::new()
+                    .when([Compare::value(key, CompareOp::Equal, fenced)])
+                    .and_then(ops);
+                let response = shared
+                    .kv()
+                    .txn(txn)
+                    .await
+                    .map_err(EtcdError::request("delete sessions"))?;
+                if !response.succeeded() {
+                    return Ok(None);
+                }
+                // The records deleted, as they were: from the nested
+                // transactions whose guard held.
+                let deleted = response
+                    .op_responses()
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        TxnOpResponse::Txn(nested) if nested.succeeded() => Some(nested),
+                        _ => None,
+                    })
+                    .flat_map(|nested| nested.op_responses())
+                    .filter_map(|op| match op {
+                        TxnOpResponse::Delete(mut delete) => Some(delete.take_prev_kvs()),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                Ok(Some(deleted))
+            })
+            .buffer_unordered(shared.concurrency)
+            .collect()
+            .await;
+        for result in results {
+            match result? {
+                None => out.push((None, None)),
+                Some(deleted) => out.extend(deleted.into_iter().map(|kv| {
+                    let kind = shared.keys.parse(kv.key());
+                    (Some(kv), kind)
+                })),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
     type Payload = P;
 
@@ -1569,7 +1648,11 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
     }
 
     async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
-        Ok(self.close_session(id, CloseReason::Reclaimed).await?.0)
+        match self.close_session(id, CloseReason::Reclaimed).await? {
+            (session, _, true) => Ok(session),
+            // Removed by someone else first (this controller had not heard).
+            (_, _, false) => Err(SessionError::UnknownSession(id)),
+        }
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {

@@ -43,6 +43,48 @@ pub(super) struct Progress {
     pub(super) misses: HashMap<SessionId, i64>,
     /// A re-list is running: every load checks its record again.
     pub(super) relisting: bool,
+    /// Too many misses were remembered: every load in flight checks its
+    /// record again (until no load is in flight).
+    pub(super) overflowed: bool,
+    /// The revision of the last re-list: a read older than it may have
+    /// missed a change the compacted watch never delivered.
+    pub(super) relisted_at: i64,
+}
+
+/// At most this many misses are remembered (then `overflowed`).
+const MAX_MISSES: usize = 65_536;
+
+impl Progress {
+    /// Whether a handle loaded from a read of `id` at `revision` may have
+    /// missed a change, and must read its record again.
+    pub(super) fn stale(&self, id: SessionId, revision: i64) -> bool {
+        self.relisting
+            || self.overflowed
+            || revision < self.relisted_at
+            || self.misses.get(&id).is_some_and(|&at| at > revision)
+    }
+
+    /// Remembers a change of `id` at `revision`, if loads are in flight.
+    fn remember(&mut self, id: SessionId, revision: i64) {
+        if self.loads == 0 || self.overflowed {
+            return;
+        }
+        if self.misses.len() >= MAX_MISSES {
+            self.misses.clear();
+            self.overflowed = true;
+            return;
+        }
+        self.misses.insert(id, revision);
+    }
+
+    /// One load fewer in flight.
+    pub(super) fn end_load(&mut self) {
+        self.loads = self.loads.saturating_sub(1);
+        if self.loads == 0 {
+            self.misses.clear();
+            self.overflowed = false;
+        }
+    }
 }
 
 /// Watches the store's keys until `stop`, or until the store is gone.
@@ -150,6 +192,7 @@ async fn relist<P: EtcdPayload>(shared: &Shared<P>, stop: &CancellationToken) {
             Ok(revision) => {
                 let mut progress = shared.progress.lock();
                 progress.applied = progress.applied.max(revision);
+                progress.relisted_at = progress.relisted_at.max(revision);
                 progress.relisting = false;
                 return;
             }
@@ -203,9 +246,7 @@ impl<P: EtcdPayload> Shared<P> {
                     }
                     // Remembered even when a cached handle took it: a load
                     // in flight may hold another handle of the same record.
-                    if progress.loads > 0 {
-                        progress.misses.insert(id, revision);
-                    }
+                    progress.remember(id, revision);
                 }
                 progress.applied = progress.applied.max(revision);
             }

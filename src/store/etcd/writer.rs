@@ -10,7 +10,10 @@
 //!   removal queued for one life of a session id never touches a later
 //!   session that reuses the id, and never brings a deleted record back.
 //! - A write is retried (with capped backoff) until etcd applied it or its
-//!   record is gone; nothing queued is dropped while the store is alive.
+//!   record is gone. Transactions stay under etcd's request limits (128
+//!   operations, 1 MiB, no key twice); a transaction etcd still refuses as
+//!   such is split, and a single write it refuses is given up, logged and
+//!   counted (`WriterStats::refused`): the only write ever dropped.
 //!
 //! # Deadlock safety
 //!
@@ -59,6 +62,7 @@ pub(super) struct WriterCounters {
     pub(super) removes: AtomicU64,
     pub(super) transactions: AtomicU64,
     pub(super) failures: AtomicU64,
+    pub(super) refused: AtomicU64,
 }
 
 /// Writes what arrives on `queue` until every sender is gone.
@@ -112,6 +116,8 @@ trait Guarded {
     const PER_TXN: usize;
     fn record(&self) -> &[u8];
     fn created(&self) -> i64;
+    /// The bytes the write puts in a request.
+    fn bytes(&self) -> usize;
     /// The operations that make the write.
     fn ops(&self) -> impl Iterator<Item = TxnOp>;
     /// Called once: `true` if written, `false` if the record was gone.
@@ -127,6 +133,10 @@ impl Guarded for CloseWrite {
 
     fn created(&self) -> i64 {
         self.created
+    }
+
+    fn bytes(&self) -> usize {
+        2 * self.record.len() + self.value.len()
     }
 
     fn ops(&self) -> impl Iterator<Item = TxnOp> {
@@ -147,6 +157,10 @@ impl Guarded for RemoveWrite {
         self.created
     }
 
+    fn bytes(&self) -> usize {
+        3 * self.record.len() + self.pointer.len()
+    }
+
     fn ops(&self) -> impl Iterator<Item = TxnOp> {
         [
             TxnOp::delete(self.record.clone(), None),
@@ -163,23 +177,29 @@ impl Guarded for RemoveWrite {
 }
 
 impl Writer {
-    /// Writes `writes` in transactions of `W::PER_TXN`, several in flight.
+    /// Writes `writes` in transactions (see [`batches`]), several in flight.
     async fn write<W: Guarded>(&self, writes: Vec<W>, counter: &AtomicU64) {
         if writes.is_empty() {
             return;
         }
         let count = writes.len() as u64;
-        futures::stream::iter(chunked(writes, W::PER_TXN))
+        futures::stream::iter(batches(writes))
             .for_each_concurrent(self.concurrency, |chunk| self.chunk(chunk))
             .await;
         counter.fetch_add(count, Ordering::Relaxed);
     }
 
     /// Writes one chunk, retrying until etcd took it; writes whose record
-    /// is gone (removed, or their router finished) are dropped from it.
-    async fn chunk<W: Guarded>(&self, mut chunk: Vec<W>) {
+    /// is gone (removed, or their router finished) are dropped from it. A
+    /// chunk etcd refuses as such (too large, say) is split in halves; a
+    /// single write it refuses is reported and given up.
+    async fn chunk<W: Guarded>(&self, chunk: Vec<W>) {
+        let mut pending = vec![chunk];
         let mut failures = 0u32;
-        while !chunk.is_empty() {
+        while let Some(mut chunk) = pending.pop() {
+            if chunk.is_empty() {
+                continue;
+            }
             let guards: Vec<Compare> = chunk
                 .iter()
                 .map(|w| Compare::create_revision(w.record(), CompareOp::Equal, w.created()))
@@ -190,13 +210,12 @@ impl Writer {
                 .and_then(ops)
                 .or_else(probes(chunk.iter().map(Guarded::record)));
             match self.send(txn, &mut failures).await {
-                Some(Ok(())) => {
+                Sent::Applied => {
                     for write in chunk {
                         write.done(true);
                     }
-                    return;
                 }
-                Some(Err(current)) => {
+                Sent::Guarded(current) => {
                     let mut left = Vec::with_capacity(chunk.len());
                     for (write, created) in chunk.into_iter().zip(current) {
                         if created == Some(write.created()) {
@@ -205,38 +224,105 @@ impl Writer {
                             write.done(false);
                         }
                     }
-                    chunk = left;
+                    pending.push(left);
                 }
-                None => {}
+                Sent::Retry => pending.push(chunk),
+                Sent::Refused(error) if chunk.len() > 1 => {
+                    tracing::debug!(%error, writes = chunk.len(), "etcd refused a batch; splitting it");
+                    let half = chunk.split_off(chunk.len() / 2);
+                    pending.push(half);
+                    pending.push(chunk);
+                }
+                Sent::Refused(error) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let record = String::from_utf8_lossy(chunk[0].record()).into_owned();
+                    tracing::error!(%error, %record, "etcd refuses this write; giving it up");
+                    for write in chunk {
+                        write.done(false);
+                    }
+                }
             }
         }
     }
 
-    /// Sends one guarded transaction. `Some(Ok)`: applied. `Some(Err)`: the
-    /// guard failed, with each record's current `create_revision` (`None`:
-    /// gone). `None`: etcd failed; the caller tries again after a backoff.
-    async fn send(&self, txn: Txn, failures: &mut u32) -> Option<Result<(), Vec<Option<i64>>>> {
+    /// Sends one guarded transaction; on a transient failure, sleeps the
+    /// backoff first and says to retry.
+    async fn send(&self, txn: Txn, failures: &mut u32) -> Sent {
         self.counters.transactions.fetch_add(1, Ordering::Relaxed);
         match self.kv.clone().txn(txn).await {
-            Ok(response) if response.succeeded() => Some(Ok(())),
-            Ok(response) => Some(Err(response
-                .op_responses()
-                .into_iter()
-                .map(|op| match op {
-                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.create_revision()),
-                    _ => None,
-                })
-                .collect())),
+            Ok(response) if response.succeeded() => Sent::Applied,
+            Ok(response) => Sent::Guarded(
+                response
+                    .op_responses()
+                    .into_iter()
+                    .map(|op| match op {
+                        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.create_revision()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(error) if refused(&error) => Sent::Refused(error),
             Err(error) => {
                 *failures = failures.saturating_add(1);
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff(*failures);
                 tracing::warn!(%error, ?delay, "etcd write failed; retrying");
                 tokio::time::sleep(delay).await;
-                None
+                Sent::Retry
             }
         }
     }
+}
+
+/// What became of one transaction.
+enum Sent {
+    Applied,
+    /// The guard failed: each record's current `create_revision` (`None`:
+    /// gone).
+    Guarded(Vec<Option<i64>>),
+    /// A transient failure (etcd unreachable, no leader): try again.
+    Retry,
+    /// etcd refuses this request as such: sending it again cannot succeed.
+    Refused(etcd_client::Error),
+}
+
+/// Whether etcd refused the request itself (invalid argument, out of
+/// range: a request too large, a duplicate key), not failed to serve it.
+fn refused(error: &etcd_client::Error) -> bool {
+    const INVALID_ARGUMENT: i32 = 3;
+    const OUT_OF_RANGE: i32 = 11;
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if matches!(status.code() as i32, INVALID_ARGUMENT | OUT_OF_RANGE))
+}
+
+/// Requests stay well under etcd's default 1.5 MiB request limit.
+const MAX_TXN_BYTES: usize = 1 << 20;
+
+/// Splits `writes` into transactions of at most `W::PER_TXN` writes and
+/// [`MAX_TXN_BYTES`], never two writes of one key in a transaction (etcd
+/// refuses duplicate keys), keeping their order.
+fn batches<W: Guarded>(writes: Vec<W>) -> Vec<Vec<W>> {
+    let mut batches: Vec<Vec<W>> = Vec::new();
+    let mut keys = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for write in writes {
+        let full = batches.last().is_none_or(|batch| {
+            batch.len() >= W::PER_TXN
+                || bytes + write.bytes() > MAX_TXN_BYTES
+                || keys.contains(write.record())
+        });
+        if full {
+            batches.push(Vec::new());
+            keys.clear();
+            bytes = 0;
+        }
+        keys.insert(write.record().to_vec());
+        bytes += write.bytes();
+        if let Some(batch) = batches.last_mut() {
+            batch.push(write);
+        }
+    }
+    batches
 }
 
 /// The failure branch of a guarded write: each record, keys only.
@@ -252,15 +338,6 @@ pub(super) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(50 << exponent).min(Duration::from_secs(2))
 }
 
-fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
-    let mut chunks = Vec::with_capacity(items.len().div_ceil(size));
-    let mut items = items.into_iter().peekable();
-    while items.peek().is_some() {
-        chunks.push(items.by_ref().take(size).collect());
-    }
-    chunks
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,10 +349,39 @@ mod tests {
         assert_eq!(backoff(40), Duration::from_secs(2));
     }
 
+    fn close(id: u8, bytes: usize) -> CloseWrite {
+        CloseWrite {
+            record: vec![id],
+            created: 1,
+            value: vec![0; bytes],
+        }
+    }
+
     #[test]
-    fn chunks_keep_order_and_size() {
-        let chunks = chunked((0..10).collect(), 4);
-        assert_eq!(chunks, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
-        assert!(chunked(Vec::<u8>::new(), 4).is_empty());
+    fn batches_keep_order_and_respect_count_bytes_and_keys() {
+        let ids = |batches: &[Vec<CloseWrite>]| -> Vec<Vec<u8>> {
+            batches
+                .iter()
+                .map(|b| b.iter().map(|c| c.record[0]).collect())
+                .collect()
+        };
+        // Count: 128 per transaction.
+        let many: Vec<_> = (0..=200).map(|i| close((i % 250) as u8, 1)).collect();
+        let split = batches(many);
+        assert_eq!(
+            split.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![128, 73]
+        );
+        // Bytes: three 400 KiB closes do not fit in one request.
+        let big = batches(vec![
+            close(1, 400 << 10),
+            close(2, 400 << 10),
+            close(3, 400 << 10),
+        ]);
+        assert_eq!(ids(&big), vec![vec![1, 2], vec![3]]);
+        // Keys: two writes of one record never share a transaction.
+        let twice = batches(vec![close(1, 1), close(2, 1), close(1, 1), close(3, 1)]);
+        assert_eq!(ids(&twice), vec![vec![1, 2], vec![1, 3]]);
+        assert!(batches(Vec::<CloseWrite>::new()).is_empty());
     }
 }
