@@ -76,11 +76,13 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Two controllers (two stores) on one fresh prefix, with router 1
 /// registered through the first; `None` when the tests cannot run.
-async fn two_controllers(test: &str) -> Option<(EtcdStore, EtcdStore, String, Incarnation)> {
+async fn two_controllers<P: session_lifecycle::etcd::EtcdPayload>(
+    test: &str,
+) -> Option<(EtcdStore<P>, EtcdStore<P>, String, Incarnation)> {
     let endpoint = endpoint()?;
     let prefix = unique_prefix(test);
-    let a: EtcdStore = store_at(&endpoint, &prefix).await;
-    let b: EtcdStore = store_at(&endpoint, &prefix).await;
+    let a = store_at(&endpoint, &prefix).await;
+    let b = store_at(&endpoint, &prefix).await;
     let incarnation = a.register_router(RouterId::new(1)).await.unwrap();
     Some((a, b, prefix, incarnation))
 }
@@ -215,12 +217,10 @@ async fn create_fence_finish_follow_the_store_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_and_token_are_shared_between_controllers() {
-    let Some(endpoint) = endpoint() else { return };
-    let prefix = unique_prefix("payload");
-    let a: EtcdStore<String> = store_at(&endpoint, &prefix).await;
-    let b: EtcdStore<String> = store_at(&endpoint, &prefix).await;
+    let Some((a, b, _, incarnation)) = two_controllers::<String>("payload").await else {
+        return;
+    };
     let router = RouterId::new(1);
-    let incarnation = a.register_router(router).await.unwrap();
     let spec = NewSession::new(SessionId::new(1), router, incarnation)
         .token(b"s3cret".to_vec())
         .payload(String::from("alice"));
@@ -237,7 +237,7 @@ async fn payload_and_token_are_shared_between_controllers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_by_any_controller_resolves_closed_on_every_handle() {
-    let Some((a, b, _, incarnation)) = two_controllers("cross").await else {
+    let Some((a, b, _, incarnation)) = two_controllers::<()>("cross").await else {
         return;
     };
     let router = RouterId::new(1);
@@ -393,12 +393,12 @@ async fn a_deletion_fenced_by_a_dead_controller_is_resumed_by_another() {
     );
     assert_eq!(b.count(router).await.unwrap(), 0);
     assert!(b.audit().await.unwrap().is_clean());
-    // A's handles were dropped with A's store: nothing to wake there. A
-    // handle still alive would not be watched any more either.
+    // A's store is gone, and its watch with it: the handles A still holds
+    // are not told about B's deletion (they stay as A's deleter left them).
     assert!(
         a_handles
             .iter()
-            .all(|s| s.state() == SessionState::Terminating || s.is_closed())
+            .all(|s| s.state() == SessionState::Terminating)
     );
     let again = b
         .create(NewSession::new(SessionId::new(101), router, incarnation))
@@ -489,7 +489,7 @@ async fn audit_finds_and_repair_fixes_a_corrupted_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_watch_relists_and_closes_what_it_missed() {
-    let Some((a, b, prefix, incarnation)) = two_controllers("compact").await else {
+    let Some((a, b, prefix, incarnation)) = two_controllers::<()>("compact").await else {
         return;
     };
     let router = RouterId::new(1);
@@ -560,7 +560,7 @@ async fn an_unreachable_etcd_is_a_typed_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guarded_write_never_touches_a_later_life_of_the_id() {
-    let Some((a, b, prefix, first)) = two_controllers("lives").await else {
+    let Some((a, b, prefix, first)) = two_controllers::<()>("lives").await else {
         return;
     };
     let router = RouterId::new(1);
@@ -772,12 +772,10 @@ async fn etcd_deleter_stress_through_a_reclaim_queue_leaves_no_zombie() {
 /// transactions to fit etcd's limits and never stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_fits_etcd_limits_and_never_stalls() {
-    let Some(endpoint) = endpoint() else { return };
-    let prefix = unique_prefix("limits");
-    let a: EtcdStore<String> = store_at(&endpoint, &prefix).await;
-    let b: EtcdStore<String> = store_at(&endpoint, &prefix).await;
+    let Some((a, b, _, incarnation)) = two_controllers::<String>("limits").await else {
+        return;
+    };
     let router = RouterId::new(1);
-    let incarnation = a.register_router(router).await.unwrap();
     let big = "x".repeat(16_000); // just under the default record limit
     let mut sessions = Vec::new();
     for id in 1..=130 {
@@ -809,7 +807,7 @@ async fn the_writer_fits_etcd_limits_and_never_stalls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_session_another_controller_removed_is_unknown() {
-    let Some((a, b, _, incarnation)) = two_controllers("gone").await else {
+    let Some((a, b, _, incarnation)) = two_controllers::<()>("gone").await else {
         return;
     };
     let router = RouterId::new(1);
@@ -836,7 +834,7 @@ async fn removing_a_session_another_controller_removed_is_unknown() {
 /// deletion is in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ids_reused_on_another_router_during_a_deletion_are_left_alone() {
-    let Some((a, b, _, first)) = two_controllers("reuse").await else {
+    let Some((a, b, _, first)) = two_controllers::<()>("reuse").await else {
         return;
     };
     let (a, b) = (Arc::new(a), Arc::new(b));

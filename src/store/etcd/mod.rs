@@ -1019,19 +1019,14 @@ impl<P: EtcdPayload> Shared<P> {
         Ok((kvs, revision.unwrap_or(0)))
     }
 
-    /// The router's status and the revision it was read at.
-    async fn status(&self, router: RouterId) -> Result<(Option<RouterStatus>, i64), EtcdError> {
-        let key = self.keys.router(router);
+    /// The router's status (`None`: not registered).
+    async fn status(&self, router: RouterId) -> Result<Option<RouterStatus>, EtcdError> {
         let response = self
             .kv()
-            .get(key.clone(), None)
+            .get(self.keys.router(router), None)
             .await
             .map_err(EtcdError::request("read router"))?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        match response.kvs().first() {
-            None => Ok((None, revision)),
-            Some(kv) => Ok((Some(router_status(kv)?), revision)),
-        }
+        response.kvs().first().map(router_status).transpose()
     }
 
     /// The handles of every record of `router`, read at one revision.
@@ -1193,7 +1188,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
     async fn register(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
         let key = self.shared.keys.router(router);
         for _ in 0..CONTENTION {
-            let (status, _) = self.shared.status(router).await?;
+            let status = self.shared.status(router).await?;
             let guard = match status {
                 None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 Some(RouterStatus::Live(incarnation)) => {
@@ -1356,7 +1351,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
     async fn fence_router(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
         let key = self.shared.keys.router(router);
         for _ in 0..CONTENTION {
-            let (status, _) = self.shared.status(router).await?;
+            let status = self.shared.status(router).await?;
             let (incarnation, newly_fenced) = match status {
                 None => return Err(FenceError::UnknownRouter(router)),
                 Some(RouterStatus::Deleted(incarnation)) => {
@@ -1414,7 +1409,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
             None => Err(FinishError::UnknownRouter(router)),
             Some(status) => check_finishable(router, incarnation, status),
         };
-        check(shared.status(router).await?.0)?;
+        check(shared.status(router).await?)?;
         // The closes this controller made reach etcd first, with their
         // reasons, before the records go.
         shared.flush().await?;
@@ -1452,7 +1447,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
             for (deleted, kind) in self.delete_page(&key, &fenced, kvs).await? {
                 let Some(deleted) = deleted else {
                     // No longer fenced in this incarnation: say why.
-                    check(shared.status(router).await?.0)?;
+                    check(shared.status(router).await?)?;
                     continue;
                 };
                 removed += 1;
@@ -1489,7 +1484,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
             .await
             .map_err(EtcdError::request("tombstone router"))?;
         if !response.succeeded() {
-            check(shared.status(router).await?.0)?;
+            check(shared.status(router).await?)?;
             return Err(EtcdError::Contention {
                 key: String::from_utf8_lossy(&prefix).into_owned(),
             }
@@ -1627,7 +1622,6 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
         self.shared
             .status(router)
             .await?
-            .0
             .ok_or(RouterError::UnknownRouter(router))
     }
 
@@ -1656,7 +1650,7 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
-        if self.shared.status(router).await?.0.is_none() {
+        if self.shared.status(router).await?.is_none() {
             return Err(RouterError::UnknownRouter(router));
         }
         Ok(self.shared.router_sessions(router).await?)
