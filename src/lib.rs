@@ -75,8 +75,18 @@
 //! - `metrics`: counters, gauges and histograms named `session_lifecycle_*`
 //!   through the [`metrics`](https://docs.rs/metrics) facade (install any
 //!   exporter). Never labelled by session or router id.
-//! - `test-util`: `MemoryStore::corrupt`, which breaks the store's
-//!   invariants on purpose, for tests of audits and repairs.
+//! - `test-util`: the test kit, [`test_util`](test_util/index.html), for your controller's own
+//!   property tests (strategies, scripted fakes, the reference model,
+//!   invariant checks, a paused-time harness), and the hooks that break a
+//!   store on purpose (`MemoryStore::corrupt`, `MemoryStore::inject_fault`).
+//!   For `[dev-dependencies]` only.
+//!
+//! # Testing your controller
+//!
+//! With the `test-util` feature, [`test_util`](test_util/index.html) gives your test suite what
+//! the crate's own tests use, and its documentation is the guide: how to
+//! drive your controller with random operation sequences and check the
+//! invariants below after every step, with a complete example.
 //!
 //! # Quick start
 //!
@@ -187,6 +197,9 @@ mod session;
 mod stats;
 mod store;
 mod sweeper;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod test_util;
 
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
@@ -226,13 +239,13 @@ pub mod etcd {
     };
     pub use etcd_client as client;
 }
-#[cfg(any(test, feature = "test-util"))]
-pub use store::Corruption;
 pub use store::{
     AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
     FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, Repair,
     RepairAction, RouterCensus, RouterError, RouterStatus, SessionError, SessionStore,
 };
+#[cfg(any(test, feature = "test-util"))]
+pub use store::{Corruption, Fault};
 pub use sweeper::{
     AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperBuildError, SweeperStats,
 };

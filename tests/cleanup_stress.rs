@@ -8,12 +8,10 @@
 //! repeats the scenario 50 times (3 by default).
 #![cfg(feature = "test-util")]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{Behaviour, Rng, scripted};
+use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, SimRng, Subset};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
     Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionStore,
@@ -106,7 +104,7 @@ async fn scenario(seed: u64) {
     {
         let (store, tracked, stop) = (Arc::clone(&store), Arc::clone(&tracked), Arc::clone(&stop));
         tasks.spawn(async move {
-            let mut rng = Rng::new(seed);
+            let mut rng = SimRng::new(seed);
             while !stop.load(Ordering::SeqCst) {
                 let at = rng.below(tracked.len() as u64) as usize;
                 let session = &tracked[at].session;
@@ -152,7 +150,10 @@ async fn scenario(seed: u64) {
         .retry_backoff(Duration::from_millis(5), Duration::from_millis(10))
         .build(
             Arc::clone(&store),
-            scripted(&store, Behaviour::Partial, Behaviour::Never),
+            ScriptedNotifier::new(
+                Arc::clone(&store),
+                Script::by_round(Notify::Confirm(Subset::EvenIds), Notify::Never),
+            ),
         );
     let mut deletions = JoinSet::new();
     for r in DELETED {

@@ -1,13 +1,12 @@
 //! `RouterDeleter`: the run, its bound (paused time), joining, resuming,
 //! shutdown and errors.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{
-    Behaviour, HOUR, Scripted, SlowRelease, observed_router, report_within, scripted, within,
+use session_lifecycle::test_util::{
+    HOUR, Notify, ObservedRouter, Script, ScriptedNotifier, SlowRelease, Subset, report_within,
+    within,
 };
 use session_lifecycle::{
     CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
@@ -16,11 +15,21 @@ use tokio::time::{Duration, Instant};
 
 const R: RouterId = RouterId::new(7);
 
+/// A router that confirms everything.
+const OK: Notify = Notify::confirm_all();
+/// A router that confirms the sessions with an even id.
+const PARTIAL: Notify = Notify::Confirm(Subset::EvenIds);
+/// A router that takes 300 ms, then confirms everything.
+const SLOW: Notify = Notify::Slow {
+    delay: Duration::from_millis(300),
+    confirm: Subset::All,
+};
+
 fn deleter(
     store: &Arc<MemoryStore>,
-    first: Behaviour,
-    retries: Behaviour,
-) -> RouterDeleter<MemoryStore, Arc<Scripted>> {
+    first: Notify,
+    retries: Notify,
+) -> RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>> {
     RouterDeleter::builder()
         .batch_size(10)
         .notify_timeout(Duration::from_secs(1))
@@ -29,15 +38,15 @@ fn deleter(
         .retry_backoff(Duration::from_millis(500), Duration::from_secs(4))
         .build(
             Arc::clone(store),
-            Arc::new(Scripted::new(Arc::clone(store), first, retries)),
+            ScriptedNotifier::new(Arc::clone(store), Script::by_round(first, retries)),
         )
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_cooperative_router_confirms_everything() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 25).await;
-    let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
+    let observed = ObservedRouter::fill(&*store, R, 0, 25).await;
+    let deleter = deleter(&store, OK, OK);
     let outcome = within(HOUR, deleter.delete(R)).await.unwrap();
     let report = outcome.report().unwrap().clone();
     assert_eq!(
@@ -64,15 +73,15 @@ async fn a_cooperative_router_confirms_everything() {
         Duration::ZERO,
         "nothing waited on a timer"
     );
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
     assert!(store.audit().await.unwrap().is_clean());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_router_that_never_answers_is_forced_within_the_bound() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 25).await;
-    let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
+    let observed = ObservedRouter::fill(&*store, R, 0, 25).await;
+    let deleter = deleter(&store, Notify::Never, Notify::Never);
     let start = Instant::now();
     let report = report_within(HOUR, deleter.delete(R)).await;
     let elapsed = start.elapsed();
@@ -101,14 +110,14 @@ async fn a_router_that_never_answers_is_forced_within_the_bound() {
         (3, 9, 9)
     );
     assert_eq!(observed.count_reason(CloseReason::Forced), 25);
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn errors_and_panics_are_contained_and_forced() {
-    for behaviour in [Behaviour::Error, Behaviour::Panic] {
+    for behaviour in [Notify::Error, Notify::Panic] {
         let store = Arc::new(MemoryStore::new());
-        let observed = observed_router(&store, R, 0, 5).await;
+        let observed = ObservedRouter::fill(&*store, R, 0, 5).await;
         let deleter = deleter(&store, behaviour, behaviour);
         let report = report_within(HOUR, deleter.delete(R)).await;
         assert_eq!(
@@ -116,49 +125,41 @@ async fn errors_and_panics_are_contained_and_forced() {
             (5, 3),
             "{behaviour:?}"
         );
-        observed.assert_deleted(&store).await;
+        observed.assert_deleted(&*store).await;
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn stragglers_are_renotified_then_confirm() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 20).await;
-    let deleter = deleter(&store, Behaviour::Partial, Behaviour::Ok);
+    let observed = ObservedRouter::fill(&*store, R, 0, 20).await;
+    let deleter = deleter(&store, PARTIAL, OK);
     let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.confirmed, report.forced, report.rounds), (20, 0, 2));
     // Round 1 carried only the 10 odd-numbered stragglers: one batch.
     assert_eq!(report.notify_attempts, 2 + 1);
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn partial_confirmation_forces_the_rest() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 20).await;
-    let deleter = deleter(&store, Behaviour::Partial, Behaviour::Partial);
+    let observed = ObservedRouter::fill(&*store, R, 0, 20).await;
+    let deleter = deleter(&store, PARTIAL, PARTIAL);
     let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.confirmed, report.forced), (10, 10));
     assert_eq!(observed.count_reason(CloseReason::Forced), 10);
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn sessions_closed_before_the_run_count_as_already_closed() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 6).await;
+    let observed = ObservedRouter::fill(&*store, R, 0, 6).await;
     // Closed through the handle: still stored, already closed.
     assert!(observed.sessions[0].close(CloseReason::ClientClosed).won());
     assert!(observed.sessions[1].close(CloseReason::ClientClosed).won());
-    let report = within(
-        HOUR,
-        deleter(&store, Behaviour::Ok, Behaviour::Ok).delete(R),
-    )
-    .await
-    .unwrap()
-    .report()
-    .unwrap()
-    .clone();
+    let report = report_within(HOUR, deleter(&store, OK, OK).delete(R)).await;
     assert_eq!(
         (
             report.sessions,
@@ -168,14 +169,14 @@ async fn sessions_closed_before_the_run_count_as_already_closed() {
         ),
         (6, 2, 4, 0)
     );
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_deletes_join_one_run() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 12).await;
-    let deleter = deleter(&store, Behaviour::Slow, Behaviour::Slow);
+    let observed = ObservedRouter::fill(&*store, R, 0, 12).await;
+    let deleter = deleter(&store, SLOW, SLOW);
     let callers: Vec<_> = (0..4).map(|_| tokio::spawn(deleter.delete(R))).collect();
     let mut reports = Vec::new();
     for caller in callers {
@@ -194,54 +195,46 @@ async fn concurrent_deletes_join_one_run() {
         within(HOUR, deleter.delete(R)).await.unwrap(),
         DeleteOutcome::AlreadyDeleted { .. }
     ));
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_caller_does_not_stop_the_run() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 15).await;
-    let deleter = deleter(&store, Behaviour::Never, Behaviour::Ok);
+    let observed = ObservedRouter::fill(&*store, R, 0, 15).await;
+    let deleter = deleter(&store, Notify::Never, OK);
     let dropped = tokio::time::timeout(Duration::from_millis(1_500), deleter.delete(R)).await;
     assert!(dropped.is_err(), "the first round is still running");
     assert_eq!(deleter.running(), 1);
     deleter.shutdown().await;
     assert_eq!(deleter.running(), 0);
     assert_eq!(observed.count_reason(CloseReason::RouterDeleted), 15);
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_fenced_router_is_resumed() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 8).await;
+    let observed = ObservedRouter::fill(&*store, R, 0, 8).await;
     // An earlier run fenced the router, marked some sessions and died.
     let snapshot = store.fence(R).await.unwrap();
     for session in &snapshot.sessions[..4] {
         assert!(session.begin_terminating().won());
     }
-    let report = within(
-        HOUR,
-        deleter(&store, Behaviour::Ok, Behaviour::Ok).delete(R),
-    )
-    .await
-    .unwrap()
-    .report()
-    .unwrap()
-    .clone();
+    let report = report_within(HOUR, deleter(&store, OK, OK).delete(R)).await;
     assert!(report.resumed);
     assert_eq!((report.sessions, report.confirmed), (8, 8));
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn unknown_and_already_deleted_routers() {
     let store = Arc::new(MemoryStore::new());
-    let deleter = deleter(&store, Behaviour::Ok, Behaviour::Ok);
+    let deleter = deleter(&store, OK, OK);
     assert!(
         matches!(within(HOUR, deleter.delete(RouterId::new(99))).await, Err(DeleteError::UnknownRouter(r)) if r == RouterId::new(99))
     );
-    let observed = observed_router(&store, R, 0, 3).await;
+    let observed = ObservedRouter::fill(&*store, R, 0, 3).await;
     assert!(matches!(
         within(HOUR, deleter.delete(R)).await.unwrap(),
         DeleteOutcome::Deleted(_)
@@ -255,14 +248,14 @@ async fn unknown_and_already_deleted_routers() {
         }
         other => panic!("expected AlreadyDeleted, got {other:?}"),
     }
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_refuses_new_deletions_and_waits_for_running_ones() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 4).await;
-    let deleter = deleter(&store, Behaviour::Never, Behaviour::Never);
+    let observed = ObservedRouter::fill(&*store, R, 0, 4).await;
+    let deleter = deleter(&store, Notify::Never, Notify::Never);
     let running = tokio::spawn(deleter.delete(R));
     tokio::task::yield_now().await;
     deleter.shutdown().await;
@@ -272,19 +265,19 @@ async fn shutdown_refuses_new_deletions_and_waits_for_running_ones() {
     );
     let report = running.await.unwrap().unwrap().report().unwrap().clone();
     assert_eq!(report.forced, 4);
-    let _ = observed_router(&store, RouterId::new(8), 100, 1).await;
+    let _ = ObservedRouter::fill(&*store, RouterId::new(8), 100, 1).await;
     assert!(matches!(
         within(HOUR, deleter.delete(RouterId::new(8))).await,
         Err(DeleteError::ShuttingDown)
     ));
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn notifications_are_paced() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, R, 0, 1_000).await;
-    let notifier = scripted(&store, Behaviour::Ok, Behaviour::Ok);
+    let observed = ObservedRouter::fill(&*store, R, 0, 1_000).await;
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), OK);
     let deleter = RouterDeleter::builder()
         .batch_size(100)
         .notify_rate(200)
@@ -292,12 +285,13 @@ async fn notifications_are_paced() {
     let report = report_within(HOUR, deleter.delete(R)).await;
     // 10 batches of 100 at 200 sessions/s: the last leaves 4.5 s after the first.
     assert_eq!(report.durations.notify, Duration::from_millis(4_500));
-    assert_eq!(notifier.calls.load(Ordering::SeqCst), 10);
-    observed.assert_deleted(&store).await;
+    assert_eq!(notifier.call_count(), 10);
+    observed.assert_deleted(&*store).await;
 }
 
 /// Confirms by closing each session from a plain OS thread, as a transport
 /// thread of the controller would.
+// Kept: it confirms from a plain OS thread; the kit's notifiers confirm on tokio tasks.
 struct ThreadConfirm(Arc<MemoryStore>);
 
 impl session_lifecycle::TerminationNotifier for ThreadConfirm {

@@ -3,13 +3,28 @@
 //! phase of the run. After each case, I1 holds, the run stayed within its
 //! bound, and the report's counts add up and match what the sessions saw.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{BEHAVIOURS, Behaviour, HOUR, Scripted, observed_router, within};
+use session_lifecycle::test_util::{
+    HOUR, Notify, ObservedRouter, Script, ScriptedNotifier, Subset, within,
+};
 use session_lifecycle::{CloseReason, MemoryStore, RouterDeleter, RouterId};
 use tokio::time::{Duration, Instant};
+
+/// What the router does with a notice, on the first round and on the
+/// retries: confirms everything, confirms the even ids, fails, takes 300 ms
+/// then confirms everything, never answers, panics.
+const BEHAVIOURS: [Notify; 6] = [
+    Notify::confirm_all(),
+    Notify::Confirm(Subset::EvenIds),
+    Notify::Error,
+    Notify::Slow {
+        delay: Duration::from_millis(300),
+        confirm: Subset::All,
+    },
+    Notify::Never,
+    Notify::Panic,
+];
 
 /// When the caller drops its future, on the paused clock. With 2 batches
 /// per round, 1 s notify timeout, 2 s confirm timeout and 0.5–1 s first
@@ -26,10 +41,10 @@ const DROP_POINTS: [Option<Duration>; 5] = [
 
 const SESSIONS: u64 = 16;
 
-async fn case(first: Behaviour, retries: Behaviour, drop_at: Option<Duration>, keep_joiner: bool) {
+async fn case(first: Notify, retries: Notify, drop_at: Option<Duration>, keep_joiner: bool) {
     let store = Arc::new(MemoryStore::new());
     let router = RouterId::new(1);
-    let observed = observed_router(&store, router, 0, SESSIONS).await;
+    let observed = ObservedRouter::fill(&*store, router, 0, SESSIONS).await;
     // A client closes one session itself before the deletion.
     let _ = observed.sessions[3].close(CloseReason::ClientClosed);
     let deleter = RouterDeleter::builder()
@@ -40,7 +55,7 @@ async fn case(first: Behaviour, retries: Behaviour, drop_at: Option<Duration>, k
         .retry_backoff(Duration::from_millis(500), Duration::from_secs(2))
         .build(
             Arc::clone(&store),
-            Arc::new(Scripted::new(Arc::clone(&store), first, retries)),
+            ScriptedNotifier::new(Arc::clone(&store), Script::by_round(first, retries)),
         );
     let start = Instant::now();
     let caller = deleter.delete(router);
@@ -88,16 +103,15 @@ async fn case(first: Behaviour, retries: Behaviour, drop_at: Option<Duration>, k
             observed.count_reason(CloseReason::RouterDeleted),
             "{label}"
         );
-        let failing =
-            |b: Behaviour| matches!(b, Behaviour::Error | Behaviour::Never | Behaviour::Panic);
+        let failing = |b: Notify| matches!(b, Notify::Error | Notify::Never | Notify::Panic);
         if failing(first) && failing(retries) {
             assert_eq!(report.forced, SESSIONS as usize - 1, "{label}");
         }
-        if first == Behaviour::Ok {
+        if first == Notify::confirm_all() {
             assert_eq!((report.forced, report.rounds), (0, 1), "{label}");
         }
     }
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 }
 
 #[tokio::test(start_paused = true)]

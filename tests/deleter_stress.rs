@@ -5,19 +5,19 @@
 //! loses some notices. Afterwards: no session of a deleted router in the
 //! store, all of them closed, every resource released exactly once, every
 //! create that started after its router's deletion returned refused; live
-//! routers untouched. The scenario lives in the store-generic harness in
-//! `tests/suite`.
+//! routers untouched; the store's invariants hold. The scenario is the
+//! kit's (`session_lifecycle::test_util::conformance::deleter_stress`).
 //!
 //! `SESSION_LIFECYCLE_SOAK=200 cargo test --release --test deleter_stress`
 //! runs it 200 times.
 
-mod suite;
-
-use suite::{ForcedReleases, MemoryBackend, StressSizes};
+use session_lifecycle::test_util::conformance::{
+    ForcedReleases, MemoryBackend, StressSizes, deleter_stress,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_half_the_routers_under_load_leaves_no_zombie() {
-    suite::deleter_stress(
+    deleter_stress(
         &MemoryBackend,
         StressSizes::memory(),
         ForcedReleases::Inline,
@@ -33,5 +33,5 @@ async fn forced_releases_through_a_reclaim_queue_leave_no_zombie() {
         capacity: 64,
         workers: 2,
     };
-    suite::deleter_stress(&MemoryBackend, StressSizes::memory(), releases).await;
+    deleter_stress(&MemoryBackend, StressSizes::memory(), releases).await;
 }

@@ -1,12 +1,10 @@
 //! A deletion is traced: one `delete_router` span holding a span per phase,
 //! and a warn-level event when sessions are forced.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{Behaviour, HOUR, observed_router, scripted, within};
 use parking_lot::Mutex;
+use session_lifecycle::test_util::{HOUR, Notify, ObservedRouter, ScriptedNotifier, within};
 use session_lifecycle::{MemoryStore, RouterDeleter, RouterId};
 use tokio::time::Duration;
 use tracing::field::{Field, Visit};
@@ -65,17 +63,17 @@ fn the_run_and_each_phase_have_spans_and_forcing_warns() {
     runtime.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let router = RouterId::new(5);
-        let observed = observed_router(&store, router, 0, 4).await;
+        let observed = ObservedRouter::fill(&*store, router, 0, 4).await;
         let deleter = RouterDeleter::builder()
             .confirm_timeout(Duration::from_secs(1))
             .retries(1)
             .build(
                 Arc::clone(&store),
-                scripted(&store, Behaviour::Never, Behaviour::Never),
+                ScriptedNotifier::always(Arc::clone(&store), Notify::Never),
             );
         let outcome = within(HOUR, deleter.delete(router)).await.unwrap();
         assert_eq!(outcome.report().unwrap().forced, 4);
-        observed.assert_deleted(&store).await;
+        observed.assert_deleted(&*store).await;
     });
 
     let seen = seen.lock();

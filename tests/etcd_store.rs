@@ -9,17 +9,18 @@
 //! `SESSION_LIFECYCLE_ETCD_BIN`) so it can stop and restart it.
 #![cfg(feature = "etcd")]
 
-mod suite;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::etcd::client::{Client, GetOptions, Txn, TxnOp};
 use session_lifecycle::etcd::{EtcdError, EtcdStore};
+use session_lifecycle::test_util::conformance::{
+    Backend, ForcedReleases, StressSizes, deleter_stress, soak_rounds, store_follows_the_model,
+};
+use session_lifecycle::test_util::{Notify, ScriptedNotifier, Subset};
 use session_lifecycle::{
-    CloseReason, CreateErrorKind, DeleteOutcome, FenceError, Incarnation, NewSession, NotifyError,
-    RepairAction, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState,
-    SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, CreateErrorKind, DeleteOutcome, FenceError, Incarnation, NewSession, RepairAction,
+    RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState, SessionStore,
 };
 use tokio::time::{Duration, timeout};
 
@@ -271,19 +272,6 @@ async fn a_close_by_any_controller_resolves_closed_on_every_handle() {
     assert_eq!(a.count(router).await.unwrap(), 1); // the closed one, not removed
 }
 
-/// Confirms every even session through the store it was given.
-struct ConfirmEven(EtcdStore, Arc<AtomicUsize>);
-
-impl TerminationNotifier for ConfirmEven {
-    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        self.1.fetch_add(1, Ordering::Relaxed);
-        for id in batch.sessions.iter().filter(|id| id.get() % 2 == 0) {
-            let _ = self.0.close(*id, CloseReason::RouterDeleted).await;
-        }
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deleter_drives_a_deletion_on_etcd_with_no_zombie() {
     let Some(endpoint) = endpoint() else { return };
@@ -301,15 +289,12 @@ async fn the_deleter_drives_a_deletion_on_etcd_with_no_zombie() {
             })
             .unwrap();
     }
-    let calls = Arc::new(AtomicUsize::new(0));
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Confirm(Subset::EvenIds));
     let deleter = RouterDeleter::builder()
         .batch_size(64)
         .confirm_timeout(Duration::from_millis(300))
         .retries(1)
-        .build(
-            Arc::clone(&store),
-            ConfirmEven((*store).clone(), Arc::clone(&calls)),
-        );
+        .build(Arc::clone(&store), Arc::clone(&notifier));
     let outcome = timeout(Duration::from_secs(30), deleter.delete(router))
         .await
         .unwrap()
@@ -375,7 +360,7 @@ async fn a_deletion_fenced_by_a_dead_controller_is_resumed_by_another() {
         .retries(0)
         .build(
             Arc::clone(&b),
-            ConfirmEven((*b).clone(), Arc::new(AtomicUsize::new(0))),
+            ScriptedNotifier::always(Arc::clone(&b), Notify::Confirm(Subset::EvenIds)),
         );
     let outcome = timeout(Duration::from_secs(30), deleter.delete(router))
         .await
@@ -711,11 +696,11 @@ async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The generic suites of `tests/suite` on etcd: a fresh prefix per store.
+/// The kit's conformance suites on etcd: a fresh prefix per store.
 #[derive(Default)]
 struct EtcdBackend;
 
-impl suite::Backend for EtcdBackend {
+impl Backend for EtcdBackend {
     type Store = EtcdStore;
     const NAME: &'static str = "EtcdStore";
     const PAUSED_TIME: bool = false;
@@ -732,18 +717,18 @@ impl suite::Backend for EtcdBackend {
 #[test]
 fn etcd_store_follows_the_model() {
     if endpoint().is_some() {
-        suite::store_follows_the_model::<EtcdBackend>(128);
+        store_follows_the_model::<EtcdBackend>(128);
     }
 }
 
 /// The deleter stress test of `tests/deleter_stress.rs`, smaller: 6 routers
 /// of 200 sessions, 4 creators (`SESSION_LIFECYCLE_SOAK` rounds).
-fn etcd_sizes() -> suite::StressSizes {
-    suite::StressSizes {
+fn etcd_sizes() -> StressSizes {
+    StressSizes {
         routers: 6,
         sessions_per_router: 200,
         creators: 4,
-        rounds: suite::soak_rounds(),
+        rounds: soak_rounds(),
     }
 }
 
@@ -752,7 +737,7 @@ async fn etcd_deleter_stress_leaves_no_zombie() {
     if endpoint().is_none() {
         return;
     }
-    suite::deleter_stress(&EtcdBackend, etcd_sizes(), suite::ForcedReleases::Inline).await;
+    deleter_stress(&EtcdBackend, etcd_sizes(), ForcedReleases::Inline).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -760,11 +745,11 @@ async fn etcd_deleter_stress_through_a_reclaim_queue_leaves_no_zombie() {
     if endpoint().is_none() {
         return;
     }
-    let releases = suite::ForcedReleases::ReclaimQueue {
+    let releases = ForcedReleases::ReclaimQueue {
         capacity: 256,
         workers: 2,
     };
-    suite::deleter_stress(&EtcdBackend, etcd_sizes(), releases).await;
+    deleter_stress(&EtcdBackend, etcd_sizes(), releases).await;
 }
 
 /// Closes of records near the size limit, more than fit in one request,

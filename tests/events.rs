@@ -1,12 +1,10 @@
 //! `EventBus`: the events of a router deletion in order, lag accounting,
 //! and closes through a session's handle.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::{Behaviour, HOUR, report_within, scripted};
+use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, Subset, report_within};
 use session_lifecycle::{
     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId,
     SessionStore, Subscription,
@@ -35,7 +33,7 @@ async fn a_deletion_publishes_every_transition_in_order() {
     let store = Arc::new(MemoryStore::builder().events(bus.clone()).build());
     // Confirms the even ids through the store and ignores the odd ones,
     // which are forced once the confirmation timeout passes.
-    let notifier = scripted(&store, Behaviour::Partial, Behaviour::Partial);
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Confirm(Subset::EvenIds));
     let deleter = RouterDeleter::builder()
         .events(bus.clone())
         .confirm_timeout(Duration::from_secs(1))

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use session_lifecycle::test_util::{Probe, ScriptedProber, Subset};
 use session_lifecycle::{
-    CloseReason, LivenessMonitor, MemoryStore, NewSession, ProbeBatch, ProbeError, Prober,
-    ReclaimQueue, RouterId, Session, SessionId, SessionStore,
+    CloseReason, LivenessMonitor, MemoryStore, NewSession, ReclaimQueue, RouterId, Session,
+    SessionId, SessionStore,
 };
 use tokio::time::Duration;
 
@@ -26,20 +27,6 @@ fn closed_by_client(id: SessionId) -> bool {
     id.get() % 10 == 5
 }
 
-/// Live routers answer for every session but the dead ones.
-struct Routers;
-
-impl Prober for Routers {
-    async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-        tokio::task::yield_now().await;
-        Ok(batch
-            .sessions
-            .into_iter()
-            .filter(|id| !is_dead(*id))
-            .collect())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_sessions_are_reaped_once_while_clients_close_and_live_ones_beat() {
     let store = Arc::new(MemoryStore::new());
@@ -51,7 +38,11 @@ async fn dead_sessions_are_reaped_once_while_clients_close_and_live_ones_beat() 
         .pause_allowance(Duration::from_millis(50))
         .probe_timeout(BEAT)
         .reclaim_queue(queue.clone())
-        .build(Arc::clone(&store), Routers)
+        // Live routers answer for every session but the dead ones.
+        .build(
+            Arc::clone(&store),
+            ScriptedProber::always(Probe::Answer(Subset::Filter(|id, _round| !is_dead(id)))),
+        )
         .unwrap();
     let mut sessions: Vec<(Session, Arc<AtomicU32>)> = Vec::new();
     for r in 0..ROUTERS {

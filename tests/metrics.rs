@@ -5,36 +5,16 @@
 //! binary.
 #![cfg(feature = "metrics")]
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{HOUR, report_within};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, Subset, report_within};
 use session_lifecycle::{
-    CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
-    SessionStore, Stats, TerminationBatch, TerminationNotifier,
+    CloseReason, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore, Stats,
 };
 use tokio::time::Duration;
 
 const R: RouterId = RouterId::new(9);
-
-/// Confirms the sessions with an id below `below`, ignores the others.
-struct ConfirmBelow {
-    store: Arc<MemoryStore>,
-    below: u64,
-}
-
-impl TerminationNotifier for ConfirmBelow {
-    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        for id in batch.sessions {
-            if id.get() < self.below {
-                let _ = self.store.close(id, CloseReason::RouterDeleted).await;
-            }
-        }
-        Ok(())
-    }
-}
 
 /// One recorded metric: name, labels, value.
 type Metric = (String, Vec<(String, String)>, DebugValue);
@@ -95,10 +75,10 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
             );
         }
         // Confirms 2..7 (5 sessions), ignores 7, 8, 9 (forced).
-        let notifier = ConfirmBelow {
-            store: Arc::clone(&store),
-            below: 7,
-        };
+        let notifier = ScriptedNotifier::always(
+            Arc::clone(&store),
+            Notify::Confirm(Subset::Filter(|id, _round| id.get() < 7)),
+        );
         let deleter = RouterDeleter::builder()
             .confirm_timeout(Duration::from_secs(1))
             .retries(0)

@@ -3,8 +3,6 @@
 //! deleter's force-close path. Time is paused: every wait is on tokio's
 //! clock.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -18,7 +16,7 @@ use session_lifecycle::{
 use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 
-use common::{Behaviour, HOUR, within};
+use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, within};
 
 /// The order in which tasks ran, by session id.
 #[derive(Clone, Default)]
@@ -670,7 +668,7 @@ async fn the_deleter_releases_forced_sessions_through_the_queue_critical_first()
         }))
         .await
         .unwrap();
-    let notifier = common::scripted(&store, Behaviour::Never, Behaviour::Never);
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Never);
     let started = Instant::now();
     let deleter = RouterDeleter::builder()
         .notify_timeout(Duration::from_millis(100))

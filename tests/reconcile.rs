@@ -1,12 +1,10 @@
 //! Reconciliation against a router's report, and the disconnect grace
 //! period, under paused time.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{Behaviour, observed_router, scripted, within};
+use session_lifecycle::test_util::{Notify, ObservedRouter, ScriptedNotifier, within};
 use session_lifecycle::{
     CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, NoProbe,
     ReconcileError, Reconciler, RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore,
@@ -23,8 +21,8 @@ async fn a_report_is_reconciled_unknown_missing_closed_and_foreign() {
     let bus = EventBus::new(64);
     let mut events = bus.subscribe();
     // Router 1 holds sessions 0..10; router 2 holds 100..102.
-    let one = observed_router(&store, RouterId::new(1), 0, 10).await;
-    let two = observed_router(&store, RouterId::new(2), 100, 2).await;
+    let one = ObservedRouter::fill(&*store, RouterId::new(1), 0, 10).await;
+    let two = ObservedRouter::fill(&*store, RouterId::new(2), 100, 2).await;
     // Session 3 was closed on the controller through its handle (still in
     // the store), session 4 closed and removed.
     let _ = one.sessions[3].close(CloseReason::ClientClosed);
@@ -233,12 +231,12 @@ async fn disconnected_setup(
     n: u64,
 ) -> (
     Arc<MemoryStore>,
-    common::Observed,
+    ObservedRouter,
     Reconciler<MemoryStore>,
     session_lifecycle::Subscription,
 ) {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, RouterId::new(1), 0, n).await;
+    let observed = ObservedRouter::fill(&*store, RouterId::new(1), 0, n).await;
     let bus = EventBus::new(1_024);
     let events = bus.subscribe();
     let reconciler = Reconciler::builder()
@@ -338,7 +336,7 @@ async fn a_router_deleted_during_grace_is_left_to_the_deleter() {
     // The router is deleted during its grace period; it never answers, so
     // the deleter force-closes everything after its deadline, which lies
     // past the grace period's end.
-    let notifier = scripted(&store, Behaviour::Never, Behaviour::Never);
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Never);
     let deleter = RouterDeleter::builder()
         .confirm_timeout(Duration::from_secs(60))
         .notify_timeout(Duration::from_secs(1))
@@ -355,7 +353,7 @@ async fn a_router_deleted_during_grace_is_left_to_the_deleter() {
     assert_eq!(observed.count_reason(CloseReason::RouterLost), 0);
     assert_eq!(observed.count_reason(CloseReason::Forced), 10);
     assert_eq!(reconciler.in_grace(), 0);
-    observed.assert_deleted(&store).await;
+    observed.assert_deleted(&*store).await;
 
     // A deleted router cannot start a grace period.
     let refused = reconciler.router_disconnected(RouterId::new(1)).await;
@@ -390,7 +388,7 @@ async fn shutdown_stops_grace_timers() {
 async fn a_monitored_router_in_grace_is_not_reaped() {
     for hold in [true, false] {
         let store = Arc::new(MemoryStore::new());
-        let observed = observed_router(&store, RouterId::new(1), 0, 10).await;
+        let observed = ObservedRouter::fill(&*store, RouterId::new(1), 0, 10).await;
         let monitor = LivenessMonitor::builder()
             .heartbeat_interval(Duration::from_secs(1))
             .timeout_range(Duration::from_secs(1), Duration::from_secs(10))
@@ -486,7 +484,7 @@ async fn terminating_sessions_are_left_to_their_deletion() {
 #[tokio::test(start_paused = true)]
 async fn a_reconnect_stops_an_expiry_in_progress() {
     let store = Arc::new(MemoryStore::new());
-    let observed = observed_router(&store, RouterId::new(1), 0, 40).await;
+    let observed = ObservedRouter::fill(&*store, RouterId::new(1), 0, 40).await;
     let reconciler = Reconciler::builder()
         .grace_period(Duration::from_secs(30))
         .chunk_size(1)

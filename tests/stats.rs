@@ -1,11 +1,9 @@
 //! `Stats`: the census of a store per router and in total, and the
 //! counters of the pieces added to it.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{Behaviour, HOUR, report_within, scripted};
+use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, report_within};
 use session_lifecycle::{
     CloseReason, EventBus, MemoryStore, NewSession, ReclaimQueue, RouterDeleter, RouterId,
     RouterStatus, SessionId, SessionStore, Stats,
@@ -107,7 +105,7 @@ async fn the_pieces_fill_their_fields() {
         .retries(0)
         .build(
             Arc::clone(&store),
-            scripted(&store, Behaviour::Never, Behaviour::Never),
+            ScriptedNotifier::always(Arc::clone(&store), Notify::Never),
         );
 
     let stats = Stats::collect(&*store)

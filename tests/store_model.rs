@@ -1,16 +1,14 @@
-//! Model-based property test of `MemoryStore` and `RouterDeleter`
-//! (proptest-state-machine), through the store-generic harness in
-//! `tests/suite` (which describes the steps and the checks).
+//! Model-based property test of `MemoryStore` with a `RouterDeleter`, a
+//! `LivenessMonitor` and a `Reconciler` (proptest-state-machine), through
+//! the kit's conformance suite (`session_lifecycle::test_util::conformance`,
+//! which describes the operations and the checks).
 //!
 //! `PROPTEST_CASES=5000 cargo test --test store_model` runs a bigger search.
 
-mod suite;
+use session_lifecycle::test_util::conformance::{MemoryBackend, store_follows_the_model};
 
-use suite::MemoryBackend;
-
-/// 1,000 cases (about a second in a debug build) unless `PROPTEST_CASES`
-/// says otherwise.
+/// 1,000 cases unless `PROPTEST_CASES` says otherwise.
 #[test]
 fn memory_store_follows_the_model() {
-    suite::store_follows_the_model::<MemoryBackend>(1_000);
+    store_follows_the_model::<MemoryBackend>(1_000);
 }

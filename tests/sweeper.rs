@@ -2,13 +2,13 @@
 //! hook), racing a deletion.
 #![cfg(feature = "test-util")]
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{Behaviour, observed_router, scripted, within};
+use session_lifecycle::test_util::{
+    Notify, ObservedRouter, Script, ScriptedNotifier, Subset, within,
+};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
     RepairAction, RouterDeleter, RouterId, Session, SessionId, SessionStore,
@@ -37,7 +37,7 @@ async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
     let mut events = bus.subscribe();
 
     // Router 1 stays live and gets corrupted.
-    let live = observed_router(&store, RouterId::new(1), 0, 20).await;
+    let live = ObservedRouter::fill(&*store, RouterId::new(1), 0, 20).await;
     store.corrupt(Corruption::Unindex(SessionId::new(1)));
     store.corrupt(Corruption::DropFromMap(SessionId::new(2)));
     let _ = live.sessions[3].close(CloseReason::ClientClosed); // lingers in the store
@@ -60,8 +60,11 @@ async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
 
     // Router 3 is being deleted meanwhile: it confirms half its sessions
     // slowly and never the rest, so the sweep lands in its wait.
-    let deleting = observed_router(&store, RouterId::new(3), 1_000, 50).await;
-    let notifier = scripted(&store, Behaviour::Partial, Behaviour::Never);
+    let deleting = ObservedRouter::fill(&*store, RouterId::new(3), 1_000, 50).await;
+    let notifier = ScriptedNotifier::new(
+        Arc::clone(&store),
+        Script::by_round(Notify::Confirm(Subset::EvenIds), Notify::Never),
+    );
     let deleter = RouterDeleter::builder()
         .confirm_timeout(Duration::from_secs(5))
         .notify_timeout(Duration::from_secs(1))
@@ -150,7 +153,7 @@ async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
     let report_d = outcome.report().unwrap();
     assert_eq!(report_d.sessions, 50);
     assert_eq!(report_d.confirmed + report_d.forced, 50, "{report_d:?}");
-    deleting.assert_deleted(&store).await;
+    deleting.assert_deleted(&*store).await;
     // Router 1: the two closed sessions released once, the rest untouched.
     for (at, released) in live.releases.iter().enumerate() {
         let expected = usize::from(at == 3 || at == 4);
@@ -220,7 +223,7 @@ async fn a_sweeper_needs_an_interval() {
 #[tokio::test(start_paused = true)]
 async fn a_sweep_leaves_a_fenced_routers_sessions_to_its_deletion() {
     let store = Arc::new(MemoryStore::new());
-    let doomed = observed_router(&store, RouterId::new(1), 0, 4).await;
+    let doomed = ObservedRouter::fill(&*store, RouterId::new(1), 0, 4).await;
     // The deletion's force phase, half-way: fenced, one session closed
     // through its handle, one missing from the index, none removed yet.
     let snapshot = store.fence(doomed.router).await.unwrap();

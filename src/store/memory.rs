@@ -93,6 +93,9 @@ pub struct MemoryStore<P = ()> {
     tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
     tombstone_capacity: usize,
     events: Option<EventBus>,
+    /// [`Fault::SkipFence`] injected (test-util only).
+    #[cfg(any(test, feature = "test-util"))]
+    skip_fence: std::sync::atomic::AtomicBool,
 }
 
 /// A router's entry: everything "check the fence + add to the index" reads
@@ -267,6 +270,8 @@ impl MemoryStoreBuilder {
             tombstones: Mutex::new(VecDeque::new()),
             tombstone_capacity: self.tombstone_capacity,
             events: self.events,
+            #[cfg(any(test, feature = "test-util"))]
+            skip_fence: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -515,7 +520,11 @@ impl<P> MemoryStore<P> {
             ));
         };
         let mut slot = entry.lock();
-        if let Err(kind) = slot.admits(router, spec.incarnation()) {
+        let admitted = slot.admits(router, spec.incarnation());
+        #[cfg(any(test, feature = "test-util"))]
+        let admitted =
+            admitted.or_else(|kind| self.skip_fence(slot.status, spec.incarnation(), kind));
+        if let Err(kind) = admitted {
             return Err(CreateError::new(kind, spec));
         }
         match self.sessions.entry(spec.id()) {
@@ -1091,8 +1100,74 @@ pub enum Corruption<P> {
     Inject(Session<P>),
 }
 
+/// A fault [`MemoryStore::inject_fault`] makes the store commit on
+/// purpose, to prove that a test suite catches it. Test-only.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{Fault, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let _ = store.fence(router).await?;
+///
+/// store.inject_fault(Fault::SkipFence);
+/// // Broken on purpose: a create on a fenced router (invariant I2).
+/// assert!(store.create(NewSession::new(SessionId::new(1), router, incarnation)).await.is_ok());
+///
+/// store.clear_faults();
+/// assert!(store.create(NewSession::new(SessionId::new(2), router, incarnation)).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// `create` ignores a fence: a router's fenced incarnation admits
+    /// sessions as if it were live (deleted incarnations still refuse).
+    SkipFence,
+}
+
 #[cfg(any(test, feature = "test-util"))]
 impl<P> MemoryStore<P> {
+    /// Makes the store commit `fault` from now on. Test-only: it breaks
+    /// the store's invariants. See [`Fault`].
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn inject_fault(&self, fault: Fault) {
+        match fault {
+            // Relaxed: a test sets it between steps; no data rides on it.
+            Fault::SkipFence => self.skip_fence.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Stops every injected fault. See [`Fault`].
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn clear_faults(&self) {
+        self.skip_fence.store(false, Ordering::Relaxed);
+    }
+
+    /// With [`Fault::SkipFence`], admits a create the fence refused.
+    fn skip_fence(
+        &self,
+        status: RouterStatus,
+        requested: Incarnation,
+        refused: CreateErrorKind,
+    ) -> Result<(), CreateErrorKind> {
+        match status {
+            RouterStatus::Fenced(fenced)
+                if fenced == requested && self.skip_fence.load(Ordering::Relaxed) =>
+            {
+                Ok(())
+            }
+            _ => Err(refused),
+        }
+    }
     /// Applies `corruption`. Test-only: it breaks the store's invariants.
     ///
     /// # Example

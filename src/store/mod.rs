@@ -14,7 +14,7 @@ pub use error::{
     RouterError, SessionError,
 };
 #[cfg(any(test, feature = "test-util"))]
-pub use memory::Corruption;
+pub use memory::{Corruption, Fault};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,

@@ -1,0 +1,906 @@
+//! Invariant checks on a store: what DESIGN's I1, I2, I3 and I7 say, as
+//! seen from outside the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+
+use crate::{
+    CloseReason, Incarnation, RouterId, RouterStatus, Session, SessionId, SessionState,
+    SessionStore,
+};
+
+/// One broken invariant, as an [`InvariantChecker`] found it.
+///
+/// Its `Display` is one line, prefixed by the invariant's number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Violation {
+    /// I1: the store holds a session whose router is unknown, deleted, or
+    /// in another incarnation: a zombie.
+    Zombie {
+        /// The session.
+        session: SessionId,
+        /// Its router.
+        router: RouterId,
+        /// Its incarnation.
+        incarnation: Incarnation,
+        /// The router's status, if the store knows the router.
+        status: Option<RouterStatus>,
+    },
+    /// I1: a session of a deleted incarnation is open.
+    OpenAfterDeletion {
+        /// The session.
+        session: SessionId,
+        /// Its router.
+        router: RouterId,
+        /// Its deleted incarnation.
+        incarnation: Incarnation,
+        /// Its state.
+        state: SessionState,
+    },
+    /// I1: a session of a deleted incarnation is closed but its close is
+    /// not complete: a close waiter would still wait.
+    CloseIncomplete {
+        /// The session.
+        session: SessionId,
+    },
+    /// I1: a closed session still holds its secret token.
+    TokenNotWiped {
+        /// The session.
+        session: SessionId,
+    },
+    /// I2: a session of a fenced incarnation that was not in the store
+    /// when the checker first saw the fence: created after it.
+    CreatedAfterFence {
+        /// The session.
+        session: SessionId,
+        /// The fenced router.
+        router: RouterId,
+        /// The fenced incarnation.
+        incarnation: Incarnation,
+    },
+    /// I2: a router's status went backwards: a smaller incarnation, or an
+    /// earlier phase (`Deleted → Fenced → Live`) in the same one.
+    RouterWentBack {
+        /// The router.
+        router: RouterId,
+        /// Its status at the previous check.
+        was: RouterStatus,
+        /// Its status now.
+        now: RouterStatus,
+    },
+    /// I3: a session's state went backwards.
+    StateWentBack {
+        /// The session.
+        session: SessionId,
+        /// Its state at the previous check.
+        was: SessionState,
+        /// Its state now.
+        now: SessionState,
+    },
+    /// I3: a closed session's close reason changed.
+    ReasonChanged {
+        /// The session.
+        session: SessionId,
+        /// Its reason at the previous check.
+        was: CloseReason,
+        /// Its reason now.
+        now: Option<CloseReason>,
+    },
+    /// I3: a session reads `Closed` without a close reason.
+    StateWithoutReason {
+        /// The session.
+        session: SessionId,
+        /// Its state.
+        state: SessionState,
+        /// Its close reason.
+        reason: Option<CloseReason>,
+    },
+    /// I7: a router's index names a session the session map does not hold
+    /// (or holds for another router).
+    IndexedButMissing {
+        /// The router.
+        router: RouterId,
+        /// The session.
+        session: SessionId,
+    },
+    /// I7: the session map holds a session its router's index does not.
+    NotIndexed {
+        /// The session.
+        session: SessionId,
+    },
+    /// I7: the store's count of a router's sessions and its listing of
+    /// them disagree.
+    CountMismatch {
+        /// The router.
+        router: RouterId,
+        /// What [`SessionStore::count`] says.
+        count: usize,
+        /// How many [`SessionStore::sessions`] lists.
+        listed: usize,
+    },
+    /// The check could not run: a store call failed.
+    StoreFailed {
+        /// The call.
+        call: &'static str,
+        /// Its error.
+        error: String,
+    },
+}
+
+impl Violation {
+    /// The invariant it breaks: `"I1"`, `"I2"`, `"I3"` or `"I7"` (or
+    /// `"store"` if the check could not run).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::SessionId;
+    /// use session_lifecycle::test_util::Violation;
+    ///
+    /// let v = Violation::NotIndexed { session: SessionId::new(3) };
+    /// assert_eq!(v.invariant(), "I7");
+    /// assert_eq!(v.to_string(), "I7 index: session-3 is in the session map but not in its router's index");
+    /// ```
+    #[must_use]
+    pub fn invariant(&self) -> &'static str {
+        match self {
+            Self::Zombie { .. }
+            | Self::OpenAfterDeletion { .. }
+            | Self::CloseIncomplete { .. }
+            | Self::TokenNotWiped { .. } => "I1",
+            Self::CreatedAfterFence { .. } | Self::RouterWentBack { .. } => "I2",
+            Self::StateWentBack { .. }
+            | Self::ReasonChanged { .. }
+            | Self::StateWithoutReason { .. } => "I3",
+            Self::IndexedButMissing { .. }
+            | Self::NotIndexed { .. }
+            | Self::CountMismatch { .. } => "I7",
+            Self::StoreFailed { .. } => "store",
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Zombie {
+                session,
+                router,
+                incarnation,
+                status,
+            } => {
+                write!(
+                    f,
+                    "I1 zombie: {session} of {router} in {incarnation} is stored, "
+                )?;
+                match status {
+                    Some(status) => write!(f, "but the router is {status:?}"),
+                    None => write!(f, "but the store does not know the router"),
+                }
+            }
+            Self::OpenAfterDeletion {
+                session,
+                router,
+                incarnation,
+                state,
+            } => write!(
+                f,
+                "I1 zombie: {session} is {state} though {incarnation} of {router} was deleted"
+            ),
+            Self::CloseIncomplete { session } => write!(
+                f,
+                "I1 close: {session} of a deleted router is closed but its close waiters would still wait"
+            ),
+            Self::TokenNotWiped { session } => {
+                write!(f, "I1 close: {session} is closed but still holds its token")
+            }
+            Self::CreatedAfterFence {
+                session,
+                router,
+                incarnation,
+            } => write!(
+                f,
+                "I2 fence: {session} was created on {router} in {incarnation} after its fence"
+            ),
+            Self::RouterWentBack { router, was, now } => {
+                write!(f, "I2 fence: {router} went back from {was:?} to {now:?}")
+            }
+            Self::StateWentBack { session, was, now } => {
+                write!(f, "I3 monotonic: {session} went back from {was} to {now}")
+            }
+            Self::ReasonChanged { session, was, now } => write!(
+                f,
+                "I3 monotonic: {session}'s close reason changed from {was} to {now:?}"
+            ),
+            Self::StateWithoutReason {
+                session,
+                state,
+                reason,
+            } => write!(
+                f,
+                "I3 monotonic: {session} is {state} with close reason {reason:?}"
+            ),
+            Self::IndexedButMissing { router, session } => write!(
+                f,
+                "I7 index: {router}'s index names {session}, which the session map does not hold for it"
+            ),
+            Self::NotIndexed { session } => write!(
+                f,
+                "I7 index: {session} is in the session map but not in its router's index"
+            ),
+            Self::CountMismatch {
+                router,
+                count,
+                listed,
+            } => write!(
+                f,
+                "I7 index: {router} counts {count} sessions but lists {listed}"
+            ),
+            Self::StoreFailed { call, error } => {
+                write!(f, "store: {call} failed, the check is incomplete: {error}")
+            }
+        }
+    }
+}
+
+/// What one check found: how much it looked at, and every violation.
+///
+/// Its `Display` lists every violation, one per line, and is what
+/// [`assert_invariants`] panics with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InvariantReport {
+    /// Routers checked.
+    pub routers: usize,
+    /// Sessions the store holds.
+    pub sessions: usize,
+    /// Session handles checked, the stored ones included.
+    pub handles: usize,
+    /// Every violation found, grouped by invariant.
+    pub violations: Vec<Violation>,
+}
+
+impl InvariantReport {
+    /// `true` if no invariant is broken.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The violations of invariant `name` (`"I1"`, `"I2"`, ...).
+    pub fn of(&self, name: &str) -> impl Iterator<Item = &Violation> {
+        let name = name.to_owned();
+        self.violations
+            .iter()
+            .filter(move |v| v.invariant() == name)
+    }
+
+    /// Panics with the report if it is not clean.
+    ///
+    /// # Panics
+    ///
+    /// If any invariant is broken.
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        assert!(self.is_clean(), "{self}");
+    }
+}
+
+impl fmt::Display for InvariantReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} invariant violation(s) in {} router(s), {} stored session(s), {} handle(s)",
+            self.violations.len(),
+            self.routers,
+            self.sessions,
+            self.handles
+        )?;
+        for violation in &self.violations {
+            write!(f, "\n  - {violation}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a store's invariants, remembering what it saw between checks.
+///
+/// One check looks at every router the store reports (its
+/// [`census`](SessionStore::census) and every router seen before), every
+/// session the store holds, and every handle the checker was given or saw
+/// before, and finds:
+///
+/// - **I1** zombies: sessions stored for a router that is unknown, deleted
+///   or in another incarnation; open handles of a deleted incarnation;
+///   closes of a deleted incarnation not complete (a waiter would wait);
+///   closed sessions still holding their token.
+/// - **I2** sessions of a fenced incarnation that were not in the store at
+///   the first check that saw the fence (created after it), and router
+///   statuses that went backwards (a smaller incarnation, or `Fenced →
+///   Live`, `Deleted → Fenced`).
+/// - **I3** states that went backwards, close reasons that changed, and
+///   states that disagree with their close reason.
+/// - **I7** the router index against the session map
+///   ([`SessionStore::audit`]), each router's count against its listing,
+///   and each listed session against [`SessionStore::get`].
+///
+/// Check after every step of a test: what happened between two checks is
+/// only seen through its effects. A session created after a fence in the
+/// same step as the fence is not told apart from one created before it.
+/// I4 (bounded deletion), I5 (nothing dropped) and I6 (cancel safety) are
+/// properties of runs, not of a store's state: see
+/// [`report_within`](super::report_within) and the deleter's
+/// [`max_wait`](crate::RouterDeleter::max_wait).
+///
+/// # Deadlock safety
+///
+/// One lock, the checker's memory, never held across an `.await`: a check
+/// reads the store first, then takes the lock to compare.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::test_util::{InvariantChecker, run_paused};
+///
+/// run_paused(async {
+///     let store = MemoryStore::new();
+///     let checker = InvariantChecker::new();
+///     let router = RouterId::new(1);
+///     let incarnation = store.register_router(router).await.unwrap();
+///     let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await.unwrap();
+///     checker.track(&session);
+///     checker.assert(&store).await;
+///
+///     let _ = store.fence(router).await.unwrap();
+///     store.finish(router, incarnation).await.unwrap();
+///     let report = checker.check(&store).await;
+///     assert!(report.is_clean(), "{report}");
+///     assert!(session.is_closed());
+/// });
+/// ```
+pub struct InvariantChecker<P = ()> {
+    memory: Mutex<Memory<P>>,
+}
+
+/// What the checker remembers between checks.
+#[derive(Debug)]
+struct Memory<P> {
+    routers: BTreeMap<RouterId, Option<Seen>>,
+    handles: HashMap<SessionId, Vec<Handle<P>>>,
+}
+
+/// A router as the previous check saw it.
+#[derive(Debug)]
+struct Seen {
+    status: RouterStatus,
+    /// The sessions the store held for the fenced incarnation when a check
+    /// first saw the fence.
+    fenced_with: Option<BTreeSet<SessionId>>,
+}
+
+/// A session handle and what the previous check saw of it.
+#[derive(Debug)]
+struct Handle<P> {
+    session: Session<P>,
+    state: SessionState,
+    reason: Option<CloseReason>,
+}
+
+/// What one check read of a router.
+struct Observed<P> {
+    router: RouterId,
+    status: RouterStatus,
+    listed: Vec<Session<P>>,
+}
+
+impl<P> Default for InvariantChecker<P> {
+    fn default() -> Self {
+        Self {
+            memory: Mutex::new(Memory {
+                routers: BTreeMap::new(),
+                handles: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<P> fmt::Debug for InvariantChecker<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let memory = self.memory.lock();
+        f.debug_struct("InvariantChecker")
+            .field("routers", &memory.routers.len())
+            .field(
+                "handles",
+                &memory.handles.values().map(Vec::len).sum::<usize>(),
+            )
+            .finish()
+    }
+}
+
+impl<P: Send + Sync + 'static> InvariantChecker<P> {
+    /// A checker that has seen nothing yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks `session` from now on, including after it left the store: a
+    /// handle your controller holds, or one the store gave back.
+    pub fn track(&self, session: &Session<P>) {
+        self.memory.lock().track(session);
+    }
+
+    /// Checks `router` from now on, even once the store stops reporting it
+    /// (a deleted router with no session).
+    pub fn track_router(&self, router: RouterId) {
+        self.memory.lock().routers.entry(router).or_insert(None);
+    }
+
+    /// Checks the store and every tracked handle; see the type's
+    /// documentation for what is checked.
+    ///
+    /// The store is read first, without the checker's lock; what was read
+    /// is then compared with the checker's memory under it. Checks of one
+    /// checker should not overlap (each compares with the one before).
+    pub async fn check<S>(&self, store: &S) -> InvariantReport
+    where
+        S: SessionStore<Payload = P>,
+    {
+        let mut report = InvariantReport::default();
+        let mut found = Vec::new();
+        let mut seen = Vec::new();
+        read_audit(store, &mut report, &mut found, &mut seen).await;
+        let mut routers: BTreeSet<RouterId> = self.memory.lock().routers.keys().copied().collect();
+        match store.census().await {
+            Ok(census) => routers.extend(census.iter().map(|router| router.router)),
+            Err(error) => found.push(failed("census", error)),
+        }
+        routers.extend(seen.iter().map(Session::router));
+        let mut observed = Vec::new();
+        for router in routers {
+            if let Some(o) = read_router(store, router, &mut found).await {
+                observed.push(o);
+            }
+        }
+        report.routers = observed.len();
+        let mut memory = self.memory.lock();
+        for session in seen.iter().chain(observed.iter().flat_map(|o| &o.listed)) {
+            memory.track(session);
+        }
+        let mut statuses = BTreeMap::new();
+        for o in observed {
+            memory.compare_router(&o, &mut found);
+            statuses.insert(o.router, o.status);
+        }
+        memory.check_handles(&statuses, &mut report, &mut found);
+        drop(memory);
+        found.sort_by_key(Violation::invariant);
+        report.violations = found;
+        report
+    }
+
+    /// Checks the store and panics with the report if any invariant is
+    /// broken.
+    ///
+    /// # Panics
+    ///
+    /// If the check finds a violation.
+    #[track_caller]
+    pub fn assert<'a, S>(&'a self, store: &'a S) -> impl Future<Output = ()> + 'a
+    where
+        S: SessionStore<Payload = P>,
+    {
+        let caller = std::panic::Location::caller();
+        async move {
+            let report = self.check(store).await;
+            assert!(report.is_clean(), "{report}\n(checked at {caller})");
+        }
+    }
+}
+
+/// I7 and zombies, through the store's own audit; the zombies' handles go
+/// to `seen`.
+async fn read_audit<S: SessionStore>(
+    store: &S,
+    report: &mut InvariantReport,
+    found: &mut Vec<Violation>,
+    seen: &mut Vec<Session<S::Payload>>,
+) {
+    let audit = match store.audit().await {
+        Ok(audit) => audit,
+        Err(error) => return found.push(failed("audit", error)),
+    };
+    report.sessions = audit.sessions;
+    for &(router, session) in &audit.missing_from_map {
+        found.push(Violation::IndexedButMissing { router, session });
+    }
+    for &session in &audit.missing_from_index {
+        found.push(Violation::NotIndexed { session });
+    }
+    for &id in &audit.orphans {
+        match store.get(id).await {
+            Ok(Some(session)) => {
+                let status = store.router_status(session.router()).await.ok();
+                found.push(Violation::Zombie {
+                    session: id,
+                    router: session.router(),
+                    incarnation: session.incarnation(),
+                    status,
+                });
+                seen.push(session);
+            }
+            // Gone since the audit: removed, not a zombie any more.
+            Ok(None) => {}
+            Err(error) => found.push(failed("get", error)),
+        }
+    }
+}
+
+/// One router: its status, its count against its listing, and each listed
+/// session against `get`. `None` if the store does not know the router
+/// (never registered, or its tombstone was evicted).
+async fn read_router<S: SessionStore>(
+    store: &S,
+    router: RouterId,
+    found: &mut Vec<Violation>,
+) -> Option<Observed<S::Payload>> {
+    let status = store.router_status(router).await.ok()?;
+    let mut listed = match store.sessions(router).await {
+        Ok(listed) => listed,
+        Err(error) => {
+            found.push(failed("sessions", error));
+            Vec::new()
+        }
+    };
+    match store.count(router).await {
+        Ok(count) if count != listed.len() => found.push(Violation::CountMismatch {
+            router,
+            count,
+            listed: listed.len(),
+        }),
+        Ok(_) => {}
+        Err(error) => found.push(failed("count", error)),
+    }
+    let mut refreshed = Vec::new();
+    for session in &listed {
+        match store.get(session.id()).await {
+            Ok(Some(stored)) if Session::ptr_eq(&stored, session) => {}
+            // Another handle of the same record (a remote store's cache
+            // refreshed): the same session.
+            Ok(Some(stored)) if stored.router() == router => refreshed.push(stored),
+            Ok(_) => found.push(Violation::IndexedButMissing {
+                router,
+                session: session.id(),
+            }),
+            Err(error) => found.push(failed("get", error)),
+        }
+    }
+    listed.extend(refreshed);
+    Some(Observed {
+        router,
+        status,
+        listed,
+    })
+}
+
+impl<P> Memory<P> {
+    fn track(&mut self, session: &Session<P>) {
+        let handles = self.handles.entry(session.id()).or_default();
+        if !handles.iter().any(|h| Session::ptr_eq(&h.session, session)) {
+            handles.push(Handle {
+                session: session.clone(),
+                state: session.state(),
+                reason: session.close_reason(),
+            });
+        }
+        self.routers.entry(session.router()).or_insert(None);
+    }
+
+    /// I2 for one router: its status did not go back, and nothing joined
+    /// a fenced incarnation.
+    fn compare_router(&mut self, observed: &Observed<P>, found: &mut Vec<Violation>) {
+        let Observed {
+            router,
+            status,
+            listed,
+        } = observed;
+        let (router, status) = (*router, *status);
+        let previous = self.routers.get_mut(&router).and_then(Option::take);
+        if let Some(seen) = &previous {
+            if rank_status(status) < rank_status(seen.status) {
+                found.push(Violation::RouterWentBack {
+                    router,
+                    was: seen.status,
+                    now: status,
+                });
+            }
+        }
+        let fenced_with = match status {
+            RouterStatus::Fenced(incarnation) => {
+                let of_fence: BTreeSet<SessionId> = listed
+                    .iter()
+                    .filter(|s| s.incarnation() == incarnation)
+                    .map(Session::id)
+                    .collect();
+                match previous {
+                    Some(Seen {
+                        status: RouterStatus::Fenced(was),
+                        fenced_with: Some(at_fence),
+                    }) if was == incarnation => {
+                        for &session in of_fence.difference(&at_fence) {
+                            found.push(Violation::CreatedAfterFence {
+                                session,
+                                router,
+                                incarnation,
+                            });
+                        }
+                        Some(at_fence)
+                    }
+                    // The first check to see this fence: what the store holds
+                    // now is what the fence snapshot could hold.
+                    _ => Some(of_fence),
+                }
+            }
+            _ => None,
+        };
+        self.routers.insert(
+            router,
+            Some(Seen {
+                status,
+                fenced_with,
+            }),
+        );
+    }
+
+    /// I1 and I3 on every handle seen.
+    fn check_handles(
+        &mut self,
+        statuses: &BTreeMap<RouterId, RouterStatus>,
+        report: &mut InvariantReport,
+        found: &mut Vec<Violation>,
+    ) {
+        for handle in self.handles.values_mut().flatten() {
+            report.handles += 1;
+            let session = &handle.session;
+            let id = session.id();
+            let (state, reason) = (session.state(), session.close_reason());
+            if rank_state(state) < rank_state(handle.state) {
+                found.push(Violation::StateWentBack {
+                    session: id,
+                    was: handle.state,
+                    now: state,
+                });
+            }
+            if let Some(was) = handle.reason {
+                if reason != Some(was) {
+                    found.push(Violation::ReasonChanged {
+                        session: id,
+                        was,
+                        now: reason,
+                    });
+                }
+            }
+            // The reason is written by the move to `Closed`, and read after
+            // the state: `Closed` without a reason is never a race. (A reason
+            // with an older state read can be: a close in between.)
+            if state == SessionState::Closed && reason.is_none() {
+                found.push(Violation::StateWithoutReason {
+                    session: id,
+                    state,
+                    reason,
+                });
+            }
+            let complete = session.closed().now_or_never().is_some();
+            if complete && session.with_token(|token| token.is_some()) {
+                found.push(Violation::TokenNotWiped { session: id });
+            }
+            let deleted = statuses
+                .get(&session.router())
+                .is_some_and(|status| ended(*status, session.incarnation()));
+            if deleted && state != SessionState::Closed {
+                found.push(Violation::OpenAfterDeletion {
+                    session: id,
+                    router: session.router(),
+                    incarnation: session.incarnation(),
+                    state,
+                });
+            } else if deleted && !complete {
+                found.push(Violation::CloseIncomplete { session: id });
+            }
+            (handle.state, handle.reason) = (state, reason);
+        }
+    }
+}
+
+/// Whether `incarnation` of a router with `status` was deleted: it is the
+/// deleted one, or an older one.
+fn ended(status: RouterStatus, incarnation: Incarnation) -> bool {
+    match status {
+        RouterStatus::Deleted(deleted) => incarnation <= deleted,
+        RouterStatus::Live(current) | RouterStatus::Fenced(current) => incarnation < current,
+    }
+}
+
+fn rank_state(state: SessionState) -> u8 {
+    match state {
+        SessionState::Active => 0,
+        SessionState::Terminating => 1,
+        SessionState::Closed => 2,
+    }
+}
+
+/// Orders a router's statuses: by incarnation, then by phase.
+fn rank_status(status: RouterStatus) -> (Incarnation, u8) {
+    match status {
+        RouterStatus::Live(i) => (i, 0),
+        RouterStatus::Fenced(i) => (i, 1),
+        RouterStatus::Deleted(i) => (i, 2),
+    }
+}
+
+fn failed(call: &'static str, error: impl fmt::Display) -> Violation {
+    Violation::StoreFailed {
+        call,
+        error: error.to_string(),
+    }
+}
+
+/// Checks `store` once with a fresh [`InvariantChecker`]: everything a
+/// single look can see (zombies, the index, state words, router statuses
+/// are not compared with earlier ones). Use a checker kept across steps to
+/// also catch what only history shows (creates after a fence, states going
+/// back).
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::test_util::{check_invariants, run_paused};
+///
+/// run_paused(async {
+///     let store = MemoryStore::new();
+///     let router = RouterId::new(1);
+///     let incarnation = store.register_router(router).await.unwrap();
+///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await.unwrap();
+///     assert!(check_invariants(&store).await.is_clean());
+///
+///     store.corrupt(Corruption::Unindex(SessionId::new(1)));
+///     let report = check_invariants(&store).await;
+///     assert_eq!(report.of("I7").count(), 1, "{report}");
+/// });
+/// ```
+pub async fn check_invariants<S: SessionStore>(store: &S) -> InvariantReport {
+    InvariantChecker::new().check(store).await
+}
+
+/// Checks `store` once (as [`check_invariants`]) and panics with the report
+/// of every violation if any invariant is broken.
+///
+/// # Panics
+///
+/// If an invariant is broken; the message lists every violation.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
+/// use session_lifecycle::test_util::{assert_invariants, run_paused};
+///
+/// run_paused(async {
+///     let store = MemoryStore::new();
+///     store.register_router(RouterId::new(1)).await.unwrap();
+///     assert_invariants(&store).await;
+/// });
+/// ```
+#[track_caller]
+pub fn assert_invariants<S: SessionStore>(store: &S) -> impl Future<Output = ()> + '_ {
+    let caller = std::panic::Location::caller();
+    async move {
+        let report = check_invariants(store).await;
+        assert!(report.is_clean(), "{report}\n(checked at {caller})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only history shows, which no public API can break: a state or
+    //! a router status going back.
+
+    use super::*;
+    use crate::{NewSession, SessionId};
+
+    fn memory_with(
+        session: &Session,
+        state: SessionState,
+        reason: Option<CloseReason>,
+    ) -> Memory<()> {
+        let mut memory = Memory {
+            routers: BTreeMap::new(),
+            handles: HashMap::new(),
+        };
+        memory.handles.insert(
+            session.id(),
+            vec![Handle {
+                session: session.clone(),
+                state,
+                reason,
+            }],
+        );
+        memory
+    }
+
+    #[test]
+    fn a_state_going_back_and_a_reason_changing_are_reported() {
+        let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+            .into_session();
+        let mut found = Vec::new();
+        let mut report = InvariantReport::default();
+        // Seen closed before; active now.
+        let mut memory = memory_with(&session, SessionState::Closed, Some(CloseReason::Forced));
+        memory.check_handles(&BTreeMap::new(), &mut report, &mut found);
+        assert_eq!(
+            found,
+            vec![
+                Violation::StateWentBack {
+                    session: session.id(),
+                    was: SessionState::Closed,
+                    now: SessionState::Active,
+                },
+                Violation::ReasonChanged {
+                    session: session.id(),
+                    was: CloseReason::Forced,
+                    now: None,
+                },
+            ]
+        );
+        // The memory moved on: the next check compares with what it saw.
+        found.clear();
+        memory.check_handles(&BTreeMap::new(), &mut report, &mut found);
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    fn a_router_status_going_back_is_reported() {
+        let router = RouterId::new(1);
+        let mut memory = Memory::<()> {
+            routers: BTreeMap::new(),
+            handles: HashMap::new(),
+        };
+        let mut found = Vec::new();
+        let observe = |status| Observed {
+            router,
+            status,
+            listed: Vec::new(),
+        };
+        memory.compare_router(
+            &observe(RouterStatus::Fenced(Incarnation::new(2))),
+            &mut found,
+        );
+        memory.compare_router(
+            &observe(RouterStatus::Deleted(Incarnation::new(2))),
+            &mut found,
+        );
+        memory.compare_router(
+            &observe(RouterStatus::Live(Incarnation::new(3))),
+            &mut found,
+        );
+        assert!(found.is_empty(), "{found:?}");
+        memory.compare_router(
+            &observe(RouterStatus::Live(Incarnation::new(2))),
+            &mut found,
+        );
+        assert_eq!(
+            found,
+            vec![Violation::RouterWentBack {
+                router,
+                was: RouterStatus::Live(Incarnation::new(3)),
+                now: RouterStatus::Live(Incarnation::new(2)),
+            }]
+        );
+    }
+}

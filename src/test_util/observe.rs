@@ -1,0 +1,168 @@
+//! A router full of observable sessions, and the check that its deletion
+//! left nothing behind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::task::JoinHandle;
+use tokio::time::Duration;
+
+use crate::{
+    CloseReason, Incarnation, NewSession, RouterId, RouterStatus, Session, SessionId, SessionStore,
+};
+
+/// A router's sessions, each with a resource that counts its releases and
+/// a task waiting for its close: what invariant I1 talks about, made
+/// observable.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use session_lifecycle::{MemoryStore, RouterDeleter, RouterId};
+/// use session_lifecycle::test_util::{HOUR, Notify, ObservedRouter, ScriptedNotifier, report_within, run_paused};
+///
+/// run_paused(async {
+///     let store = Arc::new(MemoryStore::new());
+///     let observed = ObservedRouter::fill(&*store, RouterId::new(1), 0, 100).await;
+///     let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all());
+///     let deleter = RouterDeleter::new(Arc::clone(&store), notifier);
+///     let report = report_within(HOUR, deleter.delete(RouterId::new(1))).await;
+///     assert_eq!(report.confirmed, 100);
+///     observed.assert_deleted(&*store).await; // I1
+/// });
+/// ```
+#[derive(Debug)]
+pub struct ObservedRouter<P = ()> {
+    /// The router.
+    pub router: RouterId,
+    /// The incarnation it was registered with.
+    pub incarnation: Incarnation,
+    /// Its sessions, in creation order.
+    pub sessions: Vec<Session<P>>,
+    /// How many times each session's resource was released, by position.
+    pub releases: Vec<Arc<AtomicUsize>>,
+    /// A task per session that ends with its close reason, by position.
+    pub waiters: Vec<JoinHandle<CloseReason>>,
+}
+
+impl<P: Default + Send + Sync + 'static> ObservedRouter<P> {
+    /// Registers `router` in `store` and creates `count` sessions on it
+    /// with ids from `first_id`, each with a counting resource and a close
+    /// waiter. Call it inside a tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// If the router cannot be registered or a session cannot be created.
+    pub async fn fill<S>(store: &S, router: RouterId, first_id: u64, count: u64) -> Self
+    where
+        S: SessionStore<Payload = P>,
+    {
+        let incarnation = store
+            .register_router(router)
+            .await
+            .unwrap_or_else(|error| panic!("cannot register {router}: {error}"));
+        let mut observed = Self {
+            router,
+            incarnation,
+            sessions: Vec::new(),
+            releases: Vec::new(),
+            waiters: Vec::new(),
+        };
+        for id in first_id..first_id.saturating_add(count) {
+            let spec =
+                NewSession::new(SessionId::new(id), router, incarnation).payload(P::default());
+            let session = store
+                .create(spec)
+                .await
+                .unwrap_or_else(|error| panic!("cannot create session {id}: {error}"));
+            observed.observe(session);
+        }
+        observed
+    }
+
+    /// Adds `session` to the observed ones: attaches a counting resource and
+    /// starts a close waiter. A session already closed gets its resource
+    /// released here, once.
+    pub fn observe(&mut self, session: Session<P>) {
+        let released = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&released);
+        let count = move |_: CloseReason| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        };
+        if let Err(back) = session.attach(count) {
+            (back.into_inner())(CloseReason::Forced);
+        }
+        self.waiters.push(tokio::spawn(session.closed_owned()));
+        self.releases.push(released);
+        self.sessions.push(session);
+    }
+}
+
+impl<P> ObservedRouter<P> {
+    /// How many of the sessions closed with `reason`.
+    #[must_use]
+    pub fn count_reason(&self, reason: CloseReason) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| s.close_reason() == Some(reason))
+            .count()
+    }
+
+    /// Asserts I1 after the router's deletion returned: the store holds the
+    /// incarnation as deleted and none of its sessions, every session is
+    /// closed (by the router, by force, or by its client), every resource
+    /// was released exactly once, and every close waiter woke within a
+    /// second.
+    ///
+    /// # Panics
+    ///
+    /// On the first of these that does not hold, naming it.
+    pub async fn assert_deleted<S>(self, store: &S)
+    where
+        S: SessionStore<Payload = P>,
+    {
+        let status = store.router_status(self.router).await;
+        assert!(
+            matches!(status, Ok(RouterStatus::Deleted(i)) if i == self.incarnation),
+            "I1: {} should be deleted in {}, is {status:?}",
+            self.router,
+            self.incarnation
+        );
+        let count = store.count(self.router).await;
+        assert!(
+            matches!(count, Ok(0)),
+            "I1: {} still holds sessions: {count:?}",
+            self.router
+        );
+        for session in &self.sessions {
+            assert!(session.is_closed(), "I1: {session:?} is not closed");
+            let stored = store.get(session.id()).await;
+            assert!(
+                matches!(stored, Ok(None)),
+                "I1: {session:?} still stored: {stored:?}"
+            );
+        }
+        for (session, released) in self.sessions.iter().zip(&self.releases) {
+            let times = released.load(Ordering::SeqCst);
+            assert_eq!(
+                times, 1,
+                "I1: {session:?}'s resource released {times} times"
+            );
+        }
+        for (session, waiter) in self.sessions.iter().zip(self.waiters) {
+            let reason = match tokio::time::timeout(Duration::from_secs(1), waiter).await {
+                Ok(Ok(reason)) => reason,
+                Ok(Err(error)) => panic!("{session:?}'s close waiter failed: {error}"),
+                Err(_) => panic!("I1: {session:?}'s close waiter did not wake"),
+            };
+            assert!(
+                matches!(
+                    reason,
+                    CloseReason::RouterDeleted | CloseReason::Forced | CloseReason::ClientClosed
+                ),
+                "{session:?} closed with {reason}"
+            );
+        }
+    }
+}

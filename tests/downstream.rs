@@ -1,0 +1,385 @@
+//! A controller's own test suite, written as a downstream user writes it:
+//! only the crate's public API and its `test-util` feature (in a
+//! controller's `Cargo.toml`: `session-lifecycle = { version = "…",
+//! features = ["test-util"] }` under `[dev-dependencies]`).
+//!
+//! `Controller` below is the user's code: it keeps sessions whose payload
+//! is the client's name in a `MemoryStore`, deletes routers with a
+//! `RouterDeleter`, watches clients with a `LivenessMonitor` and handles
+//! router disconnects with a `Reconciler`. The suite drives it with
+//! operation sequences drawn by the kit's reference model
+//! (`proptest-state-machine`), compares it with the model after every
+//! step, and checks the crate's invariants after every step with an
+//! `InvariantChecker`.
+//!
+//! 1,000 cases by default; `PROPTEST_CASES=20000 cargo test --test
+//! downstream` runs more.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
+use session_lifecycle::test_util::model::{
+    ModelConfig, ModelState, Op, OpWeights, Phase, StoreModel,
+};
+use session_lifecycle::test_util::strategy::{notify, script, session_spec};
+use session_lifecycle::test_util::{
+    HOUR, InvariantChecker, Notify, ObservedRouter, Probe, Script, ScriptedNotifier,
+    ScriptedProber, Subset, paused_runtime, report_within, run_paused, within,
+};
+use session_lifecycle::{
+    DeleteOutcome, Event, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionState, SessionStore,
+    Subscription,
+};
+use tokio::runtime::Runtime;
+use tokio::time::Duration;
+
+type Store = MemoryStore<String>;
+
+/// The controller under test.
+struct Controller {
+    store: Arc<Store>,
+    deleter: RouterDeleter<Store, Arc<ScriptedNotifier<Store>>>,
+    monitor: LivenessMonitor<Store, Arc<ScriptedProber>>,
+    reconciler: Reconciler<Store>,
+    /// The reconciler's events: a router is lost when its grace ends.
+    events: Subscription,
+    /// The incarnation this controller last registered each router with.
+    incarnations: HashMap<RouterId, Incarnation>,
+    /// The latest session of each client.
+    clients: HashMap<SessionId, Session<String>>,
+}
+
+impl Controller {
+    /// Builds the controller; call it inside a runtime.
+    fn new() -> Self {
+        let store = Arc::new(MemoryStore::default());
+        // The routers answer in every way a real one can: some confirm,
+        // some are slow, some fail, hang or panic.
+        let routers = Script::from_fn(|call| match call.index % 5 {
+            0 => Notify::Confirm(Subset::PerMille {
+                per_mille: 700,
+                seed: call.index,
+            }),
+            1 => Notify::Slow {
+                delay: Duration::from_millis(20),
+                confirm: Subset::All,
+            },
+            2 => Notify::Error,
+            3 => Notify::Never,
+            _ => Notify::Panic,
+        });
+        let deleter = RouterDeleter::builder()
+            .batch_size(4)
+            .notify_timeout(Duration::from_millis(100))
+            .confirm_timeout(Duration::from_millis(200))
+            .retries(1)
+            .build(
+                Arc::clone(&store),
+                ScriptedNotifier::new(Arc::clone(&store), routers),
+            );
+        // Clients never time out within a test: heartbeats are checked for
+        // their answers only.
+        let day = Duration::from_secs(86_400);
+        let monitor = LivenessMonitor::builder()
+            .heartbeat_interval(day)
+            .timeout_range(day, day)
+            .build(Arc::clone(&store), ScriptedProber::always(Probe::nobody()))
+            .expect("monitor settings in range");
+        let bus = EventBus::default();
+        let events = bus.subscribe();
+        let reconciler = Reconciler::builder()
+            .grace_period(Duration::from_secs(5))
+            .events(bus)
+            .build(Arc::clone(&store));
+        Self {
+            store,
+            deleter,
+            monitor,
+            reconciler,
+            events,
+            incarnations: HashMap::new(),
+            clients: HashMap::new(),
+        }
+    }
+
+    async fn router_connected(&mut self, router: RouterId) {
+        if let Ok(incarnation) = self.store.register_router(router).await {
+            self.incarnations.insert(router, incarnation);
+        }
+    }
+
+    /// A client connects; `stale` plays a message from an older connection
+    /// of the router.
+    async fn client_connected(&mut self, id: SessionId, router: RouterId, stale: bool) -> bool {
+        let known = self.incarnations.get(&router).copied();
+        let incarnation = match known {
+            Some(incarnation) if stale => Incarnation::new(incarnation.get() - 1),
+            Some(incarnation) => incarnation,
+            None => Incarnation::new(1),
+        };
+        let spec = NewSession::new(id, router, incarnation).payload(format!("client-{id}"));
+        match self.store.create(spec).await {
+            Ok(session) => {
+                self.monitor
+                    .watch(&session)
+                    .expect("a new session is watched");
+                self.clients.insert(id, session);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn delete_router(&self, router: RouterId) -> bool {
+        let bound = self
+            .deleter
+            .max_wait(self.store.count(router).await.unwrap_or(0));
+        match within(bound + Duration::from_secs(1), self.deleter.delete(router)).await {
+            Ok(DeleteOutcome::Deleted(_) | DeleteOutcome::AlreadyDeleted { .. }) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// The router's connection dropped and it does not come back: its
+    /// clients are lost at the end of the grace period.
+    async fn router_gone(&mut self, router: RouterId) -> bool {
+        if self.reconciler.router_disconnected(router).await.is_err() {
+            return false;
+        }
+        within(HOUR, async {
+            loop {
+                match self.events.recv().await {
+                    Some(Event::RouterLost { router: lost, .. }) if lost == router => break,
+                    Some(_) => {}
+                    None => panic!("the event bus closed"),
+                }
+            }
+        })
+        .await;
+        true
+    }
+
+    async fn router_reconnected(&self, router: RouterId, report: &[SessionId], stale: bool) {
+        let Some(&incarnation) = self.incarnations.get(&router) else {
+            return;
+        };
+        let incarnation = if stale {
+            Incarnation::new(incarnation.get() - 1)
+        } else {
+            incarnation
+        };
+        // A reconciliation spares sessions created in its own instant; on
+        // the paused clock every step shares one, so move it past them.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let _ = self.reconciler.reconcile(router, incarnation, report).await;
+    }
+}
+
+/// What this controller does: registers, clients, heartbeats, hang-ups,
+/// deletions, disconnects and reconnects, over 3 routers and 10 clients.
+struct ControllerOps;
+
+impl ModelConfig for ControllerOps {
+    fn weights() -> OpWeights {
+        OpWeights::controller()
+    }
+}
+
+/// The system under test: the controller, a checker, and the runtime they
+/// run on (dropped last).
+struct Sut {
+    controller: Controller,
+    checker: InvariantChecker<String>,
+    /// The model before the step being applied.
+    before: ModelState,
+    runtime: Runtime,
+}
+
+struct ControllerTest;
+
+impl StateMachineTest for ControllerTest {
+    type SystemUnderTest = Sut;
+    type Reference = StoreModel<ControllerOps>;
+
+    fn init_test(_: &ModelState) -> Sut {
+        let runtime = paused_runtime();
+        let controller = runtime.block_on(async { Controller::new() });
+        Sut {
+            controller,
+            checker: InvariantChecker::new(),
+            before: ModelState::default(),
+            runtime,
+        }
+    }
+
+    fn apply(mut sut: Sut, after: &ModelState, op: Op) -> Sut {
+        let before = std::mem::replace(&mut sut.before, after.clone());
+        let Sut {
+            controller,
+            runtime,
+            ..
+        } = &mut sut;
+        runtime.block_on(async {
+            match &op {
+                Op::Register(router) => controller.router_connected(*router).await,
+                &Op::Create {
+                    session,
+                    router,
+                    stale,
+                } => {
+                    let created = controller.client_connected(session, router, stale).await;
+                    let live = before
+                        .router(router)
+                        .is_some_and(|r| r.phase == Phase::Live);
+                    let expected = live && !stale && !before.is_stored(session);
+                    assert_eq!(created, expected, "{op:?}");
+                }
+                Op::Heartbeat(id) => {
+                    let heard = controller.monitor.heartbeat_id(*id).await.is_ok();
+                    let open = before
+                        .session(*id)
+                        .is_some_and(|s| s.stored && s.state != SessionState::Closed);
+                    assert_eq!(heard, open, "{op:?}");
+                }
+                Op::Close { session, reason } => {
+                    let _ = controller.store.close(*session, *reason).await;
+                }
+                Op::Delete(router) => {
+                    let deleted = controller.delete_router(*router).await;
+                    assert_eq!(deleted, before.router(*router).is_some(), "{op:?}");
+                }
+                Op::Disconnect(router) => {
+                    let _ = controller.router_gone(*router).await;
+                }
+                Op::Reconnect {
+                    router,
+                    report,
+                    stale,
+                } => controller.router_reconnected(*router, report, *stale).await,
+                other => panic!("{other:?} is not drawn by OpWeights::controller()"),
+            }
+        });
+        sut
+    }
+
+    fn check_invariants(sut: &Sut, model: &ModelState) {
+        let Sut {
+            controller,
+            checker,
+            runtime,
+            ..
+        } = sut;
+        runtime.block_on(async {
+            // The crate's invariants, with what the checker saw before.
+            for client in controller.clients.values() {
+                checker.track(client);
+            }
+            checker.assert(&*controller.store).await;
+            // This controller against the model.
+            for (router, r) in model.routers() {
+                let count = controller.store.count(router).await.unwrap();
+                assert_eq!(count, model.stored_of(router).len(), "sessions of {router}");
+                if r.phase == Phase::Deleted {
+                    assert_eq!(count, 0);
+                }
+            }
+            for (id, client) in &controller.clients {
+                let expected = model.session(*id).map(|s| s.state);
+                assert_eq!(Some(client.state()), expected, "{id}");
+                assert_eq!(client.payload(), &format!("client-{id}"));
+            }
+        });
+    }
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(default)
+}
+
+prop_state_machine! {
+    #![proptest_config(Config {
+        cases: cases(1_000),
+        // Shrunk failures are printed; keep the crate's tree clean.
+        failure_persistence: None,
+        .. Config::default()
+    })]
+
+    /// Any sequence of controller operations keeps I1, I2, I3 and I7 after
+    /// every step, and the controller agrees with the model.
+    #[test]
+    fn the_controller_keeps_the_invariants(sequential 1..40 => ControllerTest);
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: cases(1_000) / 4,
+        failure_persistence: None,
+        .. Config::default()
+    })]
+
+    /// Whatever the routers answer (any script of confirmations, delays,
+    /// errors, hangs and panics), a deletion of a router full of clients
+    /// with traffic and payloads ends in time (I4) and leaves nothing
+    /// behind (I1).
+    #[test]
+    fn deleting_a_router_ends_clean_whatever_the_router_does(
+        routers in script(notify(), 6),
+        clients in proptest::collection::vec(session_spec(1, 1_000, "[a-z]{1,8}"), 1..40),
+    ) {
+        run_paused(async {
+            let store = Arc::new(MemoryStore::<String>::default());
+            let router = RouterId::new(0);
+            let mut observed = ObservedRouter::fill(&*store, router, 1_000, 0).await;
+            for client in &clients {
+                if let Ok(session) = store.create(client.new_session(observed.incarnation)).await {
+                    client.record_traffic(&session);
+                    observed.observe(session);
+                }
+            }
+            let notifier = ScriptedNotifier::new(Arc::clone(&store), routers);
+            let deleter = RouterDeleter::builder()
+                .confirm_timeout(Duration::from_millis(500))
+                .build(Arc::clone(&store), Arc::clone(&notifier));
+            let bound = deleter.max_wait(observed.sessions.len());
+            let report = report_within(bound + Duration::from_millis(10), deleter.delete(router)).await;
+            assert_eq!(report.sessions, observed.sessions.len());
+            for session in &observed.sessions {
+                assert!(notifier.notices_of(session.id()) >= 1, "{session:?} never notified");
+            }
+            observed.assert_deleted(&*store).await;
+            InvariantChecker::new().assert(&*store).await;
+        });
+    }
+}
+
+/// The reference model alone, through `proptest-state-machine`'s own
+/// strategy: every op a correct system refuses leaves it as it is.
+#[test]
+fn the_model_never_stores_a_session_of_a_router_that_is_not_live_for_it() {
+    let mut runner = proptest::test_runner::TestRunner::new(Config::with_cases(64));
+    runner
+        .run(
+            &StoreModel::<ControllerOps>::sequential_strategy(1..40),
+            |(mut model, ops, _)| {
+                for op in &ops {
+                    model.apply(op);
+                    for (id, s) in model.sessions() {
+                        let router = model.router(s.router).expect("a session's router is known");
+                        prop_assert!(
+                            !s.stored || (router.phase == Phase::Live && s.life == router.life),
+                            "{id}"
+                        );
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
