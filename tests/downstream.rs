@@ -10,7 +10,8 @@
 //! operation sequences drawn by the kit's reference model
 //! (`proptest-state-machine`), compares it with the model after every
 //! step, and checks the crate's invariants after every step with an
-//! `InvariantChecker`.
+//! `InvariantChecker`. The same suite, on a store with a fault injected,
+//! must fail and shrink the fault to the three steps that show it.
 //!
 //! 1,000 cases by default; `PROPTEST_CASES=20000 cargo test --test
 //! downstream` runs more.
@@ -19,10 +20,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, TestError, TestRunner};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use session_lifecycle::test_util::model::{
-    ModelConfig, ModelState, Op, OpWeights, Phase, StoreModel,
+    ModelConfig, ModelState, Op, OpKind, OpWeights, Phase, StoreModel,
 };
 use session_lifecycle::test_util::strategy::{notify, script, session_spec};
 use session_lifecycle::test_util::{
@@ -30,7 +31,7 @@ use session_lifecycle::test_util::{
     ScriptedProber, Subset, paused_runtime, report_within, run_paused, within,
 };
 use session_lifecycle::{
-    DeleteOutcome, Event, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    DeleteOutcome, Event, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore, NewSession,
     Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionState, SessionStore,
     Subscription,
 };
@@ -54,9 +55,13 @@ struct Controller {
 }
 
 impl Controller {
-    /// Builds the controller; call it inside a runtime.
-    fn new() -> Self {
+    /// Builds the controller, on a store with `fault` injected if any; call
+    /// it inside a runtime.
+    fn new(fault: Option<Fault>) -> Self {
         let store = Arc::new(MemoryStore::default());
+        if let Some(fault) = fault {
+            store.inject_fault(fault);
+        }
         // The routers answer in every way a real one can: some confirm,
         // some are slow, some fail, hang or panic.
         let routers = Script::from_fn(|call| match call.index % 5 {
@@ -134,6 +139,12 @@ impl Controller {
         }
     }
 
+    /// A deletion that stopped right after its fence: the controller
+    /// restarted. The next `delete_router` resumes it.
+    async fn deletion_interrupted(&self, router: RouterId) {
+        let _ = self.store.fence(router).await;
+    }
+
     async fn delete_router(&self, router: RouterId) -> bool {
         let bound = self
             .deleter
@@ -180,12 +191,13 @@ impl Controller {
 }
 
 /// What this controller does: registers, clients, heartbeats, hang-ups,
-/// deletions, disconnects and reconnects, over 3 routers and 10 clients.
+/// deletions (some interrupted after their fence), disconnects and
+/// reconnects, over 3 routers and 12 client ids.
 struct ControllerOps;
 
 impl ModelConfig for ControllerOps {
     fn weights() -> OpWeights {
-        OpWeights::controller()
+        OpWeights::controller().with(OpKind::Fence, 1)
     }
 }
 
@@ -199,15 +211,17 @@ struct Sut {
     runtime: Runtime,
 }
 
-struct ControllerTest;
+/// The suite; `FAULTY` runs it on a store that skips its fence.
+struct ControllerTest<const FAULTY: bool>;
 
-impl StateMachineTest for ControllerTest {
+impl<const FAULTY: bool> StateMachineTest for ControllerTest<FAULTY> {
     type SystemUnderTest = Sut;
     type Reference = StoreModel<ControllerOps>;
 
     fn init_test(_: &ModelState) -> Sut {
         let runtime = paused_runtime();
-        let controller = runtime.block_on(async { Controller::new() });
+        let fault = FAULTY.then_some(Fault::SkipFence);
+        let controller = runtime.block_on(async { Controller::new(fault) });
         Sut {
             controller,
             checker: InvariantChecker::new(),
@@ -220,12 +234,18 @@ impl StateMachineTest for ControllerTest {
         let before = std::mem::replace(&mut sut.before, after.clone());
         let Sut {
             controller,
+            checker,
             runtime,
             ..
         } = &mut sut;
         runtime.block_on(async {
-            match &op {
-                Op::Register(router) => controller.router_connected(*router).await,
+            // What the controller answered, against what the model says it
+            // should have; compared once the invariants are checked.
+            let answered = match &op {
+                Op::Register(router) => {
+                    controller.router_connected(*router).await;
+                    None
+                }
                 &Op::Create {
                     session,
                     router,
@@ -236,50 +256,67 @@ impl StateMachineTest for ControllerTest {
                         .router(router)
                         .is_some_and(|r| r.phase == Phase::Live);
                     let expected = live && !stale && !before.is_stored(session);
-                    assert_eq!(created, expected, "{op:?}");
+                    Some((created, expected))
                 }
                 Op::Heartbeat(id) => {
                     let heard = controller.monitor.heartbeat_id(*id).await.is_ok();
                     let open = before
                         .session(*id)
                         .is_some_and(|s| s.stored && s.state != SessionState::Closed);
-                    assert_eq!(heard, open, "{op:?}");
+                    Some((heard, open))
                 }
                 Op::Close { session, reason } => {
                     let _ = controller.store.close(*session, *reason).await;
+                    None
+                }
+                Op::Fence(router) => {
+                    controller.deletion_interrupted(*router).await;
+                    None
                 }
                 Op::Delete(router) => {
                     let deleted = controller.delete_router(*router).await;
-                    assert_eq!(deleted, before.router(*router).is_some(), "{op:?}");
+                    Some((deleted, before.router(*router).is_some()))
                 }
                 Op::Disconnect(router) => {
-                    let _ = controller.router_gone(*router).await;
+                    let lost = controller.router_gone(*router).await;
+                    let live = before
+                        .router(*router)
+                        .is_some_and(|r| r.phase == Phase::Live);
+                    Some((lost, live))
                 }
                 Op::Reconnect {
                     router,
                     report,
                     stale,
-                } => controller.router_reconnected(*router, report, *stale).await,
+                } => {
+                    controller.router_reconnected(*router, report, *stale).await;
+                    None
+                }
                 other => panic!("{other:?} is not drawn by OpWeights::controller()"),
+            };
+            // The crate's invariants after every step, with what the checker
+            // saw before...
+            for client in controller.clients.values() {
+                checker.track(client);
+            }
+            checker.assert(&*controller.store).await;
+            // ...then the controller's answer against the model.
+            if let Some((answered, expected)) = answered {
+                assert_eq!(answered, expected, "{op:?}");
             }
         });
         sut
     }
 
+    /// The controller's state against the model (the crate's invariants
+    /// were checked in `apply`, before the controller's answer).
     fn check_invariants(sut: &Sut, model: &ModelState) {
         let Sut {
             controller,
-            checker,
             runtime,
             ..
         } = sut;
         runtime.block_on(async {
-            // The crate's invariants, with what the checker saw before.
-            for client in controller.clients.values() {
-                checker.track(client);
-            }
-            checker.assert(&*controller.store).await;
-            // This controller against the model.
             for (router, r) in model.routers() {
                 let count = controller.store.count(router).await.unwrap();
                 assert_eq!(count, model.stored_of(router).len(), "sessions of {router}");
@@ -314,7 +351,7 @@ prop_state_machine! {
     /// Any sequence of controller operations keeps I1, I2, I3 and I7 after
     /// every step, and the controller agrees with the model.
     #[test]
-    fn the_controller_keeps_the_invariants(sequential 1..40 => ControllerTest);
+    fn the_controller_keeps_the_invariants(sequential 1..40 => ControllerTest<false>);
 }
 
 proptest! {
@@ -359,11 +396,46 @@ proptest! {
     }
 }
 
-/// The reference model alone, through `proptest-state-machine`'s own
-/// strategy: every op a correct system refuses leaves it as it is.
+/// The same suite finds a store that lets creates through a fence, and
+/// shrinks it to the steps that show it: the suite has teeth.
 #[test]
-fn the_model_never_stores_a_session_of_a_router_that_is_not_live_for_it() {
-    let mut runner = proptest::test_runner::TestRunner::new(Config::with_cases(64));
+fn the_suite_catches_a_store_that_skips_its_fence() {
+    let config = Config {
+        cases: cases(1_000),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config.clone());
+    let result = runner.run(
+        &StoreModel::<ControllerOps>::sequential_strategy(1..40),
+        |(initial, ops, seen)| {
+            ControllerTest::<true>::test_sequential(config.clone(), initial, ops, seen);
+            Ok(())
+        },
+    );
+    let Err(TestError::Fail(reason, (_, shrunk, _))) = result else {
+        panic!("the fault was not found: {result:?}");
+    };
+    eprintln!("shrunk counterexample: {shrunk:#?}\n{reason}");
+    assert!(reason.to_string().contains("after its fence"), "{reason}");
+    // A router, its interrupted deletion, a client on it.
+    assert_eq!(shrunk.len(), 3, "{shrunk:?}");
+    assert!(
+        matches!(
+            (&shrunk[0], &shrunk[1], &shrunk[2]),
+            (Op::Register(a), Op::Fence(b), Op::Create { router: c, stale: false, .. })
+                if a == b && b == c
+        ),
+        "{shrunk:?}"
+    );
+}
+
+/// The reference model alone, through `proptest-state-machine`'s own
+/// strategy: a stored session's router holds it in that very life, and is
+/// not deleted.
+#[test]
+fn the_model_stores_sessions_only_on_their_routers_current_life() {
+    let mut runner = TestRunner::new(Config::with_cases(64));
     runner
         .run(
             &StoreModel::<ControllerOps>::sequential_strategy(1..40),
@@ -373,7 +445,7 @@ fn the_model_never_stores_a_session_of_a_router_that_is_not_live_for_it() {
                     for (id, s) in model.sessions() {
                         let router = model.router(s.router).expect("a session's router is known");
                         prop_assert!(
-                            !s.stored || (router.phase == Phase::Live && s.life == router.life),
+                            !s.stored || (router.phase != Phase::Deleted && s.life == router.life),
                             "{id}"
                         );
                     }

@@ -8,8 +8,13 @@ use proptest::test_runner::{Config, TestError, TestRunner};
 use session_lifecycle::test_util::model::{Op, OpKind, OpWeights, Space};
 use session_lifecycle::test_util::strategy::ops;
 use session_lifecycle::test_util::{InvariantChecker, Violation, run_paused};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use session_lifecycle::{
-    Corruption, Fault, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    AuditReport, BackendError, CloseOutcome, CloseReason, Corruption, CreateError, Fault,
+    FenceError, FenceSnapshot, FinishError, FinishReport, Incarnation, MemoryStore, NewSession,
+    RegisterError, Repair, RouterCensus, RouterError, RouterId, RouterStatus, Session,
+    SessionError, SessionId, SessionStore,
 };
 
 /// Runs `ops` on a fresh store with `fault`, checking after every step;
@@ -160,6 +165,136 @@ fn the_checker_names_each_kind_of_violation() {
             report
                 .to_string()
                 .contains("I1 zombie: session-9 of router-1 in incarnation-1 is stored"),
+            "{report}"
+        );
+    });
+}
+
+/// A store of the user's own that lies: it wraps a `MemoryStore` and can
+/// miscount a router's sessions or fail to list them.
+#[derive(Default)]
+struct Lying {
+    inner: MemoryStore,
+    miscount: AtomicBool,
+    fail_listing: AtomicBool,
+}
+
+impl SessionStore for Lying {
+    type Payload = ();
+
+    async fn register_router(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
+        self.inner.register_router(router).await
+    }
+    async fn router_status(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        self.inner.router_status(router).await
+    }
+    async fn create(&self, spec: NewSession) -> Result<Session, CreateError<()>> {
+        self.inner.create(spec).await
+    }
+    async fn get(&self, id: SessionId) -> Result<Option<Session>, BackendError> {
+        self.inner.get(id).await
+    }
+    async fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close(id, reason).await
+    }
+    async fn remove(&self, id: SessionId) -> Result<Session, SessionError> {
+        self.inner.remove(id).await
+    }
+    async fn sessions(&self, router: RouterId) -> Result<Vec<Session>, RouterError> {
+        if self.fail_listing.load(Ordering::SeqCst) {
+            let down = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+            return Err(RouterError::Backend(BackendError::new(down)));
+        }
+        self.inner.sessions(router).await
+    }
+    async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
+        let count = self.inner.count(router).await?;
+        Ok(count + usize::from(self.miscount.load(Ordering::SeqCst)))
+    }
+    async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<()>, FenceError> {
+        self.inner.fence(router).await
+    }
+    async fn finish(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError> {
+        self.inner.finish(router, incarnation).await
+    }
+    async fn audit(&self) -> Result<AuditReport, BackendError> {
+        self.inner.audit().await
+    }
+    async fn census(&self) -> Result<Vec<RouterCensus>, BackendError> {
+        self.inner.census().await
+    }
+    async fn repair(&self, findings: &AuditReport) -> Result<Vec<Repair>, BackendError> {
+        self.inner.repair(findings).await
+    }
+}
+
+#[test]
+fn a_store_of_your_own_that_miscounts_or_fails_is_reported() {
+    run_paused(async {
+        let store = Lying::default();
+        let checker = InvariantChecker::new();
+        let router = RouterId::new(1);
+        let incarnation = store.register_router(router).await.unwrap();
+        for id in 1..=2 {
+            store
+                .create(NewSession::new(SessionId::new(id), router, incarnation))
+                .await
+                .unwrap();
+        }
+        checker.assert(&store).await;
+
+        store.miscount.store(true, Ordering::SeqCst);
+        let report = checker.check(&store).await;
+        assert_eq!(
+            report.violations,
+            vec![Violation::CountMismatch {
+                router,
+                count: 3,
+                listed: 2
+            }],
+            "{report}"
+        );
+        store.miscount.store(false, Ordering::SeqCst);
+
+        // A check that cannot look everywhere is not clean...
+        let _ = store.fence(router).await.unwrap();
+        store.fail_listing.store(true, Ordering::SeqCst);
+        let report = checker.check(&store).await;
+        assert!(
+            matches!(
+                &report.violations[..],
+                [Violation::StoreFailed {
+                    call: "sessions",
+                    ..
+                }]
+            ),
+            "{report}"
+        );
+        // ...and what it could not see does not become the fence's baseline:
+        // the sessions created before the fence are not taken for late ones.
+        store.fail_listing.store(false, Ordering::SeqCst);
+        checker.assert(&store).await;
+        store.inner.inject_fault(Fault::SkipFence);
+        store
+            .create(NewSession::new(SessionId::new(3), router, incarnation))
+            .await
+            .unwrap();
+        let report = checker.check(&store).await;
+        assert_eq!(
+            report.violations,
+            vec![Violation::CreatedAfterFence {
+                session: SessionId::new(3),
+                router,
+                incarnation
+            }],
             "{report}"
         );
     });

@@ -35,6 +35,10 @@ pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds
 /// A store under test: how to make a fresh, empty one, and which clock it
 /// works with.
 ///
+/// The model test needs the store to remember its deleted routers (their
+/// tombstones) for the few routers a case uses (3): a store that already
+/// forgot one answers `UnknownRouter` where the model expects it deleted.
+///
 /// # Example
 ///
 /// ```
@@ -42,21 +46,21 @@ pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds
 /// use session_lifecycle::MemoryStore;
 /// use session_lifecycle::test_util::conformance::{Backend, store_follows_the_model};
 ///
-/// /// A store with a tombstone capacity of its own, under the suite.
+/// /// A store with a shard layout of its own, under the suite.
 /// #[derive(Default)]
-/// struct SmallTombstones;
+/// struct FourShards;
 ///
-/// impl Backend for SmallTombstones {
+/// impl Backend for FourShards {
 ///     type Store = MemoryStore;
-///     const NAME: &'static str = "MemoryStore(tombstones: 64)";
+///     const NAME: &'static str = "MemoryStore(4 shards)";
 ///     const PAUSED_TIME: bool = true;
 ///
 ///     async fn fresh(&self) -> Arc<MemoryStore> {
-///         Arc::new(MemoryStore::builder().tombstone_capacity(64).build())
+///         Arc::new(MemoryStore::builder().shard_amount(4).build())
 ///     }
 /// }
 ///
-/// store_follows_the_model::<SmallTombstones>(16);
+/// store_follows_the_model::<FourShards>(16);
 /// ```
 pub trait Backend: Send + Sync + 'static {
     /// The store.

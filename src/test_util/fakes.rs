@@ -22,7 +22,10 @@ use crate::{
 ///
 /// A router confirms a termination by closing the session in the store with
 /// [`CloseReason::RouterDeleted`], as a controller does when the router's
-/// confirmation arrives.
+/// confirmation arrives. It closes by session *id*: a `Slow` or `Later`
+/// confirmation that lands after the deletion ended closes whatever session
+/// holds the id then. Keep their delays below the deleter's deadlines, or
+/// do not reuse ids across deletions.
 ///
 /// # Example
 ///
@@ -157,19 +160,10 @@ impl<T: Clone, B: Clone> Log<T, B> {
     /// Numbers the call, asks the script, records both; returns the
     /// behaviour. Recorded before it runs: a call that panics or never
     /// returns is in the log too.
-    fn record(
-        &self,
-        script: &Script<B>,
-        batch: &T,
-        router: RouterId,
-        round: u32,
-        first: bool,
-    ) -> B {
+    fn record(&self, script: &Script<B>, batch: &T, call: impl FnOnce(u64) -> Call) -> B {
         // Relaxed: a counter; the log's lock orders the records.
         let index = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut call = Call::new(index, router, round);
-        call.first_round = first;
-        let behaviour = script.pick(call);
+        let behaviour = script.pick(call(index));
         self.calls.lock().push(Recorded {
             batch: batch.clone(),
             behaviour: behaviour.clone(),
@@ -269,13 +263,9 @@ async fn confirm<S: SessionStore>(store: &S, ids: Vec<SessionId>) {
 
 impl<S: SessionStore> TerminationNotifier for ScriptedNotifier<S> {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        let behaviour = self.log.record(
-            &self.script,
-            &batch,
-            batch.router,
-            batch.round,
-            batch.round == 0,
-        );
+        let behaviour = self.log.record(&self.script, &batch, |index| {
+            Call::notice(index, batch.router, batch.round)
+        });
         match behaviour {
             Notify::Confirm(subset) => {
                 confirm(&*self.store, subset.pick(&batch.sessions, batch.round)).await;
@@ -386,13 +376,9 @@ impl ScriptedProber {
 
 impl Prober for ScriptedProber {
     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-        let behaviour = self.log.record(
-            &self.script,
-            &batch,
-            batch.router,
-            batch.round,
-            batch.round <= 1,
-        );
+        let behaviour = self.log.record(&self.script, &batch, |index| {
+            Call::probe(index, batch.router, batch.round)
+        });
         match behaviour {
             Probe::Answer(subset) => Ok(subset.pick(&batch.sessions, batch.round)),
             Probe::Slow { delay, answer } => {

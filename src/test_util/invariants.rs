@@ -8,8 +8,8 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 
 use crate::{
-    CloseReason, Incarnation, RouterId, RouterStatus, Session, SessionId, SessionState,
-    SessionStore,
+    CloseReason, Incarnation, RouterError, RouterId, RouterStatus, Session, SessionId,
+    SessionState, SessionStore,
 };
 
 /// One broken invariant, as an [`InvariantChecker`] found it.
@@ -41,8 +41,9 @@ pub enum Violation {
         /// Its state.
         state: SessionState,
     },
-    /// I1: a session of a deleted incarnation is closed but its close is
-    /// not complete: a close waiter would still wait.
+    /// I1: a session its router's deletion closed (a check saw it stored
+    /// on the fenced incarnation) is closed but its close is not complete
+    /// after the deletion: a close waiter would still wait.
     CloseIncomplete {
         /// The session.
         session: SessionId,
@@ -316,25 +317,41 @@ impl fmt::Display for InvariantReport {
 ///
 /// - **I1** zombies: sessions stored for a router that is unknown, deleted
 ///   or in another incarnation; open handles of a deleted incarnation;
-///   closes of a deleted incarnation not complete (a waiter would wait);
+///   sessions a deletion closed (a check saw them stored on the fenced
+///   incarnation) whose close is not complete once the router is deleted;
 ///   closed sessions still holding their token.
 /// - **I2** sessions of a fenced incarnation that were not in the store at
 ///   the first check that saw the fence (created after it), and router
 ///   statuses that went backwards (a smaller incarnation, or `Fenced →
 ///   Live`, `Deleted → Fenced`).
 /// - **I3** states that went backwards, close reasons that changed, and
-///   states that disagree with their close reason.
+///   sessions that read `Closed` without a reason.
 /// - **I7** the router index against the session map
 ///   ([`SessionStore::audit`]), each router's count against its listing,
 ///   and each listed session against [`SessionStore::get`].
 ///
-/// Check after every step of a test: what happened between two checks is
-/// only seen through its effects. A session created after a fence in the
-/// same step as the fence is not told apart from one created before it.
-/// I4 (bounded deletion), I5 (nothing dropped) and I6 (cancel safety) are
-/// properties of runs, not of a store's state: see
-/// [`report_within`](super::report_within) and the deleter's
-/// [`max_wait`](crate::RouterDeleter::max_wait).
+/// A store call that fails is reported as [`Violation::StoreFailed`]: the
+/// report is then not clean, since the check could not look everywhere.
+///
+/// # Using it well
+///
+/// - Check after every step of a test: what happened between two checks is
+///   only seen through its effects. A session created after a fence in the
+///   same step as the fence is not told apart from one created before it,
+///   so the fence check needs steps that leave a router fenced (a deletion
+///   interrupted after its fence, [`Op::Fence`](super::model::Op::Fence)).
+/// - Check a quiescent store: between steps, with no task changing it. The
+///   check reads the store in several calls (the audit, each router's
+///   listing, its count, each session), and a change between two of them
+///   can look like an index disagreement. With a store whose handles hear
+///   of changes asynchronously (an `EtcdStore` shared by controllers), let
+///   the changes arrive first.
+/// - The checker keeps every handle it saw, to check them after they left
+///   the store: use one checker per test case.
+/// - I4 (bounded deletion), I5 (nothing dropped) and I6 (cancel safety) are
+///   properties of runs, not of a store's state: see
+///   [`report_within`](super::report_within) and the deleter's
+///   [`max_wait`](crate::RouterDeleter::max_wait).
 ///
 /// # Deadlock safety
 ///
@@ -389,6 +406,9 @@ struct Handle<P> {
     session: Session<P>,
     state: SessionState,
     reason: Option<CloseReason>,
+    /// A check saw it stored on its router's fenced incarnation: its close
+    /// belongs to that deletion, which waits for it to complete.
+    fenced: bool,
 }
 
 /// What one check read of a router.
@@ -525,7 +545,14 @@ async fn read_audit<S: SessionStore>(
     for &id in &audit.orphans {
         match store.get(id).await {
             Ok(Some(session)) => {
-                let status = store.router_status(session.router()).await.ok();
+                let status = match store.router_status(session.router()).await {
+                    Ok(status) => Some(status),
+                    Err(RouterError::UnknownRouter(_)) => None,
+                    Err(error) => {
+                        found.push(failed("router_status", error));
+                        None
+                    }
+                };
                 found.push(Violation::Zombie {
                     session: id,
                     router: session.router(),
@@ -549,12 +576,23 @@ async fn read_router<S: SessionStore>(
     router: RouterId,
     found: &mut Vec<Violation>,
 ) -> Option<Observed<S::Payload>> {
-    let status = store.router_status(router).await.ok()?;
+    let status = match store.router_status(router).await {
+        Ok(status) => status,
+        // Never registered (a tracked id), or its tombstone was evicted.
+        Err(RouterError::UnknownRouter(_)) => return None,
+        Err(error) => {
+            found.push(failed("router_status", error));
+            return None;
+        }
+    };
+    // A router the check cannot list is left out, and the checker's memory
+    // of it stays as it was: a partial look must not become the baseline
+    // of the next check.
     let mut listed = match store.sessions(router).await {
         Ok(listed) => listed,
         Err(error) => {
             found.push(failed("sessions", error));
-            Vec::new()
+            return None;
         }
     };
     match store.count(router).await {
@@ -596,9 +634,24 @@ impl<P> Memory<P> {
                 session: session.clone(),
                 state: session.state(),
                 reason: session.close_reason(),
+                fenced: false,
             });
         }
         self.routers.entry(session.router()).or_insert(None);
+    }
+
+    /// Marks the handles of `listed` as part of a fenced incarnation's
+    /// deletion.
+    fn mark_fenced(&mut self, listed: &[Session<P>]) {
+        for session in listed {
+            if let Some(handles) = self.handles.get_mut(&session.id()) {
+                for handle in handles.iter_mut() {
+                    if Session::ptr_eq(&handle.session, session) {
+                        handle.fenced = true;
+                    }
+                }
+            }
+        }
     }
 
     /// I2 for one router: its status did not go back, and nothing joined
@@ -622,11 +675,13 @@ impl<P> Memory<P> {
         }
         let fenced_with = match status {
             RouterStatus::Fenced(incarnation) => {
-                let of_fence: BTreeSet<SessionId> = listed
+                let of_fence: Vec<Session<P>> = listed
                     .iter()
                     .filter(|s| s.incarnation() == incarnation)
-                    .map(Session::id)
+                    .cloned()
                     .collect();
+                self.mark_fenced(&of_fence);
+                let of_fence: BTreeSet<SessionId> = of_fence.iter().map(Session::id).collect();
                 match previous {
                     Some(Seen {
                         status: RouterStatus::Fenced(was),
@@ -709,7 +764,7 @@ impl<P> Memory<P> {
                     incarnation: session.incarnation(),
                     state,
                 });
-            } else if deleted && !complete {
+            } else if deleted && handle.fenced && !complete {
                 found.push(Violation::CloseIncomplete { session: id });
             }
             (handle.state, handle.reason) = (state, reason);
@@ -829,6 +884,7 @@ mod tests {
                 session: session.clone(),
                 state,
                 reason,
+                fenced: false,
             }],
         );
         memory

@@ -90,6 +90,11 @@
 //!             Op::Close { session, reason } => {
 //!                 let _ = self.store.close(*session, *reason).await;
 //!             }
+//!             // A deletion that stopped right after its fence (the
+//!             // controller restarted); the next `Delete` resumes it.
+//!             Op::Fence(router) => {
+//!                 let _ = self.store.fence(*router).await;
+//!             }
 //!             Op::Delete(router) => {
 //!                 let _ = self.deleter.delete(*router).await;
 //!             }
@@ -103,6 +108,7 @@
 //!         .with(OpKind::Register, 2)
 //!         .with(OpKind::Create, 6)
 //!         .with(OpKind::Close, 2)
+//!         .with(OpKind::Fence, 1)
 //!         .with(OpKind::Delete, 2)
 //! }
 //!
@@ -142,8 +148,11 @@
 //! lets creates through a fence, and the checker reports the first session
 //! created after one (`I2 fence: session-0 was created on router-0 in
 //! incarnation-1 after its fence`); proptest shrinks the sequence to the
-//! three steps that show it (register, fence, create). The crate's
-//! `tests/kit_catches_faults.rs` does exactly this.
+//! three steps that show it (register, fence, create). The example above
+//! catches it because it draws [`Op::Fence`](model::Op::Fence): a suite
+//! whose deletions always run to their end in one step never shows the
+//! checker a fenced router. The crate's `tests/kit_catches_faults.rs` and
+//! `tests/downstream.rs` run exactly this.
 //!
 //! ## Things to know
 //!
@@ -155,9 +164,12 @@
 //!   test shares one instant, advance the clock
 //!   (`tokio::time::advance`) before reconciling.
 //! - A scripted router confirms by closing the session *id* in the store.
-//!   [`Notify::Later`] confirmations that arrive after the deletion ended
-//!   close whatever session holds the id then; do not reuse ids across
-//!   deletions with it, or give it a delay shorter than the deadline.
+//!   [`Notify::Slow`] and [`Notify::Later`] confirmations that arrive after
+//!   the deletion ended close whatever session holds the id then; keep their
+//!   delays below the deleter's deadlines, or do not reuse ids across
+//!   deletions with them.
+//! - Check a quiescent store (between steps), and use one checker per
+//!   case: see [`InvariantChecker`].
 //! - Everything here may panic: it is for tests, and a panic is how a test
 //!   fails. Each function says when under `# Panics`.
 

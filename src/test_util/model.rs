@@ -45,7 +45,8 @@ pub enum Op {
     Terminate(SessionId),
     /// Remove the session from the store.
     Remove(SessionId),
-    /// Fence the router (a deletion's first step, alone).
+    /// Fence the router: a deletion's first step, alone (a controller that
+    /// stopped right after it; a later [`Op::Delete`] resumes it).
     Fence(RouterId),
     /// Finish the router's deletion (a deletion's last step, alone).
     Finish {
@@ -58,7 +59,10 @@ pub enum Op {
     Delete(RouterId),
     /// The router disconnects and stays away past its grace period.
     Disconnect(RouterId),
-    /// The router (re)connects and reports the sessions it holds.
+    /// The router (re)connects and reports the sessions it holds: every
+    /// stored `Active` session of it that the report leaves out is closed.
+    /// (A [`Reconciler`](crate::Reconciler) spares sessions created in the
+    /// instant it starts: on a paused clock, advance it first.)
     Reconnect {
         /// The router.
         router: RouterId,

@@ -129,7 +129,7 @@ pub struct Call {
 ///
 /// // Fails the first two calls, then confirms everything.
 /// let script = Script::calls([Notify::Error, Notify::Error], Notify::confirm_all());
-/// let call = |index| Call::new(index, RouterId::new(1), 0);
+/// let call = |index| Call::notice(index, RouterId::new(1), 0);
 /// assert_eq!(script.pick(call(1)), Notify::Error);
 /// assert_eq!(script.pick(call(2)), Notify::confirm_all());
 /// ```
@@ -145,10 +145,20 @@ enum Kind<B> {
 }
 
 impl Call {
-    /// A call of index `index` to `router` in `round` (a first round if
-    /// `round` is 0 or 1). For scripts tried outside a fake.
+    /// A notifier's call: its first round is round 0.
     #[must_use]
-    pub fn new(index: u64, router: RouterId, round: u32) -> Self {
+    pub fn notice(index: u64, router: RouterId, round: u32) -> Self {
+        Self {
+            index,
+            router,
+            round,
+            first_round: round == 0,
+        }
+    }
+
+    /// A prober's call: its first round is round 1.
+    #[must_use]
+    pub fn probe(index: u64, router: RouterId, round: u32) -> Self {
         Self {
             index,
             router,
