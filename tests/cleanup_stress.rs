@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use session_lifecycle::test_util::conformance::soak_rounds;
 use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, SimRng, Subset};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
@@ -163,6 +164,7 @@ async fn scenario(seed: u64) {
         deleted.unwrap().unwrap();
     }
     // Let the grace period expire under the load, then stop.
+    // The first router lost must be router 7: no other one disconnects.
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(Event::RouterLost { router, .. }) = lost.recv().await {
@@ -228,10 +230,7 @@ async fn scenario(seed: u64) {
 
 #[test]
 fn every_cleanup_path_at_once_releases_each_resource_once() {
-    let rounds = std::env::var("SESSION_LIFECYCLE_SOAK")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3u64);
+    let rounds = soak_rounds(3);
     for round in 0..rounds {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

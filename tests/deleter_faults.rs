@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use session_lifecycle::test_util::{
-    HOUR, Notify, ObservedRouter, Script, ScriptedNotifier, SlowRelease, report_within,
+    HOUR, Notify, ObservedRouter, Script, ScriptedNotifier, SlowRelease, paused_runtime,
+    report_within,
 };
 use session_lifecycle::{
     CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
@@ -103,13 +104,7 @@ async fn a_close_in_flight_when_the_run_starts_is_awaited() {
 #[test]
 fn a_run_whose_runtime_died_is_resumed_on_another() {
     let store = Arc::new(MemoryStore::new());
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
+    let paused = paused_runtime;
     let first = paused();
     let (deleter, observed) = first.block_on(async {
         let observed = ObservedRouter::fill(&*store, R, 0, 4).await;

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use session_lifecycle::test_util::{HOUR, Notify, ObservedRouter, ScriptedNotifier, within};
+use session_lifecycle::test_util::{
+    HOUR, Notify, ObservedRouter, ScriptedNotifier, paused_runtime, within,
+};
 use session_lifecycle::{MemoryStore, RouterDeleter, RouterId};
 use tokio::time::Duration;
 use tracing::field::{Field, Visit};
@@ -55,11 +57,7 @@ fn the_run_and_each_phase_have_spans_and_forcing_warns() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let subscriber = tracing_subscriber::registry().with(Recorder(Arc::clone(&seen)));
     let _default = tracing::subscriber::set_default(subscriber);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = paused_runtime();
     runtime.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let router = RouterId::new(5);

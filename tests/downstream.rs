@@ -25,13 +25,13 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state
 use session_lifecycle::test_util::model::{
     ModelConfig, ModelState, Op, OpKind, OpWeights, Phase, StoreModel,
 };
-use session_lifecycle::test_util::strategy::{notify, script, session_spec};
+use session_lifecycle::test_util::strategy::{cases, notify, script, session_spec};
 use session_lifecycle::test_util::{
     HOUR, InvariantChecker, Notify, ObservedRouter, Probe, Script, ScriptedNotifier,
-    ScriptedProber, Subset, paused_runtime, report_within, run_paused, within,
+    ScriptedProber, Subset, paused_runtime, report_within, router_lost, run_paused, within,
 };
 use session_lifecycle::{
-    DeleteOutcome, Event, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    DeleteOutcome, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore, NewSession,
     Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionState, SessionStore,
     Subscription,
 };
@@ -161,16 +161,7 @@ impl Controller {
         if self.reconciler.router_disconnected(router).await.is_err() {
             return false;
         }
-        within(HOUR, async {
-            loop {
-                match self.events.recv().await {
-                    Some(Event::RouterLost { router: lost, .. }) if lost == router => break,
-                    Some(_) => {}
-                    None => panic!("the event bus closed"),
-                }
-            }
-        })
-        .await;
+        within(HOUR, router_lost(&mut self.events, router)).await;
         true
     }
 
@@ -331,13 +322,6 @@ impl<const FAULTY: bool> StateMachineTest for ControllerTest<FAULTY> {
             }
         });
     }
-}
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(default)
 }
 
 prop_state_machine! {

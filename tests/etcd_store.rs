@@ -728,7 +728,7 @@ fn etcd_sizes() -> StressSizes {
         routers: 6,
         sessions_per_router: 200,
         creators: 4,
-        rounds: soak_rounds(),
+        rounds: soak_rounds(1),
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cap::Cap;
 use futures::FutureExt;
+use session_lifecycle::test_util::paused_runtime;
 use session_lifecycle::{
     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId, SessionStore,
 };
@@ -25,11 +26,7 @@ const MAX_BYTES_PER_SESSION: f64 = 32.0;
 
 #[test]
 fn a_monitored_session_costs_at_most_32_bytes_of_monitor_state() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = paused_runtime();
     runtime.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let mut sessions = Vec::new();

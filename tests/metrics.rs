@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, Subset, report_within};
+use session_lifecycle::test_util::{
+    HOUR, Notify, ScriptedNotifier, Subset, paused_runtime, report_within,
+};
 use session_lifecycle::{
     CloseReason, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore, Stats,
 };
@@ -50,11 +52,7 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = paused_runtime();
     let report = runtime.block_on(async {
         // No event bus anywhere: the metrics must not need one.
         let store = Arc::new(MemoryStore::new());

@@ -13,26 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use futures::FutureExt;
 use parking_lot::Mutex;
 use proptest::prelude::*;
+use session_lifecycle::test_util::paused_runtime;
+use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::{
     DefaultPolicy, ReclaimError, ReclaimPolicy, ReclaimQueue, ReclaimTask, ResourceClass,
     RetrySchedule, RouterId, SessionId, TaskInfo, TryPushError,
 };
 use tokio::time::{Duration, Instant};
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(256)
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime")
-}
 
 fn class() -> impl Strategy<Value = ResourceClass> {
     prop::sample::select(ResourceClass::ALL.to_vec())
@@ -57,7 +44,7 @@ struct Pushed {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     /// With the workers paused while tasks are pushed, one worker then runs
     /// them exactly in policy order: earliest `pushed + delay` first, ties in

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use session_lifecycle::test_util::{Notify, ObservedRouter, ScriptedNotifier, within};
+use session_lifecycle::test_util::{Notify, ObservedRouter, ScriptedNotifier, router_lost, within};
 use session_lifecycle::{
     CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, NoProbe,
     ReconcileError, Reconciler, RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore,
@@ -272,13 +272,10 @@ async fn grace_expiry_closes_the_sessions_and_keeps_the_router() {
     assert!(observed.sessions.iter().all(|s| !s.is_closed()));
 
     // Then the router is lost: every session closed once, router kept.
-    let lost = within(Duration::from_secs(5), async {
-        loop {
-            if let Some(Event::RouterLost { closed, .. }) = events.recv().await {
-                return closed;
-            }
-        }
-    })
+    let lost = within(
+        Duration::from_secs(5),
+        router_lost(&mut events, observed.router),
+    )
     .await;
     assert_eq!(lost, 20);
     assert!(Instant::now() >= deadline);

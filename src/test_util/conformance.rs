@@ -21,13 +21,14 @@ use tokio::time::Duration;
 use super::fakes::{Notify, ScriptedNotifier};
 use super::invariants::InvariantChecker;
 use super::model::{ModelState, Op, Phase, StoreModel};
+use super::observe::router_lost;
 use super::runtime::{HOUR, paused_runtime};
 use super::script::Subset;
 use crate::{
-    CreateErrorKind, DeleteError, DeleteOutcome, Event, EventBus, FenceError, FinishError,
-    HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError,
-    Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionId,
-    SessionState, SessionStore, Subscription,
+    CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError, FinishError, HeartbeatError,
+    Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError, Reconciler,
+    RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState,
+    SessionStore, Subscription,
 };
 
 pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds};
@@ -115,10 +116,7 @@ impl Backend for MemoryBackend {
 #[track_caller]
 pub fn store_follows_the_model<B: Backend + Default>(cases: u32) {
     let source_file = std::panic::Location::caller().file();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(cases);
+    let cases = super::strategy::cases(cases);
     let config = Config {
         cases,
         source_file: Some(source_file),
@@ -595,7 +593,9 @@ fn finish<B: Backend>(sut: &mut Sut<B>, before: &ModelState, router: RouterId, s
 /// The router goes away past its grace period: the step waits for the
 /// reconciler's `RouterLost` event (the clock jumps to it when paused).
 fn disconnect<B: Backend>(sut: &mut Sut<B>, before: &ModelState, router: RouterId) {
-    let result = sut.run_async(|sut| sut.reconciler.router_disconnected(router));
+    let result = sut
+        .runtime
+        .block_on(sut.reconciler.router_disconnected(router));
     match before.router(router).map(|r| r.phase) {
         None => assert!(
             matches!(result, Err(ReconcileError::UnknownRouter(_))),
@@ -604,19 +604,11 @@ fn disconnect<B: Backend>(sut: &mut Sut<B>, before: &ModelState, router: RouterI
         Some(Phase::Live) => {
             result.expect("a live router's grace period starts");
             let events = &mut sut.events;
-            sut.runtime.block_on(async {
-                tokio::time::timeout(Sut::<B>::limit(), async {
-                    loop {
-                        match events.recv().await {
-                            Some(Event::RouterLost { router: lost, .. }) if lost == router => break,
-                            Some(_) => {}
-                            None => panic!("the reconciler's event bus closed"),
-                        }
-                    }
+            sut.runtime
+                .block_on(async {
+                    tokio::time::timeout(Sut::<B>::limit(), router_lost(events, router)).await
                 })
-                .await
                 .expect("the grace period ends");
-            });
         }
         Some(_) => assert!(
             matches!(result, Err(ReconcileError::NotLive { .. })),
@@ -635,7 +627,7 @@ fn reconnect<B: Backend>(
     let incarnation = sut.incarnation(before, router, stale);
     // Sessions created in the instant the reconciliation starts are spared
     // (they may postdate the report): let the clock move past them.
-    let result = sut.run_async(|sut| async move {
+    let result = sut.runtime.block_on(async {
         tokio::time::sleep(Duration::from_millis(1)).await;
         sut.reconciler
             .reconcile(router, incarnation, reported)
@@ -675,16 +667,5 @@ fn reconnect<B: Backend>(
             matches!(result, Err(ReconcileError::NotLive { .. })),
             "{result:?}"
         ),
-    }
-}
-
-impl<B: Backend> Sut<B> {
-    /// Runs a future that may wait on the runtime (timers included).
-    fn run_async<'a, F, Fut>(&'a self, make: F) -> Fut::Output
-    where
-        F: FnOnce(&'a Self) -> Fut,
-        Fut: Future + 'a,
-    {
-        self.runtime.block_on(make(self))
     }
 }

@@ -273,8 +273,7 @@ impl InvariantReport {
     }
 
     /// The violations of invariant `name` (`"I1"`, `"I2"`, ...).
-    pub fn of(&self, name: &str) -> impl Iterator<Item = &Violation> {
-        let name = name.to_owned();
+    pub fn of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Violation> {
         self.violations
             .iter()
             .filter(move |v| v.invariant() == name)

@@ -189,7 +189,7 @@ pub use fakes::{Notify, NotifyCall, Probe, ProbeCall, Recorded, ScriptedNotifier
 pub use invariants::{
     InvariantChecker, InvariantReport, Violation, assert_invariants, check_invariants,
 };
-pub use observe::ObservedRouter;
+pub use observe::{ObservedRouter, router_lost};
 pub use release::SlowRelease;
 pub use rng::{SimRng, mix};
 pub use runtime::{HOUR, paused_runtime, report_within, run_paused, within};

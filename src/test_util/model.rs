@@ -349,9 +349,9 @@ impl ModelState {
                 router,
                 stale,
             } => {
-                let life = self.routers.get(&router).filter(|r| r.phase == Phase::Live);
-                if let Some(life) = life.map(|r| r.life).filter(|_| !stale) {
-                    if !self.is_stored(session) {
+                let live = self.routers.get(&router).filter(|r| r.phase == Phase::Live);
+                if let Some(&RouterModel { life, .. }) = live {
+                    if !stale && !self.is_stored(session) {
                         self.sessions.insert(
                             session,
                             SessionModel {

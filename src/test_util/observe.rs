@@ -8,7 +8,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Duration;
 
 use crate::{
-    CloseReason, Incarnation, NewSession, RouterId, RouterStatus, Session, SessionId, SessionStore,
+    CloseReason, Event, Incarnation, NewSession, RouterId, RouterStatus, Session, SessionId,
+    SessionStore, Subscription,
 };
 
 /// A router's sessions, each with a resource that counts its releases and
@@ -85,14 +86,7 @@ impl<P: Default + Send + Sync + 'static> ObservedRouter<P> {
     /// starts a close waiter. A session already closed gets its resource
     /// released here, once.
     pub fn observe(&mut self, session: Session<P>) {
-        let released = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&released);
-        let count = move |_: CloseReason| {
-            counter.fetch_add(1, Ordering::SeqCst);
-        };
-        if let Err(back) = session.attach(count) {
-            (back.into_inner())(CloseReason::Forced);
-        }
+        let (released, _) = attach_counter(&session);
         self.waiters.push(tokio::spawn(session.closed_owned()));
         self.releases.push(released);
         self.sessions.push(session);
@@ -163,6 +157,73 @@ impl<P> ObservedRouter<P> {
                 ),
                 "{session:?} closed with {reason}"
             );
+        }
+    }
+}
+
+/// Attaches a resource counting its releases to `session`; returns the
+/// count and whether it was attached. A session already closed (by a
+/// racing deletion) hands the resource back, and it is released here,
+/// once, so the count still says 1.
+pub(super) fn attach_counter<P>(session: &Session<P>) -> (Arc<AtomicUsize>, bool) {
+    let released = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&released);
+    let count = move |_: CloseReason| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    };
+    match session.attach(count) {
+        Ok(()) => (released, true),
+        Err(back) => {
+            (back.into_inner())(CloseReason::Forced);
+            (released, false)
+        }
+    }
+}
+
+/// Waits for `events` to say that `router` was lost (its grace period
+/// ended: [`Event::RouterLost`]) and returns how many sessions that
+/// closed. Other events are skipped. Bound it with
+/// [`within`](super::within).
+///
+/// # Panics
+///
+/// If the event bus closes first (every sender dropped).
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{EventBus, MemoryStore, Reconciler, RouterId};
+/// use session_lifecycle::test_util::{HOUR, ObservedRouter, router_lost, run_paused, within};
+///
+/// run_paused(async {
+///     let store = Arc::new(MemoryStore::new());
+///     let router = RouterId::new(1);
+///     let observed = ObservedRouter::fill(&*store, router, 0, 3).await;
+///     let bus = EventBus::default();
+///     let mut events = bus.subscribe();
+///     let reconciler = Reconciler::builder()
+///         .grace_period(Duration::from_secs(30))
+///         .events(bus)
+///         .build(Arc::clone(&store));
+///     reconciler.router_disconnected(router).await.unwrap();
+///
+///     // The paused clock jumps to the end of the grace period.
+///     assert_eq!(within(HOUR, router_lost(&mut events, router)).await, 3);
+///     assert!(observed.sessions.iter().all(|s| s.is_closed()));
+/// });
+/// ```
+pub async fn router_lost(events: &mut Subscription, router: RouterId) -> usize {
+    loop {
+        match events.recv().await {
+            Some(Event::RouterLost {
+                router: lost,
+                closed,
+                ..
+            }) if lost == router => return closed,
+            Some(_) => {}
+            None => panic!("the event bus closed before {router} was lost"),
         }
     }
 }

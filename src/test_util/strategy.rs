@@ -10,6 +10,26 @@ use super::model::{Op, OpKind, OpWeights, Space};
 use super::script::{Script, Subset};
 use crate::{CloseReason, Incarnation, NewSession, RouterId, Session, SessionId};
 
+/// How many cases a property test runs: `PROPTEST_CASES` if set (for a
+/// longer search: `PROPTEST_CASES=20000 cargo test`), `default` otherwise.
+///
+/// # Example
+///
+/// ```
+/// use proptest::test_runner::Config;
+/// use session_lifecycle::test_util::strategy::cases;
+///
+/// let config = Config { cases: cases(1_000), ..Config::default() };
+/// assert!(config.cases > 0);
+/// ```
+#[must_use]
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Router ids `0..routers`: a small space, so operations collide.
 ///
 /// # Example

@@ -19,6 +19,7 @@ use tokio::time::Duration;
 use super::conformance::Backend;
 use super::fakes::{Notify, ScriptedNotifier};
 use super::invariants::check_invariants;
+use super::observe::attach_counter;
 use super::rng::mix;
 use super::script::{Script, Subset};
 use crate::{
@@ -41,25 +42,26 @@ pub struct StressSizes {
 
 impl StressSizes {
     /// The MemoryStore run: 20 routers × 2,000 sessions, 4 creators,
-    /// [`soak_rounds`] rounds.
+    /// [`soak_rounds`]`(1)` rounds.
     pub fn memory() -> Self {
         Self {
             routers: 20,
             sessions_per_router: 2_000,
             creators: 4,
-            rounds: soak_rounds(),
+            rounds: soak_rounds(1),
         }
     }
 }
 
-/// How many times to run the stress scenario: once, or
-/// `SESSION_LIFECYCLE_SOAK` times for a soak (`SESSION_LIFECYCLE_SOAK=200
-/// cargo test --release --test deleter_stress`).
-pub fn soak_rounds() -> u64 {
+/// How many times to run a stress scenario: `SESSION_LIFECYCLE_SOAK` times
+/// for a soak (`SESSION_LIFECYCLE_SOAK=200 cargo test --release --test
+/// deleter_stress`), `default` times otherwise.
+#[must_use]
+pub fn soak_rounds(default: u64) -> u64 {
     std::env::var("SESSION_LIFECYCLE_SOAK")
         .ok()
         .and_then(|rounds| rounds.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(default)
 }
 
 /// Where forced sessions' resources are released.
@@ -346,19 +348,9 @@ async fn create<S: SessionStore<Payload = ()>>(
         .create(NewSession::new(id, router, incarnation))
         .await
         .map_err(|_| ())?;
-    let released = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&released);
     // The session may already be closed by a racing deletion: then the
-    // resource comes back and is released here, once.
-    let attached = match session.attach(move |_: CloseReason| {
-        counter.fetch_add(1, Ordering::SeqCst);
-    }) {
-        Ok(()) => true,
-        Err(back) => {
-            (back.into_inner())(CloseReason::Forced);
-            false
-        }
-    };
+    // resource is released at once, and is not queued anywhere.
+    let (released, attached) = attach_counter(&session);
     created.lock().push(Created {
         session,
         released,
