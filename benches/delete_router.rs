@@ -58,8 +58,8 @@ struct ConfirmAtOnce(Arc<MemoryStore>);
 
 impl TerminationNotifier for ConfirmAtOnce {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        for id in batch.sessions {
-            let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+        for key in batch.sessions {
+            let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
         }
         Ok(())
     }
@@ -168,7 +168,7 @@ async fn sequential(store: &MemoryStore, notifier: &ConfirmAtOnce, router: Route
         let batch = TerminationBatch {
             router,
             incarnation,
-            sessions: chunk.iter().map(Session::id).collect(),
+            sessions: chunk.iter().map(Session::key).collect(),
             round: 0,
         };
         let _ = notifier.notify(batch).await;

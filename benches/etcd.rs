@@ -57,7 +57,7 @@ impl TerminationNotifier for Router {
                 batch
                     .sessions
                     .iter()
-                    .map(|&id| store.close(id, CloseReason::RouterDeleted)),
+                    .map(|&key| store.close_exact(key, CloseReason::RouterDeleted)),
             )
             .await;
         }

@@ -37,7 +37,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession,
     NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session,
-    SessionId, SessionStore, Stats, TerminationBatch, TerminationNotifier,
+    SessionId, SessionKey, SessionStore, Stats, TerminationBatch, TerminationNotifier,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};
@@ -123,21 +123,23 @@ impl TerminationNotifier for Routers {
         }
         let mut dice = Dice(self.seed.fetch_add(1, Ordering::Relaxed));
         // Four groups per batch, each confirmed after its own delay.
-        let mut groups: [Vec<SessionId>; 4] = Default::default();
-        for id in batch.sessions {
+        let mut groups: [Vec<SessionKey>; 4] = Default::default();
+        for key in batch.sessions {
             if dice.chance(self.loss_percent) {
                 self.lost.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            groups[(dice.next() % 4) as usize].push(id);
+            groups[(dice.next() % 4) as usize].push(key);
         }
         for group in groups {
             let store = Arc::clone(&self.store);
             let delay = Duration::from_millis(1 + dice.next() % 50);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                for id in group {
-                    let _ = store.close(id, CloseReason::RouterDeleted).await;
+                // By key: a confirmation that lands after the session was
+                // forced and its id reused closes nothing.
+                for key in group {
+                    let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
                 }
             });
         }

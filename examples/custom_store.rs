@@ -17,7 +17,8 @@ use session_lifecycle::{
     AuditReport, BackendError, CloseOutcome, CloseReason, CreateError, FenceError, FenceSnapshot,
     FinishError, FinishReport, Incarnation, MemoryStore, NewSession, NotifyError, RegisterError,
     Repair, RouterCensus, RouterDeleter, RouterError, RouterId, RouterStatus, Session,
-    SessionError, SessionId, SessionStore, Stats, TerminationBatch, TerminationNotifier,
+    SessionError, SessionId, SessionKey, SessionStore, Stats, TerminationBatch,
+    TerminationNotifier,
 };
 use tokio::time::Duration;
 
@@ -152,9 +153,23 @@ impl<P: Send + Sync + 'static> SessionStore for AuditedStore<P> {
         self.inner.close(id, reason).await
     }
 
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.round_trip(Method::Close).await;
+        self.inner.close_exact(key, reason).await
+    }
+
     async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
         self.round_trip(Method::Remove).await;
         self.inner.remove(id).await
+    }
+
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session<P>, SessionError> {
+        self.round_trip(Method::Remove).await;
+        self.inner.remove_exact(key).await
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
@@ -174,6 +189,20 @@ impl<P: Send + Sync + 'static> SessionStore for AuditedStore<P> {
             "fence({router}) -> {} sessions, newly fenced: {}",
             snapshot.sessions.len(),
             snapshot.newly_fenced
+        ));
+        Ok(snapshot)
+    }
+
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
+        self.round_trip(Method::Fence).await;
+        let snapshot = self.inner.fence_incarnation(router, incarnation).await?;
+        log(format_args!(
+            "fence_incarnation({router}, {incarnation}) -> {} sessions",
+            snapshot.sessions.len(),
         ));
         Ok(snapshot)
     }
@@ -236,8 +265,8 @@ impl TerminationNotifier for Routers {
             let confirmations = batch
                 .sessions
                 .into_iter()
-                .filter(|id| !confirmation_lost(*id))
-                .map(|id| store.close(id, CloseReason::RouterDeleted));
+                .filter(|key| !confirmation_lost(key.id()))
+                .map(|key| store.close_exact(key, CloseReason::RouterDeleted));
             join_all(confirmations).await;
         });
         Ok(())

@@ -93,9 +93,9 @@ impl TerminationNotifier for Confirm {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
         let store = self.0.clone();
         tokio::spawn(async move {
-            let close = |id| store.close(id, CloseReason::RouterDeleted);
+            let close = |key| store.close_exact(key, CloseReason::RouterDeleted);
             stream::iter(batch.sessions)
-                .for_each_concurrent(64, |id| async move { drop(close(id).await) })
+                .for_each_concurrent(64, |key| async move { drop(close(key).await) })
                 .await;
         });
         Ok(())

@@ -78,8 +78,8 @@ impl TerminationNotifier for Routers {
             let store = Arc::clone(&self.store);
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                for id in batch.sessions {
-                    let _ = store.close(id, CloseReason::RouterDeleted).await;
+                for key in batch.sessions {
+                    let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
                 }
             });
         }

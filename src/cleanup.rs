@@ -1,22 +1,26 @@
 //! Closing sessions on the controller's side, shared by every path that
 //! does it (force-close, reaping, reconciliation, grace expiry, sweeps).
+//!
+//! Every step acts on the sessions it was given, by handle or by
+//! [`SessionKey`], never on whatever holds their ids when it runs: an id
+//! reused by a new session while a cleanup is under way is left alone.
 
-use crate::id::SessionId;
+use crate::id::SessionKey;
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session};
-use crate::store::SessionStore;
+use crate::store::{SessionError, SessionStore};
 
 /// Closes each session of `sessions` that `from` allows with `reason`, its
 /// resources through `queue` if there is one (critical ones of every
-/// session first), inline otherwise. Returns the ids this call closed, in
-/// the given order: a session another caller closed (or marked) first is
-/// left to that caller.
+/// session first), inline otherwise. Returns the keys of the sessions this
+/// call closed, in the given order: a session another caller closed (or
+/// marked) first is left to that caller.
 pub(crate) async fn close_all<P>(
     queue: Option<&ReclaimQueue>,
     sessions: &[Session<P>],
     reason: CloseReason,
     from: CloseFrom,
-) -> Vec<SessionId>
+) -> Vec<SessionKey>
 where
     P: Send + Sync + 'static,
 {
@@ -26,25 +30,36 @@ where
         None => sessions
             .iter()
             .filter(|session| session.close_from(reason, from))
-            .map(Session::id)
+            .map(Session::key)
             .collect(),
     }
 }
 
-/// Removes `session` from `store`, unless the store's entry for its id is
-/// another session (the id was reused). Failures are logged: the session is
-/// closed already, and the audit sweeper removes what is left.
-pub(crate) async fn remove_if_same<S: SessionStore>(store: &S, session: &Session<S::Payload>) {
-    let id = session.id();
-    match store.get(id).await {
-        Ok(Some(held)) if held.same(session) => {
-            if let Err(error) = store.remove(id).await {
-                tracing::debug!(%id, %error, "closed session already removed");
-            }
-        }
-        Ok(_) => {}
+/// [`close_all`], then removes from `store` each session this call closed
+/// (by key: a session that reused an id meanwhile stays). Returns the keys
+/// of the sessions this call closed.
+pub(crate) async fn close_and_remove<S: SessionStore>(
+    store: &S,
+    queue: Option<&ReclaimQueue>,
+    sessions: &[Session<S::Payload>],
+    reason: CloseReason,
+    from: CloseFrom,
+) -> Vec<SessionKey> {
+    let closed = close_all(queue, sessions, reason, from).await;
+    for &key in &closed {
+        remove_closed(store, key).await;
+    }
+    closed
+}
+
+/// Removes the closed session `key` from `store`. Failures are logged: the
+/// session is closed already, and the audit sweeper removes what is left.
+async fn remove_closed<S: SessionStore>(store: &S, key: SessionKey) {
+    match store.remove_exact(key).await {
+        // Gone already, or the id is another session's now: nothing to do.
+        Ok(_) | Err(SessionError::UnknownSession(_)) => {}
         Err(error) => {
-            tracing::warn!(%id, %error, "closed session left in the store: backend failed");
+            tracing::warn!(session = %key, %error, "closed session left in the store: backend failed");
         }
     }
 }

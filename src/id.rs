@@ -106,3 +106,79 @@ id_type!(
     Incarnation,
     "incarnation-"
 );
+
+/// One life of a session id: the id and the generation its store gave the
+/// session when it created it.
+///
+/// Ids can be reused: a session closes, and a later one is created with the
+/// same id. A key tells the two apart. The store operations that take a key
+/// ([`SessionStore::close_exact`](crate::SessionStore::close_exact),
+/// [`SessionStore::remove_exact`](crate::SessionStore::remove_exact)) act
+/// only on the session created with that generation, never on a later one
+/// holding the same id: a late confirmation, a duplicated message or a slow
+/// cleanup cannot close a newer session. [`Session::key`](crate::Session::key)
+/// gives a session's key; a [`TerminationBatch`](crate::TerminationBatch)
+/// carries the keys of the sessions it asks to close.
+///
+/// Generations are unique within a store (an [`EtcdStore`] uses the etcd
+/// revision that created the session's record, so they are shared by every
+/// controller on one etcd); they carry no order a caller should rely on.
+///
+/// [`EtcdStore`]: https://docs.rs/session-lifecycle/latest/session_lifecycle/etcd/struct.EtcdStore.html
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let id = SessionId::new(7);
+/// let first = store.create(NewSession::new(id, router, incarnation)).await?;
+/// let key = first.key();
+/// let _ = store.close(id, CloseReason::ClientClosed).await?;
+///
+/// // The id is reused; a late message about the first session changes nothing.
+/// let second = store.create(NewSession::new(id, router, incarnation)).await?;
+/// assert!(store.close_exact(key, CloseReason::RouterDeleted).await.is_err());
+/// assert!(!second.is_closed());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionKey {
+    id: SessionId,
+    generation: u64,
+}
+
+impl SessionKey {
+    /// The key of the life `generation` of session `id` (as read back from
+    /// a message that carried both).
+    #[must_use]
+    pub const fn new(id: SessionId, generation: u64) -> Self {
+        Self { id, generation }
+    }
+
+    /// The session id.
+    #[must_use]
+    pub const fn id(self) -> SessionId {
+        self.id
+    }
+
+    /// The generation: which life of the id.
+    #[must_use]
+    pub const fn generation(self) -> u64 {
+        self.generation
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.id, self.generation)
+    }
+}

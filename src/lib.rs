@@ -206,7 +206,7 @@ pub use deleter::{
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
 };
 pub use event::{Event, EventBus, EventStats, Subscription};
-pub use id::{Incarnation, RouterId, SessionId};
+pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use liveness::{
     HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats,
     MonitorBuildError, NoProbe, ProbeBatch, ProbeError, Prober, WatchError,

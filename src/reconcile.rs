@@ -43,9 +43,9 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cleanup::{close_all, remove_if_same};
+use crate::cleanup::close_and_remove;
 use crate::event::{Event, EventBus, emit};
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
@@ -836,27 +836,20 @@ impl<S: SessionStore> Reconciler<S> {
     ) -> Vec<SessionId> {
         // Only `Active` sessions: one its router's deletion marked meanwhile
         // is the deletion's alone.
-        let closed = close_all(
+        let closed = close_and_remove(
+            &*self.inner.store,
             self.inner.config.reclaim.as_ref(),
             sessions,
             reason,
             CloseFrom::Active,
         )
         .await;
-        // `closed` is a subsequence of `sessions`, in order: remove what this
-        // call closed, nothing a deletion owns.
-        let mut won = closed.iter().peekable();
-        for session in sessions {
-            if won.next_if_eq(&&session.id()).is_some() {
-                remove_if_same(&*self.inner.store, session).await;
-            }
-        }
         if tracing::enabled!(tracing::Level::TRACE) {
-            for id in &closed {
-                tracing::trace!(session = %id, %reason, "session closed");
+            for key in &closed {
+                tracing::trace!(session = %key, %reason, "session closed");
             }
         }
-        closed
+        closed.into_iter().map(SessionKey::id).collect()
     }
 
     /// Starts `router`'s grace period: unless a

@@ -301,8 +301,9 @@ impl session_lifecycle::TerminationNotifier for ThreadConfirm {
     ) -> Result<(), session_lifecycle::NotifyError> {
         let store = Arc::clone(&self.0);
         std::thread::spawn(move || {
-            for id in batch.sessions {
-                let _ = futures::executor::block_on(store.close(id, CloseReason::RouterDeleted));
+            for key in batch.sessions {
+                let _ =
+                    futures::executor::block_on(store.close_exact(key, CloseReason::RouterDeleted));
             }
         });
         Ok(())

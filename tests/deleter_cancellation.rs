@@ -88,7 +88,7 @@ async fn case(first: Notify, retries: Notify, drop_at: Option<Duration>, keep_jo
             .unwrap_or_else(|| panic!("{label}: no report"));
         assert_eq!(report.sessions, SESSIONS as usize, "{label}");
         assert_eq!(
-            report.confirmed + report.already_closed + report.forced,
+            report.confirmed + report.already_closed + report.closed_otherwise + report.forced,
             report.sessions,
             "{label}"
         );

@@ -14,7 +14,7 @@ use session_lifecycle::{
     AuditReport, BackendError, CloseOutcome, CloseReason, Corruption, CreateError, Fault,
     FenceError, FenceSnapshot, FinishError, FinishReport, Incarnation, MemoryStore, NewSession,
     RegisterError, Repair, RouterCensus, RouterError, RouterId, RouterStatus, Session,
-    SessionError, SessionId, SessionStore,
+    SessionError, SessionId, SessionKey, SessionStore,
 };
 
 /// Runs `ops` on a fresh store with `fault`, checking after every step;
@@ -201,8 +201,18 @@ impl SessionStore for Lying {
     ) -> Result<CloseOutcome, SessionError> {
         self.inner.close(id, reason).await
     }
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close_exact(key, reason).await
+    }
     async fn remove(&self, id: SessionId) -> Result<Session, SessionError> {
         self.inner.remove(id).await
+    }
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session, SessionError> {
+        self.inner.remove_exact(key).await
     }
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session>, RouterError> {
         if self.fail_listing.load(Ordering::SeqCst) {
@@ -217,6 +227,13 @@ impl SessionStore for Lying {
     }
     async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<()>, FenceError> {
         self.inner.fence(router).await
+    }
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<()>, FenceError> {
+        self.inner.fence_incarnation(router, incarnation).await
     }
     async fn finish(
         &self,

@@ -380,7 +380,10 @@ impl Controller {
             } else {
                 CloseReason::ClientClosed
             };
-            if store.close(id, reason).await.is_ok_and(CloseOutcome::won) {
+            // By key: if the id was given to a new session since the look
+            // up, the new session is not closed.
+            let closed = store.close_exact(session.key(), reason).await;
+            if closed.is_ok_and(CloseOutcome::won) {
                 self.shared.confirmations.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -150,7 +150,7 @@ impl TerminationNotifier for WireNotifier {
             .outbound(batch.router)
             .await
             .ok_or_else(|| NotifyError::msg(format!("{} is not connected", batch.router)))?;
-        let ids = batch.sessions.iter().map(|id| id.get()).collect();
+        let ids = batch.sessions.iter().map(|key| key.id().get()).collect();
         outbound
             .send(ControllerFrame::Terminate { ids })
             .map_err(|_| NotifyError::msg(format!("{}'s connection closed", batch.router)))

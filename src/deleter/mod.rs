@@ -3,8 +3,13 @@
 //! # Invariants
 //!
 //! - At most one run per router exists in a deleter at a time: `runs` maps
-//!   the router to the receiver of its run's result while it runs, and
-//!   concurrent callers join it.
+//!   the router to its run (the receiver of its result, and what the run
+//!   fenced) while it runs, and concurrent callers join it.
+//! - A caller is answered only by a run of the incarnation it deletes: a
+//!   run stops taking joiners before it finishes its incarnation in the
+//!   store (from then on the router can be registered again), and it leaves
+//!   `runs` before it publishes its result. A caller that finds a run it
+//!   may not join waits for that run's end and looks again.
 //! - A run is owned by a task of `tracker`, never by a caller: dropping the
 //!   future of [`RouterDeleter::delete`] only stops waiting.
 //!
@@ -23,7 +28,8 @@ mod run;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
 use parking_lot::Mutex;
@@ -36,11 +42,58 @@ pub use config::RouterDeleterBuilder;
 pub use notifier::{NotifyError, TerminationBatch, TerminationNotifier};
 pub use report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
 
-use crate::id::RouterId;
+use crate::id::{Incarnation, RouterId};
 use crate::store::SessionStore;
 use config::Config;
 
 type RunResult = Option<Result<DeleteOutcome, DeleteError>>;
+
+/// A run as `runs` holds it.
+#[derive(Clone)]
+struct RunSlot {
+    result: watch::Receiver<RunResult>,
+    state: Arc<RunState>,
+}
+
+/// What callers that would join a run need to know of it.
+#[derive(Debug)]
+pub(crate) struct RunState {
+    /// The incarnation the run fenced, once it has.
+    fenced: OnceLock<Incarnation>,
+    /// Cleared just before the run finishes its incarnation in the store:
+    /// from then on the router may be registered again, and a caller that
+    /// deletes "the router" means the new life, not this run's.
+    joinable: AtomicBool,
+}
+
+impl RunState {
+    fn new() -> Self {
+        Self {
+            fenced: OnceLock::new(),
+            joinable: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn fenced(&self, incarnation: Incarnation) {
+        let _ = self.fenced.set(incarnation);
+    }
+
+    pub(crate) fn stop_joining(&self) {
+        // Release, paired with the Acquire in `join`: a caller that sees
+        // the run joinable saw it before the finish began.
+        self.joinable.store(false, Ordering::Release);
+    }
+}
+
+/// What a caller does about the run it found.
+enum Join {
+    /// Wait for this run's result: it answers the caller.
+    Run(watch::Receiver<RunResult>),
+    /// Wait for this run to end, then look again.
+    After(watch::Receiver<RunResult>),
+    /// Answered without a run.
+    Done(Result<DeleteOutcome, DeleteError>),
+}
 
 /// Deletes routers with strong consistency: when
 /// [`delete`](Self::delete) returns, every session of the router is closed
@@ -64,6 +117,10 @@ type RunResult = Option<Result<DeleteOutcome, DeleteError>>;
 ///   deleter tracks; dropping the caller's future does not stop it.
 ///   Concurrent calls for one router join one run and all get its report. A
 ///   router left fenced by an interrupted run is resumed by the next call.
+/// - **The right incarnation (I9).** A call is answered only with the
+///   report of the incarnation it deleted, never an earlier one; with
+///   [`delete_incarnation`](Self::delete_incarnation), a request that
+///   arrives late or twice cannot delete the router's next life.
 ///
 /// # Example
 ///
@@ -79,8 +136,8 @@ type RunResult = Option<Result<DeleteOutcome, DeleteError>>;
 ///
 /// impl TerminationNotifier for Router {
 ///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-///         for id in batch.sessions {
-///             let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+///         for key in batch.sessions {
+///             let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
 ///         }
 ///         Ok(())
 ///     }
@@ -111,7 +168,7 @@ struct Inner<S, N> {
     store: Arc<S>,
     notifier: N,
     config: Config,
-    runs: Mutex<HashMap<RouterId, watch::Receiver<RunResult>>>,
+    runs: Mutex<HashMap<RouterId, RunSlot>>,
     tracker: TaskTracker,
 }
 
@@ -324,8 +381,15 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
 
     /// Deletes `router`: see the type's documentation for the run.
     ///
-    /// Joins the run already going for this router, if any, and resumes a
-    /// router left fenced by an interrupted run.
+    /// Deletes the router's current incarnation (the one live, or left
+    /// fenced by an interrupted run, which this call resumes), and answers
+    /// with that incarnation's report. Joins the run already going for this
+    /// router, if any; a run that is finishing (its incarnation may already
+    /// be tombstoned, and the router registered again) is not joined: the
+    /// call waits for it to end and looks again, so the answer is never
+    /// another incarnation's. To delete one incarnation only, whatever
+    /// happened to the router since, use
+    /// [`delete_incarnation`](Self::delete_incarnation).
     ///
     /// # Errors
     ///
@@ -382,22 +446,125 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         &self,
         router: RouterId,
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
+        self.delete_in(router, None)
+    }
+
+    /// Deletes `router` as [`delete`](Self::delete) does, but only its
+    /// incarnation `incarnation`: a request that arrives late or twice (after
+    /// the router was deleted and registered again) deletes nothing and
+    /// answers [`DeleteOutcome::AlreadyDeleted`] for `incarnation`.
+    ///
+    /// Joins the run already going for this incarnation, if any, and
+    /// resumes it if it was left fenced.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete`](Self::delete), and
+    /// [`DeleteError::IncarnationMismatch`] for an incarnation newer than
+    /// any the router has had.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`delete`](Self::delete).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, RouterStatus,
+    ///     SessionStore, TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// /// A router that never confirms: its sessions are force-closed.
+    /// struct Silent;
+    ///
+    /// impl TerminationNotifier for Silent {
+    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let old = store.register_router(router).await?;
+    /// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
+    /// assert!(deleter.delete_incarnation(router, old).await?.report().is_some());
+    ///
+    /// // The router comes back; the same request, delivered twice, leaves it alone.
+    /// let new = store.register_router(router).await?;
+    /// let again = deleter.delete_incarnation(router, old).await?;
+    /// assert_eq!(again, DeleteOutcome::AlreadyDeleted { router, incarnation: old });
+    /// assert_eq!(store.router_status(router).await?, RouterStatus::Live(new));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn delete_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
+        self.delete_in(router, Some(incarnation))
+    }
+
+    fn delete_in(
+        &self,
+        router: RouterId,
+        target: Option<Incarnation>,
+    ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
         let this = self.clone();
         async move {
-            let mut result = this.join_or_start(router)?;
-            match result.wait_for(Option::is_some).await {
-                Ok(outcome) => outcome
-                    .clone()
-                    .unwrap_or(Err(DeleteError::Interrupted(router))),
-                Err(_closed) => Err(DeleteError::Interrupted(router)),
+            loop {
+                let mut result = match this.join_or_start(router, target)? {
+                    Join::Run(result) => result,
+                    Join::After(mut other) => {
+                        // Ends within its own bound; its end removed it.
+                        let _ = other.wait_for(Option::is_some).await;
+                        continue;
+                    }
+                    Join::Done(outcome) => return outcome,
+                };
+                return match result.wait_for(Option::is_some).await {
+                    Ok(outcome) => outcome
+                        .clone()
+                        .unwrap_or(Err(DeleteError::Interrupted(router))),
+                    Err(_closed) => Err(DeleteError::Interrupted(router)),
+                };
             }
         }
     }
 
-    fn join_or_start(&self, router: RouterId) -> Result<watch::Receiver<RunResult>, DeleteError> {
+    /// Finds the run that answers a deletion of `router` (in `target`, if
+    /// given), or starts one.
+    fn join_or_start(
+        &self,
+        router: RouterId,
+        target: Option<Incarnation>,
+    ) -> Result<Join, DeleteError> {
         let mut runs = self.inner.runs.lock();
         if let Some(running) = runs.get(&router) {
-            return Ok(running.clone());
+            let state = &running.state;
+            // Acquire: pairs with the Release of `stop_joining`.
+            let joinable = state.joinable.load(Ordering::Acquire);
+            return Ok(match (target, state.fenced.get().copied()) {
+                (None, _) if joinable => Join::Run(running.result.clone()),
+                // This run deletes that very incarnation, finishing or not.
+                (Some(target), Some(fenced)) if target == fenced => {
+                    Join::Run(running.result.clone())
+                }
+                // Older than what the run fenced: deleted before it.
+                (Some(target), Some(fenced)) if target < fenced => {
+                    Join::Done(Ok(DeleteOutcome::AlreadyDeleted {
+                        router,
+                        incarnation: target,
+                    }))
+                }
+                // Finishing an incarnation the caller may not mean, or not
+                // fenced yet: its end tells.
+                _ => Join::After(running.result.clone()),
+            });
         }
         // Checked under `runs`, where `shutdown` closes the tracker: no run
         // starts after a shutdown began.
@@ -406,7 +573,14 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         }
         let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
         let (done, result) = watch::channel(None);
-        runs.insert(router, result.clone());
+        let state = Arc::new(RunState::new());
+        runs.insert(
+            router,
+            RunSlot {
+                result: result.clone(),
+                state: Arc::clone(&state),
+            },
+        );
         // Taken under `runs`: a `shutdown` that starts after this point
         // waits for the run.
         let token = self.inner.tracker.token();
@@ -420,16 +594,26 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         };
         drop(runtime.spawn(async move {
             let _token = token;
-            let inner = &entry.inner;
-            let run = run::delete_router(&*inner.store, &inner.notifier, &inner.config, router);
+            let inner = Arc::clone(&entry.inner);
+            let run = run::delete_router(
+                &*inner.store,
+                &inner.notifier,
+                &inner.config,
+                router,
+                target,
+                &state,
+            );
             let outcome = AssertUnwindSafe(run)
                 .catch_unwind()
                 .await
                 .unwrap_or(Err(DeleteError::Interrupted(router)));
+            // Out of `runs` before the result is out: whoever sees the
+            // result and deletes again starts afresh, and `running` no
+            // longer counts this run.
+            drop(entry);
             done.send_replace(Some(outcome));
-            // `entry` drops here, removing the run from `runs`.
         }));
-        Ok(result)
+        Ok(Join::Run(result))
     }
 
     /// Stops taking new deletions and waits until the running ones finish
@@ -493,12 +677,19 @@ struct RunEntry<S, N> {
 
 impl<S, N> Drop for RunEntry<S, N> {
     fn drop(&mut self) {
-        let mut runs = self.inner.runs.lock();
-        if runs
-            .get(&self.router)
-            .is_some_and(|entry| entry.same_channel(&self.result))
-        {
-            runs.remove(&self.router);
-        }
+        // The removed slot drops after the lock: nothing in it runs user
+        // code, but nothing needs the lock for it either.
+        let removed = {
+            let mut runs = self.inner.runs.lock();
+            if runs
+                .get(&self.router)
+                .is_some_and(|slot| slot.result.same_channel(&self.result))
+            {
+                runs.remove(&self.router)
+            } else {
+                None
+            }
+        };
+        drop(removed);
     }
 }

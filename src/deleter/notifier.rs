@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionKey};
 use crate::message::transport_error;
 
 /// Tells a router (and through it, clients) to close sessions.
@@ -12,9 +12,22 @@ use crate::message::transport_error;
 /// to the router. Calls are batched: one call carries up to the deleter's
 /// batch size of sessions, all of one router. The router's confirmations do
 /// not come back through this trait: the controller closes each confirmed
-/// session ([`SessionStore::close`](crate::SessionStore::close) or
-/// [`Session::close`](crate::Session::close)) when the confirmation arrives,
-/// and the deleter sees the sessions close.
+/// session when the confirmation arrives, and the deleter sees the sessions
+/// close.
+///
+/// # Confirming
+///
+/// Confirm with [`SessionStore::close_exact`](crate::SessionStore::close_exact),
+/// the session's [`SessionKey`] (from [`TerminationBatch::sessions`]) and
+/// [`CloseReason::RouterDeleted`](crate::CloseReason::RouterDeleted): a
+/// confirmation can arrive late (after the deletion forced the session and
+/// the id was given to a new session) or twice, and a close by key never
+/// touches another session holding the id. Keep each batch's keys until the
+/// router answers (or send the generation along and read it back).
+/// [`SessionStore::close`](crate::SessionStore::close) by id would close
+/// whatever session holds the id when the confirmation lands. The reason
+/// matters too: [`DeletionReport::confirmed`](crate::DeletionReport::confirmed)
+/// counts sessions closed with `RouterDeleted`.
 ///
 /// The deleter protects itself from the notifier: a call that errors, hangs
 /// past [`RouterDeleterBuilder::notify_timeout`](crate::RouterDeleterBuilder::notify_timeout)
@@ -63,7 +76,7 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
 ///
 /// ```
 /// use session_lifecycle::{
-///     Incarnation, NotifyError, RouterId, SessionId, TerminationBatch,
+///     Incarnation, NotifyError, RouterId, SessionId, SessionKey, TerminationBatch,
 ///     TerminationNotifier,
 /// };
 ///
@@ -75,7 +88,7 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
 /// impl TerminationNotifier for Wire {
 ///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
 ///         let ids: Vec<String> =
-///             batch.sessions.iter().map(|id| id.get().to_string()).collect();
+///             batch.sessions.iter().map(|key| key.id().get().to_string()).collect();
 ///         let frame = format!(
 ///             "TERMINATE {} round={} {}",
 ///             batch.incarnation,
@@ -91,7 +104,7 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
 /// let batch = TerminationBatch {
 ///     router: RouterId::new(1),
 ///     incarnation: Incarnation::new(3),
-///     sessions: vec![SessionId::new(7), SessionId::new(8)],
+///     sessions: vec![SessionKey::new(SessionId::new(7), 1), SessionKey::new(SessionId::new(8), 1)],
 ///     round: 0,
 /// };
 /// wire.notify(batch).await?;
@@ -106,8 +119,10 @@ pub struct TerminationBatch {
     /// Its incarnation being deleted.
     pub incarnation: Incarnation,
     /// The sessions to terminate, in no particular order; at most the
-    /// configured batch size.
-    pub sessions: Vec<SessionId>,
+    /// configured batch size. Send their ids to the router; confirm each
+    /// with [`SessionStore::close_exact`](crate::SessionStore::close_exact)
+    /// and its key (see [Confirming](TerminationNotifier#confirming)).
+    pub sessions: Vec<SessionKey>,
     /// The notification round: 0 for the first notification, 1.. for
     /// re-notifications of sessions that did not confirm.
     pub round: u32,

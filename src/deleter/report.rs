@@ -82,7 +82,7 @@ impl DeleteOutcome {
 }
 
 /// What one deletion did. The session counts add up:
-/// `confirmed + already_closed + forced == sessions`.
+/// `confirmed + already_closed + closed_otherwise + forced == sessions`.
 ///
 /// # Example
 ///
@@ -98,8 +98,8 @@ impl DeleteOutcome {
 ///
 /// impl TerminationNotifier for Picky {
 ///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-///         for id in batch.sessions.into_iter().filter(|id| id.get() % 2 == 0) {
-///             let _ = self.0.close(id, CloseReason::RouterDeleted).await;
+///         for key in batch.sessions.into_iter().filter(|key| key.id().get() % 2 == 0) {
+///             let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
 ///         }
 ///         Ok(())
 ///     }
@@ -131,6 +131,7 @@ impl DeleteOutcome {
 /// # }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeletionReport {
     /// The router.
     pub router: RouterId,
@@ -141,11 +142,16 @@ pub struct DeletionReport {
     pub resumed: bool,
     /// Sessions of the router at the fence.
     pub sessions: usize,
-    /// Sessions that closed after being marked `Terminating` (confirmed by
-    /// their router or client), before any force.
+    /// Sessions that closed with
+    /// [`CloseReason::RouterDeleted`](crate::CloseReason::RouterDeleted)
+    /// after being marked `Terminating`: their router confirmed.
     pub confirmed: usize,
     /// Sessions already closed when the deletion reached them.
     pub already_closed: usize,
+    /// Sessions that closed for another reason while the deletion waited
+    /// for confirmations: their client hung up, the liveness monitor reaped
+    /// them, another controller forced them.
+    pub closed_otherwise: usize,
     /// Sessions force-closed ([`CloseReason::Forced`](crate::CloseReason::Forced))
     /// after the last round, or closed by the store when it finished.
     pub forced: usize,
@@ -275,6 +281,18 @@ pub enum DeleteError {
     /// `delete` again resumes the deletion.
     #[error("deletion of {0} was interrupted; the router stays fenced, delete again to resume")]
     Interrupted(RouterId),
+    /// [`delete_incarnation`](crate::RouterDeleter::delete_incarnation)
+    /// named an incarnation newer than any the router has had; nothing was
+    /// fenced.
+    #[error("{router} is in {current}, not {requested}")]
+    IncarnationMismatch {
+        /// The router.
+        router: RouterId,
+        /// The incarnation asked for.
+        requested: Incarnation,
+        /// The router's incarnation.
+        current: Incarnation,
+    },
     /// The store's backend failed. The router stays fenced if the fence was
     /// taken: calling `delete` again resumes the deletion.
     #[error("store failed while deleting {router}: {source}")]
@@ -290,6 +308,14 @@ impl DeleteError {
     pub(crate) fn from_fence(router: RouterId, error: FenceError) -> Self {
         match error {
             FenceError::Backend(source) => Self::Store { router, source },
+            FenceError::IncarnationMismatch {
+                requested, current, ..
+            } => Self::IncarnationMismatch {
+                router,
+                requested,
+                current,
+            },
+            // `AlreadyDeleted` is an outcome, handled by the run.
             FenceError::UnknownRouter(_) | FenceError::AlreadyDeleted { .. } => {
                 Self::UnknownRouter(router)
             }

@@ -25,12 +25,13 @@ use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 use tracing::Instrument;
 
+use super::RunState;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
 use crate::cleanup::close_all;
 use crate::event::{Event, emit};
-use crate::id::{Incarnation, RouterId};
+use crate::id::{Incarnation, RouterId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Resource, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
@@ -40,6 +41,8 @@ pub(super) async fn delete_router<S, N>(
     notifier: &N,
     config: &Config,
     router: RouterId,
+    target: Option<Incarnation>,
+    state: &RunState,
 ) -> Result<DeleteOutcome, DeleteError>
 where
     S: SessionStore,
@@ -52,10 +55,12 @@ where
     );
     async move {
         let started = Instant::now();
-        let fenced = store
-            .fence(router)
-            .instrument(tracing::debug_span!("fence"))
-            .await;
+        let fenced = match target {
+            None => store.fence(router).left_future(),
+            Some(incarnation) => store.fence_incarnation(router, incarnation).right_future(),
+        }
+        .instrument(tracing::debug_span!("fence"))
+        .await;
         let snapshot = match fenced {
             Ok(snapshot) => snapshot,
             Err(FenceError::AlreadyDeleted { incarnation, .. }) => {
@@ -66,6 +71,7 @@ where
             }
             Err(error) => return Err(DeleteError::from_fence(router, error)),
         };
+        state.fenced(snapshot.incarnation);
         tracing::Span::current()
             .record("incarnation", tracing::field::display(snapshot.incarnation));
         emit(config.events.as_ref(), || Event::RouterFenced {
@@ -81,6 +87,7 @@ where
             sessions: snapshot.sessions.len(),
             confirmed: 0,
             already_closed: 0,
+            closed_otherwise: 0,
             forced: 0,
             rounds: 0,
             notify_attempts: 0,
@@ -102,7 +109,8 @@ where
             failures: AtomicU32::new(0),
             notify_nanos: AtomicU64::new(0),
         };
-        run.execute(store, snapshot.sessions, report, started).await
+        run.execute(store, snapshot.sessions, report, started, state)
+            .await
     }
     .instrument(span)
     .await
@@ -115,9 +123,9 @@ struct Run<'a, N, P> {
     incarnation: Incarnation,
     pending: Arc<Pending>,
     tracked: Vec<Session<P>>,
-    /// Ids of `tracked`, collected while marking: the first round sends
+    /// Keys of `tracked`, collected while marking: the first round sends
     /// them without another pass over the sessions.
-    first_round: Vec<crate::SessionId>,
+    first_round: Vec<SessionKey>,
     /// Sessions found closed but with their close still in flight.
     closing: Vec<Session<P>>,
     rounds: AtomicU32,
@@ -137,6 +145,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         sessions: Vec<Session<P>>,
         mut report: DeletionReport,
         started: Instant,
+        state: &RunState,
     ) -> Result<DeleteOutcome, DeleteError> {
         tracing::info!(
             sessions = report.sessions,
@@ -176,6 +185,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             .await;
         report.durations.force = phase.elapsed();
 
+        // Who deletes the router from now on means its next life, if it
+        // gets one: this run no longer answers them.
+        state.stop_joining();
         let phase = Instant::now();
         let finished = store
             .finish(self.router, self.incarnation)
@@ -201,10 +213,20 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             Err(error) => return Err(DeleteError::from_finish(self.router, error)),
         }
         report.durations.finish = phase.elapsed();
-        debug_assert!(report.already_closed + report.forced <= report.sessions);
-        report.confirmed = report
+        // Confirmed means closed as its router confirms: with that reason.
+        report.confirmed = self
+            .tracked
+            .iter()
+            .filter(|session| session.close_reason() == Some(CloseReason::RouterDeleted))
+            .count();
+        debug_assert!(report.already_closed + report.forced + report.confirmed <= report.sessions);
+        report.closed_otherwise = report
             .sessions
-            .saturating_sub(report.already_closed + report.forced);
+            .saturating_sub(report.already_closed + report.forced + report.confirmed);
+        // The handles go before the clock stops: dropping the last one runs
+        // the payload's `Drop`, part of the deletion's work.
+        self.tracked = Vec::new();
+        self.closing = Vec::new();
         report.durations.total = started.elapsed();
         tracing::info!(
             confirmed = report.confirmed,
@@ -216,7 +238,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         emit(self.config.events.as_ref(), || {
             Event::RouterDeleted(report.clone())
         });
-        self.tracked.clear();
         Ok(DeleteOutcome::Deleted(report))
     }
 
@@ -244,7 +265,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                         });
                     }
                     self.pending.track(&session);
-                    self.first_round.push(session.id());
+                    self.first_round.push(session.key());
                     self.tracked.push(session);
                 }
                 Transition::Lost { .. } => {
@@ -271,14 +292,14 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         // once this round sends something.
         let round = self.rounds.load(Ordering::Relaxed);
         let later;
-        let open: &[crate::SessionId] = if round == 0 {
+        let open: &[SessionKey] = if round == 0 {
             &self.first_round
         } else {
             later = self
                 .tracked
                 .iter()
                 .filter(|session| !session.is_closed())
-                .map(Session::id)
+                .map(Session::key)
                 .collect::<Vec<_>>();
             &later
         };
@@ -298,7 +319,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 
     /// Sends `open` in paced batches; each call is bounded and contained.
-    async fn notify(&self, open: &[crate::SessionId], round: u32) {
+    async fn notify(&self, open: &[SessionKey], round: u32) {
         let start = Instant::now();
         let mut sent = 0usize;
         for chunk in open.chunks(self.config.batch_size) {

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::report::LivenessEvent;
-use crate::cleanup::{close_all, remove_if_same};
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::cleanup::close_and_remove;
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::message::transport_error;
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
 use crate::store::SessionStore;
@@ -427,21 +427,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
         let reason = CloseReason::LivenessTimeout;
         // A session its router's deletion marked meanwhile is the deletion's.
-        let closed = close_all(
+        let closed = close_and_remove(
+            &*self.store,
             self.config.reclaim.as_ref(),
             &dead,
             reason,
             CloseFrom::Active,
         )
         .await;
-        // `closed` is a subsequence of `dead`, in order.
-        let mut won = closed.iter().peekable();
-        for session in &dead {
+        for _ in &dead {
             self.counters.unsuspect();
             self.counters.leave();
-            if won.next_if_eq(&&session.id()).is_some() {
-                remove_if_same(&*self.store, session).await;
-            }
         }
         if closed.is_empty() {
             return;
@@ -450,7 +446,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         tracing::info!(%router, reaped = closed.len(), router_silent, "reaped sessions that answered no probe");
         self.emit(LivenessEvent::SessionReaped {
             router,
-            sessions: closed,
+            sessions: closed.into_iter().map(SessionKey::id).collect(),
             router_silent,
         });
     }

@@ -44,7 +44,7 @@ use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
 use crate::event::{Event, EventBus};
-use crate::id::SessionId;
+use crate::id::SessionKey;
 use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
 
 /// A bounded priority queue of reclamation work, run by worker tasks.
@@ -598,7 +598,7 @@ impl ReclaimQueue {
         sessions: &[Session<P>],
         reason: CloseReason,
         from: CloseFrom,
-    ) -> Vec<SessionId>
+    ) -> Vec<SessionKey>
     where
         P: Send + Sync + 'static,
     {
@@ -606,7 +606,7 @@ impl ReclaimQueue {
         let mut queued = Vec::new();
         for session in sessions {
             if let Some(deferred) = session.close_deferred_from(reason, from) {
-                closed.push(session.id());
+                closed.push(session.key());
                 queued.extend(release_tasks(session, deferred));
             }
         }

@@ -31,7 +31,7 @@ use super::state::{
 };
 use super::token::SessionToken;
 use super::traffic::{Traffic, TrafficCounters};
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::loom::{Arc, Mutex};
 
 /// A session bound to a router: a cheap cloneable handle.
@@ -75,6 +75,8 @@ pub struct Session<P = ()> {
 
 pub(super) struct Inner<P> {
     id: SessionId,
+    /// Which life of `id` this is (see [`SessionKey`]).
+    generation: u64,
     router: RouterId,
     incarnation: Incarnation,
     created_at: Instant,
@@ -130,6 +132,27 @@ impl<P> Session<P> {
     #[must_use]
     pub fn id(&self) -> SessionId {
         self.inner.id
+    }
+
+    /// Which life of its id the session is: the id and the generation its
+    /// store gave it. Store operations that take the key
+    /// ([`SessionStore::close_exact`](crate::SessionStore::close_exact),
+    /// [`SessionStore::remove_exact`](crate::SessionStore::remove_exact))
+    /// never touch a later session that reuses the id.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// let new = || NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3));
+    /// let (first, second) = (new().into_session(), new().into_session());
+    /// assert_eq!(first.key().id(), second.key().id());
+    /// assert_ne!(first.key(), second.key());
+    /// ```
+    #[must_use]
+    pub fn key(&self) -> SessionKey {
+        SessionKey::new(self.inner.id, self.inner.generation)
     }
 
     /// The router the session is bound to.
@@ -281,11 +304,6 @@ impl<P> Session<P> {
     /// [`Session::closed`] waits for).
     pub(crate) fn is_close_complete(&self) -> bool {
         self.inner.word.completed().is_some()
-    }
-
-    /// Returns `true` if both handles are clones of one session.
-    pub(crate) fn same(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// The session's heartbeat state.
@@ -919,7 +937,8 @@ impl<P> NewSession<P> {
         &self.payload
     }
 
-    /// Builds the session handle, `Active`, created now on tokio's clock.
+    /// Builds the session handle, `Active`, created now on tokio's clock,
+    /// with a generation unique within the process (see [`SessionKey`]).
     ///
     /// Stores call this once they accepted the session; a session built here
     /// belongs to no store.
@@ -937,9 +956,33 @@ impl<P> NewSession<P> {
     /// ```
     #[must_use]
     pub fn into_session(self) -> Session<P> {
+        self.into_session_with_generation(next_generation())
+    }
+
+    /// Builds the session handle as [`into_session`](Self::into_session)
+    /// does, with the generation the store chose: a store shared by several
+    /// processes uses one its backend hands out (a revision, a sequence),
+    /// so that every process agrees on each session's [`SessionKey`]. The
+    /// store must never give two sessions of one id the same generation.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionKey};
+    ///
+    /// // The backend's revision that created the session's record:
+    /// let revision = 4_711;
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session_with_generation(revision);
+    /// assert_eq!(session.key(), SessionKey::new(SessionId::new(1), revision));
+    /// ```
+    #[must_use]
+    pub fn into_session_with_generation(self, generation: u64) -> Session<P> {
         Session {
             inner: Arc::new(Inner {
                 id: self.id,
+                generation,
                 router: self.router,
                 incarnation: self.incarnation,
                 created_at: Instant::now(),
@@ -964,4 +1007,36 @@ impl<P> fmt::Debug for NewSession<P> {
             .field("incarnation", &self.incarnation)
             .finish_non_exhaustive()
     }
+}
+
+/// A generation no other session built by [`NewSession::into_session`] in
+/// this process has. Each thread takes blocks of generations from one
+/// counter, so creates on many threads do not contend on it.
+fn next_generation() -> u64 {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Generations a thread takes at a time.
+    const BLOCK: u64 = 1024;
+    /// The next block's first generation; 0 is never handed out.
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(BLOCK);
+    thread_local! {
+        /// The next generation of this thread's block, and its end.
+        static LOCAL: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    // Relaxed: uniqueness needs only the atomicity of the add. 2^64
+    // generations are not exhausted by any process.
+    let block = || NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+    LOCAL
+        .try_with(|local| {
+            let (mut next, mut end) = local.get();
+            if next == end {
+                next = block();
+                end = next.wrapping_add(BLOCK);
+            }
+            local.set((next.wrapping_add(1), end));
+            next
+        })
+        // A thread whose locals are being destroyed uses a block of its own.
+        .unwrap_or_else(|_| block())
 }

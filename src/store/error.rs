@@ -376,13 +376,27 @@ pub enum FenceError {
     /// The store knows no router with this id.
     #[error("{0} is not registered")]
     UnknownRouter(RouterId),
-    /// The router's last incarnation was already deleted.
+    /// The router's last incarnation was already deleted (or, for
+    /// [`fence_incarnation`](crate::SessionStore::fence_incarnation), the
+    /// incarnation asked for is older than the router's: deleted before).
     #[error("{router} ({incarnation}) was already deleted")]
     AlreadyDeleted {
         /// The router.
         router: RouterId,
         /// The deleted incarnation.
         incarnation: Incarnation,
+    },
+    /// [`fence_incarnation`](crate::SessionStore::fence_incarnation) asked
+    /// for an incarnation newer than any the router has had: nothing was
+    /// fenced.
+    #[error("{router} is in {current}, not {requested}")]
+    IncarnationMismatch {
+        /// The router.
+        router: RouterId,
+        /// The incarnation asked for.
+        requested: Incarnation,
+        /// The router's incarnation.
+        current: Incarnation,
     },
     /// The store's backend failed.
     #[error(transparent)]

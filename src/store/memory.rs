@@ -48,9 +48,9 @@ use super::error::{
 use super::report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
-use super::rules::{admits, check_finishable, holds};
+use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
 use crate::event::{CloseHook, Event, EventBus, emit};
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
 use crate::stats::Stats;
 
@@ -566,15 +566,36 @@ impl<P> MemoryStore<P> {
         removed
     }
 
-    fn close_now(&self, id: SessionId, reason: CloseReason) -> Result<CloseOutcome, SessionError> {
-        let session = self.get_now(id).ok_or(SessionError::UnknownSession(id))?;
+    /// The session with this key, if the map holds that very life of the id.
+    fn get_exact(&self, key: SessionKey) -> Option<Session<P>> {
+        self.sessions
+            .get(&key.id())
+            .filter(|session| session.value().key() == key)
+            .map(|session| session.clone())
+    }
+
+    /// Closes `session` (outside every lock: closing runs its resources)
+    /// and unlinks this very session.
+    fn close_held(
+        &self,
+        session: Option<Session<P>>,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        let session = session.ok_or(SessionError::UnknownSession(id))?;
         let outcome = session.close(reason);
         self.unlink(&session);
         Ok(outcome)
     }
 
-    fn remove_now(&self, id: SessionId) -> Result<Session<P>, SessionError> {
-        let session = self.get_now(id).ok_or(SessionError::UnknownSession(id))?;
+    /// Closes `session` with `Reclaimed` if open, and unlinks it; the
+    /// session if this call unlinked it.
+    fn remove_held(
+        &self,
+        session: Option<Session<P>>,
+        id: SessionId,
+    ) -> Result<Session<P>, SessionError> {
+        let session = session.ok_or(SessionError::UnknownSession(id))?;
         // Close before unlinking, so no session is ever out of the store and
         // still open; losing the close to another caller is fine.
         let _ = session.close(CloseReason::Reclaimed);
@@ -603,24 +624,22 @@ impl<P> MemoryStore<P> {
         Ok(count)
     }
 
-    fn fence_now(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
+    fn fence_now(
+        &self,
+        router: RouterId,
+        expected: Option<Incarnation>,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
         let entry = self
             .routers
             .get(&router)
             .ok_or(FenceError::UnknownRouter(router))?;
         let mut slot = entry.lock();
-        let (incarnation, newly_fenced) = match slot.status {
-            RouterStatus::Live(incarnation) => {
+        let (incarnation, newly_fenced) = match fence_step(router, slot.status, expected)? {
+            FenceStep::Fence(incarnation) => {
                 slot.status = RouterStatus::Fenced(incarnation);
                 (incarnation, true)
             }
-            RouterStatus::Fenced(incarnation) => (incarnation, false),
-            RouterStatus::Deleted(incarnation) => {
-                return Err(FenceError::AlreadyDeleted {
-                    router,
-                    incarnation,
-                });
-            }
+            FenceStep::Resume(incarnation) => (incarnation, false),
         };
         Ok(FenceSnapshot {
             router,
@@ -1015,11 +1034,23 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         id: SessionId,
         reason: CloseReason,
     ) -> Result<CloseOutcome, SessionError> {
-        self.close_now(id, reason)
+        self.close_held(self.get_now(id), id, reason)
+    }
+
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.close_held(self.get_exact(key), key.id(), reason)
     }
 
     async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
-        self.remove_now(id)
+        self.remove_held(self.get_now(id), id)
+    }
+
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session<P>, SessionError> {
+        self.remove_held(self.get_exact(key), key.id())
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
@@ -1031,7 +1062,15 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
     }
 
     async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
-        self.fence_now(router)
+        self.fence_now(router, None)
+    }
+
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
+        self.fence_now(router, Some(incarnation))
     }
 
     async fn finish(
@@ -1263,7 +1302,7 @@ mod tests {
     #[test]
     fn audit_finds_orphans_of_deleted_and_unknown_routers() {
         let (store, router, incarnation) = store_with_sessions(0);
-        store.fence_now(router).unwrap();
+        store.fence_now(router, None).unwrap();
         store.finish_now(router, incarnation).unwrap();
         let zombie = NewSession::new(SessionId::new(7), router, incarnation).into_session();
         store.sessions.insert(zombie.id(), zombie);

@@ -20,7 +20,7 @@ pub use report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
 
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 
 /// Where the sessions of a controller live.
@@ -225,6 +225,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Closing a session that is already closed is not an error: the outcome
     /// says this caller lost the race, and the session is still removed.
     ///
+    /// The close acts on whichever session holds `id` when it runs. For a
+    /// message that may arrive late or twice (a router's confirmation, a
+    /// retry), use [`close_exact`](Self::close_exact) with the session's
+    /// [`SessionKey`]: a later session that reuses the id is not touched.
+    ///
     /// # Errors
     ///
     /// [`SessionError::UnknownSession`] if the store does not hold the id.
@@ -290,6 +295,86 @@ pub trait SessionStore: Send + Sync + 'static {
     fn remove(
         &self,
         id: SessionId,
+    ) -> impl Future<Output = Result<Session<Self::Payload>, SessionError>> + Send;
+
+    /// Closes the session whose [`SessionKey`] is `key` with `reason` and
+    /// removes it from the store, if the store holds that very session. A
+    /// later session holding the same id (the id was reused) is left alone.
+    ///
+    /// This is the close for anything that may arrive late or twice: a
+    /// router's confirmation of a [`TerminationBatch`](crate::TerminationBatch)
+    /// (which carries the keys), a retried message, a cleanup that looked
+    /// the session up earlier. [`close`](Self::close) acts on whatever
+    /// session holds the id when it runs.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionError::UnknownSession`] if the store holds no session with
+    /// this key (removed already, or the id now belongs to another session),
+    /// [`SessionError::Backend`] if the backend failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let id = SessionId::new(1);
+    /// let old = store.create(NewSession::new(id, router, incarnation)).await?;
+    /// assert!(store.close_exact(old.key(), CloseReason::ClientClosed).await?.won());
+    ///
+    /// // A duplicate of that close, after the id was reused, is refused.
+    /// let new = store.create(NewSession::new(id, router, incarnation)).await?;
+    /// assert!(store.close_exact(old.key(), CloseReason::ClientClosed).await.is_err());
+    /// assert!(!new.is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> impl Future<Output = Result<CloseOutcome, SessionError>> + Send;
+
+    /// Removes the session whose [`SessionKey`] is `key` from the store and
+    /// returns it, if the store holds that very session; closes it first
+    /// with [`CloseReason::Reclaimed`] if it is open. A later session
+    /// holding the same id is left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionError::UnknownSession`] if the store holds no session with
+    /// this key, [`SessionError::Backend`] if the backend failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let session =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let removed = store.remove_exact(session.key()).await?;
+    /// assert_eq!(removed.close_reason(), Some(CloseReason::Reclaimed));
+    /// assert!(store.remove_exact(session.key()).await.is_err()); // gone
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn remove_exact(
+        &self,
+        key: SessionKey,
     ) -> impl Future<Output = Result<Session<Self::Payload>, SessionError>> + Send;
 
     /// The sessions the store holds for the router, in no particular order.
@@ -387,6 +472,45 @@ pub trait SessionStore: Send + Sync + 'static {
     fn fence(
         &self,
         router: RouterId,
+    ) -> impl Future<Output = Result<FenceSnapshot<Self::Payload>, FenceError>> + Send;
+
+    /// Fences the router as [`fence`](Self::fence) does, but only in
+    /// `incarnation`: a request that names an older incarnation fences
+    /// nothing, so a delayed or duplicated deletion can never fence the
+    /// router's newer life.
+    ///
+    /// # Errors
+    ///
+    /// [`FenceError::AlreadyDeleted`] (with `incarnation`) if `incarnation`
+    /// is deleted, or older than the router's current one;
+    /// [`FenceError::IncarnationMismatch`] if it is newer than any the
+    /// router has had; [`FenceError::UnknownRouter`]; [`FenceError::Backend`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{FenceError, MemoryStore, RouterId, SessionStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let router = RouterId::new(1);
+    /// let old = store.register_router(router).await?;
+    /// let _ = store.fence_incarnation(router, old).await?;
+    /// let _ = store.finish(router, old).await?;
+    /// let new = store.register_router(router).await?;
+    ///
+    /// // A late request to delete the old life leaves the new one alone.
+    /// let late = store.fence_incarnation(router, old).await;
+    /// assert!(matches!(late, Err(FenceError::AlreadyDeleted { incarnation, .. }) if incarnation == old));
+    /// assert_eq!(store.router_status(router).await?, session_lifecycle::RouterStatus::Live(new));
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
     ) -> impl Future<Output = Result<FenceSnapshot<Self::Payload>, FenceError>> + Send;
 
     /// Finishes the deletion of a fenced router incarnation: closes (with

@@ -1,7 +1,7 @@
 //! The rules every store applies to a router's status, shared by the
 //! in-memory and the etcd store so both answer alike.
 
-use super::error::{CreateErrorKind, FinishError};
+use super::error::{CreateErrorKind, FenceError, FinishError};
 use super::report::RouterStatus;
 use crate::id::{Incarnation, RouterId};
 
@@ -67,6 +67,52 @@ pub(super) fn check_finishable(
             router,
             requested,
             current: other.incarnation(),
+        }),
+    }
+}
+
+/// What fencing a router in `status` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FenceStep {
+    /// The router is live in this incarnation: fence it.
+    Fence(Incarnation),
+    /// Fenced already (an interrupted deletion): resume it.
+    Resume(Incarnation),
+}
+
+/// What `fence` (with `expected: None`) or `fence_incarnation` (with the
+/// incarnation to delete) does to a router in `status`.
+///
+/// An expected incarnation older than the router's is deleted already: a
+/// delayed or duplicated request never fences a newer life of the router.
+pub(super) fn fence_step(
+    router: RouterId,
+    status: RouterStatus,
+    expected: Option<Incarnation>,
+) -> Result<FenceStep, FenceError> {
+    let current = status.incarnation();
+    match expected {
+        Some(expected) if expected < current => {
+            return Err(FenceError::AlreadyDeleted {
+                router,
+                incarnation: expected,
+            });
+        }
+        Some(expected) if expected > current => {
+            return Err(FenceError::IncarnationMismatch {
+                router,
+                requested: expected,
+                current,
+            });
+        }
+        _ => {}
+    }
+    match status {
+        RouterStatus::Live(incarnation) => Ok(FenceStep::Fence(incarnation)),
+        RouterStatus::Fenced(incarnation) => Ok(FenceStep::Resume(incarnation)),
+        RouterStatus::Deleted(incarnation) => Err(FenceError::AlreadyDeleted {
+            router,
+            incarnation,
         }),
     }
 }

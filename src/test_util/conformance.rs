@@ -555,7 +555,7 @@ fn delete<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
                 (stored.len(), already, forced)
             );
             assert_eq!(
-                report.confirmed + report.already_closed + report.forced,
+                report.confirmed + report.already_closed + report.closed_otherwise + report.forced,
                 report.sessions
             );
             assert!(

@@ -14,8 +14,8 @@ use tokio::time::{Duration, Instant};
 
 use super::script::{Call, Script, Subset};
 use crate::{
-    CloseReason, NotifyError, ProbeBatch, ProbeError, Prober, RouterId, SessionId, SessionStore,
-    TerminationBatch, TerminationNotifier,
+    CloseReason, NotifyError, ProbeBatch, ProbeError, Prober, RouterId, SessionId, SessionKey,
+    SessionStore, TerminationBatch, TerminationNotifier,
 };
 
 /// What a scripted router does with one termination notice.
@@ -248,16 +248,18 @@ impl<S: SessionStore> ScriptedNotifier<S> {
             .calls
             .lock()
             .iter()
-            .filter(|call| call.batch.sessions.contains(&id))
+            .filter(|call| call.batch.sessions.iter().any(|key| key.id() == id))
             .count()
     }
 }
 
-/// Closes each id with `RouterDeleted`, as a router's confirmation would.
-async fn confirm<S: SessionStore>(store: &S, ids: Vec<SessionId>) {
-    for id in ids {
+/// Closes each session with `RouterDeleted`, as a router's confirmation
+/// would: by key, so a late confirmation never closes a later session that
+/// reuses the id.
+async fn confirm<S: SessionStore>(store: &S, keys: Vec<SessionKey>) {
+    for key in keys {
         // A session closed or removed meanwhile is not an error for a router.
-        let _ = store.close(id, CloseReason::RouterDeleted).await;
+        let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
     }
 }
 
@@ -268,24 +270,24 @@ impl<S: SessionStore> TerminationNotifier for ScriptedNotifier<S> {
         });
         match behaviour {
             Notify::Confirm(subset) => {
-                confirm(&*self.store, subset.pick(&batch.sessions, batch.round)).await;
+                confirm(&*self.store, subset.pick_keys(&batch.sessions, batch.round)).await;
             }
             Notify::Slow {
                 delay,
                 confirm: subset,
             } => {
                 tokio::time::sleep(delay).await;
-                confirm(&*self.store, subset.pick(&batch.sessions, batch.round)).await;
+                confirm(&*self.store, subset.pick_keys(&batch.sessions, batch.round)).await;
             }
             Notify::Later {
                 delay,
                 confirm: subset,
             } => {
-                let ids = subset.pick(&batch.sessions, batch.round);
+                let keys = subset.pick_keys(&batch.sessions, batch.round);
                 let store = Arc::clone(&self.store);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    confirm(&*store, ids).await;
+                    confirm(&*store, keys).await;
                 });
             }
             Notify::Error => {

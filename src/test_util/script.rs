@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{RouterId, SessionId};
+use crate::{RouterId, SessionId, SessionKey};
 
 use super::rng::mix;
 
@@ -95,6 +95,15 @@ impl Subset {
         ids.iter()
             .copied()
             .filter(|&id| self.contains(id, round))
+            .collect()
+    }
+
+    /// The keys of `keys` whose ids the subset holds in `round`.
+    #[must_use]
+    pub fn pick_keys(&self, keys: &[SessionKey], round: u32) -> Vec<SessionKey> {
+        keys.iter()
+            .copied()
+            .filter(|key| self.contains(key.id(), round))
             .collect()
     }
 }

@@ -58,8 +58,8 @@ use super::error::{
 use super::report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
-use super::rules::{admits, check_finishable, holds};
-use crate::id::{Incarnation, RouterId, SessionId};
+use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Resource, Session, SessionState};
 pub use keys::RecordError;
 use keys::{KeyKind, Keys, decode, decode_head, prefix_end, successor};
@@ -889,7 +889,7 @@ impl<P: EtcdPayload> Shared<P> {
         if let Some(token) = record.token {
             spec = spec.token(token);
         }
-        let session = spec.into_session();
+        let session = spec.into_session_with_generation(generation(created));
         match record.closed {
             Some(reason) => {
                 let _ = session.close(reason); // nothing attached yet
@@ -1172,6 +1172,13 @@ fn revision_of(response: &etcd_client::TxnResponse) -> i64 {
     response.header().map_or(0, |header| header.revision())
 }
 
+/// The generation of the handle of a record created at revision `created`
+/// (etcd revisions are positive): every controller on the etcd agrees on
+/// it, so a [`SessionKey`] means the same life of the id everywhere.
+fn generation(created: i64) -> u64 {
+    u64::try_from(created).unwrap_or_default()
+}
+
 /// The first key-value of the `index`-th get of a transaction's responses.
 fn txn_get(responses: &[TxnOpResponse], index: usize) -> Option<&KeyValue> {
     match responses.get(index) {
@@ -1283,7 +1290,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
             return Err(CreateError::new(kind, spec));
         }
         let created = revision_of(&response);
-        let session = spec.into_session();
+        let session = spec.into_session_with_generation(generation(created));
         let hook = shared.hook(router, id, incarnation, created, payload.into());
         let _ = session.attach(hook); // new, so open
         let (session, previous, recheck) = {
@@ -1331,15 +1338,19 @@ impl<P: EtcdPayload> EtcdStore<P> {
         Ok(session)
     }
 
+    /// Closes the handle of `id` (only if it is the life `key` names) and
+    /// deletes its record.
     async fn close_session(
         &self,
         id: SessionId,
+        key: Option<SessionKey>,
         reason: CloseReason,
     ) -> Result<(Session<P>, CloseOutcome, bool), SessionError> {
         let session = self
             .shared
             .handle(id)
             .await?
+            .filter(|session| key.is_none_or(|key| session.key() == key))
             .ok_or(SessionError::UnknownSession(id))?;
         // The close is queued before the removal: other controllers see
         // the reason first.
@@ -1348,20 +1359,33 @@ impl<P: EtcdPayload> EtcdStore<P> {
         Ok((session, outcome, removed))
     }
 
-    async fn fence_router(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
+    async fn remove_session(
+        &self,
+        id: SessionId,
+        key: Option<SessionKey>,
+    ) -> Result<Session<P>, SessionError> {
+        match self.close_session(id, key, CloseReason::Reclaimed).await? {
+            (session, _, true) => Ok(session),
+            // Removed by someone else first (this controller had not heard).
+            (_, _, false) => Err(SessionError::UnknownSession(id)),
+        }
+    }
+
+    async fn fence_router(
+        &self,
+        router: RouterId,
+        expected: Option<Incarnation>,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
         let key = self.shared.keys.router(router);
         for _ in 0..CONTENTION {
-            let status = self.shared.status(router).await?;
-            let (incarnation, newly_fenced) = match status {
-                None => return Err(FenceError::UnknownRouter(router)),
-                Some(RouterStatus::Deleted(incarnation)) => {
-                    return Err(FenceError::AlreadyDeleted {
-                        router,
-                        incarnation,
-                    });
-                }
-                Some(RouterStatus::Fenced(incarnation)) => (incarnation, false),
-                Some(RouterStatus::Live(incarnation)) => {
+            let status = self
+                .shared
+                .status(router)
+                .await?
+                .ok_or(FenceError::UnknownRouter(router))?;
+            let (incarnation, newly_fenced) = match fence_step(router, status, expected)? {
+                FenceStep::Resume(incarnation) => (incarnation, false),
+                FenceStep::Fence(incarnation) => {
                     let txn = Txn::new()
                         .when(live_in(&key, incarnation))
                         .and_then([TxnOp::put(
@@ -1638,15 +1662,23 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
         id: SessionId,
         reason: CloseReason,
     ) -> Result<CloseOutcome, SessionError> {
-        Ok(self.close_session(id, reason).await?.1)
+        Ok(self.close_session(id, None, reason).await?.1)
+    }
+
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        Ok(self.close_session(key.id(), Some(key), reason).await?.1)
     }
 
     async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
-        match self.close_session(id, CloseReason::Reclaimed).await? {
-            (session, _, true) => Ok(session),
-            // Removed by someone else first (this controller had not heard).
-            (_, _, false) => Err(SessionError::UnknownSession(id)),
-        }
+        self.remove_session(id, None).await
+    }
+
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session<P>, SessionError> {
+        self.remove_session(key.id(), Some(key)).await
     }
 
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
@@ -1688,7 +1720,15 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
     }
 
     async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
-        self.fence_router(router).await
+        self.fence_router(router, None).await
+    }
+
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
+        self.fence_router(router, Some(incarnation)).await
     }
 
     async fn finish(
