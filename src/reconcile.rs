@@ -722,6 +722,9 @@ impl<S: SessionStore> Reconciler<S> {
             duration: Duration::ZERO,
         };
         let mut drop = Vec::new();
+        // What the store holds now: a session created after this listing is
+        // not in it, so it is never closed for missing from the report.
+        let held = store.sessions(router).await?;
 
         // What the router holds, against the store.
         let mut ids: Vec<SessionId> = reported.iter().copied().collect();
@@ -747,11 +750,11 @@ impl<S: SessionStore> Reconciler<S> {
             }
         }
 
-        // What the store holds that the router no longer does.
-        // `None`: the age reaches back past the clock's start, so every
-        // session is young enough to be spared.
+        // What the store held that the router no longer does. Younger than
+        // `spare_younger_than` means created after `cutoff`; `None`: the age
+        // reaches back past the clock's start, so every session is young
+        // enough to be spared.
         let cutoff = started.checked_sub(config.spare_younger_than);
-        let held = store.sessions(router).await?;
         let mut missing: Vec<Session<S::Payload>> = Vec::new();
         for session in held {
             if session.incarnation() != incarnation
@@ -760,7 +763,7 @@ impl<S: SessionStore> Reconciler<S> {
             {
                 continue;
             }
-            if cutoff.is_none_or(|cutoff| session.created_at() >= cutoff) {
+            if cutoff.is_none_or(|cutoff| session.created_at() > cutoff) {
                 summary.spared += 1;
             } else {
                 missing.push(session);

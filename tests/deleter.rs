@@ -333,3 +333,47 @@ async fn delete_returns_only_after_in_flight_releases_finish() {
         "delete returned before the session's release finished"
     );
 }
+
+/// Answers a termination notice with clients hanging up: even ids close
+/// as `ClientClosed`, odd ones are confirmed by the router (`RouterDeleted`).
+// Kept: closing with a reason other than `RouterDeleted` is no kit script.
+struct ClientsHangUp(Arc<MemoryStore>);
+
+impl session_lifecycle::TerminationNotifier for ClientsHangUp {
+    async fn notify(
+        &self,
+        batch: session_lifecycle::TerminationBatch,
+    ) -> Result<(), session_lifecycle::NotifyError> {
+        for key in batch.sessions {
+            let reason = if key.id().get() % 2 == 0 {
+                CloseReason::ClientClosed
+            } else {
+                CloseReason::RouterDeleted
+            };
+            let _ = self.0.close_exact(key, reason).await;
+        }
+        Ok(())
+    }
+}
+
+/// Issue #17, item 7: `confirmed` counts the sessions closed with
+/// `RouterDeleted`, as its documentation says; sessions whose clients hung
+/// up meanwhile are `closed_otherwise`.
+#[tokio::test(start_paused = true)]
+async fn confirmed_counts_only_router_confirmations() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = ObservedRouter::fill(&*store, R, 0, 10).await;
+    let deleter = RouterDeleter::new(Arc::clone(&store), ClientsHangUp(Arc::clone(&store)));
+    let report = report_within(HOUR, deleter.delete(R)).await;
+    assert_eq!(
+        (
+            report.confirmed,
+            report.closed_otherwise,
+            report.already_closed,
+            report.forced
+        ),
+        (5, 5, 0, 0)
+    );
+    assert_eq!(observed.count_reason(CloseReason::ClientClosed), 5);
+    observed.assert_deleted(&*store).await;
+}

@@ -513,3 +513,26 @@ async fn a_reconnect_stops_an_expiry_in_progress() {
     assert_eq!(store.count(observed.router).await.unwrap(), 40 - lost);
     assert_eq!(reconciler.in_grace(), 0);
 }
+
+/// Issue #17, item 7: with the default `spare_younger_than` (zero), a
+/// session created before the call (in the same instant of a paused clock)
+/// and missing from the report is closed: only sessions created after the
+/// call started are spared.
+#[tokio::test(start_paused = true)]
+async fn by_default_only_sessions_created_after_the_call_are_spared() {
+    let store = Arc::new(MemoryStore::new());
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    let lost = store
+        .create(NewSession::new(SessionId::new(1), router, incarnation))
+        .await
+        .unwrap();
+    let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    let report = reconciler
+        .reconcile(router, incarnation, Vec::<SessionId>::new())
+        .await
+        .unwrap();
+    assert_eq!((report.summary.closed, report.summary.spared), (1, 0));
+    assert_eq!(lost.close_reason(), Some(CloseReason::Reclaimed));
+    assert!(store.is_empty());
+}
