@@ -25,10 +25,10 @@ use super::observe::router_lost;
 use super::runtime::{HOUR, paused_runtime};
 use super::script::Subset;
 use crate::{
-    CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError, FinishError, HeartbeatError,
-    Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError, Reconciler,
-    RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState,
-    SessionStore, Subscription,
+    CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError, FinishError,
+    HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError,
+    Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionError,
+    SessionId, SessionKey, SessionState, SessionStore, Subscription,
 };
 
 pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds};
@@ -354,7 +354,12 @@ impl<B: Backend + Default> StateMachineTest for ModelTest<B> {
                 }
             }
             Op::Fence(router) => fence(&sut, &before, router),
-            Op::Delete(router) => delete(&sut, &before, router),
+            Op::Delete(router) => delete(&sut, &before, router, None),
+            Op::DeleteIncarnation { router, stale } => {
+                let incarnation = sut.incarnation(&before, router, stale);
+                delete(&sut, &before, router, Some((incarnation, stale)));
+            }
+            Op::Confirm { session, stale } => confirm(&sut, &before, session, stale),
             Op::Finish { router, stale } => finish(&mut sut, &before, router, stale),
             Op::Disconnect(router) => disconnect(&mut sut, &before, router),
             Op::Reconnect {
@@ -520,17 +525,64 @@ fn fence<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
     }
 }
 
-fn delete<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
+/// A router's confirmation by key: of the id's current session, or (stale)
+/// of an earlier one, which must close nothing.
+fn confirm<B: Backend>(sut: &Sut<B>, before: &ModelState, id: SessionId, stale: bool) {
+    let current = sut.handles.get(&id).filter(|_| before.is_stored(id));
+    let key = if stale {
+        // The latest earlier session with this id, or a life that never was.
+        sut.all
+            .iter()
+            .rev()
+            .filter(|s| s.id() == id && current.is_none_or(|c| !Session::ptr_eq(c, s)))
+            .map(Session::key)
+            .next()
+            .unwrap_or(SessionKey::new(id, u64::MAX))
+    } else {
+        match sut.handles.get(&id) {
+            Some(handle) => handle.key(),
+            None => SessionKey::new(id, u64::MAX),
+        }
+    };
+    let result = sut.run(sut.store.close_exact(key, CloseReason::RouterDeleted));
+    match before.session(id).filter(|s| s.stored && !stale) {
+        None => assert!(
+            matches!(result, Err(SessionError::UnknownSession(_))),
+            "a confirmation of {key} closed {id}'s current session: {result:?}"
+        ),
+        Some(s) => assert_eq!(result.unwrap().won(), s.state != SessionState::Closed),
+    }
+}
+
+/// `delete`, or `delete_incarnation` of `target` (stale or not).
+fn delete<B: Backend>(
+    sut: &Sut<B>,
+    before: &ModelState,
+    router: RouterId,
+    target: Option<(Incarnation, bool)>,
+) {
     let started = sut.runtime.block_on(async { tokio::time::Instant::now() });
+    let deletion = match target {
+        None => sut.deleter.delete(router).left_future(),
+        Some((incarnation, _)) => sut
+            .deleter
+            .delete_incarnation(router, incarnation)
+            .right_future(),
+    };
     let result = sut
         .runtime
-        .block_on(async {
-            tokio::time::timeout(Sut::<B>::limit(), sut.deleter.delete(router)).await
-        })
+        .block_on(async { tokio::time::timeout(Sut::<B>::limit(), deletion).await })
         .expect("I4: the deletion finishes within its bound");
     let waited = sut.runtime.block_on(async move { started.elapsed() });
     match before.router(router).map(|r| r.phase) {
         None => assert!(matches!(result, Err(DeleteError::UnknownRouter(_)))),
+        Some(_) if matches!(target, Some((_, true))) => {
+            assert!(
+                matches!((&result, target), (Ok(DeleteOutcome::AlreadyDeleted { incarnation, .. }), Some((stale, _)))
+                    if *incarnation == stale),
+                "a stale deletion of {router} ({target:?}): {result:?}"
+            );
+        }
         Some(Phase::Deleted) => assert!(
             matches!(result, Ok(DeleteOutcome::AlreadyDeleted { incarnation, .. })
                 if incarnation == sut.current(before, router)),
