@@ -259,7 +259,8 @@ impl LivenessMonitorBuilder {
     /// # Errors
     ///
     /// [`MonitorBuildError`] names the setting out of range, or says there
-    /// is no runtime.
+    /// is no runtime, or that the process has built so many monitors
+    /// (2⁴⁸ − 1) that a new one could not be told apart from an old one.
     ///
     /// See the examples on [`LivenessMonitorBuilder`] and [`MonitorBuildError`].
     pub fn build<S, Pr>(

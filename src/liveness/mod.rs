@@ -4,7 +4,8 @@
 //! # Invariants
 //!
 //! - A session is watched by at most one monitor: its state word carries
-//!   the monitor's tag, set once by [`LivenessMonitor::watch`].
+//!   the monitor's tag, set once by [`LivenessMonitor::watch`]. No two
+//!   monitors of a process share a tag (see `tag`).
 //! - A watched, active session is in exactly one place: the `incoming`
 //!   list, the wheel (owned by the monitor task), a router's pending
 //!   suspects, or its probe driver's round. Closed and terminating sessions
@@ -23,12 +24,13 @@
 mod config;
 mod probe;
 mod report;
+mod tag;
 mod wheel;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
@@ -51,9 +53,6 @@ use wheel::Wheel;
 
 /// Set in the clock once the monitor stops.
 const STOPPED: u64 = 1 << 63;
-
-/// Tags tell monitors apart in a session's state word; 0 means unwatched.
-static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
 
 /// Finds dead ("zombie") sessions quickly without convicting live ones.
 ///
@@ -139,7 +138,8 @@ struct Shared<S: SessionStore, Pr> {
     store: Arc<S>,
     prober: Pr,
     config: Config,
-    tag: u16,
+    /// This monitor's tag in the state words of the sessions it watches.
+    tag: u64,
     epoch: Instant,
     /// Milliseconds since `epoch`, raised each tick; `STOPPED` once stopped.
     clock: AtomicU64,
@@ -202,13 +202,7 @@ impl LivenessMonitor<MemoryStore, NoProbe> {
 impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, MonitorBuildError> {
         let runtime = Handle::try_current().map_err(|_| MonitorBuildError::NoRuntime)?;
-        let tag = loop {
-            // Relaxed: a unique counter. Skips 0, which means "unwatched".
-            let raw = NEXT_TAG.fetch_add(1, Ordering::Relaxed) % u32::from(u16::MAX);
-            if let Ok(tag) = u16::try_from(raw + 1) {
-                break tag;
-            }
-        };
+        let tag = tag::next()?;
         let (events, _) = broadcast::channel(config.events);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -767,7 +761,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     #[cold]
-    fn ignore(&self, id: SessionId, tag: u16, state: SessionState) -> HeartbeatError {
+    fn ignore(&self, id: SessionId, tag: u64, state: SessionState) -> HeartbeatError {
         self.ignored(if self.stopped() {
             HeartbeatError::ShutDown
         } else if state.is_closed() {

@@ -323,4 +323,9 @@ pub enum MonitorBuildError {
     /// The probe timeout is zero or longer than 1 day.
     #[error("probe timeout {0:?} is zero or longer than 1 day")]
     ProbeTimeout(Duration),
+    /// Every monitor identity of this process was handed out (2⁴⁸ − 1
+    /// monitors were built): a new monitor could be taken for an old one,
+    /// so none is built.
+    #[error("every liveness monitor identity of this process is taken")]
+    IdentitiesExhausted,
 }
