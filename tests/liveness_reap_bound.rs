@@ -112,11 +112,10 @@ async fn a_session_falling_silent_while_its_router_is_probed_is_reaped_within_th
     for retries in 0..=6 {
         for probe in silent_probers() {
             let store = Arc::new(MemoryStore::new());
-            let prober = ScriptedProber::always(probe);
             let monitor = LivenessMonitor::builder()
                 .probe_timeout(PROBE_TIMEOUT)
                 .probe_retries(retries)
-                .build(Arc::clone(&store), Arc::clone(&prober))
+                .build(Arc::clone(&store), ScriptedProber::always(probe))
                 .unwrap();
             let mut reaps = Vec::new();
             for k in 0..ROUTERS {
@@ -143,9 +142,10 @@ async fn a_session_falling_silent_while_its_router_is_probed_is_reaped_within_th
     }
 }
 
-/// A session configured for 10 s heartbeats that sends one every 100 ms:
-/// its timeout shrinks from 31 s to about a second while it lives; once
-/// silent, it is reaped within the bound of the timeout it has then.
+/// Sessions configured for 10 s heartbeats that send one every 100 ms:
+/// their estimates shrink from a 31 s timeout towards a second while they
+/// live; once silent, each is reaped within the bound of the timeout it
+/// has then.
 #[tokio::test(start_paused = true)]
 async fn a_session_heartbeating_faster_than_configured_is_reaped_within_the_bound() {
     for retries in [0, 2, 6] {

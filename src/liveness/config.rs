@@ -87,8 +87,8 @@ pub(crate) struct ProbeBackoff {
 }
 
 /// Delays [`ProbeBackoff::longest_total`] adds up one by one; every later
-/// one is the largest (the schedule doubles from at least a nanosecond to
-/// at most a day in fewer steps).
+/// one counts as the largest: no delay exceeds it, and one that doubles
+/// from a nanosecond reaches four days (the longest default) in 49 steps.
 const SUMMED_DELAYS: u32 = 64;
 
 impl ProbeBackoff {

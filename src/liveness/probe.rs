@@ -7,7 +7,6 @@
 //!   the same lock by the driver when it leaves with nothing pending.
 //! - A suspect is held by exactly one place: the monitor's wheel, a
 //!   router's pending list, or its driver's round.
-//!
 //! - A driver in its backoff wakes when suspects are handed to its group:
 //!   it registers for `Group::arrival` before it looks at `pending`, and
 //!   the monitor notifies after it added to `pending`.
