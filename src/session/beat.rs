@@ -241,6 +241,21 @@ mod tests {
         assert_eq!(beat.estimate().timeout(&RULE), 100 + 50 + 1_000);
     }
 
+    fn rules() -> impl Strategy<Value = TimeoutRule> {
+        (
+            1..=1_000u64,
+            prop_oneof![Just(0u64), 0..=5_000u64],
+            prop_oneof![1..=10u64, 1..=10_000u64],
+            0..=100_000u64,
+        )
+            .prop_map(|(granularity, pause_allowance, min, span)| TimeoutRule {
+                granularity,
+                pause_allowance,
+                min,
+                max: min + span,
+            })
+    }
+
     fn samples() -> impl Strategy<Value = (u64, Vec<u64>)> {
         (
             1..=120_000u64,
@@ -282,12 +297,8 @@ mod tests {
         #[test]
         fn a_heartbeat_never_brings_the_deadline_closer(
             (interval, gaps) in samples(),
-            granularity in 1..=1_000u64,
-            pause_allowance in prop_oneof![Just(0u64), 0..=5_000u64],
-            min in prop_oneof![1..=10u64, 1..=10_000u64],
-            span in 0..=100_000u64,
+            rule in rules(),
         ) {
-            let rule = TimeoutRule { granularity, pause_allowance, min, max: min + span };
             let beat = Beat::default();
             beat.reset(0, Estimate::initial(interval));
             let deadline = |beat: &Beat| beat.heard().saturating_add(beat.estimate().timeout(&rule));
@@ -306,12 +317,8 @@ mod tests {
         #[test]
         fn the_timeout_is_clamped_and_covers_the_last_accepted_gap(
             (interval, gaps) in samples(),
-            granularity in 1..=1_000u64,
-            pause_allowance in prop_oneof![Just(0u64), 0..=5_000u64],
-            min in prop_oneof![1..=10u64, 1..=10_000u64],
-            span in 0..=100_000u64,
+            rule in rules(),
         ) {
-            let rule = TimeoutRule { granularity, pause_allowance, min, max: min + span };
             let beat = Beat::default();
             beat.reset(0, Estimate::initial(interval));
             let mut now = 0u64;
