@@ -531,6 +531,23 @@ async fn settings_out_of_range_are_build_errors() {
         build(LivenessMonitor::builder().pause_allowance(Duration::MAX)),
         Some(MonitorBuildError::PauseAllowance(Duration::MAX))
     );
+    assert_eq!(
+        build(LivenessMonitor::builder().probe_backoff(ms(2_000), ms(1_000))),
+        Some(MonitorBuildError::ProbeBackoff {
+            min: ms(2_000),
+            max: ms(1_000)
+        })
+    );
+    let day = Duration::from_secs(86_400);
+    assert_eq!(
+        build(LivenessMonitor::builder().probe_backoff(ms(0), day + ms(1))),
+        Some(MonitorBuildError::ProbeBackoff {
+            min: ms(0),
+            max: day + ms(1)
+        })
+    );
+    assert!(build(LivenessMonitor::builder().probe_backoff(day, day)).is_none());
+    assert!(build(LivenessMonitor::builder().probe_backoff(ms(0), ms(0))).is_none());
     assert!(build(LivenessMonitor::builder()).is_none());
     let outside = std::thread::spawn(|| {
         LivenessMonitor::builder()

@@ -323,4 +323,17 @@ pub enum MonitorBuildError {
     /// The probe timeout is zero or longer than 1 day.
     #[error("probe timeout {0:?} is zero or longer than 1 day")]
     ProbeTimeout(Duration),
+    /// The probe backoff range is empty or longer than 1 day.
+    #[error("probe backoff [{min:?}, {max:?}] is empty or longer than 1 day")]
+    ProbeBackoff {
+        /// The first delay given.
+        min: Duration,
+        /// The largest delay given.
+        max: Duration,
+    },
+    /// Every monitor identity of this process was handed out (2⁴⁸ − 1
+    /// monitors were built): a new monitor could be taken for an old one,
+    /// so none is built.
+    #[error("every liveness monitor identity of this process is taken")]
+    IdentitiesExhausted,
 }

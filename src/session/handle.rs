@@ -312,12 +312,12 @@ impl<P> Session<P> {
     }
 
     /// Tags the session as watched by the liveness monitor `tag`.
-    pub(crate) fn watch(&self, tag: u16) -> Result<(), WatchRefused> {
+    pub(crate) fn watch(&self, tag: u64) -> Result<(), WatchRefused> {
         self.inner.word.watch(tag)
     }
 
     /// The tag of the monitor watching the session (0: none) and its state.
-    pub(crate) fn watcher(&self) -> (u16, SessionState) {
+    pub(crate) fn watcher(&self) -> (u64, SessionState) {
         self.inner.word.watcher()
     }
 
