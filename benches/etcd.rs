@@ -111,11 +111,13 @@ fn bench(c: &mut Criterion) {
     let confirmed = RouterDeleter::builder()
         .batch_size(1_000)
         .confirm_timeout(Duration::from_secs(30))
-        .build(Arc::clone(&store), Router(Some((*store).clone())));
+        .build(Arc::clone(&store), Router(Some((*store).clone())))
+        .expect("valid settings");
     let forced = RouterDeleter::builder()
         .confirm_timeout(Duration::from_millis(10))
         .retries(0)
-        .build(Arc::clone(&store), Router(None));
+        .build(Arc::clone(&store), Router(None))
+        .expect("valid settings");
 
     let mut group = c.benchmark_group("etcd_delete_10k");
     group.sampling_mode(SamplingMode::Flat);

@@ -337,7 +337,8 @@ async fn main() -> Result<ExitCode, BoxError> {
         .retry_backoff(Duration::from_millis(50), Duration::from_millis(200))
         .reclaim_queue(queue.clone())
         .events(bus.clone())
-        .build(Arc::clone(&store), Arc::clone(&routers));
+        .build(Arc::clone(&store), Arc::clone(&routers))
+        .expect("valid settings");
     let next_id = Arc::new(AtomicU64::new(total));
     let mut churn = JoinSet::new();
     for worker in 0..2u64 {

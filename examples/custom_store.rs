@@ -317,7 +317,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             Routers {
                 store: Arc::clone(&store),
             },
-        );
+        )
+        .expect("valid settings");
     let on_router = store.count(DELETED).await?;
     println!(
         "deleting {DELETED} ({on_router} sessions, bound {:?})",

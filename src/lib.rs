@@ -182,6 +182,7 @@
     attr(deny(warnings, rust_2018_idioms), allow(dead_code))
 ))]
 
+mod build;
 mod cleanup;
 mod deleter;
 mod event;
@@ -201,6 +202,7 @@ mod sweeper;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 
+pub use build::BuildError;
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
@@ -208,13 +210,13 @@ pub use deleter::{
 pub use event::{Event, EventBus, EventStats, Subscription};
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use liveness::{
-    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats,
-    MonitorBuildError, NoProbe, ProbeBatch, ProbeError, Prober, WatchError,
+    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats, NoProbe,
+    ProbeBatch, ProbeError, Prober, WatchError,
 };
 pub use reclaim::{
-    BuildError, DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind,
-    ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask,
-    RetrySchedule, ShutdownReport, TaskInfo, TryPushError,
+    DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind, ReclaimEvent,
+    ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask, RetrySchedule,
+    ShutdownReport, TaskInfo, TryPushError,
 };
 pub use reconcile::{
     ReconcileError, ReconcileReport, ReconcileSummary, Reconciler, ReconcilerBuilder,
@@ -246,9 +248,7 @@ pub use store::{
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use store::{Corruption, Fault};
-pub use sweeper::{
-    AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperBuildError, SweeperStats,
-};
+pub use sweeper::{AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperStats};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -43,6 +43,7 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::build::{BuildError, check_count};
 use crate::cleanup::close_and_remove;
 use crate::event::{Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
@@ -221,11 +222,11 @@ impl ReconcilerBuilder {
     }
 
     /// How many sessions are handled between two yields to the runtime
-    /// (default 4,096; at least 1).
+    /// (default 4,096; at least 1, checked by [`build`](Self::build)).
     ///
     /// See the example on [`ReconcilerBuilder`].
     pub fn chunk_size(mut self, chunk: usize) -> Self {
-        self.config.chunk = chunk.max(1);
+        self.config.chunk = chunk;
         self
     }
 
@@ -351,9 +352,14 @@ impl ReconcilerBuilder {
 
     /// Builds the reconciler over `store`.
     ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a chunk size of 0.
+    ///
     /// See the example on [`ReconcilerBuilder`].
-    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Reconciler<S> {
-        Reconciler {
+    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<Reconciler<S>, BuildError> {
+        check_count("Reconciler", "chunk_size", self.config.chunk, usize::MAX)?;
+        Ok(Reconciler {
             inner: Arc::new(Inner {
                 store,
                 config: self.config,
@@ -361,7 +367,7 @@ impl ReconcilerBuilder {
                 epochs: AtomicU64::new(0),
                 tracker: TaskTracker::new(),
             }),
-        }
+        })
     }
 }
 

@@ -125,7 +125,8 @@ async fn scenario(seed: u64) {
         .events(bus)
         .grace_period(Duration::from_millis(50))
         .chunk_size(64)
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     reconciler
         .router_disconnected(RouterId::new(LOST))
         .await
@@ -155,7 +156,8 @@ async fn scenario(seed: u64) {
                 Arc::clone(&store),
                 Script::by_round(Notify::Confirm(Subset::EvenIds), Notify::Never),
             ),
-        );
+        )
+        .expect("valid settings");
     let mut deletions = JoinSet::new();
     for r in DELETED {
         deletions.spawn(deleter.delete(RouterId::new(r)));

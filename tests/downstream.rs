@@ -88,7 +88,8 @@ impl Controller {
             .build(
                 Arc::clone(&store),
                 ScriptedNotifier::new(Arc::clone(&store), routers),
-            );
+            )
+            .expect("valid settings");
         // Clients never time out within a test: heartbeats are checked for
         // their answers only.
         let day = Duration::from_secs(86_400);
@@ -102,7 +103,8 @@ impl Controller {
         let reconciler = Reconciler::builder()
             .grace_period(Duration::from_secs(5))
             .events(bus)
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         Self {
             store,
             deleter,
@@ -417,7 +419,7 @@ proptest! {
             let notifier = ScriptedNotifier::new(Arc::clone(&store), routers);
             let deleter = RouterDeleter::builder()
                 .confirm_timeout(Duration::from_millis(500))
-                .build(Arc::clone(&store), Arc::clone(&notifier));
+                .build(Arc::clone(&store), Arc::clone(&notifier)).expect("valid settings");
             let bound = deleter.max_wait(observed.sessions.len());
             let report = report_within(bound + Duration::from_millis(10), deleter.delete(router)).await;
             assert_eq!(report.sessions, observed.sessions.len());

@@ -7,7 +7,7 @@ use tokio::time::Duration;
 
 use super::LivenessMonitor;
 use super::probe::Prober;
-use super::report::MonitorBuildError;
+use crate::build::{BuildError, check_count};
 use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::session::TimeoutRule;
@@ -140,10 +140,15 @@ impl ProbeBackoff {
     }
 }
 
+/// The piece `build` errors name.
+pub(super) const PIECE: &str = "LivenessMonitor";
+/// The largest event capacity: the channel allocates it up front.
+const MAX_EVENTS: usize = 1 << 20;
+
 /// Builder of a [`LivenessMonitor`].
 ///
 /// Every duration is checked by [`build`](Self::build), which returns a
-/// [`MonitorBuildError`] instead of panicking.
+/// [`BuildError`] instead of panicking.
 ///
 /// # Example
 ///
@@ -410,16 +415,33 @@ impl LivenessMonitorBuilder {
     ///
     /// # Errors
     ///
-    /// [`MonitorBuildError`] names the setting out of range, or says there
-    /// is no runtime, or that the process has built so many monitors
+    /// [`BuildError::Setting`] names the setting out of range,
+    /// [`BuildError::NoRuntime`] says there is no runtime, and
+    /// [`BuildError::Exhausted`] that the process has built so many monitors
     /// (2⁴⁸ − 1) that a new one could not be told apart from an old one.
     ///
-    /// See the examples on [`LivenessMonitorBuilder`] and [`MonitorBuildError`].
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let built = LivenessMonitor::builder()
+    ///     .timeout_range(Duration::from_secs(60), Duration::from_secs(5)) // min above max
+    ///     .build(Arc::clone(&store), NoProbe);
+    /// assert_eq!(built.unwrap_err().refused_setting(), Some("timeout_range"));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn build<S, Pr>(
         self,
         store: Arc<S>,
         prober: Pr,
-    ) -> Result<LivenessMonitor<S, Pr>, MonitorBuildError>
+    ) -> Result<LivenessMonitor<S, Pr>, BuildError>
     where
         S: SessionStore,
         Pr: Prober,
@@ -428,38 +450,61 @@ impl LivenessMonitorBuilder {
         LivenessMonitor::start(store, prober, config)
     }
 
-    fn validate(self) -> Result<Config, MonitorBuildError> {
+    fn validate(self) -> Result<Config, BuildError> {
+        let refuse = |setting, problem: String| Err(BuildError::setting(PIECE, setting, problem));
         let (finest, coarsest) = GRANULARITY;
         if self.granularity < finest || self.granularity > coarsest {
-            return Err(MonitorBuildError::Granularity(self.granularity));
+            return refuse(
+                "granularity",
+                format!("must be within [1ms, 1s], got {:?}", self.granularity),
+            );
         }
         let granularity = self.granularity;
         let within = |d: Duration| d >= granularity && d <= MAX_SETTING;
         if !within(self.interval) {
-            return Err(MonitorBuildError::HeartbeatInterval(self.interval));
+            return refuse(
+                "heartbeat_interval",
+                format!(
+                    "must be within [granularity, 1 day], got {:?}",
+                    self.interval
+                ),
+            );
         }
         if !within(self.min_timeout)
             || !within(self.max_timeout)
             || self.min_timeout > self.max_timeout
         {
-            return Err(MonitorBuildError::TimeoutRange {
-                min: self.min_timeout,
-                max: self.max_timeout,
-            });
+            return refuse(
+                "timeout_range",
+                format!(
+                    "must be a range within [granularity, 1 day], got [{:?}, {:?}]",
+                    self.min_timeout, self.max_timeout
+                ),
+            );
         }
         if self.pause_allowance > MAX_SETTING {
-            return Err(MonitorBuildError::PauseAllowance(self.pause_allowance));
+            return refuse(
+                "pause_allowance",
+                format!("must be at most 1 day, got {:?}", self.pause_allowance),
+            );
         }
         if self.probe_timeout.is_zero() || self.probe_timeout > MAX_SETTING {
-            return Err(MonitorBuildError::ProbeTimeout(self.probe_timeout));
+            return refuse(
+                "probe_timeout",
+                format!("must be within (0, 1 day], got {:?}", self.probe_timeout),
+            );
         }
         let (backoff_min, backoff_max) = match self.probe_backoff {
             Some((min, max)) if min > max || max > MAX_SETTING => {
-                return Err(MonitorBuildError::ProbeBackoff { min, max });
+                return refuse(
+                    "probe_backoff",
+                    format!("must be a range within 1 day, got [{min:?}, {max:?}]"),
+                );
             }
             Some(range) => range,
             None => (self.probe_timeout / 2, self.probe_timeout.saturating_mul(4)),
         };
+        let events = check_count(PIECE, "event_capacity", self.events, MAX_EVENTS)?;
         Ok(Config {
             interval: millis(self.interval),
             rule: TimeoutRule {
@@ -476,7 +521,7 @@ impl LivenessMonitorBuilder {
                 self.probe_retries,
                 self.probe_jitter,
             ),
-            events: self.events.max(1),
+            events,
             reclaim: self.reclaim,
             bus: self.bus,
         })

@@ -43,8 +43,9 @@ use tokio_util::task::TaskTracker;
 
 pub use config::LivenessMonitorBuilder;
 pub use probe::{NoProbe, ProbeBatch, ProbeError, Prober};
-pub use report::{HeartbeatError, LivenessEvent, LivenessStats, MonitorBuildError, WatchError};
+pub use report::{HeartbeatError, LivenessEvent, LivenessStats, WatchError};
 
+use crate::build::BuildError;
 use crate::event::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
@@ -209,8 +210,10 @@ impl LivenessMonitor<MemoryStore, NoProbe> {
 }
 
 impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
-    fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, MonitorBuildError> {
-        let runtime = Handle::try_current().map_err(|_| MonitorBuildError::NoRuntime)?;
+    fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, BuildError> {
+        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime {
+            piece: config::PIECE,
+        })?;
         let tag = tag::next()?;
         let (events, _) = broadcast::channel(config.events);
         let stop = CancellationToken::new();

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::report::MonitorBuildError;
+use crate::build::BuildError;
 use crate::session::MAX_WATCHER;
 
 /// The last tag handed out in this process.
@@ -20,10 +20,13 @@ static LAST: AtomicU64 = AtomicU64::new(0);
 ///
 /// # Errors
 ///
-/// [`MonitorBuildError::IdentitiesExhausted`] once every tag was handed
+/// [`BuildError::Exhausted`] once every tag was handed
 /// out.
-pub(super) fn next() -> Result<u64, MonitorBuildError> {
-    after(&LAST).ok_or(MonitorBuildError::IdentitiesExhausted)
+pub(super) fn next() -> Result<u64, BuildError> {
+    after(&LAST).ok_or(BuildError::Exhausted {
+        piece: super::config::PIECE,
+        what: "monitor identity",
+    })
 }
 
 /// The tag after `last`, which it becomes; `None` (and `last` stays) past

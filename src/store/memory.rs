@@ -49,6 +49,7 @@ use super::report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
 use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
+use crate::build::BuildError;
 use crate::event::{CloseHook, Event, EventBus, emit};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
@@ -166,12 +167,8 @@ impl MemoryStoreBuilder {
     }
 
     /// The number of shards of the session and router maps (default: four
-    /// per core, rounded up to a power of two).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `shards` is not a power of two greater than 1, as dashmap
-    /// requires.
+    /// per core, rounded up to a power of two). A power of two from 2 to
+    /// 65,536, checked by [`build`](Self::build).
     ///
     /// # Example
     ///
@@ -182,10 +179,6 @@ impl MemoryStoreBuilder {
     /// assert!(store.is_empty());
     /// ```
     pub fn shard_amount(mut self, shards: usize) -> Self {
-        assert!(
-            shards > 1 && shards.is_power_of_two(),
-            "shard amount must be a power of two greater than 1, got {shards}"
-        );
         self.shard_amount = Some(shards);
         self
     }
@@ -239,6 +232,11 @@ impl MemoryStoreBuilder {
 
     /// Builds the store, for sessions carrying a payload of type `P`.
     ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a shard amount that is not a power of
+    /// two from 2 to 65,536.
+    ///
     /// # Example
     ///
     /// ```
@@ -249,11 +247,17 @@ impl MemoryStoreBuilder {
     ///     name: String,
     /// }
     ///
-    /// let store: MemoryStore<Client> = MemoryStore::builder().build();
+    /// let store: MemoryStore<Client> = MemoryStore::builder().build()?;
     /// assert_eq!(store.len(), 0);
+    /// # Ok::<(), session_lifecycle::BuildError>(())
     /// ```
-    pub fn build<P>(self) -> MemoryStore<P> {
-        let (sessions, routers) = match self.shard_amount {
+    pub fn build<P>(self) -> Result<MemoryStore<P>, BuildError> {
+        let shards = self.shard_amount.map(check_shards).transpose()?;
+        Ok(self.build_with(shards))
+    }
+
+    fn build_with<P>(self, shards: Option<usize>) -> MemoryStore<P> {
+        let (sessions, routers) = match shards {
             Some(shards) => (
                 DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
                 DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
@@ -278,7 +282,24 @@ impl MemoryStoreBuilder {
 
 impl<P> Default for MemoryStore<P> {
     fn default() -> Self {
-        MemoryStore::builder().build()
+        MemoryStore::builder().build_with(None)
+    }
+}
+
+/// The most shards: each is a lock and a map, allocated up front.
+const MAX_SHARDS: usize = 1 << 16;
+
+/// Refuses a shard amount dashmap cannot take (a power of two above 1) or
+/// that would allocate absurdly.
+fn check_shards(shards: usize) -> Result<usize, BuildError> {
+    if shards > 1 && shards.is_power_of_two() && shards <= MAX_SHARDS {
+        Ok(shards)
+    } else {
+        Err(BuildError::setting(
+            "MemoryStore",
+            "shard_amount",
+            format_args!("must be a power of two from 2 to {MAX_SHARDS}, got {shards}"),
+        ))
     }
 }
 

@@ -198,7 +198,9 @@ impl<B: Backend> Sut<B> {
                 .retry_backoff(Duration::from_millis(10), Duration::from_millis(20));
             (deleter, Duration::from_millis(20))
         };
-        let deleter = deleter.build(Arc::clone(&store), notifier);
+        let deleter = deleter
+            .build(Arc::clone(&store), notifier)
+            .expect("valid settings");
         // Timeouts of a day: the model has no clock, so no session may be
         // reaped; heartbeats are checked for their answers.
         let day = Duration::from_secs(86_400);
@@ -213,7 +215,8 @@ impl<B: Backend> Sut<B> {
         let reconciler = Reconciler::builder()
             .grace_period(grace)
             .events(bus)
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         Self {
             store,
             deleter,

@@ -233,7 +233,8 @@ async fn one_round<S: SessionStore<Payload = ()>>(
         .confirm_timeout(Duration::from_millis(150))
         .retries(2)
         .retry_backoff(Duration::from_millis(20), Duration::from_millis(80))
-        .build(Arc::clone(&store), late_routers(&store, round));
+        .build(Arc::clone(&store), late_routers(&store, round))
+        .expect("valid settings");
 
     // Delete the even routers, all at once; routers 0, 4, 8 get a second,
     // racing delete.
