@@ -419,7 +419,13 @@ async fn a_late_or_duplicated_request_never_touches_the_next_life() {
     let store = Arc::new(MemoryStore::new());
     let checker = InvariantChecker::new();
     let (old, new) = two_lives(&store, &checker).await;
-    let deleter = confirming(&store);
+    // Slow to answer: the new life's deletion below stays fenced a while.
+    let slow = Notify::Slow {
+        delay: Duration::from_millis(100),
+        confirm: Subset::All,
+    };
+    let routers = ScriptedNotifier::always(Arc::clone(&store), slow);
+    let deleter = builder().build(Arc::clone(&store), routers);
     let already = DeleteOutcome::AlreadyDeleted {
         router: R,
         incarnation: old,
@@ -441,7 +447,9 @@ async fn a_late_or_duplicated_request_never_touches_the_next_life() {
     // in the middle of it.
     let mut current = pin!(deleter.delete_incarnation(R, new.incarnation));
     assert!(futures::poll!(current.as_mut()).is_pending());
-    tokio::task::yield_now().await; // the run fences the new life
+    tokio::task::yield_now().await;
+    let status = store.router_status(R).await.unwrap();
+    assert_eq!(status, RouterStatus::Fenced(new.incarnation));
     let late = within(HOUR, deleter.delete_incarnation(R, old)).await;
     assert_eq!(late.unwrap(), already);
     let report = report_within(HOUR, current).await;
