@@ -50,7 +50,7 @@ use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
-use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
+use crate::store::{BackendError, RouterError, RouterStatus, SessionError, SessionStore};
 
 /// Reconciles what routers report against the store, and gives
 /// disconnected routers a grace period.
@@ -432,6 +432,10 @@ pub struct ReconcileSummary {
     /// Sessions missing from the report spared because they are younger
     /// than the configured age.
     pub spared: usize,
+    /// Sessions of this incarnation closed already but still in the store
+    /// (closed through their handles, or by a call dropped half-way),
+    /// removed by this call.
+    pub removed: usize,
     /// Whether the call cancelled the router's grace period.
     pub grace_cancelled: bool,
     /// Chunks handled.
@@ -723,6 +727,7 @@ impl<S: SessionStore> Reconciler<S> {
             foreign: 0,
             closed: 0,
             spared: 0,
+            removed: 0,
             grace_cancelled,
             chunks: 0,
             duration: Duration::ZERO,
@@ -762,11 +767,18 @@ impl<S: SessionStore> Reconciler<S> {
         // enough to be spared.
         let cutoff = started.checked_sub(config.spare_younger_than);
         let mut missing: Vec<Session<S::Payload>> = Vec::new();
+        let mut lingering: Vec<Session<S::Payload>> = Vec::new();
         for session in held {
-            if session.incarnation() != incarnation
-                || session.state() != SessionState::Active
-                || reported.contains(&session.id())
-            {
+            if session.incarnation() != incarnation {
+                continue;
+            }
+            if session.is_closed() {
+                // Closed on the controller but still stored (through its
+                // handle, or by a reconciliation dropped half-way).
+                lingering.push(session);
+                continue;
+            }
+            if session.state() != SessionState::Active || reported.contains(&session.id()) {
                 continue;
             }
             if cutoff.is_none_or(|cutoff| session.created_at() > cutoff) {
@@ -782,6 +794,18 @@ impl<S: SessionStore> Reconciler<S> {
             closed.extend(self.close_and_remove(chunk, CloseReason::Reclaimed).await);
         }
         summary.closed = closed.len();
+        for chunk in lingering.chunks(config.chunk) {
+            self.next_chunk(router, incarnation, &mut summary).await?;
+            for session in chunk {
+                // By key: a session that reused the id meanwhile stays.
+                match store.remove_exact(session.key()).await {
+                    Ok(_) => summary.removed += 1,
+                    Err(SessionError::Backend(error)) => return Err(error.into()),
+                    // Removed meanwhile.
+                    Err(_) => {}
+                }
+            }
+        }
         summary.duration = started.elapsed();
         tracing::info!(
             reported = summary.reported,

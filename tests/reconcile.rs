@@ -81,8 +81,10 @@ async fn a_report_is_reconciled_unknown_missing_closed_and_foreign() {
         assert!(!one.sessions[at].is_closed());
     }
     assert!(two.sessions.iter().all(|s| !s.is_closed()));
-    // Session 3 stays in the store (closed): the sweeper's business.
-    assert_eq!(store.count(one.router).await.unwrap(), 4);
+    // Session 3, closed through its handle, is removed too.
+    assert_eq!(summary.removed, 1);
+    assert!(store.get(SessionId::new(3)).await.unwrap().is_none());
+    assert_eq!(store.count(one.router).await.unwrap(), 3);
 
     match events.try_recv() {
         Some(Event::Reconciled(published)) => assert_eq!(published, summary),

@@ -3,7 +3,7 @@
 use tokio::time::Duration;
 
 use crate::id::{Incarnation, RouterId};
-use crate::store::{BackendError, FenceError, FinishError};
+use crate::store::{BackendError, FenceError, FinishError, RouterError};
 
 /// How a [`RouterDeleter::delete`](crate::RouterDeleter::delete) ended.
 ///
@@ -305,6 +305,15 @@ pub enum DeleteError {
 }
 
 impl DeleteError {
+    pub(crate) fn from_router(router: RouterId, error: RouterError) -> Self {
+        match error {
+            RouterError::Backend(source) => Self::Store { router, source },
+            // `RouterError` is non-exhaustive; every other kind says the
+            // store does not know the router.
+            _ => Self::UnknownRouter(router),
+        }
+    }
+
     pub(crate) fn from_fence(router: RouterId, error: FenceError) -> Self {
         match error {
             FenceError::Backend(source) => Self::Store { router, source },

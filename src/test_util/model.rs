@@ -81,7 +81,8 @@ pub enum Op {
     /// The router disconnects and stays away past its grace period.
     Disconnect(RouterId),
     /// The router (re)connects and reports the sessions it holds: every
-    /// stored `Active` session of it that the report leaves out is closed.
+    /// stored `Active` session of it that the report leaves out is closed,
+    /// and its sessions closed already (through their handles) are removed.
     Reconnect {
         /// The router.
         router: RouterId,
@@ -462,6 +463,13 @@ impl ModelState {
                         .filter(|id| !report.contains(id))
                         .collect();
                     self.close_all(&lost);
+                    // Sessions closed through their handles leave the store.
+                    let closed: Vec<SessionId> = self
+                        .stored_of(*router)
+                        .into_iter()
+                        .filter(|id| self.sessions[id].state == SessionState::Closed)
+                        .collect();
+                    self.close_all(&closed);
                 }
             }
         }
