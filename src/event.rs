@@ -11,10 +11,19 @@
 //! # Deadlock safety
 //!
 //! The bus has no lock of its own; tokio's broadcast channel takes its
-//! internal lock for each send and receive and never calls user code under
-//! it. Components publish after releasing their own locks, except the
-//! in-memory store, which publishes `SessionCreated` under its router lock
-//! (the broadcast lock is then the last one taken).
+//! internal lock for each send and receive. Components publish after
+//! releasing their own locks, with two exceptions that order an event
+//! before what their lock guards can be seen: the in-memory store sends
+//! `SessionCreated` under its router lock, and the reconciler
+//! `RouterDisconnected` under its `graces` lock (the broadcast lock is then
+//! the last one taken). Both send with `send_unrecorded` and `record` the
+//! event in the metrics after the lock, as the recorder is user code.
+//!
+//! The one piece of user code a send can run is the `Drop` of an event it
+//! pushes out of a full ring (the oldest, unread by a lagging subscriber):
+//! an event that was the last holder of an error a prober or reclaim task
+//! returned drops that error there, under the publisher's lock in the two
+//! cases above. The stores' and the reconciler's docs say so.
 
 use std::fmt;
 use std::sync::Arc;
@@ -407,6 +416,24 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
             bus.send(event);
         }
     }
+}
+
+/// Publishes the event `make` builds to `bus` if anybody listens, without
+/// recording it in the metrics: for a publisher that must send under its
+/// own lock (so that the event comes before what the lock guards can be
+/// seen) and then calls [`record`] after releasing it, because the metrics
+/// recorder is user code.
+pub(crate) fn send_unrecorded(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
+    if let Some(bus) = bus.filter(|bus| bus.listening()) {
+        bus.send(make());
+    }
+}
+
+/// Records the event `make` builds in the `metrics` facade: the other half
+/// of [`emit`], after [`send_unrecorded`].
+#[cfg(feature = "metrics")]
+pub(crate) fn record(make: impl FnOnce() -> Event) {
+    crate::metrics::record(&make());
 }
 
 /// One subscriber's view of an [`EventBus`]: every event published after

@@ -165,8 +165,15 @@
 //! # Concurrency
 //!
 //! No lock of the crate is held across an `.await` or while user code runs
-//! (resources, wakers). Each module with locks documents its lock order
-//! under `# Deadlock safety`. The state word and close notification are
+//! (a payload's `Drop`, resources, wakers, notifier, prober, the metrics
+//! recorder), so each may call back into the store on every path
+//! (`tests/adversarial_reentrant.rs` proves it for [`MemoryStore`]). One
+//! exception is inside tokio's broadcast channel: publishing into a full
+//! [`EventBus`] drops the oldest event a lagging subscriber has not read,
+//! and two publications happen under a lock (see
+//! [`MemoryStoreBuilder::events`]); the `Drop` of an error your prober or
+//! reclaim task returned must not call back into the store. Each module
+//! with locks documents its lock order under `# Deadlock safety`. The state word and close notification are
 //! model-checked with loom:
 //! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -28,6 +28,15 @@
 //! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
 //! across the awaits of one chunk, never while `graces` is held, and is the
 //! only lock then.
+//!
+//! No user code runs under `graces`: the entries hold no session, the
+//! expiry's handles live in its task, and `RouterDisconnected` is counted
+//! in the metrics after the lock. One thing stays under it, inside tokio:
+//! publishing into a full ring drops the oldest event a lagging subscriber
+//! has not read, and if that was the last holder of an error a prober or
+//! reclaim task returned, the error's `Drop` runs there (see
+//! `MemoryStoreBuilder::events`); it must not call back into the
+//! reconciler.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -45,7 +54,7 @@ use tracing::Instrument;
 
 use crate::build::{BuildError, check_count};
 use crate::cleanup::close_and_remove;
-use crate::event::{Event, EventBus, emit};
+use crate::event::{Event, EventBus, emit, send_unrecorded};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
@@ -960,13 +969,13 @@ impl<S: SessionStore> Reconciler<S> {
         }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
         // Published before the timer exists: `RouterLost` cannot overtake it.
-        emit(self.inner.config.events.as_ref(), || {
-            Event::RouterDisconnected {
-                router,
-                incarnation,
-                grace,
-            }
-        });
+        // Counted in the metrics after the lock (the recorder is user code).
+        let disconnected = || Event::RouterDisconnected {
+            router,
+            incarnation,
+            grace,
+        };
+        send_unrecorded(self.inner.config.events.as_ref(), disconnected);
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         // Spawned under the lock (the task's future takes no lock when it is
         // dropped): its entry holds its abort handle from the start.
@@ -991,6 +1000,8 @@ impl<S: SessionStore> Reconciler<S> {
             None => self.hold(router),
         }
         drop(graces);
+        #[cfg(feature = "metrics")]
+        crate::event::record(disconnected);
         Ok(deadline)
     }
 

@@ -26,9 +26,15 @@
 //! # Deadlock safety
 //!
 //! Locks, in the order they may be taken: the watch's `progress` mutex,
-//! then one `cache` shard. Nothing else is taken under either, no guard is
-//! held across an `.await`, and handles are closed (which runs user
-//! resources) only after both are released.
+//! then one `cache` shard (then, building a handle, the new handle's own
+//! lock, which nobody else holds yet). Nothing else is taken under either,
+//! and no guard is held across an `.await`. No user code runs under them
+//! (I8): handles are closed (which runs user resources) after both are
+//! released; nothing that may hold the last handle of a session or a
+//! decoded payload (whose `Drop` is user code) is dropped under them (a
+//! cache entry removed comes out of the shard with its handle, and records
+//! not made into handles drop after the guards); and closes of handles
+//! built closed are counted in the metrics after them.
 
 mod keys;
 mod watch;
@@ -819,6 +825,13 @@ impl<P: EtcdPayload> Shared<P> {
     ) -> Vec<Session<P>> {
         let mut sessions = Vec::with_capacity(loaded.len());
         let mut closes = Vec::new();
+        // Records not made into handles drop after the guards: a decoded
+        // payload's `Drop` is user code.
+        let mut discarded = Vec::new();
+        // Closes of handles built closed, counted after the guards (the
+        // metrics recorder is user code).
+        #[cfg(feature = "metrics")]
+        let mut built_closed = Vec::new();
         {
             let progress = self.progress.lock();
             for loaded in loaded {
@@ -829,13 +842,20 @@ impl<P: EtcdPayload> Shared<P> {
                         if let Some(reason) = loaded.record.closed {
                             closes.push((cached.clone(), created, reason));
                         }
+                        discarded.push(loaded);
                         cached
                     }
                     // A later life of the id is cached: the record read is
                     // gone already (and may have been another router's).
-                    Entry::Occupied(entry) if entry.get().created > created => continue,
+                    Entry::Occupied(entry) if entry.get().created > created => {
+                        discarded.push(loaded);
+                        continue;
+                    }
                     entry => {
-                        let (session, open) = self.materialize(loaded);
+                        let (session, closed) = self.materialize(loaded);
+                        let open = closed.is_none();
+                        #[cfg(feature = "metrics")]
+                        built_closed.extend(closed);
                         let previous = match entry {
                             Entry::Occupied(mut entry) => Some(std::mem::replace(
                                 entry.get_mut(),
@@ -870,14 +890,22 @@ impl<P: EtcdPayload> Shared<P> {
                 sessions.push(session);
             }
         }
+        drop(discarded);
+        #[cfg(feature = "metrics")]
+        for reason in built_closed {
+            crate::metrics::closed(reason);
+        }
         for (session, created, reason) in closes {
             self.close_quietly(&session, created, reason);
         }
         sessions
     }
 
-    /// A handle for a loaded record; `true` if it is open.
-    fn materialize(&self, loaded: Loaded<P>) -> (Session<P>, bool) {
+    /// A handle for a loaded record, and the reason it was closed with if
+    /// the record is closed. Called under the store's guards: it runs no
+    /// user code (a closed record's handle is closed without counting it in
+    /// the metrics; the caller counts it).
+    fn materialize(&self, loaded: Loaded<P>) -> (Session<P>, Option<CloseReason>) {
         let Loaded {
             router,
             id,
@@ -892,14 +920,15 @@ impl<P: EtcdPayload> Shared<P> {
         let session = spec.into_session_with_generation(generation(created));
         match record.closed {
             Some(reason) => {
-                let _ = session.close(reason); // nothing attached yet
-                (session, false)
+                // Nothing attached, nobody waits: the close runs no user code.
+                let _ = session.close_unrecorded(reason);
+                (session, Some(reason))
             }
             None => {
                 let hook = self.hook(router, id, record.incarnation, created, payload);
                 // A new handle is open: the attach cannot be refused.
                 let _ = session.attach(hook);
-                (session, true)
+                (session, None)
             }
         }
     }

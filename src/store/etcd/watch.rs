@@ -16,8 +16,10 @@
 //! # Deadlock safety
 //!
 //! The `progress` mutex is taken before any cache shard, never after, and
-//! nothing else is taken under it. Handles are closed after both are
-//! released (closing runs user resources).
+//! nothing else is taken under it. No user code runs under either: handles
+//! are closed after both are released (closing runs user resources), and a
+//! cache entry the watch removes leaves with its handle, dropped after them
+//! too (it may be the session's last, whose payload's `Drop` is user code).
 
 use std::collections::HashMap;
 use std::sync::Weak;
