@@ -13,7 +13,6 @@ use std::fmt;
 /// # Example
 ///
 /// ```
-/// use std::sync::Arc;
 /// use session_lifecycle::{BuildError, MemoryStore};
 ///
 /// let refused = MemoryStore::builder().shard_amount(3).build::<()>();

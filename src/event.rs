@@ -83,9 +83,9 @@ use crate::store::Repair;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(1_024);
 /// let mut events = bus.subscribe();
-/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>());
+/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>()?);
 /// let deleter =
-///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent);
+///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent)?;
 ///
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
@@ -218,7 +218,7 @@ pub enum Event {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(1024);
 /// let mut events = bus.subscribe();
-/// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+/// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
 ///
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
@@ -260,7 +260,7 @@ struct BusShared {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(2);
 /// let mut events = bus.subscribe();
-/// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+/// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// for id in 0..5 {
@@ -360,7 +360,7 @@ impl EventBus {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::default();
-    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
     /// let _ = store.register_router(RouterId::new(1)).await?;
     /// assert_eq!(bus.stats().published, 0); // no subscriber, nothing sent
     /// # Ok(())
@@ -463,7 +463,7 @@ pub(crate) fn record(make: impl FnOnce() -> Event) {
 ///     closed
 /// });
 ///
-/// let store = MemoryStore::builder().events(bus).build::<()>();
+/// let store = MemoryStore::builder().events(bus).build::<()>()?;
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// let session =
@@ -501,7 +501,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::default();
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let _ =
@@ -541,7 +541,7 @@ impl Subscription {
     /// let mut events = bus.subscribe();
     /// assert!(events.try_recv().is_none());
     ///
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let _ =
@@ -574,7 +574,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(64);
     /// let events = bus.subscribe().into_stream();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {
@@ -610,7 +610,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(1);
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {

@@ -94,7 +94,7 @@ use crate::store::{BackendError, RouterError, RouterStatus, SessionError, Sessio
 ///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// // The router reconnects holding sessions 1, 2 and 9: 9 is unknown, 3 is gone.
 /// let ids = [1, 2, 9].map(SessionId::new);
 /// let report = reconciler.reconcile(router, incarnation, ids).await?;
@@ -181,7 +181,7 @@ struct Expiry {
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .liveness(&monitor)
 ///     .events(EventBus::default())
-///     .build(Arc::clone(&store));
+///     .build(Arc::clone(&store))?;
 /// assert_eq!(reconciler.in_grace(), 0);
 /// # Ok(())
 /// # }
@@ -203,7 +203,7 @@ impl Reconciler<crate::MemoryStore> {
     /// use std::sync::Arc;
     /// use session_lifecycle::{MemoryStore, Reconciler};
     ///
-    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new()));
+    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new())).unwrap();
     /// assert_eq!(reconciler.in_grace(), 0);
     /// ```
     pub fn builder() -> ReconcilerBuilder {
@@ -262,7 +262,7 @@ impl ReconcilerBuilder {
     /// let incarnation = store.register_router(router).await?;
     /// let reconciler = Reconciler::builder()
     ///     .spare_younger_than(Duration::from_secs(5))
-    ///     .build(Arc::clone(&store));
+    ///     .build(Arc::clone(&store))?;
     ///
     /// // Created just before the router took its report: not in it, but spared.
     /// let young =
@@ -308,7 +308,7 @@ impl ReconcilerBuilder {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store))?;
     ///
     /// let _ = reconciler.router_disconnected(router).await?;
     /// assert!(monitor.is_held(router)); // no reaping during the grace period
@@ -344,7 +344,7 @@ impl ReconcilerBuilder {
     /// let incarnation = store.register_router(router).await?;
     /// let bus = EventBus::default();
     /// let mut events = bus.subscribe();
-    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store))?;
     ///
     /// let _ = reconciler.reconcile(router, incarnation, [SessionId::new(9)]).await?;
     /// match events.try_recv() {
@@ -406,7 +406,7 @@ impl ReconcilerBuilder {
 ///     store.create(NewSession::new(SessionId::new(4), other, other_incarnation)).await?;
 /// let _ = store.close(SessionId::new(3), CloseReason::ClientClosed).await?;
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// // The router holds 1 and 3 (closed since), 4 (another router's) and 9 (unknown).
 /// let ids = [1, 3, 4, 9].map(SessionId::new);
 /// let summary = reconciler.reconcile(router, incarnation, ids).await?.summary;
@@ -473,7 +473,7 @@ pub struct ReconcileSummary {
 /// let lost =
 ///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// let report =
 ///     reconciler.reconcile(router, incarnation, [kept.id(), SessionId::new(7)]).await?;
 /// // Tell the router to drop what the controller does not hold...
@@ -515,7 +515,7 @@ pub struct ReconcileReport {
 /// let store = Arc::new(MemoryStore::new());
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 ///
 /// // A report from an older life of the router is refused, and changes nothing.
 /// let stale =
@@ -621,7 +621,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// use session_lifecycle::{MemoryStore, Reconciler};
     ///
     /// let store = Arc::new(MemoryStore::new());
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store)).unwrap();
     /// assert!(Arc::ptr_eq(reconciler.store(), &store));
     /// ```
     #[must_use]
@@ -686,7 +686,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// let incarnation = store.register_router(router).await?;
     /// let session =
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
     ///
     /// // The router reconnects: it decodes its report and sends it, any size.
     /// let decoded: Vec<u64> = vec![1];
@@ -933,7 +933,7 @@ impl<S: SessionStore> Reconciler<S> {
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let reconciler = Reconciler::builder()
     ///     .grace_period(Duration::from_secs(30))
-    ///     .build(Arc::clone(&store));
+    ///     .build(Arc::clone(&store))?;
     ///
     /// let deadline = reconciler.router_disconnected(router).await?;
     /// assert_eq!(reconciler.in_grace(), 1);
@@ -1154,7 +1154,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// let incarnation = store.register_router(router).await?;
     /// let session =
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
     /// let _ = reconciler.router_disconnected(router).await?;
     ///
     /// reconciler.shutdown().await;

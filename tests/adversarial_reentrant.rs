@@ -833,7 +833,8 @@ fn reconciling_and_grace_expiry_run_user_code_outside_the_locks() {
 fn reached_reconciler(fixture: &Fixture, router: RouterId) -> Reconciler<Store> {
     let reconciler = Reconciler::builder()
         .grace_period(Duration::from_secs(30))
-        .build(Arc::clone(&fixture.store)).expect("valid settings");
+        .build(Arc::clone(&fixture.store))
+        .expect("valid settings");
     let reached = reconciler.clone();
     fixture.reach.set_extra(Some(Arc::new(move || {
         let _ = reached.in_grace();
@@ -875,7 +876,8 @@ fn delete_router(name: &'static str, answer: Notify) {
         let deleter = RouterDeleter::builder()
             .confirm_timeout(Duration::from_secs(1))
             .retries(0)
-            .build(Arc::clone(&fixture.store), notifier).expect("valid settings");
+            .build(Arc::clone(&fixture.store), notifier)
+            .expect("valid settings");
         let before = fixture.reach.counts();
         let report = report_within(HOUR, deleter.delete(fixture.router)).await;
         // The run dropped the last handles before it answered.

@@ -126,7 +126,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 ///     .retry_backoff(Duration::from_millis(250), Duration::from_secs(4))
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .events(EventBus::default())
-///     .build(store, Wire);
+///     .build(store, Wire)?;
 /// assert!(deleter.max_wait(10_000) > Duration::from_secs(5));
 /// # Ok(())
 /// # }
@@ -237,7 +237,7 @@ impl RouterDeleterBuilder {
     /// let deleter = RouterDeleter::builder()
     ///     .retries(0)
     ///     .reclaim_queue(queue.clone())
-    ///     .build(Arc::clone(&store), Silent);
+    ///     .build(Arc::clone(&store), Silent)?;
     ///
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
@@ -289,7 +289,7 @@ impl RouterDeleterBuilder {
     /// let mut events = bus.subscribe();
     /// let store = Arc::new(MemoryStore::new());
     /// let deleter =
-    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent);
+    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent)?;
     ///
     /// let router = RouterId::new(1);
     /// let _ = store.register_router(router).await?;

@@ -34,6 +34,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use futures::FutureExt;
 use parking_lot::Mutex;
@@ -146,7 +147,7 @@ enum Join {
 ///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 ///
-/// let deleter = RouterDeleter::builder().build(Arc::clone(&store), Router(Arc::clone(&store)));
+/// let deleter = RouterDeleter::builder().build(Arc::clone(&store), Router(Arc::clone(&store)))?;
 /// let outcome = deleter.delete(router).await?;
 /// let report = outcome.report().unwrap();
 /// assert_eq!((report.sessions, report.confirmed, report.forced), (100, 100, 0));
@@ -206,8 +207,9 @@ impl RouterDeleter<(), ()> {
     ///
     /// let deleter = RouterDeleter::builder()
     ///     .confirm_timeout(Duration::from_secs(30))
-    ///     .build(Arc::new(MemoryStore::new()), Silent);
+    ///     .build(Arc::new(MemoryStore::new()), Silent)?;
     /// assert_eq!(deleter.running(), 0);
+    /// # Ok::<(), session_lifecycle::BuildError>(())
     /// ```
     pub fn builder() -> RouterDeleterBuilder {
         RouterDeleterBuilder::new()
@@ -444,11 +446,22 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         let this = self.clone();
         async move {
             // The incarnation the router has as the call begins is the one
-            // this call deletes: a task of the deleter reads it and starts
-            // (or joins) the run, so the deletion goes on once this future
-            // was polled, even if the store answers later and the caller
-            // is gone by then.
+            // this call deletes. A store that answers at once (in memory)
+            // starts the run in this first poll; otherwise a task of the
+            // deleter awaits the answer and starts (or joins) the run, so
+            // the deletion goes on once this future was polled, even if
+            // the caller is gone by the time the store answers.
             let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let store = Arc::clone(&this.inner.store);
+            let mut status = Box::pin(async move { store.router_status(router).await });
+            if let Poll::Ready(status) = futures::poll!(status.as_mut()) {
+                return match status {
+                    Ok(status) => this.delete_in(router, status.incarnation(), false).await,
+                    // Shut down: the only thing left to do was join a run.
+                    Err(_) if this.inner.tracker.is_closed() => Err(DeleteError::ShuttingDown),
+                    Err(error) => Err(DeleteError::from_router(router, error)),
+                };
+            }
             // Under `runs`, where `shutdown` closes the tracker. A call made
             // after a shutdown began may still join a run, not start one.
             let (token, admitted) = {
@@ -458,11 +471,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             let (answer, answered) = oneshot::channel();
             drop(runtime.spawn(async move {
                 let _token = token;
-                let outcome = match this.inner.store.router_status(router).await {
+                let outcome = match status.await {
                     Ok(status) => {
                         let target = status.incarnation();
                         this.delete_in(router, target, admitted).await
                     }
+                    // Shut down: the only thing left to do was join a run.
+                    Err(_) if !admitted => Err(DeleteError::ShuttingDown),
                     Err(error) => Err(DeleteError::from_router(router, error)),
                 };
                 let _ = answer.send(outcome);

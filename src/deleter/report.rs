@@ -120,7 +120,7 @@ impl DeleteOutcome {
 ///
 /// let deleter = RouterDeleter::builder()
 ///     .retries(0)
-///     .build(Arc::clone(&store), Picky(Arc::clone(&store)));
+///     .build(Arc::clone(&store), Picky(Arc::clone(&store)))?;
 /// let outcome = deleter.delete(router).await?;
 /// let report = outcome.report().expect("the deletion ran");
 /// assert_eq!(report.sessions, 3);
@@ -195,7 +195,7 @@ pub struct DeletionReport {
 /// let deleter = RouterDeleter::builder()
 ///     .confirm_timeout(Duration::from_secs(2))
 ///     .retries(0)
-///     .build(Arc::clone(&store), Silent);
+///     .build(Arc::clone(&store), Silent)?;
 ///
 /// let outcome = deleter.delete(router).await?;
 /// let durations = outcome.report().expect("the deletion ran").durations;

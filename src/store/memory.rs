@@ -96,7 +96,7 @@ const DEFAULT_TOMBSTONES: usize = 65_536;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store: MemoryStore<&'static str> = MemoryStore::builder().tombstone_capacity(1024).build();
+/// let store: MemoryStore<&'static str> = MemoryStore::builder().tombstone_capacity(1024).build()?;
 /// let router = RouterId::new(3);
 /// let incarnation = store.register_router(router).await?;
 /// let spec = NewSession::new(SessionId::new(1), router, incarnation).payload("alice");
@@ -144,7 +144,7 @@ type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 ///     .tombstone_capacity(10_000)
 ///     .shard_amount(64)
 ///     .events(bus.clone())
-///     .build();
+///     .build().unwrap();
 /// assert!(store.is_empty());
 /// ```
 #[derive(Debug, Clone)]
@@ -167,7 +167,7 @@ impl MemoryStoreBuilder {
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>();
+    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>()?;
     /// for raw in 1..=2 {
     ///     let router = RouterId::new(raw);
     ///     let incarnation = store.register_router(router).await?;
@@ -194,7 +194,7 @@ impl MemoryStoreBuilder {
     /// ```
     /// use session_lifecycle::MemoryStore;
     ///
-    /// let store = MemoryStore::builder().shard_amount(256).build::<()>();
+    /// let store = MemoryStore::builder().shard_amount(256).build::<()>().unwrap();
     /// assert!(store.is_empty());
     /// ```
     pub fn shard_amount(mut self, shards: usize) -> Self {
@@ -234,7 +234,7 @@ impl MemoryStoreBuilder {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(64);
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let session =
@@ -365,7 +365,7 @@ impl MemoryStore<()> {
     /// use session_lifecycle::MemoryStore;
     ///
     /// let store: MemoryStore<u32> =
-    ///     MemoryStore::builder().tombstone_capacity(1_024).build();
+    ///     MemoryStore::builder().tombstone_capacity(1_024).build().unwrap();
     /// assert!(store.is_empty());
     /// ```
     pub fn builder() -> MemoryStoreBuilder {

@@ -57,7 +57,7 @@ pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds
 ///     const PAUSED_TIME: bool = true;
 ///
 ///     async fn fresh(&self) -> Arc<MemoryStore> {
-///         Arc::new(MemoryStore::builder().shard_amount(4).build())
+///         Arc::new(MemoryStore::builder().shard_amount(4).build().unwrap())
 ///     }
 /// }
 ///
