@@ -73,8 +73,11 @@ impl Config {
         let mut total = round.saturating_mul(rounds);
         // Backoff: each delay doubles up to the maximum; jitter adds up to
         // one more delay.
+        // A first delay of zero stays zero (no backoff at all). Otherwise
+        // the doubling reaches the maximum within 64 steps, whatever the
+        // number of retries.
         let mut delay = self.retry_min_delay;
-        let mut left = self.retries;
+        let mut left = if delay.is_zero() { 0 } else { self.retries };
         while left > 0 && delay < self.retry_max_delay {
             total = total.saturating_add(delay.saturating_mul(2));
             delay = delay.saturating_mul(2);
@@ -369,6 +372,22 @@ mod tests {
             config.max_wait(25),
             Duration::from_millis(15_000 + 3_000 + 23)
         );
+    }
+
+    #[test]
+    fn max_wait_of_a_zero_backoff_adds_no_delay_and_returns_at_once() {
+        let config = Config {
+            retries: u32::MAX,
+            retry_min_delay: Duration::ZERO,
+            retry_max_delay: Duration::from_secs(1),
+            ..Config::default()
+        };
+        let no_backoff = Config {
+            retry_max_delay: Duration::ZERO,
+            ..config.clone()
+        };
+        // Delays that start at zero stay zero: none is counted.
+        assert_eq!(config.max_wait(10), no_backoff.max_wait(10));
     }
 
     #[test]
