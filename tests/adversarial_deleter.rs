@@ -364,6 +364,44 @@ async fn a_controller_never_answers_for_a_life_another_controller_finished() {
     );
 }
 
+/// The same, but the first controller's caller gives up while its deleter
+/// waits out the stale run: the new life is deleted all the same (the
+/// deletion started at the call's first poll).
+#[tokio::test(start_paused = true)]
+async fn a_delete_dropped_while_a_stale_run_ends_still_deletes_the_new_life() {
+    let store = Arc::new(MemoryStore::new());
+    let first = new_life(&store, R, 1, 0).await;
+    let hanging = ScriptedNotifier::new(
+        Arc::clone(&store),
+        Script::calls([Notify::Never], Notify::confirm_all()),
+    );
+    let a = builder()
+        .build(Arc::clone(&store), hanging)
+        .expect("valid settings");
+    let b = confirming(&store);
+    let a_first = tokio::spawn(a.delete(R));
+    tokio::task::yield_now().await; // A's run fences and notifies: hangs
+    let b_first = report_within(HOUR, b.delete(R)).await;
+    assert_eq!(b_first.incarnation, first.incarnation);
+
+    let second = new_life(&store, R, 2, 1).await;
+    let mut given_up = std::pin::pin!(a.delete(R));
+    assert!(futures::poll!(given_up.as_mut()).is_pending());
+    drop(given_up);
+    // A's stale run ends within its bound; then A deletes the new life.
+    let a_first = within(HOUR, a_first).await.unwrap();
+    assert_eq!(
+        a_first.unwrap().report().unwrap().incarnation,
+        first.incarnation
+    );
+    within(HOUR, a.shutdown()).await;
+    assert!(second.session.is_closed());
+    assert_eq!(
+        store.router_status(R).await.unwrap(),
+        RouterStatus::Deleted(second.incarnation)
+    );
+}
+
 /// Polls a spawned task once (yielding first so it runs); `Some` if done.
 async fn poll_once<T>(task: &mut JoinHandle<T>) -> Option<T> {
     tokio::task::yield_now().await;

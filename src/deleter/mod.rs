@@ -561,22 +561,47 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
         let this = self.clone();
         async move {
-            loop {
-                let mut result = match this.join_or_start(router, target, admitted)? {
-                    Join::Run(result) => result,
-                    Join::After(mut other) => {
-                        // Ends within its own bound; its end removed it.
-                        let _ = other.wait_for(Option::is_some).await;
-                        continue;
-                    }
-                    Join::Done(outcome) => return outcome,
-                };
-                return match result.wait_for(Option::is_some).await {
-                    Ok(outcome) => outcome
-                        .clone()
-                        .unwrap_or(Err(DeleteError::Interrupted(router))),
-                    Err(_closed) => Err(DeleteError::Interrupted(router)),
-                };
+            let other = match this.join_or_start(router, target, admitted)? {
+                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Done(outcome) => return outcome,
+                Join::After(other) => other,
+            };
+            // Another incarnation's run must end first. A task of the
+            // deleter waits for it and then deletes `target`, so the
+            // deletion goes on even if the caller leaves meanwhile.
+            let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let (token, admitted) = {
+                let _runs = this.inner.runs.lock();
+                let open = !this.inner.tracker.is_closed();
+                (this.inner.tracker.token(), admitted || open)
+            };
+            let (answer, answered) = oneshot::channel();
+            drop(runtime.spawn(async move {
+                let _token = token;
+                let _ = answer.send(this.after(router, target, admitted, other).await);
+            }));
+            answered
+                .await
+                .unwrap_or(Err(DeleteError::Interrupted(router)))
+        }
+    }
+
+    /// Waits for `other` (a run of another incarnation) to end, then
+    /// deletes `router` in `target`.
+    async fn after(
+        &self,
+        router: RouterId,
+        target: Incarnation,
+        admitted: bool,
+        mut other: watch::Receiver<RunResult>,
+    ) -> Result<DeleteOutcome, DeleteError> {
+        loop {
+            // Ends within its own bound; its end removed it from `runs`.
+            let _ = other.wait_for(Option::is_some).await;
+            match self.join_or_start(router, target, admitted)? {
+                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Done(outcome) => return outcome,
+                Join::After(next) => other = next,
             }
         }
     }
@@ -706,6 +731,19 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             self.inner.tracker.close();
         }
         self.inner.tracker.wait().await;
+    }
+}
+
+/// The outcome a run publishes, once it does.
+async fn outcome_of(
+    router: RouterId,
+    mut result: watch::Receiver<RunResult>,
+) -> Result<DeleteOutcome, DeleteError> {
+    match result.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome
+            .clone()
+            .unwrap_or(Err(DeleteError::Interrupted(router))),
+        Err(_closed) => Err(DeleteError::Interrupted(router)),
     }
 }
 
