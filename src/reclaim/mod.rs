@@ -371,7 +371,9 @@ impl ReclaimQueueBuilder {
     /// # Errors
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime;
-    /// [`BuildError::ZeroCapacity`] or [`BuildError::ZeroWorkers`].
+    /// [`BuildError::Setting`] for a capacity of 0 or above tokio's semaphore
+    /// limit, workers outside 1 to 1,024, or an event capacity outside 1 to
+    /// 2^20.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn build(self) -> Result<ReclaimQueue, BuildError> {
