@@ -86,7 +86,7 @@ async fn scenario(seed: u64) {
         tasks.spawn(async move {
             let mut next = 1_000_000u64;
             while !stop.load(Ordering::SeqCst) {
-                let router = if next % 2 == 0 {
+                let router = if next.is_multiple_of(2) {
                     RouterId::new(500)
                 } else {
                     RouterId::new(9)
