@@ -191,6 +191,6 @@ pub use invariants::{
 };
 pub use observe::{ObservedRouter, router_lost};
 pub use release::SlowRelease;
-pub use rng::{SimRng, mix};
+pub use rng::mix;
 pub use runtime::{HOUR, paused_runtime, report_within, run_paused, within};
 pub use script::{Call, Script, Subset};
