@@ -78,7 +78,7 @@ struct Args {
 
 impl Args {
     fn is_dead(&self, id: SessionId) -> bool {
-        id.get() < self.routers * self.sessions && id.get() % self.dead_one_in.max(1) == 0
+        id.get() < self.routers * self.sessions && id.get().is_multiple_of(self.dead_one_in.max(1))
     }
 
     /// The routers to delete: every k-th, the first of them never answers.

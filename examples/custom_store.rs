@@ -252,7 +252,7 @@ struct Routers {
 }
 
 fn confirmation_lost(id: SessionId) -> bool {
-    id.get() % 10 == 0
+    id.get().is_multiple_of(10)
 }
 
 impl TerminationNotifier for Routers {

@@ -27,7 +27,8 @@
 //!   [`SessionStore::finish`] tombstones the incarnation;
 //!   [`SessionStore::audit`] checks the index.
 //! - [`MemoryStore`]: the default store, in memory: a sharded session map and
-//!   a per-router entry under one small lock.
+//!   a per-router entry under one small lock. [`BoxStore`] holds any store
+//!   behind one type, for a controller that picks its store at start-up.
 //! - [`RouterDeleter`]: deletes a router and cleans up every one of its
 //!   sessions, and always finishes: fence, mark `Terminating`, notify your
 //!   routers in paced batches through your [`TerminationNotifier`], wait for
@@ -280,7 +281,7 @@ pub mod etcd {
     pub use etcd_client as client;
 }
 pub use store::{
-    AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
+    AuditReport, BackendError, BoxStore, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
     FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, Repair,
     RepairAction, RouterCensus, RouterError, RouterStatus, SessionError, SessionStore,
 };

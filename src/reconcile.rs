@@ -972,10 +972,10 @@ impl<S: SessionStore> Reconciler<S> {
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
         }
-        if let Some(running) = graces.get(&router) {
-            if running.incarnation == incarnation {
-                return Ok(running.deadline);
-            }
+        if let Some(running) = graces.get(&router)
+            && running.incarnation == incarnation
+        {
+            return Ok(running.deadline);
         }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
         // Published before the timer exists: `RouterLost` cannot overtake it.

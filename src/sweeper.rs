@@ -551,10 +551,10 @@ impl<S: SessionStore> AuditSweeper<S> {
         for &id in &audit.orphans {
             // The id may have been removed and reused since the audit: close
             // only a session that is itself an orphan.
-            if let Some(session) = store.get(id).await? {
-                if !belongs(store, &session).await? {
-                    orphans.push(session);
-                }
+            if let Some(session) = store.get(id).await?
+                && !belongs(store, &session).await?
+            {
+                orphans.push(session);
             }
         }
         let closed = close_all(

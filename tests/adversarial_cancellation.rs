@@ -322,7 +322,7 @@ async fn delete_case(polls: usize, by_incarnation: bool) -> bool {
     }
     let outcome = match first {
         Some(outcome) => outcome,
-        None if polls % 2 == 0 => within(bound, delete(&deleter)).await,
+        None if polls.is_multiple_of(2) => within(bound, delete(&deleter)).await,
         None => {
             // Nobody waits: the deletion finishes on its own.
             within(bound, deleter.shutdown()).await;

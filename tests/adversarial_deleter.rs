@@ -385,7 +385,7 @@ async fn a_delete_dropped_while_a_stale_run_ends_still_deletes_the_new_life() {
     assert_eq!(b_first.incarnation, first.incarnation);
 
     let second = new_life(&store, R, 2, 1).await;
-    let mut given_up = std::pin::pin!(a.delete(R));
+    let mut given_up = Box::pin(a.delete(R));
     assert!(futures::poll!(given_up.as_mut()).is_pending());
     drop(given_up);
     // A's stale run ends within its bound; then A deletes the new life.

@@ -614,10 +614,10 @@ fn spawn_etcd(dir: &std::path::Path, port: u16) -> std::process::Child {
 async fn healthy(endpoint: &str) {
     timeout(Duration::from_secs(30), async {
         loop {
-            if let Ok(mut client) = Client::connect([endpoint], None).await {
-                if client.status().await.is_ok() {
-                    return;
-                }
+            if let Ok(mut client) = Client::connect([endpoint], None).await
+                && client.status().await.is_ok()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use session_lifecycle::test_util::{Probe, Script, ScriptedProber, SimRng, Subset, mix, within};
+use session_lifecycle::test_util::{Probe, Script, ScriptedProber, Subset, mix, within};
 use session_lifecycle::{
     BuildError, Classed, CloseReason, HeartbeatError, LivenessEvent, LivenessMonitor,
     LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober, ReclaimQueue, ResourceClass,
@@ -198,12 +198,12 @@ async fn jitter_and_loss_over_an_hour_reap_nobody() {
     let tasks: Vec<_> = all
         .iter()
         .map(|session| {
-            let mut rng = SimRng::new(session.id().get() + 1);
+            let mut rng = fastrand::Rng::with_seed(session.id().get() + 1);
             // One hour of heartbeats 1 s ± 30 % apart; 1 % are lost.
             let gaps: Vec<_> = (0..3_600)
                 .map(|_| {
-                    let gap = Duration::from_millis(700 + rng.below(601));
-                    (rng.below(100) != 0).then_some(gap)
+                    let gap = Duration::from_millis(rng.u64(700..=1_300));
+                    (rng.u32(..100) != 0).then_some(gap)
                 })
                 .collect();
             lost += gaps.iter().filter(|g| g.is_none()).count();

@@ -937,12 +937,10 @@ impl<P> MemoryStore<P> {
             let belongs = !indexed.is_closed()
                 && indexed.router() == router
                 && slot.status_holds(indexed.incarnation());
-            if belongs {
-                if let Entry::Vacant(vacant) = self.sessions.entry(id) {
-                    vacant.insert(indexed.clone());
-                    repairs.push(repair(&indexed, RepairAction::Restored));
-                    return;
-                }
+            if belongs && let Entry::Vacant(vacant) = self.sessions.entry(id) {
+                vacant.insert(indexed.clone());
+                repairs.push(repair(&indexed, RepairAction::Restored));
+                return;
             }
             // Dropped under the lock, but never the last handle: `indexed`
             // is a clone of this very entry.

@@ -5,7 +5,8 @@
 //! A store of your own passes them if it keeps the trait's contract: make
 //! a [`Backend`] for it and call [`store_follows_the_model`] and
 //! [`deleter_stress`] from your tests, as this crate does for
-//! [`MemoryStore`] and its etcd store.
+//! [`MemoryStore`] and its etcd store. [`Boxed`] and [`Shared`] run a
+//! backend's stores behind a [`BoxStore`] or an `Arc`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -25,10 +26,10 @@ use super::observe::router_lost;
 use super::runtime::{HOUR, paused_runtime};
 use super::script::Subset;
 use crate::{
-    CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError, FinishError,
-    HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError,
-    Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionError,
-    SessionId, SessionKey, SessionState, SessionStore, Subscription,
+    BoxStore, CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError,
+    FinishError, HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe,
+    ReconcileError, Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session,
+    SessionError, SessionId, SessionKey, SessionState, SessionStore, Subscription,
 };
 
 pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds};
@@ -92,6 +93,48 @@ impl Backend for MemoryBackend {
 
     async fn fresh(&self) -> Arc<MemoryStore> {
         Arc::new(MemoryStore::new())
+    }
+}
+
+/// Backend `B`'s stores erased into a [`BoxStore`]: the suites run on a
+/// store chosen at run time, every call through a boxed future. Works for
+/// any backend, so a store of your own can be checked behind a `BoxStore`
+/// as well.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::test_util::conformance::{Boxed, MemoryBackend, store_follows_the_model};
+///
+/// store_follows_the_model::<Boxed<MemoryBackend>>(16);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Boxed<B>(pub B);
+
+impl<B: Backend> Backend for Boxed<B> {
+    type Store = BoxStore;
+    const NAME: &'static str = "BoxStore";
+    const PAUSED_TIME: bool = B::PAUSED_TIME;
+    const RESOLVES_AT_ONCE: bool = B::RESOLVES_AT_ONCE;
+
+    async fn fresh(&self) -> Arc<BoxStore> {
+        Arc::new(BoxStore::new(self.0.fresh().await))
+    }
+}
+
+/// Backend `B`'s stores behind an `Arc`, through the [`SessionStore`]
+/// implementation for `Arc<S>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shared<B>(pub B);
+
+impl<B: Backend> Backend for Shared<B> {
+    type Store = Arc<B::Store>;
+    const NAME: &'static str = "Arc";
+    const PAUSED_TIME: bool = B::PAUSED_TIME;
+    const RESOLVES_AT_ONCE: bool = B::RESOLVES_AT_ONCE;
+
+    async fn fresh(&self) -> Arc<Arc<B::Store>> {
+        Arc::new(self.0.fresh().await)
     }
 }
 

@@ -380,18 +380,19 @@ impl ModelState {
                 stale,
             } => {
                 let live = self.routers.get(&router).filter(|r| r.phase == Phase::Live);
-                if let Some(&RouterModel { life, .. }) = live {
-                    if !stale && !self.is_stored(session) {
-                        self.sessions.insert(
-                            session,
-                            SessionModel {
-                                router,
-                                life,
-                                state: SessionState::Active,
-                                stored: true,
-                            },
-                        );
-                    }
+                if let Some(&RouterModel { life, .. }) = live
+                    && !stale
+                    && !self.is_stored(session)
+                {
+                    self.sessions.insert(
+                        session,
+                        SessionModel {
+                            router,
+                            life,
+                            state: SessionState::Active,
+                            stored: true,
+                        },
+                    );
                 }
             }
             Op::Heartbeat(_) => {}
