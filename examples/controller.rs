@@ -2,18 +2,23 @@
 //!
 //! A simulated overlay controller, by default 100 routers × 5,000 sessions:
 //!
+//! 0. **Wire.** One `Lifecycle` builds every piece over the store, wired
+//!    together: the reclaim queue, the `RouterDeleter`, the
+//!    `LivenessMonitor`, the reconciler and the `AuditSweeper`, all on one
+//!    event bus.
 //! 1. **Open.** Tasks open every session (each with a resource that counts
-//!    its release) and a `LivenessMonitor` watches them all.
+//!    its release) and the liveness monitor watches them all.
 //! 2. **Heartbeats and dead sessions.** Two tasks heartbeat the live
 //!    sessions; 2 % of the sessions are dead (no heartbeat, no probe answer)
 //!    and are found and reaped through the probes.
 //! 3. **Deletions under load.** A fifth of the routers are deleted at once
-//!    by a `RouterDeleter`, while churn tasks keep creating and closing
+//!    by the deleter, while churn tasks keep creating and closing
 //!    sessions on the other routers and keep trying to create sessions on
 //!    the routers being deleted. The routers' notifier loses 1 % of the
 //!    termination notices and confirms the rest after random delays; one
 //!    router never answers, so its sessions are forced.
-//! 4. **Check.** An `AuditSweeper` pass and `audit()`: zombies must be 0,
+//! 4. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
+//!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
 //!    and no create may have succeeded on a deleted router.
 //!
@@ -35,9 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
-    AuditSweeper, CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session,
-    SessionId, SessionKey, SessionStore, Stats, TerminationBatch, TerminationNotifier,
+    CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession, NotifyError,
+    ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session, SessionId,
+    SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};
@@ -235,16 +240,44 @@ async fn main() -> Result<ExitCode, BoxError> {
     let started = Instant::now();
     let store = Arc::new(MemoryStore::new());
     let counts = Arc::new(Counts::default());
-    // Room for the burst of a fifth of the routers deleted at once (about
-    // one `SessionTerminating` per session); what a slow reader still
-    // misses is counted, not lost silently.
-    let bus = EventBus::new(1 << 18);
-    let (stop_watching, stop) = tokio::sync::oneshot::channel();
-    let watcher = tokio::spawn(watch_events(bus.subscribe(), stop));
-    let queue = ReclaimQueue::builder()
-        .workers(2)
-        .events(bus.clone())
+    let heartbeat = Duration::from_millis(args.heartbeat_ms.max(10));
+    let doomed = args.doomed();
+    let mute = doomed[0];
+    let routers = Arc::new(Routers {
+        store: Arc::clone(&store),
+        mute,
+        loss_percent: args.loss_percent,
+        seed: AtomicU64::new(args.seed),
+        lost: AtomicUsize::new(0),
+    });
+
+    // 0. Wire every piece through one builder.
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), Arc::clone(&routers))
+        .prober(Probes { args: args.clone() })
+        // Room for the burst of a fifth of the routers deleted at once
+        // (about one `SessionTerminating` per session); what a slow reader
+        // still misses is counted, not lost silently.
+        .events(EventBus::new(1 << 18))
+        .reclaim(ReclaimQueue::builder().workers(2))
+        .liveness(
+            LivenessMonitor::builder()
+                .heartbeat_interval(heartbeat)
+                .granularity(Duration::from_millis(10))
+                .timeout_range(heartbeat, Duration::from_secs(10))
+                .pause_allowance(heartbeat)
+                .probe_timeout(heartbeat)
+                .probe_retries(1),
+        )
+        .deleter(
+            RouterDeleter::builder()
+                .batch_size(1_000)
+                .confirm_timeout(Duration::from_millis(500))
+                .retries(2)
+                .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+        )
         .build()?;
+    let (stop_watching, stop) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(watch_events(lifecycle.subscribe(), stop));
 
     // 1. Open: one task per router.
     let mut incarnations = Vec::new();
@@ -279,17 +312,7 @@ async fn main() -> Result<ExitCode, BoxError> {
     let opened_in = started.elapsed();
 
     // 2. Heartbeats and dead sessions.
-    let heartbeat = Duration::from_millis(args.heartbeat_ms.max(10));
-    let monitor = LivenessMonitor::builder()
-        .heartbeat_interval(heartbeat)
-        .granularity(Duration::from_millis(10))
-        .timeout_range(heartbeat, Duration::from_secs(10))
-        .pause_allowance(heartbeat)
-        .probe_timeout(heartbeat)
-        .probe_retries(1)
-        .reclaim_queue(queue.clone())
-        .events(bus.clone())
-        .build(Arc::clone(&store), Probes { args: args.clone() })?;
+    let monitor = lifecycle.liveness();
     for session in &sessions {
         monitor.watch(session)?;
     }
@@ -321,24 +344,6 @@ async fn main() -> Result<ExitCode, BoxError> {
     let reaped_in = liveness_started.elapsed();
 
     // 3. Deletions under load.
-    let doomed = args.doomed();
-    let mute = doomed[0];
-    let routers = Arc::new(Routers {
-        store: Arc::clone(&store),
-        mute,
-        loss_percent: args.loss_percent,
-        seed: AtomicU64::new(args.seed),
-        lost: AtomicUsize::new(0),
-    });
-    let deleter = RouterDeleter::builder()
-        .batch_size(1_000)
-        .confirm_timeout(Duration::from_millis(500))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(50), Duration::from_millis(200))
-        .reclaim_queue(queue.clone())
-        .events(bus.clone())
-        .build(Arc::clone(&store), Arc::clone(&routers))
-        .expect("valid settings");
     let next_id = Arc::new(AtomicU64::new(total));
     let mut churn = JoinSet::new();
     for worker in 0..2u64 {
@@ -382,7 +387,7 @@ async fn main() -> Result<ExitCode, BoxError> {
     let deletions_started = Instant::now();
     let mut deletions = JoinSet::new();
     for &router in &doomed {
-        let delete = deleter.delete(router);
+        let delete = lifecycle.deleter().delete(router);
         deletions.spawn(async move { (router, delete.await) });
     }
     let mut latencies = Vec::new();
@@ -429,16 +434,13 @@ async fn main() -> Result<ExitCode, BoxError> {
         .filter(|s| s.close_reason() == Some(CloseReason::LivenessTimeout))
         .count();
     let liveness = monitor.stats();
-    monitor.shutdown().await;
-    deleter.shutdown().await;
-    let drained = queue.shutdown(Duration::from_secs(10)).await;
-    let sweeper = AuditSweeper::builder()
-        .events(bus.clone())
-        .build(Arc::clone(&store))?;
+    // In order: no new work, what the pieces hold, the queue drained last.
+    let shutdown = lifecycle.shutdown(Duration::from_secs(10)).await;
+    // One sweep on demand (the sweeper's periodic task has stopped).
+    let sweeper = lifecycle.sweeper().ok_or("built with a sweeper")?;
     let sweep = sweeper.sweep().await?;
-    sweeper.shutdown().await;
     let audit = store.audit().await?;
-    let stats = Stats::collect(&*store).await?;
+    let stats = lifecycle.stats().await?;
     let created = counts.created.load(Ordering::Relaxed);
     let open_now = store.len();
     let released = counts.released.load(Ordering::Relaxed);
@@ -485,12 +487,12 @@ async fn main() -> Result<ExitCode, BoxError> {
     println!("resources released:      {released} (closed sessions: {closed})");
     println!(
         "reclaim queue:           drained = {}, left = {}",
-        drained.drained,
-        drained.left.len()
+        shutdown.reclaim.drained,
+        shutdown.reclaim.left.len()
     );
     let _ = stop_watching.send(());
     let seen = watcher.await?;
-    let lagged = bus.stats().lagged;
+    let lagged = lifecycle.events().stats().lagged;
     println!(
         "events:                  {} router fenced, {} terminating, {} deleted, {} reaped, {} repaired; {lagged} missed (lag)",
         seen.fenced, seen.terminating, seen.deleted, seen.reaped, seen.repaired
@@ -530,7 +532,8 @@ async fn main() -> Result<ExitCode, BoxError> {
             "the mute router's sessions forced",
             mute_forced >= args.sessions as usize - dead_on(&args, mute),
         ),
-        ("the reclaim queue drained", drained.drained),
+        ("the reclaim queue drained", shutdown.reclaim.drained),
+        ("nothing left at shutdown", shutdown.is_complete()),
     ];
     let mut ok = true;
     for (check, passed) in checks {

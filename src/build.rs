@@ -102,3 +102,11 @@ pub(crate) fn check_count(
         ))
     }
 }
+
+/// The first of `settings` (a builder method's name, and whether it was
+/// called) that was called: for the settings `Lifecycle` wires itself.
+pub(crate) fn wired<const N: usize>(settings: [(&'static str, bool); N]) -> Option<&'static str> {
+    settings
+        .into_iter()
+        .find_map(|(setting, given)| given.then_some(setting))
+}

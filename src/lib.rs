@@ -8,6 +8,13 @@
 //!
 //! # The pieces
 //!
+//! - [`Lifecycle`]: the front door. One builder takes your store, your
+//!   [`TerminationNotifier`], your [`Prober`] and each piece's settings,
+//!   builds the pieces below wired together (one [`EventBus`], one
+//!   [`ReclaimQueue`] every piece releases through, the reconciler holding
+//!   disconnected routers in the monitor), and shuts them down in order
+//!   within one deadline, reporting what it could not finish
+//!   ([`LifecycleShutdown`]). Every piece below is also usable alone.
 //! - [`Session`]: a cheap cloneable handle with a lock-free state machine
 //!   ([`SessionState`]: `Active → Terminating → Closed`), a close reason
 //!   ([`CloseReason`]), close-notification futures ([`Session::closed`],
@@ -33,9 +40,10 @@
 //!   [`DefaultPolicy`]), bounded with backpressure, run by worker tasks,
 //!   retried on a [`RetrySchedule`]; what fails for good is reported as a
 //!   [`ReclaimEvent::ReclaimFailed`]. Replace the [`ReclaimPolicy`] to change
-//!   the order, the retries or the long-lived threshold. Give it to the
-//!   deleter ([`RouterDeleterBuilder::reclaim_queue`]) and forced sessions'
-//!   resources are released through it, critical first.
+//!   the order, the retries or the long-lived threshold. Every piece that
+//!   closes sessions releases their resources through it, critical first
+//!   ([`Lifecycle`] wires it; alone, `reclaim_queue(queue)` on each
+//!   builder, e.g. [`RouterDeleterBuilder::reclaim_queue`]).
 //! - [`LivenessMonitor`]: finds dead sessions without convicting live ones.
 //!   [`LivenessMonitor::heartbeat`] is a few atomic operations on the
 //!   session; each session's timeout adapts to its own heartbeat
@@ -56,20 +64,27 @@
 //! - [`AuditSweeper`]: audits the store periodically and repairs what it
 //!   finds ([`SessionStore::repair`]): index/map disagreements, orphans,
 //!   closed sessions left behind. It never touches a deletion's sessions.
-//! - Observability: every piece publishes [`Event`]s on an [`EventBus`] you
-//!   give it (`events(bus)` on each builder); [`Stats::collect`] counts
-//!   sessions per router and adds each piece's counters; `tracing` spans
+//! - Observability: every piece publishes [`Event`]s on one [`EventBus`]
+//!   ([`Lifecycle::subscribe`]; alone, `events(bus)` on each builder);
+//!   [`Stats::collect`] counts sessions per router and adds each piece's
+//!   counters ([`Lifecycle::stats`] adds them all); `tracing` spans
 //!   cover each deletion, reconciliation, grace expiry and sweep; the
 //!   `metrics` feature feeds the `metrics` facade.
 //!
 //! # Which piece when
 //!
-//! A controller keeping sessions in one process uses a [`MemoryStore`], a
-//! [`RouterDeleter`] for router deletions, and a [`ReclaimQueue`] if
-//! releasing resources is slow or must be ordered. Add a [`LivenessMonitor`]
-//! if clients or routers can die silently, a [`Reconciler`] if routers
-//! reconnect (and for disconnect grace), and an [`AuditSweeper`] as the last
-//! line of defence. Give them all one [`EventBus`] to watch cleanup happen.
+//! A controller builds one [`Lifecycle`] over its store (a [`MemoryStore`]
+//! in one process, an `EtcdStore` shared by several) and reaches each piece
+//! through it: [`deleter`](Lifecycle::deleter) when a router is deleted,
+//! [`liveness`](Lifecycle::liveness) to watch and heartbeat sessions whose
+//! clients or routers can die silently, [`reconciler`](Lifecycle::reconciler)
+//! when a router reconnects or disconnects, the
+//! [`sweeper`](Lifecycle::sweeper) as the last line of defence, and
+//! [`shutdown`](Lifecycle::shutdown) when the controller stops. A piece it
+//! does not use costs little (the monitor watches only what you give it; a
+//! store audited elsewhere: [`LifecycleBuilder::without_sweeper`]). Build the
+//! pieces by hand only to use some of them alone, for example a
+//! [`RouterDeleter`] over a store in a tool that only deletes routers.
 //!
 //! # Cargo features
 //!
@@ -92,37 +107,51 @@
 //! # Quick start
 //!
 //! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
 //! use session_lifecycle::{
-//!     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionState, SessionStore,
+//!     CloseReason, Event, Lifecycle, MemoryStore, NewSession, NotifyError, RouterId,
+//!     SessionId, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
 //! };
+//!
+//! /// Your routers. Here each confirms at once, as the router's answer would.
+//! struct Routers(Arc<MemoryStore>);
+//!
+//! impl TerminationNotifier for Routers {
+//!     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+//!         // Send one "terminate these sessions" frame to batch.router; on its answer:
+//!         for key in batch.sessions {
+//!             let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
+//!         }
+//!         Ok(())
+//!     }
+//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
+//! let store = Arc::new(MemoryStore::new());
+//! let lifecycle = Lifecycle::builder(Arc::clone(&store), Routers(Arc::clone(&store))).build()?;
+//! let mut events = lifecycle.subscribe();
+//!
 //! let router = RouterId::new(1);
 //! let incarnation = store.register_router(router).await?;
-//!
-//! // A client connects through the router.
+//! // A client connects through the router; its keepalives are heartbeats.
 //! let spec = NewSession::new(SessionId::new(100), router, incarnation).token(b"secret".to_vec());
 //! let session = store.create(spec).await?;
 //! session.attach(|reason: CloseReason| println!("port released: {reason}"))?;
+//! lifecycle.liveness().watch(&session)?;
+//! lifecycle.liveness().heartbeat(&session)?;
 //!
-//! // Somebody waits for the session to end.
-//! let waiter = tokio::spawn(session.closed_owned());
-//!
-//! // The router is deleted: fence it, then close what it held. (In a
-//! // controller, `RouterDeleter` runs these steps, with deadlines, retries
-//! // and force-close.)
-//! let snapshot = store.fence(router).await?;
-//! for session in &snapshot.sessions {
-//!     let _ = session.begin_terminating();
-//! }
-//! let _ = store.close(session.id(), CloseReason::RouterDeleted).await?;
-//! store.finish(router, incarnation).await?;
-//!
-//! assert_eq!(waiter.await?, CloseReason::RouterDeleted);
+//! // The router is deleted: fenced, its sessions terminated, confirmed, removed.
+//! let outcome = lifecycle.deleter().delete(router).await?;
+//! assert_eq!(outcome.report().map(|report| report.confirmed), Some(1));
 //! assert_eq!(session.state(), SessionState::Closed);
 //! assert!(store.create(NewSession::new(SessionId::new(101), router, incarnation)).await.is_err());
+//! assert!(matches!(events.try_recv(), Some(Event::RouterFenced { .. })));
+//!
+//! // The controller stops: every piece in order, nothing left.
+//! assert!(lifecycle.shutdown(Duration::from_secs(10)).await.is_complete());
 //! assert!(store.audit().await?.is_clean());
 //! # Ok(())
 //! # }
@@ -195,6 +224,7 @@ mod cleanup;
 mod deleter;
 mod event;
 mod id;
+mod lifecycle;
 mod liveness;
 mod loom;
 mod message;
@@ -217,6 +247,7 @@ pub use deleter::{
 };
 pub use event::{Event, EventBus, EventStats, Subscription};
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
+pub use lifecycle::{Lifecycle, LifecycleBuilder, LifecycleShutdown, Piece};
 pub use liveness::{
     HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats, NoProbe,
     ProbeBatch, ProbeError, Prober, WatchError,

@@ -52,7 +52,7 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::build::{BuildError, check_count};
+use crate::build::{BuildError, check_count, wired};
 use crate::cleanup::close_and_remove;
 use crate::event::{Event, EventBus, emit, send_unrecorded};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
@@ -221,6 +221,16 @@ impl Reconciler<crate::MemoryStore> {
 }
 
 impl ReconcilerBuilder {
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([
+            ("events", self.config.events.is_some()),
+            ("reclaim_queue", self.config.reclaim.is_some()),
+            ("liveness", self.config.liveness.is_some()),
+        ])
+    }
+
     /// How long a disconnected router has to reconnect before its sessions
     /// are closed (default 30 s).
     ///

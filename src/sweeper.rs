@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::build::BuildError;
+use crate::build::{BuildError, wired};
 use crate::cleanup::close_all;
 use crate::event::{Event, EventBus, emit};
 use crate::id::SessionId;
@@ -248,6 +248,15 @@ impl AuditSweeper<()> {
 }
 
 impl AuditSweeperBuilder {
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([
+            ("events", self.config.events.is_some()),
+            ("reclaim_queue", self.config.reclaim.is_some()),
+        ])
+    }
+
     /// Time between the end of a sweep and the start of the next (default
     /// 60 s). An audit walks the whole store, so keep it in minutes for
     /// millions of sessions.

@@ -8,7 +8,7 @@ use tokio::time::Duration;
 
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
-use crate::build::{BuildError, check_count};
+use crate::build::{BuildError, check_count, wired};
 use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::store::SessionStore;
@@ -145,6 +145,15 @@ pub struct RouterDeleterBuilder {
 impl RouterDeleterBuilder {
     pub(crate) fn new() -> Self {
         Self::default()
+    }
+
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([
+            ("events", self.config.events.is_some()),
+            ("reclaim_queue", self.config.reclaim.is_some()),
+        ])
     }
 
     /// Sessions per notification call (default 1,000; at least 1, checked

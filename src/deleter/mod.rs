@@ -375,6 +375,19 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         self.inner.runs.lock().len()
     }
 
+    /// The routers whose deletion is running now, by id: what stays fenced
+    /// if the process stops before they finish (a later `delete` resumes
+    /// each).
+    ///
+    /// See the example on [`Lifecycle::shutdown`](crate::Lifecycle::shutdown),
+    /// which reports them.
+    #[must_use]
+    pub fn deleting(&self) -> Vec<RouterId> {
+        let mut routers: Vec<RouterId> = self.inner.runs.lock().keys().copied().collect();
+        routers.sort_unstable();
+        routers
+    }
+
     /// Deletes `router`: see the type's documentation for the run.
     ///
     /// Deletes the incarnation the router has as the call begins (live, or

@@ -7,7 +7,7 @@ use tokio::time::Duration;
 
 use super::LivenessMonitor;
 use super::probe::Prober;
-use crate::build::{BuildError, check_count};
+use crate::build::{BuildError, check_count, wired};
 use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::session::TimeoutRule;
@@ -244,6 +244,15 @@ impl LivenessMonitorBuilder {
     /// ```
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([
+            ("events", self.bus.is_some()),
+            ("reclaim_queue", self.reclaim.is_some()),
+        ])
     }
 
     /// How often sessions are expected to heartbeat: the estimate every

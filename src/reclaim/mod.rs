@@ -43,7 +43,7 @@ pub use report::{PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushE
 use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
-use crate::build::{BuildError, check_count};
+use crate::build::{BuildError, check_count, wired};
 use crate::event::{Event, EventBus};
 use crate::id::SessionKey;
 use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
@@ -262,6 +262,12 @@ const MAX_WORKERS: usize = 1_024;
 const MAX_EVENTS: usize = 1 << 20;
 
 impl ReclaimQueueBuilder {
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([("events", self.bus.is_some())])
+    }
+
     /// The most tasks waiting at once (default 65,536; at least 1). Memory
     /// is bounded by `capacity` waiting tasks plus one running task per
     /// worker.

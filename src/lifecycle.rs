@@ -1,0 +1,679 @@
+//! One wiring point for every piece, and one ordered shutdown: [`Lifecycle`].
+//!
+//! # Invariants
+//!
+//! - Every piece publishes on the one bus and releases through the one
+//!   queue; the reconciler holds routers in the one monitor. `build`
+//!   refuses a piece builder already wired elsewhere, so no piece talks to
+//!   a bus or queue the shutdown does not drain.
+//! - The queue shuts down after every other piece stopped or the deadline
+//!   passed: each of them pushes releases into it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::time::{Duration, Instant};
+
+use crate::build::BuildError;
+use crate::deleter::{RouterDeleter, RouterDeleterBuilder, TerminationNotifier};
+use crate::event::{EventBus, Subscription};
+use crate::id::RouterId;
+use crate::liveness::{LivenessMonitor, LivenessMonitorBuilder, NoProbe, Prober};
+use crate::reclaim::{ReclaimQueue, ReclaimQueueBuilder, ShutdownReport};
+use crate::reconcile::{Reconciler, ReconcilerBuilder};
+use crate::stats::Stats;
+use crate::store::{BackendError, SessionStore};
+use crate::sweeper::{AuditSweeper, AuditSweeperBuilder};
+
+/// Every piece a controller needs, built over one store and wired
+/// together, with one ordered [`shutdown`](Self::shutdown).
+///
+/// [`Lifecycle::builder`] takes the store and your
+/// [`TerminationNotifier`] (and, if you have one, your [`Prober`] and each
+/// piece's builder) and builds:
+///
+/// - one [`EventBus`] every piece publishes on ([`subscribe`](Self::subscribe));
+/// - one [`ReclaimQueue`] through which every piece releases what the
+///   sessions it closes held;
+/// - a [`RouterDeleter`] notifying through your notifier;
+/// - a [`LivenessMonitor`] probing through your prober;
+/// - a [`Reconciler`] that holds a disconnected router in the monitor for
+///   its grace period;
+/// - an [`AuditSweeper`], unless you opt out.
+///
+/// Use each piece through its accessor, with its own API. The pieces stay
+/// usable alone, for a controller that wants only some of them. Handles
+/// are cheap to clone and share the pieces.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     CloseReason, Lifecycle, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
+///     SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+/// };
+///
+/// /// Your routers (here each confirms at once, as the router's answer would).
+/// struct Routers(Arc<MemoryStore>);
+///
+/// impl TerminationNotifier for Routers {
+///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+///         for key in batch.sessions {
+///             let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let lifecycle = Lifecycle::builder(Arc::clone(&store), Routers(Arc::clone(&store)))
+///     .deleter(RouterDeleter::builder().confirm_timeout(Duration::from_secs(5)))
+///     .build()?;
+///
+/// let router = RouterId::new(1);
+/// let incarnation = store.register_router(router).await?;
+/// let session = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+/// lifecycle.liveness().watch(&session)?;
+/// lifecycle.liveness().heartbeat(&session)?;
+///
+/// let deleted = lifecycle.deleter().delete(router).await?;
+/// assert_eq!(deleted.report().map(|report| report.confirmed), Some(1));
+/// assert!(lifecycle.shutdown(Duration::from_secs(10)).await.is_complete());
+/// # Ok(())
+/// # }
+/// ```
+pub struct Lifecycle<S: SessionStore, N, Pr = NoProbe> {
+    store: Arc<S>,
+    events: EventBus,
+    reclaim: ReclaimQueue,
+    deleter: RouterDeleter<S, N>,
+    liveness: LivenessMonitor<S, Pr>,
+    reconciler: Reconciler<S>,
+    sweeper: Option<AuditSweeper<S>>,
+}
+
+/// Builder of a [`Lifecycle`]: the store, the notifier, the prober, and
+/// each piece's own builder.
+///
+/// `build` wires every piece: it sets `events` (the one bus) and
+/// `reclaim_queue` (the one queue) on each piece's builder, and
+/// `liveness` (the one monitor) on the reconciler's. Leave those unset on
+/// the builders you give it; `build` refuses one that has any, naming it,
+/// rather than replace it behind your back. Everything else you set on a
+/// piece's builder is kept.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     AuditSweeper, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NoProbe, NotifyError,
+///     ReclaimQueue, Reconciler, RouterDeleter, TerminationBatch, TerminationNotifier,
+/// };
+///
+/// struct Wire;
+/// impl TerminationNotifier for Wire {
+///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // The store publishes on the same bus: one subscription sees everything.
+/// let bus = EventBus::new(16_384);
+/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>()?);
+/// let lifecycle = Lifecycle::builder(store, Wire)
+///     .prober(NoProbe)
+///     .events(bus)
+///     .reclaim(ReclaimQueue::builder().workers(4))
+///     .deleter(RouterDeleter::builder().retries(2))
+///     .liveness(LivenessMonitor::builder().heartbeat_interval(Duration::from_secs(5)))
+///     .reconciler(Reconciler::builder().grace_period(Duration::from_secs(60)))
+///     .sweeper(AuditSweeper::builder().interval(Duration::from_secs(300)))
+///     .build()?;
+/// assert_eq!(lifecycle.reclaim().stats().workers, 4);
+///
+/// // A piece wired by hand is refused, not silently rewired.
+/// let refused = Lifecycle::builder(Arc::clone(lifecycle.store()), Wire)
+///     .deleter(RouterDeleter::builder().events(EventBus::default()))
+///     .build();
+/// assert_eq!(refused.unwrap_err().refused_setting(), Some("deleter"));
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct LifecycleBuilder<S, N, Pr = NoProbe> {
+    store: Arc<S>,
+    notifier: N,
+    prober: Pr,
+    events: Option<EventBus>,
+    reclaim: ReclaimQueueBuilder,
+    deleter: RouterDeleterBuilder,
+    liveness: LivenessMonitorBuilder,
+    reconciler: ReconcilerBuilder,
+    sweeper: Option<AuditSweeperBuilder>,
+}
+
+/// A piece of a [`Lifecycle`], as its shutdown report names it.
+///
+/// See the example on [`Lifecycle::shutdown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Piece {
+    /// The [`RouterDeleter`]: deletions were running.
+    Deleter,
+    /// The [`Reconciler`]: a grace expiry was closing sessions.
+    Reconciler,
+    /// The [`LivenessMonitor`]: probe rounds or reaps were ending.
+    Liveness,
+    /// The [`AuditSweeper`]: a sweep was running.
+    Sweeper,
+}
+
+impl fmt::Display for Piece {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Deleter => "deleter",
+            Self::Reconciler => "reconciler",
+            Self::Liveness => "liveness monitor",
+            Self::Sweeper => "audit sweeper",
+        })
+    }
+}
+
+/// What [`Lifecycle::shutdown`] could not finish within its deadline.
+///
+/// See the example on [`Lifecycle::shutdown`].
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct LifecycleShutdown {
+    /// Routers whose deletion was still running at the deadline. Each run
+    /// goes on in its task while the runtime lives; if the process stops
+    /// first, the router stays fenced and the next
+    /// [`delete`](RouterDeleter::delete) of it resumes the deletion.
+    pub deletions: Vec<RouterId>,
+    /// Pieces whose work in hand was still running at the deadline. Each
+    /// refuses new work and ends the rest in its own tasks.
+    pub still_running: Vec<Piece>,
+    /// Routers whose grace period was stopped: they keep their sessions.
+    pub graces_stopped: usize,
+    /// The reclaim queue's shutdown: the tasks it handed back unstarted
+    /// (run, persist or drop them: a dropped release task releases its
+    /// resources at once) and those interrupted while running.
+    pub reclaim: ShutdownReport,
+}
+
+impl LifecycleShutdown {
+    /// `true` if nothing was left: no deletion running, every piece
+    /// stopped, and the queue ran every task it was given. (Stopped grace
+    /// periods are not unfinished work: the routers keep their sessions.)
+    ///
+    /// See the example on [`Lifecycle::shutdown`].
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.deletions.is_empty()
+            && self.still_running.is_empty()
+            && self.reclaim.left.is_empty()
+            && self.reclaim.interrupted.is_empty()
+    }
+}
+
+impl<S: SessionStore, N: TerminationNotifier> Lifecycle<S, N> {
+    /// A builder over `store`, notifying routers through `notifier`, with
+    /// every piece's defaults, no prober ([`NoProbe`]) and a new
+    /// [`EventBus`].
+    ///
+    /// See the example on [`Lifecycle`].
+    pub fn builder(store: Arc<S>, notifier: N) -> LifecycleBuilder<S, N> {
+        LifecycleBuilder {
+            store,
+            notifier,
+            prober: NoProbe,
+            events: None,
+            reclaim: ReclaimQueue::builder(),
+            deleter: RouterDeleter::builder(),
+            liveness: LivenessMonitor::builder(),
+            reconciler: Reconciler::builder(),
+            sweeper: Some(AuditSweeper::builder()),
+        }
+    }
+}
+
+impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
+    /// Probes the liveness monitor's suspects through `prober`.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn prober<P: Prober>(self, prober: P) -> LifecycleBuilder<S, N, P> {
+        LifecycleBuilder {
+            store: self.store,
+            notifier: self.notifier,
+            prober,
+            events: self.events,
+            reclaim: self.reclaim,
+            deleter: self.deleter,
+            liveness: self.liveness,
+            reconciler: self.reconciler,
+            sweeper: self.sweeper,
+        }
+    }
+
+    /// Every piece publishes on `bus` (default: a new
+    /// [`EventBus::default`]). Give it the bus your store publishes on
+    /// ([`MemoryStoreBuilder::events`](crate::MemoryStoreBuilder::events))
+    /// to see the sessions' own events on the same subscription.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.events = Some(bus);
+        self
+    }
+
+    /// The reclaim queue's settings.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn reclaim(mut self, queue: ReclaimQueueBuilder) -> Self {
+        self.reclaim = queue;
+        self
+    }
+
+    /// The deleter's settings.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn deleter(mut self, deleter: RouterDeleterBuilder) -> Self {
+        self.deleter = deleter;
+        self
+    }
+
+    /// The liveness monitor's settings.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn liveness(mut self, monitor: LivenessMonitorBuilder) -> Self {
+        self.liveness = monitor;
+        self
+    }
+
+    /// The reconciler's settings.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn reconciler(mut self, reconciler: ReconcilerBuilder) -> Self {
+        self.reconciler = reconciler;
+        self
+    }
+
+    /// The audit sweeper's settings.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn sweeper(mut self, sweeper: AuditSweeperBuilder) -> Self {
+        self.sweeper = Some(sweeper);
+        self
+    }
+
+    /// No audit sweeper: for a store audited elsewhere (another controller
+    /// sweeping a shared store), or audited on demand.
+    ///
+    /// See the example on [`Lifecycle::stats`].
+    pub fn without_sweeper(mut self) -> Self {
+        self.sweeper = None;
+        self
+    }
+}
+
+impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N, Pr> {
+    /// Builds every piece, wired together, and starts their tasks on the
+    /// current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] naming this builder's method (`"deleter"`,
+    /// `"reconciler"`, ...) for a piece builder that sets what `Lifecycle`
+    /// wires itself, or whatever error a piece's own `build` returns (the
+    /// setting it refused, [`BuildError::NoRuntime`] outside a runtime).
+    /// Nothing keeps running after an error.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    pub fn build(self) -> Result<Lifecycle<S, N, Pr>, BuildError> {
+        self.check_wiring()?;
+        let Self {
+            store,
+            notifier,
+            prober,
+            events,
+            reclaim,
+            deleter,
+            liveness,
+            reconciler,
+            sweeper,
+        } = self;
+        let events = events.unwrap_or_default();
+        let reclaim = reclaim.events(events.clone()).build()?;
+        let deleter = deleter
+            .events(events.clone())
+            .reclaim_queue(reclaim.clone())
+            .build(Arc::clone(&store), notifier)?;
+        let liveness = liveness
+            .events(events.clone())
+            .reclaim_queue(reclaim.clone())
+            .build(Arc::clone(&store), prober)?;
+        let reconciler = reconciler
+            .events(events.clone())
+            .reclaim_queue(reclaim.clone())
+            .liveness(&liveness)
+            .build(Arc::clone(&store))?;
+        let sweeper = sweeper
+            .map(|sweeper| {
+                sweeper
+                    .events(events.clone())
+                    .reclaim_queue(reclaim.clone())
+                    .build(Arc::clone(&store))
+            })
+            .transpose()?;
+        Ok(Lifecycle {
+            store,
+            events,
+            reclaim,
+            deleter,
+            liveness,
+            reconciler,
+            sweeper,
+        })
+    }
+
+    /// Refuses a piece builder that sets what `build` wires.
+    fn check_wiring(&self) -> Result<(), BuildError> {
+        let pieces = [
+            ("reclaim", self.reclaim.wired()),
+            ("deleter", self.deleter.wired()),
+            ("liveness", self.liveness.wired()),
+            ("reconciler", self.reconciler.wired()),
+            (
+                "sweeper",
+                self.sweeper.as_ref().and_then(AuditSweeperBuilder::wired),
+            ),
+        ];
+        match pieces
+            .into_iter()
+            .find_map(|(piece, wired)| Some((piece, wired?)))
+        {
+            None => Ok(()),
+            Some((piece, wired)) => Err(BuildError::setting(
+                "Lifecycle",
+                piece,
+                format_args!("sets `{wired}`, which Lifecycle wires itself: leave it unset"),
+            )),
+        }
+    }
+}
+
+impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
+    /// The store every piece works on.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    #[must_use]
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The bus every piece publishes on.
+    ///
+    /// See the example on [`stats`](Self::stats).
+    #[must_use]
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// Subscribes to every piece's events from now on
+    /// ([`EventBus::subscribe`]).
+    ///
+    /// See the example on [`stats`](Self::stats).
+    #[must_use]
+    pub fn subscribe(&self) -> Subscription {
+        self.events.subscribe()
+    }
+
+    /// The reclaim queue every piece releases through.
+    ///
+    /// See the example on [`LifecycleBuilder`].
+    #[must_use]
+    pub fn reclaim(&self) -> &ReclaimQueue {
+        &self.reclaim
+    }
+
+    /// The deleter.
+    ///
+    /// See the example on [`Lifecycle`].
+    #[must_use]
+    pub fn deleter(&self) -> &RouterDeleter<S, N> {
+        &self.deleter
+    }
+
+    /// The liveness monitor.
+    ///
+    /// See the example on [`Lifecycle`].
+    #[must_use]
+    pub fn liveness(&self) -> &LivenessMonitor<S, Pr> {
+        &self.liveness
+    }
+
+    /// The reconciler; a router in its grace period is held in the
+    /// [`liveness`](Self::liveness) monitor.
+    ///
+    /// See the example on [`shutdown`](Self::shutdown).
+    #[must_use]
+    pub fn reconciler(&self) -> &Reconciler<S> {
+        &self.reconciler
+    }
+
+    /// The audit sweeper, unless built
+    /// [`without_sweeper`](LifecycleBuilder::without_sweeper).
+    ///
+    /// See the example on [`stats`](Self::stats).
+    #[must_use]
+    pub fn sweeper(&self) -> Option<&AuditSweeper<S>> {
+        self.sweeper.as_ref()
+    }
+
+    /// [`Stats::collect`] of the store, with every piece's counters added.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] if the store's backend failed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     Event, Lifecycle, MemoryStore, NotifyError, RouterId, SessionStore,
+    ///     TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// struct Wire;
+    /// impl TerminationNotifier for Wire {
+    ///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let lifecycle =
+    ///     Lifecycle::builder(Arc::new(MemoryStore::new()), Wire).without_sweeper().build()?;
+    /// let mut events = lifecycle.subscribe();
+    /// let router = RouterId::new(1);
+    /// let _ = lifecycle.store().register_router(router).await?;
+    /// let _ = lifecycle.deleter().delete(router).await?;
+    /// assert!(matches!(events.recv().await, Some(Event::RouterFenced { .. })));
+    ///
+    /// let stats = lifecycle.stats().await?;
+    /// assert_eq!(stats.deletions_in_flight, Some(0));
+    /// assert_eq!(stats.events.map(|events| events.subscribers), Some(1));
+    /// assert!(stats.sweeper.is_none() && lifecycle.sweeper().is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn stats(&self) -> Result<Stats, BackendError> {
+        let stats = Stats::collect(&*self.store)
+            .await?
+            .with_deleter(&self.deleter)
+            .with_reclaim_queue(&self.reclaim)
+            .with_liveness(&self.liveness)
+            .with_reconciler(&self.reconciler)
+            .with_events(&self.events);
+        Ok(match &self.sweeper {
+            Some(sweeper) => stats.with_sweeper(sweeper),
+            None => stats,
+        })
+    }
+
+    /// Shuts every piece down, in order, within `deadline` from now, and
+    /// reports what it could not finish:
+    ///
+    /// 1. **No new work.** At the first poll, every piece but the queue
+    ///    stops taking work: new deletions are refused
+    ///    ([`DeleteError::ShuttingDown`](crate::DeleteError::ShuttingDown)),
+    ///    grace timers stop (their routers keep their sessions: the
+    ///    controller is going away, not the router), the monitor stops
+    ///    convicting, the sweeper stops sweeping.
+    /// 2. **Work in hand.** Running deletions finish (each within its
+    ///    [`max_wait`](RouterDeleter::max_wait)), as do a grace expiry's
+    ///    chunk, a sweep, the monitor's tasks, side by side, until the
+    ///    deadline. What is still running then is reported, not waited for.
+    /// 3. **The queue last,** with what is left of the deadline: every
+    ///    piece above pushes releases into it (a deletion's force phase
+    ///    included), so it drains only once they stopped. What it did not
+    ///    run is handed back in the report.
+    ///
+    /// Time is tokio's clock. Calling it again does nothing more than
+    /// report what is still running.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops only the waiting: the pieces refuse new
+    /// work from the first poll on and end what they hold in their own
+    /// tasks. If the queue's shutdown had begun, the queue keeps draining
+    /// without a deadline; if not, it stays open until a later call.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     Lifecycle, MemoryStore, NewSession, NotifyError, RouterId, SessionId, SessionStore,
+    ///     TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// /// A router that takes termination notices and never confirms.
+    /// struct Deaf;
+    /// impl TerminationNotifier for Deaf {
+    ///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let lifecycle = Lifecycle::builder(Arc::clone(&store), Deaf).build()?;
+    /// let (deaf, away) = (RouterId::new(1), RouterId::new(2));
+    /// let incarnation = store.register_router(deaf).await?;
+    /// let _ = store.create(NewSession::new(SessionId::new(1), deaf, incarnation)).await?;
+    /// let _ = store.register_router(away).await?;
+    /// let _ = lifecycle.reconciler().router_disconnected(away).await?;
+    /// // The deletion waits for confirmations (10 s by default) that never come.
+    /// let deletion = tokio::spawn(lifecycle.deleter().delete(deaf));
+    /// tokio::task::yield_now().await;
+    ///
+    /// let report = lifecycle.shutdown(Duration::from_secs(1)).await;
+    /// assert_eq!(report.deletions, [deaf]); // left fenced if the process stops now
+    /// assert_eq!(report.graces_stopped, 1);
+    /// assert!(!report.is_complete());
+    /// // It goes on in the background meanwhile, and ends within its bound.
+    /// assert!(deletion.await?.is_ok());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, deadline: Duration) -> LifecycleShutdown {
+        let started = Instant::now();
+        let graces_stopped = self.reconciler.in_grace();
+        let sweeper = async {
+            match &self.sweeper {
+                Some(sweeper) => stop_within(deadline, Piece::Sweeper, sweeper.shutdown()).await,
+                None => None,
+            }
+        };
+        // Joined: each piece is told to stop at its first poll, in this order.
+        let (deleter, reconciler, liveness, sweeper) = tokio::join!(
+            stop_within(deadline, Piece::Deleter, self.deleter.shutdown()),
+            stop_within(deadline, Piece::Reconciler, self.reconciler.shutdown()),
+            stop_within(deadline, Piece::Liveness, self.liveness.shutdown()),
+            sweeper,
+        );
+        let deletions = match deleter {
+            Some(_) => self.deleter.deleting(),
+            None => Vec::new(),
+        };
+        let left = deadline.saturating_sub(started.elapsed());
+        let reclaim = self.reclaim.shutdown(left).await;
+        LifecycleShutdown {
+            deletions,
+            still_running: [deleter, reconciler, liveness, sweeper]
+                .into_iter()
+                .flatten()
+                .collect(),
+            graces_stopped,
+            reclaim,
+        }
+    }
+}
+
+/// Awaits `shutdown`, a piece's, for at most `deadline`; names the piece
+/// if it had not stopped by then.
+async fn stop_within(
+    deadline: Duration,
+    piece: Piece,
+    shutdown: impl Future<Output = ()>,
+) -> Option<Piece> {
+    let stopped = tokio::time::timeout(deadline, shutdown).await.is_ok();
+    (!stopped).then_some(piece)
+}
+
+impl<S: SessionStore, N, Pr> Clone for Lifecycle<S, N, Pr> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            events: self.events.clone(),
+            reclaim: self.reclaim.clone(),
+            deleter: self.deleter.clone(),
+            liveness: self.liveness.clone(),
+            reconciler: self.reconciler.clone(),
+            sweeper: self.sweeper.clone(),
+        }
+    }
+}
+
+impl<S: SessionStore, N, Pr> fmt::Debug for Lifecycle<S, N, Pr> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("events", &self.events)
+            .field("reclaim", &self.reclaim)
+            .field("deleter", &self.deleter)
+            .field("liveness", &self.liveness)
+            .field("reconciler", &self.reconciler)
+            .field("sweeper", &self.sweeper)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, N, Pr> fmt::Debug for LifecycleBuilder<S, N, Pr> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LifecycleBuilder")
+            .field("events", &self.events)
+            .field("reclaim", &self.reclaim)
+            .field("deleter", &self.deleter)
+            .field("liveness", &self.liveness)
+            .field("reconciler", &self.reconciler)
+            .field("sweeper", &self.sweeper)
+            .finish_non_exhaustive()
+    }
+}
