@@ -222,12 +222,11 @@
 mod build;
 mod cleanup;
 mod deleter;
-mod event;
+mod events;
 mod id;
 mod lifecycle;
 mod liveness;
 mod loom;
-mod message;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod reclaim;
@@ -239,13 +238,14 @@ mod sweeper;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
+mod transport_error;
 
 pub use build::BuildError;
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
 };
-pub use event::{Event, EventBus, EventStats, Subscription};
+pub use events::{Event, EventBus, EventStats, ReconcileSummary, Subscription};
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use lifecycle::{Lifecycle, LifecycleBuilder, LifecycleShutdown, Piece};
 pub use liveness::{
@@ -257,9 +257,7 @@ pub use reclaim::{
     ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask, RetrySchedule,
     ShutdownReport, TaskInfo, TryPushError,
 };
-pub use reconcile::{
-    ReconcileError, ReconcileReport, ReconcileSummary, Reconciler, ReconcilerBuilder,
-};
+pub use reconcile::{ReconcileError, ReconcileReport, Reconciler, ReconcilerBuilder};
 pub use session::{
     AttachError, Classed, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource,
     ResourceClass, Session, SessionState, SessionToken, Traffic, Transition,

@@ -16,7 +16,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::build::BuildError;
 use crate::deleter::{RouterDeleter, RouterDeleterBuilder, TerminationNotifier};
-use crate::event::{EventBus, Subscription};
+use crate::events::{EventBus, Subscription};
 use crate::id::RouterId;
 use crate::liveness::{LivenessMonitor, LivenessMonitorBuilder, NoProbe, Prober};
 use crate::reclaim::{ReclaimQueue, ReclaimQueueBuilder, ShutdownReport};

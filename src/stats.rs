@@ -1,7 +1,7 @@
 //! One snapshot of everything an operator watches.
 
 use crate::deleter::{RouterDeleter, TerminationNotifier};
-use crate::event::{EventBus, EventStats};
+use crate::events::{EventBus, EventStats};
 use crate::liveness::{LivenessMonitor, LivenessStats, Prober};
 use crate::reclaim::{ReclaimQueue, ReclaimStats};
 use crate::reconcile::Reconciler;
@@ -106,7 +106,16 @@ impl Stats {
         }
         stats.routers = routers;
         #[cfg(feature = "metrics")]
-        crate::metrics::sessions(&stats);
+        for (state, count) in [
+            ("active", stats.active),
+            ("terminating", stats.terminating),
+            ("closed", stats.closed_in_store),
+        ] {
+            crate::metrics::labelled_gauge!("session_lifecycle_sessions", "state" => state)
+                .set(count as f64);
+        }
+        #[cfg(feature = "metrics")]
+        crate::metrics::gauge("session_lifecycle_routers", stats.routers.len());
         stats
     }
 

@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 use crate::build::{BuildError, wired};
 use crate::cleanup::close_all;
-use crate::event::{Event, EventBus, emit};
+use crate::events::{Event, EventBus, emit};
 use crate::id::SessionId;
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session};

@@ -9,7 +9,7 @@ use tokio::time::Duration;
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
 use crate::build::{BuildError, check_count, wired};
-use crate::event::EventBus;
+use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::store::SessionStore;
 

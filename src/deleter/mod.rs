@@ -43,9 +43,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
 
+pub use crate::events::{DeletionReport, PhaseDurations};
 pub use config::RouterDeleterBuilder;
 pub use notifier::{NotifyError, TerminationBatch, TerminationNotifier};
-pub use report::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations};
+pub use report::{DeleteError, DeleteOutcome};
 
 use crate::id::{Incarnation, RouterId};
 use crate::store::SessionStore;

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::id::{Incarnation, RouterId, SessionKey};
-use crate::message::transport_error;
+use crate::transport_error::transport_error;
 
 /// Tells a router (and through it, clients) to close sessions.
 ///
@@ -137,9 +137,11 @@ transport_error!(
     /// use std::io;
     /// use session_lifecycle::NotifyError;
     ///
-    /// // The transport's own error, or a message.
+    /// // The transport's own error (then the source), or a message.
     /// let broken = NotifyError::new(io::Error::from(io::ErrorKind::BrokenPipe));
-    /// assert_eq!(broken.to_string(), "termination notice not sent: broken pipe");
+    /// assert_eq!(broken.to_string(), "termination notice not sent");
+    /// let cause = std::error::Error::source(&broken).map(ToString::to_string);
+    /// assert_eq!(cause.as_deref(), Some("broken pipe"));
     /// let offline = NotifyError::msg("router-1 is not connected");
     /// assert_eq!(
     ///     offline.to_string(),

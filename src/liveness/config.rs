@@ -8,7 +8,7 @@ use tokio::time::Duration;
 use super::LivenessMonitor;
 use super::probe::Prober;
 use crate::build::{BuildError, check_count, wired};
-use crate::event::EventBus;
+use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::session::TimeoutRule;
 use crate::store::SessionStore;

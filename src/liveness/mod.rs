@@ -41,12 +41,13 @@ use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::events::{LivenessEvent, ProbeError};
 pub use config::LivenessMonitorBuilder;
-pub use probe::{NoProbe, ProbeBatch, ProbeError, Prober};
-pub use report::{HeartbeatError, LivenessEvent, LivenessStats, WatchError};
+pub use probe::{NoProbe, ProbeBatch, Prober};
+pub use report::{HeartbeatError, LivenessStats, WatchError};
 
 use crate::build::BuildError;
-use crate::event::Event;
+use crate::events::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
@@ -752,7 +753,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     fn emit(&self, event: LivenessEvent) {
-        crate::event::emit(self.config.bus.as_ref(), || Event::Liveness(event.clone()));
+        crate::events::emit(self.config.bus.as_ref(), || Event::Liveness(event.clone()));
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }

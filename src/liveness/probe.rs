@@ -27,10 +27,9 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::report::LivenessEvent;
 use crate::cleanup::close_and_remove;
+use crate::events::{LivenessEvent, ProbeError};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
-use crate::message::transport_error;
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
 use crate::store::SessionStore;
 
@@ -162,38 +161,6 @@ pub struct ProbeBatch {
     /// The round of the router's probing, from 1.
     pub round: u32,
 }
-
-transport_error!(
-    /// A probe call failed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{ProbeBatch, ProbeError, Prober, SessionId};
-    ///
-    /// struct Wire {
-    ///     connected: bool,
-    /// }
-    ///
-    /// impl Prober for Wire {
-    ///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-    ///         if !self.connected {
-    ///             return Err(ProbeError::msg(format!(
-    ///                 "{} is not connected",
-    ///                 batch.router
-    ///             )));
-    ///         }
-    ///         Ok(Vec::new())
-    ///     }
-    /// }
-    ///
-    /// let reset =
-    ///     ProbeError::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-    /// assert_eq!(reset.to_string(), "probe failed: connection reset");
-    /// ```
-    ProbeError,
-    "probe failed"
-);
 
 /// A session that missed its deadline.
 pub(super) struct Suspect<P> {

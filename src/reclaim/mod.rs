@@ -38,13 +38,14 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 pub use policy::{DefaultPolicy, Priority, ReclaimPolicy, RetrySchedule};
-pub use report::{PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushError};
+pub use report::{PushError, ReclaimStats, ShutdownReport, TryPushError};
 
+pub use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 use task::release_tasks;
-pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
+pub use task::{Reclaim, ReclaimTask};
 
 use crate::build::{BuildError, check_count, wired};
-use crate::event::{Event, EventBus};
+use crate::events::{Event, EventBus};
 use crate::id::SessionKey;
 use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
 
@@ -1123,7 +1124,7 @@ impl Shared {
 
     /// Sends `event` to the queue's subscribers and to the event bus.
     fn publish(&self, event: ReclaimEvent) {
-        crate::event::emit(self.bus.as_ref(), || Event::Reclaim(event.clone()));
+        crate::events::emit(self.bus.as_ref(), || Event::Reclaim(event.clone()));
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }

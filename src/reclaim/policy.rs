@@ -3,7 +3,7 @@
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::time::Duration;
 
-use super::task::TaskInfo;
+use crate::events::TaskInfo;
 
 /// How urgent a task is, as the delay after which it is due: the queue
 /// always runs the task due first (earliest `pushed at + delay`, ties in

@@ -2,91 +2,8 @@
 
 use std::fmt;
 
-use tokio::time::Duration;
-
-use super::task::{ReclaimError, ReclaimTask, TaskInfo};
-use crate::id::{Incarnation, RouterId, SessionId};
-
-/// Something a [`ReclaimQueue`](super::ReclaimQueue) reports; see
-/// [`ReclaimQueue::subscribe`](super::ReclaimQueue::subscribe).
-///
-/// It is `#[non_exhaustive]`: match it with a wildcard arm.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
-///     RetrySchedule, RouterId, SessionId,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let policy =
-///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
-/// let queue = ReclaimQueue::builder().policy(policy).build()?;
-/// let mut events = queue.subscribe();
-///
-/// // The router keeps refusing: retried once, then reported failed.
-/// let refused = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
-///     Err::<(), _>(ReclaimError::transient("router refused"))
-/// });
-/// queue.push(refused).await?;
-///
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimRetried { attempt, delay, .. } => {
-///         assert_eq!(attempt, 1);
-///         assert!(!delay.is_zero());
-///     }
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimFailed { task, attempts, error } => {
-///         assert_eq!((task.session, attempts), (SessionId::new(1), 2));
-///         assert!(error.is_retryable()); // it failed for good only for lack of retries
-///     }
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum ReclaimEvent {
-    /// An attempt failed and the task will run again after `delay`.
-    ReclaimRetried {
-        /// The task.
-        task: TaskInfo,
-        /// The attempt that failed, from 1.
-        attempt: u32,
-        /// Why it failed.
-        error: ReclaimError,
-        /// The backoff before the next attempt.
-        delay: Duration,
-    },
-    /// A task failed for good: its last attempt failed, it failed
-    /// permanently, it panicked, or shutdown interrupted it.
-    ReclaimFailed {
-        /// The task.
-        task: TaskInfo,
-        /// How many attempts ran.
-        attempts: u32,
-        /// The last error.
-        error: ReclaimError,
-    },
-    /// A session lived longer than the policy's threshold; reported once per
-    /// session.
-    LongLivedSession {
-        /// The session.
-        session: SessionId,
-        /// Its router.
-        router: RouterId,
-        /// The router incarnation the session belongs to.
-        incarnation: Incarnation,
-        /// The session's age when found.
-        age: Duration,
-    },
-}
+use super::task::ReclaimTask;
+use crate::events::TaskInfo;
 
 /// A snapshot of a [`ReclaimQueue`](super::ReclaimQueue)'s counters.
 ///
@@ -138,7 +55,7 @@ pub struct ReclaimStats {
     /// Attempts that failed and were retried.
     pub retried: u64,
     /// Tasks that failed for good (each reported by a
-    /// [`ReclaimEvent::ReclaimFailed`]).
+    /// [`ReclaimEvent::ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed)).
     pub failed: u64,
     /// Sessions reported long-lived.
     pub long_lived: u64,
@@ -192,7 +109,7 @@ pub struct ShutdownReport {
     /// releasing session resources releases them when dropped).
     pub left: Vec<ReclaimTask>,
     /// Tasks that were running when the deadline passed; each was also
-    /// reported by a [`ReclaimEvent::ReclaimFailed`] of kind
+    /// reported by a [`ReclaimEvent::ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed) of kind
     /// [`Interrupted`](crate::ReclaimErrorKind::Interrupted).
     pub interrupted: Vec<TaskInfo>,
 }

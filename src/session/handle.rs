@@ -417,7 +417,7 @@ impl<P> Session<P> {
         let outcome = self.inner.word.close(reason);
         if outcome.won() {
             #[cfg(feature = "metrics")]
-            crate::metrics::closed(reason);
+            crate::metrics::closed(reason.as_str());
             self.complete_close(reason);
         }
         outcome
@@ -513,7 +513,7 @@ impl<P> Session<P> {
         let won = self.won_from(reason, from);
         if won {
             #[cfg(feature = "metrics")]
-            crate::metrics::closed(reason);
+            crate::metrics::closed(reason.as_str());
             self.complete_close(reason);
         }
         won
@@ -534,7 +534,7 @@ impl<P> Session<P> {
         P: Send + Sync + 'static,
     {
         #[cfg(feature = "metrics")]
-        crate::metrics::closed(reason);
+        crate::metrics::closed(reason.as_str());
         let resources = self.take_resources();
         let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
         for resource in resources.into_release_order() {

@@ -195,6 +195,29 @@ impl CloseReason {
     }
 }
 
+impl CloseReason {
+    /// The reason as a short `snake_case` label (`"client_closed"`,
+    /// `"router_deleted"`, ...): stable, for metric labels and logs.
+    ///
+    /// ```
+    /// use session_lifecycle::CloseReason;
+    ///
+    /// assert_eq!(CloseReason::RouterDeleted.as_str(), "router_deleted");
+    /// ```
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::RouterDeleted => "router_deleted",
+            Self::LivenessTimeout => "liveness_timeout",
+            Self::Forced => "forced",
+            Self::Reclaimed => "reclaimed",
+            Self::RouterLost => "router_lost",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -64,12 +64,11 @@ use super::error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
     RouterError, SessionError,
 };
-use super::report::{
-    AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
-};
+use super::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensus, RouterStatus};
 use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
 use crate::build::BuildError;
-use crate::event::{CloseHook, Event, EventBus, send_unrecorded};
+use crate::events::{CloseHook, Event, EventBus, send_unrecorded};
+use crate::events::{Repair, RepairAction};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
 use crate::stats::Stats;
@@ -572,7 +571,7 @@ impl<P> MemoryStore<P> {
         drop(displaced);
         #[cfg(feature = "metrics")]
         if let Ok(session) = &created {
-            crate::event::record(|| created_event(session));
+            crate::events::record(|| created_event(session));
         }
         created
     }

@@ -11,6 +11,7 @@ mod rules;
 
 use std::future::Future;
 
+pub use crate::events::{Repair, RepairAction};
 pub use boxed::BoxStore;
 pub use error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
@@ -19,9 +20,7 @@ pub use error::{
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{Corruption, Fault};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
-pub use report::{
-    AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
-};
+pub use report::{AuditReport, FenceSnapshot, FinishReport, RouterCensus, RouterStatus};
 
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session};

@@ -61,10 +61,9 @@ use super::error::{
     BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
     RouterError, SessionError,
 };
-use super::report::{
-    AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
-};
+use super::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensus, RouterStatus};
 use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
+use crate::events::{Repair, RepairAction};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Resource, Session, SessionState};
 pub use keys::RecordError;
@@ -893,7 +892,7 @@ impl<P: EtcdPayload> Shared<P> {
         drop(discarded);
         #[cfg(feature = "metrics")]
         for reason in built_closed {
-            crate::metrics::closed(reason);
+            crate::metrics::closed(reason.as_str());
         }
         for (session, created, reason) in closes {
             self.close_quietly(&session, created, reason);

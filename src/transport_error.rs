@@ -1,8 +1,10 @@
-//! Errors that wrap a transport's error: the controller's notifier and
-//! prober hand back whatever their transport failed with.
+//! `transport_error!`, the errors that wrap a transport's error: the
+//! controller's notifier and prober hand back whatever their transport
+//! failed with.
 
 /// Declares `$name`, a cheaply cloneable error wrapping any
-/// `std::error::Error` (or a message), displayed as `"$prefix: <error>"`.
+/// `std::error::Error`, its `source` (displayed as `"$prefix"`), or a
+/// message (displayed as `"$prefix: <message>"`, no source).
 macro_rules! transport_error {
     ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
         $(#[$meta])*
@@ -21,7 +23,7 @@ macro_rules! transport_error {
             ///
             /// See the example on the type.
             pub fn msg(message: impl Into<String>) -> Self {
-                Self(std::sync::Arc::new($crate::message::Message(message.into())))
+                Self(std::sync::Arc::new($crate::transport_error::Message(message.into())))
             }
         }
 
@@ -33,13 +35,27 @@ macro_rules! transport_error {
             }
         }
 
+        /// The prefix, and the message of an error made with `msg`. An
+        /// error made with `new` is the [`source`](std::error::Error::source)
+        /// instead, so that a report walking the chain prints it once.
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, concat!($prefix, ": {}"), self.0)
+                match self.0.downcast_ref::<$crate::transport_error::Message>() {
+                    Some(message) => write!(f, concat!($prefix, ": {}"), message),
+                    None => f.write_str($prefix),
+                }
             }
         }
 
-        impl std::error::Error for $name {}
+        impl std::error::Error for $name {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                if self.0.is::<$crate::transport_error::Message>() {
+                    None
+                } else {
+                    Some(&*self.0)
+                }
+            }
+        }
     };
 }
 

@@ -1,29 +1,4 @@
-//! One stream of events for every lifecycle change of the crate.
-//!
-//! # Invariants
-//!
-//! - `subscribers` counts the live [`Subscription`]s; an event is built and
-//!   sent only while it is above zero (or the `metrics` feature records it),
-//!   so a bus nobody listens to costs one atomic load per event.
-//! - `lagged` is the sum of the events every subscription missed, counted
-//!   by the subscription when it notices.
-//!
-//! # Deadlock safety
-//!
-//! The bus has no lock of its own; tokio's broadcast channel takes its
-//! internal lock for each send and receive. Components publish after
-//! releasing their own locks, with two exceptions that order an event
-//! before what their lock guards can be seen: the in-memory store sends
-//! `SessionCreated` under its router lock, and the reconciler
-//! `RouterDisconnected` under its `graces` lock (the broadcast lock is then
-//! the last one taken). Both send with `send_unrecorded` and `record` the
-//! event in the metrics after the lock, as the recorder is user code.
-//!
-//! The one piece of user code a send can run is the `Drop` of an event it
-//! pushes out of a full ring (the oldest, unread by a lagging subscriber):
-//! an event that was the last holder of an error a prober or reclaim task
-//! returned drops that error there, under the publisher's lock in the two
-//! cases above. The stores' and the reconciler's docs say so.
+//! The bus: [`EventBus`], [`Subscription`], and how pieces publish.
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,168 +6,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::time::Duration;
 
-use crate::deleter::DeletionReport;
+use super::Event;
 use crate::id::{Incarnation, RouterId, SessionId};
-use crate::liveness::LivenessEvent;
-use crate::reclaim::ReclaimEvent;
-use crate::reconcile::ReconcileSummary;
 use crate::session::{CloseReason, Resource};
-use crate::store::Repair;
-
-/// A lifecycle change, as published on an [`EventBus`].
-///
-/// Give the same bus to each piece you build
-/// ([`MemoryStoreBuilder::events`](crate::MemoryStoreBuilder::events),
-/// [`RouterDeleterBuilder::events`](crate::RouterDeleterBuilder::events),
-/// [`ReclaimQueueBuilder::events`](crate::ReclaimQueueBuilder::events),
-/// [`LivenessMonitorBuilder::events`](crate::LivenessMonitorBuilder::events),
-/// [`ReconcilerBuilder::events`](crate::ReconcilerBuilder::events),
-/// [`AuditSweeperBuilder::events`](crate::AuditSweeperBuilder::events)) and one
-/// subscription sees them all, in the order each piece published them.
-///
-/// The events of one session come in the order of its transitions
-/// (`SessionCreated`, then `SessionTerminating` if it was marked, then
-/// `SessionClosed`), with one exception: a close that races the deleter's
-/// marking (a client closing its session at the moment its router is
-/// fenced) may be published just before the `SessionTerminating` of the mark
-/// it beat by a hair.
-///
-/// It is `#[non_exhaustive]`: match it with a wildcard arm.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     CloseReason, Event, EventBus, MemoryStore, NewSession, NotifyError, RouterDeleter,
-///     RouterId, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
-/// };
-///
-/// /// A router that never confirms.
-/// struct Silent;
-///
-/// impl TerminationNotifier for Silent {
-///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-///         Ok(())
-///     }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let bus = EventBus::new(1_024);
-/// let mut events = bus.subscribe();
-/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>()?);
-/// let deleter =
-///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent)?;
-///
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// let _ = deleter.delete(router).await?;
-///
-/// let mut seen = Vec::new();
-/// while let Some(event) = events.try_recv() {
-///     match event {
-///         Event::SessionCreated { .. } => seen.push("created"),
-///         Event::RouterFenced { sessions, .. } => {
-///             assert_eq!(sessions, 1);
-///             seen.push("fenced");
-///         }
-///         Event::SessionTerminating { .. } => seen.push("terminating"),
-///         Event::SessionClosed { reason, .. } => {
-///             assert_eq!(reason, CloseReason::Forced); // nobody confirmed
-///             seen.push("closed");
-///         }
-///         Event::RouterDeleted(report) => {
-///             assert_eq!(report.forced, 1);
-///             seen.push("deleted");
-///         }
-///         _ => {}
-///     }
-/// }
-/// assert_eq!(seen, ["created", "fenced", "terminating", "closed", "deleted"]);
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum Event {
-    /// A session was created (published by the store before the session
-    /// becomes visible, so it comes before any other event of the session).
-    SessionCreated {
-        /// The session.
-        session: SessionId,
-        /// Its router.
-        router: RouterId,
-        /// The router incarnation it belongs to.
-        incarnation: Incarnation,
-    },
-    /// A deletion marked the session `Terminating`.
-    SessionTerminating {
-        /// The session.
-        session: SessionId,
-        /// Its router.
-        router: RouterId,
-        /// The router incarnation it belongs to.
-        incarnation: Incarnation,
-    },
-    /// The session closed, by whatever path (published by the store that
-    /// created it, from the close itself).
-    SessionClosed {
-        /// The session.
-        session: SessionId,
-        /// Its router.
-        router: RouterId,
-        /// The router incarnation it belongs to.
-        incarnation: Incarnation,
-        /// Why it closed.
-        reason: CloseReason,
-    },
-    /// A deletion fenced the router: no session can be created on it any
-    /// more.
-    RouterFenced {
-        /// The router.
-        router: RouterId,
-        /// The fenced incarnation.
-        incarnation: Incarnation,
-        /// Sessions in the fence's snapshot.
-        sessions: usize,
-        /// `true` if the router was fenced already (a resumed deletion).
-        resumed: bool,
-    },
-    /// A deletion finished; the report says how each session ended.
-    RouterDeleted(DeletionReport),
-    /// A router disconnected and its grace period started.
-    RouterDisconnected {
-        /// The router.
-        router: RouterId,
-        /// Its live incarnation.
-        incarnation: Incarnation,
-        /// How long it has to reconnect.
-        grace: Duration,
-    },
-    /// A router stayed disconnected past its grace period: its sessions were
-    /// closed with [`CloseReason::RouterLost`]; the router was not deleted.
-    RouterLost {
-        /// The router.
-        router: RouterId,
-        /// Its incarnation.
-        incarnation: Incarnation,
-        /// Sessions closed.
-        closed: usize,
-    },
-    /// A router's report of its sessions was reconciled.
-    Reconciled(ReconcileSummary),
-    /// The audit sweeper repaired one finding.
-    Repaired(Repair),
-    /// Something the liveness monitor reported (suspect, probe failed,
-    /// reaped, stall).
-    Liveness(LivenessEvent),
-    /// Something the reclaim queue reported (retried, failed, long-lived).
-    Reclaim(ReclaimEvent),
-}
 
 /// The broadcast channel every piece of the crate can publish its
 /// [`Event`]s to; cheap to clone (clones share one channel).
@@ -411,7 +228,7 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
     if cfg!(feature = "metrics") || listening.is_some() {
         let event = make();
         #[cfg(feature = "metrics")]
-        crate::metrics::record(&event);
+        super::count::record(&event);
         if let Some(bus) = listening {
             bus.send(event);
         }
@@ -433,7 +250,7 @@ pub(crate) fn send_unrecorded(bus: Option<&EventBus>, make: impl FnOnce() -> Eve
 /// of [`emit`], after [`send_unrecorded`].
 #[cfg(feature = "metrics")]
 pub(crate) fn record(make: impl FnOnce() -> Event) {
-    crate::metrics::record(&make());
+    super::count::record(&make());
 }
 
 /// One subscriber's view of an [`EventBus`]: every event published after

@@ -1,0 +1,331 @@
+//! What the reclaim queue reports: [`ReclaimEvent`], the [`TaskInfo`] of a task and its [`ReclaimError`].
+
+use std::any::Any;
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::time::Duration;
+
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::ResourceClass;
+
+/// Something a [`ReclaimQueue`](crate::ReclaimQueue) reports, published on
+/// its [`EventBus`](super::EventBus) as [`Event::Reclaim`](super::Event::Reclaim).
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{
+///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+///     RetrySchedule, RouterId, SessionId,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy =
+///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
+/// let queue = ReclaimQueue::builder().policy(policy).build()?;
+/// let mut events = queue.subscribe();
+///
+/// // The router keeps refusing: retried once, then reported failed.
+/// let refused = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+///     Err::<(), _>(ReclaimError::transient("router refused"))
+/// });
+/// queue.push(refused).await?;
+///
+/// match events.recv().await? {
+///     ReclaimEvent::ReclaimRetried { attempt, delay, .. } => {
+///         assert_eq!(attempt, 1);
+///         assert!(!delay.is_zero());
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// match events.recv().await? {
+///     ReclaimEvent::ReclaimFailed { task, attempts, error } => {
+///         assert_eq!((task.session, attempts), (SessionId::new(1), 2));
+///         assert!(error.is_retryable()); // it failed for good only for lack of retries
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ReclaimEvent {
+    /// An attempt failed and the task will run again after `delay`.
+    ReclaimRetried {
+        /// The task.
+        task: TaskInfo,
+        /// The attempt that failed, from 1.
+        attempt: u32,
+        /// Why it failed.
+        error: ReclaimError,
+        /// The backoff before the next attempt.
+        delay: Duration,
+    },
+    /// A task failed for good: its last attempt failed, it failed
+    /// permanently, it panicked, or shutdown interrupted it.
+    ReclaimFailed {
+        /// The task.
+        task: TaskInfo,
+        /// How many attempts ran.
+        attempts: u32,
+        /// The last error.
+        error: ReclaimError,
+    },
+    /// A session lived longer than the policy's threshold; reported once per
+    /// session.
+    LongLivedSession {
+        /// The session.
+        session: SessionId,
+        /// Its router.
+        router: RouterId,
+        /// The router incarnation the session belongs to.
+        incarnation: Incarnation,
+        /// The session's age when found.
+        age: Duration,
+    },
+}
+/// What identifies a reclamation task and orders it: its session and router,
+/// its resource class, and the session's traffic when it was queued.
+///
+/// Events about a task carry its `TaskInfo`.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{ResourceClass, RouterId, SessionId, TaskInfo};
+///
+/// let info = TaskInfo::new(SessionId::new(7), RouterId::new(1), ResourceClass::High, 4096);
+/// assert_eq!(info.class, ResourceClass::High);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct TaskInfo {
+    /// The session whose resources the task releases.
+    pub session: SessionId,
+    /// The session's router.
+    pub router: RouterId,
+    /// The class of the resources released.
+    pub class: ResourceClass,
+    /// The session's traffic in bytes (both directions) when queued.
+    pub traffic: u64,
+}
+
+impl TaskInfo {
+    /// The description of a task.
+    ///
+    /// See the example on [`TaskInfo`].
+    #[must_use]
+    pub const fn new(
+        session: SessionId,
+        router: RouterId,
+        class: ResourceClass,
+        traffic: u64,
+    ) -> Self {
+        Self {
+            session,
+            router,
+            class,
+            traffic,
+        }
+    }
+}
+
+/// Why one attempt of a reclamation task failed.
+///
+/// Cheap to clone: events carry it.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+///
+/// let error = ReclaimError::transient("port table busy");
+/// assert!(error.is_retryable());
+/// assert_eq!(error.kind(), ReclaimErrorKind::Transient);
+/// assert_eq!(error.to_string(), "release failed: port table busy");
+/// assert!(!ReclaimError::permanent("no such port").is_retryable());
+/// ```
+#[derive(Clone)]
+pub struct ReclaimError {
+    kind: ReclaimErrorKind,
+    source: Arc<dyn StdError + Send + Sync>,
+}
+
+/// The kind of a [`ReclaimError`].
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().build()?;
+/// let mut events = queue.subscribe();
+/// let alerts = tokio::spawn(async move {
+///     while let Ok(event) = events.recv().await {
+///         if let ReclaimEvent::ReclaimFailed { task, error, .. } = event {
+///             match error.kind() {
+///                 ReclaimErrorKind::Panicked => {
+///                     eprintln!("bug: release of {task:?} panicked")
+///                 }
+///                 ReclaimErrorKind::Interrupted => {
+///                     eprintln!("shutdown cut {task:?} short")
+///                 }
+///                 _ => eprintln!("release of {task:?} failed: {error}"),
+///             }
+///         }
+///     }
+/// });
+/// let _ = queue.shutdown(Duration::from_secs(1)).await;
+/// drop(queue); // the alert loop ends with the queue
+/// alerts.await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReclaimErrorKind {
+    /// The attempt failed and may succeed later: retried.
+    Transient,
+    /// The attempt failed for good: not retried.
+    Permanent,
+    /// The attempt panicked; the panic was contained. Not retried: the work
+    /// may have been left half done.
+    Panicked,
+    /// The attempt did not finish within the policy's attempt timeout:
+    /// retried.
+    TimedOut,
+    /// The queue shut down while the task was running and its deadline
+    /// passed; the attempt was dropped.
+    Interrupted,
+}
+
+impl ReclaimError {
+    /// A failure worth retrying.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimError;
+    ///
+    /// let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "port table locked");
+    /// let error = ReclaimError::transient(busy);
+    /// assert!(error.is_retryable());
+    /// assert_eq!(error.to_string(), "release failed: port table locked");
+    /// ```
+    pub fn transient(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self::new(ReclaimErrorKind::Transient, error)
+    }
+
+    /// A failure that retrying cannot fix.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    ///
+    /// let error = ReclaimError::permanent(format!("no port {} on the router", 4000));
+    /// assert_eq!(error.kind(), ReclaimErrorKind::Permanent);
+    /// assert!(!error.is_retryable());
+    /// ```
+    pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self::new(ReclaimErrorKind::Permanent, error)
+    }
+
+    pub(crate) fn new(
+        kind: ReclaimErrorKind,
+        error: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            source: Arc::from(error.into()),
+        }
+    }
+
+    pub(crate) fn panicked(payload: Box<dyn Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| String::from("a non-string panic payload"));
+        Self::new(ReclaimErrorKind::Panicked, message)
+    }
+
+    pub(crate) fn timed_out(limit: Duration) -> Self {
+        Self::new(
+            ReclaimErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )
+    }
+
+    /// The kind of failure.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    ///
+    /// assert_eq!(ReclaimError::transient("busy").kind(), ReclaimErrorKind::Transient);
+    /// ```
+    #[must_use]
+    pub fn kind(&self) -> ReclaimErrorKind {
+        self.kind
+    }
+
+    /// Whether the queue retries after this error: for
+    /// [`ReclaimErrorKind::Transient`] and [`ReclaimErrorKind::TimedOut`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimError;
+    ///
+    /// assert!(ReclaimError::transient("busy").is_retryable());
+    /// assert!(!ReclaimError::permanent("gone").is_retryable());
+    /// ```
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ReclaimErrorKind::Transient | ReclaimErrorKind::TimedOut
+        )
+    }
+}
+
+impl fmt::Display for ReclaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ReclaimErrorKind::Transient => "release failed",
+            ReclaimErrorKind::Permanent => "release failed permanently",
+            ReclaimErrorKind::Panicked => "release panicked",
+            ReclaimErrorKind::TimedOut => "release timed out",
+            ReclaimErrorKind::Interrupted => "release interrupted by shutdown",
+        };
+        write!(f, "{what}: {}", self.source)
+    }
+}
+
+impl fmt::Debug for ReclaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimError")
+            .field("kind", &self.kind)
+            .field("source", &format_args!("{}", self.source))
+            .finish()
+    }
+}
+
+impl StdError for ReclaimError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
