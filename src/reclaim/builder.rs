@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -30,7 +30,6 @@ use crate::event::EventBus;
 ///     .capacity(10_000)
 ///     .workers(4)
 ///     .policy(DefaultPolicy::default().class_spacing(Duration::from_millis(500)))
-///     .event_capacity(4_096)
 ///     .events(EventBus::default())
 ///     .paused(false)
 ///     .build()?;
@@ -43,7 +42,6 @@ pub struct ReclaimQueueBuilder {
     capacity: usize,
     workers: usize,
     policy: Arc<dyn ReclaimPolicy>,
-    events: usize,
     bus: Option<EventBus>,
     paused: bool,
 }
@@ -53,7 +51,7 @@ impl fmt::Debug for ReclaimQueueBuilder {
         f.debug_struct("ReclaimQueueBuilder")
             .field("capacity", &self.capacity)
             .field("workers", &self.workers)
-            .field("events", &self.events)
+            .field("events", &self.bus.is_some())
             .field("paused", &self.paused)
             .finish_non_exhaustive()
     }
@@ -65,7 +63,6 @@ impl Default for ReclaimQueueBuilder {
             capacity: 65_536,
             workers: 2,
             policy: Arc::new(DefaultPolicy::default()),
-            events: 1_024,
             bus: None,
             paused: false,
         }
@@ -74,8 +71,6 @@ impl Default for ReclaimQueueBuilder {
 
 /// The most worker tasks a queue runs.
 const MAX_WORKERS: usize = 1_024;
-/// The largest event capacity: the channel allocates it up front.
-const MAX_EVENTS: usize = 1 << 20;
 
 impl ReclaimQueueBuilder {
     /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
@@ -110,18 +105,8 @@ impl ReclaimQueueBuilder {
         self
     }
 
-    /// How many events a subscriber may fall behind before it misses some
-    /// (default 1,024; 1 to 1,048,576, allocated up front; see
-    /// [`ReclaimQueue::subscribe`]).
-    ///
-    /// See the example on [`ReclaimQueueBuilder`].
-    pub fn event_capacity(mut self, events: usize) -> Self {
-        self.events = events;
-        self
-    }
-
-    /// Also publishes every [`ReclaimEvent`](crate::ReclaimEvent) on `bus`,
-    /// as [`Event::Reclaim`](crate::Event::Reclaim).
+    /// Publishes every [`ReclaimEvent`](crate::ReclaimEvent) on `bus`, as
+    /// [`Event::Reclaim`](crate::Event::Reclaim) (default: none).
     ///
     /// # Example
     ///
@@ -194,17 +179,14 @@ impl ReclaimQueueBuilder {
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime;
     /// [`BuildError::Setting`] for a capacity of 0 or above tokio's semaphore
-    /// limit, workers outside 1 to 1,024, or an event capacity outside 1 to
-    /// 2^20.
+    /// limit, or workers outside 1 to 1,024.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn build(self) -> Result<ReclaimQueue, BuildError> {
         const PIECE: &str = "ReclaimQueue";
         let capacity = check_count(PIECE, "capacity", self.capacity, Semaphore::MAX_PERMITS)?;
         let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
-        let events = check_count(PIECE, "event_capacity", self.events, MAX_EVENTS)?;
         let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
-        let (events, _) = broadcast::channel(events);
         let shared = Arc::new(Shared {
             heap: Mutex::new(Heap::default()),
             permits: Semaphore::new(capacity),
@@ -218,7 +200,6 @@ impl ReclaimQueueBuilder {
             closed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
-            events,
             bus: self.bus,
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::with_capacity(workers)),

@@ -26,13 +26,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 use super::policy::{Priority, ReclaimPolicy};
-use super::report::ReclaimEvent;
 use super::task::{ReclaimTask, TaskInfo};
 use crate::event::EventBus;
 
@@ -54,7 +53,6 @@ pub(super) struct Shared {
     /// Workers exit at once (a shutdown deadline passed).
     pub(super) stop: AtomicBool,
     pub(super) counters: Counters,
-    pub(super) events: broadcast::Sender<ReclaimEvent>,
     pub(super) bus: Option<EventBus>,
     pub(super) tracker: TaskTracker,
     pub(super) aborts: Mutex<Vec<AbortHandle>>,

@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::{TryAcquireError, broadcast};
+use tokio::sync::TryAcquireError;
 
 use super::builder::ReclaimQueueBuilder;
 use super::heap::Shared;
@@ -213,7 +213,8 @@ impl ReclaimQueue {
 
     /// Reports every session of `sessions` that is open and older than the
     /// policy's [`long_lived_threshold`](super::ReclaimPolicy::long_lived_threshold)
-    /// with one [`ReclaimEvent::LongLivedSession`], once per session however
+    /// with one [`ReclaimEvent::LongLivedSession`] (on the bus given to
+    /// [`events`](ReclaimQueueBuilder::events)), once per session however
     /// often it is checked (the session remembers it was reported). Returns
     /// how many were reported by this call.
     ///
@@ -225,16 +226,17 @@ impl ReclaimQueue {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     DefaultPolicy, Incarnation, NewSession, ReclaimEvent, ReclaimQueue, RouterId,
-    ///     SessionId,
+    ///     DefaultPolicy, Event, EventBus, Incarnation, NewSession, ReclaimEvent, ReclaimQueue,
+    ///     RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let hour = Duration::from_secs(3_600);
     /// let policy = DefaultPolicy::default().long_lived_threshold(Some(hour));
-    /// let queue = ReclaimQueue::builder().policy(policy).build()?;
-    /// let mut events = queue.subscribe();
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let queue = ReclaimQueue::builder().policy(policy).events(bus).build()?;
     /// let session =
     ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
     ///         .into_session();
@@ -242,8 +244,8 @@ impl ReclaimQueue {
     /// tokio::time::advance(2 * hour).await;
     /// assert_eq!(queue.check_long_lived([&session]), 1);
     /// assert_eq!(queue.check_long_lived([&session]), 0); // reported once
-    /// match events.recv().await? {
-    ///     ReclaimEvent::LongLivedSession { session: id, age, .. } => {
+    /// match events.try_recv() {
+    ///     Some(Event::Reclaim(ReclaimEvent::LongLivedSession { session: id, age, .. })) => {
     ///         assert_eq!(id, session.id());
     ///         assert!(age >= hour);
     ///     }
@@ -281,46 +283,6 @@ impl ReclaimQueue {
             .long_lived
             .fetch_add(reported as u64, Ordering::Relaxed);
         reported
-    }
-
-    /// Subscribes to the queue's events from now on.
-    ///
-    /// A subscriber that falls more than the builder's
-    /// [`event_capacity`](ReclaimQueueBuilder::event_capacity) behind misses
-    /// the oldest events and learns how many from
-    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged);
-    /// failures are also counted in [`stats`](Self::stats) and logged
-    /// through `tracing`, so none goes unnoticed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use tokio::sync::broadcast::error::RecvError;
-    /// use session_lifecycle::{ReclaimEvent, ReclaimQueue};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let queue = ReclaimQueue::builder().build()?;
-    /// let mut events = queue.subscribe();
-    /// tokio::spawn(async move {
-    ///     loop {
-    ///         match events.recv().await {
-    ///             Ok(ReclaimEvent::ReclaimFailed { task, error, .. }) => {
-    ///                 eprintln!("release of {task:?} failed: {error}");
-    ///             }
-    ///             Ok(_) => {}
-    ///             Err(RecvError::Lagged(missed)) => {
-    ///                 eprintln!("missed {missed} reclaim events")
-    ///             }
-    ///             Err(RecvError::Closed) => break, // the queue is gone
-    ///         }
-    ///     }
-    /// });
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn subscribe(&self) -> broadcast::Receiver<ReclaimEvent> {
-        self.shared.events.subscribe()
     }
 
     /// Stops the workers from starting tasks (tasks running go on); pushes

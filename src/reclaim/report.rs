@@ -7,8 +7,9 @@ use tokio::time::Duration;
 use super::task::{ReclaimError, ReclaimTask, TaskInfo};
 use crate::id::{Incarnation, RouterId, SessionId};
 
-/// Something a [`ReclaimQueue`](super::ReclaimQueue) reports; see
-/// [`ReclaimQueue::subscribe`](super::ReclaimQueue::subscribe).
+/// Something a [`ReclaimQueue`](super::ReclaimQueue) reports, as
+/// [`Event::Reclaim`](crate::Event::Reclaim) on the bus given to
+/// [`ReclaimQueueBuilder::events`](super::ReclaimQueueBuilder::events).
 ///
 /// It is `#[non_exhaustive]`: match it with a wildcard arm.
 ///
@@ -16,7 +17,7 @@ use crate::id::{Incarnation, RouterId, SessionId};
 ///
 /// ```
 /// use session_lifecycle::{
-///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+///     DefaultPolicy, Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
 ///     RetrySchedule, RouterId, SessionId,
 /// };
 ///
@@ -24,8 +25,9 @@ use crate::id::{Incarnation, RouterId, SessionId};
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let policy =
 ///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
-/// let queue = ReclaimQueue::builder().policy(policy).build()?;
-/// let mut events = queue.subscribe();
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// let queue = ReclaimQueue::builder().policy(policy).events(bus).build()?;
 ///
 /// // The router keeps refusing: retried once, then reported failed.
 /// let refused = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
@@ -33,15 +35,15 @@ use crate::id::{Incarnation, RouterId, SessionId};
 /// });
 /// queue.push(refused).await?;
 ///
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimRetried { attempt, delay, .. } => {
+/// match events.recv().await {
+///     Some(Event::Reclaim(ReclaimEvent::ReclaimRetried { attempt, delay, .. })) => {
 ///         assert_eq!(attempt, 1);
 ///         assert!(!delay.is_zero());
 ///     }
 ///     other => panic!("unexpected {other:?}"),
 /// }
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimFailed { task, attempts, error } => {
+/// match events.recv().await {
+///     Some(Event::Reclaim(ReclaimEvent::ReclaimFailed { task, attempts, error })) => {
 ///         assert_eq!((task.session, attempts), (SessionId::new(1), 2));
 ///         assert!(error.is_retryable()); // it failed for good only for lack of retries
 ///     }

@@ -459,15 +459,16 @@ pub struct ReclaimError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
+/// use session_lifecycle::{Event, EventBus, ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let queue = ReclaimQueue::builder().build()?;
-/// let mut events = queue.subscribe();
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// let queue = ReclaimQueue::builder().events(bus).build()?;
 /// let alerts = tokio::spawn(async move {
-///     while let Ok(event) = events.recv().await {
-///         if let ReclaimEvent::ReclaimFailed { task, error, .. } = event {
+///     while let Some(event) = events.recv().await {
+///         if let Event::Reclaim(ReclaimEvent::ReclaimFailed { task, error, .. }) = event {
 ///             match error.kind() {
 ///                 ReclaimErrorKind::Panicked => {
 ///                     eprintln!("bug: release of {task:?} panicked")
@@ -481,7 +482,7 @@ pub struct ReclaimError {
 ///     }
 /// });
 /// let _ = queue.shutdown(Duration::from_secs(1)).await;
-/// drop(queue); // the alert loop ends with the queue
+/// drop(queue); // the alert loop ends with the queue, the bus's last holder
 /// alerts.await?;
 /// # Ok(())
 /// # }

@@ -101,11 +101,9 @@ impl Shared {
         });
     }
 
-    /// Sends `event` to the queue's subscribers and to the event bus.
+    /// Publishes `event` on the event bus.
     pub(super) fn publish(&self, event: ReclaimEvent) {
-        crate::event::emit(self.bus.as_ref(), || Event::Reclaim(event.clone()));
-        // No subscriber is not an error.
-        let _ = self.events.send(event);
+        crate::event::emit(self.bus.as_ref(), || Event::Reclaim(event));
     }
 }
 

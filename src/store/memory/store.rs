@@ -62,7 +62,6 @@ use super::index::RouterEntry;
 use crate::event::EventBus;
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
-use crate::stats::Stats;
 use crate::store::SessionStore;
 use crate::store::error::{
     BackendError, CreateError, FenceError, FinishError, RegisterError, RouterError, SessionError,
@@ -232,35 +231,6 @@ impl<P> MemoryStore<P> {
     /// ```
     pub fn shrink_to_fit(&self) {
         self.sessions.shrink_to_fit();
-    }
-
-    /// Counts the sessions per router and in total: [`Stats::collect`] on
-    /// this store, without the `.await`. One pass over every session, each
-    /// router under its own lock.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    ///
-    /// // No `.await`: usable from a synchronous metrics callback.
-    /// let stats = store.stats();
-    /// assert_eq!(stats.active, 1);
-    /// assert_eq!(stats.router(router).map(|census| census.active), Some(1));
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[must_use]
-    pub fn stats(&self) -> Stats {
-        Stats::from_census(self.census_now())
     }
 
     /// The number of routers the store knows, tombstones included.
