@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    DefaultPolicy, Priority, ReclaimError, ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimTask,
-    ResourceClass, RetrySchedule, RouterId, SessionId, TaskInfo,
+    DefaultPolicy, Event, EventBus, Priority, ReclaimError, ReclaimEvent, ReclaimPolicy,
+    ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterId, SessionId, TaskInfo,
 };
 use tokio::time::Duration;
 
@@ -167,12 +167,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let policy = TenantTiers::new(tiers, Duration::from_millis(100));
     // One worker, paused while the tasks go in: the order they run in is
     // then the policy's alone, not the order they happened to arrive in.
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
     let queue = ReclaimQueue::builder()
         .workers(1)
         .paused(true)
         .policy(policy.clone())
+        .events(bus)
         .build()?;
-    let mut events = queue.subscribe();
 
     let log = RunLog::default();
     let tasks = tasks();
@@ -191,7 +193,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         println!("  {}", describe(&policy, info));
     }
     println!("events:");
-    while let Ok(event) = events.try_recv() {
+    while let Some(Event::Reclaim(event)) = events.try_recv() {
         match event {
             ReclaimEvent::ReclaimRetried {
                 task,

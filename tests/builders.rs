@@ -60,20 +60,8 @@ fn settings_that_panicked_or_aborted_are_typed_errors() {
         Some("retry_backoff")
     );
     assert_eq!(
-        refused(ReclaimQueue::builder().event_capacity(usize::MAX).build()),
-        Some("event_capacity")
-    );
-    assert_eq!(
         refused(ReclaimQueue::builder().workers(usize::MAX).build()),
         Some("workers")
-    );
-    assert_eq!(
-        refused(
-            LivenessMonitor::builder()
-                .event_capacity(usize::MAX)
-                .build(Arc::clone(&store), NoProbe)
-        ),
-        Some("event_capacity")
     );
     assert_eq!(
         refused(MemoryStore::builder().shard_amount(1 << 62).build::<()>()),
@@ -156,7 +144,7 @@ proptest! {
     /// setting it refused.
     #[test]
     fn no_builder_panics_on_any_setting(
-        sizes in proptest::collection::vec(count(), 6),
+        sizes in proptest::collection::vec(count(), 4),
         durations in proptest::collection::vec(duration(), 12),
         rate in any::<u32>(),
         retries in prop_oneof![Just(0u32), Just(u32::MAX), 0u32..10],
@@ -180,7 +168,6 @@ proptest! {
             let queue = ReclaimQueue::builder()
                 .capacity(sizes[1])
                 .workers(sizes[2] % 64)
-                .event_capacity(sizes[3])
                 .build();
             let monitor = LivenessMonitor::builder()
                 .heartbeat_interval(durations[4])
@@ -190,14 +177,13 @@ proptest! {
                 .probe_retries(retries % 8)
                 .probe_backoff(durations[9], durations[10])
                 .granularity(durations[11])
-                .event_capacity(sizes[4])
                 .build(Arc::clone(&store), ScriptedProber::always(Probe::nobody()));
             if let Ok(monitor) = &monitor {
                 let _ = monitor.reap_bound(durations[6]);
             }
             let reconciler = Reconciler::builder()
                 .grace_period(durations[0])
-                .chunk_size(sizes[5])
+                .chunk_size(sizes[3])
                 .spare_younger_than(durations[1])
                 .build(Arc::clone(&store));
             let sweeper = AuditSweeper::builder()

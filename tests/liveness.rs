@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use session_lifecycle::test_util::{Probe, Script, ScriptedProber, Subset, mix, within};
 use session_lifecycle::{
-    BuildError, Classed, CloseReason, HeartbeatError, LivenessEvent, LivenessMonitor,
-    LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober, ReclaimQueue, ResourceClass,
-    RouterId, Session, SessionId, SessionStore, WatchError,
+    BuildError, Classed, CloseReason, Event, EventBus, HeartbeatError, LivenessEvent,
+    LivenessMonitor, LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober,
+    ReclaimQueue, ResourceClass, RouterId, Session, SessionId, SessionStore, Subscription,
+    WatchError,
 };
-use tokio::sync::broadcast::error::TryRecvError;
 use tokio::time::{Duration, Instant};
 
 type Monitor<Pr> = LivenessMonitor<MemoryStore, Pr>;
@@ -50,9 +50,10 @@ fn monitor<Pr: Prober>(
     monitor
 }
 
-/// A store of `routers × per_router` sessions, all watched by a default
-/// monitor whose recording prober answers as told.
+/// A store of `routers × per_router` sessions, all watched by a monitor
+/// from `builder` whose recording prober answers as told.
 async fn recorded(
+    builder: LivenessMonitorBuilder,
     routers: u64,
     per_router: u64,
     answer: Probe,
@@ -65,12 +66,7 @@ async fn recorded(
     let store = Arc::new(MemoryStore::new());
     let all = sessions(&store, routers, per_router).await;
     let prober = ScriptedProber::always(answer);
-    let monitor = monitor(
-        LivenessMonitor::builder(),
-        &store,
-        Arc::clone(&prober),
-        &all,
-    );
+    let monitor = monitor(builder, &store, Arc::clone(&prober), &all);
     (store, all, prober, monitor)
 }
 
@@ -93,22 +89,30 @@ fn heartbeat_task<Pr: Prober>(
     })
 }
 
-fn drain(events: &mut tokio::sync::broadcast::Receiver<LivenessEvent>) -> Vec<LivenessEvent> {
+/// `builder` publishing on a bus of its own, and a subscription to it.
+fn listened(builder: LivenessMonitorBuilder) -> (LivenessMonitorBuilder, Subscription) {
+    let bus = EventBus::default();
+    let events = bus.subscribe();
+    (builder.events(bus), events)
+}
+
+/// The monitor's events received so far.
+fn drain(events: &mut Subscription) -> Vec<LivenessEvent> {
     let mut out = Vec::new();
-    loop {
-        match events.try_recv() {
-            Ok(event) => out.push(event),
-            Err(TryRecvError::Empty | TryRecvError::Closed) => return out,
-            Err(TryRecvError::Lagged(n)) => panic!("lost {n} events"),
+    while let Some(event) = events.try_recv() {
+        if let Event::Liveness(event) = event {
+            out.push(event);
         }
     }
+    assert_eq!(events.lagged(), 0, "lost events");
+    out
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_session_is_reaped_within_the_configured_bound() {
-    let (store, all, prober, monitor) = recorded(1, 1, Probe::nobody()).await;
+    let (builder, mut events) = listened(LivenessMonitor::builder());
+    let (store, all, prober, monitor) = recorded(builder, 1, 1, Probe::nobody()).await;
     let session = &all[0];
-    let mut events = monitor.subscribe();
 
     for _ in 0..30 {
         tokio::time::sleep(SECOND).await;
@@ -233,9 +237,8 @@ async fn run_with_stall(
 ) -> session_lifecycle::LivenessStats {
     let store = Arc::new(MemoryStore::new());
     let all = sessions(&store, 2, 25).await;
-    let builder = LivenessMonitor::builder().pause_allowance(allowance);
+    let (builder, mut events) = listened(LivenessMonitor::builder().pause_allowance(allowance));
     let monitor = monitor(builder, &store, NoProbe, &all);
-    let mut events = monitor.subscribe();
     let tasks: Vec<_> = all
         .iter()
         .enumerate()
@@ -273,7 +276,7 @@ async fn stalls_of_the_controller_convict_nobody() {
 
 #[tokio::test(start_paused = true)]
 async fn a_session_answering_probes_is_never_reaped() {
-    let (_, all, _, monitor) = recorded(1, 3, Probe::everyone()).await;
+    let (_, all, _, monitor) = recorded(LivenessMonitor::builder(), 1, 3, Probe::everyone()).await;
     // No heartbeat at all for ten minutes: only probe answers.
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(all.iter().all(|s| !s.is_closed()));
@@ -331,8 +334,8 @@ async fn answers_arriving_as_heartbeats_before_the_probe_timeout_spare_the_sessi
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_router_is_probed_once_per_round_not_once_per_session() {
-    let (_, all, prober, monitor) = recorded(2, 50, Probe::nobody()).await;
-    let mut events = monitor.subscribe();
+    let (builder, mut events) = listened(LivenessMonitor::builder());
+    let (_, all, prober, monitor) = recorded(builder, 2, 50, Probe::nobody()).await;
     let tasks: Vec<_> = all
         .iter()
         .enumerate()
@@ -542,14 +545,6 @@ async fn settings_out_of_range_are_build_errors() {
         (
             LivenessMonitor::builder().probe_backoff(ms(0), day + ms(1)),
             "probe_backoff",
-        ),
-        (
-            LivenessMonitor::builder().event_capacity(0),
-            "event_capacity",
-        ),
-        (
-            LivenessMonitor::builder().event_capacity(usize::MAX),
-            "event_capacity",
         ),
     ];
     for (builder, setting) in cases {

@@ -32,9 +32,8 @@ fn a_monitor_built_after_65_535_others_ignores_sessions_it_does_not_watch() {
 
         for built in 1..=LATER_MONITORS {
             let other = LivenessMonitor::builder()
-                // Small: the smallest wheel, one event.
+                // Small: the smallest wheel.
                 .granularity(Duration::from_secs(1))
-                .event_capacity(1)
                 .build(Arc::clone(&store), NoProbe)
                 .unwrap();
             assert!(

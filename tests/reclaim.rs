@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    BuildError, Classed, CloseOutcome, CloseReason, DefaultPolicy, MemoryStore, NewSession,
-    Priority, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReclaimPolicy, ReclaimQueue,
-    ReclaimTask, ResourceClass, RetrySchedule, RouterDeleter, RouterId, SessionId, SessionStore,
-    TaskInfo, TryPushError,
+    BuildError, Classed, CloseOutcome, CloseReason, DefaultPolicy, Event, EventBus, MemoryStore,
+    NewSession, Priority, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReclaimPolicy,
+    ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterDeleter, RouterId, SessionId,
+    SessionStore, Subscription, TaskInfo, TryPushError,
 };
-use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 
 use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, within};
@@ -61,10 +60,21 @@ fn quick_retries(retries: u32) -> DefaultPolicy {
     )
 }
 
-fn drain(events: &mut broadcast::Receiver<ReclaimEvent>) -> Vec<ReclaimEvent> {
+/// A bus for the queue's events, and a subscription taken before anything
+/// is published on it.
+fn bus() -> (EventBus, Subscription) {
+    let bus = EventBus::default();
+    let events = bus.subscribe();
+    (bus, events)
+}
+
+/// The queue's events received so far.
+fn drain(events: &mut Subscription) -> Vec<ReclaimEvent> {
     let mut all = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        all.push(event);
+    while let Some(event) = events.try_recv() {
+        if let Event::Reclaim(event) = event {
+            all.push(event);
+        }
     }
     all
 }
@@ -75,11 +85,12 @@ async fn settle(queue: &ReclaimQueue) {
 
 #[tokio::test(start_paused = true)]
 async fn retries_with_backoff_then_reports_failure() {
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .policy(quick_retries(2))
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     let (task, attempts) = flaky(7, u32::MAX, || ReclaimError::transient("port table busy"));
     let started = Instant::now();
     queue.push(task).await.unwrap();
@@ -126,11 +137,12 @@ async fn retries_with_backoff_then_reports_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retried_task_that_succeeds_is_not_a_failure() {
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .policy(quick_retries(3))
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     let (task, attempts) = flaky(1, 2, || ReclaimError::transient("busy"));
     queue.push(task).await.unwrap();
     settle(&queue).await;
@@ -146,11 +158,12 @@ async fn a_retried_task_that_succeeds_is_not_a_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn permanent_errors_are_not_retried() {
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .policy(quick_retries(5))
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     let (task, attempts) = flaky(1, u32::MAX, || ReclaimError::permanent("no such port"));
     queue.push(task).await.unwrap();
     settle(&queue).await;
@@ -165,12 +178,13 @@ async fn permanent_errors_are_not_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn panics_are_contained_reported_and_the_worker_goes_on() {
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .workers(1)
         .policy(quick_retries(3))
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     // Panics when called, and panics inside its future.
     let call = ReclaimTask::new(
         SessionId::new(1),
@@ -220,11 +234,12 @@ async fn a_hanging_attempt_times_out_and_the_task_ends_within_its_schedule() {
         .retries(2)
         .delays(Duration::from_millis(100), Duration::from_secs(1))
         .attempt_timeout(Duration::from_secs(2));
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .policy(DefaultPolicy::default().retry_schedule(schedule))
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || {
         std::future::pending::<Result<(), ReclaimError>>()
     });
@@ -299,8 +314,12 @@ async fn a_custom_policy_orders_retries_and_thresholds() {
 #[tokio::test(start_paused = true)]
 async fn long_lived_sessions_are_reported_once_each() {
     let policy = DefaultPolicy::default().long_lived_threshold(Some(Duration::from_secs(600)));
-    let queue = ReclaimQueue::builder().policy(policy).build().unwrap();
-    let mut events = queue.subscribe();
+    let (bus, mut events) = bus();
+    let queue = ReclaimQueue::builder()
+        .policy(policy)
+        .events(bus)
+        .build()
+        .unwrap();
     let store = MemoryStore::new();
     let router = RouterId::new(4);
     let incarnation = store.register_router(router).await.unwrap();
@@ -384,12 +403,13 @@ async fn shutdown_drains_within_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_hands_back_what_it_could_not_run() {
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .workers(1)
         .capacity(4)
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     // Each task takes 10 s; the deadline allows 25 s.
     let slow = |id: u64| {
         ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
@@ -652,12 +672,13 @@ async fn the_deleter_releases_forced_sessions_through_the_queue_critical_first()
                 .unwrap();
         }
     }
+    let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .workers(1)
         .capacity(256)
+        .events(bus)
         .build()
         .unwrap();
-    let mut events = queue.subscribe();
     // The only worker is busy for 9 s, long after the sessions are forced
     // (at 1.1 s): the deletion must wait for the queue, not return with its
     // releases queued.

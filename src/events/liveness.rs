@@ -5,8 +5,9 @@ use tokio::time::Duration;
 use crate::id::{RouterId, SessionId};
 use crate::transport_error::transport_error;
 
-/// Something the liveness monitor found, from
-/// [`LivenessMonitor::subscribe`](crate::LivenessMonitor::subscribe).
+/// Something the liveness monitor found, as
+/// [`Event::Liveness`](crate::Event::Liveness) on the bus given to
+/// [`LivenessMonitorBuilder::events`](crate::LivenessMonitorBuilder::events).
 ///
 /// Events are per router: when a router dies, its sessions are reported
 /// together, and `router_silent` says that every session the monitor
@@ -20,8 +21,8 @@ use crate::transport_error::transport_error;
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
-///     SessionId, SessionStore,
+///     Event, EventBus, LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NoProbe,
+///     RouterId, SessionId, SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -29,14 +30,18 @@ use crate::transport_error::transport_error;
 /// let store = Arc::new(MemoryStore::new());
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-/// let mut events = monitor.subscribe();
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// let monitor = LivenessMonitor::builder().events(bus).build(Arc::clone(&store), NoProbe)?;
 ///
 /// let dead =
 ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
 /// monitor.watch(&dead)?; // and it never heartbeats
 /// loop {
-///     match events.recv().await? {
+///     let Some(Event::Liveness(event)) = events.recv().await else {
+///         unreachable!("only the monitor publishes on this bus");
+///     };
+///     match event {
 ///         LivenessEvent::SessionSuspect { router_silent, .. } => {
 ///             assert!(router_silent); // its only session: the whole router went quiet
 ///         }
@@ -101,6 +106,7 @@ pub enum LivenessEvent {
         late_by: Duration,
     },
 }
+
 transport_error!(
     /// A probe call failed.
     ///

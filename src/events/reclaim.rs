@@ -10,8 +10,9 @@ use tokio::time::Duration;
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::ResourceClass;
 
-/// Something a [`ReclaimQueue`](crate::ReclaimQueue) reports, published on
-/// its [`EventBus`](super::EventBus) as [`Event::Reclaim`](super::Event::Reclaim).
+/// Something a [`ReclaimQueue`](super::ReclaimQueue) reports, as
+/// [`Event::Reclaim`](crate::Event::Reclaim) on the bus given to
+/// [`ReclaimQueueBuilder::events`](super::ReclaimQueueBuilder::events).
 ///
 /// It is `#[non_exhaustive]`: match it with a wildcard arm.
 ///
@@ -19,7 +20,7 @@ use crate::session::ResourceClass;
 ///
 /// ```
 /// use session_lifecycle::{
-///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+///     DefaultPolicy, Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
 ///     RetrySchedule, RouterId, SessionId,
 /// };
 ///
@@ -27,8 +28,9 @@ use crate::session::ResourceClass;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let policy =
 ///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
-/// let queue = ReclaimQueue::builder().policy(policy).build()?;
-/// let mut events = queue.subscribe();
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// let queue = ReclaimQueue::builder().policy(policy).events(bus).build()?;
 ///
 /// // The router keeps refusing: retried once, then reported failed.
 /// let refused = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
@@ -36,15 +38,15 @@ use crate::session::ResourceClass;
 /// });
 /// queue.push(refused).await?;
 ///
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimRetried { attempt, delay, .. } => {
+/// match events.recv().await {
+///     Some(Event::Reclaim(ReclaimEvent::ReclaimRetried { attempt, delay, .. })) => {
 ///         assert_eq!(attempt, 1);
 ///         assert!(!delay.is_zero());
 ///     }
 ///     other => panic!("unexpected {other:?}"),
 /// }
-/// match events.recv().await? {
-///     ReclaimEvent::ReclaimFailed { task, attempts, error } => {
+/// match events.recv().await {
+///     Some(Event::Reclaim(ReclaimEvent::ReclaimFailed { task, attempts, error })) => {
 ///         assert_eq!((task.session, attempts), (SessionId::new(1), 2));
 ///         assert!(error.is_retryable()); // it failed for good only for lack of retries
 ///     }
@@ -165,15 +167,16 @@ pub struct ReclaimError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
+/// use session_lifecycle::{Event, EventBus, ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let queue = ReclaimQueue::builder().build()?;
-/// let mut events = queue.subscribe();
+/// let bus = EventBus::default();
+/// let mut events = bus.subscribe();
+/// let queue = ReclaimQueue::builder().events(bus).build()?;
 /// let alerts = tokio::spawn(async move {
-///     while let Ok(event) = events.recv().await {
-///         if let ReclaimEvent::ReclaimFailed { task, error, .. } = event {
+///     while let Some(event) = events.recv().await {
+///         if let Event::Reclaim(ReclaimEvent::ReclaimFailed { task, error, .. }) = event {
 ///             match error.kind() {
 ///                 ReclaimErrorKind::Panicked => {
 ///                     eprintln!("bug: release of {task:?} panicked")
@@ -187,7 +190,7 @@ pub struct ReclaimError {
 ///     }
 /// });
 /// let _ = queue.shutdown(Duration::from_secs(1)).await;
-/// drop(queue); // the alert loop ends with the queue
+/// drop(queue); // the alert loop ends with the queue, the bus's last holder
 /// alerts.await?;
 /// # Ok(())
 /// # }

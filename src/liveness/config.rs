@@ -7,7 +7,7 @@ use tokio::time::Duration;
 
 use super::LivenessMonitor;
 use super::probe::Prober;
-use crate::build::{BuildError, check_count, wired};
+use crate::build::{BuildError, wired};
 use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::session::TimeoutRule;
@@ -28,7 +28,6 @@ pub(crate) struct Config {
     pub(crate) probe_timeout: Duration,
     pub(crate) probe_retries: u32,
     pub(crate) backoff: ProbeBackoff,
-    pub(crate) events: usize,
     pub(crate) reclaim: Option<ReclaimQueue>,
     pub(crate) bus: Option<EventBus>,
 }
@@ -142,8 +141,6 @@ impl ProbeBackoff {
 
 /// The piece `build` errors name.
 pub(super) const PIECE: &str = "LivenessMonitor";
-/// The largest event capacity: the channel allocates it up front.
-const MAX_EVENTS: usize = 1 << 20;
 
 /// Builder of a [`LivenessMonitor`].
 ///
@@ -176,7 +173,6 @@ const MAX_EVENTS: usize = 1 << 20;
 ///     .probe_timeout(Duration::from_secs(2))
 ///     .probe_retries(3)
 ///     .granularity(Duration::from_millis(100))
-///     .event_capacity(4_096)
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .events(EventBus::default())
 ///     .build(Arc::new(MemoryStore::new()), Wire)?;
@@ -197,7 +193,6 @@ pub struct LivenessMonitorBuilder {
     /// `None`: from the probe timeout.
     probe_backoff: Option<(Duration, Duration)>,
     probe_jitter: bool,
-    events: usize,
     reclaim: Option<ReclaimQueue>,
     bus: Option<EventBus>,
 }
@@ -214,7 +209,6 @@ impl Default for LivenessMonitorBuilder {
             probe_retries: 2,
             probe_backoff: None,
             probe_jitter: false,
-            events: 1_024,
             reclaim: None,
             bus: None,
         }
@@ -225,8 +219,7 @@ impl LivenessMonitorBuilder {
     /// A builder with the defaults: heartbeat interval 1 s, timeout within
     /// [1 s, 60 s], pause allowance 1 s, granularity 50 ms, probe timeout
     /// 1 s, 2 probe retries, probe backoff from 0.5 s up to 4 s without
-    /// jitter (half the probe timeout up to four), 1,024 buffered events,
-    /// no reclaim queue.
+    /// jitter (half the probe timeout up to four), no reclaim queue.
     ///
     /// # Example
     ///
@@ -394,14 +387,6 @@ impl LivenessMonitorBuilder {
         self
     }
 
-    /// How many events a subscriber may fall behind before it misses some.
-    ///
-    /// See the example on [`LivenessMonitorBuilder`].
-    pub fn event_capacity(mut self, events: usize) -> Self {
-        self.events = events;
-        self
-    }
-
     /// Releases reaped sessions' resources through `queue` (by class, then
     /// traffic) instead of inline in the monitor.
     ///
@@ -513,7 +498,6 @@ impl LivenessMonitorBuilder {
             Some(range) => range,
             None => (self.probe_timeout / 2, self.probe_timeout.saturating_mul(4)),
         };
-        let events = check_count(PIECE, "event_capacity", self.events, MAX_EVENTS)?;
         Ok(Config {
             interval: millis(self.interval),
             rule: TimeoutRule {
@@ -530,7 +514,6 @@ impl LivenessMonitorBuilder {
                 self.probe_retries,
                 self.probe_jitter,
             ),
-            events,
             reclaim: self.reclaim,
             bus: self.bus,
         })

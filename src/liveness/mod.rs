@@ -36,15 +36,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::events::{LivenessEvent, ProbeError};
 pub use config::LivenessMonitorBuilder;
 pub use probe::{NoProbe, ProbeBatch, Prober};
 pub use report::{HeartbeatError, LivenessStats, WatchError};
+
+pub use crate::events::{LivenessEvent, ProbeError};
 
 use crate::build::BuildError;
 use crate::events::Event;
@@ -93,8 +93,9 @@ const STOPPED: u64 = 1 << 63;
 ///   than the pause allowance (the controller was paused or starved), it
 ///   extends every deadline by the stall instead of convicting anyone.
 ///
-/// Events ([`subscribe`](Self::subscribe)) come per router, and say when a
-/// whole router went silent.
+/// Events ([`Event::Liveness`] on the bus given to
+/// [`events`](LivenessMonitorBuilder::events)) come per router, and say when
+/// a whole router went silent.
 ///
 /// # Example
 ///
@@ -163,7 +164,6 @@ struct Shared<S: SessionStore, Pr> {
     /// router in its grace period), with how many holds each has.
     held: Mutex<HashMap<RouterId, usize>>,
     counters: Counters,
-    events: broadcast::Sender<LivenessEvent>,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
@@ -216,7 +216,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             piece: config::PIECE,
         })?;
         let tag = tag::next()?;
-        let (events, _) = broadcast::channel(config.events);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             store,
@@ -230,7 +229,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             suspects: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             counters: Counters::default(),
-            events,
             stop: stop.clone(),
             tracker: TaskTracker::new(),
         });
@@ -484,18 +482,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     #[must_use]
     pub fn reap_bound(&self, timeout: Duration) -> Duration {
         self.shared.config.reap_bound(timeout)
-    }
-
-    /// Subscribes to the monitor's events from now on.
-    ///
-    /// A subscriber that falls behind by more than the event capacity loses
-    /// the oldest events and learns how many from
-    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
-    ///
-    /// See the example on [`LivenessEvent`].
-    #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<LivenessEvent> {
-        self.shared.events.subscribe()
     }
 
     /// A snapshot of the monitor's counters.
@@ -753,9 +739,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     fn emit(&self, event: LivenessEvent) {
-        crate::events::emit(self.config.bus.as_ref(), || Event::Liveness(event.clone()));
-        // No subscriber is not an error.
-        let _ = self.events.send(event);
+        crate::events::emit(self.config.bus.as_ref(), || Event::Liveness(event));
     }
 
     #[cold]

@@ -1,9 +1,11 @@
 //! Sessions: the handle, its state machine and close notification.
 
 mod beat;
+mod close;
 mod closed;
 mod handle;
 mod resource;
+mod spec;
 mod state;
 mod token;
 mod traffic;
@@ -12,10 +14,11 @@ mod traffic;
 mod loom_tests;
 
 pub(crate) use beat::{Estimate, TimeoutRule};
+pub(crate) use close::{DeferredClose, release_contained};
 pub use closed::{Closed, ClosedOwned};
-pub(crate) use handle::{DeferredClose, release_contained};
-pub use handle::{NewSession, Session};
+pub use handle::Session;
 pub use resource::{AttachError, Classed, Resource, ResourceClass};
+pub use spec::NewSession;
 pub(crate) use state::{CloseFrom, MAX_WATCHER, WatchRefused};
 pub use state::{CloseOutcome, CloseReason, SessionState, Transition};
 pub use token::SessionToken;

@@ -1,0 +1,219 @@
+//! [`ReclaimQueueBuilder`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::heap::{Counters, Heap, Shared};
+use super::policy::{DefaultPolicy, ReclaimPolicy};
+use super::queue::{Owner, ReclaimQueue};
+use crate::build::{BuildError, check_count, wired};
+use crate::events::EventBus;
+
+/// Builder of a [`ReclaimQueue`].
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{DefaultPolicy, EventBus, ReclaimQueue};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder()
+///     .capacity(10_000)
+///     .workers(4)
+///     .policy(DefaultPolicy::default().class_spacing(Duration::from_millis(500)))
+///     .events(EventBus::default())
+///     .paused(false)
+///     .build()?;
+/// assert_eq!((queue.stats().capacity, queue.stats().workers), (10_000, 4));
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct ReclaimQueueBuilder {
+    capacity: usize,
+    workers: usize,
+    policy: Arc<dyn ReclaimPolicy>,
+    bus: Option<EventBus>,
+    paused: bool,
+}
+
+impl fmt::Debug for ReclaimQueueBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimQueueBuilder")
+            .field("capacity", &self.capacity)
+            .field("workers", &self.workers)
+            .field("events", &self.bus.is_some())
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ReclaimQueueBuilder {
+    fn default() -> Self {
+        Self {
+            capacity: 65_536,
+            workers: 2,
+            policy: Arc::new(DefaultPolicy::default()),
+            bus: None,
+            paused: false,
+        }
+    }
+}
+
+/// The most worker tasks a queue runs.
+const MAX_WORKERS: usize = 1_024;
+
+impl ReclaimQueueBuilder {
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([("events", self.bus.is_some())])
+    }
+
+    /// The most tasks waiting at once (default 65,536; at least 1). Memory
+    /// is bounded by `capacity` waiting tasks plus one running task per
+    /// worker.
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// How many worker tasks run tasks (default 2; 1 to 1,024).
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// The policy (default [`DefaultPolicy`]).
+    ///
+    /// See the example on [`ReclaimPolicy`] for a policy of your own.
+    pub fn policy(mut self, policy: impl ReclaimPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Publishes every [`ReclaimEvent`](crate::ReclaimEvent) on `bus`, as
+    /// [`Event::Reclaim`](crate::Event::Reclaim) (default: none).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+    ///     RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let queue = ReclaimQueue::builder().events(bus).build()?;
+    ///
+    /// let gone = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
+    ///     Err::<(), _>(ReclaimError::permanent("no such port"))
+    /// });
+    /// queue.push(gone).await?;
+    /// queue.idle().await;
+    /// assert!(matches!(
+    ///     events.try_recv(),
+    ///     Some(Event::Reclaim(ReclaimEvent::ReclaimFailed { .. }))
+    /// ));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Starts the queue with its workers paused (see
+    /// [`ReclaimQueue::pause`]).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// // Paused: fill the queue first, then let the policy order all of it.
+    /// let queue = ReclaimQueue::builder().paused(true).build()?;
+    /// for id in 0..10 {
+    ///     queue.push(task(id)).await?;
+    /// }
+    /// assert_eq!(queue.stats().depth, 10);
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert_eq!(queue.stats().completed, 10);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn paused(mut self, paused: bool) -> Self {
+        self.paused = paused;
+        self
+    }
+
+    /// Builds the queue and spawns its workers on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::NoRuntime`] outside a tokio runtime;
+    /// [`BuildError::Setting`] for a capacity of 0 or above tokio's semaphore
+    /// limit, or workers outside 1 to 1,024.
+    ///
+    /// See the example on [`ReclaimQueueBuilder`].
+    pub fn build(self) -> Result<ReclaimQueue, BuildError> {
+        const PIECE: &str = "ReclaimQueue";
+        let capacity = check_count(PIECE, "capacity", self.capacity, Semaphore::MAX_PERMITS)?;
+        let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
+        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
+        let shared = Arc::new(Shared {
+            heap: Mutex::new(Heap::default()),
+            permits: Semaphore::new(capacity),
+            capacity,
+            workers,
+            work: Notify::new(),
+            idle: Notify::new(),
+            policy: self.policy,
+            epoch: Instant::now(),
+            paused: AtomicBool::new(self.paused),
+            closed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            bus: self.bus,
+            tracker: TaskTracker::new(),
+            aborts: Mutex::new(Vec::with_capacity(workers)),
+            interrupted: Mutex::new(Vec::new()),
+        });
+        for _ in 0..workers {
+            let worker = shared
+                .tracker
+                .spawn_on(Arc::clone(&shared).work_loop(), &runtime);
+            shared.aborts.lock().push(worker.abort_handle());
+        }
+        Ok(ReclaimQueue {
+            _owner: Arc::new(Owner(Arc::clone(&shared))),
+            shared,
+        })
+    }
+}

@@ -1,0 +1,186 @@
+//! Closing sessions through the queue, and shutting the queue down.
+
+use std::sync::atomic::Ordering;
+
+use tokio::time::Duration;
+
+use super::queue::ReclaimQueue;
+use super::report::{PushError, ShutdownReport};
+use super::task::{ReclaimTask, release_tasks};
+use crate::id::SessionKey;
+use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
+
+impl ReclaimQueue {
+    /// Closes `session` with `reason` and queues the release of its
+    /// attached resources: one task per [`ResourceClass`](crate::ResourceClass)
+    /// present, most urgent first, carrying the session's traffic. The token
+    /// is wiped at once; resources that ask for it
+    /// ([`Resource::release_inline`](crate::Resource::release_inline)) are
+    /// released at once. [`Session::closed`] resolves when every queued
+    /// release has run (or failed and been reported).
+    ///
+    /// Returns [`CloseOutcome::AlreadyClosed`], queueing nothing, if the
+    /// session was closed already. On a shut-down queue the resources are
+    /// released in the caller instead: never lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// Once polled, the session is closed; dropping the future before it
+    /// resolves releases the resources not yet queued at once.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     Classed, CloseReason, Incarnation, NewSession, ReclaimQueue, ResourceClass,
+    ///     RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
+    /// session.attach(|_: CloseReason| { /* free a buffer */ })?;
+    /// session.attach(Classed::new(
+    ///     ResourceClass::Critical,
+    ///     |_: CloseReason| { /* drop kernel state */ },
+    /// ))?;
+    ///
+    /// let outcome = queue.close_session(&session, CloseReason::Forced).await;
+    /// assert!(outcome.won());
+    /// // The close completes once every queued release ran: one task per class.
+    /// assert_eq!(session.closed().await, CloseReason::Forced);
+    /// assert_eq!(queue.stats().completed, 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn close_session<P>(&self, session: &Session<P>, reason: CloseReason) -> CloseOutcome
+    where
+        P: Send + Sync + 'static,
+    {
+        match session.close_deferred(reason) {
+            Ok(deferred) => {
+                for task in release_tasks(session, deferred) {
+                    self.push_or_release(task).await;
+                }
+                CloseOutcome::Closed
+            }
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Closes every open session of `sessions` with `reason` first, then
+    /// queues their releases, the most urgent class of all sessions first
+    /// (within a class, in the order given). Returns the ids of the
+    /// sessions this call closed.
+    pub(crate) async fn close_sessions<P>(
+        &self,
+        sessions: &[Session<P>],
+        reason: CloseReason,
+        from: CloseFrom,
+    ) -> Vec<SessionKey>
+    where
+        P: Send + Sync + 'static,
+    {
+        let mut closed = Vec::new();
+        let mut queued = Vec::new();
+        for session in sessions {
+            if let Some(deferred) = session.close_deferred_from(reason, from) {
+                closed.push(session.key());
+                queued.extend(release_tasks(session, deferred));
+            }
+        }
+        // Stable: within a class, sessions keep the given order.
+        queued.sort_by_key(|task| task.info().class.rank());
+        for task in queued {
+            self.push_or_release(task).await;
+        }
+        closed
+    }
+
+    /// Queues a task of [`close_session`](Self::close_session) or, on a
+    /// shut-down queue, drops it (which releases its resources at once).
+    pub(crate) async fn push_or_release(&self, task: ReclaimTask) {
+        if let Err(PushError(task)) = self.push(task).await {
+            tracing::debug!(task = ?task.info(), "reclaim queue shut down; releasing in the caller");
+            drop(task);
+        }
+    }
+
+    /// Stops taking tasks, lets the workers drain the queue until
+    /// `deadline` from now, then stops them. Returns whether everything
+    /// drained, the tasks left unstarted (handed back), and those
+    /// interrupted while running. Paused workers are resumed to drain.
+    ///
+    /// Pushes waiting for room get their tasks back ([`PushError`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the queue closed and the workers
+    /// draining without a deadline.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// queue.push(task(1)).await?;
+    ///
+    /// let report = queue.shutdown(Duration::from_secs(5)).await;
+    /// assert!(report.drained && report.left.is_empty() && report.interrupted.is_empty());
+    /// assert!(queue.stats().closed);
+    /// assert!(queue.push(task(2)).await.is_err()); // no new work
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let shared = &self.shared;
+        shared.close();
+        shared.tracker.close();
+        let drained = tokio::time::timeout(deadline, shared.tracker.wait())
+            .await
+            .is_ok();
+        let mut left = Vec::new();
+        if !drained {
+            shared.stop.store(true, Ordering::SeqCst);
+            left = std::mem::take(&mut shared.heap.lock().entries)
+                .into_sorted_vec()
+                .into_iter()
+                .rev()
+                .map(|entry| entry.task)
+                .collect();
+            shared.permits.add_permits(left.len());
+            for worker in shared.aborts.lock().iter() {
+                worker.abort();
+            }
+            shared.work.notify_waiters();
+            shared.tracker.wait().await;
+        }
+        let interrupted = std::mem::take(&mut *shared.interrupted.lock());
+        if !left.is_empty() || !interrupted.is_empty() {
+            tracing::warn!(
+                left = left.len(),
+                interrupted = interrupted.len(),
+                "reclaim queue shut down before draining"
+            );
+        }
+        ShutdownReport {
+            drained,
+            left,
+            interrupted,
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! [`ReclaimQueue`]: pushing tasks, pausing, watching.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::TryAcquireError;
+
+use super::builder::ReclaimQueueBuilder;
+use super::heap::Shared;
+use super::report::{PushError, ReclaimStats, TryPushError};
+use super::task::ReclaimTask;
+use crate::events::ReclaimEvent;
+use crate::session::Session;
+
+/// A bounded priority queue of reclamation work, run by worker tasks.
+///
+/// When sessions are force-closed, reaped or swept, releasing what they held
+/// (ports, buffers, routing and policy-cache entries, tokens) is queued
+/// here. The queue:
+///
+/// - **orders** by the [`ReclaimPolicy`](super::ReclaimPolicy): with
+///   [`DefaultPolicy`](super::DefaultPolicy), resource class first
+///   (critical → low), then traffic (busier sessions first), with aging, so
+///   a low task is never starved by a stream of urgent ones (see
+///   [`DefaultPolicy`](super::DefaultPolicy) for the bound);
+/// - is **bounded**: [`push`](Self::push) waits while `capacity` tasks wait
+///   (backpressure), [`try_push`](Self::try_push) hands the task back;
+/// - **never drops work**: a failing attempt is retried on the policy's
+///   [`RetrySchedule`](super::RetrySchedule) (exponential backoff with
+///   jitter, through `backon`), and a task that fails for good (last
+///   attempt, permanent error, panic) is reported by a
+///   [`ReclaimEvent::ReclaimFailed`], a `tracing` error and the
+///   [`failed`](ReclaimStats::failed) count;
+/// - **warns** once per session about sessions older than the policy's
+///   threshold ([`check_long_lived`](Self::check_long_lived));
+/// - **shuts down** draining within a deadline and hands back what was left
+///   ([`shutdown`](Self::shutdown)). Dropping every handle closes the queue
+///   too; the workers then finish every queued task and exit.
+///
+/// A worker runs one task at a time and sleeps a failing task's backoff
+/// itself; more workers keep other work moving meanwhile.
+///
+/// Handles are cheap to clone and share one queue.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use session_lifecycle::{
+///     ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass, RouterId, SessionId,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = ReclaimQueue::builder().capacity(1024).workers(2).build()?;
+/// let released = Arc::new(AtomicU32::new(0));
+/// for id in 0..10 {
+///     let released = Arc::clone(&released);
+///     let task = ReclaimTask::new(SessionId::new(id), RouterId::new(1), move || {
+///         let released = Arc::clone(&released);
+///         async move {
+///             released.fetch_add(1, Ordering::SeqCst);
+///             Ok::<(), ReclaimError>(())
+///         }
+///     })
+///     .class(ResourceClass::High);
+///     queue.push(task).await?;
+/// }
+/// let report = queue.shutdown(std::time::Duration::from_secs(5)).await;
+/// assert!(report.drained && report.left.is_empty());
+/// assert_eq!(released.load(Ordering::SeqCst), 10);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ReclaimQueue {
+    pub(super) shared: Arc<Shared>,
+    /// Closes the queue when the last handle drops (workers hold `shared`
+    /// only).
+    pub(super) _owner: Arc<Owner>,
+}
+
+pub(super) struct Owner(pub(super) Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl fmt::Debug for ReclaimQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimQueue")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReclaimQueue {
+    /// A builder: capacity, workers, policy.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().workers(8).build()?;
+    /// assert_eq!(queue.stats().workers, 8);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> ReclaimQueueBuilder {
+        ReclaimQueueBuilder::default()
+    }
+
+    /// Queues `task`, waiting while the queue is full.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError`] hands the task back if the queue is shut down (before
+    /// or while waiting).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it resolves drops the task with it (a
+    /// task releasing session resources then releases them at once) and
+    /// leaves the queue as it was.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+    /// queue.push(task(1)).await?;
+    ///
+    /// // Full: the second push waits for room (backpressure), here up to a second.
+    /// let waited =
+    ///     tokio::time::timeout(Duration::from_secs(1), queue.push(task(2))).await;
+    /// assert!(waited.is_err());
+    ///
+    /// queue.resume();
+    /// queue.push(task(3)).await?; // room again once a worker took the first
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn push(&self, task: ReclaimTask) -> Result<(), PushError> {
+        let permit = match self.shared.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(PushError(task)),
+            Err(TryAcquireError::NoPermits) => match self.shared.permits.acquire().await {
+                Ok(permit) => permit,
+                Err(_closed) => return Err(PushError(task)),
+            },
+        };
+        permit.forget();
+        self.shared.insert(task).map_err(PushError)
+    }
+
+    /// Queues `task` if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// [`TryPushError::Full`] or [`TryPushError::ShutDown`], handing the task
+    /// back.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
+    /// queue.try_push(task(1))?;
+    /// // Full: the task comes back at once instead of waiting.
+    /// let back = queue.try_push(task(2)).unwrap_err().into_task();
+    /// assert_eq!(back.info().session, SessionId::new(2));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
+        match self.shared.permits.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                self.shared.insert(task).map_err(TryPushError::ShutDown)
+            }
+            Err(TryAcquireError::NoPermits) => Err(TryPushError::Full(task)),
+            Err(TryAcquireError::Closed) => Err(TryPushError::ShutDown(task)),
+        }
+    }
+
+    /// Reports every session of `sessions` that is open and older than the
+    /// policy's [`long_lived_threshold`](super::ReclaimPolicy::long_lived_threshold)
+    /// with one [`ReclaimEvent::LongLivedSession`] (on the bus given to
+    /// [`events`](ReclaimQueueBuilder::events)), once per session however
+    /// often it is checked (the session remembers it was reported). Returns
+    /// how many were reported by this call.
+    ///
+    /// Call it from a periodic task over the sessions you want watched (for
+    /// example each router's [`SessionStore::sessions`](crate::SessionStore::sessions)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     DefaultPolicy, Event, EventBus, Incarnation, NewSession, ReclaimEvent, ReclaimQueue,
+    ///     RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hour = Duration::from_secs(3_600);
+    /// let policy = DefaultPolicy::default().long_lived_threshold(Some(hour));
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let queue = ReclaimQueue::builder().policy(policy).events(bus).build()?;
+    /// let session =
+    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///         .into_session();
+    ///
+    /// tokio::time::advance(2 * hour).await;
+    /// assert_eq!(queue.check_long_lived([&session]), 1);
+    /// assert_eq!(queue.check_long_lived([&session]), 0); // reported once
+    /// match events.try_recv() {
+    ///     Some(Event::Reclaim(ReclaimEvent::LongLivedSession { session: id, age, .. })) => {
+    ///         assert_eq!(id, session.id());
+    ///         assert!(age >= hour);
+    ///     }
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn check_long_lived<'a, P: 'a>(
+        &self,
+        sessions: impl IntoIterator<Item = &'a Session<P>>,
+    ) -> usize {
+        let policy = &self.shared.policy;
+        let Ok(Some(threshold)) = catch_unwind(AssertUnwindSafe(|| policy.long_lived_threshold()))
+        else {
+            return 0;
+        };
+        let mut reported = 0;
+        for session in sessions {
+            let age = session.age();
+            if age >= threshold && !session.is_closed() && session.flag_long_lived() {
+                reported += 1;
+                tracing::warn!(session = %session.id(), router = %session.router(), ?age,
+                    "long-lived session");
+                self.shared.publish(ReclaimEvent::LongLivedSession {
+                    session: session.id(),
+                    router: session.router(),
+                    incarnation: session.incarnation(),
+                    age,
+                });
+            }
+        }
+        self.shared
+            .counters
+            .long_lived
+            .fetch_add(reported as u64, Ordering::Relaxed);
+        reported
+    }
+
+    /// Stops the workers from starting tasks (tasks running go on); pushes
+    /// still queue. For maintenance windows and deterministic tests. Has no
+    /// effect once the queue is closed: a closed queue always drains.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// queue.pause(); // a maintenance window: releases wait
+    /// queue.push(task(1)).await?;
+    /// tokio::task::yield_now().await;
+    /// assert_eq!(queue.stats().depth, 1);
+    ///
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert_eq!(queue.stats().completed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the workers start tasks again.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().paused(true).build()?;
+    /// queue.push(task(1)).await?;
+    /// queue.resume();
+    /// queue.idle().await;
+    /// assert!(!queue.stats().paused);
+    /// assert_eq!(queue.stats().completed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.shared.work.notify_waiters();
+    }
+
+    /// A snapshot of the queue's counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::ReclaimQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let queue = ReclaimQueue::builder().capacity(512).build()?;
+    /// let stats = queue.stats();
+    /// assert_eq!((stats.capacity, stats.depth, stats.in_flight), (512, 0, 0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn stats(&self) -> ReclaimStats {
+        let shared = &self.shared;
+        let (depth, peak_depth) = {
+            let heap = shared.heap.lock();
+            (heap.entries.len(), heap.peak)
+        };
+        let counters = &shared.counters;
+        ReclaimStats {
+            capacity: shared.capacity,
+            depth,
+            peak_depth,
+            in_flight: counters.in_flight.load(Ordering::Relaxed),
+            pushed: counters.pushed.load(Ordering::Relaxed),
+            completed: counters.completed.load(Ordering::Relaxed),
+            retried: counters.retried.load(Ordering::Relaxed),
+            failed: counters.failed.load(Ordering::Relaxed),
+            long_lived: counters.long_lived.load(Ordering::Relaxed),
+            workers: shared.workers,
+            paused: shared.paused.load(Ordering::Relaxed) && !shared.closed.load(Ordering::Relaxed),
+            closed: shared.closed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until no task waits or runs (new pushes may arrive right
+    /// after). Workers must not be paused for this to resolve.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only observes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{
+    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let task = |id| {
+    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
+    ///         Ok::<(), ReclaimError>(())
+    ///     })
+    /// };
+    /// let queue = ReclaimQueue::builder().build()?;
+    /// for id in 0..100 {
+    ///     queue.push(task(id)).await?;
+    /// }
+    /// queue.idle().await; // e.g. before taking a snapshot in a test
+    /// assert_eq!(queue.stats().completed, 100);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

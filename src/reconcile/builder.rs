@@ -1,0 +1,248 @@
+//! [`ReconcilerBuilder`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
+use tokio::time::Duration;
+use tokio_util::task::TaskTracker;
+
+use super::reconciler::{Config, Inner, Reconciler};
+use crate::build::{BuildError, check_count, wired};
+use crate::events::EventBus;
+use crate::liveness::{LivenessMonitor, Prober};
+use crate::reclaim::ReclaimQueue;
+use crate::store::SessionStore;
+
+/// Builder of a [`Reconciler`].
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use session_lifecycle::{
+///     EventBus, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue, Reconciler,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(MemoryStore::new());
+/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+/// let reconciler = Reconciler::builder()
+///     .grace_period(Duration::from_secs(60))
+///     .chunk_size(1_024)
+///     .spare_younger_than(Duration::from_secs(2))
+///     .reclaim_queue(ReclaimQueue::builder().build()?)
+///     .liveness(&monitor)
+///     .events(EventBus::default())
+///     .build(Arc::clone(&store))?;
+/// assert_eq!(reconciler.in_grace(), 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ReconcilerBuilder {
+    config: Config,
+}
+
+impl Reconciler<crate::MemoryStore> {
+    /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
+    /// sessions, no session spared for its youth, no reclaim queue, no
+    /// event bus.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{MemoryStore, Reconciler};
+    ///
+    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new())).unwrap();
+    /// assert_eq!(reconciler.in_grace(), 0);
+    /// ```
+    pub fn builder() -> ReconcilerBuilder {
+        ReconcilerBuilder {
+            config: Config {
+                grace: Duration::from_secs(30),
+                chunk: 4_096,
+                spare_younger_than: Duration::ZERO,
+                reclaim: None,
+                events: None,
+                liveness: None,
+            },
+        }
+    }
+}
+
+impl ReconcilerBuilder {
+    /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
+    /// itself, if any.
+    pub(crate) fn wired(&self) -> Option<&'static str> {
+        wired([
+            ("events", self.config.events.is_some()),
+            ("reclaim_queue", self.config.reclaim.is_some()),
+            ("liveness", self.config.liveness.is_some()),
+        ])
+    }
+
+    /// How long a disconnected router has to reconnect before its sessions
+    /// are closed (default 30 s).
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+
+    /// How many sessions are handled between two yields to the runtime
+    /// (default 4,096; at least 1, checked by [`build`](Self::build)).
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn chunk_size(mut self, chunk: usize) -> Self {
+        self.config.chunk = chunk;
+        self
+    }
+
+    /// Sessions created less than `age` before a reconciliation started are
+    /// never closed for missing from the report: the router may have taken
+    /// its report before they reached it. Set it to the longest delay
+    /// between a router taking its report and the controller receiving it
+    /// (default zero: only sessions created after the call started are
+    /// spared).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let reconciler = Reconciler::builder()
+    ///     .spare_younger_than(Duration::from_secs(5))
+    ///     .build(Arc::clone(&store))?;
+    ///
+    /// // Created just before the router took its report: not in it, but spared.
+    /// let young =
+    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
+    /// let report =
+    ///     reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
+    /// assert_eq!(report.summary.spared, 1);
+    /// assert!(!young.is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn spare_younger_than(mut self, age: Duration) -> Self {
+        self.config.spare_younger_than = age;
+        self
+    }
+
+    /// Releases the resources of the sessions it closes through `queue`.
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
+        self.config.reclaim = Some(queue);
+        self
+    }
+
+    /// Holds a router in `monitor` for as long as its grace period lasts
+    /// ([`LivenessMonitor::hold_router`]): a disconnected router cannot
+    /// carry heartbeats or probe answers, and its sessions must not be
+    /// reaped before the grace period decides their fate. Without it, a
+    /// monitored router's sessions are reaped as soon as their probes fail.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     LivenessMonitor, MemoryStore, NoProbe, Reconciler, RouterId, SessionId,
+    ///     SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store))?;
+    ///
+    /// let _ = reconciler.router_disconnected(router).await?;
+    /// assert!(monitor.is_held(router)); // no reaping during the grace period
+    /// // It is back: the reconciliation ends the grace period and the hold.
+    /// let _ = reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
+    /// assert!(!monitor.is_held(router));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn liveness<S: SessionStore, Pr: Prober>(
+        mut self,
+        monitor: &LivenessMonitor<S, Pr>,
+    ) -> Self {
+        self.config.liveness = Some(monitor.holds());
+        self
+    }
+
+    /// Publishes [`Event::Reconciled`](crate::Event::Reconciled),
+    /// [`Event::RouterDisconnected`](crate::Event::RouterDisconnected) and
+    /// [`Event::RouterLost`](crate::Event::RouterLost) on `bus`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{
+    ///     Event, EventBus, MemoryStore, Reconciler, RouterId, SessionId, SessionStore,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    /// let bus = EventBus::default();
+    /// let mut events = bus.subscribe();
+    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store))?;
+    ///
+    /// let _ = reconciler.reconcile(router, incarnation, [SessionId::new(9)]).await?;
+    /// match events.try_recv() {
+    ///     Some(Event::Reconciled(summary)) => assert_eq!(summary.unknown, 1),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn events(mut self, bus: EventBus) -> Self {
+        self.config.events = Some(bus);
+        self
+    }
+
+    /// Builds the reconciler over `store`.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a chunk size of 0.
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<Reconciler<S>, BuildError> {
+        check_count("Reconciler", "chunk_size", self.config.chunk, usize::MAX)?;
+        Ok(Reconciler {
+            inner: Arc::new(Inner {
+                store,
+                config: self.config,
+                graces: Mutex::new(HashMap::new()),
+                epochs: AtomicU64::new(0),
+                tracker: TaskTracker::new(),
+            }),
+        })
+    }
+}

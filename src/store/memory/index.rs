@@ -1,0 +1,78 @@
+//! A router's entry in the store: its status and its session index.
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::Session;
+use crate::store::error::CreateErrorKind;
+use crate::store::report::RouterStatus;
+use crate::store::rules::{admits, holds};
+
+/// A router's entry: everything "check the fence + add to the index" reads
+/// and writes, under one lock.
+pub(super) type RouterEntry<P> = Mutex<RouterSlot<P>>;
+
+pub(super) struct RouterSlot<P> {
+    pub(super) status: RouterStatus,
+    /// The router's sessions, as handles: listing or fencing a router reads
+    /// only this, never the session map.
+    pub(super) index: SessionIndex<P>,
+}
+
+pub(super) type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
+
+/// Removes `session`'s entry from `index` if it is this very session (a
+/// later session reusing the id keeps its entry); returns what it removed,
+/// for the caller to drop after its guards.
+pub(super) fn unindex<P>(index: &mut SessionIndex<P>, session: &Session<P>) -> Option<Session<P>> {
+    let id = session.id();
+    if !index
+        .get(&id)
+        .is_some_and(|indexed| Session::ptr_eq(indexed, session))
+    {
+        return None;
+    }
+    let removed = index.remove(&id);
+    shrink_if_sparse(index);
+    removed
+}
+
+/// Handles of the indexed sessions; call with the router's lock held.
+pub(super) fn handles<P>(index: &SessionIndex<P>) -> Vec<Session<P>> {
+    index.values().cloned().collect()
+}
+
+/// Gives back an index's memory once it is mostly empty; halving at a
+/// quarter full keeps the cost amortised O(1) per removal.
+fn shrink_if_sparse<P>(index: &mut SessionIndex<P>) {
+    if index.capacity() > 16 && index.len() * 4 < index.capacity() {
+        index.shrink_to(index.len() * 2);
+    }
+}
+
+impl<P> RouterSlot<P> {
+    pub(super) fn live(incarnation: Incarnation) -> Self {
+        Self {
+            status: RouterStatus::Live(incarnation),
+            index: HashMap::default(),
+        }
+    }
+
+    /// Whether a session may be created in `requested`.
+    pub(super) fn admits(
+        &self,
+        router: RouterId,
+        requested: Incarnation,
+    ) -> Result<(), CreateErrorKind> {
+        admits(self.status, router, requested)
+    }
+
+    /// Whether a stored session of `incarnation` belongs here: the router is
+    /// live or fenced in that very incarnation.
+    pub(super) fn status_holds(&self, incarnation: Incarnation) -> bool {
+        holds(self.status, incarnation)
+    }
+}
