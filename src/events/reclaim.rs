@@ -10,9 +10,9 @@ use tokio::time::Duration;
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::ResourceClass;
 
-/// Something a [`ReclaimQueue`](super::ReclaimQueue) reports, as
+/// Something a [`ReclaimQueue`](crate::ReclaimQueue) reports, as
 /// [`Event::Reclaim`](crate::Event::Reclaim) on the bus given to
-/// [`ReclaimQueueBuilder::events`](super::ReclaimQueueBuilder::events).
+/// [`ReclaimQueueBuilder::events`](crate::ReclaimQueueBuilder::events).
 ///
 /// It is `#[non_exhaustive]`: match it with a wildcard arm.
 ///

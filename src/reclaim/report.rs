@@ -55,7 +55,7 @@ pub struct ReclaimStats {
     /// Attempts that failed and were retried.
     pub retried: u64,
     /// Tasks that failed for good (each reported by a
-    /// [`ReclaimEvent::ReclaimFailed`]).
+    /// [`ReclaimEvent::ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed)).
     pub failed: u64,
     /// Sessions reported long-lived.
     pub long_lived: u64,
@@ -109,7 +109,7 @@ pub struct ShutdownReport {
     /// releasing session resources releases them when dropped).
     pub left: Vec<ReclaimTask>,
     /// Tasks that were running when the deadline passed; each was also
-    /// reported by a [`ReclaimEvent::ReclaimFailed`] of kind
+    /// reported by a [`ReclaimEvent::ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed) of kind
     /// [`Interrupted`](crate::ReclaimErrorKind::Interrupted).
     pub interrupted: Vec<TaskInfo>,
 }
