@@ -61,7 +61,7 @@ use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
 /// - is **bounded**: [`push`](Self::push) waits while `capacity` tasks wait
 ///   (backpressure), [`try_push`](Self::try_push) hands the task back;
 /// - **never drops work**: a failing attempt is retried on the policy's
-///   [`RetrySchedule`] (exponential backoff with jitter, through `backon`),
+///   [`RetrySchedule`] (its [`Backoff`](crate::Backoff) between attempts),
 ///   and a task that fails for good (last attempt, permanent error, panic)
 ///   is reported by a [`ReclaimEvent::ReclaimFailed`], a `tracing` error and
 ///   the [`failed`](ReclaimStats::failed) count;
@@ -1077,7 +1077,11 @@ impl Shared {
         };
         let schedule = catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
             .unwrap_or_default();
-        let mut backoff = schedule.backoff();
+        if let Err(error) = schedule.backoff().validate() {
+            // Out-of-range settings are drawn clamped; say so.
+            tracing::warn!(task = ?info, %error, "the policy's retry schedule is out of range; clamped");
+        }
+        let mut backoff = schedule.backoff().iter();
         loop {
             running.attempts = running.attempts.saturating_add(1);
             let error = match task.attempt(Some(schedule.timeout())).await {

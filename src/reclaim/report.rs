@@ -16,14 +16,14 @@ use crate::id::{Incarnation, RouterId, SessionId};
 ///
 /// ```
 /// use session_lifecycle::{
-///     DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+///     Backoff, DefaultPolicy, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
 ///     RetrySchedule, RouterId, SessionId,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let policy =
-///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
+///     DefaultPolicy::default().retry_schedule(RetrySchedule::new(Backoff::new().retries(1)));
 /// let queue = ReclaimQueue::builder().policy(policy).build()?;
 /// let mut events = queue.subscribe();
 ///
