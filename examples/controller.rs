@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
-    CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession, NotifyError,
-    ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session, SessionId,
-    SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
+    Backoff, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
+    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session,
+    SessionId, SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};
@@ -272,8 +272,11 @@ async fn main() -> Result<ExitCode, BoxError> {
             RouterDeleter::builder()
                 .batch_size(1_000)
                 .confirm_timeout(Duration::from_millis(500))
-                .retries(2)
-                .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+                .backoff(
+                    Backoff::new()
+                        .retries(2)
+                        .delays(Duration::from_millis(50), Duration::from_millis(200)),
+                ),
         )
         .build()?;
     let (stop_watching, stop) = tokio::sync::oneshot::channel();

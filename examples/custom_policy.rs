@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    DefaultPolicy, Event, EventBus, Priority, ReclaimError, ReclaimEvent, ReclaimPolicy,
+    Backoff, DefaultPolicy, Event, EventBus, Priority, ReclaimError, ReclaimEvent, ReclaimPolicy,
     ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterId, SessionId, TaskInfo,
 };
 use tokio::time::Duration;
@@ -86,17 +86,21 @@ impl ReclaimPolicy for TenantTiers {
     /// event and an operator.
     fn retry_schedule(&self, task: &TaskInfo) -> RetrySchedule {
         match self.tier(task.router) {
-            Tier::Gold => RetrySchedule::default()
-                .retries(5)
-                .delays(Duration::from_millis(10), Duration::from_millis(160))
-                .jitter(false)
-                .attempt_timeout(Duration::from_secs(1)),
+            Tier::Gold => RetrySchedule::new(
+                Backoff::new()
+                    .retries(5)
+                    .delays(Duration::from_millis(10), Duration::from_millis(160))
+                    .jitter(false),
+            )
+            .attempt_timeout(Duration::from_secs(1)),
             Tier::Silver => RetrySchedule::default(),
-            Tier::Bronze => RetrySchedule::default()
-                .retries(1)
-                .delays(Duration::from_millis(50), Duration::from_millis(50))
-                .jitter(false)
-                .attempt_timeout(Duration::from_millis(250)),
+            Tier::Bronze => RetrySchedule::new(
+                Backoff::new()
+                    .retries(1)
+                    .delays(Duration::from_millis(50), Duration::from_millis(50))
+                    .jitter(false),
+            )
+            .attempt_timeout(Duration::from_millis(250)),
         }
     }
 

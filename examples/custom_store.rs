@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::future::join_all;
 use session_lifecycle::{
-    AuditReport, BackendError, CloseOutcome, CloseReason, CreateError, FenceError, FenceSnapshot,
-    FinishError, FinishReport, Incarnation, MemoryStore, NewSession, NotifyError, RegisterError,
-    Repair, RouterCensus, RouterDeleter, RouterError, RouterId, RouterStatus, Session,
-    SessionError, SessionId, SessionKey, SessionStore, Stats, TerminationBatch,
+    AuditReport, BackendError, Backoff, CloseOutcome, CloseReason, CreateError, FenceError,
+    FenceSnapshot, FinishError, FinishReport, Incarnation, MemoryStore, NewSession, NotifyError,
+    RegisterError, Repair, RouterCensus, RouterDeleter, RouterError, RouterId, RouterStatus,
+    Session, SessionError, SessionId, SessionKey, SessionStore, Stats, TerminationBatch,
     TerminationNotifier,
 };
 use tokio::time::Duration;
@@ -310,8 +310,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .batch_size(64)
         .notify_timeout(Duration::from_millis(500))
         .confirm_timeout(Duration::from_millis(300))
-        .retries(1)
-        .retry_backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .backoff(
+            Backoff::new()
+                .retries(1)
+                .delays(Duration::from_millis(50), Duration::from_millis(100)),
+        )
         .build(
             Arc::clone(&store),
             Routers {

@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    AuditSweeper, Classed, CloseReason, Event, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, Reconciler, ResourceClass, RouterDeleter,
-    RouterId, SessionId, SessionStore, Subscription, TerminationBatch, TerminationNotifier,
+    AuditSweeper, Backoff, Classed, CloseReason, Event, Lifecycle, LivenessMonitor, MemoryStore,
+    NewSession, NotifyError, ProbeBatch, ProbeError, Prober, Reconciler, ResourceClass,
+    RouterDeleter, RouterId, SessionId, SessionStore, Subscription, TerminationBatch,
+    TerminationNotifier,
 };
 use tokio::time::{Duration, Instant};
 
@@ -92,8 +93,11 @@ fn wire() -> Result<Controller, BoxError> {
         .deleter(
             RouterDeleter::builder()
                 .confirm_timeout(Duration::from_millis(400))
-                .retries(1)
-                .retry_backoff(Duration::from_millis(200), Duration::from_millis(400)),
+                .backoff(
+                    Backoff::new()
+                        .retries(1)
+                        .delays(Duration::from_millis(200), Duration::from_millis(400)),
+                ),
         )
         .liveness(
             LivenessMonitor::builder()

@@ -53,6 +53,9 @@
 //!   ([`CloseReason::LivenessTimeout`]) after the last silent round, within
 //!   [`LivenessMonitor::reap_bound`]. If the controller itself stalls, the
 //!   monitor extends deadlines instead of convicting anyone.
+//! - [`Backoff`]: the one retry schedule (on `backon`), used by the
+//!   deleter, the monitor and the queue; their bounds add up its
+//!   [`Backoff::longest_total`].
 //! - [`Reconciler`]: the backstop when a router cannot confirm anything.
 //!   [`Reconciler::reconcile`] compares what a (re)connected router reports
 //!   with the store, in chunks: it lists what the router should drop and
@@ -219,6 +222,7 @@
     attr(deny(warnings, rust_2018_idioms), allow(dead_code))
 ))]
 
+mod backoff;
 mod build;
 mod cleanup;
 mod deleter;
@@ -240,6 +244,7 @@ mod sweeper;
 pub mod test_util;
 mod transport_error;
 
+pub use backoff::Backoff;
 pub use build::BuildError;
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,

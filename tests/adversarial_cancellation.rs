@@ -30,12 +30,12 @@ use session_lifecycle::test_util::{
     paused_runtime, within,
 };
 use session_lifecycle::{
-    AuditReport, AuditSweeper, BackendError, Classed, CloseOutcome, CloseReason, Corruption,
-    CreateError, DeleteOutcome, FenceError, FenceSnapshot, FinishError, FinishReport, Incarnation,
-    LivenessMonitor, MemoryStore, NewSession, NoProbe, ReclaimError, ReclaimQueue, ReclaimTask,
-    Reconciler, RegisterError, Repair, ResourceClass, RouterCensus, RouterDeleter, RouterError,
-    RouterId, RouterStatus, Session, SessionError, SessionId, SessionKey, SessionState,
-    SessionStore,
+    AuditReport, AuditSweeper, BackendError, Backoff, Classed, CloseOutcome, CloseReason,
+    Corruption, CreateError, DeleteOutcome, FenceError, FenceSnapshot, FinishError, FinishReport,
+    Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReclaimError, ReclaimQueue,
+    ReclaimTask, Reconciler, RegisterError, Repair, ResourceClass, RouterCensus, RouterDeleter,
+    RouterError, RouterId, RouterStatus, Session, SessionError, SessionId, SessionKey,
+    SessionState, SessionStore,
 };
 use tokio::sync::Semaphore;
 use tokio::time::{Duration, Instant};
@@ -269,8 +269,11 @@ fn scripted_deleter(store: &Arc<RoundTrip>, queue: Option<ReclaimQueue>) -> Dele
         .batch_size(6)
         .notify_timeout(Duration::from_millis(300))
         .confirm_timeout(Duration::from_millis(400))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(100), Duration::from_millis(200));
+        .backoff(
+            Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(100), Duration::from_millis(200)),
+        );
     let builder = match queue {
         Some(queue) => builder.reclaim_queue(queue),
         None => builder,

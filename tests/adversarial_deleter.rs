@@ -30,9 +30,9 @@ use session_lifecycle::test_util::{
     report_within, within,
 };
 use session_lifecycle::{
-    CloseReason, DeleteError, DeleteOutcome, DeletionReport, Incarnation, MemoryStore, NewSession,
-    NotifyError, RouterDeleter, RouterDeleterBuilder, RouterId, RouterStatus, Session, SessionId,
-    SessionKey, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
+    Backoff, CloseReason, DeleteError, DeleteOutcome, DeletionReport, Incarnation, MemoryStore,
+    NewSession, NotifyError, RouterDeleter, RouterDeleterBuilder, RouterId, RouterStatus, Session,
+    SessionId, SessionKey, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -422,8 +422,11 @@ fn builder() -> RouterDeleterBuilder {
         .batch_size(4)
         .notify_timeout(Duration::from_secs(1))
         .confirm_timeout(Duration::from_secs(2))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(500), Duration::from_secs(2))
+        .backoff(
+            Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(500), Duration::from_secs(2)),
+        )
 }
 
 /// Fills `router` with `SESSIONS` observed sessions from id `first`, all

@@ -13,8 +13,8 @@ use proptest::prelude::*;
 use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::test_util::{Notify, Probe, ScriptedNotifier, ScriptedProber};
 use session_lifecycle::{
-    AuditSweeper, BuildError, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue, Reconciler,
-    RouterDeleter,
+    AuditSweeper, Backoff, BuildError, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue,
+    Reconciler, RouterDeleter,
 };
 use tokio::time::Duration;
 
@@ -54,10 +54,22 @@ fn settings_that_panicked_or_aborted_are_typed_errors() {
         Some("notify_rate")
     );
     let (builder, notifier) = deleter();
-    let backoff = builder.retry_backoff(Duration::from_secs(2), Duration::from_secs(1));
+    let backoff = Backoff::new().delays(Duration::from_secs(2), Duration::from_secs(1));
     assert_eq!(
-        refused(backoff.build(Arc::clone(&store), notifier)),
-        Some("retry_backoff")
+        refused(builder.backoff(backoff).build(Arc::clone(&store), notifier)),
+        Some("backoff")
+    );
+    let (builder, notifier) = deleter();
+    let backoff = Backoff::new().delays(Duration::MAX, Duration::MAX);
+    assert_eq!(
+        refused(builder.backoff(backoff).build(Arc::clone(&store), notifier)),
+        Some("backoff")
+    );
+    let (builder, notifier) = deleter();
+    let backoff = Backoff::new().factor(f32::NAN);
+    assert_eq!(
+        refused(builder.backoff(backoff).build(Arc::clone(&store), notifier)),
+        Some("backoff")
     );
     assert_eq!(
         refused(ReclaimQueue::builder().workers(usize::MAX).build()),
@@ -159,8 +171,7 @@ proptest! {
                 .notify_rate(rate)
                 .notify_timeout(durations[0])
                 .confirm_timeout(durations[1])
-                .retries(retries)
-                .retry_backoff(durations[2], durations[3])
+                .backoff(Backoff::new().retries(retries).delays(durations[2], durations[3]))
                 .build(Arc::clone(&store), notifier);
             if let Ok(deleter) = &deleter {
                 let _ = deleter.max_wait(sizes[1]);
@@ -174,8 +185,7 @@ proptest! {
                 .timeout_range(durations[5], durations[6])
                 .pause_allowance(durations[7])
                 .probe_timeout(durations[8])
-                .probe_retries(retries % 8)
-                .probe_backoff(durations[9], durations[10])
+                .probe_backoff(Backoff::new().retries(retries % 8).delays(durations[9], durations[10]))
                 .granularity(durations[11])
                 .build(Arc::clone(&store), ScriptedProber::always(Probe::nobody()));
             if let Ok(monitor) = &monitor {

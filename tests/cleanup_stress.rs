@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use session_lifecycle::test_util::conformance::soak_rounds;
 use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, Subset};
 use session_lifecycle::{
-    AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
-    Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionStore,
+    AuditSweeper, Backoff, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore,
+    NewSession, Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId,
+    SessionStore,
 };
 use tokio::task::JoinSet;
 use tokio::time::Duration;
@@ -147,8 +148,11 @@ async fn scenario(seed: u64) {
     let deleter = RouterDeleter::builder()
         .confirm_timeout(Duration::from_millis(50))
         .notify_timeout(Duration::from_millis(50))
-        .retries(1)
-        .retry_backoff(Duration::from_millis(5), Duration::from_millis(10))
+        .backoff(
+            Backoff::new()
+                .retries(1)
+                .delays(Duration::from_millis(5), Duration::from_millis(10)),
+        )
         .build(
             Arc::clone(&store),
             ScriptedNotifier::new(

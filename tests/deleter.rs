@@ -9,7 +9,8 @@ use session_lifecycle::test_util::{
     within,
 };
 use session_lifecycle::{
-    CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId, SessionStore,
+    Backoff, CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId,
+    SessionStore,
 };
 use tokio::time::{Duration, Instant};
 
@@ -34,8 +35,11 @@ fn deleter(
         .batch_size(10)
         .notify_timeout(Duration::from_secs(1))
         .confirm_timeout(Duration::from_secs(2))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(500), Duration::from_secs(4))
+        .backoff(
+            Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(500), Duration::from_secs(4)),
+        )
         .build(
             Arc::clone(store),
             ScriptedNotifier::new(Arc::clone(store), Script::by_round(first, retries)),
@@ -112,6 +116,49 @@ async fn a_router_that_never_answers_is_forced_within_the_bound() {
     );
     assert_eq!(observed.count_reason(CloseReason::Forced), 25);
     observed.assert_deleted(&*store).await;
+}
+
+/// A backoff's `max_duration` ends the re-notifications early, and
+/// `max_wait` counts it: the bound shrinks and still holds.
+#[tokio::test(start_paused = true)]
+async fn a_capped_backoff_ends_the_rounds_early_within_a_smaller_bound() {
+    let backoff = Backoff::new()
+        .retries(10)
+        .delays(Duration::from_secs(1), Duration::from_secs(1));
+    let capped = backoff.max_duration(Duration::from_millis(2_500));
+    let build = |store: &Arc<MemoryStore>, backoff| {
+        RouterDeleter::builder()
+            .notify_timeout(Duration::from_secs(1))
+            .confirm_timeout(Duration::from_secs(1))
+            .backoff(backoff)
+            .build(
+                Arc::clone(store),
+                ScriptedNotifier::always(Arc::clone(store), Notify::Never),
+            )
+            .expect("valid settings")
+    };
+    let store = Arc::new(MemoryStore::new());
+    let uncapped_bound = build(&store, backoff).max_wait(5);
+    for _ in 0..20 {
+        let store = Arc::new(MemoryStore::new());
+        let observed = ObservedRouter::fill(&*store, R, 0, 5).await;
+        let deleter = build(&store, capped);
+        // 11 rounds of 2 s at most, jittered waits of 1–2 s capped at 2.5 s,
+        // 1 ms per timer (3 per round, 1 per retry).
+        assert_eq!(
+            deleter.max_wait(5),
+            Duration::from_millis(22_000 + 2_500 + 43)
+        );
+        assert!(deleter.max_wait(5) < uncapped_bound);
+        let start = Instant::now();
+        let report = report_within(HOUR, deleter.delete(R)).await;
+        let elapsed = start.elapsed();
+        assert!(elapsed <= deleter.max_wait(5), "{elapsed:?}");
+        // At least one wait fits the cap, at most two: 2 or 3 rounds.
+        assert!((2..=3).contains(&report.rounds), "{report:?}");
+        assert_eq!(report.forced, 5);
+        observed.assert_deleted(&*store).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

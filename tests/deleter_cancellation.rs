@@ -8,7 +8,7 @@ use std::sync::Arc;
 use session_lifecycle::test_util::{
     HOUR, Notify, ObservedRouter, Script, ScriptedNotifier, Subset, within,
 };
-use session_lifecycle::{CloseReason, MemoryStore, RouterDeleter, RouterId};
+use session_lifecycle::{Backoff, CloseReason, MemoryStore, RouterDeleter, RouterId};
 use tokio::time::{Duration, Instant};
 
 /// What the router does with a notice, on the first round and on the
@@ -51,8 +51,11 @@ async fn case(first: Notify, retries: Notify, drop_at: Option<Duration>, keep_jo
         .batch_size(8)
         .notify_timeout(Duration::from_secs(1))
         .confirm_timeout(Duration::from_secs(2))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(500), Duration::from_secs(2))
+        .backoff(
+            Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(500), Duration::from_secs(2)),
+        )
         .build(
             Arc::clone(&store),
             ScriptedNotifier::new(Arc::clone(&store), Script::by_round(first, retries)),

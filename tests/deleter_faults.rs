@@ -12,10 +12,12 @@ use session_lifecycle::test_util::{
     report_within,
 };
 use session_lifecycle::{
-    CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
-    RouterStatus, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    Backoff, CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter,
+    RouterId, RouterStatus, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
 };
 use tokio::time::Duration;
+
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 const R: RouterId = RouterId::new(3);
 
@@ -57,7 +59,7 @@ async fn deadlines_past_the_clock_range_do_not_break_the_run() {
     let deleter = RouterDeleter::builder()
         .notify_timeout(Duration::MAX)
         .confirm_timeout(Duration::MAX)
-        .retry_backoff(Duration::MAX, Duration::MAX)
+        .backoff(Backoff::new().retries(u32::MAX).delays(DAY, DAY))
         .build(
             Arc::clone(&store),
             ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all()),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use session_lifecycle::test_util::{Probe, Script, ScriptedProber, Subset, mix, within};
 use session_lifecycle::{
-    BuildError, Classed, CloseReason, Event, EventBus, HeartbeatError, LivenessEvent,
+    Backoff, BuildError, Classed, CloseReason, Event, EventBus, HeartbeatError, LivenessEvent,
     LivenessMonitor, LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober,
     ReclaimQueue, ResourceClass, RouterId, Session, SessionId, SessionStore, Subscription,
     WatchError,
@@ -539,19 +539,24 @@ async fn settings_out_of_range_are_build_errors() {
             "pause_allowance",
         ),
         (
-            LivenessMonitor::builder().probe_backoff(ms(2_000), ms(1_000)),
+            LivenessMonitor::builder().probe_backoff(Backoff::new().delays(ms(2_000), ms(1_000))),
             "probe_backoff",
         ),
         (
-            LivenessMonitor::builder().probe_backoff(ms(0), day + ms(1)),
+            LivenessMonitor::builder().probe_backoff(Backoff::new().delays(ms(0), day + ms(1))),
             "probe_backoff",
         ),
     ];
     for (builder, setting) in cases {
         assert_eq!(refused(builder), Some(setting));
     }
-    assert!(refused(LivenessMonitor::builder().probe_backoff(day, day)).is_none());
-    assert!(refused(LivenessMonitor::builder().probe_backoff(ms(0), ms(0))).is_none());
+    let backoff =
+        |min, max| LivenessMonitor::builder().probe_backoff(Backoff::new().delays(min, max));
+    assert!(refused(backoff(day, day)).is_none());
+    assert!(refused(backoff(ms(0), ms(0))).is_none());
+    // The longest probe timeout's default backoff (up to four of them) is
+    // kept within a day.
+    assert!(refused(LivenessMonitor::builder().probe_timeout(day)).is_none());
     assert!(refused(LivenessMonitor::builder()).is_none());
     let outside = std::thread::spawn(|| {
         LivenessMonitor::builder()

@@ -12,8 +12,8 @@ use proptest::prelude::*;
 use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::test_util::{HOUR, Probe, ScriptedProber, Subset, run_paused, within};
 use session_lifecycle::{
-    CloseReason, LivenessMonitor, MemoryStore, NewSession, Prober, RouterId, Session, SessionId,
-    SessionStore,
+    Backoff, CloseReason, LivenessMonitor, MemoryStore, NewSession, Prober, RouterId, Session,
+    SessionId, SessionStore,
 };
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
@@ -182,6 +182,9 @@ struct Case {
     retries: u32,
     backoff: (u64, u64),
     jitter: bool,
+    factor: f32,
+    /// The backoff's `max_duration`, if any.
+    cap: Option<u64>,
     probe: Probe,
     /// Per router, per session: the gaps between its heartbeats, as
     /// fractions (‰) of the longest gap that cannot convict it.
@@ -197,9 +200,14 @@ impl Case {
             .timeout_range(ms(self.timeouts.0), ms(self.timeouts.1))
             .pause_allowance(ms(self.pause_allowance))
             .probe_timeout(ms(self.probe_timeout))
-            .probe_retries(self.retries)
-            .probe_backoff(ms(self.backoff.0), ms(self.backoff.1))
-            .probe_jitter(self.jitter)
+            .probe_backoff(
+                Backoff::new()
+                    .retries(self.retries)
+                    .delays(ms(self.backoff.0), ms(self.backoff.1))
+                    .jitter(self.jitter)
+                    .factor(self.factor)
+                    .max_duration(self.cap.map(ms)),
+            )
     }
 
     /// The gaps of one session: each at most the minimum timeout less two
@@ -228,7 +236,13 @@ fn case() -> impl Strategy<Value = Case> {
     (
         (20..=250u64, 0..=4_000u64, 0..=4_000u64, 0..=20_000u64),
         (0..=2_000u64, 1..=3_000u64, 0..=6u32),
-        (0..=3_000u64, 0..=6_000u64, any::<bool>()),
+        (
+            0..=3_000u64,
+            0..=6_000u64,
+            any::<bool>(),
+            prop::sample::select(vec![1.0f32, 1.5, 2.0, 3.0]),
+            prop::option::of(0..=8_000u64),
+        ),
         probe,
         prop::collection::vec(sessions, 1..=2),
     )
@@ -236,7 +250,7 @@ fn case() -> impl Strategy<Value = Case> {
             |(
                 (granularity, interval, min, span),
                 (pause, probe_timeout, retries),
-                (bmin, bspan, jitter),
+                (bmin, bspan, jitter, factor, cap),
                 probe,
                 routers,
             )| {
@@ -257,6 +271,8 @@ fn case() -> impl Strategy<Value = Case> {
                     retries,
                     backoff: (bmin, bmin + bspan),
                     jitter,
+                    factor,
+                    cap,
                     probe,
                     routers,
                 }
@@ -268,8 +284,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
 
     /// Over random accepted configurations (tick, interval, timeouts,
-    /// pause allowance, probe timeout, 0 to 6 retries, backoff range and
-    /// jitter), sessions heartbeating at random then falling silent at
+    /// pause allowance, probe timeout, 0 to 6 retries, backoff range,
+    /// factor, jitter and total cap), sessions heartbeating at random then falling silent at
     /// random times, on one or two routers, with a prober that never
     /// spares anyone: each is reaped within `reap_bound` of its timeout
     /// after its last heartbeat.

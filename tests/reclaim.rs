@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    BuildError, Classed, CloseOutcome, CloseReason, DefaultPolicy, Event, EventBus, MemoryStore,
-    NewSession, Priority, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReclaimPolicy,
+    Backoff, BuildError, Classed, CloseOutcome, CloseReason, DefaultPolicy, Event, EventBus,
+    MemoryStore, NewSession, Priority, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReclaimPolicy,
     ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterDeleter, RouterId, SessionId,
     SessionStore, Subscription, TaskInfo, TryPushError,
 };
@@ -52,11 +52,13 @@ fn flaky(id: u64, failures: u32, error: fn() -> ReclaimError) -> (ReclaimTask, A
 
 fn quick_retries(retries: u32) -> DefaultPolicy {
     DefaultPolicy::default().retry_schedule(
-        RetrySchedule::default()
-            .retries(retries)
-            .delays(Duration::from_millis(10), Duration::from_millis(40))
-            .jitter(false)
-            .attempt_timeout(Duration::from_secs(1)),
+        RetrySchedule::new(
+            Backoff::new()
+                .retries(retries)
+                .delays(Duration::from_millis(10), Duration::from_millis(40))
+                .jitter(false),
+        )
+        .attempt_timeout(Duration::from_secs(1)),
     )
 }
 
@@ -230,10 +232,12 @@ async fn panics_are_contained_reported_and_the_worker_goes_on() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hanging_attempt_times_out_and_the_task_ends_within_its_schedule() {
-    let schedule = RetrySchedule::default()
-        .retries(2)
-        .delays(Duration::from_millis(100), Duration::from_secs(1))
-        .attempt_timeout(Duration::from_secs(2));
+    let schedule = RetrySchedule::new(
+        Backoff::new()
+            .retries(2)
+            .delays(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .attempt_timeout(Duration::from_secs(2));
     let (bus, mut events) = bus();
     let queue = ReclaimQueue::builder()
         .policy(DefaultPolicy::default().retry_schedule(schedule))
@@ -246,7 +250,7 @@ async fn a_hanging_attempt_times_out_and_the_task_ends_within_its_schedule() {
     let started = Instant::now();
     queue.push(task).await.unwrap();
     settle(&queue).await;
-    assert!(started.elapsed() <= schedule.max_duration());
+    assert!(started.elapsed() <= schedule.longest_total());
     assert!(started.elapsed() >= Duration::from_secs(6));
     let events = drain(&mut events);
     assert!(matches!(

@@ -16,7 +16,7 @@ use proptest::prelude::*;
 use session_lifecycle::test_util::paused_runtime;
 use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::{
-    DefaultPolicy, ReclaimError, ReclaimPolicy, ReclaimQueue, ReclaimTask, ResourceClass,
+    Backoff, DefaultPolicy, ReclaimError, ReclaimPolicy, ReclaimQueue, ReclaimTask, ResourceClass,
     RetrySchedule, RouterId, SessionId, TaskInfo, TryPushError,
 };
 use tokio::time::{Duration, Instant};
@@ -123,9 +123,7 @@ proptest! {
         ),
     ) {
         paused_runtime().block_on(async {
-            let schedule = RetrySchedule::default()
-                .retries(3)
-                .delays(Duration::from_millis(5), Duration::from_millis(20));
+            let schedule = RetrySchedule::new(Backoff::new().retries(3).delays(Duration::from_millis(5), Duration::from_millis(20)));
             let queue = ReclaimQueue::builder()
                 .capacity(capacity)
                 .workers(workers)

@@ -10,8 +10,8 @@ use session_lifecycle::test_util::{
     Notify, ObservedRouter, Script, ScriptedNotifier, Subset, within,
 };
 use session_lifecycle::{
-    AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
-    RepairAction, RouterDeleter, RouterId, Session, SessionId, SessionStore,
+    AuditSweeper, Backoff, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore,
+    NewSession, RepairAction, RouterDeleter, RouterId, Session, SessionId, SessionStore,
 };
 use tokio::time::Duration;
 
@@ -68,8 +68,11 @@ async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
     let deleter = RouterDeleter::builder()
         .confirm_timeout(Duration::from_secs(5))
         .notify_timeout(Duration::from_secs(1))
-        .retries(1)
-        .retry_backoff(Duration::from_millis(100), Duration::from_millis(100))
+        .backoff(
+            Backoff::new()
+                .retries(1)
+                .delays(Duration::from_millis(100), Duration::from_millis(100)),
+        )
         .build(Arc::clone(&store), notifier)
         .expect("valid settings");
     let deletion = tokio::spawn(deleter.delete(deleting.router));

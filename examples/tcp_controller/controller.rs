@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt;
 use session_lifecycle::{
-    CloseOutcome, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
-    Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
+    Backoff, CloseOutcome, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore,
+    NewSession, Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
 };
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -110,8 +110,11 @@ impl Controller {
             .batch_size(64)
             .notify_timeout(settings.confirm_timeout)
             .confirm_timeout(settings.confirm_timeout)
-            .retries(1)
-            .retry_backoff(settings.confirm_timeout / 4, settings.confirm_timeout / 2)
+            .backoff(
+                Backoff::new()
+                    .retries(1)
+                    .delays(settings.confirm_timeout / 4, settings.confirm_timeout / 2),
+            )
             .build(Arc::clone(&store), WireNotifier(Arc::clone(&links)))
             .expect("valid settings");
         let listener = TcpListener::bind("127.0.0.1:0").await?;

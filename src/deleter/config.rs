@@ -3,11 +3,11 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use backon::ExponentialBuilder;
 use tokio::time::Duration;
 
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
+use crate::backoff::Backoff;
 use crate::build::{BuildError, check_count, wired};
 use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
@@ -20,9 +20,9 @@ pub(crate) struct Config {
     pub(crate) notify_rate: Option<NonZeroU32>,
     pub(crate) notify_timeout: Duration,
     pub(crate) confirm_timeout: Duration,
-    pub(crate) retries: u32,
-    pub(crate) retry_min_delay: Duration,
-    pub(crate) retry_max_delay: Duration,
+    /// The waits between notification rounds; its retries are the rounds
+    /// after the first.
+    pub(crate) backoff: Backoff,
     /// Where forced sessions' resources are released, if anywhere.
     pub(crate) reclaim: Option<ReclaimQueue>,
     /// Where the run publishes its events, if anywhere.
@@ -36,26 +36,22 @@ impl Default for Config {
             notify_rate: None,
             notify_timeout: Duration::from_secs(5),
             confirm_timeout: Duration::from_secs(10),
-            retries: 3,
-            retry_min_delay: Duration::from_millis(500),
-            retry_max_delay: Duration::from_secs(10),
+            backoff: default_backoff(),
             reclaim: None,
             events: None,
         }
     }
 }
 
-impl Config {
-    /// The re-notification backoff: exponential, factor 2, with jitter.
-    pub(crate) fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.retry_min_delay)
-            .with_max_delay(self.retry_max_delay)
-            .with_factor(2.0)
-            .with_max_times(self.retries as usize)
-            .with_jitter()
-    }
+/// The deleter's default backoff: 3 retries, from 500 ms doubling up to
+/// 10 s, with jitter.
+fn default_backoff() -> Backoff {
+    Backoff::new()
+        .retries(3)
+        .delays(Duration::from_millis(500), Duration::from_secs(10))
+}
 
+impl Config {
     /// The longest a deletion of `sessions` sessions can wait on timers,
     /// whatever the notifier does; see [`RouterDeleter::max_wait`].
     pub(crate) fn max_wait(&self, sessions: usize) -> Duration {
@@ -69,21 +65,13 @@ impl Config {
             .saturating_mul(batches)
             .saturating_add(pacing)
             .saturating_add(self.confirm_timeout);
-        let rounds = self.retries.saturating_add(1);
-        let mut total = round.saturating_mul(rounds);
-        // Backoff: each delay doubles up to the maximum; jitter adds up to
-        // one more delay.
-        // A first delay of zero stays zero (no backoff at all). Otherwise
-        // the doubling reaches the maximum within 64 steps, whatever the
-        // number of retries.
-        let mut delay = self.retry_min_delay;
-        let mut left = if delay.is_zero() { 0 } else { self.retries };
-        while left > 0 && delay < self.retry_max_delay {
-            total = total.saturating_add(delay.saturating_mul(2));
-            delay = delay.saturating_mul(2);
-            left -= 1;
-        }
-        total = total.saturating_add(self.retry_max_delay.saturating_mul(2).saturating_mul(left));
+        // A `max_duration` may end the backoff early: fewer rounds, never
+        // more.
+        let retries = self.backoff.max_retries();
+        let rounds = retries.saturating_add(1);
+        let total = round
+            .saturating_mul(rounds)
+            .saturating_add(self.backoff.longest_total());
         // Timer granularity: tokio fires timers on whole milliseconds, and
         // backon computes delays in `f32`; one millisecond of slack per
         // timer covers both (per round: a timeout and a pacing sleep per
@@ -92,7 +80,7 @@ impl Config {
             .saturating_mul(2)
             .saturating_add(1)
             .saturating_mul(rounds)
-            .saturating_add(self.retries);
+            .saturating_add(retries);
         total.saturating_add(TIMER_SLACK.saturating_mul(timers))
     }
 }
@@ -108,8 +96,8 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     EventBus, MemoryStore, NotifyError, ReclaimQueue, RouterDeleter, TerminationBatch,
-///     TerminationNotifier,
+///     Backoff, EventBus, MemoryStore, NotifyError, ReclaimQueue, RouterDeleter,
+///     TerminationBatch, TerminationNotifier,
 /// };
 ///
 /// struct Wire;
@@ -125,8 +113,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 ///     .notify_rate(20_000)
 ///     .notify_timeout(Duration::from_secs(2))
 ///     .confirm_timeout(Duration::from_secs(5))
-///     .retries(2)
-///     .retry_backoff(Duration::from_millis(250), Duration::from_secs(4))
+///     .backoff(Backoff::new().retries(2).delays(Duration::from_millis(250), Duration::from_secs(4)))
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .events(EventBus::default())
 ///     .build(store, Wire)?;
@@ -194,23 +181,54 @@ impl RouterDeleterBuilder {
     }
 
     /// How many times to re-notify the sessions that did not confirm before
-    /// force-closing them (default 3).
+    /// force-closing them (default 3): shorthand for the
+    /// [`backoff`](Self::backoff)'s [`retries`](Backoff::retries), so the
+    /// later of the two calls wins.
     ///
-    /// See the example on [`RouterDeleterBuilder`].
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Backoff, MemoryStore, RouterDeleter};
+    /// # use session_lifecycle::{NotifyError, TerminationBatch, TerminationNotifier};
+    /// # struct Wire;
+    /// # impl TerminationNotifier for Wire {
+    /// #     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+    /// # }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let steady = Backoff::new().delays(Duration::from_secs(1), Duration::from_secs(1));
+    /// let once = RouterDeleter::builder()
+    ///     .backoff(steady)
+    ///     .retries(1)
+    ///     .build(Arc::clone(&store), Wire)?;
+    /// let twice = RouterDeleter::builder()
+    ///     .backoff(steady.retries(2))
+    ///     .build(Arc::clone(&store), Wire)?;
+    /// // One more round: a confirm timeout (10 s), a backoff delay with its jitter.
+    /// assert_eq!(twice.max_wait(0) - once.max_wait(0), Duration::from_millis(12_002));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn retries(mut self, retries: u32) -> Self {
-        self.config.retries = retries;
+        self.config.backoff = self.config.backoff.retries(retries);
         self
     }
 
-    /// The backoff between notification rounds: exponential from `min` to
-    /// `max`, factor 2, each delay plus a random jitter of up to itself
-    /// (defaults 500 ms and 10 s; `min` at most `max`, checked by
-    /// [`build`](Self::build)).
+    /// The waits between notification rounds, and how many rounds follow
+    /// the first (its [`retries`](Backoff::retries)). By default 3
+    /// retries, from 500 ms doubling up to 10 s, with jitter. Checked by
+    /// [`build`](Self::build) ([`Backoff::validate`]).
+    /// [`RouterDeleter::max_wait`] counts every delay at its longest
+    /// ([`Backoff::longest_total`]); a
+    /// [`max_duration`](Backoff::max_duration) caps them in total, and
+    /// the rounds with them.
     ///
     /// See the example on [`RouterDeleterBuilder`].
-    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.config.retry_min_delay = min;
-        self.config.retry_max_delay = max;
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
         self
     }
 
@@ -327,7 +345,7 @@ impl RouterDeleterBuilder {
     /// # Errors
     ///
     /// [`BuildError::Setting`] for a batch size or a notify rate of 0, or a
-    /// retry backoff whose minimum exceeds its maximum.
+    /// backoff [`Backoff::validate`] refuses.
     ///
     /// See the example on [`RouterDeleterBuilder`].
     pub fn build<S: SessionStore, N: TerminationNotifier>(
@@ -346,14 +364,7 @@ impl RouterDeleterBuilder {
                 )
             })?);
         }
-        let (min, max) = (self.config.retry_min_delay, self.config.retry_max_delay);
-        if min > max {
-            return Err(BuildError::setting(
-                PIECE,
-                "retry_backoff",
-                format_args!("minimum {min:?} exceeds the maximum {max:?}"),
-            ));
-        }
+        self.config.backoff.check_for(PIECE, "backoff")?;
         Ok(RouterDeleter::from_parts(store, notifier, self.config))
     }
 }
@@ -369,9 +380,9 @@ mod tests {
             notify_rate: None,
             notify_timeout: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(2),
-            retries: 2,
-            retry_min_delay: Duration::from_millis(500),
-            retry_max_delay: Duration::from_secs(4),
+            backoff: Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(500), Duration::from_secs(4)),
             reclaim: None,
             events: None,
         };
@@ -386,13 +397,13 @@ mod tests {
     #[test]
     fn max_wait_of_a_zero_backoff_adds_no_delay_and_returns_at_once() {
         let config = Config {
-            retries: u32::MAX,
-            retry_min_delay: Duration::ZERO,
-            retry_max_delay: Duration::from_secs(1),
+            backoff: Backoff::new()
+                .retries(u32::MAX)
+                .delays(Duration::ZERO, Duration::from_secs(1)),
             ..Config::default()
         };
         let no_backoff = Config {
-            retry_max_delay: Duration::ZERO,
+            backoff: config.backoff.delays(Duration::ZERO, Duration::ZERO),
             ..config.clone()
         };
         // Delays that start at zero stay zero: none is counted.
@@ -406,9 +417,9 @@ mod tests {
             notify_rate: NonZeroU32::new(1),
             notify_timeout: Duration::MAX,
             confirm_timeout: Duration::MAX,
-            retries: u32::MAX,
-            retry_min_delay: Duration::from_nanos(1),
-            retry_max_delay: Duration::MAX,
+            backoff: Backoff::new()
+                .retries(u32::MAX)
+                .delays(Duration::from_nanos(1), Duration::from_secs(86_400)),
             reclaim: None,
             events: None,
         };

@@ -99,8 +99,8 @@ enum Join {
 /// A run goes: fence the router (no more sessions on it) → mark each session
 /// `Terminating` → notify the router in paced batches through the
 /// [`TerminationNotifier`] → wait for confirmations (sessions closing) until
-/// the confirmation timeout → re-notify the stragglers with exponential
-/// backoff and jitter → force-close what is left
+/// the confirmation timeout → re-notify the stragglers after each delay of
+/// the [`Backoff`](crate::Backoff) → force-close what is left
 /// ([`CloseReason::Forced`](crate::CloseReason::Forced)) → finish the router
 /// in the store → [`DeletionReport`].
 ///
@@ -287,8 +287,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// The longest a deletion of a router holding `sessions` sessions waits
     /// on timers, whatever the notifier does: per round (the first
     /// notification and each retry) one `notify_timeout` per batch, the
-    /// pacing, and the `confirm_timeout`; plus each backoff delay with its
-    /// maximal jitter; plus one millisecond per timer for timer granularity.
+    /// pacing, and the `confirm_timeout`; plus the backoff's delays at their
+    /// longest ([`Backoff::longest_total`](crate::Backoff::longest_total));
+    /// plus one millisecond per timer for timer granularity.
     /// Work that does not wait (fencing, marking, closing) comes on top and
     /// is proportional to `sessions`. Saturates at [`Duration::MAX`].
     ///

@@ -156,7 +156,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         let config = self.config;
         let this = &self;
         let _ = (move || this.round())
-            .retry(config.backoff())
+            .retry(config.backoff)
             .sleep(tokio::time::sleep)
             .notify(|Unconfirmed(open), delay| {
                 tracing::debug!(

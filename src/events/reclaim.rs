@@ -21,13 +21,13 @@ use crate::session::ResourceClass;
 /// ```
 /// use session_lifecycle::{
 ///     DefaultPolicy, Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
-///     RetrySchedule, RouterId, SessionId,
+///     RetrySchedule, RouterId, SessionId, Backoff,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let policy =
-///     DefaultPolicy::default().retry_schedule(RetrySchedule::default().retries(1));
+///     DefaultPolicy::default().retry_schedule(RetrySchedule::new(Backoff::new().retries(1)));
 /// let bus = EventBus::default();
 /// let mut events = bus.subscribe();
 /// let queue = ReclaimQueue::builder().policy(policy).events(bus).build()?;

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::time::Duration;
 
 use super::LivenessMonitor;
 use super::probe::Prober;
+use crate::backoff::Backoff;
 use crate::build::{BuildError, wired};
 use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
@@ -26,8 +26,9 @@ pub(crate) struct Config {
     pub(crate) interval: u64,
     pub(crate) rule: TimeoutRule,
     pub(crate) probe_timeout: Duration,
-    pub(crate) probe_retries: u32,
-    pub(crate) backoff: ProbeBackoff,
+    /// The waits between a suspect's probe rounds; its retries are the
+    /// rounds after the first.
+    pub(crate) backoff: Backoff,
     pub(crate) reclaim: Option<ReclaimQueue>,
     pub(crate) bus: Option<EventBus>,
 }
@@ -47,95 +48,28 @@ impl Config {
             .clamp(WHEEL_SLOTS.0, WHEEL_SLOTS.1)
     }
 
+    /// How many more probe rounds a suspect gets after its first.
+    pub(crate) fn probe_retries(&self) -> u32 {
+        self.backoff.max_retries()
+    }
+
     /// See [`LivenessMonitor::reap_bound`].
     pub(crate) fn reap_bound(&self, timeout: Duration) -> Duration {
-        let rounds = self.probe_retries.saturating_add(1);
+        let rounds = self.probe_retries().saturating_add(1);
         // The wheel convicts within a tick of the deadline; a round already
         // in flight for the router ends within a probe timeout; then the
         // suspect's own rounds, with a backoff between each two.
         let total = timeout
             .saturating_add(self.tick())
             .saturating_add(self.probe_timeout.saturating_mul(rounds.saturating_add(1)))
-            .saturating_add(self.backoff.longest_total());
+            // The driver starts the schedule over when new suspects join:
+            // a `max_duration` caps each run, not a suspect's waits.
+            .saturating_add(self.backoff.longest_uncapped());
         // Timer granularity: tokio fires timers on whole milliseconds; one
         // millisecond per timer (the tick, and per round the probe timeout
         // and the backoff).
         let timers = rounds.saturating_add(1).saturating_mul(2).saturating_add(1);
         total.saturating_add(Duration::from_millis(u64::from(timers)))
-    }
-}
-
-/// The waits between a router's probe rounds: exponential from `min`,
-/// doubling up to `max`, one after each of a suspect's first
-/// `probe_retries` failed rounds, each plus a random jitter of up to one
-/// more delay if configured.
-///
-/// One value serves the probe driver, which sleeps
-/// [`delays`](Self::delays), and the bound, which adds up the longest
-/// they can be: both come from the same backon builder, so they cannot
-/// drift apart.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ProbeBackoff {
-    /// The delays without jitter. backon draws each jitter on top of its
-    /// delay and never feeds it into the next one, so these are the
-    /// jittered schedule's base delays too.
-    exact: ExponentialBuilder,
-    max: Duration,
-    retries: u32,
-    jitter: bool,
-}
-
-/// Delays [`ProbeBackoff::longest_total`] adds up one by one; every later
-/// one counts as the largest: no delay exceeds it, and one that doubles
-/// from a nanosecond reaches four days (the longest default) in 49 steps.
-const SUMMED_DELAYS: u32 = 64;
-
-impl ProbeBackoff {
-    fn new(min: Duration, max: Duration, retries: u32, jitter: bool) -> Self {
-        Self {
-            exact: ExponentialBuilder::default()
-                .with_min_delay(min)
-                .with_max_delay(max)
-                .with_factor(2.0)
-                .with_max_times(usize::try_from(retries).unwrap_or(usize::MAX)),
-            max,
-            retries,
-            jitter,
-        }
-    }
-
-    /// The driver's waits, in order: the first after a suspect's first
-    /// failed round.
-    pub(crate) fn delays(&self) -> ExponentialBackoff {
-        if self.jitter {
-            self.exact.with_jitter().build()
-        } else {
-            self.exact.build()
-        }
-    }
-
-    /// The longest the driver's wait can be for a base `delay`: backon's
-    /// jitter is `delay.mul_f32(r)` with `r` in [0, 1), which its `f32`
-    /// arithmetic keeps at or below `delay.mul_f32(1.0)`.
-    fn longest(&self, delay: Duration) -> Duration {
-        if !self.jitter {
-            return delay;
-        }
-        let jitter = Duration::try_from_secs_f32(delay.as_secs_f32()).unwrap_or(Duration::MAX);
-        delay.saturating_add(jitter)
-    }
-
-    /// The longest all `probe_retries` waits can add up to. Saturates.
-    fn longest_total(&self) -> Duration {
-        let summed = self
-            .exact
-            .build()
-            .take(SUMMED_DELAYS as usize)
-            .fold(Duration::ZERO, |total, delay| {
-                total.saturating_add(self.longest(delay))
-            });
-        let rest = self.retries.saturating_sub(SUMMED_DELAYS);
-        summed.saturating_add(self.longest(self.max).saturating_mul(rest))
     }
 }
 
@@ -190,9 +124,8 @@ pub struct LivenessMonitorBuilder {
     granularity: Duration,
     probe_timeout: Duration,
     probe_retries: u32,
-    /// `None`: from the probe timeout.
-    probe_backoff: Option<(Duration, Duration)>,
-    probe_jitter: bool,
+    /// `None`: from the probe timeout, with `probe_retries`.
+    probe_backoff: Option<Backoff>,
     reclaim: Option<ReclaimQueue>,
     bus: Option<EventBus>,
 }
@@ -208,7 +141,6 @@ impl Default for LivenessMonitorBuilder {
             probe_timeout: Duration::from_secs(1),
             probe_retries: 2,
             probe_backoff: None,
-            probe_jitter: false,
             reclaim: None,
             bus: None,
         }
@@ -303,41 +235,55 @@ impl LivenessMonitorBuilder {
     /// How many more probe rounds a suspect gets after the first before it
     /// is reaped. Any number; [`reap_bound`](LivenessMonitor::reap_bound)
     /// grows by a probe timeout and a backoff delay for each (and saturates
-    /// at [`Duration::MAX`]).
+    /// at [`Duration::MAX`]). Shorthand for the
+    /// [`probe_backoff`](Self::probe_backoff)'s
+    /// [`retries`](Backoff::retries): the later of the two calls wins.
     ///
     /// See the example on [`LivenessMonitorBuilder`].
     pub fn probe_retries(mut self, retries: u32) -> Self {
         self.probe_retries = retries;
+        self.probe_backoff = self.probe_backoff.map(|backoff| backoff.retries(retries));
         self
     }
 
-    /// The wait between a suspect's failed probe round and its next one:
-    /// `min` after its first, doubling after each, up to `max`. New
-    /// suspects of the router do not wait: they cut the wait short, and
-    /// every suspect of the router is probed in their round. `min ≤ max`,
-    /// both at most 1 day; zero probes again at once. By default half the
-    /// probe timeout, up to four probe timeouts.
+    /// The waits between a suspect's failed probe round and its next one,
+    /// and how many rounds follow its first (the backoff's
+    /// [`retries`](Backoff::retries), as [`probe_retries`](Self::probe_retries)
+    /// sets them: the later of the two calls wins). New suspects of the
+    /// router do not wait: they cut the wait short, and every suspect of
+    /// the router is probed in their round, and the schedule starts over.
+    /// A [`max_duration`](Backoff::max_duration) caps the waits of one run
+    /// of the schedule: once it is spent, the remaining rounds follow at
+    /// once. Checked by [`build`](Self::build) ([`Backoff::validate`]).
     ///
-    /// All `probe_retries` delays count in
-    /// [`reap_bound`](LivenessMonitor::reap_bound), each with its largest
-    /// jitter (see [`probe_jitter`](Self::probe_jitter)).
+    /// By default: 2 retries, from half the probe timeout doubling up to
+    /// four probe timeouts (at most 1 day), without jitter. Jitter keeps
+    /// routers whose sessions fell silent together from being probed in
+    /// step.
+    ///
+    /// [`reap_bound`](LivenessMonitor::reap_bound) counts every delay at
+    /// its longest, without the `max_duration` (a suspect's waits may span
+    /// several runs of the schedule).
     ///
     /// # Example
     ///
     /// ```
     /// use std::sync::Arc;
     /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+    /// use session_lifecycle::{Backoff, LivenessMonitor, MemoryStore, NoProbe};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let backoff = Backoff::new()
+    ///     .retries(3)
+    ///     .delays(Duration::from_millis(500), Duration::from_secs(1))
+    ///     .jitter(false);
     /// let monitor = LivenessMonitor::builder()
     ///     .granularity(Duration::from_millis(10))
     ///     .timeout_range(Duration::from_secs(3), Duration::from_secs(3))
     ///     .pause_allowance(Duration::ZERO)
     ///     .probe_timeout(Duration::from_secs(1))
-    ///     .probe_retries(3)
-    ///     .probe_backoff(Duration::from_millis(500), Duration::from_secs(1))
+    ///     .probe_backoff(backoff)
     ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
     /// // 3 s timeout, a 10 ms tick, 1 s for a round in flight, 4 rounds of
     /// // 1 s, waits of 0.5 s, 1 s and 1 s, and 1 ms per timer (11).
@@ -348,42 +294,9 @@ impl LivenessMonitorBuilder {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn probe_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.probe_backoff = Some((min, max));
-        self
-    }
-
-    /// Adds to each backoff delay a random jitter of up to one more delay,
-    /// so that routers whose sessions fell silent together are not probed
-    /// in step. Off by default. With jitter,
-    /// [`reap_bound`](LivenessMonitor::reap_bound) counts each delay
-    /// twice.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let exact = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let jittered = LivenessMonitor::builder()
-    ///     .probe_jitter(true)
-    ///     .build(Arc::clone(&store), NoProbe)?;
-    /// // Two retries: waits of 0.5 s and 1 s by default, each up to doubled.
-    /// let timeout = Duration::from_secs(5);
-    /// assert_eq!(
-    ///     jittered.reap_bound(timeout) - exact.reap_bound(timeout),
-    ///     Duration::from_millis(1_500)
-    /// );
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn probe_jitter(mut self, jitter: bool) -> Self {
-        self.probe_jitter = jitter;
+    pub fn probe_backoff(mut self, backoff: Backoff) -> Self {
+        self.probe_retries = backoff.max_retries();
+        self.probe_backoff = Some(backoff);
         self
     }
 
@@ -488,16 +401,16 @@ impl LivenessMonitorBuilder {
                 format!("must be within (0, 1 day], got {:?}", self.probe_timeout),
             );
         }
-        let (backoff_min, backoff_max) = match self.probe_backoff {
-            Some((min, max)) if min > max || max > MAX_SETTING => {
-                return refuse(
-                    "probe_backoff",
-                    format!("must be a range within 1 day, got [{min:?}, {max:?}]"),
-                );
-            }
-            Some(range) => range,
-            None => (self.probe_timeout / 2, self.probe_timeout.saturating_mul(4)),
-        };
+        let backoff = self.probe_backoff.unwrap_or_else(|| {
+            Backoff::new()
+                .retries(self.probe_retries)
+                .delays(
+                    self.probe_timeout / 2,
+                    self.probe_timeout.saturating_mul(4).min(MAX_SETTING),
+                )
+                .jitter(false)
+        });
+        backoff.check_for(PIECE, "probe_backoff")?;
         Ok(Config {
             interval: millis(self.interval),
             rule: TimeoutRule {
@@ -507,13 +420,7 @@ impl LivenessMonitorBuilder {
                 max: millis(self.max_timeout),
             },
             probe_timeout: self.probe_timeout,
-            probe_retries: self.probe_retries,
-            backoff: ProbeBackoff::new(
-                backoff_min,
-                backoff_max,
-                self.probe_retries,
-                self.probe_jitter,
-            ),
+            backoff,
             reclaim: self.reclaim,
             bus: self.bus,
         })
@@ -523,65 +430,4 @@ impl LivenessMonitorBuilder {
 /// Whole milliseconds of `d`, saturating.
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(all(test, not(session_lifecycle_loom)))]
-mod tests {
-    use super::*;
-
-    const DAY: Duration = MAX_SETTING;
-
-    /// The bound adds up the longest waits the driver's own schedule can
-    /// draw: every jittered delay backon draws stays within it.
-    #[test]
-    fn jittered_delays_never_exceed_the_longest_the_bound_counts() {
-        let ms = Duration::from_millis;
-        for (min, max) in [
-            (ms(500), ms(4_000)),
-            (ms(3), ms(7)),
-            (ms(1), DAY),
-            (DAY / 3, DAY),
-            (DAY, DAY),
-            (Duration::from_nanos(1), ms(1)),
-        ] {
-            let backoff = ProbeBackoff::new(min, max, 6, true);
-            let exact: Vec<_> = backoff.exact.build().collect();
-            assert_eq!(exact.len(), 6);
-            let longest: Vec<_> = exact.iter().map(|&d| backoff.longest(d)).collect();
-            for _ in 0..2_000 {
-                let drawn: Vec<_> = backoff.delays().collect();
-                assert_eq!(drawn.len(), 6);
-                for ((drawn, base), longest) in drawn.iter().zip(&exact).zip(&longest) {
-                    assert!(
-                        base <= drawn && drawn <= longest,
-                        "{drawn:?} ∉ [{base:?}, {longest:?}]"
-                    );
-                }
-            }
-            assert_eq!(backoff.longest_total(), longest.iter().sum::<Duration>());
-        }
-    }
-
-    #[test]
-    fn the_longest_total_covers_any_number_of_retries() {
-        let ms = Duration::from_millis;
-        let exact = ProbeBackoff::new(ms(500), ms(4_000), 100, false);
-        // 0.5 + 1 + 2 s, then 97 waits of 4 s.
-        assert_eq!(exact.longest_total(), ms(3_500 + 97 * 4_000));
-        let jittered = ProbeBackoff::new(ms(500), ms(4_000), 100, true);
-        assert_eq!(jittered.longest_total(), ms(2 * (3_500 + 97 * 4_000)));
-        assert_eq!(
-            ProbeBackoff::new(ms(0), ms(0), u32::MAX, true).longest_total(),
-            Duration::ZERO
-        );
-        let huge = ProbeBackoff::new(DAY, DAY, u32::MAX, true);
-        assert_eq!(
-            huge.longest_total(),
-            DAY.saturating_mul(2).saturating_mul(u32::MAX)
-        );
-        assert_eq!(
-            ProbeBackoff::new(ms(1), ms(1), 0, true).longest_total(),
-            Duration::ZERO
-        );
-    }
 }

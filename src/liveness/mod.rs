@@ -440,7 +440,9 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// - `1 + probe_retries` rounds of one probe timeout each;
     /// - the `probe_retries` backoff delays between them, each with its
     ///   largest jitter (see
-    ///   [`probe_backoff`](LivenessMonitorBuilder::probe_backoff));
+    ///   [`probe_backoff`](LivenessMonitorBuilder::probe_backoff); its
+    ///   `max_duration` caps one run of the schedule, which starts over
+    ///   when new suspects join, so it is not counted);
     /// - a millisecond per timer, tokio's resolution.
     ///
     /// It holds for every configuration the builder accepts: a heartbeat

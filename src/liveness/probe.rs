@@ -216,7 +216,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
 ) {
     let mut round: Vec<Suspect<S::Payload>> = Vec::new();
     let mut rounds = 0u32;
-    let mut backoff = shared.config.backoff.delays();
+    let mut backoff = shared.config.backoff.iter();
     loop {
         let Some(fresh) = shared.take_pending(router, round.is_empty()) else {
             return;
@@ -233,7 +233,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         let watched = shared.open_watched(router).await;
         let silent = |n: usize| watched.is_some_and(|w| w > 0 && n >= w);
         if !fresh_ids.is_empty() {
-            backoff = shared.config.backoff.delays();
+            backoff = shared.config.backoff.iter();
             tracing::debug!(%router, suspects = fresh_ids.len(), "sessions missed their heartbeat deadline");
             shared.emit(LivenessEvent::SessionSuspect {
                 router,
@@ -253,7 +253,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         }
         let mut failed = Vec::new();
         let mut dead = Vec::new();
-        let retries = shared.config.probe_retries;
+        let retries = shared.config.probe_retries();
         round.retain_mut(|suspect| {
             if !shared.keep(suspect) {
                 return false;
@@ -286,9 +286,10 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         // after it wake the wait.
         let arrived = arrival.notified();
         if !shared.has_pending(router) {
-            // Never `None`: a survivor failed at least as many rounds as
-            // delays were drawn since the schedule started over, and at
-            // most `retries`, the schedule's length.
+            // `None` only once the backoff's `max_duration` is spent: a
+            // survivor failed at least as many rounds as delays were drawn
+            // since the schedule started over, and at most `retries`, the
+            // schedule's length. Then the next round follows at once.
             let delay = backoff.next().unwrap_or_default();
             if !shared.back_off(Instant::now() + delay, arrived).await {
                 return;

@@ -1,8 +1,8 @@
 //! Reclamation policies: priority, retry schedule, long-lived threshold.
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::events::TaskInfo;
 
 /// How urgent a task is, as the delay after which it is due: the queue
@@ -77,52 +77,50 @@ impl Priority {
     }
 }
 
-/// When and how often a failing task is retried: exponential backoff with
-/// optional jitter (through `backon`), and a timeout per attempt.
+/// When and how often a failing task is retried: a [`Backoff`] between
+/// attempts, and a timeout per attempt.
 ///
 /// # Example
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::RetrySchedule;
+/// use session_lifecycle::{Backoff, RetrySchedule};
 ///
-/// let schedule = RetrySchedule::default()
+/// let backoff = Backoff::new()
 ///     .retries(5)
-///     .delays(Duration::from_millis(50), Duration::from_secs(2))
-///     .attempt_timeout(Duration::from_secs(1));
+///     .delays(Duration::from_millis(50), Duration::from_secs(2));
+/// let schedule = RetrySchedule::new(backoff).attempt_timeout(Duration::from_secs(1));
 /// assert_eq!(schedule.max_attempts(), 6);
-/// assert!(schedule.max_duration() >= Duration::from_secs(6));
+/// assert!(schedule.longest_total() >= Duration::from_secs(6));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[must_use]
 pub struct RetrySchedule {
-    retries: u32,
-    min_delay: Duration,
-    max_delay: Duration,
-    factor: f32,
-    jitter: bool,
+    backoff: Backoff,
     attempt_timeout: Duration,
 }
-
-/// Longest backoff delay a schedule accepts; longer ones are clamped (a
-/// reclamation retried less than hourly is a failure to report).
-const MAX_DELAY: Duration = Duration::from_secs(3600);
 
 impl Default for RetrySchedule {
     /// 3 retries, delays from 100 ms doubling up to 5 s, with jitter, and
     /// 10 s per attempt.
     fn default() -> Self {
-        Self {
-            retries: 3,
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
-            factor: 2.0,
-            jitter: true,
-            attempt_timeout: Duration::from_secs(10),
-        }
+        Self::new(Backoff::new())
     }
 }
 
 impl RetrySchedule {
+    /// Retries after the delays of `backoff` (as many as its
+    /// [`retries`](Backoff::retries)), 10 s per attempt. Settings
+    /// [`Backoff::validate`] refuses are clamped (see [`Backoff::iter`]).
+    ///
+    /// See the example on [`RetrySchedule`].
+    pub fn new(backoff: Backoff) -> Self {
+        Self {
+            backoff,
+            attempt_timeout: Duration::from_secs(10),
+        }
+    }
+
     /// No retry: the first failure is final.
     ///
     /// # Example
@@ -132,127 +130,39 @@ impl RetrySchedule {
     ///
     /// assert_eq!(RetrySchedule::none().max_attempts(), 1);
     /// ```
-    #[must_use]
     pub fn none() -> Self {
-        Self::default().retries(0)
-    }
-
-    /// Sets how many times a failed attempt is retried.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::RetrySchedule;
-    ///
-    /// assert_eq!(RetrySchedule::default().retries(5).max_attempts(), 6);
-    /// ```
-    #[must_use]
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.retries = retries;
-        self
-    }
-
-    /// Sets the first backoff delay and the largest one (each clamped to one
-    /// hour; `max` is raised to `min` if below it).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{RetrySchedule};
-    ///
-    /// let quick = RetrySchedule::default()
-    ///     .retries(2)
-    ///     .delays(Duration::from_millis(10), Duration::from_millis(40))
-    ///     .jitter(false);
-    /// let slow = quick.delays(Duration::from_secs(1), Duration::from_secs(4));
-    /// assert!(quick.max_duration() < slow.max_duration());
-    /// ```
-    #[must_use]
-    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
-        self.min_delay = min.min(MAX_DELAY);
-        self.max_delay = max.min(MAX_DELAY).max(self.min_delay);
-        self
-    }
-
-    /// Sets the growth factor of the delay (values below 1 or not finite
-    /// mean 1: constant delays).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{RetrySchedule};
-    ///
-    /// // 100 ms between each of 4 attempts, no growth, no jitter.
-    /// let steady = RetrySchedule::default()
-    ///     .retries(3)
-    ///     .delays(Duration::from_millis(100), Duration::from_secs(5))
-    ///     .factor(1.0)
-    ///     .jitter(false)
-    ///     .attempt_timeout(Duration::from_secs(1));
-    /// assert_eq!(steady.max_duration(), Duration::from_millis(4 * 1_000 + 3 * 100 + 8));
-    /// ```
-    #[must_use]
-    pub fn factor(mut self, factor: f32) -> Self {
-        self.factor = if factor.is_finite() && factor >= 1.0 {
-            factor
-        } else {
-            1.0
-        };
-        self
-    }
-
-    /// Turns jitter on (the default) or off. Jitter adds up to one more
-    /// delay at random to each delay, so failing tasks do not retry in step.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::RetrySchedule;
-    ///
-    /// let jittered = RetrySchedule::default();
-    /// let exact = RetrySchedule::default().jitter(false);
-    /// // Jitter can double each delay: the bound grows with it.
-    /// assert!(exact.max_duration() < jittered.max_duration());
-    /// ```
-    #[must_use]
-    pub fn jitter(mut self, jitter: bool) -> Self {
-        self.jitter = jitter;
-        self
+        Self::new(Backoff::new().retries(0))
     }
 
     /// Sets the longest one attempt may run; a late attempt counts as a
     /// retryable failure ([`ReclaimErrorKind::TimedOut`](crate::ReclaimErrorKind::TimedOut)).
     ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{RetrySchedule};
-    ///
-    /// let schedule = RetrySchedule::default().attempt_timeout(Duration::from_secs(2));
-    /// assert_eq!(schedule.timeout(), Duration::from_secs(2));
-    /// ```
-    #[must_use]
+    /// See the example on [`RetrySchedule`].
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
         self
     }
 
-    /// The most attempts a task gets: retries + 1, saturating.
+    /// The backoff between attempts.
     ///
     /// # Example
     ///
     /// ```
     /// use session_lifecycle::RetrySchedule;
     ///
-    /// assert_eq!(RetrySchedule::default().max_attempts(), 4); // 3 retries by default
-    /// assert_eq!(RetrySchedule::default().retries(u32::MAX).max_attempts(), u32::MAX);
+    /// assert_eq!(RetrySchedule::default().backoff().max_retries(), 3);
     /// ```
+    pub fn backoff(&self) -> Backoff {
+        self.backoff
+    }
+
+    /// The most attempts a task gets: retries + 1, saturating (a
+    /// [`max_duration`](Backoff::max_duration) may end them sooner).
+    ///
+    /// See the example on [`RetrySchedule`].
     #[must_use]
     pub fn max_attempts(&self) -> u32 {
-        self.retries.saturating_add(1)
+        self.backoff.max_retries().saturating_add(1)
     }
 
     /// The per-attempt timeout.
@@ -261,7 +171,7 @@ impl RetrySchedule {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{RetrySchedule};
+    /// use session_lifecycle::RetrySchedule;
     ///
     /// assert_eq!(RetrySchedule::default().timeout(), Duration::from_secs(10));
     /// ```
@@ -271,58 +181,35 @@ impl RetrySchedule {
     }
 
     /// The longest a task can take from its first attempt to its final
-    /// outcome: every attempt timing out, plus every delay with its maximal
-    /// jitter, plus one millisecond per timer. Saturates.
+    /// outcome: every attempt timing out, plus the backoff's delays at
+    /// their longest ([`Backoff::longest_total`]), plus one millisecond
+    /// per timer. Saturates.
     ///
     /// # Example
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{RetrySchedule};
+    /// use session_lifecycle::{Backoff, RetrySchedule};
     ///
     /// let schedule = RetrySchedule::none().attempt_timeout(Duration::from_secs(3));
     /// // One attempt that times out, and a millisecond of slack per timer.
-    /// assert_eq!(schedule.max_duration(), Duration::from_millis(3_002));
+    /// assert_eq!(schedule.longest_total(), Duration::from_millis(3_002));
+    ///
+    /// // 100 ms between each of 4 attempts, no growth, no jitter.
+    /// let steady = Backoff::new()
+    ///     .retries(3)
+    ///     .delays(Duration::from_millis(100), Duration::from_millis(100))
+    ///     .jitter(false);
+    /// let schedule = RetrySchedule::new(steady).attempt_timeout(Duration::from_secs(1));
+    /// assert_eq!(schedule.longest_total(), Duration::from_millis(4 * 1_000 + 3 * 100 + 8));
     /// ```
     #[must_use]
-    pub fn max_duration(&self) -> Duration {
+    pub fn longest_total(&self) -> Duration {
         let attempts = self.max_attempts();
-        let mut total = self.attempt_timeout.saturating_mul(attempts);
-        let mut delay = self.min_delay;
-        for _ in 0..self.retries.min(64) {
-            let jittered = if self.jitter {
-                delay.saturating_mul(2)
-            } else {
-                delay
-            };
-            total = total.saturating_add(jittered);
-            delay = Duration::try_from_secs_f64(delay.as_secs_f64() * f64::from(self.factor))
-                .unwrap_or(self.max_delay)
-                .min(self.max_delay);
-        }
-        if self.retries > 64 {
-            let per = if self.jitter {
-                self.max_delay.saturating_mul(2)
-            } else {
-                self.max_delay
-            };
-            total = total.saturating_add(per.saturating_mul(self.retries - 64));
-        }
-        total.saturating_add(Duration::from_millis(1).saturating_mul(attempts.saturating_mul(2)))
-    }
-
-    /// The delays between attempts.
-    pub(super) fn backoff(&self) -> ExponentialBackoff {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_factor(self.factor)
-            .with_max_times(usize::try_from(self.retries).unwrap_or(usize::MAX));
-        if self.jitter {
-            builder.with_jitter().build()
-        } else {
-            builder.build()
-        }
+        self.attempt_timeout
+            .saturating_mul(attempts)
+            .saturating_add(self.backoff.longest_total())
+            .saturating_add(Duration::from_millis(1).saturating_mul(attempts.saturating_mul(2)))
     }
 }
 
@@ -471,13 +358,15 @@ impl DefaultPolicy {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     DefaultPolicy, ReclaimPolicy, ResourceClass, RetrySchedule, RouterId,
+    ///     Backoff, DefaultPolicy, ReclaimPolicy, ResourceClass, RetrySchedule, RouterId,
     ///     SessionId, TaskInfo,
     /// };
     ///
-    /// let patient = RetrySchedule::default()
-    ///     .retries(10)
-    ///     .delays(Duration::from_secs(1), Duration::from_secs(60));
+    /// let patient = RetrySchedule::new(
+    ///     Backoff::new()
+    ///         .retries(10)
+    ///         .delays(Duration::from_secs(1), Duration::from_secs(60)),
+    /// );
     /// let policy = DefaultPolicy::default().retry_schedule(patient);
     /// let task =
     ///     TaskInfo::new(SessionId::new(1), RouterId::new(1), ResourceClass::Normal, 0);

@@ -57,7 +57,11 @@ impl Shared {
         };
         let schedule = catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
             .unwrap_or_default();
-        let mut backoff = schedule.backoff();
+        if let Err(error) = schedule.backoff().validate() {
+            // Out-of-range settings are drawn clamped; say so.
+            tracing::warn!(task = ?info, %error, "the policy's retry schedule is out of range; clamped");
+        }
+        let mut backoff = schedule.backoff().iter();
         loop {
             running.attempts = running.attempts.saturating_add(1);
             let error = match task.attempt(Some(schedule.timeout())).await {

@@ -26,10 +26,10 @@ use super::observe::router_lost;
 use super::runtime::{HOUR, paused_runtime};
 use super::script::Subset;
 use crate::{
-    BoxStore, CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError,
-    FinishError, HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe,
-    ReconcileError, Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session,
-    SessionError, SessionId, SessionKey, SessionState, SessionStore, Subscription,
+    Backoff, BoxStore, CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus,
+    FenceError, FinishError, HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    NoProbe, ReconcileError, Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus,
+    Session, SessionError, SessionId, SessionKey, SessionState, SessionStore, Subscription,
 };
 
 pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds};
@@ -236,9 +236,11 @@ impl<B: Backend> Sut<B> {
         } else {
             // Real time: keep a case fast. The notifier confirms before it
             // returns, so the notify timeout keeps its (generous) default.
-            let deleter = deleter
-                .confirm_timeout(Duration::from_millis(50))
-                .retry_backoff(Duration::from_millis(10), Duration::from_millis(20));
+            let deleter = deleter.confirm_timeout(Duration::from_millis(50)).backoff(
+                Backoff::new()
+                    .retries(1)
+                    .delays(Duration::from_millis(10), Duration::from_millis(20)),
+            );
             (deleter, Duration::from_millis(20))
         };
         let deleter = deleter

@@ -23,7 +23,7 @@ use super::observe::attach_counter;
 use super::rng::mix;
 use super::script::{Script, Subset};
 use crate::{
-    CloseReason, Incarnation, NewSession, ReclaimQueue, RouterDeleter, RouterId, Session,
+    Backoff, CloseReason, Incarnation, NewSession, ReclaimQueue, RouterDeleter, RouterId, Session,
     SessionId, SessionStore,
 };
 
@@ -232,8 +232,11 @@ async fn one_round<S: SessionStore<Payload = ()>>(
         .batch_size(250)
         .notify_timeout(Duration::from_millis(200))
         .confirm_timeout(Duration::from_millis(150))
-        .retries(2)
-        .retry_backoff(Duration::from_millis(20), Duration::from_millis(80))
+        .backoff(
+            Backoff::new()
+                .retries(2)
+                .delays(Duration::from_millis(20), Duration::from_millis(80)),
+        )
         .build(Arc::clone(&store), late_routers(&store, round))
         .expect("valid settings");
 
