@@ -72,6 +72,9 @@ impl<P: EtcdPayload> Shared<P> {
     ) -> Vec<Session<P>> {
         let mut sessions = Vec::with_capacity(loaded.len());
         let mut closes = Vec::new();
+        // Records not adopted: dropped after the lock (a decoded payload's
+        // `Drop` is user code).
+        let mut discards = Vec::new();
         {
             let progress = self.progress.lock();
             for loaded in loaded {
@@ -82,11 +85,15 @@ impl<P: EtcdPayload> Shared<P> {
                         if let Some(reason) = loaded.record.closed {
                             closes.push((cached.clone(), created, reason));
                         }
+                        discards.push(loaded);
                         cached
                     }
                     // A later life of the id is cached: the record read is
                     // gone already (and may have been another router's).
-                    Entry::Occupied(entry) if entry.get().created > created => continue,
+                    Entry::Occupied(entry) if entry.get().created > created => {
+                        discards.push(loaded);
+                        continue;
+                    }
                     entry => {
                         let (session, open) = self.materialize(loaded);
                         let previous = match entry {
@@ -123,6 +130,7 @@ impl<P: EtcdPayload> Shared<P> {
                 sessions.push(session);
             }
         }
+        drop(discards);
         for (session, created, reason) in closes {
             self.close_quietly(&session, created, reason);
         }
