@@ -10,8 +10,8 @@ mod rules;
 use std::future::Future;
 
 pub use error::{
-    BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
-    RouterError, SessionError,
+    BackendError, BackendErrorKind, CreateError, CreateErrorKind, FenceError, FinishError,
+    RegisterError, RouterError, SessionError,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{Corruption, Fault};

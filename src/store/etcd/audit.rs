@@ -2,7 +2,7 @@
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
-use super::keys::{KeyKind, decode_head, prefix_end};
+use super::keys::{KeyKind, decode, decode_head, prefix_end};
 use super::txn::{parse_pointer, router_status};
 use super::{EtcdError, EtcdPayload, EtcdStore};
 use crate::id::{Incarnation, RouterId, SessionId};
@@ -15,8 +15,25 @@ pub(super) struct Scan {
     pub(super) routers: std::collections::BTreeMap<RouterId, RouterStatus>,
     pub(super) records: std::collections::BTreeMap<SessionId, ScannedRecord>,
     pub(super) pointers: std::collections::BTreeMap<SessionId, RouterId>,
-    /// Keys that could not be read.
-    pub(super) unreadable: usize,
+    /// Keys in the store's format whose value could not be read.
+    pub(super) unreadable: Vec<Unreadable>,
+    /// Keys under the prefix that are not in the store's format.
+    pub(super) foreign: Vec<Vec<u8>>,
+}
+
+/// A key of the store whose value could not be read.
+#[derive(Clone)]
+pub(super) struct Unreadable {
+    pub(super) key: Vec<u8>,
+    pub(super) kind: KeyKind,
+    pub(super) created: i64,
+    pub(super) modified: i64,
+}
+
+impl Unreadable {
+    fn name(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -50,15 +67,28 @@ impl Scan {
                 report.closed_in_store.push(record.id);
             }
         }
+        let unreadable_record = |id: SessionId, router: RouterId| {
+            self.unreadable
+                .iter()
+                .any(|u| u.kind == KeyKind::Record(router, id))
+        };
         for (&id, &router) in &self.pointers {
             if self
                 .records
                 .get(&id)
                 .is_none_or(|record| record.router != router)
+                // Its record is there, unreadable: reported as such.
+                && !unreadable_record(id, router)
             {
                 report.missing_from_index.push(id);
             }
         }
+        report.unreadable = self.unreadable.iter().map(Unreadable::name).collect();
+        report.foreign = self
+            .foreign
+            .iter()
+            .map(|key| String::from_utf8_lossy(key).into_owned())
+            .collect();
         report
     }
 }
@@ -84,44 +114,56 @@ impl<P: EtcdPayload> EtcdStore<P> {
             routers: std::collections::BTreeMap::new(),
             records: std::collections::BTreeMap::new(),
             pointers: std::collections::BTreeMap::new(),
-            unreadable: 0,
+            unreadable: Vec::new(),
+            foreign: Vec::new(),
         };
         for kv in kvs.iter().chain(&pointer_kvs) {
-            match shared.keys.parse(kv.key()) {
-                Some(KeyKind::Router(router)) => match router_status(kv) {
-                    Ok(status) => {
+            let Some(kind) = shared.keys.parse(kv.key()) else {
+                scan.foreign.push(kv.key().to_vec());
+                continue;
+            };
+            let readable = match kind {
+                KeyKind::Router(router) => router_status(kv)
+                    .map(|status| {
                         scan.routers.insert(router, status);
-                    }
-                    Err(_) => scan.unreadable += 1,
-                },
-                Some(KeyKind::Record(router, id)) => match decode_head(kv.value()) {
-                    Ok(head) => {
-                        scan.records.insert(
+                    })
+                    .is_ok(),
+                KeyKind::Record(router, id) => match decode_head(kv.value()) {
+                    // The payload too: a record of another payload type is
+                    // as unreadable to this controller as garbage.
+                    Ok(head) if decode::<P>(kv.value()).is_ok() => {
+                        let record = ScannedRecord {
+                            router,
                             id,
-                            ScannedRecord {
-                                router,
-                                id,
-                                incarnation: head.incarnation,
-                                created: kv.create_revision(),
-                                closed: head.closed,
-                            },
-                        );
+                            incarnation: head.incarnation,
+                            created: kv.create_revision(),
+                            closed: head.closed,
+                        };
+                        scan.records.insert(id, record);
+                        true
                     }
-                    Err(_) => scan.unreadable += 1,
+                    _ => false,
                 },
-                Some(KeyKind::Pointer(id)) => match parse_pointer(kv) {
-                    Ok(router) => {
+                KeyKind::Pointer(id) => parse_pointer(kv)
+                    .map(|router| {
                         scan.pointers.insert(id, router);
-                    }
-                    Err(_) => scan.unreadable += 1,
-                },
-                None => scan.unreadable += 1,
+                    })
+                    .is_ok(),
+            };
+            if !readable {
+                scan.unreadable.push(Unreadable {
+                    key: kv.key().to_vec(),
+                    kind,
+                    created: kv.create_revision(),
+                    modified: kv.mod_revision(),
+                });
             }
         }
-        if scan.unreadable > 0 {
+        if !scan.unreadable.is_empty() || !scan.foreign.is_empty() {
             tracing::warn!(
-                keys = scan.unreadable,
-                "unreadable keys under the store's prefix"
+                unreadable = scan.unreadable.len(),
+                foreign = scan.foreign.len(),
+                "keys under the store's prefix it cannot account for"
             );
         }
         Ok(scan)
@@ -232,7 +274,85 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 repairs.push(repaired(&record, RepairAction::ClosedRemoved));
             }
         }
+        self.repair_unreadable(findings, &scan, &mut repairs)
+            .await?;
         Ok(repairs)
+    }
+
+    /// Removes the unreadable keys that are certainly dead: a record of a
+    /// router that is deleted or unknown (with its pointer, if created with
+    /// it), and a pointer of an id with no record. A record of a live or
+    /// fenced router is left: a newer controller may read it, and the
+    /// router's deletion removes it. Router keys are left (reported only).
+    async fn repair_unreadable(
+        &self,
+        findings: &AuditReport,
+        scan: &Scan,
+        repairs: &mut Vec<Repair>,
+    ) -> Result<(), EtcdError> {
+        let shared = &self.shared;
+        for unreadable in &scan.unreadable {
+            if !findings.unreadable.contains(&unreadable.name()) {
+                continue;
+            }
+            let (router, id) = match unreadable.kind {
+                KeyKind::Record(router, id) => {
+                    let dead = matches!(
+                        scan.routers.get(&router),
+                        None | Some(RouterStatus::Deleted(_))
+                    ) && !scan
+                        .unreadable
+                        .iter()
+                        .any(|u| u.kind == KeyKind::Router(router));
+                    if !dead {
+                        continue;
+                    }
+                    (router, id)
+                }
+                KeyKind::Pointer(id) => {
+                    let recorded = scan.records.contains_key(&id)
+                        || scan
+                            .unreadable
+                            .iter()
+                            .any(|u| matches!(u.kind, KeyKind::Record(_, other) if other == id));
+                    if recorded {
+                        continue;
+                    }
+                    (RouterId::new(0), id)
+                }
+                KeyKind::Router(_) => continue,
+            };
+            // Only the very value audited (its `mod_revision`).
+            let mut ops = vec![TxnOp::delete(unreadable.key.clone(), None)];
+            if let KeyKind::Record(..) = unreadable.kind {
+                let pointer = shared.keys.pointer(id);
+                ops.push(TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::create_revision(
+                            pointer.clone(),
+                            CompareOp::Equal,
+                            unreadable.created,
+                        )])
+                        .and_then([TxnOp::delete(pointer, None)]),
+                ));
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    unreadable.key.clone(),
+                    CompareOp::Equal,
+                    unreadable.modified,
+                )])
+                .and_then(ops);
+            if self.guarded("remove unreadable key", txn).await? {
+                repairs.push(Repair {
+                    session: id,
+                    router,
+                    incarnation: Incarnation::new(0),
+                    action: RepairAction::UnreadableRemoved,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Closes (this controller's handle of) the record with `Reclaimed` and
@@ -289,13 +409,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
         operation: &'static str,
         txn: Txn,
     ) -> Result<bool, EtcdError> {
-        let response = self
-            .shared
-            .kv()
-            .txn(txn)
-            .await
-            .map_err(EtcdError::request(operation))?;
-        Ok(response.succeeded())
+        Ok(self.shared.txn(operation, txn).await?.succeeded())
     }
 }
 

@@ -9,7 +9,6 @@ use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 use super::keys::{KeyKind, decode, decode_head};
 use super::shared::{Cached, Loaded, Shared, WriteClose};
 use super::txn::generation;
-use super::writer::MAX_TXN_OPS;
 use super::{EtcdError, EtcdPayload};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseReason, NewSession, Session};
@@ -56,8 +55,11 @@ impl<P: EtcdPayload> Shared<P> {
     /// Announces loads about to read records, so the watch remembers what
     /// changes meanwhile.
     pub(super) fn begin_loads(&self) -> LoadGuard<'_, P> {
-        self.progress.lock().loads += 1;
-        LoadGuard { shared: self }
+        let began = self.progress.lock().begin_load();
+        LoadGuard {
+            shared: self,
+            began,
+        }
     }
 
     /// Turns records read at `revision` into this controller's handles,
@@ -170,18 +172,21 @@ impl<P: EtcdPayload> Shared<P> {
         &self,
         stale: Vec<(RouterId, SessionId, i64)>,
     ) -> Result<(), EtcdError> {
-        for chunk in stale.chunks(MAX_TXN_OPS) {
+        // Records read whole: no more than a page of them per request.
+        let per_txn = usize::try_from(self.limits.page)
+            .unwrap_or(1)
+            .min(self.limits.max_txn_ops)
+            .min(64);
+        self.rechecks
+            .fetch_add(stale.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for chunk in stale.chunks(per_txn) {
             let txn = Txn::new().and_then(
                 chunk
                     .iter()
                     .map(|&(router, id, _)| TxnOp::get(self.keys.record(router, id), None))
                     .collect::<Vec<_>>(),
             );
-            let response = self
-                .kv()
-                .txn(txn)
-                .await
-                .map_err(EtcdError::request("recheck"))?;
+            let response = self.txn("recheck", txn).await?;
             for (&(_, id, created), op) in chunk.iter().zip(response.op_responses()) {
                 let current = match op {
                     TxnOpResponse::Get(get) => get.kvs().first().cloned(),
@@ -231,13 +236,15 @@ impl<P: EtcdPayload> Shared<P> {
     }
 }
 
-/// Counts the loads in flight while it lives.
+/// Counts a load in flight while it lives.
 pub(super) struct LoadGuard<'a, P> {
     shared: &'a Shared<P>,
+    /// The revision applied when the load began.
+    began: i64,
 }
 
 impl<P> Drop for LoadGuard<'_, P> {
     fn drop(&mut self) {
-        self.shared.progress.lock().end_load();
+        self.shared.progress.lock().end_load(self.began);
     }
 }

@@ -33,11 +33,13 @@
 mod audit;
 mod builder;
 mod cache;
+mod create;
 mod error;
 mod finish;
 mod keys;
 mod payload;
 mod reads;
+mod retry;
 mod router;
 mod shared;
 mod store;
@@ -45,11 +47,11 @@ mod txn;
 mod watch;
 mod writer;
 
-pub use builder::{DEFAULT_PREFIX, EtcdStoreBuilder};
+pub use builder::{DEFAULT_PREFIX, EtcdStoreBuilder, MAX_RECORD_LIMIT};
 pub use error::EtcdError;
 pub use keys::RecordError;
 pub use payload::EtcdPayload;
 use shared::Shared;
 #[cfg(feature = "test-util")]
 pub use store::WatchSuspension;
-pub use store::{EtcdStore, WriterStats};
+pub use store::{EtcdStats, EtcdStore, WriterStats};

@@ -4,31 +4,36 @@
 use etcd_client::{GetOptions, KeyValue};
 use tokio::sync::oneshot;
 
-use super::keys::{prefix_end, successor};
+use super::keys::{KeyKind, prefix_end, successor};
 use super::shared::Shared;
 use super::txn::{CONTENTION, PAGE, parse_pointer, router_status};
 use super::writer::{RemoveWrite, Write};
 use super::{EtcdError, EtcdPayload};
 use crate::id::{RouterId, SessionId};
 use crate::session::Session;
+use crate::store::error::BackendErrorKind;
 use crate::store::report::RouterStatus;
 
 impl<P: EtcdPayload> Shared<P> {
     /// The store's current revision.
     pub(super) async fn revision(&self) -> Result<i64, EtcdError> {
         let response = self
-            .kv()
             .get(
+                "read revision",
                 self.keys.router(RouterId::new(0)),
                 Some(GetOptions::new().with_count_only()),
             )
-            .await
-            .map_err(EtcdError::request("read revision"))?;
+            .await?;
         Ok(response.header().map_or(0, |header| header.revision()))
     }
 
     /// Every key in `[start, end)`, read page by page at one revision (the
     /// first page's unless `at` is given). Returns the keys and the revision.
+    ///
+    /// A page holds at most [`PAGE`] keys and, when values are read, as
+    /// many records as fit in 16 MiB at the configured `max_record`; a page
+    /// etcd still finds too large (records written by a store configured
+    /// larger) is read again in halves.
     pub(super) async fn list(
         &self,
         start: Vec<u8>,
@@ -39,19 +44,24 @@ impl<P: EtcdPayload> Shared<P> {
         let mut kvs = Vec::new();
         let mut from = start;
         let mut revision = at;
+        let mut limit = if keys_only { PAGE } else { self.limits.page };
         loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if let Some(revision) = revision {
                 options = options.with_revision(revision);
             }
             if keys_only {
                 options = options.with_keys_only();
             }
-            let mut response = self
-                .kv()
-                .get(from, Some(options))
-                .await
-                .map_err(EtcdError::request("list"))?;
+            let mut response = match self.get("list", from.clone(), Some(options)).await {
+                Ok(response) => response,
+                Err(error) if error.kind() == BackendErrorKind::TooLarge && limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    tracing::debug!(limit, "a page of records was too large; reading less");
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             if revision.is_none() {
                 revision = response.header().map(|header| header.revision());
             }
@@ -70,14 +80,18 @@ impl<P: EtcdPayload> Shared<P> {
     /// The router's status (`None`: not registered).
     pub(super) async fn status(&self, router: RouterId) -> Result<Option<RouterStatus>, EtcdError> {
         let response = self
-            .kv()
-            .get(self.keys.router(router), None)
-            .await
-            .map_err(EtcdError::request("read router"))?;
+            .get("read router", self.keys.router(router), None)
+            .await?;
         response.kvs().first().map(router_status).transpose()
     }
 
     /// The handles of every record of `router`, read at one revision.
+    ///
+    /// A record this controller cannot read (another payload type or
+    /// record version) and a key in the router's range that is not in the
+    /// store's key format (another store's) are left out and logged: a
+    /// listing never fails on them (`audit` reports them; `finish` deletes
+    /// the unreadable records and leaves foreign keys alone).
     pub(super) async fn router_sessions(
         &self,
         router: RouterId,
@@ -90,10 +104,28 @@ impl<P: EtcdPayload> Shared<P> {
         let prefix = self.keys.records(router);
         let end = prefix_end(&prefix);
         let (kvs, revision) = self.list(prefix, end, None, false).await?;
-        let loaded = kvs
-            .iter()
-            .map(|kv| self.load(kv))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut loaded = Vec::with_capacity(kvs.len());
+        let (mut unreadable, mut foreign) = (0usize, 0usize);
+        for kv in &kvs {
+            match self.keys.parse(kv.key()) {
+                Some(KeyKind::Record(owner, _)) if owner == router => match self.load(kv) {
+                    Ok(record) => loaded.push(record),
+                    Err(error) => {
+                        unreadable += 1;
+                        tracing::warn!(%error, "unreadable session record left out of a listing");
+                    }
+                },
+                _ => foreign += 1,
+            }
+        }
+        if unreadable + foreign > 0 {
+            tracing::warn!(
+                %router,
+                unreadable,
+                foreign,
+                "keys of the router's range left out of its listing"
+            );
+        }
         let mut recheck = Vec::new();
         let sessions = self.adopt(loaded, revision, &mut recheck);
         self.recheck(recheck).await?;
@@ -118,10 +150,8 @@ impl<P: EtcdPayload> Shared<P> {
         let mut last_pointer = None;
         for _ in 0..CONTENTION {
             let response = self
-                .kv()
-                .get(pointer.clone(), None)
-                .await
-                .map_err(EtcdError::request("read session pointer"))?;
+                .get("read session pointer", pointer.clone(), None)
+                .await?;
             let Some(kv) = response.kvs().first() else {
                 if let Some(created) = stale {
                     self.cache.remove_if(&id, |_, c| c.created == created);
@@ -131,10 +161,8 @@ impl<P: EtcdPayload> Shared<P> {
             let router = parse_pointer(kv)?;
             let pointer_revision = kv.mod_revision();
             let response = self
-                .kv()
-                .get(self.keys.record(router, id), None)
-                .await
-                .map_err(EtcdError::request("read session"))?;
+                .get("read session", self.keys.record(router, id), None)
+                .await?;
             let revision = response.header().map_or(0, |header| header.revision());
             let Some(kv) = response.kvs().first() else {
                 if last_pointer == Some(pointer_revision) {
@@ -151,9 +179,7 @@ impl<P: EtcdPayload> Shared<P> {
             // Left out: a later life is cached, which is the id's session.
             return Ok(adopted.or_else(|| self.cache.get(&id).map(|c| c.session.clone())));
         }
-        Err(EtcdError::Contention {
-            key: String::from_utf8_lossy(&pointer).into_owned(),
-        })
+        Err(EtcdError::contention(&pointer))
     }
 
     /// Deletes the record of a handle (closed already) and its pointer,

@@ -4,14 +4,17 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use etcd_client::KvClient;
+use etcd_client::{GetOptions, GetResponse, KvClient, Txn, TxnResponse};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use super::create::{CreateCounters, CreateRequest};
 use super::keys::{self, Keys};
+use super::retry::Retry;
+use super::txn::Limits;
 use super::watch::Progress;
 use super::writer::{CloseWrite, Write, WriterCounters};
 use super::{EtcdError, EtcdPayload};
@@ -25,15 +28,21 @@ pub(super) struct Shared<P> {
     pub(super) cache: DashMap<SessionId, Cached<P>, RandomState>,
     pub(super) progress: Mutex<Progress>,
     pub(super) link: Arc<Link>,
+    /// The create task's queue.
+    pub(super) creates: mpsc::UnboundedSender<CreateRequest>,
     pub(super) counters: Arc<WriterCounters>,
+    pub(super) create_counters: Arc<CreateCounters>,
+    /// Records read again by `recheck`.
+    pub(super) rechecks: std::sync::atomic::AtomicU64,
     pub(super) stop: CancellationToken,
+    pub(super) retry: Retry,
     /// `true` while a test holds the watch disconnected. Kept alive without
     /// `test-util` too: the watch stops when it is dropped.
     #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     pub(super) suspend: tokio::sync::watch::Sender<bool>,
     pub(super) write_timeout: Duration,
     pub(super) concurrency: usize,
-    pub(super) max_record: usize,
+    pub(super) limits: Limits,
 }
 
 impl<P> Drop for Shared<P> {
@@ -105,6 +114,38 @@ pub(super) struct Loaded<P> {
 impl<P: EtcdPayload> Shared<P> {
     pub(super) fn kv(&self) -> KvClient {
         self.kv.clone()
+    }
+
+    /// A transaction that is safe to repeat, retried on [`Retry`].
+    pub(super) async fn txn(
+        &self,
+        operation: &'static str,
+        txn: Txn,
+    ) -> Result<TxnResponse, EtcdError> {
+        self.retry
+            .run(operation, || {
+                let mut kv = self.kv();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+    }
+
+    /// A read, retried on [`Retry`].
+    pub(super) async fn get(
+        &self,
+        operation: &'static str,
+        key: Vec<u8>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, EtcdError> {
+        self.retry
+            .run(operation, || {
+                let mut kv = self.kv();
+                let key = key.clone();
+                let options = options.clone();
+                async move { kv.get(key, options).await }
+            })
+            .await
     }
 
     pub(super) async fn flush(&self) -> Result<(), EtcdError> {

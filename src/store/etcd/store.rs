@@ -150,6 +150,25 @@ pub struct WriterStats {
     pub refused: u64,
 }
 
+/// Counters of an [`EtcdStore`]'s requests, besides its writer's
+/// ([`WriterStats`]). Read one by one: not a consistent cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdStats {
+    /// Sessions created.
+    pub creates: u64,
+    /// Transactions that carried creates (concurrent creates share one).
+    pub create_transactions: u64,
+    /// Creates answered [`EtcdError::OutcomeUnknown`].
+    pub creates_unknown: u64,
+    /// Requests that failed transiently and were sent again (reads, guarded
+    /// writes, the writer's and the watch's retries).
+    pub retries: u64,
+    /// Reads of records done again because a change may have been missed
+    /// while they were loaded.
+    pub rechecks: u64,
+}
+
 impl<P: EtcdPayload> EtcdStore<P> {
     /// The etcd client the store uses (for your own keys, or a health check).
     #[must_use]
@@ -167,6 +186,20 @@ impl<P: EtcdPayload> EtcdStore<P> {
     #[must_use]
     pub fn cached(&self) -> usize {
         self.shared.cache.len()
+    }
+
+    /// The store's request counters.
+    #[must_use]
+    pub fn stats(&self) -> EtcdStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let creates = &self.shared.create_counters;
+        EtcdStats {
+            creates: creates.creates.load(Relaxed),
+            create_transactions: creates.transactions.load(Relaxed),
+            creates_unknown: creates.unknown.load(Relaxed),
+            retries: self.shared.retry.retried(),
+            rechecks: self.shared.rechecks.load(Relaxed),
+        }
     }
 
     /// The background writer's counters.
@@ -300,12 +333,7 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
                 Some(GetOptions::new().with_range(end).with_count_only()),
             ),
         ]);
-        let response = self
-            .shared
-            .kv()
-            .txn(txn)
-            .await
-            .map_err(EtcdError::request("count sessions"))?;
+        let response = self.shared.txn("count sessions", txn).await?;
         let responses = response.op_responses();
         if txn_get(&responses, 0).is_none() {
             return Err(RouterError::UnknownRouter(router));

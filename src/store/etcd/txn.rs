@@ -7,8 +7,59 @@ use super::keys;
 use crate::id::{Incarnation, RouterId};
 use crate::store::report::RouterStatus;
 
-/// At most this many keys are read or deleted by one request.
+/// At most this many keys are read by one request.
 pub(super) const PAGE: i64 = 1000;
+
+/// A page of records is cut to about this many bytes (etcd answers at most
+/// [`MAX_ANSWER`]).
+const PAGE_BYTES: usize = 16 << 20;
+
+/// Requests stay well under etcd's default 1.5 MiB request limit.
+pub(super) const MAX_TXN_BYTES: usize = 1 << 20;
+
+/// The sizes every request of a store is cut to.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    /// The largest record `create` accepts.
+    pub(super) max_record: usize,
+    /// etcd's `--max-txn-ops`, as configured.
+    pub(super) max_txn_ops: usize,
+    /// How many creates may share a transaction.
+    pub(super) create_batch: usize,
+    /// Records per page of a listing that reads values.
+    pub(super) page: i64,
+}
+
+impl Limits {
+    pub(super) fn new(max_record: usize, max_txn_ops: usize, create_batch: usize) -> Self {
+        // A record's key and the answer's framing: well under 256 bytes.
+        let per_record = max_record.saturating_add(256);
+        let page = (PAGE_BYTES / per_record).clamp(1, PAGE as usize);
+        Self {
+            max_record,
+            max_txn_ops,
+            create_batch,
+            page: i64::try_from(page).unwrap_or(PAGE),
+        }
+    }
+
+    /// Records `finish` deletes per transaction: two nested transactions
+    /// each (one guard and one delete apiece), and etcd counts a nested
+    /// transaction's operations against what its parent leaves of the
+    /// limit; at most 32, so a transaction's answer (the records deleted,
+    /// as they were) stays small.
+    pub(super) fn deletes_per_txn(&self) -> usize {
+        (self.max_txn_ops.saturating_sub(1) / 2).clamp(1, 32)
+    }
+
+    /// Creates per transaction: one nested transaction of three guards
+    /// each.
+    pub(super) fn creates_per_txn(&self) -> usize {
+        self.create_batch
+            .min(self.max_txn_ops.saturating_sub(3))
+            .max(1)
+    }
+}
 
 /// The largest answer from etcd the store decodes (a page of records, or a
 /// watch response).
