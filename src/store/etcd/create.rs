@@ -18,7 +18,7 @@
 //!   `concurrency` requests are in flight: creates queued meanwhile share
 //!   the next request.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -109,10 +109,11 @@ pub(super) async fn run(
     });
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let per_txn = limits.creates_per_txn();
-    // A create that did not fit the last request: the next one's first.
-    let mut held = None;
+    // Creates that did not fit a request (too many bytes, or their id
+    // already in it): the next request's first.
+    let mut held: VecDeque<CreateRequest> = VecDeque::new();
     loop {
-        let first = match held.take() {
+        let first = match held.pop_front() {
             Some(request) => request,
             None => match queue.recv().await {
                 Some(request) => request,
@@ -128,16 +129,26 @@ pub(super) async fn run(
         keys.insert(first.pointer.clone());
         let mut bytes = first.bytes();
         let mut group = vec![first];
-        while group.len() < per_txn {
-            let Ok(next) = queue.try_recv() else { break };
+        let mut deferred = VecDeque::new();
+        while group.len() < per_txn && deferred.len() < per_txn {
+            let next = match held.pop_front() {
+                Some(request) => request,
+                None => match queue.try_recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
+            };
             if bytes + next.bytes() > MAX_TXN_BYTES || keys.contains(&next.pointer) {
-                held = Some(next);
-                break;
+                deferred.push_back(next);
+                continue;
             }
             keys.insert(next.pointer.clone());
             bytes += next.bytes();
             group.push(next);
         }
+        // In queue order: what was deferred first.
+        deferred.append(&mut held);
+        held = deferred;
         let creator = Arc::clone(&creator);
         tokio::spawn(async move {
             creator.send(group).await;

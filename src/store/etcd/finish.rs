@@ -25,7 +25,7 @@ use etcd_client::{
 use futures::StreamExt;
 
 use super::error::{Refusal, refusal};
-use super::keys::{self, KeyKind, decode_head, prefix_end};
+use super::keys::{self, KeyKind, decode, prefix_end};
 use super::txn::{CONTENTION, PAGE};
 use super::{EtcdError, EtcdPayload, EtcdStore};
 use crate::id::{Incarnation, RouterId};
@@ -167,8 +167,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 };
                 // Closed by this call: a handle here whose close it won, or
                 // a record no handle here holds, still open when deleted.
-                let open = match decode_head(record.value()) {
-                    Ok(head) => head.closed.is_none(),
+                // Read whole, as `audit` does: a record of another payload
+                // type is as unreadable here as garbage.
+                let open = match decode::<P>(record.value()) {
+                    Ok(decoded) => decoded.closed.is_none(),
                     Err(error) => {
                         report.unreadable += 1;
                         tracing::warn!(%router, %id, %error, "deleted an unreadable session record");

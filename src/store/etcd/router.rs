@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::error::{refusal, unsent};
 use super::keys;
-use super::txn::{CONTENTION, live_in, revision_of};
+use super::txn::{CONTENTION, live_in, revision_of, router_status, txn_get};
 use super::{EtcdError, EtcdPayload, EtcdStore};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, Session};
@@ -15,61 +15,45 @@ use crate::store::report::{FenceSnapshot, RouterStatus};
 use crate::store::rules::{FenceStep, fence_step};
 
 impl<P: EtcdPayload> EtcdStore<P> {
-    /// Registers the router: a guarded put of `live`, sent again only
-    /// while a look at etcd shows it did not land (the router's state is
-    /// still the one the put was guarded on), so it never applies twice.
+    /// Registers the router: a put of `live` guarded on the state it
+    /// replaces (first: no key at all), whose failure branch reads the
+    /// state. It is sent again only while a look at etcd shows it did not
+    /// land (the state is still the one guarded on), so it never applies
+    /// twice; when the look cannot tell, the answer is
+    /// [`EtcdError::OutcomeUnknown`].
     pub(super) async fn register(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
         let shared = &self.shared;
         let key = shared.keys.router(router);
         let give_up = Instant::now() + shared.retry.deadline();
         let mut delays = shared.retry.delays();
+        // The state the put is guarded on (`None`: no key).
+        let mut replaces: Option<RouterStatus> = None;
         // The failure of an attempt that may have landed.
         let mut uncertain: Option<etcd_client::Error> = None;
         let mut contention = 0;
         while contention < CONTENTION {
-            let status = shared.status(router).await?;
-            let guard = match status {
+            let guard = match replaces {
                 None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Some(RouterStatus::Live(_) | RouterStatus::Fenced(_)) if uncertain.is_some() => {
-                    // Live now: this call's put, or another controller's.
-                    if let Some(source) = uncertain {
-                        return Err(EtcdError::OutcomeUnknown {
-                            operation: "register router",
-                            source,
-                        }
-                        .into());
-                    }
-                    continue;
+                Some(status) => {
+                    Compare::value(key.clone(), CompareOp::Equal, keys::router_value(status))
                 }
-                Some(RouterStatus::Live(incarnation)) => {
-                    return Err(RegisterError::AlreadyRegistered {
-                        router,
-                        incarnation,
-                    });
-                }
-                Some(RouterStatus::Fenced(incarnation)) => {
-                    return Err(RegisterError::Deleting {
-                        router,
-                        incarnation,
-                    });
-                }
-                Some(RouterStatus::Deleted(incarnation)) => Compare::value(
-                    key.clone(),
-                    CompareOp::Equal,
-                    keys::router_value(RouterStatus::Deleted(incarnation)),
-                ),
             };
-            let txn =
-                Txn::new()
-                    .when([guard])
-                    .and_then([TxnOp::put(key.clone(), keys::LIVE, None)]);
-            match shared.kv().txn(txn).await {
+            let txn = Txn::new()
+                .when([guard])
+                .and_then([TxnOp::put(key.clone(), keys::LIVE, None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let status = match shared.kv().txn(txn).await {
                 Ok(response) if response.succeeded() => {
                     return keys::incarnation(revision_of(&response)).ok_or_else(|| {
                         EtcdError::corrupt(&key, "no revision in the answer").into()
                     });
                 }
-                Ok(_) => contention += 1, // changed meanwhile: look again
+                Ok(response) => {
+                    contention += 1;
+                    txn_get(&response.op_responses(), 0)
+                        .map(router_status)
+                        .transpose()?
+                }
                 Err(error) => {
                     let sent = !unsent(&error);
                     let (refused, late) = (refusal(&error).is_some(), Instant::now() >= give_up);
@@ -92,8 +76,47 @@ impl<P: EtcdPayload> EtcdStore<P> {
                         uncertain = Some(error);
                     }
                     tokio::time::sleep(delays.next_delay()).await;
+                    // Look: did it land?
+                    match shared.status(router).await {
+                        Ok(status) => status,
+                        Err(error) => {
+                            return Err(match uncertain {
+                                Some(source) => EtcdError::OutcomeUnknown {
+                                    operation: "register router",
+                                    source,
+                                },
+                                None => error,
+                            }
+                            .into());
+                        }
+                    }
                 }
-            }
+            };
+            replaces = match status {
+                Some(RouterStatus::Live(_) | RouterStatus::Fenced(_)) if uncertain.is_some() => {
+                    // Live now: this call's put, or another controller's.
+                    return Err(EtcdError::OutcomeUnknown {
+                        operation: "register router",
+                        source: uncertain.unwrap_or_else(|| {
+                            etcd_client::Error::EndpointError("answer lost".into())
+                        }),
+                    }
+                    .into());
+                }
+                Some(RouterStatus::Live(incarnation)) => {
+                    return Err(RegisterError::AlreadyRegistered {
+                        router,
+                        incarnation,
+                    });
+                }
+                Some(RouterStatus::Fenced(incarnation)) => {
+                    return Err(RegisterError::Deleting {
+                        router,
+                        incarnation,
+                    });
+                }
+                status => status,
+            };
         }
         Err(EtcdError::contention(&key).into())
     }
