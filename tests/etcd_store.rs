@@ -643,6 +643,9 @@ impl Backend for EtcdBackend {
     type Store = EtcdStore;
     const NAME: &'static str = "EtcdStore";
     const PAUSED_TIME: bool = false;
+    // A few dozen round trips per deletion, on a loaded machine, maybe to
+    // a cluster whose members share one disk.
+    const STORE_TIME: Duration = Duration::from_secs(10);
 
     async fn fresh(&self) -> Arc<EtcdStore> {
         let endpoint = std::env::var("SESSION_LIFECYCLE_ETCD").expect("checked by the test");
