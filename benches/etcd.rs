@@ -93,6 +93,9 @@ async fn connect(endpoints: &str, prefix: &str, create_batch: usize) -> EtcdStor
         .endpoints(endpoints.split(',').map(str::to_owned))
         .prefix(prefix)
         .create_batch(create_batch)
+        // Three members on one shared disk stall now and then: patience,
+        // so that a slow answer is measured, not an error.
+        .request_timeout(Duration::from_secs(30))
         .retry_deadline(Duration::from_secs(60))
         .write_timeout(Duration::from_secs(120))
         .connect()

@@ -16,12 +16,20 @@
 //!   cache; a `create` answered after its router's whole deletion is the
 //!   one exception, see the type's docs); a close by any controller
 //!   reaches it through the watch.
-//! - `finish` deletes in transactions within [`MAX_TXN_OPS`], each guarded
-//!   on the router still being fenced in the incarnation, each record on
-//!   being the one listed and its pointer on being created with it, then
-//!   confirms with a linearizable count that nothing is left before it
-//!   writes the tombstone. Every step can run again: a deletion whose
-//!   controller died is resumed by another one.
+//! - `finish` deletes every key of the router's range in the store's key
+//!   format, readable or not, in transactions within `max_txn_ops`, each
+//!   guarded on the router still being fenced in the incarnation, each
+//!   record on being the one listed and its pointer on being created with
+//!   it; it writes the tombstone only when a final listing finds nothing
+//!   but foreign keys (never deleted, never waited for). Every step can
+//!   run again: a deletion whose controller died is resumed by another one.
+//! - Every request that is safe to repeat is retried on one jittered
+//!   schedule (`retry`) until a deadline; a create or a registration is
+//!   sent again only after a look at etcd shows it did not land, so
+//!   neither ever applies twice (I10).
+//! - No request asks etcd for more than it answers: listings are paged by
+//!   keys and by bytes, and a request etcd refuses as too large or as too
+//!   many operations is split (I10, I11).
 //!
 //! # Deadlock safety
 //!

@@ -58,12 +58,43 @@ use crate::store::report::{
 ///   otherwise; every other method reads etcd (linearizable reads).
 /// - A deletion is driven by the same [`RouterDeleter`](crate::RouterDeleter):
 ///   its wait sees confirmations through the watch, and
-///   [`finish`](SessionStore::finish) reads 1,000 records at a time,
-///   deletes them 32 per transaction (within etcd's 128 operations) and
-///   confirms with a linearizable check that nothing is left before it
-///   writes the tombstone. If the controller running a
-///   deletion dies after the fence, `RouterDeleter::delete` on another
-///   controller resumes it.
+///   [`finish`](SessionStore::finish) lists the router's keys (keys and
+///   revisions only, 1,000 per request), deletes them 32 per transaction
+///   (within `max_txn_ops`, 4 transactions in flight) and writes the
+///   tombstone once a final listing finds nothing of the incarnation left.
+///   If the controller running a deletion dies after the fence,
+///   `RouterDeleter::delete` on another controller resumes it.
+/// - Concurrent creates share transactions (up to
+///   [`create_batch`](super::EtcdStoreBuilder::create_batch), default 64): each
+///   is a nested transaction with its own guards and its own outcome.
+///
+/// # Record format and versions
+///
+/// A session record starts with a version byte (1 today), then the state,
+/// the close reason, the incarnation and the token (see the `keys`
+/// module), then the payload as [`EtcdPayload::encode`] wrote it. A
+/// controller reads only the record versions it knows and its own payload
+/// type. A record it cannot read (a newer version, another payload type
+/// during a rolling upgrade, garbage) is:
+///
+/// - left out of `sessions` and a fence's snapshot
+///   (logged), and an error for `get` of its id: no handle of it exists on
+///   this controller, so it is never closed or written back here;
+/// - reported by [`audit`](SessionStore::audit) in
+///   [`AuditReport::unreadable`](crate::AuditReport::unreadable), and
+///   removed by [`repair`](SessionStore::repair) only when its router is
+///   deleted or unknown (a newer controller may still read it);
+/// - deleted, with its pointer, by its router's
+///   [`finish`](SessionStore::finish), and counted in
+///   [`FinishReport::unreadable`](crate::FinishReport::unreadable): it
+///   never keeps a router fenced.
+///
+/// A newer controller that writes a new record version must therefore
+/// come after every controller reads it: deploy the reader first, then
+/// the writer. An older controller's version-1 records are read by every
+/// later one. A key under the prefix that is not in the key format
+/// (another store's prefix nested in this one's) is foreign: reported by
+/// `audit` and `finish`, never deleted, never blocking.
 ///
 /// # Limits
 ///
@@ -71,6 +102,9 @@ use crate::store::report::{
 ///   forever; `audit` and `census` read every router key.
 /// - While etcd is unreachable, closes made on handles queue in memory
 ///   (unbounded) until etcd takes them.
+/// - A record is at most [`MAX_RECORD_LIMIT`](super::MAX_RECORD_LIMIT)
+///   (1 MiB: etcd refuses requests over 1.5 MiB); a listing reads as many
+///   records as fit in 16 MiB.
 /// - A pointer put back by [`repair`](SessionStore::repair) is not deleted
 ///   by `finish` (it is not the one created with the record); the next
 ///   repair drops it.
@@ -80,14 +114,37 @@ use crate::store::report::{
 ///
 /// # Faults
 ///
-/// etcd unreachable or restarting gives typed errors
-/// ([`BackendError`] wrapping an [`EtcdError`]); etcd applies a transaction
-/// whole or not at all, so nothing is half-applied. Reads and guarded
-/// writes that can safely run twice are retried; `create` and
-/// `register_router` are not (the outcome of a request that timed out is
-/// unknown: a create that timed out may have created the session, which a
-/// later create of the same id reports as a duplicate, and reconciliation
-/// or an audit sweep cleans up).
+/// The store keeps serving while etcd does (a majority of its members up,
+/// I10). Give it every member's endpoint: requests are balanced over them,
+/// a connection whose keep-alive goes unanswered (a hung member) is
+/// dropped, and a member without a leader answers at once instead of
+/// serving a stalled watch.
+///
+/// - Every read, the fence, `finish`'s deletions, the tombstone and
+///   repairs are safe to repeat: a transient failure (a member down, no
+///   leader, a timeout) is retried on another member with jittered
+///   exponential backoff (25 ms to 1 s) until
+///   [`retry_deadline`](super::EtcdStoreBuilder::retry_deadline) (15 s) after the
+///   first attempt; then the call fails with a [`BackendError`] of kind
+///   [`Unavailable`](crate::BackendErrorKind::Unavailable), and calling
+///   again is safe.
+/// - Closes and removals made on handles go through the background writer,
+///   retried until etcd takes them; a caller that waited
+///   [`write_timeout`](super::EtcdStoreBuilder::write_timeout) gets kind
+///   [`Pending`](crate::BackendErrorKind::Pending): the write will land.
+/// - `create` and `register_router` never apply twice. After a failure
+///   that may have landed, the store looks (the session's pointer, the
+///   router's state): if it did not land, it is sent again (still guarded,
+///   so a late landing of the first attempt and the second exclude each
+///   other); if it landed or the look fails, the call fails with kind
+///   [`OutcomeUnknown`](crate::BackendErrorKind::OutcomeUnknown) (get the
+///   session or read the router's status to learn which). A create that
+///   was certainly never sent fails with `Unavailable`: it did not apply.
+/// - etcd applies a transaction whole or not at all: nothing is ever half
+///   applied. Refusals (too large, too many operations) are split where a
+///   request can be, and otherwise fail with kind
+///   [`TooLarge`](crate::BackendErrorKind::TooLarge) or
+///   [`Refused`](crate::BackendErrorKind::Refused).
 ///
 /// # Example
 ///
