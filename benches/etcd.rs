@@ -14,8 +14,8 @@
 //!   transaction, 4 transactions in flight), the tombstone written.
 //! - `etcd_delete_100k/baseline_per_session`: the cleanup a controller
 //!   without this crate does: one transaction per session that deletes it
-//!   (record and pointer), 64 in flight.
-//! - `etcd_create/grouped_256_in_flight`: 20,000 creates with 256 in flight;
+//!   (record and pointer), 256 in flight.
+//! - `etcd_create/grouped_256_in_flight`: 10,000 creates with 256 in flight;
 //!   concurrent creates share transactions (`create_batch`, default 64).
 //! - `etcd_create/one_per_txn_256_in_flight`: the same with
 //!   `create_batch(1)`: one transaction per create (the store before issue
@@ -41,7 +41,7 @@ use session_lifecycle::{
 };
 use tokio::runtime::Runtime;
 
-const CREATES: u64 = 20_000;
+const CREATES: u64 = 10_000;
 const IN_FLIGHT: usize = 256;
 
 fn runtime() -> Runtime {
@@ -207,7 +207,7 @@ fn bench(c: &mut Criterion) {
                                 kv.txn(txn).await.expect("deleted");
                             }
                         })
-                        .buffer_unordered(64)
+                        .buffer_unordered(IN_FLIGHT)
                         .for_each(|()| async {})
                         .await;
                     spent += started.elapsed();
