@@ -110,6 +110,7 @@ fn deleter(store: &Arc<MemoryStore>) -> RouterDeleter<MemoryStore, ConfirmAtOnce
     RouterDeleter::builder()
         .batch_size(BATCH)
         .build(Arc::clone(store), ConfirmAtOnce(Arc::clone(store)))
+        .expect("valid settings")
 }
 
 /// Times `iters` deletions of fresh `n`-session routers in `store`.

@@ -149,7 +149,8 @@ fn bench(c: &mut Criterion) {
     let forced = RouterDeleter::builder()
         .confirm_timeout(Duration::from_millis(10))
         .retries(0)
-        .build(Arc::clone(&store), Silent);
+        .build(Arc::clone(&store), Silent)
+        .expect("valid settings");
     if std::env::var_os("SESSION_LIFECYCLE_BENCH_FLAT").is_some() {
         let router = flat(&rt, &store);
         rt.block_on(forced.delete(router)).expect("deleted");

@@ -1,8 +1,10 @@
 //! `MemoryStore` throughput and footprint.
 //!
 //! - `create_close/*`: one create + one close (through the `SessionStore`
-//!   trait) per element, on 1 and 2 threads, next to a baseline written here:
-//!   the same store shape behind one global mutex.
+//!   trait) per element, on 1 and 2 threads, next to the same on a
+//!   `MemoryStore` erased into a `BoxStore` (`box_store`: what the boxed
+//!   calls cost) and a baseline written here: the same store shape behind
+//!   one global mutex.
 //! - Bytes per session: measured with a counting global allocator at 1M
 //!   sessions (1,000 routers × 1,000 sessions) and printed before the
 //!   criterion groups run.
@@ -21,7 +23,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use futures::FutureExt;
 use parking_lot::Mutex;
 use session_lifecycle::{
-    CloseReason, Incarnation, MemoryStore, NewSession, RouterId, Session, SessionId, SessionStore,
+    BoxStore, CloseReason, Incarnation, MemoryStore, NewSession, RouterId, Session, SessionId,
+    SessionStore,
 };
 
 #[global_allocator]
@@ -79,7 +82,9 @@ trait Cycle: Send + Sync {
     fn cycle(&self, id: SessionId, router: RouterId, incarnation: Incarnation);
 }
 
-impl Cycle for MemoryStore {
+/// Any store through the `SessionStore` trait: `MemoryStore`, and the same
+/// erased into a `BoxStore`.
+impl<S: SessionStore<Payload = ()>> Cycle for S {
     fn setup(&self, router: RouterId) -> Incarnation {
         now(self.register_router(router)).expect("fresh router")
     }
@@ -146,6 +151,13 @@ fn create_close(c: &mut Criterion) {
         prefill(&*store, 100_000);
         group.bench_function(BenchmarkId::new("memory_store", threads), |b| {
             b.iter_custom(|iters| run(&store, threads, iters, &ids));
+        });
+        // The same kind of store behind a `BoxStore`: a boxed future and a
+        // virtual call per store call.
+        let boxed = Arc::new(BoxStore::new(MemoryStore::new()));
+        prefill(&*boxed, 100_000);
+        group.bench_function(BenchmarkId::new("box_store", threads), |b| {
+            b.iter_custom(|iters| run(&boxed, threads, iters, &ids));
         });
         let baseline = Arc::new(GlobalMutexStore::default());
         prefill(&*baseline, 100_000);

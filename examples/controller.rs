@@ -73,7 +73,7 @@ struct Args {
 
 impl Args {
     fn is_dead(&self, id: SessionId) -> bool {
-        id.get() < self.routers * self.sessions && id.get() % self.dead_one_in.max(1) == 0
+        id.get() < self.routers * self.sessions && id.get().is_multiple_of(self.dead_one_in.max(1))
     }
 
     /// The routers to delete: every k-th, the first of them never answers.
@@ -337,7 +337,8 @@ async fn main() -> Result<ExitCode, BoxError> {
         .retry_backoff(Duration::from_millis(50), Duration::from_millis(200))
         .reclaim_queue(queue.clone())
         .events(bus.clone())
-        .build(Arc::clone(&store), Arc::clone(&routers));
+        .build(Arc::clone(&store), Arc::clone(&routers))
+        .expect("valid settings");
     let next_id = Arc::new(AtomicU64::new(total));
     let mut churn = JoinSet::new();
     for worker in 0..2u64 {

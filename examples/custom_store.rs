@@ -252,7 +252,7 @@ struct Routers {
 }
 
 fn confirmation_lost(id: SessionId) -> bool {
-    id.get() % 10 == 0
+    id.get().is_multiple_of(10)
 }
 
 impl TerminationNotifier for Routers {
@@ -317,7 +317,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             Routers {
                 store: Arc::clone(&store),
             },
-        );
+        )
+        .expect("valid settings");
     let on_router = store.count(DELETED).await?;
     println!(
         "deleting {DELETED} ({on_router} sessions, bound {:?})",

@@ -162,7 +162,9 @@ async fn scenario(endpoint: &str, b: &Store, count: u64) -> Result<(), Box<dyn E
     println!("3. A's RouterDeleter fences {ROUTER}, then A dies");
     let fenced = Arc::new(Notify::new());
     let notifier = NeverAnswers(Arc::clone(&fenced));
-    let a_deleter = RouterDeleter::builder().build(Arc::clone(&a), notifier);
+    let a_deleter = RouterDeleter::builder()
+        .build(Arc::clone(&a), notifier)
+        .expect("valid settings");
     let started = Instant::now();
     drop(a_runtime.spawn(a_deleter.delete(ROUTER)));
     let notified = timeout(WAIT, fenced.notified()).await.is_ok();
@@ -181,7 +183,8 @@ async fn scenario(endpoint: &str, b: &Store, count: u64) -> Result<(), Box<dyn E
     let b_deleter = RouterDeleter::builder()
         .confirm_timeout(Duration::from_secs(5))
         .retries(1)
-        .build(Arc::new(b.clone()), Confirm(b.clone()));
+        .build(Arc::new(b.clone()), Confirm(b.clone()))
+        .expect("valid settings");
     let bound = b_deleter.max_wait(on_b.len()) + WAIT;
     let outcome = timeout(bound, b_deleter.delete(ROUTER)).await??;
     let report = outcome.report().ok_or("the router was already deleted")?;

@@ -132,7 +132,12 @@ struct Controller {
 
 impl Controller {
     fn start(bus: &EventBus) -> Result<Self, BoxError> {
-        let store = Arc::new(MemoryStore::builder().events(bus.clone()).build());
+        let store = Arc::new(
+            MemoryStore::builder()
+                .events(bus.clone())
+                .build()
+                .expect("valid settings"),
+        );
         let network = Arc::new(Network::default());
         // Every piece that closes sessions releases their resources through
         // the one queue: critical ones first, whoever closed them.
@@ -150,7 +155,8 @@ impl Controller {
                     store: Arc::clone(&store),
                     network: Arc::clone(&network),
                 },
-            );
+            )
+            .expect("valid settings");
         let monitor = LivenessMonitor::builder()
             .heartbeat_interval(HEARTBEAT)
             .granularity(Duration::from_millis(10))
@@ -165,7 +171,8 @@ impl Controller {
             .grace_period(Duration::from_secs(30))
             .reclaim_queue(queue.clone())
             .events(bus.clone())
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         let sweeper = AuditSweeper::builder()
             .interval(Duration::from_millis(300))
             .reclaim_queue(queue.clone())

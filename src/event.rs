@@ -11,10 +11,19 @@
 //! # Deadlock safety
 //!
 //! The bus has no lock of its own; tokio's broadcast channel takes its
-//! internal lock for each send and receive and never calls user code under
-//! it. Components publish after releasing their own locks, except the
-//! in-memory store, which publishes `SessionCreated` under its router lock
-//! (the broadcast lock is then the last one taken).
+//! internal lock for each send and receive. Components publish after
+//! releasing their own locks, with two exceptions that order an event
+//! before what their lock guards can be seen: the in-memory store sends
+//! `SessionCreated` under its router lock, and the reconciler
+//! `RouterDisconnected` under its `graces` lock (the broadcast lock is then
+//! the last one taken). Both send with `send_unrecorded` and `record` the
+//! event in the metrics after the lock, as the recorder is user code.
+//!
+//! The one piece of user code a send can run is the `Drop` of an event it
+//! pushes out of a full ring (the oldest, unread by a lagging subscriber):
+//! an event that was the last holder of an error a prober or reclaim task
+//! returned drops that error there, under the publisher's lock in the two
+//! cases above. The stores' and the reconciler's docs say so.
 
 use std::fmt;
 use std::sync::Arc;
@@ -74,9 +83,9 @@ use crate::store::Repair;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(1_024);
 /// let mut events = bus.subscribe();
-/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>());
+/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>()?);
 /// let deleter =
-///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent);
+///     RouterDeleter::builder().retries(0).events(bus).build(Arc::clone(&store), Silent)?;
 ///
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
@@ -209,7 +218,7 @@ pub enum Event {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(1024);
 /// let mut events = bus.subscribe();
-/// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+/// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
 ///
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
@@ -251,7 +260,7 @@ struct BusShared {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = EventBus::new(2);
 /// let mut events = bus.subscribe();
-/// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+/// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// for id in 0..5 {
@@ -351,7 +360,7 @@ impl EventBus {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::default();
-    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
     /// let _ = store.register_router(RouterId::new(1)).await?;
     /// assert_eq!(bus.stats().published, 0); // no subscriber, nothing sent
     /// # Ok(())
@@ -409,6 +418,24 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
     }
 }
 
+/// Publishes the event `make` builds to `bus` if anybody listens, without
+/// recording it in the metrics: for a publisher that must send under its
+/// own lock (so that the event comes before what the lock guards can be
+/// seen) and then calls [`record`] after releasing it, because the metrics
+/// recorder is user code.
+pub(crate) fn send_unrecorded(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
+    if let Some(bus) = bus.filter(|bus| bus.listening()) {
+        bus.send(make());
+    }
+}
+
+/// Records the event `make` builds in the `metrics` facade: the other half
+/// of [`emit`], after [`send_unrecorded`].
+#[cfg(feature = "metrics")]
+pub(crate) fn record(make: impl FnOnce() -> Event) {
+    crate::metrics::record(&make());
+}
+
 /// One subscriber's view of an [`EventBus`]: every event published after
 /// [`EventBus::subscribe`], minus those it missed by falling behind (see
 /// the bus's `# Lag`).
@@ -436,7 +463,7 @@ pub(crate) fn emit(bus: Option<&EventBus>, make: impl FnOnce() -> Event) {
 ///     closed
 /// });
 ///
-/// let store = MemoryStore::builder().events(bus).build::<()>();
+/// let store = MemoryStore::builder().events(bus).build::<()>()?;
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
 /// let session =
@@ -474,7 +501,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::default();
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let _ =
@@ -514,7 +541,7 @@ impl Subscription {
     /// let mut events = bus.subscribe();
     /// assert!(events.try_recv().is_none());
     ///
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let _ =
@@ -547,7 +574,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(64);
     /// let events = bus.subscribe().into_stream();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {
@@ -583,7 +610,7 @@ impl Subscription {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(1);
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// for id in 0..3 {

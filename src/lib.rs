@@ -20,7 +20,8 @@
 //!   [`SessionStore::finish`] tombstones the incarnation;
 //!   [`SessionStore::audit`] checks the index.
 //! - [`MemoryStore`]: the default store, in memory: a sharded session map and
-//!   a per-router entry under one small lock.
+//!   a per-router entry under one small lock. [`BoxStore`] holds any store
+//!   behind one type, for a controller that picks its store at start-up.
 //! - [`RouterDeleter`]: deletes a router and cleans up every one of its
 //!   sessions, and always finishes: fence, mark `Terminating`, notify your
 //!   routers in paced batches through your [`TerminationNotifier`], wait for
@@ -165,8 +166,15 @@
 //! # Concurrency
 //!
 //! No lock of the crate is held across an `.await` or while user code runs
-//! (resources, wakers). Each module with locks documents its lock order
-//! under `# Deadlock safety`. The state word and close notification are
+//! (a payload's `Drop`, resources, wakers, notifier, prober, the metrics
+//! recorder), so each may call back into the store on every path
+//! (`tests/adversarial_reentrant.rs` proves it for [`MemoryStore`]). One
+//! exception is inside tokio's broadcast channel: publishing into a full
+//! [`EventBus`] drops the oldest event a lagging subscriber has not read,
+//! and two publications happen under a lock (see
+//! [`MemoryStoreBuilder::events`]); the `Drop` of an error your prober or
+//! reclaim task returned must not call back into the store. Each module
+//! with locks documents its lock order under `# Deadlock safety`. The state word and close notification are
 //! model-checked with loom:
 //! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -182,6 +190,7 @@
     attr(deny(warnings, rust_2018_idioms), allow(dead_code))
 ))]
 
+mod build;
 mod cleanup;
 mod deleter;
 mod event;
@@ -201,6 +210,7 @@ mod sweeper;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 
+pub use build::BuildError;
 pub use deleter::{
     DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
     RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
@@ -208,13 +218,13 @@ pub use deleter::{
 pub use event::{Event, EventBus, EventStats, Subscription};
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use liveness::{
-    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats,
-    MonitorBuildError, NoProbe, ProbeBatch, ProbeError, Prober, WatchError,
+    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats, NoProbe,
+    ProbeBatch, ProbeError, Prober, WatchError,
 };
 pub use reclaim::{
-    BuildError, DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind,
-    ReclaimEvent, ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask,
-    RetrySchedule, ShutdownReport, TaskInfo, TryPushError,
+    DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind, ReclaimEvent,
+    ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask, RetrySchedule,
+    ShutdownReport, TaskInfo, TryPushError,
 };
 pub use reconcile::{
     ReconcileError, ReconcileReport, ReconcileSummary, Reconciler, ReconcilerBuilder,
@@ -240,15 +250,14 @@ pub mod etcd {
     pub use etcd_client as client;
 }
 pub use store::{
-    AuditReport, BackendError, BackendErrorKind, CreateError, CreateErrorKind, FenceError,
-    FenceSnapshot, FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError,
-    Repair, RepairAction, RouterCensus, RouterError, RouterStatus, SessionError, SessionStore,
+    AuditReport, BackendError, BackendErrorKind, BoxStore, CreateError, CreateErrorKind,
+    FenceError, FenceSnapshot, FinishError, FinishReport, MemoryStore, MemoryStoreBuilder,
+    RegisterError, Repair, RepairAction, RouterCensus, RouterError, RouterStatus, SessionError,
+    SessionStore,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use store::{Corruption, Fault};
-pub use sweeper::{
-    AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperBuildError, SweeperStats,
-};
+pub use sweeper::{AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperStats};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -7,12 +7,12 @@
 #[cfg(session_lifecycle_loom)]
 pub(crate) use loom::sync::{
     Arc,
-    atomic::{AtomicU32, Ordering},
+    atomic::{AtomicU64, Ordering},
 };
 #[cfg(not(session_lifecycle_loom))]
 pub(crate) use std::sync::{
     Arc,
-    atomic::{AtomicU32, Ordering},
+    atomic::{AtomicU64, Ordering},
 };
 
 /// A mutex with parking_lot's poison-free `lock()`, over loom's mutex under

@@ -28,6 +28,15 @@
 //! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
 //! across the awaits of one chunk, never while `graces` is held, and is the
 //! only lock then.
+//!
+//! No user code runs under `graces`: the entries hold no session, the
+//! expiry's handles live in its task, and `RouterDisconnected` is counted
+//! in the metrics after the lock. One thing stays under it, inside tokio:
+//! publishing into a full ring drops the oldest event a lagging subscriber
+//! has not read, and if that was the last holder of an error a prober or
+//! reclaim task returned, the error's `Drop` runs there (see
+//! `MemoryStoreBuilder::events`); it must not call back into the
+//! reconciler.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -43,13 +52,14 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::build::{BuildError, check_count};
 use crate::cleanup::close_and_remove;
-use crate::event::{Event, EventBus, emit};
+use crate::event::{Event, EventBus, emit, send_unrecorded};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::liveness::{LivenessMonitor, Prober, RouterHold};
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
-use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
+use crate::store::{BackendError, RouterError, RouterStatus, SessionError, SessionStore};
 
 /// Reconciles what routers report against the store, and gives
 /// disconnected routers a grace period.
@@ -84,7 +94,7 @@ use crate::store::{BackendError, RouterError, RouterStatus, SessionStore};
 ///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// // The router reconnects holding sessions 1, 2 and 9: 9 is unknown, 3 is gone.
 /// let ids = [1, 2, 9].map(SessionId::new);
 /// let report = reconciler.reconcile(router, incarnation, ids).await?;
@@ -171,7 +181,7 @@ struct Expiry {
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .liveness(&monitor)
 ///     .events(EventBus::default())
-///     .build(Arc::clone(&store));
+///     .build(Arc::clone(&store))?;
 /// assert_eq!(reconciler.in_grace(), 0);
 /// # Ok(())
 /// # }
@@ -193,7 +203,7 @@ impl Reconciler<crate::MemoryStore> {
     /// use std::sync::Arc;
     /// use session_lifecycle::{MemoryStore, Reconciler};
     ///
-    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new()));
+    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new())).unwrap();
     /// assert_eq!(reconciler.in_grace(), 0);
     /// ```
     pub fn builder() -> ReconcilerBuilder {
@@ -221,11 +231,11 @@ impl ReconcilerBuilder {
     }
 
     /// How many sessions are handled between two yields to the runtime
-    /// (default 4,096; at least 1).
+    /// (default 4,096; at least 1, checked by [`build`](Self::build)).
     ///
     /// See the example on [`ReconcilerBuilder`].
     pub fn chunk_size(mut self, chunk: usize) -> Self {
-        self.config.chunk = chunk.max(1);
+        self.config.chunk = chunk;
         self
     }
 
@@ -252,7 +262,7 @@ impl ReconcilerBuilder {
     /// let incarnation = store.register_router(router).await?;
     /// let reconciler = Reconciler::builder()
     ///     .spare_younger_than(Duration::from_secs(5))
-    ///     .build(Arc::clone(&store));
+    ///     .build(Arc::clone(&store))?;
     ///
     /// // Created just before the router took its report: not in it, but spared.
     /// let young =
@@ -298,7 +308,7 @@ impl ReconcilerBuilder {
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store))?;
     ///
     /// let _ = reconciler.router_disconnected(router).await?;
     /// assert!(monitor.is_held(router)); // no reaping during the grace period
@@ -334,7 +344,7 @@ impl ReconcilerBuilder {
     /// let incarnation = store.register_router(router).await?;
     /// let bus = EventBus::default();
     /// let mut events = bus.subscribe();
-    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store))?;
     ///
     /// let _ = reconciler.reconcile(router, incarnation, [SessionId::new(9)]).await?;
     /// match events.try_recv() {
@@ -351,9 +361,14 @@ impl ReconcilerBuilder {
 
     /// Builds the reconciler over `store`.
     ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a chunk size of 0.
+    ///
     /// See the example on [`ReconcilerBuilder`].
-    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Reconciler<S> {
-        Reconciler {
+    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<Reconciler<S>, BuildError> {
+        check_count("Reconciler", "chunk_size", self.config.chunk, usize::MAX)?;
+        Ok(Reconciler {
             inner: Arc::new(Inner {
                 store,
                 config: self.config,
@@ -361,7 +376,7 @@ impl ReconcilerBuilder {
                 epochs: AtomicU64::new(0),
                 tracker: TaskTracker::new(),
             }),
-        }
+        })
     }
 }
 
@@ -391,7 +406,7 @@ impl ReconcilerBuilder {
 ///     store.create(NewSession::new(SessionId::new(4), other, other_incarnation)).await?;
 /// let _ = store.close(SessionId::new(3), CloseReason::ClientClosed).await?;
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// // The router holds 1 and 3 (closed since), 4 (another router's) and 9 (unknown).
 /// let ids = [1, 3, 4, 9].map(SessionId::new);
 /// let summary = reconciler.reconcile(router, incarnation, ids).await?.summary;
@@ -426,6 +441,10 @@ pub struct ReconcileSummary {
     /// Sessions missing from the report spared because they are younger
     /// than the configured age.
     pub spared: usize,
+    /// Sessions of this incarnation closed already but still in the store
+    /// (closed through their handles, or by a call dropped half-way),
+    /// removed by this call.
+    pub removed: usize,
     /// Whether the call cancelled the router's grace period.
     pub grace_cancelled: bool,
     /// Chunks handled.
@@ -454,7 +473,7 @@ pub struct ReconcileSummary {
 /// let lost =
 ///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
 ///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 /// let report =
 ///     reconciler.reconcile(router, incarnation, [kept.id(), SessionId::new(7)]).await?;
 /// // Tell the router to drop what the controller does not hold...
@@ -496,7 +515,7 @@ pub struct ReconcileReport {
 /// let store = Arc::new(MemoryStore::new());
 /// let router = RouterId::new(1);
 /// let incarnation = store.register_router(router).await?;
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
 ///
 /// // A report from an older life of the router is refused, and changes nothing.
 /// let stale =
@@ -602,7 +621,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// use session_lifecycle::{MemoryStore, Reconciler};
     ///
     /// let store = Arc::new(MemoryStore::new());
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store)).unwrap();
     /// assert!(Arc::ptr_eq(reconciler.store(), &store));
     /// ```
     #[must_use]
@@ -667,7 +686,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// let incarnation = store.register_router(router).await?;
     /// let session =
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
     ///
     /// // The router reconnects: it decodes its report and sends it, any size.
     /// let decoded: Vec<u64> = vec![1];
@@ -717,6 +736,7 @@ impl<S: SessionStore> Reconciler<S> {
             foreign: 0,
             closed: 0,
             spared: 0,
+            removed: 0,
             grace_cancelled,
             chunks: 0,
             duration: Duration::ZERO,
@@ -756,11 +776,18 @@ impl<S: SessionStore> Reconciler<S> {
         // enough to be spared.
         let cutoff = started.checked_sub(config.spare_younger_than);
         let mut missing: Vec<Session<S::Payload>> = Vec::new();
+        let mut lingering: Vec<Session<S::Payload>> = Vec::new();
         for session in held {
-            if session.incarnation() != incarnation
-                || session.state() != SessionState::Active
-                || reported.contains(&session.id())
-            {
+            if session.incarnation() != incarnation {
+                continue;
+            }
+            if session.is_closed() {
+                // Closed on the controller but still stored (through its
+                // handle, or by a reconciliation dropped half-way).
+                lingering.push(session);
+                continue;
+            }
+            if session.state() != SessionState::Active || reported.contains(&session.id()) {
                 continue;
             }
             if cutoff.is_none_or(|cutoff| session.created_at() > cutoff) {
@@ -776,6 +803,18 @@ impl<S: SessionStore> Reconciler<S> {
             closed.extend(self.close_and_remove(chunk, CloseReason::Reclaimed).await);
         }
         summary.closed = closed.len();
+        for chunk in lingering.chunks(config.chunk) {
+            self.next_chunk(router, incarnation, &mut summary).await?;
+            for session in chunk {
+                // By key: a session that reused the id meanwhile stays.
+                match store.remove_exact(session.key()).await {
+                    Ok(_) => summary.removed += 1,
+                    Err(SessionError::Backend(error)) => return Err(error.into()),
+                    // Removed meanwhile.
+                    Err(_) => {}
+                }
+            }
+        }
         summary.duration = started.elapsed();
         tracing::info!(
             reported = summary.reported,
@@ -894,7 +933,7 @@ impl<S: SessionStore> Reconciler<S> {
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
     /// let reconciler = Reconciler::builder()
     ///     .grace_period(Duration::from_secs(30))
-    ///     .build(Arc::clone(&store));
+    ///     .build(Arc::clone(&store))?;
     ///
     /// let deadline = reconciler.router_disconnected(router).await?;
     /// assert_eq!(reconciler.in_grace(), 1);
@@ -923,20 +962,20 @@ impl<S: SessionStore> Reconciler<S> {
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
         }
-        if let Some(running) = graces.get(&router) {
-            if running.incarnation == incarnation {
-                return Ok(running.deadline);
-            }
+        if let Some(running) = graces.get(&router)
+            && running.incarnation == incarnation
+        {
+            return Ok(running.deadline);
         }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
         // Published before the timer exists: `RouterLost` cannot overtake it.
-        emit(self.inner.config.events.as_ref(), || {
-            Event::RouterDisconnected {
-                router,
-                incarnation,
-                grace,
-            }
-        });
+        // Counted in the metrics after the lock (the recorder is user code).
+        let disconnected = || Event::RouterDisconnected {
+            router,
+            incarnation,
+            grace,
+        };
+        send_unrecorded(self.inner.config.events.as_ref(), disconnected);
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         // Spawned under the lock (the task's future takes no lock when it is
         // dropped): its entry holds its abort handle from the start.
@@ -961,6 +1000,8 @@ impl<S: SessionStore> Reconciler<S> {
             None => self.hold(router),
         }
         drop(graces);
+        #[cfg(feature = "metrics")]
+        crate::event::record(disconnected);
         Ok(deadline)
     }
 
@@ -1113,7 +1154,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// let incarnation = store.register_router(router).await?;
     /// let session =
     ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
     /// let _ = reconciler.router_disconnected(router).await?;
     ///
     /// reconciler.shutdown().await;

@@ -217,7 +217,7 @@ impl Stats {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = Arc::new(MemoryStore::new());
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
     /// let stats = Stats::collect(&*store).await?.with_reconciler(&reconciler);
     /// assert_eq!(stats.routers_in_grace, Some(0));
     /// # Ok(())
@@ -266,7 +266,7 @@ impl Stats {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::default();
-    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
     /// let stats = Stats::collect(&store).await?.with_events(&bus);
     /// assert_eq!(stats.events.map(|events| events.lagged), Some(0));
     /// # Ok(())

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::build::BuildError;
 use crate::cleanup::close_all;
 use crate::event::{Event, EventBus, emit};
 use crate::id::SessionId;
@@ -218,35 +219,6 @@ pub struct SweeperStats {
     pub failures: u64,
 }
 
-/// Why an [`AuditSweeper`] could not be built.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use session_lifecycle::{AuditSweeper, MemoryStore, SweeperBuildError};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let built = AuditSweeper::builder()
-///     .interval(Duration::ZERO)
-///     .build(Arc::new(MemoryStore::new()));
-/// assert!(matches!(built, Err(SweeperBuildError::ZeroInterval)));
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Clone, Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SweeperBuildError {
-    /// No tokio runtime to run the sweeper's task on.
-    #[error("no tokio runtime: build the sweeper within one")]
-    NoRuntime,
-    /// The interval is zero.
-    #[error("the sweep interval must be above zero")]
-    ZeroInterval,
-}
-
 impl AuditSweeper<()> {
     /// A builder with the defaults: a sweep every 60 s, no reclaim queue,
     /// no event bus.
@@ -338,17 +310,32 @@ impl AuditSweeperBuilder {
     ///
     /// # Errors
     ///
-    /// [`SweeperBuildError`] outside a tokio runtime or for a zero interval.
+    /// [`BuildError::NoRuntime`] outside a tokio runtime,
+    /// [`BuildError::Setting`] for a zero interval.
     ///
-    /// See the example on [`AuditSweeperBuilder`].
-    pub fn build<S: SessionStore>(
-        self,
-        store: Arc<S>,
-    ) -> Result<AuditSweeper<S>, SweeperBuildError> {
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{AuditSweeper, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let built = AuditSweeper::builder()
+    ///     .interval(Duration::ZERO)
+    ///     .build(Arc::new(MemoryStore::new()));
+    /// assert_eq!(built.unwrap_err().refused_setting(), Some("interval"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<AuditSweeper<S>, BuildError> {
+        const PIECE: &str = "AuditSweeper";
         if self.config.interval.is_zero() {
-            return Err(SweeperBuildError::ZeroInterval);
+            return Err(BuildError::setting(PIECE, "interval", "must be above zero"));
         }
-        let runtime = Handle::try_current().map_err(|_| SweeperBuildError::NoRuntime)?;
+        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
         let sweeper = AuditSweeper {
             inner: Arc::new(Inner {
                 store,
@@ -556,10 +543,10 @@ impl<S: SessionStore> AuditSweeper<S> {
         for &id in &audit.orphans {
             // The id may have been removed and reused since the audit: close
             // only a session that is itself an orphan.
-            if let Some(session) = store.get(id).await? {
-                if !belongs(store, &session).await? {
-                    orphans.push(session);
-                }
+            if let Some(session) = store.get(id).await?
+                && !belongs(store, &session).await?
+            {
+                orphans.push(session);
             }
         }
         let closed = close_all(

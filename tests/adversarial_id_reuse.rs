@@ -213,7 +213,9 @@ fn reconciliation_never_removes_a_session_that_reused_the_id() {
     for _ in 0..soak_rounds(1) {
         run_paused(async {
             let (store, incarnation, old) = one_session().await;
-            let reconciler = Reconciler::builder().build(Arc::clone(&store));
+            let reconciler = Reconciler::builder()
+                .build(Arc::clone(&store))
+                .expect("valid settings");
             store.gate.arm();
             // The router reports nothing: `old` is closed as lost.
             let reconcile = tokio::spawn({
@@ -240,7 +242,8 @@ fn grace_expiry_never_removes_a_session_that_reused_the_id() {
             let (store, incarnation, old) = one_session().await;
             let reconciler = Reconciler::builder()
                 .grace_period(Duration::from_secs(5))
-                .build(Arc::clone(&store));
+                .build(Arc::clone(&store))
+                .expect("valid settings");
             store.gate.arm();
             reconciler.router_disconnected(R).await.unwrap();
             // The grace period expires: `old` is closed as lost.
@@ -279,7 +282,8 @@ fn a_late_confirmation_never_closes_a_session_that_reused_the_id() {
             let deleter = RouterDeleter::builder()
                 .confirm_timeout(Duration::from_secs(1))
                 .retries(0)
-                .build(Arc::clone(&store), notifier);
+                .build(Arc::clone(&store), notifier)
+                .expect("valid settings");
             let report = report_within(HOUR, deleter.delete(R)).await;
             assert_eq!(report.forced, 1);
             assert_eq!(old.close_reason(), Some(CloseReason::Forced));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use session_lifecycle::test_util::conformance::soak_rounds;
-use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, SimRng, Subset};
+use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, Subset};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore, NewSession,
     Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionStore,
@@ -86,7 +86,7 @@ async fn scenario(seed: u64) {
         tasks.spawn(async move {
             let mut next = 1_000_000u64;
             while !stop.load(Ordering::SeqCst) {
-                let router = if next % 2 == 0 {
+                let router = if next.is_multiple_of(2) {
                     RouterId::new(500)
                 } else {
                     RouterId::new(9)
@@ -105,11 +105,10 @@ async fn scenario(seed: u64) {
     {
         let (store, tracked, stop) = (Arc::clone(&store), Arc::clone(&tracked), Arc::clone(&stop));
         tasks.spawn(async move {
-            let mut rng = SimRng::new(seed);
+            let mut rng = fastrand::Rng::with_seed(seed);
             while !stop.load(Ordering::SeqCst) {
-                let at = rng.below(tracked.len() as u64) as usize;
-                let session = &tracked[at].session;
-                if rng.below(2) == 0 {
+                let session = &tracked[rng.usize(..tracked.len())].session;
+                if rng.bool() {
                     let _ = store.close(session.id(), CloseReason::ClientClosed).await;
                 } else {
                     let _ = session.close(CloseReason::ClientClosed);
@@ -125,7 +124,8 @@ async fn scenario(seed: u64) {
         .events(bus)
         .grace_period(Duration::from_millis(50))
         .chunk_size(64)
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     reconciler
         .router_disconnected(RouterId::new(LOST))
         .await
@@ -155,7 +155,8 @@ async fn scenario(seed: u64) {
                 Arc::clone(&store),
                 Script::by_round(Notify::Confirm(Subset::EvenIds), Notify::Never),
             ),
-        );
+        )
+        .expect("valid settings");
     let mut deletions = JoinSet::new();
     for r in DELETED {
         deletions.spawn(deleter.delete(RouterId::new(r)));

@@ -40,6 +40,7 @@ fn deleter(
             Arc::clone(store),
             ScriptedNotifier::new(Arc::clone(store), Script::by_round(first, retries)),
         )
+        .expect("valid settings")
 }
 
 #[tokio::test(start_paused = true)]
@@ -281,7 +282,8 @@ async fn notifications_are_paced() {
     let deleter = RouterDeleter::builder()
         .batch_size(100)
         .notify_rate(200)
-        .build(Arc::clone(&store), Arc::clone(&notifier));
+        .build(Arc::clone(&store), Arc::clone(&notifier))
+        .expect("valid settings");
     let report = report_within(HOUR, deleter.delete(R)).await;
     // 10 batches of 100 at 200 sessions/s: the last leaves 4.5 s after the first.
     assert_eq!(report.durations.notify, Duration::from_millis(4_500));

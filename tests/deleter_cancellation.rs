@@ -56,7 +56,8 @@ async fn case(first: Notify, retries: Notify, drop_at: Option<Duration>, keep_jo
         .build(
             Arc::clone(&store),
             ScriptedNotifier::new(Arc::clone(&store), Script::by_round(first, retries)),
-        );
+        )
+        .expect("valid settings");
     let start = Instant::now();
     let caller = deleter.delete(router);
     let joiner = keep_joiner.then(|| tokio::spawn(deleter.delete(router)));

@@ -43,7 +43,8 @@ async fn a_notifier_that_panics_before_its_future_is_contained() {
     let observed = ObservedRouter::fill(&*store, R, 0, 5).await;
     let deleter = RouterDeleter::builder()
         .retries(1)
-        .build(Arc::clone(&store), PanicsEagerly);
+        .build(Arc::clone(&store), PanicsEagerly)
+        .expect("valid settings");
     let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!((report.forced, report.notify_failures), (5, 2));
     observed.assert_deleted(&*store).await;
@@ -60,7 +61,8 @@ async fn deadlines_past_the_clock_range_do_not_break_the_run() {
         .build(
             Arc::clone(&store),
             ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all()),
-        );
+        )
+        .expect("valid settings");
     assert_eq!(deleter.max_wait(5), Duration::MAX);
     let report = report_within(HOUR, deleter.delete(R)).await;
     assert_eq!(report.confirmed, 5);
@@ -116,7 +118,8 @@ fn a_run_whose_runtime_died_is_resumed_on_another() {
                     Arc::clone(&store),
                     Script::by_round(Notify::Never, Notify::confirm_all()),
                 ),
-            );
+            )
+            .expect("valid settings");
         // Start the run and let it get as far as the first notification.
         let started = tokio::time::timeout(Duration::from_secs(2), deleter.delete(R)).await;
         assert!(started.is_err(), "the run cannot finish in 2 s");

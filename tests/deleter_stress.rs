@@ -12,7 +12,7 @@
 //! runs it 200 times.
 
 use session_lifecycle::test_util::conformance::{
-    ForcedReleases, MemoryBackend, StressSizes, deleter_stress,
+    Boxed, ForcedReleases, MemoryBackend, StressSizes, deleter_stress,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -34,4 +34,18 @@ async fn forced_releases_through_a_reclaim_queue_leave_no_zombie() {
         workers: 2,
     };
     deleter_stress(&MemoryBackend, StressSizes::memory(), releases).await;
+}
+
+/// The scenario on `MemoryStore`s erased into `BoxStore`s, smaller (8
+/// routers × 500 sessions, 2 creators): every call of the deleters,
+/// creators and notifier through a boxed future, from many threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_boxed_store_under_load_leaves_no_zombie() {
+    let sizes = StressSizes {
+        routers: 8,
+        sessions_per_router: 500,
+        creators: 2,
+        ..StressSizes::memory()
+    };
+    deleter_stress(&Boxed(MemoryBackend), sizes, ForcedReleases::Inline).await;
 }

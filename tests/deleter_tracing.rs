@@ -68,7 +68,8 @@ fn the_run_and_each_phase_have_spans_and_forcing_warns() {
             .build(
                 Arc::clone(&store),
                 ScriptedNotifier::always(Arc::clone(&store), Notify::Never),
-            );
+            )
+            .expect("valid settings");
         let outcome = within(HOUR, deleter.delete(router)).await.unwrap();
         assert_eq!(outcome.report().unwrap().forced, 4);
         observed.assert_deleted(&*store).await;

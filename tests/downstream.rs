@@ -31,9 +31,9 @@ use session_lifecycle::test_util::{
     ScriptedProber, Subset, paused_runtime, report_within, router_lost, run_paused, within,
 };
 use session_lifecycle::{
-    DeleteOutcome, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore, NewSession,
-    Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionState, SessionStore,
-    Subscription,
+    CloseReason, DeleteOutcome, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore,
+    NewSession, Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionState,
+    SessionStore, Subscription,
 };
 use tokio::runtime::Runtime;
 use tokio::time::Duration;
@@ -52,6 +52,9 @@ struct Controller {
     incarnations: HashMap<RouterId, Incarnation>,
     /// The latest session of each client.
     clients: HashMap<SessionId, Session<String>>,
+    /// The key of each client's session before its latest: what a late
+    /// confirmation from a router names.
+    earlier: HashMap<SessionId, SessionKey>,
 }
 
 impl Controller {
@@ -85,7 +88,8 @@ impl Controller {
             .build(
                 Arc::clone(&store),
                 ScriptedNotifier::new(Arc::clone(&store), routers),
-            );
+            )
+            .expect("valid settings");
         // Clients never time out within a test: heartbeats are checked for
         // their answers only.
         let day = Duration::from_secs(86_400);
@@ -99,7 +103,8 @@ impl Controller {
         let reconciler = Reconciler::builder()
             .grace_period(Duration::from_secs(5))
             .events(bus)
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         Self {
             store,
             deleter,
@@ -108,6 +113,7 @@ impl Controller {
             events,
             incarnations: HashMap::new(),
             clients: HashMap::new(),
+            earlier: HashMap::new(),
         }
     }
 
@@ -132,7 +138,9 @@ impl Controller {
                 self.monitor
                     .watch(&session)
                     .expect("a new session is watched");
-                self.clients.insert(id, session);
+                if let Some(replaced) = self.clients.insert(id, session) {
+                    self.earlier.insert(id, replaced.key());
+                }
                 true
             }
             Err(_) => false,
@@ -155,6 +163,45 @@ impl Controller {
         }
     }
 
+    /// A deletion request for one incarnation of the router; `stale` plays
+    /// a late or duplicated request about its previous life. `true` if the
+    /// deleter answered, and a stale request deleted nothing.
+    async fn delete_incarnation(&self, router: RouterId, stale: bool) -> bool {
+        let Some(&incarnation) = self.incarnations.get(&router) else {
+            return false;
+        };
+        let target = if stale {
+            Incarnation::new(incarnation.get() - 1)
+        } else {
+            incarnation
+        };
+        let bound = self
+            .deleter
+            .max_wait(self.store.count(router).await.unwrap_or(0));
+        let deletion = self.deleter.delete_incarnation(router, target);
+        match within(bound + Duration::from_secs(1), deletion).await {
+            Ok(DeleteOutcome::AlreadyDeleted { incarnation, .. }) => incarnation == target,
+            Ok(DeleteOutcome::Deleted(report)) => !stale && report.incarnation == target,
+            Err(_) => false,
+        }
+    }
+
+    /// A router confirms a client's session closed, by its key; `stale`
+    /// plays a late or duplicated confirmation about the client's previous
+    /// session. `true` if a session was closed or found closed.
+    async fn router_confirmed(&self, id: SessionId, stale: bool) -> bool {
+        let key = if stale {
+            self.earlier.get(&id).copied()
+        } else {
+            self.clients.get(&id).map(Session::key)
+        };
+        let Some(key) = key else {
+            return false;
+        };
+        let confirmed = self.store.close_exact(key, CloseReason::RouterDeleted);
+        confirmed.await.is_ok()
+    }
+
     /// The router's connection dropped and it does not come back: its
     /// clients are lost at the end of the grace period.
     async fn router_gone(&mut self, router: RouterId) -> bool {
@@ -174,9 +221,6 @@ impl Controller {
         } else {
             incarnation
         };
-        // A reconciliation spares sessions created in its own instant; on
-        // the paused clock every step shares one, so move it past them.
-        tokio::time::advance(Duration::from_millis(1)).await;
         let _ = self.reconciler.reconcile(router, incarnation, report).await;
     }
 }
@@ -267,6 +311,14 @@ impl<const FAULTY: bool> StateMachineTest for ControllerTest<FAULTY> {
                 Op::Delete(router) => {
                     let deleted = controller.delete_router(*router).await;
                     Some((deleted, before.router(*router).is_some()))
+                }
+                &Op::DeleteIncarnation { router, stale } => {
+                    let answered = controller.delete_incarnation(router, stale).await;
+                    Some((answered, before.router(router).is_some()))
+                }
+                &Op::Confirm { session, stale } => {
+                    let confirmed = controller.router_confirmed(session, stale).await;
+                    Some((confirmed, !stale && before.is_stored(session)))
                 }
                 Op::Disconnect(router) => {
                     let lost = controller.router_gone(*router).await;
@@ -367,7 +419,7 @@ proptest! {
             let notifier = ScriptedNotifier::new(Arc::clone(&store), routers);
             let deleter = RouterDeleter::builder()
                 .confirm_timeout(Duration::from_millis(500))
-                .build(Arc::clone(&store), Arc::clone(&notifier));
+                .build(Arc::clone(&store), Arc::clone(&notifier)).expect("valid settings");
             let bound = deleter.max_wait(observed.sessions.len());
             let report = report_within(bound + Duration::from_millis(10), deleter.delete(router)).await;
             assert_eq!(report.sessions, observed.sessions.len());

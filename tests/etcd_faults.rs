@@ -58,6 +58,7 @@ fn forcing<P: EtcdPayload>(store: &Arc<EtcdStore<P>>) -> RouterDeleter<EtcdStore
         .confirm_timeout(Duration::from_millis(100))
         .retries(0)
         .build(Arc::clone(store), Silent)
+        .expect("valid settings")
 }
 
 struct Silent;
@@ -621,6 +622,7 @@ async fn own_etcd_a_three_member_cluster_survives_member_loss_under_churn() {
                     notified: Arc::clone(notified),
                 },
             )
+            .expect("valid settings")
     };
     const SESSIONS: u64 = 400;
     let mut doomed = Vec::new();

@@ -276,7 +276,8 @@ async fn the_deleter_drives_a_deletion_on_etcd_with_no_zombie() {
         .batch_size(64)
         .confirm_timeout(Duration::from_millis(300))
         .retries(1)
-        .build(Arc::clone(&store), Arc::clone(&notifier));
+        .build(Arc::clone(&store), Arc::clone(&notifier))
+        .expect("valid settings");
     let outcome = timeout(Duration::from_secs(30), deleter.delete(router))
         .await
         .unwrap()
@@ -343,7 +344,8 @@ async fn a_deletion_fenced_by_a_dead_controller_is_resumed_by_another() {
         .build(
             Arc::clone(&b),
             ScriptedNotifier::always(Arc::clone(&b), Notify::Confirm(Subset::EvenIds)),
-        );
+        )
+        .expect("valid settings");
     let outcome = timeout(Duration::from_secs(30), deleter.delete(router))
         .await
         .unwrap()

@@ -30,7 +30,12 @@ enum Step {
 async fn a_deletion_publishes_every_transition_in_order() {
     const SESSIONS: u64 = 200;
     let bus = EventBus::new(65_536);
-    let store = Arc::new(MemoryStore::builder().events(bus.clone()).build());
+    let store = Arc::new(
+        MemoryStore::builder()
+            .events(bus.clone())
+            .build()
+            .expect("valid settings"),
+    );
     // Confirms the even ids through the store and ignores the odd ones,
     // which are forced once the confirmation timeout passes.
     let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Confirm(Subset::EvenIds));
@@ -38,7 +43,8 @@ async fn a_deletion_publishes_every_transition_in_order() {
         .events(bus.clone())
         .confirm_timeout(Duration::from_secs(1))
         .retries(0)
-        .build(Arc::clone(&store), notifier);
+        .build(Arc::clone(&store), notifier)
+        .expect("valid settings");
 
     let mut events = bus.subscribe();
     let incarnation = store.register_router(R).await.unwrap();
@@ -166,7 +172,10 @@ async fn a_deletion_publishes_every_transition_in_order() {
 async fn a_lagging_subscriber_counts_what_it_missed_and_gets_the_newest() {
     const SESSIONS: u64 = 20;
     let bus = EventBus::new(4);
-    let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    let store = MemoryStore::builder()
+        .events(bus.clone())
+        .build::<()>()
+        .expect("valid settings");
     let mut events = bus.subscribe();
     let incarnation = store.register_router(R).await.unwrap();
     for id in 0..SESSIONS {
@@ -197,7 +206,10 @@ async fn a_lagging_subscriber_counts_what_it_missed_and_gets_the_newest() {
 #[tokio::test(start_paused = true)]
 async fn a_close_through_the_handle_is_published() {
     let bus = EventBus::new(64);
-    let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    let store = MemoryStore::builder()
+        .events(bus.clone())
+        .build::<()>()
+        .expect("valid settings");
     let incarnation = store.register_router(R).await.unwrap();
 
     // Nobody listens: nothing is published.
@@ -245,7 +257,10 @@ async fn a_close_through_the_handle_is_published() {
 async fn a_subscription_ends_when_every_bus_clone_is_gone() {
     let bus = EventBus::new(8);
     let mut events = bus.subscribe();
-    let store = MemoryStore::builder().events(bus.clone()).build::<()>();
+    let store = MemoryStore::builder()
+        .events(bus.clone())
+        .build::<()>()
+        .expect("valid settings");
     let router = RouterId::new(1);
     let incarnation = store.register_router(router).await.unwrap();
     store

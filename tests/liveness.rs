@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use session_lifecycle::test_util::{Probe, Script, ScriptedProber, SimRng, Subset, mix, within};
+use session_lifecycle::test_util::{Probe, Script, ScriptedProber, Subset, mix, within};
 use session_lifecycle::{
-    Classed, CloseReason, HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder,
-    MemoryStore, MonitorBuildError, NewSession, NoProbe, Prober, ReclaimQueue, ResourceClass,
+    BuildError, Classed, CloseReason, HeartbeatError, LivenessEvent, LivenessMonitor,
+    LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober, ReclaimQueue, ResourceClass,
     RouterId, Session, SessionId, SessionStore, WatchError,
 };
 use tokio::sync::broadcast::error::TryRecvError;
@@ -198,12 +198,12 @@ async fn jitter_and_loss_over_an_hour_reap_nobody() {
     let tasks: Vec<_> = all
         .iter()
         .map(|session| {
-            let mut rng = SimRng::new(session.id().get() + 1);
+            let mut rng = fastrand::Rng::with_seed(session.id().get() + 1);
             // One hour of heartbeats 1 s ± 30 % apart; 1 % are lost.
             let gaps: Vec<_> = (0..3_600)
                 .map(|_| {
-                    let gap = Duration::from_millis(700 + rng.below(601));
-                    (rng.below(100) != 0).then_some(gap)
+                    let gap = Duration::from_millis(rng.u64(700..=1_300));
+                    (rng.u32(..100) != 0).then_some(gap)
                 })
                 .collect();
             lost += gaps.iter().filter(|g| g.is_none()).count();
@@ -506,36 +506,67 @@ async fn reaped_resources_go_through_the_reclaim_queue_once() {
 #[tokio::test]
 async fn settings_out_of_range_are_build_errors() {
     let store = Arc::new(MemoryStore::new());
-    let build = |builder: LivenessMonitorBuilder| builder.build(Arc::clone(&store), NoProbe).err();
+    let refused = |builder: LivenessMonitorBuilder| {
+        builder
+            .build(Arc::clone(&store), NoProbe)
+            .err()
+            .and_then(|error| error.refused_setting())
+    };
     let ms = Duration::from_millis;
-    assert_eq!(
-        build(LivenessMonitor::builder().granularity(Duration::ZERO)),
-        Some(MonitorBuildError::Granularity(Duration::ZERO))
-    );
-    assert_eq!(
-        build(LivenessMonitor::builder().timeout_range(ms(5_000), ms(1_000))),
-        Some(MonitorBuildError::TimeoutRange {
-            min: ms(5_000),
-            max: ms(1_000)
-        })
-    );
-    assert_eq!(
-        build(LivenessMonitor::builder().heartbeat_interval(ms(10))),
-        Some(MonitorBuildError::HeartbeatInterval(ms(10)))
-    );
-    assert_eq!(
-        build(LivenessMonitor::builder().probe_timeout(Duration::ZERO)),
-        Some(MonitorBuildError::ProbeTimeout(Duration::ZERO))
-    );
-    assert_eq!(
-        build(LivenessMonitor::builder().pause_allowance(Duration::MAX)),
-        Some(MonitorBuildError::PauseAllowance(Duration::MAX))
-    );
-    assert!(build(LivenessMonitor::builder()).is_none());
+    let day = Duration::from_secs(86_400);
+    let cases = [
+        (
+            LivenessMonitor::builder().granularity(Duration::ZERO),
+            "granularity",
+        ),
+        (
+            LivenessMonitor::builder().timeout_range(ms(5_000), ms(1_000)),
+            "timeout_range",
+        ),
+        (
+            LivenessMonitor::builder().heartbeat_interval(ms(10)),
+            "heartbeat_interval",
+        ),
+        (
+            LivenessMonitor::builder().probe_timeout(Duration::ZERO),
+            "probe_timeout",
+        ),
+        (
+            LivenessMonitor::builder().pause_allowance(Duration::MAX),
+            "pause_allowance",
+        ),
+        (
+            LivenessMonitor::builder().probe_backoff(ms(2_000), ms(1_000)),
+            "probe_backoff",
+        ),
+        (
+            LivenessMonitor::builder().probe_backoff(ms(0), day + ms(1)),
+            "probe_backoff",
+        ),
+        (
+            LivenessMonitor::builder().event_capacity(0),
+            "event_capacity",
+        ),
+        (
+            LivenessMonitor::builder().event_capacity(usize::MAX),
+            "event_capacity",
+        ),
+    ];
+    for (builder, setting) in cases {
+        assert_eq!(refused(builder), Some(setting));
+    }
+    assert!(refused(LivenessMonitor::builder().probe_backoff(day, day)).is_none());
+    assert!(refused(LivenessMonitor::builder().probe_backoff(ms(0), ms(0))).is_none());
+    assert!(refused(LivenessMonitor::builder()).is_none());
     let outside = std::thread::spawn(|| {
         LivenessMonitor::builder()
             .build(Arc::new(MemoryStore::new()), NoProbe)
             .err()
     });
-    assert_eq!(outside.join().unwrap(), Some(MonitorBuildError::NoRuntime));
+    assert_eq!(
+        outside.join().unwrap(),
+        Some(BuildError::NoRuntime {
+            piece: "LivenessMonitor"
+        })
+    );
 }

@@ -20,7 +20,7 @@ const BEAT: Duration = Duration::from_millis(20);
 const ROUNDS: u32 = 100;
 
 fn is_dead(id: SessionId) -> bool {
-    id.get() % 10 == 0
+    id.get().is_multiple_of(10)
 }
 
 fn closed_by_client(id: SessionId) -> bool {

@@ -324,7 +324,10 @@ async fn re_registering_gives_a_newer_incarnation_and_refuses_the_old() {
 
 #[tokio::test]
 async fn tombstones_are_bounded_and_old_incarnations_stay_refused() {
-    let store = MemoryStore::builder().tombstone_capacity(2).build::<()>();
+    let store = MemoryStore::builder()
+        .tombstone_capacity(2)
+        .build::<()>()
+        .expect("valid settings");
     let mut deleted = Vec::new();
     for raw in 0..5 {
         let router = RouterId::new(raw);

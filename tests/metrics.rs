@@ -80,7 +80,8 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
         let deleter = RouterDeleter::builder()
             .confirm_timeout(Duration::from_secs(1))
             .retries(0)
-            .build(Arc::clone(&store), notifier);
+            .build(Arc::clone(&store), notifier)
+            .expect("valid settings");
         let report = report_within(HOUR, deleter.delete(R)).await;
         let stats = Stats::collect(&*store).await.unwrap();
         assert_eq!(

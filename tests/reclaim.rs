@@ -675,7 +675,8 @@ async fn the_deleter_releases_forced_sessions_through_the_queue_critical_first()
         .confirm_timeout(Duration::from_secs(1))
         .retries(0)
         .reclaim_queue(queue.clone())
-        .build(Arc::clone(&store), notifier);
+        .build(Arc::clone(&store), notifier)
+        .expect("valid settings");
     let report = within(HOUR, deleter.delete(router)).await.unwrap();
     let report = report.report().unwrap();
     assert_eq!((report.sessions, report.forced), (50, 50));
@@ -717,20 +718,26 @@ async fn the_deleter_releases_forced_sessions_through_the_queue_critical_first()
 fn building_needs_a_runtime_a_capacity_and_a_worker() {
     assert_eq!(
         ReclaimQueue::builder().build().unwrap_err(),
-        BuildError::NoRuntime
+        BuildError::NoRuntime {
+            piece: "ReclaimQueue"
+        }
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     runtime.block_on(async {
+        let refused = |builder: session_lifecycle::ReclaimQueueBuilder| {
+            builder.build().unwrap_err().refused_setting()
+        };
         assert_eq!(
-            ReclaimQueue::builder().capacity(0).build().unwrap_err(),
-            BuildError::ZeroCapacity
+            refused(ReclaimQueue::builder().capacity(0)),
+            Some("capacity")
         );
+        assert_eq!(refused(ReclaimQueue::builder().workers(0)), Some("workers"));
         assert_eq!(
-            ReclaimQueue::builder().workers(0).build().unwrap_err(),
-            BuildError::ZeroWorkers
+            refused(ReclaimQueue::builder().capacity(usize::MAX)),
+            Some("capacity")
         );
-        assert!(ReclaimQueue::builder().capacity(usize::MAX).build().is_ok());
+        assert!(ReclaimQueue::builder().capacity(1 << 40).build().is_ok());
     });
 }

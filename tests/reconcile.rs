@@ -35,7 +35,8 @@ async fn a_report_is_reconciled_unknown_missing_closed_and_foreign() {
     let reconciler = Reconciler::builder()
         .chunk_size(3)
         .events(bus.clone())
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     // The router holds 0, 1, 2 (fine), 3 and 4 (closed on the controller),
     // 50 (unknown), 100 (router 2's), and 2 twice; it lost 5..10.
     let reported = ids([0, 1, 2, 3, 4, 50, 100, 2]);
@@ -80,8 +81,10 @@ async fn a_report_is_reconciled_unknown_missing_closed_and_foreign() {
         assert!(!one.sessions[at].is_closed());
     }
     assert!(two.sessions.iter().all(|s| !s.is_closed()));
-    // Session 3 stays in the store (closed): the sweeper's business.
-    assert_eq!(store.count(one.router).await.unwrap(), 4);
+    // Session 3, closed through its handle, is removed too.
+    assert_eq!(summary.removed, 1);
+    assert!(store.get(SessionId::new(3)).await.unwrap().is_none());
+    assert_eq!(store.count(one.router).await.unwrap(), 3);
 
     match events.try_recv() {
         Some(Event::Reconciled(published)) => assert_eq!(published, summary),
@@ -110,7 +113,9 @@ async fn a_stale_incarnation_report_is_rejected_and_changes_nothing() {
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(1)).await;
-    let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    let reconciler = Reconciler::builder()
+        .build(Arc::clone(&store))
+        .expect("valid settings");
 
     let stale = reconciler.reconcile(router, old, ids([7])).await;
     assert!(
@@ -150,7 +155,8 @@ async fn sessions_younger_than_the_report_are_spared() {
     tokio::time::advance(Duration::from_secs(1)).await;
     let reconciler = Reconciler::builder()
         .spare_younger_than(Duration::from_secs(5))
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     let report = reconciler
         .reconcile(router, incarnation, ids([]))
         .await
@@ -175,7 +181,8 @@ async fn a_report_of_200k_sessions_is_handled_in_chunks() {
     tokio::time::advance(Duration::from_secs(1)).await;
     let reconciler = Reconciler::builder()
         .chunk_size(4_096)
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     // The router holds every even session and 1,000 the controller never
     // heard of.
     let reported = (0..N).step_by(2).chain(N..N + 1_000).map(SessionId::new);
@@ -243,7 +250,8 @@ async fn disconnected_setup(
         .grace_period(Duration::from_secs(30))
         .chunk_size(7)
         .events(bus)
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     (store, observed, reconciler, events)
 }
 
@@ -338,7 +346,8 @@ async fn a_router_deleted_during_grace_is_left_to_the_deleter() {
         .confirm_timeout(Duration::from_secs(60))
         .notify_timeout(Duration::from_secs(1))
         .retries(0)
-        .build(Arc::clone(&store), notifier);
+        .build(Arc::clone(&store), notifier)
+        .expect("valid settings");
     let deletion = tokio::spawn(deleter.delete(observed.router));
     let report = within(Duration::from_secs(120), deletion)
         .await
@@ -407,7 +416,7 @@ async fn a_monitored_router_in_grace_is_not_reaped() {
         if hold {
             builder = builder.liveness(&monitor);
         }
-        let reconciler = builder.build(Arc::clone(&store));
+        let reconciler = builder.build(Arc::clone(&store)).expect("valid settings");
         reconciler
             .router_disconnected(observed.router)
             .await
@@ -485,7 +494,8 @@ async fn a_reconnect_stops_an_expiry_in_progress() {
     let reconciler = Reconciler::builder()
         .grace_period(Duration::from_secs(30))
         .chunk_size(1)
-        .build(Arc::clone(&store));
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     reconciler
         .router_disconnected(observed.router)
         .await
@@ -527,7 +537,9 @@ async fn by_default_only_sessions_created_after_the_call_are_spared() {
         .create(NewSession::new(SessionId::new(1), router, incarnation))
         .await
         .unwrap();
-    let reconciler = Reconciler::builder().build(Arc::clone(&store));
+    let reconciler = Reconciler::builder()
+        .build(Arc::clone(&store))
+        .expect("valid settings");
     let report = reconciler
         .reconcile(router, incarnation, Vec::<SessionId>::new())
         .await

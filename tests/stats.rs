@@ -91,7 +91,12 @@ async fn an_empty_store_counts_nothing() {
 async fn the_pieces_fill_their_fields() {
     let bus = EventBus::new(256);
     let _listener = bus.subscribe();
-    let store = Arc::new(MemoryStore::builder().events(bus.clone()).build());
+    let store = Arc::new(
+        MemoryStore::builder()
+            .events(bus.clone())
+            .build()
+            .expect("valid settings"),
+    );
     populate(&store, A, 0, (4, 3, 2)).await;
     populate(&store, B, 100, (1, 2, 5)).await;
     let queue = ReclaimQueue::builder()
@@ -106,7 +111,8 @@ async fn the_pieces_fill_their_fields() {
         .build(
             Arc::clone(&store),
             ScriptedNotifier::always(Arc::clone(&store), Notify::Never),
-        );
+        )
+        .expect("valid settings");
 
     let stats = Stats::collect(&*store)
         .await

@@ -70,7 +70,8 @@ async fn the_sweeper_repairs_a_corrupted_store_while_a_deletion_runs() {
         .notify_timeout(Duration::from_secs(1))
         .retries(1)
         .retry_backoff(Duration::from_millis(100), Duration::from_millis(100))
-        .build(Arc::clone(&store), notifier);
+        .build(Arc::clone(&store), notifier)
+        .expect("valid settings");
     let deletion = tokio::spawn(deleter.delete(deleting.router));
     while deleter.running() == 0 {
         tokio::task::yield_now().await;
@@ -217,7 +218,7 @@ async fn a_sweeper_needs_an_interval() {
     let built = AuditSweeper::builder()
         .interval(Duration::ZERO)
         .build(store);
-    assert!(built.is_err());
+    assert_eq!(built.unwrap_err().refused_setting(), Some("interval"));
 }
 
 #[tokio::test(start_paused = true)]

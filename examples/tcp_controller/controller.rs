@@ -104,14 +104,16 @@ impl Controller {
             .grace_period(settings.grace)
             .liveness(&monitor)
             .events(bus.clone())
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         let deleter = RouterDeleter::builder()
             .batch_size(64)
             .notify_timeout(settings.confirm_timeout)
             .confirm_timeout(settings.confirm_timeout)
             .retries(1)
             .retry_backoff(settings.confirm_timeout / 4, settings.confirm_timeout / 2)
-            .build(Arc::clone(&store), WireNotifier(Arc::clone(&links)));
+            .build(Arc::clone(&store), WireNotifier(Arc::clone(&links)))
+            .expect("valid settings");
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let controller = Self {

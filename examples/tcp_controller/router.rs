@@ -332,10 +332,10 @@ impl Router {
         };
         count(&mut opening.result);
         opening.waiting = opening.waiting.saturating_sub(1);
-        if opening.waiting == 0 {
-            if let Some(opening) = self.opening.take() {
-                let _ = opening.done.send(opening.result);
-            }
+        if opening.waiting == 0
+            && let Some(opening) = self.opening.take()
+        {
+            let _ = opening.done.send(opening.result);
         }
     }
 

@@ -8,6 +8,7 @@ use tokio::time::Duration;
 
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
+use crate::build::{BuildError, check_count};
 use crate::event::EventBus;
 use crate::reclaim::ReclaimQueue;
 use crate::store::SessionStore;
@@ -72,8 +73,11 @@ impl Config {
         let mut total = round.saturating_mul(rounds);
         // Backoff: each delay doubles up to the maximum; jitter adds up to
         // one more delay.
+        // A first delay of zero stays zero (no backoff at all). Otherwise
+        // the doubling reaches the maximum within 64 steps, whatever the
+        // number of retries.
         let mut delay = self.retry_min_delay;
-        let mut left = self.retries;
+        let mut left = if delay.is_zero() { 0 } else { self.retries };
         while left > 0 && delay < self.retry_max_delay {
             total = total.saturating_add(delay.saturating_mul(2));
             delay = delay.saturating_mul(2);
@@ -125,7 +129,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 ///     .retry_backoff(Duration::from_millis(250), Duration::from_secs(4))
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .events(EventBus::default())
-///     .build(store, Wire);
+///     .build(store, Wire)?;
 /// assert!(deleter.max_wait(10_000) > Duration::from_secs(5));
 /// # Ok(())
 /// # }
@@ -134,6 +138,8 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 #[must_use]
 pub struct RouterDeleterBuilder {
     config: Config,
+    /// As given; checked by `build`.
+    notify_rate: Option<u32>,
 }
 
 impl RouterDeleterBuilder {
@@ -141,35 +147,22 @@ impl RouterDeleterBuilder {
         Self::default()
     }
 
-    /// Sessions per notification call (default 1,000).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `size` is 0.
+    /// Sessions per notification call (default 1,000; at least 1, checked
+    /// by [`build`](Self::build)).
     ///
     /// See the example on [`RouterDeleterBuilder`].
     pub fn batch_size(mut self, size: usize) -> Self {
-        assert!(size > 0, "batch size must be at least 1");
         self.config.batch_size = size;
         self
     }
 
     /// At most this many sessions notified per second, so deleting a huge
     /// router does not flood the controller or the router (default: no
-    /// limit).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `sessions_per_second` is 0.
+    /// limit; at least 1, checked by [`build`](Self::build)).
     ///
     /// See the example on [`RouterDeleterBuilder`].
     pub fn notify_rate(mut self, sessions_per_second: u32) -> Self {
-        let rate = NonZeroU32::new(sessions_per_second);
-        assert!(
-            rate.is_some(),
-            "notify rate must be at least 1 session per second"
-        );
-        self.config.notify_rate = rate;
+        self.notify_rate = Some(sessions_per_second);
         self
     }
 
@@ -202,18 +195,11 @@ impl RouterDeleterBuilder {
 
     /// The backoff between notification rounds: exponential from `min` to
     /// `max`, factor 2, each delay plus a random jitter of up to itself
-    /// (defaults 500 ms and 10 s).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `min` is greater than `max`.
+    /// (defaults 500 ms and 10 s; `min` at most `max`, checked by
+    /// [`build`](Self::build)).
     ///
     /// See the example on [`RouterDeleterBuilder`].
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        assert!(
-            min <= max,
-            "minimum retry delay {min:?} exceeds the maximum {max:?}"
-        );
         self.config.retry_min_delay = min;
         self.config.retry_max_delay = max;
         self
@@ -254,7 +240,7 @@ impl RouterDeleterBuilder {
     /// let deleter = RouterDeleter::builder()
     ///     .retries(0)
     ///     .reclaim_queue(queue.clone())
-    ///     .build(Arc::clone(&store), Silent);
+    ///     .build(Arc::clone(&store), Silent)?;
     ///
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
@@ -306,7 +292,7 @@ impl RouterDeleterBuilder {
     /// let mut events = bus.subscribe();
     /// let store = Arc::new(MemoryStore::new());
     /// let deleter =
-    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent);
+    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent)?;
     ///
     /// let router = RouterId::new(1);
     /// let _ = store.register_router(router).await?;
@@ -329,13 +315,37 @@ impl RouterDeleterBuilder {
     /// The deleter spawns each run on the tokio runtime that first polls
     /// [`RouterDeleter::delete`].
     ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a batch size or a notify rate of 0, or a
+    /// retry backoff whose minimum exceeds its maximum.
+    ///
     /// See the example on [`RouterDeleterBuilder`].
     pub fn build<S: SessionStore, N: TerminationNotifier>(
-        self,
+        mut self,
         store: Arc<S>,
         notifier: N,
-    ) -> RouterDeleter<S, N> {
-        RouterDeleter::from_parts(store, notifier, self.config)
+    ) -> Result<RouterDeleter<S, N>, BuildError> {
+        const PIECE: &str = "RouterDeleter";
+        check_count(PIECE, "batch_size", self.config.batch_size, usize::MAX)?;
+        if let Some(rate) = self.notify_rate {
+            self.config.notify_rate = Some(NonZeroU32::new(rate).ok_or_else(|| {
+                BuildError::setting(
+                    PIECE,
+                    "notify_rate",
+                    "must be at least 1 session per second",
+                )
+            })?);
+        }
+        let (min, max) = (self.config.retry_min_delay, self.config.retry_max_delay);
+        if min > max {
+            return Err(BuildError::setting(
+                PIECE,
+                "retry_backoff",
+                format_args!("minimum {min:?} exceeds the maximum {max:?}"),
+            ));
+        }
+        Ok(RouterDeleter::from_parts(store, notifier, self.config))
     }
 }
 
@@ -362,6 +372,22 @@ mod tests {
             config.max_wait(25),
             Duration::from_millis(15_000 + 3_000 + 23)
         );
+    }
+
+    #[test]
+    fn max_wait_of_a_zero_backoff_adds_no_delay_and_returns_at_once() {
+        let config = Config {
+            retries: u32::MAX,
+            retry_min_delay: Duration::ZERO,
+            retry_max_delay: Duration::from_secs(1),
+            ..Config::default()
+        };
+        let no_backoff = Config {
+            retry_max_delay: Duration::ZERO,
+            ..config.clone()
+        };
+        // Delays that start at zero stay zero: none is counted.
+        assert_eq!(config.max_wait(10), no_backoff.max_wait(10));
     }
 
     #[test]

@@ -5,11 +5,15 @@
 //! - At most one run per router exists in a deleter at a time: `runs` maps
 //!   the router to its run (the receiver of its result, and what the run
 //!   fenced) while it runs, and concurrent callers join it.
-//! - A caller is answered only by a run of the incarnation it deletes: a
-//!   run stops taking joiners before it finishes its incarnation in the
-//!   store (from then on the router can be registered again), and it leaves
-//!   `runs` before it publishes its result. A caller that finds a run it
-//!   may not join waits for that run's end and looks again.
+//! - Every run deletes one incarnation, its target: `delete` reads the
+//!   router's incarnation as the call begins, `delete_incarnation` is
+//!   given it. A caller joins only a run of its own target; one that finds
+//!   a run of another incarnation waits for that run's end and looks again
+//!   (or, if that run fenced a newer incarnation, answers that its own is
+//!   deleted already). So no caller is ever answered with another
+//!   incarnation's report, whatever other deleters do to the router.
+//! - A run leaves `runs` before it publishes its result: whoever sees the
+//!   result and deletes again starts afresh.
 //! - A run is owned by a task of `tracker`, never by a caller: dropping the
 //!   future of [`RouterDeleter::delete`] only stops waiting.
 //!
@@ -28,13 +32,14 @@ mod run;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 
 use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -58,30 +63,20 @@ struct RunSlot {
 /// What callers that would join a run need to know of it.
 #[derive(Debug)]
 pub(crate) struct RunState {
-    /// The incarnation the run fenced, once it has.
-    fenced: OnceLock<Incarnation>,
-    /// Cleared just before the run finishes its incarnation in the store:
-    /// from then on the router may be registered again, and a caller that
-    /// deletes "the router" means the new life, not this run's.
-    joinable: AtomicBool,
+    /// The incarnation the run deletes (and fences, if it can).
+    target: Incarnation,
+    /// Set once the run fenced `target`: the router is known to have had it.
+    fenced: AtomicBool,
 }
 
 impl RunState {
-    fn new() -> Self {
-        Self {
-            fenced: OnceLock::new(),
-            joinable: AtomicBool::new(true),
-        }
+    pub(crate) fn target(&self) -> Incarnation {
+        self.target
     }
 
-    pub(crate) fn fenced(&self, incarnation: Incarnation) {
-        let _ = self.fenced.set(incarnation);
-    }
-
-    pub(crate) fn stop_joining(&self) {
-        // Release, paired with the Acquire in `join`: a caller that sees
-        // the run joinable saw it before the finish began.
-        self.joinable.store(false, Ordering::Release);
+    pub(crate) fn fenced(&self) {
+        // Release, paired with the Acquire in `join_or_start`.
+        self.fenced.store(true, Ordering::Release);
     }
 }
 
@@ -89,7 +84,7 @@ impl RunState {
 enum Join {
     /// Wait for this run's result: it answers the caller.
     Run(watch::Receiver<RunResult>),
-    /// Wait for this run to end, then look again.
+    /// Wait for this run (of another incarnation) to end, then look again.
     After(watch::Receiver<RunResult>),
     /// Answered without a run.
     Done(Result<DeleteOutcome, DeleteError>),
@@ -152,7 +147,7 @@ enum Join {
 ///     store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
 /// }
 ///
-/// let deleter = RouterDeleter::builder().build(Arc::clone(&store), Router(Arc::clone(&store)));
+/// let deleter = RouterDeleter::builder().build(Arc::clone(&store), Router(Arc::clone(&store)))?;
 /// let outcome = deleter.delete(router).await?;
 /// let report = outcome.report().unwrap();
 /// assert_eq!((report.sessions, report.confirmed, report.forced), (100, 100, 0));
@@ -212,8 +207,9 @@ impl RouterDeleter<(), ()> {
     ///
     /// let deleter = RouterDeleter::builder()
     ///     .confirm_timeout(Duration::from_secs(30))
-    ///     .build(Arc::new(MemoryStore::new()), Silent);
+    ///     .build(Arc::new(MemoryStore::new()), Silent)?;
     /// assert_eq!(deleter.running(), 0);
+    /// # Ok::<(), session_lifecycle::BuildError>(())
     /// ```
     pub fn builder() -> RouterDeleterBuilder {
         RouterDeleterBuilder::new()
@@ -381,15 +377,16 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
 
     /// Deletes `router`: see the type's documentation for the run.
     ///
-    /// Deletes the router's current incarnation (the one live, or left
-    /// fenced by an interrupted run, which this call resumes), and answers
-    /// with that incarnation's report. Joins the run already going for this
-    /// router, if any; a run that is finishing (its incarnation may already
-    /// be tombstoned, and the router registered again) is not joined: the
-    /// call waits for it to end and looks again, so the answer is never
-    /// another incarnation's. To delete one incarnation only, whatever
-    /// happened to the router since, use
-    /// [`delete_incarnation`](Self::delete_incarnation).
+    /// Deletes the incarnation the router has as the call begins (live, or
+    /// left fenced by an interrupted run, which this call resumes; a router
+    /// whose last incarnation is deleted answers
+    /// [`DeleteOutcome::AlreadyDeleted`]), and answers with that
+    /// incarnation's report, never another's: it is
+    /// [`delete_incarnation`](Self::delete_incarnation) of the incarnation
+    /// read from [`SessionStore::router_status`] first. Joins the run
+    /// already going for that incarnation, if any; a run of another
+    /// incarnation (one this deleter started before the router was deleted
+    /// elsewhere and registered again) is waited for, not joined.
     ///
     /// # Errors
     ///
@@ -403,10 +400,10 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: the run starts when this future is first polled (on the
-    /// current tokio runtime) and from then on belongs to the deleter.
-    /// Dropping the future stops only the waiting; the deletion goes on and
-    /// finishes.
+    /// Cancel-safe: the deletion starts when this future is first polled
+    /// (on the current tokio runtime) and from then on belongs to the
+    /// deleter. Dropping the future stops only the waiting; the deletion
+    /// goes on and finishes.
     ///
     /// # Example
     ///
@@ -446,7 +443,49 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         &self,
         router: RouterId,
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
-        self.delete_in(router, None)
+        let this = self.clone();
+        async move {
+            // The incarnation the router has as the call begins is the one
+            // this call deletes. A store that answers at once (in memory)
+            // starts the run in this first poll; otherwise a task of the
+            // deleter awaits the answer and starts (or joins) the run, so
+            // the deletion goes on once this future was polled, even if
+            // the caller is gone by the time the store answers.
+            let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let store = Arc::clone(&this.inner.store);
+            let mut status = Box::pin(async move { store.router_status(router).await });
+            if let Poll::Ready(status) = futures::poll!(status.as_mut()) {
+                return match status {
+                    Ok(status) => this.delete_in(router, status.incarnation(), false).await,
+                    // Shut down: the only thing left to do was join a run.
+                    Err(_) if this.inner.tracker.is_closed() => Err(DeleteError::ShuttingDown),
+                    Err(error) => Err(DeleteError::from_router(router, error)),
+                };
+            }
+            // Under `runs`, where `shutdown` closes the tracker. A call made
+            // after a shutdown began may still join a run, not start one.
+            let (token, admitted) = {
+                let _runs = this.inner.runs.lock();
+                (this.inner.tracker.token(), !this.inner.tracker.is_closed())
+            };
+            let (answer, answered) = oneshot::channel();
+            drop(runtime.spawn(async move {
+                let _token = token;
+                let outcome = match status.await {
+                    Ok(status) => {
+                        let target = status.incarnation();
+                        this.delete_in(router, target, admitted).await
+                    }
+                    // Shut down: the only thing left to do was join a run.
+                    Err(_) if !admitted => Err(DeleteError::ShuttingDown),
+                    Err(error) => Err(DeleteError::from_router(router, error)),
+                };
+                let _ = answer.send(outcome);
+            }));
+            answered
+                .await
+                .unwrap_or(Err(DeleteError::Interrupted(router)))
+        }
     }
 
     /// Deletes `router` as [`delete`](Self::delete) does, but only its
@@ -465,7 +504,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe, as [`delete`](Self::delete).
+    /// Cancel-safe: the run starts when this future is first polled and
+    /// from then on belongs to the deleter; dropping the future stops only
+    /// the waiting.
     ///
     /// # Example
     ///
@@ -506,74 +547,101 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         router: RouterId,
         incarnation: Incarnation,
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
-        self.delete_in(router, Some(incarnation))
+        self.delete_in(router, incarnation, false)
     }
 
+    /// Deletes `router` in `target`; `admitted`: the caller holds a token
+    /// of the tracker taken before any shutdown, so a run may start even if
+    /// a shutdown began since (otherwise it may only join one).
     fn delete_in(
         &self,
         router: RouterId,
-        target: Option<Incarnation>,
+        target: Incarnation,
+        admitted: bool,
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
         let this = self.clone();
         async move {
-            loop {
-                let mut result = match this.join_or_start(router, target)? {
-                    Join::Run(result) => result,
-                    Join::After(mut other) => {
-                        // Ends within its own bound; its end removed it.
-                        let _ = other.wait_for(Option::is_some).await;
-                        continue;
-                    }
-                    Join::Done(outcome) => return outcome,
-                };
-                return match result.wait_for(Option::is_some).await {
-                    Ok(outcome) => outcome
-                        .clone()
-                        .unwrap_or(Err(DeleteError::Interrupted(router))),
-                    Err(_closed) => Err(DeleteError::Interrupted(router)),
-                };
+            let other = match this.join_or_start(router, target, admitted)? {
+                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Done(outcome) => return outcome,
+                Join::After(other) => other,
+            };
+            // Another incarnation's run must end first. A task of the
+            // deleter waits for it and then deletes `target`, so the
+            // deletion goes on even if the caller leaves meanwhile.
+            let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let (token, admitted) = {
+                let _runs = this.inner.runs.lock();
+                let open = !this.inner.tracker.is_closed();
+                (this.inner.tracker.token(), admitted || open)
+            };
+            let (answer, answered) = oneshot::channel();
+            drop(runtime.spawn(async move {
+                let _token = token;
+                let _ = answer.send(this.after(router, target, admitted, other).await);
+            }));
+            answered
+                .await
+                .unwrap_or(Err(DeleteError::Interrupted(router)))
+        }
+    }
+
+    /// Waits for `other` (a run of another incarnation) to end, then
+    /// deletes `router` in `target`.
+    async fn after(
+        &self,
+        router: RouterId,
+        target: Incarnation,
+        admitted: bool,
+        mut other: watch::Receiver<RunResult>,
+    ) -> Result<DeleteOutcome, DeleteError> {
+        loop {
+            // Ends within its own bound; its end removed it from `runs`.
+            let _ = other.wait_for(Option::is_some).await;
+            match self.join_or_start(router, target, admitted)? {
+                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Done(outcome) => return outcome,
+                Join::After(next) => other = next,
             }
         }
     }
 
-    /// Finds the run that answers a deletion of `router` (in `target`, if
-    /// given), or starts one.
+    /// Finds the run that answers a deletion of `router` in `target`, or
+    /// starts one.
     fn join_or_start(
         &self,
         router: RouterId,
-        target: Option<Incarnation>,
+        target: Incarnation,
+        admitted: bool,
     ) -> Result<Join, DeleteError> {
         let mut runs = self.inner.runs.lock();
         if let Some(running) = runs.get(&router) {
             let state = &running.state;
-            // Acquire: pairs with the Release of `stop_joining`.
-            let joinable = state.joinable.load(Ordering::Acquire);
-            return Ok(match (target, state.fenced.get().copied()) {
-                (None, _) if joinable => Join::Run(running.result.clone()),
+            return Ok(if state.target == target {
                 // This run deletes that very incarnation, finishing or not.
-                (Some(target), Some(fenced)) if target == fenced => {
-                    Join::Run(running.result.clone())
-                }
-                // Older than what the run fenced: deleted before it.
-                (Some(target), Some(fenced)) if target < fenced => {
-                    Join::Done(Ok(DeleteOutcome::AlreadyDeleted {
-                        router,
-                        incarnation: target,
-                    }))
-                }
-                // Finishing an incarnation the caller may not mean, or not
-                // fenced yet: its end tells.
-                _ => Join::After(running.result.clone()),
+                Join::Run(running.result.clone())
+            } else if target < state.target && state.fenced.load(Ordering::Acquire) {
+                // The router had a newer life already: `target` is deleted.
+                Join::Done(Ok(DeleteOutcome::AlreadyDeleted {
+                    router,
+                    incarnation: target,
+                }))
+            } else {
+                // Another incarnation's run: its end tells.
+                Join::After(running.result.clone())
             });
         }
         // Checked under `runs`, where `shutdown` closes the tracker: no run
-        // starts after a shutdown began.
-        if self.inner.tracker.is_closed() {
+        // starts after a shutdown began, but for a `delete` admitted before.
+        if !admitted && self.inner.tracker.is_closed() {
             return Err(DeleteError::ShuttingDown);
         }
         let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
         let (done, result) = watch::channel(None);
-        let state = Arc::new(RunState::new());
+        let state = Arc::new(RunState {
+            target,
+            fenced: AtomicBool::new(false),
+        });
         runs.insert(
             router,
             RunSlot {
@@ -582,7 +650,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             },
         );
         // Taken under `runs`: a `shutdown` that starts after this point
-        // waits for the run.
+        // waits for the run. (An admitted caller's own token keeps the
+        // tracker from emptying until this one is taken.)
         let token = self.inner.tracker.token();
         drop(runs);
         // Spawned outside the lock: a runtime that is shutting down drops
@@ -600,7 +669,6 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 &inner.notifier,
                 &inner.config,
                 router,
-                target,
                 &state,
             );
             let outcome = AssertUnwindSafe(run)
@@ -663,6 +731,19 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             self.inner.tracker.close();
         }
         self.inner.tracker.wait().await;
+    }
+}
+
+/// The outcome a run publishes, once it does.
+async fn outcome_of(
+    router: RouterId,
+    mut result: watch::Receiver<RunResult>,
+) -> Result<DeleteOutcome, DeleteError> {
+    match result.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome
+            .clone()
+            .unwrap_or(Err(DeleteError::Interrupted(router))),
+        Err(_closed) => Err(DeleteError::Interrupted(router)),
     }
 }
 

@@ -3,7 +3,7 @@
 use tokio::time::Duration;
 
 use crate::id::{Incarnation, RouterId};
-use crate::store::{BackendError, FenceError, FinishError};
+use crate::store::{BackendError, FenceError, FinishError, RouterError};
 
 /// How a [`RouterDeleter::delete`](crate::RouterDeleter::delete) ended.
 ///
@@ -120,7 +120,7 @@ impl DeleteOutcome {
 ///
 /// let deleter = RouterDeleter::builder()
 ///     .retries(0)
-///     .build(Arc::clone(&store), Picky(Arc::clone(&store)));
+///     .build(Arc::clone(&store), Picky(Arc::clone(&store)))?;
 /// let outcome = deleter.delete(router).await?;
 /// let report = outcome.report().expect("the deletion ran");
 /// assert_eq!(report.sessions, 3);
@@ -195,7 +195,7 @@ pub struct DeletionReport {
 /// let deleter = RouterDeleter::builder()
 ///     .confirm_timeout(Duration::from_secs(2))
 ///     .retries(0)
-///     .build(Arc::clone(&store), Silent);
+///     .build(Arc::clone(&store), Silent)?;
 ///
 /// let outcome = deleter.delete(router).await?;
 /// let durations = outcome.report().expect("the deletion ran").durations;
@@ -305,6 +305,15 @@ pub enum DeleteError {
 }
 
 impl DeleteError {
+    pub(crate) fn from_router(router: RouterId, error: RouterError) -> Self {
+        match error {
+            RouterError::Backend(source) => Self::Store { router, source },
+            // `RouterError` is non-exhaustive; every other kind says the
+            // store does not know the router.
+            _ => Self::UnknownRouter(router),
+        }
+    }
+
     pub(crate) fn from_fence(router: RouterId, error: FenceError) -> Self {
         match error {
             FenceError::Backend(source) => Self::Store { router, source },

@@ -41,7 +41,6 @@ pub(super) async fn delete_router<S, N>(
     notifier: &N,
     config: &Config,
     router: RouterId,
-    target: Option<Incarnation>,
     state: &RunState,
 ) -> Result<DeleteOutcome, DeleteError>
 where
@@ -55,12 +54,10 @@ where
     );
     async move {
         let started = Instant::now();
-        let fenced = match target {
-            None => store.fence(router).left_future(),
-            Some(incarnation) => store.fence_incarnation(router, incarnation).right_future(),
-        }
-        .instrument(tracing::debug_span!("fence"))
-        .await;
+        let fenced = store
+            .fence_incarnation(router, state.target())
+            .instrument(tracing::debug_span!("fence"))
+            .await;
         let snapshot = match fenced {
             Ok(snapshot) => snapshot,
             Err(FenceError::AlreadyDeleted { incarnation, .. }) => {
@@ -71,7 +68,7 @@ where
             }
             Err(error) => return Err(DeleteError::from_fence(router, error)),
         };
-        state.fenced(snapshot.incarnation);
+        state.fenced();
         tracing::Span::current()
             .record("incarnation", tracing::field::display(snapshot.incarnation));
         emit(config.events.as_ref(), || Event::RouterFenced {
@@ -109,8 +106,7 @@ where
             failures: AtomicU32::new(0),
             notify_nanos: AtomicU64::new(0),
         };
-        run.execute(store, snapshot.sessions, report, started, state)
-            .await
+        run.execute(store, snapshot.sessions, report, started).await
     }
     .instrument(span)
     .await
@@ -145,7 +141,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         sessions: Vec<Session<P>>,
         mut report: DeletionReport,
         started: Instant,
-        state: &RunState,
     ) -> Result<DeleteOutcome, DeleteError> {
         tracing::info!(
             sessions = report.sessions,
@@ -185,9 +180,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             .await;
         report.durations.force = phase.elapsed();
 
-        // Who deletes the router from now on means its next life, if it
-        // gets one: this run no longer answers them.
-        state.stop_joining();
         let phase = Instant::now();
         let finished = store
             .finish(self.router, self.incarnation)

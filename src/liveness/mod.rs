@@ -4,7 +4,8 @@
 //! # Invariants
 //!
 //! - A session is watched by at most one monitor: its state word carries
-//!   the monitor's tag, set once by [`LivenessMonitor::watch`].
+//!   the monitor's tag, set once by [`LivenessMonitor::watch`]. No two
+//!   monitors of a process share a tag (see `tag`).
 //! - A watched, active session is in exactly one place: the `incoming`
 //!   list, the wheel (owned by the monitor task), a router's pending
 //!   suspects, or its probe driver's round. Closed and terminating sessions
@@ -21,14 +22,17 @@
 //! lock, and nothing is taken under it.
 
 mod config;
+mod counters;
+mod holds;
 mod probe;
 mod report;
+mod tag;
 mod wheel;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
@@ -39,21 +43,22 @@ use tokio_util::task::TaskTracker;
 
 pub use config::LivenessMonitorBuilder;
 pub use probe::{NoProbe, ProbeBatch, ProbeError, Prober};
-pub use report::{HeartbeatError, LivenessEvent, LivenessStats, MonitorBuildError, WatchError};
+pub use report::{HeartbeatError, LivenessEvent, LivenessStats, WatchError};
 
+use crate::build::BuildError;
 use crate::event::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
 use config::{Config, millis};
+use counters::Counters;
+use holds::Holds;
+pub(crate) use holds::RouterHold;
 use probe::{Group, Suspect};
 use wheel::Wheel;
 
 /// Set in the clock once the monitor stops.
 const STOPPED: u64 = 1 << 63;
-
-/// Tags tell monitors apart in a session's state word; 0 means unwatched.
-static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
 
 /// Finds dead ("zombie") sessions quickly without convicting live ones.
 ///
@@ -65,7 +70,9 @@ static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
 ///   heartbeat inter-arrival, RFC 6298 style: smoothed mean and mean
 ///   deviation (α = 1/8, β = 1/4); timeout = mean + max(granularity,
 ///   4 × deviation) + pause allowance, clamped to the configured range. A
-///   session that slows down gradually widens its own timeout.
+///   session that slows down gradually widens its own timeout; one that
+///   speeds up narrows it, but no faster than time passes: a heartbeat
+///   never brings a deadline closer.
 /// - **One task, one timer wheel, lazy re-arm.** Each session has one wheel
 ///   entry; when it comes up, a session heard since is re-filed at its new
 ///   deadline, one not heard becomes suspect. The monitor's work grows with
@@ -73,7 +80,9 @@ static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
 /// - **Probes.** Suspects are probed through your [`Prober`], one call per
 ///   router and round; an answer (or a heartbeat) before the probe timeout
 ///   spares the session. After `1 + probe_retries` silent rounds, with
-///   backoff between them, the session is reaped: closed with
+///   backoff between them (cut short when the router has new suspects:
+///   they are probed at once, with the others), the session is reaped:
+///   closed with
 ///   [`CloseReason::LivenessTimeout`](crate::CloseReason::LivenessTimeout),
 ///   its resources released through the
 ///   [`ReclaimQueue`](crate::ReclaimQueue) if one is configured, and removed
@@ -139,7 +148,8 @@ struct Shared<S: SessionStore, Pr> {
     store: Arc<S>,
     prober: Pr,
     config: Config,
-    tag: u16,
+    /// This monitor's tag in the state words of the sessions it watches.
+    tag: u64,
     epoch: Instant,
     /// Milliseconds since `epoch`, raised each tick; `STOPPED` once stopped.
     clock: AtomicU64,
@@ -200,15 +210,11 @@ impl LivenessMonitor<MemoryStore, NoProbe> {
 }
 
 impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
-    fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, MonitorBuildError> {
-        let runtime = Handle::try_current().map_err(|_| MonitorBuildError::NoRuntime)?;
-        let tag = loop {
-            // Relaxed: a unique counter. Skips 0, which means "unwatched".
-            let raw = NEXT_TAG.fetch_add(1, Ordering::Relaxed) % u32::from(u16::MAX);
-            if let Ok(tag) = u16::try_from(raw + 1) {
-                break tag;
-            }
-        };
+    fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, BuildError> {
+        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime {
+            piece: config::PIECE,
+        })?;
+        let tag = tag::next()?;
         let (events, _) = broadcast::channel(config.events);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -327,7 +333,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         if tag != shared.tag || state.is_closed() || clock & STOPPED != 0 {
             return Err(shared.ignore(session.id(), tag, state));
         }
-        session.beat().record(clock, shared.config.rule.max);
+        session.beat().record(clock, &shared.config.rule);
         Ok(())
     }
 
@@ -426,13 +432,27 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     }
 
     /// The longest from a session's last heartbeat to its reap, for a
-    /// session whose timeout is `timeout` (see [`timeout`](Self::timeout)),
-    /// if nothing answers for it: the timeout, one tick for the wheel, one
-    /// probe timeout for a round already in flight for its router, then
-    /// `1 + probe_retries` rounds of one probe timeout each with their
-    /// backoffs, and a millisecond per timer. A stall caught by the
-    /// local-health guard extends it by the stall. Saturates at
-    /// [`Duration::MAX`].
+    /// session whose timeout is `timeout` after that heartbeat (see
+    /// [`timeout`](Self::timeout)), if nothing answers for it. The sum of:
+    ///
+    /// - the timeout, and one tick for the timer wheel to convict;
+    /// - one probe timeout, for the round in flight for its router when it
+    ///   became suspect (a backoff in progress is cut short);
+    /// - `1 + probe_retries` rounds of one probe timeout each;
+    /// - the `probe_retries` backoff delays between them, each with its
+    ///   largest jitter (see
+    ///   [`probe_backoff`](LivenessMonitorBuilder::probe_backoff));
+    /// - a millisecond per timer, tokio's resolution.
+    ///
+    /// It holds for every configuration the builder accepts: a heartbeat
+    /// never brings a session's deadline closer (its timeout shrinks no
+    /// faster than time passes), and no suspect waits out another one's
+    /// backoff. It does not count time the monitor spends waiting on
+    /// others: the store (each probe round lists the router's sessions,
+    /// each reap closes and removes; a [`MemoryStore`] answers at once)
+    /// and a full reclaim queue, if one is configured. After a stall the
+    /// local-health guard caught, it runs from the end of the stall
+    /// instead of the last heartbeat. Saturates at [`Duration::MAX`].
     ///
     /// # Example
     ///
@@ -581,41 +601,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     }
 }
 
-/// What a [`Reconciler`](crate::Reconciler) needs of a monitor, without its
-/// type parameters.
-pub(crate) trait RouterHold: Send + Sync + 'static {
-    fn hold(&self, router: RouterId);
-    fn release(&self, router: RouterId);
-}
-
-impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
-    /// The monitor's holds, without keeping the monitor running: the
-    /// reconciler's reference does not count as a handle.
-    pub(crate) fn holds(&self) -> Arc<dyn RouterHold> {
-        Arc::new(Holds(Arc::clone(&self.shared)))
-    }
-}
-
-/// A monitor's holds, as a `Reconciler` keeps them: the shared state, not a
-/// handle (dropping every handle still stops the monitor).
-struct Holds<S: SessionStore, Pr>(Arc<Shared<S, Pr>>);
-
-impl<S: SessionStore, Pr: Prober> RouterHold for Holds<S, Pr> {
-    fn hold(&self, router: RouterId) {
-        *self.0.held.lock().entry(router).or_default() += 1;
-    }
-
-    fn release(&self, router: RouterId) {
-        let mut held = self.0.held.lock();
-        if let Some(holds) = held.get_mut(&router) {
-            *holds = holds.saturating_sub(1);
-            if *holds == 0 {
-                held.remove(&router);
-            }
-        }
-    }
-}
-
 /// The monitor task: each tick, raise the clock, check its own health,
 /// file incoming sessions, and look at the entries that came up.
 async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
@@ -740,14 +725,20 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Gives a router's new suspects to its probe driver, starting one if
     /// none runs.
     fn hand_over(self: &Arc<Self>, router: RouterId, suspects: Vec<Suspect<S::Payload>>) {
-        let start = {
+        let (start, arrival) = {
             let mut groups = self.suspects.lock();
             let group = groups.entry(router).or_default();
             group.pending.extend(suspects);
-            !std::mem::replace(&mut group.driving, true)
+            let start = !std::mem::replace(&mut group.driving, true);
+            (start, Arc::clone(&group.arrival))
         };
         if start {
-            self.tracker.spawn(probe::drive(Arc::clone(self), router));
+            self.tracker
+                .spawn(probe::drive(Arc::clone(self), router, arrival));
+        } else {
+            // Outside the lock: it wakes the driver's task. Cuts its backoff
+            // short, if it is in one.
+            arrival.notify_waiters();
         }
     }
 
@@ -767,7 +758,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     #[cold]
-    fn ignore(&self, id: SessionId, tag: u16, state: SessionState) -> HeartbeatError {
+    fn ignore(&self, id: SessionId, tag: u64, state: SessionState) -> HeartbeatError {
         self.ignored(if self.stopped() {
             HeartbeatError::ShutDown
         } else if state.is_closed() {
@@ -783,68 +774,5 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         self.counters.ignored.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(%error, "heartbeat ignored");
         error
-    }
-}
-
-/// The monitor's counters; relaxed atomics, statistics only.
-#[derive(Debug, Default)]
-struct Counters {
-    watched: AtomicU64,
-    suspects: AtomicU64,
-    suspected: AtomicU64,
-    spared: AtomicU64,
-    reaped: AtomicU64,
-    probes: AtomicU64,
-    probe_errors: AtomicU64,
-    ignored: AtomicU64,
-    timer_fires: AtomicU64,
-    stalls: AtomicU64,
-}
-
-impl Counters {
-    fn suspect(&self) {
-        self.suspects.fetch_add(1, Ordering::Relaxed);
-        self.suspected.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn unsuspect(&self) {
-        self.suspects.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn spare(&self) {
-        self.unsuspect();
-        self.spared.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn leave(&self) {
-        self.watched.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn probe(&self) {
-        self.probes.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn probe_error(&self) {
-        self.probe_errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn reaped(&self, n: usize) {
-        self.reaped.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> LivenessStats {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        LivenessStats {
-            watched: get(&self.watched),
-            suspects: get(&self.suspects),
-            suspected: get(&self.suspected),
-            spared: get(&self.spared),
-            reaped: get(&self.reaped),
-            probes: get(&self.probes),
-            probe_errors: get(&self.probe_errors),
-            ignored_heartbeats: get(&self.ignored),
-            timer_fires: get(&self.timer_fires),
-            stalls: get(&self.stalls),
-        }
     }
 }

@@ -7,17 +7,23 @@
 //!   the same lock by the driver when it leaves with nothing pending.
 //! - A suspect is held by exactly one place: the monitor's wheel, a
 //!   router's pending list, or its driver's round.
+//! - A driver in its backoff wakes when suspects are handed to its group:
+//!   it registers for `Group::arrival` before it looks at `pending`, and
+//!   the monitor notifies after it added to `pending`.
 //!
 //! # Deadlock safety
 //!
 //! One lock, `Shared::suspects`, held only to move suspects in or out of a
-//! group; never across an `.await` or a call into user code.
+//! group; never across an `.await` or a call into user code, nor while the
+//! driver is woken.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::Shared;
@@ -202,6 +208,8 @@ pub(super) struct Suspect<P> {
 pub(super) struct Group<P> {
     pub(super) pending: Vec<Suspect<P>>,
     pub(super) driving: bool,
+    /// Wakes the driver from its backoff when suspects are added.
+    pub(super) arrival: Arc<Notify>,
 }
 
 impl<P> Default for Group<P> {
@@ -209,6 +217,7 @@ impl<P> Default for Group<P> {
         Self {
             pending: Vec::new(),
             driving: false,
+            arrival: Arc::new(Notify::new()),
         }
     }
 }
@@ -226,12 +235,21 @@ enum Verdict {
 /// Probes `router`'s suspects in rounds until none is left: each round is
 /// one call with every suspect, then a wait until the probe timeout (unless
 /// all answered). Sessions that fail `1 + retries` rounds are reaped.
+/// Between rounds the driver backs off, unless new suspects came (they are
+/// probed at once, with everyone), or until they come (`arrival`).
+///
+/// So a suspect waits at most for the round in flight before its first
+/// round, and between its own rounds no longer than the backoff gives its
+/// failed rounds: the schedule starts over whenever new suspects join a
+/// round, and its delays only grow.
 pub(super) async fn drive<S: SessionStore, Pr: Prober>(
     shared: Arc<Shared<S, Pr>>,
     router: RouterId,
+    arrival: Arc<Notify>,
 ) {
     let mut round: Vec<Suspect<S::Payload>> = Vec::new();
     let mut rounds = 0u32;
+    let mut backoff = shared.config.backoff.delays();
     loop {
         let Some(fresh) = shared.take_pending(router, round.is_empty()) else {
             return;
@@ -248,6 +266,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         let watched = shared.open_watched(router).await;
         let silent = |n: usize| watched.is_some_and(|w| w > 0 && n >= w);
         if !fresh_ids.is_empty() {
+            backoff = shared.config.backoff.delays();
             tracing::debug!(%router, suspects = fresh_ids.len(), "sessions missed their heartbeat deadline");
             shared.emit(LivenessEvent::SessionSuspect {
                 router,
@@ -293,12 +312,19 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
             let router_silent = silent(dead.len());
             shared.reap(router, dead, router_silent).await;
         }
-        if let Some(youngest) = round.iter().map(|s| s.failed).min() {
-            if !shared.has_pending(router) {
-                let backoff = shared.config.probe_backoff(youngest);
-                if !shared.sleep(Instant::now() + backoff).await {
-                    return;
-                }
+        if round.is_empty() {
+            continue;
+        }
+        // Registered before the look at `pending`: suspects handed over
+        // after it wake the wait.
+        let arrived = arrival.notified();
+        if !shared.has_pending(router) {
+            // Never `None`: a survivor failed at least as many rounds as
+            // delays were drawn since the schedule started over, and at
+            // most `retries`, the schedule's length.
+            let delay = backoff.next().unwrap_or_default();
+            if !shared.back_off(Instant::now() + delay, arrived).await {
+                return;
             }
         }
     }
@@ -315,6 +341,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             return None;
         }
         Some(std::mem::take(&mut group.pending))
+    }
+
+    /// Sleeps until `until`, or until new suspects `arrived`; `false` if
+    /// the monitor stopped first.
+    async fn back_off(&self, until: Instant, arrived: Notified<'_>) -> bool {
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => false,
+            () = arrived => true,
+            () = tokio::time::sleep_until(until) => true,
+        }
     }
 
     fn has_pending(&self, router: RouterId) -> bool {

@@ -38,11 +38,12 @@ use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 pub use policy::{DefaultPolicy, Priority, ReclaimPolicy, RetrySchedule};
-pub use report::{BuildError, PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushError};
+pub use report::{PushError, ReclaimEvent, ReclaimStats, ShutdownReport, TryPushError};
 
 use task::release_tasks;
 pub use task::{Reclaim, ReclaimError, ReclaimErrorKind, ReclaimTask, TaskInfo};
 
+use crate::build::{BuildError, check_count};
 use crate::event::{Event, EventBus};
 use crate::id::SessionKey;
 use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
@@ -255,9 +256,15 @@ impl Default for ReclaimQueueBuilder {
     }
 }
 
+/// The most worker tasks a queue runs.
+const MAX_WORKERS: usize = 1_024;
+/// The largest event capacity: the channel allocates it up front.
+const MAX_EVENTS: usize = 1 << 20;
+
 impl ReclaimQueueBuilder {
-    /// The most tasks waiting at once (default 65,536). Memory is bounded by
-    /// `capacity` waiting tasks plus one running task per worker.
+    /// The most tasks waiting at once (default 65,536; at least 1). Memory
+    /// is bounded by `capacity` waiting tasks plus one running task per
+    /// worker.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn capacity(mut self, capacity: usize) -> Self {
@@ -265,7 +272,7 @@ impl ReclaimQueueBuilder {
         self
     }
 
-    /// How many worker tasks run tasks (default 2).
+    /// How many worker tasks run tasks (default 2; 1 to 1,024).
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn workers(mut self, workers: usize) -> Self {
@@ -282,7 +289,8 @@ impl ReclaimQueueBuilder {
     }
 
     /// How many events a subscriber may fall behind before it misses some
-    /// (default 1,024; see [`ReclaimQueue::subscribe`]).
+    /// (default 1,024; 1 to 1,048,576, allocated up front; see
+    /// [`ReclaimQueue::subscribe`]).
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn event_capacity(mut self, events: usize) -> Self {
@@ -363,24 +371,23 @@ impl ReclaimQueueBuilder {
     /// # Errors
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime;
-    /// [`BuildError::ZeroCapacity`] or [`BuildError::ZeroWorkers`].
+    /// [`BuildError::Setting`] for a capacity of 0 or above tokio's semaphore
+    /// limit, workers outside 1 to 1,024, or an event capacity outside 1 to
+    /// 2^20.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn build(self) -> Result<ReclaimQueue, BuildError> {
-        if self.capacity == 0 {
-            return Err(BuildError::ZeroCapacity);
-        }
-        if self.workers == 0 {
-            return Err(BuildError::ZeroWorkers);
-        }
-        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
-        let capacity = self.capacity.min(Semaphore::MAX_PERMITS);
-        let (events, _) = broadcast::channel(self.events.max(1));
+        const PIECE: &str = "ReclaimQueue";
+        let capacity = check_count(PIECE, "capacity", self.capacity, Semaphore::MAX_PERMITS)?;
+        let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
+        let events = check_count(PIECE, "event_capacity", self.events, MAX_EVENTS)?;
+        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
+        let (events, _) = broadcast::channel(events);
         let shared = Arc::new(Shared {
             heap: Mutex::new(Heap::default()),
             permits: Semaphore::new(capacity),
             capacity,
-            workers: self.workers,
+            workers,
             work: Notify::new(),
             idle: Notify::new(),
             policy: self.policy,
@@ -392,10 +399,10 @@ impl ReclaimQueueBuilder {
             events,
             bus: self.bus,
             tracker: TaskTracker::new(),
-            aborts: Mutex::new(Vec::with_capacity(self.workers)),
+            aborts: Mutex::new(Vec::with_capacity(workers)),
             interrupted: Mutex::new(Vec::new()),
         });
-        for _ in 0..self.workers {
+        for _ in 0..workers {
             let worker = shared
                 .tracker
                 .spawn_on(Arc::clone(&shared).work_loop(), &runtime);

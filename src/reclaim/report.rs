@@ -326,39 +326,3 @@ impl fmt::Debug for TryPushError {
         f.debug_tuple(name).field(&task.info()).finish()
     }
 }
-
-/// A [`ReclaimQueue`](super::ReclaimQueue) could not be built.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{BuildError, ReclaimQueue};
-///
-/// // Outside a tokio runtime there is nowhere to run the workers.
-/// assert_eq!(ReclaimQueue::builder().build().unwrap_err(), BuildError::NoRuntime);
-///
-/// let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-/// let _inside = runtime.enter();
-/// assert_eq!(
-///     ReclaimQueue::builder().capacity(0).build().unwrap_err(),
-///     BuildError::ZeroCapacity
-/// );
-/// assert_eq!(
-///     ReclaimQueue::builder().workers(0).build().unwrap_err(),
-///     BuildError::ZeroWorkers
-/// );
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// `build` was called outside a tokio runtime, where no worker can run.
-    #[error("no tokio runtime: build the reclaim queue inside one")]
-    NoRuntime,
-    /// A capacity of zero would block every push forever.
-    #[error("the reclaim queue capacity must be at least 1")]
-    ZeroCapacity,
-    /// Zero workers would never run a task.
-    #[error("the reclaim queue needs at least one worker")]
-    ZeroWorkers,
-}

@@ -404,11 +404,10 @@ impl Drop for ReleaseGroup {
 }
 
 /// The tasks releasing the resources of a session closed with
-/// `close_deferred`: one per class, most urgent first.
-pub(crate) fn release_tasks<P>(
-    session: &Session<P>,
-    deferred: DeferredClose,
-) -> impl Iterator<Item = ReclaimTask> + use<P> {
+/// `close_deferred`: one per class, most urgent first. Built at once, not
+/// lazily: a task dropped unrun still releases its resources, a bare
+/// resource held by a lazy iterator across an `.await` would not.
+pub(crate) fn release_tasks<P>(session: &Session<P>, deferred: DeferredClose) -> Vec<ReclaimTask> {
     let DeferredClose {
         reason,
         groups,
@@ -428,6 +427,7 @@ pub(crate) fn release_tasks<P>(
                 _completion: Arc::clone(&completion),
             }),
         })
+        .collect()
 }
 
 /// Why one attempt of a reclamation task failed.

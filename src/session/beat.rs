@@ -7,6 +7,11 @@
 //!   back, and each one takes the sample from its own predecessor.
 //! - `estimate` is replaced by one compare-exchange per sample, so racing
 //!   samples are each applied once.
+//! - A heartbeat never brings the deadline (`heard` + timeout) closer: the
+//!   monitor files each session in its wheel at its deadline and looks at
+//!   it again only then, so a deadline that moved closer would be missed.
+//!   A sample that would shrink the timeout faster than time passes raises
+//!   the deviation instead, just enough.
 //!
 //! Times are milliseconds on the watching monitor's clock (see
 //! `liveness::Clock`); the session itself does not know the monitor.
@@ -32,19 +37,26 @@ impl Beat {
     }
 
     /// Records a heartbeat at `now` and feeds the inter-arrival since the
-    /// previous one (capped at `max_sample`) to the estimate. A heartbeat in
-    /// the same millisecond as the previous one only counts as heard.
-    pub(crate) fn record(&self, now: u64, max_sample: u64) {
+    /// previous one (capped at the largest timeout) to the estimate, keeping
+    /// the deadline where it was if the new timeout would end sooner. A
+    /// heartbeat in the same millisecond as the previous one only counts as
+    /// heard.
+    pub(crate) fn record(&self, now: u64, rule: &TimeoutRule) {
         // Relaxed: liveness times order nothing else; the monitor reads
         // them with Relaxed loads and tolerates a stale value by one tick.
         let previous = self.heard.fetch_max(now, Ordering::Relaxed);
         if now <= previous {
             return;
         }
-        let sample = (now - previous).min(max_sample);
+        let sample = (now - previous).min(rule.max);
         let mut current = self.estimate.load(Ordering::Relaxed);
         loop {
-            let next = Estimate::unpack(current).update(sample).pack();
+            let before = Estimate::unpack(current);
+            let deadline = previous.saturating_add(before.timeout(rule));
+            let next = before
+                .update(sample)
+                .at_least(deadline.saturating_sub(now), rule)
+                .pack();
             match self.estimate.compare_exchange_weak(
                 current,
                 next,
@@ -119,6 +131,24 @@ impl Estimate {
         }
     }
 
+    /// This estimate, its deviation raised if need be so that its timeout
+    /// is at least `timeout` (at most `rule.max`).
+    #[must_use]
+    fn at_least(self, timeout: u64, rule: &TimeoutRule) -> Self {
+        if self.timeout(rule) >= timeout {
+            return self;
+        }
+        // Not reached with `mean + pause allowance ≥ timeout`: the timeout
+        // is that at least, or clamped to a maximum above `timeout`.
+        let mean = u64::from(self.mean_x8) >> 3;
+        Self {
+            deviation_x4: saturate(
+                timeout.saturating_sub(mean.saturating_add(rule.pause_allowance)),
+            ),
+            ..self
+        }
+    }
+
     /// The timeout: `mean + max(granularity, 4·deviation) + pause
     /// allowance`, clamped to `[min, max]`.
     pub(crate) fn timeout(self, rule: &TimeoutRule) -> u64 {
@@ -173,16 +203,57 @@ mod tests {
     fn beats_record_samples_and_refreshes_do_not() {
         let beat = Beat::default();
         beat.reset(10_000, Estimate::initial(1_000));
-        beat.record(12_000, 60_000);
+        beat.record(12_000, &RULE);
         assert_eq!(beat.heard(), 12_000);
         assert_eq!(beat.estimate(), Estimate::initial(1_000).update(2_000));
         let before = beat.estimate();
         beat.refresh(20_000);
-        beat.record(20_000, 60_000); // same millisecond: no sample
-        beat.record(19_000, 60_000); // late racer: no sample, heard stays
+        beat.record(20_000, &RULE); // same millisecond: no sample
+        beat.record(19_000, &RULE); // late racer: no sample, heard stays
         assert_eq!((beat.heard(), beat.estimate()), (20_000, before));
-        beat.record(u64::MAX, 60_000); // huge gap: capped sample
+        beat.record(u64::MAX, &RULE); // huge gap: capped sample
         assert_eq!(beat.estimate(), before.update(60_000));
+    }
+
+    #[test]
+    fn heartbeats_faster_than_expected_shrink_the_timeout_no_faster_than_time_passes() {
+        // Expected every 10 s, heard every 100 ms.
+        let beat = Beat::default();
+        beat.reset(0, Estimate::initial(10_000));
+        let mut plain = Estimate::initial(10_000);
+        let deadline = |beat: &Beat| beat.heard() + beat.estimate().timeout(&RULE);
+        let mut last = deadline(&beat);
+        let (mut plain_last, mut closer) = (last, 0);
+        for now in (100..=120_000).step_by(100) {
+            beat.record(now, &RULE);
+            assert!(
+                deadline(&beat) >= last,
+                "at {now} ms the deadline moved closer"
+            );
+            last = deadline(&beat);
+            // The estimate alone moves it closer, again and again.
+            plain = plain.update(100);
+            closer += usize::from(now + plain.timeout(&RULE) < plain_last);
+            plain_last = now + plain.timeout(&RULE);
+        }
+        assert!(closer > 10, "{closer}");
+        // It converges all the same.
+        assert_eq!(beat.estimate().timeout(&RULE), 100 + 50 + 1_000);
+    }
+
+    fn rules() -> impl Strategy<Value = TimeoutRule> {
+        (
+            1..=1_000u64,
+            prop_oneof![Just(0u64), 0..=5_000u64],
+            prop_oneof![1..=10u64, 1..=10_000u64],
+            0..=100_000u64,
+        )
+            .prop_map(|(granularity, pause_allowance, min, span)| TimeoutRule {
+                granularity,
+                pause_allowance,
+                min,
+                max: min + span,
+            })
     }
 
     fn samples() -> impl Strategy<Value = (u64, Vec<u64>)> {
@@ -219,18 +290,35 @@ mod tests {
             }
         }
 
+        /// For any heartbeat sequence, no heartbeat brings the deadline
+        /// (last heard + timeout) closer: the monitor's wheel, which looks
+        /// at a session again only at the deadline it was filed for, never
+        /// convicts late.
+        #[test]
+        fn a_heartbeat_never_brings_the_deadline_closer(
+            (interval, gaps) in samples(),
+            rule in rules(),
+        ) {
+            let beat = Beat::default();
+            beat.reset(0, Estimate::initial(interval));
+            let deadline = |beat: &Beat| beat.heard().saturating_add(beat.estimate().timeout(&rule));
+            let mut now = 0u64;
+            for gap in gaps {
+                let before = deadline(&beat);
+                now = now.saturating_add(gap);
+                beat.record(now, &rule);
+                prop_assert!(deadline(&beat) >= before, "{} before {before}", deadline(&beat));
+            }
+        }
+
         /// For any heartbeat sequence the timeout stays within [min, max]
         /// and never falls below the last inter-arrival that did not
         /// convict (one that arrived within the timeout in force).
         #[test]
         fn the_timeout_is_clamped_and_covers_the_last_accepted_gap(
             (interval, gaps) in samples(),
-            granularity in 1..=1_000u64,
-            pause_allowance in prop_oneof![Just(0u64), 0..=5_000u64],
-            min in prop_oneof![1..=10u64, 1..=10_000u64],
-            span in 0..=100_000u64,
+            rule in rules(),
         ) {
-            let rule = TimeoutRule { granularity, pause_allowance, min, max: min + span };
             let beat = Beat::default();
             beat.reset(0, Estimate::initial(interval));
             let mut now = 0u64;
@@ -239,7 +327,7 @@ mod tests {
                 let next = now.saturating_add(gap);
                 let gap = next - now;
                 now = next;
-                beat.record(now, rule.max);
+                beat.record(now, &rule);
                 let after = beat.estimate().timeout(&rule);
                 prop_assert!((rule.min..=rule.max).contains(&after), "{after} outside");
                 if gap > 0 && gap <= before {

@@ -7,11 +7,20 @@
 //! one critical section of the same lock. So a waiter either sees the close
 //! or is woken by it: no wake-up is lost. A waiter that leaves before the
 //! close clears its own slot, so a cancelled wait leaks nothing.
+//!
+//! # Deadlock safety
+//!
+//! The only lock is the session's (see `handle.rs`). No waker code runs
+//! under it: a waiter clones its waker before taking it, and the waker it
+//! does not keep (or the one it replaced, or the one a leaving waiter takes
+//! out) drops after it; the closer wakes the wakers after it too. Dropping
+//! a waker may drop a task and the session handles it holds, whose
+//! payloads' `Drop` may call back into this very session.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use super::handle::{Inner, Session};
 use super::state::CloseReason;
@@ -150,18 +159,34 @@ fn poll_closed<P>(
         *slot = None;
         return Poll::Ready(reason);
     }
+    // Cloned before the lock and the unused waker dropped after it: a
+    // waker's clone and drop are user code (dropping the last waker of a
+    // task drops the task, and whatever session handles it holds).
+    let waker = cx.waker().clone();
+    let (poll, unused) = register(inner, slot, waker);
+    drop(unused);
+    poll
+}
+
+/// The locked part of [`poll_closed`]: registers `waker` in the waiter's
+/// slot unless the close completed; returns the waker that is not kept
+/// (the one given, or the one it replaced) for the caller to drop after the
+/// lock.
+fn register<P>(
+    inner: &Inner<P>,
+    slot: &mut Option<usize>,
+    waker: Waker,
+) -> (Poll<CloseReason>, Option<Waker>) {
     let mut shared = inner.shared.lock();
     if let Some(reason) = inner.word.completed() {
         *slot = None;
-        return Poll::Ready(reason);
+        return (Poll::Ready(reason), Some(waker));
     }
     let waiters = &mut shared.waiters;
     match slot.and_then(|index| waiters.get_mut(index)) {
-        Some(Some(waker)) => {
-            if !waker.will_wake(cx.waker()) {
-                waker.clone_from(cx.waker());
-            }
-        }
+        // `will_wake` compares pointers only: no user code.
+        Some(Some(registered)) if registered.will_wake(&waker) => (Poll::Pending, Some(waker)),
+        Some(Some(registered)) => (Poll::Pending, Some(std::mem::replace(registered, waker))),
         _ => {
             // Reuse a slot freed by a cancelled waiter, so a session's list
             // never grows past its peak number of concurrent waiters.
@@ -172,23 +197,26 @@ fn poll_closed<P>(
                     waiters.len() - 1
                 }
             };
-            waiters[index] = Some(cx.waker().clone());
+            waiters[index] = Some(waker);
             *slot = Some(index);
+            (Poll::Pending, None)
         }
     }
-    Poll::Pending
 }
 
 /// Unregisters a waiter that leaves before the close completes.
 fn leave<P>(inner: &Inner<P>, slot: &mut Option<usize>) {
     let Some(index) = slot.take() else { return };
-    let mut shared = inner.shared.lock();
-    // After the close completed the list is empty and stays empty, so this
-    // finds nothing; before, the slot is this waiter's own.
-    if let Some(entry) = shared.waiters.get_mut(index) {
-        *entry = None;
-    }
-    while matches!(shared.waiters.last(), Some(None)) {
-        shared.waiters.pop();
-    }
+    let left = {
+        let mut shared = inner.shared.lock();
+        // After the close completed the list is empty and stays empty, so
+        // this finds nothing; before, the slot is this waiter's own.
+        let left = shared.waiters.get_mut(index).and_then(Option::take);
+        while matches!(shared.waiters.last(), Some(None)) {
+            shared.waiters.pop();
+        }
+        left
+    };
+    // After the lock, as in `poll_closed`.
+    drop(left);
 }

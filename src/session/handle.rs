@@ -11,11 +11,12 @@
 //!
 //! # Deadlock safety
 //!
-//! The session has one lock, `shared`. It is never held while calling user
-//! code (resources are released, wakers woken, after it is dropped) except in
-//! [`Session::with_token`], whose closure must not call back into the
-//! session. Stores may hold their own locks while taking it; it never takes
-//! theirs.
+//! The session has one lock, `shared`. It is never held while user code
+//! runs: resources are released, wakers woken, cloned and dropped (see
+//! `closed.rs`), the token's reader run ([`Session::with_token`] clones the
+//! token's `Arc` under it and reads after), and anything taken out of it
+//! dropped, after it is released. Stores may hold their own locks while
+//! taking it; it never takes theirs.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -94,7 +95,9 @@ pub(super) struct Shared {
     /// the waiter leaves. Emptied (taken) when the close completes.
     pub(super) waiters: Vec<Option<Waker>>,
     resources: Resources,
-    token: Option<SessionToken>,
+    /// Shared with a [`Session::with_token`] reader that is running: the
+    /// bytes are zeroized when the last holder drops them.
+    token: Option<std::sync::Arc<SessionToken>>,
 }
 
 impl<P> Clone for Session<P> {
@@ -312,12 +315,12 @@ impl<P> Session<P> {
     }
 
     /// Tags the session as watched by the liveness monitor `tag`.
-    pub(crate) fn watch(&self, tag: u16) -> Result<(), WatchRefused> {
+    pub(crate) fn watch(&self, tag: u64) -> Result<(), WatchRefused> {
         self.inner.word.watch(tag)
     }
 
     /// The tag of the monitor watching the session (0: none) and its state.
-    pub(crate) fn watcher(&self) -> (u16, SessionState) {
+    pub(crate) fn watcher(&self) -> (u64, SessionState) {
         self.inner.word.watcher()
     }
 
@@ -420,6 +423,19 @@ impl<P> Session<P> {
         outcome
     }
 
+    /// Closes the session as [`close`](Self::close) does, without counting
+    /// the close in the metrics: for a store that builds the handle of a
+    /// session closed elsewhere under its own locks (nothing attached, no
+    /// waiter, so the close runs no user code) and counts it after them.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn close_unrecorded(&self, reason: CloseReason) -> CloseOutcome {
+        let outcome = self.inner.word.close(reason);
+        if outcome.won() {
+            self.complete_close(reason);
+        }
+        outcome
+    }
+
     fn complete_close(&self, reason: CloseReason) {
         let resources = self.take_resources();
         for resource in resources.into_release_order() {
@@ -435,7 +451,9 @@ impl<P> Session<P> {
             let mut shared = self.inner.shared.lock();
             (std::mem::take(&mut shared.resources), shared.token.take())
         };
-        drop(token); // `SessionToken` zeroizes its bytes on drop.
+        // `SessionToken` zeroizes its bytes on drop: here, unless a
+        // `with_token` reader still runs (then when it returns).
+        drop(token);
         resources
     }
 
@@ -644,10 +662,10 @@ impl<P> Session<P> {
     /// Runs `f` on the session's token: `None` if it has none or once the
     /// session is closed (the token is wiped then).
     ///
-    /// # Deadlock
-    ///
-    /// `f` runs under the session's lock; it must not call back into this
-    /// session.
+    /// `f` runs outside every lock: it may call back into the session or its
+    /// store, even close the session. A close while `f` runs takes the token
+    /// from the session at once, but `f` still sees the bytes until it
+    /// returns; they are zeroized then.
     ///
     /// # Example
     ///
@@ -665,8 +683,9 @@ impl<P> Session<P> {
     /// assert!(session.with_token(|token| token.is_none())); // wiped
     /// ```
     pub fn with_token<R>(&self, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
-        let shared = self.inner.shared.lock();
-        f(shared.token.as_ref().map(SessionToken::as_bytes))
+        // Shared under the lock, read after it; dropped after `f` returns.
+        let token = self.inner.shared.lock().token.clone();
+        f(token.as_deref().map(SessionToken::as_bytes))
     }
 
     /// Counts one packet of `bytes` received from the client.
@@ -990,7 +1009,7 @@ impl<P> NewSession<P> {
                 traffic: TrafficCounters::default(),
                 beat: Beat::default(),
                 shared: Mutex::new(Shared {
-                    token: self.token,
+                    token: self.token.map(std::sync::Arc::new),
                     ..Shared::default()
                 }),
                 payload: self.payload,

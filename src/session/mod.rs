@@ -16,7 +16,7 @@ pub use closed::{Closed, ClosedOwned};
 pub(crate) use handle::{DeferredClose, release_contained};
 pub use handle::{NewSession, Session};
 pub use resource::{AttachError, Classed, Resource, ResourceClass};
-pub(crate) use state::{CloseFrom, WatchRefused};
+pub(crate) use state::{CloseFrom, MAX_WATCHER, WatchRefused};
 pub use state::{CloseOutcome, CloseReason, SessionState, Transition};
 pub use token::SessionToken;
 pub use traffic::Traffic;

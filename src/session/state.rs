@@ -12,24 +12,28 @@
 
 use std::fmt;
 
-use crate::loom::{AtomicU32, Ordering};
+use crate::loom::{AtomicU64, Ordering};
 
-const STATE_MASK: u32 = 0b11;
-const ACTIVE: u32 = 0;
-const TERMINATING: u32 = 1;
-const CLOSED: u32 = 2;
+const STATE_MASK: u64 = 0b11;
+const ACTIVE: u64 = 0;
+const TERMINATING: u64 = 1;
+const CLOSED: u64 = 2;
 /// Set once the close has finished its side effects.
-const COMPLETE: u32 = 1 << 2;
+const COMPLETE: u64 = 1 << 2;
 /// Set once the session was reported long-lived; survives every transition.
-const LONG_LIVED: u32 = 1 << 3;
+const LONG_LIVED: u64 = 1 << 3;
 const REASON_SHIFT: u32 = 8;
-const REASON_MASK: u32 = 0xFF;
+const REASON_MASK: u64 = 0xFF;
 /// The tag of the liveness monitor watching the session (0: none), in bits
-/// 16–31; set once, survives every transition.
+/// 16–63; set once, survives every transition.
 const WATCHER_SHIFT: u32 = 16;
-const WATCHER_MASK: u32 = 0xFFFF << WATCHER_SHIFT;
+const WATCHER_MASK: u64 = MAX_WATCHER << WATCHER_SHIFT;
 /// The bits a close carries over from the open state.
-const KEPT_ON_CLOSE: u32 = LONG_LIVED | WATCHER_MASK;
+const KEPT_ON_CLOSE: u64 = LONG_LIVED | WATCHER_MASK;
+
+/// The largest monitor tag the state word holds: 48 bits, enough for a
+/// million monitors a second for eight years.
+pub(crate) const MAX_WATCHER: u64 = (1 << 48) - 1;
 
 /// Where a session is in its life.
 ///
@@ -150,7 +154,7 @@ impl CloseReason {
         !matches!(self, Self::ClientClosed | Self::RouterDeleted)
     }
 
-    const fn code(self) -> u32 {
+    const fn code(self) -> u8 {
         match self {
             Self::ClientClosed => 1,
             Self::RouterDeleted => 2,
@@ -165,8 +169,7 @@ impl CloseReason {
     /// The reason as one byte, for stores that persist it.
     #[cfg(feature = "etcd")]
     pub(crate) const fn wire_code(self) -> u8 {
-        // `code()` is 1..=7.
-        self.code() as u8
+        self.code()
     }
 
     /// The reason [`wire_code`](Self::wire_code) encoded, if `code` is one.
@@ -174,10 +177,10 @@ impl CloseReason {
     pub(crate) fn try_from_code(code: u8) -> Option<Self> {
         (1..=7)
             .contains(&code)
-            .then(|| Self::from_code(u32::from(code)))
+            .then(|| Self::from_code(u64::from(code)))
     }
 
-    fn from_code(code: u32) -> Self {
+    fn from_code(code: u64) -> Self {
         match code {
             1 => Self::ClientClosed,
             2 => Self::RouterDeleted,
@@ -326,13 +329,13 @@ impl CloseOutcome {
 
 /// The atomic state word: state in bits 0–1, `COMPLETE` in bit 2,
 /// `LONG_LIVED` in bit 3, the close reason's code in bits 8–15, the
-/// watching monitor's tag in bits 16–31.
+/// watching monitor's tag in bits 16–63.
 #[derive(Debug)]
-pub(crate) struct StateWord(AtomicU32);
+pub(crate) struct StateWord(AtomicU64);
 
 impl StateWord {
     pub(crate) fn new() -> Self {
-        Self(AtomicU32::new(ACTIVE))
+        Self(AtomicU64::new(ACTIVE))
     }
 
     pub(crate) fn state(&self) -> SessionState {
@@ -385,7 +388,7 @@ impl StateWord {
     /// Moves an open session to `Closed` with `reason`; `Closed` means this
     /// caller won and must complete the close.
     pub(crate) fn close(&self, reason: CloseReason) -> CloseOutcome {
-        let closed = CLOSED | (reason.code() << REASON_SHIFT);
+        let closed = CLOSED | (u64::from(reason.code()) << REASON_SHIFT);
         // Relaxed first guess; the compare-exchange below re-reads.
         let mut current = self.0.load(Ordering::Relaxed);
         loop {
@@ -412,7 +415,7 @@ impl StateWord {
     /// Closes the word only if it is `Active`; `true` if this call closed it.
     /// A `Terminating` session belongs to its deletion and is left alone.
     pub(crate) fn close_active(&self, reason: CloseReason) -> bool {
-        let closed = CLOSED | (reason.code() << REASON_SHIFT);
+        let closed = CLOSED | (u64::from(reason.code()) << REASON_SHIFT);
         let mut current = self.0.load(Ordering::Relaxed);
         loop {
             if current & STATE_MASK != ACTIVE {
@@ -437,9 +440,11 @@ impl StateWord {
         self.0.fetch_or(LONG_LIVED, Ordering::Relaxed) & LONG_LIVED == 0
     }
 
-    /// Tags the session as watched by the monitor `tag` (non-zero).
-    pub(crate) fn watch(&self, tag: u16) -> Result<(), WatchRefused> {
-        let tag = u32::from(tag) << WATCHER_SHIFT;
+    /// Tags the session as watched by the monitor `tag`, within
+    /// `1..=MAX_WATCHER` (bits beyond are dropped).
+    pub(crate) fn watch(&self, tag: u64) -> Result<(), WatchRefused> {
+        debug_assert!((1..=MAX_WATCHER).contains(&tag), "monitor tag {tag}");
+        let tag = (tag & MAX_WATCHER) << WATCHER_SHIFT;
         // Relaxed first guess; the compare-exchange below re-reads.
         let mut current = self.0.load(Ordering::Relaxed);
         loop {
@@ -467,13 +472,10 @@ impl StateWord {
 
     /// The tag of the watching monitor (0: none) and the state, from one
     /// load.
-    pub(crate) fn watcher(&self) -> (u16, SessionState) {
+    pub(crate) fn watcher(&self) -> (u64, SessionState) {
         // Acquire pairs with the Release of `watch`.
         let word = self.0.load(Ordering::Acquire);
-        // Lossless: the shift leaves 16 bits.
-        #[allow(clippy::cast_possible_truncation)]
-        let tag = (word >> WATCHER_SHIFT) as u16;
-        (tag, decode_state(word))
+        (word >> WATCHER_SHIFT, decode_state(word))
     }
 
     /// Marks the close complete; only the caller that won `close` calls it.
@@ -493,7 +495,7 @@ pub(crate) enum WatchRefused {
     Watched,
 }
 
-fn decode_state(word: u32) -> SessionState {
+fn decode_state(word: u64) -> SessionState {
     match word & STATE_MASK {
         ACTIVE => SessionState::Active,
         TERMINATING => SessionState::Terminating,
@@ -501,7 +503,7 @@ fn decode_state(word: u32) -> SessionState {
     }
 }
 
-fn decode_reason(word: u32) -> Option<CloseReason> {
+fn decode_reason(word: u64) -> Option<CloseReason> {
     (word & STATE_MASK == CLOSED)
         .then(|| CloseReason::from_code((word >> REASON_SHIFT) & REASON_MASK))
 }
@@ -556,10 +558,19 @@ mod tests {
         assert!(word.close(CloseReason::ClientClosed).won());
         assert_eq!(word.watch(3), Err(WatchRefused::Closed));
         assert_eq!(word.watcher(), (0, SessionState::Closed));
+        // The widest tag leaves the state, flags and reason alone.
         let word = StateWord::new();
-        assert_eq!(word.watch(u16::MAX), Ok(()));
+        assert_eq!(word.watch(MAX_WATCHER), Ok(()));
+        assert_eq!(word.watcher(), (MAX_WATCHER, SessionState::Active));
         assert!(word.close(CloseReason::ClientClosed).won());
+        word.mark_complete();
         assert_eq!(word.reason(), Some(CloseReason::ClientClosed));
-        assert_eq!(word.watcher(), (u16::MAX, SessionState::Closed));
+        assert_eq!(word.completed(), Some(CloseReason::ClientClosed));
+        assert!(word.flag_long_lived());
+        assert_eq!(word.watcher(), (MAX_WATCHER, SessionState::Closed));
+        // Tags past 16 bits are kept whole (they once wrapped at 65,535).
+        let word = StateWord::new();
+        assert_eq!(word.watch(1 << 16), Ok(()));
+        assert_eq!(word.watcher(), (1 << 16, SessionState::Active));
     }
 }

@@ -19,12 +19,31 @@
 //! 2. a `routers` dashmap shard;
 //! 3. a router entry's mutex;
 //! 4. a `sessions` dashmap shard;
-//! 5. the event bus's broadcast lock, taken last and alone by tokio (to
-//!    publish `SessionCreated` while 3 and 4 are held, so the event comes
-//!    before anybody can see the session).
+//! 5. under 3 and 4, by `create` only, each alone: the event bus's
+//!    broadcast lock (tokio's, to publish `SessionCreated` so that the event
+//!    comes before anybody can see the session), then the new session's own
+//!    lock (to attach its close hook; nobody else has the session yet).
 //!
-//! and no lock of the store is held while a session is closed, because
-//! closing runs the session's resources (user code that may call the store).
+//! No user code runs under any of them (I8), so payloads, resources and
+//! wakers may call back into the store on every path:
+//!
+//! - no session is closed under a guard: closing runs its resources;
+//! - no handle that may be its session's last is dropped under a guard
+//!   (that runs the payload's `Drop`): whatever a map or an index hands
+//!   back, and the audit's copies, drop after the guards. A handle dropped
+//!   under one is a copy of a handle the caller still holds (`finish`
+//!   drops the map's copies while it holds the index's);
+//! - the metrics recorder is called after the guards (`create` records its
+//!   `SessionCreated` once they are released).
+//!
+//! One thing stays under 3 and 4, inside tokio: publishing `SessionCreated`
+//! into a full ring drops the oldest event a lagging subscriber has not
+//! read. If that is the last clone of a `ProbeFailed` or `Reclaim*` event,
+//! the `Drop` of the error your prober or reclaim task returned runs there;
+//! such an error's `Drop` must not call back into the store. (Publishing
+//! after the guards would break the promise that `SessionCreated` comes
+//! before anybody can see the session.)
+//!
 //! Iterating `sessions` (shard guards held) never takes a router lock: the
 //! audit copies the handles out first, and `repair` looks each session up
 //! on its own before it takes the session's router lock. No guard lives
@@ -49,7 +68,8 @@ use super::report::{
     AuditReport, FenceSnapshot, FinishReport, Repair, RepairAction, RouterCensus, RouterStatus,
 };
 use super::rules::{FenceStep, admits, check_finishable, fence_step, holds};
-use crate::event::{CloseHook, Event, EventBus, emit};
+use crate::build::BuildError;
+use crate::event::{CloseHook, Event, EventBus, send_unrecorded};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseOutcome, CloseReason, NewSession, Session, SessionState};
 use crate::stats::Stats;
@@ -76,7 +96,7 @@ const DEFAULT_TOMBSTONES: usize = 65_536;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store: MemoryStore<&'static str> = MemoryStore::builder().tombstone_capacity(1024).build();
+/// let store: MemoryStore<&'static str> = MemoryStore::builder().tombstone_capacity(1024).build()?;
 /// let router = RouterId::new(3);
 /// let incarnation = store.register_router(router).await?;
 /// let spec = NewSession::new(SessionId::new(1), router, incarnation).payload("alice");
@@ -124,7 +144,7 @@ type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 ///     .tombstone_capacity(10_000)
 ///     .shard_amount(64)
 ///     .events(bus.clone())
-///     .build();
+///     .build().unwrap();
 /// assert!(store.is_empty());
 /// ```
 #[derive(Debug, Clone)]
@@ -147,7 +167,7 @@ impl MemoryStoreBuilder {
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>();
+    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>()?;
     /// for raw in 1..=2 {
     ///     let router = RouterId::new(raw);
     ///     let incarnation = store.register_router(router).await?;
@@ -166,26 +186,18 @@ impl MemoryStoreBuilder {
     }
 
     /// The number of shards of the session and router maps (default: four
-    /// per core, rounded up to a power of two).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `shards` is not a power of two greater than 1, as dashmap
-    /// requires.
+    /// per core, rounded up to a power of two). A power of two from 2 to
+    /// 65,536, checked by [`build`](Self::build).
     ///
     /// # Example
     ///
     /// ```
     /// use session_lifecycle::MemoryStore;
     ///
-    /// let store = MemoryStore::builder().shard_amount(256).build::<()>();
+    /// let store = MemoryStore::builder().shard_amount(256).build::<()>().unwrap();
     /// assert!(store.is_empty());
     /// ```
     pub fn shard_amount(mut self, shards: usize) -> Self {
-        assert!(
-            shards > 1 && shards.is_power_of_two(),
-            "shard amount must be a power of two greater than 1, got {shards}"
-        );
         self.shard_amount = Some(shards);
         self
     }
@@ -203,6 +215,13 @@ impl MemoryStoreBuilder {
     /// sessions by the million on many threads listens to the router-level
     /// events of the other pieces instead.
     ///
+    /// Publishing into a full ring drops the oldest event a lagging
+    /// subscriber has not read, under the router's lock: if that event was
+    /// the last holder of an error your prober or reclaim task returned
+    /// ([`LivenessEvent::ProbeFailed`](crate::LivenessEvent::ProbeFailed),
+    /// [`ReclaimEvent`](crate::ReclaimEvent)), the error's `Drop` runs there,
+    /// and must not call back into the store.
+    ///
     /// # Example
     ///
     /// ```
@@ -215,7 +234,7 @@ impl MemoryStoreBuilder {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let bus = EventBus::new(64);
     /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>();
+    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
     /// let router = RouterId::new(1);
     /// let incarnation = store.register_router(router).await?;
     /// let session =
@@ -239,6 +258,11 @@ impl MemoryStoreBuilder {
 
     /// Builds the store, for sessions carrying a payload of type `P`.
     ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] for a shard amount that is not a power of
+    /// two from 2 to 65,536.
+    ///
     /// # Example
     ///
     /// ```
@@ -249,11 +273,17 @@ impl MemoryStoreBuilder {
     ///     name: String,
     /// }
     ///
-    /// let store: MemoryStore<Client> = MemoryStore::builder().build();
+    /// let store: MemoryStore<Client> = MemoryStore::builder().build()?;
     /// assert_eq!(store.len(), 0);
+    /// # Ok::<(), session_lifecycle::BuildError>(())
     /// ```
-    pub fn build<P>(self) -> MemoryStore<P> {
-        let (sessions, routers) = match self.shard_amount {
+    pub fn build<P>(self) -> Result<MemoryStore<P>, BuildError> {
+        let shards = self.shard_amount.map(check_shards).transpose()?;
+        Ok(self.build_with(shards))
+    }
+
+    fn build_with<P>(self, shards: Option<usize>) -> MemoryStore<P> {
+        let (sessions, routers) = match shards {
             Some(shards) => (
                 DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
                 DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
@@ -278,7 +308,24 @@ impl MemoryStoreBuilder {
 
 impl<P> Default for MemoryStore<P> {
     fn default() -> Self {
-        MemoryStore::builder().build()
+        MemoryStore::builder().build_with(None)
+    }
+}
+
+/// The most shards: each is a lock and a map, allocated up front.
+const MAX_SHARDS: usize = 1 << 16;
+
+/// Refuses a shard amount dashmap cannot take (a power of two above 1) or
+/// that would allocate absurdly.
+fn check_shards(shards: usize) -> Result<usize, BuildError> {
+    if shards > 1 && shards.is_power_of_two() && shards <= MAX_SHARDS {
+        Ok(shards)
+    } else {
+        Err(BuildError::setting(
+            "MemoryStore",
+            "shard_amount",
+            format_args!("must be a power of two from 2 to {MAX_SHARDS}, got {shards}"),
+        ))
     }
 }
 
@@ -318,7 +365,7 @@ impl MemoryStore<()> {
     /// use session_lifecycle::MemoryStore;
     ///
     /// let store: MemoryStore<u32> =
-    ///     MemoryStore::builder().tombstone_capacity(1_024).build();
+    ///     MemoryStore::builder().tombstone_capacity(1_024).build().unwrap();
     /// assert!(store.is_empty());
     /// ```
     pub fn builder() -> MemoryStoreBuilder {
@@ -488,7 +535,12 @@ impl<P> MemoryStore<P> {
                     }),
                     RouterStatus::Deleted(_) => {
                         let incarnation = self.new_incarnation();
-                        *slot = RouterSlot::live(incarnation);
+                        let old = std::mem::replace(&mut *slot, RouterSlot::live(incarnation));
+                        drop(slot);
+                        drop(occupied);
+                        // A deleted router's index is empty (its `finish`
+                        // took it); dropped after the guards all the same.
+                        drop(old);
                         Ok(incarnation)
                     }
                 }
@@ -512,6 +564,26 @@ impl<P> MemoryStore<P> {
     }
 
     fn create_now(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
+        let mut displaced = None;
+        let created = self.insert_new(spec, &mut displaced);
+        // After the guards: a handle the index held for an id the map had
+        // lost may be its session's last, and its payload's `Drop` is user
+        // code; so is the metrics recorder.
+        drop(displaced);
+        #[cfg(feature = "metrics")]
+        if let Ok(session) = &created {
+            crate::event::record(|| created_event(session));
+        }
+        created
+    }
+
+    /// The checks and inserts of `create`, under the router's lock; an index
+    /// entry the new session displaced is handed out in `displaced`.
+    fn insert_new(
+        &self,
+        spec: NewSession<P>,
+        displaced: &mut Option<Session<P>>,
+    ) -> Result<Session<P>, CreateError<P>> {
         let router = spec.router();
         let Some(entry) = self.routers.get(&router) else {
             return Err(CreateError::new(
@@ -535,7 +607,7 @@ impl<P> MemoryStore<P> {
             Entry::Vacant(vacant) => {
                 let session = spec.into_session();
                 self.announce(&session);
-                slot.index.insert(session.id(), session.clone());
+                *displaced = slot.index.insert(session.id(), session.clone());
                 vacant.insert(session.clone());
                 Ok(session)
             }
@@ -555,14 +627,18 @@ impl<P> MemoryStore<P> {
         let mut slot = entry.lock();
         // Checking the map under the router lock keeps a reused id safe: only
         // this session's own entry is removed, from both places at once.
-        let removed = self
+        let unmapped = self
             .sessions
-            .remove_if(&session.id(), |_, stored| Session::ptr_eq(stored, session))
-            .is_some();
-        if removed {
-            slot.index.remove(&session.id());
-            shrink_if_sparse(&mut slot.index);
-        }
+            .remove_if(&session.id(), |_, stored| Session::ptr_eq(stored, session));
+        let unindexed = match unmapped {
+            Some(_) => unindex(&mut slot.index, session),
+            None => None,
+        };
+        drop(slot);
+        drop(entry);
+        // What was removed drops after the guards: see `# Deadlock safety`.
+        let removed = unmapped.is_some();
+        drop((unmapped, unindexed));
         removed
     }
 
@@ -682,6 +758,8 @@ impl<P> MemoryStore<P> {
             slot.status = RouterStatus::Deleted(incarnation);
             let index = std::mem::take(&mut slot.index);
             for (id, indexed) in &index {
+                // The map's copy drops here, under the lock: `index` holds
+                // this very session, so it is never the last handle.
                 self.sessions
                     .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed));
             }
@@ -741,11 +819,11 @@ impl<P> MemoryStore<P> {
                 .or_default()
                 .push(stored.clone());
         }
-        for (router, sessions) in by_router {
-            let entry = self.routers.get(&router);
+        for (router, sessions) in &by_router {
+            let entry = self.routers.get(router);
             let slot = entry.as_ref().map(|entry| entry.lock());
             for session in sessions {
-                if !self.holds(&session) {
+                if !self.holds(session) {
                     continue; // removed meanwhile
                 }
                 if session.is_closed() {
@@ -755,7 +833,7 @@ impl<P> MemoryStore<P> {
                     None => report.orphans.push(session.id()),
                     Some(slot) => {
                         let indexed = slot.index.get(&session.id());
-                        if !indexed.is_some_and(|indexed| Session::ptr_eq(indexed, &session)) {
+                        if !indexed.is_some_and(|indexed| Session::ptr_eq(indexed, session)) {
                             report.missing_from_index.push(session.id());
                         }
                         if !slot.status_holds(session.incarnation()) {
@@ -765,20 +843,21 @@ impl<P> MemoryStore<P> {
                 }
             }
         }
+        // The copies drop after every guard: a session removed since it was
+        // copied may have no other handle left, and its payload's `Drop` is
+        // user code.
+        drop(by_router);
         report.orphans.sort_unstable();
         report.orphans.dedup();
         report
     }
 
     /// Publishes the creation of `session`, before anybody else can see it,
-    /// and hooks its close to the event bus.
+    /// and hooks its close to the event bus. The caller records the event
+    /// in the metrics once its guards are released.
     fn announce(&self, session: &Session<P>) {
         let (id, router, incarnation) = (session.id(), session.router(), session.incarnation());
-        emit(self.events.as_ref(), || Event::SessionCreated {
-            session: id,
-            router,
-            incarnation,
-        });
+        send_unrecorded(self.events.as_ref(), || created_event(session));
         if let Some(bus) = &self.events {
             let hook = CloseHook {
                 bus: bus.clone(),
@@ -860,15 +939,14 @@ impl<P> MemoryStore<P> {
             let belongs = !indexed.is_closed()
                 && indexed.router() == router
                 && slot.status_holds(indexed.incarnation());
-            if belongs {
-                if let Entry::Vacant(vacant) = self.sessions.entry(id) {
-                    vacant.insert(indexed.clone());
-                    repairs.push(repair(&indexed, RepairAction::Restored));
-                    return;
-                }
+            if belongs && let Entry::Vacant(vacant) = self.sessions.entry(id) {
+                vacant.insert(indexed.clone());
+                repairs.push(repair(&indexed, RepairAction::Restored));
+                return;
             }
-            slot.index.remove(&id);
-            shrink_if_sparse(&mut slot.index);
+            // Dropped under the lock, but never the last handle: `indexed`
+            // is a clone of this very entry.
+            drop(unindex(&mut slot.index, &indexed));
             repairs.push(repair(&indexed, RepairAction::DroppedIndexEntry));
             indexed
         };
@@ -937,29 +1015,22 @@ impl<P> MemoryStore<P> {
     fn evict(&self, session: &Session<P>, action: RepairAction, repairs: &mut Vec<Repair>) {
         let _ = session.close(CloseReason::Reclaimed);
         let id = session.id();
-        let removed = match self.routers.get(&session.router()) {
+        let unmap = || {
+            self.sessions
+                .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
+        };
+        let (unindexed, unmapped) = match self.routers.get(&session.router()) {
             Some(entry) => {
                 let mut slot = entry.lock();
-                if slot
-                    .index
-                    .get(&id)
-                    .is_some_and(|indexed| Session::ptr_eq(indexed, session))
-                {
-                    slot.index.remove(&id);
-                    shrink_if_sparse(&mut slot.index);
-                }
-                self.sessions
-                    .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
-                    .is_some()
+                (unindex(&mut slot.index, session), unmap())
             }
-            None => self
-                .sessions
-                .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
-                .is_some(),
+            None => (None, unmap()),
         };
-        if removed {
+        if unmapped.is_some() {
             repairs.push(repair(session, action));
         }
+        // After the guards, as everything removed: see `# Deadlock safety`.
+        drop((unindexed, unmapped));
     }
 
     /// `true` if the map holds this very session.
@@ -970,6 +1041,14 @@ impl<P> MemoryStore<P> {
     }
 }
 
+fn created_event<P>(session: &Session<P>) -> Event {
+    Event::SessionCreated {
+        session: session.id(),
+        router: session.router(),
+        incarnation: session.incarnation(),
+    }
+}
+
 fn repair<P>(session: &Session<P>, action: RepairAction) -> Repair {
     Repair {
         session: session.id(),
@@ -977,6 +1056,22 @@ fn repair<P>(session: &Session<P>, action: RepairAction) -> Repair {
         incarnation: session.incarnation(),
         action,
     }
+}
+
+/// Removes `session`'s entry from `index` if it is this very session (a
+/// later session reusing the id keeps its entry); returns what it removed,
+/// for the caller to drop after its guards.
+fn unindex<P>(index: &mut SessionIndex<P>, session: &Session<P>) -> Option<Session<P>> {
+    let id = session.id();
+    if !index
+        .get(&id)
+        .is_some_and(|indexed| Session::ptr_eq(indexed, session))
+    {
+        return None;
+    }
+    let removed = index.remove(&id);
+    shrink_if_sparse(index);
+    removed
 }
 
 /// Handles of the indexed sessions; call with the router's lock held.
@@ -1237,9 +1332,11 @@ impl<P> MemoryStore<P> {
         match corruption {
             Corruption::Unindex(id) => {
                 let router = self.get_now(id).map(|session| session.router());
-                if let Some(entry) = router.and_then(|router| self.routers.get(&router)) {
-                    entry.lock().index.remove(&id);
-                }
+                let removed = router
+                    .and_then(|router| self.routers.get(&router))
+                    .and_then(|entry| entry.lock().index.remove(&id));
+                // After the guards: it may be the session's last handle.
+                drop(removed);
             }
             Corruption::DropFromMap(id) => {
                 self.sessions.remove(&id);

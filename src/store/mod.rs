@@ -1,5 +1,7 @@
-//! The session store: the trait, its reports, and the in-memory store.
+//! The session store: the trait, its reports, the in-memory store, and
+//! [`BoxStore`] for a store chosen at run time.
 
+mod boxed;
 mod error;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
@@ -9,6 +11,7 @@ mod rules;
 
 use std::future::Future;
 
+pub use boxed::BoxStore;
 pub use error::{
     BackendError, BackendErrorKind, CreateError, CreateErrorKind, FenceError, FinishError,
     RegisterError, RouterError, SessionError,

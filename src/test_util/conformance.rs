@@ -5,7 +5,8 @@
 //! A store of your own passes them if it keeps the trait's contract: make
 //! a [`Backend`] for it and call [`store_follows_the_model`] and
 //! [`deleter_stress`] from your tests, as this crate does for
-//! [`MemoryStore`] and its etcd store.
+//! [`MemoryStore`] and its etcd store. [`Boxed`] and [`Shared`] run a
+//! backend's stores behind a [`BoxStore`] or an `Arc`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -25,10 +26,10 @@ use super::observe::router_lost;
 use super::runtime::{HOUR, paused_runtime};
 use super::script::Subset;
 use crate::{
-    CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError, FinishError, HeartbeatError,
-    Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReconcileError, Reconciler,
-    RegisterError, RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState,
-    SessionStore, Subscription,
+    BoxStore, CloseReason, CreateErrorKind, DeleteError, DeleteOutcome, EventBus, FenceError,
+    FinishError, HeartbeatError, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe,
+    ReconcileError, Reconciler, RegisterError, RouterDeleter, RouterId, RouterStatus, Session,
+    SessionError, SessionId, SessionKey, SessionState, SessionStore, Subscription,
 };
 
 pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds};
@@ -57,7 +58,7 @@ pub use super::stress::{ForcedReleases, StressSizes, deleter_stress, soak_rounds
 ///     const PAUSED_TIME: bool = true;
 ///
 ///     async fn fresh(&self) -> Arc<MemoryStore> {
-///         Arc::new(MemoryStore::builder().shard_amount(4).build())
+///         Arc::new(MemoryStore::builder().shard_amount(4).build().unwrap())
 ///     }
 /// }
 ///
@@ -97,6 +98,50 @@ impl Backend for MemoryBackend {
 
     async fn fresh(&self) -> Arc<MemoryStore> {
         Arc::new(MemoryStore::new())
+    }
+}
+
+/// Backend `B`'s stores erased into a [`BoxStore`]: the suites run on a
+/// store chosen at run time, every call through a boxed future. Works for
+/// any backend, so a store of your own can be checked behind a `BoxStore`
+/// as well.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::test_util::conformance::{Boxed, MemoryBackend, store_follows_the_model};
+///
+/// store_follows_the_model::<Boxed<MemoryBackend>>(16);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Boxed<B>(pub B);
+
+impl<B: Backend> Backend for Boxed<B> {
+    type Store = BoxStore;
+    const NAME: &'static str = "BoxStore";
+    const PAUSED_TIME: bool = B::PAUSED_TIME;
+    const RESOLVES_AT_ONCE: bool = B::RESOLVES_AT_ONCE;
+    const STORE_TIME: Duration = B::STORE_TIME;
+
+    async fn fresh(&self) -> Arc<BoxStore> {
+        Arc::new(BoxStore::new(self.0.fresh().await))
+    }
+}
+
+/// Backend `B`'s stores behind an `Arc`, through the [`SessionStore`]
+/// implementation for `Arc<S>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shared<B>(pub B);
+
+impl<B: Backend> Backend for Shared<B> {
+    type Store = Arc<B::Store>;
+    const NAME: &'static str = "Arc";
+    const PAUSED_TIME: bool = B::PAUSED_TIME;
+    const RESOLVES_AT_ONCE: bool = B::RESOLVES_AT_ONCE;
+    const STORE_TIME: Duration = B::STORE_TIME;
+
+    async fn fresh(&self) -> Arc<Arc<B::Store>> {
+        Arc::new(self.0.fresh().await)
     }
 }
 
@@ -203,7 +248,9 @@ impl<B: Backend> Sut<B> {
                 .retry_backoff(Duration::from_millis(10), Duration::from_millis(20));
             (deleter, Duration::from_millis(20))
         };
-        let deleter = deleter.build(Arc::clone(&store), notifier);
+        let deleter = deleter
+            .build(Arc::clone(&store), notifier)
+            .expect("valid settings");
         // Timeouts of a day: the model has no clock, so no session may be
         // reaped; heartbeats are checked for their answers.
         let day = Duration::from_secs(86_400);
@@ -218,7 +265,8 @@ impl<B: Backend> Sut<B> {
         let reconciler = Reconciler::builder()
             .grace_period(grace)
             .events(bus)
-            .build(Arc::clone(&store));
+            .build(Arc::clone(&store))
+            .expect("valid settings");
         Self {
             store,
             deleter,
@@ -359,7 +407,12 @@ impl<B: Backend + Default> StateMachineTest for ModelTest<B> {
                 }
             }
             Op::Fence(router) => fence(&sut, &before, router),
-            Op::Delete(router) => delete(&sut, &before, router),
+            Op::Delete(router) => delete(&sut, &before, router, None),
+            Op::DeleteIncarnation { router, stale } => {
+                let incarnation = sut.incarnation(&before, router, stale);
+                delete(&sut, &before, router, Some((incarnation, stale)));
+            }
+            Op::Confirm { session, stale } => confirm(&sut, &before, session, stale),
             Op::Finish { router, stale } => finish(&mut sut, &before, router, stale),
             Op::Disconnect(router) => disconnect(&mut sut, &before, router),
             Op::Reconnect {
@@ -525,17 +578,64 @@ fn fence<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
     }
 }
 
-fn delete<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
+/// A router's confirmation by key: of the id's current session, or (stale)
+/// of an earlier one, which must close nothing.
+fn confirm<B: Backend>(sut: &Sut<B>, before: &ModelState, id: SessionId, stale: bool) {
+    let current = sut.handles.get(&id).filter(|_| before.is_stored(id));
+    let key = if stale {
+        // The latest earlier session with this id, or a life that never was.
+        sut.all
+            .iter()
+            .rev()
+            .filter(|s| s.id() == id && current.is_none_or(|c| !Session::ptr_eq(c, s)))
+            .map(Session::key)
+            .next()
+            .unwrap_or(SessionKey::new(id, u64::MAX))
+    } else {
+        match sut.handles.get(&id) {
+            Some(handle) => handle.key(),
+            None => SessionKey::new(id, u64::MAX),
+        }
+    };
+    let result = sut.run(sut.store.close_exact(key, CloseReason::RouterDeleted));
+    match before.session(id).filter(|s| s.stored && !stale) {
+        None => assert!(
+            matches!(result, Err(SessionError::UnknownSession(_))),
+            "a confirmation of {key} closed {id}'s current session: {result:?}"
+        ),
+        Some(s) => assert_eq!(result.unwrap().won(), s.state != SessionState::Closed),
+    }
+}
+
+/// `delete`, or `delete_incarnation` of `target` (stale or not).
+fn delete<B: Backend>(
+    sut: &Sut<B>,
+    before: &ModelState,
+    router: RouterId,
+    target: Option<(Incarnation, bool)>,
+) {
     let started = sut.runtime.block_on(async { tokio::time::Instant::now() });
+    let deletion = match target {
+        None => sut.deleter.delete(router).left_future(),
+        Some((incarnation, _)) => sut
+            .deleter
+            .delete_incarnation(router, incarnation)
+            .right_future(),
+    };
     let result = sut
         .runtime
-        .block_on(async {
-            tokio::time::timeout(Sut::<B>::limit(), sut.deleter.delete(router)).await
-        })
+        .block_on(async { tokio::time::timeout(Sut::<B>::limit(), deletion).await })
         .expect("I4: the deletion finishes within its bound");
     let waited = sut.runtime.block_on(async move { started.elapsed() });
     match before.router(router).map(|r| r.phase) {
         None => assert!(matches!(result, Err(DeleteError::UnknownRouter(_)))),
+        Some(_) if matches!(target, Some((_, true))) => {
+            assert!(
+                matches!((&result, target), (Ok(DeleteOutcome::AlreadyDeleted { incarnation, .. }), Some((stale, _)))
+                    if *incarnation == stale),
+                "a stale deletion of {router} ({target:?}): {result:?}"
+            );
+        }
         Some(Phase::Deleted) => assert!(
             matches!(result, Ok(DeleteOutcome::AlreadyDeleted { incarnation, .. })
                 if incarnation == sut.current(before, router)),

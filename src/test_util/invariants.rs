@@ -663,14 +663,14 @@ impl<P> Memory<P> {
         } = observed;
         let (router, status) = (*router, *status);
         let previous = self.routers.get_mut(&router).and_then(Option::take);
-        if let Some(seen) = &previous {
-            if rank_status(status) < rank_status(seen.status) {
-                found.push(Violation::RouterWentBack {
-                    router,
-                    was: seen.status,
-                    now: status,
-                });
-            }
+        if let Some(seen) = &previous
+            && rank_status(status) < rank_status(seen.status)
+        {
+            found.push(Violation::RouterWentBack {
+                router,
+                was: seen.status,
+                now: status,
+            });
         }
         let fenced_with = match status {
             RouterStatus::Fenced(incarnation) => {
@@ -730,14 +730,14 @@ impl<P> Memory<P> {
                     now: state,
                 });
             }
-            if let Some(was) = handle.reason {
-                if reason != Some(was) {
-                    found.push(Violation::ReasonChanged {
-                        session: id,
-                        was,
-                        now: reason,
-                    });
-                }
+            if let Some(was) = handle.reason
+                && reason != Some(was)
+            {
+                found.push(Violation::ReasonChanged {
+                    session: id,
+                    was,
+                    now: reason,
+                });
             }
             // The reason is written by the move to `Closed`, and read after
             // the state: `Closed` without a reason is never a race. (A reason

@@ -31,7 +31,7 @@
 //! | what should happen | [`model`]: [`ModelState::apply`](model::ModelState::apply) says what each [`Op`](model::Op) does; [`StoreModel`](model::StoreModel) is the same as a `proptest-state-machine` reference |
 //! | did the invariants hold | [`InvariantChecker`] after every step (I1, I2, I3, I7, with memory of earlier steps), [`assert_invariants`] for a one-off look, [`ObservedRouter`] for I1 after a deletion |
 //! | does my suite catch bugs | [`Fault`](crate::Fault) and [`Corruption`](crate::Corruption): a [`MemoryStore`](crate::MemoryStore) broken on purpose |
-//! | my own store | [`conformance`]: the crate's model test and stress test, for any store behind a [`Backend`](conformance::Backend) |
+//! | my own store | [`conformance`]: the crate's model test and stress test, for any store behind a [`Backend`](conformance::Backend), also erased into a [`BoxStore`](crate::BoxStore) ([`Boxed`](conformance::Boxed)) |
 //!
 //! ## A complete test
 //!
@@ -191,6 +191,6 @@ pub use invariants::{
 };
 pub use observe::{ObservedRouter, router_lost};
 pub use release::SlowRelease;
-pub use rng::{SimRng, mix};
+pub use rng::mix;
 pub use runtime::{HOUR, paused_runtime, report_within, run_paused, within};
 pub use script::{Call, Script, Subset};

@@ -57,12 +57,32 @@ pub enum Op {
     },
     /// Delete the router, to the end.
     Delete(RouterId),
+    /// A request to delete one incarnation of the router, to the end
+    /// ([`RouterDeleter::delete_incarnation`](crate::RouterDeleter::delete_incarnation)).
+    /// A stale request (late or duplicated: it names an earlier life)
+    /// deletes nothing.
+    DeleteIncarnation {
+        /// The router.
+        router: RouterId,
+        /// Whether the request names a stale incarnation.
+        stale: bool,
+    },
+    /// A router's confirmation that the session closed, by its key
+    /// ([`SessionStore::close_exact`](crate::SessionStore::close_exact)
+    /// with [`CloseReason::RouterDeleted`]). A stale confirmation (late or
+    /// duplicated: about an earlier session that had the id) closes
+    /// nothing.
+    Confirm {
+        /// The session.
+        session: SessionId,
+        /// Whether the confirmation is about an earlier life of the id.
+        stale: bool,
+    },
     /// The router disconnects and stays away past its grace period.
     Disconnect(RouterId),
     /// The router (re)connects and reports the sessions it holds: every
-    /// stored `Active` session of it that the report leaves out is closed.
-    /// (A [`Reconciler`](crate::Reconciler) spares sessions created in the
-    /// instant it starts: on a paused clock, advance it first.)
+    /// stored `Active` session of it that the report leaves out is closed,
+    /// and its sessions closed already (through their handles) are removed.
     Reconnect {
         /// The router.
         router: RouterId,
@@ -97,6 +117,10 @@ pub enum OpKind {
     Finish,
     /// [`Op::Delete`].
     Delete,
+    /// [`Op::DeleteIncarnation`].
+    DeleteIncarnation,
+    /// [`Op::Confirm`].
+    Confirm,
     /// [`Op::Disconnect`].
     Disconnect,
     /// [`Op::Reconnect`].
@@ -105,7 +129,7 @@ pub enum OpKind {
 
 impl OpKind {
     /// Every kind.
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 14] = [
         Self::Register,
         Self::Create,
         Self::Heartbeat,
@@ -116,6 +140,8 @@ impl OpKind {
         Self::Fence,
         Self::Finish,
         Self::Delete,
+        Self::DeleteIncarnation,
+        Self::Confirm,
         Self::Disconnect,
         Self::Reconnect,
     ];
@@ -147,8 +173,10 @@ impl OpWeights {
         }
     }
 
-    /// What a controller does: register, create, heartbeat, close, delete,
-    /// disconnect, reconnect (weights 2, 6, 2, 3, 2, 1, 1).
+    /// What a controller does: register, create, heartbeat, close, a
+    /// router's confirmation (current or stale), delete, delete one
+    /// incarnation (current or stale), disconnect, reconnect (weights 2, 6,
+    /// 2, 3, 1, 2, 1, 1, 1).
     #[must_use]
     pub fn controller() -> Self {
         Self::none()
@@ -156,7 +184,9 @@ impl OpWeights {
             .with(OpKind::Create, 6)
             .with(OpKind::Heartbeat, 2)
             .with(OpKind::Close, 3)
+            .with(OpKind::Confirm, 1)
             .with(OpKind::Delete, 2)
+            .with(OpKind::DeleteIncarnation, 1)
             .with(OpKind::Disconnect, 1)
             .with(OpKind::Reconnect, 1)
     }
@@ -350,22 +380,28 @@ impl ModelState {
                 stale,
             } => {
                 let live = self.routers.get(&router).filter(|r| r.phase == Phase::Live);
-                if let Some(&RouterModel { life, .. }) = live {
-                    if !stale && !self.is_stored(session) {
-                        self.sessions.insert(
-                            session,
-                            SessionModel {
-                                router,
-                                life,
-                                state: SessionState::Active,
-                                stored: true,
-                            },
-                        );
-                    }
+                if let Some(&RouterModel { life, .. }) = live
+                    && !stale
+                    && !self.is_stored(session)
+                {
+                    self.sessions.insert(
+                        session,
+                        SessionModel {
+                            router,
+                            life,
+                            state: SessionState::Active,
+                            stored: true,
+                        },
+                    );
                 }
             }
             Op::Heartbeat(_) => {}
-            Op::Close { session, .. } | Op::Remove(session) => {
+            Op::Close { session, .. }
+            | Op::Remove(session)
+            | Op::Confirm {
+                session,
+                stale: false,
+            } => {
                 if let Some(s) = self.sessions.get_mut(session).filter(|s| s.stored) {
                     s.state = SessionState::Closed;
                     s.stored = false;
@@ -394,11 +430,17 @@ impl ModelState {
                     r.phase = Phase::Fenced;
                 }
             }
-            Op::Delete(router) => {
+            Op::Delete(router)
+            | Op::DeleteIncarnation {
+                router,
+                stale: false,
+            } => {
                 if matches!(self.phase(*router), Some(Phase::Live | Phase::Fenced)) {
                     self.delete(*router);
                 }
             }
+            // Late or duplicated: about an earlier life, which is gone.
+            Op::Confirm { stale: true, .. } | Op::DeleteIncarnation { stale: true, .. } => {}
             &Op::Finish { router, stale } => {
                 if !stale && self.phase(router) == Some(Phase::Fenced) {
                     self.delete(router);
@@ -422,6 +464,13 @@ impl ModelState {
                         .filter(|id| !report.contains(id))
                         .collect();
                     self.close_all(&lost);
+                    // Sessions closed through their handles leave the store.
+                    let closed: Vec<SessionId> = self
+                        .stored_of(*router)
+                        .into_iter()
+                        .filter(|id| self.sessions[id].state == SessionState::Closed)
+                        .collect();
+                    self.close_all(&closed);
                 }
             }
         }

@@ -206,7 +206,7 @@ pub(super) fn attach_counter<P>(session: &Session<P>) -> (Arc<AtomicUsize>, bool
 ///     let reconciler = Reconciler::builder()
 ///         .grace_period(Duration::from_secs(30))
 ///         .events(bus)
-///         .build(Arc::clone(&store));
+///         .build(Arc::clone(&store)).unwrap();
 ///     reconciler.router_disconnected(router).await.unwrap();
 ///
 ///     // The paused clock jumps to the end of the grace period.

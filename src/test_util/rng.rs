@@ -1,50 +1,8 @@
-//! A small deterministic generator for simulations.
-
-/// A deterministic pseudo-random generator (splitmix64) for simulated
-/// routers and clients: the same seed gives the same run.
-///
-/// Not for anything secret. Strategies (see [`strategy`](super::strategy))
-/// are the way to draw test inputs that proptest can shrink; `SimRng` is for
-/// the noise inside a scenario (a random delay, a lost answer).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::test_util::SimRng;
-///
-/// let mut a = SimRng::new(7);
-/// let mut b = SimRng::new(7);
-/// assert_eq!(a.next_u64(), b.next_u64());
-/// assert!(a.below(10) < 10);
-/// ```
-#[derive(Clone, Debug)]
-pub struct SimRng(u64);
-
-impl SimRng {
-    /// A generator seeded with `seed`.
-    #[must_use]
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GAMMA);
-        mix(self.0)
-    }
-
-    /// A value in `0..bound`; 0 if `bound` is 0.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64().checked_rem(bound).unwrap_or(0)
-    }
-
-    /// `true` with probability `per_mille / 1000`.
-    pub fn chance(&mut self, per_mille: u16) -> bool {
-        self.below(1_000) < u64::from(per_mille)
-    }
-}
-
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+//! A hash for deterministic decisions in simulations.
+//!
+//! For a random sequence (a delay, a lost answer drawn one after the
+//! other) use a seeded `fastrand::Rng` (`fastrand::Rng::with_seed(seed)`);
+//! for test inputs that proptest can shrink, [`strategy`](super::strategy).
 
 /// splitmix64's finalizer: scatters `value` over all 64 bits. A pure
 /// function of its input, so a decision drawn from it (which session a

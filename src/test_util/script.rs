@@ -80,7 +80,7 @@ impl Subset {
         match *self {
             Self::All => true,
             Self::None => false,
-            Self::EvenIds => id.get() % 2 == 0,
+            Self::EvenIds => id.get().is_multiple_of(2),
             Self::OddIds => id.get() % 2 == 1,
             Self::PerMille { per_mille, seed } => {
                 let draw = mix(seed ^ mix(id.get()) ^ mix(u64::from(round).wrapping_add(1)));

@@ -254,6 +254,12 @@ pub fn op(space: Space, weights: &OpWeights) -> impl Strategy<Value = Op> + Clon
                 .prop_map(|(router, stale)| Op::Finish { router, stale })
                 .boxed(),
             OpKind::Delete => router.clone().prop_map(Op::Delete).boxed(),
+            OpKind::DeleteIncarnation => (router.clone(), stale(0.3))
+                .prop_map(|(router, stale)| Op::DeleteIncarnation { router, stale })
+                .boxed(),
+            OpKind::Confirm => (session.clone(), stale(0.3))
+                .prop_map(|(session, stale)| Op::Confirm { session, stale })
+                .boxed(),
             OpKind::Disconnect => router.clone().prop_map(Op::Disconnect).boxed(),
             OpKind::Reconnect => {
                 let ids = usize::try_from(space.sessions).unwrap_or(usize::MAX);

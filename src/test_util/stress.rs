@@ -121,7 +121,8 @@ fn late_routers<S: SessionStore>(store: &Arc<S>, round: u64) -> Arc<ScriptedNoti
     let script = Script::from_fn(move |call| Notify::Later {
         delay: Duration::from_millis(mix(round ^ mix(call.index)) % 40),
         confirm: Subset::Filter(|id, round| {
-            id.get() % 50 != 0 && mix(id.get() ^ mix(u64::from(round) + 7)) % 20 != 0
+            !id.get().is_multiple_of(50)
+                && !mix(id.get() ^ mix(u64::from(round) + 7)).is_multiple_of(20)
         }),
     });
     ScriptedNotifier::new(Arc::clone(store), script)
@@ -216,7 +217,7 @@ async fn one_round<S: SessionStore<Payload = ()>>(
                 // Yields often, whatever `creators` is: a task that never
                 // yields would also hold up the runtime's shutdown if the
                 // test fails.
-                if rounds % 32 == 0 {
+                if rounds.is_multiple_of(32) {
                     tokio::task::yield_now().await;
                 }
             }
@@ -233,7 +234,8 @@ async fn one_round<S: SessionStore<Payload = ()>>(
         .confirm_timeout(Duration::from_millis(150))
         .retries(2)
         .retry_backoff(Duration::from_millis(20), Duration::from_millis(80))
-        .build(Arc::clone(&store), late_routers(&store, round));
+        .build(Arc::clone(&store), late_routers(&store, round))
+        .expect("valid settings");
 
     // Delete the even routers, all at once; routers 0, 4, 8 get a second,
     // racing delete.

@@ -77,6 +77,10 @@ impl<P: EtcdPayload> Shared<P> {
         // Records not adopted: dropped after the lock (a decoded payload's
         // `Drop` is user code).
         let mut discards = Vec::new();
+        // Closes of handles built closed, counted after the guards (the
+        // metrics recorder is user code).
+        #[cfg(feature = "metrics")]
+        let mut built_closed = Vec::new();
         {
             let progress = self.progress.lock();
             for loaded in loaded {
@@ -97,7 +101,10 @@ impl<P: EtcdPayload> Shared<P> {
                         continue;
                     }
                     entry => {
-                        let (session, open) = self.materialize(loaded);
+                        let (session, closed) = self.materialize(loaded);
+                        let open = closed.is_none();
+                        #[cfg(feature = "metrics")]
+                        built_closed.extend(closed);
                         let previous = match entry {
                             Entry::Occupied(mut entry) => Some(std::mem::replace(
                                 entry.get_mut(),
@@ -133,14 +140,21 @@ impl<P: EtcdPayload> Shared<P> {
             }
         }
         drop(discards);
+        #[cfg(feature = "metrics")]
+        for reason in built_closed {
+            crate::metrics::closed(reason);
+        }
         for (session, created, reason) in closes {
             self.close_quietly(&session, created, reason);
         }
         sessions
     }
 
-    /// A handle for a loaded record; `true` if it is open.
-    pub(super) fn materialize(&self, loaded: Loaded<P>) -> (Session<P>, bool) {
+    /// A handle for a loaded record, and the reason it was closed with if
+    /// the record is closed. Called under the store's guards: it runs no
+    /// user code (a closed record's handle is closed without counting it in
+    /// the metrics; the caller counts it).
+    pub(super) fn materialize(&self, loaded: Loaded<P>) -> (Session<P>, Option<CloseReason>) {
         let Loaded {
             router,
             id,
@@ -155,14 +169,15 @@ impl<P: EtcdPayload> Shared<P> {
         let session = spec.into_session_with_generation(generation(created));
         match record.closed {
             Some(reason) => {
-                let _ = session.close(reason); // nothing attached yet
-                (session, false)
+                // Nothing attached, nobody waits: the close runs no user code.
+                let _ = session.close_unrecorded(reason);
+                (session, Some(reason))
             }
             None => {
                 let hook = self.hook(router, id, record.incarnation, created, payload);
                 // A new handle is open: the attach cannot be refused.
                 let _ = session.attach(hook);
-                (session, true)
+                (session, None)
             }
         }
     }

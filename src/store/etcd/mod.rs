@@ -34,9 +34,15 @@
 //! # Deadlock safety
 //!
 //! Locks, in the order they may be taken: the watch's `progress` mutex,
-//! then one `cache` shard. Nothing else is taken under either, no guard is
-//! held across an `.await`, and handles are closed (which runs user
-//! resources) only after both are released.
+//! then one `cache` shard (then, building a handle, the new handle's own
+//! lock, which nobody else holds yet). Nothing else is taken under either,
+//! and no guard is held across an `.await`. No user code runs under them
+//! (I8): handles are closed (which runs user resources) after both are
+//! released; nothing that may hold the last handle of a session or a
+//! decoded payload (whose `Drop` is user code) is dropped under them (a
+//! cache entry removed comes out of the shard with its handle, and records
+//! not made into handles drop after the guards); and closes of handles
+//! built closed are counted in the metrics after them.
 
 mod audit;
 mod builder;

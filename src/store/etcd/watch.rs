@@ -16,8 +16,10 @@
 //! # Deadlock safety
 //!
 //! The `progress` mutex is taken before any cache shard, never after, and
-//! nothing else is taken under it. Handles are closed after both are
-//! released (closing runs user resources).
+//! nothing else is taken under it. No user code runs under either: handles
+//! are closed after both are released (closing runs user resources), and a
+//! cache entry the watch removes leaves with its handle, dropped after them
+//! too (it may be the session's last, whose payload's `Drop` is user code).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Weak;
@@ -117,11 +119,11 @@ impl Progress {
             return;
         }
         self.prune();
-        if self.changes.len() >= MAX_MISSES {
-            if let Some((oldest, old)) = self.changes.pop_front() {
-                self.forgotten = self.forgotten.max(oldest);
-                self.misses.remove_if_at(old, oldest);
-            }
+        if self.changes.len() >= MAX_MISSES
+            && let Some((oldest, old)) = self.changes.pop_front()
+        {
+            self.forgotten = self.forgotten.max(oldest);
+            self.misses.remove_if_at(old, oldest);
         }
         self.changes.push_back((revision, id));
         self.misses.insert(id, revision);

@@ -1,0 +1,104 @@
+//! The one error every builder of the crate returns.
+//!
+//! Every builder follows one convention: its setters take any value and
+//! never panic; `build()` checks the settings and returns [`BuildError`] for
+//! the first one the piece cannot honour (a bound it could not keep, a size
+//! that would allocate absurdly), or when the piece needs a tokio runtime
+//! to run its tasks and there is none.
+
+use std::fmt;
+
+/// Why a builder refused to build.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{BuildError, MemoryStore};
+///
+/// let refused = MemoryStore::builder().shard_amount(3).build::<()>();
+/// match refused {
+///     Err(BuildError::Setting { setting, .. }) => assert_eq!(setting, "shard_amount"),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting the piece cannot honour.
+    #[error("{piece}: `{setting}` {problem}")]
+    Setting {
+        /// The piece being built (`"RouterDeleter"`, `"MemoryStore"`, ...).
+        piece: &'static str,
+        /// The builder method that took the setting.
+        setting: &'static str,
+        /// What is wrong with it, with the value given.
+        problem: String,
+    },
+    /// The piece runs tasks, and `build` was called outside a tokio runtime.
+    #[error("{piece} runs tasks: build it inside a tokio runtime")]
+    NoRuntime {
+        /// The piece being built.
+        piece: &'static str,
+    },
+    /// Something the piece takes one of per instance, unique within the
+    /// process, is used up (the liveness monitor's identities: 2^48 - 1 of
+    /// them).
+    #[error("{piece}: every {what} of the process is taken")]
+    Exhausted {
+        /// The piece being built.
+        piece: &'static str,
+        /// What ran out.
+        what: &'static str,
+    },
+}
+
+impl BuildError {
+    /// A refused setting: `problem` says what is wrong, with the value.
+    pub(crate) fn setting(
+        piece: &'static str,
+        setting: &'static str,
+        problem: impl fmt::Display,
+    ) -> Self {
+        Self::Setting {
+            piece,
+            setting,
+            problem: problem.to_string(),
+        }
+    }
+
+    /// The builder method whose setting was refused, if a setting was.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// let refused = MemoryStore::builder().shard_amount(0).build::<()>().unwrap_err();
+    /// assert_eq!(refused.refused_setting(), Some("shard_amount"));
+    /// ```
+    #[must_use]
+    pub fn refused_setting(&self) -> Option<&'static str> {
+        match self {
+            Self::Setting { setting, .. } => Some(setting),
+            Self::NoRuntime { .. } | Self::Exhausted { .. } => None,
+        }
+    }
+}
+
+/// Refuses `value` for `setting` unless it is within `1..=max`.
+pub(crate) fn check_count(
+    piece: &'static str,
+    setting: &'static str,
+    value: usize,
+    max: usize,
+) -> Result<usize, BuildError> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(BuildError::setting(
+            piece,
+            setting,
+            format_args!("must be within 1..={max}, got {value}"),
+        ))
+    }
+}

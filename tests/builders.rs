@@ -1,0 +1,221 @@
+//! Every builder of the crate follows one convention: setters take any
+//! value and never panic, `build()` refuses what the piece cannot honour
+//! with a `BuildError` naming the setting, and nothing it accepts allocates
+//! absurdly or panics later.
+//!
+//! The first test names the settings issue #17 found panicking or aborting;
+//! the property test throws arbitrary settings at every builder.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use session_lifecycle::test_util::strategy::cases;
+use session_lifecycle::test_util::{Notify, Probe, ScriptedNotifier, ScriptedProber};
+use session_lifecycle::{
+    AuditSweeper, BuildError, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue, Reconciler,
+    RouterDeleter,
+};
+use tokio::time::Duration;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime builds")
+}
+
+/// The setting `build` refused, or `None` if it built.
+fn refused<T>(built: Result<T, BuildError>) -> Option<&'static str> {
+    built.err().map(|error| {
+        error
+            .refused_setting()
+            .unwrap_or_else(|| panic!("not a setting: {error}"))
+    })
+}
+
+#[test]
+fn settings_that_panicked_or_aborted_are_typed_errors() {
+    let runtime = runtime();
+    let _inside = runtime.enter();
+    let store = Arc::new(MemoryStore::new());
+    let deleter = || {
+        let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all());
+        (RouterDeleter::builder(), notifier)
+    };
+    let (builder, notifier) = deleter();
+    assert_eq!(
+        refused(builder.batch_size(0).build(Arc::clone(&store), notifier)),
+        Some("batch_size")
+    );
+    let (builder, notifier) = deleter();
+    assert_eq!(
+        refused(builder.notify_rate(0).build(Arc::clone(&store), notifier)),
+        Some("notify_rate")
+    );
+    let (builder, notifier) = deleter();
+    let backoff = builder.retry_backoff(Duration::from_secs(2), Duration::from_secs(1));
+    assert_eq!(
+        refused(backoff.build(Arc::clone(&store), notifier)),
+        Some("retry_backoff")
+    );
+    assert_eq!(
+        refused(ReclaimQueue::builder().event_capacity(usize::MAX).build()),
+        Some("event_capacity")
+    );
+    assert_eq!(
+        refused(ReclaimQueue::builder().workers(usize::MAX).build()),
+        Some("workers")
+    );
+    assert_eq!(
+        refused(
+            LivenessMonitor::builder()
+                .event_capacity(usize::MAX)
+                .build(Arc::clone(&store), NoProbe)
+        ),
+        Some("event_capacity")
+    );
+    assert_eq!(
+        refused(MemoryStore::builder().shard_amount(1 << 62).build::<()>()),
+        Some("shard_amount")
+    );
+    assert_eq!(
+        refused(MemoryStore::builder().shard_amount(48).build::<()>()),
+        Some("shard_amount")
+    );
+    assert_eq!(
+        refused(
+            Reconciler::builder()
+                .chunk_size(0)
+                .build(Arc::clone(&store))
+        ),
+        Some("chunk_size")
+    );
+    assert_eq!(
+        refused(
+            AuditSweeper::builder()
+                .interval(Duration::ZERO)
+                .build(Arc::clone(&store))
+        ),
+        Some("interval")
+    );
+    // The errors say what is wrong and with what.
+    let error = MemoryStore::builder()
+        .shard_amount(3)
+        .build::<()>()
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "MemoryStore: `shard_amount` must be a power of two from 2 to 65536, got 3"
+    );
+}
+
+#[test]
+fn pieces_with_tasks_need_a_runtime() {
+    let store = Arc::new(MemoryStore::new());
+    let no_runtime = |built: Option<BuildError>| {
+        assert!(
+            matches!(built, Some(BuildError::NoRuntime { .. })),
+            "{built:?}"
+        );
+    };
+    no_runtime(ReclaimQueue::builder().build().err());
+    no_runtime(
+        LivenessMonitor::builder()
+            .build(Arc::clone(&store), NoProbe)
+            .err(),
+    );
+    no_runtime(AuditSweeper::builder().build(Arc::clone(&store)).err());
+}
+
+/// Any duration, from none to `Duration::MAX`, weighted to the extremes.
+fn duration() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::MAX),
+        (0u64..=u64::MAX).prop_map(Duration::from_nanos),
+        (0u64..100_000).prop_map(Duration::from_millis),
+    ]
+}
+
+/// Any count, weighted to the extremes.
+fn count() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(0),
+        Just(usize::MAX),
+        Just(1 << 62),
+        0usize..=4096,
+        any::<usize>(),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
+
+    /// Whatever the settings, no builder panics: each builds or says which
+    /// setting it refused.
+    #[test]
+    fn no_builder_panics_on_any_setting(
+        sizes in proptest::collection::vec(count(), 6),
+        durations in proptest::collection::vec(duration(), 12),
+        rate in any::<u32>(),
+        retries in prop_oneof![Just(0u32), Just(u32::MAX), 0u32..10],
+    ) {
+        let runtime = runtime();
+        let _inside = runtime.enter();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let store = Arc::new(MemoryStore::new());
+            let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all());
+            let deleter = RouterDeleter::builder()
+                .batch_size(sizes[0])
+                .notify_rate(rate)
+                .notify_timeout(durations[0])
+                .confirm_timeout(durations[1])
+                .retries(retries)
+                .retry_backoff(durations[2], durations[3])
+                .build(Arc::clone(&store), notifier);
+            if let Ok(deleter) = &deleter {
+                let _ = deleter.max_wait(sizes[1]);
+            }
+            let queue = ReclaimQueue::builder()
+                .capacity(sizes[1])
+                .workers(sizes[2] % 64)
+                .event_capacity(sizes[3])
+                .build();
+            let monitor = LivenessMonitor::builder()
+                .heartbeat_interval(durations[4])
+                .timeout_range(durations[5], durations[6])
+                .pause_allowance(durations[7])
+                .probe_timeout(durations[8])
+                .probe_retries(retries % 8)
+                .probe_backoff(durations[9], durations[10])
+                .granularity(durations[11])
+                .event_capacity(sizes[4])
+                .build(Arc::clone(&store), ScriptedProber::always(Probe::nobody()));
+            if let Ok(monitor) = &monitor {
+                let _ = monitor.reap_bound(durations[6]);
+            }
+            let reconciler = Reconciler::builder()
+                .grace_period(durations[0])
+                .chunk_size(sizes[5])
+                .spare_younger_than(durations[1])
+                .build(Arc::clone(&store));
+            let sweeper = AuditSweeper::builder()
+                .interval(durations[2])
+                .build(Arc::clone(&store));
+            let memory = MemoryStore::builder()
+                .shard_amount(sizes[0])
+                .tombstone_capacity(sizes[1])
+                .build::<()>();
+            [
+                refused(deleter),
+                refused(queue),
+                refused(monitor),
+                refused(reconciler),
+                refused(sweeper),
+                refused(memory),
+            ]
+        }));
+        prop_assert!(outcome.is_ok(), "a builder panicked");
+    }
+}
