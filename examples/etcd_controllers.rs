@@ -43,7 +43,8 @@ use tokio::time::{Duration, Instant, timeout};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// etcd endpoint, `http://host:port` [default: $SESSION_LIFECYCLE_ETCD].
+    /// etcd endpoints, `http://host:port`, comma-separated (every member of a
+    /// cluster) [default: $SESSION_LIFECYCLE_ETCD].
     #[arg(long)]
     endpoint: Option<String>,
     /// Sessions A creates on the router (at least 2: one is closed by its client).
@@ -114,7 +115,9 @@ impl Drop for Doomed {
 }
 
 async fn connect(endpoint: String, prefix: String) -> Result<Store, EtcdError> {
-    let builder = EtcdStore::builder().endpoint(endpoint).prefix(prefix);
+    let builder = EtcdStore::builder()
+        .endpoints(endpoint.split(',').map(str::to_owned))
+        .prefix(prefix);
     builder.connect().await
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts a throwaway etcd on loopback (non-default ports, temporary data
+# Starts a throwaway etcd on loopback (free non-default ports, temporary data
 # directory), waits until it is healthy, and prints the endpoint.
 #
 #   source scripts/etcd-env.sh   # exports SESSION_LIFECYCLE_ETCD and ETCD_PID
@@ -7,7 +7,18 @@
 # The server stops when the shell that sourced this exits (trap on EXIT).
 # Needs the `etcd` binary (Debian: apt-get install etcd-server).
 
-etcd_port="${SESSION_LIFECYCLE_ETCD_PORT:-23790}"
+# A port nothing listens on (a connection to it is refused).
+etcd_port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+# SESSION_LIFECYCLE_ETCD_PORT, or the first free pair from 23790 on.
+etcd_port="${SESSION_LIFECYCLE_ETCD_PORT:-}"
+if [ -z "$etcd_port" ]; then
+  etcd_port=23790
+  while ! { etcd_port_free "$etcd_port" && etcd_port_free $((etcd_port + 1)); }; do
+    etcd_port=$((etcd_port + 2))
+  done
+fi
 etcd_peer_port=$((etcd_port + 1))
 etcd_dir="$(mktemp -d -t session-lifecycle-etcd.XXXXXX)"
 etcd \

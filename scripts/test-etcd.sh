@@ -4,9 +4,9 @@
 #   scripts/test-etcd.sh            # installs etcd and protoc if missing (as root)
 #   scripts/test-etcd.sh -- --nocapture
 #
-# Starts etcd in a temporary directory on non-default ports, waits for it,
-# runs `cargo test --features etcd` (every test, the etcd ones included) with
-# the endpoint in SESSION_LIFECYCLE_ETCD, and stops etcd.
+# Starts etcd in a temporary directory on free non-default ports, waits for
+# it, runs the etcd test suites (tests/etcd_store.rs, tests/etcd_faults.rs)
+# with the endpoint in SESSION_LIFECYCLE_ETCD, and stops etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +31,4 @@ if [ "${1:-}" = "--" ]; then
   shift
   args=(-- "$@")
 fi
-cargo test --features etcd,test-util --test etcd_store "${args[@]}"
+cargo test --features etcd,test-util --test etcd_store --test etcd_faults "${args[@]}"

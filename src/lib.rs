@@ -278,15 +278,16 @@ pub mod etcd {
     #[cfg(feature = "test-util")]
     pub use crate::store::etcd::WatchSuspension;
     pub use crate::store::etcd::{
-        DEFAULT_PREFIX, EtcdError, EtcdPayload, EtcdStore, EtcdStoreBuilder, RecordError,
-        WriterStats,
+        DEFAULT_PREFIX, EtcdError, EtcdPayload, EtcdStats, EtcdStore, EtcdStoreBuilder,
+        MAX_RECORD_LIMIT, RecordError, WriterStats,
     };
     pub use etcd_client as client;
 }
 pub use store::{
-    AuditReport, BackendError, BoxStore, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
-    FinishError, FinishReport, MemoryStore, MemoryStoreBuilder, RegisterError, Repair,
-    RepairAction, RouterCensus, RouterError, RouterStatus, SessionError, SessionStore,
+    AuditReport, BackendError, BackendErrorKind, BoxStore, CreateError, CreateErrorKind,
+    FenceError, FenceSnapshot, FinishError, FinishReport, MemoryStore, MemoryStoreBuilder,
+    RegisterError, Repair, RepairAction, RouterCensus, RouterError, RouterStatus, SessionError,
+    SessionStore,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use store::{Corruption, Fault};

@@ -532,7 +532,8 @@ impl<S: SessionStore> AuditSweeper<S> {
         let findings = audit.missing_from_map.len()
             + audit.missing_from_index.len()
             + audit.orphans.len()
-            + audit.closed_in_store.len();
+            + audit.closed_in_store.len()
+            + audit.unreadable.len();
         let counters = &self.inner.counters;
         counters
             .findings

@@ -5,14 +5,19 @@
 //! that it did not run and passes, unless `SESSION_LIFECYCLE_ETCD_REQUIRED`
 //! is set (as `.ci/run` does), which turns a missing endpoint into a failure.
 //! Each test works under its own key prefix, so they run in parallel on one
-//! etcd. The fault test starts its own etcd (the `etcd` binary, or
-//! `SESSION_LIFECYCLE_ETCD_BIN`) so it can stop and restart it.
+//! etcd (`SESSION_LIFECYCLE_ETCD` may name several endpoints, comma-separated:
+//! a cluster). The `own_etcd_*` test starts its own etcd (the `etcd` binary,
+//! or `SESSION_LIFECYCLE_ETCD_BIN`, on ports chosen at run time) so it can
+//! stop and restart it.
 #![cfg(feature = "etcd")]
+
+mod etcd_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use session_lifecycle::etcd::client::{Client, GetOptions, Txn, TxnOp};
+use etcd_support::{Cluster, unique_prefix};
+use session_lifecycle::etcd::client::{GetOptions, Txn, TxnOp};
 use session_lifecycle::etcd::{EtcdError, EtcdStore};
 use session_lifecycle::test_util::conformance::{
     Backend, ForcedReleases, StressSizes, deleter_stress, soak_rounds, store_follows_the_model,
@@ -24,33 +29,10 @@ use session_lifecycle::{
 };
 use tokio::time::{Duration, timeout};
 
-/// The etcd endpoint, or `None` (after saying so) when the tests cannot run.
+/// The etcd endpoints, comma-separated, or `None` (after saying so) when
+/// the tests cannot run.
 fn endpoint() -> Option<String> {
-    match std::env::var("SESSION_LIFECYCLE_ETCD") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
-        _ => {
-            assert!(
-                std::env::var_os("SESSION_LIFECYCLE_ETCD_REQUIRED").is_none(),
-                "SESSION_LIFECYCLE_ETCD_REQUIRED is set but SESSION_LIFECYCLE_ETCD is not"
-            );
-            eprintln!(
-                "etcd test DID NOT RUN: set SESSION_LIFECYCLE_ETCD (scripts/test-etcd.sh does)"
-            );
-            None
-        }
-    }
-}
-
-/// A prefix no other test (or earlier run) uses.
-fn unique_prefix(test: &str) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "/session-lifecycle-test/{test}-{nanos}-{}/",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    etcd_support::endpoints().map(|endpoints| endpoints.join(","))
 }
 
 async fn store_at<P: session_lifecycle::etcd::EtcdPayload>(
@@ -58,7 +40,7 @@ async fn store_at<P: session_lifecycle::etcd::EtcdPayload>(
     prefix: &str,
 ) -> EtcdStore<P> {
     EtcdStore::builder()
-        .endpoint(endpoint)
+        .endpoints(endpoint.split(',').map(str::to_owned))
         .prefix(prefix)
         .request_timeout(Duration::from_secs(5))
         .write_timeout(Duration::from_secs(10))
@@ -474,11 +456,19 @@ async fn audit_finds_and_repair_fixes_a_corrupted_store() {
     assert!(store.repair(&findings).await.unwrap().is_empty());
 }
 
+/// On an etcd of its own: a compaction is global, and would cut off the
+/// watches of the tests running beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compacted_watch_relists_and_closes_what_it_missed() {
-    let Some((a, b, prefix, incarnation)) = two_controllers::<()>("compact").await else {
+async fn own_etcd_a_compacted_watch_relists_and_closes_what_it_missed() {
+    if endpoint().is_none() {
         return;
-    };
+    }
+    let etcd = Cluster::start("compact", 1, &[]).await;
+    let endpoint = etcd.endpoints().join(",");
+    let prefix = unique_prefix("compact");
+    let a: EtcdStore = store_at(&endpoint, &prefix).await;
+    let b: EtcdStore = store_at(&endpoint, &prefix).await;
+    let incarnation = a.register_router(RouterId::new(1)).await.unwrap();
     let router = RouterId::new(1);
     let _ = fill(&a, router, incarnation, 1..=3).await;
     let on_b = b.sessions(router).await.unwrap();
@@ -538,6 +528,7 @@ async fn an_unreachable_etcd_is_a_typed_error() {
         .endpoint("http://127.0.0.1:9")
         .connect_timeout(Duration::from_millis(500))
         .request_timeout(Duration::from_millis(500))
+        .retry_deadline(Duration::from_millis(500))
         .connect::<()>()
         .await
         .unwrap_err();
@@ -578,64 +569,15 @@ async fn a_guarded_write_never_touches_a_later_life_of_the_id() {
     assert!(b.audit().await.unwrap().is_clean());
 }
 
-/// Starts an etcd of its own (so it can be stopped) in `dir` on `port`.
-fn spawn_etcd(dir: &std::path::Path, port: u16) -> std::process::Child {
-    let bin = std::env::var("SESSION_LIFECYCLE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-    let client = format!("http://127.0.0.1:{port}");
-    let peer = format!("http://127.0.0.1:{}", port + 1);
-    std::process::Command::new(bin)
-        .args(["--name", "fault", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("fault={peer}"),
-            "--log-level",
-            "error",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the etcd binary (set SESSION_LIFECYCLE_ETCD_BIN)")
-}
-
-/// Waits until etcd at `endpoint` answers.
-async fn healthy(endpoint: &str) {
-    timeout(Duration::from_secs(30), async {
-        loop {
-            if let Ok(mut client) = Client::connect([endpoint], None).await
-                && client.status().await.is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("etcd became healthy");
-}
-
+/// etcd killed and restarted under two controllers (an etcd of the test's
+/// own, on ports chosen at run time, so suites can run side by side).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
+async fn own_etcd_restarting_mid_run_gives_errors_then_catches_up() {
     if endpoint().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sl-etcd-fault-{}", std::process::id()));
-    let port = 23_850;
-    let url = format!("http://127.0.0.1:{port}");
-    let mut etcd = spawn_etcd(&dir, port);
-    healthy(&url).await;
+    let mut etcd = Cluster::start("restart", 1, &[]).await;
+    let url = etcd.members[0].url();
     let prefix = unique_prefix("fault");
     let connect = || {
         EtcdStore::builder()
@@ -643,6 +585,7 @@ async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
             .prefix(&prefix)
             .request_timeout(Duration::from_millis(800))
             .connect_timeout(Duration::from_millis(800))
+            .retry_deadline(Duration::from_secs(1))
             .write_timeout(Duration::from_millis(800))
             .connect::<()>()
     };
@@ -653,8 +596,7 @@ async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
     let sessions = fill(&a, router, incarnation, 1..=4).await;
     let on_b = b.sessions(router).await.unwrap();
 
-    etcd.kill().unwrap();
-    etcd.wait().unwrap();
+    etcd.members[0].kill();
     // Typed errors, nothing half-applied.
     let refused = a
         .create(NewSession::new(SessionId::new(9), router, incarnation))
@@ -674,8 +616,8 @@ async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
         "{pending}"
     );
 
-    etcd = spawn_etcd(&dir, port);
-    healthy(&url).await;
+    etcd.members[0].start();
+    etcd.wait_for_leader(Duration::from_secs(30)).await;
     // The queued close lands; B's watch reconnects and sees it.
     timeout(WAIT, async { while a.flush().await.is_err() {} })
         .await
@@ -693,9 +635,6 @@ async fn etcd_restarting_mid_run_gives_errors_then_catches_up() {
     assert!(!created.is_closed());
     let audit = a.audit().await.unwrap();
     assert!(audit.is_consistent(), "{audit:?}");
-    etcd.kill().unwrap();
-    etcd.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The kit's conformance suites on etcd: a fresh prefix per store.
@@ -706,6 +645,9 @@ impl Backend for EtcdBackend {
     type Store = EtcdStore;
     const NAME: &'static str = "EtcdStore";
     const PAUSED_TIME: bool = false;
+    // A few dozen round trips per deletion, on a loaded machine, maybe to
+    // a cluster whose members share one disk.
+    const STORE_TIME: Duration = Duration::from_secs(10);
 
     async fn fresh(&self) -> Arc<EtcdStore> {
         let endpoint = std::env::var("SESSION_LIFECYCLE_ETCD").expect("checked by the test");

@@ -87,6 +87,10 @@ pub enum RepairAction {
     OrphanReclaimed,
     /// A closed session that lingered in the store was removed.
     ClosedRemoved,
+    /// An unreadable key that was certainly dead (a record of a deleted or
+    /// unknown router, with its pointer; a pointer with no record) was
+    /// removed. Its session's incarnation is unknown (reported as 0).
+    UnreadableRemoved,
 }
 
 impl RepairAction {
@@ -107,6 +111,7 @@ impl RepairAction {
             Self::DroppedIndexEntry => "dropped_index_entry",
             Self::OrphanReclaimed => "orphan_reclaimed",
             Self::ClosedRemoved => "closed_removed",
+            Self::UnreadableRemoved => "unreadable_removed",
         }
     }
 }

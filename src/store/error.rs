@@ -6,41 +6,206 @@ use std::sync::Arc;
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::NewSession;
 
-/// A failure of a store's backend (a remote store unreachable, a timeout).
-/// [`MemoryStore`](crate::MemoryStore) never returns it.
+/// A failure of a store's backend (a remote store unreachable, a timeout,
+/// a write whose outcome is unknown). [`MemoryStore`](crate::MemoryStore)
+/// never returns it.
+///
+/// Its [`kind`](Self::kind) says what the caller may do next; its
+/// [`source`](std::error::Error::source) is the backend's own error (for
+/// [`EtcdStore`](crate::etcd::EtcdStore), an
+/// [`EtcdError`](crate::etcd::EtcdError), whose own source is the client's
+/// error).
 ///
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{BackendError, SessionError};
+/// use std::error::Error as _;
+/// use session_lifecycle::{BackendError, BackendErrorKind, SessionError};
 ///
 /// // A remote store wraps its client's error; every store error converts from it.
 /// let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "etcd did not answer");
-/// let error = SessionError::from(BackendError::new(timeout));
-/// assert!(matches!(error, SessionError::Backend(_)));
-/// assert_eq!(error.to_string(), "store backend failed: etcd did not answer");
+/// let error = SessionError::from(BackendError::with_kind(BackendErrorKind::Unavailable, timeout));
+/// assert!(matches!(&error, SessionError::Backend(e) if e.kind() == BackendErrorKind::Unavailable));
+/// assert_eq!(error.to_string(), "store backend failed: unavailable");
+/// assert_eq!(error.source().unwrap().to_string(), "etcd did not answer");
 /// ```
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("store backend failed: {0}")]
-pub struct BackendError(Arc<dyn std::error::Error + Send + Sync>);
+#[derive(Clone, Debug)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    error: Arc<dyn std::error::Error + Send + Sync>,
+}
 
-impl BackendError {
-    /// Wraps the backend's own error.
+/// What a [`BackendError`] means for the caller.
+///
+/// It is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::BackendErrorKind;
+///
+/// /// Whether the same call may simply be made again.
+/// fn call_again(kind: BackendErrorKind) -> bool {
+///     match kind {
+///         BackendErrorKind::Unavailable | BackendErrorKind::Contention => true,
+///         BackendErrorKind::Pending => false, // it will land by itself
+///         BackendErrorKind::OutcomeUnknown => false, // look first
+///         _ => false,
+///     }
+/// }
+///
+/// assert!(call_again(BackendErrorKind::Unavailable));
+/// assert_eq!(BackendErrorKind::OutcomeUnknown.to_string(), "outcome unknown");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The backend could not be reached, or did not answer within the
+    /// store's retry deadline. A read changed nothing. A write the store
+    /// may repeat (a fence, a finish, a repair) may or may not have
+    /// applied, and calling it again is safe; a create or a registration
+    /// that fails with this kind did not apply.
+    Unavailable,
+    /// A write is accepted and retried in the background until the backend
+    /// takes it: it will land. Waiting again (a flush) tells when.
+    Pending,
+    /// A write that must never apply twice (a create, a registration) was
+    /// sent, and whether it applied is unknown: look (get the session, read
+    /// the router's status) before trying again.
+    OutcomeUnknown,
+    /// The request is larger than the backend accepts: nothing applied.
+    TooLarge,
+    /// The backend holds data this store cannot read (written by another
+    /// version, another payload type, or by hand).
+    Corrupt,
+    /// Other writers kept changing what this call had to change: nothing
+    /// applied; calling again is safe.
+    Contention,
+    /// The backend refused the request as such (a limit of its
+    /// configuration, an invalid argument): calling again fails the same.
+    Refused,
+    /// Any other failure.
+    Other,
+}
+
+impl BackendErrorKind {
+    /// A short lowercase name.
     ///
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::BackendError;
+    /// use session_lifecycle::BackendErrorKind;
+    ///
+    /// assert_eq!(BackendErrorKind::Pending.as_str(), "write pending");
+    /// ```
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::Pending => "write pending",
+            Self::OutcomeUnknown => "outcome unknown",
+            Self::TooLarge => "too large",
+            Self::Corrupt => "unreadable data",
+            Self::Contention => "contention",
+            Self::Refused => "refused",
+            Self::Other => "failed",
+        }
+    }
+}
+
+impl fmt::Display for BackendErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl BackendError {
+    /// Wraps the backend's own error, of kind [`BackendErrorKind::Other`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{BackendError, BackendErrorKind};
     ///
     /// let refused = std::io::Error::new(
     ///     std::io::ErrorKind::ConnectionRefused,
     ///     "connection refused",
     /// );
     /// let error = BackendError::new(refused);
-    /// assert_eq!(error.to_string(), "store backend failed: connection refused");
+    /// assert_eq!(error.kind(), BackendErrorKind::Other);
+    /// assert_eq!(error.to_string(), "store backend failed: failed");
     /// ```
     pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self(Arc::new(error))
+        Self::with_kind(BackendErrorKind::Other, error)
+    }
+
+    /// Wraps the backend's own error, saying what it means for the caller.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{BackendError, BackendErrorKind};
+    ///
+    /// let lost = std::io::Error::new(std::io::ErrorKind::TimedOut, "answer lost");
+    /// let error = BackendError::with_kind(BackendErrorKind::OutcomeUnknown, lost);
+    /// assert_eq!(error.kind(), BackendErrorKind::OutcomeUnknown);
+    /// ```
+    pub fn with_kind(
+        kind: BackendErrorKind,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            kind,
+            error: Arc::new(error),
+        }
+    }
+
+    /// What the failure means for the caller.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::{BackendError, BackendErrorKind};
+    ///
+    /// let error = BackendError::with_kind(
+    ///     BackendErrorKind::Pending,
+    ///     std::io::Error::other("queued"),
+    /// );
+    /// assert_eq!(error.kind(), BackendErrorKind::Pending);
+    /// ```
+    #[must_use]
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+
+    /// The backend's own error (also the [`source`](std::error::Error::source)),
+    /// to downcast to the backend's error type.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use session_lifecycle::BackendError;
+    ///
+    /// let error = BackendError::new(std::io::Error::other("boom"));
+    /// let io = error.get_ref().downcast_ref::<std::io::Error>().unwrap();
+    /// assert_eq!(io.to_string(), "boom");
+    /// ```
+    #[must_use]
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The cause is the source, not repeated here.
+        write!(f, "store backend failed: {}", self.kind)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.error)
     }
 }
 
@@ -168,7 +333,7 @@ pub enum CreateErrorKind {
 
 impl PartialEq for BackendError {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.kind == other.kind && Arc::ptr_eq(&self.error, &other.error)
     }
 }
 

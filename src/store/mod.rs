@@ -14,8 +14,8 @@ use std::future::Future;
 pub use crate::events::{Repair, RepairAction};
 pub use boxed::BoxStore;
 pub use error::{
-    BackendError, CreateError, CreateErrorKind, FenceError, FinishError, RegisterError,
-    RouterError, SessionError,
+    BackendError, BackendErrorKind, CreateError, CreateErrorKind, FenceError, FinishError,
+    RegisterError, RouterError, SessionError,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{Corruption, Fault};

@@ -153,6 +153,15 @@ pub struct FinishReport {
     /// Of those, sessions that were still open and that `finish` closed
     /// with [`CloseReason::Reclaimed`](crate::CloseReason::Reclaimed).
     pub closed: usize,
+    /// Of those removed, records the store could not read (written by
+    /// another record version or payload type): removed all the same,
+    /// counted neither open nor closed. Always 0 for
+    /// [`MemoryStore`](crate::MemoryStore).
+    pub unreadable: usize,
+    /// Keys in the router's range that are not the store's (another store
+    /// nested under its prefix): left alone, not counted in `removed`.
+    /// Always 0 for [`MemoryStore`](crate::MemoryStore).
+    pub foreign: usize,
 }
 
 /// What [`SessionStore::audit`](crate::SessionStore::audit) found.
@@ -203,10 +212,22 @@ pub struct AuditReport {
     /// not removed yet. Not a fault by itself (a deletion removes them), but
     /// they hold memory until removed.
     pub closed_in_store: Vec<SessionId>,
+    /// Keys of a remote store holding values it cannot read (written by
+    /// another record version or payload type, or by hand): data the store
+    /// cannot account for (I7 unproven). [`repair`](crate::SessionStore::repair)
+    /// removes those that are certainly dead; a router's deletion removes
+    /// its own. Always empty for [`MemoryStore`](crate::MemoryStore).
+    pub unreadable: Vec<String>,
+    /// Keys under a remote store's prefix that are not in its key format
+    /// (another store's prefix may nest inside this one's): reported only,
+    /// never touched, not a fault of this store. Always empty for
+    /// [`MemoryStore`](crate::MemoryStore).
+    pub foreign: Vec<String>,
 }
 
 impl AuditReport {
-    /// `true` when the index and map agree and there are no orphans.
+    /// `true` when the index and map agree, there are no orphans and no
+    /// unreadable keys (foreign keys are not this store's).
     ///
     /// # Example
     ///
@@ -223,6 +244,7 @@ impl AuditReport {
         self.missing_from_map.is_empty()
             && self.missing_from_index.is_empty()
             && self.orphans.is_empty()
+            && self.unreadable.is_empty()
     }
 
     /// `true` when consistent and no closed session lingers in the store.

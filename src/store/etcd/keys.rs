@@ -175,6 +175,13 @@ pub(super) fn incarnation(revision: i64) -> Option<Incarnation> {
 /// (`0` while open), the incarnation (8 bytes, big-endian), the token's
 /// length (4 bytes, big-endian; `0` for none) and bytes, then the payload.
 /// A closed record keeps no token.
+///
+/// Versions: a reader accepts only the versions it knows ([`VERSION`]);
+/// any other is [`RecordError::Version`], and the store treats the record
+/// as unreadable (left out of listings, reported by `audit`, deleted by its
+/// router's `finish`; see `EtcdStore`'s *Record format and versions*). A
+/// later version must keep the first byte as its version, so every reader
+/// can tell it apart.
 #[derive(Debug)]
 pub(super) struct Record<P> {
     pub(super) incarnation: Incarnation,
@@ -183,6 +190,7 @@ pub(super) struct Record<P> {
     pub(super) payload: P,
 }
 
+/// The record version this crate writes and reads.
 const VERSION: u8 = 1;
 const OPEN: u8 = 0;
 const CLOSED: u8 = 2;

@@ -21,14 +21,14 @@
 //! cache entry the watch removes leaves with its handle, dropped after them
 //! too (it may be the session's last, whose payload's `Drop` is user code).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Weak;
 
 use etcd_client::{EventType, WatchClient, WatchOptions, WatchResponse};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{KeyKind, decode_head, prefix_end};
-use super::writer::backoff;
+use super::retry::Delays;
 use super::{EtcdPayload, Shared};
 use crate::id::SessionId;
 use crate::session::CloseReason;
@@ -38,53 +38,112 @@ use crate::session::CloseReason;
 pub(super) struct Progress {
     /// Every event up to this revision was applied.
     pub(super) applied: i64,
-    /// Loads of records in flight.
-    pub(super) loads: usize,
-    /// Ids changed while loads were in flight, with the revision of their
-    /// last change.
-    pub(super) misses: HashMap<SessionId, i64>,
+    /// Loads of records in flight, counted by the revision applied when
+    /// each began (a load reads at that revision or later).
+    loads: BTreeMap<i64, usize>,
+    /// Changes of records while loads were in flight, in revision order
+    /// (the order the watch delivers them).
+    changes: VecDeque<(i64, SessionId)>,
+    /// The last change of each id in `changes`.
+    misses: HashMap<SessionId, i64>,
+    /// Changes up to this revision were forgotten to bound the memory: a
+    /// load that read before it checks its record again.
+    forgotten: i64,
     /// A re-list is running: every load checks its record again.
     pub(super) relisting: bool,
-    /// Too many misses were remembered: every load in flight checks its
-    /// record again (until no load is in flight).
-    pub(super) overflowed: bool,
     /// The revision of the last re-list: a read older than it may have
     /// missed a change the compacted watch never delivered.
     pub(super) relisted_at: i64,
 }
 
-/// At most this many misses are remembered (then `overflowed`).
+/// At most this many changes are remembered; older ones are forgotten
+/// (loads that read before them check again), never all at once.
 const MAX_MISSES: usize = 65_536;
 
 impl Progress {
+    pub(super) fn new(applied: i64) -> Self {
+        Self {
+            applied,
+            ..Self::default()
+        }
+    }
+
     /// Whether a handle loaded from a read of `id` at `revision` may have
     /// missed a change, and must read its record again.
     pub(super) fn stale(&self, id: SessionId, revision: i64) -> bool {
         self.relisting
-            || self.overflowed
             || revision < self.relisted_at
+            || revision < self.forgotten
             || self.misses.get(&id).is_some_and(|&at| at > revision)
+    }
+
+    /// One load more in flight; returns what [`end_load`](Self::end_load)
+    /// needs.
+    pub(super) fn begin_load(&mut self) -> i64 {
+        *self.loads.entry(self.applied).or_default() += 1;
+        self.applied
+    }
+
+    /// One load fewer in flight (begun when `began` was applied).
+    pub(super) fn end_load(&mut self, began: i64) {
+        if let Some(count) = self.loads.get_mut(&began) {
+            *count -= 1;
+            if *count == 0 {
+                self.loads.remove(&began);
+            }
+        }
+        self.prune();
+    }
+
+    /// Forgets the changes no load in flight can have missed: every load
+    /// reads at the revision applied when it began or later, so a change
+    /// at or before the oldest such revision is in every read.
+    fn prune(&mut self) {
+        let Some((&oldest, _)) = self.loads.first_key_value() else {
+            self.changes.clear();
+            self.misses.clear();
+            return;
+        };
+        while let Some(&(revision, id)) = self.changes.front() {
+            if revision > oldest {
+                break;
+            }
+            self.changes.pop_front();
+            self.misses.remove_if_at(id, revision);
+        }
     }
 
     /// Remembers a change of `id` at `revision`, if loads are in flight.
     fn remember(&mut self, id: SessionId, revision: i64) {
-        if self.loads == 0 || self.overflowed {
+        if self.loads.is_empty() {
             return;
         }
-        if self.misses.len() >= MAX_MISSES {
-            self.misses.clear();
-            self.overflowed = true;
-            return;
+        self.prune();
+        if self.changes.len() >= MAX_MISSES
+            && let Some((oldest, old)) = self.changes.pop_front()
+        {
+            self.forgotten = self.forgotten.max(oldest);
+            self.misses.remove_if_at(old, oldest);
         }
+        self.changes.push_back((revision, id));
         self.misses.insert(id, revision);
     }
 
-    /// One load fewer in flight.
-    pub(super) fn end_load(&mut self) {
-        self.loads = self.loads.saturating_sub(1);
-        if self.loads == 0 {
-            self.misses.clear();
-            self.overflowed = false;
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.changes.len()
+    }
+}
+
+/// Removing a miss only if it is still the change being forgotten.
+trait RemoveIfAt {
+    fn remove_if_at(&mut self, id: SessionId, revision: i64);
+}
+
+impl RemoveIfAt for HashMap<SessionId, i64> {
+    fn remove_if_at(&mut self, id: SessionId, revision: i64) {
+        if self.get(&id) == Some(&revision) {
+            self.remove(&id);
         }
     }
 }
@@ -96,8 +155,8 @@ pub(super) async fn run<P: EtcdPayload>(
     prefix: Vec<u8>,
     stop: CancellationToken,
     mut suspended: tokio::sync::watch::Receiver<bool>,
+    mut delays: Delays,
 ) {
-    let mut failures = 0u32;
     loop {
         let Some(from) = shared
             .upgrade()
@@ -116,9 +175,8 @@ pub(super) async fn run<P: EtcdPayload>(
         let mut stream = match opened {
             Ok(stream) => stream,
             Err(error) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(%error, "etcd watch failed to start; retrying");
-                if !pause(&stop, failures).await {
+                if !pause(&stop, &mut delays).await {
                     return;
                 }
                 continue;
@@ -152,21 +210,25 @@ pub(super) async fn run<P: EtcdPayload>(
                     let compacted = response.compact_revision();
                     if compacted > 0 {
                         tracing::info!(compacted, "etcd watch compacted; re-listing");
-                        relist(&shared, &stop).await;
+                        relist(&shared, &stop, &mut delays).await;
                     } else {
                         tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled");
+                        // No leader on its member, say: try again, later.
+                        drop(shared);
+                        if !pause(&stop, &mut delays).await {
+                            return;
+                        }
                     }
                     break;
                 }
                 Ok(Some(response)) => {
-                    failures = 0;
+                    delays.reset();
                     shared.apply(&response);
                 }
                 Ok(None) | Err(_) => {
-                    failures = failures.saturating_add(1);
                     tracing::warn!(?message, "etcd watch ended; resuming");
                     drop(shared);
-                    if !pause(&stop, failures).await {
+                    if !pause(&stop, &mut delays).await {
                         return;
                     }
                     break;
@@ -176,19 +238,20 @@ pub(super) async fn run<P: EtcdPayload>(
     }
 }
 
-/// Sleeps the backoff for `failures`; `false` if stopped meanwhile.
-async fn pause(stop: &CancellationToken, failures: u32) -> bool {
+/// Sleeps the next delay of the store's retry schedule; `false` if stopped
+/// meanwhile.
+async fn pause(stop: &CancellationToken, delays: &mut Delays) -> bool {
+    let delay = delays.next_delay();
     tokio::select! {
         () = stop.cancelled() => false,
-        () = tokio::time::sleep(backoff(failures)) => true,
+        () = tokio::time::sleep(delay) => true,
     }
 }
 
 /// Checks every cached handle against etcd, then resumes after the revision
 /// read. Retries until it succeeds or the store stops.
-async fn relist<P: EtcdPayload>(shared: &Shared<P>, stop: &CancellationToken) {
+async fn relist<P: EtcdPayload>(shared: &Shared<P>, stop: &CancellationToken, delays: &mut Delays) {
     shared.progress.lock().relisting = true;
-    let mut failures = 0u32;
     loop {
         match shared.recheck_cached().await {
             Ok(revision) => {
@@ -199,9 +262,8 @@ async fn relist<P: EtcdPayload>(shared: &Shared<P>, stop: &CancellationToken) {
                 return;
             }
             Err(error) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(%error, "re-listing after a compacted watch failed; retrying");
-                if !pause(stop, failures).await {
+                if !pause(stop, delays).await {
                     return;
                 }
             }
@@ -263,5 +325,63 @@ impl<P: EtcdPayload> Shared<P> {
         for (session, created, reason) in closes {
             self.close_quietly(&session, created, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misses_are_forgotten_as_loads_end_and_memory_stays_bounded() {
+        let mut progress = Progress::new(10);
+        let id = SessionId::new(1);
+        // No load in flight: nothing remembered.
+        progress.remember(id, 11);
+        assert_eq!(progress.remembered(), 0);
+        let first = progress.begin_load();
+        progress.remember(id, 12);
+        progress.applied = 12;
+        let second = progress.begin_load();
+        progress.remember(SessionId::new(2), 13);
+        assert!(progress.stale(id, 11), "a read before the change");
+        assert!(!progress.stale(id, 12));
+        // The first load ends: the change at 12 is in every read left.
+        progress.end_load(first);
+        assert_eq!(progress.remembered(), 1);
+        assert!(!progress.stale(id, 11));
+        progress.end_load(second);
+        assert_eq!(progress.remembered(), 0);
+
+        // Loads always in flight: a constant stream of changes never
+        // fills the memory past its bound, and only loads older than what
+        // was forgotten check again (no cliff).
+        let mut at = 100;
+        let mut load = progress.begin_load();
+        for n in 0..(3 * MAX_MISSES as u64) {
+            at += 1;
+            progress.applied = at;
+            progress.remember(SessionId::new(n), at);
+            if n % 256 == 0 {
+                let next = progress.begin_load();
+                progress.end_load(load);
+                load = next;
+            }
+            assert!(progress.remembered() <= MAX_MISSES);
+        }
+        assert!(!progress.stale(SessionId::new(u64::MAX), at));
+        assert_eq!(progress.forgotten, 0, "loads ended before the bound");
+        // One load that never ends: the oldest changes are forgotten, and
+        // only reads before them are stale.
+        let _stuck = progress.begin_load();
+        for n in 0..(MAX_MISSES as u64 + 10) {
+            at += 1;
+            progress.applied = at;
+            progress.remember(SessionId::new(n), at);
+        }
+        assert_eq!(progress.remembered(), MAX_MISSES);
+        assert!(progress.forgotten > 0);
+        assert!(progress.stale(SessionId::new(u64::MAX), progress.forgotten - 1));
+        assert!(!progress.stale(SessionId::new(u64::MAX), at));
     }
 }

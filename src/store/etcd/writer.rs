@@ -9,9 +9,10 @@
 //! - Every write is guarded by the record's `create_revision`: a close or
 //!   removal queued for one life of a session id never touches a later
 //!   session that reuses the id, and never brings a deleted record back.
-//! - A write is retried (with capped backoff) until etcd applied it or its
-//!   record is gone. Transactions stay under etcd's request limits (128
-//!   operations, 1 MiB, no key twice); a transaction etcd still refuses as
+//! - A write is retried (on the store's jittered backoff) until etcd
+//!   applied it or its record is gone. Transactions stay under etcd's
+//!   request limits (`max_txn_ops`, 1 MiB, no key twice); a transaction
+//!   etcd still refuses as
 //!   such is split, and a single write it refuses is given up, logged and
 //!   counted (`WriterStats::refused`): the only write ever dropped.
 //!
@@ -25,11 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use etcd_client::{Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Duration;
 
-/// At most this many operations in one transaction (etcd's default
-/// `--max-txn-ops` is 128).
-pub(super) const MAX_TXN_OPS: usize = 128;
+use super::error::refusal;
+use super::retry::{Delays, Retry};
+use super::txn::{Limits, MAX_TXN_BYTES};
 
 /// What the writer does, in queue order.
 pub(super) enum Write {
@@ -70,12 +70,16 @@ pub(super) async fn run(
     kv: KvClient,
     mut queue: mpsc::UnboundedReceiver<Write>,
     concurrency: usize,
+    limits: Limits,
+    retry: Retry,
     counters: Arc<WriterCounters>,
 ) {
     const MAX_BATCH: usize = 8192;
     let writer = Writer {
         kv,
         concurrency: concurrency.max(1),
+        max_txn_ops: limits.max_txn_ops,
+        retry,
         counters,
     };
     while let Some(first) = queue.recv().await {
@@ -107,13 +111,15 @@ pub(super) async fn run(
 struct Writer {
     kv: KvClient,
     concurrency: usize,
+    max_txn_ops: usize,
+    retry: Retry,
     counters: Arc<WriterCounters>,
 }
 
 /// A write guarded on its record's `create_revision`.
 trait Guarded {
-    /// How many fit in one transaction.
-    const PER_TXN: usize;
+    /// The operations of one write.
+    const OPS: usize;
     fn record(&self) -> &[u8];
     fn created(&self) -> i64;
     /// The bytes the write puts in a request.
@@ -125,7 +131,7 @@ trait Guarded {
 }
 
 impl Guarded for CloseWrite {
-    const PER_TXN: usize = MAX_TXN_OPS;
+    const OPS: usize = 1;
 
     fn record(&self) -> &[u8] {
         &self.record
@@ -147,7 +153,7 @@ impl Guarded for CloseWrite {
 }
 
 impl Guarded for RemoveWrite {
-    const PER_TXN: usize = MAX_TXN_OPS / 2;
+    const OPS: usize = 2;
 
     fn record(&self) -> &[u8] {
         &self.record
@@ -183,7 +189,8 @@ impl Writer {
             return;
         }
         let count = writes.len() as u64;
-        futures::stream::iter(batches(writes))
+        let per_txn = (self.max_txn_ops / W::OPS).max(1);
+        futures::stream::iter(batches(writes, per_txn))
             .for_each_concurrent(self.concurrency, |chunk| self.chunk(chunk))
             .await;
         counter.fetch_add(count, Ordering::Relaxed);
@@ -195,7 +202,7 @@ impl Writer {
     /// single write it refuses is reported and given up.
     async fn chunk<W: Guarded>(&self, chunk: Vec<W>) {
         let mut pending = vec![chunk];
-        let mut failures = 0u32;
+        let mut delays = self.retry.delays();
         while let Some(mut chunk) = pending.pop() {
             if chunk.is_empty() {
                 continue;
@@ -209,7 +216,7 @@ impl Writer {
                 .when(guards)
                 .and_then(ops)
                 .or_else(probes(chunk.iter().map(Guarded::record)));
-            match self.send(txn, &mut failures).await {
+            match self.send(txn, &mut delays).await {
                 Sent::Applied => {
                     for write in chunk {
                         write.done(true);
@@ -247,7 +254,7 @@ impl Writer {
 
     /// Sends one guarded transaction; on a transient failure, sleeps the
     /// backoff first and says to retry.
-    async fn send(&self, txn: Txn, failures: &mut u32) -> Sent {
+    async fn send(&self, txn: Txn, delays: &mut Delays) -> Sent {
         self.counters.transactions.fetch_add(1, Ordering::Relaxed);
         match self.kv.clone().txn(txn).await {
             Ok(response) if response.succeeded() => Sent::Applied,
@@ -261,11 +268,10 @@ impl Writer {
                     })
                     .collect(),
             ),
-            Err(error) if refused(&error) => Sent::Refused(error),
+            Err(error) if refusal(&error).is_some() => Sent::Refused(error),
             Err(error) => {
-                *failures = failures.saturating_add(1);
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                let delay = backoff(*failures);
+                let delay = delays.next_delay();
                 tracing::warn!(%error, ?delay, "etcd write failed; retrying");
                 tokio::time::sleep(delay).await;
                 Sent::Retry
@@ -286,28 +292,16 @@ enum Sent {
     Refused(etcd_client::Error),
 }
 
-/// Whether etcd refused the request itself (invalid argument, out of
-/// range: a request too large, a duplicate key), not failed to serve it.
-fn refused(error: &etcd_client::Error) -> bool {
-    const INVALID_ARGUMENT: i32 = 3;
-    const OUT_OF_RANGE: i32 = 11;
-    matches!(error, etcd_client::Error::GRpcStatus(status)
-        if matches!(status.code() as i32, INVALID_ARGUMENT | OUT_OF_RANGE))
-}
-
-/// Requests stay well under etcd's default 1.5 MiB request limit.
-const MAX_TXN_BYTES: usize = 1 << 20;
-
-/// Splits `writes` into transactions of at most `W::PER_TXN` writes and
+/// Splits `writes` into transactions of at most `per_txn` writes and
 /// [`MAX_TXN_BYTES`], never two writes of one key in a transaction (etcd
 /// refuses duplicate keys), keeping their order.
-fn batches<W: Guarded>(writes: Vec<W>) -> Vec<Vec<W>> {
+fn batches<W: Guarded>(writes: Vec<W>, per_txn: usize) -> Vec<Vec<W>> {
     let mut batches: Vec<Vec<W>> = Vec::new();
     let mut keys = std::collections::HashSet::new();
     let mut bytes = 0;
     for write in writes {
         let full = batches.last().is_none_or(|batch| {
-            batch.len() >= W::PER_TXN
+            batch.len() >= per_txn
                 || bytes + write.bytes() > MAX_TXN_BYTES
                 || keys.contains(write.record())
         });
@@ -332,22 +326,9 @@ fn probes<'a>(records: impl Iterator<Item = &'a [u8]>) -> Vec<TxnOp> {
         .collect()
 }
 
-/// 50 ms doubling to 2 s.
-pub(super) fn backoff(failures: u32) -> Duration {
-    let exponent = failures.saturating_sub(1).min(6);
-    Duration::from_millis(50 << exponent).min(Duration::from_secs(2))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_millis(50));
-        assert_eq!(backoff(2), Duration::from_millis(100));
-        assert_eq!(backoff(40), Duration::from_secs(2));
-    }
 
     fn close(id: u8, bytes: usize) -> CloseWrite {
         CloseWrite {
@@ -367,21 +348,27 @@ mod tests {
         };
         // Count: 128 per transaction.
         let many: Vec<_> = (0..=200).map(|i| close((i % 250) as u8, 1)).collect();
-        let split = batches(many);
+        let split = batches(many, 128);
         assert_eq!(
             split.iter().map(Vec::len).collect::<Vec<_>>(),
             vec![128, 73]
         );
         // Bytes: three 400 KiB closes do not fit in one request.
-        let big = batches(vec![
-            close(1, 400 << 10),
-            close(2, 400 << 10),
-            close(3, 400 << 10),
-        ]);
+        let big = batches(
+            vec![
+                close(1, 400 << 10),
+                close(2, 400 << 10),
+                close(3, 400 << 10),
+            ],
+            128,
+        );
         assert_eq!(ids(&big), vec![vec![1, 2], vec![3]]);
         // Keys: two writes of one record never share a transaction.
-        let twice = batches(vec![close(1, 1), close(2, 1), close(1, 1), close(3, 1)]);
+        let twice = batches(
+            vec![close(1, 1), close(2, 1), close(1, 1), close(3, 1)],
+            128,
+        );
         assert_eq!(ids(&twice), vec![vec![1, 2], vec![1, 3]]);
-        assert!(batches(Vec::<CloseWrite>::new()).is_empty());
+        assert!(batches(Vec::<CloseWrite>::new(), 128).is_empty());
     }
 }

@@ -155,6 +155,8 @@ impl<P> MemoryStore<P> {
             incarnation,
             removed: removed.len(),
             closed,
+            unreadable: 0,
+            foreign: 0,
         })
     }
 

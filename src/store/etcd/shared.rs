@@ -1,0 +1,191 @@
+//! What the store shares with its watch and writer tasks, and the hook
+//! that writes a handle's close to etcd.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use etcd_client::{GetOptions, GetResponse, KvClient, Txn, TxnResponse};
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use super::create::{CreateCounters, CreateRequest};
+use super::keys::{self, Keys};
+use super::retry::Retry;
+use super::txn::Limits;
+use super::watch::Progress;
+use super::writer::{CloseWrite, Write, WriterCounters};
+use super::{EtcdError, EtcdPayload};
+use crate::id::{Incarnation, RouterId, SessionId};
+use crate::session::{CloseReason, Resource, Session};
+
+/// What the store shares with its watch task.
+pub(super) struct Shared<P> {
+    pub(super) kv: KvClient,
+    pub(super) keys: Keys,
+    pub(super) cache: DashMap<SessionId, Cached<P>, RandomState>,
+    pub(super) progress: Mutex<Progress>,
+    pub(super) link: Arc<Link>,
+    /// The create task's queue.
+    pub(super) creates: mpsc::UnboundedSender<CreateRequest>,
+    pub(super) counters: Arc<WriterCounters>,
+    pub(super) create_counters: Arc<CreateCounters>,
+    /// Records read again by `recheck`.
+    pub(super) rechecks: std::sync::atomic::AtomicU64,
+    pub(super) stop: CancellationToken,
+    pub(super) retry: Retry,
+    /// `true` while a test holds the watch disconnected. Kept alive without
+    /// `test-util` too: the watch stops when it is dropped.
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(super) suspend: tokio::sync::watch::Sender<bool>,
+    pub(super) write_timeout: Duration,
+    pub(super) concurrency: usize,
+    pub(super) limits: Limits,
+}
+
+impl<P> Drop for Shared<P> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A handle this controller holds, with the revision that created its
+/// record (which life of the id it is).
+pub(super) struct Cached<P> {
+    pub(super) session: Session<P>,
+    pub(super) created: i64,
+}
+
+/// What the close hooks of the handles need: the writer's queue, and the
+/// ids being closed because etcd says so (no need to write those back).
+pub(super) struct Link {
+    pub(super) writes: mpsc::UnboundedSender<Write>,
+    /// Ids (and the `create_revision` of the record) being closed because
+    /// etcd says so.
+    pub(super) quiet: DashMap<SessionId, i64, RandomState>,
+}
+
+/// Attached to every open handle: writes its close to etcd.
+pub(super) struct WriteClose {
+    pub(super) link: Arc<Link>,
+    pub(super) id: SessionId,
+    pub(super) record: Vec<u8>,
+    pub(super) incarnation: Incarnation,
+    pub(super) created: i64,
+    pub(super) payload: Box<[u8]>,
+}
+
+impl Resource for WriteClose {
+    fn release(self: Box<Self>, reason: CloseReason) {
+        if self
+            .link
+            .quiet
+            .get(&self.id)
+            .is_some_and(|c| *c == self.created)
+        {
+            return; // closed because etcd says so
+        }
+        let value = keys::encode_closed(self.incarnation, reason, &self.payload);
+        // Fails only once the writer is gone with the runtime: nothing left
+        // to write with.
+        let _ = self.link.writes.send(Write::Close(CloseWrite {
+            record: self.record,
+            created: self.created,
+            value,
+        }));
+    }
+
+    fn release_inline(&self) -> bool {
+        true
+    }
+}
+
+/// A record read from etcd and decoded, ready to become a handle.
+pub(super) struct Loaded<P> {
+    pub(super) router: RouterId,
+    pub(super) id: SessionId,
+    pub(super) created: i64,
+    pub(super) record: keys::Record<P>,
+    pub(super) payload: Box<[u8]>,
+}
+
+impl<P: EtcdPayload> Shared<P> {
+    pub(super) fn kv(&self) -> KvClient {
+        self.kv.clone()
+    }
+
+    /// A transaction that is safe to repeat, retried on [`Retry`].
+    pub(super) async fn txn(
+        &self,
+        operation: &'static str,
+        txn: Txn,
+    ) -> Result<TxnResponse, EtcdError> {
+        self.retry
+            .run(operation, || {
+                let mut kv = self.kv();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+    }
+
+    /// A read, retried on [`Retry`].
+    pub(super) async fn get(
+        &self,
+        operation: &'static str,
+        key: Vec<u8>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, EtcdError> {
+        self.retry
+            .run(operation, || {
+                let mut kv = self.kv();
+                let key = key.clone();
+                let options = options.clone();
+                async move { kv.get(key, options).await }
+            })
+            .await
+    }
+
+    pub(super) async fn flush(&self) -> Result<(), EtcdError> {
+        let (done, flushed) = oneshot::channel();
+        let _ = self.link.writes.send(Write::Flush(done));
+        self.within("flush of queued closes", flushed).await?;
+        Ok(())
+    }
+
+    /// Waits for the writer's answer, up to the write timeout.
+    pub(super) async fn within<T>(
+        &self,
+        what: &'static str,
+        answer: oneshot::Receiver<T>,
+    ) -> Result<Option<T>, EtcdError> {
+        match tokio::time::timeout(self.write_timeout, answer).await {
+            Ok(answer) => Ok(answer.ok()),
+            Err(_elapsed) => Err(EtcdError::WritePending {
+                what,
+                waited: self.write_timeout,
+            }),
+        }
+    }
+
+    /// Closes the handle of the record created at `created` because etcd
+    /// says it is closed or gone: not written back. `true` if this call
+    /// closed it.
+    pub(super) fn close_quietly(
+        &self,
+        session: &Session<P>,
+        created: i64,
+        reason: CloseReason,
+    ) -> bool {
+        if session.is_closed() {
+            return false;
+        }
+        let id = session.id();
+        self.link.quiet.insert(id, created);
+        let won = session.close(reason).won();
+        self.link.quiet.remove_if(&id, |_, c| *c == created);
+        won
+    }
+}
