@@ -1,6 +1,6 @@
 //! [`Retry`]: the one retry schedule of the store. Every etcd request that
 //! is safe to repeat, the writer's writes and the watch's reconnects back
-//! off on it: exponential with jitter (through `backon`).
+//! off on it: the crate's [`Backoff`], exponential with jitter.
 //!
 //! # Invariants
 //!
@@ -18,11 +18,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder, Retryable};
+use backon::{ExponentialBackoff, Retryable};
 use tokio::time::{Duration, Instant};
 
 use super::EtcdError;
 use super::error::refusal;
+use crate::backoff::Backoff;
 
 /// The first delay after a failure.
 const MIN_DELAY: Duration = Duration::from_millis(25);
@@ -56,21 +57,21 @@ impl Retry {
         self.retried.load(Ordering::Relaxed)
     }
 
-    /// The schedule: exponential from 25 ms to 1 s, jittered, unbounded in
-    /// count.
-    fn builder() -> ExponentialBuilder {
-        ExponentialBuilder::new()
-            .with_min_delay(MIN_DELAY)
-            .with_max_delay(MAX_DELAY)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
+    /// The schedule: the crate's [`Backoff`], exponential from 25 ms to
+    /// 1 s, jittered, as many retries as a `u32` counts (the deadline or the
+    /// caller ends it first).
+    fn builder() -> Backoff {
+        Backoff::new()
+            .retries(u32::MAX)
+            .delays(MIN_DELAY, MAX_DELAY)
+            .factor(2.0)
+            .jitter(true)
     }
 
     /// Delays for a loop that never gives up (the writer, the watch).
     pub(super) fn delays(&self) -> Delays {
         Delays {
-            backoff: Self::builder().build(),
+            backoff: Self::builder().iter(),
             retried: Arc::clone(&self.retried),
         }
     }
@@ -119,7 +120,7 @@ impl Delays {
 
     /// After a success: the next failure starts from the shortest delay.
     pub(super) fn reset(&mut self) {
-        self.backoff = Retry::builder().build();
+        self.backoff = Retry::builder().iter();
     }
 }
 
