@@ -51,7 +51,8 @@ use dashmap::DashMap;
 use futures::FutureExt;
 use parking_lot::Mutex;
 use session_lifecycle::{
-    LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, Session, SessionId, SessionStore,
+    LivenessMonitor, MemoryStore, NewSession, RouterId, Session, SessionId, SessionStore,
+    liveness::NoProbe,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
 use session_lifecycle::{
-    ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass, RouterId, SessionId,
+    ReclaimQueue, ResourceClass, RouterId, SessionId, reclaim::ReclaimError, reclaim::ReclaimTask,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::{Notify, mpsc};

@@ -23,8 +23,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use futures::FutureExt;
 use parking_lot::Mutex;
 use session_lifecycle::{
-    BoxStore, CloseReason, Incarnation, MemoryStore, NewSession, RouterId, Session, SessionId,
-    SessionStore,
+    CloseReason, Incarnation, MemoryStore, NewSession, RouterId, Session, SessionId, SessionStore,
+    store::BoxStore,
 };
 
 #[global_allocator]

@@ -565,7 +565,7 @@ struct Seen {
 /// Counts the events of the run until told to stop, then counts what is
 /// still buffered.
 async fn watch_events(
-    mut events: session_lifecycle::Subscription,
+    mut events: session_lifecycle::events::Subscription,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Seen {
     let mut seen = Seen::default();

@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    Backoff, DefaultPolicy, Event, EventBus, Priority, ReclaimError, ReclaimEvent, ReclaimPolicy,
-    ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterId, SessionId, TaskInfo,
+    Backoff, Event, EventBus, ReclaimQueue, ResourceClass, RouterId, SessionId,
+    reclaim::DefaultPolicy, reclaim::Priority, reclaim::ReclaimError, reclaim::ReclaimEvent,
+    reclaim::ReclaimPolicy, reclaim::ReclaimTask, reclaim::RetrySchedule, reclaim::TaskInfo,
 };
 use tokio::time::Duration;
 

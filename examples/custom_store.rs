@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::future::join_all;
 use session_lifecycle::{
-    AuditReport, BackendError, Backoff, CloseOutcome, CloseReason, CreateError, FenceError,
-    FenceSnapshot, FinishError, FinishReport, Incarnation, MemoryStore, NewSession, NotifyError,
-    RegisterError, Repair, RouterCensus, RouterDeleter, RouterError, RouterId, RouterStatus,
-    Session, SessionError, SessionId, SessionKey, SessionStore, Stats, TerminationBatch,
-    TerminationNotifier,
+    Backoff, CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter,
+    RouterId, Session, SessionId, SessionKey, SessionStore, Stats, TerminationBatch,
+    TerminationNotifier, session::CloseOutcome, store::AuditReport, store::BackendError,
+    store::CreateError, store::FenceError, store::FenceSnapshot, store::FinishError,
+    store::FinishReport, store::RegisterError, store::Repair, store::RouterCensus,
+    store::RouterError, store::RouterStatus, store::SessionError,
 };
 use tokio::time::Duration;
 

@@ -32,8 +32,9 @@ use futures::{StreamExt, TryStreamExt, stream};
 use session_lifecycle::etcd::client::DeleteOptions;
 use session_lifecycle::etcd::{EtcdError, EtcdStore};
 use session_lifecycle::{
-    CloseReason, CreateErrorKind, Incarnation, NewSession, NotifyError, RouterDeleter, RouterId,
-    RouterStatus, Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, Incarnation, NewSession, NotifyError, RouterDeleter, RouterId, Session, SessionId,
+    SessionStore, TerminationBatch, TerminationNotifier, store::CreateErrorKind,
+    store::RouterStatus,
 };
 use tokio::runtime::{Builder, Runtime};
 use tokio::sync::Notify;

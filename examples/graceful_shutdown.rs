@@ -29,10 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    AuditSweeper, Backoff, Classed, CloseReason, Event, Lifecycle, LivenessMonitor, MemoryStore,
-    NewSession, NotifyError, ProbeBatch, ProbeError, Prober, Reconciler, ResourceClass,
-    RouterDeleter, RouterId, SessionId, SessionStore, Subscription, TerminationBatch,
-    TerminationNotifier,
+    AuditSweeper, Backoff, CloseReason, Event, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
+    NotifyError, ProbeBatch, ProbeError, Prober, Reconciler, ResourceClass, RouterDeleter,
+    RouterId, SessionId, SessionStore, TerminationBatch, TerminationNotifier, events::Subscription,
+    session::Classed,
 };
 use tokio::time::{Duration, Instant};
 

@@ -224,50 +224,41 @@
 
 mod backoff;
 mod build;
-mod cleanup;
-mod deleter;
-mod events;
+mod closing;
+pub mod deleter;
+pub mod events;
 mod id;
-mod lifecycle;
-mod liveness;
+pub mod lifecycle;
+pub mod liveness;
 mod loom;
 #[cfg(feature = "metrics")]
 mod metrics;
-mod reclaim;
-mod reconcile;
-mod session;
+pub mod reclaim;
+pub mod reconcile;
+pub mod session;
 mod stats;
-mod store;
-mod sweeper;
+pub mod store;
+pub mod sweeper;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 mod transport_error;
 
+// The core: what a controller names every day. Everything else lives in
+// its piece's module.
 pub use backoff::Backoff;
 pub use build::BuildError;
-pub use deleter::{
-    DeleteError, DeleteOutcome, DeletionReport, NotifyError, PhaseDurations, RouterDeleter,
-    RouterDeleterBuilder, TerminationBatch, TerminationNotifier,
-};
-pub use events::{Event, EventBus, EventStats, ReconcileSummary, Subscription};
+pub use deleter::{NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
+pub use events::{Event, EventBus};
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
-pub use lifecycle::{Lifecycle, LifecycleBuilder, LifecycleShutdown, Piece};
-pub use liveness::{
-    HeartbeatError, LivenessEvent, LivenessMonitor, LivenessMonitorBuilder, LivenessStats, NoProbe,
-    ProbeBatch, ProbeError, Prober, WatchError,
-};
-pub use reclaim::{
-    DefaultPolicy, Priority, PushError, Reclaim, ReclaimError, ReclaimErrorKind, ReclaimEvent,
-    ReclaimPolicy, ReclaimQueue, ReclaimQueueBuilder, ReclaimStats, ReclaimTask, RetrySchedule,
-    ShutdownReport, TaskInfo, TryPushError,
-};
-pub use reconcile::{ReconcileError, ReconcileReport, Reconciler, ReconcilerBuilder};
-pub use session::{
-    AttachError, Classed, CloseOutcome, CloseReason, Closed, ClosedOwned, NewSession, Resource,
-    ResourceClass, Session, SessionState, SessionToken, Traffic, Transition,
-};
+pub use lifecycle::Lifecycle;
+pub use liveness::{LivenessMonitor, ProbeBatch, ProbeError, Prober};
+pub use reclaim::ReclaimQueue;
+pub use reconcile::Reconciler;
+pub use session::{CloseReason, NewSession, Resource, ResourceClass, Session, SessionState};
 pub use stats::Stats;
+pub use store::{MemoryStore, SessionStore};
+pub use sweeper::AuditSweeper;
 
 /// The session store on etcd (feature `etcd`): [`EtcdStore`](etcd::EtcdStore)
 /// and what goes with it. The `etcd-client` crate it uses is re-exported as
@@ -283,15 +274,49 @@ pub mod etcd {
     };
     pub use etcd_client as client;
 }
-pub use store::{
-    AuditReport, BackendError, BackendErrorKind, BoxStore, CreateError, CreateErrorKind,
-    FenceError, FenceSnapshot, FinishError, FinishReport, MemoryStore, MemoryStoreBuilder,
-    RegisterError, Repair, RepairAction, RouterCensus, RouterError, RouterStatus, SessionError,
-    SessionStore,
-};
+
 #[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
 pub use store::{Corruption, Fault};
-pub use sweeper::{AuditSweeper, AuditSweeperBuilder, SweepReport, SweeperStats};
+/// The paths of 0.1 before the public surface was grouped into modules
+/// (every name here is in its module, listed in the CHANGELOG). Hidden,
+/// kept so that code written against the flat root still builds; removed
+/// in the next breaking release.
+#[doc(hidden)]
+pub use {
+    deleter::{DeleteError, DeleteOutcome, DeletionReport, PhaseDurations, RouterDeleterBuilder},
+    events::{
+        EventStats, LivenessEvent, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReconcileSummary,
+        Repair, RepairAction, Subscription, TaskInfo,
+    },
+    lifecycle::{LifecycleBuilder, LifecycleShutdown, Piece},
+    liveness::{HeartbeatError, LivenessMonitorBuilder, LivenessStats, NoProbe, WatchError},
+    reclaim::{
+        DefaultPolicy, Priority, PushError, Reclaim, ReclaimPolicy, ReclaimQueueBuilder,
+        ReclaimStats, ReclaimTask, RetrySchedule, ShutdownReport, TryPushError,
+    },
+    reconcile::{ReconcileError, ReconcileReport, ReconcilerBuilder},
+    session::{
+        AttachError, Classed, CloseOutcome, SessionToken, Traffic, Transition, WaitForClose,
+        WaitForCloseOwned,
+    },
+    store::{
+        AuditReport, BackendError, BackendErrorKind, BoxStore, CreateError, CreateErrorKind,
+        FenceError, FenceSnapshot, FinishError, FinishReport, MemoryStoreBuilder, RegisterError,
+        RouterCensus, RouterError, RouterStatus, SessionError,
+    },
+    sweeper::{AuditSweeperBuilder, SweepReport, SweeperStats},
+};
+
+/// The close futures' names before 0.2: [`session::WaitForClose`].
+#[doc(hidden)]
+#[deprecated(note = "renamed `session::WaitForClose`")]
+pub type Closed<'a, P> = session::WaitForClose<'a, P>;
+
+/// The close futures' names before 0.2: [`session::WaitForCloseOwned`].
+#[doc(hidden)]
+#[deprecated(note = "renamed `session::WaitForCloseOwned`")]
+pub type ClosedOwned<P> = session::WaitForCloseOwned<P>;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -112,7 +112,7 @@ pub struct Lifecycle<S: SessionStore, N, Pr = NoProbe> {
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     AuditSweeper, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NoProbe, NotifyError,
+///     AuditSweeper, EventBus, Lifecycle, LivenessMonitor, MemoryStore, liveness::NoProbe, NotifyError,
 ///     ReclaimQueue, Reconciler, RouterDeleter, TerminationBatch, TerminationNotifier,
 /// };
 ///

@@ -189,7 +189,7 @@ impl Stats {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe, Stats};
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe, Stats};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::build::{BuildError, wired};
-use crate::cleanup::close_all;
+use crate::closing::close_all;
 use crate::events::{Event, EventBus, emit};
 use crate::id::SessionId;
 use crate::reclaim::ReclaimQueue;
@@ -141,7 +141,7 @@ pub struct AuditSweeperBuilder {
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     AuditSweeper, CloseReason, MemoryStore, NewSession, RepairAction, RouterId,
+///     AuditSweeper, CloseReason, MemoryStore, NewSession, store::RepairAction, RouterId,
 ///     SessionId, SessionStore,
 /// };
 ///

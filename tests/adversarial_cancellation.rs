@@ -30,12 +30,14 @@ use session_lifecycle::test_util::{
     paused_runtime, within,
 };
 use session_lifecycle::{
-    AuditReport, AuditSweeper, BackendError, Backoff, Classed, CloseOutcome, CloseReason,
-    Corruption, CreateError, DeleteOutcome, FenceError, FenceSnapshot, FinishError, FinishReport,
-    Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe, ReclaimError, ReclaimQueue,
-    ReclaimTask, Reconciler, RegisterError, Repair, ResourceClass, RouterCensus, RouterDeleter,
-    RouterError, RouterId, RouterStatus, Session, SessionError, SessionId, SessionKey,
-    SessionState, SessionStore,
+    AuditSweeper, Backoff, CloseReason, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    ReclaimQueue, Reconciler, ResourceClass, RouterDeleter, RouterId, Session, SessionId,
+    SessionKey, SessionState, SessionStore, deleter::DeleteOutcome, liveness::NoProbe,
+    reclaim::ReclaimError, reclaim::ReclaimTask, session::Classed, session::CloseOutcome,
+    store::AuditReport, store::BackendError, store::Corruption, store::CreateError,
+    store::FenceError, store::FenceSnapshot, store::FinishError, store::FinishReport,
+    store::RegisterError, store::Repair, store::RouterCensus, store::RouterError,
+    store::RouterStatus, store::SessionError,
 };
 use tokio::sync::Semaphore;
 use tokio::time::{Duration, Instant};

@@ -30,9 +30,10 @@ use session_lifecycle::test_util::{
     report_within, within,
 };
 use session_lifecycle::{
-    Backoff, CloseReason, DeleteError, DeleteOutcome, DeletionReport, Incarnation, MemoryStore,
-    NewSession, NotifyError, RouterDeleter, RouterDeleterBuilder, RouterId, RouterStatus, Session,
-    SessionId, SessionKey, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
+    Backoff, CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter,
+    RouterId, Session, SessionId, SessionKey, SessionState, SessionStore, TerminationBatch,
+    TerminationNotifier, deleter::DeleteError, deleter::DeleteOutcome, deleter::DeletionReport,
+    deleter::RouterDeleterBuilder, store::RouterStatus,
 };
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;

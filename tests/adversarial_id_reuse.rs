@@ -18,10 +18,12 @@ use session_lifecycle::test_util::{
     HOUR, Notify, ScriptedNotifier, Subset, report_within, run_paused, within,
 };
 use session_lifecycle::{
-    AuditReport, BackendError, CloseOutcome, CloseReason, CreateError, FenceError, FenceSnapshot,
-    FinishError, FinishReport, Incarnation, LivenessMonitor, MemoryStore, NewSession, NoProbe,
-    Reconciler, RegisterError, Repair, RouterCensus, RouterDeleter, RouterError, RouterId,
-    RouterStatus, Session, SessionError, SessionId, SessionKey, SessionState, SessionStore,
+    CloseReason, Incarnation, LivenessMonitor, MemoryStore, NewSession, Reconciler, RouterDeleter,
+    RouterId, Session, SessionId, SessionKey, SessionState, SessionStore, liveness::NoProbe,
+    session::CloseOutcome, store::AuditReport, store::BackendError, store::CreateError,
+    store::FenceError, store::FenceSnapshot, store::FinishError, store::FinishReport,
+    store::RegisterError, store::Repair, store::RouterCensus, store::RouterError,
+    store::RouterStatus, store::SessionError,
 };
 use tokio::sync::{Notify as Signal, Semaphore};
 use tokio::time::Duration;

@@ -45,9 +45,9 @@ use session_lifecycle::test_util::{
     HOUR, Notify, Probe, ScriptedNotifier, ScriptedProber, paused_runtime, report_within, within,
 };
 use session_lifecycle::{
-    AuditSweeper, CloseReason, ClosedOwned, Corruption, Incarnation, LivenessMonitor, MemoryStore,
-    NewSession, ReclaimQueue, Reconciler, RepairAction, Resource, RouterDeleter, RouterId,
-    RouterStatus, Session, SessionId, SessionStore,
+    AuditSweeper, CloseReason, Incarnation, LivenessMonitor, MemoryStore, NewSession, ReclaimQueue,
+    Reconciler, Resource, RouterDeleter, RouterId, Session, SessionId, SessionStore,
+    session::WaitForCloseOwned, store::Corruption, store::RepairAction, store::RouterStatus,
 };
 use tokio::time::Duration;
 
@@ -256,7 +256,7 @@ struct Waiter {
     reach: Arc<Reach>,
     router: RouterId,
     id: SessionId,
-    state: Mutex<Option<(Session<Payload>, ClosedOwned<Payload>)>>,
+    state: Mutex<Option<(Session<Payload>, WaitForCloseOwned<Payload>)>>,
 }
 
 impl Waiter {

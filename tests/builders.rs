@@ -13,8 +13,8 @@ use proptest::prelude::*;
 use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::test_util::{Notify, Probe, ScriptedNotifier, ScriptedProber};
 use session_lifecycle::{
-    AuditSweeper, Backoff, BuildError, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue,
-    Reconciler, RouterDeleter,
+    AuditSweeper, Backoff, BuildError, LivenessMonitor, MemoryStore, ReclaimQueue, Reconciler,
+    RouterDeleter, liveness::NoProbe,
 };
 use tokio::time::Duration;
 

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use session_lifecycle::test_util::conformance::soak_rounds;
 use session_lifecycle::test_util::{Notify, Script, ScriptedNotifier, Subset};
 use session_lifecycle::{
-    AuditSweeper, Backoff, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore,
-    NewSession, Reconciler, RouterDeleter, RouterId, RouterStatus, Session, SessionId,
-    SessionStore,
+    AuditSweeper, Backoff, CloseReason, Event, EventBus, Incarnation, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionStore, store::Corruption,
+    store::RouterStatus,
 };
 use tokio::task::JoinSet;
 use tokio::time::Duration;

@@ -9,8 +9,8 @@ use session_lifecycle::test_util::{
     within,
 };
 use session_lifecycle::{
-    Backoff, CloseReason, DeleteError, DeleteOutcome, MemoryStore, RouterDeleter, RouterId,
-    SessionStore,
+    Backoff, CloseReason, MemoryStore, RouterDeleter, RouterId, SessionStore, deleter::DeleteError,
+    deleter::DeleteOutcome,
 };
 use tokio::time::{Duration, Instant};
 

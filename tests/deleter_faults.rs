@@ -12,8 +12,8 @@ use session_lifecycle::test_util::{
     report_within,
 };
 use session_lifecycle::{
-    Backoff, CloseReason, DeleteError, MemoryStore, NewSession, NotifyError, RouterDeleter,
-    RouterId, RouterStatus, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    Backoff, CloseReason, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
+    SessionStore, TerminationBatch, TerminationNotifier, deleter::DeleteError, store::RouterStatus,
 };
 use tokio::time::Duration;
 

@@ -31,9 +31,9 @@ use session_lifecycle::test_util::{
     ScriptedProber, Subset, paused_runtime, report_within, router_lost, run_paused, within,
 };
 use session_lifecycle::{
-    CloseReason, DeleteOutcome, EventBus, Fault, Incarnation, LivenessMonitor, MemoryStore,
-    NewSession, Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionState,
-    SessionStore, Subscription,
+    CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession, Reconciler,
+    RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionState, SessionStore,
+    deleter::DeleteOutcome, events::Subscription, store::Fault,
 };
 use tokio::runtime::Runtime;
 use tokio::time::Duration;

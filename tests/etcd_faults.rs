@@ -20,9 +20,10 @@ use futures::StreamExt;
 use session_lifecycle::etcd::client::{Txn, TxnOp};
 use session_lifecycle::etcd::{EtcdError, EtcdPayload, EtcdStore, EtcdStoreBuilder};
 use session_lifecycle::{
-    BackendError, BackendErrorKind, CloseReason, CreateErrorKind, DeleteOutcome, Incarnation,
-    NewSession, NotifyError, RegisterError, RouterDeleter, RouterError, RouterId, RouterStatus,
-    Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, Incarnation, NewSession, NotifyError, RouterDeleter, RouterId, Session, SessionId,
+    SessionStore, TerminationBatch, TerminationNotifier, deleter::DeleteOutcome,
+    store::BackendError, store::BackendErrorKind, store::CreateErrorKind, store::RegisterError,
+    store::RouterError, store::RouterStatus,
 };
 use tokio::sync::Notify;
 use tokio::time::{Duration, timeout};
@@ -69,7 +70,7 @@ impl TerminationNotifier for Silent {
     }
 }
 
-fn deleted(outcome: DeleteOutcome) -> session_lifecycle::DeletionReport {
+fn deleted(outcome: DeleteOutcome) -> session_lifecycle::deleter::DeletionReport {
     match outcome {
         DeleteOutcome::Deleted(report) => report,
         other => panic!("not deleted: {other:?}"),

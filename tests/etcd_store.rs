@@ -24,8 +24,9 @@ use session_lifecycle::test_util::conformance::{
 };
 use session_lifecycle::test_util::{Notify, ScriptedNotifier, Subset};
 use session_lifecycle::{
-    CloseReason, CreateErrorKind, DeleteOutcome, FenceError, Incarnation, NewSession, RepairAction,
-    RouterDeleter, RouterId, RouterStatus, Session, SessionId, SessionState, SessionStore,
+    CloseReason, Incarnation, NewSession, RouterDeleter, RouterId, Session, SessionId,
+    SessionState, SessionStore, deleter::DeleteOutcome, store::CreateErrorKind, store::FenceError,
+    store::RepairAction, store::RouterStatus,
 };
 use tokio::time::{Duration, timeout};
 

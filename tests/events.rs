@@ -7,7 +7,7 @@ use std::sync::Arc;
 use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, Subset, report_within};
 use session_lifecycle::{
     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId,
-    SessionStore, Subscription,
+    SessionStore, events::Subscription,
 };
 use tokio::time::Duration;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use session_lifecycle::{
-    CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    MemoryStore, NewSession, RouterId, SessionId, SessionStore, store::CreateErrorKind,
 };
 
 const ROUNDS: u64 = 40;

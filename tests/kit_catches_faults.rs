@@ -11,10 +11,11 @@ use session_lifecycle::test_util::{InvariantChecker, Violation, run_paused};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use session_lifecycle::{
-    AuditReport, BackendError, CloseOutcome, CloseReason, Corruption, CreateError, Fault,
-    FenceError, FenceSnapshot, FinishError, FinishReport, Incarnation, MemoryStore, NewSession,
-    RegisterError, Repair, RouterCensus, RouterError, RouterId, RouterStatus, Session,
-    SessionError, SessionId, SessionKey, SessionStore,
+    CloseReason, Incarnation, MemoryStore, NewSession, RouterId, Session, SessionId, SessionKey,
+    SessionStore, session::CloseOutcome, store::AuditReport, store::BackendError,
+    store::Corruption, store::CreateError, store::Fault, store::FenceError, store::FenceSnapshot,
+    store::FinishError, store::FinishReport, store::RegisterError, store::Repair,
+    store::RouterCensus, store::RouterError, store::RouterStatus, store::SessionError,
 };
 
 /// Runs `ops` on a fresh store with `fault`, checking after every step;

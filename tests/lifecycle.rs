@@ -10,10 +10,10 @@ use session_lifecycle::test_util::{
     Subset, within,
 };
 use session_lifecycle::{
-    AuditSweeper, BuildError, CloseReason, DeleteError, Event, EventBus, Lifecycle,
-    LivenessMonitor, MemoryStore, NewSession, Piece, ReclaimError, ReclaimQueue, ReclaimTask,
-    ReconcileError, Reconciler, RepairAction, RouterDeleter, RouterId, SessionId, SessionStore,
-    WatchError,
+    AuditSweeper, BuildError, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor,
+    MemoryStore, NewSession, ReclaimQueue, Reconciler, RouterDeleter, RouterId, SessionId,
+    SessionStore, deleter::DeleteError, lifecycle::Piece, liveness::WatchError,
+    reclaim::ReclaimError, reclaim::ReclaimTask, reconcile::ReconcileError, store::RepairAction,
 };
 use tokio::time::{Duration, Instant};
 

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use session_lifecycle::test_util::{Probe, Script, ScriptedProber, Subset, mix, within};
 use session_lifecycle::{
-    Backoff, BuildError, Classed, CloseReason, Event, EventBus, HeartbeatError, LivenessEvent,
-    LivenessMonitor, LivenessMonitorBuilder, MemoryStore, NewSession, NoProbe, Prober,
-    ReclaimQueue, ResourceClass, RouterId, Session, SessionId, SessionStore, Subscription,
-    WatchError,
+    Backoff, BuildError, CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession,
+    Prober, ReclaimQueue, ResourceClass, RouterId, Session, SessionId, SessionStore,
+    events::Subscription, liveness::HeartbeatError, liveness::LivenessEvent,
+    liveness::LivenessMonitorBuilder, liveness::NoProbe, liveness::WatchError, session::Classed,
 };
 use tokio::time::{Duration, Instant};
 
@@ -234,7 +234,7 @@ async fn stall(stall: Duration) {
 async fn run_with_stall(
     allowance: Duration,
     stalled: Duration,
-) -> session_lifecycle::LivenessStats {
+) -> session_lifecycle::liveness::LivenessStats {
     let store = Arc::new(MemoryStore::new());
     let all = sessions(&store, 2, 25).await;
     let (builder, mut events) = listened(LivenessMonitor::builder().pause_allowance(allowance));

@@ -9,7 +9,7 @@ use cap::Cap;
 use futures::FutureExt;
 use session_lifecycle::test_util::paused_runtime;
 use session_lifecycle::{
-    LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId, SessionStore,
+    LivenessMonitor, MemoryStore, NewSession, RouterId, SessionId, SessionStore, liveness::NoProbe,
 };
 use tokio::time::Duration;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use session_lifecycle::test_util::run_paused;
 use session_lifecycle::{
-    HeartbeatError, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
-    SessionStore, WatchError,
+    LivenessMonitor, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    liveness::HeartbeatError, liveness::NoProbe, liveness::WatchError,
 };
 
 /// More monitors than a 16-bit tag can tell apart.

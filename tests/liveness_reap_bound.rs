@@ -192,7 +192,7 @@ struct Case {
 }
 
 impl Case {
-    fn builder(&self) -> session_lifecycle::LivenessMonitorBuilder {
+    fn builder(&self) -> session_lifecycle::liveness::LivenessMonitorBuilder {
         let ms = Duration::from_millis;
         LivenessMonitor::builder()
             .granularity(ms(self.granularity))

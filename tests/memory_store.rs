@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseOutcome, CloseReason, CreateErrorKind, FenceError, FinishError, Incarnation, MemoryStore,
-    NewSession, RegisterError, RouterError, RouterId, RouterStatus, SessionError, SessionId,
-    SessionState, SessionStore,
+    CloseReason, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionState,
+    SessionStore, session::CloseOutcome, store::CreateErrorKind, store::FenceError,
+    store::FinishError, store::RegisterError, store::RouterError, store::RouterStatus,
+    store::SessionError,
 };
 
 const R: RouterId = RouterId::new(1);

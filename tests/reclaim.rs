@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 use session_lifecycle::{
-    Backoff, BuildError, Classed, CloseOutcome, CloseReason, DefaultPolicy, Event, EventBus,
-    MemoryStore, NewSession, Priority, ReclaimError, ReclaimErrorKind, ReclaimEvent, ReclaimPolicy,
-    ReclaimQueue, ReclaimTask, ResourceClass, RetrySchedule, RouterDeleter, RouterId, SessionId,
-    SessionStore, Subscription, TaskInfo, TryPushError,
+    Backoff, BuildError, CloseReason, Event, EventBus, MemoryStore, NewSession, ReclaimQueue,
+    ResourceClass, RouterDeleter, RouterId, SessionId, SessionStore, events::Subscription,
+    reclaim::DefaultPolicy, reclaim::Priority, reclaim::ReclaimError, reclaim::ReclaimErrorKind,
+    reclaim::ReclaimEvent, reclaim::ReclaimPolicy, reclaim::ReclaimTask, reclaim::RetrySchedule,
+    reclaim::TaskInfo, reclaim::TryPushError, session::Classed, session::CloseOutcome,
 };
 use tokio::time::{Duration, Instant};
 
@@ -751,7 +752,7 @@ fn building_needs_a_runtime_a_capacity_and_a_worker() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let refused = |builder: session_lifecycle::ReclaimQueueBuilder| {
+        let refused = |builder: session_lifecycle::reclaim::ReclaimQueueBuilder| {
             builder.build().unwrap_err().refused_setting()
         };
         assert_eq!(

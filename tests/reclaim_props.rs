@@ -16,8 +16,9 @@ use proptest::prelude::*;
 use session_lifecycle::test_util::paused_runtime;
 use session_lifecycle::test_util::strategy::cases;
 use session_lifecycle::{
-    Backoff, DefaultPolicy, ReclaimError, ReclaimPolicy, ReclaimQueue, ReclaimTask, ResourceClass,
-    RetrySchedule, RouterId, SessionId, TaskInfo, TryPushError,
+    Backoff, ReclaimQueue, ResourceClass, RouterId, SessionId, reclaim::DefaultPolicy,
+    reclaim::ReclaimError, reclaim::ReclaimPolicy, reclaim::ReclaimTask, reclaim::RetrySchedule,
+    reclaim::TaskInfo, reclaim::TryPushError,
 };
 use tokio::time::{Duration, Instant};
 

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::test_util::{Notify, ObservedRouter, ScriptedNotifier, router_lost, within};
 use session_lifecycle::{
-    CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, NoProbe,
-    ReconcileError, Reconciler, RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore,
+    CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, Reconciler,
+    RouterDeleter, RouterId, SessionId, SessionStore, liveness::NoProbe, reconcile::ReconcileError,
+    store::RouterStatus,
 };
 use tokio::time::{Duration, Instant};
 
@@ -240,7 +241,7 @@ async fn disconnected_setup(
     Arc<MemoryStore>,
     ObservedRouter,
     Reconciler<MemoryStore>,
-    session_lifecycle::Subscription,
+    session_lifecycle::events::Subscription,
 ) {
     let store = Arc::new(MemoryStore::new());
     let observed = ObservedRouter::fill(&*store, RouterId::new(1), 0, n).await;

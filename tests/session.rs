@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use session_lifecycle::{
-    CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, Session, SessionId, SessionState,
-    Transition,
+    CloseReason, Incarnation, NewSession, RouterId, Session, SessionId, SessionState,
+    session::CloseOutcome, session::Transition,
 };
 use tokio_test::task;
 use tokio_test::{assert_pending, assert_ready_eq};

@@ -7,7 +7,7 @@ use futures::FutureExt;
 use session_lifecycle::test_util::{HOUR, Notify, ScriptedNotifier, report_within};
 use session_lifecycle::{
     CloseReason, EventBus, MemoryStore, NewSession, ReclaimQueue, RouterDeleter, RouterId,
-    RouterStatus, SessionId, SessionStore, Stats,
+    SessionId, SessionStore, Stats, store::RouterStatus,
 };
 use tokio::time::Duration;
 

@@ -10,8 +10,9 @@ use session_lifecycle::test_util::{
     Notify, ObservedRouter, Script, ScriptedNotifier, Subset, within,
 };
 use session_lifecycle::{
-    AuditSweeper, Backoff, CloseReason, Corruption, Event, EventBus, Incarnation, MemoryStore,
-    NewSession, RepairAction, RouterDeleter, RouterId, Session, SessionId, SessionStore,
+    AuditSweeper, Backoff, CloseReason, Event, EventBus, Incarnation, MemoryStore, NewSession,
+    RouterDeleter, RouterId, Session, SessionId, SessionStore, store::Corruption,
+    store::RepairAction,
 };
 use tokio::time::Duration;
 

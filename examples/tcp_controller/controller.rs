@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt;
 use session_lifecycle::{
-    Backoff, CloseOutcome, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore,
-    NewSession, Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
+    Backoff, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
+    session::CloseOutcome,
 };
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};

@@ -1,7 +1,9 @@
 //! A task that reads the event bus, so the scenario can await what
 //! happened instead of sleeping.
 
-use session_lifecycle::{Event, EventBus, LivenessEvent, ReconcileSummary, RouterId};
+use session_lifecycle::{
+    Event, EventBus, RouterId, liveness::LivenessEvent, reconcile::ReconcileSummary,
+};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};

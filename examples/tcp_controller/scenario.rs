@@ -43,7 +43,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use session_lifecycle::{
-    DeleteOutcome, DeletionReport, EventBus, MemoryStore, ReconcileSummary, RouterId, SessionStore,
+    EventBus, MemoryStore, RouterId, SessionStore, deleter::DeleteOutcome, deleter::DeletionReport,
+    reconcile::ReconcileSummary,
 };
 use tokio::time::{Duration, Instant};
 

@@ -246,7 +246,7 @@ impl RouterDeleterBuilder {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     Classed, CloseReason, MemoryStore, NewSession, NotifyError, ReclaimQueue,
+    ///     session::Classed, CloseReason, MemoryStore, NewSession, NotifyError, ReclaimQueue,
     ///     ResourceClass, RouterDeleter, RouterId, SessionId, SessionStore,
     ///     TerminationBatch, TerminationNotifier,
     /// };

@@ -528,7 +528,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, RouterStatus,
+    ///     deleter::DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, store::RouterStatus,
     ///     SessionStore, TerminationBatch, TerminationNotifier,
     /// };
     ///
@@ -712,7 +712,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
+    ///     deleter::DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
     ///     TerminationBatch, TerminationNotifier,
     /// };
     ///

@@ -11,7 +11,7 @@ use crate::store::{BackendError, FenceError, FinishError, RouterError};
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
+///     deleter::DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
 ///     TerminationBatch, TerminationNotifier,
 /// };
 ///
@@ -63,7 +63,7 @@ impl DeleteOutcome {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{DeleteOutcome, Incarnation, RouterId};
+    /// use session_lifecycle::{deleter::DeleteOutcome, Incarnation, RouterId};
     ///
     /// let outcome = DeleteOutcome::AlreadyDeleted {
     ///     router: RouterId::new(1),
@@ -89,7 +89,7 @@ impl DeleteOutcome {
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, TerminationBatch,
+///     deleter::DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, TerminationBatch,
 ///     TerminationNotifier,
 /// };
 ///

@@ -29,7 +29,7 @@ use super::RunState;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::report::{DeleteError, DeleteOutcome};
-use crate::cleanup::close_all;
+use crate::closing::close_all;
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionKey};

@@ -21,7 +21,7 @@ use crate::transport_error::transport_error;
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     Event, EventBus, LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NoProbe,
+///     Event, EventBus, liveness::LivenessEvent, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe,
 ///     RouterId, SessionId, SessionStore,
 /// };
 ///

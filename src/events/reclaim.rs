@@ -20,8 +20,8 @@ use crate::session::ResourceClass;
 ///
 /// ```
 /// use session_lifecycle::{
-///     DefaultPolicy, Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
-///     RetrySchedule, RouterId, SessionId, Backoff,
+///     reclaim::DefaultPolicy, Event, EventBus, reclaim::ReclaimError, reclaim::ReclaimEvent, ReclaimQueue, reclaim::ReclaimTask,
+///     reclaim::RetrySchedule, RouterId, SessionId, Backoff,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -100,7 +100,7 @@ pub enum ReclaimEvent {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{ResourceClass, RouterId, SessionId, TaskInfo};
+/// use session_lifecycle::{ResourceClass, RouterId, SessionId, reclaim::TaskInfo};
 ///
 /// let info = TaskInfo::new(SessionId::new(7), RouterId::new(1), ResourceClass::High, 4096);
 /// assert_eq!(info.class, ResourceClass::High);
@@ -145,7 +145,7 @@ impl TaskInfo {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+/// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimErrorKind};
 ///
 /// let error = ReclaimError::transient("port table busy");
 /// assert!(error.is_retryable());
@@ -167,7 +167,7 @@ pub struct ReclaimError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{Event, EventBus, ReclaimErrorKind, ReclaimEvent, ReclaimQueue};
+/// use session_lifecycle::{Event, EventBus, reclaim::ReclaimErrorKind, reclaim::ReclaimEvent, ReclaimQueue};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -219,7 +219,7 @@ impl ReclaimError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::ReclaimError;
+    /// use session_lifecycle::reclaim::ReclaimError;
     ///
     /// let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "port table locked");
     /// let error = ReclaimError::transient(busy);
@@ -235,7 +235,7 @@ impl ReclaimError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimErrorKind};
     ///
     /// let error = ReclaimError::permanent(format!("no port {} on the router", 4000));
     /// assert_eq!(error.kind(), ReclaimErrorKind::Permanent);
@@ -276,7 +276,7 @@ impl ReclaimError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{ReclaimError, ReclaimErrorKind};
+    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimErrorKind};
     ///
     /// assert_eq!(ReclaimError::transient("busy").kind(), ReclaimErrorKind::Transient);
     /// ```
@@ -291,7 +291,7 @@ impl ReclaimError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::ReclaimError;
+    /// use session_lifecycle::reclaim::ReclaimError;
     ///
     /// assert!(ReclaimError::transient("busy").is_retryable());
     /// assert!(!ReclaimError::permanent("gone").is_retryable());

@@ -11,7 +11,7 @@ use crate::id::{Incarnation, RouterId, SessionId};
 ///
 /// ```
 /// use session_lifecycle::{
-///     CloseReason, MemoryStore, NewSession, RepairAction, RouterId, SessionId,
+///     CloseReason, MemoryStore, NewSession, store::RepairAction, RouterId, SessionId,
 ///     SessionStore,
 /// };
 ///
@@ -54,7 +54,7 @@ pub struct Repair {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Repair, RepairAction};
+/// use session_lifecycle::{store::Repair, store::RepairAction};
 ///
 /// /// Whether a repair points at a bug worth paging someone for.
 /// fn alarming(repair: &Repair) -> bool {
@@ -99,7 +99,7 @@ impl RepairAction {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::RepairAction;
+    /// use session_lifecycle::store::RepairAction;
     ///
     /// assert_eq!(RepairAction::OrphanReclaimed.as_str(), "orphan_reclaimed");
     /// ```

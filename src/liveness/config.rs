@@ -157,7 +157,7 @@ impl LivenessMonitorBuilder {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use session_lifecycle::{LivenessMonitorBuilder, MemoryStore, NoProbe};
+    /// use session_lifecycle::{liveness::LivenessMonitorBuilder, MemoryStore, liveness::NoProbe};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -270,7 +270,7 @@ impl LivenessMonitorBuilder {
     /// ```
     /// use std::sync::Arc;
     /// use std::time::Duration;
-    /// use session_lifecycle::{Backoff, LivenessMonitor, MemoryStore, NoProbe};
+    /// use session_lifecycle::{Backoff, LivenessMonitor, MemoryStore, liveness::NoProbe};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -332,7 +332,7 @@ impl LivenessMonitorBuilder {
     /// ```
     /// use std::sync::Arc;
     /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -103,7 +103,7 @@ const STOPPED: u64 = 1 << 63;
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+///     CloseReason, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
 ///     SessionStore,
 /// };
 ///
@@ -194,7 +194,7 @@ impl LivenessMonitor<MemoryStore, NoProbe> {
     /// ```
     /// use std::sync::Arc;
     /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -253,7 +253,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///
@@ -303,7 +303,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///
@@ -356,7 +356,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///
@@ -398,7 +398,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// use std::sync::Arc;
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+    ///     CloseReason, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
     ///     SessionId, SessionStore,
     /// };
     ///
@@ -460,7 +460,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///
@@ -509,7 +509,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe, RouterId};
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe, RouterId};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -559,8 +559,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
-    ///     SessionStore, WatchError,
+    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
+    ///     SessionStore, liveness::WatchError,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -27,7 +27,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::cleanup::close_and_remove;
+use crate::closing::close_and_remove;
 use crate::events::{LivenessEvent, ProbeError};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
@@ -89,7 +89,7 @@ impl<Pr: Prober> Prober for Arc<Pr> {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use session_lifecycle::{LivenessMonitor, MemoryStore, NoProbe};
+/// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

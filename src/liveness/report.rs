@@ -13,7 +13,7 @@ use crate::id::SessionId;
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId, SessionId,
+///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
 ///     SessionStore,
 /// };
 ///
@@ -76,7 +76,7 @@ pub struct LivenessStats {
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     HeartbeatError, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
+///     liveness::HeartbeatError, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
 ///     SessionId, SessionStore,
 /// };
 ///
@@ -132,8 +132,8 @@ pub enum HeartbeatError {
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     CloseReason, LivenessMonitor, MemoryStore, NewSession, NoProbe, RouterId,
-///     SessionId, SessionStore, WatchError,
+///     CloseReason, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
+///     SessionId, SessionStore, liveness::WatchError,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]

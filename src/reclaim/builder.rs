@@ -22,7 +22,7 @@ use crate::events::EventBus;
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{DefaultPolicy, EventBus, ReclaimQueue};
+/// use session_lifecycle::{reclaim::DefaultPolicy, EventBus, ReclaimQueue};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -112,7 +112,7 @@ impl ReclaimQueueBuilder {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     Event, EventBus, ReclaimError, ReclaimEvent, ReclaimQueue, ReclaimTask,
+    ///     Event, EventBus, reclaim::ReclaimError, reclaim::ReclaimEvent, ReclaimQueue, reclaim::ReclaimTask,
     ///     RouterId, SessionId,
     /// };
     ///
@@ -146,7 +146,7 @@ impl ReclaimQueueBuilder {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -32,7 +32,7 @@ impl ReclaimQueue {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     Classed, CloseReason, Incarnation, NewSession, ReclaimQueue, ResourceClass,
+    ///     session::Classed, CloseReason, Incarnation, NewSession, ReclaimQueue, ResourceClass,
     ///     RouterId, SessionId,
     /// };
     ///
@@ -126,7 +126,7 @@ impl ReclaimQueue {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -17,7 +17,7 @@ use crate::events::TaskInfo;
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::Priority;
+/// use session_lifecycle::reclaim::Priority;
 ///
 /// let soon = Priority::due_in(Duration::from_millis(10));
 /// assert!(Priority::URGENT < soon);
@@ -33,7 +33,7 @@ impl Priority {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{Priority};
+    /// use session_lifecycle::{reclaim::Priority};
     ///
     /// assert_eq!(Priority::URGENT.delay(), Duration::ZERO);
     /// assert!(Priority::URGENT < Priority::due_in(Duration::from_nanos(1)));
@@ -46,7 +46,7 @@ impl Priority {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{Priority};
+    /// use session_lifecycle::{reclaim::Priority};
     ///
     /// // Due one second after it is pushed: overtaken only by tasks pushed
     /// // within the next second whose own delay is shorter.
@@ -64,7 +64,7 @@ impl Priority {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{Priority};
+    /// use session_lifecycle::{reclaim::Priority};
     ///
     /// assert_eq!(
     ///     Priority::due_in(Duration::from_millis(250)).delay(),
@@ -84,7 +84,7 @@ impl Priority {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{Backoff, RetrySchedule};
+/// use session_lifecycle::{Backoff, reclaim::RetrySchedule};
 ///
 /// let backoff = Backoff::new()
 ///     .retries(5)
@@ -126,7 +126,7 @@ impl RetrySchedule {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::RetrySchedule;
+    /// use session_lifecycle::reclaim::RetrySchedule;
     ///
     /// assert_eq!(RetrySchedule::none().max_attempts(), 1);
     /// ```
@@ -148,7 +148,7 @@ impl RetrySchedule {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::RetrySchedule;
+    /// use session_lifecycle::reclaim::RetrySchedule;
     ///
     /// assert_eq!(RetrySchedule::default().backoff().max_retries(), 3);
     /// ```
@@ -171,7 +171,7 @@ impl RetrySchedule {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::RetrySchedule;
+    /// use session_lifecycle::reclaim::RetrySchedule;
     ///
     /// assert_eq!(RetrySchedule::default().timeout(), Duration::from_secs(10));
     /// ```
@@ -189,7 +189,7 @@ impl RetrySchedule {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{Backoff, RetrySchedule};
+    /// use session_lifecycle::{Backoff, reclaim::RetrySchedule};
     ///
     /// let schedule = RetrySchedule::none().attempt_timeout(Duration::from_secs(3));
     /// // One attempt that times out, and a millisecond of slack per timer.
@@ -224,7 +224,7 @@ impl RetrySchedule {
 /// ```
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     Priority, ReclaimPolicy, ResourceClass, RetrySchedule, TaskInfo,
+///     reclaim::Priority, reclaim::ReclaimPolicy, ResourceClass, reclaim::RetrySchedule, reclaim::TaskInfo,
 /// };
 ///
 /// /// Strict classes and no traffic bonus; tokens never retried.
@@ -260,7 +260,7 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{Priority, ReclaimPolicy, TaskInfo};
+    /// use session_lifecycle::{reclaim::Priority, reclaim::ReclaimPolicy, reclaim::TaskInfo};
     ///
     /// /// Everything urgent; sessions open for more than an hour are reported.
     /// struct Hourly;
@@ -300,7 +300,7 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
 ///
 /// ```
 /// use session_lifecycle::{
-///     DefaultPolicy, ReclaimPolicy, ResourceClass, RouterId, SessionId, TaskInfo,
+///     reclaim::DefaultPolicy, reclaim::ReclaimPolicy, ResourceClass, RouterId, SessionId, reclaim::TaskInfo,
 /// };
 ///
 /// let policy = DefaultPolicy::default();
@@ -340,7 +340,7 @@ impl DefaultPolicy {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{DefaultPolicy};
+    /// use session_lifecycle::{reclaim::DefaultPolicy};
     ///
     /// let policy = DefaultPolicy::default().class_spacing(Duration::from_millis(200));
     /// assert_eq!(policy.max_delay(), Duration::from_millis(700));
@@ -358,8 +358,8 @@ impl DefaultPolicy {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     Backoff, DefaultPolicy, ReclaimPolicy, ResourceClass, RetrySchedule, RouterId,
-    ///     SessionId, TaskInfo,
+    ///     Backoff, reclaim::DefaultPolicy, reclaim::ReclaimPolicy, ResourceClass, reclaim::RetrySchedule, RouterId,
+    ///     SessionId, reclaim::TaskInfo,
     /// };
     ///
     /// let patient = RetrySchedule::new(
@@ -385,7 +385,7 @@ impl DefaultPolicy {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{DefaultPolicy, ReclaimPolicy};
+    /// use session_lifecycle::{reclaim::DefaultPolicy, reclaim::ReclaimPolicy};
     ///
     /// let eight_hours = Some(Duration::from_secs(8 * 3_600));
     /// let policy = DefaultPolicy::default().long_lived_threshold(eight_hours);
@@ -407,7 +407,7 @@ impl DefaultPolicy {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use session_lifecycle::{DefaultPolicy};
+    /// use session_lifecycle::{reclaim::DefaultPolicy};
     ///
     /// assert_eq!(DefaultPolicy::default().max_delay(), Duration::from_millis(3_500));
     /// ```

@@ -50,7 +50,7 @@ use crate::session::Session;
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use session_lifecycle::{
-///     ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass, RouterId, SessionId,
+///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -136,7 +136,7 @@ impl ReclaimQueue {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -183,7 +183,7 @@ impl ReclaimQueue {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -227,7 +227,7 @@ impl ReclaimQueue {
     /// ```
     /// use std::time::Duration;
     /// use session_lifecycle::{
-    ///     DefaultPolicy, Event, EventBus, Incarnation, NewSession, ReclaimEvent, ReclaimQueue,
+    ///     reclaim::DefaultPolicy, Event, EventBus, Incarnation, NewSession, reclaim::ReclaimEvent, ReclaimQueue,
     ///     RouterId, SessionId,
     /// };
     ///
@@ -294,7 +294,7 @@ impl ReclaimQueue {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -326,7 +326,7 @@ impl ReclaimQueue {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -400,7 +400,7 @@ impl ReclaimQueue {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -12,7 +12,7 @@ use crate::events::TaskInfo;
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+/// use session_lifecycle::{reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -74,7 +74,7 @@ pub struct ReclaimStats {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+/// use session_lifecycle::{reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -121,7 +121,7 @@ pub struct ShutdownReport {
 ///
 /// ```
 /// use std::time::Duration;
-/// use session_lifecycle::{ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId};
+/// use session_lifecycle::{reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -167,7 +167,7 @@ impl fmt::Debug for PushError {
 ///
 /// ```
 /// use session_lifecycle::{
-///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId, TryPushError,
+///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId, reclaim::TryPushError,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -210,7 +210,7 @@ impl TryPushError {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimQueue, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

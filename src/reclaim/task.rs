@@ -28,7 +28,7 @@ use crate::session::{
 /// ```
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU32, Ordering};
-/// use session_lifecycle::{ReclaimError, ReclaimTask, RouterId, SessionId};
+/// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId};
 ///
 /// let ports = Arc::new(AtomicU32::new(1));
 /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), move || {
@@ -48,7 +48,7 @@ pub trait Reclaim: Send + 'static {
     /// ```
     /// use std::sync::{Arc, Mutex};
     /// use futures::future::BoxFuture;
-    /// use session_lifecycle::{Reclaim, ReclaimError, ReclaimTask, RouterId, SessionId};
+    /// use session_lifecycle::{reclaim::Reclaim, reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -107,7 +107,7 @@ where
 ///
 /// ```
 /// use session_lifecycle::{
-///     Incarnation, NewSession, ReclaimError, ReclaimQueue, ReclaimTask, ResourceClass,
+///     Incarnation, NewSession, reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, ResourceClass,
 ///     RouterId, SessionId,
 /// };
 ///
@@ -150,7 +150,7 @@ impl ReclaimTask {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId,
+    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId,
     /// };
     ///
     /// let task = ReclaimTask::new(SessionId::new(7), RouterId::new(1), || async {
@@ -173,7 +173,7 @@ impl ReclaimTask {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     Incarnation, NewSession, ReclaimError, ReclaimTask, RouterId, SessionId,
+    ///     Incarnation, NewSession, reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// let session =
@@ -198,7 +198,7 @@ impl ReclaimTask {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId,
+    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId,
     /// };
     ///
     /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
@@ -218,7 +218,7 @@ impl ReclaimTask {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{ReclaimError, ReclaimTask, RouterId, SessionId};
+    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId};
     ///
     /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
     ///     Ok::<(), ReclaimError>(())
@@ -238,7 +238,7 @@ impl ReclaimTask {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimTask, ResourceClass, RouterId, SessionId, TaskInfo,
+    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId, reclaim::TaskInfo,
     /// };
     ///
     /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(2), || async {
@@ -265,7 +265,7 @@ impl ReclaimTask {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     ReclaimError, ReclaimErrorKind, ReclaimTask, RouterId, SessionId,
+    ///     reclaim::ReclaimError, reclaim::ReclaimErrorKind, reclaim::ReclaimTask, RouterId, SessionId,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -23,7 +23,7 @@ use crate::store::SessionStore;
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use session_lifecycle::{
-///     EventBus, LivenessMonitor, MemoryStore, NoProbe, ReclaimQueue, Reconciler,
+///     EventBus, LivenessMonitor, MemoryStore, liveness::NoProbe, ReclaimQueue, Reconciler,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -164,7 +164,7 @@ impl ReconcilerBuilder {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NoProbe, Reconciler, RouterId, SessionId,
+    ///     LivenessMonitor, MemoryStore, liveness::NoProbe, Reconciler, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///

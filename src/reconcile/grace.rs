@@ -348,7 +348,7 @@ impl<S: SessionStore> Reconciler<S> {
     /// ```
     /// use std::sync::Arc;
     /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, ReconcileError, Reconciler, RouterId, SessionId,
+    ///     MemoryStore, NewSession, reconcile::ReconcileError, Reconciler, RouterId, SessionId,
     ///     SessionStore,
     /// };
     ///

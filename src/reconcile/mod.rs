@@ -17,3 +17,5 @@ mod report;
 pub use builder::ReconcilerBuilder;
 pub use reconciler::Reconciler;
 pub use report::{ReconcileError, ReconcileReport};
+
+pub use crate::events::ReconcileSummary;

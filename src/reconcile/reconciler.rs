@@ -18,7 +18,7 @@ use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::grace::Grace;
-use crate::cleanup::close_and_remove;
+use crate::closing::close_and_remove;
 use crate::events::EventBus;
 use crate::id::{RouterId, SessionId, SessionKey};
 use crate::liveness::RouterHold;

@@ -58,7 +58,7 @@ pub struct ReconcileReport {
 /// ```
 /// use std::sync::Arc;
 /// use session_lifecycle::{
-///     Incarnation, MemoryStore, ReconcileError, Reconciler, RouterId, RouterStatus,
+///     Incarnation, MemoryStore, reconcile::ReconcileError, Reconciler, RouterId, store::RouterStatus,
 ///     SessionId, SessionStore,
 /// };
 ///

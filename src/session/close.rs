@@ -29,7 +29,7 @@ impl<P> Session<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+    ///     session::CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
     /// };
     ///
     /// let session =

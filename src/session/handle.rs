@@ -13,7 +13,7 @@
 //!
 //! The session has one lock, `shared`. It is never held while user code
 //! runs: resources are released, wakers woken, cloned and dropped (see
-//! `closed.rs`), the token's reader run ([`Session::with_token`] clones the
+//! `wait.rs`), the token's reader run ([`Session::with_token`] clones the
 //! token's `Arc` under it and reads after), and anything taken out of it
 //! dropped, after it is released. Stores may hold their own locks while
 //! taking it; it never takes theirs.
@@ -23,12 +23,12 @@ use std::task::Waker;
 
 use tokio::time::{Duration, Instant};
 
-use super::beat::Beat;
-use super::closed::{Closed, ClosedOwned};
+use super::estimator::Beat;
 use super::resource::{AttachError, Resource, Resources};
 use super::state::{CloseReason, SessionState, StateWord, Transition, WatchRefused};
 use super::token::SessionToken;
 use super::traffic::{Traffic, TrafficCounters};
+use super::wait::{WaitForClose, WaitForCloseOwned};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::loom::{Arc, Mutex};
 
@@ -385,7 +385,7 @@ impl<P> Session<P> {
     /// ```
     /// use session_lifecycle::{
     ///     CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState,
-    ///     Transition,
+    ///     session::Transition,
     /// };
     ///
     /// let session =
@@ -437,8 +437,8 @@ impl<P> Session<P> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn closed(&self) -> Closed<'_, P> {
-        Closed::new(self)
+    pub fn closed(&self) -> WaitForClose<'_, P> {
+        WaitForClose::new(self)
     }
 
     /// Like [`closed`](Self::closed), but the future owns a handle and is
@@ -464,8 +464,8 @@ impl<P> Session<P> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn closed_owned(&self) -> ClosedOwned<P> {
-        ClosedOwned::new(self.clone())
+    pub fn closed_owned(&self) -> WaitForCloseOwned<P> {
+        WaitForCloseOwned::new(self.clone())
     }
 
     /// Attaches a resource to be released exactly once when the session
@@ -480,7 +480,7 @@ impl<P> Session<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CloseReason, Classed, Incarnation, NewSession, RouterId, SessionId,
+    ///     CloseReason, session::Classed, Incarnation, NewSession, RouterId, SessionId,
     ///     ResourceClass,
     /// };
     ///

@@ -214,7 +214,7 @@ impl fmt::Display for ResourceClass {
 ///
 /// ```
 /// use session_lifecycle::{
-///     Classed, CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId,
+///     session::Classed, CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId,
 ///     SessionId,
 /// };
 ///
@@ -235,7 +235,7 @@ impl<R: Resource> Classed<R> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Classed, CloseReason, Resource, ResourceClass};
+    /// use session_lifecycle::{session::Classed, CloseReason, Resource, ResourceClass};
     ///
     /// let cache_entry = Classed::new(ResourceClass::Low, |_: CloseReason| {});
     /// assert_eq!(cache_entry.class(), ResourceClass::Low);
@@ -249,7 +249,7 @@ impl<R: Resource> Classed<R> {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Classed, CloseReason, ResourceClass};
+    /// use session_lifecycle::{session::Classed, CloseReason, ResourceClass};
     ///
     /// let port = Classed::new(ResourceClass::High, |reason: CloseReason| {
     ///     println!("port freed: {reason}");

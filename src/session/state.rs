@@ -251,7 +251,7 @@ pub(crate) enum CloseFrom {
 ///
 /// ```
 /// use session_lifecycle::{
-///     Incarnation, NewSession, RouterId, SessionId, SessionState, Transition,
+///     Incarnation, NewSession, RouterId, SessionId, SessionState, session::Transition,
 /// };
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
@@ -302,7 +302,7 @@ impl Transition {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+///     session::CloseOutcome, CloseReason, Incarnation, NewSession, RouterId, SessionId,
 /// };
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))

@@ -13,7 +13,7 @@ use zeroize::Zeroize;
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::SessionToken;
+/// use session_lifecycle::session::SessionToken;
 ///
 /// let token = SessionToken::from(b"secret".to_vec());
 /// assert_eq!(token.as_bytes(), b"secret");
@@ -30,7 +30,7 @@ impl SessionToken {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::SessionToken;
+    /// use session_lifecycle::session::SessionToken;
     ///
     /// let token = SessionToken::from(&b"k3y"[..]);
     /// assert_eq!(token.as_bytes(), b"k3y");
@@ -45,7 +45,7 @@ impl SessionToken {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::SessionToken;
+    /// use session_lifecycle::session::SessionToken;
     ///
     /// assert_eq!(SessionToken::from(vec![0u8; 32]).len(), 32);
     /// ```
@@ -59,7 +59,7 @@ impl SessionToken {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::SessionToken;
+    /// use session_lifecycle::session::SessionToken;
     ///
     /// assert!(SessionToken::from(Vec::new()).is_empty());
     /// ```

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, Traffic};
+/// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, session::Traffic};
 ///
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
@@ -36,7 +36,7 @@ impl Traffic {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::Traffic;
+    /// use session_lifecycle::session::Traffic;
     ///
     /// let traffic = Traffic { bytes_in: 10, bytes_out: 5, ..Traffic::default() };
     /// assert_eq!(traffic.total_bytes(), 15);

@@ -57,7 +57,7 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// use std::sync::Arc;
 ///
 /// use session_lifecycle::{
-///     BoxStore, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore,
+///     store::BoxStore, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore,
 ///     TerminationBatch, TerminationNotifier, NotifyError,
 /// };
 ///
@@ -118,7 +118,7 @@ impl<P: Send + Sync + 'static> BoxStore<P> {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use session_lifecycle::{BoxStore, MemoryStore, RouterId, SessionStore};
+    /// use session_lifecycle::{store::BoxStore, MemoryStore, RouterId, SessionStore};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -20,7 +20,7 @@ use crate::session::NewSession;
 ///
 /// ```
 /// use std::error::Error as _;
-/// use session_lifecycle::{BackendError, BackendErrorKind, SessionError};
+/// use session_lifecycle::{store::BackendError, store::BackendErrorKind, store::SessionError};
 ///
 /// // A remote store wraps its client's error; every store error converts from it.
 /// let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "etcd did not answer");
@@ -42,7 +42,7 @@ pub struct BackendError {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::BackendErrorKind;
+/// use session_lifecycle::store::BackendErrorKind;
 ///
 /// /// Whether the same call may simply be made again.
 /// fn call_again(kind: BackendErrorKind) -> bool {
@@ -94,7 +94,7 @@ impl BackendErrorKind {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::BackendErrorKind;
+    /// use session_lifecycle::store::BackendErrorKind;
     ///
     /// assert_eq!(BackendErrorKind::Pending.as_str(), "write pending");
     /// ```
@@ -125,7 +125,7 @@ impl BackendError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{BackendError, BackendErrorKind};
+    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
     ///
     /// let refused = std::io::Error::new(
     ///     std::io::ErrorKind::ConnectionRefused,
@@ -144,7 +144,7 @@ impl BackendError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{BackendError, BackendErrorKind};
+    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
     ///
     /// let lost = std::io::Error::new(std::io::ErrorKind::TimedOut, "answer lost");
     /// let error = BackendError::with_kind(BackendErrorKind::OutcomeUnknown, lost);
@@ -165,7 +165,7 @@ impl BackendError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{BackendError, BackendErrorKind};
+    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
     ///
     /// let error = BackendError::with_kind(
     ///     BackendErrorKind::Pending,
@@ -184,7 +184,7 @@ impl BackendError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::BackendError;
+    /// use session_lifecycle::store::BackendError;
     ///
     /// let error = BackendError::new(std::io::Error::other("boom"));
     /// let io = error.get_ref().downcast_ref::<std::io::Error>().unwrap();
@@ -214,7 +214,7 @@ impl std::error::Error for BackendError {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{MemoryStore, RegisterError, RouterId, SessionStore};
+/// use session_lifecycle::{MemoryStore, store::RegisterError, RouterId, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -265,7 +265,7 @@ pub enum RegisterError {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId,
+///     store::CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId,
 ///     SessionStore,
 /// };
 ///
@@ -346,7 +346,7 @@ impl Eq for BackendError {}
 ///
 /// ```
 /// use session_lifecycle::{
-///     CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+///     store::CreateErrorKind, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -384,7 +384,7 @@ impl<P> CreateError<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
     /// };
     ///
     /// let router = RouterId::new(9);
@@ -402,7 +402,7 @@ impl<P> CreateError<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
     /// };
     ///
     /// let spec =
@@ -422,7 +422,7 @@ impl<P> CreateError<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     CreateError, CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
+    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
     /// };
     ///
     /// let spec =
@@ -454,7 +454,7 @@ impl<P> fmt::Debug for CreateError<P> {
 ///
 /// ```
 /// use session_lifecycle::{
-///     CloseReason, MemoryStore, SessionError, SessionId, SessionStore,
+///     CloseReason, MemoryStore, store::SessionError, SessionId, SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -486,7 +486,7 @@ pub enum SessionError {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{MemoryStore, RouterError, RouterId, SessionStore};
+/// use session_lifecycle::{MemoryStore, store::RouterError, RouterId, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -515,7 +515,7 @@ pub enum RouterError {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{FenceError, MemoryStore, RouterId, SessionStore};
+/// use session_lifecycle::{store::FenceError, MemoryStore, RouterId, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -573,7 +573,7 @@ pub enum FenceError {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{FinishError, Incarnation, MemoryStore, RouterId, SessionStore};
+/// use session_lifecycle::{store::FinishError, Incarnation, MemoryStore, RouterId, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

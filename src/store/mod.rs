@@ -146,7 +146,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{MemoryStore, RouterId, RouterStatus, SessionStore};
+    /// use session_lifecycle::{MemoryStore, RouterId, store::RouterStatus, SessionStore};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -491,7 +491,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{FenceError, MemoryStore, RouterId, SessionStore};
+    /// use session_lifecycle::{store::FenceError, MemoryStore, RouterId, SessionStore};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -528,7 +528,7 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore,
+    ///     MemoryStore, NewSession, RouterId, store::RouterStatus, SessionId, SessionStore,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

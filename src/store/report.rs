@@ -10,7 +10,7 @@ use crate::session::Session;
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{MemoryStore, RouterId, RouterStatus, SessionStore};
+/// use session_lifecycle::{MemoryStore, RouterId, store::RouterStatus, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -46,7 +46,7 @@ impl RouterStatus {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Incarnation, RouterStatus};
+    /// use session_lifecycle::{Incarnation, store::RouterStatus};
     ///
     /// assert_eq!(
     ///     RouterStatus::Fenced(Incarnation::new(4)).incarnation(),
@@ -232,7 +232,7 @@ impl AuditReport {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{AuditReport, SessionId};
+    /// use session_lifecycle::{store::AuditReport, SessionId};
     ///
     /// let report =
     ///     AuditReport { orphans: vec![SessionId::new(3)], ..AuditReport::default() };
@@ -252,7 +252,7 @@ impl AuditReport {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{AuditReport, SessionId};
+    /// use session_lifecycle::{store::AuditReport, SessionId};
     ///
     /// let report = AuditReport {
     ///     closed_in_store: vec![SessionId::new(3)],
@@ -270,7 +270,7 @@ impl AuditReport {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{AuditReport, SessionId};
+    /// use session_lifecycle::{store::AuditReport, SessionId};
     ///
     /// let report = AuditReport {
     ///     orphans: vec![SessionId::new(3), SessionId::new(4)],
@@ -291,7 +291,7 @@ impl AuditReport {
 ///
 /// ```
 /// use session_lifecycle::{
-///     MemoryStore, NewSession, RouterId, RouterStatus, SessionId, SessionStore,
+///     MemoryStore, NewSession, RouterId, store::RouterStatus, SessionId, SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -335,7 +335,7 @@ impl RouterCensus {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
+    /// use session_lifecycle::{Incarnation, store::RouterCensus, RouterId, store::RouterStatus};
     ///
     /// let mut census =
     ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
@@ -358,7 +358,7 @@ impl RouterCensus {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{Incarnation, RouterCensus, RouterId, RouterStatus};
+    /// use session_lifecycle::{Incarnation, store::RouterCensus, RouterId, store::RouterStatus};
     ///
     /// let mut census =
     ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));

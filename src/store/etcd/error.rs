@@ -97,7 +97,7 @@ impl EtcdError {
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::BackendErrorKind;
+    /// use session_lifecycle::store::BackendErrorKind;
     /// use session_lifecycle::etcd::EtcdError;
     ///
     /// let error = EtcdError::Contention { key: "/sl/r/1".into() };

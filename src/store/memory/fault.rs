@@ -17,7 +17,7 @@ use crate::store::report::RouterStatus;
 ///
 /// ```
 /// use session_lifecycle::{
-///     Corruption, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+///     store::Corruption, Incarnation, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -59,7 +59,7 @@ pub enum Corruption<P> {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Fault, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{store::Fault, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -125,7 +125,7 @@ impl<P> MemoryStore<P> {
     ///
     /// ```
     /// use session_lifecycle::{
-    ///     Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
+    ///     store::Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]

@@ -520,7 +520,7 @@ fn failed(call: &'static str, error: impl fmt::Display) -> Violation {
 /// # Example
 ///
 /// ```
-/// use session_lifecycle::{Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
+/// use session_lifecycle::{store::Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore};
 /// use session_lifecycle::test_util::{check_invariants, run_paused};
 ///
 /// run_paused(async {

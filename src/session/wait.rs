@@ -47,19 +47,19 @@ use super::state::CloseReason;
 /// # }
 /// ```
 #[must_use = "futures do nothing unless polled"]
-pub struct Closed<'a, P> {
+pub struct WaitForClose<'a, P> {
     session: &'a Session<P>,
     slot: Option<usize>,
 }
 
 /// Future returned by [`Session::closed_owned`]: the `'static` variant of
-/// [`Closed`].
+/// [`WaitForClose`].
 ///
 /// # Example
 ///
 /// ```
 /// use session_lifecycle::{
-///     ClosedOwned, CloseReason, Incarnation, NewSession, RouterId, SessionId,
+///     session::WaitForCloseOwned, CloseReason, Incarnation, NewSession, RouterId, SessionId,
 /// };
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -67,7 +67,7 @@ pub struct Closed<'a, P> {
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
 /// // Owned futures can be stored and spawned: one cleanup task per session.
-/// let waiter: ClosedOwned<()> = session.closed_owned();
+/// let waiter: WaitForCloseOwned<()> = session.closed_owned();
 /// let cleanup = tokio::spawn(async move {
 ///     let reason = waiter.await;
 ///     println!("session closed: {reason}");
@@ -79,12 +79,12 @@ pub struct Closed<'a, P> {
 /// # }
 /// ```
 #[must_use = "futures do nothing unless polled"]
-pub struct ClosedOwned<P> {
+pub struct WaitForCloseOwned<P> {
     session: Session<P>,
     slot: Option<usize>,
 }
 
-impl<'a, P> Closed<'a, P> {
+impl<'a, P> WaitForClose<'a, P> {
     pub(super) fn new(session: &'a Session<P>) -> Self {
         Self {
             session,
@@ -93,7 +93,7 @@ impl<'a, P> Closed<'a, P> {
     }
 }
 
-impl<P> ClosedOwned<P> {
+impl<P> WaitForCloseOwned<P> {
     pub(super) fn new(session: Session<P>) -> Self {
         Self {
             session,
@@ -102,7 +102,7 @@ impl<P> ClosedOwned<P> {
     }
 }
 
-impl<P> Future for Closed<'_, P> {
+impl<P> Future for WaitForClose<'_, P> {
     type Output = CloseReason;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
@@ -111,7 +111,7 @@ impl<P> Future for Closed<'_, P> {
     }
 }
 
-impl<P> Future for ClosedOwned<P> {
+impl<P> Future for WaitForCloseOwned<P> {
     type Output = CloseReason;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
@@ -120,29 +120,29 @@ impl<P> Future for ClosedOwned<P> {
     }
 }
 
-impl<P> Drop for Closed<'_, P> {
+impl<P> Drop for WaitForClose<'_, P> {
     fn drop(&mut self) {
         leave(&self.session.inner, &mut self.slot);
     }
 }
 
-impl<P> Drop for ClosedOwned<P> {
+impl<P> Drop for WaitForCloseOwned<P> {
     fn drop(&mut self) {
         leave(&self.session.inner, &mut self.slot);
     }
 }
 
-impl<P> fmt::Debug for Closed<'_, P> {
+impl<P> fmt::Debug for WaitForClose<'_, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Closed")
+        f.debug_struct("WaitForClose")
             .field("session", &self.session.id())
             .finish_non_exhaustive()
     }
 }
 
-impl<P> fmt::Debug for ClosedOwned<P> {
+impl<P> fmt::Debug for WaitForCloseOwned<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClosedOwned")
+        f.debug_struct("WaitForCloseOwned")
             .field("session", &self.session.id())
             .finish_non_exhaustive()
     }
