@@ -48,7 +48,7 @@ pub struct ReconcilerBuilder {
     config: Config,
 }
 
-impl Reconciler<crate::MemoryStore> {
+impl Reconciler<()> {
     /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
     /// sessions, no session spared for its youth, no reclaim queue, no
     /// event bus.

@@ -69,11 +69,11 @@ use crate::store::SessionStore;
 /// # Ok(())
 /// # }
 /// ```
-pub struct Reconciler<S: SessionStore> {
+pub struct Reconciler<S> {
     pub(super) inner: Arc<Inner<S>>,
 }
 
-pub(super) struct Inner<S: SessionStore> {
+pub(super) struct Inner<S> {
     pub(super) store: Arc<S>,
     pub(super) config: Config,
     pub(super) graces: Mutex<HashMap<RouterId, Grace>>,
@@ -104,7 +104,7 @@ impl fmt::Debug for Config {
     }
 }
 
-impl<S: SessionStore> Clone for Reconciler<S> {
+impl<S> Clone for Reconciler<S> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
