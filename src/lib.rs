@@ -209,6 +209,21 @@
 //! with locks documents its lock order under `# Deadlock safety`. The state word and close notification are
 //! model-checked with loom:
 //! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
+//!
+//! # Stability
+//!
+//! The crate root holds the names a controller uses every day; the rest
+//! lives in each piece's module ([`deleter`], [`events`], [`lifecycle`],
+//! [`liveness`], [`reclaim`], [`reconcile`], [`session`], [`store`],
+//! [`sweeper`]). `#[non_exhaustive]` follows one rule: what a later
+//! version may extend is non-exhaustive (every error, event, reason and
+//! kind enum, and every report or stats struct with public fields), so
+//! match it with a wildcard arm and read its fields by name; closed sets
+//! whose exhaustive match is the point ([`SessionState`],
+//! [`session::Transition`], [`session::CloseOutcome`],
+//! [`deleter::DeleteOutcome`], [`store::RouterStatus`],
+//! [`reclaim::TryPushError`], [`ResourceClass`]) and messages you build
+//! yourself ([`TerminationBatch`], [`ProbeBatch`]) are not.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(

@@ -152,7 +152,7 @@ pub enum DeleteError {
     },
     /// The store's backend failed. The router stays fenced if the fence was
     /// taken: calling `delete` again resumes the deletion.
-    #[error("store failed while deleting {router}: {source}")]
+    #[error("store failed while deleting {router}")]
     Store {
         /// The router.
         router: RouterId,

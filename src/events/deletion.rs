@@ -129,6 +129,7 @@ pub struct DeletionReport {
 /// # }
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PhaseDurations {
     /// Fencing the router and taking the snapshot.
     pub fence: Duration,

@@ -35,6 +35,7 @@ use crate::id::{Incarnation, RouterId, SessionId};
 /// # }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Repair {
     /// The session concerned.
     pub session: SessionId,

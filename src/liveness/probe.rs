@@ -150,7 +150,6 @@ impl Prober for NoProbe {
 /// # }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct ProbeBatch {
     /// The router to ask.
     pub router: RouterId,

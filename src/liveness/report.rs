@@ -116,12 +116,13 @@ pub enum HeartbeatError {
     #[error("heartbeat after the liveness monitor shut down")]
     ShutDown,
     /// The store's backend failed looking the id up.
-    #[error("heartbeat for {id} not recorded: {error}")]
+    #[error("heartbeat for {id} not recorded")]
     Store {
         /// The session.
         id: SessionId,
-        /// The backend's error.
-        error: crate::BackendError,
+        /// The backend's error (the [`source`](std::error::Error::source)).
+        #[source]
+        error: crate::store::BackendError,
     },
 }
 

@@ -92,6 +92,7 @@ impl RouterStatus {
 /// # Ok(())
 /// # }
 /// ```
+#[non_exhaustive]
 pub struct FenceSnapshot<P> {
     /// The router.
     pub router: RouterId,
@@ -143,6 +144,7 @@ impl<P> fmt::Debug for FenceSnapshot<P> {
 /// # }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FinishReport {
     /// The router.
     pub router: RouterId,
@@ -196,6 +198,7 @@ pub struct FinishReport {
 /// # }
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AuditReport {
     /// Routers the store knows, tombstones included.
     pub routers: usize,
