@@ -276,8 +276,6 @@ impl<S> fmt::Debug for AuditSweeper<S> {
 
 impl<S> AuditSweeper<S> {
     /// The sweeper's counters.
-    ///
-    /// See the example on [`SweeperStats`].
     #[must_use]
     pub fn stats(&self) -> SweeperStats {
         let c = &self.inner.counters;

@@ -332,9 +332,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         self.shared.config.reap_bound(timeout)
     }
 
-    /// A snapshot of the monitor's counters.
-    ///
-    /// See the example on [`LivenessStats`].
+    /// A snapshot of the monitor's counters. See the example on
+    /// [`LivenessMonitor`].
     #[must_use]
     pub fn stats(&self) -> LivenessStats {
         self.shared.counters.snapshot()
@@ -350,6 +349,25 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// Holds nest: each `hold_router` needs its own
     /// [`release_router`](Self::release_router).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe, RouterId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor =
+    ///     LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// let router = RouterId::new(4);
+    /// monitor.hold_router(router); // it disconnected
+    /// assert!(monitor.is_held(router));
+    /// monitor.release_router(router); // it is back
+    /// assert!(!monitor.is_held(router));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn hold_router(&self, router: RouterId) {
         Holds(Arc::clone(&self.shared)).hold(router);
     }

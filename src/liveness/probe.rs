@@ -83,7 +83,7 @@ impl<Pr: Prober> Prober for Arc<Pr> {
 
 /// A prober that asks nobody: suspects are spared only by a heartbeat
 /// before their probe rounds run out. For controllers whose routers have
-/// no probe message. See the example on [`LivenessMonitor`].
+/// no probe message. See the example on [`LivenessMonitor`](crate::LivenessMonitor).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoProbe;
 

@@ -169,6 +169,7 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
 
     /// The retry schedule of a task, computed when it starts running.
     ///
+    /// See the example on [`ReclaimPolicy`].
     fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {
         RetrySchedule::default()
     }
@@ -241,7 +242,7 @@ impl DefaultPolicy {
         self
     }
 
-    /// Sets the retry schedule of every task. See the example on [`DefaultPolicy`].
+    /// Sets the retry schedule of every task.
     #[must_use]
     pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
         self.retry = schedule;

@@ -119,6 +119,7 @@ pub struct PushError(pub ReclaimTask);
 impl PushError {
     /// The task that was not queued.
     ///
+    /// See the example on [`PushError`].
     pub fn into_task(self) -> ReclaimTask {
         self.0
     }
@@ -174,7 +175,7 @@ pub enum TryPushError {
 }
 
 impl TryPushError {
-    /// The task that was not queued. See the example on [`TryPushError`].
+    /// The task that was not queued.
     pub fn into_task(self) -> ReclaimTask {
         match self {
             Self::Full(task) | Self::ShutDown(task) => task,

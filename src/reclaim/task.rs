@@ -141,7 +141,7 @@ impl ReclaimTask {
 
     /// Runs one attempt now, outside any queue: for a task a queue handed
     /// back. A panic is contained and returned as
-    /// [`ReclaimErrorKind::Panicked`]. See the example on [`PushError`].
+    /// [`ReclaimErrorKind::Panicked`]. See the example on [`PushError`](super::PushError).
     ///
     /// # Errors
     ///
