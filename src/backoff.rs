@@ -133,19 +133,6 @@ impl Backoff {
     /// How much each delay grows on the last (default 2; finite and at
     /// least 1, checked by [`validate`](Self::validate); 1 keeps the delay
     /// constant).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::Backoff;
-    ///
-    /// let steady = Backoff::new()
-    ///     .delays(Duration::from_millis(250), Duration::from_secs(5))
-    ///     .factor(1.0)
-    ///     .jitter(false);
-    /// assert_eq!(steady.longest_total(), Duration::from_millis(750));
-    /// ```
     pub fn factor(mut self, factor: f32) -> Self {
         self.factor = factor;
         self
@@ -173,14 +160,6 @@ impl Backoff {
 
     /// How many delays the schedule has at most (a `max_duration` may end
     /// it sooner).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::Backoff;
-    ///
-    /// assert_eq!(Backoff::new().retries(5).max_retries(), 5);
-    /// ```
     #[must_use]
     pub fn max_retries(&self) -> u32 {
         self.retries
@@ -193,17 +172,6 @@ impl Backoff {
     /// [`BuildError::Setting`] naming `delays` (a minimum above the
     /// maximum, or a maximum above 1 day) or `factor` (below 1, or not
     /// finite).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::Backoff;
-    ///
-    /// let upside_down = Backoff::new().delays(Duration::from_secs(2), Duration::from_secs(1));
-    /// assert_eq!(upside_down.validate().unwrap_err().refused_setting(), Some("delays"));
-    /// assert!(Backoff::new().validate().is_ok());
-    /// ```
     pub fn validate(&self) -> Result<(), BuildError> {
         self.check("Backoff", None)
     }
@@ -264,20 +232,6 @@ impl Backoff {
     /// The longest all delays of one run can add up to, whatever the
     /// jitter draws: each delay at its largest jitter, the sum at most
     /// `max_duration`. Saturates at [`Duration::MAX`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::Backoff;
-    ///
-    /// let backoff = Backoff::new()
-    ///     .retries(3)
-    ///     .delays(Duration::from_millis(500), Duration::from_secs(1));
-    /// // 0.5 s, 1 s and 1 s, each up to doubled by the jitter.
-    /// assert_eq!(backoff.longest_total(), Duration::from_secs(5));
-    /// assert_eq!(backoff.retries(0).longest_total(), Duration::ZERO);
-    /// ```
     #[must_use]
     pub fn longest_total(&self) -> Duration {
         let total = self.longest_uncapped();

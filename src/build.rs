@@ -67,15 +67,6 @@ impl BuildError {
     }
 
     /// The builder method whose setting was refused, if a setting was.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::MemoryStore;
-    ///
-    /// let refused = MemoryStore::builder().shard_amount(0).build::<()>().unwrap_err();
-    /// assert_eq!(refused.refused_setting(), Some("shard_amount"));
-    /// ```
     #[must_use]
     pub fn refused_setting(&self) -> Option<&'static str> {
         match self {

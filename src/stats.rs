@@ -120,29 +120,6 @@ impl Stats {
     }
 
     /// Adds the deletions `deleter` is running.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{MemoryStore, RouterDeleter, Stats};
-    /// # use session_lifecycle::{NotifyError, TerminationBatch, TerminationNotifier};
-    /// # struct Wire;
-    /// # impl TerminationNotifier for Wire {
-    /// #     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> {
-    /// #         Ok(())
-    /// #     }
-    /// # }
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let deleter = RouterDeleter::new(Arc::clone(&store), Wire);
-    /// let stats = Stats::collect(&*store).await?.with_deleter(&deleter);
-    /// assert_eq!(stats.deletions_in_flight, Some(0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_deleter<S: SessionStore, N: TerminationNotifier>(
         mut self,
@@ -156,21 +133,6 @@ impl Stats {
     }
 
     /// Adds the counters of `queue`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, ReclaimQueue, Stats};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let queue = ReclaimQueue::builder().build()?;
-    /// let stats = Stats::collect(&store).await?.with_reclaim_queue(&queue);
-    /// assert_eq!(stats.reclaim.map(|reclaim| reclaim.depth), Some(0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_reclaim_queue(mut self, queue: &ReclaimQueue) -> Self {
         let stats = queue.stats();
@@ -184,22 +146,6 @@ impl Stats {
     }
 
     /// Adds the counters of `monitor`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe, Stats};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let stats = Stats::collect(&*store).await?.with_liveness(&monitor);
-    /// assert_eq!(stats.liveness.map(|liveness| liveness.suspects), Some(0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_liveness<S: SessionStore, Pr: Prober>(
         mut self,
@@ -216,22 +162,6 @@ impl Stats {
     }
 
     /// Adds the routers `reconciler` holds in their grace period.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{MemoryStore, Reconciler, Stats};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
-    /// let stats = Stats::collect(&*store).await?.with_reconciler(&reconciler);
-    /// assert_eq!(stats.routers_in_grace, Some(0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_reconciler<S: SessionStore>(mut self, reconciler: &Reconciler<S>) -> Self {
         let in_grace = reconciler.in_grace();
@@ -242,23 +172,6 @@ impl Stats {
     }
 
     /// Adds the counters of `sweeper`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{AuditSweeper, MemoryStore, Stats};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
-    /// let _ = sweeper.sweep().await?;
-    /// let stats = Stats::collect(&*store).await?.with_sweeper(&sweeper);
-    /// assert_eq!(stats.sweeper.map(|sweeper| sweeper.sweeps), Some(1));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_sweeper<S>(mut self, sweeper: &AuditSweeper<S>) -> Self {
         self.sweeper = Some(sweeper.stats());
@@ -266,21 +179,6 @@ impl Stats {
     }
 
     /// Adds the counters of `bus`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{EventBus, MemoryStore, Stats};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
-    /// let stats = Stats::collect(&store).await?.with_events(&bus);
-    /// assert_eq!(stats.events.map(|events| events.lagged), Some(0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn with_events(mut self, bus: &EventBus) -> Self {
         self.events = Some(bus.stats());
@@ -288,28 +186,6 @@ impl Stats {
     }
 
     /// The census entry of `router`, if the store knows it.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, RouterId, SessionId, SessionStore, Stats,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(7);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    ///
-    /// let stats = Stats::collect(&store).await?;
-    /// assert_eq!(stats.router(router).map(|census| census.active), Some(1));
-    /// assert!(stats.router(RouterId::new(8)).is_none());
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn router(&self, router: crate::RouterId) -> Option<&RouterCensus> {
         self.routers

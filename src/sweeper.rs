@@ -134,37 +134,7 @@ pub struct AuditSweeperBuilder {
     config: Config,
 }
 
-/// What one sweep found and repaired.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     AuditSweeper, CloseReason, MemoryStore, NewSession, store::RepairAction, RouterId,
-///     SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let session =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// let _ = session.close(CloseReason::ClientClosed); // closed, never removed
-///
-/// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
-/// let first = sweeper.sweep().await?;
-/// assert_eq!(first.audit.closed_in_store, vec![session.id()]);
-/// assert!(first.repairs.is_empty()); // seen once: its removal may be on its way
-/// let report = sweeper.sweep().await?;
-/// assert_eq!(report.repairs[0].action, RepairAction::ClosedRemoved);
-/// println!("sweep took {:?}", report.duration);
-/// assert!(store.is_empty());
-/// # Ok(())
-/// # }
-/// ```
+/// What one sweep found and repaired. See the example on [`AuditSweeper::sweep`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweepReport {
@@ -178,34 +148,6 @@ pub struct SweepReport {
 }
 
 /// A snapshot of an [`AuditSweeper`]'s counters.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     AuditSweeper, CloseReason, MemoryStore, NewSession, RouterId, SessionId,
-///     SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let session =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// let _ = session.close(CloseReason::ClientClosed);
-///
-/// let sweeper = AuditSweeper::builder().build(Arc::clone(&store))?;
-/// let _ = sweeper.sweep().await?; // sees the closed session once
-/// let _ = sweeper.sweep().await?; // twice: removes it
-/// let _ = sweeper.sweep().await?; // nothing left to find
-/// let stats = sweeper.stats();
-/// assert_eq!((stats.sweeps, stats.findings, stats.repairs, stats.failures), (3, 2, 1, 0));
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweeperStats {
@@ -221,21 +163,7 @@ pub struct SweeperStats {
 
 impl AuditSweeper<()> {
     /// A builder with the defaults: a sweep every 60 s, no reclaim queue,
-    /// no event bus.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{AuditSweeper, MemoryStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let sweeper = AuditSweeper::builder().build(Arc::new(MemoryStore::new()))?;
-    /// assert!(sweeper.last_report().is_none());
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// no event bus. See the example on [`AuditSweeper`].
     pub fn builder() -> AuditSweeperBuilder {
         AuditSweeperBuilder {
             config: Config {
@@ -276,37 +204,6 @@ impl AuditSweeperBuilder {
     }
 
     /// Publishes an [`Event::Repaired`] per repair on `bus`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     AuditSweeper, CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId,
-    ///     SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let _ = session.close(CloseReason::ClientClosed);
-    ///
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// let sweeper = AuditSweeper::builder().events(bus).build(Arc::clone(&store))?;
-    /// let _ = sweeper.sweep().await?;
-    /// let _ = sweeper.sweep().await?; // a closed session is removed when seen twice
-    /// match events.try_recv() {
-    ///     Some(Event::Repaired(repair)) => assert_eq!(repair.session, session.id()),
-    ///     other => panic!("unexpected {other:?}"),
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self
@@ -321,24 +218,6 @@ impl AuditSweeperBuilder {
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime,
     /// [`BuildError::Setting`] for a zero interval.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{AuditSweeper, MemoryStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let built = AuditSweeper::builder()
-    ///     .interval(Duration::ZERO)
-    ///     .build(Arc::new(MemoryStore::new()));
-    /// assert_eq!(built.unwrap_err().refused_setting(), Some("interval"));
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
     pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<AuditSweeper<S>, BuildError> {
         const PIECE: &str = "AuditSweeper";
         if self.config.interval.is_zero() {
@@ -397,8 +276,6 @@ impl<S> fmt::Debug for AuditSweeper<S> {
 
 impl<S> AuditSweeper<S> {
     /// The sweeper's counters.
-    ///
-    /// See the example on [`SweeperStats`].
     #[must_use]
     pub fn stats(&self) -> SweeperStats {
         let c = &self.inner.counters;
@@ -411,27 +288,6 @@ impl<S> AuditSweeper<S> {
     }
 
     /// The report of the last sweep that completed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{AuditSweeper, MemoryStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let sweeper = AuditSweeper::builder()
-    ///     .interval(Duration::from_secs(60))
-    ///     .build(Arc::new(MemoryStore::new()))?;
-    /// assert!(sweeper.last_report().is_none());
-    ///
-    /// tokio::time::sleep(Duration::from_secs(61)).await; // the periodic sweep ran
-    /// let report = sweeper.last_report().expect("one sweep");
-    /// assert!(report.audit.is_clean());
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn last_report(&self) -> Option<SweepReport> {
         self.inner.last.lock().clone()

@@ -570,3 +570,28 @@ async fn settings_out_of_range_are_build_errors() {
         })
     );
 }
+
+/// `reap_bound` is the documented sum, term by term: the timeout, one tick,
+/// one probe timeout for the round in flight, `1 + retries` rounds, every
+/// backoff delay at its longest, and a millisecond per timer.
+#[tokio::test]
+async fn reap_bound_adds_up_its_terms() {
+    let backoff = Backoff::new()
+        .retries(3)
+        .delays(Duration::from_millis(500), SECOND)
+        .jitter(false);
+    let monitor = LivenessMonitor::builder()
+        .granularity(Duration::from_millis(10))
+        .timeout_range(3 * SECOND, 3 * SECOND)
+        .pause_allowance(Duration::ZERO)
+        .probe_timeout(SECOND)
+        .probe_backoff(backoff)
+        .build(Arc::new(MemoryStore::new()), NoProbe)
+        .unwrap();
+    // 3 s timeout, a 10 ms tick, 1 s for a round in flight, 4 rounds of
+    // 1 s, waits of 0.5 s, 1 s and 1 s, and 1 ms per timer (11).
+    assert_eq!(
+        monitor.reap_bound(3 * SECOND),
+        Duration::from_millis(3_000 + 10 + 1_000 + 4_000 + 2_500 + 11)
+    );
+}

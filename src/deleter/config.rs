@@ -184,34 +184,6 @@ impl RouterDeleterBuilder {
     /// force-closing them (default 3): shorthand for the
     /// [`backoff`](Self::backoff)'s [`retries`](Backoff::retries), so the
     /// later of the two calls wins.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{Backoff, MemoryStore, RouterDeleter};
-    /// # use session_lifecycle::{NotifyError, TerminationBatch, TerminationNotifier};
-    /// # struct Wire;
-    /// # impl TerminationNotifier for Wire {
-    /// #     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
-    /// # }
-    ///
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let steady = Backoff::new().delays(Duration::from_secs(1), Duration::from_secs(1));
-    /// let once = RouterDeleter::builder()
-    ///     .backoff(steady)
-    ///     .retries(1)
-    ///     .build(Arc::clone(&store), Wire)?;
-    /// let twice = RouterDeleter::builder()
-    ///     .backoff(steady.retries(2))
-    ///     .build(Arc::clone(&store), Wire)?;
-    /// // One more round: a confirm timeout (10 s), a backoff delay with its jitter.
-    /// assert_eq!(twice.max_wait(0) - once.max_wait(0), Duration::from_millis(12_002));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn retries(mut self, retries: u32) -> Self {
         self.config.backoff = self.config.backoff.retries(retries);
         self
@@ -240,50 +212,6 @@ impl RouterDeleterBuilder {
     /// its force phase also waits for the queue (backpressure included) on
     /// top of [`RouterDeleter::max_wait`]; a paused queue holds deletions in
     /// that phase until it is resumed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     session::Classed, CloseReason, MemoryStore, NewSession, NotifyError, ReclaimQueue,
-    ///     ResourceClass, RouterDeleter, RouterId, SessionId, SessionStore,
-    ///     TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let queue = ReclaimQueue::builder().workers(4).build()?;
-    /// let deleter = RouterDeleter::builder()
-    ///     .retries(0)
-    ///     .reclaim_queue(queue.clone())
-    ///     .build(Arc::clone(&store), Silent)?;
-    ///
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// session.attach(Classed::new(
-    ///     ResourceClass::Critical,
-    ///     |_: CloseReason| { /* free it */ },
-    /// ))?;
-    ///
-    /// let _ = deleter.delete(router).await?;
-    /// // The forced session's release went through the queue, and was done.
-    /// assert_eq!(queue.stats().completed, 1);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn reclaim_queue(mut self, queue: ReclaimQueue) -> Self {
         self.config.reclaim = Some(queue);
         self
@@ -294,44 +222,6 @@ impl RouterDeleterBuilder {
     /// each session a run marks, and
     /// [`Event::RouterDeleted`](crate::Event::RouterDeleted) with the run's
     /// report on `bus`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     Event, EventBus, MemoryStore, NotifyError, RouterDeleter, RouterId,
-    ///     SessionStore, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// let store = Arc::new(MemoryStore::new());
-    /// let deleter =
-    ///     RouterDeleter::builder().events(bus).build(Arc::clone(&store), Silent)?;
-    ///
-    /// let router = RouterId::new(1);
-    /// let _ = store.register_router(router).await?;
-    /// let _ = deleter.delete(router).await?;
-    /// assert!(matches!(events.try_recv(), Some(Event::RouterFenced { .. })));
-    /// match events.try_recv() {
-    ///     Some(Event::RouterDeleted(report)) => assert_eq!(report.router, router),
-    ///     other => panic!("unexpected {other:?}"),
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self

@@ -186,32 +186,7 @@ impl<S, N> fmt::Debug for RouterDeleter<S, N> {
 }
 
 impl RouterDeleter<(), ()> {
-    /// A builder to configure the deleter.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// let deleter = RouterDeleter::builder()
-    ///     .confirm_timeout(Duration::from_secs(30))
-    ///     .build(Arc::new(MemoryStore::new()), Silent)?;
-    /// assert_eq!(deleter.running(), 0);
-    /// # Ok::<(), session_lifecycle::BuildError>(())
-    /// ```
+    /// A builder to configure the deleter. See the example on [`RouterDeleter`].
     pub fn builder() -> RouterDeleterBuilder {
         RouterDeleterBuilder::new()
     }
@@ -219,27 +194,6 @@ impl RouterDeleter<(), ()> {
 
 impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// A deleter with the default configuration.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// let deleter = RouterDeleter::new(Arc::new(MemoryStore::new()), Silent);
-    /// assert_eq!(deleter.running(), 0);
-    /// ```
     pub fn new(store: Arc<S>, notifier: N) -> Self {
         Self::from_parts(store, notifier, Config::default())
     }
@@ -257,28 +211,6 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     }
 
     /// The store the deleter works on.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// let store = Arc::new(MemoryStore::new());
-    /// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
-    /// assert!(Arc::ptr_eq(deleter.store(), &store));
-    /// ```
     #[must_use]
     pub fn store(&self) -> &Arc<S> {
         &self.inner.store
@@ -295,83 +227,12 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// A notifier that blocks its thread instead of awaiting (a synchronous
     /// call inside `notify`) cannot be timed out and is not covered.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NotifyError, RouterDeleter, RouterId, SessionStore,
-    ///     TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let _ = store.register_router(router).await?;
-    /// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
-    ///
-    /// // Alert if a deletion runs past its bound (plus slack for the untimed work).
-    /// let sessions = store.count(router).await?;
-    /// let bound = deleter.max_wait(sessions) + Duration::from_secs(1);
-    /// let outcome = tokio::time::timeout(bound, deleter.delete(router)).await;
-    /// assert!(outcome.is_ok(), "deletion of {router} overran its bound");
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn max_wait(&self, sessions: usize) -> Duration {
         self.inner.config.max_wait(sessions)
     }
 
     /// Number of deletions running now.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
-    ///     SessionStore, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
-    ///
-    /// let deletion = tokio::spawn(deleter.delete(router));
-    /// tokio::task::yield_now().await; // it starts, then waits for a confirmation
-    /// assert_eq!(deleter.running(), 1);
-    /// let _ = deletion.await??;
-    /// assert_eq!(deleter.running(), 0);
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn running(&self) -> usize {
         self.inner.runs.lock().len()
@@ -522,41 +383,6 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// Cancel-safe: the run starts when this future is first polled and
     /// from then on belongs to the deleter; dropping the future stops only
     /// the waiting.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     deleter::DeleteOutcome, MemoryStore, NotifyError, RouterDeleter, RouterId, store::RouterStatus,
-    ///     SessionStore, TerminationBatch, TerminationNotifier,
-    /// };
-    ///
-    /// /// A router that never confirms: its sessions are force-closed.
-    /// struct Silent;
-    ///
-    /// impl TerminationNotifier for Silent {
-    ///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-    ///         Ok(())
-    ///     }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let old = store.register_router(router).await?;
-    /// let deleter = RouterDeleter::new(Arc::clone(&store), Silent);
-    /// assert!(deleter.delete_incarnation(router, old).await?.report().is_some());
-    ///
-    /// // The router comes back; the same request, delivered twice, leaves it alone.
-    /// let new = store.register_router(router).await?;
-    /// let again = deleter.delete_incarnation(router, old).await?;
-    /// assert_eq!(again, DeleteOutcome::AlreadyDeleted { router, incarnation: old });
-    /// assert_eq!(store.router_status(router).await?, RouterStatus::Live(new));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn delete_incarnation(
         &self,
         router: RouterId,

@@ -71,47 +71,7 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
 }
 
 /// One notification: sessions of one router to terminate.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     Incarnation, NotifyError, RouterId, SessionId, SessionKey, TerminationBatch,
-///     TerminationNotifier,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// /// Writes one text frame per batch (a stand-in for your transport).
-/// struct Wire(std::sync::Mutex<Vec<String>>);
-///
-/// impl TerminationNotifier for Wire {
-///     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-///         let ids: Vec<String> =
-///             batch.sessions.iter().map(|key| key.id().get().to_string()).collect();
-///         let frame = format!(
-///             "TERMINATE {} round={} {}",
-///             batch.incarnation,
-///             batch.round,
-///             ids.join(",")
-///         );
-///         self.0.lock().unwrap().push(frame);
-///         Ok(())
-///     }
-/// }
-///
-/// let wire = Wire(Default::default());
-/// let batch = TerminationBatch {
-///     router: RouterId::new(1),
-///     incarnation: Incarnation::new(3),
-///     sessions: vec![SessionKey::new(SessionId::new(7), 1), SessionKey::new(SessionId::new(8), 1)],
-///     round: 0,
-/// };
-/// wire.notify(batch).await?;
-/// assert_eq!(wire.0.lock().unwrap()[0], "TERMINATE incarnation-3 round=0 7,8");
-/// # Ok(())
-/// # }
-/// ```
+/// See the example on [`TerminationNotifier`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TerminationBatch {
     /// The router being deleted.

@@ -59,18 +59,6 @@ pub enum DeleteOutcome {
 
 impl DeleteOutcome {
     /// The report, if this call's deletion ran.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{deleter::DeleteOutcome, Incarnation, RouterId};
-    ///
-    /// let outcome = DeleteOutcome::AlreadyDeleted {
-    ///     router: RouterId::new(1),
-    ///     incarnation: Incarnation::new(1),
-    /// };
-    /// assert!(outcome.report().is_none());
-    /// ```
     #[must_use]
     pub fn report(&self) -> Option<&DeletionReport> {
         match self {
@@ -83,43 +71,6 @@ impl DeleteOutcome {
 /// Error of [`RouterDeleter::delete`](crate::RouterDeleter::delete).
 ///
 /// It is `#[non_exhaustive]`: match it with a wildcard arm.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     deleter::DeleteError, MemoryStore, NotifyError, RouterDeleter, RouterId, TerminationBatch,
-///     TerminationNotifier,
-/// };
-///
-/// /// A router that never confirms: its sessions are force-closed.
-/// struct Silent;
-///
-/// impl TerminationNotifier for Silent {
-///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-///         Ok(())
-///     }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let deleter = RouterDeleter::new(Arc::new(MemoryStore::new()), Silent);
-/// match deleter.delete(RouterId::new(9)).await {
-///     Err(DeleteError::UnknownRouter(router)) => assert_eq!(router, RouterId::new(9)),
-///     other => panic!("unexpected {other:?}"),
-/// }
-///
-/// deleter.shutdown().await;
-/// match deleter.delete(RouterId::new(9)).await {
-///     Err(DeleteError::ShuttingDown) => {}
-///     // A store failure or an interrupted run leaves the router fenced: retry.
-///     Err(DeleteError::Store { .. } | DeleteError::Interrupted(_)) => {}
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeleteError {

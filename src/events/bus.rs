@@ -65,34 +65,6 @@ struct BusShared {
 }
 
 /// A snapshot of an [`EventBus`]'s counters.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let bus = EventBus::new(2);
-/// let mut events = bus.subscribe();
-/// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// for id in 0..5 {
-///     let _ =
-///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
-/// }
-/// // The subscriber fell 3 events behind a bus of capacity 2.
-/// assert!(events.try_recv().is_some());
-///
-/// let stats = bus.stats();
-/// assert_eq!((stats.capacity, stats.subscribers), (2, 1));
-/// assert_eq!((stats.published, stats.lagged), (5, 3));
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EventStats {
@@ -110,21 +82,12 @@ pub struct EventStats {
 impl EventBus {
     /// A bus whose subscribers may each fall `capacity` events behind
     /// (at least 1, at most 2^30) before they miss some. The channel's
-    /// slots are allocated up front.
+    /// slots are allocated up front. See the example on [`EventBus`].
     ///
     /// Every clone of the bus keeps the channel open, including the close
     /// hook a store with a bus attaches to each session it creates: a
     /// subscription ends once the bus's clones are gone and those sessions
     /// are closed or dropped.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::EventBus;
-    ///
-    /// assert_eq!(EventBus::new(4_096).stats().capacity, 4_096);
-    /// assert_eq!(EventBus::new(0).stats().capacity, 1);
-    /// ```
     #[must_use]
     pub fn new(capacity: usize) -> Self {
         // tokio's channel allocates every slot up front (and refuses more
@@ -142,19 +105,7 @@ impl EventBus {
         }
     }
 
-    /// Subscribes to every event published from now on.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::EventBus;
-    ///
-    /// let bus = EventBus::default();
-    /// let events = bus.subscribe();
-    /// assert_eq!(bus.stats().subscribers, 1);
-    /// drop(events);
-    /// assert_eq!(bus.stats().subscribers, 0); // nobody listens: events cost nothing
-    /// ```
+    /// Subscribes to every event published from now on. See the example on [`EventBus`].
     #[must_use]
     pub fn subscribe(&self) -> Subscription {
         // Counted before the receiver exists: a publisher that sees zero
@@ -168,21 +119,6 @@ impl EventBus {
     }
 
     /// The bus's counters.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{EventBus, MemoryStore, RouterId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let store = MemoryStore::builder().events(bus.clone()).build::<()>()?;
-    /// let _ = store.register_router(RouterId::new(1)).await?;
-    /// assert_eq!(bus.stats().published, 0); // no subscriber, nothing sent
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn stats(&self) -> EventStats {
         EventStats {
@@ -301,38 +237,11 @@ pub struct Subscription {
 impl Subscription {
     /// The next event; `None` once every clone of the bus is dropped and the
     /// buffered events are read. Events missed by lagging are skipped and
-    /// counted.
+    /// counted. See the example on [`Subscription`].
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future loses no event.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     Event, EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    ///
-    /// match events.recv().await {
-    ///     Some(Event::SessionCreated { session, .. }) => {
-    ///         assert_eq!(session, SessionId::new(1))
-    ///     }
-    ///     other => panic!("unexpected {other:?}"),
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
             match self.receiver.recv().await {
@@ -344,29 +253,6 @@ impl Subscription {
     }
 
     /// The next event if one is buffered, without waiting.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// assert!(events.try_recv().is_none());
-    ///
-    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// assert!(events.try_recv().is_some());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn try_recv(&mut self) -> Option<Event> {
         loop {
             match self.receiver.try_recv() {
@@ -415,31 +301,6 @@ impl Subscription {
     }
 
     /// Events this subscription missed because it fell behind.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     EventBus, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::new(1);
-    /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// for id in 0..3 {
-    ///     let _ = store
-    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
-    ///         .await?;
-    /// }
-    /// assert!(events.try_recv().is_some()); // the newest; two were missed
-    /// assert_eq!(events.lagged(), 2);
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn lagged(&self) -> u64 {
         self.lagged

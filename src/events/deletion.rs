@@ -89,45 +89,6 @@ pub struct DeletionReport {
 }
 
 /// Time spent in each phase of a deletion.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use session_lifecycle::{
-///     MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId, SessionId,
-///     SessionStore, TerminationBatch, TerminationNotifier,
-/// };
-///
-/// /// A router that never confirms: its sessions are force-closed.
-/// struct Silent;
-///
-/// impl TerminationNotifier for Silent {
-///     async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
-///         Ok(())
-///     }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// let deleter = RouterDeleter::builder()
-///     .confirm_timeout(Duration::from_secs(2))
-///     .retries(0)
-///     .build(Arc::clone(&store), Silent)?;
-///
-/// let outcome = deleter.delete(router).await?;
-/// let durations = outcome.report().expect("the deletion ran").durations;
-/// // Nobody confirmed: the run waited out the confirmation timeout.
-/// assert!(durations.wait >= Duration::from_secs(2));
-/// assert!(durations.total >= durations.wait + durations.force);
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PhaseDurations {

@@ -113,23 +113,7 @@ transport_error!(
     /// # Example
     ///
     /// ```
-    /// use session_lifecycle::{ProbeBatch, ProbeError, Prober, SessionId};
-    ///
-    /// struct Wire {
-    ///     connected: bool,
-    /// }
-    ///
-    /// impl Prober for Wire {
-    ///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-    ///         if !self.connected {
-    ///             return Err(ProbeError::msg(format!(
-    ///                 "{} is not connected",
-    ///                 batch.router
-    ///             )));
-    ///         }
-    ///         Ok(Vec::new())
-    ///     }
-    /// }
+    /// use session_lifecycle::ProbeError;
     ///
     /// // The transport's error is the source; a message is part of the text.
     /// let reset =

@@ -214,33 +214,12 @@ pub enum ReclaimErrorKind {
 }
 
 impl ReclaimError {
-    /// A failure worth retrying.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::reclaim::ReclaimError;
-    ///
-    /// let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "port table locked");
-    /// let error = ReclaimError::transient(busy);
-    /// assert!(error.is_retryable());
-    /// assert_eq!(error.to_string(), "release failed: port table locked");
-    /// ```
+    /// A failure worth retrying. See the example on [`ReclaimError`].
     pub fn transient(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self::new(ReclaimErrorKind::Transient, error)
     }
 
-    /// A failure that retrying cannot fix.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimErrorKind};
-    ///
-    /// let error = ReclaimError::permanent(format!("no port {} on the router", 4000));
-    /// assert_eq!(error.kind(), ReclaimErrorKind::Permanent);
-    /// assert!(!error.is_retryable());
-    /// ```
+    /// A failure that retrying cannot fix. See the example on [`ReclaimError`].
     pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self::new(ReclaimErrorKind::Permanent, error)
     }
@@ -271,15 +250,7 @@ impl ReclaimError {
         )
     }
 
-    /// The kind of failure.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimErrorKind};
-    ///
-    /// assert_eq!(ReclaimError::transient("busy").kind(), ReclaimErrorKind::Transient);
-    /// ```
+    /// The kind of failure. See the example on [`ReclaimError`].
     #[must_use]
     pub fn kind(&self) -> ReclaimErrorKind {
         self.kind
@@ -287,15 +258,7 @@ impl ReclaimError {
 
     /// Whether the queue retries after this error: for
     /// [`ReclaimErrorKind::Transient`] and [`ReclaimErrorKind::TimedOut`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::reclaim::ReclaimError;
-    ///
-    /// assert!(ReclaimError::transient("busy").is_retryable());
-    /// assert!(!ReclaimError::permanent("gone").is_retryable());
-    /// ```
+    /// See the example on [`ReclaimError`].
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         matches!(

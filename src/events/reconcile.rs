@@ -6,41 +6,6 @@ use crate::id::{Incarnation, RouterId};
 
 /// What a reconciliation found and did, in counts; carried by
 /// [`Event::Reconciled`](super::Event::Reconciled).
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     CloseReason, MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let other = RouterId::new(2);
-/// let other_incarnation = store.register_router(other).await?;
-/// for id in 1..=3 {
-///     let _ =
-///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
-/// }
-/// let _ =
-///     store.create(NewSession::new(SessionId::new(4), other, other_incarnation)).await?;
-/// let _ = store.close(SessionId::new(3), CloseReason::ClientClosed).await?;
-///
-/// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
-/// // The router holds 1 and 3 (closed since), 4 (another router's) and 9 (unknown).
-/// let ids = [1, 3, 4, 9].map(SessionId::new);
-/// let summary = reconciler.reconcile(router, incarnation, ids).await?.summary;
-/// assert_eq!((summary.reported, summary.matched), (4, 1));
-/// assert_eq!((summary.unknown, summary.foreign), (2, 1)); // 3 is gone from the store
-/// assert_eq!(summary.closed, 1); // 2: the controller held it, the router no longer does
-/// assert!(!summary.grace_cancelled);
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReconcileSummary {

@@ -96,14 +96,7 @@ pub enum RepairAction {
 
 impl RepairAction {
     /// A short snake-case name, as used in logs and metric labels.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::store::RepairAction;
-    ///
-    /// assert_eq!(RepairAction::OrphanReclaimed.as_str(), "orphan_reclaimed");
-    /// ```
+    /// See the example on [`RepairAction`].
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {

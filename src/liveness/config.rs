@@ -152,21 +152,6 @@ impl LivenessMonitorBuilder {
     /// [1 s, 60 s], pause allowance 1 s, granularity 50 ms, probe timeout
     /// 1 s, 2 probe retries, probe backoff from 0.5 s up to 4 s without
     /// jitter (half the probe timeout up to four), no reclaim queue.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{liveness::LivenessMonitorBuilder, MemoryStore, liveness::NoProbe};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let monitor =
-    ///     LivenessMonitorBuilder::new().build(Arc::new(MemoryStore::new()), NoProbe)?;
-    /// assert_eq!(monitor.stats().watched, 0);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn new() -> Self {
         Self::default()
     }
@@ -264,36 +249,6 @@ impl LivenessMonitorBuilder {
     /// [`reap_bound`](LivenessMonitor::reap_bound) counts every delay at
     /// its longest, without the `max_duration` (a suspect's waits may span
     /// several runs of the schedule).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{Backoff, LivenessMonitor, MemoryStore, liveness::NoProbe};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let backoff = Backoff::new()
-    ///     .retries(3)
-    ///     .delays(Duration::from_millis(500), Duration::from_secs(1))
-    ///     .jitter(false);
-    /// let monitor = LivenessMonitor::builder()
-    ///     .granularity(Duration::from_millis(10))
-    ///     .timeout_range(Duration::from_secs(3), Duration::from_secs(3))
-    ///     .pause_allowance(Duration::ZERO)
-    ///     .probe_timeout(Duration::from_secs(1))
-    ///     .probe_backoff(backoff)
-    ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
-    /// // 3 s timeout, a 10 ms tick, 1 s for a round in flight, 4 rounds of
-    /// // 1 s, waits of 0.5 s, 1 s and 1 s, and 1 ms per timer (11).
-    /// assert_eq!(
-    ///     monitor.reap_bound(Duration::from_secs(3)),
-    ///     Duration::from_millis(3_000 + 10 + 1_000 + 4_000 + 2_500 + 11)
-    /// );
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn probe_backoff(mut self, backoff: Backoff) -> Self {
         self.probe_retries = backoff.max_retries();
         self.probe_backoff = Some(backoff);
@@ -326,24 +281,6 @@ impl LivenessMonitorBuilder {
     /// [`BuildError::NoRuntime`] says there is no runtime, and
     /// [`BuildError::Exhausted`] that the process has built so many monitors
     /// (2⁴⁸ − 1) that a new one could not be told apart from an old one.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let built = LivenessMonitor::builder()
-    ///     .timeout_range(Duration::from_secs(60), Duration::from_secs(5)) // min above max
-    ///     .build(Arc::clone(&store), NoProbe);
-    /// assert_eq!(built.unwrap_err().refused_setting(), Some("timeout_range"));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn build<S, Pr>(
         self,
         store: Arc<S>,

@@ -188,23 +188,7 @@ impl<S: SessionStore, Pr> fmt::Debug for LivenessMonitor<S, Pr> {
 
 impl LivenessMonitor<MemoryStore, NoProbe> {
     /// A builder to configure the monitor, for any store and prober.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let monitor = LivenessMonitor::builder()
-    ///     .heartbeat_interval(Duration::from_secs(10))
-    ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
-    /// assert_eq!(monitor.stats().watched, 0);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// See the example on [`LivenessMonitor`].
     pub fn builder() -> LivenessMonitorBuilder {
         LivenessMonitorBuilder::new()
     }
@@ -241,37 +225,12 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 
     /// Starts watching `session`: from now on it must heartbeat (or answer
     /// probes) within its timeout. Its estimate starts from the configured
-    /// heartbeat interval.
+    /// heartbeat interval. See the example on [`LivenessMonitor`].
     ///
     /// # Errors
     ///
     /// [`WatchError`] if the session is closed, already watched (by this or
     /// another monitor), or the monitor is shut down.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// // Watch each session as it is created.
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// monitor.watch(&session)?;
-    /// assert_eq!(monitor.stats().watched, 1);
-    /// assert!(monitor.watch(&session).is_err()); // once is enough
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn watch(&self, session: &Session<S::Payload>) -> Result<(), WatchError> {
         let shared = &*self.shared;
         if shared.stopped() {
@@ -290,38 +249,13 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     }
 
     /// Records a heartbeat of `session`: a few atomic operations, no lock,
-    /// no allocation, no timer work.
+    /// no allocation, no timer work. See the example on [`LivenessMonitor`].
     ///
     /// # Errors
     ///
     /// [`HeartbeatError`] for a closed session, one this monitor does not
     /// watch, or after shutdown; the heartbeat is counted in
     /// [`LivenessStats::ignored_heartbeats`] and changes nothing.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// monitor.watch(&session)?;
-    ///
-    /// // On each keepalive frame of the session's client:
-    /// monitor.heartbeat(&session)?;
-    /// # Ok(())
-    /// # }
-    /// ```
     #[inline]
     pub fn heartbeat(&self, session: &Session<S::Payload>) -> Result<(), HeartbeatError> {
         let shared = &*self.shared;
@@ -350,37 +284,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// Cancel-safe: the heartbeat is recorded, or not, in one step after the
     /// look-up.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// monitor.watch(&session)?;
-    ///
-    /// // A router forwards keepalives as session ids.
-    /// let frame: &[u64] = &[1];
-    /// for &raw in frame {
-    ///     if let Err(error) = monitor.heartbeat_id(SessionId::new(raw)).await {
-    ///         eprintln!("keepalive ignored: {error}");
-    ///     }
-    /// }
-    /// assert_eq!(monitor.stats().ignored_heartbeats, 0);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn heartbeat_id(&self, id: SessionId) -> Result<(), HeartbeatError> {
         match self.shared.store.get(id).await {
             Ok(Some(session)) => self.heartbeat(&session),
@@ -391,36 +294,6 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 
     /// The session's current timeout, if this monitor watches it and it is
     /// open: its deadline is this long after it was last heard.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     CloseReason, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
-    ///     SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// assert_eq!(monitor.timeout(&session), None); // not watched
-    ///
-    /// monitor.watch(&session)?;
-    /// let timeout = monitor.timeout(&session).expect("watched and open");
-    /// assert!(timeout >= Duration::from_secs(1)); // within the configured range
-    ///
-    /// let _ = session.close(CloseReason::ClientClosed);
-    /// assert_eq!(monitor.timeout(&session), None);
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn timeout(&self, session: &Session<S::Payload>) -> Option<Duration> {
         let (tag, state) = session.watcher();
@@ -454,41 +327,13 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// and a full reclaim queue, if one is configured. After a stall the
     /// local-health guard caught, it runs from the end of the stall
     /// instead of the last heartbeat. Saturates at [`Duration::MAX`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// monitor.watch(&session)?;
-    ///
-    /// // If the session dies now, it is reaped within this long.
-    /// let bound = monitor.reap_bound(monitor.timeout(&session).expect("watched"));
-    /// tokio::time::sleep(bound).await;
-    /// assert!(session.is_closed());
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn reap_bound(&self, timeout: Duration) -> Duration {
         self.shared.config.reap_bound(timeout)
     }
 
-    /// A snapshot of the monitor's counters.
-    ///
-    /// See the example on [`LivenessStats`].
+    /// A snapshot of the monitor's counters. See the example on
+    /// [`LivenessMonitor`].
     #[must_use]
     pub fn stats(&self) -> LivenessStats {
         self.shared.counters.snapshot()

@@ -83,21 +83,7 @@ impl<Pr: Prober> Prober for Arc<Pr> {
 
 /// A prober that asks nobody: suspects are spared only by a heartbeat
 /// before their probe rounds run out. For controllers whose routers have
-/// no probe message.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let monitor = LivenessMonitor::builder().build(Arc::new(MemoryStore::new()), NoProbe)?;
-/// assert_eq!(monitor.stats().watched, 0);
-/// # Ok(())
-/// # }
-/// ```
+/// no probe message. See the example on [`LivenessMonitor`](crate::LivenessMonitor).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoProbe;
 
@@ -107,48 +93,7 @@ impl Prober for NoProbe {
     }
 }
 
-/// One probe call: suspects of one router.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::{Arc, Mutex};
-/// use session_lifecycle::{
-///     LivenessMonitor, MemoryStore, NewSession, ProbeBatch, ProbeError, Prober, RouterId,
-///     SessionId, SessionStore,
-/// };
-///
-/// /// Records each probe call; nobody answers.
-/// #[derive(Default)]
-/// struct Recorder(Mutex<Vec<ProbeBatch>>);
-///
-/// impl Prober for Recorder {
-///     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
-///         self.0.lock().unwrap().push(batch);
-///         Ok(Vec::new())
-///     }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let recorder = Arc::new(Recorder::default());
-/// let monitor =
-///     LivenessMonitor::builder().build(Arc::clone(&store), Arc::clone(&recorder))?;
-/// let dead =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// monitor.watch(&dead)?;
-/// tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-///
-/// let batches = recorder.0.lock().unwrap();
-/// let first = &batches[0];
-/// assert_eq!((first.router, first.incarnation, first.round), (router, incarnation, 1));
-/// assert_eq!(first.sessions, vec![dead.id()]);
-/// # Ok(())
-/// # }
-/// ```
+/// One probe call: suspects of one router. See the example on [`Prober`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeBatch {
     /// The router to ask.

@@ -6,35 +6,6 @@ use crate::id::SessionId;
 /// [`LivenessMonitor::stats`](crate::LivenessMonitor::stats).
 ///
 /// Each field is read on its own: the snapshot is not a consistent cut.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use session_lifecycle::{
-///     LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId, SessionId,
-///     SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-/// let dead =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-/// monitor.watch(&dead)?;
-/// tokio::time::sleep(Duration::from_secs(30)).await;
-///
-/// let stats = monitor.stats();
-/// assert_eq!((stats.suspected, stats.spared, stats.reaped), (1, 0, 1));
-/// assert!(stats.probes >= 1 && stats.probe_errors == 0);
-/// assert_eq!(stats.stalls, 0);
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LivenessStats {
@@ -70,36 +41,6 @@ pub struct LivenessStats {
 ///
 /// Heartbeats race closes and deletions, so an error here is routine: log
 /// it at debug level and move on.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     liveness::HeartbeatError, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
-///     SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-/// let session =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-///
-/// // Not watched yet.
-/// assert!(matches!(monitor.heartbeat(&session), Err(HeartbeatError::NotWatched(_))));
-/// // An id off the wire that the store does not hold.
-/// match monitor.heartbeat_id(SessionId::new(99)).await {
-///     Err(HeartbeatError::UnknownSession(id)) => assert_eq!(id, SessionId::new(99)),
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// assert_eq!(monitor.stats().ignored_heartbeats, 2);
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HeartbeatError {
@@ -127,36 +68,6 @@ pub enum HeartbeatError {
 }
 
 /// Why a session could not be watched.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use session_lifecycle::{
-///     CloseReason, LivenessMonitor, MemoryStore, NewSession, liveness::NoProbe, RouterId,
-///     SessionId, SessionStore, liveness::WatchError,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = Arc::new(MemoryStore::new());
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-/// let session =
-///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-///
-/// monitor.watch(&session)?;
-/// assert_eq!(monitor.watch(&session), Err(WatchError::AlreadyWatched(session.id())));
-///
-/// let _ = session.close(CloseReason::ClientClosed);
-/// let late =
-///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
-/// let _ = late.close(CloseReason::ClientClosed);
-/// assert_eq!(monitor.watch(&late), Err(WatchError::Closed(late.id())));
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WatchError {

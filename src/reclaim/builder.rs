@@ -107,33 +107,6 @@ impl ReclaimQueueBuilder {
 
     /// Publishes every [`ReclaimEvent`](crate::ReclaimEvent) on `bus`, as
     /// [`Event::Reclaim`](crate::Event::Reclaim) (default: none).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     Event, EventBus, reclaim::ReclaimError, reclaim::ReclaimEvent, ReclaimQueue, reclaim::ReclaimTask,
-    ///     RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// let queue = ReclaimQueue::builder().events(bus).build()?;
-    ///
-    /// let gone = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
-    ///     Err::<(), _>(ReclaimError::permanent("no such port"))
-    /// });
-    /// queue.push(gone).await?;
-    /// queue.idle().await;
-    /// assert!(matches!(
-    ///     events.try_recv(),
-    ///     Some(Event::Reclaim(ReclaimEvent::ReclaimFailed { .. }))
-    /// ));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.bus = Some(bus);
         self
@@ -141,33 +114,6 @@ impl ReclaimQueueBuilder {
 
     /// Starts the queue with its workers paused (see
     /// [`ReclaimQueue::pause`]).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// // Paused: fill the queue first, then let the policy order all of it.
-    /// let queue = ReclaimQueue::builder().paused(true).build()?;
-    /// for id in 0..10 {
-    ///     queue.push(task(id)).await?;
-    /// }
-    /// assert_eq!(queue.stats().depth, 10);
-    /// queue.resume();
-    /// queue.idle().await;
-    /// assert_eq!(queue.stats().completed, 10);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn paused(mut self, paused: bool) -> Self {
         self.paused = paused;
         self

@@ -113,6 +113,7 @@ impl ReclaimQueue {
     /// `deadline` from now, then stops them. Returns whether everything
     /// drained, the tasks left unstarted (handed back), and those
     /// interrupted while running. Paused workers are resumed to drain.
+    /// See the example on [`ShutdownReport`].
     ///
     /// Pushes waiting for room get their tasks back ([`PushError`]).
     ///
@@ -120,32 +121,6 @@ impl ReclaimQueue {
     ///
     /// Dropping the future leaves the queue closed and the workers
     /// draining without a deadline.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// let queue = ReclaimQueue::builder().build()?;
-    /// queue.push(task(1)).await?;
-    ///
-    /// let report = queue.shutdown(Duration::from_secs(5)).await;
-    /// assert!(report.drained && report.left.is_empty() && report.interrupted.is_empty());
-    /// assert!(queue.stats().closed);
-    /// assert!(queue.push(task(2)).await.is_err()); // no new work
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let shared = &self.shared;
         shared.close();

@@ -27,50 +27,16 @@ use crate::events::TaskInfo;
 pub struct Priority(Duration);
 
 impl Priority {
-    /// Due at once: the most urgent priority.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::Priority};
-    ///
-    /// assert_eq!(Priority::URGENT.delay(), Duration::ZERO);
-    /// assert!(Priority::URGENT < Priority::due_in(Duration::from_nanos(1)));
-    /// ```
+    /// Due at once: the most urgent priority. See the example on [`Priority`].
     pub const URGENT: Priority = Priority(Duration::ZERO);
 
-    /// Due `delay` after the task is pushed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::Priority};
-    ///
-    /// // Due one second after it is pushed: overtaken only by tasks pushed
-    /// // within the next second whose own delay is shorter.
-    /// let relaxed = Priority::due_in(Duration::from_secs(1));
-    /// assert_eq!(relaxed.delay(), Duration::from_secs(1));
-    /// ```
+    /// Due `delay` after the task is pushed. See the example on [`Priority`].
     #[must_use]
     pub const fn due_in(delay: Duration) -> Self {
         Self(delay)
     }
 
-    /// The delay after which the task is due.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::Priority};
-    ///
-    /// assert_eq!(
-    ///     Priority::due_in(Duration::from_millis(250)).delay(),
-    ///     Duration::from_millis(250)
-    /// );
-    /// ```
+    /// The delay after which the task is due. See the example on [`Priority`].
     #[must_use]
     pub const fn delay(self) -> Duration {
         self.0
@@ -122,14 +88,6 @@ impl RetrySchedule {
     }
 
     /// No retry: the first failure is final.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::reclaim::RetrySchedule;
-    ///
-    /// assert_eq!(RetrySchedule::none().max_attempts(), 1);
-    /// ```
     pub fn none() -> Self {
         Self::new(Backoff::new().retries(0))
     }
@@ -144,14 +102,6 @@ impl RetrySchedule {
     }
 
     /// The backoff between attempts.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::reclaim::RetrySchedule;
-    ///
-    /// assert_eq!(RetrySchedule::default().backoff().max_retries(), 3);
-    /// ```
     pub fn backoff(&self) -> Backoff {
         self.backoff
     }
@@ -166,15 +116,6 @@ impl RetrySchedule {
     }
 
     /// The per-attempt timeout.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::reclaim::RetrySchedule;
-    ///
-    /// assert_eq!(RetrySchedule::default().timeout(), Duration::from_secs(10));
-    /// ```
     #[must_use]
     pub fn timeout(&self) -> Duration {
         self.attempt_timeout
@@ -183,26 +124,7 @@ impl RetrySchedule {
     /// The longest a task can take from its first attempt to its final
     /// outcome: every attempt timing out, plus the backoff's delays at
     /// their longest ([`Backoff::longest_total`]), plus one millisecond
-    /// per timer. Saturates.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{Backoff, reclaim::RetrySchedule};
-    ///
-    /// let schedule = RetrySchedule::none().attempt_timeout(Duration::from_secs(3));
-    /// // One attempt that times out, and a millisecond of slack per timer.
-    /// assert_eq!(schedule.longest_total(), Duration::from_millis(3_002));
-    ///
-    /// // 100 ms between each of 4 attempts, no growth, no jitter.
-    /// let steady = Backoff::new()
-    ///     .retries(3)
-    ///     .delays(Duration::from_millis(100), Duration::from_millis(100))
-    ///     .jitter(false);
-    /// let schedule = RetrySchedule::new(steady).attempt_timeout(Duration::from_secs(1));
-    /// assert_eq!(schedule.longest_total(), Duration::from_millis(4 * 1_000 + 3 * 100 + 8));
-    /// ```
+    /// per timer. Saturates. See the example on [`RetrySchedule`].
     #[must_use]
     pub fn longest_total(&self) -> Duration {
         let attempts = self.max_attempts();
@@ -255,27 +177,6 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
     /// Sessions older than this are reported once each as long-lived by
     /// [`ReclaimQueue::check_long_lived`](crate::ReclaimQueue::check_long_lived);
     /// `None` turns the check off. 24 hours unless overridden.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::Priority, reclaim::ReclaimPolicy, reclaim::TaskInfo};
-    ///
-    /// /// Everything urgent; sessions open for more than an hour are reported.
-    /// struct Hourly;
-    ///
-    /// impl ReclaimPolicy for Hourly {
-    ///     fn priority(&self, _task: &TaskInfo) -> Priority {
-    ///         Priority::URGENT
-    ///     }
-    ///     fn long_lived_threshold(&self) -> Option<Duration> {
-    ///         Some(Duration::from_secs(3_600))
-    ///     }
-    /// }
-    ///
-    /// assert_eq!(Hourly.long_lived_threshold(), Some(Duration::from_secs(3_600)));
-    /// ```
     fn long_lived_threshold(&self) -> Option<Duration> {
         Some(Duration::from_secs(24 * 3600))
     }
@@ -335,16 +236,6 @@ impl DefaultPolicy {
     /// Sets how far apart the classes are (default 1 s, at most one day):
     /// how long a less urgent task waits before it overtakes newer, more
     /// urgent ones.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::DefaultPolicy};
-    ///
-    /// let policy = DefaultPolicy::default().class_spacing(Duration::from_millis(200));
-    /// assert_eq!(policy.max_delay(), Duration::from_millis(700));
-    /// ```
     #[must_use]
     pub fn class_spacing(mut self, spacing: Duration) -> Self {
         self.spacing = spacing.min(MAX_SPACING);
@@ -352,27 +243,6 @@ impl DefaultPolicy {
     }
 
     /// Sets the retry schedule of every task.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     Backoff, reclaim::DefaultPolicy, reclaim::ReclaimPolicy, ResourceClass, reclaim::RetrySchedule, RouterId,
-    ///     SessionId, reclaim::TaskInfo,
-    /// };
-    ///
-    /// let patient = RetrySchedule::new(
-    ///     Backoff::new()
-    ///         .retries(10)
-    ///         .delays(Duration::from_secs(1), Duration::from_secs(60)),
-    /// );
-    /// let policy = DefaultPolicy::default().retry_schedule(patient);
-    /// let task =
-    ///     TaskInfo::new(SessionId::new(1), RouterId::new(1), ResourceClass::Normal, 0);
-    /// // The trait's method, which the queue calls (the builder method shares its name).
-    /// assert_eq!(ReclaimPolicy::retry_schedule(&policy, &task).max_attempts(), 11);
-    /// ```
     #[must_use]
     pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
         self.retry = schedule;
@@ -380,20 +250,6 @@ impl DefaultPolicy {
     }
 
     /// Sets the long-lived threshold (`None`: no check).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::DefaultPolicy, reclaim::ReclaimPolicy};
-    ///
-    /// let eight_hours = Some(Duration::from_secs(8 * 3_600));
-    /// let policy = DefaultPolicy::default().long_lived_threshold(eight_hours);
-    /// assert_eq!(ReclaimPolicy::long_lived_threshold(&policy), eight_hours);
-    ///
-    /// let unchecked = DefaultPolicy::default().long_lived_threshold(None);
-    /// assert_eq!(ReclaimPolicy::long_lived_threshold(&unchecked), None);
-    /// ```
     #[must_use]
     pub fn long_lived_threshold(mut self, threshold: Option<Duration>) -> Self {
         self.long_lived = threshold;
@@ -401,16 +257,7 @@ impl DefaultPolicy {
     }
 
     /// The longest delay this policy gives a task (a low task of no
-    /// traffic): `3.5 × spacing`, the starvation bound.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{reclaim::DefaultPolicy};
-    ///
-    /// assert_eq!(DefaultPolicy::default().max_delay(), Duration::from_millis(3_500));
-    /// ```
+    /// traffic): `3.5 × spacing`, the starvation bound. See the example on [`DefaultPolicy`].
     #[must_use]
     pub fn max_delay(&self) -> Duration {
         self.spacing.saturating_mul(3) + self.spacing / 2

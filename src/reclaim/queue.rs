@@ -100,20 +100,7 @@ impl fmt::Debug for ReclaimQueue {
 }
 
 impl ReclaimQueue {
-    /// A builder: capacity, workers, policy.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::ReclaimQueue;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let queue = ReclaimQueue::builder().workers(8).build()?;
-    /// assert_eq!(queue.stats().workers, 8);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// A builder: capacity, workers, policy. See the example on [`ReclaimQueue`].
     pub fn builder() -> ReclaimQueueBuilder {
         ReclaimQueueBuilder::default()
     }
@@ -178,29 +165,6 @@ impl ReclaimQueue {
     ///
     /// [`TryPushError::Full`] or [`TryPushError::ShutDown`], handing the task
     /// back.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
-    /// queue.try_push(task(1))?;
-    /// // Full: the task comes back at once instead of waiting.
-    /// let back = queue.try_push(task(2)).unwrap_err().into_task();
-    /// assert_eq!(back.info().session, SessionId::new(2));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
         match self.shared.permits.try_acquire() {
             Ok(permit) => {
@@ -289,82 +253,18 @@ impl ReclaimQueue {
     /// Stops the workers from starting tasks (tasks running go on); pushes
     /// still queue. For maintenance windows and deterministic tests. Has no
     /// effect once the queue is closed: a closed queue always drains.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// let queue = ReclaimQueue::builder().build()?;
-    /// queue.pause(); // a maintenance window: releases wait
-    /// queue.push(task(1)).await?;
-    /// tokio::task::yield_now().await;
-    /// assert_eq!(queue.stats().depth, 1);
-    ///
-    /// queue.resume();
-    /// queue.idle().await;
-    /// assert_eq!(queue.stats().completed, 1);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// See the example on [`push`](Self::push).
     pub fn pause(&self) {
         self.shared.paused.store(true, Ordering::SeqCst);
     }
 
-    /// Lets the workers start tasks again.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// let queue = ReclaimQueue::builder().paused(true).build()?;
-    /// queue.push(task(1)).await?;
-    /// queue.resume();
-    /// queue.idle().await;
-    /// assert!(!queue.stats().paused);
-    /// assert_eq!(queue.stats().completed, 1);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// Lets the workers start tasks again. See the example on [`push`](Self::push).
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
         self.shared.work.notify_waiters();
     }
 
     /// A snapshot of the queue's counters.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::ReclaimQueue;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let queue = ReclaimQueue::builder().capacity(512).build()?;
-    /// let stats = queue.stats();
-    /// assert_eq!((stats.capacity, stats.depth, stats.in_flight), (512, 0, 0));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn stats(&self) -> ReclaimStats {
         let shared = &self.shared;
@@ -395,30 +295,6 @@ impl ReclaimQueue {
     /// # Cancel safety
     ///
     /// Cancel-safe: it only observes.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// let queue = ReclaimQueue::builder().build()?;
-    /// for id in 0..100 {
-    ///     queue.push(task(id)).await?;
-    /// }
-    /// queue.idle().await; // e.g. before taking a snapshot in a test
-    /// assert_eq!(queue.stats().completed, 100);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.idle.notified();

@@ -8,35 +8,6 @@ use crate::events::TaskInfo;
 /// A snapshot of a [`ReclaimQueue`](super::ReclaimQueue)'s counters.
 ///
 /// Each field is read on its own: the snapshot is not a consistent cut.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let queue = ReclaimQueue::builder().capacity(100).paused(true).build()?;
-/// for id in 0..3 {
-///     let task = ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-///         Ok::<(), ReclaimError>(())
-///     });
-///     queue.push(task).await?;
-/// }
-/// let stats = queue.stats();
-/// assert_eq!((stats.capacity, stats.depth, stats.pushed), (100, 3, 3));
-/// assert!(stats.paused && !stats.closed);
-///
-/// queue.resume();
-/// queue.idle().await;
-/// let stats = queue.stats();
-/// assert_eq!(
-///     (stats.depth, stats.peak_depth, stats.completed, stats.failed),
-///     (0, 3, 3, 0)
-/// );
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReclaimStats {
@@ -205,28 +176,6 @@ pub enum TryPushError {
 
 impl TryPushError {
     /// The task that was not queued.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, ReclaimQueue, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let queue = ReclaimQueue::builder().capacity(1).paused(true).build()?;
-    /// let task = |id| {
-    ///     ReclaimTask::new(SessionId::new(id), RouterId::new(1), || async {
-    ///         Ok::<(), ReclaimError>(())
-    ///     })
-    /// };
-    /// queue.try_push(task(1))?;
-    /// let back = queue.try_push(task(2)).unwrap_err().into_task();
-    /// assert_eq!(back.info().session, SessionId::new(2));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn into_task(self) -> ReclaimTask {
         match self {
             Self::Full(task) | Self::ShutDown(task) => task,

@@ -41,46 +41,7 @@ use crate::session::{
 /// # let _ = task;
 /// ```
 pub trait Reclaim: Send + 'static {
-    /// Starts one attempt.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::{Arc, Mutex};
-    /// use futures::future::BoxFuture;
-    /// use session_lifecycle::{reclaim::Reclaim, reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// /// Gives a port back to the router's pool.
-    /// struct FreePort {
-    ///     port: u16,
-    ///     pool: Arc<Mutex<Vec<u16>>>,
-    /// }
-    ///
-    /// impl Reclaim for FreePort {
-    ///     fn reclaim(&mut self) -> BoxFuture<'static, Result<(), ReclaimError>> {
-    ///         let (port, pool) = (self.port, Arc::clone(&self.pool));
-    ///         Box::pin(async move {
-    ///             pool.lock()
-    ///                 .map_err(|_| ReclaimError::permanent("port pool poisoned"))?
-    ///                 .push(port);
-    ///             Ok(())
-    ///         })
-    ///     }
-    /// }
-    ///
-    /// let pool = Arc::new(Mutex::new(Vec::new()));
-    /// let mut task = ReclaimTask::new(
-    ///     SessionId::new(1),
-    ///     RouterId::new(1),
-    ///     FreePort { port: 4000, pool: Arc::clone(&pool) },
-    /// );
-    /// task.run_once().await?;
-    /// assert_eq!(*pool.lock().unwrap(), vec![4000]);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// Starts one attempt. See the example on [`Reclaim`].
     fn reclaim(&mut self) -> BoxFuture<'static, Result<(), ReclaimError>>;
 }
 
@@ -144,21 +105,7 @@ pub(super) enum Work {
 
 impl ReclaimTask {
     /// A task releasing something of `session` on `router`, of class
-    /// [`ResourceClass::Normal`] and zero traffic until set.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId,
-    /// };
-    ///
-    /// let task = ReclaimTask::new(SessionId::new(7), RouterId::new(1), || async {
-    ///     Ok::<(), ReclaimError>(())
-    /// });
-    /// assert_eq!(task.info().class, ResourceClass::Normal);
-    /// assert_eq!(task.info().traffic, 0);
-    /// ```
+    /// [`ResourceClass::Normal`] and zero traffic until set. See the example on [`Reclaim`].
     pub fn new(session: SessionId, router: RouterId, work: impl Reclaim) -> Self {
         Self {
             info: TaskInfo::new(session, router, ResourceClass::Normal, 0),
@@ -168,45 +115,11 @@ impl ReclaimTask {
 
     /// A task releasing something of `session`, with the session's router
     /// and its traffic so far.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     Incarnation, NewSession, reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(1))
-    ///         .into_session();
-    /// session.record_out(1_000);
-    /// let task =
-    ///     ReclaimTask::for_session(&session, || async { Ok::<(), ReclaimError>(()) });
-    /// assert_eq!(
-    ///     (task.info().session, task.info().router),
-    ///     (SessionId::new(7), RouterId::new(2))
-    /// );
-    /// assert_eq!(task.info().traffic, 1_000);
-    /// ```
     pub fn for_session<P>(session: &Session<P>, work: impl Reclaim) -> Self {
         Self::new(session.id(), session.router(), work).traffic(session.traffic().total_bytes())
     }
 
-    /// Sets the class of what the task releases.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId,
-    /// };
-    ///
-    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
-    ///     Ok::<(), ReclaimError>(())
-    /// })
-    /// .class(ResourceClass::Critical);
-    /// assert_eq!(task.info().class, ResourceClass::Critical);
-    /// ```
+    /// Sets the class of what the task releases. See the example on [`ReclaimTask`].
     #[must_use]
     pub fn class(mut self, class: ResourceClass) -> Self {
         self.info.class = class;
@@ -214,18 +127,6 @@ impl ReclaimTask {
     }
 
     /// Sets the session's traffic in bytes.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{reclaim::ReclaimError, reclaim::ReclaimTask, RouterId, SessionId};
-    ///
-    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
-    ///     Ok::<(), ReclaimError>(())
-    /// })
-    /// .traffic(1 << 30); // a busy session: released first within its class
-    /// assert_eq!(task.info().traffic, 1 << 30);
-    /// ```
     #[must_use]
     pub fn traffic(mut self, bytes: u64) -> Self {
         self.info.traffic = bytes;
@@ -233,21 +134,6 @@ impl ReclaimTask {
     }
 
     /// The task's identity and ordering inputs.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, reclaim::ReclaimTask, ResourceClass, RouterId, SessionId, reclaim::TaskInfo,
-    /// };
-    ///
-    /// let task = ReclaimTask::new(SessionId::new(1), RouterId::new(2), || async {
-    ///     Ok::<(), ReclaimError>(())
-    /// });
-    /// let expected =
-    ///     TaskInfo::new(SessionId::new(1), RouterId::new(2), ResourceClass::Normal, 0);
-    /// assert_eq!(task.info(), expected);
-    /// ```
     #[must_use]
     pub fn info(&self) -> TaskInfo {
         self.info
@@ -255,39 +141,11 @@ impl ReclaimTask {
 
     /// Runs one attempt now, outside any queue: for a task a queue handed
     /// back. A panic is contained and returned as
-    /// [`ReclaimErrorKind::Panicked`].
+    /// [`ReclaimErrorKind::Panicked`]. See the example on [`PushError`](super::PushError).
     ///
     /// # Errors
     ///
     /// The attempt's error.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     reclaim::ReclaimError, reclaim::ReclaimErrorKind, reclaim::ReclaimTask, RouterId, SessionId,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let mut task = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || async {
-    ///     Err::<(), _>(ReclaimError::transient("router busy"))
-    /// });
-    /// let error = task.run_once().await.unwrap_err();
-    /// assert_eq!(error.kind(), ReclaimErrorKind::Transient);
-    ///
-    /// let mut panicky = ReclaimTask::new(SessionId::new(2), RouterId::new(1), || async {
-    ///     let ports: Vec<u16> = Vec::new();
-    ///     let _ = ports[0]; // a bug: the panic is contained
-    ///     Ok::<(), ReclaimError>(())
-    /// });
-    /// assert_eq!(
-    ///     panicky.run_once().await.unwrap_err().kind(),
-    ///     ReclaimErrorKind::Panicked
-    /// );
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn run_once(&mut self) -> Result<(), ReclaimError> {
         self.attempt(None).await
     }

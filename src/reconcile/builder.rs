@@ -51,17 +51,7 @@ pub struct ReconcilerBuilder {
 impl Reconciler<()> {
     /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
     /// sessions, no session spared for its youth, no reclaim queue, no
-    /// event bus.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{MemoryStore, Reconciler};
-    ///
-    /// let reconciler = Reconciler::builder().build(Arc::new(MemoryStore::new())).unwrap();
-    /// assert_eq!(reconciler.in_grace(), 0);
-    /// ```
+    /// event bus. See the example on [`ReconcilerBuilder`].
     pub fn builder() -> ReconcilerBuilder {
         ReconcilerBuilder {
             config: Config {
@@ -111,35 +101,6 @@ impl ReconcilerBuilder {
     /// between a router taking its report and the controller receiving it
     /// (default zero: only sessions created after the call started are
     /// spared).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let reconciler = Reconciler::builder()
-    ///     .spare_younger_than(Duration::from_secs(5))
-    ///     .build(Arc::clone(&store))?;
-    ///
-    /// // Created just before the router took its report: not in it, but spared.
-    /// let young =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let report =
-    ///     reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
-    /// assert_eq!(report.summary.spared, 1);
-    /// assert!(!young.is_closed());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn spare_younger_than(mut self, age: Duration) -> Self {
         self.config.spare_younger_than = age;
         self
@@ -158,32 +119,6 @@ impl ReconcilerBuilder {
     /// carry heartbeats or probe answers, and its sessions must not be
     /// reaped before the grace period decides their fate. Without it, a
     /// monitored router's sessions are reaped as soon as their probes fail.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     LivenessMonitor, MemoryStore, liveness::NoProbe, Reconciler, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let monitor = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
-    /// let reconciler = Reconciler::builder().liveness(&monitor).build(Arc::clone(&store))?;
-    ///
-    /// let _ = reconciler.router_disconnected(router).await?;
-    /// assert!(monitor.is_held(router)); // no reaping during the grace period
-    /// // It is back: the reconciliation ends the grace period and the hold.
-    /// let _ = reconciler.reconcile(router, incarnation, Vec::<SessionId>::new()).await?;
-    /// assert!(!monitor.is_held(router));
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn liveness<S: SessionStore, Pr: Prober>(
         mut self,
         monitor: &LivenessMonitor<S, Pr>,
@@ -195,32 +130,7 @@ impl ReconcilerBuilder {
     /// Publishes [`Event::Reconciled`](crate::Event::Reconciled),
     /// [`Event::RouterDisconnected`](crate::Event::RouterDisconnected) and
     /// [`Event::RouterLost`](crate::Event::RouterLost) on `bus`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     Event, EventBus, MemoryStore, Reconciler, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let bus = EventBus::default();
-    /// let mut events = bus.subscribe();
-    /// let reconciler = Reconciler::builder().events(bus).build(Arc::clone(&store))?;
-    ///
-    /// let _ = reconciler.reconcile(router, incarnation, [SessionId::new(9)]).await?;
-    /// match events.try_recv() {
-    ///     Some(Event::Reconciled(summary)) => assert_eq!(summary.unknown, 1),
-    ///     other => panic!("unexpected {other:?}"),
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// See the example on [`ReconcilerBuilder`].
     pub fn events(mut self, bus: EventBus) -> Self {
         self.config.events = Some(bus);
         self

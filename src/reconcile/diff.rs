@@ -19,7 +19,7 @@ use crate::store::{RouterStatus, SessionError, SessionStore};
 impl<S: SessionStore> Reconciler<S> {
     /// Reconciles `reported`, the sessions `router` says it holds in
     /// `incarnation`, against the store: see the type's documentation.
-    /// Cancels the router's grace period, if it is in one.
+    /// Cancels the router's grace period, if it is in one. See the example on [`Reconciler`].
     ///
     /// `reported` is any iterator of ids or of references to ids (a
     /// `Vec<SessionId>`, a `&[SessionId]`, a decoder's iterator). Duplicate
@@ -42,34 +42,6 @@ impl<S: SessionStore> Reconciler<S> {
     /// Dropping the future stops between two store calls: every session is
     /// either untouched or closed and removed (a closed session the store
     /// still holds is removed by the next reconciliation or sweep).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{
-    ///     MemoryStore, NewSession, Reconciler, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = Arc::new(MemoryStore::new());
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store))?;
-    ///
-    /// // The router reconnects: it decodes its report and sends it, any size.
-    /// let decoded: Vec<u64> = vec![1];
-    /// let report = reconciler
-    ///     .reconcile(router, incarnation, decoded.iter().map(|&raw| SessionId::new(raw)))
-    ///     .await?;
-    /// assert!(report.drop.is_empty() && report.closed.is_empty());
-    /// assert!(!session.is_closed());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn reconcile<I>(
         &self,
         router: RouterId,

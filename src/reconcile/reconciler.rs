@@ -123,17 +123,6 @@ impl<S: SessionStore> fmt::Debug for Reconciler<S> {
 
 impl<S: SessionStore> Reconciler<S> {
     /// The store it works on.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{MemoryStore, Reconciler};
-    ///
-    /// let store = Arc::new(MemoryStore::new());
-    /// let reconciler = Reconciler::builder().build(Arc::clone(&store)).unwrap();
-    /// assert!(Arc::ptr_eq(reconciler.store(), &store));
-    /// ```
     #[must_use]
     pub fn store(&self) -> &Arc<S> {
         &self.inner.store

@@ -55,6 +55,7 @@ use crate::loom::{Arc, Mutex};
 ///     .token(b"secret".to_vec())
 ///     .into_session();
 /// session.record_in(1500);
+/// assert!(session.with_token(|t| t == Some(b"secret".as_slice())));
 ///
 /// let waiter = session.clone();
 /// let wait = tokio::spawn(async move { waiter.closed().await });
@@ -147,17 +148,6 @@ impl<P> Session<P> {
     }
 
     /// The session's id.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///         .into_session();
-    /// assert_eq!(session.id(), SessionId::new(7));
-    /// ```
     #[must_use]
     pub fn id(&self) -> SessionId {
         self.inner.id
@@ -168,156 +158,48 @@ impl<P> Session<P> {
     /// ([`SessionStore::close_exact`](crate::SessionStore::close_exact),
     /// [`SessionStore::remove_exact`](crate::SessionStore::remove_exact))
     /// never touch a later session that reuses the id.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let new = || NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3));
-    /// let (first, second) = (new().into_session(), new().into_session());
-    /// assert_eq!(first.key().id(), second.key().id());
-    /// assert_ne!(first.key(), second.key());
-    /// ```
     #[must_use]
     pub fn key(&self) -> SessionKey {
         SessionKey::new(self.inner.id, self.inner.generation)
     }
 
     /// The router the session is bound to.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///         .into_session();
-    /// assert_eq!(session.router(), RouterId::new(2));
-    /// ```
     #[must_use]
     pub fn router(&self) -> RouterId {
         self.inner.router
     }
 
     /// The incarnation of the router the session was created against.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(7), RouterId::new(2), Incarnation::new(3))
-    ///         .into_session();
-    /// assert_eq!(session.incarnation(), Incarnation::new(3));
-    /// ```
     #[must_use]
     pub fn incarnation(&self) -> Incarnation {
         self.inner.incarnation
     }
 
     /// When the session was created, on tokio's clock.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// tokio::time::advance(Duration::from_secs(5)).await;
-    /// assert_eq!(session.created_at().elapsed(), Duration::from_secs(5));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn created_at(&self) -> Instant {
         self.inner.created_at
     }
 
     /// How long the session has existed, on tokio's clock.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// tokio::time::advance(Duration::from_secs(90)).await;
-    /// assert_eq!(session.age(), Duration::from_secs(90));
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn age(&self) -> Duration {
         self.inner.created_at.elapsed()
     }
 
     /// The user payload given at creation.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// /// What the controller keeps about the client.
-    /// struct Client {
-    ///     name: &'static str,
-    /// }
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .payload(Client { name: "alice" })
-    ///         .into_session();
-    /// assert_eq!(session.payload().name, "alice");
-    /// ```
     #[must_use]
     pub fn payload(&self) -> &P {
         &self.inner.payload
     }
 
     /// The session's current state.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionState};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// assert_eq!(session.state(), SessionState::Active);
-    /// ```
     #[must_use]
     pub fn state(&self) -> SessionState {
         self.inner.word.state()
     }
 
     /// Returns `true` once the session is closed.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// assert!(!session.is_closed());
-    /// let _ = session.close(CloseReason::ClientClosed);
-    /// assert!(session.is_closed());
-    /// ```
     #[must_use]
     pub fn is_closed(&self) -> bool {
         self.state().is_closed()
@@ -357,51 +239,16 @@ impl<P> Session<P> {
     }
 
     /// The reason the session was closed, or `None` while it is open.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// assert_eq!(session.close_reason(), None);
-    /// let _ = session.close(CloseReason::LivenessTimeout);
-    /// assert_eq!(session.close_reason(), Some(CloseReason::LivenessTimeout));
-    /// ```
     #[must_use]
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.inner.word.reason()
     }
 
     /// Moves the session from `Active` to `Terminating`.
+    /// See the example on [`Session`].
     ///
     /// Exactly one caller wins; the others learn the state they found. A
     /// session that is already `Terminating` or `Closed` is left as it is.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     CloseReason, Incarnation, NewSession, RouterId, SessionId, SessionState,
-    ///     session::Transition,
-    /// };
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// // A deletion marks the session, then waits for its router to confirm.
-    /// assert!(session.begin_terminating().won());
-    /// assert_eq!(session.state(), SessionState::Terminating);
-    ///
-    /// // A session closed first is not marked.
-    /// let _ = session.close(CloseReason::RouterDeleted);
-    /// assert_eq!(
-    ///     session.begin_terminating(),
-    ///     Transition::Lost { current: SessionState::Closed }
-    /// );
-    /// ```
     pub fn begin_terminating(&self) -> Transition {
         self.inner.word.begin_terminating()
     }
@@ -447,23 +294,6 @@ impl<P> Session<P> {
     /// # Cancel safety
     ///
     /// Cancel-safe, as [`closed`](Self::closed).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// let wait = tokio::spawn(session.closed_owned());
-    /// let _ = session.close(CloseReason::RouterLost);
-    /// assert_eq!(wait.await?, CloseReason::RouterLost);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn closed_owned(&self) -> WaitForCloseOwned<P> {
         WaitForCloseOwned::new(self.clone())
     }
@@ -511,27 +341,12 @@ impl<P> Session<P> {
 
     /// Runs `f` on the session's token: `None` if it has none or once the
     /// session is closed (the token is wiped then).
+    /// See the example on [`Session`].
     ///
     /// `f` runs outside every lock: it may call back into the session or its
     /// store, even close the session. A close while `f` runs takes the token
     /// from the session at once, but `f` still sees the bytes until it
     /// returns; they are zeroized then.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .token(b"s3cret".to_vec())
-    ///         .into_session();
-    /// // Check a client's credential without copying the secret out.
-    /// assert!(session.with_token(|token| token == Some(b"s3cret".as_slice())));
-    ///
-    /// let _ = session.close(CloseReason::ClientClosed);
-    /// assert!(session.with_token(|token| token.is_none())); // wiped
-    /// ```
     pub fn with_token<R>(&self, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         // Shared under the lock, read after it; dropped after `f` returns.
         let token = self.inner.shared.lock().token.clone();
@@ -539,58 +354,18 @@ impl<P> Session<P> {
     }
 
     /// Counts one packet of `bytes` received from the client.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// session.record_in(1_500);
-    /// session.record_in(40);
-    /// assert_eq!(session.traffic().bytes_in, 1_540);
-    /// assert_eq!(session.traffic().packets_in, 2);
-    /// ```
+    /// See the example on [`Session`].
     pub fn record_in(&self, bytes: u64) {
         self.inner.traffic.record_in(bytes);
     }
 
     /// Counts one packet of `bytes` sent to the client.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// session.record_out(1_500);
-    /// assert_eq!(
-    ///     (session.traffic().bytes_out, session.traffic().packets_out),
-    ///     (1_500, 1)
-    /// );
-    /// ```
     pub fn record_out(&self, bytes: u64) {
         self.inner.traffic.record_out(bytes);
     }
 
     /// A snapshot of the traffic counters (not a consistent cut across them).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// session.record_in(100);
-    /// session.record_out(400);
-    /// assert_eq!(session.traffic().total_bytes(), 500);
-    /// ```
+    /// See the example on [`Session`].
     #[must_use]
     pub fn traffic(&self) -> Traffic {
         self.inner.traffic.snapshot()
@@ -598,19 +373,6 @@ impl<P> Session<P> {
 
     /// Returns `true` when both handles are the same session (not merely the
     /// same id).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, Session};
-    ///
-    /// let spec =
-    ///     || NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
-    /// let session = spec().into_session();
-    /// let other = spec().into_session();
-    /// assert!(Session::ptr_eq(&session, &session.clone()));
-    /// assert!(!Session::ptr_eq(&session, &other)); // same id, another session
-    /// ```
     #[must_use]
     pub fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)

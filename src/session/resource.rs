@@ -13,85 +13,49 @@ use super::CloseReason;
 /// reverse order of attachment. A `release` that panics is contained: the
 /// other resources are still released and the close still completes.
 ///
-/// Closures `FnOnce(CloseReason)` are resources:
+/// Closures `FnOnce(CloseReason)` are resources (see [`Session::attach`](crate::Session::attach));
+/// a type implements the trait to choose its class or inline release:
 ///
 /// ```
-/// use std::sync::Arc;
-/// use std::sync::atomic::{AtomicUsize, Ordering};
-/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
+/// use std::sync::{Arc, Mutex};
+/// use session_lifecycle::{
+///     CloseReason, Incarnation, NewSession, Resource, ResourceClass, RouterId, SessionId,
+/// };
 ///
-/// let released = Arc::new(AtomicUsize::new(0));
+/// /// A port taken from the router's pool, given back on close.
+/// struct Port {
+///     number: u16,
+///     pool: Arc<Mutex<Vec<u16>>>,
+/// }
+///
+/// impl Resource for Port {
+///     fn release(self: Box<Self>, _reason: CloseReason) {
+///         self.pool.lock().unwrap().push(self.number);
+///     }
+///     fn class(&self) -> ResourceClass {
+///         ResourceClass::High // scarce: released before normal resources
+///     }
+/// }
+///
+/// let pool = Arc::new(Mutex::new(Vec::new()));
 /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
 ///     .into_session();
-/// let counter = Arc::clone(&released);
-/// session
-///     .attach(move |_reason: CloseReason| {
-///         counter.fetch_add(1, Ordering::SeqCst);
-///     })
-///     .unwrap();
+/// session.attach(Port { number: 4000, pool: Arc::clone(&pool) })?;
 /// let _ = session.close(CloseReason::ClientClosed);
-/// let _ = session.close(CloseReason::Forced);
-/// assert_eq!(released.load(Ordering::SeqCst), 1);
+/// let _ = session.close(CloseReason::Forced); // released once only
+/// assert_eq!(*pool.lock().unwrap(), vec![4000]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Resource: Send + 'static {
     /// Releases the resource. Called at most once, by the caller that closed
-    /// the session, outside every lock of the crate.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::{Arc, Mutex};
-    /// use session_lifecycle::{
-    ///     CloseReason, Incarnation, NewSession, Resource, RouterId, SessionId,
-    /// };
-    ///
-    /// /// A port taken from the router's pool, given back on close.
-    /// struct Port {
-    ///     number: u16,
-    ///     pool: Arc<Mutex<Vec<u16>>>,
-    /// }
-    ///
-    /// impl Resource for Port {
-    ///     fn release(self: Box<Self>, _reason: CloseReason) {
-    ///         self.pool.lock().unwrap().push(self.number);
-    ///     }
-    /// }
-    ///
-    /// let pool = Arc::new(Mutex::new(Vec::new()));
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// session.attach(Port { number: 4000, pool: Arc::clone(&pool) })?;
-    /// let _ = session.close(CloseReason::ClientClosed);
-    /// assert_eq!(*pool.lock().unwrap(), vec![4000]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
+    /// the session, outside every lock of the crate. See the example on [`Resource`].
     fn release(self: Box<Self>, reason: CloseReason);
 
     /// How urgent releasing this resource is when the release goes through a
     /// [`ReclaimQueue`](crate::ReclaimQueue) (a force-close, a reap, a
     /// sweep): critical resources of every session are released before
     /// high ones, and so on. [`ResourceClass::Normal`] unless overridden;
-    /// wrap a closure in [`Classed`] to give it another class.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Resource, ResourceClass};
-    ///
-    /// /// Kernel state held for the session: its leak harms the router.
-    /// struct Conntrack(u32);
-    ///
-    /// impl Resource for Conntrack {
-    ///     fn release(self: Box<Self>, _reason: CloseReason) { /* delete entry self.0 */ }
-    ///     fn class(&self) -> ResourceClass {
-    ///         ResourceClass::Critical
-    ///     }
-    /// }
-    ///
-    /// assert_eq!(Conntrack(7).class(), ResourceClass::Critical);
-    /// assert_eq!((|_: CloseReason| {}).class(), ResourceClass::Normal);
-    /// ```
+    /// wrap a closure in [`Classed`] to give it another class. See the example on [`Resource`].
     fn class(&self) -> ResourceClass {
         ResourceClass::Normal
     }
@@ -99,28 +63,6 @@ pub trait Resource: Send + 'static {
     /// Whether a queued close releases this resource at once, in the closing
     /// caller, instead of queueing it: for releases that are trivial and
     /// cannot fail (a counter, a wake-up). `false` unless overridden.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::sync::atomic::{AtomicUsize, Ordering};
-    /// use session_lifecycle::{CloseReason, Resource};
-    ///
-    /// /// Counts the sessions open: decremented at the close, never queued.
-    /// struct OpenSessions(Arc<AtomicUsize>);
-    ///
-    /// impl Resource for OpenSessions {
-    ///     fn release(self: Box<Self>, _reason: CloseReason) {
-    ///         self.0.fetch_sub(1, Ordering::Relaxed);
-    ///     }
-    ///     fn release_inline(&self) -> bool {
-    ///         true
-    ///     }
-    /// }
-    ///
-    /// assert!(OpenSessions(Arc::new(AtomicUsize::new(1))).release_inline());
-    /// ```
     fn release_inline(&self) -> bool {
         false
     }
@@ -164,28 +106,9 @@ pub enum ResourceClass {
 
 impl ResourceClass {
     /// Every class, most urgent first.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::ResourceClass;
-    ///
-    /// for (rank, class) in ResourceClass::ALL.into_iter().enumerate() {
-    ///     assert_eq!(class.rank() as usize, rank);
-    /// }
-    /// ```
     pub const ALL: [ResourceClass; 4] = [Self::Critical, Self::High, Self::Normal, Self::Low];
 
     /// The class's rank in urgency: 0 for `Critical` up to 3 for `Low`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::ResourceClass;
-    ///
-    /// assert_eq!(ResourceClass::Critical.rank(), 0);
-    /// assert_eq!(ResourceClass::Low.rank(), 3);
-    /// ```
     #[must_use]
     pub const fn rank(self) -> u32 {
         match self {
@@ -230,33 +153,12 @@ pub struct Classed<R> {
 }
 
 impl<R: Resource> Classed<R> {
-    /// `resource`, released with the urgency of `class`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{session::Classed, CloseReason, Resource, ResourceClass};
-    ///
-    /// let cache_entry = Classed::new(ResourceClass::Low, |_: CloseReason| {});
-    /// assert_eq!(cache_entry.class(), ResourceClass::Low);
-    /// ```
+    /// `resource`, released with the urgency of `class`. See the example on [`Classed`].
     pub fn new(class: ResourceClass, resource: R) -> Self {
         Self { class, resource }
     }
 
-    /// The wrapped resource.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{session::Classed, CloseReason, ResourceClass};
-    ///
-    /// let port = Classed::new(ResourceClass::High, |reason: CloseReason| {
-    ///     println!("port freed: {reason}");
-    /// });
-    /// let release = port.into_inner(); // the closure, without its class
-    /// release(CloseReason::Forced);
-    /// ```
+    /// The wrapped resource. See the example on [`AttachError`].
     pub fn into_inner(self) -> R {
         self.resource
     }
@@ -303,28 +205,7 @@ impl<R: Resource> Resource for Classed<R> {
 pub struct AttachError<R>(pub R);
 
 impl<R> AttachError<R> {
-    /// Returns the resource that was not attached.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::sync::atomic::{AtomicBool, Ordering};
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// let _ = session.close(CloseReason::Shutdown);
-    ///
-    /// let freed = Arc::new(AtomicBool::new(false));
-    /// let flag = Arc::clone(&freed);
-    /// let error = session
-    ///     .attach(move |_: CloseReason| flag.store(true, Ordering::SeqCst))
-    ///     .unwrap_err();
-    /// error.into_inner()(CloseReason::Shutdown);
-    /// assert!(freed.load(Ordering::SeqCst));
-    /// ```
+    /// Returns the resource that was not attached. See the example on [`AttachError`].
     pub fn into_inner(self) -> R {
         self.0
     }

@@ -28,24 +28,7 @@ pub struct NewSession<P = ()> {
 
 impl NewSession<()> {
     /// A session `id` on `router`, created against the router's
-    /// `incarnation`, without token or payload.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let spec = NewSession::new(SessionId::new(1), router, incarnation);
-    /// let session = store.create(spec).await?;
-    /// assert_eq!(session.incarnation(), incarnation);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// `incarnation`, without token or payload. See the example on [`NewSession`].
     #[must_use]
     pub fn new(id: SessionId, router: RouterId, incarnation: Incarnation) -> Self {
         Self {
@@ -59,36 +42,14 @@ impl NewSession<()> {
 }
 
 impl<P> NewSession<P> {
-    /// Sets the session's secret token.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .token(&b"k3y"[..])
-    ///         .into_session();
-    /// assert_eq!(session.with_token(|token| token.map(<[u8]>::len)), Some(3));
-    /// ```
+    /// Sets the session's secret token. See the example on [`NewSession`].
     #[must_use]
     pub fn token(mut self, token: impl Into<SessionToken>) -> Self {
         self.token = Some(token.into());
         self
     }
 
-    /// Sets the user payload.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let spec = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///     .payload(String::from("client-a"));
-    /// assert_eq!(spec.into_session().payload(), "client-a");
-    /// ```
+    /// Sets the user payload. See the example on [`NewSession`].
     #[must_use]
     pub fn payload<Q>(self, payload: Q) -> NewSession<Q> {
         NewSession {
@@ -101,48 +62,18 @@ impl<P> NewSession<P> {
     }
 
     /// The session id.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let spec =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
-    /// assert_eq!(spec.id(), SessionId::new(1));
-    /// ```
     #[must_use]
     pub fn id(&self) -> SessionId {
         self.id
     }
 
     /// The router.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let spec =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
-    /// assert_eq!(spec.router(), RouterId::new(2));
-    /// ```
     #[must_use]
     pub fn router(&self) -> RouterId {
         self.router
     }
 
     /// The router incarnation the session is created against.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let spec =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(2), Incarnation::new(3));
-    /// assert_eq!(spec.incarnation(), Incarnation::new(3));
-    /// ```
     #[must_use]
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation
@@ -189,19 +120,6 @@ impl<P> NewSession<P> {
     /// so that every process agrees on each session's
     /// [`SessionKey`](crate::SessionKey). The store must never give two
     /// sessions of one id the same generation.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionKey};
-    ///
-    /// // The backend's revision that created the session's record:
-    /// let revision = 4_711;
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session_with_generation(revision);
-    /// assert_eq!(session.key(), SessionKey::new(SessionId::new(1), revision));
-    /// ```
     #[must_use]
     pub fn into_session_with_generation(self, generation: u64) -> Session<P> {
         Session::new(

@@ -69,15 +69,6 @@ pub enum SessionState {
 
 impl SessionState {
     /// Returns `true` for [`SessionState::Closed`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::SessionState;
-    ///
-    /// assert!(SessionState::Closed.is_closed());
-    /// assert!(!SessionState::Terminating.is_closed());
-    /// ```
     #[must_use]
     pub const fn is_closed(self) -> bool {
         matches!(self, Self::Closed)
@@ -140,15 +131,6 @@ impl CloseReason {
     /// [`LivenessTimeout`](Self::LivenessTimeout),
     /// [`Reclaimed`](Self::Reclaimed), [`RouterLost`](Self::RouterLost) and
     /// [`Shutdown`](Self::Shutdown).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::CloseReason;
-    ///
-    /// assert!(CloseReason::LivenessTimeout.is_forced());
-    /// assert!(!CloseReason::RouterDeleted.is_forced());
-    /// ```
     #[must_use]
     pub const fn is_forced(self) -> bool {
         !matches!(self, Self::ClientClosed | Self::RouterDeleted)
@@ -278,18 +260,6 @@ pub enum Transition {
 
 impl Transition {
     /// Returns `true` when this caller won the transition.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// assert!(session.begin_terminating().won());
-    /// assert!(!session.begin_terminating().won());
-    /// ```
     #[must_use]
     pub const fn won(self) -> bool {
         matches!(self, Self::Won)
@@ -332,18 +302,6 @@ pub enum CloseOutcome {
 
 impl CloseOutcome {
     /// Returns `true` when this caller closed the session.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-    ///
-    /// let session =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .into_session();
-    /// assert!(session.close(CloseReason::ClientClosed).won());
-    /// assert!(!session.close(CloseReason::ClientClosed).won());
-    /// ```
     #[must_use]
     pub const fn won(self) -> bool {
         matches!(self, Self::Closed)

@@ -26,43 +26,18 @@ pub struct SessionToken(Box<[u8]>);
 
 impl SessionToken {
     /// Returns the token's bytes.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::session::SessionToken;
-    ///
-    /// let token = SessionToken::from(&b"k3y"[..]);
-    /// assert_eq!(token.as_bytes(), b"k3y");
-    /// ```
     #[must_use]
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
     /// Returns the token's length in bytes.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::session::SessionToken;
-    ///
-    /// assert_eq!(SessionToken::from(vec![0u8; 32]).len(), 32);
-    /// ```
     #[must_use]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Returns `true` for an empty token.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::session::SessionToken;
-    ///
-    /// assert!(SessionToken::from(Vec::new()).is_empty());
-    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

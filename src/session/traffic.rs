@@ -32,15 +32,6 @@ pub struct Traffic {
 
 impl Traffic {
     /// Bytes in both directions, saturating at `u64::MAX`.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::session::Traffic;
-    ///
-    /// let traffic = Traffic { bytes_in: 10, bytes_out: 5, ..Traffic::default() };
-    /// assert_eq!(traffic.total_bytes(), 15);
-    /// ```
     #[must_use]
     pub const fn total_bytes(&self) -> u64 {
         self.bytes_in.saturating_add(self.bytes_out)

@@ -26,26 +26,7 @@ use super::handle::{Inner, Session};
 use super::state::CloseReason;
 
 /// Future returned by [`Session::closed`]: resolves with the close reason once
-/// the session's close has completed.
-///
-/// # Example
-///
-/// ```
-/// use std::time::Duration;
-/// use session_lifecycle::{CloseReason, Incarnation, NewSession, RouterId, SessionId};
-///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() {
-/// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-///     .into_session();
-/// // Wait a while for the close; giving up (dropping the future) is safe.
-/// let wait = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
-/// assert!(wait.is_err());
-///
-/// let _ = session.close(CloseReason::ClientClosed);
-/// assert_eq!(session.closed().await, CloseReason::ClientClosed);
-/// # }
-/// ```
+/// the session's close has completed. See the example on [`Session::closed`].
 #[must_use = "futures do nothing unless polled"]
 pub struct WaitForClose<'a, P> {
     session: &'a Session<P>,

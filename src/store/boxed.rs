@@ -112,24 +112,7 @@ pub struct BoxStore<P = ()> {
 }
 
 impl<P: Send + Sync + 'static> BoxStore<P> {
-    /// Erases `store`'s type.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use session_lifecycle::{store::BoxStore, MemoryStore, RouterId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// // Keep the concrete store for its own methods; erase a clone of the Arc.
-    /// let memory = Arc::new(MemoryStore::new());
-    /// let store = BoxStore::new(Arc::clone(&memory));
-    /// store.register_router(RouterId::new(1)).await?;
-    /// assert_eq!(memory.router_count(), 1);
-    /// # Ok(())
-    /// # }
-    /// ```
+    /// Erases `store`'s type. See the example on [`BoxStore`].
     #[must_use]
     pub fn new<S: SessionStore<Payload = P>>(store: S) -> Self {
         Self {

@@ -90,14 +90,6 @@ pub enum BackendErrorKind {
 
 impl BackendErrorKind {
     /// A short lowercase name.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::store::BackendErrorKind;
-    ///
-    /// assert_eq!(BackendErrorKind::Pending.as_str(), "write pending");
-    /// ```
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -121,35 +113,11 @@ impl fmt::Display for BackendErrorKind {
 
 impl BackendError {
     /// Wraps the backend's own error, of kind [`BackendErrorKind::Other`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
-    ///
-    /// let refused = std::io::Error::new(
-    ///     std::io::ErrorKind::ConnectionRefused,
-    ///     "connection refused",
-    /// );
-    /// let error = BackendError::new(refused);
-    /// assert_eq!(error.kind(), BackendErrorKind::Other);
-    /// assert_eq!(error.to_string(), "store backend failed: failed");
-    /// ```
     pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::with_kind(BackendErrorKind::Other, error)
     }
 
     /// Wraps the backend's own error, saying what it means for the caller.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
-    ///
-    /// let lost = std::io::Error::new(std::io::ErrorKind::TimedOut, "answer lost");
-    /// let error = BackendError::with_kind(BackendErrorKind::OutcomeUnknown, lost);
-    /// assert_eq!(error.kind(), BackendErrorKind::OutcomeUnknown);
-    /// ```
     pub fn with_kind(
         kind: BackendErrorKind,
         error: impl std::error::Error + Send + Sync + 'static,
@@ -161,18 +129,6 @@ impl BackendError {
     }
 
     /// What the failure means for the caller.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::BackendError, store::BackendErrorKind};
-    ///
-    /// let error = BackendError::with_kind(
-    ///     BackendErrorKind::Pending,
-    ///     std::io::Error::other("queued"),
-    /// );
-    /// assert_eq!(error.kind(), BackendErrorKind::Pending);
-    /// ```
     #[must_use]
     pub fn kind(&self) -> BackendErrorKind {
         self.kind
@@ -180,16 +136,6 @@ impl BackendError {
 
     /// The backend's own error (also the [`source`](std::error::Error::source)),
     /// to downcast to the backend's error type.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::store::BackendError;
-    ///
-    /// let error = BackendError::new(std::io::Error::other("boom"));
-    /// let io = error.get_ref().downcast_ref::<std::io::Error>().unwrap();
-    /// assert_eq!(io.to_string(), "boom");
-    /// ```
     #[must_use]
     pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         &*self.error
@@ -210,30 +156,6 @@ impl std::error::Error for BackendError {
 }
 
 /// Error of [`SessionStore::register_router`](crate::SessionStore::register_router).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{MemoryStore, store::RegisterError, RouterId, SessionStore};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// match store.register_router(router).await {
-///     Err(RegisterError::AlreadyRegistered { incarnation: live, .. }) => {
-///         assert_eq!(live, incarnation); // keeps its incarnation
-///     }
-///     other => panic!("unexpected {other:?}"),
-/// }
-///
-/// let _ = store.fence(router).await?; // its deletion starts
-/// let error = store.register_router(router).await.unwrap_err();
-/// assert!(matches!(error, RegisterError::Deleting { .. }));
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
@@ -260,37 +182,7 @@ pub enum RegisterError {
 }
 
 /// Why [`SessionStore::create`](crate::SessionStore::create) rejected a session.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     store::CreateErrorKind, Incarnation, MemoryStore, NewSession, RouterId, SessionId,
-///     SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// let _ = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-///
-/// let again = store.create(NewSession::new(SessionId::new(1), router, incarnation)).await;
-/// let error = again.unwrap_err();
-/// assert_eq!(*error.kind(), CreateErrorKind::DuplicateSession(SessionId::new(1)));
-///
-/// // A client that still knows the router's previous life is refused.
-/// let stale = NewSession::new(SessionId::new(2), router, Incarnation::new(0));
-/// match store.create(stale).await.unwrap_err().kind() {
-///     CreateErrorKind::StaleIncarnation { live, .. } => {
-///         assert_eq!(*live, Some(incarnation))
-///     }
-///     other => panic!("unexpected {other}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
+/// See the example on [`CreateError`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CreateErrorKind {
@@ -379,60 +271,17 @@ pub struct CreateError<P> {
 
 impl<P> CreateError<P> {
     /// Builds the error; for store implementations.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
-    /// };
-    ///
-    /// let router = RouterId::new(9);
-    /// let spec = NewSession::new(SessionId::new(1), router, Incarnation::new(1));
-    /// let error = CreateError::new(CreateErrorKind::UnknownRouter(router), spec);
-    /// assert_eq!(error.to_string(), "session not created: router-9 is not registered");
-    /// ```
     pub fn new(kind: CreateErrorKind, spec: NewSession<P>) -> Self {
         Self { kind, spec }
     }
 
     /// Why the session was rejected.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
-    /// };
-    ///
-    /// let spec =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1));
-    /// let error =
-    ///     CreateError::new(CreateErrorKind::DuplicateSession(SessionId::new(1)), spec);
-    /// assert_eq!(*error.kind(), CreateErrorKind::DuplicateSession(SessionId::new(1)));
-    /// ```
     #[must_use]
     pub fn kind(&self) -> &CreateErrorKind {
         &self.kind
     }
 
-    /// Returns the rejected session description.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     store::CreateError, store::CreateErrorKind, Incarnation, NewSession, RouterId, SessionId,
-    /// };
-    ///
-    /// let spec =
-    ///     NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
-    ///         .payload("alice");
-    /// let error =
-    ///     CreateError::new(CreateErrorKind::UnknownRouter(RouterId::new(1)), spec);
-    /// let spec = error.into_spec();
-    /// assert_eq!(spec.id(), SessionId::new(1));
-    /// ```
+    /// Returns the rejected session description. See the example on [`CreateError`].
     pub fn into_spec(self) -> NewSession<P> {
         self.spec
     }
@@ -449,25 +298,6 @@ impl<P> fmt::Debug for CreateError<P> {
 
 /// Error of [`SessionStore::close`](crate::SessionStore::close) and
 /// [`SessionStore::remove`](crate::SessionStore::remove).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     CloseReason, MemoryStore, store::SessionError, SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// // A confirmation for a session the store no longer holds.
-/// match store.close(SessionId::new(5), CloseReason::RouterDeleted).await {
-///     Err(SessionError::UnknownSession(id)) => assert_eq!(id, SessionId::new(5)),
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -482,23 +312,6 @@ pub enum SessionError {
 /// Error of the router look-ups: [`SessionStore::sessions`](crate::SessionStore::sessions),
 /// [`SessionStore::count`](crate::SessionStore::count) and
 /// [`SessionStore::router_status`](crate::SessionStore::router_status).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{MemoryStore, store::RouterError, RouterId, SessionStore};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let error = store.count(RouterId::new(3)).await.unwrap_err();
-/// assert!(
-///     matches!(error, RouterError::UnknownRouter(router) if router == RouterId::new(3))
-/// );
-/// assert_eq!(error.to_string(), "router-3 is not registered");
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RouterError {
@@ -511,30 +324,6 @@ pub enum RouterError {
 }
 
 /// Error of [`SessionStore::fence`](crate::SessionStore::fence).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{store::FenceError, MemoryStore, RouterId, SessionStore};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// assert!(matches!(store.fence(router).await, Err(FenceError::UnknownRouter(_))));
-///
-/// let incarnation = store.register_router(router).await?;
-/// let _ = store.fence(router).await?;
-/// let _ = store.finish(router, incarnation).await?;
-/// match store.fence(router).await {
-///     Err(FenceError::AlreadyDeleted { incarnation: deleted, .. }) => {
-///         assert_eq!(deleted, incarnation)
-///     }
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FenceError {
@@ -569,30 +358,6 @@ pub enum FenceError {
 }
 
 /// Error of [`SessionStore::finish`](crate::SessionStore::finish).
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{store::FinishError, Incarnation, MemoryStore, RouterId, SessionStore};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// // Only a fenced router can be finished.
-/// let error = store.finish(router, incarnation).await.unwrap_err();
-/// assert!(matches!(error, FinishError::NotFenced { .. }));
-///
-/// let _ = store.fence(router).await?;
-/// let error = store.finish(router, Incarnation::new(42)).await.unwrap_err();
-/// match error {
-///     FinishError::IncarnationMismatch { current, .. } => assert_eq!(current, incarnation),
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FinishError {

@@ -6,30 +6,6 @@ use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::Session;
 
 /// A router's phase in the store, with the incarnation it applies to.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{MemoryStore, RouterId, store::RouterStatus, SessionStore};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// assert_eq!(store.router_status(router).await?, RouterStatus::Live(incarnation));
-///
-/// let _ = store.fence(router).await?;
-/// assert_eq!(store.router_status(router).await?, RouterStatus::Fenced(incarnation));
-///
-/// let _ = store.finish(router, incarnation).await?;
-/// match store.router_status(router).await? {
-///     RouterStatus::Deleted(deleted) => assert_eq!(deleted, incarnation),
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RouterStatus {
     /// Registered; sessions may be created in this incarnation.
@@ -42,17 +18,6 @@ pub enum RouterStatus {
 
 impl RouterStatus {
     /// The incarnation the status applies to.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, store::RouterStatus};
-    ///
-    /// assert_eq!(
-    ///     RouterStatus::Fenced(Incarnation::new(4)).incarnation(),
-    ///     Incarnation::new(4)
-    /// );
-    /// ```
     #[must_use]
     pub const fn incarnation(self) -> Incarnation {
         match self {
@@ -117,32 +82,6 @@ impl<P> fmt::Debug for FenceSnapshot<P> {
 }
 
 /// What [`SessionStore::finish`](crate::SessionStore::finish) did.
-///
-/// # Example
-///
-/// ```
-/// use session_lifecycle::{
-///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-/// };
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = MemoryStore::new();
-/// let router = RouterId::new(1);
-/// let incarnation = store.register_router(router).await?;
-/// for id in 1..=2 {
-///     let _ =
-///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await?;
-/// }
-/// let snapshot = store.fence(router).await?;
-/// let _ = snapshot.sessions[0].close(CloseReason::RouterDeleted); // one confirmed
-///
-/// let report = store.finish(router, incarnation).await?;
-/// assert_eq!((report.removed, report.closed), (2, 1)); // the other was closed by `finish`
-/// assert_eq!(report.incarnation, incarnation);
-/// # Ok(())
-/// # }
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FinishReport {
@@ -230,18 +169,7 @@ pub struct AuditReport {
 
 impl AuditReport {
     /// `true` when the index and map agree, there are no orphans and no
-    /// unreadable keys (foreign keys are not this store's).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::AuditReport, SessionId};
-    ///
-    /// let report =
-    ///     AuditReport { orphans: vec![SessionId::new(3)], ..AuditReport::default() };
-    /// assert!(!report.is_consistent());
-    /// assert!(AuditReport::default().is_consistent());
-    /// ```
+    /// unreadable keys (foreign keys are not this store's). See the example on [`AuditReport`].
     #[must_use]
     pub fn is_consistent(&self) -> bool {
         self.missing_from_map.is_empty()
@@ -251,36 +179,13 @@ impl AuditReport {
     }
 
     /// `true` when consistent and no closed session lingers in the store.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::AuditReport, SessionId};
-    ///
-    /// let report = AuditReport {
-    ///     closed_in_store: vec![SessionId::new(3)],
-    ///     ..AuditReport::default()
-    /// };
-    /// assert!(report.is_consistent() && !report.is_clean());
-    /// ```
+    /// See the example on [`AuditReport`].
     #[must_use]
     pub fn is_clean(&self) -> bool {
         self.is_consistent() && self.closed_in_store.is_empty()
     }
 
     /// The number of zombie sessions: orphans of a deleted or unknown router.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{store::AuditReport, SessionId};
-    ///
-    /// let report = AuditReport {
-    ///     orphans: vec![SessionId::new(3), SessionId::new(4)],
-    ///     ..AuditReport::default()
-    /// };
-    /// assert_eq!(report.zombies(), 2);
-    /// ```
     #[must_use]
     pub fn zombies(&self) -> usize {
         self.orphans.len()
@@ -334,17 +239,7 @@ pub struct RouterCensus {
 
 impl RouterCensus {
     /// A census entry with no session; for store implementations.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, store::RouterCensus, RouterId, store::RouterStatus};
-    ///
-    /// let mut census =
-    ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
-    /// census.active += 1;
-    /// assert_eq!(census.sessions(), 1);
-    /// ```
+    /// See the example on [`RouterCensus`].
     #[must_use]
     pub const fn new(router: RouterId, status: RouterStatus) -> Self {
         Self {
@@ -356,18 +251,7 @@ impl RouterCensus {
         }
     }
 
-    /// All of the router's sessions in the store.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{Incarnation, store::RouterCensus, RouterId, store::RouterStatus};
-    ///
-    /// let mut census =
-    ///     RouterCensus::new(RouterId::new(1), RouterStatus::Live(Incarnation::new(1)));
-    /// (census.active, census.terminating, census.closed) = (5, 2, 1);
-    /// assert_eq!(census.sessions(), 8);
-    /// ```
+    /// All of the router's sessions in the store. See the example on [`RouterCensus`].
     #[must_use]
     pub const fn sessions(&self) -> usize {
         self.active + self.terminating + self.closed

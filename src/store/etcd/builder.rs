@@ -303,25 +303,6 @@ impl EtcdStoreBuilder {
 
 impl EtcdStore<()> {
     /// A builder with no endpoint yet, the default prefix and timeouts.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// use session_lifecycle::etcd::EtcdStore;
-    /// use tokio::time::Duration;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store: EtcdStore<String> = EtcdStore::builder()
-    ///     .endpoint("http://etcd-0:2379")
-    ///     .endpoint("http://etcd-1:2379")
-    ///     .request_timeout(Duration::from_secs(2))
-    ///     .connect()
-    ///     .await?;
-    /// # drop(store);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn builder() -> EtcdStoreBuilder {
         EtcdStoreBuilder {
             endpoints: Vec::new(),

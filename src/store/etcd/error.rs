@@ -93,16 +93,6 @@ pub enum EtcdError {
 impl EtcdError {
     /// What the error means for the caller (the kind of the
     /// [`BackendError`] it becomes).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::store::BackendErrorKind;
-    /// use session_lifecycle::etcd::EtcdError;
-    ///
-    /// let error = EtcdError::Contention { key: "/sl/r/1".into() };
-    /// assert_eq!(error.kind(), BackendErrorKind::Contention);
-    /// ```
     #[must_use]
     pub fn kind(&self) -> BackendErrorKind {
         match self {

@@ -42,27 +42,6 @@ impl MemoryStoreBuilder {
     /// How many deleted router incarnations to remember (default 65,536).
     /// Past that, the oldest tombstone is forgotten and its router id becomes
     /// unknown; creates against it are still refused.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::builder().tombstone_capacity(1).build::<()>()?;
-    /// for raw in 1..=2 {
-    ///     let router = RouterId::new(raw);
-    ///     let incarnation = store.register_router(router).await?;
-    ///     let _ = store.fence(router).await?;
-    ///     let _ = store.finish(router, incarnation).await?;
-    /// }
-    /// // Only the last deletion is remembered.
-    /// assert!(store.router_status(RouterId::new(1)).await.is_err());
-    /// assert!(store.router_status(RouterId::new(2)).await.is_ok());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn tombstone_capacity(mut self, capacity: usize) -> Self {
         self.tombstone_capacity = capacity;
         self
@@ -71,15 +50,6 @@ impl MemoryStoreBuilder {
     /// The number of shards of the session and router maps (default: four
     /// per core, rounded up to a power of two). A power of two from 2 to
     /// 65,536, checked by [`build`](Self::build).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::MemoryStore;
-    ///
-    /// let store = MemoryStore::builder().shard_amount(256).build::<()>().unwrap();
-    /// assert!(store.is_empty());
-    /// ```
     pub fn shard_amount(mut self, shards: usize) -> Self {
         self.shard_amount = Some(shards);
         self
@@ -105,36 +75,6 @@ impl MemoryStoreBuilder {
     /// ([`LivenessEvent::ProbeFailed`](crate::LivenessEvent::ProbeFailed),
     /// [`ReclaimEvent`](crate::ReclaimEvent)), the error's `Drop` runs there,
     /// and must not call back into the store.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     CloseReason, Event, EventBus, MemoryStore, NewSession, RouterId, SessionId,
-    ///     SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let bus = EventBus::new(64);
-    /// let mut events = bus.subscribe();
-    /// let store = MemoryStore::builder().events(bus).build::<()>()?;
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// let _ = session.close(CloseReason::ClientClosed);
-    ///
-    /// assert!(matches!(events.try_recv(), Some(Event::SessionCreated { .. })));
-    /// match events.try_recv() {
-    ///     Some(Event::SessionClosed { reason, .. }) => {
-    ///         assert_eq!(reason, CloseReason::ClientClosed)
-    ///     }
-    ///     other => panic!("unexpected {other:?}"),
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn events(mut self, bus: EventBus) -> Self {
         self.events = Some(bus);
         self
@@ -146,21 +86,6 @@ impl MemoryStoreBuilder {
     ///
     /// [`BuildError::Setting`] for a shard amount that is not a power of
     /// two from 2 to 65,536.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::MemoryStore;
-    ///
-    /// #[derive(Debug)]
-    /// struct Client {
-    ///     name: String,
-    /// }
-    ///
-    /// let store: MemoryStore<Client> = MemoryStore::builder().build()?;
-    /// assert_eq!(store.len(), 0);
-    /// # Ok::<(), session_lifecycle::BuildError>(())
-    /// ```
     pub fn build<P>(self) -> Result<MemoryStore<P>, BuildError> {
         let shards = self.shard_amount.map(check_shards).transpose()?;
         Ok(self.build_with(shards))
@@ -208,17 +133,7 @@ fn check_shards(shards: usize) -> Result<usize, BuildError> {
 }
 
 impl MemoryStore<()> {
-    /// A builder to configure the store.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::MemoryStore;
-    ///
-    /// let store: MemoryStore<u32> =
-    ///     MemoryStore::builder().tombstone_capacity(1_024).build().unwrap();
-    /// assert!(store.is_empty());
-    /// ```
+    /// A builder to configure the store. See the example on [`MemoryStore`].
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             tombstone_capacity: DEFAULT_TOMBSTONES,

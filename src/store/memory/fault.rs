@@ -120,28 +120,6 @@ impl<P> MemoryStore<P> {
         }
     }
     /// Applies `corruption`. Test-only: it breaks the store's invariants.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     store::Corruption, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    ///
-    /// store.corrupt(Corruption::DropFromMap(SessionId::new(1)));
-    /// let findings = store.audit().await?;
-    /// assert_eq!(findings.missing_from_map, vec![(router, SessionId::new(1))]);
-    /// # Ok(())
-    /// # }
-    /// ```
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn corrupt(&self, corruption: Corruption<P>) {
         match corruption {

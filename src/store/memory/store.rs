@@ -128,18 +128,6 @@ impl<P> fmt::Debug for MemoryStore<P> {
 
 impl MemoryStore<()> {
     /// A store with default settings, for sessions without payload.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::MemoryStore;
-    ///
-    /// let store = MemoryStore::new();
-    /// assert!(store.is_empty());
-    /// // With a payload: `MemoryStore::<MyPayload>::default()` or the builder.
-    /// let named: MemoryStore<String> = MemoryStore::default();
-    /// assert!(named.is_empty());
-    /// ```
     #[must_use]
     pub fn new() -> Self {
         Self::default()
@@ -148,53 +136,12 @@ impl MemoryStore<()> {
 
 impl<P> MemoryStore<P> {
     /// The number of sessions in the store.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// for id in 0..3 {
-    ///     let _ = store
-    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
-    ///         .await?;
-    /// }
-    /// assert_eq!(store.len(), 3);
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
 
     /// `true` when the store holds no session.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{
-    ///     CloseReason, MemoryStore, NewSession, RouterId, SessionId, SessionStore,
-    /// };
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let session =
-    ///     store.create(NewSession::new(SessionId::new(1), router, incarnation)).await?;
-    /// assert!(!store.is_empty());
-    /// let _ = store.close(session.id(), CloseReason::ClientClosed).await?;
-    /// assert!(store.is_empty());
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
@@ -205,51 +152,11 @@ impl<P> MemoryStore<P> {
     /// Router indexes shrink by themselves as they empty; the session map
     /// keeps its capacity until this is called. It locks each shard of the
     /// map in turn, so call it off the hot path (after a large deletion).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, NewSession, RouterId, SessionId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// for id in 0..10_000 {
-    ///     let _ = store
-    ///         .create(NewSession::new(SessionId::new(id), router, incarnation))
-    ///         .await?;
-    /// }
-    /// let _ = store.fence(router).await?;
-    /// let _ = store.finish(router, incarnation).await?; // removes all 10,000
-    /// store.shrink_to_fit();
-    /// assert!(store.is_empty());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn shrink_to_fit(&self) {
         self.sessions.shrink_to_fit();
     }
 
     /// The number of routers the store knows, tombstones included.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use session_lifecycle::{MemoryStore, RouterId, SessionStore};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = MemoryStore::new();
-    /// let router = RouterId::new(1);
-    /// let incarnation = store.register_router(router).await?;
-    /// let _ = store.fence(router).await?;
-    /// let _ = store.finish(router, incarnation).await?;
-    /// assert_eq!(store.router_count(), 1); // its tombstone
-    /// # Ok(())
-    /// # }
-    /// ```
     #[must_use]
     pub fn router_count(&self) -> usize {
         self.routers.len()
