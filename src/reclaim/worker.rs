@@ -57,11 +57,8 @@ impl Shared {
         };
         let schedule = catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
             .unwrap_or_default();
-        if let Err(error) = schedule.backoff().validate() {
-            // Out-of-range settings are drawn clamped; say so.
-            tracing::warn!(task = ?info, %error, "the policy's retry schedule is out of range; clamped");
-        }
-        let mut backoff = schedule.backoff().iter();
+        // Drawn only once an attempt failed: most tasks succeed at once.
+        let mut backoff = None;
         loop {
             running.attempts = running.attempts.saturating_add(1);
             let error = match task.attempt(Some(schedule.timeout())).await {
@@ -73,7 +70,16 @@ impl Shared {
                 Err(error) => error,
             };
             let delay = if error.is_retryable() {
-                backoff.next()
+                backoff
+                    .get_or_insert_with(|| {
+                        if let Err(error) = schedule.backoff().validate() {
+                            // Out-of-range settings are drawn clamped; say so.
+                            tracing::warn!(task = ?info, %error,
+                                "the policy's retry schedule is out of range; clamped");
+                        }
+                        schedule.backoff().iter()
+                    })
+                    .next()
             } else {
                 None
             };

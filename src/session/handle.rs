@@ -120,6 +120,7 @@ impl<P> fmt::Debug for Session<P> {
 impl<P> Session<P> {
     /// A new `Active` session, created now on tokio's clock: see
     /// [`NewSession::into_session_with_generation`].
+    #[inline]
     pub(super) fn new(
         id: SessionId,
         generation: u64,

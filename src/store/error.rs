@@ -29,10 +29,25 @@ use crate::session::NewSession;
 /// assert_eq!(error.to_string(), "store backend failed: unavailable");
 /// assert_eq!(error.source().unwrap().to_string(), "etcd did not answer");
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BackendError {
+    /// One thin pointer: a `Result` carrying a store error stays as small as
+    /// the success value allows (the heartbeat's hot path returns one).
+    inner: Arc<BackendInner>,
+}
+
+struct BackendInner {
     kind: BackendErrorKind,
-    error: Arc<dyn std::error::Error + Send + Sync>,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl fmt::Debug for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendError")
+            .field("kind", &self.inner.kind)
+            .field("error", &self.inner.error)
+            .finish()
+    }
 }
 
 /// What a [`BackendError`] means for the caller.
@@ -123,35 +138,37 @@ impl BackendError {
         error: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         Self {
-            kind,
-            error: Arc::new(error),
+            inner: Arc::new(BackendInner {
+                kind,
+                error: Box::new(error),
+            }),
         }
     }
 
     /// What the failure means for the caller.
     #[must_use]
     pub fn kind(&self) -> BackendErrorKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The backend's own error (also the [`source`](std::error::Error::source)),
     /// to downcast to the backend's error type.
     #[must_use]
     pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.error
+        &*self.inner.error
     }
 }
 
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The cause is the source, not repeated here.
-        write!(f, "store backend failed: {}", self.kind)
+        write!(f, "store backend failed: {}", self.inner.kind)
     }
 }
 
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.error)
+        Some(&*self.inner.error)
     }
 }
 
@@ -225,7 +242,7 @@ pub enum CreateErrorKind {
 
 impl PartialEq for BackendError {
     fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && Arc::ptr_eq(&self.error, &other.error)
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 }
 

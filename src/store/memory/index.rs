@@ -27,6 +27,7 @@ pub(super) type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
 /// Removes `session`'s entry from `index` if it is this very session (a
 /// later session reusing the id keeps its entry); returns what it removed,
 /// for the caller to drop after its guards.
+#[inline]
 pub(super) fn unindex<P>(index: &mut SessionIndex<P>, session: &Session<P>) -> Option<Session<P>> {
     let id = session.id();
     if !index

@@ -10,6 +10,7 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 use crate::store::error::{CreateError, CreateErrorKind, SessionError};
 
 impl<P> MemoryStore<P> {
+    #[inline]
     pub(super) fn create_now(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
         let mut displaced = None;
         let created = self.insert_new(spec, &mut displaced);
@@ -26,6 +27,7 @@ impl<P> MemoryStore<P> {
 
     /// The checks and inserts of `create`, under the router's lock; an index
     /// entry the new session displaced is handed out in `displaced`.
+    #[inline]
     fn insert_new(
         &self,
         spec: NewSession<P>,
@@ -61,12 +63,14 @@ impl<P> MemoryStore<P> {
         }
     }
 
+    #[inline]
     pub(super) fn get_now(&self, id: SessionId) -> Option<Session<P>> {
         self.sessions.get(&id).map(|session| session.clone())
     }
 
     /// Removes `session` from the map and its router's index if the map
     /// still holds this very session; `true` if it did.
+    #[inline]
     fn unlink(&self, session: &Session<P>) -> bool {
         let Some(entry) = self.routers.get(&session.router()) else {
             return false;
@@ -90,6 +94,7 @@ impl<P> MemoryStore<P> {
     }
 
     /// The session with this key, if the map holds that very life of the id.
+    #[inline]
     pub(super) fn get_exact(&self, key: SessionKey) -> Option<Session<P>> {
         self.sessions
             .get(&key.id())
@@ -99,6 +104,7 @@ impl<P> MemoryStore<P> {
 
     /// Closes `session` (outside every lock: closing runs its resources)
     /// and unlinks this very session.
+    #[inline]
     pub(super) fn close_held(
         &self,
         session: Option<Session<P>>,
@@ -113,6 +119,7 @@ impl<P> MemoryStore<P> {
 
     /// Closes `session` with `Reclaimed` if open, and unlinks it; the
     /// session if this call unlinked it.
+    #[inline]
     pub(super) fn remove_held(
         &self,
         session: Option<Session<P>>,
