@@ -328,14 +328,14 @@ async fn a_delete_races_delete_incarnation_of_the_old_and_the_new_life() {
     }
 }
 
-/// Two controllers, each with its own deleter on one store, delete the
-/// same life; the second one's routers answer, the first one's hang. The
-/// second controller registers the router again, creates a session and
-/// asks the first controller to delete the router: it must delete the new
-/// life, not answer with the first life's report (its own run of the first
-/// life is still waiting on its notifier).
-#[tokio::test(start_paused = true)]
-async fn a_controller_never_answers_for_a_life_another_controller_finished() {
+/// Two controllers on one store with a first life of `R`: A's routers
+/// never answer its first notice (then confirm), B's confirm at once.
+async fn stale_run_setup() -> (
+    Arc<MemoryStore>,
+    Life,
+    RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>>,
+    RouterDeleter<MemoryStore, Arc<Kit>>,
+) {
     let store = Arc::new(MemoryStore::new());
     let first = new_life(&store, R, 1, 0).await;
     let hanging = ScriptedNotifier::new(
@@ -346,6 +346,18 @@ async fn a_controller_never_answers_for_a_life_another_controller_finished() {
         .build(Arc::clone(&store), hanging)
         .expect("valid settings");
     let b = confirming(&store);
+    (store, first, a, b)
+}
+
+/// Two controllers, each with its own deleter on one store, delete the
+/// same life; the second one's routers answer, the first one's hang. The
+/// second controller registers the router again, creates a session and
+/// asks the first controller to delete the router: it must delete the new
+/// life, not answer with the first life's report (its own run of the first
+/// life is still waiting on its notifier).
+#[tokio::test(start_paused = true)]
+async fn a_controller_never_answers_for_a_life_another_controller_finished() {
+    let (store, first, a, b) = stale_run_setup().await;
     let mut a_first = tokio::spawn(a.delete(R));
     tokio::task::yield_now().await; // A's run fences and notifies: hangs
     let b_first = report_within(HOUR, b.delete(R)).await;
@@ -370,16 +382,7 @@ async fn a_controller_never_answers_for_a_life_another_controller_finished() {
 /// deletion started at the call's first poll).
 #[tokio::test(start_paused = true)]
 async fn a_delete_dropped_while_a_stale_run_ends_still_deletes_the_new_life() {
-    let store = Arc::new(MemoryStore::new());
-    let first = new_life(&store, R, 1, 0).await;
-    let hanging = ScriptedNotifier::new(
-        Arc::clone(&store),
-        Script::calls([Notify::Never], Notify::confirm_all()),
-    );
-    let a = builder()
-        .build(Arc::clone(&store), hanging)
-        .expect("valid settings");
-    let b = confirming(&store);
+    let (store, first, a, b) = stale_run_setup().await;
     let a_first = tokio::spawn(a.delete(R));
     tokio::task::yield_now().await; // A's run fences and notifies: hangs
     let b_first = report_within(HOUR, b.delete(R)).await;

@@ -73,7 +73,7 @@ impl ReclaimQueue {
 
     /// Closes every open session of `sessions` with `reason` first, then
     /// queues their releases, the most urgent class of all sessions first
-    /// (within a class, in the order given). Returns the ids of the
+    /// (within a class, in the order given). Returns the keys of the
     /// sessions this call closed.
     pub(crate) async fn close_sessions<P>(
         &self,
