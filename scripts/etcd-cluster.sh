@@ -56,8 +56,25 @@ done
 export ETCD_CLUSTER_PIDS
 # `|| true`: under `set -e` a stopped server's exit status must not become
 # the shell's.
-# shellcheck disable=SC2086
-trap 'kill $ETCD_CLUSTER_PIDS 2>/dev/null || true; for p in $ETCD_CLUSTER_PIDS; do wait "$p" 2>/dev/null || true; done; rm -rf "$cluster_dir"' EXIT
+# A member that exited before the shell did is reported with its log (and
+# the free space where its data was): a member lost under the tests is
+# never silent.
+etcd_cluster_stop() {
+  local i=0
+  for p in $ETCD_CLUSTER_PIDS; do
+    if ! kill -0 "$p" 2>/dev/null; then
+      echo "etcd member m$i (pid $p) had exited; its log:" >&2
+      tail -n 50 "$cluster_dir/m$i.log" >&2 || true
+      df -h "$cluster_dir" >&2 || true
+    fi
+    i=$((i + 1))
+  done
+  # shellcheck disable=SC2086
+  kill $ETCD_CLUSTER_PIDS 2>/dev/null || true
+  for p in $ETCD_CLUSTER_PIDS; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$cluster_dir"
+}
+trap etcd_cluster_stop EXIT
 
 healthy=0
 for _ in $(seq 1 200); do

@@ -34,7 +34,18 @@ ETCD_PID=$!
 export ETCD_PID
 # `|| true`: under `set -e` a stopped server's exit status must not become
 # the shell's.
-trap 'kill "$ETCD_PID" 2>/dev/null || true; wait "$ETCD_PID" 2>/dev/null || true; rm -rf "$etcd_dir" "$etcd_dir.log"' EXIT
+# An etcd that exited before the shell did is reported with its log.
+etcd_stop() {
+  if ! kill -0 "$ETCD_PID" 2>/dev/null; then
+    echo "etcd (pid $ETCD_PID) had exited; its log:" >&2
+    tail -n 50 "$etcd_dir.log" >&2 || true
+    df -h "$etcd_dir" >&2 || true
+  fi
+  kill "$ETCD_PID" 2>/dev/null || true
+  wait "$ETCD_PID" 2>/dev/null || true
+  rm -rf "$etcd_dir" "$etcd_dir.log"
+}
+trap etcd_stop EXIT
 
 healthy=0
 for _ in $(seq 1 100); do

@@ -782,3 +782,68 @@ async fn own_etcd_a_three_member_cluster_survives_member_loss_under_churn() {
         "{census:?}"
     );
 }
+
+/// A dead or frozen member of three gets no requests once the member check
+/// saw it (a dead member refuses at once, so the balancer found it the
+/// least busy and sent it a share of the requests: about a quarter failed
+/// before). Every read (a count: a request to etcd each) succeeds on its
+/// first attempt, with no retry, until the member is back and gets
+/// requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_dead_or_frozen_member_gets_no_requests() {
+    if endpoints().is_none() {
+        return;
+    }
+    let mut cluster = Cluster::start("members", 3, &[]).await;
+    let endpoints = cluster.endpoints();
+    let prefix = unique_prefix("members");
+    let store: EtcdStore = store_on(&endpoints, &prefix, |b| {
+        b.request_timeout(Duration::from_secs(1))
+            .member_check(Duration::from_millis(200))
+    })
+    .await;
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    store
+        .create(NewSession::new(SessionId::new(1), router, incarnation))
+        .await
+        .unwrap();
+    let excluded = |want: u64| {
+        let store = &store;
+        async move {
+            timeout(WAIT, async {
+                while store.stats().members_excluded != want {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{want} member(s) excluded: {:?}", store.stats()));
+        }
+    };
+    let reads_without_retry = |what: &'static str| {
+        let store = &store;
+        async move {
+            let before = store.stats().retries;
+            for _ in 0..200 {
+                assert_eq!(store.count(router).await.unwrap(), 1);
+            }
+            assert_eq!(store.stats().retries, before, "{what}: reads were retried");
+        }
+    };
+
+    let dead = (cluster.wait_for_leader(WAIT).await + 1) % 3;
+    cluster.members[dead].kill();
+    excluded(1).await;
+    reads_without_retry("a dead follower").await;
+    cluster.members[dead].start();
+    excluded(0).await;
+    assert_eq!(store.stats().member_exclusions, 1);
+
+    let frozen = (cluster.wait_for_leader(WAIT).await + 1) % 3;
+    cluster.members[frozen].pause();
+    excluded(1).await;
+    reads_without_retry("a frozen follower").await;
+    cluster.members[frozen].resume();
+    excluded(0).await;
+    assert_eq!(store.stats().member_exclusions, 2);
+}

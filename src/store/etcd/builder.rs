@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::create::{self, CreateCounters};
 use super::keys::Keys;
+use super::members::{self, MemberCounters};
 use super::retry::Retry;
 use super::shared::{Link, Shared};
 use super::txn::{Limits, MAX_ANSWER};
@@ -41,6 +42,7 @@ pub struct EtcdStoreBuilder {
     max_record: usize,
     max_txn_ops: usize,
     create_batch: usize,
+    member_check: Duration,
 }
 
 /// The largest `max_record` accepted: a create (record, pointer, keys and
@@ -158,6 +160,21 @@ impl EtcdStoreBuilder {
         self
     }
 
+    /// How often every member is asked, on its own connection, whether it
+    /// answers a linearizable read within the request timeout (default
+    /// 1 s; only with two endpoints or more). A member that does not (dead,
+    /// frozen, or cut off from the leader) gets no requests until it
+    /// answers again, unless no member answers; [`EtcdStats`] counts them.
+    /// Without this a dead member, which refuses at once and so looks the
+    /// least busy, drew a share of the requests that all failed and were
+    /// retried.
+    ///
+    /// [`EtcdStats`]: super::EtcdStats
+    pub fn member_check(mut self, interval: Duration) -> Self {
+        self.member_check = interval;
+        self
+    }
+
     fn check(&self) -> Result<(), EtcdError> {
         if self.endpoints.is_empty() {
             return Err(EtcdError::config("endpoint", "no endpoint given"));
@@ -190,6 +207,7 @@ impl EtcdStoreBuilder {
         for (setting, value) in [
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("member_check", self.member_check),
         ] {
             if value.is_zero() {
                 return Err(EtcdError::config(setting, "must be positive"));
@@ -224,13 +242,31 @@ impl EtcdStoreBuilder {
             endpoints: self.endpoints.clone(),
             source,
         };
-        let client = Client::connect(&self.endpoints, Some(options))
+        let client = Client::connect(&self.endpoints, Some(options.clone()))
             .await
             .map_err(connect_error)?;
         let keys = Keys::new(&self.prefix);
         let kv = client.kv_client().max_decoding_message_size(MAX_ANSWER);
         let retry = Retry::new(self.retry_deadline);
         let probe = keys.router(RouterId::new(0));
+        let stop = CancellationToken::new();
+        // Stops the member check if connecting fails from here on.
+        let stop_on_error = stop.clone().drop_guard();
+        let member_counters = Arc::new(MemberCounters::default());
+        if let Some(each) = members::members(&self.endpoints, &options)
+            .await
+            .map_err(connect_error)?
+        {
+            tokio::spawn(members::run(
+                client.clone(),
+                each,
+                probe.clone(),
+                self.member_check,
+                self.request_timeout,
+                stop.clone(),
+                Arc::clone(&member_counters),
+            ));
+        }
         let response = retry
             .run("read revision", || {
                 let mut kv = kv.clone();
@@ -267,7 +303,6 @@ impl EtcdStoreBuilder {
             retry.clone(),
             Arc::clone(&create_counters),
         ));
-        let stop = CancellationToken::new();
         let (suspend, suspended) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             suspend,
@@ -282,6 +317,7 @@ impl EtcdStoreBuilder {
             creates,
             counters,
             create_counters,
+            member_counters,
             rechecks: std::sync::atomic::AtomicU64::new(0),
             stop: stop.clone(),
             retry,
@@ -297,6 +333,7 @@ impl EtcdStoreBuilder {
             suspended,
             shared.retry.delays(),
         ));
+        stop_on_error.disarm();
         Ok(EtcdStore { shared, client })
     }
 }
@@ -316,6 +353,7 @@ impl EtcdStore<()> {
             max_record: 16 << 10,
             max_txn_ops: 128,
             create_batch: 64,
+            member_check: Duration::from_secs(1),
         }
     }
 }

@@ -51,6 +51,7 @@ mod create;
 mod error;
 mod finish;
 mod keys;
+mod members;
 mod payload;
 mod reads;
 mod retry;

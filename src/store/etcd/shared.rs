@@ -32,6 +32,8 @@ pub(super) struct Shared<P> {
     pub(super) creates: mpsc::UnboundedSender<CreateRequest>,
     pub(super) counters: Arc<WriterCounters>,
     pub(super) create_counters: Arc<CreateCounters>,
+    /// The member check's counters.
+    pub(super) member_counters: Arc<super::members::MemberCounters>,
     /// Records read again by `recheck`.
     pub(super) rechecks: std::sync::atomic::AtomicU64,
     pub(super) stop: CancellationToken,

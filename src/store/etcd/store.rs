@@ -223,6 +223,14 @@ pub struct EtcdStats {
     /// Reads of records done again because a change may have been missed
     /// while they were loaded.
     pub rechecks: u64,
+    /// Members that get no requests now: they did not answer the last
+    /// member check (see [`EtcdStoreBuilder::member_check`]).
+    ///
+    /// [`EtcdStoreBuilder::member_check`]: super::EtcdStoreBuilder::member_check
+    pub members_excluded: u64,
+    /// Times a member was left out of the requests since the store
+    /// connected.
+    pub member_exclusions: u64,
 }
 
 impl<P: EtcdPayload> EtcdStore<P> {
@@ -255,6 +263,8 @@ impl<P: EtcdPayload> EtcdStore<P> {
             creates_unknown: creates.unknown.load(Relaxed),
             retries: self.shared.retry.retried(),
             rechecks: self.shared.rechecks.load(Relaxed),
+            members_excluded: self.shared.member_counters.excluded.load(Relaxed),
+            member_exclusions: self.shared.member_counters.exclusions.load(Relaxed),
         }
     }
 
