@@ -3,8 +3,10 @@
 //! # Invariants
 //!
 //! - Every session of the snapshot is either already closed when marked, or
-//!   tracked by `Pending`; `Pending::open` counts the tracked sessions not
-//!   yet closed, and reaching zero wakes the run once.
+//!   tracked; a round ends when every tracked session's close completed
+//!   (checked by a scan, waiting on one open session at a time, from the
+//!   last notified back) or at its deadline. Nothing is attached to a
+//!   session to track it: no allocation per session.
 //! - Every timer wait is bounded by the configuration (`Config::max_wait`),
 //!   and every notifier call by `notify_timeout`; a notifier panic is caught.
 //! - The run closes every tracked session before it calls `finish`, and
@@ -13,15 +15,14 @@
 //!
 //! # Deadlock safety
 //!
-//! The run takes no lock of its own; `Pending` is atomics and a `Notify`.
+//! The run takes no lock of its own: it reads session states, and waits
+//! on one session's close at a time.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use backon::Retryable;
 use futures::FutureExt;
-use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 use tracing::Instrument;
 
@@ -33,7 +34,7 @@ use crate::closing::close_all;
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionKey};
-use crate::session::{CloseFrom, CloseReason, Resource, Session, Transition};
+use crate::session::{CloseFrom, CloseReason, Session, Transition};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.
@@ -98,7 +99,6 @@ where
             config,
             router,
             incarnation: snapshot.incarnation,
-            pending: Arc::new(Pending::default()),
             tracked: Vec::with_capacity(snapshot.sessions.len()),
             first_round: Vec::with_capacity(snapshot.sessions.len()),
             closing: Vec::new(),
@@ -118,7 +118,6 @@ struct Run<'a, N, P> {
     config: &'a Config,
     router: RouterId,
     incarnation: Incarnation,
-    pending: Arc<Pending>,
     tracked: Vec<Session<P>>,
     /// Keys of `tracked`, collected while marking: the first round sends
     /// them without another pass over the sessions.
@@ -257,7 +256,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                             incarnation: session.incarnation(),
                         });
                     }
-                    self.pending.track(&session);
                     self.first_round.push(session.key());
                     self.tracked.push(session);
                 }
@@ -305,9 +303,33 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         let spent = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.notify_nanos.fetch_add(spent, Ordering::Relaxed);
         let deadline = after(self.config.confirm_timeout);
-        match self.pending.all_closed_by(deadline).await {
+        match self.all_closed_by(deadline).await {
             0 => Ok(()),
             open => Err(Unconfirmed(open)),
+        }
+    }
+
+    /// Waits until every tracked session's close completed, or `deadline`;
+    /// returns how many are still open.
+    ///
+    /// From the last notified session back: routers confirm mostly in the
+    /// order they were told, so once the last one closed the scan finds
+    /// the others closed too, and the run is woken about once a round.
+    async fn all_closed_by(&self, deadline: Instant) -> usize {
+        let all = async {
+            for session in self.tracked.iter().rev() {
+                if !session.is_close_complete() {
+                    session.closed().await;
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, all).await {
+            Ok(()) => 0,
+            Err(_elapsed) => self
+                .tracked
+                .iter()
+                .filter(|session| !session.is_closed())
+                .count(),
         }
     }
 
@@ -372,25 +394,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 }
 
-/// Counts its session closed when released, or when dropped unattached: a
-/// close of any kind counts once.
-struct Closing(Arc<Pending>);
-
-impl Resource for Closing {
-    fn release(self: Box<Self>, _reason: CloseReason) {}
-
-    /// Only a counter: never worth queueing.
-    fn release_inline(&self) -> bool {
-        true
-    }
-}
-
-impl Drop for Closing {
-    fn drop(&mut self) {
-        self.0.closed_one();
-    }
-}
-
 /// Far enough not to matter (as tokio's own far future): what a deadline
 /// past `Instant`'s range means.
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
@@ -406,49 +409,4 @@ fn after(delay: Duration) -> Instant {
 /// Adds one to a report counter, saturating.
 fn bump(counter: &AtomicU32) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
-}
-
-/// The tracked sessions still open, with one wake-up when none is left.
-#[derive(Debug, Default)]
-struct Pending {
-    open: AtomicUsize,
-    none_open: Notify,
-}
-
-impl Pending {
-    /// Counts `session` until it closes.
-    fn track<P>(self: &Arc<Self>, session: &Session<P>) {
-        // Count first, so the decrement of a close racing the attach can
-        // never go below zero.
-        self.open.fetch_add(1, Ordering::AcqRel);
-        if let Err(refused) = session.attach(Closing(Arc::clone(self))) {
-            drop(refused); // closed meanwhile: `Closing::drop` counts it
-        }
-    }
-
-    fn closed_one(&self) {
-        // AcqRel: the waiter's Acquire load of zero sees every close.
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.none_open.notify_waiters();
-        }
-    }
-
-    /// Waits until no tracked session is open, or `deadline`; returns how
-    /// many are still open.
-    async fn all_closed_by(&self, deadline: Instant) -> usize {
-        loop {
-            let notified = self.none_open.notified();
-            tokio::pin!(notified);
-            // Registered before the check: a wake-up between the check and
-            // the await is not lost.
-            notified.as_mut().enable();
-            let open = self.open.load(Ordering::Acquire);
-            if open == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.open.load(Ordering::Acquire);
-            }
-        }
-    }
 }

@@ -70,11 +70,32 @@ impl<P> Session<P> {
     }
 
     fn complete_close(&self, reason: CloseReason) {
-        let resources = self.take_resources();
-        for resource in resources.into_release_order() {
-            self.release_contained(resource, reason);
+        // One critical section when nothing is attached (most sessions a
+        // deletion closes): take the token, mark the close complete and
+        // take the waiters at once.
+        let (resources, token, waiters) = {
+            let mut shared = self.inner.shared.lock();
+            let token = shared.token.take();
+            if shared.resources.is_empty() {
+                self.inner.word.mark_complete();
+                (None, token, std::mem::take(&mut shared.waiters))
+            } else {
+                let resources = std::mem::take(&mut shared.resources);
+                (Some(resources), token, Vec::new())
+            }
+        };
+        // `SessionToken` zeroizes its bytes on drop: here, unless a
+        // `with_token` reader still runs (then when it returns).
+        drop(token);
+        match resources {
+            None => wake_all(waiters),
+            Some(resources) => {
+                for resource in resources.into_release_order() {
+                    self.release_contained(resource, reason);
+                }
+                self.finish_close();
+            }
         }
-        self.finish_close();
     }
 
     /// Takes the resources out and wipes the token; only the caller that
@@ -102,9 +123,7 @@ impl<P> Session<P> {
             self.inner.word.mark_complete();
             std::mem::take(&mut shared.waiters)
         };
-        for waker in waiters.into_iter().flatten() {
-            waker.wake();
-        }
+        wake_all(waiters);
     }
 
     /// Closes the session with `reason` but hands its resources back,
@@ -222,5 +241,16 @@ struct CompleteOnDrop<P>(Session<P>);
 impl<P> Drop for CompleteOnDrop<P> {
     fn drop(&mut self) {
         self.0.finish_close();
+    }
+}
+
+/// Wakes every waiter taken out of a session (outside its lock: a waker is
+/// user code).
+fn wake_all(waiters: Vec<Option<std::task::Waker>>) {
+    if waiters.is_empty() {
+        return;
+    }
+    for waker in waiters.into_iter().flatten() {
+        waker.wake();
     }
 }

@@ -239,6 +239,10 @@ impl Resources {
         };
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        matches!(self, Resources::None)
+    }
+
     /// The resources, last attached first: the order they are released in.
     pub(super) fn into_release_order(self) -> impl Iterator<Item = Box<dyn Resource>> {
         let (one, many) = match self {

@@ -24,6 +24,10 @@ impl<P> MemoryStore<P> {
             let router = *entry.key();
             let slot = entry.value().lock();
             for (id, indexed) in &slot.index {
+                // A fenced router's closed entries wait for its `finish`.
+                if slot.keeps_departed() && indexed.is_closed() && !self.holds(indexed) {
+                    continue;
+                }
                 if !self.holds(indexed) {
                     report.missing_from_map.push((router, *id));
                 } else if indexed.router() != router || !slot.status_holds(indexed.incarnation()) {
@@ -238,7 +242,7 @@ impl<P> MemoryStore<P> {
     }
 
     /// `true` if the map holds this very session.
-    fn holds(&self, session: &Session<P>) -> bool {
+    pub(super) fn holds(&self, session: &Session<P>) -> bool {
         self.sessions
             .get(&session.id())
             .is_some_and(|stored| Session::ptr_eq(&stored, session))

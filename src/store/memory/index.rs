@@ -19,7 +19,14 @@ pub(super) struct RouterSlot<P> {
     pub(super) status: RouterStatus,
     /// The router's sessions, as handles: listing or fencing a router reads
     /// only this, never the session map.
+    ///
+    /// A fenced router's entries stay when their sessions leave the map
+    /// (closed, so removed): its `finish` drops the whole index, so a
+    /// deletion's confirmations skip the index work. `departed` counts
+    /// them; listings and the count leave them out.
     pub(super) index: SessionIndex<P>,
+    /// Entries of this fenced router's index whose sessions left the map.
+    pub(super) departed: usize,
 }
 
 pub(super) type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
@@ -59,7 +66,35 @@ impl<P> RouterSlot<P> {
         Self {
             status: RouterStatus::Live(incarnation),
             index: HashMap::default(),
+            departed: 0,
         }
+    }
+
+    /// Whether entries whose sessions left the map may still be indexed.
+    pub(super) fn keeps_departed(&self) -> bool {
+        matches!(self.status, RouterStatus::Fenced(_))
+    }
+
+    /// How many sessions of the index are in the store.
+    pub(super) fn len(&self) -> usize {
+        self.index.len().saturating_sub(self.departed)
+    }
+
+    /// Handles of the sessions of the index that are in the store, `held`
+    /// telling for a fenced router's entries (closed ones may have left);
+    /// call with the router's lock held.
+    pub(super) fn handles(&self, held: impl Fn(&Session<P>) -> bool) -> Vec<Session<P>> {
+        if self.departed == 0 {
+            return handles(&self.index);
+        }
+        if self.len() == 0 {
+            return Vec::new();
+        }
+        self.index
+            .values()
+            .filter(|session| !session.is_closed() || held(session))
+            .cloned()
+            .collect()
     }
 
     /// Whether a session may be created in `requested`.

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use dashmap::mapref::entry::Entry;
 use parking_lot::Mutex;
 
-use super::index::{RouterSlot, handles};
+use super::index::RouterSlot;
 use super::store::MemoryStore;
 use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseReason, Session};
@@ -72,7 +72,7 @@ impl<P> MemoryStore<P> {
             .get(&router)
             .ok_or(RouterError::UnknownRouter(router))?;
         let slot = entry.lock();
-        Ok(handles(&slot.index))
+        Ok(slot.handles(|session| self.holds(session)))
     }
 
     pub(super) fn count_now(&self, router: RouterId) -> Result<usize, RouterError> {
@@ -80,7 +80,7 @@ impl<P> MemoryStore<P> {
             .routers
             .get(&router)
             .ok_or(RouterError::UnknownRouter(router))?;
-        let count = entry.lock().index.len();
+        let count = entry.lock().len();
         Ok(count)
     }
 
@@ -105,7 +105,7 @@ impl<P> MemoryStore<P> {
             router,
             incarnation,
             newly_fenced,
-            sessions: handles(&slot.index),
+            sessions: slot.handles(|session| self.holds(session)),
         })
     }
 
@@ -124,7 +124,7 @@ impl<P> MemoryStore<P> {
                 .ok_or(FinishError::UnknownRouter(router))?;
             let slot = entry.lock();
             check_finishable(router, incarnation, slot.status)?;
-            handles(&slot.index)
+            slot.handles(|session| self.holds(session))
         };
         let closed = open
             .iter()
@@ -132,7 +132,7 @@ impl<P> MemoryStore<P> {
             .count();
         // The handles come out of the lock and drop after it: dropping the
         // last handle of a session runs its payload's `Drop`, user code.
-        let removed = {
+        let (index, removed) = {
             let entry = self
                 .routers
                 .get(&router)
@@ -141,19 +141,29 @@ impl<P> MemoryStore<P> {
             check_finishable(router, incarnation, slot.status)?;
             slot.status = RouterStatus::Deleted(incarnation);
             let index = std::mem::take(&mut slot.index);
-            for (id, indexed) in &index {
-                // The map's copy drops here, under the lock: `index` holds
-                // this very session, so it is never the last handle.
-                self.sessions
-                    .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed));
-            }
-            index
+            let departed = std::mem::take(&mut slot.departed);
+            // The map's copies drop here, under the lock: `index` holds
+            // these very sessions, so none is the last handle. Nothing to
+            // look up when every entry's session has left the map already
+            // (every session confirmed through the store).
+            let removed = index
+                .iter()
+                .take(if departed >= index.len() { 0 } else { usize::MAX })
+                .filter(|(id, indexed)| {
+                    self.sessions
+                        .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
+                        .is_some()
+                })
+                .count();
+            (index, removed)
         };
+        // After the guards: the index may hold sessions' last handles.
+        drop(index);
         self.remember_tombstone(router, incarnation);
         Ok(FinishReport {
             router,
             incarnation,
-            removed: removed.len(),
+            removed,
             closed,
             unreadable: 0,
             foreign: 0,

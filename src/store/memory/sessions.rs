@@ -82,6 +82,12 @@ impl<P> MemoryStore<P> {
             .sessions
             .remove_if(&session.id(), |_, stored| Session::ptr_eq(stored, session));
         let unindexed = match unmapped {
+            // A fenced router's `finish` drops its whole index: the entry
+            // stays until then (see `RouterSlot::index`).
+            Some(_) if slot.keeps_departed() => {
+                slot.departed += 1;
+                None
+            }
             Some(_) => unindex(&mut slot.index, session),
             None => None,
         };
