@@ -406,3 +406,74 @@ async fn a_resource_may_call_back_into_the_store() {
     store.fence(R).await.unwrap();
     store.finish(R, incarnation).await.unwrap();
 }
+
+/// A fenced router's sessions closed through the store leave the store at
+/// once (get, count, listings, the audit, the id free for a new session
+/// elsewhere) even though the router's index keeps their entries until
+/// `finish` (issue #20: a deletion's confirmations skip the index work);
+/// one closed by its handle only stays until `finish` removes it.
+#[tokio::test]
+async fn a_fenced_routers_closed_sessions_leave_the_store_at_once() {
+    let (store, incarnation) = store_with_router().await;
+    let other = RouterId::new(2);
+    let elsewhere = store.register_router(other).await.unwrap();
+    let mut handles = Vec::new();
+    for id in 1..=4 {
+        handles.push(store.create(spec(id, incarnation)).await.unwrap());
+    }
+    let snapshot = store.fence(R).await.unwrap();
+    assert_eq!(snapshot.sessions.len(), 4);
+
+    // Confirmed through the store (by key, by id, removed).
+    let closed = store
+        .close_exact(handles[0].key(), CloseReason::RouterDeleted)
+        .await
+        .unwrap();
+    assert_eq!(closed, CloseOutcome::Closed);
+    let closed = store
+        .close(SessionId::new(2), CloseReason::RouterDeleted)
+        .await
+        .unwrap();
+    assert_eq!(closed, CloseOutcome::Closed);
+    store.remove(SessionId::new(3)).await.unwrap();
+    // Closed by its handle only: still in the store until `finish`.
+    let _ = handles[3].close(CloseReason::Forced);
+
+    for id in 1..=3 {
+        assert!(store.get(SessionId::new(id)).await.unwrap().is_none());
+    }
+    assert!(store.get(SessionId::new(4)).await.unwrap().is_some());
+    assert_eq!(store.count(R).await.unwrap(), 1);
+    let listed = store.sessions(R).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.id()).collect::<Vec<_>>(),
+        [SessionId::new(4)]
+    );
+    let audit = store.audit().await.unwrap();
+    assert!(audit.missing_from_map.is_empty(), "{audit:?}");
+    assert!(audit.missing_from_index.is_empty(), "{audit:?}");
+    // A resumed fence lists what is still in the store.
+    let resumed = store.fence(R).await.unwrap();
+    assert_eq!(
+        resumed.sessions.iter().map(|s| s.id()).collect::<Vec<_>>(),
+        [SessionId::new(4)]
+    );
+    // The ids of the sessions that left are free while R is still fenced.
+    let reused = NewSession::new(SessionId::new(1), other, elsewhere);
+    store.create(reused).await.unwrap();
+
+    let report = store.finish(R, incarnation).await.unwrap();
+    assert_eq!((report.removed, report.closed), (1, 0), "{report:?}");
+    assert_eq!(store.count(R).await.unwrap(), 0);
+    assert!(store.get(SessionId::new(4)).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .get(SessionId::new(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .router(),
+        other
+    );
+    assert!(store.audit().await.unwrap().is_clean());
+}

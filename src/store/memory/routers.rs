@@ -146,15 +146,18 @@ impl<P> MemoryStore<P> {
             // these very sessions, so none is the last handle. Nothing to
             // look up when every entry's session has left the map already
             // (every session confirmed through the store).
-            let removed = index
-                .iter()
-                .take(if departed >= index.len() { 0 } else { usize::MAX })
-                .filter(|(id, indexed)| {
-                    self.sessions
-                        .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
-                        .is_some()
-                })
-                .count();
+            let removed = if departed >= index.len() {
+                0
+            } else {
+                index
+                    .iter()
+                    .filter(|(id, indexed)| {
+                        self.sessions
+                            .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
+                            .is_some()
+                    })
+                    .count()
+            };
             (index, removed)
         };
         // After the guards: the index may hold sessions' last handles.

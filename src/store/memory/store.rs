@@ -4,7 +4,12 @@
 //!
 //! - Under a router's entry lock, the router's index and the session map's
 //!   sessions of that router agree exactly: a session is inserted into both,
-//!   and removed from both, inside one critical section of that lock.
+//!   and removed from both, inside one critical section of that lock. One
+//!   exception, a fenced router: a session removed from the map keeps its
+//!   index entry (counted in `departed`) until `finish` drops the whole
+//!   index, so a deletion's confirmations skip the index work; its count
+//!   and listings leave such entries out, and the audit does not report
+//!   them.
 //! - A session is inserted only while its router is `Live` in the session's
 //!   incarnation; checking that and inserting is one critical section, so
 //!   once `fence` set `Fenced` no session can be added (I2).
