@@ -131,12 +131,9 @@ impl ReclaimQueue {
         let mut left = Vec::new();
         if !drained {
             shared.stop.store(true, Ordering::SeqCst);
-            left = std::mem::take(&mut shared.heap.lock().entries)
-                .into_sorted_vec()
-                .into_iter()
-                .rev()
-                .map(|entry| entry.task)
-                .collect();
+            // Taken under the lock, dropped by the caller: a task's `Drop`
+            // may release resources (user code).
+            left = shared.heap.lock().take_all();
             shared.permits.add_permits(left.len());
             for worker in shared.aborts.lock().iter() {
                 worker.abort();

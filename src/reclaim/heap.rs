@@ -12,6 +12,10 @@
 //!   from before it enters until a worker takes it out.
 //! - Entries are ordered by `(due, seq)`, both fixed at push: the order is a
 //!   strict total order, so a pop returns the task due first, oldest first.
+//! - The binary heap orders small keys only; each key names the slot of
+//!   `tasks` that holds its task, and a slot is free (`None`, listed in
+//!   `free`) exactly when no key names it. Sifting moves 24-byte keys, not
+//!   tasks.
 //!
 //! # Deadlock safety
 //!
@@ -62,9 +66,63 @@ pub(super) struct Shared {
 
 #[derive(Default)]
 pub(super) struct Heap {
-    pub(super) entries: BinaryHeap<Entry>,
+    entries: BinaryHeap<Entry>,
+    /// The waiting tasks, by slot; `None` for a free slot.
+    tasks: Vec<Option<ReclaimTask>>,
+    /// Free slots of `tasks`.
+    free: Vec<u32>,
     pub(super) seq: u64,
     pub(super) peak: usize,
+}
+
+impl Heap {
+    /// How many tasks wait.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn push(&mut self, due: u64, task: ReclaimTask) {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.tasks[slot as usize] = Some(task);
+                slot
+            }
+            None => {
+                // At most `capacity` tasks wait, and the builder caps it
+                // far below `u32::MAX`.
+                let slot = u32::try_from(self.tasks.len()).unwrap_or(u32::MAX);
+                self.tasks.push(Some(task));
+                slot
+            }
+        };
+        let seq = self.seq;
+        self.seq += 1;
+        self.entries.push(Entry { due, seq, slot });
+        self.peak = self.peak.max(self.entries.len());
+    }
+
+    fn pop(&mut self) -> Option<ReclaimTask> {
+        while let Some(entry) = self.entries.pop() {
+            let task = self
+                .tasks
+                .get_mut(entry.slot as usize)
+                .and_then(Option::take);
+            self.free.push(entry.slot);
+            if task.is_some() {
+                return task;
+            }
+        }
+        None
+    }
+
+    /// Every waiting task, due first, leaving the heap empty.
+    pub(super) fn take_all(&mut self) -> Vec<ReclaimTask> {
+        let mut all = Vec::with_capacity(self.entries.len());
+        while let Some(task) = self.pop() {
+            all.push(task);
+        }
+        all
+    }
 }
 
 #[derive(Default)]
@@ -77,12 +135,12 @@ pub(super) struct Counters {
     pub(super) in_flight: AtomicUsize,
 }
 
-/// A waiting task and its key: due time (nanoseconds after the queue's
-/// epoch) and push sequence.
-pub(super) struct Entry {
+/// A waiting task's key: due time (nanoseconds after the queue's epoch)
+/// and push sequence, and the slot of `Heap::tasks` holding the task.
+struct Entry {
     due: u64,
     seq: u64,
-    pub(super) task: ReclaimTask,
+    slot: u32,
 }
 
 impl Entry {
@@ -128,10 +186,7 @@ impl Shared {
                 self.permits.add_permits(1);
                 return Err(task);
             }
-            let seq = heap.seq;
-            heap.seq += 1;
-            heap.entries.push(Entry { due, seq, task });
-            heap.peak = heap.peak.max(heap.entries.len());
+            heap.push(due, task);
         }
         self.counters.pushed.fetch_add(1, Ordering::Relaxed);
         self.work.notify_one();
@@ -140,24 +195,24 @@ impl Shared {
 
     /// Takes the task due first, freeing its slot.
     pub(super) fn pop(&self) -> Option<ReclaimTask> {
-        let entry = {
+        let task = {
             let mut heap = self.heap.lock();
             if self.stop.load(Ordering::SeqCst) {
                 return None;
             }
-            let entry = heap.entries.pop()?;
+            let task = heap.pop()?;
             // Counted before the lock drops: `is_idle` never sees a task
             // that is neither waiting nor running.
             self.counters.in_flight.fetch_add(1, Ordering::SeqCst);
-            entry
+            task
         };
         self.permits.add_permits(1);
-        Some(entry.task)
+        Some(task)
     }
 
     pub(super) fn is_idle(&self) -> bool {
         let heap = self.heap.lock();
-        heap.entries.is_empty() && self.counters.in_flight.load(Ordering::SeqCst) == 0
+        heap.len() == 0 && self.counters.in_flight.load(Ordering::SeqCst) == 0
     }
 
     /// Stops taking tasks; workers drain and exit.

@@ -269,8 +269,12 @@ impl ReclaimPolicy for DefaultPolicy {
         let half = self.spacing / 2;
         // log2(1 + t) ∈ [0, 64] for every u64 t.
         let busy = ((task.traffic as f64) + 1.0).log2() / 64.0;
-        let within = Duration::try_from_secs_f64(half.as_secs_f64() * (1.0 - busy.clamp(0.0, 1.0)))
-            .unwrap_or(half);
+        // In whole nanoseconds: a float-to-integer cast (saturating) is
+        // cheaper than `Duration::try_from_secs_f64`, and a nanosecond is
+        // finer than any due time needs.
+        let half_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let within =
+            Duration::from_nanos((half_nanos as f64 * (1.0 - busy.clamp(0.0, 1.0))) as u64);
         Priority::due_in(
             self.spacing
                 .saturating_mul(task.class.rank())

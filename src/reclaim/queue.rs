@@ -270,7 +270,7 @@ impl ReclaimQueue {
         let shared = &self.shared;
         let (depth, peak_depth) = {
             let heap = shared.heap.lock();
-            (heap.entries.len(), heap.peak)
+            (heap.len(), heap.peak)
         };
         let counters = &shared.counters;
         ReclaimStats {

@@ -159,12 +159,17 @@ impl ReclaimTask {
         // `reclaim` itself, not only its future, may panic.
         let future =
             catch_unwind(AssertUnwindSafe(|| work.reclaim())).map_err(ReclaimError::panicked)?;
-        let guarded = AssertUnwindSafe(future).catch_unwind();
-        let outcome = match timeout {
-            Some(limit) => tokio::time::timeout(limit, guarded)
-                .await
-                .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
-            None => guarded.await,
+        let mut guarded = AssertUnwindSafe(future).catch_unwind();
+        // Most attempts finish at their first poll: the timer (a clock
+        // read and a timer entry) is set only for one that does not.
+        let outcome = match futures::poll!(&mut guarded) {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => match timeout {
+                Some(limit) => tokio::time::timeout(limit, guarded)
+                    .await
+                    .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
+                None => guarded.await,
+            },
         };
         outcome.map_err(ReclaimError::panicked)?
     }
