@@ -92,8 +92,11 @@ impl RetrySchedule {
         Self::new(Backoff::new().retries(0))
     }
 
-    /// Sets the longest one attempt may run; a late attempt counts as a
+    /// Sets the longest one attempt may wait; a late attempt counts as a
     /// retryable failure ([`ReclaimErrorKind::TimedOut`](crate::ReclaimErrorKind::TimedOut)).
+    /// The clock starts when the attempt's first poll returns pending (an
+    /// attempt that finishes at once sets no timer; work done inside one
+    /// poll cannot be interrupted anyway).
     ///
     /// See the example on [`RetrySchedule`].
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
