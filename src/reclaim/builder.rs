@@ -2,17 +2,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::heap::{Counters, Heap, Shared};
 use super::policy::{DefaultPolicy, ReclaimPolicy};
 use super::queue::{Owner, ReclaimQueue};
+use super::room::Room;
 use crate::build::{BuildError, check_count, wired};
 use crate::events::EventBus;
 
@@ -72,6 +73,9 @@ impl Default for ReclaimQueueBuilder {
 /// The most worker tasks a queue runs.
 const MAX_WORKERS: usize = 1_024;
 
+/// The largest capacity (tokio's semaphore limit, which bounded it before).
+const MAX_CAPACITY: usize = usize::MAX >> 3;
+
 impl ReclaimQueueBuilder {
     /// The first setting given that [`Lifecycle`](crate::Lifecycle) wires
     /// itself, if any.
@@ -124,22 +128,22 @@ impl ReclaimQueueBuilder {
     /// # Errors
     ///
     /// [`BuildError::NoRuntime`] outside a tokio runtime;
-    /// [`BuildError::Setting`] for a capacity of 0 or above tokio's semaphore
-    /// limit, or workers outside 1 to 1,024.
+    /// [`BuildError::Setting`] for a capacity of 0 or above `usize::MAX >> 3`, or workers outside 1 to 1,024.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn build(self) -> Result<ReclaimQueue, BuildError> {
         const PIECE: &str = "ReclaimQueue";
-        let capacity = check_count(PIECE, "capacity", self.capacity, Semaphore::MAX_PERMITS)?;
+        let capacity = check_count(PIECE, "capacity", self.capacity, MAX_CAPACITY)?;
         let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
         let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
         let shared = Arc::new(Shared {
             heap: Mutex::new(Heap::default()),
-            permits: Semaphore::new(capacity),
+            room: Room::new(capacity),
             capacity,
             workers,
             work: Notify::new(),
             idle: Notify::new(),
+            idle_waiters: AtomicUsize::new(0),
             policy: self.policy,
             epoch: Instant::now(),
             paused: AtomicBool::new(self.paused),

@@ -134,7 +134,7 @@ impl ReclaimQueue {
             // Taken under the lock, dropped by the caller: a task's `Drop`
             // may release resources (user code).
             left = shared.heap.lock().take_all();
-            shared.permits.add_permits(left.len());
+            shared.room.give(left.len());
             for worker in shared.aborts.lock().iter() {
                 worker.abort();
             }

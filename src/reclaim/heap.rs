@@ -30,26 +30,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 use super::policy::{Priority, ReclaimPolicy};
+use super::room::Room;
 use super::task::ReclaimTask;
 use crate::events::EventBus;
 use crate::events::TaskInfo;
 
 pub(super) struct Shared {
     pub(super) heap: Mutex<Heap>,
-    /// One permit per free slot.
-    pub(super) permits: Semaphore,
+    /// The free slots.
+    pub(super) room: Room,
     pub(super) capacity: usize,
     pub(super) workers: usize,
     /// Wakes workers: one per push, all on resume and close.
     pub(super) work: Notify,
     /// Wakes `idle` waiters when the last running task ends.
     pub(super) idle: Notify,
+    /// How many `idle` calls wait: the last task's end wakes them only if
+    /// some do.
+    pub(super) idle_waiters: AtomicUsize,
     pub(super) policy: Arc<dyn ReclaimPolicy>,
     pub(super) epoch: Instant,
     pub(super) paused: AtomicBool,
@@ -70,7 +74,7 @@ pub(super) struct Heap {
     /// The waiting tasks, by slot; `None` for a free slot.
     tasks: Vec<Option<ReclaimTask>>,
     /// Free slots of `tasks`.
-    free: Vec<u32>,
+    free: Vec<usize>,
     pub(super) seq: u64,
     pub(super) peak: usize,
 }
@@ -83,16 +87,13 @@ impl Heap {
 
     fn push(&mut self, due: u64, task: ReclaimTask) {
         let slot = match self.free.pop() {
-            Some(slot) => {
-                self.tasks[slot as usize] = Some(task);
+            Some(slot) if slot < self.tasks.len() => {
+                self.tasks[slot] = Some(task);
                 slot
             }
-            None => {
-                // At most `capacity` tasks wait, and the builder caps it
-                // far below `u32::MAX`.
-                let slot = u32::try_from(self.tasks.len()).unwrap_or(u32::MAX);
+            _ => {
                 self.tasks.push(Some(task));
-                slot
+                self.tasks.len() - 1
             }
         };
         let seq = self.seq;
@@ -103,10 +104,7 @@ impl Heap {
 
     fn pop(&mut self) -> Option<ReclaimTask> {
         while let Some(entry) = self.entries.pop() {
-            let task = self
-                .tasks
-                .get_mut(entry.slot as usize)
-                .and_then(Option::take);
+            let task = self.tasks.get_mut(entry.slot).and_then(Option::take);
             self.free.push(entry.slot);
             if task.is_some() {
                 return task;
@@ -140,7 +138,7 @@ pub(super) struct Counters {
 struct Entry {
     due: u64,
     seq: u64,
-    slot: u32,
+    slot: usize,
 }
 
 impl Entry {
@@ -183,7 +181,7 @@ impl Shared {
             let mut heap = self.heap.lock();
             if self.closed.load(Ordering::SeqCst) {
                 drop(heap);
-                self.permits.add_permits(1);
+                self.room.give(1);
                 return Err(task);
             }
             heap.push(due, task);
@@ -206,7 +204,7 @@ impl Shared {
             self.counters.in_flight.fetch_add(1, Ordering::SeqCst);
             task
         };
-        self.permits.add_permits(1);
+        self.room.give(1);
         Some(task)
     }
 
@@ -221,7 +219,7 @@ impl Shared {
             let _heap = self.heap.lock();
             self.closed.store(true, Ordering::SeqCst);
         }
-        self.permits.close();
+        self.room.close();
         self.work.notify_waiters();
     }
 }

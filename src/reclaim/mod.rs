@@ -15,6 +15,7 @@ mod heap;
 mod policy;
 mod queue;
 mod report;
+mod room;
 mod task;
 mod worker;
 

@@ -170,7 +170,10 @@ pub trait ReclaimPolicy: Send + Sync + 'static {
     /// See the example on [`ReclaimPolicy`].
     fn priority(&self, task: &TaskInfo) -> Priority;
 
-    /// The retry schedule of a task, computed when it starts running.
+    /// The retry schedule of a task, asked at most once per task, when it
+    /// is first needed: when an attempt does not finish at its first poll
+    /// (its timeout) or fails (its backoff). A task that succeeds at once
+    /// never asks.
     ///
     /// See the example on [`ReclaimPolicy`].
     fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {
@@ -269,20 +272,19 @@ impl DefaultPolicy {
 
 impl ReclaimPolicy for DefaultPolicy {
     fn priority(&self, task: &TaskInfo) -> Priority {
-        let half = self.spacing / 2;
+        // In whole nanoseconds: the spacing is at most a day (8.64e13 ns),
+        // so `3 × spacing + spacing / 2` fits a `u64` with room to spare,
+        // and integer and float casts are cheaper than `Duration`'s
+        // normalising arithmetic.
+        let spacing = u64::try_from(self.spacing.as_nanos()).unwrap_or(u64::MAX >> 3);
+        let half = spacing / 2;
         // log2(1 + t) ∈ [0, 64] for every u64 t.
         let busy = ((task.traffic as f64) + 1.0).log2() / 64.0;
-        // In whole nanoseconds: a float-to-integer cast (saturating) is
-        // cheaper than `Duration::try_from_secs_f64`, and a nanosecond is
-        // finer than any due time needs.
-        let half_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        let within =
-            Duration::from_nanos((half_nanos as f64 * (1.0 - busy.clamp(0.0, 1.0))) as u64);
-        Priority::due_in(
-            self.spacing
-                .saturating_mul(task.class.rank())
-                .saturating_add(within),
-        )
+        let within = (half as f64 * (1.0 - busy.clamp(0.0, 1.0))) as u64;
+        let delay = spacing
+            .saturating_mul(u64::from(task.class.rank()))
+            .saturating_add(within);
+        Priority::due_in(Duration::from_nanos(delay))
     }
 
     fn retry_schedule(&self, _task: &TaskInfo) -> RetrySchedule {

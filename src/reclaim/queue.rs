@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::TryAcquireError;
+use super::room::NoRoom;
 
 use super::builder::ReclaimQueueBuilder;
 use super::heap::Shared;
@@ -147,15 +147,9 @@ impl ReclaimQueue {
     /// # }
     /// ```
     pub async fn push(&self, task: ReclaimTask) -> Result<(), PushError> {
-        let permit = match self.shared.permits.try_acquire() {
-            Ok(permit) => permit,
-            Err(TryAcquireError::Closed) => return Err(PushError(task)),
-            Err(TryAcquireError::NoPermits) => match self.shared.permits.acquire().await {
-                Ok(permit) => permit,
-                Err(_closed) => return Err(PushError(task)),
-            },
-        };
-        permit.forget();
+        if self.shared.room.take().await.is_err() {
+            return Err(PushError(task));
+        }
         self.shared.insert(task).map_err(PushError)
     }
 
@@ -166,13 +160,10 @@ impl ReclaimQueue {
     /// [`TryPushError::Full`] or [`TryPushError::ShutDown`], handing the task
     /// back.
     pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
-        match self.shared.permits.try_acquire() {
-            Ok(permit) => {
-                permit.forget();
-                self.shared.insert(task).map_err(TryPushError::ShutDown)
-            }
-            Err(TryAcquireError::NoPermits) => Err(TryPushError::Full(task)),
-            Err(TryAcquireError::Closed) => Err(TryPushError::ShutDown(task)),
+        match self.shared.room.try_take() {
+            Ok(()) => self.shared.insert(task).map_err(TryPushError::ShutDown),
+            Err(NoRoom::Full) => Err(TryPushError::Full(task)),
+            Err(NoRoom::Closed) => Err(TryPushError::ShutDown(task)),
         }
     }
 
@@ -296,6 +287,15 @@ impl ReclaimQueue {
     ///
     /// Cancel-safe: it only observes.
     pub async fn idle(&self) {
+        /// Counts this call among the waiters until it returns or drops.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.shared.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.shared.idle_waiters);
         loop {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);

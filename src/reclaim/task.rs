@@ -147,11 +147,15 @@ impl ReclaimTask {
     ///
     /// The attempt's error.
     pub async fn run_once(&mut self) -> Result<(), ReclaimError> {
-        self.attempt(None).await
+        self.attempt(|| None).await
     }
 
-    /// One attempt, panics contained, bounded by `timeout` when given.
-    pub(super) async fn attempt(&mut self, timeout: Option<Duration>) -> Result<(), ReclaimError> {
+    /// One attempt, panics contained, bounded by `timeout()` when it gives
+    /// one (asked only if the attempt does not finish at its first poll).
+    pub(super) async fn attempt(
+        &mut self,
+        timeout: impl FnOnce() -> Option<Duration>,
+    ) -> Result<(), ReclaimError> {
         let work = match &mut self.work {
             Work::Release(group) => return group.release(),
             Work::User(work) => work,
@@ -164,7 +168,7 @@ impl ReclaimTask {
         // read and a timer entry) is set only for one that does not.
         let outcome = match futures::poll!(&mut guarded) {
             std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => match timeout {
+            std::task::Poll::Pending => match timeout() {
                 Some(limit) => tokio::time::timeout(limit, guarded)
                     .await
                     .map_err(|_elapsed| ReclaimError::timed_out(limit))?,

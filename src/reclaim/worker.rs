@@ -55,13 +55,20 @@ impl Shared {
             attempts: 0,
             done: false,
         };
-        let schedule = catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
-            .unwrap_or_default();
-        // Drawn only once an attempt failed: most tasks succeed at once.
+        // Asked of the policy only when needed (an attempt that does not
+        // finish at its first poll needs the timeout, a failure the
+        // backoff): most tasks succeed at once.
+        let mut schedule = None;
+        let mut schedule = move || {
+            *schedule.get_or_insert_with(|| {
+                catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
+                    .unwrap_or_default()
+            })
+        };
         let mut backoff = None;
         loop {
             running.attempts = running.attempts.saturating_add(1);
-            let error = match task.attempt(Some(schedule.timeout())).await {
+            let error = match task.attempt(|| Some(schedule().timeout())).await {
                 Ok(()) => {
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     running.done = true;
@@ -70,6 +77,7 @@ impl Shared {
                 Err(error) => error,
             };
             let delay = if error.is_retryable() {
+                let schedule = schedule();
                 backoff
                     .get_or_insert_with(|| {
                         if let Err(error) = schedule.backoff().validate() {
@@ -140,7 +148,11 @@ impl Drop for Running<'_> {
                 ),
             );
         }
-        if shared.counters.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // SeqCst, as `idle`'s count of waiters: either this sees a waiter
+        // or the waiter sees nothing in flight.
+        if shared.counters.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && shared.idle_waiters.load(Ordering::SeqCst) > 0
+        {
             shared.idle.notify_waiters();
         }
     }
