@@ -15,6 +15,12 @@
 //!   list the router's sessions, mark them all terminating, notify them (in
 //!   the same batches as the deleter), then await each session's close in
 //!   turn.
+//! - `floor_hashmap_remove`: the floor, a plain `HashMap` remove loop of
+//!   the router's session ids (no fence, notice or close).
+//!
+//! The deleter and the loop run with confirmations made inline (`_inline`:
+//! inside `notify`) and from another task (`_from_task`: a task spawned
+//! per batch, as a router's answers arriving on a connection would).
 //!
 //! Groups, together the cost-growth table of BENCHMARKS.md:
 //!
@@ -53,13 +59,43 @@ fn runtime() -> Runtime {
         .expect("a tokio runtime")
 }
 
-/// Confirms every notified session at once, through the store.
-struct ConfirmAtOnce(Arc<MemoryStore>);
+/// Where a router's confirmations come from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Inside `notify`, before it returns.
+    Inline,
+    /// From another task, spawned per batch: as a router's answers
+    /// arriving on a connection's task would.
+    Task,
+}
 
-impl TerminationNotifier for ConfirmAtOnce {
+/// Confirms every notified session at once, through the store, inline or
+/// from another task.
+struct Confirm {
+    store: Arc<MemoryStore>,
+    from: Source,
+}
+
+impl Confirm {
+    fn new(store: &Arc<MemoryStore>, from: Source) -> Self {
+        Self {
+            store: Arc::clone(store),
+            from,
+        }
+    }
+}
+
+impl TerminationNotifier for Confirm {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
-        for key in batch.sessions {
-            let _ = self.0.close_exact(key, CloseReason::RouterDeleted).await;
+        let store = Arc::clone(&self.store);
+        let confirm = async move {
+            for key in batch.sessions {
+                let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+            }
+        };
+        match self.from {
+            Source::Inline => confirm.await,
+            Source::Task => drop(tokio::spawn(confirm)),
         }
         Ok(())
     }
@@ -106,16 +142,22 @@ async fn crowd(store: &MemoryStore, n: u64) {
     }
 }
 
-fn deleter(store: &Arc<MemoryStore>) -> RouterDeleter<MemoryStore, ConfirmAtOnce> {
+fn deleter(store: &Arc<MemoryStore>, from: Source) -> RouterDeleter<MemoryStore, Confirm> {
     RouterDeleter::builder()
         .batch_size(BATCH)
-        .build(Arc::clone(store), ConfirmAtOnce(Arc::clone(store)))
+        .build(Arc::clone(store), Confirm::new(store, from))
         .expect("valid settings")
 }
 
 /// Times `iters` deletions of fresh `n`-session routers in `store`.
-fn time_deleter(rt: &Runtime, store: &Arc<MemoryStore>, ids: &Ids, n: u64, iters: u64) -> Duration {
-    let deleter = deleter(store);
+fn time_deleter(
+    rt: &Runtime,
+    store: &Arc<MemoryStore>,
+    ids: &Ids,
+    (n, from): (u64, Source),
+    iters: u64,
+) -> Duration {
+    let deleter = deleter(store, from);
     rt.block_on(async {
         let mut spent = Duration::ZERO;
         for _ in 0..iters {
@@ -136,10 +178,10 @@ fn time_sequential(
     rt: &Runtime,
     store: &Arc<MemoryStore>,
     ids: &Ids,
-    n: u64,
+    (n, from): (u64, Source),
     iters: u64,
 ) -> Duration {
-    let notifier = Arc::new(ConfirmAtOnce(Arc::clone(store)));
+    let notifier = Arc::new(Confirm::new(store, from));
     rt.block_on(async {
         let mut spent = Duration::ZERO;
         for _ in 0..iters {
@@ -157,7 +199,7 @@ fn time_sequential(
 }
 
 /// The write-up's `DeleteRouter`: mark all, then wait for each in turn.
-async fn sequential(store: &MemoryStore, notifier: &ConfirmAtOnce, router: RouterId) {
+async fn sequential(store: &MemoryStore, notifier: &Confirm, router: RouterId) {
     let sessions = store.sessions(router).await.expect("known router");
     for session in &sessions {
         let _ = session.begin_terminating();
@@ -287,6 +329,32 @@ fn time_scan_spawn(
     })
 }
 
+/// The floor: `n` sessions removed from a plain `HashMap` by id and
+/// dropped, nothing else (no fence, no notice, no close).
+fn time_hashmap(ids: &Ids, n: u64, iters: u64) -> Duration {
+    let mut spent = Duration::ZERO;
+    for _ in 0..iters {
+        let first = ids.sessions(n);
+        let router = ids.router();
+        let mut map: HashMap<SessionId, Session> = HashMap::with_capacity(n as usize);
+        let mut victims = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let id = SessionId::new(first + i);
+            map.insert(
+                id,
+                NewSession::new(id, router, Incarnation::new(1)).into_session(),
+            );
+            victims.push(id);
+        }
+        let start = Instant::now();
+        for id in &victims {
+            black_box(map.remove(id));
+        }
+        spent += start.elapsed();
+    }
+    spent
+}
+
 const SIZES: [(&str, u64); 4] = [
     ("1k", 1_000),
     ("10k", 10_000),
@@ -309,11 +377,22 @@ fn delete(c: &mut Criterion, quick: bool) {
         }
         group.throughput(Throughput::Elements(n));
         let store = Arc::new(MemoryStore::new());
-        group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
-            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, n, iters));
-        });
-        group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
-            b.iter_custom(|iters| time_sequential(&rt, &store, &ids, n, iters));
+        for (name, from) in [("inline", Source::Inline), ("from_task", Source::Task)] {
+            group.bench_function(
+                BenchmarkId::new(format!("router_deleter_{name}"), label),
+                |b| {
+                    b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (n, from), iters));
+                },
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("baseline_sequential_{name}"), label),
+                |b| {
+                    b.iter_custom(|iters| time_sequential(&rt, &store, &ids, (n, from), iters));
+                },
+            );
+        }
+        group.bench_function(BenchmarkId::new("floor_hashmap_remove", label), |b| {
+            b.iter_custom(|iters| time_hashmap(&ids, n, iters));
         });
         let scan = Arc::new(ScanStore::default());
         group.bench_function(BenchmarkId::new("baseline_scan_spawn", label), |b| {
@@ -338,10 +417,12 @@ fn delete_1k_among(c: &mut Criterion, quick: bool) {
         rt.block_on(crowd(&store, n));
         scan.crowd(n);
         group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
-            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, 1_000, iters));
+            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (1_000, Source::Inline), iters));
         });
         group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
-            b.iter_custom(|iters| time_sequential(&rt, &store, &ids, 1_000, iters));
+            b.iter_custom(|iters| {
+                time_sequential(&rt, &store, &ids, (1_000, Source::Inline), iters)
+            });
         });
         group.bench_function(BenchmarkId::new("baseline_scan_spawn", label), |b| {
             b.iter_custom(|iters| time_scan_spawn(&rt, &scan, &ids, 1_000, iters));
