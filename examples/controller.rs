@@ -17,6 +17,9 @@
 //!    the routers being deleted. The routers' notifier loses 1 % of the
 //!    termination notices and confirms the rest after random delays; one
 //!    router never answers, so its sessions are forced.
+//!    Each deleted router's routes are then withdrawn through the reclaim
+//!    queue; every tenth router refuses the first withdrawal for good, so
+//!    its task waits as a dead letter until `redrive()` queues it again.
 //! 4. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
 //!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
@@ -41,8 +44,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
     Backoff, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, RouterDeleter, RouterId, Session,
-    SessionId, SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
+    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, ResourceClass, RouterDeleter,
+    RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
+    reclaim::ReclaimError, reclaim::ReclaimTask,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};
@@ -414,6 +418,37 @@ async fn main() -> Result<ExitCode, BoxError> {
     }
     deleting.finish_and_clear();
     let deleted_in = deletions_started.elapsed();
+    // Each deleted router's routes are withdrawn through the reclaim queue
+    // (a user task); every tenth router refuses the first withdrawal for
+    // good, so its task becomes a dead letter until it is re-driven.
+    let withdrawn = Arc::new(AtomicUsize::new(0));
+    for (&router, r) in doomed.iter().zip(0u64..) {
+        let withdrawn = Arc::clone(&withdrawn);
+        let mut refused = r.is_multiple_of(10);
+        let task = ReclaimTask::new(SessionId::new(0), router, move || {
+            let refuse = std::mem::take(&mut refused);
+            if !refuse {
+                withdrawn.fetch_add(1, Ordering::Relaxed);
+            }
+            async move {
+                if refuse {
+                    Err(ReclaimError::permanent("router refused the withdrawal"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .class(ResourceClass::High);
+        if lifecycle.reclaim().push(task).await.is_err() {
+            return Err("the reclaim queue shut down".into());
+        }
+    }
+    lifecycle.reclaim().idle().await;
+    let dead_letters = lifecycle.reclaim().stats().dead_letters;
+    let redriven = lifecycle.reclaim().redrive().await;
+    lifecycle.reclaim().idle().await;
+    let dead_letters_after = lifecycle.reclaim().stats().dead_letters;
+    let outstanding = lifecycle.reclaim().stats().outstanding.total();
     // A create on a deleted router after its deletion: must be refused.
     for (&router, r) in doomed.iter().zip(0..) {
         let incarnation = incarnations[router.get() as usize];
@@ -493,6 +528,11 @@ async fn main() -> Result<ExitCode, BoxError> {
         shutdown.reclaim.drained,
         shutdown.reclaim.left.len()
     );
+    println!(
+        "dead letters:            {dead_letters} kept, {redriven} re-driven, {dead_letters_after} after re-drive; {outstanding} tasks outstanding; routes withdrawn on {} of {} deleted routers",
+        withdrawn.load(Ordering::Relaxed),
+        doomed.len()
+    );
     let _ = stop_watching.send(());
     let seen = watcher.await?;
     let lagged = lifecycle.events().stats().lagged;
@@ -536,6 +576,12 @@ async fn main() -> Result<ExitCode, BoxError> {
             mute_forced >= args.sessions as usize - dead_on(&args, mute),
         ),
         ("the reclaim queue drained", shutdown.reclaim.drained),
+        (
+            "no dead letter left after the re-drive, nothing outstanding",
+            dead_letters_after == 0
+                && outstanding == 0
+                && withdrawn.load(Ordering::Relaxed) == doomed.len(),
+        ),
         ("nothing left at shutdown", shutdown.is_complete()),
     ];
     let mut ok = true;

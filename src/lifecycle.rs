@@ -203,13 +203,15 @@ pub struct LifecycleShutdown {
     pub graces_stopped: usize,
     /// The reclaim queue's shutdown: the tasks it handed back unstarted
     /// (run, persist or drop them: a dropped release task releases its
-    /// resources at once) and those interrupted while running.
+    /// resources at once), those interrupted while running, and its dead
+    /// letters (tasks that failed for good and were not re-driven).
     pub reclaim: ShutdownReport,
 }
 
 impl LifecycleShutdown {
     /// `true` if nothing was left: no deletion running, every piece
-    /// stopped, and the queue ran every task it was given. (Stopped grace
+    /// stopped, and the queue ran every task it was given to success (no
+    /// dead letter left). (Stopped grace
     /// periods are not unfinished work: the routers keep their sessions.)
     ///
     /// See the example on [`Lifecycle::shutdown`].
@@ -219,6 +221,7 @@ impl LifecycleShutdown {
             && self.still_running.is_empty()
             && self.reclaim.left.is_empty()
             && self.reclaim.interrupted.is_empty()
+            && self.reclaim.dead_letters.is_empty()
     }
 }
 

@@ -140,6 +140,19 @@ impl Stats {
         {
             crate::metrics::gauge("session_lifecycle_reclaim_queue_depth", stats.depth);
             crate::metrics::gauge("session_lifecycle_reclaim_in_flight", stats.in_flight);
+            crate::metrics::gauge("session_lifecycle_reclaim_dead_letters", stats.dead_letters);
+            for (class, outstanding) in [
+                ("critical", stats.outstanding.critical),
+                ("high", stats.outstanding.high),
+                ("normal", stats.outstanding.normal),
+                ("low", stats.outstanding.low),
+            ] {
+                crate::metrics::labelled_gauge!(
+                    "session_lifecycle_reclaim_outstanding",
+                    "class" => class
+                )
+                .set(outstanding as f64);
+            }
         }
         self.reclaim = Some(stats);
         self

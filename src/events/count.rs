@@ -93,5 +93,8 @@ fn reclaim(event: &ReclaimEvent) {
         ReclaimEvent::LongLivedSession { .. } => {
             crate::metrics::counter!("session_lifecycle_long_lived_sessions_total").increment(1);
         }
+        ReclaimEvent::DeadLetterDropped { .. } => {
+            crate::metrics::counter!("session_lifecycle_dead_letters_dropped_total").increment(1);
+        }
     }
 }

@@ -70,7 +70,9 @@ pub enum ReclaimEvent {
         delay: Duration,
     },
     /// A task failed for good: its last attempt failed, it failed
-    /// permanently, it panicked, or shutdown interrupted it.
+    /// permanently, it panicked, or shutdown interrupted it. Unless
+    /// interrupted, the task is kept as a dead letter (see
+    /// [`ReclaimQueue::redrive`](crate::ReclaimQueue::redrive)).
     ReclaimFailed {
         /// The task.
         task: TaskInfo,
@@ -78,6 +80,13 @@ pub enum ReclaimEvent {
         attempts: u32,
         /// The last error.
         error: ReclaimError,
+    },
+    /// The dead-letter store was full: its oldest letter, this task, was
+    /// dropped (never re-driven). Each is also logged at error level and
+    /// counted in [`ReclaimStats::dead_letters_dropped`](crate::reclaim::ReclaimStats::dead_letters_dropped).
+    DeadLetterDropped {
+        /// The task dropped.
+        task: TaskInfo,
     },
     /// A session lived longer than the policy's threshold; reported once per
     /// session.

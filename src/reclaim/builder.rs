@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use super::dead::{DeadLetters, Outstanding};
 use super::heap::{Counters, Heap, Shared};
 use super::policy::{DefaultPolicy, ReclaimPolicy};
 use super::queue::{Owner, ReclaimQueue};
@@ -45,6 +46,7 @@ pub struct ReclaimQueueBuilder {
     policy: Arc<dyn ReclaimPolicy>,
     bus: Option<EventBus>,
     paused: bool,
+    dead_letters: usize,
 }
 
 impl fmt::Debug for ReclaimQueueBuilder {
@@ -54,6 +56,7 @@ impl fmt::Debug for ReclaimQueueBuilder {
             .field("workers", &self.workers)
             .field("events", &self.bus.is_some())
             .field("paused", &self.paused)
+            .field("dead_letters", &self.dead_letters)
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +69,7 @@ impl Default for ReclaimQueueBuilder {
             policy: Arc::new(DefaultPolicy::default()),
             bus: None,
             paused: false,
+            dead_letters: 10_000,
         }
     }
 }
@@ -90,6 +94,17 @@ impl ReclaimQueueBuilder {
     /// See the example on [`ReclaimQueueBuilder`].
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
+        self
+    }
+
+    /// The most dead letters kept (default 10,000; 0 keeps none): tasks
+    /// that failed for good, kept with the task itself until
+    /// [`ReclaimQueue::redrive`] queues them again or
+    /// [`ReclaimQueue::shutdown`] hands them back. Past this, the oldest is
+    /// dropped, logged at error level and published as
+    /// [`ReclaimEvent::DeadLetterDropped`](crate::reclaim::ReclaimEvent::DeadLetterDropped).
+    pub fn dead_letters(mut self, capacity: usize) -> Self {
+        self.dead_letters = capacity;
         self
     }
 
@@ -150,6 +165,8 @@ impl ReclaimQueueBuilder {
             closed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
+            dead: Mutex::new(DeadLetters::new(self.dead_letters)),
+            outstanding: Outstanding::default(),
             bus: self.bus,
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::with_capacity(workers)),

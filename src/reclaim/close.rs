@@ -141,18 +141,28 @@ impl ReclaimQueue {
             shared.work.notify_waiters();
             shared.tracker.wait().await;
         }
+        for task in &left {
+            shared.outstanding.remove(task.info().class, 1);
+        }
+        // Dead letters are handed back as well: the queue runs nothing more.
+        let dead_letters = shared.dead.lock().take_all();
+        for task in &dead_letters {
+            shared.outstanding.remove(task.info().class, 1);
+        }
         let interrupted = std::mem::take(&mut *shared.interrupted.lock());
-        if !left.is_empty() || !interrupted.is_empty() {
+        if !left.is_empty() || !interrupted.is_empty() || !dead_letters.is_empty() {
             tracing::warn!(
                 left = left.len(),
                 interrupted = interrupted.len(),
-                "reclaim queue shut down before draining"
+                dead_letters = dead_letters.len(),
+                "reclaim queue shut down with work not done"
             );
         }
         ShutdownReport {
             drained,
             left,
             interrupted,
+            dead_letters,
         }
     }
 }

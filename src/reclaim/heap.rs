@@ -35,6 +35,7 @@ use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
+use super::dead::{DeadLetters, Outstanding};
 use super::policy::{Priority, ReclaimPolicy};
 use super::room::Room;
 use super::task::ReclaimTask;
@@ -62,6 +63,10 @@ pub(super) struct Shared {
     /// Workers exit at once (a shutdown deadline passed).
     pub(super) stop: AtomicBool,
     pub(super) counters: Counters,
+    /// Tasks that failed for good, kept for a re-drive.
+    pub(super) dead: Mutex<DeadLetters>,
+    /// Tasks outstanding by class, and the dead-letter counters.
+    pub(super) outstanding: Outstanding,
     pub(super) bus: Option<EventBus>,
     pub(super) tracker: TaskTracker,
     pub(super) aborts: Mutex<Vec<AbortHandle>>,
@@ -169,9 +174,11 @@ impl Ord for Entry {
 }
 
 impl Shared {
-    /// Inserts an accepted task (its permit already taken); hands it back
-    /// if the queue closed meanwhile.
-    pub(super) fn insert(&self, task: ReclaimTask) -> Result<(), ReclaimTask> {
+    /// Inserts an accepted task (its slot already taken); hands it back
+    /// (and frees the slot) if the queue closed meanwhile. A `fresh` task
+    /// is counted as pushed and outstanding; a re-driven one already is.
+    pub(super) fn insert(&self, task: ReclaimTask, fresh: bool) -> Result<(), ReclaimTask> {
+        let class = task.info().class;
         // User code: outside the lock, contained.
         let priority = catch_unwind(AssertUnwindSafe(|| self.policy.priority(&task.info())))
             .unwrap_or(Priority::URGENT);
@@ -186,7 +193,10 @@ impl Shared {
             }
             heap.push(due, task);
         }
-        self.counters.pushed.fetch_add(1, Ordering::Relaxed);
+        if fresh {
+            self.counters.pushed.fetch_add(1, Ordering::Relaxed);
+            self.outstanding.add(class);
+        }
         self.work.notify_one();
         Ok(())
     }

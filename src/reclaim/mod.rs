@@ -11,6 +11,7 @@
 
 mod builder;
 mod close;
+mod dead;
 mod heap;
 mod policy;
 mod queue;
@@ -22,7 +23,7 @@ mod worker;
 pub use builder::ReclaimQueueBuilder;
 pub use policy::{DefaultPolicy, Priority, ReclaimPolicy, RetrySchedule};
 pub use queue::ReclaimQueue;
-pub use report::{PushError, ReclaimStats, ShutdownReport, TryPushError};
+pub use report::{ClassCounts, DeadLetter, PushError, ReclaimStats, ShutdownReport, TryPushError};
 pub use task::{Reclaim, ReclaimTask};
 
 pub use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};

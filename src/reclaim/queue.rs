@@ -150,7 +150,7 @@ impl ReclaimQueue {
         if self.shared.room.take().await.is_err() {
             return Err(PushError(task));
         }
-        self.shared.insert(task).map_err(PushError)
+        self.shared.insert(task, true).map_err(PushError)
     }
 
     /// Queues `task` if there is room now.
@@ -161,7 +161,10 @@ impl ReclaimQueue {
     /// back.
     pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
         match self.shared.room.try_take() {
-            Ok(()) => self.shared.insert(task).map_err(TryPushError::ShutDown),
+            Ok(()) => self
+                .shared
+                .insert(task, true)
+                .map_err(TryPushError::ShutDown),
             Err(NoRoom::Full) => Err(TryPushError::Full(task)),
             Err(NoRoom::Closed) => Err(TryPushError::ShutDown(task)),
         }
@@ -277,6 +280,11 @@ impl ReclaimQueue {
             workers: shared.workers,
             paused: shared.paused.load(Ordering::Relaxed) && !shared.closed.load(Ordering::Relaxed),
             closed: shared.closed.load(Ordering::Relaxed),
+            dead_letters: shared.dead.lock().len(),
+            dead_lettered: shared.outstanding.dead_lettered.load(Ordering::Relaxed),
+            redriven: shared.outstanding.redriven.load(Ordering::Relaxed),
+            dead_letters_dropped: shared.outstanding.evicted.load(Ordering::Relaxed),
+            outstanding: shared.outstanding.snapshot(),
         }
     }
 

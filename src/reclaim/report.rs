@@ -3,7 +3,8 @@
 use std::fmt;
 
 use super::task::ReclaimTask;
-use crate::events::TaskInfo;
+use crate::events::{ReclaimError, TaskInfo};
+use crate::session::ResourceClass;
 
 /// A snapshot of a [`ReclaimQueue`](super::ReclaimQueue)'s counters.
 ///
@@ -37,6 +38,77 @@ pub struct ReclaimStats {
     /// Whether the queue stopped taking tasks (shutdown, or every handle
     /// dropped).
     pub closed: bool,
+    /// Dead letters kept now: tasks that failed for good, waiting for
+    /// [`ReclaimQueue::redrive`](super::ReclaimQueue::redrive).
+    pub dead_letters: usize,
+    /// Tasks kept as dead letters since the queue was built.
+    pub dead_lettered: u64,
+    /// Dead letters queued again by `redrive`.
+    pub redriven: u64,
+    /// Dead letters dropped because the store was full (each also a
+    /// [`ReclaimEvent::DeadLetterDropped`](crate::reclaim::ReclaimEvent::DeadLetterDropped)).
+    pub dead_letters_dropped: u64,
+    /// Tasks accepted and not completed, by class: waiting, running or
+    /// dead letters. A number that keeps growing is a leak.
+    pub outstanding: ClassCounts,
+}
+
+/// A count per [`ResourceClass`].
+///
+/// # Example
+///
+/// ```
+/// use session_lifecycle::{reclaim::ClassCounts, ResourceClass};
+///
+/// let counts = ClassCounts { high: 2, low: 1, ..ClassCounts::default() };
+/// assert_eq!(counts.get(ResourceClass::High), 2);
+/// assert_eq!(counts.total(), 3);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassCounts {
+    /// [`ResourceClass::Critical`].
+    pub critical: u64,
+    /// [`ResourceClass::High`].
+    pub high: u64,
+    /// [`ResourceClass::Normal`].
+    pub normal: u64,
+    /// [`ResourceClass::Low`].
+    pub low: u64,
+}
+
+impl ClassCounts {
+    /// The count of `class`.
+    #[must_use]
+    pub const fn get(&self, class: ResourceClass) -> u64 {
+        match class {
+            ResourceClass::Critical => self.critical,
+            ResourceClass::High => self.high,
+            ResourceClass::Normal => self.normal,
+            ResourceClass::Low => self.low,
+        }
+    }
+
+    /// The sum over every class.
+    #[must_use]
+    pub const fn total(&self) -> u64 {
+        self.critical
+            .saturating_add(self.high)
+            .saturating_add(self.normal)
+            .saturating_add(self.low)
+    }
+}
+
+/// A task that failed for good and is kept for a re-drive: see
+/// [`ReclaimQueue::dead_letters`](super::ReclaimQueue::dead_letters).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The task.
+    pub task: TaskInfo,
+    /// How many attempts ran before it was kept.
+    pub attempts: u32,
+    /// Its last error.
+    pub error: ReclaimError,
 }
 
 /// What [`ReclaimQueue::shutdown`](super::ReclaimQueue::shutdown) leaves.
@@ -83,6 +155,9 @@ pub struct ShutdownReport {
     /// reported by a [`ReclaimEvent::ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed) of kind
     /// [`Interrupted`](crate::ReclaimErrorKind::Interrupted).
     pub interrupted: Vec<TaskInfo>,
+    /// The dead letters still kept (tasks that failed for good and were
+    /// not re-driven), handed back as `left` is.
+    pub dead_letters: Vec<ReclaimTask>,
 }
 
 /// [`ReclaimQueue::push`](super::ReclaimQueue::push) failed because the

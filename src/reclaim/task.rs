@@ -133,6 +133,14 @@ impl ReclaimTask {
         self
     }
 
+    /// Whether running it again could do anything: a task releasing a
+    /// closed session's resources gave them up at its attempt (each
+    /// resource is released once, panic or not), and it completes the
+    /// session's close when dropped, so it is never kept.
+    pub(super) fn can_run_again(&self) -> bool {
+        matches!(self.work, Work::User(_))
+    }
+
     /// The task's identity and ordering inputs.
     #[must_use]
     pub fn info(&self) -> TaskInfo {

@@ -71,6 +71,7 @@ impl Shared {
             let error = match task.attempt(|| Some(schedule().timeout())).await {
                 Ok(()) => {
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                    self.outstanding.remove(info.class, 1);
                     running.done = true;
                     return;
                 }
@@ -93,7 +94,8 @@ impl Shared {
             };
             let Some(delay) = delay else {
                 running.done = true;
-                self.fail(info, running.attempts, error);
+                self.fail(info, running.attempts, error.clone());
+                self.bury(task, running.attempts, error);
                 return;
             };
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -138,6 +140,7 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         let shared = self.shared;
         if !self.done {
+            shared.outstanding.remove(self.info.class, 1);
             shared.interrupted.lock().push(self.info);
             shared.fail(
                 self.info,
