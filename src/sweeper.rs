@@ -49,6 +49,12 @@ use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus,
 /// Each repair is logged and published as an
 /// [`Event::Repaired`].
 ///
+/// With a reclaim queue, each sweep also runs the queue's long-lived check
+/// ([`ReclaimQueue::check_long_lived`]) over every open session, router by
+/// router: each session older than the policy's threshold is reported
+/// once, [`SweepReport::long_lived`] counts those there now, and so does
+/// the `session_lifecycle_long_lived_sessions` gauge (feature `metrics`).
+///
 /// A sweep never races a deletion into a double release: sessions of a
 /// fenced router are never orphans, and every close goes through the
 /// session's state machine, which releases resources exactly once.
@@ -145,6 +151,12 @@ pub struct SweepReport {
     pub repairs: Vec<Repair>,
     /// How long the sweep took, on tokio's clock.
     pub duration: Duration,
+    /// Open sessions older than the reclaim queue policy's
+    /// [`long_lived_threshold`](crate::reclaim::ReclaimPolicy::long_lived_threshold)
+    /// found by this sweep (each reported once ever by a
+    /// [`ReclaimEvent::LongLivedSession`](crate::reclaim::ReclaimEvent::LongLivedSession));
+    /// `None` without a reclaim queue or with the check turned off.
+    pub long_lived: Option<usize>,
 }
 
 /// A snapshot of an [`AuditSweeper`]'s counters.
@@ -381,9 +393,43 @@ impl<S: SessionStore> AuditSweeper<S> {
         findings
     }
 
+    /// Runs the reclaim queue's long-lived check over every open session
+    /// of the store, one router at a time (yielding between routers);
+    /// returns how many are past the threshold and sets the
+    /// `session_lifecycle_long_lived_sessions` gauge.
+    async fn check_long_lived(&self) -> Result<Option<usize>, BackendError> {
+        let Some(queue) = self.inner.config.reclaim.as_ref() else {
+            return Ok(None);
+        };
+        let no_session: [&Session<S::Payload>; 0] = [];
+        if queue.long_lived(no_session).is_none() {
+            return Ok(None); // turned off by the policy
+        }
+        let store = &*self.inner.store;
+        let mut current = 0;
+        for router in store.census().await? {
+            if router.active + router.terminating == 0 {
+                continue;
+            }
+            let sessions = match store.sessions(router.router).await {
+                Ok(sessions) => sessions,
+                Err(RouterError::UnknownRouter(_)) => continue, // gone meanwhile
+                Err(RouterError::Backend(error)) => return Err(error),
+            };
+            current += queue.long_lived(&sessions).map_or(0, |found| found.current);
+            // The handles drop here, outside every lock of the crate.
+            drop(sessions);
+            tokio::task::yield_now().await;
+        }
+        #[cfg(feature = "metrics")]
+        crate::metrics::gauge("session_lifecycle_long_lived_sessions", current);
+        Ok(Some(current))
+    }
+
     async fn sweep_once(&self) -> Result<SweepReport, BackendError> {
         let started = Instant::now();
         let store = &*self.inner.store;
+        let long_lived = self.check_long_lived().await?;
         let audit = store.audit().await?;
         let findings = audit.missing_from_map.len()
             + audit.missing_from_index.len()
@@ -400,6 +446,7 @@ impl<S: SessionStore> AuditSweeper<S> {
                 audit,
                 repairs: Vec::new(),
                 duration: started.elapsed(),
+                long_lived,
             });
         }
         // Orphans are closed here, so that their resources go through the
@@ -448,6 +495,7 @@ impl<S: SessionStore> AuditSweeper<S> {
             audit,
             repairs,
             duration: started.elapsed(),
+            long_lived,
         })
     }
 }

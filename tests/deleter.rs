@@ -426,3 +426,83 @@ async fn confirmed_counts_only_router_confirmations() {
     assert_eq!(observed.count_reason(CloseReason::ClientClosed), 5);
     observed.assert_deleted(&*store).await;
 }
+
+/// Issue #21.6: with `max_concurrent(2)`, five routers deleted at once run
+/// two at a time, the rest waiting in the order asked (their routers still
+/// live, counted as queued); all finish.
+#[tokio::test(start_paused = true)]
+async fn a_cap_on_concurrent_deletions_queues_the_rest_in_order() {
+    use session_lifecycle::store::RouterStatus;
+    use session_lifecycle::{
+        Event, EventBus, NewSession, NotifyError, SessionId, TerminationBatch, TerminationNotifier,
+    };
+
+    /// Answers nothing until let go: holds each running deletion.
+    struct Held(Arc<tokio::sync::Semaphore>);
+    impl TerminationNotifier for Held {
+        async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+            let _ = self.0.acquire().await.map(|permit| permit.forget());
+            Ok(())
+        }
+    }
+    let store = Arc::new(MemoryStore::new());
+    let mut routers = Vec::new();
+    for r in 1..=5u64 {
+        let router = RouterId::new(r);
+        let incarnation = store.register_router(router).await.unwrap();
+        let spec = NewSession::new(SessionId::new(r), router, incarnation);
+        drop(store.create(spec).await.unwrap());
+        routers.push(router);
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let bus = EventBus::new(64);
+    let mut events = bus.subscribe();
+    let deleter = RouterDeleter::builder()
+        .max_concurrent(2)
+        .confirm_timeout(Duration::from_secs(1))
+        .notify_timeout(Duration::from_secs(60))
+        .retries(0)
+        .events(bus)
+        .build(Arc::clone(&store), Held(Arc::clone(&gate)))
+        .unwrap();
+    let mut deletions = Vec::new();
+    for &router in &routers {
+        deletions.push(tokio::spawn(deleter.delete(router)));
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!((deleter.running(), deleter.queued()), (5, 3));
+    let fenced = |store: &Arc<MemoryStore>, router| {
+        let store = Arc::clone(store);
+        async move {
+            matches!(
+                store.router_status(router).await.unwrap(),
+                RouterStatus::Fenced(_)
+            )
+        }
+    };
+    let mut fenced_now = Vec::new();
+    for &router in &routers {
+        fenced_now.push(fenced(&store, router).await);
+    }
+    assert_eq!(fenced_now, [true, true, false, false, false]);
+
+    gate.add_permits(1_000);
+    for deletion in deletions {
+        within(HOUR, deletion).await.unwrap().unwrap();
+    }
+    assert_eq!((deleter.running(), deleter.queued()), (0, 0));
+    let order: Vec<RouterId> = std::iter::from_fn(|| events.try_recv())
+        .filter_map(|event| match event {
+            Event::RouterFenced { router, .. } => Some(router),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, routers, "fenced in the order asked");
+    assert!(
+        RouterDeleter::builder()
+            .max_concurrent(0)
+            .build(Arc::clone(&store), Held(gate))
+            .is_err()
+    );
+}

@@ -595,3 +595,33 @@ async fn reap_bound_adds_up_its_terms() {
         Duration::from_millis(3_000 + 10 + 1_000 + 4_000 + 2_500 + 11)
     );
 }
+
+/// Issue #21.6: a silent router's round is split into probe calls of at
+/// most `probe_batch_max` suspects; every suspect is still probed and
+/// reaped within `reap_bound`.
+#[tokio::test(start_paused = true)]
+async fn a_big_silent_router_is_probed_in_capped_batches() {
+    let builder = LivenessMonitor::builder().probe_batch_max(8);
+    let (_, all, prober, monitor) = recorded(builder, 1, 50, Probe::nobody()).await;
+    // Never heard: each session's timeout is its first one.
+    let bound = monitor.reap_bound(monitor.timeout(&all[0]).unwrap());
+    let started = Instant::now();
+    for session in &all {
+        within(bound, session.closed()).await;
+    }
+    assert!(started.elapsed() <= bound);
+    assert!(
+        all.iter()
+            .all(|s| s.close_reason() == Some(CloseReason::LivenessTimeout))
+    );
+    let calls = prober.calls_for(RouterId::new(0));
+    assert!(calls.iter().all(|&size| size <= 8), "{calls:?}");
+    // The first round alone names all 50, in 7 calls.
+    assert!(calls.iter().sum::<usize>() >= 50, "{calls:?}");
+    assert!(
+        LivenessMonitor::builder()
+            .probe_batch_max(0)
+            .build(Arc::new(MemoryStore::new()), NoProbe)
+            .is_err()
+    );
+}

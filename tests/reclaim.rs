@@ -769,3 +769,47 @@ fn building_needs_a_runtime_a_capacity_and_a_worker() {
         assert!(ReclaimQueue::builder().capacity(1 << 40).build().is_ok());
     });
 }
+
+/// Issue #21.4: a task's `TaskInfo` carries the session's age, for the
+/// policy to use: set by `for_session`, by `close_session`'s release
+/// tasks, and by hand; zero when not given.
+#[tokio::test(start_paused = true)]
+async fn a_policy_sees_the_sessions_age() {
+    struct OldestFirst(Arc<Mutex<Vec<Duration>>>);
+    impl ReclaimPolicy for OldestFirst {
+        fn priority(&self, task: &TaskInfo) -> Priority {
+            self.0.lock().push(task.age);
+            Priority::due_in(Duration::from_secs(3_600).saturating_sub(task.age))
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let queue = ReclaimQueue::builder()
+        .policy(OldestFirst(Arc::clone(&seen)))
+        .build()
+        .unwrap();
+    let session = NewSession::new(SessionId::new(1), RouterId::new(1), 1.into()).into_session();
+    session.attach(|_: CloseReason| {}).unwrap();
+    tokio::time::advance(Duration::from_secs(90)).await;
+
+    let task = ReclaimTask::for_session(&session, || async { Ok::<(), ReclaimError>(()) });
+    assert_eq!(task.info().age, Duration::from_secs(90));
+    queue.push(task).await.unwrap();
+    let by_hand = ReclaimTask::new(SessionId::new(2), RouterId::new(1), || async {
+        Ok::<(), ReclaimError>(())
+    });
+    assert_eq!(by_hand.info().age, Duration::ZERO);
+    queue
+        .push(by_hand.age(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let _ = queue.close_session(&session, CloseReason::Forced).await;
+    settle(&queue).await;
+    assert_eq!(
+        *seen.lock(),
+        [
+            Duration::from_secs(90),
+            Duration::from_secs(5),
+            Duration::from_secs(90)
+        ]
+    );
+}

@@ -283,3 +283,78 @@ async fn dropping_every_handle_stops_the_periodic_sweeps() {
     assert_eq!(store.len(), 1);
     assert_eq!(Arc::strong_count(&store), 1, "the task let go of the store");
 }
+
+/// Issue #21.4: each sweep runs the reclaim queue's long-lived check over
+/// every open session; a session past the threshold is reported once
+/// (event and counter), counted by every sweep while it lives, and a
+/// closed one is not counted. Without a queue there is no check.
+#[tokio::test(start_paused = true)]
+async fn each_sweep_reports_long_lived_sessions_once_and_counts_them() {
+    use session_lifecycle::ReclaimQueue;
+    use session_lifecycle::reclaim::{DefaultPolicy, ReclaimEvent};
+
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(64);
+    let mut events = bus.subscribe();
+    let hour = Duration::from_secs(3_600);
+    let queue = ReclaimQueue::builder()
+        .policy(DefaultPolicy::default().long_lived_threshold(Some(hour)))
+        .events(bus.clone())
+        .build()
+        .unwrap();
+    let sweeper = AuditSweeper::builder()
+        .reclaim_queue(queue.clone())
+        .events(bus)
+        .build(Arc::clone(&store))
+        .unwrap();
+    let mut old = Vec::new();
+    for r in 1..=2u64 {
+        let router = RouterId::new(r);
+        let incarnation = store.register_router(router).await.unwrap();
+        for i in 0..3 {
+            let spec = NewSession::new(SessionId::new(r * 10 + i), router, incarnation);
+            old.push(store.create(spec).await.unwrap());
+        }
+    }
+    tokio::time::advance(hour).await;
+    // A young one, on router 1.
+    let young = NewSession::new(
+        SessionId::new(99),
+        RouterId::new(1),
+        store
+            .router_status(RouterId::new(1))
+            .await
+            .unwrap()
+            .incarnation(),
+    );
+    let young = store.create(young).await.unwrap();
+
+    let report = sweeper.sweep().await.unwrap();
+    assert_eq!(report.long_lived, Some(6));
+    let reported: HashSet<SessionId> = std::iter::from_fn(|| events.try_recv())
+        .filter_map(|event| match event {
+            Event::Reclaim(ReclaimEvent::LongLivedSession { session, age, .. }) => {
+                assert!(age >= hour);
+                Some(session)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported, old.iter().map(Session::id).collect());
+    assert_eq!(queue.stats().long_lived, 6);
+
+    // Reported once; still counted while open; a closed one is not.
+    let closed = store
+        .close(old[0].id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    assert!(closed.won());
+    let report = sweeper.sweep().await.unwrap();
+    assert_eq!(report.long_lived, Some(5));
+    assert_eq!(queue.stats().long_lived, 6, "nobody reported twice");
+    assert!(young.age() < hour);
+
+    // Without a queue, no check.
+    let plain = AuditSweeper::builder().build(Arc::clone(&store)).unwrap();
+    assert_eq!(plain.sweep().await.unwrap().long_lived, None);
+}

@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub(crate) reclaim: Option<ReclaimQueue>,
     /// Where the run publishes its events, if anywhere.
     pub(crate) events: Option<EventBus>,
+    /// The most runs at once (`None`: no cap); the rest wait, in order.
+    pub(crate) max_concurrent: Option<usize>,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             backoff: default_backoff(),
             reclaim: None,
             events: None,
+            max_concurrent: None,
         }
     }
 }
@@ -141,6 +144,19 @@ impl RouterDeleterBuilder {
             ("events", self.config.events.is_some()),
             ("reclaim_queue", self.config.reclaim.is_some()),
         ])
+    }
+
+    /// The most deletions that run at once (default: no cap; at least 1,
+    /// checked by [`build`](Self::build)). A deletion past the cap waits,
+    /// in the order the deletions were asked for, before it fences its
+    /// router (the router stays live meanwhile); it counts in
+    /// [`running`](super::RouterDeleter::running) and in
+    /// [`queued`](super::RouterDeleter::queued), and a second `delete` of
+    /// the same router joins it. A mass deletion (a region's routers at
+    /// once) then holds at most this many routers' sessions in flight.
+    pub fn max_concurrent(mut self, deletions: usize) -> Self {
+        self.config.max_concurrent = Some(deletions);
+        self
     }
 
     /// Sessions per notification call (default 1,000; at least 1, checked
@@ -255,6 +271,14 @@ impl RouterDeleterBuilder {
             })?);
         }
         self.config.backoff.check_for(PIECE, "backoff")?;
+        if let Some(cap) = self.config.max_concurrent {
+            check_count(
+                PIECE,
+                "max_concurrent",
+                cap,
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )?;
+        }
         Ok(RouterDeleter::from_parts(store, notifier, self.config))
     }
 }
@@ -275,6 +299,7 @@ mod tests {
                 .delays(Duration::from_millis(500), Duration::from_secs(4)),
             reclaim: None,
             events: None,
+            max_concurrent: None,
         };
         // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
         // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
@@ -312,6 +337,7 @@ mod tests {
                 .delays(Duration::from_nanos(1), Duration::from_secs(86_400)),
             reclaim: None,
             events: None,
+            max_concurrent: None,
         };
         assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
         assert_eq!(

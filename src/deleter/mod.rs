@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use futures::FutureExt;
@@ -166,6 +166,11 @@ struct Inner<S, N> {
     config: Config,
     runs: Mutex<HashMap<RouterId, RunSlot>>,
     tracker: TaskTracker,
+    /// One permit per run allowed at once (`max_concurrent`); tokio's
+    /// semaphore is fair, so waiting runs start in order.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Runs waiting for a slot.
+    queued: AtomicUsize,
 }
 
 impl<S, N> Clone for RouterDeleter<S, N> {
@@ -203,9 +208,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             inner: Arc::new(Inner {
                 store,
                 notifier,
+                slots: config
+                    .max_concurrent
+                    .map(|cap| Arc::new(tokio::sync::Semaphore::new(cap))),
                 config,
                 runs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
+                queued: AtomicUsize::new(0),
             }),
         }
     }
@@ -232,10 +241,19 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         self.inner.config.max_wait(sessions)
     }
 
-    /// Number of deletions running now.
+    /// Number of deletions running now (those waiting for a slot under
+    /// [`max_concurrent`](RouterDeleterBuilder::max_concurrent) included).
     #[must_use]
     pub fn running(&self) -> usize {
         self.inner.runs.lock().len()
+    }
+
+    /// Number of deletions waiting for a slot under
+    /// [`max_concurrent`](RouterDeleterBuilder::max_concurrent): asked for,
+    /// their routers not fenced yet.
+    #[must_use]
+    pub fn queued(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
     }
 
     /// The routers whose deletion is running now, by id: what stays fenced
@@ -505,6 +523,16 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         drop(runtime.spawn(async move {
             let _token = token;
             let inner = Arc::clone(&entry.inner);
+            // Past the cap: wait for a slot, in order, before anything.
+            let _slot = match &inner.slots {
+                Some(slots) => {
+                    inner.queued.fetch_add(1, Ordering::Relaxed);
+                    let slot = Arc::clone(slots).acquire_owned().await.ok();
+                    inner.queued.fetch_sub(1, Ordering::Relaxed);
+                    slot
+                }
+                None => None,
+            };
             let run = run::delete_router(
                 &*inner.store,
                 &inner.notifier,

@@ -125,6 +125,9 @@ pub struct TaskInfo {
     pub class: ResourceClass,
     /// The session's traffic in bytes (both directions) when queued.
     pub traffic: u64,
+    /// The session's age when queued (zero if not given): a policy may
+    /// order by it, or retry old sessions' releases differently.
+    pub age: Duration,
 }
 
 impl TaskInfo {
@@ -143,7 +146,15 @@ impl TaskInfo {
             router,
             class,
             traffic,
+            age: Duration::ZERO,
         }
+    }
+
+    /// The same task with the session's `age`.
+    #[must_use]
+    pub const fn with_age(mut self, age: Duration) -> Self {
+        self.age = age;
+        self
     }
 }
 

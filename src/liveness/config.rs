@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) interval: u64,
     pub(crate) rule: TimeoutRule,
     pub(crate) probe_timeout: Duration,
+    /// The most suspects one probe call names.
+    pub(crate) probe_batch: usize,
     /// The waits between a suspect's probe rounds; its retries are the
     /// rounds after the first.
     pub(crate) backoff: Backoff,
@@ -123,6 +125,7 @@ pub struct LivenessMonitorBuilder {
     pause_allowance: Duration,
     granularity: Duration,
     probe_timeout: Duration,
+    probe_batch: usize,
     probe_retries: u32,
     /// `None`: from the probe timeout, with `probe_retries`.
     probe_backoff: Option<Backoff>,
@@ -139,6 +142,7 @@ impl Default for LivenessMonitorBuilder {
             pause_allowance: Duration::from_secs(1),
             granularity: Duration::from_millis(50),
             probe_timeout: Duration::from_secs(1),
+            probe_batch: 10_000,
             probe_retries: 2,
             probe_backoff: None,
             reclaim: None,
@@ -214,6 +218,16 @@ impl LivenessMonitorBuilder {
     /// See the example on [`LivenessMonitorBuilder`].
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// The most suspects one [`ProbeBatch`](crate::ProbeBatch) names
+    /// (default 10,000; at least 1, checked by `build`). A round with more
+    /// suspects on one router (a big router gone silent) is split into
+    /// calls of at most this many, made at once and waited for within the
+    /// same probe timeout, so no call carries an unbounded list.
+    pub fn probe_batch_max(mut self, suspects: usize) -> Self {
+        self.probe_batch = suspects;
         self
     }
 
@@ -348,6 +362,12 @@ impl LivenessMonitorBuilder {
                 .jitter(false)
         });
         backoff.check_for(PIECE, "probe_backoff")?;
+        if self.probe_batch == 0 {
+            return refuse(
+                "probe_batch_max",
+                String::from("must be at least 1 suspect"),
+            );
+        }
         Ok(Config {
             interval: millis(self.interval),
             rule: TimeoutRule {
@@ -357,6 +377,7 @@ impl LivenessMonitorBuilder {
                 max: millis(self.max_timeout),
             },
             probe_timeout: self.probe_timeout,
+            probe_batch: self.probe_batch,
             backoff,
             reclaim: self.reclaim,
             bus: self.bus,

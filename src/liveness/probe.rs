@@ -327,36 +327,48 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         number: u32,
         round: &[Suspect<S::Payload>],
     ) -> Option<Option<super::ProbeError>> {
-        let batch = ProbeBatch {
-            router,
-            incarnation: round
-                .first()
-                .map_or(Incarnation::new(0), |s| s.session.incarnation()),
-            sessions: round.iter().map(|s| s.session.id()).collect(),
-            round: number,
-        };
-        self.counters.probe();
         let deadline = Instant::now() + self.config.probe_timeout;
-        let call = AssertUnwindSafe(self.prober.probe(batch)).catch_unwind();
-        let outcome = tokio::select! {
+        // A big round is split into calls of at most `probe_batch` suspects,
+        // made at once and bounded by the one deadline.
+        let calls = round.chunks(self.config.probe_batch.max(1)).map(|chunk| {
+            let batch = ProbeBatch {
+                router,
+                incarnation: chunk
+                    .first()
+                    .map_or(Incarnation::new(0), |s| s.session.incarnation()),
+                sessions: chunk.iter().map(|s| s.session.id()).collect(),
+                round: number,
+            };
+            self.counters.probe();
+            // `probe` itself, not only its future, may panic.
+            let call =
+                AssertUnwindSafe(async move { self.prober.probe(batch).await }).catch_unwind();
+            async move {
+                match tokio::time::timeout_at(deadline, call).await {
+                    Ok(Ok(Ok(alive))) => {
+                        let now = self.now();
+                        // A set: a big batch answered in full stays linear.
+                        let alive: std::collections::HashSet<SessionId> =
+                            alive.into_iter().collect();
+                        for suspect in chunk {
+                            if alive.contains(&suspect.session.id()) {
+                                suspect.session.beat().refresh(now);
+                            }
+                        }
+                        None
+                    }
+                    Ok(Ok(Err(error))) => Some(error),
+                    Ok(Err(_panic)) => Some(ProbeError::msg("the prober panicked")),
+                    Err(_elapsed) => Some(ProbeError::msg("no answer within the probe timeout")),
+                }
+            }
+        });
+        let outcomes = tokio::select! {
             biased;
             () = self.stop.cancelled() => return None,
-            outcome = tokio::time::timeout_at(deadline, call) => outcome,
+            outcomes = futures::future::join_all(calls) => outcomes,
         };
-        let error = match outcome {
-            Ok(Ok(Ok(alive))) => {
-                let now = self.now();
-                for suspect in round {
-                    if alive.contains(&suspect.session.id()) {
-                        suspect.session.beat().refresh(now);
-                    }
-                }
-                None
-            }
-            Ok(Ok(Err(error))) => Some(error),
-            Ok(Err(_panic)) => Some(ProbeError::msg("the prober panicked")),
-            Err(_elapsed) => Some(ProbeError::msg("no answer within the probe timeout")),
-        };
+        let error = outcomes.into_iter().flatten().next();
         if let Some(error) = &error {
             self.counters.probe_error();
             tracing::debug!(%router, %error, "probe call failed");

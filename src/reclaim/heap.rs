@@ -184,10 +184,18 @@ impl Shared {
             .unwrap_or(Priority::URGENT);
         let since = Instant::now().saturating_duration_since(self.epoch);
         let due = duration_nanos(since).saturating_add(duration_nanos(priority.delay()));
+        // Counted before a worker can see it: its completion may come
+        // before this call returns.
+        if fresh {
+            self.outstanding.add(class);
+        }
         {
             let mut heap = self.heap.lock();
             if self.closed.load(Ordering::SeqCst) {
                 drop(heap);
+                if fresh {
+                    self.outstanding.remove(class, 1);
+                }
                 self.room.give(1);
                 return Err(task);
             }
@@ -195,7 +203,6 @@ impl Shared {
         }
         if fresh {
             self.counters.pushed.fetch_add(1, Ordering::Relaxed);
-            self.outstanding.add(class);
         }
         self.work.notify_one();
         Ok(())

@@ -217,15 +217,30 @@ impl ReclaimQueue {
         &self,
         sessions: impl IntoIterator<Item = &'a Session<P>>,
     ) -> usize {
+        self.long_lived(sessions).map_or(0, |found| found.reported)
+    }
+
+    /// The check of [`check_long_lived`](Self::check_long_lived), also
+    /// counting every open session past the threshold (reported now or
+    /// before); `None` if the policy turns the check off.
+    pub(crate) fn long_lived<'a, P: 'a>(
+        &self,
+        sessions: impl IntoIterator<Item = &'a Session<P>>,
+    ) -> Option<LongLived> {
         let policy = &self.shared.policy;
         let Ok(Some(threshold)) = catch_unwind(AssertUnwindSafe(|| policy.long_lived_threshold()))
         else {
-            return 0;
+            return None;
         };
         let mut reported = 0;
+        let mut current = 0;
         for session in sessions {
             let age = session.age();
-            if age >= threshold && !session.is_closed() && session.flag_long_lived() {
+            if age < threshold || session.is_closed() {
+                continue;
+            }
+            current += 1;
+            if session.flag_long_lived() {
                 reported += 1;
                 tracing::warn!(session = %session.id(), router = %session.router(), ?age,
                     "long-lived session");
@@ -241,7 +256,7 @@ impl ReclaimQueue {
             .counters
             .long_lived
             .fetch_add(reported as u64, Ordering::Relaxed);
-        reported
+        Some(LongLived { reported, current })
     }
 
     /// Stops the workers from starting tasks (tasks running go on); pushes
@@ -314,4 +329,13 @@ impl ReclaimQueue {
             notified.await;
         }
     }
+}
+
+/// What one long-lived check found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LongLived {
+    /// Sessions reported by this check (never before).
+    pub(crate) reported: usize,
+    /// Open sessions past the threshold, reported now or before.
+    pub(crate) current: usize,
 }

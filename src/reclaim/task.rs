@@ -116,7 +116,9 @@ impl ReclaimTask {
     /// A task releasing something of `session`, with the session's router
     /// and its traffic so far.
     pub fn for_session<P>(session: &Session<P>, work: impl Reclaim) -> Self {
-        Self::new(session.id(), session.router(), work).traffic(session.traffic().total_bytes())
+        Self::new(session.id(), session.router(), work)
+            .traffic(session.traffic().total_bytes())
+            .age(session.age())
     }
 
     /// Sets the class of what the task releases. See the example on [`ReclaimTask`].
@@ -130,6 +132,13 @@ impl ReclaimTask {
     #[must_use]
     pub fn traffic(mut self, bytes: u64) -> Self {
         self.info.traffic = bytes;
+        self
+    }
+
+    /// Sets the session's age ([`TaskInfo::age`]).
+    #[must_use]
+    pub fn age(mut self, age: Duration) -> Self {
+        self.info.age = age;
         self
     }
 
@@ -243,10 +252,11 @@ pub(crate) fn release_tasks<P>(session: &Session<P>, deferred: DeferredClose) ->
     } = deferred;
     let (id, router) = (session.id(), session.router());
     let traffic = session.traffic().total_bytes();
+    let age = session.age();
     groups
         .into_iter()
         .map(move |(class, resources)| ReclaimTask {
-            info: TaskInfo::new(id, router, class, traffic),
+            info: TaskInfo::new(id, router, class, traffic).with_age(age),
             work: Work::Release(ReleaseGroup {
                 resources,
                 reason,
