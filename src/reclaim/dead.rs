@@ -80,12 +80,9 @@ impl Outstanding {
     }
 
     pub(super) fn remove(&self, class: ResourceClass, tasks: u64) {
-        // Never below zero, whatever the order of the updates.
-        let _ = self
-            .slot(class)
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(tasks))
-            });
+        // A task is counted in before any worker can see it (`insert`), so
+        // its count out comes later in this counter's order: no underflow.
+        self.slot(class).fetch_sub(tasks, Ordering::Relaxed);
     }
 
     fn slot(&self, class: ResourceClass) -> &AtomicU64 {

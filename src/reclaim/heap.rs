@@ -178,9 +178,10 @@ impl Shared {
     /// (and frees the slot) if the queue closed meanwhile. A `fresh` task
     /// is counted as pushed and outstanding; a re-driven one already is.
     pub(super) fn insert(&self, task: ReclaimTask, fresh: bool) -> Result<(), ReclaimTask> {
-        let class = task.info().class;
+        let info = task.info();
+        let class = info.class;
         // User code: outside the lock, contained.
-        let priority = catch_unwind(AssertUnwindSafe(|| self.policy.priority(&task.info())))
+        let priority = catch_unwind(AssertUnwindSafe(|| self.policy.priority(&info)))
             .unwrap_or(Priority::URGENT);
         let since = Instant::now().saturating_duration_since(self.epoch);
         let due = duration_nanos(since).saturating_add(duration_nanos(priority.delay()));
