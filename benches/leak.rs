@@ -13,10 +13,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use session_lifecycle::reclaim::{DefaultPolicy, ReclaimError, ReclaimTask};
 use session_lifecycle::{ReclaimQueue, ResourceClass, RouterId, SessionId};
+use tokio::time::Instant;
 
 /// One release in a hundred fails, once.
 const FAILING_EVERY: u64 = 100;

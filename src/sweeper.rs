@@ -401,8 +401,7 @@ impl<S: SessionStore> AuditSweeper<S> {
         let Some(queue) = self.inner.config.reclaim.as_ref() else {
             return Ok(None);
         };
-        let no_session: [&Session<S::Payload>; 0] = [];
-        if queue.long_lived(no_session).is_none() {
+        if !queue.watches_long_lived() {
             return Ok(None); // turned off by the policy
         }
         let store = &*self.inner.store;

@@ -470,7 +470,13 @@ async fn a_cap_on_concurrent_deletions_queues_the_rest_in_order() {
         deletions.push(tokio::spawn(deleter.delete(router)));
         tokio::task::yield_now().await;
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Until the three past the cap wait for a slot (each run is a task).
+    within(HOUR, async {
+        while deleter.queued() < 3 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     assert_eq!((deleter.running(), deleter.queued()), (5, 3));
     let fenced = |store: &Arc<MemoryStore>, router| {
         let store = Arc::clone(store);

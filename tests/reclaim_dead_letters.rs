@@ -40,6 +40,16 @@ fn release(
     (task, runs)
 }
 
+/// Pushes a task of `class` per id that fails for good, each run to its
+/// end before the next is pushed.
+async fn fail_each(queue: &ReclaimQueue, ids: std::ops::RangeInclusive<u64>, class: ResourceClass) {
+    let broken = Arc::new(AtomicBool::new(true));
+    for id in ids {
+        queue.push(release(id, class, &broken).0).await.unwrap();
+        within(HOUR, queue.idle()).await;
+    }
+}
+
 fn reclaim_events(events: &mut session_lifecycle::events::Subscription) -> Vec<ReclaimEvent> {
     let mut all = Vec::new();
     while let Some(event) = events.try_recv() {
@@ -132,14 +142,7 @@ async fn the_store_is_bounded_and_says_what_it_dropped() {
         .events(bus)
         .build()
         .unwrap();
-    let broken = Arc::new(AtomicBool::new(true));
-    for id in 1..=3 {
-        queue
-            .push(release(id, ResourceClass::Normal, &broken).0)
-            .await
-            .unwrap();
-        within(HOUR, queue.idle()).await;
-    }
+    fail_each(&queue, 1..=3, ResourceClass::Normal).await;
     let stats = queue.stats();
     assert_eq!((stats.dead_letters, stats.dead_letters_dropped), (2, 1));
     assert_eq!(stats.outstanding.normal, 2, "the dropped one is gone");
@@ -192,14 +195,7 @@ async fn a_cancelled_redrive_loses_nothing_and_shutdown_hands_letters_back() {
         .workers(1)
         .build()
         .unwrap();
-    let broken = Arc::new(AtomicBool::new(true));
-    for id in 1..=3 {
-        queue
-            .push(release(id, ResourceClass::Low, &broken).0)
-            .await
-            .unwrap();
-        within(HOUR, queue.idle()).await;
-    }
+    fail_each(&queue, 1..=3, ResourceClass::Low).await;
     assert_eq!(queue.stats().dead_letters, 3);
     // No room: the queue is paused and full.
     queue.pause();

@@ -70,9 +70,9 @@ pub enum ReclaimEvent {
         delay: Duration,
     },
     /// A task failed for good: its last attempt failed, it failed
-    /// permanently, it panicked, or shutdown interrupted it. Unless
-    /// interrupted, the task is kept as a dead letter (see
-    /// [`ReclaimQueue::redrive`](crate::ReclaimQueue::redrive)).
+    /// permanently, it panicked, or shutdown interrupted it. A task that
+    /// can run again and was not interrupted is kept as a dead letter (see
+    /// `ReclaimQueue::redrive`).
     ReclaimFailed {
         /// The task.
         task: TaskInfo,
@@ -83,7 +83,7 @@ pub enum ReclaimEvent {
     },
     /// The dead-letter store was full: its oldest letter, this task, was
     /// dropped (never re-driven). Each is also logged at error level and
-    /// counted in [`ReclaimStats::dead_letters_dropped`](crate::reclaim::ReclaimStats::dead_letters_dropped).
+    /// counted in `ReclaimStats::dead_letters_dropped`.
     DeadLetterDropped {
         /// The task dropped.
         task: TaskInfo,

@@ -220,6 +220,15 @@ impl ReclaimQueue {
         self.long_lived(sessions).map_or(0, |found| found.reported)
     }
 
+    /// Whether the policy's long-lived check is on.
+    pub(crate) fn watches_long_lived(&self) -> bool {
+        let policy = &self.shared.policy;
+        matches!(
+            catch_unwind(AssertUnwindSafe(|| policy.long_lived_threshold())),
+            Ok(Some(_))
+        )
+    }
+
     /// The check of [`check_long_lived`](Self::check_long_lived), also
     /// counting every open session past the threshold (reported now or
     /// before); `None` if the policy turns the check off.
