@@ -30,6 +30,12 @@
 //!   that also holds that many sessions of other routers (1,000 sessions
 //!   each).
 //!
+//! After the groups, `longest_hold` deletes a 1M-session router (100k
+//! under `--test`) on a current-thread runtime beside a task that yields
+//! in a loop, and prints the longest time that task waited for its turn:
+//! the longest the deletion held the runtime's only worker (the notifier's
+//! own work on a batch of 1,000 included).
+//!
 //! `--test` (CI) runs each once and skips the 1M cases.
 //!
 //! `cargo bench --bench delete_router`
@@ -431,6 +437,40 @@ fn delete_1k_among(c: &mut Criterion, quick: bool) {
     group.finish();
 }
 
+/// The longest the deletion of an `n`-session router kept a task beside it
+/// from running, on a one-thread runtime.
+fn longest_hold(n: u64, from: Source) -> (Duration, Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async {
+        let store = Arc::new(MemoryStore::new());
+        let router = fill(&store, &Ids::default(), n).await;
+        let deleter = deleter(&store, from);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bystander = tokio::spawn({
+            let done = Arc::clone(&done);
+            async move {
+                let (mut last, mut longest) = (Instant::now(), Duration::ZERO);
+                while !done.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                }
+                longest
+            }
+        });
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        let outcome = deleter.delete(router).await.expect("router deleted");
+        let total = start.elapsed();
+        black_box(outcome);
+        done.store(true, Ordering::Relaxed);
+        (bystander.await.expect("bystander"), total)
+    })
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .measurement_time(Duration::from_secs(5))
@@ -445,4 +485,13 @@ fn main() {
     delete(&mut criterion, quick);
     delete_1k_among(&mut criterion, quick);
     criterion.final_summary();
+    let n = if quick { 100_000 } else { 1_000_000 };
+    for (name, from) in [("inline", Source::Inline), ("from_task", Source::Task)] {
+        let (longest, total) = longest_hold(n, from);
+        println!(
+            "longest_hold/{name}/{n}: {:.3} ms (deletion {:.1} ms)",
+            longest.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3
+        );
+    }
 }

@@ -238,6 +238,7 @@
 ))]
 
 mod backoff;
+pub mod budget;
 mod build;
 mod closing;
 pub mod deleter;
@@ -251,6 +252,7 @@ mod metrics;
 pub mod reclaim;
 pub mod reconcile;
 pub mod session;
+mod slices;
 mod stats;
 pub mod store;
 pub mod sweeper;
@@ -262,6 +264,7 @@ mod transport_error;
 // The core: what a controller names every day. Everything else lives in
 // its piece's module.
 pub use backoff::Backoff;
+pub use budget::NotificationBudget;
 pub use build::BuildError;
 pub use deleter::{NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
 pub use events::{Event, EventBus};

@@ -454,11 +454,14 @@ fn the_suite_catches_a_store_that_skips_its_fence() {
     };
     eprintln!("shrunk counterexample: {shrunk:#?}\n{reason}");
     assert!(reason.to_string().contains("after its fence"), "{reason}");
-    // A router, its interrupted deletion, a client on it.
-    assert_eq!(shrunk.len(), 3, "{shrunk:?}");
+    // A router, its interrupted deletion, a client on it: the last three
+    // steps. (Shrinking takes random paths; once in about twenty runs it
+    // stops with one unrelated step left before them.)
+    assert!((3..=4).contains(&shrunk.len()), "{shrunk:?}");
+    let last = &shrunk[shrunk.len() - 3..];
     assert!(
         matches!(
-            (&shrunk[0], &shrunk[1], &shrunk[2]),
+            (&last[0], &last[1], &last[2]),
             (Op::Register(a), Op::Fence(b), Op::Create { router: c, stale: false, .. })
                 if a == b && b == c
         ),

@@ -8,6 +8,7 @@ use tokio::time::Duration;
 use super::RouterDeleter;
 use super::notifier::TerminationNotifier;
 use crate::backoff::Backoff;
+use crate::budget::NotificationBudget;
 use crate::build::{BuildError, check_count, wired};
 use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
@@ -29,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) events: Option<EventBus>,
     /// The most runs at once (`None`: no cap); the rest wait, in order.
     pub(crate) max_concurrent: Option<usize>,
+    /// The routers' notification budget, shared with other sources.
+    pub(crate) budget: Option<NotificationBudget>,
 }
 
 impl Default for Config {
@@ -42,6 +45,7 @@ impl Default for Config {
             reclaim: None,
             events: None,
             max_concurrent: None,
+            budget: None,
         }
     }
 }
@@ -63,10 +67,18 @@ impl Config {
             Duration::try_from_secs_f64(sessions as f64 / f64::from(rate.get()))
                 .unwrap_or(Duration::MAX)
         });
+        // Waiting for the notification budget ends at the round's
+        // confirmation deadline (a batch it cannot send by then is skipped).
+        let budget = if self.budget.is_some() {
+            self.confirm_timeout
+        } else {
+            Duration::ZERO
+        };
         let round = self
             .notify_timeout
             .saturating_mul(batches)
             .saturating_add(pacing)
+            .saturating_add(budget)
             .saturating_add(self.confirm_timeout);
         // A `max_duration` may end the backoff early: fewer rounds, never
         // more.
@@ -175,6 +187,20 @@ impl RouterDeleterBuilder {
     /// See the example on [`RouterDeleterBuilder`].
     pub fn notify_rate(mut self, sessions_per_second: u32) -> Self {
         self.notify_rate = Some(sessions_per_second);
+        self
+    }
+
+    /// Takes every notification batch out of `budget`, each router's
+    /// budget shared with the other sources that use it (the liveness
+    /// monitor's probes, your own messages): see [`NotificationBudget`].
+    ///
+    /// A batch waits for its router's budget up to the round's confirmation
+    /// deadline; one that cannot be sent by then is skipped (a failed
+    /// notice: its sessions are notified again next round, or forced), so
+    /// [`max_wait`](RouterDeleter::max_wait) still bounds the run (it adds
+    /// one confirmation timeout a round). Default: no budget.
+    pub fn notification_budget(mut self, budget: NotificationBudget) -> Self {
+        self.config.budget = Some(budget);
         self
     }
 
@@ -300,6 +326,7 @@ mod tests {
             reclaim: None,
             events: None,
             max_concurrent: None,
+            budget: None,
         };
         // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
         // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
@@ -338,6 +365,7 @@ mod tests {
             reclaim: None,
             events: None,
             max_concurrent: None,
+            budget: None,
         };
         assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
         assert_eq!(

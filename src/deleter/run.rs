@@ -7,6 +7,10 @@
 //!   (checked by a scan, waiting on one open session at a time, from the
 //!   last notified back) or at its deadline. Nothing is attached to a
 //!   session to track it: no allocation per session.
+//! - Every pass over the sessions (sort, mark, notify, wait, force, the
+//!   final drop) yields to the runtime between slices of `SLICE` sessions
+//!   (and between notification batches): a 1M-session deletion never
+//!   holds a worker for long.
 //! - Every timer wait is bounded by the configuration (`Config::max_wait`),
 //!   and every notifier call by `notify_timeout`; a notifier panic is caught.
 //! - The run closes every tracked session before it calls `finish`, and
@@ -29,12 +33,14 @@ use tracing::Instrument;
 use super::RunState;
 use super::config::Config;
 use super::notifier::{TerminationBatch, TerminationNotifier};
+use super::order;
 use super::report::{DeleteError, DeleteOutcome};
 use crate::closing::close_all;
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
-use crate::id::{Incarnation, RouterId, SessionKey};
+use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseFrom, CloseReason, Session, Transition};
+use crate::slices::{SLICE, drop_in_slices, due, free_vec, pause};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.
@@ -100,7 +106,6 @@ where
             router,
             incarnation: snapshot.incarnation,
             tracked: Vec::with_capacity(snapshot.sessions.len()),
-            first_round: Vec::with_capacity(snapshot.sessions.len()),
             closing: Vec::new(),
             rounds: AtomicU32::new(0),
             attempts: AtomicU32::new(0),
@@ -119,9 +124,6 @@ struct Run<'a, N, P> {
     router: RouterId,
     incarnation: Incarnation,
     tracked: Vec<Session<P>>,
-    /// Keys of `tracked`, collected while marking: the first round sends
-    /// them without another pass over the sessions.
-    first_round: Vec<SessionKey>,
     /// Sessions found closed but with their close still in flight.
     closing: Vec<Session<P>>,
     rounds: AtomicU32,
@@ -148,7 +150,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             "router fenced"
         );
         let phase = Instant::now();
-        report.already_closed = tracing::debug_span!("mark").in_scope(|| self.mark(sessions));
+        report.already_closed = self
+            .mark(sessions)
+            .instrument(tracing::debug_span!("mark"))
+            .await;
         report.durations.mark = phase.elapsed();
 
         let phase = Instant::now();
@@ -206,19 +211,28 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
         report.durations.finish = phase.elapsed();
         // Confirmed means closed as its router confirms: with that reason.
-        report.confirmed = self
-            .tracked
-            .iter()
-            .filter(|session| session.close_reason() == Some(CloseReason::RouterDeleted))
-            .count();
+        // The handles go before the clock stops, a slice at a time: dropping
+        // the last one frees the session and runs its payload's `Drop`,
+        // part of the deletion's work.
+        let mut confirmed = 0;
+        while !self.tracked.is_empty() {
+            let from = self.tracked.len().saturating_sub(SLICE);
+            confirmed += self
+                .tracked
+                .drain(from..)
+                .filter(|session| session.close_reason() == Some(CloseReason::RouterDeleted))
+                .count();
+            if !self.tracked.is_empty() {
+                pause().await;
+            }
+        }
+        report.confirmed = confirmed;
+        free_vec(std::mem::take(&mut self.tracked));
+        drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
         debug_assert!(report.already_closed + report.forced + report.confirmed <= report.sessions);
         report.closed_otherwise = report
             .sessions
             .saturating_sub(report.already_closed + report.forced + report.confirmed);
-        // The handles go before the clock stops: dropping the last one runs
-        // the payload's `Drop`, part of the deletion's work.
-        self.tracked = Vec::new();
-        self.closing = Vec::new();
         report.durations.total = started.elapsed();
         tracing::info!(
             confirmed = report.confirmed,
@@ -235,12 +249,15 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
 
     /// Marks every open session `Terminating` and tracks it; returns how
     /// many were already closed.
-    fn mark(&mut self, mut sessions: Vec<Session<P>>) -> usize {
+    async fn mark(&mut self, sessions: Vec<Session<P>>) -> usize {
         // Every later pass (notify, confirm, force) follows this order.
-        sessions.sort_unstable_by_key(Session::address);
+        let mut sessions = order::by_address(sessions).await;
         let mut already_closed = 0;
         let bus = self.config.events.as_ref();
-        for session in sessions {
+        for (step, session) in sessions.drain(..).enumerate() {
+            if due(step) {
+                pause().await;
+            }
             let marked = session.begin_terminating();
             match marked {
                 // `Terminating` already: an earlier run marked it; resume.
@@ -256,7 +273,6 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                             incarnation: session.incarnation(),
                         });
                     }
-                    self.first_round.push(session.key());
                     self.tracked.push(session);
                 }
                 Transition::Lost { .. } => {
@@ -269,6 +285,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                 }
             }
         }
+        free_vec(sessions);
         tracing::debug!(
             tracked = self.tracked.len(),
             already_closed,
@@ -283,15 +300,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         // once this round sends something.
         let round = self.rounds.load(Ordering::Relaxed);
         let later;
-        let open: &[SessionKey] = if round == 0 {
-            &self.first_round
+        let open: &[Session<P>] = if round == 0 {
+            &self.tracked
         } else {
-            later = self
-                .tracked
-                .iter()
-                .filter(|session| !session.is_closed())
-                .map(Session::key)
-                .collect::<Vec<_>>();
+            later = self.still_open().await;
             &later
         };
         if open.is_empty() {
@@ -309,6 +321,18 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
     }
 
+    /// The keys of the tracked sessions still open.
+    async fn still_open(&self) -> Vec<Session<P>> {
+        let mut open = Vec::new();
+        for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
+            if step > 0 {
+                pause().await;
+            }
+            open.extend(slice.iter().filter(|session| !session.is_closed()).cloned());
+        }
+        open
+    }
+
     /// Waits until every tracked session's close completed, or `deadline`;
     /// returns how many are still open.
     ///
@@ -317,7 +341,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// the others closed too, and the run is woken about once a round.
     async fn all_closed_by(&self, deadline: Instant) -> usize {
         let all = async {
-            for session in self.tracked.iter().rev() {
+            for (step, session) in self.tracked.iter().rev().enumerate() {
+                if due(step) {
+                    pause().await;
+                }
                 if !session.is_close_complete() {
                     session.closed().await;
                 }
@@ -325,19 +352,22 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         };
         match tokio::time::timeout_at(deadline, all).await {
             Ok(()) => 0,
-            Err(_elapsed) => self
-                .tracked
-                .iter()
-                .filter(|session| !session.is_closed())
-                .count(),
+            Err(_elapsed) => self.still_open().await.len(),
         }
     }
 
     /// Sends `open` in paced batches; each call is bounded and contained.
-    async fn notify(&self, open: &[SessionKey], round: u32) {
+    async fn notify(&self, open: &[Session<P>], round: u32) {
         let start = Instant::now();
+        // Budget is waited for up to the round's confirmation deadline.
+        let budget_deadline = after(self.config.confirm_timeout);
         let mut sent = 0usize;
         for chunk in open.chunks(self.config.batch_size) {
+            if sent > 0 {
+                // Between two batches: the notifier may have confirmed a
+                // whole batch inline.
+                pause().await;
+            }
             if let Some(rate) = self.config.notify_rate {
                 let due = Duration::try_from_secs_f64(sent as f64 / f64::from(rate.get()))
                     .unwrap_or(FAR_FUTURE);
@@ -346,10 +376,19 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             }
             sent += chunk.len();
             bump(&self.attempts);
+            if let Some(budget) = &self.config.budget
+                && let Err(exhausted) = budget
+                    .acquire_by(self.router, chunk.len(), budget_deadline)
+                    .await
+            {
+                bump(&self.failures);
+                tracing::warn!(round, sessions = chunk.len(), %exhausted, "termination notice skipped");
+                continue;
+            }
             let batch = TerminationBatch {
                 router: self.router,
                 incarnation: self.incarnation,
-                sessions: chunk.to_vec(),
+                sessions: chunk.iter().map(Session::key).collect(),
                 round,
             };
             // `notify` itself, not only its future, may panic: call it
@@ -373,19 +412,24 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     async fn force_close(&self) -> usize {
         // The closes are won here; with a reclaim queue, resources are
         // released by the queue, critical ones of every session first.
-        let forced = close_all(
-            self.config.reclaim.as_ref(),
-            &self.tracked,
-            CloseReason::Forced,
-            CloseFrom::Open,
-        )
-        .await
-        .len();
+        let mut forced = 0;
+        for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
+            if step > 0 {
+                pause().await;
+            }
+            let queue = self.config.reclaim.as_ref();
+            forced += close_all(queue, slice, CloseReason::Forced, CloseFrom::Open)
+                .await
+                .len();
+        }
         if forced > 0 {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
         // Closes won by other callers, or queued, may still be releasing.
-        for session in self.tracked.iter().chain(&self.closing) {
+        for (step, session) in self.tracked.iter().chain(&self.closing).enumerate() {
+            if due(step) {
+                pause().await;
+            }
             if !session.is_close_complete() {
                 session.closed().await;
             }

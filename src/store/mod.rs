@@ -28,7 +28,8 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// Where the sessions of a controller live.
 ///
 /// The methods are async so a remote store (etcd) can implement the trait;
-/// [`MemoryStore`] answers every call without waiting. Implementations keep
+/// [`MemoryStore`] answers every call without waiting (yielding between
+/// slices on big routers' `fence` and `finish`). Implementations keep
 /// these guarantees, which the rest of the crate relies on:
 ///
 /// - **Fence (I2).** Once [`fence`](Self::fence) returned for a router, every

@@ -23,7 +23,7 @@ impl<P> MemoryStore<P> {
         for entry in self.routers.iter() {
             let router = *entry.key();
             let slot = entry.value().lock();
-            for (id, indexed) in &slot.index {
+            for (id, indexed) in slot.index.iter() {
                 // A fenced router's closed entries wait for its `finish`.
                 if slot.keeps_departed() && indexed.is_closed() && !self.holds(indexed) {
                     continue;
@@ -154,7 +154,7 @@ impl<P> MemoryStore<P> {
             }
             // Dropped under the lock, but never the last handle: `indexed`
             // is a clone of this very entry.
-            drop(unindex(&mut slot.index, &indexed));
+            drop(unindex(slot.index_mut(), &indexed));
             repairs.push(repair(&indexed, RepairAction::DroppedIndexEntry));
             indexed
         };
@@ -189,7 +189,7 @@ impl<P> MemoryStore<P> {
                 && slot.status_holds(stored.incarnation())
                 && !slot.index.contains_key(&id)
             {
-                slot.index.insert(id, stored.clone());
+                slot.index_mut().insert(id, stored.clone());
                 repairs.push(repair(&stored, RepairAction::Reindexed));
                 return;
             }
@@ -230,7 +230,7 @@ impl<P> MemoryStore<P> {
         let (unindexed, unmapped) = match self.routers.get(&session.router()) {
             Some(entry) => {
                 let mut slot = entry.lock();
-                (unindex(&mut slot.index, session), unmap())
+                (unindex(slot.index_mut(), session), unmap())
             }
             None => (None, unmap()),
         };
@@ -295,7 +295,7 @@ mod tests {
             .get(&router)
             .unwrap()
             .lock()
-            .index
+            .index_mut()
             .remove(&SessionId::new(1));
         let report = store.audit_now();
         assert_eq!(report.missing_from_index, vec![SessionId::new(1)]);
@@ -313,8 +313,9 @@ mod tests {
     #[test]
     fn audit_finds_orphans_of_deleted_and_unknown_routers() {
         let (store, router, incarnation) = store_with_sessions(0);
-        store.fence_now(router, None).unwrap();
-        store.finish_now(router, incarnation).unwrap();
+        futures::executor::block_on(crate::SessionStore::fence(&store, router)).unwrap();
+        futures::executor::block_on(crate::SessionStore::finish(&store, router, incarnation))
+            .unwrap();
         let zombie = NewSession::new(SessionId::new(7), router, incarnation).into_session();
         store.sessions.insert(zombie.id(), zombie);
         let stray =

@@ -127,7 +127,7 @@ impl<P> MemoryStore<P> {
                 let router = self.get_now(id).map(|session| session.router());
                 let removed = router
                     .and_then(|router| self.routers.get(&router))
-                    .and_then(|entry| entry.lock().index.remove(&id));
+                    .and_then(|entry| entry.lock().index_mut().remove(&id));
                 // After the guards: it may be the session's last handle.
                 drop(removed);
             }

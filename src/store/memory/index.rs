@@ -1,6 +1,7 @@
 //! A router's entry in the store: its status and its session index.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
@@ -24,7 +25,11 @@ pub(super) struct RouterSlot<P> {
     /// (closed, so removed): its `finish` drops the whole index, so a
     /// deletion's confirmations skip the index work. `departed` counts
     /// them; listings and the count leave them out.
-    pub(super) index: SessionIndex<P>,
+    ///
+    /// Shared, copied on write: a fence hands out a clone of the `Arc` (a
+    /// frozen copy for its snapshot, built outside the lock in slices), and
+    /// a fenced router's index is not written to again.
+    pub(super) index: Arc<SessionIndex<P>>,
     /// Entries of this fenced router's index whose sessions left the map.
     pub(super) departed: usize,
 }
@@ -65,9 +70,15 @@ impl<P> RouterSlot<P> {
     pub(super) fn live(incarnation: Incarnation) -> Self {
         Self {
             status: RouterStatus::Live(incarnation),
-            index: HashMap::default(),
+            index: Arc::default(),
             departed: 0,
         }
+    }
+
+    /// The index, to write to: a copy if a fence snapshot still shares it
+    /// (only an audit repair writes to a fenced router's index).
+    pub(super) fn index_mut(&mut self) -> &mut SessionIndex<P> {
+        Arc::make_mut(&mut self.index)
     }
 
     /// Whether entries whose sessions left the map may still be indexed.

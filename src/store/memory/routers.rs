@@ -1,15 +1,17 @@
 //! Router operations: register, status, listing, fence, finish, and the
 //! tombstones of deleted incarnations.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use dashmap::mapref::entry::Entry;
 use parking_lot::Mutex;
 
-use super::index::RouterSlot;
+use super::index::{RouterSlot, SessionIndex};
 use super::store::MemoryStore;
-use crate::id::{Incarnation, RouterId};
+use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseReason, Session};
+use crate::slices::{SLICE, drop_in_slices, due, free_off_worker, pause};
 use crate::store::error::{FenceError, FinishError, RegisterError, RouterError};
 use crate::store::report::{FenceSnapshot, FinishReport, RouterStatus};
 use crate::store::rules::{FenceStep, check_finishable, fence_step};
@@ -84,55 +86,96 @@ impl<P> MemoryStore<P> {
         Ok(count)
     }
 
-    pub(super) fn fence_now(
+    /// Fences `router` (if `expected` is its live incarnation, or any with
+    /// `None`) and snapshots its sessions. The fence is one critical
+    /// section; the snapshot is built after it, in slices, from the index
+    /// as the fence froze it (a fenced router's index is not written to).
+    pub(super) async fn fence_in_slices(
         &self,
         router: RouterId,
         expected: Option<Incarnation>,
     ) -> Result<FenceSnapshot<P>, FenceError> {
-        let entry = self
-            .routers
-            .get(&router)
-            .ok_or(FenceError::UnknownRouter(router))?;
-        let mut slot = entry.lock();
-        let (incarnation, newly_fenced) = match fence_step(router, slot.status, expected)? {
-            FenceStep::Fence(incarnation) => {
-                slot.status = RouterStatus::Fenced(incarnation);
-                (incarnation, true)
-            }
-            FenceStep::Resume(incarnation) => (incarnation, false),
-        };
-        Ok(FenceSnapshot {
-            router,
-            incarnation,
-            newly_fenced,
-            sessions: slot.handles(|session| self.holds(session)),
-        })
-    }
-
-    pub(super) fn finish_now(
-        &self,
-        router: RouterId,
-        incarnation: Incarnation,
-    ) -> Result<FinishReport, FinishError> {
-        // Close what is still open outside every lock (closing runs user
-        // resources). The router is fenced, so its index can only shrink
-        // between here and the removal below.
-        let open = {
+        let (mut snapshot, index, resumed_with_departed) = {
             let entry = self
                 .routers
                 .get(&router)
-                .ok_or(FinishError::UnknownRouter(router))?;
-            let slot = entry.lock();
-            check_finishable(router, incarnation, slot.status)?;
-            slot.handles(|session| self.holds(session))
+                .ok_or(FenceError::UnknownRouter(router))?;
+            let mut slot = entry.lock();
+            let (incarnation, newly_fenced) = match fence_step(router, slot.status, expected)? {
+                FenceStep::Fence(incarnation) => {
+                    slot.status = RouterStatus::Fenced(incarnation);
+                    (incarnation, true)
+                }
+                FenceStep::Resume(incarnation) => (incarnation, false),
+            };
+            let snapshot = FenceSnapshot {
+                router,
+                incarnation,
+                newly_fenced,
+                sessions: Vec::new(),
+            };
+            (snapshot, Arc::clone(&slot.index), slot.departed > 0)
         };
-        let closed = open
-            .iter()
-            .filter(|session| session.close(CloseReason::Reclaimed).won())
-            .count();
-        // The handles come out of the lock and drop after it: dropping the
-        // last handle of a session runs its payload's `Drop`, user code.
-        let (index, removed) = {
+        let mut sessions = Vec::with_capacity(index.len());
+        for (step, session) in index.values().enumerate() {
+            if due(step) {
+                pause().await;
+            }
+            // Entries whose sessions had left the map at the fence (an
+            // earlier run's confirmations) are not the router's any more.
+            if !resumed_with_departed || !session.is_closed() || self.holds(session) {
+                sessions.push(session.clone());
+            }
+        }
+        snapshot.sessions = sessions;
+        Ok(snapshot)
+    }
+
+    /// Closes what is still open, removes the router's sessions from the
+    /// map and tombstones the incarnation, in slices.
+    ///
+    /// Each step leaves the store consistent, so a `finish` dropped halfway
+    /// is resumed by the next one: the closes (outside every lock: closing
+    /// runs user resources), then the removals, a slice per critical
+    /// section of the router's lock, each counted in `departed` as a
+    /// confirmation's is, then the tombstone, one critical section.
+    pub(super) async fn finish_in_slices(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError>
+    where
+        P: Send + Sync + 'static,
+    {
+        // Fenced: the index is frozen, and a clone of it can be walked
+        // outside the lock.
+        let (index, all_departed) = self.finishable_index(router, incarnation)?;
+        let (mut closed, mut removed) = (0, 0);
+        // Every session left the map already (each confirmed through the
+        // store): nothing to close or remove.
+        if !all_departed {
+            for (step, session) in index.values().enumerate() {
+                if due(step) {
+                    pause().await;
+                }
+                if !session.is_closed() && session.close(CloseReason::Reclaimed).won() {
+                    closed += 1;
+                }
+            }
+            let mut entries = index.iter();
+            for step in 0.. {
+                let slice: Vec<_> = entries.by_ref().take(SLICE).collect();
+                if slice.is_empty() {
+                    break;
+                }
+                if step > 0 {
+                    pause().await;
+                }
+                removed += self.unmap_fenced(router, incarnation, &slice)?;
+            }
+        }
+        drop(index);
+        let index = {
             let entry = self
                 .routers
                 .get(&router)
@@ -140,28 +183,17 @@ impl<P> MemoryStore<P> {
             let mut slot = entry.lock();
             check_finishable(router, incarnation, slot.status)?;
             slot.status = RouterStatus::Deleted(incarnation);
-            let index = std::mem::take(&mut slot.index);
-            let departed = std::mem::take(&mut slot.departed);
-            // The map's copies drop here, under the lock: `index` holds
-            // these very sessions, so none is the last handle. Nothing to
-            // look up when every entry's session has left the map already
-            // (every session confirmed through the store).
-            let removed = if departed >= index.len() {
-                0
-            } else {
-                index
-                    .iter()
-                    .filter(|(id, indexed)| {
-                        self.sessions
-                            .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
-                            .is_some()
-                    })
-                    .count()
-            };
-            (index, removed)
+            slot.departed = 0;
+            std::mem::take(&mut slot.index)
         };
         // After the guards: the index may hold sessions' last handles.
-        drop(index);
+        if let Ok(mut index) = Arc::try_unwrap(index) {
+            drop_in_slices(index.drain()).await;
+            let bytes = index
+                .capacity()
+                .saturating_mul(std::mem::size_of::<(SessionId, Session<P>)>());
+            free_off_worker(index, bytes);
+        }
         self.remember_tombstone(router, incarnation);
         Ok(FinishReport {
             router,
@@ -171,6 +203,53 @@ impl<P> MemoryStore<P> {
             unreadable: 0,
             foreign: 0,
         })
+    }
+
+    /// The index of `router`, which must be fenced in `incarnation`, and
+    /// whether all its sessions left the map.
+    fn finishable_index(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<(Arc<SessionIndex<P>>, bool), FinishError> {
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(FinishError::UnknownRouter(router))?;
+        let slot = entry.lock();
+        check_finishable(router, incarnation, slot.status)?;
+        Ok((Arc::clone(&slot.index), slot.len() == 0))
+    }
+
+    /// Removes from the map the sessions of `entries` it still holds (this
+    /// very session of each id), under the router's lock, counting them as
+    /// departed; returns how many it removed.
+    fn unmap_fenced(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        entries: &[(&SessionId, &Session<P>)],
+    ) -> Result<usize, FinishError> {
+        let entry = self
+            .routers
+            .get(&router)
+            .ok_or(FinishError::UnknownRouter(router))?;
+        let mut slot = entry.lock();
+        check_finishable(router, incarnation, slot.status)?;
+        let mut removed = 0;
+        for &(id, indexed) in entries {
+            // The map's copy drops here, under the lock: the index holds
+            // this very session, so it is not the last handle.
+            if self
+                .sessions
+                .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
+                .is_some()
+            {
+                removed += 1;
+            }
+        }
+        slot.departed += removed;
+        Ok(removed)
     }
 
     fn remember_tombstone(&self, router: RouterId, incarnation: Incarnation) {

@@ -56,7 +56,7 @@ impl<P> MemoryStore<P> {
             Entry::Vacant(vacant) => {
                 let session = spec.into_session();
                 self.announce(&session);
-                *displaced = slot.index.insert(session.id(), session.clone());
+                *displaced = slot.index_mut().insert(session.id(), session.clone());
                 vacant.insert(session.clone());
                 Ok(session)
             }
@@ -88,7 +88,7 @@ impl<P> MemoryStore<P> {
                 slot.departed += 1;
                 None
             }
-            Some(_) => unindex(&mut slot.index, session),
+            Some(_) => unindex(slot.index_mut(), session),
             None => None,
         };
         drop(slot);

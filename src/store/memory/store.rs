@@ -10,6 +10,17 @@
 //!   index, so a deletion's confirmations skip the index work; its count
 //!   and listings leave such entries out, and the audit does not report
 //!   them.
+//! - A router's index is shared copy-on-write (`Arc`): a fence takes a
+//!   clone under the lock and builds its snapshot from it after, in
+//!   slices. A fenced index is not written to (creates are refused, a
+//!   removal only counts `departed`), so that clone is the index as the
+//!   fence left it; an audit repair that does write copies it first.
+//! - `finish` works in steps that each leave the store consistent, so that
+//!   a `finish` dropped halfway is resumed by the next: close what is open
+//!   (outside every lock), remove the sessions from the map a slice per
+//!   critical section (counted in `departed`, as confirmations are), then
+//!   tombstone the incarnation in one critical section; the index it took
+//!   is dropped after, a slice at a time.
 //! - A session is inserted only while its router is `Live` in the session's
 //!   incarnation; checking that and inserting is one critical section, so
 //!   once `fence` set `Fenced` no session can be added (I2).
@@ -85,7 +96,11 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 /// against the old incarnation are still refused because incarnations never
 /// repeat.
 ///
-/// Every method of [`SessionStore`] resolves without waiting.
+/// Every method of [`SessionStore`] resolves without waiting. `fence` and
+/// `finish` of a router of more than 4,096 sessions yield to the tokio
+/// runtime between slices of 4,096 (each yield is `Pending` once, woken at
+/// once), so that a million-session router never holds a worker for long;
+/// outside a tokio runtime they resolve at the first poll whatever the size.
 ///
 /// # Example
 ///
@@ -220,7 +235,7 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
     }
 
     async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
-        self.fence_now(router, None)
+        self.fence_in_slices(router, None).await
     }
 
     async fn fence_incarnation(
@@ -228,7 +243,7 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         router: RouterId,
         incarnation: Incarnation,
     ) -> Result<FenceSnapshot<P>, FenceError> {
-        self.fence_now(router, Some(incarnation))
+        self.fence_in_slices(router, Some(incarnation)).await
     }
 
     async fn finish(
@@ -236,7 +251,7 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         router: RouterId,
         incarnation: Incarnation,
     ) -> Result<FinishReport, FinishError> {
-        self.finish_now(router, incarnation)
+        self.finish_in_slices(router, incarnation).await
     }
 
     async fn audit(&self) -> Result<AuditReport, BackendError> {

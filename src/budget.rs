@@ -1,0 +1,321 @@
+//! One notification budget per router, shared by every source that sends
+//! a router work about its sessions.
+//!
+//! # Invariants
+//!
+//! - Per router, a generic cell rate algorithm (GCRA, the token bucket as
+//!   one instant): `due` is when the router's budget would be full again.
+//!   Taking `n` sessions at `now` moves `due` to `max(due, now) + n ×
+//!   interval`, and may go ahead once `due − burst × interval ≤` the
+//!   instant it goes. So over any span the router is sent at most
+//!   `burst + rate × span` sessions, by all sources together, in the order
+//!   they asked.
+//! - A router whose `due` has passed has a full budget and needs no entry:
+//!   such entries are dropped when the map has doubled since the last
+//!   sweep (amortised O(1) per take).
+//!
+//! # Deadlock safety
+//!
+//! One lock, `routers`, held only to read and move one router's `due` (or
+//! to sweep); never across an `.await`, and no user code runs under it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+use tokio::time::{Duration, Instant};
+
+use crate::build::BuildError;
+use crate::id::RouterId;
+
+/// How many sessions a second each router may be sent, by every source
+/// together: the deleter's termination notices, the liveness monitor's
+/// probes, and whatever your own code sends through
+/// [`acquire`](Self::acquire).
+///
+/// A router that is deleted while a probe storm hits it, or that a
+/// reconciliation tells to drop thousands of sessions, gets one stream of
+/// work at the rate you set, not the sum of every source's own pacing.
+/// Each router has its own budget (a token bucket of `burst` sessions,
+/// refilled at `rate` a second); requests for one router are served in
+/// the order they asked. Cloning is cheap and shares the budget: give one
+/// to every piece ([`RouterDeleterBuilder::notification_budget`](crate::deleter::RouterDeleterBuilder::notification_budget)).
+///
+/// Pieces that must keep a time bound never wait past it for budget: the
+/// [`RouterDeleter`](crate::RouterDeleter) skips a batch it cannot send by
+/// the round's confirmation deadline (counted as a failed notice; the
+/// stragglers are notified again next round or forced).
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use session_lifecycle::{NotificationBudget, RouterId};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // 1,000 sessions a second per router, bursts of up to 500.
+/// let budget = NotificationBudget::builder().rate(1_000).burst(500).build()?;
+/// let router = RouterId::new(7);
+///
+/// let start = tokio::time::Instant::now();
+/// budget.acquire(router, 500).await; // the burst: at once
+/// budget.acquire(router, 1_000).await; // then at the rate: a second
+/// assert_eq!(start.elapsed(), Duration::from_secs(1));
+///
+/// // Another router has its own budget.
+/// budget.acquire(RouterId::new(8), 500).await;
+/// assert_eq!(start.elapsed(), Duration::from_secs(1));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct NotificationBudget {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// What one session costs.
+    interval: Duration,
+    /// How far ahead of its due instant a router may be served: the
+    /// burst's worth of intervals.
+    tolerance: Duration,
+    routers: Mutex<Routers>,
+    granted: AtomicU64,
+    delayed: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct Routers {
+    due: HashMap<RouterId, Instant, RandomState>,
+    /// The map's size after the last sweep.
+    swept: usize,
+}
+
+/// The budget a [`NotificationBudget`] could not grant by the deadline it
+/// was given; nothing was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("notification budget of {router} exhausted: {sessions} sessions can be sent in {wait:?}")]
+#[non_exhaustive]
+pub struct BudgetExhausted {
+    /// The router.
+    pub router: RouterId,
+    /// The sessions asked for.
+    pub sessions: usize,
+    /// How long from the request they could have been sent.
+    pub wait: Duration,
+}
+
+/// Counters of a [`NotificationBudget`], since it was built. Not a
+/// consistent cut: each field is read on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStats {
+    /// Requests granted (at once or after a wait).
+    pub granted: u64,
+    /// Granted requests that had to wait for budget.
+    pub delayed: u64,
+    /// Requests refused because the budget could not be had by their
+    /// deadline.
+    pub refused: u64,
+    /// Routers whose budget is not full now.
+    pub routers_in_debt: usize,
+}
+
+impl NotificationBudget {
+    /// A builder: 10,000 sessions a second per router, bursts of 10,000.
+    pub fn builder() -> NotificationBudgetBuilder {
+        NotificationBudgetBuilder::default()
+    }
+
+    /// Waits until `router` may be sent `sessions` more sessions' worth of
+    /// work, and takes that budget. A request larger than the burst waits
+    /// for the excess at the rate.
+    ///
+    /// # Cancel safety
+    ///
+    /// The budget is taken when the call is first polled; dropping the
+    /// future while it waits does not give it back (later requests for the
+    /// router wait as if it had been used).
+    pub async fn acquire(&self, router: RouterId, sessions: usize) {
+        let Ok(at) = self.reserve(router, sessions, None) else {
+            return;
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    /// As [`acquire`](Self::acquire), but only if the budget can be had by
+    /// `deadline`: otherwise returns at once, takes nothing, and says how
+    /// long it would have taken.
+    ///
+    /// # Errors
+    ///
+    /// [`BudgetExhausted`] if `router`'s budget for `sessions` comes after
+    /// `deadline`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`acquire`](Self::acquire).
+    pub async fn acquire_by(
+        &self,
+        router: RouterId,
+        sessions: usize,
+        deadline: Instant,
+    ) -> Result<(), BudgetExhausted> {
+        let at = self.reserve(router, sessions, Some(deadline))?;
+        tokio::time::sleep_until(at).await;
+        Ok(())
+    }
+
+    /// The budget's counters.
+    #[must_use]
+    pub fn stats(&self) -> BudgetStats {
+        let shared = &self.shared;
+        let now = Instant::now();
+        let routers_in_debt = shared
+            .routers
+            .lock()
+            .due
+            .values()
+            .filter(|&&due| due > now)
+            .count();
+        BudgetStats {
+            granted: shared.granted.load(Ordering::Relaxed),
+            delayed: shared.delayed.load(Ordering::Relaxed),
+            refused: shared.refused.load(Ordering::Relaxed),
+            routers_in_debt,
+        }
+    }
+
+    /// Takes the budget for `sessions` (unless it comes after `deadline`)
+    /// and returns the instant they may go.
+    fn reserve(
+        &self,
+        router: RouterId,
+        sessions: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Instant, BudgetExhausted> {
+        let shared = &*self.shared;
+        let cost = shared
+            .interval
+            .saturating_mul(u32::try_from(sessions).unwrap_or(u32::MAX));
+        let now = Instant::now();
+        let mut routers = shared.routers.lock();
+        let due = routers.due.get(&router).copied().unwrap_or(now).max(now);
+        let next = due.checked_add(cost).unwrap_or(due);
+        let at = next.checked_sub(shared.tolerance).unwrap_or(now).max(now);
+        if deadline.is_some_and(|deadline| at > deadline) {
+            drop(routers);
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(BudgetExhausted {
+                router,
+                sessions,
+                wait: at - now,
+            });
+        }
+        routers.due.insert(router, next);
+        routers.sweep(now);
+        drop(routers);
+        shared.granted.fetch_add(1, Ordering::Relaxed);
+        if at > now {
+            shared.delayed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(at)
+    }
+}
+
+impl Routers {
+    /// Forgets routers whose budget is full again, once the map doubled.
+    fn sweep(&mut self, now: Instant) {
+        if self.due.len() >= 64 && self.due.len() >= self.swept * 2 {
+            self.due.retain(|_, due| *due > now);
+            self.swept = self.due.len();
+        }
+    }
+}
+
+impl fmt::Debug for NotificationBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let interval = self.shared.interval;
+        f.debug_struct("NotificationBudget")
+            .field("interval", &interval)
+            .field("tolerance", &self.shared.tolerance)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Builder of a [`NotificationBudget`]. Setters never panic;
+/// [`build`](Self::build) checks the settings.
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct NotificationBudgetBuilder {
+    rate: u32,
+    burst: u32,
+}
+
+impl Default for NotificationBudgetBuilder {
+    fn default() -> Self {
+        Self {
+            rate: 10_000,
+            burst: 10_000,
+        }
+    }
+}
+
+impl NotificationBudgetBuilder {
+    /// Sessions a second each router may be sent (at least 1, at most
+    /// 1,000,000,000). Default 10,000.
+    pub fn rate(mut self, sessions_per_second: u32) -> Self {
+        self.rate = sessions_per_second;
+        self
+    }
+
+    /// Sessions a router with a full budget may be sent at once (at least
+    /// 1). Default 10,000.
+    pub fn burst(mut self, sessions: u32) -> Self {
+        self.burst = sessions;
+        self
+    }
+
+    /// Builds the budget.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Setting`] naming `rate` or `burst` if it is out of
+    /// range.
+    pub fn build(self) -> Result<NotificationBudget, BuildError> {
+        const PIECE: &str = "NotificationBudget";
+        if !(1..=1_000_000_000).contains(&self.rate) {
+            let problem = format!(
+                "must be within 1..=1000000000 sessions a second, not {}",
+                self.rate
+            );
+            return Err(BuildError::setting(PIECE, "rate", problem));
+        }
+        if self.burst == 0 {
+            return Err(BuildError::setting(
+                PIECE,
+                "burst",
+                "must be at least 1 session",
+            ));
+        }
+        let interval = Duration::from_secs(1) / self.rate;
+        Ok(NotificationBudget {
+            shared: Arc::new(Shared {
+                interval,
+                tolerance: interval.saturating_mul(self.burst),
+                routers: Mutex::new(Routers {
+                    due: HashMap::default(),
+                    swept: 0,
+                }),
+                granted: AtomicU64::new(0),
+                delayed: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        })
+    }
+}
