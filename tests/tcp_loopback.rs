@@ -39,6 +39,12 @@ async fn the_loopback_scenario_ends_with_exact_counts_and_a_clean_audit() {
             grace_expired: 0,
             // The quiet router: its 10 dead sessions reaped.
             reaped: 10,
+            // The restart: the flaky router's 195 and the quiet router's
+            // 190 live sessions adopted, the session the flaky router made
+            // up meanwhile rejected, no client session lost.
+            adopted: 385,
+            adoption_rejected: 1,
+            lost: 0,
             closes: Closes {
                 router_deleted: 200,
                 forced: 200,
