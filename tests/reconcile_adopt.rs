@@ -158,10 +158,7 @@ async fn a_restarted_controller_adopts_the_valid_sessions_and_drops_the_rest() {
     assert_eq!(store.len(), 10);
     for id in 1..=10 {
         let session = store.get(SessionId::new(id)).await.unwrap().unwrap();
-        assert_eq!(
-            (session.router(), session.incarnation()),
-            (R, incarnation)
-        );
+        assert_eq!((session.router(), session.incarnation()), (R, incarnation));
         assert_eq!(session.payload(), "alice");
         let expected = token(id, "alice");
         assert!(session.with_token(|t| t == Some(expected.as_slice())));
@@ -336,7 +333,11 @@ async fn a_slow_adopter_is_bounded_by_the_timeout_and_the_concurrency() {
     assert_eq!(adopter.max.load(Ordering::Relaxed), 4);
     // Four at a time: 1 s for the first three, 2 s for the rest in the
     // order they finish, the slow one cut at 3 s.
-    assert!(started.elapsed() <= Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Fences the router on its first decision, as a deletion starting while
@@ -472,7 +473,11 @@ impl SessionStore for FenceBeforeCreate {
     async fn get(&self, id: SessionId) -> Result<Option<Session>, BackendError> {
         self.inner.get(id).await
     }
-    async fn close(&self, id: SessionId, reason: CloseReason) -> Result<CloseOutcome, SessionError> {
+    async fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
         self.inner.close(id, reason).await
     }
     async fn close_exact(

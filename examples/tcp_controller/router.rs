@@ -256,7 +256,8 @@ impl Router {
                 for id in &forgotten {
                     self.held.remove(id);
                 }
-                self.held.extend(unknown.into_iter().map(|id| (id, Vec::new())));
+                self.held
+                    .extend(unknown.into_iter().map(|id| (id, Vec::new())));
                 let _ = done.send(forgotten);
             }
             Command::Reconnect { done } => {

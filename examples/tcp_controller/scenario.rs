@@ -280,7 +280,9 @@ impl Cast {
 
     /// The routers that are not deleted.
     fn live(&self) -> impl Iterator<Item = &RouterHandle> {
-        [&self.flaky, &self.quiet].into_iter().chain(&self.bystanders)
+        [&self.flaky, &self.quiet]
+            .into_iter()
+            .chain(&self.bystanders)
     }
 
     fn all(&self) -> impl Iterator<Item = &RouterHandle> {
@@ -442,12 +444,7 @@ async fn held(
     let mut held = BTreeSet::new();
     for router in routers {
         let sessions = store.sessions(router.id()).await?;
-        held.extend(
-            sessions
-                .iter()
-                .filter(|s| !s.is_closed())
-                .map(Session::id),
-        );
+        held.extend(sessions.iter().filter(|s| !s.is_closed()).map(Session::id));
     }
     Ok(held)
 }
