@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use session_lifecycle::liveness::NoProbe;
 use session_lifecycle::reconcile::{
     Adopter, Adoption, ReconcileError, RejectReason, Rejection, ReportedSession, adopt_fn,
 };
@@ -15,8 +16,9 @@ use session_lifecycle::store::{
 };
 use session_lifecycle::test_util::{Notify, ScriptedNotifier};
 use session_lifecycle::{
-    CloseReason, Event, EventBus, Incarnation, MemoryStore, NewSession, Reconciler, RouterDeleter,
-    RouterId, Session, SessionId, SessionKey, SessionStore, session::CloseOutcome,
+    CloseReason, Event, EventBus, Incarnation, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
+    Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore,
+    session::CloseOutcome,
 };
 use tokio::sync::Notify as Signal;
 use tokio::time::{Duration, Instant};
@@ -150,6 +152,7 @@ async fn a_restarted_controller_adopts_the_valid_sessions_and_drops_the_rest() {
         ),
         (14, 0, 14, 10, 4)
     );
+    assert!(report.rejected.iter().all(|r| r.reason.is_refused()));
     assert_eq!(adopter.offered.load(Ordering::Relaxed), 14);
     assert_eq!(adopter.adopted.load(Ordering::Relaxed), 10);
     // Each adopted session is in the store, under the new incarnation,
@@ -274,6 +277,7 @@ async fn a_panicking_adopter_is_contained_and_its_sessions_rejected() {
             (SessionId::new(3), RejectReason::Panicked),
         ]
     );
+    assert!(!report.rejected[0].reason.is_refused());
     // A panic in `adopted` leaves the session adopted.
     assert!(store.get(SessionId::new(4)).await.unwrap().is_some());
     assert_eq!(store.count(R).await.unwrap(), 3);
@@ -670,5 +674,56 @@ fn an_adoption_concurrency_of_zero_is_refused() {
     assert_eq!(
         refused.unwrap_err().refused_setting(),
         Some("adopt_concurrency")
+    );
+}
+
+/// Adopts everything and watches it in the liveness monitor.
+struct Watching(LivenessMonitor<MemoryStore, NoProbe>);
+
+impl Adopter<()> for Watching {
+    type Data = ();
+
+    async fn adopt(&self, _router: RouterId, _reported: ReportedSession) -> Adoption {
+        Adoption::accept(())
+    }
+
+    fn adopted(&self, session: &Session) {
+        self.0.watch(session).unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn adopted_sessions_are_normal_sessions_watched_and_reaped_by_the_monitor() {
+    let store = Arc::new(MemoryStore::new());
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all());
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
+        .build()
+        .unwrap();
+    let incarnation = store.register_router(R).await.unwrap();
+    let adopter = Watching(lifecycle.liveness().clone());
+
+    let report = lifecycle
+        .reconciler()
+        .reconcile_adopting(
+            R,
+            incarnation,
+            (1..=3).map(|id| ReportedSession::new(SessionId::new(id))),
+            &adopter,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.adopted, ids(1..=3));
+    assert_eq!(lifecycle.liveness().stats().watched, 3);
+
+    // Their clients never heartbeat (and nobody answers probes): reaped.
+    let session = store.get(SessionId::new(1)).await.unwrap().unwrap();
+    let bound = lifecycle.liveness().reap_bound(Duration::from_secs(3_600));
+    tokio::time::timeout(bound, session.closed()).await.unwrap();
+    assert_eq!(session.close_reason(), Some(CloseReason::LivenessTimeout));
+    assert!(
+        lifecycle
+            .shutdown(Duration::from_secs(10))
+            .await
+            .is_complete()
     );
 }
