@@ -24,6 +24,10 @@
 //!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
 //!    and no create may have succeeded on a deleted router.
+//! 5. **Restart adoption.** A controller restarted with a fresh store gets
+//!    one surviving router's report of its open sessions (plus one that
+//!    expired) and adopts them with `Reconciler::reconcile_adopting`: every
+//!    open session adopted, the expired one rejected, none lost.
 //!
 //! The summary lists sessions created, routers deleted, confirmed vs forced
 //! closes, dead sessions found, the audit, deletion latency p50/p99 and
@@ -44,9 +48,12 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
     Backoff, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, ResourceClass, RouterDeleter,
-    RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
-    reclaim::ReclaimError, reclaim::ReclaimTask,
+    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, Reconciler, ResourceClass,
+    RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch,
+    TerminationNotifier,
+    reclaim::ReclaimError,
+    reclaim::ReclaimTask,
+    reconcile::{Adoption, ReportedSession, adopt_fn},
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};
@@ -479,6 +486,11 @@ async fn main() -> Result<ExitCode, BoxError> {
     let sweep = sweeper.sweep().await?;
     let audit = store.audit().await?;
     let stats = lifecycle.stats().await?;
+    let survivor = (0..args.routers)
+        .map(RouterId::new)
+        .find(|router| !doomed.contains(router))
+        .unwrap_or(mute);
+    let adoption = restart_adoption(&store, survivor).await?;
     let created = counts.created.load(Ordering::Relaxed);
     let open_now = store.len();
     let released = counts.released.load(Ordering::Relaxed);
@@ -553,6 +565,10 @@ async fn main() -> Result<ExitCode, BoxError> {
         sweep.repairs.len()
     );
     println!(
+        "restart adoption:        {} sessions adopted of {} held by {survivor}, {} rejected (expired), {} lost",
+        adoption.adopted, adoption.held, adoption.rejected, adoption.lost
+    );
+    println!(
         "peak memory:             {}",
         peak_memory().unwrap_or_else(|| "n/a".into())
     );
@@ -583,6 +599,10 @@ async fn main() -> Result<ExitCode, BoxError> {
                 && withdrawn.load(Ordering::Relaxed) == doomed.len(),
         ),
         ("nothing left at shutdown", shutdown.is_complete()),
+        (
+            "a restarted controller adopts every open session, rejects the expired one",
+            adoption.adopted == adoption.held && adoption.rejected == 1 && adoption.lost == 0,
+        ),
     ];
     let mut ok = true;
     for (check, passed) in checks {
@@ -653,4 +673,56 @@ fn dead_on(args: &Args, router: RouterId) -> usize {
     (first..first + args.sessions)
         .filter(|&id| args.is_dead(SessionId::new(id)))
         .count()
+}
+
+/// What the restart adoption did.
+struct Adopted {
+    held: usize,
+    adopted: usize,
+    rejected: usize,
+    lost: usize,
+}
+
+/// A controller restarted with a fresh store: `router` reconnects and
+/// reports the open sessions it holds in `store` (the old controller's),
+/// with one more that expired meanwhile; the new controller's reconciler
+/// adopts what has not expired.
+async fn restart_adoption(store: &MemoryStore, router: RouterId) -> Result<Adopted, BoxError> {
+    let held: Vec<SessionId> = store
+        .sessions(router)
+        .await?
+        .iter()
+        .filter(|session| !session.is_closed())
+        .map(Session::id)
+        .collect();
+    let restarted = Arc::new(MemoryStore::new());
+    let incarnation = restarted.register_router(router).await?;
+    let reconciler = Reconciler::builder().build(Arc::clone(&restarted))?;
+    let left = Duration::from_secs(3_600);
+    let reported = held
+        .iter()
+        .map(|&id| ReportedSession::new(id).with_expires_in(left))
+        .chain([ReportedSession::new(SessionId::new(u64::MAX)).with_expires_in(Duration::ZERO)]);
+    let unexpired = adopt_fn(|_router, reported: ReportedSession| {
+        if reported.is_expired() {
+            Adoption::reject("expired")
+        } else {
+            Adoption::accept(())
+        }
+    });
+    let report = reconciler
+        .reconcile_adopting(router, incarnation, reported, &unexpired)
+        .await?;
+    let mut lost = 0;
+    for &id in &held {
+        if restarted.get(id).await?.is_none() {
+            lost += 1;
+        }
+    }
+    Ok(Adopted {
+        held: held.len(),
+        adopted: report.summary.adopted,
+        rejected: report.summary.rejected,
+        lost,
+    })
 }

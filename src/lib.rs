@@ -61,6 +61,10 @@
 //!   with the store, in chunks: it lists what the router should drop and
 //!   closes what the router no longer holds; a stale incarnation's report is
 //!   refused ([`ReconcileError::StaleIncarnation`]).
+//!   [`Reconciler::reconcile_adopting`] is the same for a controller that
+//!   restarted and lost its sessions: what the store does not know is
+//!   offered to your [`reconcile::Adopter`] (token, owner, expiry) and
+//!   created again if it accepts, instead of dropped.
 //!   [`Reconciler::router_disconnected`] starts a grace period: a short
 //!   disconnect is not a deletion; at its expiry the router's sessions close
 //!   ([`CloseReason::RouterLost`]) and the router stays registered.

@@ -462,7 +462,12 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     }
 
     /// The reconciler; a router in its grace period is held in the
-    /// [`liveness`](Self::liveness) monitor.
+    /// [`liveness`](Self::liveness) monitor. After a restart, reconcile
+    /// with [`Reconciler::reconcile_adopting`]; the sessions it adopts are
+    /// not watched by the monitor until your
+    /// [`Adopter::adopted`](crate::reconcile::Adopter::adopted) watches
+    /// them (as for any session you create: the monitor watches only what
+    /// you give it).
     ///
     /// See the example on [`shutdown`](Self::shutdown).
     #[must_use]

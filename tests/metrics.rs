@@ -8,11 +8,13 @@
 use std::sync::Arc;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use session_lifecycle::reconcile::{Adoption, ReportedSession, adopt_fn};
 use session_lifecycle::test_util::{
     HOUR, Notify, ScriptedNotifier, Subset, paused_runtime, report_within,
 };
 use session_lifecycle::{
-    CloseReason, MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore, Stats,
+    CloseReason, MemoryStore, NewSession, Reconciler, RouterDeleter, RouterId, SessionId,
+    SessionStore, Stats,
 };
 use tokio::time::Duration;
 
@@ -83,6 +85,33 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
             .build(Arc::clone(&store), notifier)
             .expect("valid settings");
         let report = report_within(HOUR, deleter.delete(R)).await;
+        // Restart adoption on another router: session 100 adopted (then
+        // closed by its client), 101 rejected.
+        let other = RouterId::new(10);
+        let incarnation = store.register_router(other).await.unwrap();
+        let reconciler = Reconciler::builder()
+            .build(Arc::clone(&store))
+            .expect("valid settings");
+        let adopter = adopt_fn(|_, reported: ReportedSession| {
+            if reported.id.get() == 100 {
+                Adoption::accept(())
+            } else {
+                Adoption::reject("bad token")
+            }
+        });
+        let reported = [100, 101].map(|id| ReportedSession::new(SessionId::new(id)));
+        let adoption = reconciler
+            .reconcile_adopting(other, incarnation, reported, &adopter)
+            .await
+            .unwrap();
+        assert_eq!(
+            (adoption.summary.adopted, adoption.summary.rejected),
+            (1, 1)
+        );
+        let _ = store
+            .close(SessionId::new(100), CloseReason::ClientClosed)
+            .await
+            .unwrap();
         let stats = Stats::collect(&*store).await.unwrap();
         assert_eq!(
             (stats.active, stats.terminating, stats.closed_in_store),
@@ -129,9 +158,9 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
 
     assert_eq!(
         counter(&metrics, "session_lifecycle_sessions_created_total", &[]),
-        10
+        11
     );
-    for (reason, count) in [("client_closed", 2), ("router_deleted", 5), ("forced", 3)] {
+    for (reason, count) in [("client_closed", 3), ("router_deleted", 5), ("forced", 3)] {
         assert_eq!(
             counter(
                 &metrics,
@@ -169,6 +198,31 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
             "deleted sessions with outcome {outcome}"
         );
     }
+    assert_eq!(
+        counter(&metrics, "session_lifecycle_reconciliations_total", &[]),
+        1
+    );
+    // The adopted session is not counted as dropped.
+    for (result, count) in [
+        ("matched", 0),
+        ("dropped", 1),
+        ("adopted", 1),
+        ("closed", 0),
+    ] {
+        assert_eq!(
+            counter(
+                &metrics,
+                "session_lifecycle_reconciled_sessions_total",
+                &[("result", result)]
+            ),
+            count,
+            "reconciled sessions with result {result}"
+        );
+    }
+    assert_eq!(
+        counter(&metrics, "session_lifecycle_adoptions_rejected_total", &[]),
+        1
+    );
     match find(&metrics, "session_lifecycle_deletion_duration_seconds", &[]) {
         DebugValue::Histogram(samples) => {
             assert_eq!(samples.len(), 1, "{samples:?}");

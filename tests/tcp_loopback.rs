@@ -1,6 +1,6 @@
 //! The TCP loopback scenario of `examples/tcp_controller`: a controller and
 //! four routers over real sockets, on a multi-thread runtime, with exact
-//! counts.
+//! counts, and a restart of the controller that loses no client session.
 
 #[path = "../examples/tcp_controller/scenario.rs"]
 mod scenario;
@@ -39,6 +39,12 @@ async fn the_loopback_scenario_ends_with_exact_counts_and_a_clean_audit() {
             grace_expired: 0,
             // The quiet router: its 10 dead sessions reaped.
             reaped: 10,
+            // The restart: the flaky router's 195 and the quiet router's
+            // 190 live sessions adopted, the session the flaky router made
+            // up meanwhile rejected, no client session lost.
+            adopted: 385,
+            adoption_rejected: 1,
+            lost: 0,
             closes: Closes {
                 router_deleted: 200,
                 forced: 200,
@@ -47,7 +53,8 @@ async fn the_loopback_scenario_ends_with_exact_counts_and_a_clean_audit() {
                 router_lost: 0,
                 other: 0,
             },
-            // The flaky router's 195 and the quiet router's 190.
+            // The flaky router's 195 and the quiet router's 190, adopted by
+            // the restarted controller.
             remaining: 385,
             zombies: 0,
             audit_clean: true,

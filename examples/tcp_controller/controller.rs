@@ -12,17 +12,26 @@
 //! - A connection that ends starts the router's grace period
 //!   (`Reconciler::router_disconnected`), during which the monitor holds
 //!   the router; a reconnection's `Hello` is reconciled, which cancels it.
+//! - Each session gets a token when it opens, signed with the controller's
+//!   key (which, like a real controller's, outlives a restart). A
+//!   controller that restarted does not know the routers that reconnect:
+//!   it registers each again and reconciles its `Hello` with
+//!   `Reconciler::reconcile_adopting`, adopting each session whose token
+//!   it signed (restart adoption) and watching it as if it had opened it.
 //!
 //! See `links.rs` for how connections are tied to routers.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt;
+use session_lifecycle::reconcile::{Adopter, Adoption, ReconcileReport, ReportedSession};
+use session_lifecycle::store::RouterError;
 use session_lifecycle::{
     Backoff, CloseReason, EventBus, Incarnation, LivenessMonitor, MemoryStore, NewSession,
-    Reconciler, RouterDeleter, RouterId, SessionId, SessionState, SessionStore,
+    Reconciler, RouterDeleter, RouterId, Session, SessionId, SessionState, SessionStore,
     session::CloseOutcome,
 };
 use tokio::net::tcp::OwnedReadHalf;
@@ -34,7 +43,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::links::{Link, Links, Outbound, WireNotifier, WireProber};
-use super::protocol::{ControllerFrame, JsonCodec, RouterFrame, WireError, write_frames};
+use super::protocol::{
+    ControllerFrame, HeldSession, JsonCodec, RouterFrame, WireError, write_frames,
+};
 use super::summary::Closes;
 
 type Codec = JsonCodec<RouterFrame, ControllerFrame>;
@@ -50,6 +61,9 @@ pub(crate) struct Settings {
     pub(crate) probe_timeout: Duration,
     /// How long a disconnected router has to come back.
     pub(crate) grace: Duration,
+    /// The key the controller signs session tokens with; kept across a
+    /// restart, as a real controller keeps its keys in its configuration.
+    pub(crate) token_key: u64,
 }
 
 /// The controller's counters of what came over the wire.
@@ -59,6 +73,16 @@ pub(crate) struct WireStats {
     pub(crate) confirmations: usize,
     /// Session ids that answered a probe.
     pub(crate) probe_answers: usize,
+}
+
+impl WireStats {
+    /// The counts of both (a controller and its restarted successor).
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            confirmations: self.confirmations + other.confirmations,
+            probe_answers: self.probe_answers + other.probe_answers,
+        }
+    }
 }
 
 /// The running controller; cheap to clone.
@@ -75,6 +99,7 @@ struct Shared {
     deleter: RouterDeleter<MemoryStore, WireNotifier>,
     confirmations: AtomicUsize,
     closes: Arc<Mutex<Closes>>,
+    token_key: u64,
     next_connection: AtomicU64,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -82,12 +107,13 @@ struct Shared {
 
 impl Controller {
     /// Builds the controller's pieces over `store`, the monitor and the
-    /// reconciler publishing on `bus`, and listens on an ephemeral loopback
-    /// port.
+    /// reconciler publishing on `bus`, and listens on `addr` (a restarted
+    /// controller takes its old address) or an ephemeral loopback port.
     pub(crate) async fn start(
         store: Arc<MemoryStore>,
         bus: &EventBus,
         settings: Settings,
+        addr: Option<SocketAddr>,
     ) -> Result<(Self, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
         let links = Arc::new(Links::default());
         let monitor = LivenessMonitor::builder()
@@ -118,7 +144,12 @@ impl Controller {
             )
             .build(Arc::clone(&store), WireNotifier(Arc::clone(&links)))
             .expect("valid settings");
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        // Tokio sets `SO_REUSEADDR`: the old address is free again as soon
+        // as the old controller's listener is closed.
+        let listener = match addr {
+            Some(addr) => TcpListener::bind(addr).await?,
+            None => TcpListener::bind("127.0.0.1:0").await?,
+        };
         let addr = listener.local_addr()?;
         let controller = Self {
             shared: Arc::new(Shared {
@@ -129,6 +160,7 @@ impl Controller {
                 deleter,
                 confirmations: AtomicUsize::new(0),
                 closes: Arc::default(),
+                token_key: settings.token_key,
                 next_connection: AtomicU64::new(0),
                 stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -273,7 +305,7 @@ impl Controller {
         &self,
         router: RouterId,
         incarnation: Option<u64>,
-        sessions: &[u64],
+        sessions: &[HeldSession],
         connection: u64,
         outbound: &Outbound,
     ) -> Result<Incarnation, String> {
@@ -295,14 +327,9 @@ impl Controller {
                 (incarnation, answer)
             }
             Some(incarnation) => {
-                let incarnation = Incarnation::new(incarnation);
-                let reported = sessions.iter().map(|&id| SessionId::new(id));
-                let report = shared
-                    .reconciler
-                    .reconcile(router, incarnation, reported)
-                    .await
-                    .map_err(|error| error.to_string())?;
+                let (incarnation, report) = self.reconcile(router, incarnation, sessions).await?;
                 let answer = ControllerFrame::Reconciled {
+                    incarnation: incarnation.get(),
                     drop: report.drop.iter().map(|id| id.get()).collect(),
                     closed: report.closed.iter().map(|id| id.get()).collect(),
                 };
@@ -315,6 +342,52 @@ impl Controller {
         });
         let _ = outbound.send(answer);
         Ok(incarnation)
+    }
+
+    /// Reconciles a returning router's `Hello`. A router the store does not
+    /// know comes back to a controller that restarted: it is registered
+    /// again and its sessions are offered for adoption (this controller is
+    /// the [`Adopter`]); a known router is reconciled plainly, as a session
+    /// the controller closed must stay closed.
+    async fn reconcile(
+        &self,
+        router: RouterId,
+        incarnation: u64,
+        sessions: &[HeldSession],
+    ) -> Result<(Incarnation, ReconcileReport), String> {
+        let shared = &self.shared;
+        let outcome = match shared.store.router_status(router).await {
+            Err(RouterError::UnknownRouter(_)) => {
+                let incarnation = shared
+                    .store
+                    .register_router(router)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let reported = sessions.iter().map(|held| {
+                    let reported = ReportedSession::new(SessionId::new(held.id));
+                    if held.token.is_empty() {
+                        reported
+                    } else {
+                        reported.with_token(held.token.clone())
+                    }
+                });
+                shared
+                    .reconciler
+                    .reconcile_adopting(router, incarnation, reported, self)
+                    .await
+                    .map(|report| (incarnation, report))
+            }
+            _ => {
+                let incarnation = Incarnation::new(incarnation);
+                let reported = sessions.iter().map(|held| SessionId::new(held.id));
+                shared
+                    .reconciler
+                    .reconcile(router, incarnation, reported)
+                    .await
+                    .map(|report| (incarnation, report))
+            }
+        };
+        outcome.map_err(|error| error.to_string())
     }
 
     /// One frame of a greeted connection; an error ends the connection.
@@ -347,26 +420,32 @@ impl Controller {
     }
 
     async fn open(&self, router: RouterId, incarnation: Incarnation, id: u64) -> ControllerFrame {
-        let spec = NewSession::new(SessionId::new(id), router, incarnation);
+        let token = sign(self.shared.token_key, router, id);
+        let spec = NewSession::new(SessionId::new(id), router, incarnation).token(token.clone());
         match self.shared.store.create(spec).await {
             Ok(session) => {
-                let closes = Arc::clone(&self.shared.closes);
-                // Both are refused only if the session closed meanwhile,
-                // which nothing does before it is answered.
-                let _ = session.attach(move |reason| {
-                    closes
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .record(reason);
-                });
-                let _ = self.shared.monitor.watch(&session);
-                ControllerFrame::SessionOpened { id }
+                self.track(&session);
+                ControllerFrame::SessionOpened { id, token }
             }
             Err(error) => ControllerFrame::SessionRefused {
                 id,
                 reason: error.to_string(),
             },
         }
+    }
+
+    /// Counts the session's close by reason and watches it in the monitor.
+    fn track(&self, session: &Session) {
+        let closes = Arc::clone(&self.shared.closes);
+        // Both are refused only if the session closed meanwhile, which
+        // nothing does before it is answered (or adopted).
+        let _ = session.attach(move |reason| {
+            closes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record(reason);
+        });
+        let _ = self.shared.monitor.watch(session);
     }
 
     /// Closes the sessions `router` says it closed: a confirmation if they
@@ -394,4 +473,36 @@ impl Controller {
             }
         }
     }
+}
+
+/// Restart adoption: a session a returning router reports is adopted if
+/// its token is the one this controller's key signs for it on that router.
+impl Adopter<()> for Controller {
+    type Data = ();
+
+    async fn adopt(&self, router: RouterId, reported: ReportedSession) -> Adoption {
+        let expected = sign(self.shared.token_key, router, reported.id.get());
+        match reported.token {
+            Some(token) if token.as_bytes() == expected.as_slice() => Adoption::Accept {
+                payload: (),
+                token: Some(token),
+            },
+            Some(_) => Adoption::reject("token not signed by this controller"),
+            None => Adoption::reject("no token"),
+        }
+    }
+
+    fn adopted(&self, session: &Session) {
+        // As if this controller had opened it.
+        self.track(session);
+    }
+}
+
+/// The token of session `id` on `router`, signed with `key`. A stand-in
+/// for a real signature (HMAC, a JWT): a keyed hash is enough for the
+/// example's routers, which never forge on purpose.
+fn sign(key: u64, router: RouterId, id: u64) -> Vec<u8> {
+    let mut hasher = DefaultHasher::new();
+    (key, router.get(), id).hash(&mut hasher);
+    hasher.finish().to_be_bytes().to_vec()
 }

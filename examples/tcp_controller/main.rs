@@ -10,7 +10,9 @@
 //! `ProbeAnswer`; a `RouterDeleter` whose `TerminationNotifier` sends
 //! `Terminate` frames, confirmed by `Closed` frames; and a `Reconciler`
 //! that starts a grace period when a connection ends and reconciles the
-//! `Hello` of a reconnection.
+//! `Hello` of a reconnection, or, after a restart of the controller,
+//! adopts the sessions it reports (`Reconciler::reconcile_adopting`, each
+//! session's token checked against the controller's key).
 //!
 //! The scenario (`scenario.rs`, also run by `tests/tcp_loopback.rs`), with
 //! 4 routers × 200 sessions by default:
@@ -26,15 +28,21 @@
 //!    refused;
 //! 4. the *quiet* router never heartbeats and only answers probes: its 10
 //!    dead sessions are reaped, its live ones kept by probe answers;
-//! 5. everything shuts down and the store is audited.
+//! 5. the controller restarts: its store and pieces are dropped and built
+//!    again on the same address; the routers still there reconnect and
+//!    report their sessions with the tokens the controller issued; the new
+//!    controller adopts every one (385 by default) and rejects the one the
+//!    flaky router made up meanwhile: zero client sessions lost;
+//! 6. everything shuts down and both stores are audited.
 //!
 //! Each session's close is counted by reason through a resource attached
 //! when it opens, released exactly once whichever path closes it. The
 //! scenario waits on the event bus and on the deletions' reports, never by
 //! sleeping, and takes about a second.
 //!
-//! It prints the counts and exits non-zero if the audit is not clean or a
-//! count is not what the configuration implies.
+//! It prints the counts and exits non-zero if an audit is not clean or a
+//! count is not what the configuration implies (a client session lost in
+//! the restart among them).
 //!
 //! `cargo run --example tcp_controller` (`-- --help` for the sizes)
 

@@ -10,10 +10,13 @@
 //! [`RouterFrame::Hello`]; the controller answers [`ControllerFrame::Welcome`]
 //! (first connection: the router is registered and learns its incarnation),
 //! [`ControllerFrame::Reconciled`] (reconnection: the sessions the router
-//! reported were reconciled), or [`ControllerFrame::Rejected`] and closes.
-//! The controller sends nothing else on the connection before that answer.
+//! reported were reconciled, or adopted by a controller that restarted;
+//! the router learns its incarnation again), or
+//! [`ControllerFrame::Rejected`] and closes. The controller sends nothing
+//! else on the connection before that answer.
 //!
-//! Session ids travel as plain `u64`s.
+//! Session ids travel as plain `u64`s; each session's token, issued by the
+//! controller when it opens the session, as bytes.
 
 use std::fmt;
 use std::future::Future;
@@ -39,7 +42,7 @@ pub(crate) enum RouterFrame {
         /// `None` on the first connection: the controller registers the
         /// router and answers with its incarnation.
         incarnation: Option<u64>,
-        sessions: Vec<u64>,
+        sessions: Vec<HeldSession>,
     },
     /// A client asks to open a session through the router.
     OpenSession { id: u64 },
@@ -53,20 +56,35 @@ pub(crate) enum RouterFrame {
     Closed { ids: Vec<u64> },
 }
 
+/// A session a router reports in its [`RouterFrame::Hello`]: its id and
+/// the token the controller issued for it (empty if it has none).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HeldSession {
+    pub(crate) id: u64,
+    pub(crate) token: Vec<u8>,
+}
+
 /// A frame the controller sends to a router.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "frame", rename_all = "snake_case")]
 pub(crate) enum ControllerFrame {
     /// Handshake answer to a first connection.
     Welcome { incarnation: u64 },
-    /// Handshake answer to a reconnection: the sessions the router must
-    /// drop (unknown to the controller, or closed there) and those the
-    /// controller closed because the router no longer reported them.
-    Reconciled { drop: Vec<u64>, closed: Vec<u64> },
+    /// Handshake answer to a reconnection: the router's incarnation (a new
+    /// one if the controller restarted and registered it again), the
+    /// sessions the router must drop (unknown to the controller and not
+    /// adopted, or closed there) and those the controller closed because
+    /// the router no longer reported them.
+    Reconciled {
+        incarnation: u64,
+        drop: Vec<u64>,
+        closed: Vec<u64>,
+    },
     /// Handshake refused; the controller closes the connection.
     Rejected { reason: String },
-    /// The session asked for is open.
-    SessionOpened { id: u64 },
+    /// The session asked for is open; `token` vouches for it, should the
+    /// router ever report it to a controller that restarted.
+    SessionOpened { id: u64, token: Vec<u8> },
     /// The session asked for was refused (its router is fenced or deleted,
     /// the id is taken, ...).
     SessionRefused { id: u64, reason: String },

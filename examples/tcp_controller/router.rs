@@ -1,12 +1,14 @@
 //! A simulated router: one task holding one TCP connection to the
 //! controller, driven by the scenario through a [`RouterHandle`].
 //!
-//! The router holds the sessions the controller opened for it, heartbeats
-//! them, answers probes for the live ones, and confirms terminations, as
-//! its [`Behaviour`] says. It can drop its connection and come back,
-//! reporting what it still holds.
+//! The router holds the sessions the controller opened for it (with the
+//! token the controller issued for each), heartbeats them, answers probes
+//! for the live ones, and confirms terminations, as its [`Behaviour`]
+//! says. It can drop its connection and come back, to the same controller
+//! or to one that restarted, reporting the sessions whose clients it still
+//! serves, with their tokens.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use futures::StreamExt;
@@ -18,7 +20,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Duration, MissedTickBehavior};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::protocol::{ControllerFrame, JsonCodec, RouterFrame, WireError, write_frames};
+use super::protocol::{
+    ControllerFrame, HeldSession, JsonCodec, RouterFrame, WireError, write_frames,
+};
 
 type Codec = JsonCodec<ControllerFrame, RouterFrame>;
 
@@ -96,7 +100,7 @@ impl RouterHandle {
             addr,
             incarnation,
             behaviour,
-            held: BTreeSet::new(),
+            held: BTreeMap::new(),
             link: Some(link),
             opening: None,
         };
@@ -116,7 +120,7 @@ impl RouterHandle {
     }
 
     /// Drops the connection; meanwhile `forget` sessions end on the router
-    /// (returned) and it picks up the `unknown` ones.
+    /// (returned) and it picks up the `unknown` ones (with no token).
     pub(crate) async fn disconnect(
         &self,
         forget: usize,
@@ -130,7 +134,8 @@ impl RouterHandle {
         .await
     }
 
-    /// Reconnects, reporting the sessions the router holds.
+    /// Reconnects, reporting the sessions whose clients the router still
+    /// serves (its dead clients' sessions left out), with their tokens.
     pub(crate) async fn reconnect(&self) -> Result<Reconciliation, WireError> {
         self.ask(|done| Command::Reconnect { done }).await?
     }
@@ -210,7 +215,8 @@ struct Router {
     addr: SocketAddr,
     incarnation: u64,
     behaviour: Behaviour,
-    held: BTreeSet<u64>,
+    /// Each session's id and token.
+    held: BTreeMap<u64, Vec<u8>>,
     link: Option<Link>,
     opening: Option<Opening>,
 }
@@ -246,11 +252,12 @@ impl Router {
             } => {
                 // Dropping the link ends its writer, which closes the socket.
                 self.link = None;
-                let forgotten: Vec<u64> = self.held.iter().copied().take(forget).collect();
+                let forgotten: Vec<u64> = self.held.keys().copied().take(forget).collect();
                 for id in &forgotten {
                     self.held.remove(id);
                 }
-                self.held.extend(unknown);
+                self.held
+                    .extend(unknown.into_iter().map(|id| (id, Vec::new())));
                 let _ = done.send(forgotten);
             }
             Command::Reconnect { done } => {
@@ -282,17 +289,33 @@ impl Router {
     }
 
     async fn reconnect(&mut self) -> Result<Reconciliation, WireError> {
+        let sessions = self
+            .held
+            .iter()
+            .filter(|(id, _)| self.alive(**id))
+            .map(|(&id, token)| HeldSession {
+                id,
+                token: token.clone(),
+            })
+            .collect();
         let hello = RouterFrame::Hello {
             router: self.id.get(),
             incarnation: Some(self.incarnation),
-            sessions: self.held.iter().copied().collect(),
+            sessions,
         };
         let (link, answer) = Link::open(self.addr, hello).await?;
-        let ControllerFrame::Reconciled { drop, closed } = answer else {
+        let ControllerFrame::Reconciled {
+            incarnation,
+            drop,
+            closed,
+        } = answer
+        else {
             return Err(WireError::Protocol(format!(
                 "expected reconciled, got {answer:?}"
             )));
         };
+        // A controller that restarted registered the router again.
+        self.incarnation = incarnation;
         for id in drop.iter().chain(&closed) {
             self.held.remove(id);
         }
@@ -302,8 +325,8 @@ impl Router {
 
     fn frame(&mut self, frame: ControllerFrame) {
         match frame {
-            ControllerFrame::SessionOpened { id } => {
-                self.held.insert(id);
+            ControllerFrame::SessionOpened { id, token } => {
+                self.held.insert(id, token);
                 self.answered(|result| result.opened += 1);
             }
             ControllerFrame::SessionRefused { .. } => self.answered(|result| result.refused += 1),
@@ -342,7 +365,7 @@ impl Router {
     fn heartbeat(&self) {
         let ids: Vec<u64> = self
             .held
-            .iter()
+            .keys()
             .copied()
             .filter(|id| self.alive(*id))
             .collect();
@@ -352,7 +375,7 @@ impl Router {
     }
 
     fn alive(&self, id: u64) -> bool {
-        self.held.contains(&id) && !self.behaviour.dead.contains(&id)
+        self.held.contains_key(&id) && !self.behaviour.dead.contains(&id)
     }
 
     fn send(&self, frame: RouterFrame) {

@@ -16,7 +16,13 @@
 //!    session the mute router opens afterwards is refused;
 //! 4. the quiet router's dead sessions are reaped by the liveness monitor,
 //!    its live ones kept alive by probe answers alone;
-//! 5. everything shuts down and the store is audited.
+//! 5. the controller restarts: its store and pieces are dropped and built
+//!    again on the same address, and the routers that are not deleted
+//!    reconnect, reporting their sessions with their tokens; the new
+//!    controller adopts every one its key signed (restart adoption) and
+//!    rejects one the flaky router made up meanwhile: no client session
+//!    is lost;
+//! 6. everything shuts down and both stores are audited.
 //!
 //! Progress is awaited on the crate's [`EventBus`] (the monitor's and the
 //! reconciler's events) and on the deletions' reports, never by sleeping.
@@ -43,15 +49,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use session_lifecycle::{
-    EventBus, MemoryStore, RouterId, SessionStore, deleter::DeleteOutcome, deleter::DeletionReport,
-    reconcile::ReconcileSummary,
+    EventBus, MemoryStore, RouterId, Session, SessionId, SessionStore, deleter::DeleteOutcome,
+    deleter::DeletionReport, reconcile::ReconcileSummary, store::AuditReport,
 };
 use tokio::time::{Duration, Instant};
 
-use controller::{Controller, Settings};
+use controller::{Controller, Settings, WireStats};
 use observer::Observer;
 use router::{Behaviour, RouterHandle};
-use summary::{Counts, Summary};
+use summary::{Closes, Counts, Summary};
 
 /// Session ids of router `r` are `r * ID_SPACE + i`.
 const ID_SPACE: u64 = 1_000_000;
@@ -119,6 +125,8 @@ impl Config {
             confirm_timeout: self.confirm_timeout,
             probe_timeout: self.probe_timeout,
             grace: self.grace,
+            // Any key: the restarted controller gets the same one.
+            token_key: 0x5e55_1075_ca7e_c0de,
         }
     }
 
@@ -144,7 +152,8 @@ pub async fn run(config: Config) -> Result<Summary, Box<dyn Error + Send + Sync>
     let bus = EventBus::new(1_024);
     let mut observer = Observer::spawn(&bus);
     let store = Arc::new(MemoryStore::new());
-    let (controller, addr) = Controller::start(Arc::clone(&store), &bus, config.settings()).await?;
+    let (controller, addr) =
+        Controller::start(Arc::clone(&store), &bus, config.settings(), None).await?;
     let cast = step(
         "the routers' connections",
         within,
@@ -165,10 +174,22 @@ pub async fn run(config: Config) -> Result<Summary, Box<dyn Error + Send + Sync>
         .await?;
 
     let probes = controller.monitor().stats().probes;
+    let restart = cast
+        .restart(&config, (controller, store), addr, &bus, &mut observer)
+        .await?;
+
+    let Restart {
+        controller,
+        store,
+        before,
+        adopted,
+        rejected,
+        lost,
+    } = restart;
     controller.shutdown().await;
     cast.stop().await;
     let audit = store.audit().await?;
-    let wire = controller.wire_stats();
+    let wire = before.wire.plus(controller.wire_stats());
     let (seen, events_lagged) = observer.finish().await?;
     Ok(Summary {
         counts: Counts {
@@ -183,10 +204,13 @@ pub async fn run(config: Config) -> Result<Summary, Box<dyn Error + Send + Sync>
             grace_cancelled: seen.reconciled.iter().filter(|s| s.grace_cancelled).count(),
             grace_expired: seen.lost,
             reaped: seen.reaped,
-            closes: controller.closes(),
+            adopted,
+            adoption_rejected: rejected,
+            lost,
+            closes: before.closes.plus(controller.closes()),
             remaining: store.len(),
-            zombies: audit.zombies(),
-            audit_clean: audit.is_clean(),
+            zombies: before.audit.zombies() + audit.zombies(),
+            audit_clean: before.audit.is_clean() && audit.is_clean(),
             events_lagged,
         },
         probes,
@@ -252,6 +276,13 @@ impl Cast {
             quiet: join(quiet_id.get(), quiet).await?,
             bystanders,
         })
+    }
+
+    /// The routers that are not deleted.
+    fn live(&self) -> impl Iterator<Item = &RouterHandle> {
+        [&self.flaky, &self.quiet]
+            .into_iter()
+            .chain(&self.bystanders)
     }
 
     fn all(&self) -> impl Iterator<Item = &RouterHandle> {
@@ -324,6 +355,77 @@ impl Cast {
         Ok((report(steady)?, report(mute)?))
     }
 
+    /// The controller restarts: stopped and dropped with its store, built
+    /// again over a fresh store on the same address; the routers that are
+    /// not deleted reconnect, and their sessions are adopted. The flaky
+    /// router made up one session meanwhile, with no token: it must be
+    /// rejected. (Deleted routers do not come back: a real controller
+    /// refuses them by their revoked enrollment, which it keeps in its
+    /// configuration, not in the session store.)
+    async fn restart(
+        &self,
+        config: &Config,
+        (controller, store): (Controller, Arc<MemoryStore>),
+        addr: SocketAddr,
+        bus: &EventBus,
+        observer: &mut Observer,
+    ) -> Result<Restart, Box<dyn Error + Send + Sync>> {
+        let within = config.step_timeout;
+        // What the clients hold through the controller: each open session
+        // of a router that is not deleted.
+        let held_before = held(&store, self.live()).await?;
+        controller.shutdown().await;
+        let before = Before {
+            closes: controller.closes(),
+            wire: controller.wire_stats(),
+            audit: store.audit().await?,
+        };
+        // The old controller's process ends: everything it held is gone.
+        drop((controller, store));
+
+        let earlier = observer
+            .until("the reconciliations so far", within, |seen| {
+                Some(seen.reconciled.len())
+            })
+            .await?;
+        let store = Arc::new(MemoryStore::new());
+        let (controller, _) =
+            Controller::start(Arc::clone(&store), bus, config.settings(), Some(addr)).await?;
+        let made_up = config.ids(self.flaky.id()).start + ID_SPACE - 2;
+        let flaky = self.flaky.disconnect(0, vec![made_up]);
+        step("the flaky router's made-up session", within, flaky).await?;
+        let returns = futures::future::try_join_all(self.live().map(RouterHandle::reconnect));
+        let answers = step("the routers' return", within, returns).await?;
+        let returning = answers.len();
+        let (adopted, rejected) = observer
+            .until("the adoptions", within, |seen| {
+                let new = &seen.reconciled[earlier..];
+                (new.len() >= returning).then(|| {
+                    new.iter()
+                        .fold((0, 0), |(a, r), s| (a + s.adopted, r + s.rejected))
+                })
+            })
+            .await?;
+        let held_after = held(&store, self.live()).await?;
+        let dropped: Vec<u64> = answers.iter().flat_map(|a| a.drop.clone()).collect();
+        if dropped != [made_up] {
+            return Err(ScenarioError::Unexpected(format!(
+                "after the restart, the routers were told to drop {} sessions, \
+                 not only the made-up session {made_up}",
+                dropped.len()
+            ))
+            .into());
+        }
+        Ok(Restart {
+            controller,
+            store,
+            before,
+            adopted,
+            rejected,
+            lost: held_before.difference(&held_after).count(),
+        })
+    }
+
     async fn stop(self) {
         for router in [self.steady, self.mute, self.flaky, self.quiet]
             .into_iter()
@@ -332,6 +434,41 @@ impl Cast {
             router.stop().await;
         }
     }
+}
+
+/// The open sessions `store` holds for `routers`.
+async fn held(
+    store: &MemoryStore,
+    routers: impl Iterator<Item = &RouterHandle>,
+) -> Result<BTreeSet<SessionId>, Box<dyn Error + Send + Sync>> {
+    let mut held = BTreeSet::new();
+    for router in routers {
+        let sessions = store.sessions(router.id()).await?;
+        held.extend(sessions.iter().filter(|s| !s.is_closed()).map(Session::id));
+    }
+    Ok(held)
+}
+
+/// What the controller's restart did.
+struct Restart {
+    /// The new controller and its store.
+    controller: Controller,
+    store: Arc<MemoryStore>,
+    /// What the old controller counted.
+    before: Before,
+    /// Sessions adopted and rejected by the new controller.
+    adopted: usize,
+    rejected: usize,
+    /// Sessions the old controller held for the live routers that the new
+    /// one does not.
+    lost: usize,
+}
+
+/// What the controller counted before its restart.
+struct Before {
+    closes: Closes,
+    wire: WireStats,
+    audit: AuditReport,
 }
 
 fn report(outcome: DeleteOutcome) -> Result<DeletionReport, ScenarioError> {

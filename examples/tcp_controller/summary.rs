@@ -26,6 +26,18 @@ pub struct Closes {
 }
 
 impl Closes {
+    /// The counts of both.
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            router_deleted: self.router_deleted + other.router_deleted,
+            forced: self.forced + other.forced,
+            reclaimed: self.reclaimed + other.reclaimed,
+            liveness_timeout: self.liveness_timeout + other.liveness_timeout,
+            router_lost: self.router_lost + other.router_lost,
+            other: self.other + other.other,
+        }
+    }
+
     /// Counts one close.
     pub(crate) fn record(&mut self, reason: CloseReason) {
         *match reason {
@@ -64,13 +76,20 @@ pub struct Counts {
     pub grace_expired: usize,
     /// Sessions reaped by the liveness monitor.
     pub reaped: usize,
+    /// Sessions the restarted controller adopted.
+    pub adopted: usize,
+    /// Sessions the restarted controller refused to adopt (made up).
+    pub adoption_rejected: usize,
+    /// Client sessions the restart lost: held before it, not after.
+    pub lost: usize,
     /// Sessions closed, by reason.
     pub closes: Closes,
-    /// Sessions left in the store.
+    /// Sessions left in the (restarted controller's) store.
     pub remaining: usize,
-    /// Zombies the final audit found.
+    /// Zombies the audits found (the old store's at the restart, the new
+    /// one's at the end).
     pub zombies: usize,
-    /// Whether the final audit is clean.
+    /// Whether both audits are clean.
     pub audit_clean: bool,
     /// Events the scenario's subscription missed.
     pub events_lagged: u64,
@@ -92,6 +111,11 @@ impl Counts {
             grace_cancelled: 1,
             grace_expired: 0,
             reaped: config.dead,
+            // Every session of the routers still there, the flaky router's
+            // made-up one refused.
+            adopted: remaining(config),
+            adoption_rejected: 1,
+            lost: 0,
             closes: Closes {
                 router_deleted: sessions,
                 forced: sessions,
@@ -100,13 +124,18 @@ impl Counts {
                 router_lost: 0,
                 other: 0,
             },
-            // The steady and mute routers are gone.
-            remaining: (config.routers - 2) * sessions - config.forgotten - config.dead,
+            remaining: remaining(config),
             zombies: 0,
             audit_clean: true,
             events_lagged: 0,
         }
     }
+}
+
+/// The sessions left once the steady and mute routers are gone, and the
+/// flaky and quiet routers' lost and dead sessions closed.
+fn remaining(config: &Config) -> usize {
+    (config.routers - 2) * config.sessions_per_router - config.forgotten - config.dead
 }
 
 /// What the scenario counted: the exact counts, and a few that depend on
@@ -149,6 +178,11 @@ impl fmt::Display for Summary {
             f,
             "quiet router:            {} reaped ({} probes, {} probe answers)",
             c.reaped, self.probes, self.probe_answers
+        )?;
+        writeln!(
+            f,
+            "controller restarted:    {} sessions adopted, {} rejected, {} client sessions lost",
+            c.adopted, c.adoption_rejected, c.lost
         )?;
         writeln!(
             f,

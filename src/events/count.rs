@@ -42,14 +42,22 @@ pub(crate) fn record(event: &Event) {
         }
         Event::Reconciled(summary) => {
             crate::metrics::counter!("session_lifecycle_reconciliations_total").increment(1);
-            let dropped = summary.unknown + summary.closed_reported + summary.foreign;
+            // Adopted sessions are unknown but kept, not dropped.
+            let dropped = (summary.unknown - summary.adopted.min(summary.unknown))
+                + summary.closed_reported
+                + summary.foreign;
             for (result, count) in [
                 ("matched", summary.matched),
                 ("dropped", dropped),
+                ("adopted", summary.adopted),
                 ("closed", summary.closed),
             ] {
                 crate::metrics::counter!("session_lifecycle_reconciled_sessions_total", "result" => result)
                     .increment(count as u64);
+            }
+            if summary.rejected > 0 {
+                crate::metrics::counter!("session_lifecycle_adoptions_rejected_total")
+                    .increment(summary.rejected as u64);
             }
             crate::metrics::histogram!("session_lifecycle_reconcile_duration_seconds")
                 .record(summary.duration.as_secs_f64());

@@ -18,12 +18,23 @@ pub struct ReconcileSummary {
     /// Reported sessions the controller holds open for this router and
     /// incarnation.
     pub matched: usize,
-    /// Reported sessions the controller does not know.
+    /// Reported sessions the controller does not know (adopted ones
+    /// included: see [`adopted`](Self::adopted)).
     pub unknown: usize,
     /// Reported sessions the controller closed already.
     pub closed_reported: usize,
     /// Reported sessions of another router or another incarnation.
     pub foreign: usize,
+    /// Unknown sessions adopted: offered to the adopter of
+    /// [`Reconciler::reconcile_adopting`](crate::Reconciler::reconcile_adopting),
+    /// accepted, and created in the store under the router's incarnation.
+    /// Always 0 for a plain `reconcile`. In an adopting call,
+    /// `adopted + rejected == unknown`.
+    pub adopted: usize,
+    /// Unknown sessions offered for adoption and not adopted (refused by the
+    /// adopter, its panic or timeout, or a create the store refused): the
+    /// router is told to drop them. Always 0 for a plain `reconcile`.
+    pub rejected: usize,
     /// Sessions the controller held that the router no longer holds, closed
     /// by this call.
     pub closed: usize,

@@ -34,6 +34,8 @@ use crate::store::SessionStore;
 ///     .grace_period(Duration::from_secs(60))
 ///     .chunk_size(1_024)
 ///     .spare_younger_than(Duration::from_secs(2))
+///     .adopt_timeout(Duration::from_secs(1))
+///     .adopt_concurrency(32)
 ///     .reclaim_queue(ReclaimQueue::builder().build()?)
 ///     .liveness(&monitor)
 ///     .events(EventBus::default())
@@ -50,14 +52,16 @@ pub struct ReconcilerBuilder {
 
 impl Reconciler<()> {
     /// A builder with the defaults: a grace period of 30 s, chunks of 4,096
-    /// sessions, no session spared for its youth, no reclaim queue, no
-    /// event bus. See the example on [`ReconcilerBuilder`].
+    /// sessions, no session spared for its youth, adoption decisions bounded
+    /// by 5 s, 16 at once, no reclaim queue, no event bus. See the example on [`ReconcilerBuilder`].
     pub fn builder() -> ReconcilerBuilder {
         ReconcilerBuilder {
             config: Config {
                 grace: Duration::from_secs(30),
                 chunk: 4_096,
                 spare_younger_than: Duration::ZERO,
+                adopt_timeout: Duration::from_secs(5),
+                adopt_concurrency: 16,
                 reclaim: None,
                 events: None,
                 liveness: None,
@@ -106,6 +110,29 @@ impl ReconcilerBuilder {
         self
     }
 
+    /// How long an [`Adopter`](super::Adopter) may take to decide on one
+    /// session in [`reconcile_adopting`](Reconciler::reconcile_adopting)
+    /// (default 5 s); a decision not made by then is a rejection
+    /// ([`RejectReason::TimedOut`](super::RejectReason::TimedOut)). A
+    /// decision ready at once is never timed out, even with a zero timeout.
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn adopt_timeout(mut self, timeout: Duration) -> Self {
+        self.config.adopt_timeout = timeout;
+        self
+    }
+
+    /// How many adoption decisions run at once, on the reconciling task
+    /// (default 16; at least 1, checked by [`build`](Self::build)). A chunk
+    /// of unknown sessions takes at most about `chunk_size / concurrency`
+    /// times the [`adopt_timeout`](Self::adopt_timeout).
+    ///
+    /// See the example on [`ReconcilerBuilder`].
+    pub fn adopt_concurrency(mut self, concurrency: usize) -> Self {
+        self.config.adopt_concurrency = concurrency;
+        self
+    }
+
     /// Releases the resources of the sessions it closes through `queue`.
     ///
     /// See the example on [`ReconcilerBuilder`].
@@ -140,11 +167,18 @@ impl ReconcilerBuilder {
     ///
     /// # Errors
     ///
-    /// [`BuildError::Setting`] for a chunk size of 0.
+    /// [`BuildError::Setting`] for a chunk size or an adoption concurrency
+    /// of 0.
     ///
     /// See the example on [`ReconcilerBuilder`].
     pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<Reconciler<S>, BuildError> {
         check_count("Reconciler", "chunk_size", self.config.chunk, usize::MAX)?;
+        check_count(
+            "Reconciler",
+            "adopt_concurrency",
+            self.config.adopt_concurrency,
+            usize::MAX,
+        )?;
         Ok(Reconciler {
             inner: Arc::new(Inner {
                 store,

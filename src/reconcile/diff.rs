@@ -1,5 +1,11 @@
 //! The reconciliation proper: what a router reports against what the store
 //! holds, chunk by chunk.
+//!
+//! A pass runs in three steps: [`Reconciler::begin`] checks the router,
+//! cancels its grace period and sorts the reported ids into matched, to
+//! drop, and unknown; the caller settles the unknown ones (dropped by
+//! `reconcile`, offered for adoption by `reconcile_adopting`); and
+//! [`Reconciler::finish`] closes what the router no longer holds.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
@@ -9,12 +15,32 @@ use tokio::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::reconciler::Reconciler;
-use super::report::{ReconcileError, ReconcileReport};
+use super::report::{ReconcileError, ReconcileReport, Rejection};
 use crate::events::ReconcileSummary;
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{CloseReason, Session, SessionState};
 use crate::store::{RouterStatus, SessionError, SessionStore};
+
+/// A reconciliation in progress, between its steps.
+pub(super) struct Pass<P> {
+    pub(super) started: Instant,
+    pub(super) summary: ReconcileSummary,
+    /// The ids the router reported, deduplicated.
+    pub(super) reported: HashSet<SessionId, RandomState>,
+    /// What the store held for the router when the call started.
+    pub(super) held: Vec<Session<P>>,
+    /// Reported ids the router must drop (closed, foreign; the unknown ones
+    /// once settled).
+    pub(super) drop: Vec<SessionId>,
+    /// Reported ids the store does not know, sorted; counted in
+    /// `summary.unknown`.
+    pub(super) unknown: Vec<SessionId>,
+    /// Unknown ids adopted into the store, sorted.
+    pub(super) adopted: Vec<SessionId>,
+    /// Unknown ids offered for adoption and refused, sorted by id.
+    pub(super) rejected: Vec<Rejection>,
+}
 
 impl<S: SessionStore> Reconciler<S> {
     /// Reconciles `reported`, the sessions `router` says it holds in
@@ -26,7 +52,10 @@ impl<S: SessionStore> Reconciler<S> {
     /// ids in the report count once. Sessions created after the
     /// call started (or younger than
     /// [`spare_younger_than`](crate::ReconcilerBuilder::spare_younger_than)) are
-    /// never closed for missing from the report.
+    /// never closed for missing from the report. Reported sessions the
+    /// store does not know are to be dropped by the router; to offer them
+    /// for adoption instead (a controller that restarted and lost its
+    /// store), see [`reconcile_adopting`](Self::reconcile_adopting).
     ///
     /// # Errors
     ///
@@ -54,23 +83,29 @@ impl<S: SessionStore> Reconciler<S> {
     {
         let span = tracing::info_span!("reconcile", %router, %incarnation);
         let reported = reported.into_iter().map(|id| *id.borrow()).collect();
-        self.reconcile_inner(router, incarnation, reported)
-            .instrument(span)
-            .await
+        async {
+            let mut pass = self.begin(router, incarnation, reported).await?;
+            let unknown = std::mem::take(&mut pass.unknown);
+            pass.drop.extend(unknown);
+            self.finish(pass).await
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn reconcile_inner(
+    /// The first step of a pass: checks the router, cancels its grace
+    /// period, lists what the store holds, and sorts the reported ids.
+    pub(super) async fn begin(
         &self,
         router: RouterId,
         incarnation: Incarnation,
         reported: HashSet<SessionId, RandomState>,
-    ) -> Result<ReconcileReport, ReconcileError> {
+    ) -> Result<Pass<S::Payload>, ReconcileError> {
         let started = Instant::now();
         let store = &*self.inner.store;
-        let config = &self.inner.config;
         self.check_live(router, incarnation).await?;
         let grace_cancelled = self.cancel_grace(router, incarnation).await;
-        let mut summary = ReconcileSummary {
+        let summary = ReconcileSummary {
             router,
             incarnation,
             reported: reported.len(),
@@ -78,6 +113,8 @@ impl<S: SessionStore> Reconciler<S> {
             unknown: 0,
             closed_reported: 0,
             foreign: 0,
+            adopted: 0,
+            rejected: 0,
             closed: 0,
             spared: 0,
             removed: 0,
@@ -85,35 +122,71 @@ impl<S: SessionStore> Reconciler<S> {
             chunks: 0,
             duration: Duration::ZERO,
         };
-        let mut drop = Vec::new();
         // What the store holds now: a session created after this listing is
         // not in it, so it is never closed for missing from the report.
         let held = store.sessions(router).await?;
+        let mut pass = Pass {
+            started,
+            summary,
+            reported,
+            held,
+            drop: Vec::new(),
+            unknown: Vec::new(),
+            adopted: Vec::new(),
+            rejected: Vec::new(),
+        };
 
         // What the router holds, against the store.
-        let mut ids: Vec<SessionId> = reported.iter().copied().collect();
+        let mut ids: Vec<SessionId> = pass.reported.iter().copied().collect();
         ids.sort_unstable();
-        for chunk in ids.chunks(config.chunk) {
-            self.next_chunk(router, incarnation, &mut summary).await?;
+        for chunk in ids.chunks(self.inner.config.chunk) {
+            self.next_chunk(router, incarnation, &mut pass.summary)
+                .await?;
             for &id in chunk {
                 match store.get(id).await? {
-                    None => summary.unknown += 1,
+                    None => {
+                        pass.summary.unknown += 1;
+                        pass.unknown.push(id);
+                        continue;
+                    }
                     Some(session)
                         if session.router() != router || session.incarnation() != incarnation =>
                     {
-                        summary.foreign += 1;
+                        pass.summary.foreign += 1;
                     }
-                    Some(session) if session.is_closed() => summary.closed_reported += 1,
+                    Some(session) if session.is_closed() => pass.summary.closed_reported += 1,
                     Some(_) => {
-                        summary.matched += 1;
+                        pass.summary.matched += 1;
                         continue;
                     }
                 }
                 tracing::trace!(session = %id, "router holds a session it should drop");
-                drop.push(id);
+                pass.drop.push(id);
             }
         }
+        Ok(pass)
+    }
 
+    /// The last step of a pass: closes what the router no longer holds,
+    /// removes what was closed but left in the store, and reports.
+    pub(super) async fn finish(
+        &self,
+        pass: Pass<S::Payload>,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let Pass {
+            started,
+            mut summary,
+            reported,
+            held,
+            mut drop,
+            unknown: _,
+            adopted,
+            rejected,
+        } = pass;
+        let (router, incarnation) = (summary.router, summary.incarnation);
+        let store = &*self.inner.store;
+        let config = &self.inner.config;
+        drop.sort_unstable();
         // What the store held that the router no longer does. Younger than
         // `spare_younger_than` means created after `cutoff`; `None`: the age
         // reaches back past the clock's start, so every session is young
@@ -164,6 +237,7 @@ impl<S: SessionStore> Reconciler<S> {
             reported = summary.reported,
             matched = summary.matched,
             dropped = drop.len(),
+            adopted = summary.adopted,
             closed = summary.closed,
             "router reconciled"
         );
@@ -172,12 +246,14 @@ impl<S: SessionStore> Reconciler<S> {
             summary,
             drop,
             closed,
+            adopted,
+            rejected,
         })
     }
 
     /// Counts a chunk; from the second on, yields to the runtime and checks
     /// that the router is still live.
-    async fn next_chunk(
+    pub(super) async fn next_chunk(
         &self,
         router: RouterId,
         incarnation: Incarnation,
@@ -192,7 +268,7 @@ impl<S: SessionStore> Reconciler<S> {
         self.check_live(router, incarnation).await
     }
 
-    async fn check_live(
+    pub(super) async fn check_live(
         &self,
         router: RouterId,
         incarnation: Incarnation,

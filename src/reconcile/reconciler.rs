@@ -36,6 +36,12 @@ use crate::store::SessionStore;
 ///   holds are closed on the controller
 ///   ([`CloseReason::Reclaimed`]) and removed. Reports of any size are
 ///   handled in chunks, with no lock held across chunks.
+/// - [`reconcile_adopting`](Self::reconcile_adopting): the same, for a
+///   controller that restarted and lost its sessions (restart adoption):
+///   the reported sessions the store does not know are offered to your
+///   [`Adopter`](super::Adopter), and those it accepts are created in the
+///   store under the router's current incarnation instead of being
+///   dropped.
 /// - [`router_disconnected`](Self::router_disconnected): starts the
 ///   router's grace period. A reconciliation within it cancels it; at its
 ///   expiry the router's sessions are closed ([`CloseReason::RouterLost`])
@@ -86,6 +92,8 @@ pub(super) struct Config {
     pub(super) grace: Duration,
     pub(super) chunk: usize,
     pub(super) spare_younger_than: Duration,
+    pub(super) adopt_timeout: Duration,
+    pub(super) adopt_concurrency: usize,
     pub(super) reclaim: Option<ReclaimQueue>,
     pub(super) events: Option<EventBus>,
     pub(super) liveness: Option<Arc<dyn RouterHold>>,
@@ -97,6 +105,8 @@ impl fmt::Debug for Config {
             .field("grace", &self.grace)
             .field("chunk", &self.chunk)
             .field("spare_younger_than", &self.spare_younger_than)
+            .field("adopt_timeout", &self.adopt_timeout)
+            .field("adopt_concurrency", &self.adopt_concurrency)
             .field("reclaim", &self.reclaim.is_some())
             .field("events", &self.events.is_some())
             .field("liveness", &self.liveness.is_some())
