@@ -242,6 +242,7 @@ mod build;
 mod closing;
 pub mod deleter;
 pub mod events;
+pub mod expiry;
 mod id;
 pub mod lifecycle;
 pub mod liveness;
@@ -258,6 +259,7 @@ pub mod sweeper;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 mod transport_error;
+mod wheel;
 
 // The core: what a controller names every day. Everything else lives in
 // its piece's module.
@@ -265,6 +267,7 @@ pub use backoff::Backoff;
 pub use build::BuildError;
 pub use deleter::{NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
 pub use events::{Event, EventBus};
+pub use expiry::ExpiryMonitor;
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use lifecycle::Lifecycle;
 pub use liveness::{LivenessMonitor, ProbeBatch, ProbeError, Prober};

@@ -27,7 +27,6 @@ mod holds;
 mod probe;
 mod report;
 mod tag;
-mod wheel;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -56,7 +55,7 @@ use counters::Counters;
 use holds::Holds;
 pub(crate) use holds::RouterHold;
 use probe::{Group, Suspect};
-use wheel::Wheel;
+use crate::wheel::Wheel;
 
 /// Set in the clock once the monitor stops.
 const STOPPED: u64 = 1 << 63;
