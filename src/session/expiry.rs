@@ -151,11 +151,14 @@ impl<P> Session<P> {
 
     fn change_expiry(&self, at: Option<Instant>) -> Result<(), ExpiryError> {
         let expired = ExpiryError::Expired(self.id());
-        if self.inner.expiry.snapshot().is_expired() {
-            return Err(expired);
-        }
         if self.is_closed() {
-            return Err(ExpiryError::Closed(self.id()));
+            // Read after the state: a monitor sets `EXPIRED` before its
+            // close, which the state's Acquire load makes visible here.
+            return Err(if self.inner.expiry.snapshot().is_expired() {
+                expired
+            } else {
+                ExpiryError::Closed(self.id())
+            });
         }
         self.inner
             .expiry
