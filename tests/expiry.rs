@@ -143,6 +143,34 @@ async fn expiring_soon_is_published_once_warn_before_ahead() {
     assert_eq!(f.monitor.stats().warned, 1);
 }
 
+/// A lead longer than the wheel's turn (16,384 ticks): the entry comes up
+/// several times inside the warning window, and warns once.
+#[tokio::test(start_paused = true)]
+async fn a_warning_lead_longer_than_the_wheel_warns_once() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let monitor = ExpiryMonitor::builder()
+        .tick(Duration::from_millis(1))
+        .warn_before(Duration::from_secs(30))
+        .events(bus)
+        .build(Arc::clone(&store))
+        .unwrap();
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    let at = Instant::now() + Duration::from_secs(40);
+    let spec = NewSession::new(SessionId::new(1), router, incarnation).expires_at(at);
+    let session = store.create(spec).await.unwrap();
+    monitor.track(&session).unwrap();
+    assert_eq!(session.closed().await, CloseReason::Expired);
+    let mut warnings = 0;
+    while let Some(event) = events.try_recv() {
+        warnings += usize::from(matches!(event, Event::SessionExpiringSoon { .. }));
+    }
+    assert_eq!(warnings, 1);
+    assert!(monitor.stats().timer_fires >= 3, "re-filed inside the window");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_session_tracked_inside_its_warning_lead_is_warned_at_once_and_a_due_one_not_at_all() {
     let mut f = fixture(ExpiryMonitor::builder().warn_before(Duration::from_secs(60))).await;

@@ -28,6 +28,7 @@
 mod config;
 mod monitor;
 mod report;
+mod task;
 
 pub use config::ExpiryMonitorBuilder;
 pub use monitor::ExpiryMonitor;

@@ -7,18 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
-use tokio::time::{Duration, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::config::{Config, ExpiryMonitorBuilder, PIECE, WHEEL_SLOTS};
+use super::config::{Config, ExpiryMonitorBuilder, PIECE};
 use super::report::{Counters, ExpiryStats, TrackError};
 use crate::build::BuildError;
-use crate::closing::close_and_remove;
-use crate::events::{Event, emit};
-use crate::session::{CloseFrom, CloseReason, ExpirySnapshot, Session, SessionState};
+use crate::session::Session;
 use crate::store::{MemoryStore, SessionStore};
-use crate::wheel::Wheel;
 
 /// Closes sessions when their expiry comes.
 ///
@@ -35,11 +32,11 @@ use crate::wheel::Wheel;
 ///   comes up, the task reads the session's expiry again: extended, it is
 ///   re-filed; within [`warn_before`](ExpiryMonitorBuilder::warn_before)
 ///   and not yet warned for this expiry, one
-///   [`Event::SessionExpiringSoon`] is published and it is re-filed at its
+///   [`Event::SessionExpiringSoon`](crate::Event::SessionExpiringSoon) is published and it is re-filed at its
 ///   expiry; due, it is closed. Extending costs the monitor nothing until
 ///   the old expiry comes up.
 /// - **Closed through the common close path**, with
-///   [`CloseReason::Expired`]: resources released exactly once, through
+///   [`CloseReason::Expired`](crate::CloseReason::Expired): resources released exactly once, through
 ///   the [`ReclaimQueue`](crate::ReclaimQueue) if one is configured, and
 ///   the session removed from the store (by key: a new session that
 ///   reuses its id is not touched). A session closed by anything else, or
@@ -94,7 +91,7 @@ use crate::wheel::Wheel;
 /// # }
 /// ```
 pub struct ExpiryMonitor<S: SessionStore> {
-    shared: Arc<Shared<S>>,
+    pub(super) shared: Arc<Shared<S>>,
     _owner: Arc<Owner>,
 }
 
@@ -108,32 +105,19 @@ impl Drop for Owner {
     }
 }
 
-struct Shared<S: SessionStore> {
-    store: Arc<S>,
-    config: Config,
+pub(super) struct Shared<S: SessionStore> {
+    pub(super) store: Arc<S>,
+    pub(super) config: Config,
     /// Tick 0 of the wheel.
-    epoch: Instant,
+    pub(super) epoch: Instant,
     /// Sessions to file in the wheel.
-    incoming: Mutex<Vec<Session<S::Payload>>>,
+    pub(super) incoming: Mutex<Vec<Session<S::Payload>>>,
     /// Wakes the task, idle while it holds nothing, when sessions come in.
-    arrival: Notify,
-    stopped: AtomicBool,
-    counters: Counters,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-}
-
-/// A session in the wheel, and the expiry it was warned for, if any.
-struct Entry<P> {
-    session: Session<P>,
-    warned: Option<ExpirySnapshot>,
-}
-
-/// What one pass over the due entries found.
-struct Pass<P> {
-    due: Vec<Session<P>>,
-    warnings: Vec<Event>,
-    fires: usize,
+    pub(super) arrival: Notify,
+    pub(super) stopped: AtomicBool,
+    pub(super) counters: Counters,
+    pub(super) stop: CancellationToken,
+    pub(super) tracker: TaskTracker,
 }
 
 impl<S: SessionStore> Clone for ExpiryMonitor<S> {
@@ -177,7 +161,9 @@ impl<S: SessionStore> ExpiryMonitor<S> {
             stop: stop.clone(),
             tracker: TaskTracker::new(),
         });
-        shared.tracker.spawn_on(run(Arc::clone(&shared)), &runtime);
+        shared
+            .tracker
+            .spawn_on(super::task::run(Arc::clone(&shared)), &runtime);
         Ok(Self {
             shared,
             _owner: Arc::new(Owner(stop)),
@@ -292,188 +278,5 @@ impl<S: SessionStore> ExpiryMonitor<S> {
         self.shared.stop.cancel();
         self.shared.tracker.close();
         self.shared.tracker.wait().await;
-    }
-}
-
-/// The monitor task: sleeps until the next tick while it holds sessions
-/// (until one comes in otherwise), then looks at the entries that came up
-/// and files the incoming sessions.
-async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
-    // Built at the first session: a monitor nobody uses costs no wheel.
-    let mut wheel: Option<Wheel<Entry<S::Payload>>> = None;
-    let mut held = 0usize;
-    let mut now_tick = 0u64;
-    loop {
-        let woke = if held == 0 {
-            shared.idle().await
-        } else {
-            shared.sleep(shared.instant_of(now_tick.saturating_add(1))).await
-        };
-        if !woke {
-            break;
-        }
-        now_tick = shared.tick_of(Instant::now());
-        let wheel = wheel.get_or_insert_with(|| Wheel::new(WHEEL_SLOTS));
-        let mut pass = Pass {
-            due: Vec::new(),
-            warnings: Vec::new(),
-            fires: 0,
-        };
-        for tick in wheel.advance(now_tick) {
-            let entries = wheel.take(tick);
-            pass.fires += entries.len();
-            held -= entries.len();
-            for entry in entries {
-                held += shared.file(wheel, entry, now_tick, &mut pass);
-            }
-        }
-        let incoming = std::mem::take(&mut *shared.incoming.lock());
-        for session in incoming {
-            let entry = Entry {
-                session,
-                warned: None,
-            };
-            held += shared.file(wheel, entry, now_tick, &mut pass);
-        }
-        shared.finish(pass);
-    }
-}
-
-impl<S: SessionStore> Shared<S> {
-    /// Files `entry` in the wheel (returns 1), or lets it leave (0): due,
-    /// closed, terminating or cleared.
-    fn file(
-        &self,
-        wheel: &mut Wheel<Entry<S::Payload>>,
-        mut entry: Entry<S::Payload>,
-        now_tick: u64,
-        pass: &mut Pass<S::Payload>,
-    ) -> usize {
-        loop {
-            let session = &entry.session;
-            let seen = session.expiry();
-            let at = seen.at(session.created_at());
-            let (Some(at), SessionState::Active, false) = (at, session.state(), seen.is_expired())
-            else {
-                self.counters.leave(1);
-                return 0;
-            };
-            let expiry_tick = self.tick_after(at);
-            if now_tick >= expiry_tick {
-                if session.expire(seen) {
-                    self.counters.leave(1);
-                    pass.due.push(entry.session);
-                    return 0;
-                }
-                // Extended since it was read: look again.
-                continue;
-            }
-            let warn = !self.config.warn_before.is_zero() && entry.warned != Some(seen);
-            let tick = if warn {
-                let warn_tick = at
-                    .checked_sub(self.config.warn_before)
-                    .map_or(0, |from| self.tick_of(from));
-                if now_tick >= warn_tick {
-                    pass.warnings.push(Event::SessionExpiringSoon {
-                        session: session.id(),
-                        router: session.router(),
-                        incarnation: session.incarnation(),
-                        expires_at: at,
-                    });
-                    entry.warned = Some(seen);
-                    expiry_tick
-                } else {
-                    warn_tick
-                }
-            } else {
-                expiry_tick
-            };
-            wheel.insert(entry, tick);
-            return 1;
-        }
-    }
-
-    /// Publishes the pass's warnings and hands its due sessions to a
-    /// close task (one per tick with expiries, never one per session).
-    fn finish(self: &Arc<Self>, pass: Pass<S::Payload>) {
-        let Pass {
-            due,
-            warnings,
-            fires,
-        } = pass;
-        Counters::add(&self.counters.timer_fires, fires);
-        Counters::add(&self.counters.warned, warnings.len());
-        for warning in warnings {
-            emit(self.config.bus.as_ref(), || warning);
-        }
-        if !due.is_empty() {
-            let shared = Arc::clone(self);
-            self.tracker.spawn(async move { shared.expire(due).await });
-        }
-    }
-
-    /// Closes the sessions found due with [`CloseReason::Expired`]
-    /// (resources through the reclaim queue if there is one) and removes
-    /// them from the store. One that closed or was marked `Terminating`
-    /// since is left to whoever did it.
-    async fn expire(&self, due: Vec<Session<S::Payload>>) {
-        let closed = close_and_remove(
-            &*self.store,
-            self.config.reclaim.as_ref(),
-            &due,
-            CloseReason::Expired,
-            CloseFrom::Active,
-        )
-        .await;
-        Counters::add(&self.counters.expired, closed.len());
-        tracing::debug!(expired = closed.len(), due = due.len(), "sessions expired");
-    }
-
-    /// Waits until sessions come in; `false` if the monitor stopped first.
-    async fn idle(&self) -> bool {
-        if !self.incoming.lock().is_empty() {
-            return !self.stop.is_cancelled();
-        }
-        tokio::select! {
-            biased;
-            () = self.stop.cancelled() => false,
-            () = self.arrival.notified() => true,
-        }
-    }
-
-    /// Sleeps until `until`; `false` if the monitor stopped first.
-    async fn sleep(&self, until: Instant) -> bool {
-        tokio::select! {
-            biased;
-            () = self.stop.cancelled() => false,
-            () = tokio::time::sleep_until(until) => true,
-        }
-    }
-
-    fn tick_nanos(&self) -> u128 {
-        self.config.tick.as_nanos().max(1)
-    }
-
-    /// The tick `at` falls in (ticks start at the epoch).
-    fn tick_of(&self, at: Instant) -> u64 {
-        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(nanos / self.tick_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// The first tick that starts at or after `at`: an expiry's.
-    fn tick_after(&self, at: Instant) -> u64 {
-        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(nanos.div_ceil(self.tick_nanos())).unwrap_or(u64::MAX)
-    }
-
-    /// When `tick` starts.
-    fn instant_of(&self, tick: u64) -> Instant {
-        let nanos = u128::from(tick).saturating_mul(self.tick_nanos());
-        let since = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
-        // Past what the clock holds: ticks come from `now`, so never in
-        // practice; a tick from now keeps the loop going.
-        self.epoch
-            .checked_add(since)
-            .unwrap_or_else(|| Instant::now() + self.config.tick)
     }
 }
