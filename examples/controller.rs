@@ -47,10 +47,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
     Backoff, CloseReason, Event, EventBus, ExpiryMonitor, Lifecycle, LivenessMonitor, MemoryStore,
-    NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, ResourceClass, RouterDeleter,
-    RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
-    reclaim::ReclaimError, reclaim::ReclaimTask,
+    NewSession, NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, ResourceClass,
+    RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch,
+    TerminationNotifier, reclaim::ReclaimError, reclaim::ReclaimTask,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Duration, Instant};

@@ -71,7 +71,11 @@ impl Fixture {
 
     fn releases_of(&self, id: SessionId) -> Vec<Instant> {
         let released = self.released.lock().unwrap();
-        released.iter().filter(|(s, _)| *s == id).map(|(_, at)| *at).collect()
+        released
+            .iter()
+            .filter(|(s, _)| *s == id)
+            .map(|(_, at)| *at)
+            .collect()
     }
 
     /// The `SessionExpiringSoon` warnings received so far, with when.
@@ -79,7 +83,9 @@ impl Fixture {
         let mut seen = Vec::new();
         while let Some(event) = self.events.try_recv() {
             if let Event::SessionExpiringSoon {
-                session, expires_at, ..
+                session,
+                expires_at,
+                ..
             } = event
             {
                 seen.push((session, expires_at));
@@ -107,13 +113,19 @@ async fn a_session_expires_at_its_deadline_within_one_tick() {
         released[0] - start,
         deadline - start
     );
-    assert!(f.store.get(session.id()).await.unwrap().is_none(), "removed");
+    assert!(
+        f.store.get(session.id()).await.unwrap().is_none(),
+        "removed"
+    );
     let stats = f.monitor.stats();
     assert_eq!((stats.expired, stats.tracked), (1, 0));
     // Later ticks release nothing more.
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(f.releases_of(session.id()).len(), 1);
-    assert_eq!(session.extend_expiry(start + Duration::from_secs(99)), Err(ExpiryError::Expired(session.id())));
+    assert_eq!(
+        session.extend_expiry(start + Duration::from_secs(99)),
+        Err(ExpiryError::Expired(session.id()))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,7 +146,10 @@ async fn expiring_soon_is_published_once_warn_before_ahead() {
         panic!("expected the warning first");
     };
     assert_eq!(Instant::now(), deadline - warn, "warned warn_before ahead");
-    assert_eq!((id, router, incarnation), (session.id(), f.router, f.incarnation));
+    assert_eq!(
+        (id, router, incarnation),
+        (session.id(), f.router, f.incarnation)
+    );
     assert_eq!(expires_at, deadline);
     assert!(!session.is_closed());
     assert_eq!(session.closed().await, CloseReason::Expired);
@@ -168,7 +183,10 @@ async fn a_warning_lead_longer_than_the_wheel_warns_once() {
         warnings += usize::from(matches!(event, Event::SessionExpiringSoon { .. }));
     }
     assert_eq!(warnings, 1);
-    assert!(monitor.stats().timer_fires >= 3, "re-filed inside the window");
+    assert!(
+        monitor.stats().timer_fires >= 3,
+        "re-filed inside the window"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -180,7 +198,10 @@ async fn a_session_tracked_inside_its_warning_lead_is_warned_at_once_and_a_due_o
     tokio::time::sleep(TICK).await;
     assert_eq!(f.warnings(), [(soon.id(), start + Duration::from_secs(5))]);
     assert_eq!(due.closed().await, CloseReason::Expired);
-    assert!(Instant::now() <= start + TICK, "a due session closes at the next tick");
+    assert!(
+        Instant::now() <= start + TICK,
+        "a due session closes at the next tick"
+    );
     assert_eq!(soon.closed().await, CloseReason::Expired);
     assert!(f.warnings().is_empty());
 }
@@ -199,14 +220,21 @@ async fn extending_before_the_deadline_postpones_the_close_and_rearms_the_warnin
     let second = start + Duration::from_secs(20);
     assert_eq!(session.extend_expiry(second), Ok(()));
     // An earlier expiry changes nothing: extensions never shorten.
-    assert_eq!(session.extend_expiry(start + Duration::from_secs(12)), Ok(()));
+    assert_eq!(
+        session.extend_expiry(start + Duration::from_secs(12)),
+        Ok(())
+    );
     assert_eq!(session.expires_at(), Some(second));
 
     tokio::time::sleep_until(first + Duration::from_secs(1)).await;
     assert!(!session.is_closed(), "postponed");
     assert!(f.warnings().is_empty(), "no warning for the old expiry");
     tokio::time::sleep_until(second - warn + TICK).await;
-    assert_eq!(f.warnings(), [(session.id(), second)], "re-armed for the new expiry");
+    assert_eq!(
+        f.warnings(),
+        [(session.id(), second)],
+        "re-armed for the new expiry"
+    );
     assert_eq!(session.closed().await, CloseReason::Expired);
     let released = f.releases_of(session.id());
     assert_eq!(released.len(), 1);
@@ -222,7 +250,10 @@ async fn a_cleared_expiry_never_fires() {
     assert_eq!(session.clear_expiry(), Ok(()));
     assert_eq!(session.expires_at(), None);
     // Nothing brings an expiry back.
-    assert_eq!(session.extend_expiry(start + Duration::from_secs(6)), Ok(()));
+    assert_eq!(
+        session.extend_expiry(start + Duration::from_secs(6)),
+        Ok(())
+    );
     assert_eq!(session.expires_at(), None);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!session.is_closed());
@@ -237,15 +268,28 @@ async fn a_session_closed_otherwise_is_not_touched() {
     let closed = f.open(1, Some(start + Duration::from_secs(5))).await;
     let marked = f.open(2, Some(start + Duration::from_secs(5))).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(f.store.close(closed.id(), CloseReason::ClientClosed).await.unwrap().won());
+    assert!(
+        f.store
+            .close(closed.id(), CloseReason::ClientClosed)
+            .await
+            .unwrap()
+            .won()
+    );
     // Its router's deletion marked it: the deletion owns its close.
     assert!(marked.begin_terminating().won());
-    assert_eq!(closed.extend_expiry(start + Duration::from_secs(9)), Err(ExpiryError::Closed(closed.id())));
+    assert_eq!(
+        closed.extend_expiry(start + Duration::from_secs(9)),
+        Err(ExpiryError::Closed(closed.id()))
+    );
 
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(closed.close_reason(), Some(CloseReason::ClientClosed));
     assert_eq!(f.releases_of(closed.id()).len(), 1);
-    assert_eq!(marked.state(), SessionState::Terminating, "left to its deletion");
+    assert_eq!(
+        marked.state(),
+        SessionState::Terminating,
+        "left to its deletion"
+    );
     assert!(f.releases_of(marked.id()).is_empty());
     assert!(f.warnings().is_empty(), "no warning for either");
     let stats = f.monitor.stats();
@@ -258,13 +302,25 @@ async fn a_new_session_reusing_the_id_is_not_closed_by_the_old_expiry() {
     let start = Instant::now();
     let old = f.open(7, Some(start + Duration::from_secs(5))).await;
     // A client's close through the store also removes it.
-    assert!(f.store.close(old.id(), CloseReason::ClientClosed).await.unwrap().won());
+    assert!(
+        f.store
+            .close(old.id(), CloseReason::ClientClosed)
+            .await
+            .unwrap()
+            .won()
+    );
     assert!(f.store.get(old.id()).await.unwrap().is_none());
     // The id comes back with a later expiry, and once without any.
     let new = f.open(7, Some(start + Duration::from_secs(50))).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(!new.is_closed(), "the old expiry closed the new session");
-    assert!(f.store.get(new.id()).await.unwrap().is_some_and(|s| Session::ptr_eq(&s, &new)));
+    assert!(
+        f.store
+            .get(new.id())
+            .await
+            .unwrap()
+            .is_some_and(|s| Session::ptr_eq(&s, &new))
+    );
     assert_eq!(new.closed().await, CloseReason::Expired);
     assert!(Instant::now() >= start + Duration::from_secs(50));
 
@@ -285,7 +341,9 @@ async fn ten_thousand_spread_expiries_expire_on_time_on_one_task() {
     const SESSIONS: u64 = 10_000;
     let f = fixture(ExpiryMonitor::builder().warn_before(Duration::from_secs(5))).await;
     let start = Instant::now();
-    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let mut sessions = Vec::new();
     for id in 0..SESSIONS {
@@ -299,7 +357,9 @@ async fn ten_thousand_spread_expiries_expire_on_time_on_one_task() {
     let mut most_tasks = 0;
     for _ in 0..204 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let alive = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let alive = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
         most_tasks = most_tasks.max(alive);
     }
     // The monitor's task, plus one close task in a tick with expiries.
@@ -310,7 +370,13 @@ async fn ten_thousand_spread_expiries_expire_on_time_on_one_task() {
     for (session, at) in &sessions {
         assert_eq!(session.close_reason(), Some(CloseReason::Expired));
         let released = f.releases_of(session.id());
-        assert_eq!(released.len(), 1, "{} released {} times", session.id(), released.len());
+        assert_eq!(
+            released.len(),
+            1,
+            "{} released {} times",
+            session.id(),
+            released.len()
+        );
         assert!(
             released[0] >= *at && released[0] <= *at + TICK,
             "{} expired {:?} after its expiry",
@@ -320,10 +386,17 @@ async fn ten_thousand_spread_expiries_expire_on_time_on_one_task() {
     }
     assert!(f.store.is_empty());
     let stats = f.monitor.stats();
-    assert_eq!((stats.expired, stats.warned, stats.tracked), (SESSIONS, SESSIONS, 0));
+    assert_eq!(
+        (stats.expired, stats.warned, stats.tracked),
+        (SESSIONS, SESSIONS, 0)
+    );
     // Lazy re-arm: an entry comes up at its warning and at its expiry, and
     // a far one once per turn of the wheel on its way; never per tick.
-    assert!(stats.timer_fires <= 3 * SESSIONS, "{} timer fires", stats.timer_fires);
+    assert!(
+        stats.timer_fires <= 3 * SESSIONS,
+        "{} timer fires",
+        stats.timer_fires
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -361,7 +434,12 @@ async fn extensions_racing_the_expiry_are_decided_once() {
         let session = store.create(spec).await.unwrap();
         let released = Arc::clone(&released);
         session
-            .attach(move |_: CloseReason| released.lock().unwrap().push((SessionId::new(id), Instant::now())))
+            .attach(move |_: CloseReason| {
+                released
+                    .lock()
+                    .unwrap()
+                    .push((SessionId::new(id), Instant::now()))
+            })
             .unwrap();
         monitor.track(&session).unwrap();
         sessions.push(session);
@@ -374,7 +452,10 @@ async fn extensions_racing_the_expiry_are_decided_once() {
             let mut granted = vec![None; sessions.len()];
             let mut refused = vec![false; sessions.len()];
             let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-            let (least, most) = (Instant::now() + Duration::from_millis(50), Instant::now() + Duration::from_secs(5));
+            let (least, most) = (
+                Instant::now() + Duration::from_millis(50),
+                Instant::now() + Duration::from_secs(5),
+            );
             // Until some extensions came too late (and the race was run).
             while Instant::now() < least || (!refused.contains(&true) && Instant::now() < most) {
                 for (i, session) in sessions.iter().enumerate() {
@@ -407,7 +488,13 @@ async fn extensions_racing_the_expiry_are_decided_once() {
             .filter(|(s, _)| *s == session.id())
             .map(|(_, at)| *at)
             .collect();
-        assert_eq!(releases.len(), 1, "{} released {} times", session.id(), releases.len());
+        assert_eq!(
+            releases.len(),
+            1,
+            "{} released {} times",
+            session.id(),
+            releases.len()
+        );
         if let Some(granted) = granted[i] {
             assert!(
                 releases[0] >= granted,
@@ -417,10 +504,16 @@ async fn extensions_racing_the_expiry_are_decided_once() {
             );
         }
         if refused[i] {
-            assert_eq!(session.extend_expiry(Instant::now() + Duration::from_secs(1)), Err(ExpiryError::Expired(session.id())));
+            assert_eq!(
+                session.extend_expiry(Instant::now() + Duration::from_secs(1)),
+                Err(ExpiryError::Expired(session.id()))
+            );
         }
     }
-    assert!(refused.iter().any(|&r| r), "no extension came too late: no race was run");
+    assert!(
+        refused.iter().any(|&r| r),
+        "no extension came too late: no race was run"
+    );
     // Waits for the close tasks: they count and remove after the release.
     monitor.shutdown().await;
     assert_eq!(monitor.stats().expired, SESSIONS);
@@ -482,17 +575,31 @@ async fn track_refuses_what_it_cannot_expire() {
     let f = fixture(ExpiryMonitor::builder()).await;
     let start = Instant::now();
     let forever = f.open(1, None).await;
-    assert_eq!(f.monitor.track(&forever), Err(TrackError::NoExpiry(forever.id())));
+    assert_eq!(
+        f.monitor.track(&forever),
+        Err(TrackError::NoExpiry(forever.id()))
+    );
     let tracked = f.open(2, Some(start + Duration::from_secs(5))).await;
-    assert_eq!(f.monitor.track(&tracked), Err(TrackError::AlreadyTracked(tracked.id())));
+    assert_eq!(
+        f.monitor.track(&tracked),
+        Err(TrackError::AlreadyTracked(tracked.id()))
+    );
     // One monitor per session: another refuses it too.
-    let other = ExpiryMonitor::builder().build(Arc::clone(&f.store)).unwrap();
-    assert_eq!(other.track(&tracked), Err(TrackError::AlreadyTracked(tracked.id())));
+    let other = ExpiryMonitor::builder()
+        .build(Arc::clone(&f.store))
+        .unwrap();
+    assert_eq!(
+        other.track(&tracked),
+        Err(TrackError::AlreadyTracked(tracked.id()))
+    );
     let closed = NewSession::new(SessionId::new(3), f.router, f.incarnation)
         .expires_at(start + Duration::from_secs(5))
         .into_session();
     let _ = closed.close(CloseReason::ClientClosed);
-    assert_eq!(f.monitor.track(&closed), Err(TrackError::Closed(closed.id())));
+    assert_eq!(
+        f.monitor.track(&closed),
+        Err(TrackError::Closed(closed.id()))
+    );
 
     f.monitor.shutdown().await;
     let late = NewSession::new(SessionId::new(4), f.router, f.incarnation)
@@ -506,12 +613,27 @@ async fn track_refuses_what_it_cannot_expire() {
 #[tokio::test]
 async fn the_tick_is_checked_by_build() {
     let store = Arc::new(MemoryStore::new());
-    for tick in [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(61)] {
-        let refused = ExpiryMonitor::builder().tick(tick).build(Arc::clone(&store));
-        assert_eq!(refused.unwrap_err().refused_setting(), Some("tick"), "{tick:?}");
+    for tick in [
+        Duration::ZERO,
+        Duration::from_micros(999),
+        Duration::from_secs(61),
+    ] {
+        let refused = ExpiryMonitor::builder()
+            .tick(tick)
+            .build(Arc::clone(&store));
+        assert_eq!(
+            refused.unwrap_err().refused_setting(),
+            Some("tick"),
+            "{tick:?}"
+        );
     }
     for tick in [Duration::from_millis(1), Duration::from_secs(60)] {
-        assert!(ExpiryMonitor::builder().tick(tick).build(Arc::clone(&store)).is_ok());
+        assert!(
+            ExpiryMonitor::builder()
+                .tick(tick)
+                .build(Arc::clone(&store))
+                .is_ok()
+        );
     }
 }
 
@@ -527,7 +649,11 @@ impl TerminationNotifier for Wire {
 async fn lifecycle_create_tracks_sessions_with_an_expiry_and_shuts_the_monitor_down() {
     let store = Arc::new(MemoryStore::new());
     let lifecycle = Lifecycle::builder(Arc::clone(&store), Wire)
-        .expiry(ExpiryMonitor::builder().tick(TICK).warn_before(Duration::from_secs(1)))
+        .expiry(
+            ExpiryMonitor::builder()
+                .tick(TICK)
+                .warn_before(Duration::from_secs(1)),
+        )
         .build()
         .unwrap();
     let mut events = lifecycle.subscribe();
@@ -551,7 +677,10 @@ async fn lifecycle_create_tracks_sessions_with_an_expiry_and_shuts_the_monitor_d
 
     assert_eq!(expiring.closed().await, CloseReason::Expired);
     assert_eq!(released.load(Ordering::SeqCst), 1);
-    assert!(lifecycle.reclaim().stats().completed >= 1, "released through the one queue");
+    assert!(
+        lifecycle.reclaim().stats().completed >= 1,
+        "released through the one queue"
+    );
     let mut warned = 0;
     while let Some(event) = events.try_recv() {
         if let Event::SessionExpiringSoon { session, .. } = event {
@@ -561,7 +690,10 @@ async fn lifecycle_create_tracks_sessions_with_an_expiry_and_shuts_the_monitor_d
     }
     assert_eq!(warned, 1, "warned on the lifecycle's bus");
     let stats = lifecycle.stats().await.unwrap();
-    assert_eq!(stats.expiry.map(|e| (e.expired, e.warned, e.tracked)), Some((1, 1, 0)));
+    assert_eq!(
+        stats.expiry.map(|e| (e.expired, e.warned, e.tracked)),
+        Some((1, 1, 0))
+    );
     assert!(!forever.is_closed());
 
     let late = lifecycle
@@ -585,7 +717,8 @@ fn expired_is_a_forced_close_with_its_own_label() {
     assert!(CloseReason::Expired.is_forced());
     assert_eq!(CloseReason::Expired.as_str(), "expired");
     assert_eq!(CloseReason::Expired.to_string(), "expired");
-    let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1)).into_session();
+    let session =
+        NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1)).into_session();
     assert!(session.close(CloseReason::Expired).won());
     assert_eq!(session.close_reason(), Some(CloseReason::Expired));
 }

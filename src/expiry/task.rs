@@ -61,7 +61,9 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
         let woke = if held == 0 {
             shared.idle().await
         } else {
-            shared.sleep(shared.instant_of(now_tick.saturating_add(1))).await
+            shared
+                .sleep(shared.instant_of(now_tick.saturating_add(1)))
+                .await
         };
         if !woke {
             break;
@@ -287,7 +289,10 @@ mod tests {
         assert_eq!(session.extend_expiry(later), Ok(()));
         let mut found = pass();
         let placed = shared.place(entry(&session), stale, now_tick, &mut found);
-        assert!(matches!(placed, Placed::Extended(_)), "expired against a stale read");
+        assert!(
+            matches!(placed, Placed::Extended(_)),
+            "expired against a stale read"
+        );
         assert!(found.due.is_empty());
         assert_eq!(session.extend_expiry(later), Ok(()), "not marked expired");
 
@@ -317,7 +322,8 @@ mod tests {
         let incarnation = crate::SessionStore::register_router(&*store, router)
             .await
             .unwrap();
-        let spec = NewSession::new(SessionId::new(1), router, incarnation).expires_in(Duration::ZERO);
+        let spec =
+            NewSession::new(SessionId::new(1), router, incarnation).expires_in(Duration::ZERO);
         let session = crate::SessionStore::create(&*store, spec).await.unwrap();
         let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = Arc::clone(&released);
@@ -332,13 +338,26 @@ mod tests {
             session: session.clone(),
             warned: None,
         };
-        let placed = shared.place(entry, session.expiry(), shared.tick_of(Instant::now()), &mut found);
+        let placed = shared.place(
+            entry,
+            session.expiry(),
+            shared.tick_of(Instant::now()),
+            &mut found,
+        );
         assert!(matches!(placed, Placed::Gone) && found.due.len() == 1);
-        assert!(session.begin_terminating().won(), "its router's deletion marks it");
+        assert!(
+            session.begin_terminating().won(),
+            "its router's deletion marks it"
+        );
         shared.expire(found.due).await;
         assert_eq!(session.state(), SessionState::Terminating);
         assert_eq!(released.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(monitor.stats().expired, 0);
-        assert!(crate::SessionStore::get(&*store, session.id()).await.unwrap().is_some());
+        assert!(
+            crate::SessionStore::get(&*store, session.id())
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

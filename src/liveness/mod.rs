@@ -50,12 +50,12 @@ use crate::events::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
+use crate::wheel::Wheel;
 use config::{Config, millis};
 use counters::Counters;
 use holds::Holds;
 pub(crate) use holds::RouterHold;
 use probe::{Group, Suspect};
-use crate::wheel::Wheel;
 
 /// Set in the clock once the monitor stops.
 const STOPPED: u64 = 1 << 63;

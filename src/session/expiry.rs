@@ -180,7 +180,11 @@ impl ExpiryWord {
     }
 
     /// Moves the expiry to `at` (`None`: never) if that is later.
-    pub(crate) fn extend(&self, created_at: Instant, at: Option<Instant>) -> Result<(), ExpiryRefused> {
+    pub(crate) fn extend(
+        &self,
+        created_at: Instant,
+        at: Option<Instant>,
+    ) -> Result<(), ExpiryRefused> {
         let wanted = encode(created_at, at);
         // Relaxed first guess; the compare-exchange below re-reads.
         let mut current = self.0.load(Ordering::Relaxed);
@@ -217,7 +221,12 @@ impl ExpiryWord {
         // AcqRel: see `extend`. Strong: a spurious failure would re-file a
         // due session for a tick.
         self.0
-            .compare_exchange(seen.0, seen.0 | EXPIRED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                seen.0,
+                seen.0 | EXPIRED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 }
@@ -279,7 +288,10 @@ mod tests {
         let created = Instant::now();
         let word = ExpiryWord::new(created, Some(created + Duration::from_secs(1)));
         let seen = word.snapshot();
-        assert_eq!(word.extend(created, Some(created + Duration::from_secs(2))), Ok(()));
+        assert_eq!(
+            word.extend(created, Some(created + Duration::from_secs(2))),
+            Ok(())
+        );
         assert!(!word.expire(seen), "an extension landed since the read");
         let seen = word.snapshot();
         assert!(word.expire(seen));

@@ -16,8 +16,8 @@ mod loom_tests;
 
 pub(crate) use close::{DeferredClose, release_contained};
 pub(crate) use estimator::{Estimate, TimeoutRule};
-pub(crate) use expiry::ExpirySnapshot;
 pub use expiry::ExpiryError;
+pub(crate) use expiry::ExpirySnapshot;
 pub use handle::Session;
 pub use resource::{AttachError, Classed, Resource, ResourceClass};
 pub use spec::NewSession;
