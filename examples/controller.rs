@@ -321,7 +321,7 @@ async fn main() -> Result<ExitCode, BoxError> {
                 let session = counts.open(&store, spec).await?;
                 if expires_at.is_some() {
                     // Its API session was refreshed: half of them once.
-                    if id.get() % 2 == 0 {
+                    if id.get().is_multiple_of(2) {
                         session.extend_expiry(started + Duration::from_secs(4))?;
                     }
                     expiry.track(&session)?;

@@ -567,11 +567,11 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
         spec: NewSession<S::Payload>,
     ) -> Result<Session<S::Payload>, CreateError<S::Payload>> {
         let session = self.store.create(spec).await?;
-        if session.expires_at().is_some() {
-            if let Err(error) = self.expiry.track(&session) {
-                // Closed meanwhile, or the controller is stopping.
-                tracing::debug!(session = %session.id(), %error, "created session not tracked");
-            }
+        if session.expires_at().is_some()
+            && let Err(error) = self.expiry.track(&session)
+        {
+            // Closed meanwhile, or the controller is stopping.
+            tracing::debug!(session = %session.id(), %error, "created session not tracked");
         }
         Ok(session)
     }

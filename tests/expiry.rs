@@ -463,7 +463,7 @@ async fn extensions_racing_the_expiry_are_decided_once() {
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
                     // Each round extends about one session in eight.
-                    if refused[i] || seed % 8 != 0 {
+                    if refused[i] || !seed.is_multiple_of(8) {
                         continue;
                     }
                     // Just ahead of the monitor's next ticks, or just behind.
