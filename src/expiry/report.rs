@@ -16,7 +16,11 @@ use crate::id::SessionId;
 #[non_exhaustive]
 pub struct ExpiryStats {
     /// Sessions tracked now. A session closed by someone else (or whose
-    /// expiry was cleared) is counted until its timer entry comes up.
+    /// expiry was cleared) is counted, and its handle held, until its timer
+    /// entry comes up: at its warning or expiry, or within one turn of the
+    /// wheel (16,384 ticks, 27 minutes at the default tick). After
+    /// [`shutdown`](super::ExpiryMonitor::shutdown), those it held when it
+    /// stopped.
     pub tracked: u64,
     /// Sessions the monitor closed with
     /// [`CloseReason::Expired`](crate::CloseReason::Expired).

@@ -71,7 +71,11 @@ impl<P> NewSession<P> {
     /// [`ExpiryMonitor`](crate::ExpiryMonitor) that tracks it closes
     /// it then with [`CloseReason::Expired`](crate::CloseReason::Expired).
     /// [`Session::extend_expiry`] moves it later. Without one, the session
-    /// never expires.
+    /// never expires (nor does one more than 146 years after its creation).
+    ///
+    /// The expiry lives in the session's handle (8 bytes); stores do not
+    /// persist it: with an `EtcdStore`, the controller that created the
+    /// session tracks its expiry.
     ///
     /// [`Lifecycle::create`](crate::Lifecycle::create) tracks a session
     /// with an expiry; with a store used directly, give the session to
