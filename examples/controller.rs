@@ -20,6 +20,9 @@
 //!    Each deleted router's routes are then withdrawn through the reclaim
 //!    queue; every tenth router refuses the first withdrawal for good, so
 //!    its task waits as a dead letter until `redrive()` queues it again.
+//!    Meanwhile 1 % of the sessions on the other routers reach the expiry
+//!    their API session gave them (half of them extended once) and are
+//!    closed by the expiry monitor, after an `ExpiringSoon` warning.
 //! 4. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
 //!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
@@ -30,8 +33,8 @@
 //!    open session adopted, the expired one rejected, none lost.
 //!
 //! The summary lists sessions created, routers deleted, confirmed vs forced
-//! closes, dead sessions found, the audit, deletion latency p50/p99 and
-//! peak memory. The exit code is non-zero if any check fails.
+//! closes, dead sessions found, sessions expired, the audit, deletion
+//! latency p50/p99 and peak memory. The exit code is non-zero if any check fails.
 //!
 //! ```sh
 //! cargo run --release --example controller
@@ -47,12 +50,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lifecycle::{
-    Backoff, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, Reconciler, ResourceClass,
-    RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore, TerminationBatch,
-    TerminationNotifier,
-    reclaim::ReclaimError,
-    reclaim::ReclaimTask,
+    Backoff, CloseReason, Event, EventBus, ExpiryMonitor, Lifecycle, LivenessMonitor, MemoryStore,
+    NewSession, NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, Reconciler,
+    ResourceClass, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore,
+    TerminationBatch, TerminationNotifier, reclaim::ReclaimError, reclaim::ReclaimTask,
     reconcile::{Adoption, ReportedSession, adopt_fn},
 };
 use tokio::task::JoinSet;
@@ -85,11 +86,24 @@ struct Args {
     /// Seed of the simulation's randomness.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// One session in this many (live, on a router that is not deleted)
+    /// has an expiry during the run (default: 1 %).
+    #[arg(long, default_value_t = 100)]
+    expire_one_in: u64,
 }
 
 impl Args {
     fn is_dead(&self, id: SessionId) -> bool {
         id.get() < self.routers * self.sessions && id.get().is_multiple_of(self.dead_one_in.max(1))
+    }
+
+    /// When session `id` of `router` expires, if it does: 2 to 4 s into the
+    /// run, for 1 in `expire_one_in` live sessions of routers not deleted.
+    fn expiry(&self, id: SessionId, router: RouterId, started: Instant) -> Option<Instant> {
+        let chosen = id.get() % self.expire_one_in.max(1) == 1
+            && !self.is_dead(id)
+            && !self.doomed().contains(&router);
+        chosen.then(|| started + Duration::from_millis(2_000 + id.get() * 7_919 % 2_000))
     }
 
     /// The routers to delete: every k-th, the first of them never answers.
@@ -206,16 +220,8 @@ struct Counts {
 
 impl Counts {
     /// Opens a session with a resource counting its release.
-    async fn open(
-        &self,
-        store: &MemoryStore,
-        id: SessionId,
-        router: RouterId,
-        incarnation: session_lifecycle::Incarnation,
-    ) -> Result<Session, BoxError> {
-        let session = store
-            .create(NewSession::new(id, router, incarnation))
-            .await?;
+    async fn open(&self, store: &MemoryStore, spec: NewSession) -> Result<Session, BoxError> {
+        let session = store.create(spec).await?;
         session.record_in(512);
         let released = Arc::clone(&self.released);
         session.attach(move |_: CloseReason| {
@@ -279,6 +285,8 @@ async fn main() -> Result<ExitCode, BoxError> {
                 .probe_timeout(heartbeat)
                 .probe_retries(1),
         )
+        // Expiring sessions are warned a second ahead.
+        .expiry(ExpiryMonitor::builder().warn_before(Duration::from_secs(1)))
         .deleter(
             RouterDeleter::builder()
                 .batch_size(1_000)
@@ -303,13 +311,27 @@ async fn main() -> Result<ExitCode, BoxError> {
     let mut tasks = JoinSet::new();
     for (r, incarnation) in incarnations.iter().copied().enumerate() {
         let (store, counts, opening) = (Arc::clone(&store), Arc::clone(&counts), opening.clone());
+        let (args, expiry) = (args.clone(), lifecycle.expiry().clone());
         let per_router = args.sessions;
         tasks.spawn(async move {
             let router = RouterId::new(r as u64);
             let mut sessions = Vec::with_capacity(per_router as usize);
             for i in 0..per_router {
                 let id = SessionId::new(r as u64 * per_router + i);
-                sessions.push(counts.open(&store, id, router, incarnation).await?);
+                let mut spec = NewSession::new(id, router, incarnation);
+                let expires_at = args.expiry(id, router, started);
+                if let Some(at) = expires_at {
+                    spec = spec.expires_at(at);
+                }
+                let session = counts.open(&store, spec).await?;
+                if expires_at.is_some() {
+                    // Its API session was refreshed: half of them once.
+                    if id.get().is_multiple_of(2) {
+                        session.extend_expiry(started + Duration::from_secs(4))?;
+                    }
+                    expiry.track(&session)?;
+                }
+                sessions.push(session);
                 if i % 1_024 == 0 {
                     opening.inc(1_024.min(per_router - i));
                     tokio::task::yield_now().await;
@@ -330,6 +352,11 @@ async fn main() -> Result<ExitCode, BoxError> {
     for session in &sessions {
         monitor.watch(session)?;
     }
+    let expiring: Vec<Session> = sessions
+        .iter()
+        .filter(|s| s.expires_at().is_some())
+        .cloned()
+        .collect();
     let (dead, live): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|s| args.is_dead(s.id()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut beating = JoinSet::new();
@@ -374,8 +401,8 @@ async fn main() -> Result<ExitCode, BoxError> {
                 let r = dice.next() % args.routers;
                 let router = RouterId::new(r);
                 let id = SessionId::new(next_id.fetch_add(1, Ordering::Relaxed));
-                let incarnation = incarnations[r as usize];
-                match counts.open(&store, id, router, incarnation).await {
+                let spec = NewSession::new(id, router, incarnations[r as usize]);
+                match counts.open(&store, spec).await {
                     Ok(_) => {
                         tokio::task::yield_now().await;
                         // A deletion may have closed it meanwhile.
@@ -466,6 +493,16 @@ async fn main() -> Result<ExitCode, BoxError> {
         };
     }
 
+    // Sessions whose expiry is still to come close by then.
+    let last_expiry = expiring.iter().filter_map(Session::expires_at).max();
+    for session in &expiring {
+        let within = last_expiry.unwrap_or_else(Instant::now) + Duration::from_secs(1);
+        let _ = tokio::time::timeout_at(within, session.closed()).await;
+    }
+    let all_expired = expiring
+        .iter()
+        .all(|s| s.close_reason() == Some(CloseReason::Expired));
+
     // 4. Wind down and check.
     stop.store(true, Ordering::Relaxed);
     while let Some(done) = churn.join_next().await {
@@ -481,6 +518,8 @@ async fn main() -> Result<ExitCode, BoxError> {
     let liveness = monitor.stats();
     // In order: no new work, what the pieces hold, the queue drained last.
     let shutdown = lifecycle.shutdown(Duration::from_secs(10)).await;
+    // After the shutdown: the expiry monitor's closes have all finished.
+    let expiry = lifecycle.expiry().stats();
     // One sweep on demand (the sweeper's periodic task has stopped).
     let sweeper = lifecycle.sweeper().ok_or("built with a sweeper")?;
     let sweep = sweeper.sweep().await?;
@@ -511,6 +550,12 @@ async fn main() -> Result<ExitCode, BoxError> {
         liveness.reaped,
         dead.len(),
         liveness.probes
+    );
+    println!(
+        "expired:                 {} (warned {}) of {} given an expiry",
+        expiry.expired,
+        expiry.warned,
+        expiring.len()
     );
     println!(
         "routers deleted:         {deleted} of {} in {deleted_in:.2?} ({doomed_sessions} initial sessions, plus churn)",
@@ -586,6 +631,10 @@ async fn main() -> Result<ExitCode, BoxError> {
             liveness.reaped == dead.len() as u64,
         ),
         ("no live session convicted", live_convicted == 0),
+        (
+            "every session given an expiry expired, once",
+            all_expired && expiry.expired == expiring.len() as u64,
+        ),
         ("every doomed router deleted", deleted == doomed.len()),
         (
             "the mute router's sessions forced",

@@ -53,6 +53,12 @@
 //!   ([`CloseReason::LivenessTimeout`]) after the last silent round, within
 //!   [`LivenessMonitor::reap_bound`]. If the controller itself stalls, the
 //!   monitor extends deadlines instead of convicting anyone.
+//! - [`ExpiryMonitor`]: closes sessions at their absolute expiry
+//!   ([`NewSession::expires_at`], moved later by
+//!   [`Session::extend_expiry`]) with [`CloseReason::Expired`], after an
+//!   [`Event::SessionExpiringSoon`] warning; one task and one timer wheel
+//!   with lazy re-arm for every session ([`Lifecycle::create`] tracks the
+//!   sessions it creates with an expiry).
 //! - [`Backoff`]: the one retry schedule (on `backon`), used by the
 //!   deleter, the monitor and the queue; their bounds add up its
 //!   [`Backoff::longest_total`].
@@ -217,7 +223,7 @@
 //! # Stability
 //!
 //! The crate root holds the names a controller uses every day; the rest
-//! lives in each piece's module ([`deleter`], [`events`], [`lifecycle`],
+//! lives in each piece's module ([`deleter`], [`events`], [`expiry`], [`lifecycle`],
 //! [`liveness`], [`reclaim`], [`reconcile`], [`session`], [`store`],
 //! [`sweeper`]). `#[non_exhaustive]` follows one rule: what a later
 //! version may extend is non-exhaustive (every error, event, reason and
@@ -247,6 +253,7 @@ mod build;
 mod closing;
 pub mod deleter;
 pub mod events;
+pub mod expiry;
 mod id;
 pub mod lifecycle;
 pub mod liveness;
@@ -264,6 +271,7 @@ pub mod sweeper;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 mod transport_error;
+mod wheel;
 
 // The core: what a controller names every day. Everything else lives in
 // its piece's module.
@@ -272,6 +280,7 @@ pub use budget::NotificationBudget;
 pub use build::BuildError;
 pub use deleter::{NotifyError, RouterDeleter, TerminationBatch, TerminationNotifier};
 pub use events::{Event, EventBus};
+pub use expiry::ExpiryMonitor;
 pub use id::{Incarnation, RouterId, SessionId, SessionKey};
 pub use lifecycle::Lifecycle;
 pub use liveness::{LivenessMonitor, ProbeBatch, ProbeError, Prober};

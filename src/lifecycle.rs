@@ -17,12 +17,14 @@ use tokio::time::{Duration, Instant};
 use crate::build::BuildError;
 use crate::deleter::{RouterDeleter, RouterDeleterBuilder, TerminationNotifier};
 use crate::events::{EventBus, Subscription};
+use crate::expiry::{ExpiryMonitor, ExpiryMonitorBuilder};
 use crate::id::RouterId;
 use crate::liveness::{LivenessMonitor, LivenessMonitorBuilder, NoProbe, Prober};
 use crate::reclaim::{ReclaimQueue, ReclaimQueueBuilder, ShutdownReport};
 use crate::reconcile::{Reconciler, ReconcilerBuilder};
+use crate::session::{NewSession, Session};
 use crate::stats::Stats;
-use crate::store::{BackendError, SessionStore};
+use crate::store::{BackendError, CreateError, SessionStore};
 use crate::sweeper::{AuditSweeper, AuditSweeperBuilder};
 
 /// Every piece a controller needs, built over one store and wired
@@ -39,6 +41,9 @@ use crate::sweeper::{AuditSweeper, AuditSweeperBuilder};
 /// - a [`LivenessMonitor`] probing through your prober;
 /// - a [`Reconciler`] that holds a disconnected router in the monitor for
 ///   its grace period;
+/// - an [`ExpiryMonitor`] closing sessions at their expiry (it costs
+///   nothing until a session is tracked: [`create`](Self::create) tracks
+///   those created with one);
 /// - an [`AuditSweeper`], unless you opt out.
 ///
 /// Use each piece through its accessor, with its own API. The pieces stay
@@ -93,6 +98,7 @@ pub struct Lifecycle<S: SessionStore, N, Pr = NoProbe> {
     deleter: RouterDeleter<S, N>,
     liveness: LivenessMonitor<S, Pr>,
     reconciler: Reconciler<S>,
+    expiry: ExpiryMonitor<S>,
     sweeper: Option<AuditSweeper<S>>,
 }
 
@@ -155,6 +161,7 @@ pub struct LifecycleBuilder<S, N, Pr = NoProbe> {
     deleter: RouterDeleterBuilder,
     liveness: LivenessMonitorBuilder,
     reconciler: ReconcilerBuilder,
+    expiry: ExpiryMonitorBuilder,
     sweeper: Option<AuditSweeperBuilder>,
 }
 
@@ -172,6 +179,8 @@ pub enum Piece {
     Liveness,
     /// The [`AuditSweeper`]: a sweep was running.
     Sweeper,
+    /// The [`ExpiryMonitor`]: expired sessions were closing.
+    Expiry,
 }
 
 impl fmt::Display for Piece {
@@ -181,6 +190,7 @@ impl fmt::Display for Piece {
             Self::Reconciler => "reconciler",
             Self::Liveness => "liveness monitor",
             Self::Sweeper => "audit sweeper",
+            Self::Expiry => "expiry monitor",
         })
     }
 }
@@ -241,6 +251,7 @@ impl<S: SessionStore, N: TerminationNotifier> Lifecycle<S, N> {
             deleter: RouterDeleter::builder(),
             liveness: LivenessMonitor::builder(),
             reconciler: Reconciler::builder(),
+            expiry: ExpiryMonitor::builder(),
             sweeper: Some(AuditSweeper::builder()),
         }
     }
@@ -260,6 +271,7 @@ impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
             deleter: self.deleter,
             liveness: self.liveness,
             reconciler: self.reconciler,
+            expiry: self.expiry,
             sweeper: self.sweeper,
         }
     }
@@ -307,6 +319,14 @@ impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
         self
     }
 
+    /// The expiry monitor's settings (its tick, its warning lead).
+    ///
+    /// See the example on [`Lifecycle::create`].
+    pub fn expiry(mut self, monitor: ExpiryMonitorBuilder) -> Self {
+        self.expiry = monitor;
+        self
+    }
+
     /// The audit sweeper's settings.
     ///
     /// See the example on [`LifecycleBuilder`].
@@ -349,6 +369,7 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
             deleter,
             liveness,
             reconciler,
+            expiry,
             sweeper,
         } = self;
         let events = events.unwrap_or_default();
@@ -366,6 +387,10 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
             .reclaim_queue(reclaim.clone())
             .liveness(&liveness)
             .build(Arc::clone(&store))?;
+        let expiry = expiry
+            .events(events.clone())
+            .reclaim_queue(reclaim.clone())
+            .build(Arc::clone(&store))?;
         let sweeper = sweeper
             .map(|sweeper| {
                 sweeper
@@ -381,6 +406,7 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
             deleter,
             liveness,
             reconciler,
+            expiry,
             sweeper,
         })
     }
@@ -392,6 +418,7 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
             ("deleter", self.deleter.wired()),
             ("liveness", self.liveness.wired()),
             ("reconciler", self.reconciler.wired()),
+            ("expiry", self.expiry.wired()),
             (
                 "sweeper",
                 self.sweeper.as_ref().and_then(AuditSweeperBuilder::wired),
@@ -475,6 +502,85 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
         &self.reconciler
     }
 
+    /// The expiry monitor: [`create`](Self::create) tracks the sessions
+    /// it creates with an expiry; track others with
+    /// [`ExpiryMonitor::track`].
+    ///
+    /// See the example on [`create`](Self::create).
+    #[must_use]
+    pub fn expiry(&self) -> &ExpiryMonitor<S> {
+        &self.expiry
+    }
+
+    /// Creates a session in the store ([`SessionStore::create`]) and, if
+    /// it has an expiry ([`NewSession::expires_at`]), tracks it in the
+    /// [`expiry`](Self::expiry) monitor: it closes with
+    /// [`CloseReason::Expired`](crate::CloseReason::Expired) then, after an
+    /// [`Event::SessionExpiringSoon`](crate::Event::SessionExpiringSoon)
+    /// warning. Sessions created in the store directly are not tracked
+    /// unless given to [`ExpiryMonitor::track`].
+    ///
+    /// A session created after [`shutdown`](Self::shutdown) is not
+    /// tracked: it keeps its expiry, and nothing closes it then.
+    ///
+    /// # Errors
+    ///
+    /// The store's [`CreateError`], which hands the spec back.
+    ///
+    /// # Cancel safety
+    ///
+    /// As the store's `create`: once the session is created it is tracked
+    /// in the same poll.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{
+    ///     CloseReason, ExpiryMonitor, Lifecycle, MemoryStore, NewSession, NotifyError, RouterId,
+    ///     SessionId, SessionStore, TerminationBatch, TerminationNotifier,
+    /// };
+    ///
+    /// struct Wire;
+    /// impl TerminationNotifier for Wire {
+    ///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let lifecycle = Lifecycle::builder(Arc::clone(&store), Wire)
+    ///     .expiry(ExpiryMonitor::builder().warn_before(Duration::from_secs(30)))
+    ///     .build()?;
+    /// let router = RouterId::new(1);
+    /// let incarnation = store.register_router(router).await?;
+    ///
+    /// // Its API session expires in an hour.
+    /// let spec = NewSession::new(SessionId::new(1), router, incarnation)
+    ///     .expires_in(Duration::from_secs(3_600));
+    /// let session = lifecycle.create(spec).await?;
+    /// assert_eq!(lifecycle.expiry().stats().tracked, 1);
+    ///
+    /// assert_eq!(session.closed().await, CloseReason::Expired);
+    /// assert_eq!(lifecycle.stats().await?.expiry.map(|e| e.expired), Some(1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn create(
+        &self,
+        spec: NewSession<S::Payload>,
+    ) -> Result<Session<S::Payload>, CreateError<S::Payload>> {
+        let session = self.store.create(spec).await?;
+        if session.expires_at().is_some()
+            && let Err(error) = self.expiry.track(&session)
+        {
+            // Closed meanwhile, or the controller is stopping.
+            tracing::debug!(session = %session.id(), %error, "created session not tracked");
+        }
+        Ok(session)
+    }
+
     /// The audit sweeper, unless built
     /// [`without_sweeper`](LifecycleBuilder::without_sweeper).
     ///
@@ -528,6 +634,7 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
             .with_reclaim_queue(&self.reclaim)
             .with_liveness(&self.liveness)
             .with_reconciler(&self.reconciler)
+            .with_expiry(&self.expiry)
             .with_events(&self.events);
         Ok(match &self.sweeper {
             Some(sweeper) => stats.with_sweeper(sweeper),
@@ -543,10 +650,12 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     ///    ([`DeleteError::ShuttingDown`](crate::DeleteError::ShuttingDown)),
     ///    grace timers stop (their routers keep their sessions: the
     ///    controller is going away, not the router), the monitor stops
-    ///    convicting, the sweeper stops sweeping.
+    ///    convicting, the expiry monitor stops expiring (sessions keep
+    ///    their expiry and stay open), the sweeper stops sweeping.
     /// 2. **Work in hand.** Running deletions finish (each within its
     ///    [`max_wait`](RouterDeleter::max_wait)), as do a grace expiry's
-    ///    chunk, a sweep, the monitor's tasks, side by side, until the
+    ///    chunk, a sweep, the monitor's tasks, the closes of sessions that
+    ///    expired, side by side, until the
     ///    deadline. What is still running then is reported, not waited for.
     /// 3. **The queue last,** with what is left of the deadline: every
     ///    piece above pushes releases into it (a deletion's force phase
@@ -611,10 +720,11 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
             }
         };
         // Joined: each piece is told to stop at its first poll, in this order.
-        let (deleter, reconciler, liveness, sweeper) = tokio::join!(
+        let (deleter, reconciler, liveness, expiry, sweeper) = tokio::join!(
             stop_within(deadline, Piece::Deleter, self.deleter.shutdown()),
             stop_within(deadline, Piece::Reconciler, self.reconciler.shutdown()),
             stop_within(deadline, Piece::Liveness, self.liveness.shutdown()),
+            stop_within(deadline, Piece::Expiry, self.expiry.shutdown()),
             sweeper,
         );
         let deletions = match deleter {
@@ -625,7 +735,7 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
         let reclaim = self.reclaim.shutdown(left).await;
         LifecycleShutdown {
             deletions,
-            still_running: [deleter, reconciler, liveness, sweeper]
+            still_running: [deleter, reconciler, liveness, expiry, sweeper]
                 .into_iter()
                 .flatten()
                 .collect(),
@@ -655,6 +765,7 @@ impl<S: SessionStore, N, Pr> Clone for Lifecycle<S, N, Pr> {
             deleter: self.deleter.clone(),
             liveness: self.liveness.clone(),
             reconciler: self.reconciler.clone(),
+            expiry: self.expiry.clone(),
             sweeper: self.sweeper.clone(),
         }
     }
@@ -668,6 +779,7 @@ impl<S: SessionStore, N, Pr> fmt::Debug for Lifecycle<S, N, Pr> {
             .field("deleter", &self.deleter)
             .field("liveness", &self.liveness)
             .field("reconciler", &self.reconciler)
+            .field("expiry", &self.expiry)
             .field("sweeper", &self.sweeper)
             .finish_non_exhaustive()
     }
@@ -681,6 +793,7 @@ impl<S, N, Pr> fmt::Debug for LifecycleBuilder<S, N, Pr> {
             .field("deleter", &self.deleter)
             .field("liveness", &self.liveness)
             .field("reconciler", &self.reconciler)
+            .field("expiry", &self.expiry)
             .field("sweeper", &self.sweeper)
             .finish_non_exhaustive()
     }

@@ -2,6 +2,7 @@
 
 use crate::deleter::{RouterDeleter, TerminationNotifier};
 use crate::events::{EventBus, EventStats};
+use crate::expiry::{ExpiryMonitor, ExpiryStats};
 use crate::liveness::{LivenessMonitor, LivenessStats, Prober};
 use crate::reclaim::{ReclaimQueue, ReclaimStats};
 use crate::reconcile::Reconciler;
@@ -10,7 +11,8 @@ use crate::sweeper::{AuditSweeper, SweeperStats};
 
 /// A snapshot of the sessions, per router and in total, and of each piece
 /// you add to it: deletions in flight, the reclaim queue, the liveness
-/// monitor, routers in their grace period, the sweeper, the event bus.
+/// monitor, routers in their grace period, the expiry monitor, the
+/// sweeper, the event bus.
 ///
 /// [`Stats::collect`] counts the store's sessions router by router
 /// ([`SessionStore::census`]: one pass over every session, each router
@@ -62,6 +64,8 @@ pub struct Stats {
     pub liveness: Option<LivenessStats>,
     /// Routers in their disconnect grace period, if a reconciler was added.
     pub routers_in_grace: Option<usize>,
+    /// The expiry monitor's counters (tracked, expired, warned), if added.
+    pub expiry: Option<ExpiryStats>,
     /// The audit sweeper's counters, if added.
     pub sweeper: Option<SweeperStats>,
     /// The event bus's counters (subscribers, lag), if added.
@@ -181,6 +185,19 @@ impl Stats {
         #[cfg(feature = "metrics")]
         crate::metrics::gauge("session_lifecycle_routers_in_grace", in_grace);
         self.routers_in_grace = Some(in_grace);
+        self
+    }
+
+    /// Adds the counters of the expiry `monitor`.
+    #[must_use]
+    pub fn with_expiry<S: SessionStore>(mut self, monitor: &ExpiryMonitor<S>) -> Self {
+        let stats = monitor.stats();
+        // Expired sessions are counted by their close
+        // (`session_lifecycle_sessions_closed_total{reason="expired"}`),
+        // warnings by their event.
+        #[cfg(feature = "metrics")]
+        crate::metrics::gauge("session_lifecycle_expiry_tracked_sessions", stats.tracked);
+        self.expiry = Some(stats);
         self
     }
 

@@ -78,6 +78,7 @@ fn every_close_reason_round_trips() {
         CloseReason::Reclaimed,
         CloseReason::RouterLost,
         CloseReason::Shutdown,
+        CloseReason::Expired,
     ] {
         let s = session();
         assert!(s.close(reason).won());

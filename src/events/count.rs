@@ -66,6 +66,9 @@ pub(crate) fn record(event: &Event) {
             crate::metrics::counter!("session_lifecycle_repairs_total", "action" => repair.action.as_str())
                 .increment(1);
         }
+        Event::SessionExpiringSoon { .. } => {
+            crate::metrics::counter!("session_lifecycle_sessions_expiring_soon_total").increment(1);
+        }
         Event::Liveness(event) => liveness(event),
         Event::Reclaim(event) => reclaim(event),
     }

@@ -54,7 +54,7 @@ pub use reclaim::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 pub use reconcile::ReconcileSummary;
 pub use repair::{Repair, RepairAction};
 
-use tokio::time::Duration;
+use tokio::time::{Duration, Instant};
 
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::CloseReason;
@@ -67,7 +67,8 @@ use crate::session::CloseReason;
 /// [`ReclaimQueueBuilder::events`](crate::ReclaimQueueBuilder::events),
 /// [`LivenessMonitorBuilder::events`](crate::LivenessMonitorBuilder::events),
 /// [`ReconcilerBuilder::events`](crate::ReconcilerBuilder::events),
-/// [`AuditSweeperBuilder::events`](crate::AuditSweeperBuilder::events)) and one
+/// [`AuditSweeperBuilder::events`](crate::AuditSweeperBuilder::events),
+/// the [`ExpiryMonitor`](crate::ExpiryMonitor)'s builder's `events`) and one
 /// subscription sees them all, in the order each piece published them.
 ///
 /// The events of one session come in the order of its transitions
@@ -210,4 +211,21 @@ pub enum Event {
     Liveness(LivenessEvent),
     /// Something the reclaim queue reported (retried, failed, long-lived).
     Reclaim(ReclaimEvent),
+    /// A session's expiry is near: the [`ExpiryMonitor`](crate::ExpiryMonitor)
+    /// tracking it closes it with [`CloseReason::Expired`] at `expires_at`
+    /// unless it is extended ([`Session::extend_expiry`](crate::Session::extend_expiry))
+    /// before. Published once per expiry, its monitor's `warn_before` ahead
+    /// of it
+    /// (within one tick; at once for a session tracked closer to its expiry
+    /// than that, none for one tracked already due); an extension re-arms it.
+    SessionExpiringSoon {
+        /// The session.
+        session: SessionId,
+        /// Its router.
+        router: RouterId,
+        /// The router incarnation it belongs to.
+        incarnation: Incarnation,
+        /// When it expires, on tokio's clock.
+        expires_at: Instant,
+    },
 }

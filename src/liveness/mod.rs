@@ -27,7 +27,6 @@ mod holds;
 mod probe;
 mod report;
 mod tag;
-mod wheel;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,12 +50,12 @@ use crate::events::Event;
 use crate::id::{RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
+use crate::wheel::Wheel;
 use config::{Config, millis};
 use counters::Counters;
 use holds::Holds;
 pub(crate) use holds::RouterHold;
 use probe::{Group, Suspect};
-use wheel::Wheel;
 
 /// Set in the clock once the monitor stops.
 const STOPPED: u64 = 1 << 63;

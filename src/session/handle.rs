@@ -24,6 +24,7 @@ use std::task::Waker;
 use tokio::time::{Duration, Instant};
 
 use super::estimator::Beat;
+use super::expiry::{ExpirySnapshot, ExpiryWord};
 use super::resource::{AttachError, Resource, Resources};
 use super::state::{CloseReason, SessionState, StateWord, Transition, WatchRefused};
 use super::token::SessionToken;
@@ -82,6 +83,7 @@ pub(super) struct Inner<P> {
     pub(super) word: StateWord,
     traffic: TrafficCounters,
     beat: Beat,
+    pub(super) expiry: ExpiryWord,
     pub(super) shared: Mutex<Shared>,
     payload: P,
 }
@@ -127,18 +129,21 @@ impl<P> Session<P> {
         router: RouterId,
         incarnation: Incarnation,
         token: Option<SessionToken>,
+        expires_at: Option<Instant>,
         payload: P,
     ) -> Self {
+        let created_at = Instant::now();
         Session {
             inner: Arc::new(Inner {
                 id,
                 generation,
                 router,
                 incarnation,
-                created_at: Instant::now(),
+                created_at,
                 word: StateWord::new(),
                 traffic: TrafficCounters::default(),
                 beat: Beat::default(),
+                expiry: ExpiryWord::new(created_at, expires_at),
                 shared: Mutex::new(Shared {
                     token: token.map(std::sync::Arc::new),
                     ..Shared::default()
@@ -231,6 +236,22 @@ impl<P> Session<P> {
     /// The tag of the monitor watching the session (0: none) and its state.
     pub(crate) fn watcher(&self) -> (u64, SessionState) {
         self.inner.word.watcher()
+    }
+
+    /// The session's expiry word, as one read.
+    pub(crate) fn expiry(&self) -> ExpirySnapshot {
+        self.inner.expiry.snapshot()
+    }
+
+    /// Marks the session tracked by an expiry monitor; `true` for the one
+    /// caller that did.
+    pub(crate) fn track_expiry(&self) -> bool {
+        self.inner.expiry.track()
+    }
+
+    /// Marks the session expired if its expiry is still `seen`.
+    pub(crate) fn expire(&self, seen: ExpirySnapshot) -> bool {
+        self.inner.expiry.expire(seen)
     }
 
     /// Flags the session as reported long-lived; `true` for the one caller

@@ -2,6 +2,7 @@
 
 mod close;
 mod estimator;
+mod expiry;
 mod handle;
 mod resource;
 mod spec;
@@ -15,6 +16,8 @@ mod loom_tests;
 
 pub(crate) use close::{DeferredClose, release_contained};
 pub(crate) use estimator::{Estimate, TimeoutRule};
+pub use expiry::ExpiryError;
+pub(crate) use expiry::ExpirySnapshot;
 pub use handle::Session;
 pub use resource::{AttachError, Classed, Resource, ResourceClass};
 pub use spec::NewSession;

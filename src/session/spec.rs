@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use tokio::time::{Duration, Instant};
+
 use super::handle::Session;
 use super::token::SessionToken;
 use crate::id::{Incarnation, RouterId, SessionId};
@@ -23,6 +25,7 @@ pub struct NewSession<P = ()> {
     router: RouterId,
     incarnation: Incarnation,
     token: Option<SessionToken>,
+    expires_at: Option<Instant>,
     payload: P,
 }
 
@@ -36,6 +39,7 @@ impl NewSession<()> {
             router,
             incarnation,
             token: None,
+            expires_at: None,
             payload: (),
         }
     }
@@ -57,8 +61,56 @@ impl<P> NewSession<P> {
             router: self.router,
             incarnation: self.incarnation,
             token: self.token,
+            expires_at: self.expires_at,
             payload,
         }
+    }
+
+    /// Gives the session an absolute expiry on tokio's clock (for
+    /// example its API session's): an
+    /// [`ExpiryMonitor`](crate::ExpiryMonitor) that tracks it closes
+    /// it then with [`CloseReason::Expired`](crate::CloseReason::Expired).
+    /// [`Session::extend_expiry`] moves it later. Without one, the session
+    /// never expires (nor does one more than 146 years after its creation).
+    ///
+    /// The expiry lives in the session's handle (8 bytes); stores do not
+    /// persist it: with an `EtcdStore`, the controller that created the
+    /// session tracks its expiry.
+    ///
+    /// [`Lifecycle::create`](crate::Lifecycle::create) tracks a session
+    /// with an expiry; with a store used directly, give the session to
+    /// [`ExpiryMonitor::track`](crate::ExpiryMonitor::track).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let at = tokio::time::Instant::now() + Duration::from_secs(3_600);
+    /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
+    ///     .expires_at(at)
+    ///     .into_session();
+    /// assert_eq!(session.expires_at(), Some(at));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn expires_at(mut self, at: Instant) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Gives the session an expiry `ttl` from now, on tokio's clock: as
+    /// [`expires_at`](Self::expires_at)`(Instant::now() + ttl)` (saturating:
+    /// a `ttl` past what the clock holds means no expiry).
+    ///
+    /// See the example on [`expires_at`](Self::expires_at).
+    #[must_use]
+    pub fn expires_in(mut self, ttl: Duration) -> Self {
+        self.expires_at = Instant::now().checked_add(ttl);
+        self
     }
 
     /// The session id.
@@ -128,6 +180,7 @@ impl<P> NewSession<P> {
             self.router,
             self.incarnation,
             self.token,
+            self.expires_at,
             self.payload,
         )
     }
@@ -139,6 +192,7 @@ impl<P> fmt::Debug for NewSession<P> {
             .field("id", &self.id)
             .field("router", &self.router)
             .field("incarnation", &self.incarnation)
+            .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
     }
 }

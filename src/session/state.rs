@@ -123,14 +123,22 @@ pub enum CloseReason {
     RouterLost,
     /// The controller is shutting down.
     Shutdown,
+    /// The session reached its expiry (see
+    /// [`NewSession::expires_at`](crate::NewSession::expires_at)) and its
+    /// [`ExpiryMonitor`](crate::ExpiryMonitor) closed it.
+    Expired,
 }
 
 impl CloseReason {
     /// Returns `true` when the controller closed the session without its
     /// peer confirming: [`Forced`](Self::Forced),
     /// [`LivenessTimeout`](Self::LivenessTimeout),
-    /// [`Reclaimed`](Self::Reclaimed), [`RouterLost`](Self::RouterLost) and
-    /// [`Shutdown`](Self::Shutdown).
+    /// [`Reclaimed`](Self::Reclaimed), [`RouterLost`](Self::RouterLost),
+    /// [`Shutdown`](Self::Shutdown) and [`Expired`](Self::Expired).
+    ///
+    /// An expiry is a planned end, but still the controller's decision: the
+    /// session's router and client did not ask for the close, and learn of
+    /// it from the controller (or from a reconciliation).
     #[must_use]
     pub const fn is_forced(self) -> bool {
         !matches!(self, Self::ClientClosed | Self::RouterDeleted)
@@ -145,6 +153,7 @@ impl CloseReason {
             Self::Reclaimed => 5,
             Self::RouterLost => 6,
             Self::Shutdown => 7,
+            Self::Expired => 8,
         }
     }
 
@@ -157,7 +166,7 @@ impl CloseReason {
     /// The reason [`wire_code`](Self::wire_code) encoded, if `code` is one.
     #[cfg(feature = "etcd")]
     pub(crate) fn try_from_code(code: u8) -> Option<Self> {
-        (1..=7)
+        (1..=8)
             .contains(&code)
             .then(|| Self::from_code(u64::from(code)))
     }
@@ -170,6 +179,7 @@ impl CloseReason {
             5 => Self::Reclaimed,
             6 => Self::RouterLost,
             7 => Self::Shutdown,
+            8 => Self::Expired,
             // Only `code()` writes reason bits, so 4 is the one value left;
             // decoding stays total instead of panicking on the impossible.
             _ => Self::Forced,
@@ -196,6 +206,7 @@ impl CloseReason {
             Self::Reclaimed => "reclaimed",
             Self::RouterLost => "router_lost",
             Self::Shutdown => "shutdown",
+            Self::Expired => "expired",
         }
     }
 }
@@ -210,6 +221,7 @@ impl fmt::Display for CloseReason {
             Self::Reclaimed => "reclaimed",
             Self::RouterLost => "router lost",
             Self::Shutdown => "shutdown",
+            Self::Expired => "expired",
         })
     }
 }

@@ -1,18 +1,20 @@
-//! A single-level timing wheel with lazy re-arm.
+//! A single-level timing wheel with lazy re-arm, shared by the liveness
+//! monitor (heartbeat deadlines) and the expiry monitor (expiries).
 //!
 //! # Invariants
 //!
 //! - An entry inserted for tick `t` sits in slot `t mod N` and is handed
-//!   out by [`Wheel::due`] at tick `t` at the latest (earlier only when its
+//!   out by [`Wheel::advance`] at tick `t` at the latest (earlier only when its
 //!   deadline lies beyond the wheel's span; the caller re-arms it then).
 //! - Every slot is handed out once per pass, in tick order.
 //!
 //! Entries carry no deadline: the caller computes it from the session when
-//! the entry comes up, so a heartbeat never touches the wheel.
+//! the entry comes up, so a heartbeat or an extended expiry never touches
+//! the wheel.
 
 /// The wheel: `N` slots of one tick each, `N` a power of two.
 #[derive(Debug)]
-pub(super) struct Wheel<T> {
+pub(crate) struct Wheel<T> {
     slots: Box<[Vec<T>]>,
     /// The last tick handed out.
     cursor: u64,
@@ -20,7 +22,7 @@ pub(super) struct Wheel<T> {
 
 impl<T> Wheel<T> {
     /// A wheel of `slots` slots (a power of two, at least 2).
-    pub(super) fn new(slots: u64) -> Self {
+    pub(crate) fn new(slots: u64) -> Self {
         let slots = usize::try_from(slots.next_power_of_two().max(2)).unwrap_or(1 << 16);
         Self {
             slots: (0..slots).map(|_| Vec::new()).collect(),
@@ -41,7 +43,7 @@ impl<T> Wheel<T> {
 
     /// Files `entry` for `tick`: past ticks go to the next one, ticks
     /// beyond the span to its last slot.
-    pub(super) fn insert(&mut self, entry: T, tick: u64) {
+    pub(crate) fn insert(&mut self, entry: T, tick: u64) {
         let tick = tick.clamp(self.cursor + 1, self.cursor + self.span() - 1);
         let index = self.index(tick);
         self.slots[index].push(entry);
@@ -50,7 +52,7 @@ impl<T> Wheel<T> {
     /// Moves the wheel to `now` and returns the ticks whose slots are due,
     /// to be emptied with [`take`](Self::take) in order. After a jump of
     /// more than the span, each slot comes up once.
-    pub(super) fn advance(&mut self, now: u64) -> std::ops::RangeInclusive<u64> {
+    pub(crate) fn advance(&mut self, now: u64) -> std::ops::RangeInclusive<u64> {
         let from = (self.cursor + 1).max(now.saturating_sub(self.span() - 1));
         self.cursor = self.cursor.max(now);
         from..=now
@@ -58,7 +60,7 @@ impl<T> Wheel<T> {
 
     /// Takes the entries of `tick`'s slot. The slot's memory goes with
     /// them: the slot is not used again for a whole turn of the wheel.
-    pub(super) fn take(&mut self, tick: u64) -> Vec<T> {
+    pub(crate) fn take(&mut self, tick: u64) -> Vec<T> {
         let index = self.index(tick);
         std::mem::take(&mut self.slots[index])
     }
