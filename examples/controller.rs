@@ -53,7 +53,9 @@ use session_lifecycle::{
     Backoff, CloseReason, Event, EventBus, ExpiryMonitor, Lifecycle, LivenessMonitor, MemoryStore,
     NewSession, NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, Reconciler,
     ResourceClass, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore,
-    TerminationBatch, TerminationNotifier, reclaim::ReclaimError, reclaim::ReclaimTask,
+    TerminationBatch, TerminationNotifier,
+    reclaim::ReclaimError,
+    reclaim::ReclaimTask,
     reconcile::{Adoption, ReportedSession, adopt_fn},
 };
 use tokio::task::JoinSet;

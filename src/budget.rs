@@ -12,7 +12,7 @@
 //!   they asked.
 //! - A router whose `due` has passed has a full budget and needs no entry:
 //!   such entries are dropped when the map has doubled since the last
-//!   sweep (amortised O(1) per take).
+//!   sweep, and at least once a second (amortised O(1) per take).
 //!
 //! # Deadlock safety
 //!
@@ -93,6 +93,8 @@ struct Routers {
     due: HashMap<RouterId, Instant, RandomState>,
     /// The map's size after the last sweep.
     swept: usize,
+    /// When to sweep at the latest.
+    next_sweep: Instant,
 }
 
 /// The budget a [`NotificationBudget`] could not grant by the deadline it
@@ -123,6 +125,9 @@ pub struct BudgetStats {
     pub refused: u64,
     /// Routers whose budget is not full now.
     pub routers_in_debt: usize,
+    /// Routers the budget remembers (those in debt, and those paid up
+    /// since its last sweep, at most a second ago or half the map).
+    pub routers: usize,
 }
 
 impl NotificationBudget {
@@ -141,10 +146,9 @@ impl NotificationBudget {
     /// future while it waits does not give it back (later requests for the
     /// router wait as if it had been used).
     pub async fn acquire(&self, router: RouterId, sessions: usize) {
-        let Ok(at) = self.reserve(router, sessions, None) else {
-            return;
-        };
-        tokio::time::sleep_until(at).await;
+        if let Ok(at) = self.reserve(router, sessions, None) {
+            wait_until(at).await;
+        }
     }
 
     /// As [`acquire`](Self::acquire), but only if the budget can be had by
@@ -166,7 +170,7 @@ impl NotificationBudget {
         deadline: Instant,
     ) -> Result<(), BudgetExhausted> {
         let at = self.reserve(router, sessions, Some(deadline))?;
-        tokio::time::sleep_until(at).await;
+        wait_until(at).await;
         Ok(())
     }
 
@@ -175,18 +179,17 @@ impl NotificationBudget {
     pub fn stats(&self) -> BudgetStats {
         let shared = &self.shared;
         let now = Instant::now();
-        let routers_in_debt = shared
-            .routers
-            .lock()
-            .due
-            .values()
-            .filter(|&&due| due > now)
-            .count();
+        let (routers_in_debt, routers) = {
+            let routers = shared.routers.lock();
+            let in_debt = routers.due.values().filter(|&&due| due > now).count();
+            (in_debt, routers.due.len())
+        };
         BudgetStats {
             granted: shared.granted.load(Ordering::Relaxed),
             delayed: shared.delayed.load(Ordering::Relaxed),
             refused: shared.refused.load(Ordering::Relaxed),
             routers_in_debt,
+            routers,
         }
     }
 
@@ -227,15 +230,28 @@ impl NotificationBudget {
     }
 }
 
+/// Sleeps until `at`, unless it has come.
+async fn wait_until(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 impl Routers {
-    /// Forgets routers whose budget is full again, once the map doubled.
+    /// Forgets routers whose budget is full again: when the map doubled
+    /// since the last sweep, and at most a second after it.
     fn sweep(&mut self, now: Instant) {
-        if self.due.len() >= 64 && self.due.len() >= self.swept * 2 {
+        let grown = self.due.len() >= 64 && self.due.len() >= self.swept * 2;
+        if grown || now >= self.next_sweep {
             self.due.retain(|_, due| *due > now);
             self.swept = self.due.len();
+            self.next_sweep = now + SWEEP_EVERY;
         }
     }
 }
+
+/// How often the budget forgets paid-up routers, at least.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for NotificationBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -311,6 +327,7 @@ impl NotificationBudgetBuilder {
                 routers: Mutex::new(Routers {
                     due: HashMap::default(),
                     swept: 0,
+                    next_sweep: Instant::now() + SWEEP_EVERY,
                 }),
                 granted: AtomicU64::new(0),
                 delayed: AtomicU64::new(0),

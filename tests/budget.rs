@@ -1,0 +1,208 @@
+//! `NotificationBudget`: one budget per router, shared by every source
+//! (paused time).
+
+use std::sync::Arc;
+
+use session_lifecycle::test_util::{Notify, ScriptedNotifier};
+use session_lifecycle::{
+    Backoff, MemoryStore, NewSession, NotificationBudget, RouterDeleter, RouterId, SessionId,
+    SessionStore,
+};
+use tokio::time::{Duration, Instant};
+
+fn budget(rate: u32, burst: u32) -> NotificationBudget {
+    NotificationBudget::builder()
+        .rate(rate)
+        .burst(burst)
+        .build()
+        .expect("valid budget")
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_sources_share_one_routers_budget_and_other_routers_have_their_own() {
+    let budget = budget(100, 50);
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let start = Instant::now();
+    // Two sources at once on router `a`: 50 + 100 + 100 sessions.
+    let first = tokio::spawn({
+        let budget = budget.clone();
+        async move {
+            budget.acquire(a, 50).await;
+            budget.acquire(a, 100).await;
+            Instant::now()
+        }
+    });
+    tokio::task::yield_now().await;
+    let second = tokio::spawn({
+        let budget = budget.clone();
+        async move {
+            budget.acquire(a, 100).await;
+            Instant::now()
+        }
+    });
+    // Router `b` is not held up by `a`'s debt.
+    budget.acquire(b, 50).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    // 250 sessions at 100/s with 50 of burst: the last goes at 2 s, not
+    // before, whoever asked for it.
+    let last = first.max(second) - start;
+    assert_eq!(last, Duration::from_secs(2), "{first:?} {second:?}");
+    let stats = budget.stats();
+    assert_eq!((stats.granted, stats.delayed, stats.refused), (4, 2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_for_one_router_are_served_in_the_order_they_asked() {
+    let budget = budget(10, 1);
+    let router = RouterId::new(1);
+    let start = Instant::now();
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let (budget, order) = (budget.clone(), Arc::clone(&order));
+        tasks.push(tokio::spawn(async move {
+            budget.acquire(router, 1).await;
+            order.lock().push(i);
+        }));
+        // Each asks after the one before.
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+    // One at once, then one every 100 ms.
+    assert_eq!(start.elapsed(), Duration::from_millis(400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_had_by_its_deadline_takes_nothing() {
+    let budget = budget(100, 100);
+    let router = RouterId::new(1);
+    budget.acquire(router, 100).await;
+    let start = Instant::now();
+    let refused = budget
+        .acquire_by(router, 100, start + Duration::from_millis(500))
+        .await
+        .expect_err("100 more sessions come at 1 s");
+    assert_eq!(refused.wait, Duration::from_secs(1));
+    assert_eq!(start.elapsed(), Duration::ZERO, "refused at once");
+    // Nothing was taken: 50 fit by 500 ms.
+    budget
+        .acquire_by(router, 50, start + Duration::from_millis(500))
+        .await
+        .expect("50 sessions at 500 ms");
+    assert_eq!(start.elapsed(), Duration::from_millis(500));
+    assert_eq!(budget.stats().refused, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn routers_with_a_full_budget_are_forgotten() {
+    let budget = budget(1_000, 1);
+    for r in 0..10_000 {
+        budget.acquire(RouterId::new(r), 1).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for r in 0..200 {
+        budget.acquire(RouterId::new(100_000 + r), 1).await;
+    }
+    // Routers whose debt is paid are forgotten (at least once a second).
+    let stats = budget.stats();
+    assert_eq!(stats.routers_in_debt, 200, "{stats:?}");
+    assert!(stats.routers <= 400, "{stats:?}");
+}
+
+#[test]
+fn settings_out_of_range_are_refused_by_name() {
+    let rate = NotificationBudget::builder().rate(0).build().unwrap_err();
+    assert_eq!(rate.refused_setting(), Some("rate"));
+    let burst = NotificationBudget::builder().burst(0).build().unwrap_err();
+    assert_eq!(burst.refused_setting(), Some("burst"));
+}
+
+async fn router_with(store: &MemoryStore, router: RouterId, n: u64) {
+    let incarnation = store.register_router(router).await.expect("fresh router");
+    for i in 0..n {
+        let spec = NewSession::new(SessionId::new(router.get() << 32 | i), router, incarnation);
+        drop(store.create(spec).await.expect("live router"));
+    }
+}
+
+fn deleter(
+    store: &Arc<MemoryStore>,
+    budget: &NotificationBudget,
+) -> RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>> {
+    RouterDeleter::builder()
+        .batch_size(100)
+        .confirm_timeout(Duration::from_secs(2))
+        .backoff(
+            Backoff::new()
+                .retries(1)
+                .delays(Duration::from_secs(1), Duration::from_secs(1)),
+        )
+        .notification_budget(budget.clone())
+        .build(
+            Arc::clone(store),
+            ScriptedNotifier::always(Arc::clone(store), Notify::confirm_all()),
+        )
+        .expect("valid settings")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deletion_waits_for_the_budget_other_sources_used() {
+    let store = Arc::new(MemoryStore::new());
+    let router = RouterId::new(1);
+    router_with(&store, router, 300).await;
+    let budget = budget(200, 100);
+    // Another source (probes, the controller's own messages) took the
+    // router's burst and half a second more.
+    budget.acquire(router, 200).await;
+    let start = Instant::now();
+    let deleter = deleter(&store, &budget);
+    let report = deleter
+        .delete(router)
+        .await
+        .expect("deleted")
+        .report()
+        .cloned()
+        .expect("a report");
+    assert_eq!(report.confirmed, 300, "{report:?}");
+    assert_eq!(report.notify_failures, 0, "{report:?}");
+    // The other source's 200 went at once (100) and at 0.5 s (100 more),
+    // when this deletion starts. Its 3 batches of 100 go at 200 a second
+    // after those: at 1, 1.5 and 2 s, 1.5 s into the deletion.
+    assert_eq!(start.elapsed(), Duration::from_millis(1_500), "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deletion_never_waits_for_budget_past_its_bound() {
+    let store = Arc::new(MemoryStore::new());
+    let router = RouterId::new(1);
+    router_with(&store, router, 1_000).await;
+    // 50 sessions a second: 1,000 would take 20 s, past the rounds'
+    // deadlines.
+    let budget = budget(50, 100);
+    let deleter = deleter(&store, &budget);
+    let bound = deleter.max_wait(1_000);
+    let start = Instant::now();
+    let report = deleter
+        .delete(router)
+        .await
+        .expect("deleted")
+        .report()
+        .cloned()
+        .expect("a report");
+    assert!(
+        start.elapsed() <= bound,
+        "{:?} > {bound:?}",
+        start.elapsed()
+    );
+    // What the budget let through was confirmed; the batches it could not
+    // send by a round's deadline failed, and their sessions were forced.
+    assert!(report.notify_failures > 0, "{report:?}");
+    assert_eq!(report.confirmed + report.forced, 1_000, "{report:?}");
+    assert!(report.confirmed >= 30, "{report:?}");
+    assert!(budget.stats().refused > 0);
+    assert_eq!(store.count(router).await.ok(), Some(0));
+}
