@@ -22,7 +22,7 @@
 //! never held across an `.await`, and no user code (the prober, the store,
 //! an event subscriber) runs under it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 
 use tokio::time::{Duration, Instant};
@@ -67,6 +67,14 @@ impl Tally {
 #[derive(Debug)]
 pub(super) struct Votes {
     tallies: HashMap<RouterId, Tally>,
+    /// Routers no longer watched (their sessions closed or were reaped),
+    /// with when they left, until the window passes: they still count
+    /// among the routers watched within it, so a fleet whose routers die
+    /// one after another is not judged by its last few.
+    departed: HashMap<RouterId, u64>,
+    /// `departed` in the order they left; entries a router overwrote or
+    /// withdrew by coming back are skipped.
+    departures: VecDeque<(u64, RouterId)>,
     watched_routers: usize,
     silent_routers: usize,
     watched_sessions: usize,
@@ -86,6 +94,8 @@ impl Default for Votes {
     fn default() -> Self {
         Self {
             tallies: HashMap::new(),
+            departed: HashMap::new(),
+            departures: VecDeque::new(),
             watched_routers: 0,
             silent_routers: 0,
             watched_sessions: 0,
@@ -154,6 +164,25 @@ impl Votes {
         };
         step(&mut self.watched_routers, was_watched, watched);
         step(&mut self.silent_routers, was_silent, silent);
+        if was_watched && !watched {
+            self.departed.insert(router, now);
+            self.departures.push_back((now, router));
+        } else if watched && !was_watched {
+            self.departed.remove(&router);
+        }
+    }
+
+    /// Forgets the routers that left longer than `window` ago.
+    fn forget_departed(&mut self, now: u64, window: u64) {
+        while let Some(&(left, router)) = self.departures.front() {
+            if now.saturating_sub(left) <= window {
+                break;
+            }
+            self.departures.pop_front();
+            if self.departed.get(&router) == Some(&left) {
+                self.departed.remove(&router);
+            }
+        }
     }
 
     /// Whether the guard holds now.
@@ -172,12 +201,15 @@ impl Votes {
     /// event of the change, if there was one. Cheap unless more than the
     /// share is silent (then it looks at every silent router once).
     pub(super) fn judge(&mut self, now: u64, config: &GuardConfig) -> Option<Event> {
-        let over = |silent: usize, watched: usize| silent as f64 > config.share * watched as f64;
+        self.forget_departed(now, config.window);
+        // The routers watched within the window: now, or until they left.
+        let voters = self.watched_routers + self.departed.len();
+        let over = |silent: usize| silent as f64 > config.share * voters as f64;
         let watched = self.watched_routers;
         if let Some(since) = self.holding {
             let lasted = now.saturating_sub(since);
             let expired = config.max_hold.is_some_and(|max| lasted >= max);
-            if over(self.silent_routers, watched) && watched >= config.min_routers && !expired {
+            if over(self.silent_routers) && watched >= config.min_routers && !expired {
                 return None;
             }
             self.holding = None;
@@ -193,7 +225,7 @@ impl Votes {
                 expired,
             });
         }
-        if !over(self.silent_routers, watched) {
+        if !over(self.silent_routers) {
             self.armed = true;
             return None;
         }
@@ -206,7 +238,7 @@ impl Votes {
             .filter_map(|tally| tally.silent_since)
             .filter(|since| now.saturating_sub(*since) <= config.window)
             .count();
-        if !over(recent, watched) {
+        if !over(recent) {
             return None;
         }
         self.holding = Some(now);
@@ -382,6 +414,23 @@ mod tests {
             votes.suspect(RouterId::new(r), 5_000);
         }
         assert!(votes.judge(5_000, &config).is_none());
+    }
+
+    #[test]
+    fn routers_that_left_within_the_window_still_count_among_the_watched() {
+        let (config, mut votes) = (config(), votes(8));
+        // Four died one after another and were reaped.
+        for r in 0..4 {
+            votes.leave(RouterId::new(r), 1, false, 100 * r);
+        }
+        // Three of the last four go silent: three of eight, not of four.
+        for r in 4..7 {
+            votes.suspect(RouterId::new(r), 400);
+        }
+        assert!(votes.judge(500, &config).is_none());
+        // Once the window passed since they left, they no longer count:
+        // three of four.
+        assert!(votes.judge(1_301, &config).is_some());
     }
 
     #[test]
