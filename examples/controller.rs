@@ -11,7 +11,11 @@
 //! 2. **Heartbeats and dead sessions.** Two tasks heartbeat the live
 //!    sessions; 2 % of the sessions are dead (no heartbeat, no probe answer)
 //!    and are found and reaped through the probes.
-//! 3. **Deletions under load.** A fifth of the routers are deleted at once
+//! 3. **Partition.** The controller's own network fails for a few seconds
+//!    (`--partition-ms`): no heartbeat arrives, no probe is answered. The
+//!    monitor's partition guard sees every router fall silent together,
+//!    reaps nobody, and lifts once the heartbeats are back.
+//! 4. **Deletions under load.** A fifth of the routers are deleted at once
 //!    by the deleter, while churn tasks keep creating and closing
 //!    sessions on the other routers and keep trying to create sessions on
 //!    the routers being deleted. The routers' notifier loses 1 % of the
@@ -20,13 +24,14 @@
 //!    Each deleted router's routes are then withdrawn through the reclaim
 //!    queue; every tenth router refuses the first withdrawal for good, so
 //!    its task waits as a dead letter until `redrive()` queues it again.
-//! 4. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
+//! 5. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
 //!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
 //!    and no create may have succeeded on a deleted router.
 //!
 //! The summary lists sessions created, routers deleted, confirmed vs forced
-//! closes, dead sessions found, the audit, deletion latency p50/p99 and
+//! closes, dead sessions found, the partition guard (triggered, lifted,
+//! reaped during the partition), the audit, deletion latency p50/p99 and
 //! peak memory. The exit code is non-zero if any check fails.
 //!
 //! ```sh
@@ -75,6 +80,10 @@ struct Args {
     /// Heartbeat interval, in milliseconds.
     #[arg(long, default_value_t = 250)]
     heartbeat_ms: u64,
+    /// How long the controller's network is cut in the partition phase, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 3_000)]
+    partition_ms: u64,
     /// Seed of the simulation's randomness.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -157,13 +166,18 @@ impl TerminationNotifier for Routers {
 }
 
 /// The routers' answers to liveness probes: every session answers but the
-/// dead ones.
+/// dead ones; nothing answers while the controller's network is cut.
 struct Probes {
     args: Args,
+    partitioned: Arc<AtomicBool>,
 }
 
 impl Prober for Probes {
     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+        if self.partitioned.load(Ordering::Relaxed) {
+            // Lost on the way: the probe timeout ends the call.
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok(batch
             .sessions
@@ -256,8 +270,12 @@ async fn main() -> Result<ExitCode, BoxError> {
     });
 
     // 0. Wire every piece through one builder.
+    let partitioned = Arc::new(AtomicBool::new(false));
     let lifecycle = Lifecycle::builder(Arc::clone(&store), Arc::clone(&routers))
-        .prober(Probes { args: args.clone() })
+        .prober(Probes {
+            args: args.clone(),
+            partitioned: Arc::clone(&partitioned),
+        })
         // Room for the burst of a fifth of the routers deleted at once
         // (about one `SessionTerminating` per session); what a slow reader
         // still misses is counted, not lost silently.
@@ -329,11 +347,15 @@ async fn main() -> Result<ExitCode, BoxError> {
     let half = live.len() / 2;
     for part in [live[..half].to_vec(), live[half..].to_vec()] {
         let (monitor, stop) = (monitor.clone(), Arc::clone(&stop));
+        let partitioned = Arc::clone(&partitioned);
         beating.spawn(async move {
             let mut every = tokio::time::interval(heartbeat);
             let mut part = part;
             while !stop.load(Ordering::Relaxed) {
                 every.tick().await;
+                if partitioned.load(Ordering::Relaxed) {
+                    continue; // nothing gets through
+                }
                 // Sessions of deleted routers leave as they close.
                 part.retain(|session| monitor.heartbeat(session).is_ok());
                 tokio::task::yield_now().await;
@@ -350,7 +372,11 @@ async fn main() -> Result<ExitCode, BoxError> {
     reaping.finish_and_clear();
     let reaped_in = liveness_started.elapsed();
 
-    // 3. Deletions under load.
+    // 3. A controller-side partition: every router falls silent at once.
+    let cut = Duration::from_millis(args.partition_ms);
+    let partition = partition(monitor, &partitioned, cut).await?;
+
+    // 4. Deletions under load.
     let next_id = Arc::new(AtomicU64::new(total));
     let mut churn = JoinSet::new();
     for worker in 0..2u64 {
@@ -459,7 +485,7 @@ async fn main() -> Result<ExitCode, BoxError> {
         };
     }
 
-    // 4. Wind down and check.
+    // 5. Wind down and check.
     stop.store(true, Ordering::Relaxed);
     while let Some(done) = churn.join_next().await {
         done??;
@@ -541,6 +567,10 @@ async fn main() -> Result<ExitCode, BoxError> {
         seen.fenced, seen.terminating, seen.deleted, seen.reaped, seen.repaired
     );
     println!(
+        "partition guard:         triggered {}, lifted {}, reaped during partition {} ({cut:.2?} cut, lifted {:.2?} after the heal)",
+        seen.partitions_suspected, seen.partitions_ended, partition.reaped, partition.lifted_after
+    );
+    println!(
         "sessions in the store:   {open_now} ({} active, {} terminating) on {} routers",
         stats.active,
         stats.terminating,
@@ -570,6 +600,14 @@ async fn main() -> Result<ExitCode, BoxError> {
             liveness.reaped == dead.len() as u64,
         ),
         ("no live session convicted", live_convicted == 0),
+        (
+            "the partition guard triggered and lifted once, nobody reaped during it",
+            partition.triggered == 1
+                && partition.reaped == 0
+                && seen.partitions_suspected == 1
+                && seen.partitions_ended == 1
+                && !liveness.partition_suspected,
+        ),
         ("every doomed router deleted", deleted == doomed.len()),
         (
             "the mute router's sessions forced",
@@ -606,6 +644,8 @@ struct Seen {
     deleted: usize,
     reaped: usize,
     repaired: usize,
+    partitions_suspected: usize,
+    partitions_ended: usize,
 }
 
 /// Counts the events of the run until told to stop, then counts what is
@@ -641,9 +681,48 @@ impl Seen {
                 sessions, ..
             }) => self.reaped += sessions.len(),
             Event::Repaired(_) => self.repaired += 1,
+            Event::PartitionSuspected { .. } => self.partitions_suspected += 1,
+            Event::PartitionEnded { .. } => self.partitions_ended += 1,
             _ => {}
         }
     }
+}
+
+/// How the partition phase went.
+struct Partition {
+    /// Times the guard engaged during the phase.
+    triggered: u64,
+    /// Sessions reaped from the cut until the guard lifted.
+    reaped: u64,
+    /// From the heal to the lift.
+    lifted_after: Duration,
+}
+
+/// Cuts the controller's network for `cut` (no heartbeat arrives, no probe
+/// is answered), heals it, and waits until the partition guard lifted.
+async fn partition(
+    monitor: &LivenessMonitor<MemoryStore, Probes>,
+    partitioned: &AtomicBool,
+    cut: Duration,
+) -> Result<Partition, BoxError> {
+    let before = monitor.stats();
+    partitioned.store(true, Ordering::Relaxed);
+    tokio::time::sleep(cut).await;
+    partitioned.store(false, Ordering::Relaxed);
+    let healed = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    while monitor.stats().partition_suspected {
+        if healed.elapsed() > Duration::from_secs(30) {
+            return Err("the partition guard did not lift within 30 s of the heal".into());
+        }
+        every.tick().await;
+    }
+    let after = monitor.stats();
+    Ok(Partition {
+        triggered: after.partitions - before.partitions,
+        reaped: after.reaped - before.reaped,
+        lifted_after: healed.elapsed(),
+    })
 }
 
 /// Dead sessions among the initial sessions of `router` (reaped before the
