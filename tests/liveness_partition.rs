@@ -11,8 +11,7 @@ use session_lifecycle::test_util::within;
 use session_lifecycle::{
     BuildError, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
     NotifyError, ProbeBatch, ProbeError, Prober, RouterId, Session, SessionId, SessionStore,
-    TerminationBatch, TerminationNotifier, events::Subscription,
-    liveness::LivenessMonitorBuilder,
+    TerminationBatch, TerminationNotifier, events::Subscription, liveness::LivenessMonitorBuilder,
 };
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
@@ -254,7 +253,11 @@ async fn a_controller_side_partition_of_30_s_reaps_nobody() {
     assert!(!expired);
     assert!(silent_routers <= 50);
     assert!(lasted >= 25 * SECOND && lasted <= 31 * SECOND, "{lasted:?}");
-    assert!(healed.elapsed() <= 4 * SECOND, "lifted {:?} after", healed.elapsed());
+    assert!(
+        healed.elapsed() <= 4 * SECOND,
+        "lifted {:?} after",
+        healed.elapsed()
+    );
 
     // Everyone heartbeats again: nobody is reaped at the lift or after.
     tokio::time::sleep(bound * 3).await;
@@ -269,8 +272,7 @@ async fn a_controller_side_partition_of_30_s_reaps_nobody() {
 
 #[tokio::test(start_paused = true)]
 async fn one_dead_router_among_100_is_reaped_within_the_bound() {
-    let (monitor, sessions, fleet, mut events) =
-        watched(LivenessMonitor::builder(), 100, 3).await;
+    let (monitor, sessions, fleet, mut events) = watched(LivenessMonitor::builder(), 100, 3).await;
     let beats = heartbeats(&monitor, &sessions, &fleet);
     tokio::time::sleep(10 * SECOND).await;
 
@@ -310,11 +312,19 @@ async fn below_the_minimum_router_count_dead_routers_are_reaped() {
     fleet.kill(RouterId::new(0));
     fleet.kill(RouterId::new(1));
     reaped(&dead, bound * 2).await;
-    assert!(since.elapsed() <= bound, "reaped after {:?}", since.elapsed());
+    assert!(
+        since.elapsed() <= bound,
+        "reaped after {:?}",
+        since.elapsed()
+    );
     beats.abort();
     assert_eq!(monitor.stats().partitions, 0);
     assert!(partition_events(&mut events).is_empty());
-    assert!(of(&sessions, RouterId::new(2)).iter().all(|s| !s.is_closed()));
+    assert!(
+        of(&sessions, RouterId::new(2))
+            .iter()
+            .all(|s| !s.is_closed())
+    );
 
     // The only router of a controller dies: reaped.
     let (monitor, sessions, fleet, _) = watched(LivenessMonitor::builder(), 1, 2).await;
@@ -367,18 +377,27 @@ async fn a_silence_outlasting_the_maximum_hold_is_reaped_after_it() {
     let held = Instant::now();
     let ended = within(max_hold + 2 * SECOND, partition_event(&mut events)).await;
     let expired_at = Instant::now();
-    let Event::PartitionEnded { expired, lasted, .. } = ended else {
+    let Event::PartitionEnded {
+        expired, lasted, ..
+    } = ended
+    else {
         panic!("expected the hold to expire, got {ended:?}");
     };
     assert!(expired);
     assert!(lasted >= max_hold && held.elapsed() >= max_hold - SECOND);
-    assert!(sessions.iter().all(|s| !s.is_closed()), "reaped during the hold");
+    assert!(
+        sessions.iter().all(|s| !s.is_closed()),
+        "reaped during the hold"
+    );
 
     // Convictions resume where they were: each is reaped within its bound
     // from the expiry. The guard does not engage again.
     reaped(&sessions, bound * 2).await;
     let took = expired_at.elapsed();
-    assert!(took <= bound, "reaped {took:?} after the expiry, bound {bound:?}");
+    assert!(
+        took <= bound,
+        "reaped {took:?} after the expiry, bound {bound:?}"
+    );
     beats.abort();
     let stats = monitor.stats();
     assert_eq!((stats.partitions, stats.reaped), (1, 40));
@@ -388,8 +407,7 @@ async fn a_silence_outlasting_the_maximum_hold_is_reaped_after_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_suspect_whose_rounds_ran_out_in_the_hold_gets_a_fresh_chance_at_the_lift() {
-    let (monitor, sessions, fleet, mut events) =
-        watched(LivenessMonitor::builder(), 100, 2).await;
+    let (monitor, sessions, fleet, mut events) = watched(LivenessMonitor::builder(), 100, 2).await;
     let beats = heartbeats(&monitor, &sessions, &fleet);
     tokio::time::sleep(10 * SECOND).await;
     let bound = bound(&monitor, &sessions);
@@ -409,7 +427,10 @@ async fn a_suspect_whose_rounds_ran_out_in_the_hold_gets_a_fresh_chance_at_the_l
     fleet.kill(lost);
     fleet.partition(false);
     let ended = within(bound, partition_event(&mut events)).await;
-    assert!(matches!(ended, Event::PartitionEnded { expired: false, .. }));
+    assert!(matches!(
+        ended,
+        Event::PartitionEnded { expired: false, .. }
+    ));
     let lifted = Instant::now();
     tokio::time::sleep(3 * SECOND).await;
     fleet.revive(late);
@@ -422,10 +443,16 @@ async fn a_suspect_whose_rounds_ran_out_in_the_hold_gets_a_fresh_chance_at_the_l
     let dead = of(&sessions, lost);
     reaped(&dead, bound * 2).await;
     let took = lifted.elapsed();
-    assert!(took <= bound, "reaped {took:?} after the lift, bound {bound:?}");
+    assert!(
+        took <= bound,
+        "reaped {took:?} after the lift, bound {bound:?}"
+    );
     let timeout = monitor.timeout(&sessions[0]).unwrap();
     let rounds = u32::try_from(rounds).unwrap();
-    assert!(took >= timeout + SECOND * rounds, "reaped {took:?} after the lift");
+    assert!(
+        took >= timeout + SECOND * rounds,
+        "reaped {took:?} after the lift"
+    );
 
     tokio::time::sleep(bound).await;
     beats.abort();

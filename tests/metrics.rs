@@ -150,7 +150,11 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
         ),
         1
     );
-    match find(&metrics, "session_lifecycle_partition_duration_seconds", &[]) {
+    match find(
+        &metrics,
+        "session_lifecycle_partition_duration_seconds",
+        &[],
+    ) {
         DebugValue::Histogram(samples) => {
             assert_eq!(samples.len(), 1, "{samples:?}");
             // Expired at the first tick (50 ms) at or past the maximum.

@@ -63,7 +63,9 @@ pub(crate) fn record(event: &Event) {
         Event::PartitionSuspected { .. } => {
             crate::metrics::counter!("session_lifecycle_partitions_suspected_total").increment(1);
         }
-        Event::PartitionEnded { lasted, expired, .. } => {
+        Event::PartitionEnded {
+            lasted, expired, ..
+        } => {
             let end = if *expired { "expired" } else { "lifted" };
             crate::metrics::counter!("session_lifecycle_partitions_ended_total", "end" => end)
                 .increment(1);

@@ -387,19 +387,30 @@ mod tests {
         for r in 0..5 {
             votes.suspect(RouterId::new(r), 100);
         }
-        assert!(votes.judge(100, &config).is_none(), "half is not more than half");
+        assert!(
+            votes.judge(100, &config).is_none(),
+            "half is not more than half"
+        );
         votes.suspect(RouterId::new(5), 200);
         let engaged = votes.judge(200, &config);
         assert!(matches!(
             engaged,
-            Some(Event::PartitionSuspected { silent_routers: 6, watched_routers: 10, .. })
+            Some(Event::PartitionSuspected {
+                silent_routers: 6,
+                watched_routers: 10,
+                ..
+            })
         ));
         assert!(votes.holds());
         votes.unsuspect(RouterId::new(0), 1, 300);
         let ended = votes.judge(300, &config);
         assert!(matches!(
             ended,
-            Some(Event::PartitionEnded { silent_routers: 5, expired: false, .. })
+            Some(Event::PartitionEnded {
+                silent_routers: 5,
+                expired: false,
+                ..
+            })
         ));
         assert!(!votes.holds());
     }
