@@ -123,10 +123,20 @@ async fn watched(
 
 /// Every session of a reachable router heartbeats once a second.
 fn heartbeats(monitor: &Monitor, sessions: &[Session], fleet: &Arc<Fleet>) -> JoinHandle<()> {
+    heartbeats_every(monitor, sessions, fleet, SECOND)
+}
+
+/// Every session of a reachable router heartbeats once per `interval`.
+fn heartbeats_every(
+    monitor: &Monitor,
+    sessions: &[Session],
+    fleet: &Arc<Fleet>,
+    interval: Duration,
+) -> JoinHandle<()> {
     let (monitor, sessions, fleet) = (monitor.clone(), sessions.to_vec(), Arc::clone(fleet));
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(SECOND).await;
+            tokio::time::sleep(interval).await;
             for session in &sessions {
                 if fleet.reachable(session.router()) {
                     let _ = monitor.heartbeat(session);
@@ -268,6 +278,54 @@ async fn a_controller_side_partition_of_30_s_reaps_nobody() {
     assert!(sessions.iter().all(|s| !s.is_closed()));
     assert_eq!(store.len(), 300);
     assert!(partition_events(&mut events).is_empty(), "it engaged again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_reaps_nobody_when_routers_mix_fast_and_slow_sessions() {
+    // Each router has a session heartbeating every second and one every
+    // 10 s: the fast ones are due (and would be reaped) long before the
+    // slow ones, so a router is silent before all its sessions are suspect.
+    // (Configured for the slow ones: the fast ones' estimates shrink.)
+    let builder = LivenessMonitor::builder().heartbeat_interval(10 * SECOND);
+    let (monitor, sessions, fleet, mut events) = watched(builder, 50, 2).await;
+    let (fast, slow): (Vec<Session>, Vec<Session>) = sessions
+        .iter()
+        .cloned()
+        .partition(|s| s.id().get() % 1_000 == 0);
+    let beats = [
+        heartbeats_every(&monitor, &fast, &fleet, SECOND),
+        heartbeats_every(&monitor, &slow, &fleet, 10 * SECOND),
+    ];
+    tokio::time::sleep(120 * SECOND).await;
+    let (fast_timeout, slow_timeout) = (
+        monitor.timeout(&fast[0]).unwrap(),
+        monitor.timeout(&slow[0]).unwrap(),
+    );
+    let fast_bound = bound(&monitor, &fast);
+    assert!(
+        slow_timeout > fast_bound,
+        "the slow sessions ({slow_timeout:?}) are due after the fast ones are reaped ({fast_bound:?}, timeout {fast_timeout:?})"
+    );
+
+    fleet.partition(true);
+    let engaged = within(fast_bound, partition_event(&mut events)).await;
+    assert!(
+        matches!(engaged, Event::PartitionSuspected { .. }),
+        "{engaged:?}"
+    );
+    tokio::time::sleep(30 * SECOND).await;
+    fleet.partition(false);
+    let ended = within(fast_bound, partition_event(&mut events)).await;
+    assert!(matches!(
+        ended,
+        Event::PartitionEnded { expired: false, .. }
+    ));
+    tokio::time::sleep(60 * SECOND).await;
+    for beat in beats {
+        beat.abort();
+    }
+    assert_eq!(monitor.stats().reaped, 0);
+    assert!(sessions.iter().all(|s| !s.is_closed()));
 }
 
 #[tokio::test(start_paused = true)]

@@ -309,7 +309,9 @@ impl LivenessMonitorBuilder {
     /// fleet. So when more than [`partition_share`](Self::partition_share)
     /// of the watched routers went silent within
     /// [`partition_window`](Self::partition_window) (a router is silent
-    /// when every session the monitor watches on it is suspect), and at
+    /// once it has suspects and none of its sessions was heard since they
+    /// last were, whatever the others' timeouts: its probe driver looks at
+    /// each round), and at
     /// least [`partition_min_routers`](Self::partition_min_routers) routers
     /// are watched, the guard engages: it publishes
     /// [`Event::PartitionSuspected`](crate::Event::PartitionSuspected) and

@@ -6,15 +6,18 @@
 //!
 //! - `Votes::tallies` holds a router while the monitor has a session of it
 //!   (watched or suspect); `watched_routers` counts the routers with a
-//!   watched session, `silent_routers` those whose every watched session is
-//!   suspect. Both change only with a tally, under the one lock.
+//!   watched session, `silent_routers` those of them that are silent. Both
+//!   change only with a tally, under the one lock.
 //! - The guard moves between "armed", "holding" and (after a hold that
 //!   expired) "disarmed" only in [`Votes::judge`], under the lock: each
 //!   trigger and each end happens once, and its event is published by the
 //!   caller that made it, after the lock.
-//! - A router counts as silent from the moment its last watched session
-//!   became suspect (`silent_since`) until one of them is heard, leaves, or
-//!   a new session of it is watched.
+//! - A router counts as silent while every session the monitor watches on
+//!   it is suspect (`all_since`, kept with the tally), or while its probe
+//!   driver finds it quiet (`quiet_since`): no session of it heard for
+//!   longer than its fastest suspect's timeout, checked each round, until
+//!   a round finds one heard or the driver leaves (no suspect left). The
+//!   second sees a router whose slow sessions are not due yet.
 //!
 //! # Deadlock safety
 //!
@@ -53,13 +56,30 @@ struct Tally {
     watched: usize,
     /// Of them, those suspect now.
     suspects: usize,
-    /// When its last watched session became suspect, while all are.
-    silent_since: Option<u64>,
+    /// Since when every watched session is suspect, while they are.
+    all_since: Option<u64>,
+    /// Since when its probe driver finds it quiet, while it does.
+    quiet_since: Option<u64>,
 }
 
 impl Tally {
-    fn is_silent(&self) -> bool {
+    fn all_suspect(&self) -> bool {
         self.watched > 0 && self.suspects >= self.watched
+    }
+
+    fn is_silent(&self) -> bool {
+        self.watched > 0 && (self.all_suspect() || self.quiet_since.is_some())
+    }
+
+    /// Since when it is silent, if it is.
+    fn silent_since(&self) -> Option<u64> {
+        if !self.is_silent() {
+            return None;
+        }
+        match (self.all_since, self.quiet_since) {
+            (Some(all), Some(quiet)) => Some(all.min(quiet)),
+            (all, quiet) => all.or(quiet),
+        }
     }
 }
 
@@ -144,16 +164,31 @@ impl Votes {
         });
     }
 
+    /// The router's probe driver found it quiet (no session heard for
+    /// longer than its fastest suspect's timeout), or not.
+    pub(super) fn mark(&mut self, router: RouterId, quiet: bool, now: u64) {
+        if !self.tallies.contains_key(&router) {
+            return; // nothing of it is watched: no vote
+        }
+        self.adjust(router, now, |tally| {
+            if !quiet {
+                tally.quiet_since = None;
+            } else if tally.quiet_since.is_none() {
+                tally.quiet_since = Some(now);
+            }
+        });
+    }
+
     fn adjust(&mut self, router: RouterId, now: u64, change: impl FnOnce(&mut Tally)) {
         let tally = self.tallies.entry(router).or_default();
         let (was_watched, was_silent) = (tally.watched > 0, tally.is_silent());
         change(tally);
-        let (watched, silent) = (tally.watched > 0, tally.is_silent());
-        if !silent {
-            tally.silent_since = None;
-        } else if !was_silent {
-            tally.silent_since = Some(now);
+        if !tally.all_suspect() {
+            tally.all_since = None;
+        } else if tally.all_since.is_none() {
+            tally.all_since = Some(now);
         }
+        let (watched, silent) = (tally.watched > 0, tally.is_silent());
         if tally.watched == 0 && tally.suspects == 0 {
             self.tallies.remove(&router);
         }
@@ -235,7 +270,7 @@ impl Votes {
         let recent = self
             .tallies
             .values()
-            .filter_map(|tally| tally.silent_since)
+            .filter_map(Tally::silent_since)
             .filter(|since| now.saturating_sub(*since) <= config.window)
             .count();
         if !over(recent) {
@@ -324,6 +359,22 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         crate::events::emit(self.config.bus.as_ref(), || event);
     }
 
+    /// Marks `router` quiet for the guard if none of its sessions was heard
+    /// (its `latest`, from the store) for longer than the shortest timeout
+    /// of its suspects in `round`: had that session been the fast one, it
+    /// would be suspect too.
+    pub(super) fn mark_quiet(&self, router: RouterId, round: &[Suspect<S::Payload>], latest: u64) {
+        let rule = &self.config.rule;
+        let shortest = round
+            .iter()
+            .map(|suspect| suspect.session.beat().estimate().timeout(rule))
+            .min();
+        // Relaxed: see `stalled`; after a stall everyone counts as heard.
+        let latest = latest.max(self.amnesty.load(Ordering::Relaxed));
+        let quiet = shortest.is_some_and(|timeout| self.now().saturating_sub(latest) > timeout);
+        self.tally(|votes, now| votes.mark(router, quiet, now));
+    }
+
     /// While the guard holds, a driver waits a probe timeout between
     /// rounds, or until the guard changes; `false` if the monitor stopped.
     pub(super) async fn pace_hold(&self) -> bool {
@@ -385,13 +436,13 @@ mod tests {
     fn more_than_the_share_silent_within_the_window_engages_then_lifts() {
         let (config, mut votes) = (config(), votes(10));
         for r in 0..5 {
-            votes.suspect(RouterId::new(r), 100);
+            votes.mark(RouterId::new(r), true, 100);
         }
         assert!(
             votes.judge(100, &config).is_none(),
             "half is not more than half"
         );
-        votes.suspect(RouterId::new(5), 200);
+        votes.mark(RouterId::new(5), true, 200);
         let engaged = votes.judge(200, &config);
         assert!(matches!(
             engaged,
@@ -402,7 +453,7 @@ mod tests {
             })
         ));
         assert!(votes.holds());
-        votes.unsuspect(RouterId::new(0), 1, 300);
+        votes.mark(RouterId::new(0), false, 300);
         let ended = votes.judge(300, &config);
         assert!(matches!(
             ended,
@@ -419,10 +470,10 @@ mod tests {
     fn silences_older_than_the_window_do_not_engage_it() {
         let (config, mut votes) = (config(), votes(10));
         for r in 0..3 {
-            votes.suspect(RouterId::new(r), 0);
+            votes.mark(RouterId::new(r), true, 0);
         }
         for r in 3..6 {
-            votes.suspect(RouterId::new(r), 5_000);
+            votes.mark(RouterId::new(r), true, 5_000);
         }
         assert!(votes.judge(5_000, &config).is_none());
     }
@@ -436,7 +487,7 @@ mod tests {
         }
         // Three of the last four go silent: three of eight, not of four.
         for r in 4..7 {
-            votes.suspect(RouterId::new(r), 400);
+            votes.mark(RouterId::new(r), true, 400);
         }
         assert!(votes.judge(500, &config).is_none());
         // Once the window passed since they left, they no longer count:
@@ -448,7 +499,7 @@ mod tests {
     fn few_routers_never_engage_it() {
         let (config, mut votes) = (config(), votes(3));
         for r in 0..3 {
-            votes.suspect(RouterId::new(r), 0);
+            votes.mark(RouterId::new(r), true, 0);
         }
         assert!(votes.judge(0, &config).is_none());
     }
@@ -457,7 +508,7 @@ mod tests {
     fn an_expired_hold_stays_off_until_the_share_drops() {
         let (config, mut votes) = (config(), votes(4));
         for r in 0..4 {
-            votes.suspect(RouterId::new(r), 0);
+            votes.mark(RouterId::new(r), true, 0);
         }
         assert!(votes.judge(0, &config).is_some());
         assert!(votes.judge(9_999, &config).is_none());
@@ -466,32 +517,41 @@ mod tests {
             expired,
             Some(Event::PartitionEnded { expired: true, .. })
         ));
-        // Silent again at once (they start over, then fail again): not held.
-        votes.unsuspect(RouterId::new(0), 1, 10_000);
-        votes.suspect(RouterId::new(0), 10_001);
+        // One is heard and falls silent again at once: not held again.
+        votes.mark(RouterId::new(0), false, 10_000);
+        votes.mark(RouterId::new(0), true, 10_001);
         assert!(votes.judge(10_001, &config).is_none());
         // The fleet recovers, then goes silent together: held again.
         for r in 0..4 {
-            votes.unsuspect(RouterId::new(r), 1, 20_000);
+            votes.mark(RouterId::new(r), false, 20_000);
         }
         assert!(votes.judge(20_000, &config).is_none());
         for r in 0..4 {
-            votes.suspect(RouterId::new(r), 20_001);
+            votes.mark(RouterId::new(r), true, 20_001);
         }
         assert!(votes.judge(20_001, &config).is_some());
     }
 
     #[test]
-    fn a_router_with_one_session_heard_is_not_silent_and_leaving_routers_are_forgotten() {
+    fn routers_leaving_are_forgotten_and_unwatched_ones_never_vote() {
         let mut votes = Votes::default();
         let router = RouterId::new(1);
         votes.watch(router, 0);
         votes.watch(router, 0);
         votes.suspect(router, 0);
         assert_eq!((votes.watched_routers, votes.silent_routers), (1, 0));
+        votes.mark(router, true, 0);
+        assert_eq!((votes.watched_routers, votes.silent_routers), (1, 1));
+        votes.mark(router, false, 0);
         votes.suspect(router, 0);
-        assert_eq!(votes.silent_routers, 1);
+        assert_eq!(votes.silent_routers, 1, "every session suspect");
+        assert_eq!((votes.watched_sessions, votes.suspect_sessions), (2, 2));
         votes.leave(router, 2, true, 0);
+        assert_eq!((votes.watched_routers, votes.silent_routers), (0, 0));
+        assert_eq!((votes.watched_sessions, votes.suspect_sessions), (0, 0));
+        assert!(votes.tallies.is_empty());
+        // A mark for a router nobody watches changes nothing.
+        votes.mark(RouterId::new(2), true, 0);
         assert_eq!((votes.watched_routers, votes.silent_routers), (0, 0));
         assert!(votes.tallies.is_empty());
     }

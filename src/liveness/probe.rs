@@ -188,7 +188,11 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         if round.is_empty() {
             continue;
         }
-        let watched = shared.open_watched(router).await;
+        let view = shared.open_watched(router).await;
+        if let Some((_, latest)) = view {
+            shared.mark_quiet(router, &round, latest);
+        }
+        let watched = view.map(|(watched, _)| watched);
         let silent = |n: usize| watched.is_some_and(|w| w > 0 && n >= w);
         if !fresh_ids.is_empty() {
             backoff = shared.config.backoff.iter();
@@ -277,13 +281,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Takes the router's pending suspects; `None` (and the driver leaves)
     /// when there are none and the driver holds none either.
     fn take_pending(&self, router: RouterId, idle: bool) -> Option<Vec<Suspect<S::Payload>>> {
-        let mut groups = self.suspects.lock();
-        let group = groups.entry(router).or_default();
-        if group.pending.is_empty() && idle {
+        {
+            let mut groups = self.suspects.lock();
+            let group = groups.entry(router).or_default();
+            if !(group.pending.is_empty() && idle) {
+                return Some(std::mem::take(&mut group.pending));
+            }
             groups.remove(&router);
-            return None;
         }
-        Some(std::mem::take(&mut group.pending))
+        // No suspect left: the router is not silent (for the guard).
+        self.tally(|votes, now| votes.mark(router, false, now));
+        None
     }
 
     /// Sleeps until `until`, or until new suspects `arrived`; `false` if
@@ -341,16 +349,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         }
     }
 
-    /// How many open sessions of the router this monitor watches, from the
-    /// store; `None` if the store could not say.
-    async fn open_watched(&self, router: RouterId) -> Option<usize> {
+    /// How many open sessions of the router this monitor watches, and when
+    /// the last of them was heard, from the store; `None` if the store
+    /// could not say.
+    async fn open_watched(&self, router: RouterId) -> Option<(usize, u64)> {
         let sessions = self.store.sessions(router).await.ok()?;
-        Some(
-            sessions
-                .iter()
-                .filter(|s| s.watcher() == (self.tag, SessionState::Active))
-                .count(),
-        )
+        let watched = sessions
+            .iter()
+            .filter(|s| s.watcher() == (self.tag, SessionState::Active));
+        Some(watched.fold((0, 0), |(count, latest), session| {
+            (count + 1, latest.max(session.beat().heard()))
+        }))
     }
 
     /// One probe call with every suspect of `round`, then the wait for
