@@ -215,8 +215,9 @@ pub enum Event {
     /// own network is suspected, not the routers. Nobody is reaped until
     /// [`PartitionEnded`](Self::PartitionEnded).
     PartitionSuspected {
-        /// Routers that went silent within the guard's window: each has
-        /// suspects, and none of its sessions was heard since they were.
+        /// Routers that went silent within the guard's window: every
+        /// session the monitor watches on them is suspect, or none was
+        /// heard for longer than their fastest suspect's timeout.
         silent_routers: usize,
         /// Routers with a session the monitor watches.
         watched_routers: usize,

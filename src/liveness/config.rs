@@ -309,26 +309,39 @@ impl LivenessMonitorBuilder {
     /// fleet. So when more than [`partition_share`](Self::partition_share)
     /// of the watched routers went silent within
     /// [`partition_window`](Self::partition_window) (a router is silent
-    /// once it has suspects and none of its sessions was heard since they
-    /// last were, whatever the others' timeouts: its probe driver looks at
-    /// each round), and at
+    /// when every session the monitor watches on it is suspect, or when
+    /// none of its sessions was heard for longer than the timeout of its
+    /// fastest suspect: its probe driver looks each round), and at
     /// least [`partition_min_routers`](Self::partition_min_routers) routers
     /// are watched, the guard engages: it publishes
     /// [`Event::PartitionSuspected`](crate::Event::PartitionSuspected) and
     /// reaps nobody while it holds. Suspects are still probed, once per two
-    /// probe timeouts, and no round counts against them. Once the silent
-    /// share is back at the threshold or below (heartbeats and answers
-    /// spare the suspects), or after
-    /// [`partition_max_hold`](Self::partition_max_hold), it lifts with
+    /// probe timeouts, and no round counts against them (nor is reported
+    /// as a [`ProbeFailed`](crate::LivenessEvent::ProbeFailed)). Once the
+    /// silent share is back at the threshold or below (heartbeats and
+    /// answers spare the suspects; drivers look at least once per two probe
+    /// timeouts), it lifts with
     /// [`Event::PartitionEnded`](crate::Event::PartitionEnded), and every
     /// session starts over as after a stall: it counts as heard at the
     /// lift, so a session still silent is reaped within
     /// [`reap_bound`](LivenessMonitor::reap_bound) of its timeout, counted
-    /// from the lift, and none is reaped for rounds it failed before.
+    /// from the lift, and none is reaped for rounds it failed before. A
+    /// hold that reaches [`partition_max_hold`](Self::partition_max_hold)
+    /// ends too (see there).
     ///
     /// A single dead router, or a few, are reaped as usual, within
     /// [`reap_bound`](LivenessMonitor::reap_bound): the guard only looks
     /// at the share of silent routers, and never delays a reap otherwise.
+    /// Routers the reconciler holds (see
+    /// [`hold_router`](LivenessMonitor::hold_router)) are never silent.
+    ///
+    /// The guard engages at the latest when a reap is due, so it needs the
+    /// probing phase ([`reap_bound`](LivenessMonitor::reap_bound) of a zero
+    /// timeout, about `1 + probe_retries` probe timeouts and their
+    /// backoffs) to outlast the spread of the routers' silences (about a
+    /// heartbeat interval). With 0 probe retries and a probe timeout
+    /// shorter than the heartbeat interval, the first sessions of a
+    /// partition may be reaped before it engages.
     ///
     /// # Example
     ///
