@@ -11,7 +11,11 @@
 //! 2. **Heartbeats and dead sessions.** Two tasks heartbeat the live
 //!    sessions; 2 % of the sessions are dead (no heartbeat, no probe answer)
 //!    and are found and reaped through the probes.
-//! 3. **Deletions under load.** A fifth of the routers are deleted at once
+//! 3. **Partition.** The controller's own network fails for a few seconds
+//!    (`--partition-ms`): no heartbeat arrives, no probe is answered. The
+//!    monitor's partition guard sees every router fall silent together,
+//!    reaps nobody, and lifts once the heartbeats are back.
+//! 4. **Deletions under load.** A fifth of the routers are deleted at once
 //!    by the deleter, while churn tasks keep creating and closing
 //!    sessions on the other routers and keep trying to create sessions on
 //!    the routers being deleted. The routers' notifier loses 1 % of the
@@ -23,17 +27,18 @@
 //!    Meanwhile 1 % of the sessions on the other routers reach the expiry
 //!    their API session gave them (half of them extended once) and are
 //!    closed by the expiry monitor, after an `ExpiringSoon` warning.
-//! 4. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
+//! 5. **Check.** `Lifecycle::shutdown` (nothing may be left), a sweep and
 //!    `audit()`: zombies must be 0,
 //!    every closed session must have released its resource exactly once,
 //!    and no create may have succeeded on a deleted router.
-//! 5. **Restart adoption.** A controller restarted with a fresh store gets
+//! 6. **Restart adoption.** A controller restarted with a fresh store gets
 //!    one surviving router's report of its open sessions (plus one that
 //!    expired) and adopts them with `Reconciler::reconcile_adopting`: every
 //!    open session adopted, the expired one rejected, none lost.
 //!
 //! The summary lists sessions created, routers deleted, confirmed vs forced
-//! closes, dead sessions found, sessions expired, the audit, deletion
+//! closes, dead sessions found, sessions expired, the partition guard
+//! (triggered, lifted, reaped during the partition), the audit, deletion
 //! latency p50/p99 and peak memory. The exit code is non-zero if any check fails.
 //!
 //! ```sh
@@ -85,6 +90,11 @@ struct Args {
     /// Heartbeat interval, in milliseconds.
     #[arg(long, default_value_t = 250)]
     heartbeat_ms: u64,
+    /// How long the controller's network is cut in the partition phase, in
+    /// milliseconds (0, or fewer than 4 routers, the partition guard's
+    /// minimum: no partition phase).
+    #[arg(long, default_value_t = 3_000)]
+    partition_ms: u64,
     /// Seed of the simulation's randomness.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -180,13 +190,18 @@ impl TerminationNotifier for Routers {
 }
 
 /// The routers' answers to liveness probes: every session answers but the
-/// dead ones.
+/// dead ones; nothing answers while the controller's network is cut.
 struct Probes {
     args: Args,
+    partitioned: Arc<AtomicBool>,
 }
 
 impl Prober for Probes {
     async fn probe(&self, batch: ProbeBatch) -> Result<Vec<SessionId>, ProbeError> {
+        if self.partitioned.load(Ordering::Relaxed) {
+            // Lost on the way: the probe timeout ends the call.
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok(batch
             .sessions
@@ -271,8 +286,12 @@ async fn main() -> Result<ExitCode, BoxError> {
     });
 
     // 0. Wire every piece through one builder.
+    let partitioned = Arc::new(AtomicBool::new(false));
     let lifecycle = Lifecycle::builder(Arc::clone(&store), Arc::clone(&routers))
-        .prober(Probes { args: args.clone() })
+        .prober(Probes {
+            args: args.clone(),
+            partitioned: Arc::clone(&partitioned),
+        })
         // Room for the burst of a fifth of the routers deleted at once
         // (about one `SessionTerminating` per session); what a slow reader
         // still misses is counted, not lost silently.
@@ -365,11 +384,15 @@ async fn main() -> Result<ExitCode, BoxError> {
     let half = live.len() / 2;
     for part in [live[..half].to_vec(), live[half..].to_vec()] {
         let (monitor, stop) = (monitor.clone(), Arc::clone(&stop));
+        let partitioned = Arc::clone(&partitioned);
         beating.spawn(async move {
             let mut every = tokio::time::interval(heartbeat);
             let mut part = part;
             while !stop.load(Ordering::Relaxed) {
                 every.tick().await;
+                if partitioned.load(Ordering::Relaxed) {
+                    continue; // nothing gets through
+                }
                 // Sessions of deleted routers leave as they close.
                 part.retain(|session| monitor.heartbeat(session).is_ok());
                 tokio::task::yield_now().await;
@@ -386,7 +409,18 @@ async fn main() -> Result<ExitCode, BoxError> {
     reaping.finish_and_clear();
     let reaped_in = liveness_started.elapsed();
 
-    // 3. Deletions under load.
+    // 3. A controller-side partition: every router falls silent at once.
+    // With fewer than 4 routers (the guard's default minimum) a partition
+    // cannot be told from their deaths: no partition phase then.
+    let cut = Duration::from_millis(args.partition_ms);
+    let partitioning = args.routers >= 4 && !cut.is_zero();
+    let partition = if partitioning {
+        partition(monitor, &partitioned, cut).await?
+    } else {
+        Partition::default()
+    };
+
+    // 4. Deletions under load.
     let next_id = Arc::new(AtomicU64::new(total));
     let mut churn = JoinSet::new();
     for worker in 0..2u64 {
@@ -505,7 +539,7 @@ async fn main() -> Result<ExitCode, BoxError> {
         .iter()
         .all(|s| s.close_reason() == Some(CloseReason::Expired));
 
-    // 4. Wind down and check.
+    // 5. Wind down and check.
     stop.store(true, Ordering::Relaxed);
     while let Some(done) = churn.join_next().await {
         done??;
@@ -599,6 +633,17 @@ async fn main() -> Result<ExitCode, BoxError> {
         "events:                  {} router fenced, {} terminating, {} deleted, {} reaped, {} repaired; {lagged} missed (lag)",
         seen.fenced, seen.terminating, seen.deleted, seen.reaped, seen.repaired
     );
+    if partitioning {
+        println!(
+            "partition guard:         triggered {}, lifted {}, reaped during partition {} ({cut:.2?} cut, lifted {:.2?} after the heal)",
+            seen.partitions_suspected,
+            seen.partitions_ended,
+            partition.reaped,
+            partition.lifted_after
+        );
+    } else {
+        println!("partition guard:         no partition phase (fewer than 4 routers, or no cut)");
+    }
     println!(
         "sessions in the store:   {open_now} ({} active, {} terminating) on {} routers",
         stats.active,
@@ -636,6 +681,16 @@ async fn main() -> Result<ExitCode, BoxError> {
         (
             "every session given an expiry expired, once",
             all_expired && expiry.expired == expiring.len() as u64,
+        ),
+        (
+            "the partition guard triggered and lifted once, nobody reaped during it",
+            partition.reaped == 0
+                && !liveness.partition_suspected
+                && [
+                    partition.triggered,
+                    seen.partitions_suspected,
+                    seen.partitions_ended,
+                ] == [u64::from(partitioning); 3],
         ),
         ("every doomed router deleted", deleted == doomed.len()),
         (
@@ -677,6 +732,8 @@ struct Seen {
     deleted: usize,
     reaped: usize,
     repaired: usize,
+    partitions_suspected: u64,
+    partitions_ended: u64,
 }
 
 /// Counts the events of the run until told to stop, then counts what is
@@ -712,9 +769,49 @@ impl Seen {
                 sessions, ..
             }) => self.reaped += sessions.len(),
             Event::Repaired(_) => self.repaired += 1,
+            Event::PartitionSuspected { .. } => self.partitions_suspected += 1,
+            Event::PartitionEnded { .. } => self.partitions_ended += 1,
             _ => {}
         }
     }
+}
+
+/// How the partition phase went.
+#[derive(Default)]
+struct Partition {
+    /// Times the guard engaged during the phase.
+    triggered: u64,
+    /// Sessions reaped from the cut until the guard lifted.
+    reaped: u64,
+    /// From the heal to the lift.
+    lifted_after: Duration,
+}
+
+/// Cuts the controller's network for `cut` (no heartbeat arrives, no probe
+/// is answered), heals it, and waits until the partition guard lifted.
+async fn partition(
+    monitor: &LivenessMonitor<MemoryStore, Probes>,
+    partitioned: &AtomicBool,
+    cut: Duration,
+) -> Result<Partition, BoxError> {
+    let before = monitor.stats();
+    partitioned.store(true, Ordering::Relaxed);
+    tokio::time::sleep(cut).await;
+    partitioned.store(false, Ordering::Relaxed);
+    let healed = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    while monitor.stats().partition_suspected {
+        if healed.elapsed() > Duration::from_secs(30) {
+            return Err("the partition guard did not lift within 30 s of the heal".into());
+        }
+        every.tick().await;
+    }
+    let after = monitor.stats();
+    Ok(Partition {
+        triggered: after.partitions - before.partitions,
+        reaped: after.reaped - before.reaped,
+        lifted_after: healed.elapsed(),
+    })
 }
 
 /// Dead sessions among the initial sessions of `router` (reaped before the

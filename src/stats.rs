@@ -173,6 +173,10 @@ impl Stats {
         {
             crate::metrics::gauge("session_lifecycle_watched_sessions", stats.watched);
             crate::metrics::gauge("session_lifecycle_suspect_sessions", stats.suspects);
+            crate::metrics::gauge(
+                "session_lifecycle_partition_suspected",
+                u64::from(stats.partition_suspected),
+            );
         }
         self.liveness = Some(stats);
         self

@@ -160,6 +160,7 @@ proptest! {
         durations in proptest::collection::vec(duration(), 12),
         rate in any::<u32>(),
         retries in prop_oneof![Just(0u32), Just(u32::MAX), 0u32..10],
+        share in prop_oneof![any::<f64>(), Just(f64::NAN), Just(1.0), 0.0..=1.0f64],
     ) {
         let runtime = runtime();
         let _inside = runtime.enter();
@@ -187,6 +188,10 @@ proptest! {
                 .probe_timeout(durations[8])
                 .probe_backoff(Backoff::new().retries(retries % 8).delays(durations[9], durations[10]))
                 .granularity(durations[11])
+                .partition_share(share)
+                .partition_window(durations[0])
+                .partition_min_routers(sizes[3])
+                .partition_max_hold(Some(durations[1]).filter(|_| rate % 2 == 0))
                 .build(Arc::clone(&store), ScriptedProber::always(Probe::nobody()));
             if let Ok(monitor) = &monitor {
                 let _ = monitor.reap_bound(durations[6]);

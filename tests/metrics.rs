@@ -13,8 +13,8 @@ use session_lifecycle::test_util::{
     HOUR, Notify, ScriptedNotifier, Subset, paused_runtime, report_within,
 };
 use session_lifecycle::{
-    CloseReason, MemoryStore, NewSession, Reconciler, RouterDeleter, RouterId, SessionId,
-    SessionStore, Stats,
+    CloseReason, LivenessMonitor, MemoryStore, NewSession, Reconciler, RouterDeleter, RouterId,
+    SessionId, SessionStore, Stats, liveness::NoProbe,
 };
 use tokio::time::Duration;
 
@@ -55,6 +55,7 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
     recorder.install().unwrap();
 
     let runtime = paused_runtime();
+    let partition = runtime.block_on(partition_held_until_it_expires());
     let report = runtime.block_on(async {
         // No event bus anywhere: the metrics must not need one.
         let store = Arc::new(MemoryStore::new());
@@ -156,10 +157,46 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
         }
     }
 
+    // 4 in the partition scenario, 10 in the deletion's, 1 adopted.
     assert_eq!(
         counter(&metrics, "session_lifecycle_sessions_created_total", &[]),
-        11
+        15
     );
+    assert_eq!(
+        counter(
+            &metrics,
+            "session_lifecycle_partitions_suspected_total",
+            &[]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "session_lifecycle_partitions_ended_total",
+            &[("end", "expired")]
+        ),
+        1
+    );
+    match find(
+        &metrics,
+        "session_lifecycle_partition_duration_seconds",
+        &[],
+    ) {
+        DebugValue::Histogram(samples) => {
+            assert_eq!(samples.len(), 1, "{samples:?}");
+            // Expired at the first tick (50 ms) at or past the maximum.
+            let held = samples[0].into_inner();
+            let max = partition.as_secs_f64();
+            assert!(held >= max && held <= max + 0.05, "{held}");
+        }
+        other => panic!("the partition duration is not a histogram: {other:?}"),
+    }
+    // Set while the guard held.
+    match find(&metrics, "session_lifecycle_partition_suspected", &[]) {
+        DebugValue::Gauge(value) => assert_eq!(value.into_inner(), 1.0),
+        other => panic!("partition_suspected is not a gauge: {other:?}"),
+    }
     for (reason, count) in [("client_closed", 3), ("router_deleted", 5), ("forced", 3)] {
         assert_eq!(
             counter(
@@ -245,4 +282,36 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
             .iter()
             .any(|(name, _, _)| name == "session_lifecycle_events_lagged_total")
     );
+}
+
+/// Four routers whose sessions never heartbeat: the partition guard holds,
+/// then expires after 10 s and they are reaped. Returns how long it held.
+async fn partition_held_until_it_expires() -> Duration {
+    let store = Arc::new(MemoryStore::new());
+    let max_hold = Duration::from_secs(10);
+    let monitor = LivenessMonitor::builder()
+        .partition_max_hold(Some(max_hold))
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    let mut sessions = Vec::new();
+    for r in 10..14 {
+        let router = RouterId::new(r);
+        let incarnation = store.register_router(router).await.unwrap();
+        let session = store
+            .create(NewSession::new(SessionId::new(r), router, incarnation))
+            .await
+            .unwrap();
+        monitor.watch(&session).unwrap();
+        sessions.push(session);
+    }
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    while !monitor.stats().partition_suspected {
+        ticks.tick().await;
+    }
+    let _ = Stats::default().with_liveness(&monitor);
+    for session in &sessions {
+        tokio::time::timeout(HOUR, session.closed()).await.unwrap();
+    }
+    assert_eq!(monitor.stats().partitions, 1);
+    max_hold
 }

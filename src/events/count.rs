@@ -71,6 +71,18 @@ pub(crate) fn record(event: &Event) {
         }
         Event::Liveness(event) => liveness(event),
         Event::Reclaim(event) => reclaim(event),
+        Event::PartitionSuspected { .. } => {
+            crate::metrics::counter!("session_lifecycle_partitions_suspected_total").increment(1);
+        }
+        Event::PartitionEnded {
+            lasted, expired, ..
+        } => {
+            let end = if *expired { "expired" } else { "lifted" };
+            crate::metrics::counter!("session_lifecycle_partitions_ended_total", "end" => end)
+                .increment(1);
+            crate::metrics::histogram!("session_lifecycle_partition_duration_seconds")
+                .record(lasted.as_secs_f64());
+        }
     }
 }
 

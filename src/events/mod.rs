@@ -228,4 +228,43 @@ pub enum Event {
         /// When it expires, on tokio's clock.
         expires_at: Instant,
     },
+    /// The liveness monitor's partition guard engaged: more than its share
+    /// of the watched routers went silent together, so the controller's
+    /// own network is suspected, not the routers. Nobody is reaped until
+    /// [`PartitionEnded`](Self::PartitionEnded).
+    PartitionSuspected {
+        /// Routers that went silent within the guard's window: every
+        /// session the monitor watches on them is suspect, or none was
+        /// heard for longer than their fastest suspect's timeout.
+        silent_routers: usize,
+        /// Routers with a session the monitor watches.
+        watched_routers: usize,
+        /// Sessions suspect now, on every router.
+        suspect_sessions: usize,
+        /// Sessions the monitor watches, suspects included.
+        watched_sessions: usize,
+    },
+    /// The partition guard lifted: the silent share dropped back to its
+    /// threshold or below (routers are heard again), or the hold reached
+    /// its maximum. Either way a session still silent is reaped within
+    /// [`reap_bound`](crate::LivenessMonitor::reap_bound) of its timeout,
+    /// counted from now: after a lift every session starts over (it counts
+    /// as heard now), after an expiry probe rounds count again.
+    PartitionEnded {
+        /// Routers still silent.
+        silent_routers: usize,
+        /// Routers with a session the monitor watches.
+        watched_routers: usize,
+        /// Sessions still suspect.
+        suspect_sessions: usize,
+        /// Sessions the monitor watches, suspects included.
+        watched_sessions: usize,
+        /// How long the guard held.
+        lasted: Duration,
+        /// `true` if the hold reached its maximum
+        /// ([`partition_max_hold`](crate::LivenessMonitorBuilder::partition_max_hold))
+        /// with the routers still silent: convictions resume, and the guard
+        /// stays off until the silent share drops back.
+        expired: bool,
+    },
 }

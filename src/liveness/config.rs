@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::time::Duration;
 
 use super::LivenessMonitor;
+use super::partition::GuardConfig;
 use super::probe::Prober;
 use crate::backoff::Backoff;
 use crate::build::{BuildError, wired};
@@ -33,6 +34,7 @@ pub(crate) struct Config {
     pub(crate) backoff: Backoff,
     pub(crate) reclaim: Option<ReclaimQueue>,
     pub(crate) bus: Option<EventBus>,
+    pub(crate) guard: GuardConfig,
 }
 
 impl Config {
@@ -131,6 +133,12 @@ pub struct LivenessMonitorBuilder {
     probe_backoff: Option<Backoff>,
     reclaim: Option<ReclaimQueue>,
     bus: Option<EventBus>,
+    partition_guard: bool,
+    partition_share: f64,
+    /// `None`: the probing phase, `reap_bound(0)`.
+    partition_window: Option<Duration>,
+    partition_min_routers: usize,
+    partition_max_hold: Option<Duration>,
 }
 
 impl Default for LivenessMonitorBuilder {
@@ -147,6 +155,11 @@ impl Default for LivenessMonitorBuilder {
             probe_backoff: None,
             reclaim: None,
             bus: None,
+            partition_guard: true,
+            partition_share: 0.5,
+            partition_window: None,
+            partition_min_routers: 4,
+            partition_max_hold: Some(Duration::from_secs(5 * 60)),
         }
     }
 }
@@ -155,7 +168,9 @@ impl LivenessMonitorBuilder {
     /// A builder with the defaults: heartbeat interval 1 s, timeout within
     /// [1 s, 60 s], pause allowance 1 s, granularity 50 ms, probe timeout
     /// 1 s, 2 probe retries, probe backoff from 0.5 s up to 4 s without
-    /// jitter (half the probe timeout up to four), no reclaim queue.
+    /// jitter (half the probe timeout up to four), no reclaim queue, and
+    /// the partition guard on (see
+    /// [`partition_guard`](Self::partition_guard) for its defaults).
     pub fn new() -> Self {
         Self::default()
     }
@@ -287,6 +302,132 @@ impl LivenessMonitorBuilder {
         self
     }
 
+    /// Turns the **partition guard** on or off (default: on).
+    ///
+    /// If the controller's own network fails, every router goes silent at
+    /// once, and reaping them all would close every session of a healthy
+    /// fleet. So when more than [`partition_share`](Self::partition_share)
+    /// of the watched routers went silent within
+    /// [`partition_window`](Self::partition_window) (a router is silent
+    /// when every session the monitor watches on it is suspect, or when
+    /// none of its sessions was heard for longer than the timeout of its
+    /// fastest suspect: its probe driver looks each round), and at
+    /// least [`partition_min_routers`](Self::partition_min_routers) routers
+    /// are watched, the guard engages: it publishes
+    /// [`Event::PartitionSuspected`](crate::Event::PartitionSuspected) and
+    /// reaps nobody while it holds. Suspects are still probed, once per two
+    /// probe timeouts, and no round counts against them (nor is reported
+    /// as a [`ProbeFailed`](crate::LivenessEvent::ProbeFailed)). Once the
+    /// silent share is back at the threshold or below (heartbeats and
+    /// answers spare the suspects; drivers look at least once per two probe
+    /// timeouts), it lifts with
+    /// [`Event::PartitionEnded`](crate::Event::PartitionEnded), and every
+    /// session starts over as after a stall: it counts as heard at the
+    /// lift, so a session still silent is reaped within
+    /// [`reap_bound`](LivenessMonitor::reap_bound) of its timeout, counted
+    /// from the lift, and none is reaped for rounds it failed before. A
+    /// hold that reaches [`partition_max_hold`](Self::partition_max_hold)
+    /// ends too (see there).
+    ///
+    /// A single dead router, or a few, are reaped as usual, within
+    /// [`reap_bound`](LivenessMonitor::reap_bound): the guard only looks
+    /// at the share of silent routers, and never delays a reap otherwise.
+    /// Routers the reconciler holds (see
+    /// [`hold_router`](LivenessMonitor::hold_router)) are never silent.
+    ///
+    /// The guard engages at the latest when a reap is due, so it needs the
+    /// probing phase ([`reap_bound`](LivenessMonitor::reap_bound) of a zero
+    /// timeout, about `1 + probe_retries` probe timeouts and their
+    /// backoffs) to outlast the spread of the routers' silences (about a
+    /// heartbeat interval). With 0 probe retries and a probe timeout
+    /// shorter than the heartbeat interval, the first sessions of a
+    /// partition may be reaped before it engages.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use session_lifecycle::{LivenessMonitor, MemoryStore, liveness::NoProbe};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor = LivenessMonitor::builder()
+    ///     .partition_share(0.3) // more than 30 % of the routers silent
+    ///     .partition_window(Duration::from_secs(10)) // within 10 s
+    ///     .partition_min_routers(10) // and at least 10 routers watched
+    ///     .partition_max_hold(Some(Duration::from_secs(600))) // for 10 min at most
+    ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// assert!(!monitor.stats().partition_suspected);
+    ///
+    /// // Off: every silent session is reaped, however many there are.
+    /// let _unguarded = LivenessMonitor::builder()
+    ///     .partition_guard(false)
+    ///     .build(Arc::new(MemoryStore::new()), NoProbe)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn partition_guard(mut self, enabled: bool) -> Self {
+        self.partition_guard = enabled;
+        self
+    }
+
+    /// The guard engages when **more than** this share of the watched
+    /// routers went silent together. Within (0, 1), checked by
+    /// [`build`](Self::build); default 0.5: a partition silences every
+    /// router, while real router deaths rarely take half the fleet at
+    /// once. Routers, not sessions, vote: one big router's death is one
+    /// failure, however many sessions it had (the events report sessions
+    /// too).
+    ///
+    /// See the example on [`partition_guard`](Self::partition_guard).
+    pub fn partition_share(mut self, share: f64) -> Self {
+        self.partition_share = share;
+        self
+    }
+
+    /// Only routers that went silent within this long of each other count
+    /// to engage the guard (once it holds, every silent router counts
+    /// until it is heard). Within [granularity, 1 day]. By default the
+    /// probing phase, [`reap_bound`](LivenessMonitor::reap_bound) of a
+    /// zero timeout: a router silent longer than that was being reaped
+    /// alone, not silenced with the others.
+    ///
+    /// See the example on [`partition_guard`](Self::partition_guard).
+    pub fn partition_window(mut self, window: Duration) -> Self {
+        self.partition_window = Some(window);
+        self
+    }
+
+    /// With fewer watched routers than this, the guard never engages:
+    /// default 4, so a controller of 1 to 3 routers reaps a dead router as
+    /// usual (with so few, one death is "most of the fleet"). Any number;
+    /// 0 and 1 mean always.
+    ///
+    /// See the example on [`partition_guard`](Self::partition_guard).
+    pub fn partition_min_routers(mut self, routers: usize) -> Self {
+        self.partition_min_routers = routers;
+        self
+    }
+
+    /// The longest the guard holds (default 5 minutes; `None`: until the
+    /// routers are heard). A silence that outlasts it is a real mass death
+    /// (a region's routers lost together), not a partition: the guard
+    /// lifts with `expired: true` and convictions resume where they were
+    /// (probe rounds count again; no fresh start), so a session still
+    /// silent is reaped within [`reap_bound`](LivenessMonitor::reap_bound)
+    /// of its timeout from then, and the guard stays off until the silent
+    /// share drops back to the threshold or below. Without a maximum, such sessions stay open until their
+    /// routers are deleted or lost (the reconciler's grace period), and the
+    /// guard holds meanwhile ([`LivenessStats::partition_suspected`](super::LivenessStats::partition_suspected)
+    /// says so). Within (0, 1 day].
+    ///
+    /// See the example on [`partition_guard`](Self::partition_guard).
+    pub fn partition_max_hold(mut self, max: Option<Duration>) -> Self {
+        self.partition_max_hold = max;
+        self
+    }
+
     /// Builds the monitor and starts its task on the current tokio runtime.
     ///
     /// # Errors
@@ -368,7 +509,30 @@ impl LivenessMonitorBuilder {
                 String::from("must be at least 1 suspect"),
             );
         }
-        Ok(Config {
+        let share = self.partition_share;
+        if !(share > 0.0 && share < 1.0) {
+            return refuse(
+                "partition_share",
+                format!("must be within (0, 1), got {share}"),
+            );
+        }
+        if let Some(window) = self.partition_window
+            && !within(window)
+        {
+            return refuse(
+                "partition_window",
+                format!("must be within [granularity, 1 day], got {window:?}"),
+            );
+        }
+        if let Some(max) = self.partition_max_hold
+            && (max.is_zero() || max > MAX_SETTING)
+        {
+            return refuse(
+                "partition_max_hold",
+                format!("must be within (0, 1 day], got {max:?}"),
+            );
+        }
+        let mut config = Config {
             interval: millis(self.interval),
             rule: TimeoutRule {
                 granularity: millis(granularity).max(1),
@@ -381,7 +545,18 @@ impl LivenessMonitorBuilder {
             backoff,
             reclaim: self.reclaim,
             bus: self.bus,
-        })
+            guard: GuardConfig {
+                enabled: self.partition_guard,
+                share,
+                window: self.partition_window.map_or(0, millis),
+                min_routers: self.partition_min_routers,
+                max_hold: self.partition_max_hold.map(millis),
+            },
+        };
+        if self.partition_window.is_none() {
+            config.guard.window = millis(config.reap_bound(Duration::ZERO));
+        }
+        Ok(config)
     }
 }
 

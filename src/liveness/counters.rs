@@ -17,6 +17,10 @@ pub(super) struct Counters {
     pub(super) ignored: AtomicU64,
     pub(super) timer_fires: AtomicU64,
     pub(super) stalls: AtomicU64,
+    /// Times the partition guard engaged, and ended: it holds while they
+    /// differ (statistics: drivers ask the guard itself).
+    pub(super) partitions: AtomicU64,
+    pub(super) partitions_ended: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +54,12 @@ impl Counters {
         self.reaped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Whether the partition guard holds now.
+    pub(super) fn partition_holds(&self) -> bool {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        get(&self.partitions) != get(&self.partitions_ended)
+    }
+
     pub(super) fn snapshot(&self) -> LivenessStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         LivenessStats {
@@ -63,6 +73,8 @@ impl Counters {
             ignored_heartbeats: get(&self.ignored),
             timer_fires: get(&self.timer_fires),
             stalls: get(&self.stalls),
+            partition_suspected: self.partition_holds(),
+            partitions: get(&self.partitions),
         }
     }
 }

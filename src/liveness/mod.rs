@@ -15,15 +15,16 @@
 //!
 //! # Deadlock safety
 //!
-//! Three locks, `incoming`, `suspects` and `held`, never two held together,
-//! never across an `.await` or while user code (the prober, the store)
-//! runs.
+//! Four locks, `incoming`, `suspects`, `held` and `partition`, never two
+//! held together, never across an `.await` or while user code (the
+//! prober, the store) runs.
 //! `held` is a leaf: a `Reconciler` may take it under its own `graces`
 //! lock, and nothing is taken under it.
 
 mod config;
 mod counters;
 mod holds;
+mod partition;
 mod probe;
 mod report;
 mod tag;
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +57,7 @@ use config::{Config, millis};
 use counters::Counters;
 use holds::Holds;
 pub(crate) use holds::RouterHold;
+use partition::Votes;
 use probe::{Group, Suspect};
 
 /// Set in the clock once the monitor stops.
@@ -91,6 +94,11 @@ const STOPPED: u64 = 1 << 63;
 /// - **Local-health guard.** If the monitor's own tick runs late by more
 ///   than the pause allowance (the controller was paused or starved), it
 ///   extends every deadline by the stall instead of convicting anyone.
+/// - **Partition guard.** If more than a share of the watched routers goes
+///   silent together (the controller's own network failed, most likely),
+///   it reaps nobody until they are heard again, with
+///   [`Event::PartitionSuspected`] and [`Event::PartitionEnded`] on the
+///   bus; see [`partition_guard`](LivenessMonitorBuilder::partition_guard).
 ///
 /// Events ([`Event::Liveness`] on the bus given to
 /// [`events`](LivenessMonitorBuilder::events)) come per router, and say when
@@ -162,6 +170,11 @@ struct Shared<S: SessionStore, Pr> {
     /// Routers whose sessions are not convicted for now (a disconnected
     /// router in its grace period), with how many holds each has.
     held: Mutex<HashMap<RouterId, usize>>,
+    /// The partition guard: each router's watched and suspect sessions,
+    /// and whether the guard holds.
+    partition: Mutex<Votes>,
+    /// Notified when the partition guard engages or lifts.
+    partition_change: Notify,
     counters: Counters,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -211,6 +224,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             incoming: Mutex::new(Vec::new()),
             suspects: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            partition: Mutex::new(Votes::default()),
+            partition_change: Notify::new(),
             counters: Counters::default(),
             stop: stop.clone(),
             tracker: TaskTracker::new(),
@@ -243,6 +258,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             .beat()
             .reset(shared.now(), Estimate::initial(shared.config.interval));
         shared.counters.watched.fetch_add(1, Ordering::Relaxed);
+        shared.tally(|votes, now| votes.watch(session.router(), now));
         shared.incoming.lock().push(session.clone());
         Ok(())
     }
@@ -325,7 +341,12 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// each reap closes and removes; a [`MemoryStore`] answers at once)
     /// and a full reclaim queue, if one is configured. After a stall the
     /// local-health guard caught, it runs from the end of the stall
-    /// instead of the last heartbeat. Saturates at [`Duration::MAX`].
+    /// instead of the last heartbeat. While the partition guard holds,
+    /// nobody is reaped; after it lifts, the bound runs from the lift
+    /// (see [`partition_guard`](LivenessMonitorBuilder::partition_guard)).
+    /// The partition guard never delays a reap otherwise: with the silent
+    /// share at or below its threshold, the bound holds as stated.
+    /// Saturates at [`Duration::MAX`].
     #[must_use]
     pub fn reap_bound(&self, timeout: Duration) -> Duration {
         self.shared.config.reap_bound(timeout)
@@ -467,6 +488,7 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
         for (router, suspects) in convicted.drain() {
             shared.hand_over(router, suspects);
         }
+        shared.judge_partition(now_ms);
         let next_tick = (now_ms / granularity).saturating_add(1);
         next = shared.epoch + Duration::from_millis(next_tick.saturating_mul(granularity));
     }
@@ -520,6 +542,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     ) {
         if session.watcher().1 != SessionState::Active {
             self.counters.leave();
+            self.tally(|votes, now| votes.leave(session.router(), 1, false, now));
             return;
         }
         let beat = session.beat();
@@ -540,6 +563,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             return;
         }
         self.counters.suspect();
+        self.tally(|votes, now| votes.suspect(session.router(), now));
         convicted
             .entry(session.router())
             .or_default()

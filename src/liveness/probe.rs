@@ -153,6 +153,11 @@ enum Verdict {
 /// round, and between its own rounds no longer than the backoff gives its
 /// failed rounds: the schedule starts over whenever new suspects join a
 /// round, and its delays only grow.
+///
+/// While the partition guard holds, rounds go on once per two probe
+/// timeouts and count against nobody, and nobody is reaped; once it lifts,
+/// every suspect goes back to the wheel and starts over (once a hold
+/// expires, rounds count again where they were).
 pub(super) async fn drive<S: SessionStore, Pr: Prober>(
     shared: Arc<Shared<S, Pr>>,
     router: RouterId,
@@ -161,10 +166,19 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
     let mut round: Vec<Suspect<S::Payload>> = Vec::new();
     let mut rounds = 0u32;
     let mut backoff = shared.config.backoff.iter();
+    let mut guard = shared.partition_state().0;
     loop {
-        let Some(fresh) = shared.take_pending(router, round.is_empty()) else {
+        let Some(mut fresh) = shared.take_pending(router, round.is_empty()) else {
             return;
         };
+        let (changes, start_over) = shared.partition_state();
+        if std::mem::replace(&mut guard, changes) != changes && start_over == Some(true) {
+            // The partition guard lifted: everyone starts over. (After a
+            // hold that expired, rounds count again where they were.)
+            round.append(&mut fresh);
+            shared.start_over(router, std::mem::take(&mut round));
+            continue;
+        }
         // Suspects heard since they were convicted go back to the wheel
         // unprobed; closed ones leave.
         round.retain(|suspect| shared.keep(suspect));
@@ -174,7 +188,11 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         if round.is_empty() {
             continue;
         }
-        let watched = shared.open_watched(router).await;
+        let view = shared.open_watched(router).await;
+        if let Some((_, latest)) = view {
+            shared.mark_quiet(router, &round, latest);
+        }
+        let watched = view.map(|(watched, _)| watched);
         let silent = |n: usize| watched.is_some_and(|w| w > 0 && n >= w);
         if !fresh_ids.is_empty() {
             backoff = shared.config.backoff.iter();
@@ -195,21 +213,32 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
             // been held up; the round does not count against anyone.
             continue;
         }
+        let (changes, start_over) = shared.partition_state();
+        let holds = start_over.is_none();
+        if changes != guard || holds {
+            // The partition guard held during the round: it counts against
+            // nobody. Those heard meanwhile are spared, which lifts it.
+            round.retain(|suspect| shared.keep(suspect));
+            if holds && !round.is_empty() && !shared.pace_hold().await {
+                return;
+            }
+            continue;
+        }
         let mut failed = Vec::new();
         let mut dead = Vec::new();
         let retries = shared.config.probe_retries();
-        round.retain_mut(|suspect| {
-            if !shared.keep(suspect) {
-                return false;
+        for mut suspect in std::mem::take(&mut round) {
+            if !shared.keep(&suspect) {
+                continue;
             }
             suspect.failed = suspect.failed.saturating_add(1);
             failed.push(suspect.session.id());
             if suspect.failed > retries {
-                dead.push(suspect.session.clone());
-                return false;
+                dead.push(suspect);
+            } else {
+                round.push(suspect);
             }
-            true
-        });
+        }
         if !failed.is_empty() {
             shared.emit(LivenessEvent::ProbeFailed {
                 router,
@@ -219,8 +248,14 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
                 error,
             });
         }
+        if !dead.is_empty() && shared.judge_partition(shared.now()) {
+            // Too many routers went silent together: the guard engaged.
+            // They wait for it to end with the others, then start over.
+            round.append(&mut dead);
+        }
         if !dead.is_empty() {
             let router_silent = silent(dead.len());
+            let dead = dead.into_iter().map(|suspect| suspect.session).collect();
             shared.reap(router, dead, router_silent).await;
         }
         if round.is_empty() {
@@ -246,13 +281,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Takes the router's pending suspects; `None` (and the driver leaves)
     /// when there are none and the driver holds none either.
     fn take_pending(&self, router: RouterId, idle: bool) -> Option<Vec<Suspect<S::Payload>>> {
-        let mut groups = self.suspects.lock();
-        let group = groups.entry(router).or_default();
-        if group.pending.is_empty() && idle {
+        {
+            let mut groups = self.suspects.lock();
+            let group = groups.entry(router).or_default();
+            if !(group.pending.is_empty() && idle) {
+                return Some(std::mem::take(&mut group.pending));
+            }
             groups.remove(&router);
-            return None;
         }
-        Some(std::mem::take(&mut group.pending))
+        // No suspect left: the router is not silent (for the guard).
+        self.tally(|votes, now| votes.mark(router, false, now));
+        None
     }
 
     /// Sleeps until `until`, or until new suspects `arrived`; `false` if
@@ -275,7 +314,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
 
     /// Looks at a suspect again: `true` to keep it. Sends answered ones
     /// back to the wheel and lets gone ones leave.
-    fn keep(&self, suspect: &Suspect<S::Payload>) -> bool {
+    pub(super) fn keep(&self, suspect: &Suspect<S::Payload>) -> bool {
         if self.is_held(suspect.session.router()) {
             // Its router is held (disconnected, in its grace period): spared.
             suspect.session.beat().refresh(self.now());
@@ -284,12 +323,16 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             Verdict::Silent => true,
             Verdict::Answered => {
                 self.counters.spare();
+                let router = suspect.session.router();
+                self.tally(|votes, now| votes.unsuspect(router, 1, now));
                 self.incoming.lock().push(suspect.session.clone());
                 false
             }
             Verdict::Gone => {
                 self.counters.unsuspect();
                 self.counters.leave();
+                let router = suspect.session.router();
+                self.tally(|votes, now| votes.leave(router, 1, true, now));
                 false
             }
         }
@@ -306,16 +349,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         }
     }
 
-    /// How many open sessions of the router this monitor watches, from the
-    /// store; `None` if the store could not say.
-    async fn open_watched(&self, router: RouterId) -> Option<usize> {
+    /// How many open sessions of the router this monitor watches, and when
+    /// the last of them was heard, from the store; `None` if the store
+    /// could not say.
+    async fn open_watched(&self, router: RouterId) -> Option<(usize, u64)> {
         let sessions = self.store.sessions(router).await.ok()?;
-        Some(
-            sessions
-                .iter()
-                .filter(|s| s.watcher() == (self.tag, SessionState::Active))
-                .count(),
-        )
+        let watched = sessions
+            .iter()
+            .filter(|s| s.watcher() == (self.tag, SessionState::Active));
+        Some(watched.fold((0, 0), |(count, latest), session| {
+            (count + 1, latest.max(session.beat().heard()))
+        }))
     }
 
     /// One probe call with every suspect of `round`, then the wait for
@@ -400,6 +444,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             self.counters.unsuspect();
             self.counters.leave();
         }
+        self.tally(|votes, now| votes.leave(router, dead.len(), true, now));
         if closed.is_empty() {
             return;
         }

@@ -34,6 +34,13 @@ pub struct LivenessStats {
     pub timer_fires: u64,
     /// Times the local-health guard extended every deadline.
     pub stalls: u64,
+    /// Whether the partition guard holds now: more than its share of the
+    /// routers went silent together, and nobody is reaped (see
+    /// [`LivenessMonitorBuilder::partition_guard`](crate::LivenessMonitorBuilder::partition_guard)).
+    pub partition_suspected: bool,
+    /// Times the partition guard engaged
+    /// ([`Event::PartitionSuspected`](crate::Event::PartitionSuspected)).
+    pub partitions: u64,
 }
 
 /// Why a heartbeat was ignored. Counted in
