@@ -206,3 +206,81 @@ async fn a_deletion_never_waits_for_budget_past_its_bound() {
     assert!(budget.stats().refused > 0);
     assert_eq!(store.count(router).await.ok(), Some(0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn probes_the_budget_cannot_send_in_time_count_as_unanswered_within_the_bound() {
+    use session_lifecycle::LivenessMonitor;
+    use session_lifecycle::test_util::{Probe, ScriptedProber};
+
+    let store = Arc::new(MemoryStore::new());
+    let router = RouterId::new(1);
+    router_with(&store, router, 3).await;
+    // The controller's own messages put the router 100 s in debt (the
+    // budget is taken at the first poll; the sender then waits its turn).
+    let budget = budget(10, 10);
+    let sender = tokio::spawn({
+        let budget = budget.clone();
+        async move { budget.acquire(router, 1_000).await }
+    });
+    tokio::task::yield_now().await;
+    let prober = ScriptedProber::always(Probe::everyone());
+    let monitor = LivenessMonitor::builder()
+        .heartbeat_interval(Duration::from_secs(1))
+        .timeout_range(Duration::from_secs(1), Duration::from_secs(5))
+        .notification_budget(budget.clone())
+        .build(Arc::clone(&store), Arc::clone(&prober))
+        .expect("valid settings");
+    let sessions = store.sessions(router).await.expect("known router");
+    let start = Instant::now();
+    for session in &sessions {
+        monitor.watch(session).expect("watched");
+    }
+    // Nobody heartbeats, and no probe can be sent: they are reaped, within
+    // the bound, though the prober would have answered.
+    let bound = monitor.reap_bound(Duration::from_secs(5));
+    for session in &sessions {
+        tokio::time::timeout(bound, session.closed())
+            .await
+            .expect("reaped within the bound");
+    }
+    assert!(start.elapsed() <= bound);
+    assert_eq!(prober.call_count(), 0, "a probe went past the budget");
+    assert!(budget.stats().refused > 0);
+    sender.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lifecycle_gives_its_budget_to_the_deleter_and_the_monitor() {
+    use session_lifecycle::Lifecycle;
+
+    let store = Arc::new(MemoryStore::new());
+    let router = RouterId::new(1);
+    router_with(&store, router, 250).await;
+    let budget = budget(1_000, 100);
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all());
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), Arc::clone(&notifier))
+        .deleter(RouterDeleter::builder().batch_size(50))
+        .notification_budget(budget.clone())
+        .build()
+        .expect("valid settings");
+    assert!(lifecycle.notification_budget().is_some());
+    let start = Instant::now();
+    lifecycle.deleter().delete(router).await.expect("deleted");
+    // 250 sessions at 1,000/s with a burst of 100: 150 ms.
+    assert_eq!(start.elapsed(), Duration::from_millis(150));
+    assert_eq!(budget.stats().granted, 5);
+
+    // A piece that brings its own budget is refused: there is one.
+    let refused = Lifecycle::builder(Arc::clone(&store), notifier)
+        .liveness(session_lifecycle::LivenessMonitor::builder().notification_budget(budget.clone()))
+        .notification_budget(budget)
+        .build()
+        .expect_err("two budgets");
+    assert_eq!(refused.refused_setting(), Some("liveness"));
+    assert!(
+        lifecycle
+            .shutdown(Duration::from_secs(5))
+            .await
+            .is_complete()
+    );
+}

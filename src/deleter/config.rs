@@ -204,6 +204,11 @@ impl RouterDeleterBuilder {
         self
     }
 
+    /// Whether a notification budget is set.
+    pub(crate) fn has_budget(&self) -> bool {
+        self.config.budget.is_some()
+    }
+
     /// How long one notification call may take before it counts as failed
     /// (default 5 s).
     ///

@@ -8,6 +8,7 @@ use super::LivenessMonitor;
 use super::partition::GuardConfig;
 use super::probe::Prober;
 use crate::backoff::Backoff;
+use crate::budget::NotificationBudget;
 use crate::build::{BuildError, wired};
 use crate::events::EventBus;
 use crate::reclaim::ReclaimQueue;
@@ -35,6 +36,8 @@ pub(crate) struct Config {
     pub(crate) reclaim: Option<ReclaimQueue>,
     pub(crate) bus: Option<EventBus>,
     pub(crate) guard: GuardConfig,
+    /// The routers' notification budget, shared with other sources.
+    pub(crate) budget: Option<NotificationBudget>,
 }
 
 impl Config {
@@ -133,6 +136,7 @@ pub struct LivenessMonitorBuilder {
     probe_backoff: Option<Backoff>,
     reclaim: Option<ReclaimQueue>,
     bus: Option<EventBus>,
+    budget: Option<NotificationBudget>,
     partition_guard: bool,
     partition_share: f64,
     /// `None`: the probing phase, `reap_bound(0)`.
@@ -155,6 +159,7 @@ impl Default for LivenessMonitorBuilder {
             probe_backoff: None,
             reclaim: None,
             bus: None,
+            budget: None,
             partition_guard: true,
             partition_share: 0.5,
             partition_window: None,
@@ -300,6 +305,27 @@ impl LivenessMonitorBuilder {
     pub fn events(mut self, bus: EventBus) -> Self {
         self.bus = Some(bus);
         self
+    }
+
+    /// Takes every probe call out of `budget`, each router's budget shared
+    /// with the other sources that use it (the deleter's termination
+    /// notices, your own messages): see
+    /// [`NotificationBudget`](crate::NotificationBudget).
+    ///
+    /// A call waits for its router's budget within the probe timeout; one
+    /// that cannot be sent by then counts as unanswered (a failed probe
+    /// round), so [`reap_bound`](crate::LivenessMonitor::reap_bound) still
+    /// holds. Leave the probes room in the budget: a slow but live session
+    /// is spared by its probe's answer, not by a probe that was not sent.
+    /// Default: no budget.
+    pub fn notification_budget(mut self, budget: NotificationBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Whether a notification budget is set.
+    pub(crate) fn has_budget(&self) -> bool {
+        self.budget.is_some()
     }
 
     /// Turns the **partition guard** on or off (default: on).
@@ -545,6 +571,7 @@ impl LivenessMonitorBuilder {
             backoff,
             reclaim: self.reclaim,
             bus: self.bus,
+            budget: self.budget,
             guard: GuardConfig {
                 enabled: self.partition_guard,
                 share,

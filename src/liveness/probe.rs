@@ -388,6 +388,12 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             let call =
                 AssertUnwindSafe(async move { self.prober.probe(batch).await }).catch_unwind();
             async move {
+                // The router's budget, if any, within the probe's deadline.
+                if let Some(budget) = &self.config.budget
+                    && let Err(exhausted) = budget.acquire_by(router, chunk.len(), deadline).await
+                {
+                    return Some(ProbeError::msg(exhausted.to_string()));
+                }
                 match tokio::time::timeout_at(deadline, call).await {
                     Ok(Ok(Ok(alive))) => {
                         let now = self.now();

@@ -8,24 +8,33 @@
 //!   a bus or queue the shutdown does not drain.
 //! - The queue shuts down after every other piece stopped or the deadline
 //!   passed: each of them pushes releases into it.
+//!
+//! - `builder`: [`LifecycleBuilder`], which builds and wires the pieces;
+//! - `shutdown`: what [`Lifecycle::shutdown`] reports.
+
+mod builder;
+mod shutdown;
+
+pub use builder::LifecycleBuilder;
+use shutdown::stop_within;
+pub use shutdown::{LifecycleShutdown, Piece};
 
 use std::fmt;
 use std::sync::Arc;
 
 use tokio::time::{Duration, Instant};
 
-use crate::build::BuildError;
-use crate::deleter::{RouterDeleter, RouterDeleterBuilder, TerminationNotifier};
+use crate::budget::NotificationBudget;
+use crate::deleter::{RouterDeleter, TerminationNotifier};
 use crate::events::{EventBus, Subscription};
-use crate::expiry::{ExpiryMonitor, ExpiryMonitorBuilder};
-use crate::id::RouterId;
-use crate::liveness::{LivenessMonitor, LivenessMonitorBuilder, NoProbe, Prober};
-use crate::reclaim::{ReclaimQueue, ReclaimQueueBuilder, ShutdownReport};
-use crate::reconcile::{Reconciler, ReconcilerBuilder};
+use crate::expiry::ExpiryMonitor;
+use crate::liveness::{LivenessMonitor, NoProbe, Prober};
+use crate::reclaim::ReclaimQueue;
+use crate::reconcile::Reconciler;
 use crate::session::{NewSession, Session};
 use crate::stats::Stats;
 use crate::store::{BackendError, CreateError, SessionStore};
-use crate::sweeper::{AuditSweeper, AuditSweeperBuilder};
+use crate::sweeper::AuditSweeper;
 
 /// Every piece a controller needs, built over one store and wired
 /// together, with one ordered [`shutdown`](Self::shutdown).
@@ -100,342 +109,7 @@ pub struct Lifecycle<S: SessionStore, N, Pr = NoProbe> {
     reconciler: Reconciler<S>,
     expiry: ExpiryMonitor<S>,
     sweeper: Option<AuditSweeper<S>>,
-}
-
-/// Builder of a [`Lifecycle`]: the store, the notifier, the prober, and
-/// each piece's own builder.
-///
-/// `build` wires every piece: it sets `events` (the one bus) and
-/// `reclaim_queue` (the one queue) on each piece's builder, and
-/// `liveness` (the one monitor) on the reconciler's. Leave those unset on
-/// the builders you give it; `build` refuses one that has any, naming it,
-/// rather than replace it behind your back. Everything else you set on a
-/// piece's builder is kept.
-///
-/// # Example
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use session_lifecycle::{
-///     AuditSweeper, EventBus, Lifecycle, LivenessMonitor, MemoryStore, liveness::NoProbe, NotifyError,
-///     ReclaimQueue, Reconciler, RouterDeleter, TerminationBatch, TerminationNotifier,
-/// };
-///
-/// struct Wire;
-/// impl TerminationNotifier for Wire {
-///     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> { Ok(()) }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// // The store publishes on the same bus: one subscription sees everything.
-/// let bus = EventBus::new(16_384);
-/// let store = Arc::new(MemoryStore::builder().events(bus.clone()).build::<()>()?);
-/// let lifecycle = Lifecycle::builder(store, Wire)
-///     .prober(NoProbe)
-///     .events(bus)
-///     .reclaim(ReclaimQueue::builder().workers(4))
-///     .deleter(RouterDeleter::builder().retries(2))
-///     .liveness(LivenessMonitor::builder().heartbeat_interval(Duration::from_secs(5)))
-///     .reconciler(Reconciler::builder().grace_period(Duration::from_secs(60)))
-///     .sweeper(AuditSweeper::builder().interval(Duration::from_secs(300)))
-///     .build()?;
-/// assert_eq!(lifecycle.reclaim().stats().workers, 4);
-///
-/// // A piece wired by hand is refused, not silently rewired.
-/// let refused = Lifecycle::builder(Arc::clone(lifecycle.store()), Wire)
-///     .deleter(RouterDeleter::builder().events(EventBus::default()))
-///     .build();
-/// assert_eq!(refused.unwrap_err().refused_setting(), Some("deleter"));
-/// # Ok(())
-/// # }
-/// ```
-#[must_use]
-pub struct LifecycleBuilder<S, N, Pr = NoProbe> {
-    store: Arc<S>,
-    notifier: N,
-    prober: Pr,
-    events: Option<EventBus>,
-    reclaim: ReclaimQueueBuilder,
-    deleter: RouterDeleterBuilder,
-    liveness: LivenessMonitorBuilder,
-    reconciler: ReconcilerBuilder,
-    expiry: ExpiryMonitorBuilder,
-    sweeper: Option<AuditSweeperBuilder>,
-}
-
-/// A piece of a [`Lifecycle`], as its shutdown report names it.
-///
-/// See the example on [`Lifecycle::shutdown`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Piece {
-    /// The [`RouterDeleter`]: deletions were running.
-    Deleter,
-    /// The [`Reconciler`]: a grace expiry was closing sessions.
-    Reconciler,
-    /// The [`LivenessMonitor`]: probe rounds or reaps were ending.
-    Liveness,
-    /// The [`AuditSweeper`]: a sweep was running.
-    Sweeper,
-    /// The [`ExpiryMonitor`]: expired sessions were closing.
-    Expiry,
-}
-
-impl fmt::Display for Piece {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Deleter => "deleter",
-            Self::Reconciler => "reconciler",
-            Self::Liveness => "liveness monitor",
-            Self::Sweeper => "audit sweeper",
-            Self::Expiry => "expiry monitor",
-        })
-    }
-}
-
-/// What [`Lifecycle::shutdown`] could not finish within its deadline.
-///
-/// See the example on [`Lifecycle::shutdown`].
-#[derive(Debug, Default)]
-#[non_exhaustive]
-pub struct LifecycleShutdown {
-    /// Routers whose deletion was still running at the deadline. Each run
-    /// goes on in its task while the runtime lives; if the process stops
-    /// first, the router stays fenced and the next
-    /// [`delete`](RouterDeleter::delete) of it resumes the deletion.
-    pub deletions: Vec<RouterId>,
-    /// Pieces whose work in hand was still running at the deadline. Each
-    /// refuses new work and ends the rest in its own tasks.
-    pub still_running: Vec<Piece>,
-    /// Routers whose grace period was stopped: they keep their sessions.
-    pub graces_stopped: usize,
-    /// The reclaim queue's shutdown: the tasks it handed back unstarted
-    /// (run, persist or drop them: a dropped release task releases its
-    /// resources at once), those interrupted while running, and its dead
-    /// letters (tasks that failed for good and were not re-driven).
-    pub reclaim: ShutdownReport,
-}
-
-impl LifecycleShutdown {
-    /// `true` if nothing was left: no deletion running, every piece
-    /// stopped, and the queue ran every task it was given to success (no
-    /// dead letter left). (Stopped grace
-    /// periods are not unfinished work: the routers keep their sessions.)
-    ///
-    /// See the example on [`Lifecycle::shutdown`].
-    #[must_use]
-    pub fn is_complete(&self) -> bool {
-        self.deletions.is_empty()
-            && self.still_running.is_empty()
-            && self.reclaim.left.is_empty()
-            && self.reclaim.interrupted.is_empty()
-            && self.reclaim.dead_letters.is_empty()
-    }
-}
-
-impl<S: SessionStore, N: TerminationNotifier> Lifecycle<S, N> {
-    /// A builder over `store`, notifying routers through `notifier`, with
-    /// every piece's defaults, no prober ([`NoProbe`]) and a new
-    /// [`EventBus`].
-    ///
-    /// See the example on [`Lifecycle`].
-    pub fn builder(store: Arc<S>, notifier: N) -> LifecycleBuilder<S, N> {
-        LifecycleBuilder {
-            store,
-            notifier,
-            prober: NoProbe,
-            events: None,
-            reclaim: ReclaimQueue::builder(),
-            deleter: RouterDeleter::builder(),
-            liveness: LivenessMonitor::builder(),
-            reconciler: Reconciler::builder(),
-            expiry: ExpiryMonitor::builder(),
-            sweeper: Some(AuditSweeper::builder()),
-        }
-    }
-}
-
-impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
-    /// Probes the liveness monitor's suspects through `prober`.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn prober<P: Prober>(self, prober: P) -> LifecycleBuilder<S, N, P> {
-        LifecycleBuilder {
-            store: self.store,
-            notifier: self.notifier,
-            prober,
-            events: self.events,
-            reclaim: self.reclaim,
-            deleter: self.deleter,
-            liveness: self.liveness,
-            reconciler: self.reconciler,
-            expiry: self.expiry,
-            sweeper: self.sweeper,
-        }
-    }
-
-    /// Every piece publishes on `bus` (default: a new
-    /// [`EventBus::default`]). Give it the bus your store publishes on
-    /// ([`MemoryStoreBuilder::events`](crate::MemoryStoreBuilder::events))
-    /// to see the sessions' own events on the same subscription.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn events(mut self, bus: EventBus) -> Self {
-        self.events = Some(bus);
-        self
-    }
-
-    /// The reclaim queue's settings.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn reclaim(mut self, queue: ReclaimQueueBuilder) -> Self {
-        self.reclaim = queue;
-        self
-    }
-
-    /// The deleter's settings.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn deleter(mut self, deleter: RouterDeleterBuilder) -> Self {
-        self.deleter = deleter;
-        self
-    }
-
-    /// The liveness monitor's settings.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn liveness(mut self, monitor: LivenessMonitorBuilder) -> Self {
-        self.liveness = monitor;
-        self
-    }
-
-    /// The reconciler's settings.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn reconciler(mut self, reconciler: ReconcilerBuilder) -> Self {
-        self.reconciler = reconciler;
-        self
-    }
-
-    /// The expiry monitor's settings (its tick, its warning lead).
-    ///
-    /// See the example on [`Lifecycle::create`].
-    pub fn expiry(mut self, monitor: ExpiryMonitorBuilder) -> Self {
-        self.expiry = monitor;
-        self
-    }
-
-    /// The audit sweeper's settings.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn sweeper(mut self, sweeper: AuditSweeperBuilder) -> Self {
-        self.sweeper = Some(sweeper);
-        self
-    }
-
-    /// No audit sweeper: for a store audited elsewhere (another controller
-    /// sweeping a shared store), or audited on demand.
-    ///
-    /// See the example on [`Lifecycle::stats`].
-    pub fn without_sweeper(mut self) -> Self {
-        self.sweeper = None;
-        self
-    }
-}
-
-impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N, Pr> {
-    /// Builds every piece, wired together, and starts their tasks on the
-    /// current tokio runtime.
-    ///
-    /// # Errors
-    ///
-    /// [`BuildError::Setting`] naming this builder's method (`"deleter"`,
-    /// `"reconciler"`, ...) for a piece builder that sets what `Lifecycle`
-    /// wires itself, or whatever error a piece's own `build` returns (the
-    /// setting it refused, [`BuildError::NoRuntime`] outside a runtime).
-    /// Nothing keeps running after an error.
-    ///
-    /// See the example on [`LifecycleBuilder`].
-    pub fn build(self) -> Result<Lifecycle<S, N, Pr>, BuildError> {
-        self.check_wiring()?;
-        let Self {
-            store,
-            notifier,
-            prober,
-            events,
-            reclaim,
-            deleter,
-            liveness,
-            reconciler,
-            expiry,
-            sweeper,
-        } = self;
-        let events = events.unwrap_or_default();
-        let reclaim = reclaim.events(events.clone()).build()?;
-        let deleter = deleter
-            .events(events.clone())
-            .reclaim_queue(reclaim.clone())
-            .build(Arc::clone(&store), notifier)?;
-        let liveness = liveness
-            .events(events.clone())
-            .reclaim_queue(reclaim.clone())
-            .build(Arc::clone(&store), prober)?;
-        let reconciler = reconciler
-            .events(events.clone())
-            .reclaim_queue(reclaim.clone())
-            .liveness(&liveness)
-            .build(Arc::clone(&store))?;
-        let expiry = expiry
-            .events(events.clone())
-            .reclaim_queue(reclaim.clone())
-            .build(Arc::clone(&store))?;
-        let sweeper = sweeper
-            .map(|sweeper| {
-                sweeper
-                    .events(events.clone())
-                    .reclaim_queue(reclaim.clone())
-                    .build(Arc::clone(&store))
-            })
-            .transpose()?;
-        Ok(Lifecycle {
-            store,
-            events,
-            reclaim,
-            deleter,
-            liveness,
-            reconciler,
-            expiry,
-            sweeper,
-        })
-    }
-
-    /// Refuses a piece builder that sets what `build` wires.
-    fn check_wiring(&self) -> Result<(), BuildError> {
-        let pieces = [
-            ("reclaim", self.reclaim.wired()),
-            ("deleter", self.deleter.wired()),
-            ("liveness", self.liveness.wired()),
-            ("reconciler", self.reconciler.wired()),
-            ("expiry", self.expiry.wired()),
-            (
-                "sweeper",
-                self.sweeper.as_ref().and_then(AuditSweeperBuilder::wired),
-            ),
-        ];
-        match pieces
-            .into_iter()
-            .find_map(|(piece, wired)| Some((piece, wired?)))
-        {
-            None => Ok(()),
-            Some((piece, wired)) => Err(BuildError::setting(
-                "Lifecycle",
-                piece,
-                format_args!("sets `{wired}`, which Lifecycle wires itself: leave it unset"),
-            )),
-        }
-    }
+    budget: Option<NotificationBudget>,
 }
 
 impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
@@ -588,6 +262,15 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     #[must_use]
     pub fn sweeper(&self) -> Option<&AuditSweeper<S>> {
         self.sweeper.as_ref()
+    }
+
+    /// The notification budget the deleter and the liveness monitor share,
+    /// if one was given: take your own messages to routers out of it too.
+    ///
+    /// See the example on [`LifecycleBuilder::notification_budget`].
+    #[must_use]
+    pub fn notification_budget(&self) -> Option<&NotificationBudget> {
+        self.budget.as_ref()
     }
 
     /// [`Stats::collect`] of the store, with every piece's counters added.
@@ -745,17 +428,6 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     }
 }
 
-/// Awaits `shutdown`, a piece's, for at most `deadline`; names the piece
-/// if it had not stopped by then.
-async fn stop_within(
-    deadline: Duration,
-    piece: Piece,
-    shutdown: impl Future<Output = ()>,
-) -> Option<Piece> {
-    let stopped = tokio::time::timeout(deadline, shutdown).await.is_ok();
-    (!stopped).then_some(piece)
-}
-
 impl<S: SessionStore, N, Pr> Clone for Lifecycle<S, N, Pr> {
     fn clone(&self) -> Self {
         Self {
@@ -767,6 +439,7 @@ impl<S: SessionStore, N, Pr> Clone for Lifecycle<S, N, Pr> {
             reconciler: self.reconciler.clone(),
             expiry: self.expiry.clone(),
             sweeper: self.sweeper.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -781,20 +454,7 @@ impl<S: SessionStore, N, Pr> fmt::Debug for Lifecycle<S, N, Pr> {
             .field("reconciler", &self.reconciler)
             .field("expiry", &self.expiry)
             .field("sweeper", &self.sweeper)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, N, Pr> fmt::Debug for LifecycleBuilder<S, N, Pr> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LifecycleBuilder")
-            .field("events", &self.events)
-            .field("reclaim", &self.reclaim)
-            .field("deleter", &self.deleter)
-            .field("liveness", &self.liveness)
-            .field("reconciler", &self.reconciler)
-            .field("expiry", &self.expiry)
-            .field("sweeper", &self.sweeper)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }
