@@ -27,7 +27,7 @@ pub(crate) async fn pause() {
 /// costs a compare per step, a call only once a slice.
 #[inline]
 pub(crate) fn due(step: usize) -> bool {
-    step > 0 && step % SLICE == 0
+    step > 0 && step.is_multiple_of(SLICE)
 }
 
 /// Drops what `items` yields a slice at a time, pausing in between:

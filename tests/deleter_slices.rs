@@ -217,7 +217,7 @@ async fn a_finish_dropped_halfway_leaves_the_store_consistent_and_is_resumed() {
     let incarnation = router_with(&store, router, N).await;
     store.fence(router).await.expect("fenced");
     // Stop the finish after a few slices of its removals.
-    let mut finish = std::pin::pin!(store.finish(router, incarnation));
+    let mut finish = Box::pin(store.finish(router, incarnation));
     for _ in 0..(N / SLICE + 5) {
         let polled = futures::poll!(finish.as_mut());
         assert!(

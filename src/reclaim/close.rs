@@ -145,7 +145,14 @@ impl ReclaimQueue {
             shared.outstanding.remove(task.info().class, 1);
         }
         // Dead letters are handed back as well: the queue runs nothing more.
-        let dead_letters = shared.dead.lock().take_all();
+        // A `redrive` holding one out puts it back (the queue is closed) a
+        // few instructions later, with no `.await` between: wait for it.
+        let dead_letters = loop {
+            if let Some(letters) = shared.dead.lock().take_all_settled() {
+                break letters;
+            }
+            tokio::task::yield_now().await;
+        };
         for task in &dead_letters {
             shared.outstanding.remove(task.info().class, 1);
         }

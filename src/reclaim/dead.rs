@@ -39,6 +39,10 @@ use crate::session::ResourceClass;
 pub(super) struct DeadLetters {
     letters: VecDeque<Letter>,
     capacity: usize,
+    /// Letters a `redrive` took out and has not yet queued or put back:
+    /// a shutdown waits for them before it takes the rest (each is out for
+    /// a few instructions, no `.await`).
+    in_flight: usize,
 }
 
 struct Letter {
@@ -52,6 +56,7 @@ impl DeadLetters {
         Self {
             letters: VecDeque::new(),
             capacity,
+            in_flight: 0,
         }
     }
 
@@ -62,6 +67,12 @@ impl DeadLetters {
     /// Every letter's task, oldest first, leaving none.
     pub(super) fn take_all(&mut self) -> Vec<ReclaimTask> {
         self.letters.drain(..).map(|letter| letter.task).collect()
+    }
+
+    /// Every letter, once no `redrive` holds one out; `None` while one
+    /// does.
+    pub(super) fn take_all_settled(&mut self) -> Option<Vec<ReclaimTask>> {
+        (self.in_flight == 0).then(|| self.take_all())
     }
 }
 
@@ -229,16 +240,26 @@ impl ReclaimQueue {
             if shared.room.take().await.is_err() {
                 break;
             }
-            // Taken and inserted with no `.await` between.
-            let Some(letter) = shared.dead.lock().letters.pop_front() else {
+            // Taken and inserted with no `.await` between; counted out
+            // meanwhile, so a shutdown never takes the letters without it.
+            let letter = {
+                let mut dead = shared.dead.lock();
+                let letter = dead.letters.pop_front();
+                dead.in_flight += usize::from(letter.is_some());
+                letter
+            };
+            let Some(letter) = letter else {
                 shared.room.give(1);
                 break;
             };
-            match shared.insert(letter.task, false) {
+            let inserted = shared.insert(letter.task, false);
+            let mut dead = shared.dead.lock();
+            dead.in_flight -= 1;
+            match inserted {
                 Ok(()) => queued += 1,
                 Err(task) => {
                     // Shut down meanwhile: it stays a dead letter.
-                    shared.dead.lock().letters.push_front(Letter {
+                    dead.letters.push_front(Letter {
                         task,
                         attempts: letter.attempts,
                         error: letter.error,
@@ -246,6 +267,7 @@ impl ReclaimQueue {
                     break;
                 }
             }
+            drop(dead);
         }
         shared
             .outstanding
