@@ -59,6 +59,10 @@
 //!   [`Event::SessionExpiringSoon`] warning; one task and one timer wheel
 //!   with lazy re-arm for every session ([`Lifecycle::create`] tracks the
 //!   sessions it creates with an expiry).
+//! - [`NotificationBudget`]: one budget per router (a token bucket) shared
+//!   by every source that sends it work: the deleter's notices, the
+//!   monitor's probes, your own messages; neither piece waits for it past
+//!   its time bound.
 //! - [`Backoff`]: the one retry schedule (on `backon`), used by the
 //!   deleter, the monitor and the queue; their bounds add up its
 //!   [`Backoff::longest_total`].
@@ -223,7 +227,7 @@
 //! # Stability
 //!
 //! The crate root holds the names a controller uses every day; the rest
-//! lives in each piece's module ([`deleter`], [`events`], [`expiry`], [`lifecycle`],
+//! lives in each piece's module ([`budget`], [`deleter`], [`events`], [`expiry`], [`lifecycle`],
 //! [`liveness`], [`reclaim`], [`reconcile`], [`session`], [`store`],
 //! [`sweeper`]). `#[non_exhaustive]` follows one rule: what a later
 //! version may extend is non-exhaustive (every error, event, reason and

@@ -22,12 +22,23 @@ pub(crate) async fn pause() {
     }
 }
 
+/// Sessions a read-only scan (a state load each) checks between two
+/// yields: each yield may move the task to another worker, so cheap passes
+/// take longer slices.
+pub(crate) const SCAN_SLICE: usize = 8 * SLICE;
+
 /// Whether a pass is at the start of a new slice (and should [`pause`]
 /// first) when about to take `step`: `if due(step) { pause().await }`
 /// costs a compare per step, a call only once a slice.
 #[inline]
 pub(crate) fn due(step: usize) -> bool {
     step > 0 && step.is_multiple_of(SLICE)
+}
+
+/// [`due`] for a read-only scan: every [`SCAN_SLICE`] steps.
+#[inline]
+pub(crate) fn scan_due(step: usize) -> bool {
+    step > 0 && step.is_multiple_of(SCAN_SLICE)
 }
 
 /// Drops what `items` yields a slice at a time, pausing in between:

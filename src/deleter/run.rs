@@ -38,9 +38,9 @@ use super::report::{DeleteError, DeleteOutcome};
 use crate::closing::close_all;
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
-use crate::id::{Incarnation, RouterId};
+use crate::id::{Incarnation, RouterId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Session, Transition};
-use crate::slices::{SLICE, drop_in_slices, due, free_vec, pause};
+use crate::slices::{SLICE, drop_in_slices, due, free_vec, pause, scan_due};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.
@@ -106,6 +106,7 @@ where
             router,
             incarnation: snapshot.incarnation,
             tracked: Vec::with_capacity(snapshot.sessions.len()),
+            first_round: Vec::with_capacity(snapshot.sessions.len()),
             closing: Vec::new(),
             rounds: AtomicU32::new(0),
             attempts: AtomicU32::new(0),
@@ -124,6 +125,9 @@ struct Run<'a, N, P> {
     router: RouterId,
     incarnation: Incarnation,
     tracked: Vec<Session<P>>,
+    /// Keys of `tracked`, collected while marking: the first round sends
+    /// them without another pass over the sessions' memory.
+    first_round: Vec<SessionKey>,
     /// Sessions found closed but with their close still in flight.
     closing: Vec<Session<P>>,
     rounds: AtomicU32,
@@ -228,6 +232,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
         report.confirmed = confirmed;
         free_vec(std::mem::take(&mut self.tracked));
+        free_vec(std::mem::take(&mut self.first_round));
         drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
         debug_assert!(report.already_closed + report.forced + report.confirmed <= report.sessions);
         report.closed_otherwise = report
@@ -273,6 +278,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                             incarnation: session.incarnation(),
                         });
                     }
+                    self.first_round.push(session.key());
                     self.tracked.push(session);
                 }
                 Transition::Lost { .. } => {
@@ -300,8 +306,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         // once this round sends something.
         let round = self.rounds.load(Ordering::Relaxed);
         let later;
-        let open: &[Session<P>] = if round == 0 {
-            &self.tracked
+        let open: &[SessionKey] = if round == 0 {
+            &self.first_round
         } else {
             later = self.still_open().await;
             &later
@@ -322,13 +328,18 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 
     /// The keys of the tracked sessions still open.
-    async fn still_open(&self) -> Vec<Session<P>> {
+    async fn still_open(&self) -> Vec<SessionKey> {
         let mut open = Vec::new();
         for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
             if step > 0 {
                 pause().await;
             }
-            open.extend(slice.iter().filter(|session| !session.is_closed()).cloned());
+            open.extend(
+                slice
+                    .iter()
+                    .filter(|session| !session.is_closed())
+                    .map(Session::key),
+            );
         }
         open
     }
@@ -342,7 +353,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     async fn all_closed_by(&self, deadline: Instant) -> usize {
         let all = async {
             for (step, session) in self.tracked.iter().rev().enumerate() {
-                if due(step) {
+                if scan_due(step) {
                     pause().await;
                 }
                 if !session.is_close_complete() {
@@ -357,7 +368,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 
     /// Sends `open` in paced batches; each call is bounded and contained.
-    async fn notify(&self, open: &[Session<P>], round: u32) {
+    async fn notify(&self, open: &[SessionKey], round: u32) {
         let start = Instant::now();
         // Budget is waited for up to the round's confirmation deadline.
         let budget_deadline = after(self.config.confirm_timeout);
@@ -388,7 +399,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             let batch = TerminationBatch {
                 router: self.router,
                 incarnation: self.incarnation,
-                sessions: chunk.iter().map(Session::key).collect(),
+                sessions: chunk.to_vec(),
                 round,
             };
             // `notify` itself, not only its future, may panic: call it
@@ -427,7 +438,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
         // Closes won by other callers, or queued, may still be releasing.
         for (step, session) in self.tracked.iter().chain(&self.closing).enumerate() {
-            if due(step) {
+            if scan_due(step) {
                 pause().await;
             }
             if !session.is_close_complete() {
