@@ -42,7 +42,9 @@ use crate::id::RouterId;
 /// Each router has its own budget (a token bucket of `burst` sessions,
 /// refilled at `rate` a second); requests for one router are served in
 /// the order they asked. Cloning is cheap and shares the budget: give one
-/// to every piece ([`RouterDeleterBuilder::notification_budget`](crate::deleter::RouterDeleterBuilder::notification_budget)).
+/// to every piece (`RouterDeleterBuilder::notification_budget`,
+/// `LivenessMonitorBuilder::notification_budget`, or
+/// `LifecycleBuilder::notification_budget` for both).
 ///
 /// Pieces that must keep a time bound never wait past it for budget: the
 /// [`RouterDeleter`](crate::RouterDeleter) skips a batch it cannot send by

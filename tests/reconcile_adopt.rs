@@ -727,3 +727,52 @@ async fn adopted_sessions_are_normal_sessions_watched_and_reaped_by_the_monitor(
             .is_complete()
     );
 }
+
+/// A session adopted with the time its router says it has left carries that
+/// expiry, from the adoption on: an expiry monitor the `adopted` hook hands
+/// it to closes it then (an API session outliving the restart still ends).
+#[tokio::test(start_paused = true)]
+async fn an_adopted_session_keeps_the_expiry_its_router_reports() {
+    use session_lifecycle::{CloseReason, ExpiryMonitor};
+
+    let (store, incarnation) = restarted().await;
+    let reconciler = Reconciler::builder().build(Arc::clone(&store)).unwrap();
+    let monitor = ExpiryMonitor::builder()
+        .build(Arc::clone(&store))
+        .expect("valid settings");
+    let adopter = session_lifecycle::reconcile::adopt_fn(|_, reported: ReportedSession| {
+        Adoption::accept(reported.owner.unwrap_or_default())
+    });
+    let start = Instant::now();
+    let reported = [
+        valid(1, "alice"),
+        ReportedSession::new(SessionId::new(2)).with_owner("bob"),
+    ];
+    let report = reconciler
+        .reconcile_adopting(R, incarnation, reported, &adopter)
+        .await
+        .unwrap();
+    assert_eq!(report.adopted, ids(1..=2));
+    let expiring = store
+        .get(SessionId::new(1))
+        .await
+        .unwrap()
+        .expect("adopted");
+    let forever = store
+        .get(SessionId::new(2))
+        .await
+        .unwrap()
+        .expect("adopted");
+    assert_eq!(
+        expiring.expires_at(),
+        Some(start + Duration::from_secs(600))
+    );
+    assert_eq!(forever.expires_at(), None);
+    monitor.track(&expiring).expect("tracked");
+    tokio::time::timeout(Duration::from_secs(601), expiring.closed())
+        .await
+        .expect("expired on time");
+    assert_eq!(expiring.close_reason(), Some(CloseReason::Expired));
+    assert!(!forever.is_closed());
+    monitor.shutdown().await;
+}

@@ -21,7 +21,8 @@
 //!
 //! # Deadlock safety
 //!
-//! One lock, `incoming`, held only to push or take sessions; never across
+//! One lock, `incoming`, held only to push or take sessions (and, in
+//! `shutdown`, to set `stopped`, so that no `track` succeeds after it); never across
 //! an `.await` or while user code (the store, resources, the metrics
 //! recorder, event subscribers) runs.
 

@@ -217,15 +217,21 @@ impl<S: SessionStore> ExpiryMonitor<S> {
         if session.expires_at().is_none() {
             return Err(TrackError::NoExpiry(session.id()));
         }
-        if !session.track_expiry() {
-            return Err(TrackError::AlreadyTracked(session.id()));
-        }
-        Counters::add(&shared.counters.tracked, 1);
         let first = {
+            // `shutdown` sets `stopped` under this lock: a track either
+            // lands before the shutdown or says `ShutDown`, never `Ok`
+            // after it. (The flag and the push run no user code.)
             let mut incoming = shared.incoming.lock();
+            if shared.stopped.load(Ordering::Acquire) {
+                return Err(TrackError::ShutDown);
+            }
+            if !session.track_expiry() {
+                return Err(TrackError::AlreadyTracked(session.id()));
+            }
             incoming.push(session.clone());
             incoming.len() == 1
         };
+        Counters::add(&shared.counters.tracked, 1);
         if first {
             // Outside the lock. A permit is kept if the task is not
             // waiting yet: no wake-up is lost.
@@ -274,7 +280,11 @@ impl<S: SessionStore> ExpiryMonitor<S> {
     /// # }
     /// ```
     pub async fn shutdown(&self) {
-        self.shared.stopped.store(true, Ordering::Release);
+        {
+            // Under `incoming`: see `track`.
+            let _incoming = self.shared.incoming.lock();
+            self.shared.stopped.store(true, Ordering::Release);
+        }
         self.shared.stop.cancel();
         self.shared.tracker.close();
         self.shared.tracker.wait().await;

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tokio::time::Duration;
+use tokio::time::{Duration, Instant};
 
 use super::queue::ReclaimQueue;
 use super::report::{PushError, ShutdownReport};
@@ -122,6 +122,7 @@ impl ReclaimQueue {
     /// Dropping the future leaves the queue closed and the workers
     /// draining without a deadline.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
         let shared = &self.shared;
         shared.close();
         shared.tracker.close();
@@ -145,13 +146,25 @@ impl ReclaimQueue {
             shared.outstanding.remove(task.info().class, 1);
         }
         // Dead letters are handed back as well: the queue runs nothing more.
-        // A `redrive` holding one out puts it back (the queue is closed) a
-        // few instructions later, with no `.await` between: wait for it.
+        // A `redrive` holding one out puts it back (the queue is closed) once
+        // the policy's `priority` returned, with no `.await` between: wait
+        // for it, within the deadline (past it, such a letter stays in the
+        // queue's dead letters, listed by `dead_letters()`).
+        let give_up = started.checked_add(deadline);
         let dead_letters = loop {
-            if let Some(letters) = shared.dead.lock().take_all_settled() {
+            let expired = give_up.is_some_and(|give_up| Instant::now() >= give_up);
+            let taken = {
+                let mut dead = shared.dead.lock();
+                match dead.take_all_settled() {
+                    Some(letters) => Some(letters),
+                    None if expired => Some(dead.take_all()),
+                    None => None,
+                }
+            };
+            if let Some(letters) = taken {
                 break letters;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         };
         for task in &dead_letters {
             shared.outstanding.remove(task.info().class, 1);

@@ -295,7 +295,11 @@ pub trait Adopter<P>: Send + Sync {
     /// Called with each session once it is adopted (created in the store),
     /// outside any lock: the place to watch it in the
     /// [`LivenessMonitor`](crate::LivenessMonitor), attach its
-    /// [`Resource`](crate::Resource)s, index it in your own maps. Does
+    /// [`Resource`](crate::Resource)s, index it in your own maps. A session
+    /// reported with [`expires_in`](ReportedSession::expires_in) is created
+    /// with that expiry (from now): track it in your
+    /// [`ExpiryMonitor`](crate::ExpiryMonitor) here
+    /// (`lifecycle.expiry().track(session)`), or it never expires. Does
     /// nothing by default. A panic is contained (logged; the session stays
     /// adopted).
     fn adopted(&self, session: &Session<P>) {

@@ -38,7 +38,8 @@ use crate::store::{CreateErrorKind, SessionStore};
 
 /// What an adopter decided on one session: the parts of the session to
 /// create, or why not.
-type Decision<P> = Result<(P, Option<SessionToken>), RejectReason>;
+/// An accepted session's payload, token and time left (as reported).
+type Decision<P> = Result<(P, Option<SessionToken>, Option<Duration>), RejectReason>;
 
 impl<S: SessionStore> Reconciler<S> {
     /// Reconciles a router's report as [`reconcile`](Self::reconcile)
@@ -144,9 +145,14 @@ impl<S: SessionStore> Reconciler<S> {
             self.check_live(router, incarnation).await?;
             for (id, decision) in decisions {
                 match decision {
-                    Ok((payload, token)) => {
-                        self.create_adopted(pass, adopter, id, payload, token)
-                            .await?;
+                    Ok((payload, token, expires_in)) => {
+                        let spec = AdoptedSpec {
+                            id,
+                            payload,
+                            token,
+                            expires_in,
+                        };
+                        self.create_adopted(pass, adopter, spec).await?;
                     }
                     Err(reason) => reject(pass, id, reason),
                 }
@@ -190,14 +196,22 @@ impl<S: SessionStore> Reconciler<S> {
         &self,
         pass: &mut Pass<S::Payload>,
         adopter: &A,
-        id: SessionId,
-        payload: S::Payload,
-        token: Option<SessionToken>,
+        adopted: AdoptedSpec<S::Payload>,
     ) -> Result<(), ReconcileError> {
         let (router, incarnation) = (pass.summary.router, pass.summary.incarnation);
+        let AdoptedSpec {
+            id,
+            payload,
+            token,
+            expires_in,
+        } = adopted;
         let mut spec = NewSession::new(id, router, incarnation).payload(payload);
         if let Some(token) = token {
             spec = spec.token(token);
+        }
+        // The expiry the router reports, counted from now on this clock.
+        if let Some(left) = expires_in {
+            spec = spec.expires_in(left);
         }
         match self.inner.store.create(spec).await {
             Ok(session) => {
@@ -242,6 +256,7 @@ async fn decide_one<P, A: Adopter<P>>(
     reported: ReportedSession<A::Data>,
     timeout: Duration,
 ) -> Decision<P> {
+    let expires_in = reported.expires_in;
     // Both the call (an adopter may build its future eagerly) and the
     // future's polls may panic.
     let decided = match std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -256,10 +271,18 @@ async fn decide_one<P, A: Adopter<P>>(
         Err(panic) => Err(panic),
     };
     match decided {
-        Ok(Adoption::Accept { payload, token }) => Ok((payload, token)),
+        Ok(Adoption::Accept { payload, token }) => Ok((payload, token, expires_in)),
         Ok(Adoption::Reject { reason }) => Err(RejectReason::Refused(reason)),
         Err(_panic) => Err(RejectReason::Panicked),
     }
+}
+
+/// What an accepted session is created with.
+struct AdoptedSpec<P> {
+    id: SessionId,
+    payload: P,
+    token: Option<SessionToken>,
+    expires_in: Option<Duration>,
 }
 
 /// Records a rejection: counted, reported, and dropped by the router.

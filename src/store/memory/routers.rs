@@ -186,6 +186,9 @@ impl<P> MemoryStore<P> {
             slot.departed = 0;
             std::mem::take(&mut slot.index)
         };
+        // Before the index is dropped: a `finish` dropped while it drops the
+        // index has still recorded its tombstone.
+        self.remember_tombstone(router, incarnation);
         // After the guards: the index may hold sessions' last handles.
         if let Ok(mut index) = Arc::try_unwrap(index) {
             drop_in_slices(index.drain()).await;
@@ -194,7 +197,6 @@ impl<P> MemoryStore<P> {
                 .saturating_mul(std::mem::size_of::<(SessionId, Session<P>)>());
             free_off_worker(index, bytes);
         }
-        self.remember_tombstone(router, incarnation);
         Ok(FinishReport {
             router,
             incarnation,
