@@ -422,7 +422,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// has completed; returns how many this run forced.
     async fn force_close(&self) -> usize {
         // The closes are won here; with a reclaim queue, resources are
-        // released by the queue, critical ones of every session first.
+        // released by the queue, by class (critical ones of every session
+        // of a slice first: the queue orders what is waiting by priority).
         let mut forced = 0;
         for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
             if step > 0 {
