@@ -248,10 +248,12 @@ async fn outstanding_returns_to_zero_under_concurrent_pushes() {
     assert_eq!(stats.outstanding, ClassCounts::default(), "{stats:?}");
 }
 
-/// A policy whose `priority` takes a while once `slow` is set: it runs
-/// while a re-drive holds a letter out, and widens that window.
+/// A policy whose `priority` takes a while once `slow` is set (and says
+/// so in `entered`): it runs while a re-drive holds a letter out, and
+/// widens that window.
 struct SlowPriority {
     slow: Arc<AtomicBool>,
+    entered: Arc<AtomicBool>,
 }
 
 impl session_lifecycle::reclaim::ReclaimPolicy for SlowPriority {
@@ -260,6 +262,8 @@ impl session_lifecycle::reclaim::ReclaimPolicy for SlowPriority {
         task: &session_lifecycle::reclaim::TaskInfo,
     ) -> session_lifecycle::reclaim::Priority {
         if self.slow.load(Ordering::SeqCst) {
+            self.entered.store(true, Ordering::SeqCst);
+            // Slow user code, on the re-drive's own thread.
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         session_lifecycle::reclaim::ReclaimPolicy::priority(&no_retries(), task)
@@ -284,9 +288,11 @@ fn a_redrive_racing_the_shutdown_loses_no_letter() {
     runtime.block_on(async {
         for round in 0..100 {
             let slow = Arc::new(AtomicBool::new(false));
+            let entered = Arc::new(AtomicBool::new(false));
             let queue = ReclaimQueue::builder()
                 .policy(SlowPriority {
                     slow: Arc::clone(&slow),
+                    entered: Arc::clone(&entered),
                 })
                 .build()
                 .unwrap();
@@ -313,8 +319,13 @@ fn a_redrive_racing_the_shutdown_loses_no_letter() {
                         .block_on(queue.redrive())
                 }
             });
-            // Let the re-drive start on the other thread, for a while.
-            tokio::time::sleep(std::time::Duration::from_micros(100 * (round % 8))).await;
+            // Every other round, shut down once the re-drive holds a letter
+            // out (inside the policy); the others, whenever it comes.
+            if round % 2 == 0 {
+                while !entered.load(Ordering::SeqCst) {
+                    tokio::task::yield_now().await;
+                }
+            }
             let report = queue.shutdown(Duration::from_secs(5)).await;
             let redriven = redrive.join().unwrap();
             // Each letter ran a second time (re-driven and drained) or was

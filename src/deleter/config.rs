@@ -155,6 +155,7 @@ impl RouterDeleterBuilder {
         wired([
             ("events", self.config.events.is_some()),
             ("reclaim_queue", self.config.reclaim.is_some()),
+            ("notification_budget", self.config.budget.is_some()),
         ])
     }
 
@@ -202,11 +203,6 @@ impl RouterDeleterBuilder {
     pub fn notification_budget(mut self, budget: NotificationBudget) -> Self {
         self.config.budget = Some(budget);
         self
-    }
-
-    /// Whether a notification budget is set.
-    pub(crate) fn has_budget(&self) -> bool {
-        self.config.budget.is_some()
     }
 
     /// How long one notification call may take before it counts as failed

@@ -184,7 +184,9 @@ impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
     /// One notification budget per router for the deleter's termination
     /// notices and the liveness monitor's probes together (default: none);
     /// [`Lifecycle::notification_budget`] hands it back for your own
-    /// messages to routers. See [`NotificationBudget`].
+    /// messages to routers. See [`NotificationBudget`]. Like the bus and the
+    /// queue, it is wired here: a piece builder given to this one that sets
+    /// its own is refused by `build`.
     ///
     /// # Example
     ///
@@ -297,20 +299,6 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
 
     /// Refuses a piece builder that sets what `build` wires.
     fn check_wiring(&self) -> Result<(), BuildError> {
-        if self.budget.is_some() {
-            for (piece, own) in [
-                ("deleter", self.deleter.has_budget()),
-                ("liveness", self.liveness.has_budget()),
-            ] {
-                if own {
-                    return Err(BuildError::setting(
-                        "Lifecycle",
-                        piece,
-                        "sets `notification_budget`, which Lifecycle wires itself: leave it unset",
-                    ));
-                }
-            }
-        }
         let pieces = [
             ("reclaim", self.reclaim.wired()),
             ("deleter", self.deleter.wired()),

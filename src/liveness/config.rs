@@ -186,6 +186,7 @@ impl LivenessMonitorBuilder {
         wired([
             ("events", self.bus.is_some()),
             ("reclaim_queue", self.reclaim.is_some()),
+            ("notification_budget", self.budget.is_some()),
         ])
     }
 
@@ -321,11 +322,6 @@ impl LivenessMonitorBuilder {
     pub fn notification_budget(mut self, budget: NotificationBudget) -> Self {
         self.budget = Some(budget);
         self
-    }
-
-    /// Whether a notification budget is set.
-    pub(crate) fn has_budget(&self) -> bool {
-        self.budget.is_some()
     }
 
     /// Turns the **partition guard** on or off (default: on).

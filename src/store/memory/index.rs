@@ -26,15 +26,68 @@ pub(super) struct RouterSlot<P> {
     /// deletion's confirmations skip the index work. `departed` counts
     /// them; listings and the count leave them out.
     ///
-    /// Shared, copied on write: a fence hands out a clone of the `Arc` (a
-    /// frozen copy for its snapshot, built outside the lock in slices), and
-    /// a fenced router's index is not written to again.
-    pub(super) index: Arc<SessionIndex<P>>,
+    /// Owned while the router is live; shared once fenced: a fence hands
+    /// out a clone of the `Arc` (the index as it froze it, for a snapshot
+    /// built outside the lock in slices), and a fenced router's index is
+    /// not written to again (an audit repair that does copies it first).
+    pub(super) index: IndexCell<P>,
     /// Entries of this fenced router's index whose sessions left the map.
     pub(super) departed: usize,
 }
 
 pub(super) type SessionIndex<P> = HashMap<SessionId, Session<P>, RandomState>;
+
+/// A router's index: owned (creates and closes write to it with no atomic
+/// operation), or shared with fence snapshots (copied on write).
+pub(super) enum IndexCell<P> {
+    Owned(SessionIndex<P>),
+    Shared(Arc<SessionIndex<P>>),
+}
+
+impl<P> Default for IndexCell<P> {
+    fn default() -> Self {
+        Self::Owned(HashMap::default())
+    }
+}
+
+impl<P> std::ops::Deref for IndexCell<P> {
+    type Target = SessionIndex<P>;
+
+    fn deref(&self) -> &SessionIndex<P> {
+        match self {
+            Self::Owned(index) => index,
+            Self::Shared(index) => index,
+        }
+    }
+}
+
+impl<P> IndexCell<P> {
+    /// The index, to write to: a copy if a snapshot still shares it.
+    pub(super) fn get_mut(&mut self) -> &mut SessionIndex<P> {
+        match self {
+            Self::Owned(index) => index,
+            Self::Shared(index) => Arc::make_mut(index),
+        }
+    }
+
+    /// The index as it is now, shared from here on.
+    pub(super) fn share(&mut self) -> Arc<SessionIndex<P>> {
+        let shared = match std::mem::take(self) {
+            Self::Owned(index) => Arc::new(index),
+            Self::Shared(index) => index,
+        };
+        *self = Self::Shared(Arc::clone(&shared));
+        shared
+    }
+
+    /// The index itself, unless a snapshot still shares it.
+    pub(super) fn into_owned(self) -> Option<SessionIndex<P>> {
+        match self {
+            Self::Owned(index) => Some(index),
+            Self::Shared(index) => Arc::try_unwrap(index).ok(),
+        }
+    }
+}
 
 /// Removes `session`'s entry from `index` if it is this very session (a
 /// later session reusing the id keeps its entry); returns what it removed,
@@ -70,7 +123,7 @@ impl<P> RouterSlot<P> {
     pub(super) fn live(incarnation: Incarnation) -> Self {
         Self {
             status: RouterStatus::Live(incarnation),
-            index: Arc::default(),
+            index: IndexCell::default(),
             departed: 0,
         }
     }
@@ -78,7 +131,7 @@ impl<P> RouterSlot<P> {
     /// The index, to write to: a copy if a fence snapshot still shares it
     /// (only an audit repair writes to a fenced router's index).
     pub(super) fn index_mut(&mut self) -> &mut SessionIndex<P> {
-        Arc::make_mut(&mut self.index)
+        self.index.get_mut()
     }
 
     /// Whether entries whose sessions left the map may still be indexed.

@@ -114,7 +114,7 @@ impl<P> MemoryStore<P> {
                 newly_fenced,
                 sessions: Vec::new(),
             };
-            (snapshot, Arc::clone(&slot.index), slot.departed > 0)
+            (snapshot, slot.index.share(), slot.departed > 0)
         };
         let mut sessions = Vec::with_capacity(index.len());
         for (step, session) in index.values().enumerate() {
@@ -190,7 +190,7 @@ impl<P> MemoryStore<P> {
         // index has still recorded its tombstone.
         self.remember_tombstone(router, incarnation);
         // After the guards: the index may hold sessions' last handles.
-        if let Ok(mut index) = Arc::try_unwrap(index) {
+        if let Some(mut index) = index.into_owned() {
             drop_in_slices(index.drain()).await;
             let bytes = index
                 .capacity()
@@ -218,9 +218,9 @@ impl<P> MemoryStore<P> {
             .routers
             .get(&router)
             .ok_or(FinishError::UnknownRouter(router))?;
-        let slot = entry.lock();
+        let mut slot = entry.lock();
         check_finishable(router, incarnation, slot.status)?;
-        Ok((Arc::clone(&slot.index), slot.len() == 0))
+        Ok((slot.index.share(), slot.len() == 0))
     }
 
     /// Removes from the map the sessions of `entries` it still holds (this

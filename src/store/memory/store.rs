@@ -10,9 +10,10 @@
 //!   index, so a deletion's confirmations skip the index work; its count
 //!   and listings leave such entries out, and the audit does not report
 //!   them.
-//! - A router's index is shared copy-on-write (`Arc`): a fence takes a
-//!   clone under the lock and builds its snapshot from it after, in
-//!   slices. A fenced index is not written to (creates are refused, a
+//! - A router's index is owned while the router is live (creates and
+//!   closes touch no atomic for it) and shared (`Arc`, copied on write)
+//!   from its fence on: a fence takes a clone under the lock and builds its
+//!   snapshot from it after, in slices. A fenced index is not written to (creates are refused, a
 //!   removal only counts `departed`), so that clone is the index as the
 //!   fence left it; an audit repair that does write copies it first.
 //! - `finish` works in steps that each leave the store consistent, so that
