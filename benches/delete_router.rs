@@ -5,7 +5,12 @@
 //! store, as a router's answer would), and is timed until every session of
 //! the router is closed and gone from the store.
 //!
-//! - `router_deleter`: [`RouterDeleter::delete`] on a [`MemoryStore`].
+//! - `router_deleter`: [`RouterDeleter::delete`] on a [`MemoryStore`], the
+//!   router's answers confirmed by key through the store
+//!   ([`SessionStore::close_exact`]).
+//! - `router_deleter_by_handle`: the same, the answers confirmed through
+//!   each batch's [`Confirmations`] ([`Confirmations::confirm_keys`] with
+//!   the keys the router names: every key of the batch, in its order).
 //! - `baseline_scan_spawn`: the original design. One `Mutex<HashMap>` of all
 //!   sessions, scanned in full for the router's sessions, and one
 //!   fire-and-forget task spawned per session to notify, close and remove
@@ -48,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use parking_lot::Mutex;
+use session_lifecycle::deleter::Confirmations;
 use session_lifecycle::{
     CloseReason, Incarnation, MemoryStore, NewSession, NotifyError, RouterDeleter, RouterId,
     Session, SessionId, SessionStore, TerminationBatch, TerminationNotifier,
@@ -75,11 +81,12 @@ enum Source {
     Task,
 }
 
-/// Confirms every notified session at once, through the store, inline or
-/// from another task.
+/// Confirms every notified session at once, through the store (or the
+/// batch's `Confirmations`, `by_handle`), inline or from another task.
 struct Confirm {
     store: Arc<MemoryStore>,
     from: Source,
+    by_handle: bool,
 }
 
 impl Confirm {
@@ -87,11 +94,35 @@ impl Confirm {
         Self {
             store: Arc::clone(store),
             from,
+            by_handle: false,
+        }
+    }
+
+    fn by_handle(store: &Arc<MemoryStore>, from: Source) -> Self {
+        Self {
+            by_handle: true,
+            ..Self::new(store, from)
         }
     }
 }
 
 impl TerminationNotifier for Confirm {
+    async fn notify_with(
+        &self,
+        batch: TerminationBatch,
+        handles: Confirmations,
+    ) -> Result<(), NotifyError> {
+        if !self.by_handle {
+            return self.notify(batch).await;
+        }
+        let confirm = move || handles.confirm_keys(batch.sessions);
+        match self.from {
+            Source::Inline => drop(confirm()),
+            Source::Task => drop(tokio::spawn(async move { confirm() })),
+        }
+        Ok(())
+    }
+
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
         let store = Arc::clone(&self.store);
         let confirm = async move {
@@ -149,21 +180,34 @@ async fn crowd(store: &MemoryStore, n: u64) {
 }
 
 fn deleter(store: &Arc<MemoryStore>, from: Source) -> RouterDeleter<MemoryStore, Confirm> {
+    deleter_with(store, Confirm::new(store, from))
+}
+
+fn deleter_with(
+    store: &Arc<MemoryStore>,
+    notifier: Confirm,
+) -> RouterDeleter<MemoryStore, Confirm> {
     RouterDeleter::builder()
         .batch_size(BATCH)
-        .build(Arc::clone(store), Confirm::new(store, from))
+        .build(Arc::clone(store), notifier)
         .expect("valid settings")
 }
 
-/// Times `iters` deletions of fresh `n`-session routers in `store`.
+/// Times `iters` deletions of fresh `n`-session routers in `store`,
+/// confirmed by key (or by handle).
 fn time_deleter(
     rt: &Runtime,
     store: &Arc<MemoryStore>,
     ids: &Ids,
-    (n, from): (u64, Source),
+    (n, from, by_handle): (u64, Source, bool),
     iters: u64,
 ) -> Duration {
-    let deleter = deleter(store, from);
+    let notifier = if by_handle {
+        Confirm::by_handle(store, from)
+    } else {
+        Confirm::new(store, from)
+    };
+    let deleter = deleter_with(store, notifier);
     rt.block_on(async {
         let mut spent = Duration::ZERO;
         for _ in 0..iters {
@@ -387,7 +431,13 @@ fn delete(c: &mut Criterion, quick: bool) {
             group.bench_function(
                 BenchmarkId::new(format!("router_deleter_{name}"), label),
                 |b| {
-                    b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (n, from), iters));
+                    b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (n, from, false), iters));
+                },
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("router_deleter_by_handle_{name}"), label),
+                |b| {
+                    b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (n, from, true), iters));
                 },
             );
             group.bench_function(
@@ -423,7 +473,14 @@ fn delete_1k_among(c: &mut Criterion, quick: bool) {
         rt.block_on(crowd(&store, n));
         scan.crowd(n);
         group.bench_function(BenchmarkId::new("router_deleter", label), |b| {
-            b.iter_custom(|iters| time_deleter(&rt, &store, &ids, (1_000, Source::Inline), iters));
+            b.iter_custom(|iters| {
+                time_deleter(&rt, &store, &ids, (1_000, Source::Inline, false), iters)
+            });
+        });
+        group.bench_function(BenchmarkId::new("router_deleter_by_handle", label), |b| {
+            b.iter_custom(|iters| {
+                time_deleter(&rt, &store, &ids, (1_000, Source::Inline, true), iters)
+            });
         });
         group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
             b.iter_custom(|iters| {

@@ -59,6 +59,7 @@ use session_lifecycle::{
     NewSession, NotifyError, ProbeBatch, ProbeError, Prober, ReclaimQueue, Reconciler,
     ResourceClass, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionStore,
     TerminationBatch, TerminationNotifier,
+    deleter::Confirmations,
     reclaim::ReclaimError,
     reclaim::ReclaimTask,
     reconcile::{Adoption, ReportedSession, adopt_fn},
@@ -146,9 +147,10 @@ impl Dice {
 }
 
 /// Stands in for the routers answering termination notices: each notice
-/// is lost with the configured probability; the rest are confirmed (the
-/// session closed in the store, as the router's answer would) after a
-/// random delay of up to 50 ms. The mute router never answers.
+/// is lost with the configured probability; the rest are confirmed after a
+/// random delay of up to 50 ms, through the batch's `Confirmations` (by
+/// handle: no lookup in the store), or by key through the store for a
+/// batch sent without them. The mute router never answers.
 struct Routers {
     store: Arc<MemoryStore>,
     mute: RouterId,
@@ -157,14 +159,14 @@ struct Routers {
     lost: AtomicUsize,
 }
 
-impl TerminationNotifier for Routers {
-    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+impl Routers {
+    /// Answers `batch` in four groups, each after its own delay.
+    fn answer(&self, batch: TerminationBatch, handles: Option<Arc<Confirmations>>) {
         if batch.router == self.mute {
             // Accepted by the network, never answered.
-            return Ok(());
+            return;
         }
         let mut dice = Dice(self.seed.fetch_add(1, Ordering::Relaxed));
-        // Four groups per batch, each confirmed after its own delay.
         let mut groups: [Vec<SessionKey>; 4] = Default::default();
         for key in batch.sessions {
             if dice.chance(self.loss_percent) {
@@ -175,16 +177,37 @@ impl TerminationNotifier for Routers {
         }
         for group in groups {
             let store = Arc::clone(&self.store);
+            let handles = handles.clone();
             let delay = Duration::from_millis(1 + dice.next() % 50);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                // By key: a confirmation that lands after the session was
-                // forced and its id reused closes nothing.
-                for key in group {
-                    let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+                // By handle or by key: a confirmation that lands after the
+                // session was forced and its id reused closes nothing.
+                match handles {
+                    Some(handles) => drop(handles.confirm_keys(group)),
+                    None => {
+                        for key in group {
+                            let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+                        }
+                    }
                 }
             });
         }
+    }
+}
+
+impl TerminationNotifier for Routers {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        self.answer(batch, None);
+        Ok(())
+    }
+
+    async fn notify_with(
+        &self,
+        batch: TerminationBatch,
+        confirm: Confirmations,
+    ) -> Result<(), NotifyError> {
+        self.answer(batch, Some(Arc::new(confirm)));
         Ok(())
     }
 }

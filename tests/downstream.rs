@@ -397,14 +397,15 @@ proptest! {
         .. Config::default()
     })]
 
-    /// Whatever the routers answer (any script of confirmations, delays,
-    /// errors, hangs and panics), a deletion of a router full of clients
+    /// Whatever the routers answer (any script of confirmations, by key or
+    /// by handle, delays, errors, hangs and panics), a deletion of a router full of clients
     /// with traffic and payloads ends in time (I4) and leaves nothing
     /// behind (I1).
     #[test]
     fn deleting_a_router_ends_clean_whatever_the_router_does(
         routers in script(notify(), 6),
         clients in proptest::collection::vec(session_spec(1, 1_000, "[a-z]{1,8}"), 1..40),
+        by_handle in any::<bool>(),
     ) {
         run_paused(async {
             let store = Arc::new(MemoryStore::<String>::default());
@@ -416,7 +417,13 @@ proptest! {
                     observed.observe(session);
                 }
             }
-            let notifier = ScriptedNotifier::new(Arc::clone(&store), routers);
+            // The router's answers come by key through the store, or
+            // through each batch's `Confirmations`.
+            let notifier = if by_handle {
+                ScriptedNotifier::by_handle(Arc::clone(&store), routers)
+            } else {
+                ScriptedNotifier::new(Arc::clone(&store), routers)
+            };
             let deleter = RouterDeleter::builder()
                 .confirm_timeout(Duration::from_millis(500))
                 .build(Arc::clone(&store), Arc::clone(&notifier)).expect("valid settings");

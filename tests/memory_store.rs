@@ -477,3 +477,75 @@ async fn a_fenced_routers_closed_sessions_leave_the_store_at_once() {
     );
     assert!(store.audit().await.unwrap().is_clean());
 }
+
+#[tokio::test]
+async fn unlink_closed_removes_only_closed_sessions_of_the_fenced_incarnation() {
+    let (store, incarnation) = store_with_router().await;
+    let mut sessions = Vec::new();
+    for id in 0..10 {
+        sessions.push(store.create(spec(id, incarnation)).await.unwrap());
+    }
+    // Live router: refused, nothing removed.
+    assert!(matches!(
+        store.unlink_closed(R, incarnation, &sessions).await,
+        Err(FinishError::NotFenced { .. })
+    ));
+    let snapshot = store.fence(R).await.unwrap();
+    assert_eq!(snapshot.sessions.len(), 10);
+    // Half closed without leaving the store (as by handle, or forced).
+    for session in &sessions[..5] {
+        assert_eq!(session.close(CloseReason::Forced), CloseOutcome::Closed);
+    }
+    // Another router's session holding none of these ids, and a stranger
+    // with a foreign incarnation: never removed through this router.
+    let other = RouterId::new(2);
+    let other_incarnation = store.register_router(other).await.unwrap();
+    let foreign = store
+        .create(NewSession::new(
+            SessionId::new(100),
+            other,
+            other_incarnation,
+        ))
+        .await
+        .unwrap();
+    // Fenced too: its closed sessions may stay until its own `finish`.
+    let _ = store.fence(other).await.unwrap();
+    assert_eq!(foreign.close(CloseReason::Forced), CloseOutcome::Closed);
+    let mut given = sessions.clone();
+    given.push(foreign.clone());
+    assert_eq!(
+        store.unlink_closed(R, incarnation, &given).await.unwrap(),
+        5
+    );
+    // Again: nothing left to remove.
+    assert_eq!(
+        store.unlink_closed(R, incarnation, &given).await.unwrap(),
+        0
+    );
+    assert_eq!(store.count(R).await.unwrap(), 5);
+    for session in &sessions[..5] {
+        assert!(store.get(session.id()).await.unwrap().is_none());
+    }
+    for session in &sessions[5..] {
+        assert!(store.get(session.id()).await.unwrap().is_some());
+    }
+    assert!(store.get(foreign.id()).await.unwrap().is_some());
+    // Index and map agree (I7); only the other router's closed session is
+    // still in the store, for its own deletion to remove.
+    let audit = store.audit().await.unwrap();
+    assert!(audit.missing_from_map.is_empty(), "{audit:?}");
+    assert!(audit.missing_from_index.is_empty(), "{audit:?}");
+    assert!(audit.orphans.is_empty(), "{audit:?}");
+    assert_eq!(audit.closed_in_store, [foreign.id()], "{audit:?}");
+    // `finish` closes and removes the rest; the count stays right.
+    let report = store.finish(R, incarnation).await.unwrap();
+    assert_eq!((report.closed, report.removed), (5, 5));
+    assert_eq!(store.count(R).await.unwrap(), 0);
+    // A deleted incarnation: refused.
+    assert!(
+        store
+            .unlink_closed(R, incarnation, &sessions)
+            .await
+            .is_err()
+    );
+}

@@ -25,6 +25,7 @@
 //! shutting down drops the task at once, and dropping it takes `runs`).
 
 mod config;
+mod confirm;
 mod notifier;
 mod order;
 mod report;
@@ -46,6 +47,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::events::{DeletionReport, PhaseDurations};
 pub use config::RouterDeleterBuilder;
+pub use confirm::Confirmations;
 pub use notifier::{NotifyError, TerminationBatch, TerminationNotifier};
 pub use report::{DeleteError, DeleteOutcome};
 

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use super::confirm::Confirmations;
 use crate::id::{Incarnation, RouterId, SessionKey};
 use crate::transport_error::transport_error;
 
@@ -28,6 +29,17 @@ use crate::transport_error::transport_error;
 /// whatever session holds the id when the confirmation lands. The reason
 /// matters too: [`DeletionReport::confirmed`](crate::DeletionReport::confirmed)
 /// counts sessions closed with `RouterDeleted`.
+///
+/// # Confirming by handle
+///
+/// The deleter calls [`notify_with`](Self::notify_with), which also hands
+/// over a [`Confirmations`] for the batch: confirming through it closes the
+/// very sessions of the batch without looking their keys up in the store
+/// (the fastest way, and no id can be mistaken for another). Its default
+/// drops the `Confirmations` and calls [`notify`](Self::notify), so a
+/// notifier that confirms by key implements `notify` only; one that
+/// confirms by handle implements both (`notify` for batches sent without
+/// a `Confirmations`, as a test or another caller may).
 ///
 /// The deleter protects itself from the notifier: a call that errors, hangs
 /// past [`RouterDeleterBuilder::notify_timeout`](crate::RouterDeleterBuilder::notify_timeout)
@@ -59,6 +71,23 @@ pub trait TerminationNotifier: Send + Sync + 'static {
         &self,
         batch: TerminationBatch,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send;
+
+    /// Asks the router to close the sessions of `batch`, with `confirm` to
+    /// confirm them by handle as the router answers (see
+    /// [Confirming by handle](TerminationNotifier#confirming-by-handle)).
+    /// What the deleter calls.
+    ///
+    /// The default drops `confirm` and calls [`notify`](Self::notify).
+    ///
+    /// See the example on [`Confirmations`].
+    fn notify_with(
+        &self,
+        batch: TerminationBatch,
+        confirm: Confirmations,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        drop(confirm);
+        self.notify(batch)
+    }
 }
 
 impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
@@ -67,6 +96,14 @@ impl<N: TerminationNotifier> TerminationNotifier for Arc<N> {
         batch: TerminationBatch,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send {
         (**self).notify(batch)
+    }
+
+    fn notify_with(
+        &self,
+        batch: TerminationBatch,
+        confirm: Confirmations,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        (**self).notify_with(batch, confirm)
     }
 }
 
@@ -81,7 +118,8 @@ pub struct TerminationBatch {
     /// The sessions to terminate, in no particular order; at most the
     /// configured batch size. Send their ids to the router; confirm each
     /// with [`SessionStore::close_exact`](crate::SessionStore::close_exact)
-    /// and its key (see [Confirming](TerminationNotifier#confirming)).
+    /// and its key (see [Confirming](TerminationNotifier#confirming)), or
+    /// through the batch's [`Confirmations`] when it came with one.
     pub sessions: Vec<SessionKey>,
     /// The notification round: 0 for the first notification, 1.. for
     /// re-notifications of sessions that did not confirm.

@@ -15,15 +15,22 @@
 //!   and every notifier call by `notify_timeout`; a notifier panic is caught.
 //! - The run closes every tracked session before it calls `finish`, and
 //!   awaits each close's completion, so when it returns all resources are
-//!   released and all waiters woken (I1).
+//!   released and all waiters woken (I1). A round that saw every tracked
+//!   close complete (`settled`) leaves the force pass nothing to do.
+//! - The tracked handles are shared only with the batches' `Confirmations`,
+//!   weakly: a confirmation holds them for the length of its call, and
+//!   closes only a session of its own batch, by handle (I9).
 //!
 //! # Deadlock safety
 //!
 //! The run takes no lock of its own: it reads session states, and waits
-//! on one session's close at a time.
+//! on one session's close at a time. A confirmation by handle closes its
+//! session in the confirming caller's context, with nothing of the run
+//! held.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use backon::Retryable;
 use futures::FutureExt;
@@ -32,6 +39,7 @@ use tracing::Instrument;
 
 use super::RunState;
 use super::config::Config;
+use super::confirm::{Confirmable, Confirmations, Positions, Tracked};
 use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::order;
 use super::report::{DeleteError, DeleteOutcome};
@@ -40,7 +48,7 @@ use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Session, Transition};
-use crate::slices::{SLICE, drop_in_slices, due, free_vec, pause, scan_due};
+use crate::slices::{SCAN_SLICE, SLICE, drop_in_slices, due, free_vec, pause, scan_due};
 use crate::store::{FenceError, FinishError, SessionStore};
 
 /// Runs the deletion of `router` to its end.
@@ -105,10 +113,11 @@ where
             config,
             router,
             incarnation: snapshot.incarnation,
-            tracked: Vec::with_capacity(snapshot.sessions.len()),
+            tracked: Arc::default(),
             first_round: Vec::with_capacity(snapshot.sessions.len()),
             closing: Vec::new(),
             rounds: AtomicU32::new(0),
+            settled: AtomicBool::new(false),
             attempts: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             notify_nanos: AtomicU64::new(0),
@@ -124,13 +133,18 @@ struct Run<'a, N, P> {
     config: &'a Config,
     router: RouterId,
     incarnation: Incarnation,
-    tracked: Vec<Session<P>>,
-    /// Keys of `tracked`, collected while marking: the first round sends
-    /// them without another pass over the sessions' memory.
+    /// Shared only with the batches' [`Confirmations`], which hold it
+    /// weakly (each confirmation holds it for the length of its call).
+    tracked: Arc<Tracked<P>>,
+    /// Keys of `tracked`, collected while marking, in its order: the first
+    /// round sends them without another pass over the sessions' memory.
     first_round: Vec<SessionKey>,
     /// Sessions found closed but with their close still in flight.
     closing: Vec<Session<P>>,
     rounds: AtomicU32,
+    /// A round saw every tracked session's close complete: nothing is left
+    /// to force or wait for among them.
+    settled: AtomicBool,
     attempts: AtomicU32,
     failures: AtomicU32,
     notify_nanos: AtomicU64,
@@ -190,6 +204,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         report.durations.force = phase.elapsed();
 
         let phase = Instant::now();
+        self.unlink_closed(store, report.forced).await;
         let finished = store
             .finish(self.router, self.incarnation)
             .instrument(tracing::debug_span!("finish"))
@@ -214,24 +229,14 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             Err(error) => return Err(DeleteError::from_finish(self.router, error)),
         }
         report.durations.finish = phase.elapsed();
-        // Confirmed means closed as its router confirms: with that reason.
-        // The handles go before the clock stops, a slice at a time: dropping
-        // the last one frees the session and runs its payload's `Drop`,
-        // part of the deletion's work.
-        let mut confirmed = 0;
-        while !self.tracked.is_empty() {
-            let from = self.tracked.len().saturating_sub(SLICE);
-            confirmed += self
-                .tracked
-                .drain(from..)
-                .filter(|session| session.close_reason() == Some(CloseReason::RouterDeleted))
-                .count();
-            if !self.tracked.is_empty() {
-                pause().await;
-            }
-        }
-        report.confirmed = confirmed;
-        free_vec(std::mem::take(&mut self.tracked));
+        // The handles go before the clock stops, a slice at a time.
+        report.confirmed = match Arc::try_unwrap(std::mem::take(&mut self.tracked)) {
+            Ok(tracked) => count_confirmed_and_drop(tracked.sessions).await,
+            // A confirmation holds the handles for the length of its call
+            // (its session is closed already): count, and leave the last
+            // drop to it.
+            Err(shared) => count_confirmed(&shared.sessions).await,
+        };
         free_vec(std::mem::take(&mut self.first_round));
         drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
         debug_assert!(report.already_closed + report.forced + report.confirmed <= report.sessions);
@@ -257,6 +262,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     async fn mark(&mut self, sessions: Vec<Session<P>>) -> usize {
         // Every later pass (notify, confirm, force) follows this order.
         let mut sessions = order::by_address(sessions).await;
+        let mut tracked = Vec::with_capacity(sessions.len());
         let mut already_closed = 0;
         let bus = self.config.events.as_ref();
         for (step, session) in sessions.drain(..).enumerate() {
@@ -279,7 +285,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                         });
                     }
                     self.first_round.push(session.key());
-                    self.tracked.push(session);
+                    tracked.push(session);
                 }
                 Transition::Lost { .. } => {
                     already_closed += 1;
@@ -292,6 +298,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             }
         }
         free_vec(sessions);
+        self.tracked = Arc::new(Tracked {
+            sessions: tracked,
+            by_handle: std::sync::atomic::AtomicUsize::new(0),
+        });
         tracing::debug!(
             tracked = self.tracked.len(),
             already_closed,
@@ -300,19 +310,37 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         already_closed
     }
 
+    /// Lets the store remove the sessions closed here without leaving it
+    /// (confirmed by handle, or forced) in this run's order, memory order,
+    /// before `finish` walks its own index. Sessions confirmed through the
+    /// store left it already: with none of the others, nothing to do.
+    async fn unlink_closed<S: SessionStore<Payload = P>>(&self, store: &S, forced: usize) {
+        let by_handle = self.tracked.by_handle.load(Ordering::Relaxed);
+        if by_handle == 0 && forced == 0 {
+            return;
+        }
+        let unlinked = store
+            .unlink_closed(self.router, self.incarnation, &self.tracked)
+            .await;
+        // `finish` removes whatever is left, and reports what fails.
+        if let Err(error) = unlinked {
+            tracing::debug!(%error, "closed sessions left to finish");
+        }
+    }
+
     /// One round: notify the sessions still open, then wait for them.
     async fn round(&self) -> Result<(), Unconfirmed> {
         // Rounds run one after another: a plain load, then the increment
         // once this round sends something.
         let round = self.rounds.load(Ordering::Relaxed);
         let later;
-        let open: &[SessionKey] = if round == 0 {
-            &self.first_round
+        let open = if round == 0 {
+            Open::First(&self.first_round)
         } else {
             later = self.still_open().await;
-            &later
+            Open::Later(&later)
         };
-        if open.is_empty() {
+        if open.len() == 0 {
             return Ok(());
         }
         self.rounds.fetch_add(1, Ordering::Relaxed);
@@ -322,23 +350,28 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         self.notify_nanos.fetch_add(spent, Ordering::Relaxed);
         let deadline = after(self.config.confirm_timeout);
         match self.all_closed_by(deadline).await {
-            0 => Ok(()),
+            0 => {
+                self.settled.store(true, Ordering::Relaxed);
+                Ok(())
+            }
             open => Err(Unconfirmed(open)),
         }
     }
 
-    /// The keys of the tracked sessions still open.
-    async fn still_open(&self) -> Vec<SessionKey> {
+    /// Where the tracked sessions still open are in `tracked`.
+    async fn still_open(&self) -> Vec<usize> {
         let mut open = Vec::new();
         for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
             if step > 0 {
                 pause().await;
             }
+            let first = step * SLICE;
             open.extend(
                 slice
                     .iter()
-                    .filter(|session| !session.is_closed())
-                    .map(Session::key),
+                    .enumerate()
+                    .filter(|(_, session)| !session.is_closed())
+                    .map(|(at, _)| first + at),
             );
         }
         open
@@ -368,12 +401,15 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     }
 
     /// Sends `open` in paced batches; each call is bounded and contained.
-    async fn notify(&self, open: &[SessionKey], round: u32) {
+    async fn notify(&self, open: Open<'_>, round: u32) {
         let start = Instant::now();
         // Budget is waited for up to the round's confirmation deadline.
         let budget_deadline = after(self.config.confirm_timeout);
+        let target: std::sync::Weak<dyn Confirmable> = Arc::downgrade(&self.tracked) as _;
+        let size = self.config.batch_size;
         let mut sent = 0usize;
-        for chunk in open.chunks(self.config.batch_size) {
+        for first in (0..open.len()).step_by(size) {
+            let len = size.min(open.len() - first);
             if sent > 0 {
                 // Between two batches: the notifier may have confirmed a
                 // whole batch inline.
@@ -385,26 +421,27 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                 tokio::time::sleep_until(start.checked_add(due).unwrap_or_else(|| after(due)))
                     .await;
             }
-            sent += chunk.len();
+            sent += len;
             bump(&self.attempts);
             if let Some(budget) = &self.config.budget
-                && let Err(exhausted) = budget
-                    .acquire_by(self.router, chunk.len(), budget_deadline)
-                    .await
+                && let Err(exhausted) = budget.acquire_by(self.router, len, budget_deadline).await
             {
                 bump(&self.failures);
-                tracing::warn!(round, sessions = chunk.len(), %exhausted, "termination notice skipped");
+                tracing::warn!(round, sessions = len, %exhausted, "termination notice skipped");
                 continue;
             }
+            let (sessions, positions) = open.batch(&self.tracked, first, len);
             let batch = TerminationBatch {
                 router: self.router,
                 incarnation: self.incarnation,
-                sessions: chunk.to_vec(),
+                sessions,
                 round,
             };
-            // `notify` itself, not only its future, may panic: call it
+            let confirm = Confirmations::new(target.clone(), positions);
+            // `notify_with` itself, not only its future, may panic: call it
             // inside the guarded future.
-            let call = AssertUnwindSafe(async { self.notifier.notify(batch).await }).catch_unwind();
+            let call = AssertUnwindSafe(async { self.notifier.notify_with(batch, confirm).await })
+                .catch_unwind();
             let failure = match tokio::time::timeout(self.config.notify_timeout, call).await {
                 Ok(Ok(Ok(()))) => None,
                 Ok(Ok(Err(error))) => Some(error.to_string()),
@@ -413,7 +450,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             };
             if let Some(failure) = failure {
                 bump(&self.failures);
-                tracing::warn!(round, sessions = chunk.len(), %failure, "termination notice failed");
+                tracing::warn!(round, sessions = len, %failure, "termination notice failed");
             }
         }
     }
@@ -421,11 +458,18 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     /// Force-closes what is still open and waits until every tracked close
     /// has completed; returns how many this run forced.
     async fn force_close(&self) -> usize {
+        // Every tracked close completed (the last round saw them all):
+        // only closes won by other callers before the marking may be left.
+        let tracked: &[Session<P>] = if self.settled.load(Ordering::Relaxed) {
+            &[]
+        } else {
+            &self.tracked
+        };
         // The closes are won here; with a reclaim queue, resources are
         // released by the queue, by class (critical ones of every session
         // of a slice first: the queue orders what is waiting by priority).
         let mut forced = 0;
-        for (step, slice) in self.tracked.chunks(SLICE).enumerate() {
+        for (step, slice) in tracked.chunks(SLICE).enumerate() {
             if step > 0 {
                 pause().await;
             }
@@ -438,7 +482,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
         // Closes won by other callers, or queued, may still be releasing.
-        for (step, session) in self.tracked.iter().chain(&self.closing).enumerate() {
+        for (step, session) in tracked.iter().chain(&self.closing).enumerate() {
             if scan_due(step) {
                 pause().await;
             }
@@ -448,6 +492,81 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
         forced
     }
+}
+
+/// The sessions a round notifies.
+#[derive(Clone, Copy)]
+enum Open<'a> {
+    /// The first round: every tracked session, by its key.
+    First(&'a [SessionKey]),
+    /// A later one: those still open, by their place in `tracked`.
+    Later(&'a [usize]),
+}
+
+impl Open<'_> {
+    fn len(self) -> usize {
+        match self {
+            Self::First(keys) => keys.len(),
+            Self::Later(positions) => positions.len(),
+        }
+    }
+
+    /// The keys and places of the batch of `len` sessions from `first`.
+    fn batch<P>(
+        self,
+        tracked: &[Session<P>],
+        first: usize,
+        len: usize,
+    ) -> (Vec<SessionKey>, Positions) {
+        let end = first.saturating_add(len);
+        match self {
+            Self::First(keys) => (
+                keys.get(first..end).unwrap_or_default().to_vec(),
+                Positions::Range { start: first, len },
+            ),
+            Self::Later(positions) => {
+                let chunk = positions.get(first..end).unwrap_or_default();
+                let keys = chunk
+                    .iter()
+                    .filter_map(|&at| tracked.get(at).map(Session::key))
+                    .collect();
+                (keys, Positions::List(chunk.into()))
+            }
+        }
+    }
+}
+
+/// How many of `tracked` were confirmed (closed with `RouterDeleted`),
+/// dropping them a slice at a time: dropping the last handle frees the
+/// session and runs its payload's `Drop`, part of the deletion's work.
+async fn count_confirmed_and_drop<P: Send + Sync + 'static>(mut tracked: Vec<Session<P>>) -> usize {
+    let mut confirmed = 0;
+    while !tracked.is_empty() {
+        let from = tracked.len().saturating_sub(SLICE);
+        confirmed += tracked.drain(from..).filter(confirmed_by_router).count();
+        if !tracked.is_empty() {
+            pause().await;
+        }
+    }
+    free_vec(tracked);
+    confirmed
+}
+
+/// How many of `tracked` were confirmed, in read-only slices.
+async fn count_confirmed<P>(tracked: &[Session<P>]) -> usize {
+    let mut confirmed = 0;
+    for (step, slice) in tracked.chunks(SCAN_SLICE).enumerate() {
+        if step > 0 {
+            pause().await;
+        }
+        confirmed += slice.iter().filter(|s| confirmed_by_router(s)).count();
+    }
+    confirmed
+}
+
+/// Confirmed means closed as its router confirms: with that reason.
+fn confirmed_by_router<P>(session: &Session<P>) -> bool {
+    session.close_reason() == Some(CloseReason::RouterDeleted)
 }
 
 /// Far enough not to matter (as tokio's own far future): what a deadline

@@ -173,6 +173,12 @@ trait DynStore<P>: Send + Sync + 'static {
         router: RouterId,
         incarnation: Incarnation,
     ) -> BoxFuture<'_, Result<FinishReport, FinishError>>;
+    fn unlink_closed<'a>(
+        &'a self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &'a [Session<P>],
+    ) -> BoxFuture<'a, Result<usize, FinishError>>;
     fn audit(&self) -> BoxFuture<'_, Result<AuditReport, BackendError>>;
     fn census(&self) -> BoxFuture<'_, Result<Vec<RouterCensus>, BackendError>>;
     fn repair<'a>(
@@ -270,6 +276,20 @@ impl<S: SessionStore> DynStore<S::Payload> for S {
         incarnation: Incarnation,
     ) -> BoxFuture<'_, Result<FinishReport, FinishError>> {
         Box::pin(SessionStore::finish(self, router, incarnation))
+    }
+
+    fn unlink_closed<'a>(
+        &'a self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &'a [Session<S::Payload>],
+    ) -> BoxFuture<'a, Result<usize, FinishError>> {
+        Box::pin(SessionStore::unlink_closed(
+            self,
+            router,
+            incarnation,
+            sessions,
+        ))
     }
 
     fn audit(&self) -> BoxFuture<'_, Result<AuditReport, BackendError>> {
@@ -381,6 +401,18 @@ impl<P: Send + Sync + 'static> SessionStore for BoxStore<P> {
         incarnation: Incarnation,
     ) -> impl Future<Output = Result<FinishReport, FinishError>> + Send {
         self.inner.finish(router, incarnation)
+    }
+
+    // `async`: as `repair`.
+    async fn unlink_closed(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &[Session<P>],
+    ) -> Result<usize, FinishError> {
+        self.inner
+            .unlink_closed(router, incarnation, sessions)
+            .await
     }
 
     fn audit(&self) -> impl Future<Output = Result<AuditReport, BackendError>> + Send {
@@ -513,6 +545,15 @@ impl<S: SessionStore> SessionStore for Arc<S> {
         incarnation: Incarnation,
     ) -> impl Future<Output = Result<FinishReport, FinishError>> + Send {
         S::finish(self, router, incarnation)
+    }
+
+    fn unlink_closed(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &[Session<S::Payload>],
+    ) -> impl Future<Output = Result<usize, FinishError>> + Send {
+        S::unlink_closed(self, router, incarnation, sessions)
     }
 
     fn audit(&self) -> impl Future<Output = Result<AuditReport, BackendError>> + Send {

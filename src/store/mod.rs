@@ -279,6 +279,33 @@ pub trait SessionStore: Send + Sync + 'static {
         incarnation: Incarnation,
     ) -> impl Future<Output = Result<FinishReport, FinishError>> + Send;
 
+    /// Removes from the store those of `sessions` that are closed and
+    /// belong to `router`'s fenced `incarnation` (this very session of each
+    /// id), as [`finish`](Self::finish) would; returns how many it removed.
+    ///
+    /// A deletion calls it before `finish` with the sessions it saw close
+    /// without leaving the store (confirmed by handle, or forced), in the
+    /// order it walked them: a store may remove them here at less cost
+    /// than `finish`'s own walk. [`MemoryStore`](crate::MemoryStore) does
+    /// (in that order, which is memory order: a million sessions' walk of
+    /// the index in hash order costs several times more). The default
+    /// removes nothing and leaves them to `finish`, which must remove them
+    /// either way.
+    ///
+    /// # Errors
+    ///
+    /// [`FinishError`] if the router is unknown, not fenced, in another
+    /// incarnation, or already deleted; nothing was removed then.
+    fn unlink_closed(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &[Session<Self::Payload>],
+    ) -> impl Future<Output = Result<usize, FinishError>> + Send {
+        let _ = (router, incarnation, sessions);
+        std::future::ready(Ok(0))
+    }
+
     /// Checks the router index against the session map and looks for
     /// orphans. It does not repair anything; see [`repair`](Self::repair).
     ///

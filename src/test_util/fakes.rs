@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::time::{Duration, Instant};
 
 use super::script::{Call, Script, Subset};
+use crate::deleter::Confirmations;
 use crate::{
     CloseReason, NotifyError, ProbeBatch, ProbeError, Prober, RouterId, SessionId, SessionKey,
     SessionStore, TerminationBatch, TerminationNotifier,
@@ -178,7 +179,9 @@ impl<T: Clone, B: Clone> Log<T, B> {
 }
 
 /// A [`TerminationNotifier`] that behaves as its [`Script`] says on each
-/// call, confirming through the store, and records every call.
+/// call, confirming through the store (or, made with
+/// [`by_handle`](Self::by_handle), through the batch's
+/// [`Confirmations`]), and records every call.
 ///
 /// # Example
 ///
@@ -210,6 +213,7 @@ pub struct ScriptedNotifier<S> {
     store: Arc<S>,
     script: Script<Notify>,
     log: Log<TerminationBatch, Notify>,
+    by_handle: bool,
 }
 
 impl<S: SessionStore> ScriptedNotifier<S> {
@@ -220,6 +224,43 @@ impl<S: SessionStore> ScriptedNotifier<S> {
             store,
             script,
             log: Log::new(),
+            by_handle: false,
+        })
+    }
+
+    /// A notifier following `script` that confirms through each batch's
+    /// [`Confirmations`] ([`Confirmations::confirm_key`], the sessions the
+    /// script picks in the reverse of the batch's order), and through
+    /// `store` when a batch comes without one.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use session_lifecycle::{MemoryStore, NewSession, RouterDeleter, RouterId, SessionId, SessionStore};
+    /// use session_lifecycle::test_util::{HOUR, Notify, Script, ScriptedNotifier, Subset, report_within, run_paused};
+    ///
+    /// run_paused(async {
+    ///     let store = Arc::new(MemoryStore::new());
+    ///     let router = RouterId::new(1);
+    ///     let incarnation = store.register_router(router).await.unwrap();
+    ///     for id in 0..4 {
+    ///         store.create(NewSession::new(SessionId::new(id), router, incarnation)).await.unwrap();
+    ///     }
+    ///     let notifier = ScriptedNotifier::by_handle(
+    ///         Arc::clone(&store),
+    ///         Script::always(Notify::Confirm(Subset::All)),
+    ///     );
+    ///     let deleter = RouterDeleter::new(Arc::clone(&store), notifier);
+    ///     let report = report_within(HOUR, deleter.delete(router)).await;
+    ///     assert_eq!(report.confirmed, 4);
+    /// });
+    /// ```
+    #[must_use]
+    pub fn by_handle(store: Arc<S>, script: Script<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            script,
+            log: Log::new(),
+            by_handle: true,
         })
     }
 
@@ -254,30 +295,66 @@ impl<S: SessionStore> ScriptedNotifier<S> {
 }
 
 /// Closes each session with `RouterDeleted`, as a router's confirmation
-/// would: by key, so a late confirmation never closes a later session that
-/// reuses the id.
-async fn confirm<S: SessionStore>(store: &S, keys: Vec<SessionKey>) {
-    for key in keys {
-        // A session closed or removed meanwhile is not an error for a router.
-        let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+/// would: by key (through the store, or the batch's [`Confirmations`]), so
+/// a late confirmation never closes a later session that reuses the id.
+async fn confirm<S: SessionStore>(
+    store: &S,
+    handles: Option<&Confirmations>,
+    keys: Vec<SessionKey>,
+) {
+    // A session closed or removed meanwhile is not an error for a router.
+    match handles {
+        // Last first: the answers out of the batch's order take the lookup.
+        Some(handles) => {
+            for key in keys.into_iter().rev() {
+                let _ = handles.confirm_key(key);
+            }
+        }
+        None => {
+            for key in keys {
+                let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+            }
+        }
     }
 }
 
 impl<S: SessionStore> TerminationNotifier for ScriptedNotifier<S> {
     async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        self.act(batch, None).await
+    }
+
+    async fn notify_with(
+        &self,
+        batch: TerminationBatch,
+        handles: Confirmations,
+    ) -> Result<(), NotifyError> {
+        self.act(batch, self.by_handle.then_some(handles)).await
+    }
+}
+
+impl<S: SessionStore> ScriptedNotifier<S> {
+    /// Does what the script says for `batch`, confirming through `handles`
+    /// if given.
+    async fn act(
+        &self,
+        batch: TerminationBatch,
+        handles: Option<Confirmations>,
+    ) -> Result<(), NotifyError> {
         let behaviour = self.log.record(&self.script, &batch, |index| {
             Call::notice(index, batch.router, batch.round)
         });
         match behaviour {
             Notify::Confirm(subset) => {
-                confirm(&*self.store, subset.pick_keys(&batch.sessions, batch.round)).await;
+                let keys = subset.pick_keys(&batch.sessions, batch.round);
+                confirm(&*self.store, handles.as_ref(), keys).await;
             }
             Notify::Slow {
                 delay,
                 confirm: subset,
             } => {
                 tokio::time::sleep(delay).await;
-                confirm(&*self.store, subset.pick_keys(&batch.sessions, batch.round)).await;
+                let keys = subset.pick_keys(&batch.sessions, batch.round);
+                confirm(&*self.store, handles.as_ref(), keys).await;
             }
             Notify::Later {
                 delay,
@@ -287,7 +364,7 @@ impl<S: SessionStore> TerminationNotifier for ScriptedNotifier<S> {
                 let store = Arc::clone(&self.store);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    confirm(&*store, keys).await;
+                    confirm(&*store, handles.as_ref(), keys).await;
                 });
             }
             Notify::Error => {

@@ -171,7 +171,8 @@ impl<P> MemoryStore<P> {
                 if step > 0 {
                     pause().await;
                 }
-                removed += self.unmap_fenced(router, incarnation, &slice)?;
+                let entries = slice.iter().map(|&(&id, session)| (id, session));
+                removed += self.unmap_fenced(router, incarnation, entries)?;
             }
         }
         drop(index);
@@ -223,15 +224,45 @@ impl<P> MemoryStore<P> {
         Ok((slot.index.share(), slot.len() == 0))
     }
 
-    /// Removes from the map the sessions of `entries` it still holds (this
-    /// very session of each id), under the router's lock, counting them as
-    /// departed; returns how many it removed.
-    fn unmap_fenced(
+    /// Removes from the map the closed sessions of fenced `router` given,
+    /// in their order, a slice per critical section of the router's lock;
+    /// returns how many it removed. See `SessionStore::unlink_closed`.
+    pub(super) async fn unlink_closed_in_slices(
         &self,
         router: RouterId,
         incarnation: Incarnation,
-        entries: &[(&SessionId, &Session<P>)],
+        sessions: &[Session<P>],
     ) -> Result<usize, FinishError> {
+        let mut removed = 0;
+        for (step, slice) in sessions.chunks(SLICE).enumerate() {
+            if step > 0 {
+                pause().await;
+            }
+            let closed = slice
+                .iter()
+                .filter(|session| {
+                    session.router() == router
+                        && session.incarnation() == incarnation
+                        && session.is_closed()
+                })
+                .map(|session| (session.id(), session));
+            removed += self.unmap_fenced(router, incarnation, closed)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes from the map the sessions of `entries` it still holds (this
+    /// very session of each id), under the router's lock, counting them as
+    /// departed; returns how many it removed.
+    fn unmap_fenced<'a>(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        entries: impl Iterator<Item = (SessionId, &'a Session<P>)>,
+    ) -> Result<usize, FinishError>
+    where
+        P: 'a,
+    {
         let entry = self
             .routers
             .get(&router)
@@ -239,12 +270,12 @@ impl<P> MemoryStore<P> {
         let mut slot = entry.lock();
         check_finishable(router, incarnation, slot.status)?;
         let mut removed = 0;
-        for &(id, indexed) in entries {
-            // The map's copy drops here, under the lock: the index holds
+        for (id, indexed) in entries {
+            // The map's copy drops here, under the lock: the caller holds
             // this very session, so it is not the last handle.
             if self
                 .sessions
-                .remove_if(id, |_, stored| Session::ptr_eq(stored, indexed))
+                .remove_if(&id, |_, stored| Session::ptr_eq(stored, indexed))
                 .is_some()
             {
                 removed += 1;

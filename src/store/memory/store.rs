@@ -255,6 +255,16 @@ impl<P: Send + Sync + 'static> SessionStore for MemoryStore<P> {
         self.finish_in_slices(router, incarnation).await
     }
 
+    async fn unlink_closed(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &[Session<P>],
+    ) -> Result<usize, FinishError> {
+        self.unlink_closed_in_slices(router, incarnation, sessions)
+            .await
+    }
+
     async fn audit(&self) -> Result<AuditReport, BackendError> {
         Ok(self.audit_now())
     }
