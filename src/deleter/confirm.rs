@@ -31,9 +31,10 @@ use crate::session::{CloseReason, Session};
 /// (index `i` is `batch.sessions[i]`). Confirming through it closes the
 /// session with [`CloseReason::RouterDeleted`] directly: no lookup of the
 /// key in the store, and no way to touch another session that reuses the
-/// id. The session leaves the store when the deletion finishes (it is
-/// closed at once: the deletion sees the confirmation, its waiters wake and
-/// its resources are released in the call).
+/// id. The session is closed at once (the deletion sees the confirmation,
+/// its waiters wake and its resources are released in the call) and leaves
+/// the store before the deletion returns, with the others: until then the
+/// store still lists it, closed, and its id is not free for a new session.
 ///
 /// It holds the deletion's sessions weakly: once the deletion is over
 /// (every session confirmed or forced), confirming does nothing and

@@ -13,8 +13,8 @@ use crate::transport_error::transport_error;
 /// to the router. Calls are batched: one call carries up to the deleter's
 /// batch size of sessions, all of one router. The router's confirmations do
 /// not come back through this trait: the controller closes each confirmed
-/// session when the confirmation arrives, and the deleter sees the sessions
-/// close.
+/// session when the confirmation arrives (through the store, or the batch's
+/// [`Confirmations`]), and the deleter sees the sessions close.
 ///
 /// # Confirming
 ///
