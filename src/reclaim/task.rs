@@ -1,12 +1,14 @@
 //! Reclamation tasks: what a [`ReclaimQueue`](super::ReclaimQueue) runs.
 
+use std::any::Any;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, CatchUnwind};
 use tokio::time::Duration;
 
 use crate::events::{ReclaimError, ReclaimErrorKind, TaskInfo};
@@ -173,27 +175,64 @@ impl ReclaimTask {
         &mut self,
         timeout: impl FnOnce() -> Option<Duration>,
     ) -> Result<(), ReclaimError> {
+        match poll_fn(|cx| Poll::Ready(self.start(cx))).await {
+            Attempt::Done(outcome) => outcome,
+            Attempt::Running(running) => running.finish(timeout()).await,
+        }
+    }
+
+    /// Starts one attempt and polls it once, panics contained: most
+    /// attempts finish there, with no timer set and no future kept.
+    pub(super) fn start(&mut self, cx: &mut Context<'_>) -> Attempt {
         let work = match &mut self.work {
-            Work::Release(group) => return group.release(),
+            Work::Release(group) => return Attempt::Done(group.release()),
             Work::User(work) => work,
         };
         // `reclaim` itself, not only its future, may panic.
-        let future =
-            catch_unwind(AssertUnwindSafe(|| work.reclaim())).map_err(ReclaimError::panicked)?;
-        let mut guarded = AssertUnwindSafe(future).catch_unwind();
-        // Most attempts finish at their first poll: the timer (a clock
-        // read and a timer entry) is set only for one that does not.
-        let outcome = match futures::poll!(&mut guarded) {
-            std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => match timeout() {
-                Some(limit) => tokio::time::timeout(limit, guarded)
-                    .await
-                    .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
-                None => guarded.await,
-            },
+        let future = match catch_unwind(AssertUnwindSafe(|| work.reclaim())) {
+            Ok(future) => future,
+            Err(panic) => return Attempt::Done(Err(ReclaimError::panicked(panic))),
         };
-        outcome.map_err(ReclaimError::panicked)?
+        let mut guarded = AssertUnwindSafe(future).catch_unwind();
+        match guarded.poll_unpin(cx) {
+            Poll::Ready(outcome) => Attempt::Done(contained(outcome)),
+            Poll::Pending => Attempt::Running(RunningAttempt(guarded)),
+        }
     }
+}
+
+/// An attempt after its first poll.
+pub(super) enum Attempt {
+    /// It finished.
+    Done(Result<(), ReclaimError>),
+    /// It waits for something.
+    Running(RunningAttempt),
+}
+
+/// An attempt that did not finish at its first poll.
+pub(super) struct RunningAttempt(
+    CatchUnwind<AssertUnwindSafe<BoxFuture<'static, Result<(), ReclaimError>>>>,
+);
+
+impl RunningAttempt {
+    /// Runs the attempt to its end, bounded by `timeout` when given (the
+    /// timer starts now).
+    pub(super) async fn finish(self, timeout: Option<Duration>) -> Result<(), ReclaimError> {
+        let outcome = match timeout {
+            Some(limit) => tokio::time::timeout(limit, self.0)
+                .await
+                .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
+            None => self.0.await,
+        };
+        contained(outcome)
+    }
+}
+
+/// An attempt's outcome, a panic made an error.
+fn contained(
+    outcome: Result<Result<(), ReclaimError>, Box<dyn Any + Send>>,
+) -> Result<(), ReclaimError> {
+    outcome.map_err(ReclaimError::panicked)?
 }
 
 impl fmt::Debug for ReclaimTask {

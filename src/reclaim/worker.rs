@@ -1,13 +1,15 @@
 //! The worker tasks: each runs one task at a time, with retries, to its
 //! final outcome.
 
+use std::future::poll_fn;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use super::heap::{Ended, Next, Shared};
-use super::task::ReclaimTask;
+use super::task::{Attempt, ReclaimTask};
 use crate::events::Event;
 use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 
@@ -18,7 +20,7 @@ impl Shared {
             // Fast path: work waiting, no registration with `work`.
             match self.next(ended.take(), None) {
                 Next::Run(task) => {
-                    ended = Some(self.execute(task).await);
+                    ended = Some(self.run(task).await);
                     continue;
                 }
                 Next::Exit => return,
@@ -28,7 +30,7 @@ impl Shared {
             // a push, resume or close after it wakes this worker.
             let mut notified = pin!(self.work.notified());
             match self.next(None, Some(notified.as_mut())) {
-                Next::Run(task) => ended = Some(self.execute(task).await),
+                Next::Run(task) => ended = Some(self.run(task).await),
                 Next::Exit => return,
                 Next::Sleep => notified.await,
             }
@@ -37,12 +39,26 @@ impl Shared {
 
     /// Runs `task` with retries to its final outcome, counted by the
     /// worker's next critical section.
-    async fn execute(&self, mut task: ReclaimTask) -> Ended {
+    async fn run(&self, mut task: ReclaimTask) -> Ended {
+        // Most tasks finish at their first poll: no retry state, no
+        // guard, no timer for them.
+        match poll_fn(|cx| Poll::Ready(task.start(cx))).await {
+            Attempt::Done(Ok(())) => Ended {
+                class: task.info().class,
+                completed: true,
+            },
+            first => self.execute(task, first).await,
+        }
+    }
+
+    /// Runs `task`, whose first attempt started as `first`, with retries
+    /// to its final outcome.
+    async fn execute(&self, mut task: ReclaimTask, first: Attempt) -> Ended {
         let info = task.info();
         let mut running = Running {
             shared: self,
             info,
-            attempts: 0,
+            attempts: 1,
             done: false,
         };
         // Asked of the policy only when needed (an attempt that does not
@@ -56,9 +72,17 @@ impl Shared {
             })
         };
         let mut backoff = None;
+        let mut first = Some(first);
         loop {
-            running.attempts = running.attempts.saturating_add(1);
-            let error = match task.attempt(|| Some(schedule().timeout())).await {
+            let outcome = match first.take() {
+                Some(Attempt::Done(outcome)) => outcome,
+                Some(Attempt::Running(attempt)) => attempt.finish(Some(schedule().timeout())).await,
+                None => {
+                    running.attempts = running.attempts.saturating_add(1);
+                    task.attempt(|| Some(schedule().timeout())).await
+                }
+            };
+            let error = match outcome {
                 Ok(()) => {
                     running.done = true;
                     return Ended {
