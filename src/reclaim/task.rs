@@ -97,12 +97,39 @@ where
 /// ```
 pub struct ReclaimTask {
     info: TaskInfo,
-    work: Work,
+    /// One pointer for either kind of work: the task moves (push, heap,
+    /// worker) in 64 bytes.
+    work: Box<dyn Work>,
 }
 
-pub(super) enum Work {
-    User(Box<dyn Reclaim>),
-    Release(ReleaseGroup),
+/// What a task runs: the caller's [`Reclaim`], or the release of a closed
+/// session's resources.
+trait Work: Send + 'static {
+    /// Starts one attempt: its future, or its outcome if it ran at once.
+    fn start(&mut self) -> Started;
+
+    /// Whether another attempt could do anything.
+    fn can_run_again(&self) -> bool;
+}
+
+/// An attempt just started.
+enum Started {
+    Future(BoxFuture<'static, Result<(), ReclaimError>>),
+    /// It ran at once.
+    Done(Result<(), ReclaimError>),
+}
+
+/// The caller's work.
+struct User<R>(R);
+
+impl<R: Reclaim> Work for User<R> {
+    fn start(&mut self) -> Started {
+        Started::Future(self.0.reclaim())
+    }
+
+    fn can_run_again(&self) -> bool {
+        true
+    }
 }
 
 impl ReclaimTask {
@@ -111,7 +138,7 @@ impl ReclaimTask {
     pub fn new(session: SessionId, router: RouterId, work: impl Reclaim) -> Self {
         Self {
             info: TaskInfo::new(session, router, ResourceClass::Normal, 0),
-            work: Work::User(Box::new(work)),
+            work: Box::new(User(work)),
         }
     }
 
@@ -149,7 +176,7 @@ impl ReclaimTask {
     /// resource is released once, panic or not), and it completes the
     /// session's close when dropped, so it is never kept.
     pub(super) fn can_run_again(&self) -> bool {
-        matches!(self.work, Work::User(_))
+        self.work.can_run_again()
     }
 
     /// The task's identity and ordering inputs.
@@ -184,13 +211,10 @@ impl ReclaimTask {
     /// Starts one attempt and polls it once, panics contained: most
     /// attempts finish there, with no timer set and no future kept.
     pub(super) fn start(&mut self, cx: &mut Context<'_>) -> Attempt {
-        let work = match &mut self.work {
-            Work::Release(group) => return Attempt::Done(group.release()),
-            Work::User(work) => work,
-        };
         // `reclaim` itself, not only its future, may panic.
-        let future = match catch_unwind(AssertUnwindSafe(|| work.reclaim())) {
-            Ok(future) => future,
+        let future = match catch_unwind(AssertUnwindSafe(|| self.work.start())) {
+            Ok(Started::Future(future)) => future,
+            Ok(Started::Done(outcome)) => return Attempt::Done(outcome),
             Err(panic) => return Attempt::Done(Err(ReclaimError::panicked(panic))),
         };
         let mut guarded = AssertUnwindSafe(future).catch_unwind();
@@ -273,6 +297,17 @@ impl ReleaseGroup {
     }
 }
 
+impl Work for ReleaseGroup {
+    fn start(&mut self) -> Started {
+        Started::Done(self.release())
+    }
+
+    /// Each resource was released at the first attempt, panic or not.
+    fn can_run_again(&self) -> bool {
+        false
+    }
+}
+
 impl Drop for ReleaseGroup {
     fn drop(&mut self) {
         let _ = self.release();
@@ -296,7 +331,7 @@ pub(crate) fn release_tasks<P>(session: &Session<P>, deferred: DeferredClose) ->
         .into_iter()
         .map(move |(class, resources)| ReclaimTask {
             info: TaskInfo::new(id, router, class, traffic).with_age(age),
-            work: Work::Release(ReleaseGroup {
+            work: Box::new(ReleaseGroup {
                 resources,
                 reason,
                 session: id,
