@@ -18,36 +18,34 @@ impl Shared {
         let mut ended = None;
         loop {
             // Fast path: work waiting, no registration with `work`.
-            match self.next(ended.take(), None) {
-                Next::Run(task) => {
-                    ended = Some(self.run(task).await);
-                    continue;
+            let mut task = match self.next(ended.take(), None) {
+                Next::Run(task) => task,
+                Next::Exit => return,
+                Next::Sleep => {
+                    // Registered under the lock, if there is still nothing
+                    // to run: a push, resume or close after it wakes this
+                    // worker.
+                    let mut notified = pin!(self.work.notified());
+                    match self.next(None, Some(notified.as_mut())) {
+                        Next::Run(task) => task,
+                        Next::Exit => return,
+                        Next::Sleep => {
+                            notified.await;
+                            continue;
+                        }
+                    }
                 }
-                Next::Exit => return,
-                Next::Sleep => {}
-            }
-            // Registered under the lock, if there is still nothing to run:
-            // a push, resume or close after it wakes this worker.
-            let mut notified = pin!(self.work.notified());
-            match self.next(None, Some(notified.as_mut())) {
-                Next::Run(task) => ended = Some(self.run(task).await),
-                Next::Exit => return,
-                Next::Sleep => notified.await,
-            }
-        }
-    }
-
-    /// Runs `task` with retries to its final outcome, counted by the
-    /// worker's next critical section.
-    async fn run(&self, mut task: ReclaimTask) -> Ended {
-        // Most tasks finish at their first poll: no retry state, no
-        // guard, no timer for them.
-        match poll_fn(|cx| Poll::Ready(task.start(cx))).await {
-            Attempt::Done(Ok(())) => Ended {
-                class: task.info().class,
-                completed: true,
-            },
-            first => self.execute(task, first).await,
+            };
+            // Most tasks finish at their first poll, here: no retry state,
+            // no guard, no timer for them.
+            let first = poll_fn(|cx| Poll::Ready(task.start(cx))).await;
+            ended = Some(match first {
+                Attempt::Done(Ok(())) => Ended {
+                    class: task.info().class,
+                    completed: true,
+                },
+                first => self.execute(task, first).await,
+            });
         }
     }
 
