@@ -17,12 +17,7 @@
 //!   end, in `running` from its pop to its end, so `is_idle` never sees a
 //!   task that is neither waiting nor running. A worker counts a task's end
 //!   in the same critical section as its next pop.
-//! - Entries are ordered by `(due, seq)`, both fixed at push: the order is a
-//!   strict total order, so a pop returns the task due first, oldest first.
-//! - The binary heap orders small keys only; each key names the slot of
-//!   `tasks` that holds its task, and a slot is free (`None`, listed in
-//!   `free`) exactly when no key names it. Sifting moves 24-byte keys, not
-//!   tasks.
+//! - The waiting tasks come out due first, oldest first ([`Heap`]).
 //! - No wake-up is lost. A worker with nothing to run, or a push finding no
 //!   room, registers with its `Notify` (`enable`) and counts itself
 //!   (`asleep`, `room.waiting`) under the lock. Whoever makes work or room
@@ -42,8 +37,6 @@
 //! task, waker) runs: every `notify_*` comes after the lock is released.
 //! The `dead`, `interrupted` and `aborts` locks are each taken alone.
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::BinaryHeap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -60,6 +53,7 @@ use super::dead::DeadLetters;
 use super::policy::{Priority, ReclaimPolicy};
 use super::room::{NoRoom, Room};
 use super::task::ReclaimTask;
+use super::waiting::Heap;
 use crate::events::EventBus;
 use crate::events::TaskInfo;
 use crate::session::ResourceClass;
@@ -151,103 +145,12 @@ pub(super) fn rank(class: ResourceClass) -> usize {
     usize::try_from(class.rank()).map_or(3, |rank| rank.min(3))
 }
 
-#[derive(Default)]
-pub(super) struct Heap {
-    entries: BinaryHeap<Entry>,
-    /// The waiting tasks, by slot; `None` for a free slot.
-    tasks: Vec<Option<ReclaimTask>>,
-    /// Free slots of `tasks`.
-    free: Vec<usize>,
-    seq: u64,
-    pub(super) peak: usize,
-}
-
-impl Heap {
-    /// How many tasks wait.
-    pub(super) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn push(&mut self, due: u64, task: ReclaimTask) {
-        let slot = match self.free.pop() {
-            Some(slot) if slot < self.tasks.len() => {
-                self.tasks[slot] = Some(task);
-                slot
-            }
-            _ => {
-                self.tasks.push(Some(task));
-                self.tasks.len() - 1
-            }
-        };
-        let seq = self.seq;
-        self.seq += 1;
-        self.entries.push(Entry { due, seq, slot });
-        self.peak = self.peak.max(self.entries.len());
-    }
-
-    fn pop(&mut self) -> Option<ReclaimTask> {
-        while let Some(entry) = self.entries.pop() {
-            let task = self.tasks.get_mut(entry.slot).and_then(Option::take);
-            self.free.push(entry.slot);
-            if task.is_some() {
-                return task;
-            }
-        }
-        None
-    }
-
-    /// Every waiting task, due first, leaving the heap empty.
-    fn take_all(&mut self) -> Vec<ReclaimTask> {
-        let mut all = Vec::with_capacity(self.entries.len());
-        while let Some(task) = self.pop() {
-            all.push(task);
-        }
-        all
-    }
-}
-
 /// The counters that change off the hot path.
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) retried: AtomicU64,
     pub(super) failed: AtomicU64,
     pub(super) long_lived: AtomicU64,
-}
-
-/// A waiting task's key: due time (nanoseconds after the queue's epoch)
-/// and push sequence, and the slot of `Heap::tasks` holding the task.
-struct Entry {
-    due: u64,
-    seq: u64,
-    slot: usize,
-}
-
-impl Entry {
-    /// `(due, seq)` in one integer: one comparison.
-    fn key(&self) -> u128 {
-        (u128::from(self.due) << 64) | u128::from(self.seq)
-    }
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Entry {}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Entry {
-    /// Reversed: `BinaryHeap` is a max-heap and the smallest key goes first.
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        other.key().cmp(&self.key())
-    }
 }
 
 /// How a worker's last task ended, counted in its next critical section.
