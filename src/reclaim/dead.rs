@@ -26,7 +26,7 @@
 //!
 //! # Deadlock safety
 //!
-//! The `dead` lock is taken alone: never with the heap lock, never across
+//! The `dead` lock is taken alone: never with the `state` lock, never across
 //! an `.await`. An evicted task is dropped after it is released (a task
 //! that releases session resources releases them when dropped: user code).
 
