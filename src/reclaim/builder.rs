@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
@@ -10,11 +10,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::dead::{DeadLetters, Outstanding};
-use super::heap::{Counters, Heap, Shared};
+use super::dead::DeadLetters;
+use super::heap::{Counters, Shared, State};
 use super::policy::{DefaultPolicy, ReclaimPolicy};
 use super::queue::{Owner, ReclaimQueue};
-use super::room::Room;
 use crate::build::{BuildError, check_count, wired};
 use crate::events::EventBus;
 
@@ -152,21 +151,17 @@ impl ReclaimQueueBuilder {
         let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
         let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
         let shared = Arc::new(Shared {
-            heap: Mutex::new(Heap::default()),
-            room: Room::new(capacity),
+            state: Mutex::new(State::new(capacity, self.paused)),
             capacity,
             workers,
             work: Notify::new(),
+            freed: Notify::new(),
             idle: Notify::new(),
             idle_waiters: AtomicUsize::new(0),
             policy: self.policy,
             epoch: Instant::now(),
-            paused: AtomicBool::new(self.paused),
-            closed: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
             counters: Counters::default(),
             dead: Mutex::new(DeadLetters::new(self.dead_letters)),
-            outstanding: Outstanding::default(),
             bus: self.bus,
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::with_capacity(workers)),

@@ -1,7 +1,5 @@
 //! Closing sessions through the queue, and shutting the queue down.
 
-use std::sync::atomic::Ordering;
-
 use tokio::time::{Duration, Instant};
 
 use super::queue::ReclaimQueue;
@@ -131,19 +129,13 @@ impl ReclaimQueue {
             .is_ok();
         let mut left = Vec::new();
         if !drained {
-            shared.stop.store(true, Ordering::SeqCst);
             // Taken under the lock, dropped by the caller: a task's `Drop`
             // may release resources (user code).
-            left = shared.heap.lock().take_all();
-            shared.room.give(left.len());
+            left = shared.stop();
             for worker in shared.aborts.lock().iter() {
                 worker.abort();
             }
-            shared.work.notify_waiters();
             shared.tracker.wait().await;
-        }
-        for task in &left {
-            shared.outstanding.remove(task.info().class, 1);
         }
         // Dead letters are handed back as well: the queue runs nothing more.
         // A `redrive` holding one out puts it back (the queue is closed) once
@@ -166,9 +158,6 @@ impl ReclaimQueue {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
-        for task in &dead_letters {
-            shared.outstanding.remove(task.info().class, 1);
-        }
         let interrupted = std::mem::take(&mut *shared.interrupted.lock());
         if !left.is_empty() || !interrupted.is_empty() || !dead_letters.is_empty() {
             tracing::warn!(

@@ -6,10 +6,15 @@
 //! # Invariants
 //!
 //! - A task the queue accepted is, until it completes, exactly one of:
-//!   waiting, running, or a dead letter; `outstanding` counts it (by class)
-//!   over all three. It leaves the count when it completes, when its dead
-//!   letter is evicted (the store full), when a shutdown hands it back, or
-//!   when a shutdown deadline interrupts it.
+//!   waiting, running, or a dead letter; the outstanding count covers all
+//!   three: waiting and running under the queue's `state` lock, letters
+//!   (and letters a `redrive` holds out) here, by class. It leaves the
+//!   count when it completes, when its dead letter is evicted (the store
+//!   full), when a shutdown hands it back, or when a shutdown deadline
+//!   interrupts it. Moving between the two halves, a task is counted in
+//!   both for a moment, never in neither: `bury` counts a letter in
+//!   before its worker counts the task out, a `redrive` counts a letter
+//!   out after its insertion counted it in.
 //! - Only tasks that can run again are kept: a task releasing a session's
 //!   resources released each of them at its attempt, and holding it would
 //!   hold the session's close open (I1 waits for it).
@@ -21,21 +26,20 @@
 //!
 //! # Deadlock safety
 //!
-//! The `dead` lock is taken alone: never with the heap lock, never across
+//! The `dead` lock is taken alone: never with the `state` lock, never across
 //! an `.await`. An evicted task is dropped after it is released (a task
 //! that releases session resources releases them when dropped: user code).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::heap::Shared;
+use super::heap::{Shared, rank};
 use super::queue::ReclaimQueue;
 use super::report::{ClassCounts, DeadLetter};
 use super::task::ReclaimTask;
 use crate::events::{ReclaimError, ReclaimEvent};
 use crate::session::ResourceClass;
 
-/// The kept dead letters, oldest first.
+/// The kept dead letters, oldest first, and their counts.
 pub(super) struct DeadLetters {
     letters: VecDeque<Letter>,
     capacity: usize,
@@ -43,6 +47,15 @@ pub(super) struct DeadLetters {
     /// a shutdown waits for them before it takes the rest (each is out for
     /// a few instructions, no `.await`).
     in_flight: usize,
+    /// Letters kept or held out by a `redrive`, by class rank: their part
+    /// of the outstanding tasks.
+    by_class: [u64; 4],
+    /// Tasks kept as dead letters since the queue was built.
+    pub(super) buried: u64,
+    /// Dead letters queued again.
+    pub(super) redriven: u64,
+    /// Dead letters dropped because the store was full.
+    pub(super) evicted: u64,
 }
 
 struct Letter {
@@ -57,6 +70,10 @@ impl DeadLetters {
             letters: VecDeque::new(),
             capacity,
             in_flight: 0,
+            by_class: [0; 4],
+            buried: 0,
+            redriven: 0,
+            evicted: 0,
         }
     }
 
@@ -64,9 +81,13 @@ impl DeadLetters {
         self.letters.len()
     }
 
-    /// Every letter's task, oldest first, leaving none.
+    /// Every letter's task, oldest first, leaving none (counted out).
     pub(super) fn take_all(&mut self) -> Vec<ReclaimTask> {
-        self.letters.drain(..).map(|letter| letter.task).collect()
+        let tasks: Vec<ReclaimTask> = self.letters.drain(..).map(|letter| letter.task).collect();
+        for task in &tasks {
+            self.count_out(task.info().class);
+        }
+        tasks
     }
 
     /// Every letter, once no `redrive` holds one out; `None` while one
@@ -74,40 +95,24 @@ impl DeadLetters {
     pub(super) fn take_all_settled(&mut self) -> Option<Vec<ReclaimTask>> {
         (self.in_flight == 0).then(|| self.take_all())
     }
-}
 
-/// Tasks outstanding by class, and the dead-letter counters.
-#[derive(Debug, Default)]
-pub(super) struct Outstanding {
-    by_class: [AtomicU64; 4],
-    pub(super) dead_lettered: AtomicU64,
-    pub(super) redriven: AtomicU64,
-    pub(super) evicted: AtomicU64,
-}
-
-impl Outstanding {
-    pub(super) fn add(&self, class: ResourceClass) {
-        self.slot(class).fetch_add(1, Ordering::Relaxed);
+    fn count_out(&mut self, class: ResourceClass) {
+        let slot = &mut self.by_class[rank(class)];
+        *slot = slot.saturating_sub(1);
     }
 
-    pub(super) fn remove(&self, class: ResourceClass, tasks: u64) {
-        // A task is counted in before any worker can see it (`insert`), so
-        // its count out comes later in this counter's order: no underflow.
-        self.slot(class).fetch_sub(tasks, Ordering::Relaxed);
-    }
-
-    fn slot(&self, class: ResourceClass) -> &AtomicU64 {
-        let rank = usize::try_from(class.rank()).unwrap_or(0);
-        &self.by_class[rank.min(self.by_class.len() - 1)]
-    }
-
-    pub(super) fn snapshot(&self) -> ClassCounts {
-        let read = |class| self.slot(class).load(Ordering::Relaxed);
+    /// The outstanding tasks: the queue's waiting and running ones
+    /// (`queued`, by class rank) plus these letters.
+    pub(super) fn outstanding(&self, queued: [u64; 4]) -> ClassCounts {
+        let count = |class| {
+            let rank = rank(class);
+            queued[rank].saturating_add(self.by_class[rank])
+        };
         ClassCounts {
-            critical: read(ResourceClass::Critical),
-            high: read(ResourceClass::High),
-            normal: read(ResourceClass::Normal),
-            low: read(ResourceClass::Low),
+            critical: count(ResourceClass::Critical),
+            high: count(ResourceClass::High),
+            normal: count(ResourceClass::Normal),
+            low: count(ResourceClass::Low),
         }
     }
 }
@@ -117,13 +122,16 @@ impl Shared {
     /// oldest past the capacity). With a capacity of 0, or for a task that
     /// cannot run again (a session's resource release: each resource was
     /// released once, and dropping the task completes the session's
-    /// close), the task is dropped.
+    /// close), the task is dropped. Either way the worker counts the task
+    /// out of the queue's own tasks when it ends.
     pub(super) fn bury(&self, task: ReclaimTask, attempts: u32, error: ReclaimError) {
         let (dropped, evicted) = {
             let mut dead = self.dead.lock();
             if dead.capacity == 0 || !task.can_run_again() {
                 (Some(task), None)
             } else {
+                dead.by_class[rank(task.info().class)] += 1;
+                dead.buried += 1;
                 dead.letters.push_back(Letter {
                     task,
                     attempts,
@@ -134,22 +142,15 @@ impl Shared {
                 } else {
                     None
                 };
+                if let Some(task) = &evicted {
+                    dead.count_out(task.info().class);
+                    dead.evicted += 1;
+                }
                 (None, evicted)
             }
         };
-        if dropped.is_none() {
-            self.outstanding
-                .dead_lettered
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(task) = &dropped {
-            // Dead letters turned off: the task is dropped, as it fails.
-            self.outstanding.remove(task.info().class, 1);
-        }
         if let Some(task) = &evicted {
             let info = task.info();
-            self.outstanding.remove(info.class, 1);
-            self.outstanding.evicted.fetch_add(1, Ordering::Relaxed);
             tracing::error!(task = ?info,
                 "dead-letter store full; the oldest dead letter is dropped");
             self.publish(ReclaimEvent::DeadLetterDropped { task: info });
@@ -237,11 +238,12 @@ impl ReclaimQueue {
         let kept = shared.dead.lock().len();
         let mut queued = 0;
         for _ in 0..kept {
-            if shared.room.take().await.is_err() {
+            if shared.reserve().await.is_err() {
                 break;
             }
-            // Taken and inserted with no `.await` between; counted out
-            // meanwhile, so a shutdown never takes the letters without it.
+            // Taken and inserted with no `.await` between; held out
+            // meanwhile (still counted outstanding here), so a shutdown
+            // never takes the letters without it.
             let letter = {
                 let mut dead = shared.dead.lock();
                 let letter = dead.letters.pop_front();
@@ -249,14 +251,21 @@ impl ReclaimQueue {
                 letter
             };
             let Some(letter) = letter else {
-                shared.room.give(1);
+                shared.give_back_reserved();
                 break;
             };
-            let inserted = shared.insert(letter.task, false);
+            let info = letter.task.info();
+            let priority = shared.priority(&info);
+            let inserted = shared.insert(letter.task, priority, false);
             let mut dead = shared.dead.lock();
             dead.in_flight -= 1;
             match inserted {
-                Ok(()) => queued += 1,
+                Ok(()) => {
+                    // Counted by the queue from its insertion on.
+                    dead.count_out(info.class);
+                    dead.redriven += 1;
+                    queued += 1;
+                }
                 Err(task) => {
                     // Shut down meanwhile: it stays a dead letter.
                     dead.letters.push_front(Letter {
@@ -269,10 +278,6 @@ impl ReclaimQueue {
             }
             drop(dead);
         }
-        shared
-            .outstanding
-            .redriven
-            .fetch_add(queued as u64, Ordering::Relaxed);
         if queued > 0 {
             tracing::info!(queued, "dead letters queued again");
         }

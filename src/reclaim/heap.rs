@@ -1,55 +1,72 @@
-//! The queue's shared state: the heap of waiting tasks, the permits that
-//! bound it, the counters.
+//! The queue's shared state: the heap of waiting tasks, the bound, the
+//! counters and who sleeps, under one lock.
 //!
 //! # Invariants
 //!
 //! - Every accepted task is run by a worker, handed back by `shutdown`, or
 //!   (running when a shutdown deadline passed) reported failed as
-//!   interrupted. A task is accepted only under the `heap` lock while the
+//!   interrupted. A task is accepted only under the `state` lock while the
 //!   queue is open, and `close` sets `closed` under the same lock, so no task
 //!   enters after the workers can decide to exit.
-//! - At most `capacity` tasks wait: a push holds one permit of `permits`
-//!   from before it enters until a worker takes it out.
-//! - Entries are ordered by `(due, seq)`, both fixed at push: the order is a
-//!   strict total order, so a pop returns the task due first, oldest first.
-//! - The binary heap orders small keys only; each key names the slot of
-//!   `tasks` that holds its task, and a slot is free (`None`, listed in
-//!   `free`) exactly when no key names it. Sifting moves 24-byte keys, not
-//!   tasks.
+//! - The bound ([`Room`]): free slots, waiting tasks and slots reserved
+//!   (by a `redrive` between `reserve` and `insert`) add up to the
+//!   capacity.
+//! - `running`, `outstanding`, `pushed` and `completed` change only under
+//!   the lock, with the heap: a task is counted in `outstanding` from its
+//!   insertion (a re-driven one moves there from the dead letters) to its
+//!   end, in `running` from its pop to its end, so `is_idle` never sees a
+//!   task that is neither waiting nor running. A worker counts a task's end
+//!   in the same critical section as its next pop.
+//! - The waiting tasks come out due first, oldest first ([`Heap`]).
+//! - No wake-up is lost. A worker with nothing to run, or a push finding no
+//!   room, registers with its `Notify` (`enable`) and counts itself
+//!   (`asleep`, `room.waiting`) under the lock. Whoever makes work or room
+//!   takes one from that count under the lock and notifies once, after the
+//!   lock. So the count is never below the number of registered waiters:
+//!   when it is 0, nobody sleeps and nothing is notified (a busy worker is
+//!   not woken per push). A count above it (a waiter dropped, or woken by
+//!   `notify_waiters`) costs a spare wake-up at most: the waiter looks
+//!   again under the lock. `resume` and `close` reset the counts under the
+//!   lock and then wake every registered waiter.
 //!
 //! # Deadlock safety
 //!
-//! One lock, `heap`, held only to insert, remove or count entries, never
-//! across an `.await` nor while user code (policy, task) runs. The
-//! `interrupted` list has its own lock, taken alone.
+//! One lock, `state`, held only to insert, remove or count entries and to
+//! register a waiter with a `Notify` (whose own lock is a leaf: it calls
+//! nothing back), never across an `.await` nor while user code (policy,
+//! task, waker) runs: every `notify_*` comes after the lock is released.
+//! The `dead`, `interrupted` and `aborts` locks are each taken alone.
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::BinaryHeap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
-use super::dead::{DeadLetters, Outstanding};
+use super::dead::DeadLetters;
 use super::policy::{Priority, ReclaimPolicy};
-use super::room::Room;
+use super::room::{NoRoom, Room};
 use super::task::ReclaimTask;
+use super::waiting::Heap;
 use crate::events::EventBus;
 use crate::events::TaskInfo;
+use crate::session::ResourceClass;
 
 pub(super) struct Shared {
-    pub(super) heap: Mutex<Heap>,
-    /// The free slots.
-    pub(super) room: Room,
+    pub(super) state: Mutex<State>,
     pub(super) capacity: usize,
     pub(super) workers: usize,
-    /// Wakes workers: one per push, all on resume and close.
+    /// Wakes sleeping workers: one per push that finds one asleep, all on
+    /// resume and close.
     pub(super) work: Notify,
+    /// Wakes pushes waiting for room.
+    pub(super) freed: Notify,
     /// Wakes `idle` waiters when the last running task ends.
     pub(super) idle: Notify,
     /// How many `idle` calls wait: the last task's end wakes them only if
@@ -57,188 +74,280 @@ pub(super) struct Shared {
     pub(super) idle_waiters: AtomicUsize,
     pub(super) policy: Arc<dyn ReclaimPolicy>,
     pub(super) epoch: Instant,
-    pub(super) paused: AtomicBool,
-    /// Set under `heap` when the queue stops taking tasks.
-    pub(super) closed: AtomicBool,
-    /// Workers exit at once (a shutdown deadline passed).
-    pub(super) stop: AtomicBool,
     pub(super) counters: Counters,
     /// Tasks that failed for good, kept for a re-drive.
     pub(super) dead: Mutex<DeadLetters>,
-    /// Tasks outstanding by class, and the dead-letter counters.
-    pub(super) outstanding: Outstanding,
     pub(super) bus: Option<EventBus>,
     pub(super) tracker: TaskTracker,
     pub(super) aborts: Mutex<Vec<AbortHandle>>,
     pub(super) interrupted: Mutex<Vec<TaskInfo>>,
 }
 
-#[derive(Default)]
-pub(super) struct Heap {
-    entries: BinaryHeap<Entry>,
-    /// The waiting tasks, by slot; `None` for a free slot.
-    tasks: Vec<Option<ReclaimTask>>,
-    /// Free slots of `tasks`.
-    free: Vec<usize>,
-    pub(super) seq: u64,
-    pub(super) peak: usize,
+/// Everything that changes with the heap, under one lock.
+pub(super) struct State {
+    pub(super) heap: Heap,
+    pub(super) room: Room,
+    /// Tasks running now.
+    pub(super) running: usize,
+    /// Tasks accepted since the queue was built.
+    pub(super) pushed: u64,
+    /// Tasks that succeeded.
+    pub(super) completed: u64,
+    /// Waiting and running tasks by class rank (dead letters are counted
+    /// by [`DeadLetters`]).
+    pub(super) outstanding: [u64; 4],
+    /// Workers registered with `work`, not yet claimed by a wake-up.
+    pub(super) asleep: usize,
+    pub(super) paused: bool,
+    /// The queue stopped taking tasks.
+    pub(super) closed: bool,
+    /// Workers exit at once (a shutdown deadline passed).
+    pub(super) stop: bool,
 }
 
-impl Heap {
-    /// How many tasks wait.
-    pub(super) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn push(&mut self, due: u64, task: ReclaimTask) {
-        let slot = match self.free.pop() {
-            Some(slot) if slot < self.tasks.len() => {
-                self.tasks[slot] = Some(task);
-                slot
-            }
-            _ => {
-                self.tasks.push(Some(task));
-                self.tasks.len() - 1
-            }
-        };
-        let seq = self.seq;
-        self.seq += 1;
-        self.entries.push(Entry { due, seq, slot });
-        self.peak = self.peak.max(self.entries.len());
-    }
-
-    fn pop(&mut self) -> Option<ReclaimTask> {
-        while let Some(entry) = self.entries.pop() {
-            let task = self.tasks.get_mut(entry.slot).and_then(Option::take);
-            self.free.push(entry.slot);
-            if task.is_some() {
-                return task;
-            }
+impl State {
+    pub(super) fn new(capacity: usize, paused: bool) -> Self {
+        Self {
+            heap: Heap::default(),
+            room: Room::new(capacity),
+            running: 0,
+            pushed: 0,
+            completed: 0,
+            outstanding: [0; 4],
+            asleep: 0,
+            paused,
+            closed: false,
+            stop: false,
         }
-        None
     }
 
-    /// Every waiting task, due first, leaving the heap empty.
-    pub(super) fn take_all(&mut self) -> Vec<ReclaimTask> {
-        let mut all = Vec::with_capacity(self.entries.len());
-        while let Some(task) = self.pop() {
-            all.push(task);
-        }
-        all
+    /// Counts a task out of `outstanding` (it ended, or left the queue).
+    pub(super) fn count_out(&mut self, class: ResourceClass) {
+        // Counted in at insertion, under this lock: no underflow.
+        let slot = &mut self.outstanding[rank(class)];
+        *slot = slot.saturating_sub(1);
+    }
+
+    /// Claims one sleeping worker, if any, to notify after the lock.
+    fn claim_worker(&mut self) -> bool {
+        let asleep = self.asleep > 0;
+        self.asleep -= usize::from(asleep);
+        asleep
+    }
+
+    fn is_idle(&self) -> bool {
+        self.heap.len() == 0 && self.running == 0
     }
 }
 
+/// The index of `class` in per-class arrays.
+pub(super) fn rank(class: ResourceClass) -> usize {
+    usize::try_from(class.rank()).map_or(3, |rank| rank.min(3))
+}
+
+/// The counters that change off the hot path.
 #[derive(Default)]
 pub(super) struct Counters {
-    pub(super) pushed: AtomicU64,
-    pub(super) completed: AtomicU64,
     pub(super) retried: AtomicU64,
     pub(super) failed: AtomicU64,
     pub(super) long_lived: AtomicU64,
-    pub(super) in_flight: AtomicUsize,
 }
 
-/// A waiting task's key: due time (nanoseconds after the queue's epoch)
-/// and push sequence, and the slot of `Heap::tasks` holding the task.
-struct Entry {
-    due: u64,
-    seq: u64,
-    slot: usize,
+/// How a worker's last task ended, counted in its next critical section.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Ended {
+    pub(super) class: ResourceClass,
+    pub(super) completed: bool,
 }
 
-impl Entry {
-    fn key(&self) -> (u64, u64) {
-        (self.due, self.seq)
-    }
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Entry {}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Entry {
-    /// Reversed: `BinaryHeap` is a max-heap and the smallest key goes first.
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        other.key().cmp(&self.key())
-    }
+/// What a worker does next.
+pub(super) enum Next {
+    Run(ReclaimTask),
+    /// Nothing to run now: registered with `work` (if it was given).
+    Sleep,
+    Exit,
 }
 
 impl Shared {
-    /// Inserts an accepted task (its slot already taken); hands it back
-    /// (and frees the slot) if the queue closed meanwhile. A `fresh` task
-    /// is counted as pushed and outstanding; a re-driven one already is.
-    pub(super) fn insert(&self, task: ReclaimTask, fresh: bool) -> Result<(), ReclaimTask> {
-        let info = task.info();
-        let class = info.class;
-        // User code: outside the lock, contained.
-        let priority = catch_unwind(AssertUnwindSafe(|| self.policy.priority(&info)))
-            .unwrap_or(Priority::URGENT);
+    /// The policy's priority of a task. The policy is user code: called
+    /// outside the lock, contained.
+    pub(super) fn priority(&self, info: &TaskInfo) -> Priority {
+        catch_unwind(AssertUnwindSafe(|| self.policy.priority(info))).unwrap_or(Priority::URGENT)
+    }
+
+    /// The due time of a task of `priority` queued now, in nanoseconds
+    /// after the epoch.
+    fn due(&self, priority: Priority) -> u64 {
         let since = Instant::now().saturating_duration_since(self.epoch);
-        let due = duration_nanos(since).saturating_add(duration_nanos(priority.delay()));
-        // Counted before a worker can see it: its completion may come
-        // before this call returns.
-        if fresh {
-            self.outstanding.add(class);
-        }
-        {
-            let mut heap = self.heap.lock();
-            if self.closed.load(Ordering::SeqCst) {
-                drop(heap);
-                if fresh {
-                    self.outstanding.remove(class, 1);
-                }
-                self.room.give(1);
-                return Err(task);
+        duration_nanos(since).saturating_add(duration_nanos(priority.delay()))
+    }
+
+    /// Queues a fresh task if there is room now; hands it back otherwise,
+    /// saying why.
+    pub(super) fn try_insert(
+        &self,
+        task: ReclaimTask,
+        priority: Priority,
+    ) -> Result<(), (ReclaimTask, NoRoom)> {
+        let due = self.due(priority);
+        let wake = {
+            let mut state = self.state.lock();
+            if state.closed {
+                return Err((task, NoRoom::Closed));
             }
-            heap.push(due, task);
+            if !state.room.take() {
+                return Err((task, NoRoom::Full));
+            }
+            self.enter(&mut state, due, task, true)
+        };
+        if wake {
+            self.work.notify_one();
         }
-        if fresh {
-            self.counters.pushed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.work.notify_one();
         Ok(())
     }
 
-    /// Takes the task due first, freeing its slot.
-    pub(super) fn pop(&self) -> Option<ReclaimTask> {
-        let task = {
-            let mut heap = self.heap.lock();
-            if self.stop.load(Ordering::SeqCst) {
-                return None;
+    /// Inserts a task whose slot is reserved ([`reserve`](Self::reserve));
+    /// hands it back (and frees the slot) if the queue closed meanwhile. A
+    /// `fresh` task is counted as pushed; a re-driven one is not.
+    pub(super) fn insert(
+        &self,
+        task: ReclaimTask,
+        priority: Priority,
+        fresh: bool,
+    ) -> Result<(), ReclaimTask> {
+        let due = self.due(priority);
+        let wake = {
+            let mut state = self.state.lock();
+            if state.closed {
+                let claimed = state.room.give(1);
+                drop(state);
+                self.wake_pushers(claimed);
+                return Err(task);
             }
-            let task = heap.pop()?;
-            // Counted before the lock drops: `is_idle` never sees a task
-            // that is neither waiting nor running.
-            self.counters.in_flight.fetch_add(1, Ordering::SeqCst);
-            task
+            self.enter(&mut state, due, task, fresh)
         };
-        self.room.give(1);
-        Some(task)
+        if wake {
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Puts `task` in the heap (its slot taken) and counts it; returns
+    /// whether a sleeping worker is to be woken.
+    fn enter(&self, state: &mut State, due: u64, task: ReclaimTask, fresh: bool) -> bool {
+        state.outstanding[rank(task.info().class)] += 1;
+        state.pushed += u64::from(fresh);
+        state.heap.push(due, task);
+        // Paused workers would only look and sleep again.
+        (!state.paused || state.closed) && state.claim_worker()
+    }
+
+    /// A worker's next step, counting how its last task `ended` first.
+    /// Given `sleep`, a worker with nothing to run registers with `work`
+    /// under the lock.
+    pub(super) fn next(&self, ended: Option<Ended>, sleep: Option<Pin<&mut Notified<'_>>>) -> Next {
+        let (next, woken_pushers, idle) = {
+            let mut state = self.state.lock();
+            if let Some(ended) = ended {
+                state.running -= 1;
+                state.count_out(ended.class);
+                state.completed += u64::from(ended.completed);
+            }
+            let runnable = !state.stop && (!state.paused || state.closed);
+            let next = match runnable.then(|| state.heap.pop()).flatten() {
+                Some(task) => {
+                    state.running += 1;
+                    Next::Run(task)
+                }
+                None if state.stop || (state.closed && state.heap.len() == 0) => Next::Exit,
+                None => {
+                    if let Some(notified) = sleep {
+                        notified.enable();
+                        state.asleep += 1;
+                    }
+                    Next::Sleep
+                }
+            };
+            let claimed = match next {
+                Next::Run(_) => state.room.give(1),
+                _ => 0,
+            };
+            let idle = ended.is_some() && state.is_idle();
+            (next, claimed, idle)
+        };
+        self.wake_pushers(woken_pushers);
+        // Relaxed is enough: an `idle` call counts itself before it takes
+        // the lock to look, and this load comes after this lock.
+        if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_waiters();
+        }
+        next
+    }
+
+    /// Counts out a task whose worker was aborted while running it.
+    pub(super) fn interrupted(&self, class: ResourceClass) {
+        let idle = {
+            let mut state = self.state.lock();
+            state.running -= 1;
+            state.count_out(class);
+            state.is_idle()
+        };
+        if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(super) fn wake_pushers(&self, claimed: usize) {
+        for _ in 0..claimed {
+            self.freed.notify_one();
+        }
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        let heap = self.heap.lock();
-        heap.len() == 0 && self.counters.in_flight.load(Ordering::SeqCst) == 0
+        self.state.lock().is_idle()
     }
 
     /// Stops taking tasks; workers drain and exit.
     pub(super) fn close(&self) {
         {
-            let _heap = self.heap.lock();
-            self.closed.store(true, Ordering::SeqCst);
+            let mut state = self.state.lock();
+            state.closed = true;
+            state.asleep = 0;
+            state.room.waiting = 0;
         }
-        self.room.close();
+        self.freed.notify_waiters();
         self.work.notify_waiters();
+    }
+
+    /// Stops the workers and takes every waiting task, counted out.
+    pub(super) fn stop(&self) -> Vec<ReclaimTask> {
+        let (left, claimed) = {
+            let mut state = self.state.lock();
+            state.stop = true;
+            let left = state.heap.take_all();
+            for task in &left {
+                state.count_out(task.info().class);
+            }
+            let claimed = state.room.give(left.len());
+            (left, claimed)
+        };
+        self.wake_pushers(claimed);
+        self.work.notify_waiters();
+        left
+    }
+
+    /// Sets whether the workers may start tasks; resuming wakes them all.
+    pub(super) fn set_paused(&self, paused: bool) {
+        {
+            let mut state = self.state.lock();
+            state.paused = paused;
+            if !paused {
+                state.asleep = 0;
+            }
+        }
+        if !paused {
+            self.work.notify_waiters();
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! - `queue`: [`ReclaimQueue`], pushing and watching;
 //! - `builder`: [`ReclaimQueueBuilder`];
-//! - `heap`: the queue's shared state and its heap, with their invariants;
+//! - `heap`: the queue's shared state, with its invariants and lock;
+//! - `waiting`: the waiting tasks in due order;
+//! - `room`, `dead`: the bound and its waiting pushes, the dead letters;
 //! - `worker`: the worker tasks, retries and failures;
 //! - `close`: closing sessions through the queue, and shutdown;
 //! - `policy`, `task`, `report`: the policy, the tasks, what the queue
@@ -18,6 +20,7 @@ mod queue;
 mod report;
 mod room;
 mod task;
+mod waiting;
 mod worker;
 
 pub use builder::ReclaimQueueBuilder;

@@ -5,11 +5,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::room::NoRoom;
-
 use super::builder::ReclaimQueueBuilder;
 use super::heap::Shared;
 use super::report::{PushError, ReclaimStats, TryPushError};
+use super::room::NoRoom;
 use super::task::ReclaimTask;
 use crate::events::ReclaimEvent;
 use crate::session::Session;
@@ -147,10 +146,20 @@ impl ReclaimQueue {
     /// # }
     /// ```
     pub async fn push(&self, task: ReclaimTask) -> Result<(), PushError> {
-        if self.shared.room.take().await.is_err() {
+        let shared = &self.shared;
+        // Asked once, before any wait: a task's priority is fixed at push.
+        let priority = shared.priority(&task.info());
+        let task = match shared.try_insert(task, priority) {
+            Ok(()) => return Ok(()),
+            Err((task, NoRoom::Closed)) => return Err(PushError(task)),
+            Err((task, NoRoom::Full)) => task,
+        };
+        // Full: wait for a slot, then enter with no `.await` between (the
+        // due time counts from then).
+        if shared.reserve().await.is_err() {
             return Err(PushError(task));
         }
-        self.shared.insert(task, true).map_err(PushError)
+        shared.insert(task, priority, true).map_err(PushError)
     }
 
     /// Queues `task` if there is room now.
@@ -160,13 +169,11 @@ impl ReclaimQueue {
     /// [`TryPushError::Full`] or [`TryPushError::ShutDown`], handing the task
     /// back.
     pub fn try_push(&self, task: ReclaimTask) -> Result<(), TryPushError> {
-        match self.shared.room.try_take() {
-            Ok(()) => self
-                .shared
-                .insert(task, true)
-                .map_err(TryPushError::ShutDown),
-            Err(NoRoom::Full) => Err(TryPushError::Full(task)),
-            Err(NoRoom::Closed) => Err(TryPushError::ShutDown(task)),
+        let priority = self.shared.priority(&task.info());
+        match self.shared.try_insert(task, priority) {
+            Ok(()) => Ok(()),
+            Err((task, NoRoom::Closed)) => Err(TryPushError::ShutDown(task)),
+            Err((task, NoRoom::Full)) => Err(TryPushError::Full(task)),
         }
     }
 
@@ -273,42 +280,44 @@ impl ReclaimQueue {
     /// effect once the queue is closed: a closed queue always drains.
     /// See the example on [`push`](Self::push).
     pub fn pause(&self) {
-        self.shared.paused.store(true, Ordering::SeqCst);
+        self.shared.set_paused(true);
     }
 
     /// Lets the workers start tasks again. See the example on [`push`](Self::push).
     pub fn resume(&self) {
-        self.shared.paused.store(false, Ordering::SeqCst);
-        self.shared.work.notify_waiters();
+        self.shared.set_paused(false);
     }
 
     /// A snapshot of the queue's counters.
     #[must_use]
     pub fn stats(&self) -> ReclaimStats {
         let shared = &self.shared;
-        let (depth, peak_depth) = {
-            let heap = shared.heap.lock();
-            (heap.len(), heap.peak)
-        };
+        let state = shared.state.lock();
+        let (depth, peak_depth, in_flight) = (state.heap.len(), state.heap.peak, state.running);
+        let (pushed, completed, outstanding) = (state.pushed, state.completed, state.outstanding);
+        let (paused, closed) = (state.paused && !state.closed, state.closed);
+        drop(state);
+        let dead = shared.dead.lock();
+        let outstanding = dead.outstanding(outstanding);
         let counters = &shared.counters;
         ReclaimStats {
             capacity: shared.capacity,
             depth,
             peak_depth,
-            in_flight: counters.in_flight.load(Ordering::Relaxed),
-            pushed: counters.pushed.load(Ordering::Relaxed),
-            completed: counters.completed.load(Ordering::Relaxed),
+            in_flight,
+            pushed,
+            completed,
             retried: counters.retried.load(Ordering::Relaxed),
             failed: counters.failed.load(Ordering::Relaxed),
             long_lived: counters.long_lived.load(Ordering::Relaxed),
             workers: shared.workers,
-            paused: shared.paused.load(Ordering::Relaxed) && !shared.closed.load(Ordering::Relaxed),
-            closed: shared.closed.load(Ordering::Relaxed),
-            dead_letters: shared.dead.lock().len(),
-            dead_lettered: shared.outstanding.dead_lettered.load(Ordering::Relaxed),
-            redriven: shared.outstanding.redriven.load(Ordering::Relaxed),
-            dead_letters_dropped: shared.outstanding.evicted.load(Ordering::Relaxed),
-            outstanding: shared.outstanding.snapshot(),
+            paused,
+            closed,
+            dead_letters: dead.len(),
+            dead_lettered: dead.buried,
+            redriven: dead.redriven,
+            dead_letters_dropped: dead.evicted,
+            outstanding,
         }
     }
 

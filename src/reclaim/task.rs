@@ -1,12 +1,14 @@
 //! Reclamation tasks: what a [`ReclaimQueue`](super::ReclaimQueue) runs.
 
+use std::any::Any;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, CatchUnwind};
 use tokio::time::Duration;
 
 use crate::events::{ReclaimError, ReclaimErrorKind, TaskInfo};
@@ -95,12 +97,39 @@ where
 /// ```
 pub struct ReclaimTask {
     info: TaskInfo,
-    work: Work,
+    /// One pointer for either kind of work: the task moves (push, heap,
+    /// worker) in 64 bytes.
+    work: Box<dyn Work>,
 }
 
-pub(super) enum Work {
-    User(Box<dyn Reclaim>),
-    Release(ReleaseGroup),
+/// What a task runs: the caller's [`Reclaim`], or the release of a closed
+/// session's resources.
+trait Work: Send + 'static {
+    /// Starts one attempt: its future, or its outcome if it ran at once.
+    fn start(&mut self) -> Started;
+
+    /// Whether another attempt could do anything.
+    fn can_run_again(&self) -> bool;
+}
+
+/// An attempt just started.
+enum Started {
+    Future(BoxFuture<'static, Result<(), ReclaimError>>),
+    /// It ran at once.
+    Done(Result<(), ReclaimError>),
+}
+
+/// The caller's work.
+struct User<R>(R);
+
+impl<R: Reclaim> Work for User<R> {
+    fn start(&mut self) -> Started {
+        Started::Future(self.0.reclaim())
+    }
+
+    fn can_run_again(&self) -> bool {
+        true
+    }
 }
 
 impl ReclaimTask {
@@ -109,7 +138,7 @@ impl ReclaimTask {
     pub fn new(session: SessionId, router: RouterId, work: impl Reclaim) -> Self {
         Self {
             info: TaskInfo::new(session, router, ResourceClass::Normal, 0),
-            work: Work::User(Box::new(work)),
+            work: Box::new(User(work)),
         }
     }
 
@@ -147,7 +176,7 @@ impl ReclaimTask {
     /// resource is released once, panic or not), and it completes the
     /// session's close when dropped, so it is never kept.
     pub(super) fn can_run_again(&self) -> bool {
-        matches!(self.work, Work::User(_))
+        self.work.can_run_again()
     }
 
     /// The task's identity and ordering inputs.
@@ -173,27 +202,61 @@ impl ReclaimTask {
         &mut self,
         timeout: impl FnOnce() -> Option<Duration>,
     ) -> Result<(), ReclaimError> {
-        let work = match &mut self.work {
-            Work::Release(group) => return group.release(),
-            Work::User(work) => work,
-        };
-        // `reclaim` itself, not only its future, may panic.
-        let future =
-            catch_unwind(AssertUnwindSafe(|| work.reclaim())).map_err(ReclaimError::panicked)?;
-        let mut guarded = AssertUnwindSafe(future).catch_unwind();
-        // Most attempts finish at their first poll: the timer (a clock
-        // read and a timer entry) is set only for one that does not.
-        let outcome = match futures::poll!(&mut guarded) {
-            std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => match timeout() {
-                Some(limit) => tokio::time::timeout(limit, guarded)
-                    .await
-                    .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
-                None => guarded.await,
-            },
-        };
-        outcome.map_err(ReclaimError::panicked)?
+        match poll_fn(|cx| Poll::Ready(self.start(cx))).await {
+            Attempt::Done(outcome) => outcome,
+            Attempt::Running(running) => running.finish(timeout()).await,
+        }
     }
+
+    /// Starts one attempt and polls it once, panics contained: most
+    /// attempts finish there, with no timer set and no future kept.
+    pub(super) fn start(&mut self, cx: &mut Context<'_>) -> Attempt {
+        // `reclaim` itself, not only its future, may panic.
+        let future = match catch_unwind(AssertUnwindSafe(|| self.work.start())) {
+            Ok(Started::Future(future)) => future,
+            Ok(Started::Done(outcome)) => return Attempt::Done(outcome),
+            Err(panic) => return Attempt::Done(Err(ReclaimError::panicked(panic))),
+        };
+        let mut guarded = AssertUnwindSafe(future).catch_unwind();
+        match guarded.poll_unpin(cx) {
+            Poll::Ready(outcome) => Attempt::Done(contained(outcome)),
+            Poll::Pending => Attempt::Running(RunningAttempt(guarded)),
+        }
+    }
+}
+
+/// An attempt after its first poll.
+pub(super) enum Attempt {
+    /// It finished.
+    Done(Result<(), ReclaimError>),
+    /// It waits for something.
+    Running(RunningAttempt),
+}
+
+/// An attempt that did not finish at its first poll.
+pub(super) struct RunningAttempt(
+    CatchUnwind<AssertUnwindSafe<BoxFuture<'static, Result<(), ReclaimError>>>>,
+);
+
+impl RunningAttempt {
+    /// Runs the attempt to its end, bounded by `timeout` when given (the
+    /// timer starts now).
+    pub(super) async fn finish(self, timeout: Option<Duration>) -> Result<(), ReclaimError> {
+        let outcome = match timeout {
+            Some(limit) => tokio::time::timeout(limit, self.0)
+                .await
+                .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
+            None => self.0.await,
+        };
+        contained(outcome)
+    }
+}
+
+/// An attempt's outcome, a panic made an error.
+fn contained(
+    outcome: Result<Result<(), ReclaimError>, Box<dyn Any + Send>>,
+) -> Result<(), ReclaimError> {
+    outcome.map_err(ReclaimError::panicked)?
 }
 
 impl fmt::Debug for ReclaimTask {
@@ -234,6 +297,17 @@ impl ReleaseGroup {
     }
 }
 
+impl Work for ReleaseGroup {
+    fn start(&mut self) -> Started {
+        Started::Done(self.release())
+    }
+
+    /// Each resource was released at the first attempt, panic or not.
+    fn can_run_again(&self) -> bool {
+        false
+    }
+}
+
 impl Drop for ReleaseGroup {
     fn drop(&mut self) {
         let _ = self.release();
@@ -257,7 +331,7 @@ pub(crate) fn release_tasks<P>(session: &Session<P>, deferred: DeferredClose) ->
         .into_iter()
         .map(move |(class, resources)| ReclaimTask {
             info: TaskInfo::new(id, router, class, traffic).with_age(age),
-            work: Work::Release(ReleaseGroup {
+            work: Box::new(ReleaseGroup {
                 resources,
                 reason,
                 session: id,

@@ -1,58 +1,62 @@
 //! The worker tasks: each runs one task at a time, with retries, to its
 //! final outcome.
 
+use std::future::poll_fn;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
-use super::heap::Shared;
-use super::task::ReclaimTask;
+use super::heap::{Ended, Next, Shared};
+use super::task::{Attempt, ReclaimTask};
 use crate::events::Event;
 use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 
 impl Shared {
     pub(super) async fn work_loop(self: Arc<Self>) {
+        let mut ended = None;
         loop {
             // Fast path: work waiting, no registration with `work`.
-            if let Some(task) = self.next_task() {
-                self.execute(task).await;
-                continue;
-            }
-            let notified = self.work.notified();
-            tokio::pin!(notified);
-            // Registered before checking again: a push, resume or close
-            // between the check and the await still wakes this worker.
-            notified.as_mut().enable();
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if let Some(task) = self.next_task() {
-                self.execute(task).await;
-                continue;
-            }
-            if self.closed.load(Ordering::SeqCst) {
-                // Closed and empty: nothing can enter any more.
-                return;
-            }
-            notified.await;
+            let mut task = match self.next(ended.take(), None) {
+                Next::Run(task) => task,
+                Next::Exit => return,
+                Next::Sleep => {
+                    // Registered under the lock, if there is still nothing
+                    // to run: a push, resume or close after it wakes this
+                    // worker.
+                    let mut notified = pin!(self.work.notified());
+                    match self.next(None, Some(notified.as_mut())) {
+                        Next::Run(task) => task,
+                        Next::Exit => return,
+                        Next::Sleep => {
+                            notified.await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            // Most tasks finish at their first poll, here: no retry state,
+            // no guard, no timer for them.
+            let first = poll_fn(|cx| Poll::Ready(task.start(cx))).await;
+            ended = Some(match first {
+                Attempt::Done(Ok(())) => Ended {
+                    class: task.info().class,
+                    completed: true,
+                },
+                first => self.execute(task, first).await,
+            });
         }
     }
 
-    /// The next task to run, unless paused (before the close) or stopped.
-    fn next_task(&self) -> Option<ReclaimTask> {
-        if self.paused.load(Ordering::SeqCst) && !self.closed.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.pop()
-    }
-
-    /// Runs `task` with retries to its final outcome.
-    async fn execute(&self, mut task: ReclaimTask) {
+    /// Runs `task`, whose first attempt started as `first`, with retries
+    /// to its final outcome.
+    async fn execute(&self, mut task: ReclaimTask, first: Attempt) -> Ended {
         let info = task.info();
         let mut running = Running {
             shared: self,
             info,
-            attempts: 0,
+            attempts: 1,
             done: false,
         };
         // Asked of the policy only when needed (an attempt that does not
@@ -66,14 +70,23 @@ impl Shared {
             })
         };
         let mut backoff = None;
+        let mut first = Some(first);
         loop {
-            running.attempts = running.attempts.saturating_add(1);
-            let error = match task.attempt(|| Some(schedule().timeout())).await {
+            let outcome = match first.take() {
+                Some(Attempt::Done(outcome)) => outcome,
+                Some(Attempt::Running(attempt)) => attempt.finish(Some(schedule().timeout())).await,
+                None => {
+                    running.attempts = running.attempts.saturating_add(1);
+                    task.attempt(|| Some(schedule().timeout())).await
+                }
+            };
+            let error = match outcome {
                 Ok(()) => {
-                    self.counters.completed.fetch_add(1, Ordering::Relaxed);
-                    self.outstanding.remove(info.class, 1);
                     running.done = true;
-                    return;
+                    return Ended {
+                        class: info.class,
+                        completed: true,
+                    };
                 }
                 Err(error) => error,
             };
@@ -96,7 +109,10 @@ impl Shared {
                 running.done = true;
                 self.fail(info, running.attempts, error.clone());
                 self.bury(task, running.attempts, error);
-                return;
+                return Ended {
+                    class: info.class,
+                    completed: false,
+                };
             };
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(task = ?info, attempt = running.attempts, %error, ?delay,
@@ -138,25 +154,19 @@ struct Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         let shared = self.shared;
-        if !self.done {
-            shared.outstanding.remove(self.info.class, 1);
-            shared.interrupted.lock().push(self.info);
-            shared.fail(
-                self.info,
-                self.attempts,
-                ReclaimError::new(
-                    ReclaimErrorKind::Interrupted,
-                    "the queue's shutdown deadline passed",
-                ),
-            );
-        }
-        // SeqCst, as `idle`'s count of waiters: either this sees a waiter
-        // or the waiter sees nothing in flight.
-        if shared.counters.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && shared.idle_waiters.load(Ordering::SeqCst) > 0
-        {
-            shared.idle.notify_waiters();
-        }
+        shared.interrupted.lock().push(self.info);
+        shared.fail(
+            self.info,
+            self.attempts,
+            ReclaimError::new(
+                ReclaimErrorKind::Interrupted,
+                "the queue's shutdown deadline passed",
+            ),
+        );
+        shared.interrupted(self.info.class);
     }
 }
