@@ -286,7 +286,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// A deletion calls it before `finish` with the sessions it saw close
     /// without leaving the store (confirmed by handle, or forced), in the
     /// order it walked them: a store may remove them here at less cost
-    /// than `finish`'s own walk. [`MemoryStore`](crate::MemoryStore) does
+    /// than `finish`'s own walk. [`MemoryStore`] does
     /// (in that order, which is memory order: a million sessions' walk of
     /// the index in hash order costs several times more). The default
     /// removes nothing and leaves them to `finish`, which must remove them
