@@ -357,7 +357,7 @@ fn a_resource_calling_back_into_the_store_while_confirmed_does_not_deadlock() {
         let report = report_within(HOUR, deleter.delete(router)).await;
         assert_eq!(report.confirmed, 200, "{report:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 200);
-        // The neighbour's deletion from inside nothing: still works after.
+        // The deleter and the store still serve the next deletion.
         let report = report_within(HOUR, deleter.delete(neighbour)).await;
         assert_eq!(report.confirmed, 3);
         drop(neighbours);

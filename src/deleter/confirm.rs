@@ -123,6 +123,9 @@ pub(super) trait Confirmable: Send + Sync {
 
     /// The key of the session at `position`.
     fn key(&self, position: usize) -> Option<SessionKey>;
+
+    /// Records that one call closed `closed` sessions.
+    fn closed_by_handle(&self, closed: usize);
 }
 
 /// What one confirmation did.
@@ -152,12 +155,18 @@ impl<P> std::ops::Deref for Tracked<P> {
     }
 }
 
-impl<P> Default for Tracked<P> {
-    fn default() -> Self {
+impl<P> Tracked<P> {
+    pub(super) fn new(sessions: Vec<Session<P>>) -> Self {
         Self {
-            sessions: Vec::new(),
+            sessions,
             by_handle: AtomicUsize::new(0),
         }
+    }
+}
+
+impl<P> Default for Tracked<P> {
+    fn default() -> Self {
+        Self::new(Vec::new())
     }
 }
 
@@ -169,7 +178,6 @@ impl<P: Send + Sync + 'static> Confirmable for Tracked<P> {
         if key.is_some_and(|key| key != session.key()) {
             Confirmed::Elsewhere
         } else if !session.is_closed() && session.close(CloseReason::RouterDeleted).won() {
-            self.by_handle.fetch_add(1, Ordering::Relaxed);
             Confirmed::Closed
         } else {
             Confirmed::AlreadyClosed
@@ -178,6 +186,13 @@ impl<P: Send + Sync + 'static> Confirmable for Tracked<P> {
 
     fn key(&self, position: usize) -> Option<SessionKey> {
         self.sessions.get(position).map(Session::key)
+    }
+
+    fn closed_by_handle(&self, closed: usize) {
+        // Once a call, not once a session: confirming threads share it.
+        if closed > 0 {
+            self.by_handle.fetch_add(closed, Ordering::Relaxed);
+        }
     }
 }
 
@@ -228,9 +243,11 @@ impl Confirmations {
         let Some(position) = self.positions.get(index) else {
             return false;
         };
-        self.target
-            .upgrade()
-            .is_some_and(|target| target.confirm(position, None) == Confirmed::Closed)
+        self.target.upgrade().is_some_and(|target| {
+            let closed = target.confirm(position, None) == Confirmed::Closed;
+            target.closed_by_handle(usize::from(closed));
+            closed
+        })
     }
 
     /// Confirms the session of the batch whose key is `key`; `true` if this
@@ -251,9 +268,11 @@ impl Confirmations {
     /// # let _ = on_closed;
     /// ```
     pub fn confirm_key(&self, key: SessionKey) -> bool {
-        self.target
-            .upgrade()
-            .is_some_and(|target| self.confirm_key_in(&*target, key))
+        self.target.upgrade().is_some_and(|target| {
+            let closed = self.confirm_key_in(&*target, key);
+            target.closed_by_handle(usize::from(closed));
+            closed
+        })
     }
 
     /// Confirms the sessions of the batch whose keys are `keys` (an answer
@@ -273,9 +292,12 @@ impl Confirmations {
         let Some(target) = self.target.upgrade() else {
             return 0;
         };
-        keys.into_iter()
+        let closed = keys
+            .into_iter()
             .filter(|&key| self.confirm_key_in(&*target, key))
-            .count()
+            .count();
+        target.closed_by_handle(closed);
+        closed
     }
 
     /// Confirms every session of the batch; returns how many this call
@@ -293,10 +315,12 @@ impl Confirmations {
         let Some(target) = self.target.upgrade() else {
             return 0;
         };
-        (0..self.positions.len())
+        let closed = (0..self.positions.len())
             .filter_map(|index| self.positions.get(index))
             .filter(|&position| target.confirm(position, None) == Confirmed::Closed)
-            .count()
+            .count();
+        target.closed_by_handle(closed);
+        closed
     }
 
     /// [`confirm_key`](Self::confirm_key) with the deletion's sessions.

@@ -298,10 +298,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             }
         }
         free_vec(sessions);
-        self.tracked = Arc::new(Tracked {
-            sessions: tracked,
-            by_handle: std::sync::atomic::AtomicUsize::new(0),
-        });
+        self.tracked = Arc::new(Tracked::new(tracked));
         tracing::debug!(
             tracked = self.tracked.len(),
             already_closed,
