@@ -334,6 +334,83 @@ fn confirmations_racing_the_force_pass_close_each_session_once() {
     });
 }
 
+/// Keys from a router's answers as they arrive, as a channel's iterator
+/// gives them: it says nothing of what is ready (`size_hint` (0, None)),
+/// and once its keys are out it waits for `more` (telling `waiting`).
+struct AnswerStream {
+    keys: std::vec::IntoIter<session_lifecycle::SessionKey>,
+    waiting: Option<tokio::sync::oneshot::Sender<()>>,
+    more: std::sync::mpsc::Receiver<()>,
+}
+
+impl Iterator for AnswerStream {
+    type Item = session_lifecycle::SessionKey;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(key) = self.keys.next() {
+            return Some(key);
+        }
+        if let Some(waiting) = self.waiting.take() {
+            let _ = waiting.send(());
+        }
+        // The router's connection stays open: no key, no end, until told.
+        let _ = self.more.recv();
+        None
+    }
+}
+
+#[test]
+fn a_confirmation_waiting_for_keys_does_not_keep_the_deleted_sessions_alive() {
+    // Real threads: the confirming thread blocks in the key iterator.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let store = Arc::new(MemoryStore::<DropCount>::default());
+        let router = RouterId::new(30);
+        let incarnation = store.register_router(router).await.expect("fresh router");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        for i in 0..100 {
+            let payload = DropCount(Arc::clone(&dropped));
+            let spec = NewSession::new(SessionId::new(i), router, incarnation).payload(payload);
+            drop(store.create(spec).await.expect("live router"));
+        }
+        let notifier = Handles::new(Answer::Keep);
+        let deleter = RouterDeleter::builder()
+            .batch_size(128)
+            .confirm_timeout(Duration::from_secs(3_600))
+            .build(Arc::clone(&store), Arc::clone(&notifier))
+            .expect("valid settings");
+        let run = tokio::spawn({
+            let deleter = deleter.clone();
+            async move { deleter.delete(router).await }
+        });
+        while notifier.kept.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let (batch, confirm) = notifier.kept.lock().pop().expect("one batch");
+        let (waiting, waited) = tokio::sync::oneshot::channel();
+        let (more, stream) = std::sync::mpsc::channel();
+        let answers = AnswerStream {
+            keys: batch.sessions.into_iter(),
+            waiting: Some(waiting),
+            more: stream,
+        };
+        let confirmer = std::thread::spawn(move || confirm.confirm_keys(answers));
+        let outcome = run.await.expect("no panic").expect("deleted");
+        let report = outcome.report().expect("deleted").clone();
+        assert_eq!((report.confirmed, report.forced), (100, 0), "{report:?}");
+        waited.await.expect("the stream ran dry");
+        // The confirming call still runs, waiting for a key: it holds none
+        // of the deleted sessions.
+        assert_eq!(dropped.load(Ordering::SeqCst), 100);
+        more.send(()).expect("the stream waits");
+        assert_eq!(confirmer.join().expect("no panic"), 100);
+    });
+}
+
 #[test]
 fn a_resource_calling_back_into_the_store_while_confirmed_does_not_deadlock() {
     run_paused(async {

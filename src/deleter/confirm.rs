@@ -7,7 +7,9 @@
 //!   handle: a later session holding one of their ids is never touched),
 //!   only with [`CloseReason::RouterDeleted`], and only while the deletion
 //!   that sent it runs: it holds the run's handles weakly, so keeping one
-//!   keeps no session alive.
+//!   keeps no session alive, and holds them strongly only while it closes
+//!   sessions, never while the caller's key iterator (user code, which
+//!   may wait) runs, unless that iterator says its next key is ready.
 //! - A confirmation after the session closed otherwise (forced, confirmed
 //!   twice, closed by the client) changes nothing.
 //!
@@ -277,7 +279,16 @@ impl Confirmations {
 
     /// Confirms the sessions of the batch whose keys are `keys` (an answer
     /// naming several); returns how many this call closed. As
-    /// [`confirm_key`](Self::confirm_key) for each, in one call.
+    /// [`confirm_key`](Self::confirm_key) for each, in one call; it stops
+    /// early once the deletion is over.
+    ///
+    /// `keys` may wait for its next key (a channel's receiving iterator,
+    /// fed by the router's answers as they come): the deletion's sessions
+    /// are held only while the iterator says more keys are ready (the
+    /// lower bound of its [`size_hint`](Iterator::size_hint) is above
+    /// zero, as for a `Vec`'s or a slice's), so a call waiting for keys
+    /// never keeps a finished deletion's sessions alive, and the keys of
+    /// a collection still take one look-up of the deletion for them all.
     ///
     /// ```
     /// # use session_lifecycle::deleter::Confirmations;
@@ -289,14 +300,24 @@ impl Confirmations {
     /// # let _ = on_answer;
     /// ```
     pub fn confirm_keys(&self, keys: impl IntoIterator<Item = SessionKey>) -> usize {
-        let Some(target) = self.target.upgrade() else {
-            return 0;
-        };
-        let closed = keys
-            .into_iter()
-            .filter(|&key| self.confirm_key_in(&*target, key))
-            .count();
-        target.closed_by_handle(closed);
+        let mut keys = keys.into_iter();
+        let mut closed = 0;
+        // The next key is asked for without the sessions held, unless the
+        // iterator says it has it (an iterator is user code, and may wait).
+        while let Some(key) = keys.next() {
+            let Some(target) = self.target.upgrade() else {
+                break;
+            };
+            let mut run = usize::from(self.confirm_key_in(&*target, key));
+            while keys.size_hint().0 > 0 {
+                let Some(key) = keys.next() else {
+                    break;
+                };
+                run += usize::from(self.confirm_key_in(&*target, key));
+            }
+            target.closed_by_handle(run);
+            closed += run;
+        }
         closed
     }
 

@@ -18,8 +18,9 @@
 //!   released and all waiters woken (I1). A round that saw every tracked
 //!   close complete (`settled`) leaves the force pass nothing to do.
 //! - The tracked handles are shared only with the batches' `Confirmations`,
-//!   weakly: a confirmation holds them for the length of its call, and
-//!   closes only a session of its own batch, by handle (I9).
+//!   weakly: a confirmation holds them while it closes sessions (never
+//!   while it waits for a key from the caller's iterator), and closes
+//!   only a session of its own batch, by handle (I9).
 //!
 //! # Deadlock safety
 //!
@@ -134,7 +135,7 @@ struct Run<'a, N, P> {
     router: RouterId,
     incarnation: Incarnation,
     /// Shared only with the batches' [`Confirmations`], which hold it
-    /// weakly (each confirmation holds it for the length of its call).
+    /// weakly (a confirmation holds it while it closes sessions).
     tracked: Arc<Tracked<P>>,
     /// Keys of `tracked`, collected while marking, in its order: the first
     /// round sends them without another pass over the sessions' memory.
@@ -232,8 +233,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         // The handles go before the clock stops, a slice at a time.
         report.confirmed = match Arc::try_unwrap(std::mem::take(&mut self.tracked)) {
             Ok(tracked) => count_confirmed_and_drop(tracked.sessions).await,
-            // A confirmation holds the handles for the length of its call
-            // (its session is closed already): count, and leave the last
+            // A confirmation is closing sessions with the handles (closed
+            // already, as every tracked one): count, and leave the last
             // drop to it.
             Err(shared) => count_confirmed(&shared.sessions).await,
         };

@@ -7,6 +7,7 @@ use dashmap::DashMap;
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
+use super::map::SessionMap;
 use super::store::MemoryStore;
 use crate::build::BuildError;
 use crate::events::EventBus;
@@ -92,16 +93,11 @@ impl MemoryStoreBuilder {
     }
 
     pub(super) fn build_with<P>(self, shards: Option<usize>) -> MemoryStore<P> {
-        let (sessions, routers) = match shards {
-            Some(shards) => (
-                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
-                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
-            ),
-            None => (
-                DashMap::with_hasher(RandomState::default()),
-                DashMap::with_hasher(RandomState::default()),
-            ),
+        let routers = match shards {
+            Some(shards) => DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+            None => DashMap::with_hasher(RandomState::default()),
         };
+        let sessions = SessionMap::new(shards);
         MemoryStore {
             sessions,
             routers,

@@ -132,10 +132,11 @@ impl<P> MemoryStore<P> {
                 drop(removed);
             }
             Corruption::DropFromMap(id) => {
-                self.sessions.remove(&id);
+                // After the guard: it may be the session's last handle.
+                drop(self.sessions.remove(id));
             }
             Corruption::Inject(session) => {
-                self.sessions.insert(session.id(), session);
+                drop(self.sessions.insert(session));
             }
         }
     }
