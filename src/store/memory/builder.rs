@@ -112,7 +112,7 @@ impl MemoryStoreBuilder {
 }
 
 /// The most shards: each is a lock and a map, allocated up front.
-const MAX_SHARDS: usize = 1 << 16;
+pub(super) const MAX_SHARDS: usize = 1 << 16;
 
 /// Refuses a shard amount dashmap cannot take (a power of two above 1) or
 /// that would allocate absurdly.

@@ -25,12 +25,12 @@
 //! under a shard's lock: the store's lock order is written in `store.rs`.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
+use super::builder::MAX_SHARDS;
 use crate::id::SessionId;
 use crate::session::Session;
 
@@ -51,10 +51,13 @@ pub(super) struct SessionMap<P> {
 }
 
 impl<P> SessionMap<P> {
-    /// A map of `shards` shards (a power of two from 2), or of dashmap's
-    /// default with `None`: four per thread of the machine.
+    /// A map of `shards` shards (rounded up to a power of two, at least 2),
+    /// or of dashmap's default with `None`: four per thread of the machine.
     pub(super) fn new(shards: Option<usize>) -> Self {
-        let shards = shards.unwrap_or_else(default_shards).max(2);
+        let shards = shards
+            .unwrap_or_else(default_shards)
+            .clamp(2, MAX_SHARDS)
+            .next_power_of_two();
         let hasher = RandomState::default();
         Self {
             shards: (0..shards)
@@ -126,16 +129,8 @@ impl<P> SessionMap<P> {
     /// caller's guards.
     #[inline]
     pub(super) fn remove_exact(&self, session: &Session<P>) -> Option<Session<P>> {
-        let id = session.id();
-        let mut table = self.table(id).write();
-        if table
-            .get(&id)
-            .is_some_and(|stored| Session::ptr_eq(stored, session))
-        {
-            table.remove(&id)
-        } else {
-            None
-        }
+        let mut table = self.table(session.id()).write();
+        take_exact(&mut table, session)
     }
 
     /// Removes whatever session `id` names; what it removed.
@@ -185,15 +180,12 @@ impl<P> SessionMap<P> {
                 continue;
             }
             let mut table = self.shards[shard].0.write();
-            for session in grouped[from..to].iter().flatten() {
-                // One look-up: the entry of an id the map holds reserves
-                // nothing.
-                if let Entry::Occupied(stored) = table.entry(session.id())
-                    && Session::ptr_eq(stored.get(), session)
-                {
-                    removed.push(stored.remove());
-                }
-            }
+            removed.extend(
+                grouped[from..to]
+                    .iter()
+                    .flatten()
+                    .filter_map(|session| take_exact(&mut table, session)),
+            );
         }
         // After the shard locks, so that the finds above ran back to back:
         // not the last handles (the caller holds each session).
@@ -217,6 +209,22 @@ impl<P> SessionMap<P> {
         for shard in &*self.shards {
             shard.0.write().shrink_to_fit();
         }
+    }
+}
+
+/// Takes this very session out of `table`. A look-up, then the removal
+/// (on a line the look-up just read): `HashMap::entry` would make room for
+/// an id it does not find, and may grow the table on a removal.
+#[inline]
+fn take_exact<P>(table: &mut Table<P>, session: &Session<P>) -> Option<Session<P>> {
+    let id = session.id();
+    if table
+        .get(&id)
+        .is_some_and(|stored| Session::ptr_eq(stored, session))
+    {
+        table.remove(&id)
+    } else {
+        None
     }
 }
 
