@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use std::collections::hash_map::Entry;
+use dashmap::mapref::entry::Entry;
 
 use super::index::unindex;
 use super::store::MemoryStore;
@@ -39,8 +39,11 @@ impl<P> MemoryStore<P> {
         // taken under a session shard guard), then re-check each under its
         // router's lock, where map and index agree exactly.
         let mut by_router: HashMap<RouterId, Vec<Session<P>>> = HashMap::new();
-        for stored in self.sessions.handles() {
-            by_router.entry(stored.router()).or_default().push(stored);
+        for stored in self.sessions.iter() {
+            by_router
+                .entry(stored.router())
+                .or_default()
+                .push(stored.clone());
         }
         for (router, sessions) in &by_router {
             let entry = self.routers.get(router);
@@ -144,7 +147,7 @@ impl<P> MemoryStore<P> {
             let belongs = !indexed.is_closed()
                 && indexed.router() == router
                 && slot.status_holds(indexed.incarnation());
-            if belongs && let Entry::Vacant(vacant) = self.sessions.write(id).entry(id) {
+            if belongs && let Entry::Vacant(vacant) = self.sessions.entry(id) {
                 vacant.insert(indexed.clone());
                 repairs.push(repair(&indexed, RepairAction::Restored));
                 return;
@@ -219,7 +222,11 @@ impl<P> MemoryStore<P> {
     /// index holding it.
     fn evict(&self, session: &Session<P>, action: RepairAction, repairs: &mut Vec<Repair>) {
         let _ = session.close(CloseReason::Reclaimed);
-        let unmap = || self.sessions.remove_exact(session);
+        let id = session.id();
+        let unmap = || {
+            self.sessions
+                .remove_if(&id, |_, stored| Session::ptr_eq(stored, session))
+        };
         let (unindexed, unmapped) = match self.routers.get(&session.router()) {
             Some(entry) => {
                 let mut slot = entry.lock();
@@ -236,7 +243,9 @@ impl<P> MemoryStore<P> {
 
     /// `true` if the map holds this very session.
     pub(super) fn holds(&self, session: &Session<P>) -> bool {
-        self.sessions.holds(session)
+        self.sessions
+            .get(&session.id())
+            .is_some_and(|stored| Session::ptr_eq(&stored, session))
     }
 }
 
@@ -296,7 +305,7 @@ mod tests {
     #[test]
     fn audit_finds_an_index_entry_missing_from_the_map() {
         let (store, router, _) = store_with_sessions(3);
-        drop(store.sessions.remove(SessionId::new(2)));
+        store.sessions.remove(&SessionId::new(2));
         let report = store.audit_now();
         assert_eq!(report.missing_from_map, vec![(router, SessionId::new(2))]);
     }
@@ -308,10 +317,10 @@ mod tests {
         futures::executor::block_on(crate::SessionStore::finish(&store, router, incarnation))
             .unwrap();
         let zombie = NewSession::new(SessionId::new(7), router, incarnation).into_session();
-        drop(store.sessions.insert(zombie));
+        store.sessions.insert(zombie.id(), zombie);
         let stray =
             NewSession::new(SessionId::new(8), RouterId::new(99), incarnation).into_session();
-        drop(store.sessions.insert(stray));
+        store.sessions.insert(stray.id(), stray);
         let report = store.audit_now();
         assert_eq!(report.orphans, vec![SessionId::new(7), SessionId::new(8)]);
         assert_eq!(report.zombies(), 2);

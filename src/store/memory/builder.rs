@@ -7,7 +7,6 @@ use dashmap::DashMap;
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
-use super::map::SessionMap;
 use super::store::MemoryStore;
 use crate::build::BuildError;
 use crate::events::EventBus;
@@ -93,11 +92,16 @@ impl MemoryStoreBuilder {
     }
 
     pub(super) fn build_with<P>(self, shards: Option<usize>) -> MemoryStore<P> {
-        let routers = match shards {
-            Some(shards) => DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
-            None => DashMap::with_hasher(RandomState::default()),
+        let (sessions, routers) = match shards {
+            Some(shards) => (
+                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+            ),
+            None => (
+                DashMap::with_hasher(RandomState::default()),
+                DashMap::with_hasher(RandomState::default()),
+            ),
         };
-        let sessions = SessionMap::new(shards);
         MemoryStore {
             sessions,
             routers,
@@ -112,7 +116,7 @@ impl MemoryStoreBuilder {
 }
 
 /// The most shards: each is a lock and a map, allocated up front.
-pub(super) const MAX_SHARDS: usize = 1 << 16;
+const MAX_SHARDS: usize = 1 << 16;
 
 /// Refuses a shard amount dashmap cannot take (a power of two above 1) or
 /// that would allocate absurdly.

@@ -132,11 +132,10 @@ impl<P> MemoryStore<P> {
                 drop(removed);
             }
             Corruption::DropFromMap(id) => {
-                // After the guard: it may be the session's last handle.
-                drop(self.sessions.remove(id));
+                self.sessions.remove(&id);
             }
             Corruption::Inject(session) => {
-                drop(self.sessions.insert(session));
+                self.sessions.insert(session.id(), session);
             }
         }
     }

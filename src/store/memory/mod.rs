@@ -4,7 +4,6 @@
 //!   [`SessionStore`](super::SessionStore) implementation;
 //! - `builder`: [`MemoryStoreBuilder`];
 //! - `index`: a router's entry and its session index;
-//! - `map`: the session map, sharded, with its batch removal;
 //! - `routers`: register, fence, finish, tombstones;
 //! - `sessions`: create, get, close, remove;
 //! - `audit`: audit, census, repair;
@@ -15,7 +14,6 @@ mod builder;
 #[cfg(any(test, feature = "test-util"))]
 mod fault;
 mod index;
-mod map;
 mod routers;
 mod sessions;
 mod store;

@@ -171,7 +171,7 @@ impl<P> MemoryStore<P> {
                 if step > 0 {
                     pause().await;
                 }
-                let entries = slice.iter().map(|&(_, session)| session);
+                let entries = slice.iter().map(|&(&id, session)| (id, session));
                 removed += self.unmap_fenced(router, incarnation, entries)?;
             }
         }
@@ -238,11 +238,14 @@ impl<P> MemoryStore<P> {
             if step > 0 {
                 pause().await;
             }
-            let closed = slice.iter().filter(|session| {
-                session.router() == router
-                    && session.incarnation() == incarnation
-                    && session.is_closed()
-            });
+            let closed = slice
+                .iter()
+                .filter(|session| {
+                    session.router() == router
+                        && session.incarnation() == incarnation
+                        && session.is_closed()
+                })
+                .map(|session| (session.id(), session));
             removed += self.unmap_fenced(router, incarnation, closed)?;
         }
         Ok(removed)
@@ -255,7 +258,7 @@ impl<P> MemoryStore<P> {
         &self,
         router: RouterId,
         incarnation: Incarnation,
-        entries: impl Iterator<Item = &'a Session<P>>,
+        entries: impl Iterator<Item = (SessionId, &'a Session<P>)>,
     ) -> Result<usize, FinishError>
     where
         P: 'a,
@@ -266,9 +269,18 @@ impl<P> MemoryStore<P> {
             .ok_or(FinishError::UnknownRouter(router))?;
         let mut slot = entry.lock();
         check_finishable(router, incarnation, slot.status)?;
-        // The map's copies drop under the lock: the caller holds each
-        // session, so none is the last handle.
-        let removed = self.sessions.remove_these(entries);
+        let mut removed = 0;
+        for (id, indexed) in entries {
+            // The map's copy drops here, under the lock: the caller holds
+            // this very session, so it is not the last handle.
+            if self
+                .sessions
+                .remove_if(&id, |_, stored| Session::ptr_eq(stored, indexed))
+                .is_some()
+            {
+                removed += 1;
+            }
+        }
         slot.departed += removed;
         Ok(removed)
     }

@@ -1,6 +1,6 @@
 //! Session operations: create (and its event), get, close, remove.
 
-use std::collections::hash_map::Entry;
+use dashmap::mapref::entry::Entry;
 
 use super::index::unindex;
 use super::store::MemoryStore;
@@ -48,7 +48,7 @@ impl<P> MemoryStore<P> {
         if let Err(kind) = admitted {
             return Err(CreateError::new(kind, spec));
         }
-        match self.sessions.write(spec.id()).entry(spec.id()) {
+        match self.sessions.entry(spec.id()) {
             Entry::Occupied(_) => {
                 let kind = CreateErrorKind::DuplicateSession(spec.id());
                 Err(CreateError::new(kind, spec))
@@ -65,7 +65,7 @@ impl<P> MemoryStore<P> {
 
     #[inline]
     pub(super) fn get_now(&self, id: SessionId) -> Option<Session<P>> {
-        self.sessions.get(id)
+        self.sessions.get(&id).map(|session| session.clone())
     }
 
     /// Removes `session` from the map and its router's index if the map
@@ -78,7 +78,9 @@ impl<P> MemoryStore<P> {
         let mut slot = entry.lock();
         // Checking the map under the router lock keeps a reused id safe: only
         // this session's own entry is removed, from both places at once.
-        let unmapped = self.sessions.remove_exact(session);
+        let unmapped = self
+            .sessions
+            .remove_if(&session.id(), |_, stored| Session::ptr_eq(stored, session));
         let unindexed = match unmapped {
             // A fenced router's `finish` drops its whole index: the entry
             // stays until then (see `RouterSlot::index`).
@@ -101,7 +103,9 @@ impl<P> MemoryStore<P> {
     #[inline]
     pub(super) fn get_exact(&self, key: SessionKey) -> Option<Session<P>> {
         self.sessions
-            .get_if(key.id(), |session| session.key() == key)
+            .get(&key.id())
+            .filter(|session| session.value().key() == key)
+            .map(|session| session.clone())
     }
 
     /// Closes `session` (outside every lock: closing runs its resources)

@@ -35,8 +35,7 @@
 //! 1. the `tombstones` mutex, released before anything below is taken;
 //! 2. a `routers` dashmap shard;
 //! 3. a router entry's mutex;
-//! 4. a `sessions` map shard (one at a time: a batch removal takes its
-//!    shards one after another; see `map.rs`);
+//! 4. a `sessions` dashmap shard;
 //! 5. under 3 and 4, by `create` only, each alone: the event bus's
 //!    broadcast lock (tokio's, to publish `SessionCreated` so that the event
 //!    comes before anybody can see the session), then the new session's own
@@ -77,7 +76,6 @@ use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
 use super::index::RouterEntry;
-use super::map::SessionMap;
 use crate::events::EventBus;
 use crate::events::Repair;
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
@@ -90,7 +88,7 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 
 /// The default [`SessionStore`]: sessions in memory, in one process.
 ///
-/// Sessions live in a sharded map; each router has an entry under
+/// Sessions live in a sharded map (dashmap); each router has an entry under
 /// its own small lock holding its phase, incarnation and session index, so
 /// creating a session on one router never waits for another router.
 /// Deleted incarnations are remembered as tombstones, bounded in number by
@@ -123,7 +121,7 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 /// # }
 /// ```
 pub struct MemoryStore<P = ()> {
-    pub(super) sessions: SessionMap<P>,
+    pub(super) sessions: DashMap<SessionId, Session<P>, RandomState>,
     pub(super) routers: DashMap<RouterId, RouterEntry<P>, RandomState>,
     pub(super) next_incarnation: AtomicU64,
     pub(super) tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
