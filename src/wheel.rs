@@ -11,6 +11,10 @@
 //! Entries carry no deadline: the caller computes it from the session when
 //! the entry comes up, so a heartbeat or an extended expiry never touches
 //! the wheel.
+//!
+//! A wheel whose entries can go stale long before they come up (the expiry
+//! monitor's: a session closed otherwise hours before its expiry) is
+//! [swept](Wheel::sweep) a few slots at a time, on a cursor of its own.
 
 /// The wheel: `N` slots of one tick each, `N` a power of two.
 #[derive(Debug)]
@@ -18,6 +22,8 @@ pub(crate) struct Wheel<T> {
     slots: Box<[Vec<T>]>,
     /// The last tick handed out.
     cursor: u64,
+    /// The next slot [`Wheel::sweep`] looks at.
+    swept: usize,
 }
 
 impl<T> Wheel<T> {
@@ -27,6 +33,7 @@ impl<T> Wheel<T> {
         Self {
             slots: (0..slots).map(|_| Vec::new()).collect(),
             cursor: 0,
+            swept: 0,
         }
     }
 
@@ -64,6 +71,29 @@ impl<T> Wheel<T> {
         let index = self.index(tick);
         std::mem::take(&mut self.slots[index])
     }
+
+    /// Looks at the next `slots` slots after the last sweep (wrapping; at
+    /// most one turn) and drops the entries `keep` refuses, in the caller's
+    /// task: returns how many went. A slot left empty gives its memory
+    /// back. Calls of `N / k` slots sweep every entry once per `k` calls.
+    pub(crate) fn sweep(&mut self, slots: usize, mut keep: impl FnMut(&T) -> bool) -> usize {
+        let mut gone = 0;
+        let span = self.slots.len();
+        for _ in 0..slots.min(span) {
+            let slot = &mut self.slots[self.swept];
+            self.swept = (self.swept + 1) % span;
+            if slot.is_empty() {
+                continue;
+            }
+            let before = slot.len();
+            slot.retain(&mut keep);
+            gone += before - slot.len();
+            if slot.is_empty() {
+                *slot = Vec::new();
+            }
+        }
+        gone
+    }
 }
 
 #[cfg(test)]
@@ -83,6 +113,24 @@ mod tests {
             }
         }
         assert_eq!(seen, [(1, "past"), (3, "a"), (7, "far")]);
+    }
+
+    #[test]
+    fn sweeps_walk_the_slots_in_turn_and_drop_only_refused_entries() {
+        let mut wheel = Wheel::new(8);
+        for tick in 1..=7 {
+            wheel.insert(tick, tick);
+            wheel.insert(tick + 100, tick);
+        }
+        // Slots 0, 1 and 2 (ticks 1 and 2 have entries): the big ones go.
+        assert_eq!(wheel.sweep(3, |e| *e < 100), 2);
+        assert_eq!(wheel.take(1), [1]);
+        assert_eq!(wheel.take(3), [3, 103], "not swept yet");
+        // The rest of the turn and round again: at most one turn a call.
+        assert_eq!(wheel.sweep(100, |e| *e < 100), 4);
+        assert_eq!(wheel.sweep(8, |e| *e < 100), 0);
+        let left: Vec<u64> = (4..=7).flat_map(|t| wheel.take(t)).collect();
+        assert_eq!(left, [4, 5, 6, 7]);
     }
 
     #[test]

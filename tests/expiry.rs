@@ -722,3 +722,95 @@ fn expired_is_a_forced_close_with_its_own_label() {
     assert!(session.close(CloseReason::Expired).won());
     assert_eq!(session.close_reason(), Some(CloseReason::Expired));
 }
+
+/// A payload that counts its drops and says when the last expected one
+/// came.
+struct Dropped {
+    left: Arc<AtomicUsize>,
+    all: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.all.notify_one();
+        }
+    }
+}
+
+/// A deleted router's sessions had hour-long expiries: the monitor lets
+/// their handles go (and so their payloads) within a minute and a tick of
+/// the deletion, not when the wheel comes round to them 27 minutes later;
+/// it keeps the sessions still to expire, and they expire on time.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_routers_sessions_are_let_go_within_a_minute_not_at_their_expiry() {
+    let store = Arc::new(MemoryStore::<Dropped>::default());
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), Wire)
+        .deleter(
+            session_lifecycle::RouterDeleter::builder()
+                .confirm_timeout(Duration::from_millis(100))
+                .retries(0),
+        )
+        .expiry(ExpiryMonitor::builder().tick(TICK))
+        .build()
+        .unwrap();
+    let (deleted, kept) = (RouterId::new(1), RouterId::new(2));
+    // Counted down by the deleted router's payloads only.
+    let left = Arc::new(AtomicUsize::new(200));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let kept_left = Arc::new(AtomicUsize::new(200));
+    let start = Instant::now();
+    let mut survivors = Vec::new();
+    for router in [deleted, kept] {
+        let incarnation = store.register_router(router).await.unwrap();
+        for i in 0..200 {
+            let id = SessionId::new(router.get() * 1_000 + i);
+            let counter = if router == deleted { &left } else { &kept_left };
+            let payload = Dropped {
+                left: Arc::clone(counter),
+                all: Arc::clone(&all),
+            };
+            let ttl = if router == deleted { 3_600 } else { 600 };
+            let spec = NewSession::new(id, router, incarnation)
+                .payload(payload)
+                .expires_in(Duration::from_secs(ttl));
+            let session = lifecycle.create(spec).await.unwrap();
+            if router == kept {
+                survivors.push(session);
+            }
+        }
+    }
+    // Spread the deleted router's entries over the wheel's turn first.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(lifecycle.expiry().stats().tracked, 400);
+
+    let outcome = lifecycle.deleter().delete(deleted).await.unwrap();
+    let report = outcome.report().expect("deleted by this call");
+    assert_eq!(report.forced, 200, "{report:?}");
+    let deleted_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), all.notified())
+        .await
+        .expect("the deleted sessions' payloads are still held");
+    let held = Instant::now() - deleted_at;
+    assert!(
+        held <= Duration::from_secs(60) + TICK,
+        "held {held:?} after the deletion"
+    );
+    assert_eq!(lifecycle.expiry().stats().tracked, 200, "the kept router's");
+    assert!(survivors.iter().all(|s| !s.is_closed()));
+
+    // The kept router's sessions were swept past many times: they still
+    // expire, on time.
+    let all_closed = futures::future::join_all(survivors.iter().map(Session::closed));
+    let reasons = tokio::time::timeout(Duration::from_secs(700), all_closed)
+        .await
+        .expect("a kept session was swept out and never expired");
+    assert!(reasons.iter().all(|r| *r == CloseReason::Expired));
+    let expired = Instant::now() - start;
+    assert!(
+        expired >= Duration::from_secs(600) && expired <= Duration::from_secs(600) + TICK,
+        "expired {expired:?} after the start"
+    );
+    let stats = lifecycle.expiry().stats();
+    assert_eq!((stats.expired, stats.tracked), (200, 0));
+}

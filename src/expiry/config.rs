@@ -15,6 +15,20 @@ const TICK: (Duration, Duration) = (Duration::from_millis(1), Duration::from_sec
 /// Timer wheel slots: an expiry farther than this many ticks is looked at
 /// once per turn of the wheel on its way.
 pub(super) const WHEEL_SLOTS: u64 = 1 << 14;
+/// How often the wheel is swept of sessions that closed (or were marked
+/// or cleared) before their expiry came up: the longest the monitor keeps
+/// such a session's handle, beyond one tick.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl Config {
+    /// Slots swept per tick: the whole wheel once per [`SWEEP_EVERY`] (or
+    /// per tick, for ticks that long).
+    pub(super) fn sweep_slots(&self) -> usize {
+        let ticks = (SWEEP_EVERY.as_nanos() / self.tick.as_nanos().max(1)).max(1);
+        let slots = u128::from(WHEEL_SLOTS).div_ceil(ticks);
+        usize::try_from(slots).unwrap_or(usize::MAX)
+    }
+}
 
 /// The piece `build` errors name.
 pub(super) const PIECE: &str = "ExpiryMonitor";

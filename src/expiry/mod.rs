@@ -14,7 +14,8 @@
 //!   the task decides it expired (it sets the word's `EXPIRED` flag with a
 //!   compare-exchange against the expiry it read) and hands it to the
 //!   close. Closed, terminating and cleared sessions leave the wheel when
-//!   their entry comes up.
+//!   their entry comes up or the sweep passes their slot (the whole wheel
+//!   once a minute), whichever is first.
 //! - An entry never comes up after its session's expiry tick: expiries
 //!   only move later, so an entry filed at the expiry it read is at worst
 //!   early, and then re-filed.

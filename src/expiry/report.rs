@@ -17,8 +17,9 @@ use crate::id::SessionId;
 pub struct ExpiryStats {
     /// Sessions tracked now. A session closed by someone else (or whose
     /// expiry was cleared) is counted, and its handle held, until its timer
-    /// entry comes up: at its warning or expiry, or within one turn of the
-    /// wheel (16,384 ticks, 27 minutes at the default tick). After
+    /// entry comes up (at its warning or expiry) or the monitor's sweep
+    /// passes it: within a minute and a tick (the sweep's period, or the
+    /// tick if longer). After
     /// [`shutdown`](super::ExpiryMonitor::shutdown), those it held when it
     /// stopped.
     pub tracked: u64,

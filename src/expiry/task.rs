@@ -11,6 +11,11 @@
 //!   that lands in between sends it back to be placed again.
 //! - Due sessions of one tick are closed by one task on the tracker, never
 //!   one per session; shutdown waits for them.
+//! - Each pass also sweeps `Config::sweep_slots` slots a tick it moved
+//!   (the whole wheel once per `SWEEP_EVERY`): a session that closed,
+//!   was marked `Terminating` or had its expiry cleared leaves the wheel
+//!   then, not when its expiry comes up (up to a turn of the wheel, 27
+//!   minutes at the default tick, later). `held` and `tracked` count it out.
 
 use std::sync::Arc;
 
@@ -57,6 +62,7 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
     let mut wheel: Option<Wheel<Entry<S::Payload>>> = None;
     let mut held = 0usize;
     let mut now_tick = 0u64;
+    let sweep_slots = shared.config.sweep_slots();
     loop {
         let woke = if held == 0 {
             shared.idle().await
@@ -75,7 +81,13 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
             warnings: Vec::new(),
             fires: 0,
         };
-        for tick in wheel.advance(now_tick) {
+        let due = wheel.advance(now_tick);
+        let moved = if due.is_empty() {
+            0
+        } else {
+            usize::try_from(due.end() - due.start() + 1).unwrap_or(usize::MAX)
+        };
+        for tick in due {
             let entries = wheel.take(tick);
             pass.fires += entries.len();
             held -= entries.len();
@@ -83,6 +95,12 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
                 held += shared.file(wheel, entry, now_tick, &mut pass);
             }
         }
+        // Sessions closed otherwise: their handles (and payloads) go now.
+        let gone = wheel.sweep(sweep_slots.saturating_mul(moved), |entry| {
+            Shared::<S>::keeps(&entry.session)
+        });
+        held -= gone;
+        shared.counters.leave(gone);
         let incoming = std::mem::take(&mut *shared.incoming.lock());
         for session in incoming {
             let entry = Entry {
@@ -117,6 +135,16 @@ impl<S: SessionStore> Shared<S> {
                 Placed::Extended(again) => entry = again,
             }
         }
+    }
+
+    /// Whether a swept entry stays in the wheel: its session is still
+    /// `Active` with an expiry to come (the monitor's own decisions aside,
+    /// which take the entry out first).
+    fn keeps(session: &Session<S::Payload>) -> bool {
+        let seen = session.expiry();
+        session.state() == SessionState::Active
+            && seen.at(session.created_at()).is_some()
+            && !seen.is_expired()
     }
 
     /// Where `entry` goes, its session's expiry read as `seen`: a tick of
