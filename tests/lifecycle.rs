@@ -471,3 +471,107 @@ fn build_outside_a_runtime_is_an_error_not_a_panic() {
         "{built:?}"
     );
 }
+
+/// A payload that counts down its drops and says when the last came.
+struct Dropped {
+    left: Arc<std::sync::atomic::AtomicUsize>,
+    all: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.all.notify_one();
+        }
+    }
+}
+
+/// A router that never answers a probe; says when it was first asked.
+struct Mute(Arc<tokio::sync::Notify>);
+
+impl session_lifecycle::Prober for Mute {
+    async fn probe(
+        &self,
+        _: session_lifecycle::liveness::ProbeBatch,
+    ) -> Result<Vec<SessionId>, session_lifecycle::liveness::ProbeError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// A controller deletes a router while the liveness monitor holds its
+/// sessions (heartbeating ones in its wheel, silent ones in a probe round)
+/// and the expiry monitor holds them all (hour-long expiries): once the
+/// deletion returned and the controller dropped its handles, the pieces
+/// let every payload go within the liveness bound and the expiry sweep's
+/// minute, not when the hour (or the expiry wheel's 27-minute turn) comes.
+#[tokio::test(start_paused = true)]
+async fn after_a_deletion_no_piece_keeps_the_routers_sessions_alive() {
+    let store = Arc::new(MemoryStore::<Dropped>::default());
+    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Confirm(Subset::EvenIds));
+    let probed = Arc::new(tokio::sync::Notify::new());
+    let lifecycle = Arc::new(
+        Lifecycle::builder(Arc::clone(&store), notifier)
+            .prober(Mute(Arc::clone(&probed)))
+            .deleter(
+                RouterDeleter::builder()
+                    .confirm_timeout(Duration::from_millis(100))
+                    .retries(0),
+            )
+            .build()
+            .expect("valid settings"),
+    );
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(40));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let mut beating = Vec::new();
+    for i in 0..40 {
+        let payload = Dropped {
+            left: Arc::clone(&left),
+            all: Arc::clone(&all),
+        };
+        let spec = NewSession::new(SessionId::new(i), router, incarnation)
+            .payload(payload)
+            .expires_in(HOUR);
+        let session = lifecycle.create(spec).await.unwrap();
+        lifecycle.liveness().watch(&session).unwrap();
+        if i % 2 == 0 {
+            beating.push(session.id());
+        }
+    }
+    assert_eq!(lifecycle.expiry().stats().tracked, 40);
+    // Half heartbeat by id (holding no handle), until their sessions go.
+    let heart = Arc::clone(&lifecycle);
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for &id in &beating {
+                if heart.liveness().heartbeat_id(id).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The silent half are suspects, in a probe round that will not end
+    // before its timeout.
+    within(HOUR, probed.notified()).await;
+
+    let outcome = lifecycle.deleter().delete(router).await.unwrap();
+    let report = outcome.report().expect("deleted by this call");
+    assert_eq!(report.confirmed + report.forced, 40, "{report:?}");
+    let deleted_at = Instant::now();
+    within(HOUR, heartbeats).await.unwrap();
+    within(HOUR, all.notified()).await;
+    let held = Instant::now() - deleted_at;
+    let bound = lifecycle
+        .liveness()
+        .reap_bound(Duration::from_secs(60))
+        .max(Duration::from_secs(60) + Duration::from_millis(100));
+    assert!(
+        held <= bound,
+        "held {held:?} after the deletion (bound {bound:?})"
+    );
+    assert_eq!(lifecycle.expiry().stats().tracked, 0);
+    assert_eq!(lifecycle.liveness().stats().reaped, 0, "the deletion's");
+}

@@ -79,7 +79,13 @@ const STOPPED: u64 = 1 << 63;
 /// - **One task, one timer wheel, lazy re-arm.** Each session has one wheel
 ///   entry; when it comes up, a session heard since is re-filed at its new
 ///   deadline, one not heard becomes suspect. The monitor's work grows with
-///   timeouts, not heartbeats.
+///   timeouts, not heartbeats. A session closed otherwise (its router
+///   deleted, say) leaves when it is next looked at: the monitor holds its
+///   handle, and so its payload, until its entry comes up or, for a
+///   suspect, its probe round ends; within
+///   [`reap_bound`](Self::reap_bound) of its timeout (at most the upper
+///   end of [`timeout_range`](LivenessMonitorBuilder::timeout_range), 60 s
+///   by default) after the close.
 /// - **Probes.** Suspects are probed through your [`Prober`], one call per
 ///   router and round; an answer (or a heartbeat) before the probe timeout
 ///   spares the session. After `1 + probe_retries` silent rounds, with
