@@ -86,8 +86,12 @@ impl<P> MemoryStore<P> {
                 continue;
             }
             let mut counts = RouterCensus::new(*entry.key(), slot.status);
+            // A fenced router's entries whose sessions left the store wait
+            // for its `finish`: not counted (as in `len` and the listings).
+            let departed = slot.departed > 0;
             for session in slot.index.values() {
                 match session.state() {
+                    SessionState::Closed if departed && !self.holds(session) => {}
                     SessionState::Active => counts.active += 1,
                     SessionState::Terminating => counts.terminating += 1,
                     SessionState::Closed => counts.closed += 1,
