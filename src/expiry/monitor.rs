@@ -251,7 +251,12 @@ impl<S: SessionStore> ExpiryMonitor<S> {
     /// The monitor's counters. See the example on [`ExpiryMonitor`].
     #[must_use]
     pub fn stats(&self) -> ExpiryStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        if self.shared.stopped.load(Ordering::Acquire) {
+            // Stopping or stopped: nothing is tracked any more.
+            stats.tracked = 0;
+        }
+        stats
     }
 
     /// Stops the monitor: no session is tracked or expired from now on

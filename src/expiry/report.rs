@@ -19,9 +19,8 @@ pub struct ExpiryStats {
     /// expiry was cleared) is counted, and its handle held, until its timer
     /// entry comes up (at its warning or expiry) or the monitor's sweep
     /// passes it: within a minute and a tick (the sweep's period, or the
-    /// tick if longer). After
-    /// [`shutdown`](super::ExpiryMonitor::shutdown), those it held when it
-    /// stopped.
+    /// tick if longer). 0 once the monitor is shut down
+    /// ([`shutdown`](super::ExpiryMonitor::shutdown)).
     pub tracked: u64,
     /// Sessions the monitor closed with
     /// [`CloseReason::Expired`](crate::CloseReason::Expired).

@@ -49,7 +49,7 @@ pub use crate::events::{LivenessEvent, ProbeError};
 
 use crate::build::BuildError;
 use crate::events::Event;
-use crate::id::{RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
 use crate::store::{MemoryStore, SessionStore};
 use crate::wheel::Wheel;
@@ -175,7 +175,7 @@ struct Shared<S: SessionStore, Pr> {
     suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
     /// Routers whose sessions are not convicted for now (a disconnected
     /// router in its grace period), with how many holds each has.
-    held: Mutex<HashMap<RouterId, usize>>,
+    held: Mutex<HashMap<RouterId, holds::RouterHolds>>,
     /// The partition guard: each router's watched and suspect sessions,
     /// and whether the guard holds.
     partition: Mutex<Votes>,
@@ -362,10 +362,19 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// [`LivenessMonitor`].
     #[must_use]
     pub fn stats(&self) -> LivenessStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        if self.shared.stopped() {
+            // Stopping or stopped: nothing is watched, probed or held back
+            // by the partition guard any more.
+            stats.watched = 0;
+            stats.suspects = 0;
+            stats.partition_suspected = false;
+        }
+        stats
     }
 
-    /// Holds `router`: while held, none of its sessions is convicted. A
+    /// Holds `router`, in every incarnation: while held, none of its
+    /// sessions is convicted. A
     /// session whose deadline passes counts as heard at that moment and
     /// gets a whole timeout more, and suspects already being probed are
     /// spared at their next look. For a router that disconnected and may
@@ -395,7 +404,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// # }
     /// ```
     pub fn hold_router(&self, router: RouterId) {
-        Holds(Arc::clone(&self.shared)).hold(router);
+        Holds(Arc::clone(&self.shared)).change(router, None, true);
     }
 
     /// Releases one hold of `router` (see
@@ -405,15 +414,18 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// See the example on [`hold_router`](Self::hold_router).
     pub fn release_router(&self, router: RouterId) {
-        Holds(Arc::clone(&self.shared)).release(router);
+        Holds(Arc::clone(&self.shared)).change(router, None, false);
     }
 
-    /// Whether `router` is held now.
+    /// Whether `router` is held now: by [`hold_router`](Self::hold_router),
+    /// or in one of its incarnations by a
+    /// [`Reconciler`](crate::Reconciler)'s grace period (which holds only
+    /// the sessions of the incarnation that disconnected).
     ///
     /// See the example on [`hold_router`](Self::hold_router).
     #[must_use]
     pub fn is_held(&self, router: RouterId) -> bool {
-        self.shared.is_held(router)
+        self.shared.held.lock().contains_key(&router)
     }
 
     /// Stops the monitor: no more heartbeats, probes or reaps; probe rounds
@@ -560,7 +572,7 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             wheel.insert(session, deadline.div_ceil(self.config.rule.granularity));
             return;
         }
-        if self.is_held(session.router()) {
+        if self.is_held(session.router(), session.incarnation()) {
             // Counts as heard now: a held router's sessions wait out the
             // hold, then get a whole timeout.
             beat.refresh(now);
@@ -580,9 +592,13 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             });
     }
 
-    /// Whether `router` is held; only asked on the way to a conviction.
-    fn is_held(&self, router: RouterId) -> bool {
-        self.held.lock().contains_key(&router)
+    /// Whether the sessions of `router` in `incarnation` are held; only
+    /// asked on the way to a conviction.
+    fn is_held(&self, router: RouterId, incarnation: Incarnation) -> bool {
+        self.held
+            .lock()
+            .get(&router)
+            .is_some_and(|holds| holds.covers(incarnation))
     }
 
     /// Gives a router's new suspects to its probe driver, starting one if

@@ -315,7 +315,8 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Looks at a suspect again: `true` to keep it. Sends answered ones
     /// back to the wheel and lets gone ones leave.
     pub(super) fn keep(&self, suspect: &Suspect<S::Payload>) -> bool {
-        if self.is_held(suspect.session.router()) {
+        let session = &suspect.session;
+        if self.is_held(session.router(), session.incarnation()) {
             // Its router is held (disconnected, in its grace period): spared.
             suspect.session.beat().refresh(self.now());
         }

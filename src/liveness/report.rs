@@ -12,8 +12,10 @@ pub struct LivenessStats {
     /// Sessions watched now. A session closed by someone else leaves the
     /// monitor at once (no heartbeat, probe or reap touches it again) but
     /// is counted here until its timer entry comes up, within one timeout.
+    /// 0 once the monitor is shut down.
     pub watched: u64,
-    /// Sessions suspect now (being probed).
+    /// Sessions suspect now (being probed). 0 once the monitor is shut
+    /// down.
     pub suspects: u64,
     /// Sessions that became suspect, in total.
     pub suspected: u64,
@@ -37,6 +39,7 @@ pub struct LivenessStats {
     /// Whether the partition guard holds now: more than its share of the
     /// routers went silent together, and nobody is reaped (see
     /// [`LivenessMonitorBuilder::partition_guard`](crate::LivenessMonitorBuilder::partition_guard)).
+    /// `false` once the monitor is shut down.
     pub partition_suspected: bool,
     /// Times the partition guard engaged
     /// ([`Event::PartitionSuspected`](crate::Event::PartitionSuspected)).

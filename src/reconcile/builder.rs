@@ -141,11 +141,14 @@ impl ReconcilerBuilder {
         self
     }
 
-    /// Holds a router in `monitor` for as long as its grace period lasts
-    /// ([`LivenessMonitor::hold_router`]): a disconnected router cannot
-    /// carry heartbeats or probe answers, and its sessions must not be
-    /// reaped before the grace period decides their fate. Without it, a
-    /// monitored router's sessions are reaped as soon as their probes fail.
+    /// Holds a router's sessions in `monitor` for as long as its grace
+    /// period lasts (as [`LivenessMonitor::hold_router`] does, but only for
+    /// the incarnation that disconnected: a later life of the router,
+    /// after a deletion or a restart, is judged by its own heartbeats): a
+    /// disconnected router cannot carry heartbeats or probe answers, and
+    /// its sessions must not be reaped before the grace period decides
+    /// their fate. Without it, a monitored router's sessions are reaped as
+    /// soon as their probes fail.
     pub fn liveness<S: SessionStore, Pr: Prober>(
         mut self,
         monitor: &LivenessMonitor<S, Pr>,

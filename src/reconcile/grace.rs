@@ -200,9 +200,13 @@ impl<S: SessionStore> Reconciler<S> {
             },
         );
         match replaced {
-            // An older incarnation's period: its hold carries over.
-            Some(old) => stop(old),
-            None => self.hold(router),
+            // An older incarnation's period ends: its hold goes to this one.
+            Some(old) => {
+                self.release(router, old.incarnation);
+                stop(old);
+                self.hold(router, incarnation);
+            }
+            None => self.hold(router, incarnation),
         }
         drop(graces);
         #[cfg(feature = "metrics")]
@@ -219,8 +223,8 @@ impl<S: SessionStore> Reconciler<S> {
         };
         let matched = grace.incarnation == incarnation;
         let expiry = grace.expiry.clone();
+        self.release(router, grace.incarnation);
         stop(grace);
-        self.release(router);
         if let Some(expiry) = expiry {
             // The chunk in flight finishes; none starts after.
             drop(expiry.closing.lock().await);
@@ -228,15 +232,15 @@ impl<S: SessionStore> Reconciler<S> {
         matched
     }
 
-    fn hold(&self, router: RouterId) {
+    fn hold(&self, router: RouterId, incarnation: Incarnation) {
         if let Some(monitor) = &self.inner.config.liveness {
-            monitor.hold(router);
+            monitor.hold(router, incarnation);
         }
     }
 
-    fn release(&self, router: RouterId) {
+    fn release(&self, router: RouterId, incarnation: Incarnation) {
         if let Some(monitor) = &self.inner.config.liveness {
-            monitor.release(router);
+            monitor.release(router, incarnation);
         }
     }
 
@@ -271,7 +275,7 @@ impl<S: SessionStore> Reconciler<S> {
         if graces.get(&router).is_some_and(|g| g.epoch == epoch) {
             graces.remove(&router);
             // Under the lock, as the hold was taken: see `# Deadlock safety`.
-            self.release(router);
+            self.release(router, incarnation);
         }
     }
 
@@ -377,8 +381,8 @@ impl<S: SessionStore> Reconciler<S> {
             graces.drain().collect()
         };
         for (router, grace) in stopped {
+            self.release(router, grace.incarnation);
             stop(grace);
-            self.release(router);
         }
         self.inner.tracker.wait().await;
     }
