@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use session_lifecycle::test_util::model::{
     ModelConfig, ModelState, Op, OpKind, OpWeights, Phase, StoreModel,
@@ -448,7 +448,10 @@ fn the_suite_catches_a_store_that_skips_its_fence() {
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(config.clone());
+    // A fixed seed: shrinking takes random paths, and about one run in
+    // twenty used to stop with an unrelated step left before the three.
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(config.clone(), rng);
     let result = runner.run(
         &StoreModel::<ControllerOps>::sequential_strategy(1..40),
         |(initial, ops, seen)| {
@@ -462,8 +465,7 @@ fn the_suite_catches_a_store_that_skips_its_fence() {
     eprintln!("shrunk counterexample: {shrunk:#?}\n{reason}");
     assert!(reason.to_string().contains("after its fence"), "{reason}");
     // A router, its interrupted deletion, a client on it: the last three
-    // steps. (Shrinking takes random paths; once in about twenty runs it
-    // stops with one unrelated step left before them.)
+    // steps (and, on some shrinking paths, one unrelated step before).
     assert!((3..=4).contains(&shrunk.len()), "{shrunk:?}");
     let last = &shrunk[shrunk.len() - 3..];
     assert!(

@@ -229,7 +229,9 @@ pub enum ReclaimErrorKind {
     /// retried.
     TimedOut,
     /// The queue shut down while the task was running and its deadline
-    /// passed; the attempt was dropped.
+    /// passed; the attempt was dropped. Also a task that never started,
+    /// taken out of the queue by a shutdown whose future was dropped
+    /// before it handed the task back.
     Interrupted,
 }
 

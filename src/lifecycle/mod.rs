@@ -353,7 +353,10 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     /// Dropping the future stops only the waiting: the pieces refuse new
     /// work from the first poll on and end what they hold in their own
     /// tasks. If the queue's shutdown had begun, the queue keeps draining
-    /// without a deadline; if not, it stays open until a later call.
+    /// without a deadline, or, past its deadline, reports each task it
+    /// took out and had not handed back as failed (see
+    /// [`ReclaimQueue::shutdown`]); if not, it stays open until a later
+    /// call.
     ///
     /// # Example
     ///

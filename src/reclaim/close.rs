@@ -2,9 +2,11 @@
 
 use tokio::time::{Duration, Instant};
 
+use super::heap::Shared;
 use super::queue::ReclaimQueue;
 use super::report::{PushError, ShutdownReport};
 use super::task::{ReclaimTask, release_tasks};
+use crate::events::{ReclaimError, ReclaimErrorKind};
 use crate::id::SessionKey;
 use crate::session::{CloseFrom, CloseOutcome, CloseReason, Session};
 
@@ -117,26 +119,37 @@ impl ReclaimQueue {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future leaves the queue closed and the workers
-    /// draining without a deadline.
+    /// Dropping the future before the deadline leaves the queue closed and
+    /// the workers draining without a deadline. Dropping it after the
+    /// deadline (the workers stopped) reports each task it took out and
+    /// had not handed back yet as failed, with a
+    /// [`ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed) of kind
+    /// [`Interrupted`](crate::ReclaimErrorKind::Interrupted), and drops it
+    /// (a task releasing session resources releases them when dropped):
+    /// nothing goes unreported.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let started = Instant::now();
         let shared = &self.shared;
         shared.close();
         shared.tracker.close();
-        let drained = tokio::time::timeout(deadline, shared.tracker.wait())
+        let timely = tokio::time::timeout(deadline, shared.tracker.wait())
             .await
             .is_ok();
-        let mut left = Vec::new();
-        if !drained {
+        let mut left = Unreported {
+            shared,
+            tasks: Vec::new(),
+        };
+        if !timely {
             // Taken under the lock, dropped by the caller: a task's `Drop`
             // may release resources (user code).
-            left = shared.stop();
+            left.tasks = shared.stop();
             for worker in shared.aborts.lock().iter() {
                 worker.abort();
             }
             shared.tracker.wait().await;
         }
+        // Not drained if this call or a concurrent one stopped the workers.
+        let drained = timely && !shared.stopped();
         // Dead letters are handed back as well: the queue runs nothing more.
         // A `redrive` holding one out puts it back (the queue is closed) once
         // the policy's `priority` returned, with no `.await` between: wait
@@ -159,9 +172,9 @@ impl ReclaimQueue {
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         let interrupted = std::mem::take(&mut *shared.interrupted.lock());
-        if !left.is_empty() || !interrupted.is_empty() || !dead_letters.is_empty() {
+        if !left.tasks.is_empty() || !interrupted.is_empty() || !dead_letters.is_empty() {
             tracing::warn!(
-                left = left.len(),
+                left = left.tasks.len(),
                 interrupted = interrupted.len(),
                 dead_letters = dead_letters.len(),
                 "reclaim queue shut down with work not done"
@@ -169,9 +182,37 @@ impl ReclaimQueue {
         }
         ShutdownReport {
             drained,
-            left,
+            left: left.hand_back(),
             interrupted,
             dead_letters,
+        }
+    }
+}
+
+/// Tasks a shutdown took out of the queue: reported as failed
+/// (`Interrupted`) if its future is dropped before it hands them back.
+struct Unreported<'a> {
+    shared: &'a Shared,
+    tasks: Vec<ReclaimTask>,
+}
+
+impl Unreported<'_> {
+    fn hand_back(mut self) -> Vec<ReclaimTask> {
+        std::mem::take(&mut self.tasks)
+    }
+}
+
+impl Drop for Unreported<'_> {
+    fn drop(&mut self) {
+        for task in std::mem::take(&mut self.tasks) {
+            let error = ReclaimError::new(
+                ReclaimErrorKind::Interrupted,
+                "the queue's shutdown was dropped before it handed this task back",
+            );
+            self.shared.fail(task.info(), 0, error);
+            // Outside every lock: a task releasing session resources
+            // releases them as it drops.
+            drop(task);
         }
     }
 }

@@ -321,7 +321,7 @@ impl Shared {
 
     /// Stops the workers and takes every waiting task, counted out.
     pub(super) fn stop(&self) -> Vec<ReclaimTask> {
-        let (left, claimed) = {
+        let (left, claimed, idle) = {
             let mut state = self.state.lock();
             state.stop = true;
             let left = state.heap.take_all();
@@ -329,11 +329,21 @@ impl Shared {
                 state.count_out(task.info().class);
             }
             let claimed = state.room.give(left.len());
-            (left, claimed)
+            (left, claimed, state.is_idle())
         };
         self.wake_pushers(claimed);
         self.work.notify_waiters();
+        // Nothing waits now; with nothing running either, `idle` would
+        // otherwise wait for a task to end that never comes.
+        if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_waiters();
+        }
         left
+    }
+
+    /// Whether a shutdown stopped the workers (cut the draining short).
+    pub(super) fn stopped(&self) -> bool {
+        self.state.lock().stop
     }
 
     /// Sets whether the workers may start tasks; resuming wakes them all.

@@ -127,7 +127,7 @@ impl Shared {
         }
     }
 
-    fn fail(&self, task: TaskInfo, attempts: u32, error: ReclaimError) {
+    pub(super) fn fail(&self, task: TaskInfo, attempts: u32, error: ReclaimError) {
         self.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::error!(?task, attempts, %error, "reclamation failed");
         self.publish(ReclaimEvent::ReclaimFailed {
