@@ -5,11 +5,12 @@
 //!
 //! - Per router, a generic cell rate algorithm (GCRA, the token bucket as
 //!   one instant): `due` is when the router's budget would be full again.
-//!   Taking `n` sessions at `now` moves `due` to `max(due, now) + n ×
-//!   interval`, and may go ahead once `due − burst × interval ≤` the
-//!   instant it goes. So over any span the router is sent at most
-//!   `burst + rate × span` sessions, by all sources together, in the order
-//!   they asked.
+//!   Taking `n` sessions at `now` moves `due` to `max(due, now) + n /
+//!   rate` (rounded up to the nanosecond, computed for the whole `n`: no
+//!   per-session rounding, no cap on `n`), and may go ahead once `due −
+//!   burst / rate` (rounded down) `≤` the instant it goes. So over any
+//!   span the router is sent at most `burst + rate × span` sessions, by
+//!   all sources together, in the order they asked.
 //! - A router whose `due` has passed has a full budget and needs no entry:
 //!   such entries are dropped when the map has doubled since the last
 //!   sweep, and at least once a second (amortised O(1) per take).
@@ -80,10 +81,10 @@ pub struct NotificationBudget {
 }
 
 struct Shared {
-    /// What one session costs.
-    interval: Duration,
+    /// Sessions a second.
+    rate: u32,
     /// How far ahead of its due instant a router may be served: the
-    /// burst's worth of intervals.
+    /// burst's worth of time at the rate, rounded down.
     tolerance: Duration,
     routers: Mutex<Routers>,
     granted: AtomicU64,
@@ -204,13 +205,16 @@ impl NotificationBudget {
         deadline: Option<Instant>,
     ) -> Result<Instant, BudgetExhausted> {
         let shared = &*self.shared;
-        let cost = shared
-            .interval
-            .saturating_mul(u32::try_from(sessions).unwrap_or(u32::MAX));
+        let cost = cost_of(sessions, shared.rate);
         let now = Instant::now();
         let mut routers = shared.routers.lock();
         let due = routers.due.get(&router).copied().unwrap_or(now).max(now);
-        let next = due.checked_add(cost).unwrap_or(due);
+        // Past what the clock holds (centuries of debt): as late as it can
+        // be said, never free.
+        let next = due
+            .checked_add(cost)
+            .or_else(|| now.checked_add(FAR_FUTURE))
+            .unwrap_or(due);
         let at = next.checked_sub(shared.tolerance).unwrap_or(now).max(now);
         if deadline.is_some_and(|deadline| at > deadline) {
             drop(routers);
@@ -255,11 +259,23 @@ impl Routers {
 /// How often the budget forgets paid-up routers, at least.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// Longer than any wait that matters: what a debt past the clock's range
+/// is rounded down to.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// What `sessions` cost at `rate` a second: `sessions / rate` seconds,
+/// rounded up to the nanosecond (at most [`FAR_FUTURE`]).
+fn cost_of(sessions: usize, rate: u32) -> Duration {
+    let nanos = (sessions as u128 * 1_000_000_000).div_ceil(u128::from(rate.max(1)));
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_or(FAR_FUTURE, |cost| cost.min(FAR_FUTURE))
+}
+
 impl fmt::Debug for NotificationBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let interval = self.shared.interval;
         f.debug_struct("NotificationBudget")
-            .field("interval", &interval)
+            .field("rate", &self.shared.rate)
             .field("tolerance", &self.shared.tolerance)
             .field("stats", &self.stats())
             .finish()
@@ -321,11 +337,12 @@ impl NotificationBudgetBuilder {
                 "must be at least 1 session",
             ));
         }
-        let interval = Duration::from_secs(1) / self.rate;
+        // Rounded down: the burst never lets more through than it says.
+        let tolerance = u64::from(self.burst) * 1_000_000_000 / u64::from(self.rate);
         Ok(NotificationBudget {
             shared: Arc::new(Shared {
-                interval,
-                tolerance: interval.saturating_mul(self.burst),
+                rate: self.rate,
+                tolerance: Duration::from_nanos(tolerance),
                 routers: Mutex::new(Routers {
                     due: HashMap::default(),
                     swept: 0,

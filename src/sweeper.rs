@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::build::{BuildError, wired};
 use crate::closing::close_all;
 use crate::events::{Event, EventBus, emit};
-use crate::id::SessionId;
+use crate::id::SessionKey;
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session};
 use crate::store::{AuditReport, BackendError, Repair, RouterError, RouterStatus, SessionStore};
@@ -92,7 +92,7 @@ struct Inner<S> {
     /// when two sweeps in a row see it, so a close whose removal is on its
     /// way (a reconciliation, a reap, a client's `close`) is not taken for a
     /// leftover.
-    lingering: Mutex<HashSet<SessionId>>,
+    lingering: Mutex<HashSet<SessionKey>>,
     counters: Counters,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -378,18 +378,29 @@ impl<S: SessionStore> AuditSweeper<S> {
         result
     }
 
-    /// `audit` with only the closed sessions the previous sweep saw too;
-    /// remembers this sweep's for the next.
+    /// `audit` with only the closed sessions the previous sweep saw too
+    /// (the same lives, by key, when the store gives keys; by id
+    /// otherwise); remembers this sweep's for the next.
     fn second_sighting(&self, audit: &AuditReport) -> AuditReport {
-        let mut lingering = self.inner.lingering.lock();
-        let seen_before = std::mem::replace(
-            &mut *lingering,
-            audit.closed_in_store.iter().copied().collect(),
-        );
+        let keyed = audit.closed_keys.len() == audit.closed_in_store.len();
+        // Without keys, every life of an id is generation 0 here.
+        let keys: Vec<SessionKey> = if keyed {
+            audit.closed_keys.clone()
+        } else {
+            let unkeyed = |&id| SessionKey::new(id, 0);
+            audit.closed_in_store.iter().map(unkeyed).collect()
+        };
+        let seen_before = {
+            let mut lingering = self.inner.lingering.lock();
+            std::mem::replace(&mut *lingering, keys.iter().copied().collect())
+        };
         let mut findings = audit.clone();
-        findings
-            .closed_in_store
-            .retain(|id| seen_before.contains(id));
+        let again: Vec<SessionKey> = keys
+            .into_iter()
+            .filter(|key| seen_before.contains(key))
+            .collect();
+        findings.closed_in_store = again.iter().map(|key| key.id()).collect();
+        findings.closed_keys = if keyed { again } else { Vec::new() };
         findings
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::Session;
 
 /// A router's phase in the store, with the incarnation it applies to.
@@ -154,6 +154,11 @@ pub struct AuditReport {
     /// not removed yet. Not a fault by itself (a deletion removes them), but
     /// they hold memory until removed.
     pub closed_in_store: Vec<SessionId>,
+    /// The keys of `closed_in_store`, in its order, from a store that
+    /// knows them ([`MemoryStore`](crate::MemoryStore)); empty otherwise.
+    /// With them the sweeper and the repair act on that very life of each
+    /// id, never on a session that reused it since (I9).
+    pub(crate) closed_keys: Vec<SessionKey>,
     /// Keys of a remote store holding values it cannot read (written by
     /// another record version or payload type, or by hand): data the store
     /// cannot account for (I7 unproven). [`repair`](crate::SessionStore::repair)

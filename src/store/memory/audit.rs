@@ -54,6 +54,7 @@ impl<P> MemoryStore<P> {
                 }
                 if session.is_closed() {
                     report.closed_in_store.push(session.id());
+                    report.closed_keys.push(session.key());
                 }
                 match &slot {
                     None => report.orphans.push(session.id()),
@@ -120,8 +121,16 @@ impl<P> MemoryStore<P> {
             }
             self.evict(&stored, RepairAction::OrphanReclaimed, &mut repairs);
         }
-        for &id in &findings.closed_in_store {
-            if let Some(stored) = self.get_now(id).filter(Session::is_closed) {
+        // By key when the findings carry keys: a session that reused the
+        // id since is not this finding.
+        let keyed = findings.closed_keys.len() == findings.closed_in_store.len();
+        for (n, &id) in findings.closed_in_store.iter().enumerate() {
+            let stored = if keyed {
+                self.get_exact(findings.closed_keys[n])
+            } else {
+                self.get_now(id)
+            };
+            if let Some(stored) = stored.filter(Session::is_closed) {
                 if self.deleting(stored.router()) {
                     continue; // the deletion's `finish` removes it
                 }
