@@ -281,10 +281,12 @@ impl<P: EtcdPayload> EtcdStore<P> {
     }
 
     /// Removes the unreadable keys that are certainly dead: a record of a
-    /// router that is deleted or unknown (with its pointer, if created with
-    /// it), and a pointer of an id with no record. A record of a live or
-    /// fenced router is left: a newer controller may read it, and the
-    /// router's deletion removes it. Router keys are left (reported only).
+    /// router this store deleted (with its pointer, if created with it),
+    /// and a pointer of an id with no record. A record of a live or fenced
+    /// router is left: a newer controller may read it, and the router's
+    /// deletion removes it. A record of a router the store does not know
+    /// is left too: it may be another writer's key. Router keys are left
+    /// (reported only).
     async fn repair_unreadable(
         &self,
         findings: &AuditReport,
@@ -298,13 +300,14 @@ impl<P: EtcdPayload> EtcdStore<P> {
             }
             let (router, id) = match unreadable.kind {
                 KeyKind::Record(router, id) => {
-                    let dead = matches!(
-                        scan.routers.get(&router),
-                        None | Some(RouterStatus::Deleted(_))
-                    ) && !scan
-                        .unreadable
-                        .iter()
-                        .any(|u| u.kind == KeyKind::Router(router));
+                    // Of a router this store deleted. One it does not know
+                    // may be another store's key (nested in this prefix):
+                    // reported, never removed.
+                    let dead = matches!(scan.routers.get(&router), Some(RouterStatus::Deleted(_)))
+                        && !scan
+                            .unreadable
+                            .iter()
+                            .any(|u| u.kind == KeyKind::Router(router));
                     if !dead {
                         continue;
                     }

@@ -76,6 +76,11 @@ impl EtcdStoreBuilder {
     /// The key prefix every key of the store lives under (default
     /// [`DEFAULT_PREFIX`]). Stores with different prefixes on one etcd are
     /// independent; controllers that share sessions use the same prefix.
+    /// A prefix may nest inside another store's (that store reports this
+    /// one's keys as foreign and never touches them), except one ending
+    /// like a router's range of it, `…r/<16 lowercase hex digits>/`:
+    /// [`connect`](Self::connect) refuses that with
+    /// [`EtcdError::InvalidConfig`].
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -178,6 +183,16 @@ impl EtcdStoreBuilder {
     fn check(&self) -> Result<(), EtcdError> {
         if self.endpoints.is_empty() {
             return Err(EtcdError::config("endpoint", "no endpoint given"));
+        }
+        if super::keys::nests_in_a_router_range(&self.prefix) {
+            return Err(EtcdError::config(
+                "prefix",
+                format_args!(
+                    "{:?} ends like a router's range of a store one level up (r/<16 hex digits>/): \
+                     this store's keys would read as that store's sessions",
+                    self.prefix
+                ),
+            ));
         }
         if self.max_record > MAX_RECORD_LIMIT {
             return Err(EtcdError::config(

@@ -106,12 +106,32 @@ impl Keys {
     }
 }
 
+/// The id written as exactly 16 lowercase hex digits, as this store writes
+/// it; anything else (a sign, upper case) is not this store's key.
 fn hex(digits: &[u8]) -> Option<u64> {
-    if digits.len() != 16 {
+    if digits.len() != 16
+        || !digits
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
     let text = std::str::from_utf8(digits).ok()?;
     u64::from_str_radix(text, 16).ok()
+}
+
+/// Whether `prefix` ends like a router's range of a store one level up
+/// (`…r/<16 lowercase hex digits>/`): a store there would write its
+/// pointers in that store's record format.
+pub(super) fn nests_in_a_router_range(prefix: &str) -> bool {
+    // As `Keys::new` reads it: a missing final `/` is added.
+    let head = prefix.strip_suffix('/').unwrap_or(prefix);
+    head.len() >= 18
+        && head.is_char_boundary(head.len() - 18)
+        && head[head.len() - 18..]
+            .strip_prefix("r/")
+            .is_some_and(|id| hex(id.as_bytes()).is_some())
+        && (head.len() == 18 || head[..head.len() - 18].ends_with('/'))
 }
 
 /// The end of the range of every key starting with `prefix`.
@@ -315,6 +335,31 @@ pub(super) fn decode<P: EtcdPayload>(value: &[u8]) -> Result<Record<P>, RecordEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_stores_own_spelling_of_an_id_is_its_key() {
+        let keys = Keys::new("/sl");
+        let id = SessionId::new(10);
+        assert_eq!(keys.parse(&keys.pointer(id)), Some(KeyKind::Pointer(id)));
+        for foreign in [
+            "/sl/s/+00000000000000a",
+            "/sl/s/000000000000000A",
+            "/sl/s/-0000000000000001",
+        ] {
+            assert_eq!(keys.parse(foreign.as_bytes()), None, "{foreign}");
+        }
+        assert!(nests_in_a_router_range("/sl/r/0000000000000002/"));
+        assert!(nests_in_a_router_range("/sl/r/0000000000000002"));
+        assert!(nests_in_a_router_range("r/00000000000000ff/"));
+        for fine in [
+            "/sl/",
+            "/sl/r/0000000000000002/s/nested/",
+            "/sl/r/000000000000000G/",
+            "/sl/xr/0000000000000002/",
+        ] {
+            assert!(!nests_in_a_router_range(fine), "{fine}");
+        }
+    }
 
     #[test]
     fn keys_round_trip_and_sort_like_ids() {

@@ -82,7 +82,8 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 /// - reported by [`audit`](SessionStore::audit) in
 ///   [`AuditReport::unreadable`](crate::AuditReport::unreadable), and
 ///   removed by [`repair`](SessionStore::repair) only when its router is
-///   deleted or unknown (a newer controller may still read it);
+///   deleted (a newer controller may still read it; a key of a router the
+///   store does not know may be another writer's);
 /// - deleted, with its pointer, by its router's
 ///   [`finish`](SessionStore::finish), and counted in
 ///   [`FinishReport::unreadable`](crate::FinishReport::unreadable): it

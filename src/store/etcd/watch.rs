@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{KeyKind, decode_head, prefix_end};
 use super::retry::Delays;
+use super::shared::Cached;
 use super::{EtcdPayload, Shared};
 use crate::id::SessionId;
 use crate::session::CloseReason;
@@ -280,14 +281,18 @@ impl<P: EtcdPayload> Shared<P> {
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 let revision = kv.mod_revision();
-                if let Some(KeyKind::Record(_, id)) = self.keys.parse(kv.key()) {
+                if let Some(KeyKind::Record(router, id)) = self.keys.parse(kv.key()) {
+                    // That very record: the id on that router, created then.
+                    let this = |c: &Cached<P>| c.session.router() == router;
                     match event.event_type() {
                         EventType::Put => match decode_head(kv.value()) {
                             Ok(head) => {
                                 if let Some(reason) = head.closed {
                                     let created = kv.create_revision();
-                                    if let Some(cached) =
-                                        self.cache.get(&id).filter(|c| c.created == created)
+                                    if let Some(cached) = self
+                                        .cache
+                                        .get(&id)
+                                        .filter(|c| this(c) && c.created == created)
                                     {
                                         closes.push((cached.session.clone(), created, reason));
                                     }
@@ -298,7 +303,9 @@ impl<P: EtcdPayload> Shared<P> {
                             }
                         },
                         EventType::Delete => {
-                            let removed = self.cache.remove_if(&id, |_, c| c.created < revision);
+                            let removed = self
+                                .cache
+                                .remove_if(&id, |_, c| this(c) && c.created < revision);
                             if let Some((_, cached)) = removed {
                                 closes.push((
                                     cached.session,

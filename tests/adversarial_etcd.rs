@@ -1,0 +1,735 @@
+//! Adversarial tests of `EtcdStore` + `RouterDeleter` under faults the
+//! other etcd suites do not play: keys under the prefix that only look like
+//! the store's own, stores with nested prefixes, a controller killed in the
+//! middle of `finish` while the leader dies, and impaired links to single
+//! members.
+//!
+//! Every test starts etcd processes of its own (ports chosen at run time,
+//! temporary directories, killed and removed on drop), so each is named
+//! `own_etcd_*`. Like the other etcd suites, they run only when
+//! `SESSION_LIFECYCLE_ETCD` is set (any etcd: the tests do not use it), and
+//! print that they did not run and pass otherwise, unless
+//! `SESSION_LIFECYCLE_ETCD_REQUIRED` is set.
+#![cfg(feature = "etcd")]
+
+mod etcd_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use etcd_support::{Cluster, Link, Proxy, endpoints, unique_prefix};
+use futures::StreamExt;
+use session_lifecycle::deleter::{DeleteOutcome, DeletionReport};
+use session_lifecycle::etcd::{EtcdPayload, EtcdStore, EtcdStoreBuilder};
+use session_lifecycle::session::CloseOutcome;
+use session_lifecycle::store::{
+    AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
+    FinishError, FinishReport, RegisterError, Repair, RouterCensus, RouterError, RouterStatus,
+    SessionError,
+};
+use session_lifecycle::{
+    CloseReason, Incarnation, NewSession, NotifyError, RouterDeleter, RouterId, Session, SessionId,
+    SessionKey, SessionStore, TerminationBatch, TerminationNotifier,
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::{Duration, timeout};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A store on `endpoints` under `prefix`, with the test's settings.
+async fn store_on<P: EtcdPayload>(
+    endpoints: &[String],
+    prefix: &str,
+    tune: impl FnOnce(EtcdStoreBuilder) -> EtcdStoreBuilder,
+) -> EtcdStore<P> {
+    let builder = EtcdStore::builder()
+        .endpoints(endpoints.iter().cloned())
+        .prefix(prefix);
+    timeout(WAIT, tune(builder).connect())
+        .await
+        .expect("connect returns")
+        .expect("etcd is reachable")
+}
+
+/// Settings for a cluster that loses members: short timeouts, a retry
+/// deadline that outlasts an election.
+fn resilient(builder: EtcdStoreBuilder) -> EtcdStoreBuilder {
+    builder
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .keep_alive(Duration::from_secs(5), Duration::from_secs(2))
+        .retry_deadline(Duration::from_secs(20))
+        .write_timeout(Duration::from_secs(20))
+        .member_check(Duration::from_millis(200))
+}
+
+/// Routers that never answer; tells `notified` each time it is called.
+struct Silent(Arc<Notify>);
+
+impl TerminationNotifier for Silent {
+    async fn notify(&self, _batch: TerminationBatch) -> Result<(), NotifyError> {
+        self.0.notify_one();
+        Ok(())
+    }
+}
+
+/// A deleter whose routers never answer: every session is forced.
+fn forcing<S: SessionStore>(store: &Arc<S>, notified: &Arc<Notify>) -> RouterDeleter<S, Silent> {
+    RouterDeleter::builder()
+        .batch_size(100)
+        .confirm_timeout(Duration::from_millis(100))
+        .retries(0)
+        .build(Arc::clone(store), Silent(Arc::clone(notified)))
+        .expect("valid settings")
+}
+
+fn deleted(outcome: DeleteOutcome) -> DeletionReport {
+    match outcome {
+        DeleteOutcome::Deleted(report) => report,
+        other => panic!("not deleted: {other:?}"),
+    }
+}
+
+/// Creates sessions `ids` on `router`, each with a resource counting its
+/// releases in `released`.
+async fn populate(
+    store: &EtcdStore,
+    router: RouterId,
+    incarnation: Incarnation,
+    ids: impl IntoIterator<Item = u64>,
+    released: &Arc<AtomicUsize>,
+) -> Vec<Session> {
+    futures::stream::iter(ids)
+        .map(|id| store.create(NewSession::new(SessionId::new(id), router, incarnation)))
+        .buffer_unordered(32)
+        .map(|created| {
+            let session = created.expect("created");
+            let released = Arc::clone(released);
+            assert!(
+                session
+                    .attach(move |_: CloseReason| {
+                        released.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .is_ok(),
+                "attached"
+            );
+            session
+        })
+        .collect()
+        .await
+}
+
+/// I1 on the handles this controller holds, and on etcd.
+async fn assert_gone(
+    store: &EtcdStore,
+    router: RouterId,
+    incarnation: Incarnation,
+    handles: &[Session],
+    released: &AtomicUsize,
+) {
+    assert_eq!(
+        store.router_status(router).await.unwrap(),
+        RouterStatus::Deleted(incarnation)
+    );
+    assert_eq!(store.sessions(router).await.unwrap().len(), 0);
+    for session in handles {
+        assert!(session.is_closed(), "{} left open", session.id());
+        timeout(WAIT, session.closed())
+            .await
+            .expect("every close waiter wakes");
+        assert!(
+            store.get(session.id()).await.unwrap().is_none(),
+            "{} still in the store",
+            session.id()
+        );
+    }
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        handles.len(),
+        "every resource released exactly once"
+    );
+    // I2: nothing attaches to the deleted incarnation.
+    let refused = store
+        .create(NewSession::new(
+            SessionId::new(u64::MAX - 1),
+            router,
+            incarnation,
+        ))
+        .await
+        .expect_err("a create on a deleted router is refused");
+    assert!(
+        !matches!(refused.kind(), CreateErrorKind::Backend(_)),
+        "refused for the wrong reason: {refused}"
+    );
+}
+
+async fn exists(store: &EtcdStore, key: &str) -> bool {
+    let mut kv = store.client().kv_client();
+    !kv.get(key, None).await.unwrap().kvs().is_empty()
+}
+
+/// Keys planted in a router's record range that are not in the store's key
+/// format, though Rust's `u64::from_str_radix` reads them as hex ids: a
+/// leading `+` and uppercase digits (the format is 16 lowercase hex
+/// digits). They are another store's: the deletion of the router must
+/// report them as foreign and leave them alone (I10), and finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_look_alike_keys_in_a_routers_range_are_foreign() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("adv-lookalike", 1, &[]).await;
+    let prefix = unique_prefix("lookalike");
+    let store = Arc::new(store_on::<()>(&etcd.endpoints(), &prefix, |b| b).await);
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let handles = populate(&store, router, incarnation, 1..=5, &released).await;
+    let planted = [
+        format!("{prefix}r/{:016x}/s/+00000000000000a", router.get()),
+        format!("{prefix}r/{:016x}/s/00000000000000AB", router.get()),
+    ];
+    let mut kv = store.client().kv_client();
+    for key in &planted {
+        kv.put(key.as_str(), "another store's key", None)
+            .await
+            .unwrap();
+    }
+    let audit = store.audit().await.unwrap();
+
+    let notified = Arc::new(Notify::new());
+    let report = deleted(
+        timeout(WAIT, forcing(&store, &notified).delete(router))
+            .await
+            .expect("the deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 5, "{report:?}");
+    assert_gone(&store, router, incarnation, &handles, &released).await;
+    let survivors: Vec<bool> =
+        futures::future::join_all(planted.iter().map(|k| exists(&store, k))).await;
+    assert_eq!(
+        survivors,
+        [true, true],
+        "foreign keys {planted:?} deleted with the router (I10: never deleted)"
+    );
+    for key in &planted {
+        assert!(
+            audit.foreign.contains(key),
+            "{key} not reported as foreign: {audit:?}"
+        );
+    }
+}
+
+/// A store whose prefix is another's `r/<router>/` would write its session
+/// pointers (`A r/<router 2>/s/<id>`) in the outer store's record format:
+/// `connect` refuses such a prefix. Another writer (or a store of an older
+/// version) still puts and deletes such a key by hand while A's own
+/// session 10, on A's router 1, is live: A's handle of it must stay open
+/// and its resource unreleased (I9, I10: a key of another router never
+/// acts on this store's sessions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_foreign_key_for_our_id_on_another_router_never_closes_ours() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("adv-nested-watch", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("nested-watch");
+    let nested = format!("{prefix}r/{:016x}/", 2);
+    let refused = EtcdStore::builder()
+        .endpoints(endpoints.iter().cloned())
+        .prefix(nested.as_str())
+        .connect::<()>()
+        .await
+        .err()
+        .expect("a prefix nested in a router's range is refused");
+    assert!(
+        refused.to_string().contains("prefix"),
+        "refused for another reason: {refused}"
+    );
+    let a: EtcdStore = store_on(&endpoints, &prefix, |b| b).await;
+    let witness: EtcdStore = store_on(&endpoints, &prefix, |b| b).await;
+
+    let router = RouterId::new(1);
+    let incarnation = a.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let ours = populate(&a, router, incarnation, [10, 11], &released).await;
+    let (ten, eleven) = (&ours[0], &ours[1]);
+    let (ten, eleven) = if ten.id() == SessionId::new(10) {
+        (ten, eleven)
+    } else {
+        (eleven, ten)
+    };
+
+    // Session 10's key in the range of router 2 (which A does not have),
+    // written and deleted by someone else.
+    let foreign = format!("{nested}s/{:016x}", 10);
+    let mut kv = witness.client().kv_client();
+    kv.put(foreign.as_str(), "another writer's key", None)
+        .await
+        .unwrap();
+    kv.delete(foreign.as_str(), None).await.unwrap();
+
+    // A sentinel after the deletion: once A's watch closed A's handle of
+    // session 11 (closed through another controller), it applied every
+    // earlier event, the foreign deletion included.
+    let _ = witness
+        .close(SessionId::new(11), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    timeout(WAIT, eleven.closed())
+        .await
+        .expect("A's watch delivers the sentinel");
+
+    assert!(
+        !ten.is_closed(),
+        "A's live session 10 was closed ({:?}) by another router's key for id 10",
+        ten.close_reason()
+    );
+    assert_eq!(released.load(Ordering::SeqCst), 1, "only 11's resource");
+    assert_eq!(
+        witness
+            .get(SessionId::new(10))
+            .await
+            .unwrap()
+            .map(|s| s.is_closed()),
+        Some(false),
+        "session 10 is live in etcd"
+    );
+}
+
+/// A key in the record format of a router this store never registered
+/// (another writer's, under A's `r/<router 2>/`): A's audit reports it and
+/// A's repair leaves it alone (I10: a key the store cannot account for is
+/// removed only when it is certainly its own and dead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_repair_never_deletes_a_record_of_a_router_it_does_not_know() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("adv-nested-repair", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("nested-repair");
+    let a: EtcdStore = store_on(&endpoints, &prefix, |b| b).await;
+    let foreign = format!("{prefix}r/{:016x}/s/{:016x}", 2, 12);
+    let mut kv = a.client().kv_client();
+    kv.put(foreign.as_str(), "r/0000000000000007", None)
+        .await
+        .unwrap();
+
+    let findings = a.audit().await.unwrap();
+    assert!(
+        findings.unreadable.contains(&foreign) || findings.foreign.contains(&foreign),
+        "{foreign} not reported: {findings:?}"
+    );
+    let repairs = a.repair(&findings).await.unwrap();
+    assert!(repairs.is_empty(), "{repairs:?}");
+    assert!(exists(&a, &foreign).await, "A's repair deleted {foreign}");
+}
+
+/// Two stores with nested prefixes, B's inside the record range of A's
+/// router 1 (`A r/<1>/s/nested/`): A deletes router 1 while B keeps
+/// working there. B's keys are foreign to A: reported, never deleted,
+/// never blocking; B's router, sessions and audit are untouched, and B
+/// then deletes its own router cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_store_nested_in_a_routers_range_survives_its_deletion() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("adv-nested-range", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("nested-range");
+    let router = RouterId::new(1);
+    let nested = format!("{prefix}r/{:016x}/s/nested/", router.get());
+    let a = Arc::new(store_on::<()>(&endpoints, &prefix, |b| b).await);
+    let b = Arc::new(store_on::<()>(&endpoints, &nested, |b| b).await);
+    let incarnation = a.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let ours = populate(&a, router, incarnation, 1..=50, &released).await;
+    // B uses the same router and session ids in its own namespace.
+    let b_incarnation = b.register_router(router).await.unwrap();
+    let b_released = Arc::new(AtomicUsize::new(0));
+    let theirs = populate(&b, router, b_incarnation, 1..=50, &b_released).await;
+
+    let notified = Arc::new(Notify::new());
+    let report = deleted(
+        timeout(WAIT, forcing(&a, &notified).delete(router))
+            .await
+            .expect("A's deletion finishes past B's keys")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 50, "{report:?}");
+    assert_gone(&a, router, incarnation, &ours, &released).await;
+    assert!(theirs.iter().all(|s| !s.is_closed()), "B's sessions closed");
+    assert_eq!(b_released.load(Ordering::SeqCst), 0);
+    assert_eq!(b.count(router).await.unwrap(), 50);
+    assert!(matches!(
+        b.router_status(router).await.unwrap(),
+        RouterStatus::Live(_)
+    ));
+    assert!(b.audit().await.unwrap().is_clean());
+    let audit = a.audit().await.unwrap();
+    assert!(audit.is_consistent(), "{audit:?}");
+    assert!(!audit.foreign.is_empty(), "B's keys reported: {audit:?}");
+
+    let report = deleted(
+        timeout(WAIT, forcing(&b, &notified).delete(router))
+            .await
+            .expect("B's deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 50, "{report:?}");
+    assert_gone(&b, router, b_incarnation, &theirs, &b_released).await;
+    assert!(b.audit().await.unwrap().is_clean());
+}
+
+/// A `SessionStore` that delegates to an `EtcdStore`, and holds every
+/// `finish` at a gate after saying so: the test acts at the very start of
+/// the deletion's last phase.
+struct Gated {
+    inner: Arc<EtcdStore>,
+    finishing: mpsc::UnboundedSender<()>,
+    gate: watch::Receiver<bool>,
+}
+
+impl SessionStore for Gated {
+    type Payload = ();
+
+    async fn register_router(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
+        self.inner.register_router(router).await
+    }
+    async fn router_status(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        self.inner.router_status(router).await
+    }
+    async fn create(&self, spec: NewSession<()>) -> Result<Session<()>, CreateError<()>> {
+        self.inner.create(spec).await
+    }
+    async fn get(&self, id: SessionId) -> Result<Option<Session<()>>, BackendError> {
+        self.inner.get(id).await
+    }
+    async fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close(id, reason).await
+    }
+    async fn remove(&self, id: SessionId) -> Result<Session<()>, SessionError> {
+        self.inner.remove(id).await
+    }
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close_exact(key, reason).await
+    }
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session<()>, SessionError> {
+        self.inner.remove_exact(key).await
+    }
+    async fn sessions(&self, router: RouterId) -> Result<Vec<Session<()>>, RouterError> {
+        self.inner.sessions(router).await
+    }
+    async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
+        self.inner.count(router).await
+    }
+    async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<()>, FenceError> {
+        self.inner.fence(router).await
+    }
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<()>, FenceError> {
+        self.inner.fence_incarnation(router, incarnation).await
+    }
+    async fn finish(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError> {
+        let _ = self.finishing.send(());
+        let mut gate = self.gate.clone();
+        let _ = gate.wait_for(|open| *open).await;
+        self.inner.finish(router, incarnation).await
+    }
+    async fn unlink_closed(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        sessions: &[Session<()>],
+    ) -> Result<usize, FinishError> {
+        self.inner
+            .unlink_closed(router, incarnation, sessions)
+            .await
+    }
+    async fn audit(&self) -> Result<AuditReport, BackendError> {
+        self.inner.audit().await
+    }
+    async fn census(&self) -> Result<Vec<RouterCensus>, BackendError> {
+        self.inner.census().await
+    }
+    async fn repair(&self, findings: &AuditReport) -> Result<Vec<Repair>, BackendError> {
+        self.inner.repair(findings).await
+    }
+}
+
+/// A 3-member cluster; controller A (a runtime of its own: a process)
+/// deletes a router of 600 sessions. As A's `finish` starts, the leader is
+/// SIGKILLed, and 300 ms into the election A's whole runtime is shut down
+/// (the controller dies mid-finish). Controller B, on the same prefix,
+/// resumes the deletion with 2 of 3 members: it finishes within its bound,
+/// no session is left, B's handles are closed and their resources released
+/// once, creates on the fenced router are refused throughout, and B keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_controller_dying_mid_finish_as_the_leader_dies_is_resumed() {
+    if endpoints().is_none() {
+        return;
+    }
+    let mut cluster = Cluster::start("adv-dying", 3, &[]).await;
+    let endpoints = cluster.endpoints();
+    let prefix = unique_prefix("dying");
+    let b = Arc::new(store_on::<()>(&endpoints, &prefix, resilient).await);
+    let router = RouterId::new(1);
+    let incarnation = b.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let mine = populate(&b, router, incarnation, 1..=300, &released).await;
+
+    // Controller A, in a runtime of its own, creates the other half and
+    // deletes the router.
+    let a_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (finishing, mut started) = mpsc::unbounded_channel();
+    let (gate, gated) = watch::channel(false);
+    let a_endpoints = endpoints.clone();
+    let a_prefix = prefix.clone();
+    let a_run = a_runtime.spawn(async move {
+        let a = Arc::new(store_on::<()>(&a_endpoints, &a_prefix, resilient).await);
+        let a_released = Arc::new(AtomicUsize::new(0));
+        let _theirs = populate(&a, router, incarnation, 301..=600, &a_released).await;
+        let store = Arc::new(Gated {
+            inner: a,
+            finishing,
+            gate: gated,
+        });
+        let notified = Arc::new(Notify::new());
+        forcing(&store, &notified).delete(router).await
+    });
+    timeout(Duration::from_secs(30), started.recv())
+        .await
+        .expect("A reaches finish")
+        .expect("A is running");
+    // Fenced: nothing attaches any more (I2).
+    let refused = b
+        .create(NewSession::new(SessionId::new(10_000), router, incarnation))
+        .await
+        .expect_err("a create on a fenced router is refused");
+    assert!(
+        matches!(refused.kind(), CreateErrorKind::Fenced { .. }),
+        "{refused}"
+    );
+    let leader = cluster.wait_for_leader(WAIT).await;
+    cluster.members[leader].kill();
+    gate.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a_runtime.shutdown_background();
+    assert!(
+        timeout(WAIT, a_run).await.expect("A is gone").is_err(),
+        "A's deletion was cut off"
+    );
+
+    let started = tokio::time::Instant::now();
+    let notified = Arc::new(Notify::new());
+    let outcome = timeout(
+        Duration::from_secs(40),
+        forcing(&b, &notified).delete(router),
+    )
+    .await
+    .expect("B resumes and finishes the deletion with 2 of 3 members")
+    .expect("deleted");
+    let took = started.elapsed();
+    match outcome {
+        DeleteOutcome::Deleted(report) => {
+            assert_eq!(report.incarnation, incarnation);
+            assert!(report.resumed, "{report:?}");
+        }
+        other => panic!("A could not have finished: {other:?}"),
+    }
+    eprintln!("resumed deletion took {took:?}");
+    assert_eq!(b.count(router).await.unwrap(), 0);
+    assert_gone(&b, router, incarnation, &mine, &released).await;
+    let audit = timeout(WAIT, b.audit()).await.unwrap().unwrap();
+    assert!(audit.is_consistent(), "{audit:?}");
+    // B keeps serving on two members.
+    let next = RouterId::new(2);
+    let next_incarnation = b.register_router(next).await.unwrap();
+    let _ = b
+        .create(NewSession::new(SessionId::new(1), next, next_incarnation))
+        .await
+        .expect("the id of a deleted session is free again");
+    assert_eq!(b.count(next).await.unwrap(), 1);
+}
+
+/// A 3-member cluster reached through one proxy per member; mid-deletion
+/// the link to one member starts swallowing every answer (requests land,
+/// nothing comes back) and the link to another gets slow; then the
+/// swallowing link is cut and the slow one swallows. etcd itself is
+/// healthy: the deletion finishes within its bound, I1 holds, and the
+/// store keeps serving reads and creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_impaired_links_to_single_members_never_stall_a_deletion() {
+    if endpoints().is_none() {
+        return;
+    }
+    let cluster = Cluster::start("adv-links", 3, &[]).await;
+    let mut proxies = Vec::new();
+    for member in &cluster.members {
+        proxies.push(Proxy::start(&[member.url()]).await);
+    }
+    let through: Vec<String> = proxies.iter().flat_map(Proxy::endpoints).collect();
+    let prefix = unique_prefix("links");
+    let store = Arc::new(store_on::<()>(&through, &prefix, resilient).await);
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let handles = populate(&store, router, incarnation, 1..=400, &released).await;
+
+    let notified = Arc::new(Notify::new());
+    let deleter = forcing(&store, &notified);
+    let deletion = tokio::spawn(deleter.delete(router));
+    timeout(WAIT, notified.notified()).await.expect("notified");
+    proxies[0].set(Link::SwallowAnswers);
+    proxies[1].set(Link::Delay(Duration::from_millis(30)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    proxies[0].set(Link::Cut);
+    proxies[1].set(Link::SwallowAnswers);
+    let report = deleted(
+        timeout(Duration::from_secs(40), deletion)
+            .await
+            .expect("the deletion finishes past the impaired links")
+            .unwrap()
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 400, "{report:?}");
+    assert_gone(&store, router, incarnation, &handles, &released).await;
+    // Still serving, with one good link left.
+    let next = RouterId::new(2);
+    let next_incarnation = timeout(WAIT, store.register_router(next))
+        .await
+        .expect("register returns")
+        .expect("registered");
+    timeout(
+        WAIT,
+        store.create(NewSession::new(SessionId::new(1), next, next_incarnation)),
+    )
+    .await
+    .expect("create returns")
+    .expect("created");
+    assert_eq!(store.count(next).await.unwrap(), 1);
+    for proxy in &proxies {
+        proxy.set(Link::Pass);
+    }
+    let audit = timeout(WAIT, store.audit()).await.unwrap().unwrap();
+    assert!(audit.is_consistent(), "{audit:?}");
+}
+
+/// Id reuse across incarnations on etcd, with two controllers: A deletes
+/// router 1 (sessions 1..=20) while B holds handles of them; B registers
+/// router 1 again and creates ids 1..=20 anew. A's late, repeated
+/// `delete_incarnation` of the old incarnation answers `AlreadyDeleted` and
+/// touches none of the new lives (I9); B's old handles closed through the
+/// watch, its new ones stay open; a create naming the old incarnation is
+/// refused (I2); the new incarnation then deletes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_ids_reused_across_incarnations_are_never_touched_by_a_late_delete() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("adv-reuse", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("reuse");
+    let a = Arc::new(store_on::<()>(&endpoints, &prefix, |b| b).await);
+    let b = Arc::new(store_on::<()>(&endpoints, &prefix, |b| b).await);
+    let router = RouterId::new(1);
+    let old = a.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let first = populate(&a, router, old, 1..=20, &released).await;
+    let b_old = b.sessions(router).await.unwrap();
+    assert_eq!(b_old.len(), 20);
+
+    let notified = Arc::new(Notify::new());
+    let on_a = forcing(&a, &notified);
+    let report = deleted(
+        timeout(WAIT, on_a.delete(router))
+            .await
+            .expect("the deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 20, "{report:?}");
+    assert_gone(&a, router, old, &first, &released).await;
+    for session in &b_old {
+        timeout(WAIT, session.closed())
+            .await
+            .expect("B's handles of the old lives close through the watch");
+    }
+
+    let new = b.register_router(router).await.unwrap();
+    assert!(new > old, "incarnations grow: {old} then {new}");
+    let new_released = Arc::new(AtomicUsize::new(0));
+    let second = populate(&b, router, new, 1..=20, &new_released).await;
+    for _ in 0..2 {
+        match timeout(WAIT, on_a.delete_incarnation(router, old))
+            .await
+            .expect("a late delete returns")
+            .expect("answered")
+        {
+            DeleteOutcome::AlreadyDeleted { incarnation, .. } => assert_eq!(incarnation, old),
+            other => panic!("a late delete of {old} acted: {other:?}"),
+        }
+    }
+    let stale = b
+        .create(NewSession::new(SessionId::new(100), router, old))
+        .await
+        .expect_err("a create naming the old incarnation is refused");
+    assert!(
+        !matches!(stale.kind(), CreateErrorKind::Backend(_)),
+        "{stale}"
+    );
+    assert_eq!(
+        a.router_status(router).await.unwrap(),
+        RouterStatus::Live(new)
+    );
+    assert_eq!(a.count(router).await.unwrap(), 20);
+    assert!(second.iter().all(|s| !s.is_closed()), "a new life closed");
+    assert_eq!(new_released.load(Ordering::SeqCst), 0);
+    for session in &second {
+        let seen = a.get(session.id()).await.unwrap().expect("in the store");
+        assert_eq!(
+            seen.key(),
+            session.key(),
+            "both controllers see the new life"
+        );
+        assert!(!seen.is_closed());
+    }
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        20,
+        "old lives released once"
+    );
+
+    let report = deleted(
+        timeout(WAIT, forcing(&b, &notified).delete_incarnation(router, new))
+            .await
+            .expect("the new incarnation's deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 20, "{report:?}");
+    assert_gone(&b, router, new, &second, &new_released).await;
+    assert!(a.audit().await.unwrap().is_clean());
+}
