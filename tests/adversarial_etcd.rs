@@ -242,8 +242,7 @@ async fn own_etcd_a_foreign_key_for_our_id_on_another_router_never_closes_ours()
         .prefix(nested.as_str())
         .connect::<()>()
         .await
-        .err()
-        .expect("a prefix nested in a router's range is refused");
+        .expect_err("a prefix nested in a router's range is refused");
     assert!(
         refused.to_string().contains("prefix"),
         "refused for another reason: {refused}"
