@@ -105,8 +105,9 @@ impl ExpiryMonitorBuilder {
     }
 
     /// The monitor's tick (default 100 ms): the timer wheel's slot width.
-    /// A session closes within one tick after its expiry, never before.
-    /// Within [1 ms, 60 s].
+    /// A session closes within one tick after its expiry (and up to 1 ms
+    /// more: tokio's timers fire on whole milliseconds, and the monitor's
+    /// ticks start when it was built), never before. Within [1 ms, 60 s].
     ///
     /// See the example on [`ExpiryMonitorBuilder`].
     pub fn tick(mut self, tick: Duration) -> Self {
@@ -117,7 +118,9 @@ impl ExpiryMonitorBuilder {
     /// How long before its expiry a session is warned, with one
     /// [`Event::SessionExpiringSoon`](crate::Event::SessionExpiringSoon)
     /// (default 60 s; [`Duration::ZERO`]: no warnings). The warning comes
-    /// at most one tick earlier than that, never later, unless the session
+    /// at most one tick earlier than that, and at most 1 ms later (tokio's
+    /// timer resolution, as for the close: see [`tick`](Self::tick)),
+    /// unless the session
     /// was tracked closer to its expiry (then at once) or already due
     /// (then none). An extension re-arms it (see
     /// [`ExpiryMonitor`]).

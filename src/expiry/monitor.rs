@@ -55,8 +55,9 @@ use crate::store::{MemoryStore, SessionStore};
 ///   extension that lands first wins (the session lives on), one that
 ///   comes after gets [`ExpiryError::Expired`](crate::session::ExpiryError::Expired).
 /// - **Within one tick:** a session closes within one
-///   [`tick`](ExpiryMonitorBuilder::tick) after its expiry (plus the time
-///   its close takes), never before.
+///   [`tick`](ExpiryMonitorBuilder::tick) after its expiry (plus up to
+///   1 ms, tokio's timer resolution, and the time its close takes), never
+///   before.
 /// - **Warnings re-arm on extension:** a session warned and then extended
 ///   is warned again before its new expiry (`warn_before` ahead of it, or
 ///   when its old expiry comes up if the new one is closer than that).
