@@ -6,11 +6,14 @@
 //! - Per router, a generic cell rate algorithm (GCRA, the token bucket as
 //!   one instant): `due` is when the router's budget would be full again.
 //!   Taking `n` sessions at `now` moves `due` to `max(due, now) + n /
-//!   rate` (rounded up to the nanosecond, computed for the whole `n`: no
-//!   per-session rounding, no cap on `n`), and may go ahead once `due −
-//!   burst / rate` (rounded down) `≤` the instant it goes. So over any
-//!   span the router is sent at most `burst + rate × span` sessions, by
-//!   all sources together, in the order they asked.
+//!   rate`, and may go ahead once `due − burst / rate ≤` the instant it
+//!   goes. So over any span the router is sent at most `burst + rate ×
+//!   span` sessions, by all sources together, in the order they asked.
+//! - Exact: instants are kept in units of `1 / rate` nanoseconds since
+//!   the budget was built (`u128`), so a session costs exactly 10⁹ units
+//!   and the burst `burst × 10⁹`, whatever the rate and however many
+//!   sessions a request asks for; only the instant a request may go is
+//!   rounded, up, to the nanosecond.
 //! - A router whose `due` has passed has a full budget and needs no entry:
 //!   such entries are dropped when the map has doubled since the last
 //!   sweep, and at least once a second (amortised O(1) per take).
@@ -83,9 +86,10 @@ pub struct NotificationBudget {
 struct Shared {
     /// Sessions a second.
     rate: u32,
-    /// How far ahead of its due instant a router may be served: the
-    /// burst's worth of time at the rate, rounded down.
-    tolerance: Duration,
+    /// Sessions a router with a full budget may be sent at once.
+    burst: u32,
+    /// Where the units of `Routers::due` start.
+    epoch: Instant,
     routers: Mutex<Routers>,
     granted: AtomicU64,
     delayed: AtomicU64,
@@ -93,7 +97,8 @@ struct Shared {
 }
 
 struct Routers {
-    due: HashMap<RouterId, Instant, RandomState>,
+    /// Each router's due instant, in units of `1 / rate` ns since `epoch`.
+    due: HashMap<RouterId, u128, RandomState>,
     /// The map's size after the last sweep.
     swept: usize,
     /// When to sweep at the latest.
@@ -184,6 +189,7 @@ impl NotificationBudget {
         let now = Instant::now();
         let (routers_in_debt, routers) = {
             let routers = shared.routers.lock();
+            let now = shared.units(now);
             let in_debt = routers.due.values().filter(|&&due| due > now).count();
             (in_debt, routers.due.len())
         };
@@ -205,17 +211,19 @@ impl NotificationBudget {
         deadline: Option<Instant>,
     ) -> Result<Instant, BudgetExhausted> {
         let shared = &*self.shared;
-        let cost = cost_of(sessions, shared.rate);
+        let cost = (sessions as u128).saturating_mul(PER_SESSION);
         let now = Instant::now();
+        let now_units = shared.units(now);
         let mut routers = shared.routers.lock();
-        let due = routers.due.get(&router).copied().unwrap_or(now).max(now);
-        // Past what the clock holds (centuries of debt): as late as it can
-        // be said, never free.
-        let next = due
-            .checked_add(cost)
-            .or_else(|| now.checked_add(FAR_FUTURE))
-            .unwrap_or(due);
-        let at = next.checked_sub(shared.tolerance).unwrap_or(now).max(now);
+        let due = routers
+            .due
+            .get(&router)
+            .copied()
+            .unwrap_or(now_units)
+            .max(now_units);
+        let next = due.saturating_add(cost);
+        let burst = u128::from(shared.burst) * PER_SESSION;
+        let at = shared.instant(next.saturating_sub(burst).max(now_units), now);
         if deadline.is_some_and(|deadline| at > deadline) {
             drop(routers);
             shared.refused.fetch_add(1, Ordering::Relaxed);
@@ -226,7 +234,7 @@ impl NotificationBudget {
             });
         }
         routers.due.insert(router, next);
-        routers.sweep(now);
+        routers.sweep(now, now_units);
         drop(routers);
         shared.granted.fetch_add(1, Ordering::Relaxed);
         if at > now {
@@ -243,13 +251,31 @@ async fn wait_until(at: Instant) {
     }
 }
 
+impl Shared {
+    /// `at` in units of `1 / rate` ns since the epoch.
+    fn units(&self, at: Instant) -> u128 {
+        at.saturating_duration_since(self.epoch).as_nanos() * u128::from(self.rate)
+    }
+
+    /// The instant `units` stands for, rounded up to the nanosecond; past
+    /// what the clock holds (centuries of debt), [`FAR_FUTURE`] from `now`.
+    fn instant(&self, units: u128, now: Instant) -> Instant {
+        let nanos = units.div_ceil(u128::from(self.rate));
+        u64::try_from(nanos)
+            .ok()
+            .and_then(|nanos| self.epoch.checked_add(Duration::from_nanos(nanos)))
+            .or_else(|| now.checked_add(FAR_FUTURE))
+            .unwrap_or(now)
+    }
+}
+
 impl Routers {
     /// Forgets routers whose budget is full again: when the map doubled
     /// since the last sweep, and at most a second after it.
-    fn sweep(&mut self, now: Instant) {
+    fn sweep(&mut self, now: Instant, now_units: u128) {
         let grown = self.due.len() >= 64 && self.due.len() >= self.swept * 2;
         if grown || now >= self.next_sweep {
-            self.due.retain(|_, due| *due > now);
+            self.due.retain(|_, due| *due > now_units);
             self.swept = self.due.len();
             self.next_sweep = now + SWEEP_EVERY;
         }
@@ -263,20 +289,15 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// is rounded down to.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-/// What `sessions` cost at `rate` a second: `sessions / rate` seconds,
-/// rounded up to the nanosecond (at most [`FAR_FUTURE`]).
-fn cost_of(sessions: usize, rate: u32) -> Duration {
-    let nanos = (sessions as u128 * 1_000_000_000).div_ceil(u128::from(rate.max(1)));
-    u64::try_from(nanos)
-        .map(Duration::from_nanos)
-        .map_or(FAR_FUTURE, |cost| cost.min(FAR_FUTURE))
-}
+/// What one session costs, in units of `1 / rate` ns: a second's worth of
+/// nanoseconds.
+const PER_SESSION: u128 = 1_000_000_000;
 
 impl fmt::Debug for NotificationBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NotificationBudget")
             .field("rate", &self.shared.rate)
-            .field("tolerance", &self.shared.tolerance)
+            .field("burst", &self.shared.burst)
             .field("stats", &self.stats())
             .finish()
     }
@@ -337,12 +358,11 @@ impl NotificationBudgetBuilder {
                 "must be at least 1 session",
             ));
         }
-        // Rounded down: the burst never lets more through than it says.
-        let tolerance = u64::from(self.burst) * 1_000_000_000 / u64::from(self.rate);
         Ok(NotificationBudget {
             shared: Arc::new(Shared {
                 rate: self.rate,
-                tolerance: Duration::from_nanos(tolerance),
+                burst: self.burst,
+                epoch: Instant::now(),
                 routers: Mutex::new(Routers {
                     due: HashMap::default(),
                     swept: 0,

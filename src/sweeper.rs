@@ -382,7 +382,12 @@ impl<S: SessionStore> AuditSweeper<S> {
     /// (the same lives, by key, when the store gives keys; by id
     /// otherwise); remembers this sweep's for the next.
     fn second_sighting(&self, audit: &AuditReport) -> AuditReport {
-        let keyed = audit.closed_keys.len() == audit.closed_in_store.len();
+        let keyed = audit.closed_keys.len() == audit.closed_in_store.len()
+            && audit
+                .closed_keys
+                .iter()
+                .zip(&audit.closed_in_store)
+                .all(|(key, &id)| key.id() == id);
         // Without keys, every life of an id is generation 0 here.
         let keys: Vec<SessionKey> = if keyed {
             audit.closed_keys.clone()

@@ -284,3 +284,52 @@ async fn a_lifecycle_gives_its_budget_to_the_deleter_and_the_monitor() {
             .is_complete()
     );
 }
+
+/// A rate that does not divide a second still grants a full burst at
+/// once, in one request or in several, and never more than
+/// `burst + rate × span`: the budget keeps exact fractions of a
+/// nanosecond, not a rounded cost per session.
+#[tokio::test(start_paused = true)]
+async fn a_rate_that_does_not_divide_a_second_grants_the_burst_at_once_and_no_more() {
+    let router = RouterId::new(1);
+    let now = Instant::now();
+    // Three requests of one at 3 a second, burst 3: all at once.
+    let budget = NotificationBudget::builder()
+        .rate(3)
+        .burst(3)
+        .build()
+        .unwrap();
+    for n in 0..3 {
+        assert_eq!(
+            budget.acquire_by(router, 1, now).await,
+            Ok(()),
+            "request {n}"
+        );
+    }
+    // The fourth waits a third of a second (rounded up to the nanosecond).
+    let refused = budget.acquire_by(router, 1, now).await.unwrap_err();
+    assert_eq!(refused.wait, Duration::from_nanos(333_333_334));
+    // One request of the whole burst at 3 a second, burst 10: at once.
+    let budget = NotificationBudget::builder()
+        .rate(3)
+        .burst(10)
+        .build()
+        .unwrap();
+    assert_eq!(budget.acquire_by(router, 10, now).await, Ok(()));
+    // 600 M a second, burst 1: 6,000,001 sessions take at least 10 ms.
+    let budget = NotificationBudget::builder()
+        .rate(600_000_000)
+        .burst(1)
+        .build()
+        .unwrap();
+    for _ in 0..6 {
+        budget.acquire(router, 1_000_000).await;
+    }
+    budget.acquire(router, 1).await;
+    let took = Instant::now() - now;
+    // Each wait ends on tokio's next millisecond.
+    assert!(
+        took >= Duration::from_millis(10) && took <= Duration::from_millis(17),
+        "{took:?}"
+    );
+}

@@ -142,7 +142,7 @@ impl<S: SessionStore> fmt::Debug for ExpiryMonitor<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExpiryMonitor")
             .field("config", &self.shared.config)
-            .field("stats", &self.shared.counters.snapshot())
+            .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
 }

@@ -199,7 +199,7 @@ impl<S: SessionStore, Pr> fmt::Debug for LivenessMonitor<S, Pr> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LivenessMonitor")
             .field("config", &self.shared.config)
-            .field("stats", &self.shared.counters.snapshot())
+            .field("stats", &self.shared.stats())
             .finish_non_exhaustive()
     }
 }
@@ -362,15 +362,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// [`LivenessMonitor`].
     #[must_use]
     pub fn stats(&self) -> LivenessStats {
-        let mut stats = self.shared.counters.snapshot();
-        if self.shared.stopped() {
-            // Stopping or stopped: nothing is watched, probed or held back
-            // by the partition guard any more.
-            stats.watched = 0;
-            stats.suspects = 0;
-            stats.partition_suspected = false;
-        }
-        stats
+        self.shared.stats()
     }
 
     /// Holds `router`, in every incarnation: while held, none of its
@@ -511,6 +503,21 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
         next = shared.epoch + Duration::from_millis(next_tick.saturating_mul(granularity));
     }
     shared.clock.fetch_or(STOPPED, Ordering::Relaxed);
+}
+
+impl<S: SessionStore, Pr> Shared<S, Pr> {
+    /// The counters; once stopping, nothing is watched, probed or held
+    /// back by the partition guard any more.
+    fn stats(&self) -> LivenessStats {
+        let mut stats = self.counters.snapshot();
+        // Relaxed: as in `heartbeat`.
+        if self.clock.load(Ordering::Relaxed) & STOPPED != 0 {
+            stats.watched = 0;
+            stats.suspects = 0;
+            stats.partition_suspected = false;
+        }
+        stats
+    }
 }
 
 impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {

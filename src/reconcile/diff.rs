@@ -50,9 +50,11 @@ impl<S: SessionStore> Reconciler<S> {
     /// `reported` is any iterator of ids or of references to ids (a
     /// `Vec<SessionId>`, a `&[SessionId]`, a decoder's iterator). Duplicate
     /// ids in the report count once. Sessions created after the
-    /// call started (or younger than
-    /// [`spare_younger_than`](crate::ReconcilerBuilder::spare_younger_than)) are
-    /// never closed for missing from the report. Reported sessions the
+    /// call started, at a later instant of tokio's clock (or younger than
+    /// [`spare_younger_than`](crate::ReconcilerBuilder::spare_younger_than)), are
+    /// never closed for missing from the report. One created in the very
+    /// instant the call starts counts as older (on a paused clock, advance
+    /// it between the two). Reported sessions the
     /// store does not know are to be dropped by the router; to offer them
     /// for adoption instead (a controller that restarted and lost its
     /// store), see [`reconcile_adopting`](Self::reconcile_adopting).

@@ -114,7 +114,10 @@ impl<S: SessionStore> Reconciler<S> {
     /// # Errors
     ///
     /// [`ReconcileError::NotLive`] if the router's deletion started (the
-    /// deleter handles its sessions), [`ReconcileError::UnknownRouter`],
+    /// deleter handles its sessions; also when the router was deleted and
+    /// registered again during the call, and the new incarnation's grace
+    /// period runs: that one is left as it is),
+    /// [`ReconcileError::UnknownRouter`],
     /// [`ReconcileError::NoRuntime`] outside a tokio runtime,
     /// [`ReconcileError::ShutDown`] after [`shutdown`](Self::shutdown), and
     /// [`ReconcileError::Store`] if the backend failed.
@@ -167,10 +170,19 @@ impl<S: SessionStore> Reconciler<S> {
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
         }
-        if let Some(running) = graces.get(&router)
-            && running.incarnation == incarnation
-        {
-            return Ok(running.deadline);
+        if let Some(running) = graces.get(&router) {
+            if running.incarnation == incarnation {
+                return Ok(running.deadline);
+            }
+            if running.incarnation > incarnation {
+                // The router was deleted and registered again since its
+                // status was read: this disconnect is the old life's, and
+                // the new life's period stays.
+                return Err(ReconcileError::NotLive {
+                    router,
+                    status: RouterStatus::Deleted(incarnation),
+                });
+            }
         }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
         // Published before the timer exists: `RouterLost` cannot overtake it.

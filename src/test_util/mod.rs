@@ -159,10 +159,12 @@
 //! - The checker sees the store between steps. Check after every step: a
 //!   session created after a fence in the same step as the fence looks
 //!   like one created before it.
-//! - [`Reconciler::reconcile`](crate::Reconciler::reconcile) spares sessions
-//!   created in the instant it starts. On a paused clock, where a whole
-//!   test shares one instant, advance the clock
-//!   (`tokio::time::advance`) before reconciling.
+//! - [`Reconciler::reconcile`](crate::Reconciler::reconcile) spares only
+//!   sessions created at a later instant than its start: one created in
+//!   the very instant it starts counts as older. On a paused clock, where
+//!   a whole test shares one instant, advance the clock
+//!   (`tokio::time::advance`) between creating a session meant to be
+//!   spared and the call's start.
 //! - A scripted router confirms by closing the session *id* in the store.
 //!   [`Notify::Slow`] and [`Notify::Later`] confirmations that arrive after
 //!   the deletion ended close whatever session holds the id then; keep their

@@ -242,7 +242,11 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 )])
                 .and_then([TxnOp::delete(shared.keys.pointer(id), None)]);
             if self.guarded("drop dangling pointer", txn).await? {
-                if let Some((_, cached)) = shared.cache.remove(&id) {
+                // Only a handle of that router: the id may live on another.
+                if let Some((_, cached)) = shared
+                    .cache
+                    .remove_if(&id, |_, c| c.session.router() == router)
+                {
                     shared.close_quietly(&cached.session, cached.created, CloseReason::Reclaimed);
                 }
                 repairs.push(Repair {

@@ -388,15 +388,18 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
 
     async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
         let keys = &self.shared.keys;
-        let prefix = keys.records(router);
-        let end = prefix_end(&prefix);
+        // The range of this store's own record keys (16 lower-case hex
+        // digits), not the whole of `r/<router>/s/`: keys of other writers
+        // there (a nested store's, look-alikes) mostly fall outside it.
+        let first = keys.record(router, SessionId::new(0));
+        let end = prefix_end(&keys.record(router, SessionId::new(u64::MAX)));
         let txn = Txn::new().and_then([
             TxnOp::get(
                 keys.router(router),
                 Some(GetOptions::new().with_keys_only()),
             ),
             TxnOp::get(
-                prefix,
+                first,
                 Some(GetOptions::new().with_range(end).with_count_only()),
             ),
         ]);

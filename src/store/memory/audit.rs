@@ -125,10 +125,13 @@ impl<P> MemoryStore<P> {
         // id since is not this finding.
         let keyed = findings.closed_keys.len() == findings.closed_in_store.len();
         for (n, &id) in findings.closed_in_store.iter().enumerate() {
-            let stored = if keyed {
-                self.get_exact(findings.closed_keys[n])
-            } else {
-                self.get_now(id)
+            let key = findings
+                .closed_keys
+                .get(n)
+                .filter(|key| keyed && key.id() == id);
+            let stored = match key {
+                Some(&key) => self.get_exact(key),
+                None => self.get_now(id),
             };
             if let Some(stored) = stored.filter(Session::is_closed) {
                 if self.deleting(stored.router()) {
