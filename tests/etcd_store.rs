@@ -822,3 +822,58 @@ async fn ids_reused_on_another_router_during_a_deletion_are_left_alone() {
         );
     }
 }
+
+/// A closed session left in the store, removed, and its id used again by a
+/// session closed through its handle too: a finding about the first life
+/// never removes the second's record, and the sweeper waits for a second
+/// sighting of that very life (I9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_closed_record_is_repaired_by_its_life_not_its_id() {
+    let Some((store, _other, _prefix, incarnation)) = two_controllers::<()>("closed-lives").await
+    else {
+        return;
+    };
+    let store = Arc::new(store);
+    let router = RouterId::new(1);
+    let id = SessionId::new(4);
+    let sweeper = session_lifecycle::AuditSweeper::builder()
+        .interval(Duration::from_secs(3600))
+        .build(Arc::clone(&store))
+        .unwrap();
+
+    let first = store
+        .create(NewSession::new(id, router, incarnation))
+        .await
+        .unwrap();
+    let _ = first.close(CloseReason::ClientClosed);
+    store.flush().await.unwrap();
+    let old_findings = store.audit().await.unwrap();
+    assert_eq!(old_findings.closed_in_store, vec![id]);
+    // The sweeper sees the first life once.
+    assert!(sweeper.sweep().await.unwrap().repairs.is_empty());
+
+    // The first life's record goes; a second life of the id is closed
+    // through its handle and lingers.
+    let _ = store.remove(id).await.unwrap();
+    let second = store
+        .create(NewSession::new(id, router, incarnation))
+        .await
+        .unwrap();
+    assert!(!Session::ptr_eq(&first, &second));
+    let _ = second.close(CloseReason::ClientClosed);
+    store.flush().await.unwrap();
+
+    // A repair of the first life's finding leaves the second's record.
+    assert!(store.repair(&old_findings).await.unwrap().is_empty());
+    assert_eq!(store.audit().await.unwrap().closed_in_store, vec![id]);
+    // The sweeper sees the second life for the first time: it waits.
+    assert!(sweeper.sweep().await.unwrap().repairs.is_empty());
+    assert_eq!(store.audit().await.unwrap().closed_in_store, vec![id]);
+    // Seen twice: removed.
+    let repairs = sweeper.sweep().await.unwrap().repairs;
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert_eq!(repairs[0].session, id);
+    assert_eq!(repairs[0].action, RepairAction::ClosedRemoved);
+    assert!(store.audit().await.unwrap().is_clean());
+    sweeper.shutdown().await;
+}

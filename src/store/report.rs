@@ -155,7 +155,8 @@ pub struct AuditReport {
     /// they hold memory until removed.
     pub closed_in_store: Vec<SessionId>,
     /// The keys of `closed_in_store`, in its order, from a store that
-    /// knows them ([`MemoryStore`](crate::MemoryStore)); empty otherwise.
+    /// knows them ([`MemoryStore`](crate::MemoryStore), and `EtcdStore`:
+    /// the generation of a record's handle); empty otherwise.
     /// With them the sweeper and the repair act on that very life of each
     /// id, never on a session that reused it since (I9).
     pub(crate) closed_keys: Vec<SessionKey>,

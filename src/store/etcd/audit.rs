@@ -3,10 +3,10 @@
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use super::keys::{KeyKind, decode, decode_head, prefix_end};
-use super::txn::{parse_pointer, router_status};
+use super::txn::{generation, parse_pointer, router_status};
 use super::{EtcdError, EtcdPayload, EtcdStore};
 use crate::events::{Repair, RepairAction};
-use crate::id::{Incarnation, RouterId, SessionId};
+use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseReason, SessionState};
 use crate::store::report::{AuditReport, RouterStatus};
 use crate::store::rules::holds;
@@ -66,6 +66,8 @@ impl Scan {
             }
             if record.closed.is_some() {
                 report.closed_in_store.push(record.id);
+                let key = SessionKey::new(record.id, generation(record.created));
+                report.closed_keys.push(key);
             }
         }
         let unreadable_record = |id: SessionId, router: RouterId| {
@@ -268,10 +270,17 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 repairs.push(repaired(&record, RepairAction::OrphanReclaimed));
             }
         }
-        for &id in &findings.closed_in_store {
+        // By key when the findings carry keys: a record of a session that
+        // reused the id since is not this finding.
+        let keyed = findings.closed_keys.len() == findings.closed_in_store.len();
+        for (n, &id) in findings.closed_in_store.iter().enumerate() {
             let Some(record) = scan.records.get(&id).copied() else {
                 continue;
             };
+            let life = findings.closed_keys.get(n).filter(|key| keyed && key.id() == id);
+            if life.is_some_and(|key| key.generation() != generation(record.created)) {
+                continue; // another life of the id
+            }
             if record.closed.is_none() || fenced(record.router) || now.orphans.contains(&id) {
                 continue; // a deletion's `finish` or the orphan pass has it
             }
