@@ -85,13 +85,19 @@ const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 impl<S: SessionStore> Reconciler<S> {
     /// Routers in their grace period now.
     ///
+    /// A router deleted during its grace period still counts until the
+    /// period's deadline: the period then ends and closes nothing (the
+    /// deletion closed the sessions).
+    ///
     /// See the example on [`router_disconnected`](Self::router_disconnected).
     #[must_use]
     pub fn in_grace(&self) -> usize {
         self.inner.graces.lock().len()
     }
 
-    /// When `router`'s grace period ends, if it is in one.
+    /// When `router`'s grace period ends, if it is in one (as for
+    /// [`in_grace`](Self::in_grace), also after the router's deletion,
+    /// until that deadline).
     ///
     /// See the example on [`router_disconnected`](Self::router_disconnected).
     #[must_use]
