@@ -277,7 +277,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
             let Some(record) = scan.records.get(&id).copied() else {
                 continue;
             };
-            let life = findings.closed_keys.get(n).filter(|key| keyed && key.id() == id);
+            let life = findings
+                .closed_keys
+                .get(n)
+                .filter(|key| keyed && key.id() == id);
             if life.is_some_and(|key| key.generation() != generation(record.created)) {
                 continue; // another life of the id
             }
