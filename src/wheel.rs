@@ -72,6 +72,11 @@ impl<T> Wheel<T> {
         std::mem::take(&mut self.slots[index])
     }
 
+    /// Every entry, slot by slot.
+    pub(crate) fn into_entries(self) -> impl Iterator<Item = T> {
+        self.slots.into_vec().into_iter().flatten()
+    }
+
     /// Looks at the next `slots` slots after the last sweep (wrapping; at
     /// most one turn) and drops the entries `keep` refuses, in the caller's
     /// task: returns how many went. A slot left empty gives its memory

@@ -237,10 +237,11 @@ impl<S: SessionStore> ExpiryMonitor<S> {
             if !session.track_expiry() {
                 return Err(TrackError::AlreadyTracked(session.id()));
             }
+            // Counted before the task can see it (and count it out).
+            Counters::add(&shared.counters.tracked, 1);
             incoming.push(session.clone());
             incoming.len() == 1
         };
-        Counters::add(&shared.counters.tracked, 1);
         if first {
             // Outside the lock. A permit is kept if the task is not
             // waiting yet: no wake-up is lost.
@@ -261,8 +262,10 @@ impl<S: SessionStore> ExpiryMonitor<S> {
     }
 
     /// Stops the monitor: no session is tracked or expired from now on
-    /// (the sessions it tracked keep their expiry and stay open); closes
-    /// already decided finish first.
+    /// (the sessions it tracked keep their expiry and stay open, and
+    /// another monitor may track them once this returns); closes already
+    /// decided finish first. A monitor whose runtime went away, or whose
+    /// last handle was dropped, stops the same way.
     ///
     /// # Cancel safety
     ///
@@ -281,7 +284,8 @@ impl<S: SessionStore> ExpiryMonitor<S> {
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let monitor = ExpiryMonitor::builder().build(Arc::new(MemoryStore::new()))?;
+    /// let store = Arc::new(MemoryStore::new());
+    /// let monitor = ExpiryMonitor::builder().build(Arc::clone(&store))?;
     /// let session = NewSession::new(SessionId::new(1), RouterId::new(1), Incarnation::new(1))
     ///     .expires_in(Duration::from_secs(1))
     ///     .into_session();
@@ -290,6 +294,12 @@ impl<S: SessionStore> ExpiryMonitor<S> {
     /// tokio::time::sleep(Duration::from_secs(5)).await;
     /// assert!(!session.is_closed()); // nobody expires after shutdown
     /// assert_eq!(monitor.track(&session), Err(TrackError::ShutDown));
+    ///
+    /// // Another monitor takes it over.
+    /// let next = ExpiryMonitor::builder().build(store)?;
+    /// next.track(&session)?;
+    /// tokio::time::sleep(Duration::from_secs(1)).await;
+    /// assert!(session.is_closed());
     /// # Ok(())
     /// # }
     /// ```

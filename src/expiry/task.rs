@@ -18,6 +18,7 @@
 //!   minutes at the default tick, later). `held` and `tracked` count it out.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::time::{Duration, Instant};
 
@@ -58,8 +59,11 @@ struct Pass<P> {
 /// (until one comes in otherwise), then looks at the entries that came up
 /// and files the incoming sessions.
 pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
-    // Built at the first session: a monitor nobody uses costs no wheel.
-    let mut wheel: Option<Wheel<Entry<S::Payload>>> = None;
+    let mut hands = Hands {
+        shared: Arc::clone(&shared),
+        // Built at the first session: a monitor nobody uses costs no wheel.
+        wheel: None,
+    };
     let mut held = 0usize;
     let mut now_tick = 0u64;
     let sweep_slots = shared.config.sweep_slots();
@@ -75,7 +79,7 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
             break;
         }
         now_tick = shared.tick_of(Instant::now());
-        let wheel = wheel.get_or_insert_with(|| Wheel::new(WHEEL_SLOTS));
+        let wheel = hands.wheel.get_or_insert_with(|| Wheel::new(WHEEL_SLOTS));
         let mut pass = Pass {
             due: Vec::new(),
             warnings: Vec::new(),
@@ -110,6 +114,32 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
             held += shared.file(wheel, entry, now_tick, &mut pass);
         }
         shared.finish(pass);
+    }
+}
+
+/// The sessions in the task's hands: its wheel, and those tracked but not
+/// filed yet. When the task ends (a shutdown, the monitor's last handle
+/// dropped, or its runtime going away), the monitor refuses tracks from
+/// then on, and each session still in its hands is let go untracked: it
+/// keeps its expiry and another monitor may track it.
+struct Hands<S: SessionStore> {
+    shared: Arc<Shared<S>>,
+    wheel: Option<Wheel<Entry<S::Payload>>>,
+}
+
+impl<S: SessionStore> Drop for Hands<S> {
+    fn drop(&mut self) {
+        let incoming = {
+            // Under `incoming`, as `shutdown` does: no track lands after.
+            let mut incoming = self.shared.incoming.lock();
+            self.shared.stopped.store(true, Ordering::Release);
+            std::mem::take(&mut *incoming)
+        };
+        let wheel = self.wheel.take().into_iter().flat_map(Wheel::into_entries);
+        // No lock held: dropping a handle may run a payload's `Drop`.
+        for session in wheel.map(|entry| entry.session).chain(incoming) {
+            session.untrack_expiry();
+        }
     }
 }
 

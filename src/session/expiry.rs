@@ -14,7 +14,9 @@
 //!   either lands before it (the compare-exchange fails, the monitor
 //!   re-reads) or sees `EXPIRED` and reports that it came too late. Nothing
 //!   changes the word after `EXPIRED`.
-//! - `TRACKED` is set once, by the monitor that tracks the session.
+//! - `TRACKED` is set by the monitor that tracks the session, and cleared
+//!   only by that monitor's task when it ends with the session still in
+//!   its hands (never after it expired it): one monitor at a time.
 //!
 //! Times are nanoseconds after the session's creation (`created_at`, on
 //! tokio's clock): no process-wide base instant, so runtimes with paused
@@ -213,6 +215,12 @@ impl ExpiryWord {
     pub(crate) fn track(&self) -> bool {
         // Relaxed: the flag orders nothing else.
         self.0.fetch_or(TRACKED, Ordering::Relaxed) & TRACKED == 0
+    }
+
+    /// Clears `TRACKED`: the monitor that set it stopped before the
+    /// session came due, and another may track it.
+    pub(crate) fn untrack(&self) {
+        self.0.fetch_and(!TRACKED, Ordering::Relaxed);
     }
 
     /// Marks the session expired if its expiry is still `seen`; `false`

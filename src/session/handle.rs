@@ -249,6 +249,12 @@ impl<P> Session<P> {
         self.inner.expiry.track()
     }
 
+    /// Lets another expiry monitor track the session: the one that
+    /// tracked it stopped.
+    pub(crate) fn untrack_expiry(&self) {
+        self.inner.expiry.untrack();
+    }
+
     /// Marks the session expired if its expiry is still `seen`.
     pub(crate) fn expire(&self, seen: ExpirySnapshot) -> bool {
         self.inner.expiry.expire(seen)

@@ -23,10 +23,11 @@ use crate::{
 ///
 /// A router confirms a termination by closing the session in the store with
 /// [`CloseReason::RouterDeleted`], as a controller does when the router's
-/// confirmation arrives. It closes by session *id*: a `Slow` or `Later`
-/// confirmation that lands after the deletion ended closes whatever session
-/// holds the id then. Keep their delays below the deleter's deadlines, or
-/// do not reuse ids across deletions.
+/// confirmation arrives. It closes by [`SessionKey`] (that very life of the
+/// id, [`SessionStore::close_exact`], or by handle through the batch's
+/// confirmations): a `Slow` or `Later` confirmation that lands after the
+/// deletion ended closes nothing, not even a later session that reuses the
+/// id.
 ///
 /// # Example
 ///

@@ -165,11 +165,10 @@
 //!   a whole test shares one instant, advance the clock
 //!   (`tokio::time::advance`) between creating a session meant to be
 //!   spared and the call's start.
-//! - A scripted router confirms by closing the session *id* in the store.
-//!   [`Notify::Slow`] and [`Notify::Later`] confirmations that arrive after
-//!   the deletion ended close whatever session holds the id then; keep their
-//!   delays below the deleter's deadlines, or do not reuse ids across
-//!   deletions with them.
+//! - A scripted router confirms by [`SessionKey`](crate::SessionKey), not
+//!   by id: [`Notify::Slow`] and [`Notify::Later`] confirmations that
+//!   arrive after the deletion ended close nothing, not even a later
+//!   session reusing the id.
 //! - Check a quiescent store (between steps), and use one checker per
 //!   case: see [`InvariantChecker`].
 //! - Everything here may panic: it is for tests, and a panic is how a test

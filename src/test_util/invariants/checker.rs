@@ -194,6 +194,7 @@ impl<P: Send + Sync + 'static> InvariantChecker<P> {
             }
         }
         report.routers = observed.len();
+        listed_zombies(&observed, &mut found);
         let mut memory = self.memory.lock();
         for session in seen.iter().chain(observed.iter().flat_map(|o| &o.listed)) {
             memory.track(session);
@@ -270,6 +271,31 @@ async fn read_audit<S: SessionStore>(
             // Gone since the audit: removed, not a zombie any more.
             Ok(None) => {}
             Err(error) => found.push(failed("get", error)),
+        }
+    }
+}
+
+/// I1 through the listings: a session a router still lists in an
+/// incarnation that ended (deleted, or older than the current one) is a
+/// zombie, whatever the store's own audit says. Each is reported once.
+fn listed_zombies<P>(observed: &[Observed<P>], found: &mut Vec<Violation>) {
+    let mut reported: BTreeSet<SessionId> = found
+        .iter()
+        .filter_map(|violation| match violation {
+            Violation::Zombie { session, .. } => Some(*session),
+            _ => None,
+        })
+        .collect();
+    for o in observed {
+        for session in &o.listed {
+            if ended(o.status, session.incarnation()) && reported.insert(session.id()) {
+                found.push(Violation::Zombie {
+                    session: session.id(),
+                    router: o.router,
+                    incarnation: session.incarnation(),
+                    status: Some(o.status),
+                });
+            }
         }
     }
 }
