@@ -11,9 +11,9 @@ use session_lifecycle::expiry::{ExpiryMonitor, TrackError};
 use session_lifecycle::reclaim::{ReclaimError, ReclaimTask};
 use session_lifecycle::test_util::{HOUR, Notify, ObservedRouter, ScriptedNotifier, within};
 use session_lifecycle::{
-    BuildError, CloseReason, Event, EventBus, Lifecycle, LivenessMonitor, MemoryStore, NewSession,
-    NotifyError, ReclaimQueue, Reconciler, RouterDeleter, RouterId, SessionId, SessionStore,
-    TerminationBatch, TerminationNotifier, deleter::DeleteError,
+    BuildError, CloseReason, Event, EventBus, Lifecycle, LifecycleBuilder, LivenessMonitor,
+    MemoryStore, NewSession, NotifyError, ReclaimQueue, Reconciler, RouterDeleter, RouterId,
+    SessionId, SessionStore, TerminationBatch, TerminationNotifier, deleter::DeleteError,
 };
 use tokio::time::Duration;
 
@@ -24,6 +24,20 @@ impl TerminationNotifier for Deaf {
     async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> {
         Ok(())
     }
+}
+
+/// A `Lifecycle` whose routers answer every notice with an error: each
+/// deletion forces its sessions after `confirm_secs`, with no retry.
+fn unanswered<P: Send + Sync + 'static>(
+    store: &Arc<MemoryStore<P>>,
+    confirm_secs: u64,
+) -> LifecycleBuilder<MemoryStore<P>, Arc<ScriptedNotifier<MemoryStore<P>>>> {
+    let notifier = ScriptedNotifier::always(Arc::clone(store), Notify::Error);
+    Lifecycle::builder(Arc::clone(store), notifier).deleter(
+        RouterDeleter::builder()
+            .confirm_timeout(Duration::from_secs(confirm_secs))
+            .retries(0),
+    )
 }
 
 fn released(observed: &ObservedRouter) -> Vec<usize> {
@@ -90,15 +104,7 @@ async fn a_build_refused_by_the_last_piece_leaves_nothing_running() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_shutdowns_both_return_and_release_each_resource_once() {
     let store = Arc::new(MemoryStore::new());
-    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-        .deleter(
-            RouterDeleter::builder()
-                .confirm_timeout(Duration::from_secs(1))
-                .retries(0),
-        )
-        .build()
-        .unwrap();
+    let lifecycle = unanswered(&store, 1).build().unwrap();
     let router = ObservedRouter::fill(&*store, RouterId::new(1), 0, 30).await;
     let deletion = tokio::spawn(lifecycle.deleter().delete(router.router));
     while lifecycle.deleter().running() == 0 {
@@ -290,16 +296,7 @@ async fn a_deletion_finishing_in_the_shutdown_publishes_fence_then_report() {
             .build::<()>()
             .unwrap(),
     );
-    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-        .events(bus)
-        .deleter(
-            RouterDeleter::builder()
-                .confirm_timeout(Duration::from_secs(1))
-                .retries(0),
-        )
-        .build()
-        .unwrap();
+    let lifecycle = unanswered(&store, 1).events(bus).build().unwrap();
     let mut events = lifecycle.subscribe();
     let router = ObservedRouter::fill(&*store, RouterId::new(1), 0, 10).await;
     let deletion = tokio::spawn(lifecycle.deleter().delete(router.router));
@@ -621,15 +618,7 @@ fn payload_drop_and_release_reentering_the_store_during_shutdown_do_not_deadlock
             let backref: Backref = Arc::new(std::sync::OnceLock::new());
             let store = Arc::new(MemoryStore::<Reentrant>::default());
             let _ = backref.set(Arc::downgrade(&store));
-            let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-            let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-                .deleter(
-                    RouterDeleter::builder()
-                        .confirm_timeout(Duration::from_secs(1))
-                        .retries(0),
-                )
-                .build()
-                .unwrap();
+            let lifecycle = unanswered(&store, 1).build().unwrap();
             let router = RouterId::new(1);
             let incarnation = store.register_router(router).await.unwrap();
             let dropped = Arc::new(AtomicUsize::new(0));
@@ -795,15 +784,7 @@ async fn build_refuses_expiry_and_budget_wiring_from_another_lifecycle() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_with_an_unbounded_deadline_completes_without_overflow() {
     let store = Arc::new(MemoryStore::new());
-    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-        .deleter(
-            RouterDeleter::builder()
-                .confirm_timeout(Duration::from_secs(1))
-                .retries(0),
-        )
-        .build()
-        .unwrap();
+    let lifecycle = unanswered(&store, 1).build().unwrap();
     let router = ObservedRouter::fill(&*store, RouterId::new(1), 0, 5).await;
     let deletion = tokio::spawn(lifecycle.deleter().delete(router.router));
     while lifecycle.deleter().running() == 0 {
@@ -822,15 +803,7 @@ async fn shutdown_with_an_unbounded_deadline_completes_without_overflow() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_with_a_zero_deadline_returns_at_once_and_loses_nothing() {
     let store = Arc::new(MemoryStore::new());
-    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-        .deleter(
-            RouterDeleter::builder()
-                .confirm_timeout(Duration::from_secs(1))
-                .retries(0),
-        )
-        .build()
-        .unwrap();
+    let lifecycle = unanswered(&store, 1).build().unwrap();
     let router = ObservedRouter::fill(&*store, RouterId::new(1), 0, 7).await;
     let deletion = tokio::spawn(lifecycle.deleter().delete(router.router));
     while lifecycle.deleter().running() == 0 {
@@ -954,15 +927,7 @@ async fn a_deletion_starved_of_budget_by_the_controller_still_ends_within_max_wa
 #[tokio::test(start_paused = true)]
 async fn a_dropped_shutdown_then_a_dropped_lifecycle_still_releases_everything_once() {
     let store = Arc::new(MemoryStore::new());
-    let notifier = ScriptedNotifier::always(Arc::clone(&store), Notify::Error);
-    let lifecycle = Lifecycle::builder(Arc::clone(&store), notifier)
-        .deleter(
-            RouterDeleter::builder()
-                .confirm_timeout(Duration::from_secs(3))
-                .retries(0),
-        )
-        .build()
-        .unwrap();
+    let lifecycle = unanswered(&store, 3).build().unwrap();
     let router = ObservedRouter::fill(&*store, RouterId::new(1), 0, 9).await;
     let deletion = tokio::spawn(lifecycle.deleter().delete(router.router));
     while lifecycle.deleter().running() == 0 {
