@@ -88,7 +88,7 @@ impl<P> Session<P> {
         // `with_token` reader still runs (then when it returns).
         drop(token);
         match resources {
-            None => wake_all(waiters),
+            None => wake_all(waiters, self.id()),
             Some(resources) => {
                 for resource in resources.into_release_order() {
                     self.release_contained(resource, reason);
@@ -123,7 +123,7 @@ impl<P> Session<P> {
             self.inner.word.mark_complete();
             std::mem::take(&mut shared.waiters)
         };
-        wake_all(waiters);
+        wake_all(waiters, self.id());
     }
 
     /// Closes the session with `reason` but hands its resources back,
@@ -245,12 +245,15 @@ impl<P> Drop for CompleteOnDrop<P> {
 }
 
 /// Wakes every waiter taken out of a session (outside its lock: a waker is
-/// user code).
-fn wake_all(waiters: Vec<Option<std::task::Waker>>) {
+/// user code). A waker that panics is contained, as a resource's release
+/// is: the other waiters are still woken, and the close completes.
+fn wake_all(waiters: Vec<Option<std::task::Waker>>, session: SessionId) {
     if waiters.is_empty() {
         return;
     }
     for waker in waiters.into_iter().flatten() {
-        waker.wake();
+        if catch_unwind(AssertUnwindSafe(|| waker.wake())).is_err() {
+            tracing::error!(%session, "a close waiter's waker panicked; the panic was contained");
+        }
     }
 }

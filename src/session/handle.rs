@@ -285,7 +285,8 @@ impl<P> Session<P> {
     /// (resources released, token wiped); resolves with the close reason.
     ///
     /// Level-triggered: ready at once if the session is already closed. Any
-    /// number of waiters may wait at once.
+    /// number of waiters may wait at once; a waker that panics when woken is
+    /// contained (logged), and the other waiters are still woken.
     ///
     /// # Cancel safety
     ///
@@ -381,13 +382,15 @@ impl<P> Session<P> {
         f(token.as_deref().map(SessionToken::as_bytes))
     }
 
-    /// Counts one packet of `bytes` received from the client.
+    /// Counts one packet of `bytes` received from the client (the byte
+    /// count saturates at `u64::MAX`).
     /// See the example on [`Session`].
     pub fn record_in(&self, bytes: u64) {
         self.inner.traffic.record_in(bytes);
     }
 
-    /// Counts one packet of `bytes` sent to the client.
+    /// Counts one packet of `bytes` sent to the client (the byte count
+    /// saturates at `u64::MAX`).
     pub fn record_out(&self, bytes: u64) {
         self.inner.traffic.record_out(bytes);
     }

@@ -38,8 +38,9 @@ impl Traffic {
     }
 }
 
-/// The live counters: relaxed atomics, so bumping them is one uncontended
-/// `fetch_add` each. They order nothing else and need no more.
+/// The live counters: relaxed atomics, bumped without a lock (bytes with
+/// one compare-exchange, saturating at `u64::MAX`; packets with one
+/// `fetch_add`). They order nothing else and need no more.
 #[derive(Debug, Default)]
 pub(crate) struct TrafficCounters {
     bytes_in: AtomicU64,
@@ -50,14 +51,14 @@ pub(crate) struct TrafficCounters {
 
 impl TrafficCounters {
     pub(crate) fn record_in(&self, bytes: u64) {
-        // Relaxed: statistics only.
-        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        add_saturating(&self.bytes_in, bytes);
+        // Relaxed: statistics only. (2^64 packets are not sent.)
         self.packets_in.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record_out(&self, bytes: u64) {
-        // Relaxed: statistics only.
-        self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        add_saturating(&self.bytes_out, bytes);
+        // Relaxed: statistics only. (2^64 packets are not sent.)
         self.packets_out.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -70,4 +71,14 @@ impl TrafficCounters {
             packets_out: self.packets_out.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Adds `bytes` to `counter`, saturating at `u64::MAX`: a counter never goes
+/// down, whatever a caller records.
+fn add_saturating(counter: &AtomicU64, bytes: u64) {
+    // Relaxed: statistics only. The closure always answers, so the update
+    // cannot fail.
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        Some(now.saturating_add(bytes))
+    });
 }
