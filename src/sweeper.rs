@@ -382,18 +382,15 @@ impl<S: SessionStore> AuditSweeper<S> {
     /// (the same lives, by key, when the store gives keys; by id
     /// otherwise); remembers this sweep's for the next.
     fn second_sighting(&self, audit: &AuditReport) -> AuditReport {
-        let keyed = audit.closed_keys.len() == audit.closed_in_store.len()
-            && audit
-                .closed_keys
-                .iter()
-                .zip(&audit.closed_in_store)
-                .all(|(key, &id)| key.id() == id);
+        let lives = audit.closed_lives();
+        let keyed = lives.is_some();
         // Without keys, every life of an id is generation 0 here.
-        let keys: Vec<SessionKey> = if keyed {
-            audit.closed_keys.clone()
-        } else {
-            let unkeyed = |&id| SessionKey::new(id, 0);
-            audit.closed_in_store.iter().map(unkeyed).collect()
+        let keys: Vec<SessionKey> = match lives {
+            Some(lives) => lives.to_vec(),
+            None => {
+                let unkeyed = |&id| SessionKey::new(id, 0);
+                audit.closed_in_store.iter().map(unkeyed).collect()
+            }
         };
         let seen_before = {
             let mut lingering = self.inner.lingering.lock();

@@ -354,51 +354,52 @@ async fn late_confirmations_through_a_slow_boxed_store_leave_reused_ids_alone() 
     .await;
 }
 
-/// `finish` fails with `Unavailable` before applying: `delete` reports the
-/// store error, and a second call resumes and ends with I1.
-#[tokio::test(start_paused = true)]
-async fn transient_finish_failure_then_resume_keeps_i1() {
+/// `finish` fails with `Unavailable` once (`fault`), the routers confirming
+/// `confirmed` (by handle or by key): the first `delete` reports the store
+/// error (the router still fenced if nothing applied), and a second call
+/// answers as `resumed` says; I1 holds.
+async fn finish_fails_once_then_resumes(
+    fault: FinishFault,
+    (confirmed, by_handle): (Subset, bool),
+    resumed: fn(&Result<DeleteOutcome, DeleteError>) -> bool,
+) {
     within(LIMIT, async {
-        let store = Arc::new(MinimalStore::new(MS).failing_finish(1, FinishFault::Before));
+        let store = Arc::new(MinimalStore::new(MS).failing_finish(1, fault));
         let observed = ObservedRouter::fill(&*store, R, 0, N).await;
-        let d = deleter(Arc::clone(&store), Notify::Confirm(Subset::EvenIds), true);
+        let d = deleter(Arc::clone(&store), Notify::Confirm(confirmed), by_handle);
         // "[`DeleteError::Store`] if the store's backend failed ... the
         // router stays fenced and another call resumes it."
         let first = within(HOUR, d.delete(R)).await;
         assert!(matches!(first, Err(DeleteError::Store { .. })), "{first:?}");
-        assert!(
-            matches!(store.router_status(R).await, Ok(RouterStatus::Fenced(_))),
-            "the router stays fenced after a store error"
-        );
+        if matches!(fault, FinishFault::Before) {
+            assert!(
+                matches!(store.router_status(R).await, Ok(RouterStatus::Fenced(_))),
+                "the router stays fenced after a store error"
+            );
+        }
         let second = within(HOUR, d.delete(R)).await;
-        assert!(
-            matches!(second, Ok(DeleteOutcome::Deleted(_))),
-            "resume failed: {second:?}"
-        );
+        assert!(resumed(&second), "resume failed: {second:?}");
         observed.assert_deleted(&*store).await;
         assert_clean(&*store).await;
     })
     .await;
 }
 
+/// `finish` fails before applying: a second call resumes the deletion.
+#[tokio::test(start_paused = true)]
+async fn transient_finish_failure_then_resume_keeps_i1() {
+    finish_fails_once_then_resumes(FinishFault::Before, (Subset::EvenIds, true), |second| {
+        matches!(second, Ok(DeleteOutcome::Deleted(_)))
+    })
+    .await;
+}
+
 /// `finish` applies but its answer is lost (`Unavailable`, "may or may not
-/// have applied"): a second call must see the router deleted.
+/// have applied"): a second call sees the router deleted.
 #[tokio::test(start_paused = true)]
 async fn finish_applied_but_answer_lost_then_resume_keeps_i1() {
-    within(LIMIT, async {
-        let store = Arc::new(MinimalStore::new(MS).failing_finish(1, FinishFault::After));
-        let observed = ObservedRouter::fill(&*store, R, 0, N).await;
-        let d = deleter(Arc::clone(&store), Notify::Confirm(Subset::OddIds), false);
-        let first = within(HOUR, d.delete(R)).await;
-        assert!(matches!(first, Err(DeleteError::Store { .. })), "{first:?}");
-        // The incarnation is deleted already: the next call says so.
-        let second = within(HOUR, d.delete(R)).await;
-        assert!(
-            matches!(second, Ok(DeleteOutcome::AlreadyDeleted { .. })),
-            "resume failed: {second:?}"
-        );
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+    finish_fails_once_then_resumes(FinishFault::After, (Subset::OddIds, false), |second| {
+        matches!(second, Ok(DeleteOutcome::AlreadyDeleted { .. }))
     })
     .await;
 }

@@ -48,12 +48,23 @@ fn released(observed: &ObservedRouter) -> Vec<usize> {
         .collect()
 }
 
-/// Awaits (in paused time, a second per step) until every resource of
-/// `observed` was released at least once.
+/// Awaits every session's completed close (its resources released, by
+/// the closer or through the queue), then checks each resource of
+/// `observed` was released.
 async fn all_released(observed: &ObservedRouter) {
-    while released(observed).contains(&0) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    for session in &observed.sessions {
+        session.closed().await;
     }
+    let released = released(observed);
+    assert!(!released.contains(&0), "closed, not released: {released:?}");
+}
+
+/// Every resource released, and still exactly once a minute later; I1.
+async fn released_once_and_deleted(observed: ObservedRouter, store: &MemoryStore, sessions: usize) {
+    within(HOUR, all_released(&observed)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(released(&observed), vec![1; sessions]);
+    observed.assert_deleted(store).await;
 }
 
 /// "Nothing keeps running after an error": the deleter, the liveness
@@ -193,10 +204,7 @@ async fn dropping_the_lifecycle_mid_deletion_still_deletes_and_releases_once() {
 
     let outcome = within(bound, deletion).await.unwrap().unwrap();
     assert_eq!(outcome.report().map(|report| report.forced), Some(25));
-    within(HOUR, all_released(&router)).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(released(&router), vec![1; 25]);
-    router.assert_deleted(&*store).await;
+    released_once_and_deleted(router, &store, 25).await;
 }
 
 /// After shutdown: `create` still works but does not track ("nothing
@@ -398,10 +406,7 @@ async fn a_notifier_that_shuts_the_lifecycle_down_from_inside_notify_cannot_wedg
     let shutdown = within(HOUR, lifecycle.shutdown(Duration::from_secs(5))).await;
     assert!(shutdown.deletions.is_empty(), "{shutdown:?}");
     drop(shutdown);
-    within(HOUR, all_released(&router)).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(released(&router), vec![1; 8]);
-    router.assert_deleted(&*store).await;
+    released_once_and_deleted(router, &store, 8).await;
 }
 
 /// A router that never answers a probe; counts the rounds it was asked.
@@ -830,10 +835,7 @@ async fn shutdown_with_a_zero_deadline_returns_at_once_and_loses_nothing() {
         reported,
         "the deletion's RouterDeleted event was not published"
     );
-    within(HOUR, all_released(&router)).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(released(&router), vec![1; 7]);
-    router.assert_deleted(&*store).await;
+    released_once_and_deleted(router, &store, 7).await;
 }
 
 /// Sessions tracked for expiry before the shutdown "keep their expiry and
@@ -942,8 +944,5 @@ async fn a_dropped_shutdown_then_a_dropped_lifecycle_still_releases_everything_o
 
     let outcome = within(HOUR, deletion).await.unwrap().unwrap();
     assert_eq!(outcome.report().map(|report| report.forced), Some(9));
-    within(HOUR, all_released(&router)).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(released(&router), vec![1; 9]);
-    router.assert_deleted(&*store).await;
+    released_once_and_deleted(router, &store, 9).await;
 }

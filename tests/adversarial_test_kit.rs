@@ -516,35 +516,33 @@ fn the_checker_accepts_a_yielding_store_through_a_deletion() {
 // ---------------------------------------------------------------------------
 // (2) False negatives: each store broken in one documented way is caught.
 
+/// Runs the model test on `B` (2,000 cases): it must fail, and its message
+/// must name the backend.
+fn model_test_fails<B: Backend + Default + 'static>(name: &str, bug: &str) {
+    let failure = on_thread(Duration::from_secs(80), || {
+        store_follows_the_model::<B>(2_000);
+    });
+    let message = failure.expect_err(&format!("a store {bug} passed the suite"));
+    assert!(message.contains(name), "{message}");
+}
+
 /// `create` must refuse a stale incarnation (I2: "no session can be created
 /// on it or on any older incarnation of it").
 #[test]
 fn the_model_test_catches_a_store_that_accepts_stale_incarnations() {
-    let failure = on_thread(Duration::from_secs(80), || {
-        store_follows_the_model::<StaleCreates>(2_000);
-    });
-    let message = failure.expect_err("a store creating on stale incarnations passed the suite");
-    assert!(message.contains("StaleCreates"), "{message}");
+    model_test_fails::<StaleCreates>("StaleCreates", "creating on stale incarnations");
 }
 
 /// `close_exact` must leave a later session reusing the id alone (I9).
 #[test]
 fn the_model_test_catches_a_store_whose_close_exact_closes_by_id() {
-    let failure = on_thread(Duration::from_secs(80), || {
-        store_follows_the_model::<ClosesById>(2_000);
-    });
-    let message = failure.expect_err("a store closing by id in close_exact passed the suite");
-    assert!(message.contains("ClosesById"), "{message}");
+    model_test_fails::<ClosesById>("ClosesById", "closing by id in close_exact");
 }
 
 /// `fence` must snapshot every session of the router.
 #[test]
 fn the_model_test_catches_a_store_whose_fence_snapshot_is_partial() {
-    let failure = on_thread(Duration::from_secs(80), || {
-        store_follows_the_model::<PartialFences>(2_000);
-    });
-    let message = failure.expect_err("a store with partial fence snapshots passed the suite");
-    assert!(message.contains("PartialFences"), "{message}");
+    model_test_fails::<PartialFences>("PartialFences", "with partial fence snapshots");
 }
 
 /// A store that keeps listing a closed (removed) session is caught by the

@@ -173,6 +173,21 @@ pub struct AuditReport {
     pub foreign: Vec<String>,
 }
 
+impl AuditReport {
+    /// The keys of `closed_in_store`, in its order, if the store gave one
+    /// for each (the sweeper and the repairs go by key then, by id
+    /// otherwise).
+    pub(crate) fn closed_lives(&self) -> Option<&[SessionKey]> {
+        let keyed = self.closed_keys.len() == self.closed_in_store.len()
+            && self
+                .closed_keys
+                .iter()
+                .zip(&self.closed_in_store)
+                .all(|(key, &id)| key.id() == id);
+        keyed.then_some(self.closed_keys.as_slice())
+    }
+}
+
 /// Compares the public fields only: the keys a store adds for the sweeper
 /// are not part of what the report says.
 impl PartialEq for AuditReport {

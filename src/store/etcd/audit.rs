@@ -272,15 +272,12 @@ impl<P: EtcdPayload> EtcdStore<P> {
         }
         // By key when the findings carry keys: a record of a session that
         // reused the id since is not this finding.
-        let keyed = findings.closed_keys.len() == findings.closed_in_store.len();
+        let lives = findings.closed_lives();
         for (n, &id) in findings.closed_in_store.iter().enumerate() {
             let Some(record) = scan.records.get(&id).copied() else {
                 continue;
             };
-            let life = findings
-                .closed_keys
-                .get(n)
-                .filter(|key| keyed && key.id() == id);
+            let life = lives.and_then(|lives| lives.get(n));
             if life.is_some_and(|key| key.generation() != generation(record.created)) {
                 continue; // another life of the id
             }

@@ -123,13 +123,9 @@ impl<P> MemoryStore<P> {
         }
         // By key when the findings carry keys: a session that reused the
         // id since is not this finding.
-        let keyed = findings.closed_keys.len() == findings.closed_in_store.len();
+        let lives = findings.closed_lives();
         for (n, &id) in findings.closed_in_store.iter().enumerate() {
-            let key = findings
-                .closed_keys
-                .get(n)
-                .filter(|key| keyed && key.id() == id);
-            let stored = match key {
+            let stored = match lives.and_then(|lives| lives.get(n)) {
                 Some(&key) => self.get_exact(key),
                 None => self.get_now(id),
             };
