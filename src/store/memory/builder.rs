@@ -5,6 +5,8 @@ use std::sync::atomic::AtomicU64;
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
+
+use super::hash::BlockHash;
 use parking_lot::Mutex;
 
 use super::store::MemoryStore;
@@ -94,11 +96,11 @@ impl MemoryStoreBuilder {
     pub(super) fn build_with<P>(self, shards: Option<usize>) -> MemoryStore<P> {
         let (sessions, routers) = match shards {
             Some(shards) => (
-                DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
+                DashMap::with_hasher_and_shard_amount(BlockHash::default(), shards),
                 DashMap::with_hasher_and_shard_amount(RandomState::default(), shards),
             ),
             None => (
-                DashMap::with_hasher(RandomState::default()),
+                DashMap::with_hasher(BlockHash::default()),
                 DashMap::with_hasher(RandomState::default()),
             ),
         };

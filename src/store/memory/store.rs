@@ -75,6 +75,7 @@ use dashmap::DashMap;
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
+use super::hash::BlockHash;
 use super::index::RouterEntry;
 use crate::events::EventBus;
 use crate::events::Repair;
@@ -121,7 +122,7 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 /// # }
 /// ```
 pub struct MemoryStore<P = ()> {
-    pub(super) sessions: DashMap<SessionId, Session<P>, RandomState>,
+    pub(super) sessions: DashMap<SessionId, Session<P>, BlockHash>,
     pub(super) routers: DashMap<RouterId, RouterEntry<P>, RandomState>,
     pub(super) next_incarnation: AtomicU64,
     pub(super) tombstones: Mutex<VecDeque<(RouterId, Incarnation)>>,
