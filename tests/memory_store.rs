@@ -549,3 +549,57 @@ async fn unlink_closed_removes_only_closed_sessions_of_the_fenced_incarnation() 
             .is_err()
     );
 }
+
+/// Ids the session map's hash keeps together (blocks of eight consecutive
+/// ids) or that differ only where a weak hash would not look (the top
+/// bits, the edges of `u64`): each is its own session, found, refused as a
+/// duplicate and closed on its own.
+#[tokio::test]
+async fn ids_in_blocks_in_the_top_bits_and_at_the_edges_are_kept_apart() {
+    let (store, incarnation) = store_with_router().await;
+    let mut ids: Vec<u64> = (0..4_096).collect();
+    ids.extend((u64::MAX - 63)..=u64::MAX);
+    ids.extend((1..64_u64).flat_map(|top| (0..8).map(move |place| top << 58 | place)));
+    ids.extend((512..1_024_u64).map(|k| k << 3));
+    ids.sort_unstable();
+    ids.dedup();
+    for &id in &ids {
+        store.create(spec(id, incarnation)).await.unwrap();
+    }
+    assert_eq!(store.len(), ids.len());
+    for &id in &ids {
+        let err = store.create(spec(id, incarnation)).await.unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            CreateErrorKind::DuplicateSession(SessionId::new(id))
+        );
+        let got = store.get(SessionId::new(id)).await.unwrap().unwrap();
+        assert_eq!(got.id(), SessionId::new(id));
+    }
+    // Close every other id: their neighbours in the block stay, alone.
+    for &id in ids.iter().step_by(2) {
+        let outcome = store
+            .close(SessionId::new(id), CloseReason::ClientClosed)
+            .await;
+        assert_eq!(outcome.unwrap(), CloseOutcome::Closed, "id {id}");
+    }
+    for (n, &id) in ids.iter().enumerate() {
+        let got = store.get(SessionId::new(id)).await.unwrap();
+        assert_eq!(
+            got.map(|s| s.id()),
+            (n % 2 == 1).then_some(SessionId::new(id)),
+            "id {id}"
+        );
+    }
+    assert_eq!(store.count(R).await.unwrap(), ids.len() / 2);
+    let mut listed: Vec<u64> = store
+        .sessions(R)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id().get())
+        .collect();
+    listed.sort_unstable();
+    let kept: Vec<u64> = ids.iter().copied().skip(1).step_by(2).collect();
+    assert_eq!(listed, kept);
+}
