@@ -5,10 +5,9 @@ use std::sync::atomic::AtomicU64;
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
-
-use super::hash::BlockHash;
 use parking_lot::Mutex;
 
+use super::hash::BlockHash;
 use super::store::MemoryStore;
 use crate::build::BuildError;
 use crate::events::EventBus;

@@ -24,17 +24,35 @@ const IN_BLOCK: u64 = (1 << BLOCK_BITS) - 1;
 /// (dashmap's shard bits) nothing of them is copied: a block has one shard.
 const TAG_SHIFT: u32 = 64 - BLOCK_BITS - 1;
 
-/// Builds [`BlockHasher`]s: a seeded `foldhash` of the id's block, with the
-/// id's place in the block in the lowest bits and in the tag.
-#[derive(Clone, Default)]
-pub(super) struct BlockHash(RandomState);
+/// Builds [`BlockHasher`]s: a folded multiply of the id's block with two
+/// random keys (`foldhash`'s hash of one integer), with the id's place in
+/// the block in the lowest bits and in the tag.
+#[derive(Clone, Copy)]
+pub(super) struct BlockHash {
+    /// Mixed into the block before the multiply.
+    key: u64,
+    /// The multiplier (odd, so that no bit of the product is lost).
+    multiplier: u64,
+}
+
+impl Default for BlockHash {
+    /// Keys drawn from `foldhash`'s per-map random state.
+    fn default() -> Self {
+        let random = RandomState::default();
+        Self {
+            key: random.hash_one(0x243f_6a88_85a3_08d3_u64),
+            multiplier: random.hash_one(0x1319_8a2e_0370_7344_u64) | 1,
+        }
+    }
+}
 
 impl BuildHasher for BlockHash {
     type Hasher = BlockHasher;
 
+    #[inline]
     fn build_hasher(&self) -> BlockHasher {
         BlockHasher {
-            seed: self.0.clone(),
+            keys: *self,
             raw: 0,
         }
     }
@@ -43,7 +61,7 @@ impl BuildHasher for BlockHash {
 /// Hashes one session id (a single `write_u64`); other writes are folded
 /// in, so any key still hashes consistently.
 pub(super) struct BlockHasher {
-    seed: RandomState,
+    keys: BlockHash,
     raw: u64,
 }
 
@@ -54,13 +72,19 @@ impl Hasher for BlockHasher {
         }
     }
 
+    #[inline]
     fn write_u64(&mut self, n: u64) {
         self.raw = self.raw.rotate_left(32) ^ n;
     }
 
+    #[inline]
     fn finish(&self) -> u64 {
         let place = self.raw & IN_BLOCK;
-        self.seed.hash_one(self.raw >> BLOCK_BITS) ^ place ^ (place << TAG_SHIFT)
+        let block = self.raw >> BLOCK_BITS;
+        let product = u128::from(block ^ self.keys.key) * u128::from(self.keys.multiplier);
+        // The folded multiply: both halves of the product, as foldhash does.
+        let spread = (product as u64) ^ ((product >> 64) as u64);
+        spread ^ place ^ (place << TAG_SHIFT)
     }
 }
 
@@ -77,6 +101,8 @@ mod tests {
                 .map(|place| hash.hash_one(SessionId::new(block << BLOCK_BITS | place)))
                 .collect();
             let run = hashes[0] & !IN_BLOCK;
+            // dashmap's shard: the bits just below hashbrown's 7-bit tag
+            // (`(hash << 7) >> shift`); 16 of them cover every shard amount.
             let shard = |h: u64| (h << 7) >> (64 - 16);
             let mut places: Vec<u64> = hashes.iter().map(|h| h & IN_BLOCK).collect();
             let mut tags: Vec<u64> = hashes.iter().map(|h| h >> 57).collect();
