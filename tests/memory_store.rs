@@ -16,6 +16,19 @@ fn spec(id: u64, incarnation: Incarnation) -> NewSession {
     NewSession::new(SessionId::new(id), R, incarnation)
 }
 
+/// The raw ids `R` lists, sorted.
+async fn listed_ids(store: &MemoryStore) -> Vec<u64> {
+    let mut ids: Vec<u64> = store
+        .sessions(R)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id().get())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 async fn store_with_router() -> (MemoryStore, Incarnation) {
     let store = MemoryStore::new();
     let incarnation = store.register_router(R).await.unwrap();
@@ -47,15 +60,7 @@ async fn create_get_count_and_list() {
         store.create(spec(id, incarnation)).await.unwrap();
     }
     assert_eq!(store.count(R).await.unwrap(), 5);
-    let mut ids: Vec<_> = store
-        .sessions(R)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id().get())
-        .collect();
-    ids.sort_unstable();
-    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+    assert_eq!(listed_ids(&store).await, vec![0, 1, 2, 3, 4]);
     let got = store.get(SessionId::new(3)).await.unwrap().unwrap();
     assert_eq!(got.state(), SessionState::Active);
     assert!(store.get(SessionId::new(99)).await.unwrap().is_none());
@@ -592,14 +597,6 @@ async fn ids_in_blocks_in_the_top_bits_and_at_the_edges_are_kept_apart() {
         );
     }
     assert_eq!(store.count(R).await.unwrap(), ids.len() / 2);
-    let mut listed: Vec<u64> = store
-        .sessions(R)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id().get())
-        .collect();
-    listed.sort_unstable();
     let kept: Vec<u64> = ids.iter().copied().skip(1).step_by(2).collect();
-    assert_eq!(listed, kept);
+    assert_eq!(listed_ids(&store).await, kept);
 }
