@@ -7,9 +7,9 @@
 //! once or twice per session (a random bucket and its tag); with
 //! [`BlockHash`], ids that differ only in their lowest [`BLOCK_BITS`] bits
 //! share one shard and one aligned run of eight buckets, so eight removals
-//! share their lines. Blocks themselves are scattered by a seeded
-//! `foldhash`, and each id of a block keeps its own tag, so lookups filter
-//! as well as before.
+//! share their lines. Blocks themselves are scattered by `foldhash`'s mix
+//! (a folded multiply with random keys), and each id of a block keeps its
+//! own tag, so lookups filter as well as before.
 
 use std::hash::{BuildHasher, Hasher};
 

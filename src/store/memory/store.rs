@@ -100,10 +100,11 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 ///
 /// The session map hashes ids so that ids differing only in their lowest
 /// three bits share one shard and one run of eight buckets (blocks of ids
-/// are scattered by a seeded `foldhash`). Controllers that number sessions
-/// with a counter therefore keep a router's sessions together in the map,
-/// and deleting a small router from a store of millions costs about what it
-/// costs alone; ids drawn at random hash as well as with `foldhash`.
+/// are scattered by `foldhash`'s mix with random keys). Controllers that
+/// number sessions with a counter therefore keep a router's sessions
+/// together in the map, and deleting a small router from a store of
+/// millions costs about what it costs alone; ids drawn at random hash as
+/// well as with `foldhash`.
 ///
 /// Every method of [`SessionStore`] resolves without waiting. `fence` and
 /// `finish` of a router of more than 4,096 sessions yield to the tokio
