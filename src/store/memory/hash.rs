@@ -31,7 +31,8 @@ const TAG_SHIFT: u32 = 64 - BLOCK_BITS - 1;
 pub(super) struct BlockHash {
     /// Mixed into the block before the multiply.
     key: u64,
-    /// The multiplier (odd, so that no bit of the product is lost).
+    /// The multiplier (odd: the low half of the product is then a
+    /// one-to-one function of the mixed block).
     multiplier: u64,
 }
 
