@@ -248,6 +248,12 @@ async fn assert_clean<S: SessionStore>(store: &S) {
     assert!(audit.is_clean(), "I7: {audit:?}");
 }
 
+/// I1 for `observed` (see `ObservedRouter::assert_deleted`), then I7.
+async fn deleted_and_clean<S: SessionStore<Payload = ()>>(observed: ObservedRouter, store: &S) {
+    observed.assert_deleted(store).await;
+    assert_clean(store).await;
+}
+
 /// Half the sessions confirm through the store (by key), half are forced;
 /// the default `unlink_closed` leaves every one of them to `finish`.
 #[tokio::test(start_paused = true)]
@@ -262,8 +268,7 @@ async fn minimal_store_deletion_keeps_i1() {
             report.confirmed + report.forced + report.closed_otherwise,
             N as usize
         );
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -278,8 +283,7 @@ async fn minimal_store_confirmed_by_handle_keeps_i1() {
         let d = deleter(Arc::clone(&store), Notify::Confirm(Subset::OddIds), true);
         let report = report_within(HOUR, d.delete(R)).await;
         assert_eq!(report.sessions, N as usize);
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -304,8 +308,7 @@ async fn boxed_minimal_store_deletion_keeps_i1() {
         );
         let report = report_within(HOUR, d.delete(R)).await;
         assert_eq!(report.sessions, N as usize);
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -379,8 +382,7 @@ async fn finish_fails_once_then_resumes(
         }
         let second = within(HOUR, d.delete(R)).await;
         assert!(resumed(&second), "resume failed: {second:?}");
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -532,8 +534,7 @@ async fn dropped_delete_over_a_slow_boxed_store_still_ends_with_i1() {
         assert!(dropped.is_err(), "the deletion should still be running");
         let outcome = within(HOUR, d.delete(R)).await.expect("deleted");
         assert!(matches!(outcome, DeleteOutcome::Deleted(_)), "{outcome:?}");
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -636,8 +637,7 @@ async fn creates_racing_a_deletion_through_a_slow_store_leave_no_zombie() {
             }
         }
         assert!(observed.sessions.len() > 50, "no create raced the deletion");
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }
@@ -680,8 +680,7 @@ async fn reaping_and_reconciling_during_a_deletion_through_a_slow_store_keep_i1(
             .await;
         let outcome = within(HOUR, deletion).await.unwrap().expect("deleted");
         assert!(matches!(outcome, DeleteOutcome::Deleted(_)), "{outcome:?}");
-        observed.assert_deleted(&*store).await;
-        assert_clean(&*store).await;
+        deleted_and_clean(observed, &*store).await;
     })
     .await;
 }

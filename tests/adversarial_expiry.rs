@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use session_lifecycle::expiry::{ExpiryError, TrackError};
+use session_lifecycle::expiry::{ExpiryError, ExpiryMonitorBuilder, TrackError};
 use session_lifecycle::store::RouterStatus;
 use session_lifecycle::test_util::{
     HOUR, Notify, ObservedRouter, ScriptedNotifier, report_within, within,
@@ -22,6 +22,26 @@ use tokio::time::{Duration, Instant};
 const TICK: Duration = Duration::from_millis(100);
 /// The documented bound: one tick, plus 1 ms of tokio's timer resolution.
 const LATE: Duration = Duration::from_millis(101);
+
+/// A store with router `router` registered, and a monitor of tick `TICK`
+/// on it, set up further by `settings`.
+async fn setup(
+    router: u64,
+    settings: impl FnOnce(ExpiryMonitorBuilder) -> ExpiryMonitorBuilder,
+) -> (
+    Arc<MemoryStore>,
+    ExpiryMonitor<MemoryStore>,
+    RouterId,
+    Incarnation,
+) {
+    let store = Arc::new(MemoryStore::new());
+    let monitor = settings(ExpiryMonitor::builder().tick(TICK))
+        .build(Arc::clone(&store))
+        .unwrap();
+    let router = RouterId::new(router);
+    let incarnation = store.register_router(router).await.unwrap();
+    (store, monitor, router, incarnation)
+}
 
 /// A tiny deterministic generator (xorshift).
 fn next(seed: &mut u64) -> u64 {
@@ -48,14 +68,8 @@ async fn concurrent_extensions_close_within_a_tick_of_the_latest_expiry_granted(
     const SESSIONS: usize = 200;
     const TASKS: u64 = 8;
     within(HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let monitor = ExpiryMonitor::builder()
-            .tick(TICK)
-            .warn_before(Duration::ZERO)
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(1);
-        let incarnation = store.register_router(router).await.unwrap();
+        let (store, monitor, router, incarnation) =
+            setup(1, |b| b.warn_before(Duration::ZERO)).await;
         let start = Instant::now();
         let mut sessions = Vec::new();
         let mut logs = Vec::new();
@@ -197,13 +211,7 @@ async fn a_deletion_racing_the_expiry_closes_each_session_once_and_counts_add_up
     const SESSIONS: u64 = 300;
     for offset_ms in [-150i64, -100, -1, 0, 1, 50, 99, 100, 101] {
         within(HOUR, async {
-            let store = Arc::new(MemoryStore::new());
-            let monitor = ExpiryMonitor::builder()
-                .tick(TICK)
-                .build(Arc::clone(&store))
-                .unwrap();
-            let router = RouterId::new(1);
-            let incarnation = store.register_router(router).await.unwrap();
+            let (store, monitor, router, incarnation) = setup(1, |b| b).await;
             let start = Instant::now();
             let expiry = start + Duration::from_millis(1_050);
             let mut observed = ObservedRouter {
@@ -316,13 +324,7 @@ async fn a_deletion_racing_the_expiry_closes_each_session_once_and_counts_add_up
 #[tokio::test(start_paused = true)]
 async fn old_lives_expiries_never_close_new_lives_of_their_ids() {
     within(HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let monitor = ExpiryMonitor::builder()
-            .tick(TICK)
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(9);
-        let old_incarnation = store.register_router(router).await.unwrap();
+        let (store, monitor, router, old_incarnation) = setup(9, |b| b).await;
         let start = Instant::now();
         let mut old = Vec::new();
         for id in 0..50 {
@@ -381,14 +383,8 @@ async fn old_lives_expiries_never_close_new_lives_of_their_ids() {
 #[tokio::test(start_paused = true)]
 async fn zero_past_far_and_unrepresentable_expiries() {
     within(4 * HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let monitor = ExpiryMonitor::builder()
-            .tick(TICK)
-            .warn_before(Duration::from_secs(60))
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(1);
-        let incarnation = store.register_router(router).await.unwrap();
+        let (store, monitor, router, incarnation) =
+            setup(1, |b| b.warn_before(Duration::from_secs(60))).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
         let start = Instant::now();
         let spec = |id| NewSession::new(SessionId::new(id), router, incarnation);
@@ -612,13 +608,7 @@ async fn warnings_come_once_before_the_close_and_never_for_sessions_gone_first()
 #[tokio::test(start_paused = true)]
 async fn operations_after_shutdown_are_typed_and_expire_nothing() {
     within(HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let monitor = ExpiryMonitor::builder()
-            .tick(TICK)
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(1);
-        let incarnation = store.register_router(router).await.unwrap();
+        let (store, monitor, router, incarnation) = setup(1, |b| b).await;
         let start = Instant::now();
         let mut pending = Vec::new();
         for id in 0..100 {
@@ -675,13 +665,7 @@ async fn operations_after_shutdown_are_typed_and_expire_nothing() {
 #[tokio::test(start_paused = true)]
 async fn a_replacement_monitor_can_track_the_sessions_of_a_shut_down_one() {
     within(HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let first = ExpiryMonitor::builder()
-            .tick(TICK)
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(1);
-        let incarnation = store.register_router(router).await.unwrap();
+        let (store, first, router, incarnation) = setup(1, |b| b).await;
         let start = Instant::now();
         let spec = NewSession::new(SessionId::new(1), router, incarnation)
             .expires_at(start + Duration::from_secs(10));
@@ -915,14 +899,8 @@ async fn tracked_never_exceeds_what_was_tracked_under_concurrent_tracking() {
 #[tokio::test(start_paused = true)]
 async fn a_flood_of_extensions_costs_the_monitor_only_the_expiries_that_came_up() {
     within(HOUR, async {
-        let store = Arc::new(MemoryStore::new());
-        let monitor = ExpiryMonitor::builder()
-            .tick(TICK)
-            .warn_before(Duration::ZERO)
-            .build(Arc::clone(&store))
-            .unwrap();
-        let router = RouterId::new(1);
-        let incarnation = store.register_router(router).await.unwrap();
+        let (store, monitor, router, incarnation) =
+            setup(1, |b| b.warn_before(Duration::ZERO)).await;
         let start = Instant::now();
         let spec = NewSession::new(SessionId::new(1), router, incarnation)
             .expires_at(start + Duration::from_secs(1));

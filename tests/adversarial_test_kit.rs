@@ -348,6 +348,15 @@ fn on_thread(limit: Duration, f: impl FnOnce() + Send + 'static) -> Result<(), S
         .unwrap_or_else(|_| panic!("not finished within {limit:?}"))
 }
 
+/// `store_follows_the_model::<B>(cases)` on its own thread, failing if it
+/// takes more than a minute (a hang is a failure, not a stuck suite).
+fn follows_the_model_within_a_minute<B: Backend + Default + Send + 'static>(cases: u32) {
+    on_thread(Duration::from_secs(60), move || {
+        store_follows_the_model::<B>(cases)
+    })
+    .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // (1) False positives: correct stores of our own must pass the suite.
 
@@ -355,20 +364,14 @@ fn on_thread(limit: Duration, f: impl FnOnce() + Send + 'static) -> Result<(), S
 /// (and lists sessions and the census in reverse order) follows the model.
 #[test]
 fn a_yielding_wrapper_of_memory_store_follows_the_model() {
-    on_thread(Duration::from_secs(60), || {
-        store_follows_the_model::<Yielding>(24);
-    })
-    .unwrap();
+    follows_the_model_within_a_minute::<Yielding>(24);
 }
 
 /// A correct store whose every call takes 1 ms of tokio's (paused) clock
 /// before and after follows the model, with `STORE_TIME` covering its calls.
 #[test]
 fn a_sleeping_wrapper_of_memory_store_follows_the_model() {
-    on_thread(Duration::from_secs(60), || {
-        store_follows_the_model::<Sleeping>(24);
-    })
-    .unwrap();
+    follows_the_model_within_a_minute::<Sleeping>(24);
 }
 
 /// A correct store whose calls each take 2 s of tokio's paused clock (a
@@ -376,19 +379,13 @@ fn a_sleeping_wrapper_of_memory_store_follows_the_model() {
 /// documents `STORE_TIME` as the only allowance a slow store needs.
 #[test]
 fn a_slow_sleeping_wrapper_of_memory_store_follows_the_model() {
-    on_thread(Duration::from_secs(60), || {
-        store_follows_the_model::<SlowSleeping>(24);
-    })
-    .unwrap();
+    follows_the_model_within_a_minute::<SlowSleeping>(24);
 }
 
 /// The same sleeping store erased into a `BoxStore`.
 #[test]
 fn a_boxed_sleeping_wrapper_follows_the_model() {
-    on_thread(Duration::from_secs(60), || {
-        store_follows_the_model::<Boxed<Sleeping>>(16);
-    })
-    .unwrap();
+    follows_the_model_within_a_minute::<Boxed<Sleeping>>(16);
 }
 
 /// Runs `deleter_stress` on a multi-thread runtime of its own thread,

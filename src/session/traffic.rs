@@ -39,8 +39,9 @@ impl Traffic {
 }
 
 /// The live counters: relaxed atomics, bumped without a lock (bytes with
-/// one compare-exchange, saturating at `u64::MAX`; packets with one
-/// `fetch_add`). They order nothing else and need no more.
+/// one `fetch_add` far from `u64::MAX` and a saturating compare-exchange
+/// near it; packets with one `fetch_add`). They order nothing else and need
+/// no more.
 #[derive(Debug, Default)]
 pub(crate) struct TrafficCounters {
     bytes_in: AtomicU64,
@@ -76,9 +77,71 @@ impl TrafficCounters {
 /// Adds `bytes` to `counter`, saturating at `u64::MAX`: a counter never goes
 /// down, whatever a caller records.
 fn add_saturating(counter: &AtomicU64, bytes: u64) {
-    // Relaxed: statistics only. The closure always answers, so the update
-    // cannot fail.
+    // Relaxed: statistics only. Far from the top, one `fetch_add`: below
+    // 2^63, adds of under 2^32 each cannot wrap unless 2^31 of them race.
+    if bytes <= FAST_ADD_MAX && counter.load(Ordering::Relaxed) < FAST_BELOW {
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        return;
+    }
+    // Near the top (or a huge add): compare-exchange. The closure always
+    // answers, so the update cannot fail.
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
         Some(now.saturating_add(bytes))
     });
+}
+
+/// The largest add [`add_saturating`] makes with a plain `fetch_add`.
+const FAST_ADD_MAX: u64 = u32::MAX as u64;
+/// Below this count, [`add_saturating`] may use a plain `fetch_add`.
+const FAST_BELOW: u64 = 1 << 63;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_saturate_across_the_fast_path_boundaries() {
+        let counter = AtomicU64::new(FAST_BELOW - 1);
+        add_saturating(&counter, FAST_ADD_MAX); // fast: lands past 2^63
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            FAST_BELOW - 1 + FAST_ADD_MAX
+        );
+        add_saturating(&counter, FAST_ADD_MAX + 1); // a huge add: compare-exchange
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            FAST_BELOW + 2 * FAST_ADD_MAX
+        );
+        counter.store(u64::MAX - 3, Ordering::Relaxed);
+        add_saturating(&counter, 2);
+        assert_eq!(counter.load(Ordering::Relaxed), u64::MAX - 1);
+        add_saturating(&counter, 2);
+        assert_eq!(counter.load(Ordering::Relaxed), u64::MAX);
+        add_saturating(&counter, 0);
+        add_saturating(&counter, u64::MAX);
+        assert_eq!(counter.load(Ordering::Relaxed), u64::MAX);
+    }
+
+    #[test]
+    fn racing_adds_near_the_top_saturate_and_never_go_down() {
+        let counter = std::sync::Arc::new(AtomicU64::new(u64::MAX - (1 << 40)));
+        let adders: Vec<_> = (0..4)
+            .map(|_| {
+                let counter = std::sync::Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    let mut last = 0;
+                    for _ in 0..2_000 {
+                        add_saturating(&counter, FAST_ADD_MAX);
+                        let now = counter.load(Ordering::Relaxed);
+                        assert!(now >= last, "went down from {last} to {now}");
+                        last = now;
+                    }
+                })
+            })
+            .collect();
+        for adder in adders {
+            adder.join().unwrap();
+        }
+        assert_eq!(counter.load(Ordering::Relaxed), u64::MAX);
+    }
 }

@@ -135,9 +135,8 @@ impl<P> ObservedRouter<P> {
             assert!(session.is_closed(), "I1: {session:?} is not closed");
             let stored = store.get(session.id()).await;
             // Another life of the id may hold it now (I9).
-            let this_life = |stored: &Session<P>| stored.key() == session.key();
             assert!(
-                matches!(&stored, Ok(None)) || matches!(&stored, Ok(Some(s)) if !this_life(s)),
+                matches!(&stored, Ok(found) if found.as_ref().is_none_or(|s| s.key() != session.key())),
                 "I1: {session:?} still stored: {stored:?}"
             );
         }
