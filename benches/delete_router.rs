@@ -19,7 +19,12 @@
 //! - `baseline_sequential`: the write-up's loop on the same `MemoryStore`:
 //!   list the router's sessions, mark them all terminating, notify them (in
 //!   the same batches as the deleter), then await each session's close in
-//!   turn.
+//!   turn; run as a task of its own, as the deleter ran its deletions until
+//!   it ran them in the caller's task.
+//! - `baseline_sequential_in_caller`: the same loop awaited in the caller's
+//!   task, as the deleter's runs are now: no hand-off to a worker thread.
+//!   The strictest baseline: the caller (the benchmark's `block_on`
+//!   thread) created the sessions, so they are in its cache.
 //! - `floor_hashmap_remove`: the floor, a plain `HashMap` remove loop of
 //!   the router's session ids (no fence, notice or close).
 //!
@@ -223,12 +228,21 @@ fn time_deleter(
     })
 }
 
+/// How the benchmark's caller runs the sequential loop.
+#[derive(Clone, Copy)]
+enum Caller {
+    /// As a task of its own, awaiting its end.
+    Spawns,
+    /// In its own task.
+    Awaits,
+}
+
 /// Times `iters` runs of the write-up's sequential loop.
 fn time_sequential(
     rt: &Runtime,
     store: &Arc<MemoryStore>,
     ids: &Ids,
-    (n, from): (u64, Source),
+    (n, from, caller): (u64, Source, Caller),
     iters: u64,
 ) -> Duration {
     let notifier = Arc::new(Confirm::new(store, from));
@@ -237,10 +251,15 @@ fn time_sequential(
         for _ in 0..iters {
             let router = fill(store, ids, n).await;
             let start = Instant::now();
-            let (store2, notifier2) = (Arc::clone(store), Arc::clone(&notifier));
-            tokio::spawn(async move { sequential(&store2, &notifier2, router).await })
-                .await
-                .expect("sequential loop");
+            match caller {
+                Caller::Spawns => {
+                    let (store2, notifier2) = (Arc::clone(store), Arc::clone(&notifier));
+                    tokio::spawn(async move { sequential(&store2, &notifier2, router).await })
+                        .await
+                        .expect("sequential loop");
+                }
+                Caller::Awaits => sequential(store, &notifier, router).await,
+            }
             spent += start.elapsed();
             assert_eq!(store.count(router).await.expect("known router"), 0);
         }
@@ -443,7 +462,17 @@ fn delete(c: &mut Criterion, quick: bool) {
             group.bench_function(
                 BenchmarkId::new(format!("baseline_sequential_{name}"), label),
                 |b| {
-                    b.iter_custom(|iters| time_sequential(&rt, &store, &ids, (n, from), iters));
+                    b.iter_custom(|iters| {
+                        time_sequential(&rt, &store, &ids, (n, from, Caller::Spawns), iters)
+                    });
+                },
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("baseline_sequential_in_caller_{name}"), label),
+                |b| {
+                    b.iter_custom(|iters| {
+                        time_sequential(&rt, &store, &ids, (n, from, Caller::Awaits), iters)
+                    });
                 },
             );
         }
@@ -484,7 +513,14 @@ fn delete_1k_among(c: &mut Criterion, quick: bool) {
         });
         group.bench_function(BenchmarkId::new("baseline_sequential", label), |b| {
             b.iter_custom(|iters| {
-                time_sequential(&rt, &store, &ids, (1_000, Source::Inline), iters)
+                let how = (1_000, Source::Inline, Caller::Spawns);
+                time_sequential(&rt, &store, &ids, how, iters)
+            });
+        });
+        group.bench_function(BenchmarkId::new("baseline_sequential_in_caller", label), |b| {
+            b.iter_custom(|iters| {
+                let how = (1_000, Source::Inline, Caller::Awaits);
+                time_sequential(&rt, &store, &ids, how, iters)
             });
         });
         group.bench_function(BenchmarkId::new("baseline_scan_spawn", label), |b| {

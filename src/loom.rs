@@ -1,18 +1,19 @@
 //! Synchronisation primitives of the session handle, swapped for loom's when
 //! the crate is built with `RUSTFLAGS="--cfg session_lifecycle_loom"`.
 //!
-//! Only the session's state word and close notification go through this
-//! shim: that is the part whose interleavings loom explores.
+//! Only the session's state word and close notification, and the deleter's
+//! run driver, go through this shim: those are the parts whose
+//! interleavings loom explores.
 
 #[cfg(session_lifecycle_loom)]
 pub(crate) use loom::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 #[cfg(not(session_lifecycle_loom))]
 pub(crate) use std::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 /// A mutex with parking_lot's poison-free `lock()`, over loom's mutex under

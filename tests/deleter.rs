@@ -9,7 +9,8 @@ use session_lifecycle::test_util::{
     within,
 };
 use session_lifecycle::{
-    Backoff, CloseReason, MemoryStore, RouterDeleter, RouterId, SessionStore, deleter::DeleteError,
+    Backoff, CloseReason, Event, EventBus, MemoryStore, NotifyError, RouterDeleter, RouterId,
+    SessionStore, TerminationBatch, TerminationNotifier, deleter::DeleteError,
     deleter::DeleteOutcome,
 };
 use tokio::time::{Duration, Instant};
@@ -511,4 +512,124 @@ async fn a_cap_on_concurrent_deletions_queues_the_rest_in_order() {
             .build(Arc::clone(&store), Held(gate))
             .is_err()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Where a run runs
+
+/// Confirms every notified session at once, through the store, and notes
+/// the task each notice came in.
+struct InTask {
+    store: Arc<MemoryStore>,
+    tasks: std::sync::Mutex<Vec<Option<tokio::task::Id>>>,
+}
+
+impl InTask {
+    fn new(store: &Arc<MemoryStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store: Arc::clone(store),
+            tasks: std::sync::Mutex::default(),
+        })
+    }
+
+    fn tasks(&self) -> Vec<Option<tokio::task::Id>> {
+        self.tasks.lock().unwrap().clone()
+    }
+}
+
+impl TerminationNotifier for InTask {
+    async fn notify(&self, batch: TerminationBatch) -> Result<(), NotifyError> {
+        self.tasks.lock().unwrap().push(tokio::task::try_id());
+        for key in batch.sessions {
+            let _ = self
+                .store
+                .close_exact(key, CloseReason::RouterDeleted)
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// The caller's own task drives its deletion: the notifier is called from
+/// it, not from a task the deleter handed the run to.
+#[tokio::test(start_paused = true)]
+async fn the_callers_task_drives_its_deletion() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = ObservedRouter::fill(&*store, R, 0, 25).await;
+    let notifier = InTask::new(&store);
+    let deleter = RouterDeleter::builder()
+        .batch_size(10)
+        .build(Arc::clone(&store), Arc::clone(&notifier))
+        .expect("valid settings");
+    let caller = tokio::spawn(async move {
+        let outcome = deleter.delete(R).await;
+        (tokio::task::id(), outcome)
+    });
+    let (caller, outcome) = within(HOUR, caller).await.unwrap();
+    assert_eq!(outcome.unwrap().report().unwrap().confirmed, 25);
+    assert_eq!(notifier.tasks(), vec![Some(caller); 3], "3 batches");
+    observed.assert_deleted(&*store).await;
+}
+
+/// Calls made together share one run even when that run could end within
+/// a single poll (confirmed inline, one batch): none of them finds the
+/// router deleted already.
+#[tokio::test(start_paused = true)]
+async fn calls_made_together_share_a_run_that_ends_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = ObservedRouter::fill(&*store, R, 0, 5).await;
+    let notifier = InTask::new(&store);
+    let deleter = RouterDeleter::new(Arc::clone(&store), Arc::clone(&notifier));
+    let (first, second, third) = within(
+        HOUR,
+        futures::future::join3(
+            deleter.delete(R),
+            deleter.delete_incarnation(R, observed.incarnation),
+            deleter.delete(R),
+        ),
+    )
+    .await;
+    let first = first.unwrap();
+    assert_eq!(first.report().map(|r| r.confirmed), Some(5), "{first:?}");
+    assert_eq!(second.unwrap(), first);
+    assert_eq!(third.unwrap(), first);
+    assert_eq!(notifier.tasks().len(), 1, "one run, one notice");
+    observed.assert_deleted(&*store).await;
+}
+
+/// A caller that polls its deletion once and then holds the future without
+/// polling it again does not hold the deletion up: the deleter's own task
+/// drives it to its end, and the held future answers with its report.
+#[tokio::test(start_paused = true)]
+async fn a_deletion_polled_once_then_held_still_ends() {
+    let store = Arc::new(MemoryStore::new());
+    let observed = ObservedRouter::fill(&*store, R, 0, 30).await;
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
+    // Confirmations take a while: the run waits on them several times.
+    let deleter = RouterDeleter::builder()
+        .batch_size(10)
+        .events(bus)
+        .build(
+            Arc::clone(&store),
+            ScriptedNotifier::new(Arc::clone(&store), Script::by_round(SLOW, SLOW)),
+        )
+        .expect("valid settings");
+    let mut held = std::pin::pin!(deleter.delete(R));
+    assert!(futures::poll!(held.as_mut()).is_pending());
+    let deleted = within(HOUR, async {
+        loop {
+            match events.recv().await {
+                Some(Event::RouterDeleted(report)) => break report,
+                Some(_) => {}
+                None => panic!("the bus closed"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(deleted.confirmed, 30, "{deleted:?}");
+    assert_eq!(deleter.running(), 0);
+    observed.assert_deleted(&*store).await;
+    let answer = within(HOUR, held).await.unwrap();
+    assert_eq!(answer.report(), Some(&deleted));
 }

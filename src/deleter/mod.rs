@@ -14,18 +14,25 @@
 //!   incarnation's report, whatever other deleters do to the router.
 //! - A run leaves `runs` before it publishes its result: whoever sees the
 //!   result and deletes again starts afresh.
-//! - A run is owned by a task of `tracker`, never by a caller: dropping the
-//!   future of [`RouterDeleter::delete`] only stops waiting.
+//! - A run is driven by whoever awaits it (see `drive`): the caller that
+//!   started it, in its own task, joiners, and the run's heir, a task of
+//!   `tracker` spawned with the run that drives it whenever nobody else
+//!   does. So dropping the future of [`RouterDeleter::delete`], or holding
+//!   it without polling it, only stops that caller's waiting; and the run
+//!   makes no hop to another task while its caller awaits it.
 //!
 //! # Deadlock safety
 //!
 //! The deleter has one lock, `runs`, held only to look up, insert or remove
 //! an entry, or to close the tracker. It is never held across an `.await`,
-//! while another lock is taken, or while a run's task is spawned (a runtime
-//! shutting down drops the task at once, and dropping it takes `runs`).
+//! while another lock is taken, while a run's heir is spawned (a runtime
+//! shutting down drops the task at once), or while a hold on a run is
+//! dropped (dropping the last drops the run, and its entry takes `runs`).
+//! The runs' own locks (`drive`) are never held while user code runs.
 
 mod config;
 mod confirm;
+mod drive;
 mod notifier;
 mod order;
 mod report;
@@ -33,15 +40,13 @@ mod run;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 
-use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -54,13 +59,12 @@ pub use report::{DeleteError, DeleteOutcome};
 use crate::id::{Incarnation, RouterId};
 use crate::store::SessionStore;
 use config::Config;
+use drive::{Driver, Outcome, SharedRun};
 
-type RunResult = Option<Result<DeleteOutcome, DeleteError>>;
-
-/// A run as `runs` holds it.
-#[derive(Clone)]
+/// A run as `runs` holds it: weakly, so that a run nobody drives any more
+/// (its runtime dropped it) ends, and leaves `runs`.
 struct RunSlot {
-    result: watch::Receiver<RunResult>,
+    run: Weak<Driver>,
     state: Arc<RunState>,
 }
 
@@ -86,12 +90,12 @@ impl RunState {
 
 /// What a caller does about the run it found.
 enum Join {
-    /// Wait for this run's result: it answers the caller.
-    Run(watch::Receiver<RunResult>),
-    /// Wait for this run (of another incarnation) to end, then look again.
-    After(watch::Receiver<RunResult>),
+    /// Drive this run to its end: it answers the caller.
+    Run(SharedRun),
+    /// Drive this run (of another incarnation) to its end, then look again.
+    After(SharedRun),
     /// Answered without a run.
-    Done(Result<DeleteOutcome, DeleteError>),
+    Done(Outcome),
 }
 
 /// Deletes routers with strong consistency: when
@@ -112,8 +116,11 @@ enum Join {
 /// - **Bounded (I4).** Whatever the notifier does (errors, hangs, panics,
 ///   never answers), a run waits at most [`max_wait`](Self::max_wait) on
 ///   timers.
-/// - **Cancel-safe and idempotent (I6).** The run belongs to a task the
-///   deleter tracks; dropping the caller's future does not stop it.
+/// - **Cancel-safe and idempotent (I6).** The caller's task drives the run
+///   while it awaits it (no hand-off to another task: its sessions stay in
+///   its cache), and a task the deleter tracks drives it whenever nobody
+///   else does: dropping the caller's future, or holding it unpolled, does
+///   not stop it.
 ///   Concurrent calls for one router join one run and all get its report. A
 ///   router left fenced by an interrupted run is resumed by the next call.
 /// - **The right incarnation (I9).** A call is answered only with the
@@ -308,6 +315,15 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// deleter. Dropping the future stops only the waiting; the deletion
     /// goes on and finishes.
     ///
+    /// # Where the run runs
+    ///
+    /// In the task that awaits this future: after the first poll (which
+    /// yields once, so that calls made together join one run), the caller's
+    /// own polls drive the deletion, with no hand-off to another task or
+    /// thread. A task of the deleter drives it whenever no caller does
+    /// (the future dropped, or held without being polled), so the deletion
+    /// never waits for a caller.
+    ///
     /// # Example
     ///
     /// ```
@@ -409,7 +425,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// Cancel-safe: the run starts when this future is first polled and
     /// from then on belongs to the deleter; dropping the future stops only
-    /// the waiting.
+    /// the waiting. The caller's task drives the run while it awaits it, as
+    /// with [`delete`](Self::delete#where-the-run-runs).
     pub fn delete_incarnation(
         &self,
         router: RouterId,
@@ -430,7 +447,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         let this = self.clone();
         async move {
             let other = match this.join_or_start(router, target, admitted)? {
-                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Run(run) => return run.await,
                 Join::Done(outcome) => return outcome,
                 Join::After(other) => other,
             };
@@ -461,13 +478,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         router: RouterId,
         target: Incarnation,
         admitted: bool,
-        mut other: watch::Receiver<RunResult>,
+        mut other: SharedRun,
     ) -> Result<DeleteOutcome, DeleteError> {
         loop {
             // Ends within its own bound; its end removed it from `runs`.
-            let _ = other.wait_for(Option::is_some).await;
+            let _ = (&mut other).await;
             match self.join_or_start(router, target, admitted)? {
-                Join::Run(result) => return outcome_of(router, result).await,
+                Join::Run(run) => return run.await,
                 Join::Done(outcome) => return outcome,
                 Join::After(next) => other = next,
             }
@@ -483,12 +500,20 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         admitted: bool,
     ) -> Result<Join, DeleteError> {
         let mut runs = self.inner.runs.lock();
-        if let Some(running) = runs.get(&router) {
-            let state = &running.state;
+        // A run whose driver is gone (dropped with its runtime) is on its way
+        // out of `runs`: it is not joined, a new run takes its place.
+        if let Some((state, run)) = runs
+            .get(&router)
+            .and_then(|slot| Some((Arc::clone(&slot.state), slot.run.upgrade()?)))
+        {
+            // The joined run is handed out, never dropped under `runs`: the
+            // last hold on a run drops it, and that takes `runs`.
             return Ok(if state.target == target {
                 // This run deletes that very incarnation, finishing or not.
-                Join::Run(running.result.clone())
+                Join::Run(SharedRun::join(run))
             } else if target < state.target && state.fenced.load(Ordering::Acquire) {
+                drop(runs);
+                drop(run);
                 // The router had a newer life already: `target` is deleted.
                 Join::Done(Ok(DeleteOutcome::AlreadyDeleted {
                     router,
@@ -496,7 +521,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 }))
             } else {
                 // Another incarnation's run: its end tells.
-                Join::After(running.result.clone())
+                Join::After(SharedRun::join(run))
             });
         }
         // Checked under `runs`, where `shutdown` closes the tracker: no run
@@ -505,31 +530,22 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             return Err(DeleteError::ShuttingDown);
         }
         let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
-        let (done, result) = watch::channel(None);
         let state = Arc::new(RunState {
             target,
             fenced: AtomicBool::new(false),
         });
-        runs.insert(
-            router,
-            RunSlot {
-                result: result.clone(),
-                state: Arc::clone(&state),
-            },
-        );
         // Taken under `runs`: a `shutdown` that starts after this point
         // waits for the run. (An admitted caller's own token keeps the
         // tracker from emptying until this one is taken.)
         let token = self.inner.tracker.token();
-        drop(runs);
-        // Spawned outside the lock: a runtime that is shutting down drops
-        // the task at once, and `RunEntry::drop` takes `runs`.
+        // The heir's own: `shutdown` returns once the heir saw the end too.
+        let heir_token = self.inner.tracker.token();
         let entry = RunEntry {
             inner: Arc::clone(&self.inner),
             router,
-            result: result.clone(),
+            state: Arc::clone(&state),
         };
-        drop(runtime.spawn(async move {
+        let run = async move {
             let _token = token;
             let inner = Arc::clone(&entry.inner);
             // Past the cap: wait for a slot, in order, before anything.
@@ -542,24 +558,38 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 }
                 None => None,
             };
-            let run = run::delete_router(
+            let outcome = run::delete_router(
                 &*inner.store,
                 &inner.notifier,
                 &inner.config,
                 router,
-                &state,
-            );
-            let outcome = AssertUnwindSafe(run)
-                .catch_unwind()
-                .await
-                .unwrap_or(Err(DeleteError::Interrupted(router)));
+                &entry.state,
+            )
+            .await;
             // Out of `runs` before the result is out: whoever sees the
             // result and deletes again starts afresh, and `running` no
             // longer counts this run.
             drop(entry);
-            done.send_replace(Some(outcome));
+            outcome
+        };
+        // The caller drives the run in its own task while it awaits it; the
+        // heir, a task of the deleter, whenever nobody else does.
+        let (run, heir) = SharedRun::start(router, Box::pin(run));
+        runs.insert(
+            router,
+            RunSlot {
+                run: run.downgrade(),
+                state,
+            },
+        );
+        drop(runs);
+        // Spawned outside the lock: a runtime that is shutting down drops
+        // the heir at once.
+        drop(runtime.spawn(async move {
+            let _token = heir_token;
+            let _ = heir.await;
         }));
-        Ok(Join::Run(result))
+        Ok(Join::Run(run))
     }
 
     /// Stops taking new deletions and waits until the running ones finish
@@ -612,26 +642,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     }
 }
 
-/// The outcome a run publishes, once it does.
-async fn outcome_of(
-    router: RouterId,
-    mut result: watch::Receiver<RunResult>,
-) -> Result<DeleteOutcome, DeleteError> {
-    match result.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome
-            .clone()
-            .unwrap_or(Err(DeleteError::Interrupted(router))),
-        Err(_closed) => Err(DeleteError::Interrupted(router)),
-    }
-}
-
-/// A run's entry in `runs`, removed when the run's task ends, whether it
+/// A run's entry in `runs`, removed when the run ends, whether it
 /// finished or was dropped with its runtime; a later `delete` then starts
 /// afresh (and resumes the fenced router) instead of joining a dead run.
 struct RunEntry<S, N> {
     inner: Arc<Inner<S, N>>,
     router: RouterId,
-    result: watch::Receiver<RunResult>,
+    state: Arc<RunState>,
 }
 
 impl<S, N> Drop for RunEntry<S, N> {
@@ -642,7 +659,7 @@ impl<S, N> Drop for RunEntry<S, N> {
             let mut runs = self.inner.runs.lock();
             if runs
                 .get(&self.router)
-                .is_some_and(|slot| slot.result.same_channel(&self.result))
+                .is_some_and(|slot| Arc::ptr_eq(&slot.state, &self.state))
             {
                 runs.remove(&self.router)
             } else {
