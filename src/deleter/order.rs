@@ -4,9 +4,10 @@
 //! walks its sessions in this order: walking a million sessions in address
 //! order rather than in the store's hash order makes the deletion about
 //! 1.7 times as fast. A comparison sort of a million handles takes tens of
-//! milliseconds in one go: on a multi-thread runtime it runs in
-//! `block_in_place` (the worker's other tasks move to another thread); on
-//! a current-thread runtime, where nothing could take them, a radix sort
+//! milliseconds in one go: on a multi-thread runtime it runs on tokio's
+//! blocking pool (`spawn_blocking`: the run may be driven by a caller's
+//! task in any context, a `LocalSet` or a `block_on` among them, where
+//! `block_in_place` would panic); on a current-thread runtime, a radix sort
 //! on the address runs in passes that stop every [`SLICE`] sessions (it
 //! costs more instructions than the comparison sort, so it is not used
 //! where the other can run).
@@ -16,6 +17,10 @@
 //! - The result holds exactly the given sessions (a permutation), ordered
 //!   by address up to a page (from [`SORT_FROM`] sessions: fewer are left
 //!   as they are); exact order is not needed, locality is.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::session::Session;
 use crate::slices::{SLICE, due, free_vec, pause};
@@ -47,10 +52,7 @@ pub(super) async fn by_address<P: Send + Sync + 'static>(
         return sessions;
     }
     if on_many_workers() {
-        // The fastest sort, off the runtime: `block_in_place` hands this
-        // worker's other tasks to another thread while it runs.
-        tokio::task::block_in_place(|| sessions.sort_unstable_by_key(Session::address));
-        return sessions;
+        return sort_off_runtime(sessions).await;
     }
     let order = radix_order(&sessions).await;
     let mut slots: Vec<Option<Session<P>>> = Vec::with_capacity(sessions.len());
@@ -76,8 +78,26 @@ pub(super) async fn by_address<P: Send + Sync + 'static>(
     sorted
 }
 
-/// Whether this runs on a worker of a multi-thread tokio runtime, where
-/// `block_in_place` may be called.
+/// `sessions` sorted on tokio's blocking pool, the fastest sort, off the
+/// runtime's workers. They stay in reach of this run meanwhile: if the
+/// pool does not run the sort (a runtime shutting down), they come back as
+/// they were given (the order is for locality only); if this run is
+/// dropped meanwhile, the sort's thread drops them, under no lock.
+async fn sort_off_runtime<P: Send + Sync + 'static>(sessions: Vec<Session<P>>) -> Vec<Session<P>> {
+    let cell = Arc::new(Mutex::new(sessions));
+    let sorting = Arc::clone(&cell);
+    let sorted = tokio::task::spawn_blocking(move || {
+        sorting.lock().sort_unstable_by_key(Session::address);
+    })
+    .await;
+    if let Err(error) = sorted {
+        tracing::debug!(%error, "sessions left in the store's order");
+    }
+    // The sort ended (or never began): nobody else holds the lock.
+    std::mem::take(&mut *cell.lock())
+}
+
+/// Whether this runs on a multi-thread tokio runtime.
 fn on_many_workers() -> bool {
     tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
         matches!(
@@ -215,6 +235,26 @@ mod tests {
         let mut given = sessions(SORT_FROM as u64 + 1);
         given.reverse();
         let sorted = futures::executor::block_on(by_address(given));
+        assert!(sorted.iter().map(Session::address).is_sorted());
+    }
+
+    /// On a multi-thread runtime, from a `LocalSet` driven by `block_on`
+    /// (where `block_in_place` panics): sorted off the runtime.
+    #[test]
+    fn a_big_router_awaited_in_a_local_set_is_sorted() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("a runtime");
+        let mut given = sessions(SORT_AT_ONCE as u64 + 1);
+        given.reverse();
+        let local = tokio::task::LocalSet::new();
+        let sorted = local.block_on(&runtime, async {
+            tokio::task::spawn_local(by_address(given))
+                .await
+                .expect("no panic")
+        });
+        assert_eq!(sorted.len(), SORT_AT_ONCE + 1);
         assert!(sorted.iter().map(Session::address).is_sorted());
     }
 
