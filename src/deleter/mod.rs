@@ -425,8 +425,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ///
     /// Cancel-safe: the run starts when this future is first polled and
     /// from then on belongs to the deleter; dropping the future stops only
-    /// the waiting. The caller's task drives the run while it awaits it, as
-    /// with [`delete`](Self::delete#where-the-run-runs).
+    /// the waiting. The caller's task drives the run while it awaits it (see
+    /// “Where the run runs” on [`delete`](Self::delete)).
     pub fn delete_incarnation(
         &self,
         router: RouterId,
