@@ -8,12 +8,12 @@
 #[cfg(session_lifecycle_loom)]
 pub(crate) use loom::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering, fence},
 };
 #[cfg(not(session_lifecycle_loom))]
 pub(crate) use std::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering, fence},
 };
 
 /// A mutex with parking_lot's poison-free `lock()`, over loom's mutex under

@@ -509,8 +509,10 @@ async fn a_late_or_duplicated_request_never_touches_the_next_life() {
     // The new life's own deletion is not disturbed by a late one arriving
     // in the middle of it.
     let mut current = pin!(deleter.delete_incarnation(R, new.incarnation));
+    // The first poll yields; the second drives the run to its first
+    // (slow) notice.
     assert!(futures::poll!(current.as_mut()).is_pending());
-    tokio::task::yield_now().await;
+    assert!(futures::poll!(current.as_mut()).is_pending());
     let status = store.router_status(R).await.unwrap();
     assert_eq!(status, RouterStatus::Fenced(new.incarnation));
     let late = within(HOUR, deleter.delete_incarnation(R, old)).await;
@@ -603,10 +605,11 @@ async fn delete_and_delete_incarnation(order: Order, after_fence: bool) {
         Order::DeleteFirst => (by_router, by_incarnation),
         Order::IncarnationFirst => (by_incarnation, by_router),
     };
-    // The first poll starts the run; it has not fenced yet.
+    // The first poll starts the run (and yields); it has not fenced yet.
     assert!(futures::poll!(&mut first).is_pending());
     if after_fence {
-        tokio::task::yield_now().await;
+        // The second drives it to its first (slow) notice.
+        assert!(futures::poll!(&mut first).is_pending());
         let status = store.router_status(R).await.unwrap();
         assert_eq!(status, RouterStatus::Fenced(life.incarnation), "{label}");
     }

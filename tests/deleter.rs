@@ -615,6 +615,7 @@ async fn a_deletion_polled_once_then_held_still_ends() {
             ScriptedNotifier::new(Arc::clone(&store), Script::by_round(SLOW, SLOW)),
         )
         .expect("valid settings");
+    let started = Instant::now();
     let mut held = std::pin::pin!(deleter.delete(R));
     assert!(futures::poll!(held.as_mut()).is_pending());
     let deleted = within(HOUR, async {
@@ -628,8 +629,104 @@ async fn a_deletion_polled_once_then_held_still_ends() {
     })
     .await;
     assert_eq!(deleted.confirmed, 30, "{deleted:?}");
+    // Started by the deleter's steward within two of its 10 ms ticks.
+    let late = started.elapsed() - deleted.durations.total;
+    assert!(late <= Duration::from_millis(20), "started {late:?} late");
     assert_eq!(deleter.running(), 0);
     observed.assert_deleted(&*store).await;
     let answer = within(HOUR, held).await.unwrap();
     assert_eq!(answer.report(), Some(&deleted));
+}
+
+/// The report of `router`'s deletion, from the bus.
+async fn deleted_report(
+    events: &mut session_lifecycle::events::Subscription,
+    router: RouterId,
+) -> session_lifecycle::DeletionReport {
+    loop {
+        match events.recv().await {
+            Some(Event::RouterDeleted(report)) if report.router == router => break report,
+            Some(_) => {}
+            None => panic!("the bus closed"),
+        }
+    }
+}
+
+/// A deleter whose routers confirm everything after 300 ms, reporting on
+/// `bus`.
+fn slow_deleter(
+    store: &Arc<MemoryStore>,
+    bus: EventBus,
+) -> RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>> {
+    RouterDeleter::builder()
+        .batch_size(10)
+        .events(bus)
+        .build(
+            Arc::clone(store),
+            ScriptedNotifier::new(Arc::clone(store), Script::by_round(SLOW, SLOW)),
+        )
+        .expect("valid settings")
+}
+
+/// A caller that leaves while its deletion waits for confirmations hands
+/// the run to the deleter at once: it ends when the same deletion awaited
+/// to its end does, to the tick of the paused clock.
+#[tokio::test(start_paused = true)]
+async fn a_caller_leaving_mid_run_hands_it_over_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
+    let deleter = slow_deleter(&store, bus);
+    let awaited = ObservedRouter::fill(&*store, RouterId::new(1), 0, 30).await;
+    let left = ObservedRouter::fill(&*store, RouterId::new(2), 100, 30).await;
+    let whole = report_within(HOUR, deleter.delete(awaited.router)).await;
+
+    let started = Instant::now();
+    let dropped = tokio::time::timeout(Duration::from_millis(50), deleter.delete(left.router));
+    assert!(
+        dropped.await.is_err(),
+        "the run waits for its first answers"
+    );
+    let report = within(HOUR, deleted_report(&mut events, left.router)).await;
+    assert_eq!(report.confirmed, 30, "{report:?}");
+    assert_eq!(started.elapsed(), whole.durations.total, "{report:?}");
+    awaited.assert_deleted(&*store).await;
+    left.assert_deleted(&*store).await;
+}
+
+/// The deleter's own task, which drives the runs nobody drives, lives on
+/// a runtime: once that runtime is gone, the next deletion brings it back
+/// on its own, and a run its caller left still ends.
+#[test]
+fn a_deleter_outliving_its_runtime_still_drives_runs_left_by_their_callers() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
+    let deleter = slow_deleter(&store, bus);
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+    };
+    let first = paused();
+    first.block_on(async {
+        let _ = store.register_router(RouterId::new(1)).await.unwrap();
+        let report = report_within(HOUR, deleter.delete(RouterId::new(1))).await;
+        assert_eq!(report.sessions, 0);
+    });
+    drop(first);
+
+    paused().block_on(async {
+        let left = ObservedRouter::fill(&*store, R, 0, 30).await;
+        let dropped = tokio::time::timeout(Duration::from_millis(50), deleter.delete(R));
+        assert!(
+            dropped.await.is_err(),
+            "the run waits for its first answers"
+        );
+        let report = within(HOUR, deleted_report(&mut events, R)).await;
+        assert_eq!(report.confirmed, 30, "{report:?}");
+        left.assert_deleted(&*store).await;
+    });
 }

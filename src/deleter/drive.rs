@@ -1,8 +1,8 @@
 //! A run driven by whoever awaits it: the caller that started it, in its
 //! own task (no hand-off to another task, so no cross-thread wake-up and
 //! the sessions stay in the caller's cache), everyone who joined it, and
-//! the run's heir, a task of the deleter spawned with it, which drives it
-//! whenever nobody else does.
+//! the deleter's steward (`steward`), which holds a waiter of every run
+//! and drives it when nobody else does.
 //!
 //! # Invariants
 //!
@@ -13,6 +13,12 @@
 //!   next wake; if one came during that poll (so before it recorded
 //!   itself), the poller wakes everyone again once it put the run back.
 //!   No wake is lost, even if the poller's own caller is gone.
+//! - The steward's waiter is not polled (nor woken) until the steward
+//!   takes the run over; meanwhile a wake reaches the steward only if it
+//!   sleeps on the run (`watched`, set before it looks at `unclaimed`, a
+//!   `SeqCst` fence on each side: either the wake finds the flag, or the
+//!   steward finds the run woken), and a caller's waiter dropped before
+//!   the end marks the run `abandoned` and rings the steward.
 //! - A run is polled only when a wake asked for it (`unclaimed`: set by
 //!   every wake of the run, and at its start; cleared by whoever takes the
 //!   run to poll it). The other waiters woken by the same wake find it
@@ -22,10 +28,11 @@
 //! - Every waiter yields at its first poll (it wakes itself, and runs again
 //!   after the tasks already queued): calls made together (one `join!`,
 //!   tasks spawned together) all join the run before anyone drives it, and
-//!   share its report; the caller, woken first, drives it before the heir.
-//! - The heir lives until the run ends, so the run goes on from the first
-//!   poll to its end whatever the callers do: a caller that dropped its
-//!   future, or holds it without polling it, stalls nothing.
+//!   share its report.
+//! - The steward holds its waiter until the run ends, so the run goes on
+//!   from the first poll to its end whatever the callers do: a caller that
+//!   dropped its future hands the run to the steward at once; one that
+//!   holds it without polling it, within two of the steward's ticks.
 //! - A run's future is dropped once it ends, by the waiter that saw it end,
 //!   outside every lock; a panic while polling it ends it as
 //!   [`DeleteError::Interrupted`]. The waker the run is polled with holds
@@ -34,10 +41,12 @@
 //!
 //! # Deadlock safety
 //!
-//! Two locks, never held together: the cell's (the run, or its outcome)
-//! and the waiters' (their wakers). Each is held only to move something in
-//! or out: never while the run is polled or dropped, nor while a waker is
-//! cloned, woken or dropped. So the run's user code (notifier, payloads,
+//! Three locks, never held together: the cell's (the run, or its
+//! outcome), the waiters' (their wakers) and the steward's waker's. Each
+//! is held only to move something in or out: never while the run is
+//! polled or dropped, nor while a caller's waker is cloned, woken or
+//! dropped (the steward's is the deleter's own, a `Notify` to ring,
+//! cloned under its lock). So the run's user code (notifier, payloads,
 //! resources) runs under no lock of the driver, and may join this very run
 //! (it finds it `Running` and waits).
 
@@ -48,7 +57,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use crate::loom::{AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::loom::{AtomicBool, AtomicU64, Mutex, Ordering, fence};
 
 use super::report::{DeleteError, DeleteOutcome};
 use crate::id::RouterId;
@@ -66,6 +75,10 @@ pub(super) struct SharedRun {
     key: u64,
     /// Polled before (the first poll only yields).
     polled: bool,
+    /// The steward's waiter (see `steward`), not a caller's.
+    steward: bool,
+    /// Saw the run's outcome.
+    finished: bool,
 }
 
 /// A run, shared by its waiters.
@@ -84,6 +97,14 @@ struct Waiters {
     /// The run was woken (or never polled) and nobody has taken it to poll
     /// it since.
     unclaimed: AtomicBool,
+    /// How many times a waiter took the run to poll it.
+    claims: AtomicU64,
+    /// The steward's task, while it holds the run.
+    watcher: Mutex<Option<Waker>>,
+    /// The steward sleeps on this run: the next wake wakes it too.
+    watched: AtomicBool,
+    /// A caller left before the run ended.
+    abandoned: AtomicBool,
 }
 
 enum Stage {
@@ -97,11 +118,15 @@ enum Stage {
 
 impl SharedRun {
     /// Starts sharing `run`: the waiter of the caller who starts it, and
-    /// the heir, for the caller to spawn.
+    /// the steward's, for the caller to hand over.
     pub(super) fn start(router: RouterId, run: RunFuture) -> (Self, Self) {
         let waiters = Arc::new(Waiters {
             wakers: Mutex::new(Vec::new()),
             unclaimed: AtomicBool::new(true),
+            claims: AtomicU64::new(0),
+            watcher: Mutex::new(None),
+            watched: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
         });
         let driver = Arc::new(Driver {
             router,
@@ -110,8 +135,9 @@ impl SharedRun {
             waiters,
             keys: AtomicU64::new(0),
         });
-        let heir = Self::join(Arc::clone(&driver));
-        (Self::join(driver), heir)
+        let mut steward = Self::join(Arc::clone(&driver));
+        steward.steward = true;
+        (Self::join(driver), steward)
     }
 
     /// A new waiter of `driver`'s run.
@@ -121,12 +147,67 @@ impl SharedRun {
             driver,
             key,
             polled: false,
+            steward: false,
+            finished: false,
         }
     }
 
     /// The run, for others to join while it lasts.
     pub(super) fn downgrade(&self) -> std::sync::Weak<Driver> {
         Arc::downgrade(&self.driver)
+    }
+
+    /// How many times a waiter took the run to poll it so far.
+    pub(super) fn claims(&self) -> u64 {
+        self.driver.waiters.claims.load(Ordering::Relaxed)
+    }
+
+    /// Whether the run ended.
+    pub(super) fn is_done(&self) -> bool {
+        matches!(*self.driver.run.lock(), Stage::Done(_))
+    }
+
+    /// Whether the run is idle and has not been taken to be polled since
+    /// [`claims`](Self::claims) was `seen`: `Some(true)` if a wake left it
+    /// unclaimed (nobody drives it), `Some(false)` if it waits for a wake.
+    pub(super) fn idle_since(&self, seen: u64) -> Option<bool> {
+        let stage = self.driver.run.lock();
+        (matches!(*stage, Stage::Idle(_)) && self.claims() == seen)
+            .then(|| self.driver.waiters.unclaimed.load(Ordering::Acquire))
+    }
+
+    /// A caller left before the run ended.
+    pub(super) fn abandoned(&self) -> bool {
+        self.driver.waiters.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Records the steward's task, woken when a caller leaves, and at the
+    /// next wake of a run it [sleeps on](Self::sleep_on).
+    pub(super) fn watch(&self, waker: &Waker) {
+        let old = self.driver.waiters.watcher.lock().replace(waker.clone());
+        drop(old);
+    }
+
+    /// Has the next wake of the run wake the steward too; `false` if one
+    /// came already (the run is unclaimed), and the steward should look
+    /// again.
+    pub(super) fn sleep_on(&self) -> bool {
+        let waiters = &self.driver.waiters;
+        waiters.watched.store(true, Ordering::Release);
+        // With the fence in `wake_all` (between its `unclaimed` and its
+        // `watched`): either that wake sees this flag, or this load sees
+        // its `unclaimed`.
+        fence(Ordering::SeqCst);
+        if waiters.unclaimed.load(Ordering::Acquire) {
+            waiters.watched.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// Whether a wake came since [`sleep_on`](Self::sleep_on).
+    pub(super) fn woken(&self) -> bool {
+        !self.driver.waiters.watched.load(Ordering::Acquire)
     }
 
     /// Records this waiter's waker (one per waiter), before it looks at
@@ -180,7 +261,10 @@ impl Future for SharedRun {
         let mut run = {
             let mut stage = driver.run.lock();
             match &*stage {
-                Stage::Done(outcome) => return Poll::Ready(outcome.clone()),
+                Stage::Done(outcome) => {
+                    this.finished = true;
+                    return Poll::Ready(outcome.clone());
+                }
                 Stage::Running => return Poll::Pending,
                 // Not woken since its last poll: polling it again now
                 // would cut short a yield of the run (`yield_now` is ready
@@ -189,6 +273,7 @@ impl Future for SharedRun {
                 Stage::Idle(_) => {}
             }
             unclaimed.store(false, Ordering::Release);
+            driver.waiters.claims.fetch_add(1, Ordering::Relaxed);
             match mem::replace(&mut *stage, Stage::Running) {
                 Stage::Idle(run) => run,
                 // Matched above, under the same lock.
@@ -219,6 +304,7 @@ impl Future for SharedRun {
         drop(run);
         *driver.run.lock() = Stage::Done(outcome.clone());
         driver.waiters.wake_all();
+        this.finished = true;
         Poll::Ready(outcome)
     }
 }
@@ -231,10 +317,25 @@ impl Drop for SharedRun {
             at.map(|at| wakers.swap_remove(at))
         };
         drop(waker);
+        // A caller leaving before the end: the steward drives the run on
+        // at once (it would find it undriven only after a while).
+        if !self.steward && !self.finished {
+            let waiters = &self.driver.waiters;
+            waiters.abandoned.store(true, Ordering::Release);
+            waiters.wake_watcher();
+        }
     }
 }
 
 impl Waiters {
+    /// Wakes the steward's task, if it holds the run; under no lock.
+    fn wake_watcher(&self) {
+        let watcher = self.watcher.lock().clone();
+        if let Some(watcher) = watcher {
+            watcher.wake();
+        }
+    }
+
     /// Wakes every waiter recorded, under no lock; each records itself
     /// again when polled.
     fn wake_all(&self) {
@@ -242,6 +343,11 @@ impl Waiters {
         let wakers = mem::take(&mut *self.wakers.lock());
         for (_, waker) in wakers {
             waker.wake();
+        }
+        // See `SharedRun::sleep_on`.
+        fence(Ordering::SeqCst);
+        if self.watched.swap(false, Ordering::AcqRel) {
+            self.wake_watcher();
         }
     }
 }
@@ -257,8 +363,9 @@ impl Wake for Waiters {
 }
 
 /// loom models of the driver: no wake-up is lost between the caller, a
-/// joiner and the heir, whoever polls, and a caller that leaves after
-/// driving leaves the run to the heir. Run with
+/// joiner and the steward, whoever polls, a caller that leaves after
+/// driving leaves the run to the steward, and a steward asleep on a run
+/// hears its next wake. Run with
 /// `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
 #[cfg(all(test, session_lifecycle_loom))]
 mod loom_tests {
@@ -348,8 +455,8 @@ mod loom_tests {
     fn loom_the_caller_and_a_joiner_both_see_the_end() {
         model(|| {
             let gate = Gate::new();
-            let (caller, heir) = shared(&gate);
-            drop(heir);
+            let (caller, steward) = shared(&gate);
+            drop(steward);
             let joiner = SharedRun::join(Arc::clone(&caller.driver));
             let opener = Arc::clone(&gate);
             let opening = thread::spawn(move || opener.open());
@@ -361,16 +468,47 @@ mod loom_tests {
         });
     }
 
+    /// A waker that records that it was woken.
+    struct Rung(AtomicBool);
+
+    impl std::task::Wake for Rung {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
     #[test]
-    fn loom_the_heir_ends_a_run_its_caller_left() {
+    fn loom_a_steward_asleep_on_a_run_hears_its_next_wake() {
         model(|| {
             let gate = Gate::new();
-            let (mut caller, heir) = shared(&gate);
-            let heir = thread::spawn(move || block_on(heir));
+            let (mut caller, steward) = shared(&gate);
+            let rung = std::sync::Arc::new(Rung(AtomicBool::new(false)));
+            steward.watch(&Waker::from(std::sync::Arc::clone(&rung)));
+            // The caller drives the run until it waits for the gate.
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            for _ in 0..2 {
+                assert!(Pin::new(&mut caller).poll(&mut cx).is_pending());
+            }
+            let opener = Arc::clone(&gate);
+            let opening = thread::spawn(move || opener.open());
+            // Either the steward sleeps on the run and the wake rings it,
+            // or it sees the wake and does not sleep.
+            let asleep = steward.sleep_on();
+            opening.join().unwrap();
+            assert!(!asleep || rung.0.load(Ordering::SeqCst));
+        });
+    }
+
+    #[test]
+    fn loom_the_steward_ends_a_run_its_caller_left() {
+        model(|| {
+            let gate = Gate::new();
+            let (mut caller, steward) = shared(&gate);
+            let steward = thread::spawn(move || block_on(steward));
             let opener = Arc::clone(&gate);
             let opening = thread::spawn(move || opener.open());
             // The caller polls twice (its first poll only yields), then
-            // leaves: the heir alone ends the run.
+            // leaves: the steward alone ends the run.
             let mut cx = Context::from_waker(futures::task::noop_waker_ref());
             for _ in 0..2 {
                 if Pin::new(&mut caller).poll(&mut cx).is_ready() {
@@ -378,7 +516,7 @@ mod loom_tests {
                 }
             }
             drop(caller);
-            assert_eq!(heir.join().unwrap().ok(), Some(expected()));
+            assert_eq!(steward.join().unwrap().ok(), Some(expected()));
             opening.join().unwrap();
             assert!(gate.polls.load(Ordering::Relaxed) >= 1);
         });

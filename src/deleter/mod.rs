@@ -15,19 +15,20 @@
 //! - A run leaves `runs` before it publishes its result: whoever sees the
 //!   result and deletes again starts afresh.
 //! - A run is driven by whoever awaits it (see `drive`): the caller that
-//!   started it, in its own task, joiners, and the run's heir, a task of
-//!   `tracker` spawned with the run that drives it whenever nobody else
-//!   does. So dropping the future of [`RouterDeleter::delete`], or holding
-//!   it without polling it, only stops that caller's waiting; and the run
-//!   makes no hop to another task while its caller awaits it.
+//!   started it, in its own task, joiners, and the deleter's steward (see
+//!   `steward`), one task that holds every run and drives those nobody
+//!   else does. So dropping the future of [`RouterDeleter::delete`], or
+//!   holding it without polling it, only stops that caller's waiting; and
+//!   the run makes no hop to another task while its caller awaits it.
 //!
 //! # Deadlock safety
 //!
 //! The deleter has one lock, `runs`, held only to look up, insert or remove
 //! an entry, or to close the tracker. It is never held across an `.await`,
-//! while another lock is taken, while a run's heir is spawned (a runtime
-//! shutting down drops the task at once), or while a hold on a run is
-//! dropped (dropping the last drops the run, and its entry takes `runs`).
+//! while another lock is taken, while a run is handed to the steward (which
+//! may spawn it; a runtime shutting down drops the task at once), or while
+//! a hold on a run is dropped (dropping the last drops the run, and its
+//! entry takes `runs`).
 //! The runs' own locks (`drive`) are never held while user code runs.
 
 mod config;
@@ -37,6 +38,7 @@ mod notifier;
 mod order;
 mod report;
 mod run;
+mod steward;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -118,9 +120,9 @@ enum Join {
 ///   timers.
 /// - **Cancel-safe and idempotent (I6).** The caller's task drives the run
 ///   while it awaits it (no hand-off to another task: its sessions stay in
-///   its cache), and a task the deleter tracks drives it whenever nobody
-///   else does: dropping the caller's future, or holding it unpolled, does
-///   not stop it.
+///   its cache), and a task of the deleter drives it whenever nobody else
+///   does: dropping the caller's future, or holding it unpolled, does not
+///   stop it.
 ///   Concurrent calls for one router join one run and all get its report. A
 ///   router left fenced by an interrupted run is resumed by the next call.
 /// - **The right incarnation (I9).** A call is answered only with the
@@ -187,6 +189,8 @@ struct Inner<S, N> {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Runs waiting for a slot.
     queued: AtomicUsize,
+    /// Drives the runs nobody else drives.
+    steward: Arc<steward::Steward>,
 }
 
 impl<S, N> Clone for RouterDeleter<S, N> {
@@ -231,6 +235,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 runs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
                 queued: AtomicUsize::new(0),
+                steward: Arc::default(),
             }),
         }
     }
@@ -320,9 +325,12 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// In the task that awaits this future: after the first poll (which
     /// yields once, so that calls made together join one run), the caller's
     /// own polls drive the deletion, with no hand-off to another task or
-    /// thread. A task of the deleter drives it whenever no caller does
-    /// (the future dropped, or held without being polled), so the deletion
-    /// never waits for a caller.
+    /// thread. One task of the deleter, its steward, drives the runs no
+    /// caller drives: a run whose future is dropped at once, and one whose
+    /// future is held without being polled within 20 ms (two of the
+    /// steward's 10 ms ticks), so a deletion never waits long for a
+    /// caller. The steward spawns with the first deletion on a runtime
+    /// and leaves after a second without any.
     ///
     /// # Example
     ///
@@ -538,8 +546,6 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         // waits for the run. (An admitted caller's own token keeps the
         // tracker from emptying until this one is taken.)
         let token = self.inner.tracker.token();
-        // The heir's own: `shutdown` returns once the heir saw the end too.
-        let heir_token = self.inner.tracker.token();
         let entry = RunEntry {
             inner: Arc::clone(&self.inner),
             router,
@@ -573,8 +579,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             outcome
         };
         // The caller drives the run in its own task while it awaits it; the
-        // heir, a task of the deleter, whenever nobody else does.
-        let (run, heir) = SharedRun::start(router, Box::pin(run));
+        // steward, a task of the deleter, whenever nobody else does.
+        let (run, steward) = SharedRun::start(router, Box::pin(run));
         runs.insert(
             router,
             RunSlot {
@@ -583,12 +589,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             },
         );
         drop(runs);
-        // Spawned outside the lock: a runtime that is shutting down drops
-        // the heir at once.
-        drop(runtime.spawn(async move {
-            let _token = heir_token;
-            let _ = heir.await;
-        }));
+        // Outside the lock: the steward may be spawned (a runtime that is
+        // shutting down drops it at once, and the run it was handed).
+        self.inner.steward.adopt(steward, &runtime);
         Ok(Join::Run(run))
     }
 
