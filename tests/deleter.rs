@@ -607,27 +607,11 @@ async fn a_deletion_polled_once_then_held_still_ends() {
     let bus = EventBus::new(1024);
     let mut events = bus.subscribe();
     // Confirmations take a while: the run waits on them several times.
-    let deleter = RouterDeleter::builder()
-        .batch_size(10)
-        .events(bus)
-        .build(
-            Arc::clone(&store),
-            ScriptedNotifier::new(Arc::clone(&store), Script::by_round(SLOW, SLOW)),
-        )
-        .expect("valid settings");
+    let deleter = slow_deleter(&store, bus);
     let started = Instant::now();
     let mut held = std::pin::pin!(deleter.delete(R));
     assert!(futures::poll!(held.as_mut()).is_pending());
-    let deleted = within(HOUR, async {
-        loop {
-            match events.recv().await {
-                Some(Event::RouterDeleted(report)) => break report,
-                Some(_) => {}
-                None => panic!("the bus closed"),
-            }
-        }
-    })
-    .await;
+    let deleted = within(HOUR, deleted_report(&mut events, R)).await;
     assert_eq!(deleted.confirmed, 30, "{deleted:?}");
     // Started by the deleter's steward within two of its 10 ms ticks.
     let late = started.elapsed() - deleted.durations.total;
