@@ -714,3 +714,33 @@ fn a_deleter_outliving_its_runtime_still_drives_runs_left_by_their_callers() {
         left.assert_deleted(&*store).await;
     });
 }
+
+/// A deleter that shut down leaves no task of its own behind: its
+/// steward, which would otherwise stay a second for the next deletion,
+/// leaves with the last run.
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_no_task_of_the_deleter_behind() {
+    let store = Arc::new(MemoryStore::new());
+    let incarnation = store.register_router(R).await.unwrap();
+    for id in 0..20 {
+        let spec = session_lifecycle::NewSession::new(
+            session_lifecycle::SessionId::new(id),
+            R,
+            incarnation,
+        );
+        drop(store.create(spec).await.unwrap());
+    }
+    let deleter = deleter(&store, OK, OK);
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = alive();
+    let report = report_within(HOUR, deleter.delete(R)).await;
+    assert_eq!(report.confirmed, 20);
+    let started = Instant::now();
+    deleter.shutdown().await;
+    assert_eq!(started.elapsed(), Duration::ZERO, "nothing to wait for");
+    assert_eq!(alive(), before, "a task of the deleter is left");
+}

@@ -193,6 +193,13 @@ struct Inner<S, N> {
     steward: Arc<steward::Steward>,
 }
 
+impl<S, N> Drop for Inner<S, N> {
+    fn drop(&mut self) {
+        // No run is left (each holds the deleter): the steward leaves.
+        self.steward.shut();
+    }
+}
+
 impl<S, N> Clone for RouterDeleter<S, N> {
     fn clone(&self) -> Self {
         Self {
@@ -642,6 +649,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             self.inner.tracker.close();
         }
         self.inner.tracker.wait().await;
+        // Every run ended: the steward leaves now rather than lingering.
+        self.inner.steward.close().await;
     }
 }
 

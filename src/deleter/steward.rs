@@ -31,7 +31,9 @@
 //!   drops the runs it held and those waiting in its inbox (a run whose
 //!   runtime is gone ends with it, and the next `delete` starts afresh).
 //!   It holds no token of the deleter's tracker: `shutdown` waits for the
-//!   runs themselves.
+//!   runs themselves, then has the steward leave at once (`close`: it
+//!   waits at most [`CLOSE_WAIT`] for that, as the steward's runtime may
+//!   not be running); a deleter dropped has it leave without waiting.
 //!
 //! # Deadlock safety
 //!
@@ -40,6 +42,7 @@
 //! dropped, nor while the steward is spawned or rung.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Wake, Waker};
 
 use futures::StreamExt;
@@ -57,14 +60,23 @@ const TICK: Duration = Duration::from_millis(10);
 /// another share one task.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// How long `shutdown` waits for the steward to leave.
+const CLOSE_WAIT: Duration = Duration::from_millis(100);
+
 /// The steward of one deleter.
 #[derive(Default)]
 pub(super) struct Steward {
     inbox: Mutex<Inbox>,
     /// Rung to have the task look at its runs: a run's wake while it
     /// sleeps on it, a caller leaving, a run handed over while it does not
-    /// tick. Keeps one ring for a task that is not waiting yet.
+    /// tick, the deleter shutting down. Keeps one ring for a task that is
+    /// not waiting yet.
     bell: Arc<Bell>,
+    /// The deleter shuts down (or is gone): leave as soon as no run is
+    /// held, without lingering.
+    closed: AtomicBool,
+    /// Told when the task leaves.
+    gone: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -126,6 +138,24 @@ impl Steward {
         }
     }
 
+    /// Has the task leave once it holds no run, and waits (at most
+    /// [`CLOSE_WAIT`]: its runtime may not be running) until it left.
+    pub(super) async fn close(&self) {
+        self.shut();
+        let gone = self.gone.notified();
+        tokio::pin!(gone);
+        gone.as_mut().enable();
+        if self.inbox.lock().running {
+            let _ = tokio::time::timeout(CLOSE_WAIT, gone).await;
+        }
+    }
+
+    /// Has the task leave once it holds no run, without waiting.
+    pub(super) fn shut(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.bell.0.notify_one();
+    }
+
     /// The runs handed over since the last call.
     fn take_new(&self) -> Vec<Held> {
         std::mem::take(&mut self.inbox.lock().runs)
@@ -178,9 +208,9 @@ impl Steward {
             }
             let awake = watched.iter().any(|run| !run.asleep);
             if watched.is_empty() && driven.is_empty() {
-                if Instant::now().duration_since(idle_since) >= LINGER
-                    && self.leave_if_idle(leaving)
-                {
+                let done = self.closed.load(Ordering::Acquire)
+                    || Instant::now().duration_since(idle_since) >= LINGER;
+                if done && self.leave_if_idle(leaving) {
                     return;
                 }
             } else {
@@ -290,14 +320,14 @@ struct Leaving {
 
 impl Drop for Leaving {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            let orphans = {
+                let mut inbox = self.steward.inbox.lock();
+                inbox.running = false;
+                std::mem::take(&mut inbox.runs)
+            };
+            drop(orphans);
         }
-        let orphans = {
-            let mut inbox = self.steward.inbox.lock();
-            inbox.running = false;
-            std::mem::take(&mut inbox.runs)
-        };
-        drop(orphans);
+        self.steward.gone.notify_waiters();
     }
 }
