@@ -32,6 +32,17 @@ fn deleter(
     first: Notify,
     retries: Notify,
 ) -> RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>> {
+    settings()
+        .build(
+            Arc::clone(store),
+            ScriptedNotifier::new(Arc::clone(store), Script::by_round(first, retries)),
+        )
+        .expect("valid settings")
+}
+
+/// The settings of [`deleter`]: batches of 10, 1 s to notify, 2 s to
+/// confirm, 2 retries.
+fn settings() -> session_lifecycle::deleter::RouterDeleterBuilder {
     RouterDeleter::builder()
         .batch_size(10)
         .notify_timeout(Duration::from_secs(1))
@@ -41,11 +52,6 @@ fn deleter(
                 .retries(2)
                 .delays(Duration::from_millis(500), Duration::from_secs(4)),
         )
-        .build(
-            Arc::clone(store),
-            ScriptedNotifier::new(Arc::clone(store), Script::by_round(first, retries)),
-        )
-        .expect("valid settings")
 }
 
 #[tokio::test(start_paused = true)]
@@ -636,14 +642,13 @@ async fn deleted_report(
     }
 }
 
-/// A deleter whose routers confirm everything after 300 ms, reporting on
-/// `bus`.
+/// [`deleter`] with routers that confirm everything after 300 ms,
+/// reporting on `bus`.
 fn slow_deleter(
     store: &Arc<MemoryStore>,
     bus: EventBus,
 ) -> RouterDeleter<MemoryStore, Arc<ScriptedNotifier<MemoryStore>>> {
-    RouterDeleter::builder()
-        .batch_size(10)
+    settings()
         .events(bus)
         .build(
             Arc::clone(store),
@@ -743,4 +748,28 @@ async fn shutdown_leaves_no_task_of_the_deleter_behind() {
     deleter.shutdown().await;
     assert_eq!(started.elapsed(), Duration::ZERO, "nothing to wait for");
     assert_eq!(alive(), before, "a task of the deleter is left");
+}
+
+/// A future dropped right after its first poll, before the deleter's
+/// steward even looked at the run, still hands the run over at once.
+#[tokio::test(start_paused = true)]
+async fn a_future_dropped_after_its_first_poll_hands_the_run_over_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
+    let deleter = slow_deleter(&store, bus);
+    // An earlier deletion: the steward runs, and ticks.
+    let earlier = ObservedRouter::fill(&*store, RouterId::new(1), 0, 10).await;
+    let _ = report_within(HOUR, deleter.delete(earlier.router)).await;
+    // Between two of the steward's ticks.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let left = ObservedRouter::fill(&*store, R, 100, 30).await;
+    let started = Instant::now();
+    let mut dropped = Box::pin(deleter.delete(R));
+    assert!(futures::poll!(dropped.as_mut()).is_pending());
+    drop(dropped);
+    let report = within(HOUR, deleted_report(&mut events, R)).await;
+    assert_eq!(report.confirmed, 30, "{report:?}");
+    assert_eq!(started.elapsed(), report.durations.total, "started late");
+    left.assert_deleted(&*store).await;
 }

@@ -95,7 +95,7 @@ impl Wake for Bell {
 #[derive(Default)]
 struct Inbox {
     /// Runs handed over and not yet picked up by the task.
-    runs: Vec<Held>,
+    runs: Vec<SharedRun>,
     /// A steward task runs (or is spawned and not yet dropped).
     running: bool,
     /// The task looks at its inbox at its next tick: `adopt` need not
@@ -103,18 +103,16 @@ struct Inbox {
     ticking: bool,
 }
 
-/// A run the steward holds: a waiter of it.
-struct Held {
-    run: SharedRun,
-}
-
 impl Steward {
     /// Hands a starting run to the steward, spawning it on `runtime` if
     /// none runs.
     pub(super) fn adopt(self: &Arc<Self>, run: SharedRun, runtime: &Handle) {
+        // Rung from now on when a caller leaves, even before the task
+        // picks the run up.
+        run.watch(&Waker::from(Arc::clone(&self.bell)));
         let (spawn, wake) = {
             let mut inbox = self.inbox.lock();
-            inbox.runs.push(Held { run });
+            inbox.runs.push(run);
             let spawn = !std::mem::replace(&mut inbox.running, true);
             if spawn {
                 inbox.ticking = true;
@@ -157,7 +155,7 @@ impl Steward {
     }
 
     /// The runs handed over since the last call.
-    fn take_new(&self) -> Vec<Held> {
+    fn take_new(&self) -> Vec<SharedRun> {
         std::mem::take(&mut self.inbox.lock().runs)
     }
 
@@ -176,7 +174,6 @@ impl Steward {
 
     /// The steward's task.
     async fn serve(&self, leaving: &mut Leaving) {
-        let waker = Waker::from(Arc::clone(&self.bell));
         let mut watched: Vec<Watched> = Vec::new();
         // Runs taken over, driven as one of their waiters.
         let mut driven = FuturesUnordered::new();
@@ -187,11 +184,10 @@ impl Steward {
             if ticked {
                 next_tick = None;
             }
-            for held in self.take_new() {
-                held.run.watch(&waker);
+            for run in self.take_new() {
                 watched.push(Watched {
-                    seen: held.run.claims(),
-                    held,
+                    seen: run.claims(),
+                    run,
                     asleep: false,
                 });
             }
@@ -200,8 +196,8 @@ impl Steward {
                 match run.look(ticked) {
                     Look::Done => drop(watched.swap_remove(i)),
                     Look::TakeOver => {
-                        let Watched { held, .. } = watched.swap_remove(i);
-                        driven.push(async move { drop(held.run.await) });
+                        let Watched { run, .. } = watched.swap_remove(i);
+                        driven.push(async move { drop(run.await) });
                     }
                     Look::Keep => i += 1,
                 }
@@ -256,7 +252,7 @@ async fn sleep_until_some(tick: Option<Instant>) {
 
 /// A run the steward holds and does not drive.
 struct Watched {
-    held: Held,
+    run: SharedRun,
     /// Its claims at the last tick.
     seen: u64,
     /// The steward sleeps on it: the run waits for a wake, and the wake
@@ -273,7 +269,7 @@ enum Look {
 
 impl Watched {
     fn look(&mut self, ticked: bool) -> Look {
-        let run = &self.held.run;
+        let run = &self.run;
         if run.is_done() {
             return Look::Done;
         }
