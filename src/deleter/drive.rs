@@ -12,7 +12,8 @@
 //!   wakes them all. A waiter that finds the run `Running` waits for the
 //!   next wake; if one came during that poll (so before it recorded
 //!   itself), the poller wakes everyone again once it put the run back.
-//!   No wake is lost, even if the poller's own caller is gone.
+//!   No wake is lost, even if the poller's own caller is gone, or a
+//!   waiter's waker panics (contained: the others are still woken).
 //! - The steward's waiter is not polled (nor woken) until the steward
 //!   takes the run over; meanwhile a wake reaches the steward only if it
 //!   sleeps on the run (`watched`, set before it looks at `unclaimed`, a
@@ -342,7 +343,11 @@ impl Waiters {
         self.unclaimed.store(true, Ordering::Release);
         let wakers = mem::take(&mut *self.wakers.lock());
         for (_, waker) in wakers {
-            waker.wake();
+            // A waker is user code: one that panics is contained, and the
+            // other waiters (and the steward) still hear the wake.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| waker.wake())).is_err() {
+                tracing::error!("a deletion's waiter's waker panicked; the panic was contained");
+            }
         }
         // See `SharedRun::sleep_on`.
         fence(Ordering::SeqCst);

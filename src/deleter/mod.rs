@@ -15,9 +15,10 @@
 //! - A run leaves `runs` before it publishes its result: whoever sees the
 //!   result and deletes again starts afresh.
 //! - A run is driven by whoever awaits it (see `drive`): the caller that
-//!   started it, in its own task, joiners, and the deleter's steward (see
-//!   `steward`), one task that holds every run and drives those nobody
-//!   else does. So dropping the future of [`RouterDeleter::delete`], or
+//!   started it, in its own task, joiners, and the deleter's steward on
+//!   the runtime the run started on (see `steward`), one task per runtime
+//!   that holds every run started there and drives those nobody else
+//!   does. So dropping the future of [`RouterDeleter::delete`], or
 //!   holding it without polling it, only stops that caller's waiting; and
 //!   the run makes no hop to another task while its caller awaits it.
 //!
@@ -189,14 +190,14 @@ struct Inner<S, N> {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Runs waiting for a slot.
     queued: AtomicUsize,
-    /// Drives the runs nobody else drives.
-    steward: Arc<steward::Steward>,
+    /// Drive the runs nobody else drives, one per runtime.
+    stewards: steward::Stewards,
 }
 
 impl<S, N> Drop for Inner<S, N> {
     fn drop(&mut self) {
-        // No run is left (each holds the deleter): the steward leaves.
-        self.steward.shut();
+        // No run is left (each holds the deleter): the stewards leave.
+        self.stewards.shut();
     }
 }
 
@@ -242,7 +243,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 runs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
                 queued: AtomicUsize::new(0),
-                steward: Arc::default(),
+                stewards: steward::Stewards::default(),
             }),
         }
     }
@@ -336,8 +337,11 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// caller drives: a run whose future is dropped at once, and one whose
     /// future is held without being polled within 20 ms (two of the
     /// steward's 10 ms ticks), so a deletion never waits long for a
-    /// caller. The steward spawns with the first deletion on a runtime
-    /// and leaves after a second without any.
+    /// caller. The deleter has a steward on each runtime its deletions
+    /// start on: it spawns with the first deletion there, drives only
+    /// deletions started there (so a runtime dropped, or not driven, stops
+    /// no deletion of another runtime), and leaves after a second without
+    /// any.
     ///
     /// # Example
     ///
@@ -598,7 +602,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         drop(runs);
         // Outside the lock: the steward may be spawned (a runtime that is
         // shutting down drops it at once, and the run it was handed).
-        self.inner.steward.adopt(steward, &runtime);
+        self.inner.stewards.adopt(steward, &runtime);
         Ok(Join::Run(run))
     }
 
@@ -649,8 +653,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             self.inner.tracker.close();
         }
         self.inner.tracker.wait().await;
-        // Every run ended: the steward leaves now rather than lingering.
-        self.inner.steward.close().await;
+        // Every run ended: the stewards leave now rather than lingering.
+        self.inner.stewards.close().await;
     }
 }
 

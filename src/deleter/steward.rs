@@ -16,12 +16,18 @@
 //! when it has held no run for [`LINGER`], and the next run spawns it
 //! again.
 //!
+//! A deleter has one steward per runtime its runs start on (`Stewards`),
+//! and each run goes to the steward of its own runtime: a steward whose
+//! runtime is gone, or is not being driven (a current-thread runtime
+//! outside `block_on`), holds only runs started there, never a run of a
+//! runtime that is still running.
+//!
 //! # Invariants
 //!
-//! - Every run is handed to the steward as it starts (`adopt`). If no
-//!   steward runs (none yet, it left, or its task was dropped with its
-//!   runtime), `adopt` spawns one; if it runs but does not tick, `adopt`
-//!   rings it.
+//! - Every run is handed to the steward of the runtime it starts on as it
+//!   starts (`adopt`). If that steward does not run (none yet, it left, or
+//!   its task was dropped with its runtime), `adopt` spawns it; if it runs
+//!   but does not tick, `adopt` rings it.
 //! - A run the steward holds and nobody drives is driven by it within two
 //!   ticks: a wake sets the run's `unclaimed`, a poll that takes it counts
 //!   in its claims, and a wake of a run the steward sleeps on rings it; a
@@ -37,9 +43,13 @@
 //!
 //! # Deadlock safety
 //!
-//! One lock, the inbox's, held only to move runs in or out and to read or
-//! set whether a steward runs and ticks: never while a run is polled or
-//! dropped, nor while the steward is spawned or rung.
+//! The registry of stewards (`Stewards`) is locked to find or add a
+//! runtime's steward and hand it a run; under it, and only there, a
+//! steward's inbox (held only to move runs in or out and to read or set
+//! whether the steward runs and ticks) and the run's slot for the
+//! steward's waker (`SharedRun::watch`) are locked, each alone. No lock is
+//! held while a run is polled or dropped, nor while a steward is spawned,
+//! rung or waited for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +58,7 @@ use std::task::{Wake, Waker};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
+use tokio::runtime::{self, Handle};
 use tokio::time::{Duration, Instant};
 
 use super::drive::SharedRun;
@@ -63,9 +73,67 @@ const LINGER: Duration = Duration::from_secs(1);
 /// How long `shutdown` waits for the steward to leave.
 const CLOSE_WAIT: Duration = Duration::from_millis(100);
 
-/// The steward of one deleter.
+/// The stewards of one deleter, one per runtime its runs started on.
 #[derive(Default)]
+pub(super) struct Stewards {
+    /// Those that run, and the one of the runtime that last started a run
+    /// (a steward that left is forgotten at the next run of another
+    /// runtime).
+    all: Mutex<Vec<Arc<Steward>>>,
+}
+
+impl Stewards {
+    /// Hands a starting run to the steward of `runtime`, the runtime it
+    /// starts on, spawning it there if it does not run.
+    pub(super) fn adopt(&self, run: SharedRun, runtime: &Handle) {
+        // Rung from now on when a caller leaves, even before the task
+        // picks the run up: whichever steward it is, its bell.
+        let id = runtime.id();
+        let (steward, spawn, ring) = {
+            let mut all = self.all.lock();
+            all.retain(|steward| steward.runtime == id || steward.runs());
+            let steward = match all.iter().find(|steward| steward.runtime == id) {
+                Some(steward) => Arc::clone(steward),
+                None => {
+                    let steward = Arc::new(Steward::new(id));
+                    all.push(Arc::clone(&steward));
+                    steward
+                }
+            };
+            // Handed over under the registry's lock: a steward found here
+            // is not forgotten before it holds the run.
+            run.watch(&Waker::from(Arc::clone(&steward.bell)));
+            let (spawn, ring) = steward.push(run);
+            (steward, spawn, ring)
+        };
+        if ring {
+            steward.bell.0.notify_one();
+        }
+        if spawn {
+            steward.spawn(runtime);
+        }
+    }
+
+    /// Has every steward leave once it holds no run, and waits (at most
+    /// [`CLOSE_WAIT`]) until they left.
+    pub(super) async fn close(&self) {
+        let all = self.all.lock().clone();
+        futures::future::join_all(all.iter().map(|steward| steward.close())).await;
+    }
+
+    /// Has every steward leave once it holds no run, without waiting.
+    pub(super) fn shut(&self) {
+        let all = self.all.lock().clone();
+        for steward in &all {
+            steward.shut();
+        }
+    }
+}
+
+/// The steward of one deleter on one runtime.
 pub(super) struct Steward {
+    /// The runtime whose runs it holds, and that its task runs on.
+    runtime: runtime::Id,
     inbox: Mutex<Inbox>,
     /// Rung to have the task look at its runs: a run's wake while it
     /// sleeps on it, a caller leaving, a run handed over while it does not
@@ -104,36 +172,46 @@ struct Inbox {
 }
 
 impl Steward {
-    /// Hands a starting run to the steward, spawning it on `runtime` if
-    /// none runs.
-    pub(super) fn adopt(self: &Arc<Self>, run: SharedRun, runtime: &Handle) {
-        // Rung from now on when a caller leaves, even before the task
-        // picks the run up.
-        run.watch(&Waker::from(Arc::clone(&self.bell)));
-        let (spawn, wake) = {
-            let mut inbox = self.inbox.lock();
-            inbox.runs.push(run);
-            let spawn = !std::mem::replace(&mut inbox.running, true);
-            if spawn {
-                inbox.ticking = true;
-            }
-            (spawn, !spawn && !inbox.ticking)
-        };
-        if wake {
-            self.bell.0.notify_one();
+    fn new(runtime: runtime::Id) -> Self {
+        Self {
+            runtime,
+            inbox: Mutex::default(),
+            bell: Arc::default(),
+            closed: AtomicBool::new(false),
+            gone: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether its task runs (or is spawned and not yet dropped).
+    fn runs(&self) -> bool {
+        self.inbox.lock().running
+    }
+
+    /// Puts a starting run in the inbox. Returns whether the task does not
+    /// run (the caller spawns it), and whether it runs without ticking
+    /// (the caller rings it).
+    fn push(&self, run: SharedRun) -> (bool, bool) {
+        let mut inbox = self.inbox.lock();
+        inbox.runs.push(run);
+        let spawn = !std::mem::replace(&mut inbox.running, true);
         if spawn {
-            // Outside the lock: a runtime that is shutting down drops the
-            // task at once, and its guard takes the lock.
-            let mut leaving = Leaving {
-                steward: Arc::clone(self),
-                armed: true,
-            };
-            drop(runtime.spawn(async move {
-                let steward = Arc::clone(&leaving.steward);
-                steward.serve(&mut leaving).await;
-            }));
+            inbox.ticking = true;
         }
+        (spawn, !spawn && !inbox.ticking)
+    }
+
+    /// Spawns the task on `runtime`, under no lock: a runtime that is
+    /// shutting down drops the task at once, and its guard takes the
+    /// inbox's lock.
+    fn spawn(self: Arc<Self>, runtime: &Handle) {
+        let mut leaving = Leaving {
+            steward: self,
+            armed: true,
+        };
+        drop(runtime.spawn(async move {
+            let steward = Arc::clone(&leaving.steward);
+            steward.serve(&mut leaving).await;
+        }));
     }
 
     /// Has the task leave once it holds no run, and waits (at most
@@ -189,6 +267,7 @@ impl Steward {
                     seen: run.claims(),
                     run,
                     asleep: false,
+                    fresh: true,
                 });
             }
             let mut i = 0;
@@ -215,13 +294,17 @@ impl Steward {
             // Ticks while a run is awake, and while lingering (new runs
             // are picked up at ticks); otherwise only a wake brings it back.
             let ticking = awake || (watched.is_empty() && driven.is_empty());
-            if ticking && next_tick.is_none() {
+            if !ticking {
+                // Not a tick that was due while it slept: the next look
+                // is a whole tick after the next ring.
+                next_tick = None;
+            } else if next_tick.is_none() {
                 next_tick = Some(Instant::now() + TICK);
             }
             if !self.wait_for_rings(ticking) {
                 continue;
             }
-            let tick = next_tick.filter(|_| ticking);
+            let tick = next_tick;
             tokio::select! {
                 Some(()) = driven.next(), if !driven.is_empty() => {}
                 () = sleep_until_some(tick) => {}
@@ -258,6 +341,9 @@ struct Watched {
     /// The steward sleeps on it: the run waits for a wake, and the wake
     /// wakes the steward too.
     asleep: bool,
+    /// Picked up since the last tick: its first look is at the next one,
+    /// its callers having had a whole tick to poll it.
+    fresh: bool,
 }
 
 /// What the steward does with a run it holds.
@@ -269,6 +355,7 @@ enum Look {
 
 impl Watched {
     fn look(&mut self, ticked: bool) -> Look {
+        let ticked = ticked && !std::mem::take(&mut self.fresh);
         let run = &self.run;
         if run.is_done() {
             return Look::Done;
