@@ -83,14 +83,20 @@ pub(crate) fn check_count(
     value: usize,
     max: usize,
 ) -> Result<usize, BuildError> {
-    if (1..=max).contains(&value) {
-        Ok(value)
-    } else {
+    if value == 0 {
         Err(BuildError::setting(
             piece,
             setting,
-            format_args!("must be within 1..={max}, got {value}"),
+            format_args!("must be at least 1, got 0"),
         ))
+    } else if value > max {
+        Err(BuildError::setting(
+            piece,
+            setting,
+            format_args!("must be at most {max}, got {value}"),
+        ))
+    } else {
+        Ok(value)
     }
 }
 

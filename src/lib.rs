@@ -222,7 +222,8 @@
 //! reclaim task returned must not call back into the store. Each module
 //! with locks documents its lock order under `# Deadlock safety`. The state word and close notification are
 //! model-checked with loom:
-//! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release loom`.
+//! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release --target-dir target/loom loom`
+//! (its own target directory: the cfg rebuilds every dependency).
 //!
 //! # Stability
 //!

@@ -512,11 +512,24 @@ async fn a_cap_on_concurrent_deletions_queues_the_rest_in_order() {
         })
         .collect();
     assert_eq!(order, routers, "fenced in the order asked");
+    let refused = RouterDeleter::builder()
+        .max_concurrent(0)
+        .build(Arc::clone(&store), Held(Arc::clone(&gate)))
+        .unwrap_err();
     assert!(
-        RouterDeleter::builder()
-            .max_concurrent(0)
-            .build(Arc::clone(&store), Held(gate))
-            .is_err()
+        refused.to_string().ends_with("must be at least 1, got 0"),
+        "{refused}"
+    );
+    let refused = RouterDeleter::builder()
+        .max_concurrent(usize::MAX)
+        .build(Arc::clone(&store), Held(gate))
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains(&format!(
+            "must be at most {}",
+            tokio::sync::Semaphore::MAX_PERMITS
+        )),
+        "{refused}"
     );
 }
 

@@ -575,3 +575,28 @@ async fn after_a_deletion_no_piece_keeps_the_routers_sessions_alive() {
     assert_eq!(lifecycle.expiry().stats().tracked, 0);
     assert_eq!(lifecycle.liveness().stats().reaped, 0, "the deletion's");
 }
+
+/// An idle controller costs next to no timer: a `Lifecycle` with every
+/// default and nothing to do parks its runtime a few hundred times a
+/// paused hour (the audit sweeper's sweep a minute, a few parks each: 224
+/// measured), not a few times per liveness tick (198,000 an hour before
+/// the monitor rested with nothing watched), so tests that let hours pass
+/// stay fast.
+#[tokio::test(start_paused = true)]
+async fn an_idle_lifecycle_costs_next_to_no_timer() {
+    let (_store, lifecycle) = wired(Notify::Confirm(Subset::All));
+    tokio::task::yield_now().await;
+    let parks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .worker_park_count(0)
+    };
+    let before = parks();
+    tokio::time::sleep(HOUR).await;
+    let idle = parks() - before;
+    assert!(
+        idle <= 1_000,
+        "an idle lifecycle parked {idle} times an hour"
+    );
+    within(HOUR, lifecycle.shutdown(HOUR)).await;
+}

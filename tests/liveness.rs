@@ -625,3 +625,93 @@ async fn a_big_silent_router_is_probed_in_capped_batches() {
             .is_err()
     );
 }
+
+/// Times the current-thread runtime parked: each timer of the monitor's
+/// that fires is one (a day-long sleep alone takes a few, one per level
+/// of tokio's timer wheel).
+fn parks() -> u64 {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .worker_park_count(0)
+}
+
+/// A monitor with nothing to watch rests: a paused day costs it no timer
+/// (its runtime parked 4,752,000 times a day before, 11 s of real time in
+/// a debug build: tests on a paused clock crawled). A session watched after
+/// the rest starts from the time of its watch, not from the clock the
+/// monitor last raised: it is not convicted at once, keeps its estimate
+/// while it heartbeats, and is reaped within the bound once it stops; then
+/// the monitor rests again.
+#[tokio::test(start_paused = true)]
+async fn an_unused_monitor_rests_and_wakes_on_a_watch() {
+    let store = Arc::new(MemoryStore::new());
+    let all = sessions(&store, 1, 1).await;
+    let monitor = monitor(LivenessMonitor::builder(), &store, NoProbe, &[]);
+    tokio::task::yield_now().await;
+    let before = parks();
+    tokio::time::sleep(Duration::from_secs(86_400)).await;
+    let resting = parks() - before;
+    assert!(
+        resting <= 20,
+        "an unused monitor parked {resting} times a day"
+    );
+
+    let session = &all[0];
+    monitor.watch(session).unwrap();
+    for _ in 0..30 {
+        tokio::time::sleep(SECOND).await;
+        monitor.heartbeat(session).unwrap();
+    }
+    assert_eq!(
+        monitor.stats().suspected,
+        0,
+        "convicted from the stale clock"
+    );
+    assert_eq!(monitor.timeout(session), Some(Duration::from_millis(2_050)));
+    let silent_since = Instant::now();
+    let bound = monitor.reap_bound(monitor.timeout(session).unwrap());
+    let reason = within(bound * 2, session.closed()).await;
+    assert_eq!(reason, CloseReason::LivenessTimeout);
+    assert!(silent_since.elapsed() <= bound);
+    assert_eq!(monitor.stats().watched, 0);
+
+    // Resting again once the last session left.
+    tokio::time::sleep(SECOND).await;
+    let before = parks();
+    tokio::time::sleep(Duration::from_secs(86_400)).await;
+    let resting = parks() - before;
+    assert!(
+        resting <= 20,
+        "the monitor parked {resting} times a day after its last session"
+    );
+}
+
+/// A watch racing the monitor's decision to rest is never lost: sessions
+/// watched from another thread, each right after the last one left, are
+/// all reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_racing_the_monitor_going_to_rest_are_not_lost() {
+    let store = Arc::new(MemoryStore::new());
+    let all = sessions(&store, 1, 200).await;
+    let monitor = monitor(
+        LivenessMonitor::builder()
+            .granularity(Duration::from_millis(1))
+            .heartbeat_interval(Duration::from_millis(1))
+            .timeout_range(Duration::from_millis(1), Duration::from_millis(2))
+            .pause_allowance(Duration::ZERO)
+            .probe_retries(0)
+            .probe_timeout(Duration::from_millis(1))
+            .partition_guard(false),
+        &store,
+        NoProbe,
+        &[],
+    );
+    for session in &all {
+        monitor.watch(session).unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(10), session.closed())
+            .await
+            .expect("a watched session is never looked at");
+        assert_eq!(reason, CloseReason::LivenessTimeout);
+    }
+    assert_eq!(monitor.stats().reaped, 200);
+}

@@ -319,7 +319,11 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// [`DeleteError::Interrupted`] if the run stopped before its end; in the
     /// last two cases the router stays fenced and another call resumes it. A
     /// router already deleted is [`DeleteOutcome::AlreadyDeleted`], not an
-    /// error.
+    /// error, for as long as the store remembers it: a store forgets the
+    /// oldest deleted routers past its tombstone capacity
+    /// ([`MemoryStoreBuilder::tombstone_capacity`](crate::store::MemoryStoreBuilder::tombstone_capacity)),
+    /// and then answers [`DeleteError::UnknownRouter`] for them. A
+    /// controller that retries deletions treats both as done.
     ///
     /// # Cancel safety
     ///
@@ -429,7 +433,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// Deletes `router` as [`delete`](Self::delete) does, but only its
     /// incarnation `incarnation`: a request that arrives late or twice (after
     /// the router was deleted and registered again) deletes nothing and
-    /// answers [`DeleteOutcome::AlreadyDeleted`] for `incarnation`.
+    /// answers [`DeleteOutcome::AlreadyDeleted`] for `incarnation` (or
+    /// [`DeleteError::UnknownRouter`] once the store forgot the router: see
+    /// [`delete`](Self::delete)'s errors).
     ///
     /// Joins the run already going for this incarnation, if any, and
     /// resumes it if it was left fenced.

@@ -334,7 +334,14 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     ///    grace timers stop (their routers keep their sessions: the
     ///    controller is going away, not the router), the monitor stops
     ///    convicting, the expiry monitor stops expiring (sessions keep
-    ///    their expiry and stay open), the sweeper stops sweeping.
+    ///    their expiry and stay open), the sweeper stops sweeping. The
+    ///    reconciler's `router_disconnected` is refused
+    ///    ([`ReconcileError::ShutDown`](crate::reconcile::ReconcileError::ShutDown));
+    ///    its [`reconcile`](crate::Reconciler::reconcile) still answers a
+    ///    router that reconnects (it closes and removes the sessions the
+    ///    router no longer has, each resource released once), so a
+    ///    controller still handling reconnections while it shuts down
+    ///    keeps the store true.
     /// 2. **Work in hand.** Running deletions finish (each within its
     ///    [`max_wait`](RouterDeleter::max_wait)), as do a grace expiry's
     ///    chunk, a sweep, the monitor's tasks, the closes of sessions that

@@ -12,6 +12,14 @@
 //!   leave wherever they are next looked at.
 //! - The clock only moves forward: the monitor task raises it each tick
 //!   (`fetch_max`); its top bit, once set, says the monitor stopped.
+//! - The monitor task ticks only while a session is watched (or the
+//!   partition guard holds). With none, it rests (`idle`) until `watch`
+//!   wakes it: `watch` raises the clock itself first (nothing else reads
+//!   it while none is watched), counts the session in, then wakes the
+//!   task if it rests. The task says it rests, then looks at the count
+//!   (both sides `SeqCst`): either it sees the session, or `watch` sees it
+//!   resting and wakes it (a `Notify` permit, kept if it is not waiting
+//!   yet). So an unused monitor costs no timer, even on a paused clock.
 //!
 //! # Deadlock safety
 //!
@@ -32,7 +40,7 @@ mod tag;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
@@ -86,6 +94,9 @@ const STOPPED: u64 = 1 << 63;
 ///   [`reap_bound`](Self::reap_bound) of its timeout (at most the upper
 ///   end of [`timeout_range`](LivenessMonitorBuilder::timeout_range), 60 s
 ///   by default) after the close.
+///   The task ticks (every [`granularity`](LivenessMonitorBuilder::granularity))
+///   only while a session is watched: a monitor with none rests, with no
+///   timer, until the next [`watch`](Self::watch).
 /// - **Probes.** Suspects are probed through your [`Prober`], one call per
 ///   router and round; an answer (or a heartbeat) before the probe timeout
 ///   spares the session. After `1 + probe_retries` silent rounds, with
@@ -172,6 +183,10 @@ struct Shared<S: SessionStore, Pr> {
     amnesty: AtomicU64,
     /// Sessions to file in the wheel: new watches and spared suspects.
     incoming: Mutex<Vec<Session<S::Payload>>>,
+    /// The monitor task rests: no session is watched, and it has no
+    /// timer until `watch` wakes it (`wake`).
+    idle: AtomicBool,
+    wake: Notify,
     suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
     /// Routers whose sessions are not convicted for now (a disconnected
     /// router in its grace period), with how many holds each has.
@@ -228,6 +243,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             clock: AtomicU64::new(0),
             amnesty: AtomicU64::new(0),
             incoming: Mutex::new(Vec::new()),
+            idle: AtomicBool::new(false),
+            wake: Notify::new(),
             suspects: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             partition: Mutex::new(Votes::default()),
@@ -260,12 +277,21 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             WatchRefused::Closed => WatchError::Closed(session.id()),
             WatchRefused::Watched => WatchError::AlreadyWatched(session.id()),
         })?;
+        // SeqCst: see the module's invariants.
+        if shared.idle.load(Ordering::SeqCst) {
+            // The clock stood still while the task rested.
+            shared.raise_clock(Instant::now());
+        }
         session
             .beat()
             .reset(shared.now(), Estimate::initial(shared.config.interval));
-        shared.counters.watched.fetch_add(1, Ordering::Relaxed);
+        shared.counters.watched.fetch_add(1, Ordering::SeqCst);
         shared.tally(|votes, now| votes.watch(session.router(), now));
         shared.incoming.lock().push(session.clone());
+        if shared.idle.load(Ordering::SeqCst) {
+            shared.raise_clock(Instant::now());
+            shared.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -498,7 +524,14 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
         for (router, suspects) in convicted.drain() {
             shared.hand_over(router, suspects);
         }
-        shared.judge_partition(now_ms);
+        if !shared.judge_partition(now_ms) && shared.rests() {
+            if !shared.rest().await {
+                break;
+            }
+            // Woken by a watch: tick at once, not late.
+            next = Instant::now();
+            continue;
+        }
         let next_tick = (now_ms / granularity).saturating_add(1);
         next = shared.epoch + Duration::from_millis(next_tick.saturating_mul(granularity));
     }
@@ -626,6 +659,30 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             // short, if it is in one.
             arrival.notify_waiters();
         }
+    }
+
+    /// Says the task rests if no session is watched; `false` (and it
+    /// does not rest) if one is.
+    fn rests(&self) -> bool {
+        // SeqCst: see the module's invariants.
+        self.idle.store(true, Ordering::SeqCst);
+        if self.counters.watched.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        self.idle.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// Rests until a session is watched; `false` if the monitor stopped
+    /// first.
+    async fn rest(&self) -> bool {
+        let woken = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => false,
+            () = self.wake.notified() => true,
+        };
+        self.idle.store(false, Ordering::SeqCst);
+        woken
     }
 
     /// Sleeps until `until`; `false` if the monitor stopped first.

@@ -13,6 +13,14 @@ use super::CloseReason;
 /// reverse order of attachment. A `release` that panics is contained: the
 /// other resources are still released and the close still completes.
 ///
+/// `release` is synchronous and may run inside a task of your runtime (the
+/// caller's close, a deletion, the reclaim queue's worker): it must not
+/// block on a future (`block_on` panics there, and the panic is contained
+/// but the work is lost). To reach the store from it, hand the work to a
+/// task (`tokio::spawn`), or, on a [`MemoryStore`](crate::MemoryStore),
+/// whose operations never wait, take the answer at once with
+/// [`FutureExt::now_or_never`](futures::FutureExt::now_or_never).
+///
 /// Closures `FnOnce(CloseReason)` are resources (see [`Session::attach`](crate::Session::attach));
 /// a type implements the trait to choose its class or inline release:
 ///

@@ -12,9 +12,8 @@ use crate::session::NewSession;
 ///
 /// Its [`kind`](Self::kind) says what the caller may do next; its
 /// [`source`](std::error::Error::source) is the backend's own error (for
-/// [`EtcdStore`](crate::etcd::EtcdStore), an
-/// [`EtcdError`](crate::etcd::EtcdError), whose own source is the client's
-/// error).
+/// the `etcd` feature's `EtcdStore`, an `EtcdError`, whose own source is
+/// the client's error).
 ///
 /// # Example
 ///
