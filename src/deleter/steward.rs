@@ -76,9 +76,8 @@ const CLOSE_WAIT: Duration = Duration::from_millis(100);
 /// The stewards of one deleter, one per runtime its runs started on.
 #[derive(Default)]
 pub(super) struct Stewards {
-    /// Those that run, and the one of the runtime that last started a run
-    /// (a steward that left is forgotten at the next run of another
-    /// runtime).
+    /// Those that run, and those that left (each forgotten at the next
+    /// run of another runtime).
     all: Mutex<Vec<Arc<Steward>>>,
 }
 
@@ -86,8 +85,6 @@ impl Stewards {
     /// Hands a starting run to the steward of `runtime`, the runtime it
     /// starts on, spawning it there if it does not run.
     pub(super) fn adopt(&self, run: SharedRun, runtime: &Handle) {
-        // Rung from now on when a caller leaves, even before the task
-        // picks the run up: whichever steward it is, its bell.
         let id = runtime.id();
         let (steward, spawn, ring) = {
             let mut all = self.all.lock();
@@ -101,7 +98,8 @@ impl Stewards {
                 }
             };
             // Handed over under the registry's lock: a steward found here
-            // is not forgotten before it holds the run.
+            // is not forgotten before it holds the run. Rung from now on
+            // when a caller leaves, even before the task picks the run up.
             run.watch(&Waker::from(Arc::clone(&steward.bell)));
             let (spawn, ring) = steward.push(run);
             (steward, spawn, ring)

@@ -15,8 +15,11 @@
 //! - The monitor task ticks only while a session is watched (or the
 //!   partition guard holds). With none, it rests (`idle`) until `watch`
 //!   wakes it: `watch` raises the clock itself first (nothing else reads
-//!   it while none is watched), counts the session in, then wakes the
-//!   task if it rests. The task says it rests, then looks at the count
+//!   it while none is watched; the time on the runtime's clock, which a
+//!   caller outside the runtime must enter to read), counts the session
+//!   in, then wakes the task if it rests, and the task's next tick counts
+//!   as late from the clock the watch raised (a stall right after the
+//!   watch is caught as any other). The task says it rests, then looks at the count
 //!   (both sides `SeqCst`): either it sees the session, or `watch` sees it
 //!   resting and wakes it (a `Notify` permit, kept if it is not waiting
 //!   yet). So an unused monitor costs no timer, even on a paused clock.
@@ -187,6 +190,10 @@ struct Shared<S: SessionStore, Pr> {
     /// timer until `watch` wakes it (`wake`).
     idle: AtomicBool,
     wake: Notify,
+    /// The monitor's runtime: `watch` reads the time on its clock (a
+    /// caller outside the runtime would read the real one, which a paused
+    /// clock is not).
+    runtime: Handle,
     suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
     /// Routers whose sessions are not convicted for now (a disconnected
     /// router in its grace period), with how many holds each has.
@@ -245,6 +252,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             incoming: Mutex::new(Vec::new()),
             idle: AtomicBool::new(false),
             wake: Notify::new(),
+            runtime: runtime.clone(),
             suspects: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             partition: Mutex::new(Votes::default()),
@@ -280,7 +288,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         // SeqCst: see the module's invariants.
         if shared.idle.load(Ordering::SeqCst) {
             // The clock stood still while the task rested.
-            shared.raise_clock(Instant::now());
+            shared.raise_clock_now();
         }
         session
             .beat()
@@ -289,7 +297,7 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         shared.tally(|votes, now| votes.watch(session.router(), now));
         shared.incoming.lock().push(session.clone());
         if shared.idle.load(Ordering::SeqCst) {
-            shared.raise_clock(Instant::now());
+            shared.raise_clock_now();
             shared.wake.notify_one();
         }
         Ok(())
@@ -528,8 +536,10 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
             if !shared.rest().await {
                 break;
             }
-            // Woken by a watch: tick at once, not late.
-            next = Instant::now();
+            // Woken by a watch: tick at once, late by as long as the task
+            // took to run since the watch raised the clock (a stall there
+            // is one like any other).
+            next = shared.epoch + Duration::from_millis(shared.now());
             continue;
         }
         let next_tick = (now_ms / granularity).saturating_add(1);
@@ -570,6 +580,13 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         // Relaxed: as in `heartbeat`. `fetch_max` keeps `STOPPED`.
         self.clock.fetch_max(ms, Ordering::Relaxed);
         ms
+    }
+
+    /// Raises the clock to the time on the monitor's runtime's clock, from
+    /// any thread.
+    fn raise_clock_now(&self) {
+        let _runtime = self.runtime.enter();
+        self.raise_clock(Instant::now());
     }
 
     /// The local-health guard: the tick ran `late`; everyone counts as
