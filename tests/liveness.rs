@@ -713,5 +713,10 @@ async fn watches_racing_the_monitor_going_to_rest_are_not_lost() {
             .expect("a watched session is never looked at");
         assert_eq!(reason, CloseReason::LivenessTimeout);
     }
+    // The last reap is counted once its close returned: `shutdown` waits
+    // for the probe driver that reaped it.
+    tokio::time::timeout(Duration::from_secs(10), monitor.shutdown())
+        .await
+        .expect("shutdown hangs");
     assert_eq!(monitor.stats().reaped, 200);
 }
