@@ -19,10 +19,11 @@
 //!   caller outside the runtime must enter to read), counts the session
 //!   in, then wakes the task if it rests, and the task's next tick counts
 //!   as late from the clock the watch raised (a stall right after the
-//!   watch is caught as any other). The task says it rests, then looks at the count
-//!   (both sides `SeqCst`): either it sees the session, or `watch` sees it
-//!   resting and wakes it (a `Notify` permit, kept if it is not waiting
-//!   yet). So an unused monitor costs no timer, even on a paused clock.
+//!   watch is caught as any other). The task says it rests, then looks at
+//!   the count (both sides `SeqCst`): either it sees the session, or
+//!   `watch` sees it resting and wakes it (a `Notify` permit, kept if it
+//!   is not waiting yet). So an unused monitor costs no timer, even on a
+//!   paused clock.
 //!
 //! # Deadlock safety
 //!
