@@ -55,6 +55,9 @@ enum Bug {
     CloseExactById,
     /// `fence` drops one session from its snapshot.
     PartialFence,
+    /// `fence` lists one session twice in its snapshot (a paginated
+    /// listing that read a page twice).
+    DuplicateFence,
     /// `sessions` keeps listing sessions it created once they are closed.
     ListClosed,
     /// `finish` forgets to drop its sessions from the listing, `count` and
@@ -94,6 +97,11 @@ impl Wrapped {
     fn partial(&self, snapshot: &mut FenceSnapshot<()>) {
         if self.bug == Bug::PartialFence {
             snapshot.sessions.pop();
+        }
+        if self.bug == Bug::DuplicateFence
+            && let Some(first) = snapshot.sessions.first().cloned()
+        {
+            snapshot.sessions.push(first);
         }
     }
 }
@@ -329,6 +337,12 @@ backend!(
     Bug::PartialFence,
     Duration::ZERO
 );
+backend!(
+    DuplicateFences,
+    Delay::None,
+    Bug::DuplicateFence,
+    Duration::ZERO
+);
 
 /// Runs `f` on a thread of its own; `Ok` if it returned, `Err` with the
 /// panic message if it panicked. Fails the test if it takes over `limit`.
@@ -540,6 +554,13 @@ fn the_model_test_catches_a_store_whose_close_exact_closes_by_id() {
 #[test]
 fn the_model_test_catches_a_store_whose_fence_snapshot_is_partial() {
     model_test_fails::<PartialFences>("PartialFences", "with partial fence snapshots");
+}
+
+/// `fence` must list each session once: a deletion counts (and notifies)
+/// what the snapshot lists.
+#[test]
+fn the_model_test_catches_a_store_whose_fence_snapshot_lists_a_session_twice() {
+    model_test_fails::<DuplicateFences>("DuplicateFences", "listing a session twice");
 }
 
 /// A store that keeps listing a closed (removed) session is caught by the

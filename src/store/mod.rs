@@ -35,7 +35,9 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// - **Fence (I2).** Once [`fence`](Self::fence) returned for a router, every
 ///   [`create`](Self::create) on that router, or on any older incarnation of
 ///   it, fails; and every session created before is in the fence's snapshot
-///   or already closed and removed.
+///   or already closed and removed. The snapshot lists each session once
+///   (a deletion counts what it lists: a session listed twice is counted,
+///   notified and confirmed twice in its report).
 /// - **Incarnations.** [`register_router`](Self::register_router) hands out a
 ///   larger incarnation each time a router id is registered after deletion;
 ///   a session names the incarnation it is created against and is refused
@@ -45,6 +47,13 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 /// - **Cleanup lives in the store.** [`close`](Self::close) closes and
 ///   removes; [`finish`](Self::finish) closes whatever is left of a fenced
 ///   router before it tombstones the incarnation, whatever path got there.
+/// - **No waiting on the deletion that calls.** A
+///   [`RouterDeleter`](crate::RouterDeleter) awaits the store's methods
+///   with no deadline of its own (a notifier's call has one): a method
+///   that awaits a deletion of the very router it is called for, from
+///   inside that call, waits for itself, and the deletion never ends.
+///   Spawn such work instead; awaiting the deletion of another router is
+///   fine.
 ///
 /// # Example
 ///

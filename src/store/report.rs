@@ -66,7 +66,8 @@ pub struct FenceSnapshot<P> {
     /// `true` if this call fenced the router, `false` if it was fenced
     /// already (an earlier deletion did not finish).
     pub newly_fenced: bool,
-    /// The router's sessions at the fence, in no particular order.
+    /// The router's sessions at the fence, each once, in no particular
+    /// order.
     pub sessions: Vec<Session<P>>,
 }
 

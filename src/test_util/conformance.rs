@@ -576,6 +576,11 @@ fn fence<B: Backend>(sut: &Sut<B>, before: &ModelState, router: RouterId) {
             assert_eq!(snapshot.incarnation, sut.current(before, router));
             let ids: BTreeSet<SessionId> = snapshot.sessions.iter().map(Session::id).collect();
             assert_eq!(ids, before.stored_of(router), "fence snapshot");
+            assert_eq!(
+                ids.len(),
+                snapshot.sessions.len(),
+                "the fence snapshot lists a session twice"
+            );
         }
     }
 }
