@@ -13,8 +13,8 @@ use session_lifecycle::test_util::{
     HOUR, Notify, ScriptedNotifier, Subset, paused_runtime, report_within,
 };
 use session_lifecycle::{
-    CloseReason, LivenessMonitor, MemoryStore, NewSession, Reconciler, RouterDeleter, RouterId,
-    SessionId, SessionStore, Stats, liveness::NoProbe,
+    CloseReason, Event, EventBus, LivenessMonitor, MemoryStore, NewSession, Reconciler,
+    RouterDeleter, RouterId, SessionId, SessionStore, Stats, liveness::NoProbe,
 };
 use tokio::time::Duration;
 
@@ -289,8 +289,11 @@ fn a_scripted_scenario_is_recorded_without_an_event_bus() {
 async fn partition_held_until_it_expires() -> Duration {
     let store = Arc::new(MemoryStore::new());
     let max_hold = Duration::from_secs(10);
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
     let monitor = LivenessMonitor::builder()
         .partition_max_hold(Some(max_hold))
+        .events(bus)
         .build(Arc::clone(&store), NoProbe)
         .unwrap();
     let mut sessions = Vec::new();
@@ -304,10 +307,13 @@ async fn partition_held_until_it_expires() -> Duration {
         monitor.watch(&session).unwrap();
         sessions.push(session);
     }
-    let mut ticks = tokio::time::interval(Duration::from_millis(100));
-    while !monitor.stats().partition_suspected {
-        ticks.tick().await;
-    }
+    // The guard engages: its event is published once it holds.
+    tokio::time::timeout(HOUR, async {
+        while !matches!(events.recv().await, Some(Event::PartitionSuspected { .. })) {}
+    })
+    .await
+    .expect("the partition guard engages");
+    assert!(monitor.stats().partition_suspected);
     let _ = Stats::default().with_liveness(&monitor);
     for session in &sessions {
         tokio::time::timeout(HOUR, session.closed()).await.unwrap();
