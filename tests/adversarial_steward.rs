@@ -803,6 +803,14 @@ async fn a_waker_calling_back_into_the_deleter() {
 // The notifier deletes another router and drops it; the steward drives.
 // ---------------------------------------------------------------------------
 
+/// Confirms every session of `batch` by key, 30 ms later.
+async fn confirm_later(store: &MemoryStore, batch: TerminationBatch) {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    for key in batch.sessions {
+        let _ = store.close_exact(key, CloseReason::RouterDeleted).await;
+    }
+}
+
 /// A notifier that starts the deletion of `other` and drops it after one
 /// poll, then confirms after 30 ms.
 struct Nested {
@@ -821,13 +829,7 @@ impl TerminationNotifier for Nested {
                 drop(fut);
             }
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        for key in batch.sessions {
-            let _ = self
-                .store
-                .close_exact(key, CloseReason::RouterDeleted)
-                .await;
-        }
+        confirm_later(&self.store, batch).await;
         Ok(())
     }
 }
@@ -1049,13 +1051,7 @@ impl TerminationNotifier for SelfJoin {
                 drop(fut);
             }
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        for key in batch.sessions {
-            let _ = self
-                .store
-                .close_exact(key, CloseReason::RouterDeleted)
-                .await;
-        }
+        confirm_later(&self.store, batch).await;
         Ok(())
     }
 }
