@@ -147,6 +147,11 @@ impl ReclaimQueue {
                 worker.abort();
             }
             shared.tracker.wait().await;
+        } else {
+            // Every worker ended in time; one that ended without draining
+            // (it panicked, or its runtime went away) left tasks waiting:
+            // they are handed back, not lost.
+            left.tasks = shared.stop_if_left();
         }
         // Not drained if this call or a concurrent one stopped the workers.
         let drained = timely && !shared.stopped();

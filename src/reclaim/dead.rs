@@ -155,8 +155,9 @@ impl Shared {
                 "dead-letter store full; the oldest dead letter is dropped");
             self.publish(ReclaimEvent::DeadLetterDropped { task: info });
         }
-        // Outside the lock: dropping a task may release resources.
-        drop((dropped, evicted));
+        // Outside the lock: dropping a task may release resources (user
+        // code, its panic contained: the worker goes on).
+        super::task::drop_contained((dropped, evicted));
     }
 }
 

@@ -341,6 +341,16 @@ impl Shared {
         left
     }
 
+    /// As [`stop`](Self::stop) if tasks still wait (the workers ended
+    /// without running them); nothing otherwise. Called once the queue is
+    /// closed and its workers ended: nothing is pushed meanwhile.
+    pub(super) fn stop_if_left(&self) -> Vec<ReclaimTask> {
+        if self.state.lock().heap.len() == 0 {
+            return Vec::new();
+        }
+        self.stop()
+    }
+
     /// Whether a shutdown stopped the workers (cut the draining short).
     pub(super) fn stopped(&self) -> bool {
         self.state.lock().stop

@@ -106,6 +106,12 @@ impl ReclaimQueue {
 
     /// Queues `task`, waiting while the queue is full.
     ///
+    /// Pushes waiting for room are not served in the order they came: a
+    /// slot freed while one waits may go to a push (or a
+    /// [`try_push`](Self::try_push)) that came later, and under a steady
+    /// stream of such pushes a waiting one can wait long. Bound the wait
+    /// with a timeout where that matters.
+    ///
     /// # Errors
     ///
     /// [`PushError`] hands the task back if the queue is shut down (before

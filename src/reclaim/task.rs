@@ -242,13 +242,28 @@ impl RunningAttempt {
     /// Runs the attempt to its end, bounded by `timeout` when given (the
     /// timer starts now).
     pub(super) async fn finish(self, timeout: Option<Duration>) -> Result<(), ReclaimError> {
+        let mut attempt = self.0;
         let outcome = match timeout {
-            Some(limit) => tokio::time::timeout(limit, self.0)
-                .await
-                .map_err(|_elapsed| ReclaimError::timed_out(limit))?,
-            None => self.0.await,
+            Some(limit) => match tokio::time::timeout(limit, &mut attempt).await {
+                Ok(outcome) => outcome,
+                Err(_elapsed) => {
+                    // The attempt given up is user code dropped mid-way.
+                    drop_contained(attempt);
+                    return Err(ReclaimError::timed_out(limit));
+                }
+            },
+            None => (&mut attempt).await,
         };
+        drop_contained(attempt);
         contained(outcome)
+    }
+}
+
+/// Drops `value` (a task, an attempt: user code), a panic contained and
+/// logged: a worker outlives the `Drop` of the work it ran.
+pub(super) fn drop_contained<T>(value: T) {
+    if catch_unwind(AssertUnwindSafe(|| drop(value))).is_err() {
+        tracing::error!("a reclamation task panicked when dropped; the panic was contained");
     }
 }
 

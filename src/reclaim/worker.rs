@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use super::heap::{Ended, Next, Shared};
-use super::task::{Attempt, ReclaimTask};
+use super::task::{Attempt, ReclaimTask, drop_contained};
 use crate::events::Event;
 use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 
@@ -17,9 +17,14 @@ impl Shared {
     pub(super) async fn work_loop(self: Arc<Self>) {
         let mut ended = None;
         loop {
-            // Fast path: work waiting, no registration with `work`.
+            // Fast path: work waiting, no registration with `work`. It
+            // spends tokio's cooperative budget: a backlog (or tasks that
+            // push follow-ups) does not hold the thread for ever.
             let mut task = match self.next(ended.take(), None) {
-                Next::Run(task) => task,
+                Next::Run(task) => {
+                    tokio::task::coop::consume_budget().await;
+                    task
+                }
                 Next::Exit => return,
                 Next::Sleep => {
                     // Registered under the lock, if there is still nothing
@@ -40,10 +45,14 @@ impl Shared {
             // no guard, no timer for them.
             let first = poll_fn(|cx| Poll::Ready(task.start(cx))).await;
             ended = Some(match first {
-                Attempt::Done(Ok(())) => Ended {
-                    class: task.info().class,
-                    completed: true,
-                },
+                Attempt::Done(Ok(())) => {
+                    let class = task.info().class;
+                    drop_contained(task);
+                    Ended {
+                        class,
+                        completed: true,
+                    }
+                }
                 first => self.execute(task, first).await,
             });
         }
@@ -83,6 +92,7 @@ impl Shared {
             let error = match outcome {
                 Ok(()) => {
                     running.done = true;
+                    drop_contained(task);
                     return Ended {
                         class: info.class,
                         completed: true,
