@@ -62,6 +62,40 @@ fn ids(report: &ShutdownReport) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
     )
 }
 
+/// Pushes `bomb` (a task whose `Drop` panics somewhere) and then tasks
+/// `others` into the paused `queue`, resumes it, and checks that the queue
+/// goes idle and that each of `others` ran once, was handed back by
+/// `shutdown`, or was dead-lettered: the worker survived the panic.
+async fn survives(queue: ReclaimQueue, bomb: ReclaimTask, others: &[u64]) {
+    let ran: Ran = Arc::default();
+    queue
+        .push(bomb.class(ResourceClass::Critical))
+        .await
+        .unwrap();
+    for &id in others {
+        queue.push(counted(id, &ran)).await.unwrap();
+    }
+    queue.resume();
+    let idle = tokio::time::timeout(Duration::from_secs(60), queue.idle()).await;
+    let stats = queue.stats();
+    let report = queue.shutdown(Duration::from_secs(60)).await;
+    let ran = ran.lock().clone();
+    let (left, interrupted, dead) = ids(&report);
+    let seen = format!(
+        "idle: {}; stats: {stats:?}; ran: {ran:?}; report: drained={} left={left:?} \
+         interrupted={interrupted:?} dead={dead:?}",
+        idle.is_ok(),
+        report.drained
+    );
+    for &id in others {
+        let accounted = u32::from(left.contains(&id))
+            + ran.get(&id).copied().unwrap_or(0)
+            + u32::from(dead.contains(&id));
+        assert_eq!(accounted, 1, "task {id} lost or duplicated; {seen}");
+    }
+    assert!(idle.is_ok(), "idle() never resolved; {seen}");
+}
+
 // ---------------------------------------------------------------------------
 // A task whose closure (captured state) panics when dropped, after it
 // succeeded. The queue contains panics of `reclaim` and of its future;
@@ -76,38 +110,12 @@ async fn a_task_whose_drop_panics_does_not_kill_the_worker_or_lose_later_tasks()
         .policy(patient())
         .build()
         .unwrap();
-    let ran: Ran = Arc::default();
     let guard = PanicOnDrop("task state panicked in Drop");
     let bomb = ReclaimTask::new(SessionId::new(1), RouterId::new(1), move || {
         let _keep = &guard;
         async { Ok::<(), ReclaimError>(()) }
-    })
-    .class(ResourceClass::Critical);
-    queue.push(bomb).await.unwrap();
-    queue.push(counted(2, &ran)).await.unwrap();
-    queue.push(counted(3, &ran)).await.unwrap();
-    queue.resume();
-    let idle = tokio::time::timeout(Duration::from_secs(60), queue.idle()).await;
-    let stats = queue.stats();
-    let report = queue.shutdown(Duration::from_secs(60)).await;
-    let ran = ran.lock().clone();
-    let (left, interrupted, dead) = ids(&report);
-    eprintln!(
-        "idle: {:?}; stats: {stats:?}; ran: {ran:?}; report: drained={} left={left:?} interrupted={interrupted:?} dead={dead:?}",
-        idle.is_ok(),
-        report.drained
-    );
-    // Every task pushed: ran, handed back, or dead-lettered.
-    for id in [2, 3] {
-        let accounted = u32::from(left.contains(&id))
-            + ran.get(&id).copied().unwrap_or(0)
-            + u32::from(dead.contains(&id));
-        assert_eq!(
-            accounted, 1,
-            "task {id} lost or duplicated; ran={ran:?} left={left:?}"
-        );
-    }
-    assert!(idle.is_ok(), "idle() never resolved: {stats:?}");
+    });
+    survives(queue, bomb, &[2, 3]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -124,39 +132,14 @@ async fn an_attempt_whose_future_panics_when_timed_out_does_not_kill_the_worker(
         .policy(policy)
         .build()
         .unwrap();
-    let ran: Ran = Arc::default();
     let hangs = ReclaimTask::new(SessionId::new(1), RouterId::new(1), || {
         let guard = PanicOnDrop("attempt future panicked in Drop");
         async move {
             let _keep = &guard;
             std::future::pending::<Result<(), ReclaimError>>().await
         }
-    })
-    .class(ResourceClass::Critical);
-    queue.push(hangs).await.unwrap();
-    queue.push(counted(2, &ran)).await.unwrap();
-    queue.push(counted(3, &ran)).await.unwrap();
-    queue.resume();
-    let idle = tokio::time::timeout(Duration::from_secs(60), queue.idle()).await;
-    let stats = queue.stats();
-    let report = queue.shutdown(Duration::from_secs(60)).await;
-    let ran = ran.lock().clone();
-    let (left, interrupted, dead) = ids(&report);
-    eprintln!(
-        "idle: {:?}; stats: {stats:?}; ran: {ran:?}; report: drained={} left={left:?} interrupted={interrupted:?} dead={dead:?}",
-        idle.is_ok(),
-        report.drained
-    );
-    for id in [2, 3] {
-        let accounted = u32::from(left.contains(&id))
-            + ran.get(&id).copied().unwrap_or(0)
-            + u32::from(dead.contains(&id));
-        assert_eq!(
-            accounted, 1,
-            "task {id} lost or duplicated; ran={ran:?} left={left:?}"
-        );
-    }
-    assert!(idle.is_ok(), "idle() never resolved: {stats:?}");
+    });
+    survives(queue, hangs, &[2, 3]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -173,31 +156,12 @@ async fn a_failed_task_dropped_with_no_dead_letter_store_whose_drop_panics() {
         .policy(patient())
         .build()
         .unwrap();
-    let ran: Ran = Arc::default();
     let guard = PanicOnDrop("failed task panicked in Drop");
     let bomb = ReclaimTask::new(SessionId::new(1), RouterId::new(1), move || {
         let _keep = &guard;
         async { Err::<(), _>(ReclaimError::permanent("gone")) }
-    })
-    .class(ResourceClass::Critical);
-    queue.push(bomb).await.unwrap();
-    queue.push(counted(2, &ran)).await.unwrap();
-    queue.resume();
-    let idle = tokio::time::timeout(Duration::from_secs(60), queue.idle()).await;
-    let stats = queue.stats();
-    let report = queue.shutdown(Duration::from_secs(60)).await;
-    let ran = ran.lock().clone();
-    let (left, interrupted, dead) = ids(&report);
-    eprintln!(
-        "idle: {:?}; stats: {stats:?}; ran: {ran:?}; report: drained={} left={left:?} interrupted={interrupted:?} dead={dead:?}",
-        idle.is_ok(),
-        report.drained
-    );
-    let accounted = u32::from(left.contains(&2))
-        + ran.get(&2).copied().unwrap_or(0)
-        + u32::from(dead.contains(&2));
-    assert_eq!(accounted, 1, "task 2 lost or duplicated");
-    assert!(idle.is_ok(), "idle() never resolved: {stats:?}");
+    });
+    survives(queue, bomb, &[2]).await;
 }
 
 // ---------------------------------------------------------------------------
