@@ -151,54 +151,48 @@ async fn left_deletion_ends(
     left.assert_deleted(store).await;
 }
 
-/// The steward spawned by a first deletion on runtime A; A dropped while a
-/// deletion started on runtime B runs, then its caller leaves. B is alive:
-/// the deletion goes on ("dropping the future stops only the waiting").
-/// Before the fix the one steward of the deleter lived on A, and dropped
-/// B's run with A's tasks.
-#[test]
-fn a_run_goes_on_when_the_runtime_of_an_earlier_deletion_is_dropped() {
+/// The steward spawned by a first deletion on runtime `first` (A); a
+/// deletion started on a paused runtime B waits `started` for its first
+/// answers, then `end` (on another thread: a runtime is not dropped from
+/// async code) takes A away, and the caller leaves. B is alive: the
+/// deletion goes on ("dropping the future stops only the waiting"). Before
+/// the fix the one steward of the deleter lived on A, and dropped B's run
+/// with A's tasks.
+fn left_run_outlives_an_earlier_runtime(
+    first: tokio::runtime::Runtime,
+    started: Duration,
+    end: impl FnOnce(tokio::runtime::Runtime) + Send + 'static,
+) {
     let store = Arc::new(MemoryStore::new());
     let bus = EventBus::new(1024);
     let mut events = bus.subscribe();
     let deleter = slow_deleter(&store, bus);
-    let first = paused_runtime();
     first_deletion_on(&first, &store, &deleter);
     let mut first = Some(first);
     paused_runtime().block_on(async {
         let left = ObservedRouter::fill(&*store, R, 0, 30).await;
         let mut caller = Box::pin(deleter.delete(R));
-        let waited = tokio::time::timeout(Duration::from_millis(50), &mut caller).await;
+        let waited = tokio::time::timeout(started, &mut caller).await;
         assert!(waited.is_err(), "the run waits for its first answers");
-        // A runtime is not dropped from async code: another thread does.
         let first = first.take().unwrap();
-        std::thread::spawn(move || drop(first)).join().unwrap();
+        std::thread::spawn(move || end(first)).join().unwrap();
         drop(caller);
         left_deletion_ends(&deleter, &store, &mut events, left).await;
     });
 }
 
-/// The same with A a running multi-thread runtime, shut down mid-run.
+/// See `left_run_outlives_an_earlier_runtime`: A dropped.
+#[test]
+fn a_run_goes_on_when_the_runtime_of_an_earlier_deletion_is_dropped() {
+    left_run_outlives_an_earlier_runtime(paused_runtime(), Duration::from_millis(50), drop);
+}
+
+/// See `left_run_outlives_an_earlier_runtime`: A a running multi-thread
+/// runtime, shut down mid-run.
 #[test]
 fn a_run_goes_on_when_the_runtime_of_an_earlier_deletion_shuts_down() {
-    let store = Arc::new(MemoryStore::new());
-    let bus = EventBus::new(1024);
-    let mut events = bus.subscribe();
-    let deleter = slow_deleter(&store, bus);
-    let first = threads();
-    first_deletion_on(&first, &store, &deleter);
-    let mut first = Some(first);
-    paused_runtime().block_on(async {
-        let left = ObservedRouter::fill(&*store, R, 0, 30).await;
-        let mut caller = Box::pin(deleter.delete(R));
-        let waited = tokio::time::timeout(Duration::from_millis(100), &mut caller).await;
-        assert!(waited.is_err(), "the run waits for its first answers");
-        let first = first.take().unwrap();
-        std::thread::spawn(move || first.shutdown_timeout(std::time::Duration::from_secs(1)))
-            .join()
-            .unwrap();
-        drop(caller);
-        left_deletion_ends(&deleter, &store, &mut events, left).await;
+    left_run_outlives_an_earlier_runtime(threads(), Duration::from_millis(100), |first| {
+        first.shutdown_timeout(std::time::Duration::from_secs(1));
     });
 }
 

@@ -788,15 +788,16 @@ async fn a_watch_right_after_each_reap_from_a_plain_thread_is_never_lost() {
     let all = open(&store, 0..3, 100).await;
     let monitor = fast().build(Arc::clone(&store), NoProbe).unwrap();
     let (m, sessions) = (monitor.clone(), all.clone());
+    let runtime = tokio::runtime::Handle::current();
     let thread = std::thread::spawn(move || {
         for (i, s) in sessions.iter().enumerate() {
             m.watch(s).unwrap();
-            let start = std::time::Instant::now();
-            while !s.is_closed() {
-                if start.elapsed() > Duration::from_secs(10) {
-                    return Err(format!("session {i} never reaped: {:?}", m.stats()));
-                }
-                std::hint::spin_loop();
+            // Awaits the reap from the plain thread, on the runtime's clock.
+            let reaped = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), s.closed()).await
+            });
+            if reaped.is_err() {
+                return Err(format!("session {i} never reaped: {:?}", m.stats()));
             }
         }
         Ok(())

@@ -252,8 +252,14 @@ fn wake_all(waiters: Vec<Option<std::task::Waker>>, session: SessionId) {
         return;
     }
     for waker in waiters.into_iter().flatten() {
-        if catch_unwind(AssertUnwindSafe(|| waker.wake())).is_err() {
+        if !wake_contained(waker) {
             tracing::error!(%session, "a close waiter's waker panicked; the panic was contained");
         }
     }
+}
+
+/// Wakes `waker` (user code), a panic contained: `false` if it panicked.
+/// For lists of waiters, whose others must still be woken.
+pub(crate) fn wake_contained(waker: std::task::Waker) -> bool {
+    catch_unwind(AssertUnwindSafe(|| waker.wake())).is_ok()
 }

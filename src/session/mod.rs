@@ -14,7 +14,7 @@ mod wait;
 #[cfg(all(test, session_lifecycle_loom))]
 mod loom_tests;
 
-pub(crate) use close::{DeferredClose, release_contained};
+pub(crate) use close::{DeferredClose, release_contained, wake_contained};
 pub(crate) use estimator::{Estimate, TimeoutRule};
 pub use expiry::ExpiryError;
 pub(crate) use expiry::ExpirySnapshot;
