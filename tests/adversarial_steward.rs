@@ -1069,3 +1069,104 @@ async fn a_notifier_joining_and_leaving_its_own_run() {
     notifier.deleter.lock().unwrap().take();
     within(HOUR, deleter.shutdown()).await;
 }
+
+// ---------------------------------------------------------------------------
+// `max_wait` counts the steward's pick-up of a held future (review of stop
+// 32: a future polled once and held ended up to 17 ms past `max_wait`).
+// ---------------------------------------------------------------------------
+
+/// Deletes a 3-session router whose notifier does `notify`, polling the
+/// future `polls` times (the paused clock moving 1 ms between polls) and
+/// then holding it unpolled; returns how long after the call the
+/// deletion ended, and `max_wait`.
+async fn held_deletion(
+    timeouts: (Duration, Duration, Backoff),
+    notify: Notify,
+    polls: usize,
+) -> (Duration, Duration) {
+    let (notify_timeout, confirm_timeout, backoff) = timeouts;
+    let store = Arc::new(MemoryStore::new());
+    let bus = EventBus::new(1024);
+    let mut events = bus.subscribe();
+    let deleter = RouterDeleter::builder()
+        .notify_timeout(notify_timeout)
+        .confirm_timeout(confirm_timeout)
+        .backoff(backoff)
+        .events(bus)
+        .build(
+            Arc::clone(&store),
+            ScriptedNotifier::always(Arc::clone(&store), notify),
+        )
+        .unwrap();
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    for id in 0..3 {
+        store
+            .create(session_lifecycle::NewSession::new(
+                session_lifecycle::SessionId::new(id),
+                router,
+                incarnation,
+            ))
+            .await
+            .unwrap();
+    }
+    let bound = deleter.max_wait(3);
+    let started = Instant::now();
+    let mut deletion = Box::pin(deleter.delete(router));
+    for _ in 0..polls {
+        if futures::poll!(deletion.as_mut()).is_ready() {
+            return (Instant::now() - started, bound);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Held, not polled: the steward drives it.
+    let ended = within(HOUR * 24, async {
+        loop {
+            if let Some(Event::RouterDeleted(_)) = events.recv().await {
+                return Instant::now();
+            }
+        }
+    })
+    .await;
+    drop(deletion);
+    (ended - started, bound)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_delete_future_ends_within_max_wait() {
+    let tight = (
+        Duration::from_millis(2),
+        Duration::from_millis(2),
+        Backoff::new()
+            .retries(0)
+            .delays(Duration::ZERO, Duration::ZERO),
+    );
+    // The deleter's defaults, without jitter.
+    let usual = (
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        Backoff::new()
+            .retries(3)
+            .delays(Duration::from_millis(500), Duration::from_secs(10))
+            .jitter(false),
+    );
+    let mut failures = Vec::new();
+    for (name, timeouts) in [("tight", tight), ("usual", usual)] {
+        for notify in [Notify::Never, Notify::Error, Notify::Confirm(Subset::None)] {
+            for polls in [1, 2, 3, 5] {
+                let (took, bound) = held_deletion(timeouts, notify, polls).await;
+                if took > bound {
+                    failures.push(format!(
+                        "{name} {notify:?}, held after {polls} polls: ended {took:?} after the call, \
+                         max_wait {bound:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "past max_wait:\n{}",
+        failures.join("\n")
+    );
+}

@@ -276,3 +276,14 @@ async fn a_subscription_ends_when_every_bus_clone_is_gone() {
     let end = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
     assert!(matches!(end, Ok(None)), "{end:?}");
 }
+
+/// A capacity past the largest is clamped to it (2^20 slots, about 200
+/// MiB), not allocated: 2^30 slots (about 220 GB) aborted the process.
+#[test]
+fn a_huge_bus_capacity_is_clamped_to_one_that_can_be_allocated() {
+    for asked in [usize::MAX, 1 << 30, (1 << 20) + 1] {
+        let bus = EventBus::new(asked);
+        assert_eq!(bus.stats().capacity, 1 << 20);
+    }
+    assert_eq!(EventBus::new(0).stats().capacity, 1);
+}

@@ -96,7 +96,12 @@ impl Config {
             .saturating_add(1)
             .saturating_mul(rounds)
             .saturating_add(retries);
-        total.saturating_add(TIMER_SLACK.saturating_mul(timers))
+        // A run whose caller holds its future unpolled is taken over by
+        // the steward within two of its ticks: once, as it is a waiter of
+        // the run to its end from then on.
+        total
+            .saturating_add(TIMER_SLACK.saturating_mul(timers))
+            .saturating_add(super::steward::TAKEOVER)
     }
 }
 
@@ -330,10 +335,11 @@ mod tests {
             budget: None,
         };
         // 3 rounds × (3 batches × 1 s + 2 s) + backoffs (0.5 s and 1 s, each
-        // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries).
+        // doubled for jitter) + 1 ms × (3 rounds × 7 timers + 2 retries)
+        // + the steward's pick-up of a held future (21 ms).
         assert_eq!(
             config.max_wait(25),
-            Duration::from_millis(15_000 + 3_000 + 23)
+            Duration::from_millis(15_000 + 3_000 + 23 + 21)
         );
     }
 
@@ -371,7 +377,7 @@ mod tests {
         assert_eq!(config.max_wait(usize::MAX), Duration::MAX);
         assert_eq!(
             Config::default().max_wait(0),
-            Duration::from_millis(47_000 + 7)
+            Duration::from_millis(47_000 + 7 + 21)
         );
     }
 }

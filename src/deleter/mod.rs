@@ -259,7 +259,10 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     /// notification and each retry) one `notify_timeout` per batch, the
     /// pacing, and the `confirm_timeout`; plus the backoff's delays at their
     /// longest ([`Backoff::longest_total`](crate::Backoff::longest_total));
-    /// plus one millisecond per timer for timer granularity.
+    /// plus one millisecond per timer for timer granularity; plus the
+    /// deleter's pick-up of a deletion whose future is held without being
+    /// polled (its background task takes such a run over within 20 ms,
+    /// plus a millisecond of slack).
     /// Work that does not wait (fencing, marking, closing) comes on top and
     /// is proportional to `sessions`. Saturates at [`Duration::MAX`].
     ///

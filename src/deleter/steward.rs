@@ -66,6 +66,13 @@ use super::drive::SharedRun;
 /// How often the steward looks at the runs it holds.
 const TICK: Duration = Duration::from_millis(10);
 
+/// The longest a run that nobody drives waits for the steward to take it
+/// over (two ticks, see the invariants), with a millisecond of timer
+/// slack; counted in [`RouterDeleter::max_wait`](super::RouterDeleter::max_wait).
+pub(super) const TAKEOVER: Duration = TICK
+    .saturating_mul(2)
+    .saturating_add(Duration::from_millis(1));
+
 /// How long the steward stays once it holds no run: deletions one after
 /// another share one task.
 const LINGER: Duration = Duration::from_secs(1);
@@ -353,7 +360,8 @@ enum Look {
 
 impl Watched {
     fn look(&mut self, ticked: bool) -> Look {
-        let ticked = ticked && !std::mem::take(&mut self.fresh);
+        let first = ticked && std::mem::take(&mut self.fresh);
+        let ticked = ticked && !first;
         let run = &self.run;
         if run.is_done() {
             return Look::Done;
@@ -371,6 +379,11 @@ impl Watched {
             return Look::Keep;
         }
         if !ticked {
+            if first {
+                // Its first tick: from here its callers have had a whole
+                // tick to poll it at the next one.
+                self.seen = run.claims();
+            }
             return Look::Keep;
         }
         match run.idle_since(self.seen) {

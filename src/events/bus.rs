@@ -79,10 +79,16 @@ pub struct EventStats {
     pub lagged: u64,
 }
 
+/// The most events a subscriber may fall behind, [`EventBus::new`]'s
+/// largest capacity.
+const MAX_CAPACITY: usize = 1 << 20;
+
 impl EventBus {
     /// A bus whose subscribers may each fall `capacity` events behind
-    /// (at least 1, at most 2^30) before they miss some. The channel's
-    /// slots are allocated up front. See the example on [`EventBus`].
+    /// (at least 1, at most 2^20: a capacity outside is clamped) before
+    /// they miss some. The channel's slots are allocated up front, about
+    /// 200 bytes each: 2^20 slots take about 200 MiB. See the example on
+    /// [`EventBus`].
     ///
     /// Every clone of the bus keeps the channel open, including the close
     /// hook a store with a bus attaches to each session it creates: a
@@ -90,9 +96,10 @@ impl EventBus {
     /// are closed or dropped.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        // tokio's channel allocates every slot up front (and refuses more
-        // than `usize::MAX / 2`): a billion is more than any use.
-        let capacity = capacity.clamp(1, 1 << 30);
+        // tokio's channel allocates every slot up front: 2^30 of them
+        // (about 220 GB) aborted the process. A million is more than any
+        // use.
+        let capacity = capacity.clamp(1, MAX_CAPACITY);
         let (sender, _) = broadcast::channel(capacity);
         Self {
             sender,

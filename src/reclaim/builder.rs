@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicUsize;
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -155,7 +155,7 @@ impl ReclaimQueueBuilder {
             capacity,
             workers,
             work: Notify::new(),
-            freed: Notify::new(),
+            handoff: Semaphore::new(0),
             idle: Notify::new(),
             idle_waiters: AtomicUsize::new(0),
             policy: self.policy,

@@ -18,16 +18,17 @@
 //!   task that is neither waiting nor running. A worker counts a task's end
 //!   in the same critical section as its next pop.
 //! - The waiting tasks come out due first, oldest first ([`Heap`]).
-//! - No wake-up is lost. A worker with nothing to run, or a push finding no
-//!   room, registers with its `Notify` (`enable`) and counts itself
-//!   (`asleep`, `room.waiting`) under the lock. Whoever makes work or room
-//!   takes one from that count under the lock and notifies once, after the
-//!   lock. So the count is never below the number of registered waiters:
-//!   when it is 0, nobody sleeps and nothing is notified (a busy worker is
-//!   not woken per push). A count above it (a waiter dropped, or woken by
-//!   `notify_waiters`) costs a spare wake-up at most: the waiter looks
-//!   again under the lock. `resume` and `close` reset the counts under the
-//!   lock and then wake every registered waiter.
+//! - No wake-up is lost. A worker with nothing to run registers with
+//!   `work` (`enable`) and counts itself (`asleep`) under the lock.
+//!   Whoever makes work takes one from that count under the lock and
+//!   notifies once, after the lock. So the count is never below the number
+//!   of registered workers: when it is 0, nobody sleeps and nothing is
+//!   notified (a busy worker is not woken per push). A count above it (a
+//!   worker woken by `notify_waiters`) costs a spare wake-up at most: the
+//!   worker looks again under the lock. `resume` and `close` reset the
+//!   count under the lock and then wake every registered worker. A push
+//!   finding no room waits in line for a slot handed to it (`handoff`, see
+//!   [`Room`]); `close` closes the line.
 //!
 //! # Deadlock safety
 //!
@@ -43,8 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
@@ -65,8 +66,9 @@ pub(super) struct Shared {
     /// Wakes sleeping workers: one per push that finds one asleep, all on
     /// resume and close.
     pub(super) work: Notify,
-    /// Wakes pushes waiting for room.
-    pub(super) freed: Notify,
+    /// Pushes waiting for room wait in line here for a slot freed while
+    /// they wait (see [`Room`]); holds no permits otherwise.
+    pub(super) handoff: Semaphore,
     /// Wakes `idle` waiters when the last running task ends.
     pub(super) idle: Notify,
     /// How many `idle` calls wait: the last task's end wakes them only if
@@ -195,7 +197,7 @@ impl Shared {
             if state.closed {
                 return Err((task, NoRoom::Closed));
             }
-            if !state.room.take() {
+            if !self.take_now(&mut state.room) {
                 return Err((task, NoRoom::Full));
             }
             self.enter(&mut state, due, task, true)
@@ -297,9 +299,11 @@ impl Shared {
         }
     }
 
+    /// Hands `claimed` slots to the pushes waiting in line (after the
+    /// lock: it wakes them).
     pub(super) fn wake_pushers(&self, claimed: usize) {
-        for _ in 0..claimed {
-            self.freed.notify_one();
+        if claimed > 0 {
+            self.handoff.add_permits(claimed);
         }
     }
 
@@ -315,7 +319,7 @@ impl Shared {
             state.asleep = 0;
             state.room.waiting = 0;
         }
-        self.freed.notify_waiters();
+        self.handoff.close();
         self.work.notify_waiters();
     }
 

@@ -106,11 +106,10 @@ impl ReclaimQueue {
 
     /// Queues `task`, waiting while the queue is full.
     ///
-    /// Pushes waiting for room are not served in the order they came: a
-    /// slot freed while one waits may go to a push (or a
-    /// [`try_push`](Self::try_push)) that came later, and under a steady
-    /// stream of such pushes a waiting one can wait long. Bound the wait
-    /// with a timeout where that matters.
+    /// Pushes waiting for room are served in the order they came: a slot
+    /// freed while pushes wait goes to the one that has waited longest,
+    /// and no later push (nor a [`try_push`](Self::try_push)) takes a slot
+    /// while one waits.
     ///
     /// # Errors
     ///

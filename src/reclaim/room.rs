@@ -2,24 +2,37 @@
 //! one.
 //!
 //! Counted under the queue's `state` lock, which a push and a pop take
-//! anyway: taking or freeing a slot costs no atomic of its own, and a
-//! waiting push is woken only when there is one (a semaphore takes its
-//! waiters' lock on every release).
+//! anyway: taking or freeing a slot costs no atomic of its own while no
+//! push waits. Pushes that find no room wait in line on a semaphore with
+//! no permits of its own (`Shared::handoff`, a fair FIFO semaphore): a
+//! slot freed while pushes wait becomes a permit there and goes to the
+//! push that has waited longest, never to a later push.
 //!
 //! # Invariants
 //!
-//! - `free` never exceeds the capacity given back to it: a slot is taken
-//!   by exactly one successful `take` (a push, or a `reserve`) and given
-//!   back once, when its task leaves the heap (or fails to enter it).
-//! - `waiting` is never below the number of pushes registered with
-//!   `freed` and not yet notified (see the wake-up invariant in `heap`): a
-//!   slot given back while it is above 0 claims one and notifies it.
+//! - Every slot is in exactly one place: free (`free`), a permit of
+//!   `handoff` (given to a waiting push, or left by one that went away),
+//!   on its way there (counted off `waiting`, not yet added), or taken (a
+//!   waiting task, or reserved by a push or a `redrive` about to insert).
+//! - `waiting` is never below the number of pushes waiting on `handoff`
+//!   less the permits on their way to it: a push counts itself in under
+//!   the lock before it waits; a slot given back while `waiting` is above
+//!   0 claims one and becomes a permit; a push that stops waiting
+//!   unserved (dropped) counts itself out if `waiting` is above 0 (if a
+//!   slot claimed it meanwhile, that slot's permit serves the next push in
+//!   line, or stays free in `handoff`). So a waiting push is never left
+//!   without a slot coming, and `free` grows only when no push waits
+//!   unserved: a fresh push takes a free slot only when no push waits, or
+//!   a permit nobody waits for.
 //!
 //! # Deadlock safety
 //!
-//! No lock of its own: under `state`; notified after it is released.
+//! No lock of its own: counted under `state`. `handoff`'s own lock is a
+//! leaf: `try_acquire` under `state` calls nothing back; `add_permits`
+//! (which wakes a waiting push) and `close` come after `state` is
+//! released.
 
-use std::pin::pin;
+use tokio::sync::SemaphorePermit;
 
 use super::heap::Shared;
 
@@ -54,37 +67,59 @@ impl Room {
         free
     }
 
-    /// Gives `slots` back; returns how many waiting pushes to wake (after
-    /// the lock).
+    /// Gives `slots` back; returns how many of them go to waiting pushes,
+    /// as permits of `handoff` to add after the lock.
     #[must_use]
     pub(super) fn give(&mut self, slots: usize) -> usize {
-        self.free += slots;
         let claimed = slots.min(self.waiting);
         self.waiting -= claimed;
+        self.free += slots - claimed;
         claimed
+    }
+
+    /// Counts out a push that stopped waiting before it was served.
+    fn leave(&mut self) {
+        self.waiting = self.waiting.saturating_sub(1);
     }
 }
 
 impl Shared {
-    /// Takes a slot, waiting for one; fails only once closed.
+    /// Takes a slot if one is free now: a free one, or a permit of
+    /// `handoff` that no waiting push took. Under the `state` lock.
+    pub(super) fn take_now(&self, room: &mut Room) -> bool {
+        room.take()
+            || self
+                .handoff
+                .try_acquire()
+                .map(SemaphorePermit::forget)
+                .is_ok()
+    }
+
+    /// Takes a slot, waiting in line for one; fails only once closed.
     ///
-    /// Cancel-safe: dropped while waiting, it takes nothing (a wake-up it
-    /// received goes on to another waiter, as `Notify` does).
+    /// Cancel-safe: dropped while waiting, it takes nothing, and a slot
+    /// already handed to it goes on to the next push in line.
     pub(super) async fn reserve(&self) -> Result<(), NoRoom> {
-        loop {
-            let mut notified = pin!(self.freed.notified());
-            {
-                let mut state = self.state.lock();
-                if state.closed {
-                    return Err(NoRoom::Closed);
-                }
-                if state.room.take() {
-                    return Ok(());
-                }
-                notified.as_mut().enable();
-                state.room.waiting += 1;
+        {
+            let mut state = self.state.lock();
+            if state.closed {
+                return Err(NoRoom::Closed);
             }
-            notified.await;
+            if self.take_now(&mut state.room) {
+                return Ok(());
+            }
+            state.room.waiting += 1;
+        }
+        let mut in_line = InLine(Some(self));
+        let served = self.handoff.acquire().await;
+        in_line.0 = None;
+        match served {
+            Ok(permit) => {
+                permit.forget();
+                Ok(())
+            }
+            // Closed: `close` counted every waiting push out.
+            Err(_) => Err(NoRoom::Closed),
         }
     }
 
@@ -95,22 +130,40 @@ impl Shared {
     }
 }
 
+/// A push waiting in line; counted out of `waiting` if it drops unserved.
+struct InLine<'a>(Option<&'a Shared>);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0 {
+            shared.state.lock().room.leave();
+        }
+    }
+}
+
 #[cfg(all(test, not(session_lifecycle_loom)))]
 mod tests {
     use super::Room;
 
     #[test]
-    fn slots_are_taken_and_given_back_waking_at_most_the_waiters() {
+    fn slots_given_back_go_to_waiting_pushes_first_then_free() {
         let mut room = Room::new(2);
         assert!(room.take());
         assert!(room.take());
         assert!(!room.take());
         room.waiting = 1;
+        // One of the two goes to the waiting push (a permit), one is free.
         assert_eq!(room.give(2), 1);
         assert_eq!(room.waiting, 0);
         assert_eq!(room.give(0), 0);
         assert!(room.take());
-        assert!(room.take());
         assert!(!room.take());
+        room.waiting = 2;
+        room.leave();
+        room.leave();
+        room.leave();
+        assert_eq!(room.waiting, 0);
+        assert_eq!(room.give(1), 0);
+        assert!(room.take());
     }
 }
