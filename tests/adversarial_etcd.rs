@@ -15,7 +15,7 @@
 mod etcd_support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use etcd_support::{Cluster, Link, Proxy, endpoints, unique_prefix};
 use futures::StreamExt;
@@ -731,4 +731,265 @@ async fn own_etcd_ids_reused_across_incarnations_are_never_touched_by_a_late_del
     assert_eq!(report.sessions, 20, "{report:?}");
     assert_gone(&b, router, new, &second, &new_released).await;
     assert!(a.audit().await.unwrap().is_clean());
+}
+
+/// I10 (found by a review of stop 32; failed before): "A key in its range that is not in its own key
+/// format is foreign (another store's prefix may nest inside this one's):
+/// reported, never deleted, never blocking." An `EtcdStore` B (default
+/// settings) nested in A's router 1 range keeps serving its own router
+/// (sessions created) while A deletes router 1: A's deletion fails with
+/// `contention`, again and again, and router 1 stays fenced: the
+/// tombstone was guarded on no key of the range created since the last
+/// listing, foreign keys included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_etcd_a_busy_nested_store_never_keeps_a_router_fenced() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("rv-nested-busy", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("nested-busy");
+    let router = RouterId::new(1);
+    let nested = format!("{prefix}r/{:016x}/s/nested/", router.get());
+    let a = Arc::new(store_on::<()>(&endpoints, &prefix, |b| b).await);
+    let b = Arc::new(store_on::<()>(&endpoints, &nested, |b| b).await);
+    let incarnation = a.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let ours = populate(&a, router, incarnation, 1..=50, &released).await;
+
+    // B, another controller with its own (nested) prefix, serves its own
+    // router as usual: sessions are created all along.
+    let b_router = RouterId::new(9);
+    let b_incarnation = b.register_router(b_router).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(1));
+    let churned = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..64 {
+        let (b, stop, next, churned) = (
+            Arc::clone(&b),
+            Arc::clone(&stop),
+            Arc::clone(&next),
+            Arc::clone(&churned),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let id = SessionId::new(next.fetch_add(1, Ordering::Relaxed));
+                if b.create(NewSession::new(id, b_router, b_incarnation))
+                    .await
+                    .is_ok()
+                {
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    timeout(WAIT, async {
+        while churned.load(Ordering::Relaxed) < 100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("B churns");
+
+    let notified = Arc::new(Notify::new());
+    let deleter = forcing(&a, &notified);
+    let mut errors = Vec::new();
+    let mut outcome = None;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        match timeout(Duration::from_secs(12), deleter.delete(router)).await {
+            Ok(Ok(done)) => {
+                outcome = Some(done);
+                break;
+            }
+            Ok(Err(error)) => errors.push(format!(
+                "after {:?}: {error}: {:?}",
+                started.elapsed(),
+                std::error::Error::source(&error).map(|s| s.to_string())
+            )),
+            Err(_) => {
+                errors.push(format!(
+                    "no answer in 12 s; B created {} so far",
+                    churned.load(Ordering::Relaxed)
+                ));
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let status = a.router_status(router).await.unwrap();
+    assert!(
+        errors.is_empty() && outcome.is_some(),
+        "A's deletion of router 1 blocked by B's foreign keys: {} failed attempts ({errors:?}), \
+         router {status:?}, B churned {} sessions",
+        errors.len(),
+        churned.load(Ordering::Relaxed)
+    );
+    let report = deleted(outcome.unwrap());
+    assert_eq!(report.sessions, 50);
+    assert_gone(&a, router, incarnation, &ours, &released).await;
+}
+
+/// I10 (review of stop 32; failed before). The same with a plain foreign writer (another program
+/// whose prefix nests in router 1's range) writing new keys of its own
+/// there: 16 writers, about 2,000 puts/s on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_etcd_a_busy_foreign_writer_never_keeps_a_router_fenced() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("rv-foreign-busy", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("foreign-busy");
+    let router = RouterId::new(1);
+    let nested = format!("{prefix}r/{:016x}/s/other-app/", router.get());
+    let a = Arc::new(store_on::<()>(&endpoints, &prefix, |b| b).await);
+    let incarnation = a.register_router(router).await.unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let ours = populate(&a, router, incarnation, 1..=50, &released).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..16u64 {
+        let (stop, written, nested) = (Arc::clone(&stop), Arc::clone(&written), nested.clone());
+        let mut kv = a.client().kv_client();
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("{nested}{worker}/{n}");
+                if kv.put(key.as_str(), "theirs", None).await.is_ok() {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    timeout(WAIT, async {
+        while written.load(Ordering::Relaxed) < 100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the foreign writer writes");
+
+    let notified = Arc::new(Notify::new());
+    let deleter = forcing(&a, &notified);
+    let mut errors = Vec::new();
+    let mut outcome = None;
+    for _ in 0..3 {
+        match timeout(Duration::from_secs(15), deleter.delete(router))
+            .await
+            .expect("delete returns")
+        {
+            Ok(done) => {
+                outcome = Some(done);
+                break;
+            }
+            Err(error) => errors.push(format!(
+                "{error}: {:?}",
+                std::error::Error::source(&error).map(|s| s.to_string())
+            )),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let status = a.router_status(router).await.unwrap();
+    assert!(
+        errors.is_empty() && outcome.is_some(),
+        "A's deletion of router 1 blocked by foreign keys: {} failed attempts ({errors:?}), \
+         router {status:?}, {} foreign keys written",
+        errors.len(),
+        written.load(Ordering::Relaxed)
+    );
+    let report = deleted(outcome.unwrap());
+    assert_eq!(report.sessions, 50);
+    assert_gone(&a, router, incarnation, &ours, &released).await;
+}
+
+/// Review of stop 32 (failed before). Cross-controller closes (the store's docs: "a close or
+/// removal by any controller reaches the other controllers' handles
+/// through a watch"; I1 for the other controllers' handles) after a short
+/// link cut during which another controller wrote 90 records of 900 kB
+/// (each within the `max_record` the builder accepts): A's watch resumes
+/// from its last revision, etcd answers the catch-up in one ~81 MB
+/// message, above the 64 MiB the watch decodes; the watch fails and
+/// resumes from the same revision for ever (about 7 times a second, each
+/// time etcd reads and sends it again). The watch now asks for fragments
+/// (and re-lists on a message it cannot decode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_etcd_a_watch_catching_up_past_big_records_still_closes_handles() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("rv-watch-big", 1, &[]).await;
+    let endpoints = etcd.endpoints();
+    let proxy = Proxy::start(&endpoints).await;
+    let prefix = unique_prefix("watch-big");
+    let big = |b: EtcdStoreBuilder| {
+        b.max_record(1 << 20)
+            .request_timeout(Duration::from_secs(5))
+            .retry_deadline(Duration::from_secs(10))
+    };
+    let a = Arc::new(store_on::<Vec<u8>>(&proxy.endpoints(), &prefix, big).await);
+    let b = Arc::new(store_on::<Vec<u8>>(&endpoints, &prefix, big).await);
+    let router = RouterId::new(1);
+    let incarnation = b.register_router(router).await.unwrap();
+    for id in 1..=3 {
+        let _ = b
+            .create(NewSession::new(SessionId::new(id), router, incarnation).payload(vec![1]))
+            .await
+            .unwrap();
+    }
+    let on_a = a.sessions(router).await.unwrap();
+    assert_eq!(on_a.len(), 3);
+
+    // A's link is cut for a moment while B writes 90 records of 900 kB
+    // (81 MB) on another router.
+    proxy.set(Link::Cut);
+    let other = RouterId::new(2);
+    let other_incarnation = b.register_router(other).await.unwrap();
+    futures::stream::iter(100..190u64)
+        .map(|id| {
+            b.create(
+                NewSession::new(SessionId::new(id), other, other_incarnation)
+                    .payload(vec![id as u8; 900_000]),
+            )
+        })
+        .buffer_unordered(8)
+        .for_each(|created| {
+            created.expect("created");
+            async {}
+        })
+        .await;
+    proxy.set(Link::Pass);
+
+    // B deletes router 1: A's handles of its sessions must close.
+    let notified = Arc::new(Notify::new());
+    let report = deleted(
+        timeout(WAIT, forcing(&b, &notified).delete(router))
+            .await
+            .expect("B's deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 3);
+    assert_eq!(a.count(router).await.unwrap(), 0, "A reads etcd fine");
+    for session in &on_a {
+        timeout(Duration::from_secs(20), session.closed())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "A's handle of {} stays open after B deleted its router (A's watch never caught up); \
+                     A's store stats {:?}",
+                    session.id(),
+                    a.stats()
+                )
+            });
+    }
 }

@@ -12,10 +12,12 @@
 //! - Listings read keys and revisions only; each deletion transaction is
 //!   guarded on the router still being fenced in the incarnation, each
 //!   record on being the one listed, its pointer on being created with it.
-//! - The tombstone is written only if no key of the range was created
-//!   after the final listing, which found nothing but foreign keys: no
+//! - The tombstone is written only while the router is still fenced in the
+//!   incarnation, after a listing that found nothing but foreign keys: no
 //!   record of the incarnation is left behind (creates are refused once
-//!   fenced, so none can appear).
+//!   fenced, so none can appear after that listing). It is not guarded on
+//!   the range: a foreign key created meanwhile (another store nested in
+//!   this one's prefix, busy) must not keep the router fenced.
 //! - Every request is safe to repeat and is retried on the store's
 //!   schedule; a transaction etcd refuses as too big is split in halves.
 
@@ -74,7 +76,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
         for _ in 0..CONTENTION {
             // A linearizable listing of the keys left (keys and revisions
             // only); the router is fenced, so no record appears.
-            let (kvs, revision) = shared.list(prefix.clone(), end.clone(), None, true).await?;
+            let (kvs, _) = shared.list(prefix.clone(), end.clone(), None, true).await?;
             let (ours, foreign): (Vec<KeyValue>, Vec<KeyValue>) = kvs
                 .into_iter()
                 .partition(|kv| matches!(shared.keys.parse(kv.key()), Some(KeyKind::Record(r, _)) if r == router));
@@ -88,13 +90,13 @@ impl<P: EtcdPayload> EtcdStore<P> {
                     );
                 }
                 // Nothing of the incarnation left: the tombstone, guarded
-                // on the fence and on no key of the range created since.
+                // on the fence (no record of ours can be created under it).
                 let txn = Txn::new()
-                    .when([
-                        Compare::value(key.clone(), CompareOp::Equal, fenced.clone()),
-                        Compare::create_revision(prefix.clone(), CompareOp::Less, revision + 1)
-                            .with_range(end.clone()),
-                    ])
+                    .when([Compare::value(
+                        key.clone(),
+                        CompareOp::Equal,
+                        fenced.clone(),
+                    )])
                     .and_then([TxnOp::put(
                         key.clone(),
                         keys::router_value(RouterStatus::Deleted(incarnation)),
@@ -119,7 +121,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
                     return Ok(report); // an earlier attempt of this call landed
                 }
                 check(status)?;
-                continue; // a key appeared in the range: look again
+                continue; // the router changed under it: look again
             }
             for page in ours.chunks(PAGE as usize) {
                 self.delete_listed(router, &key, &fenced, page, &mut report)

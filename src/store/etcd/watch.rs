@@ -7,6 +7,14 @@
 //!   to the cache; the watch resumes from the revision after it, so a
 //!   reconnect loses nothing. A watch whose start was compacted away re-lists
 //!   the cached sessions instead (a compacted watch re-lists).
+//! - The watch asks etcd to fragment big responses (a catch-up of many big
+//!   records in one message went past the client's 64 MiB decode limit,
+//!   and the watch resumed into the same message for ever). A fragment may
+//!   end inside a revision, so the last revision of a response counts as
+//!   applied only once a later one (or a progress notification) shows it
+//!   whole; events applied twice after a reconnect change nothing. A
+//!   response the client still cannot decode has the watch re-list and
+//!   resume from the revision read, as a compacted watch does.
 //! - A handle loaded from a read at revision `r` misses no later change:
 //!   every change of a record while loads are in flight is remembered in
 //!   `Progress::misses`, and a load that finds its id there with a later
@@ -27,6 +35,7 @@ use std::sync::Weak;
 use etcd_client::{EventType, WatchClient, WatchOptions, WatchResponse};
 use tokio_util::sync::CancellationToken;
 
+use super::error::{Refusal, refusal};
 use super::keys::{KeyKind, decode_head, prefix_end};
 use super::retry::Delays;
 use super::shared::Cached;
@@ -168,7 +177,8 @@ pub(super) async fn run<P: EtcdPayload>(
         let options = WatchOptions::new()
             .with_range(prefix_end(&prefix))
             .with_start_revision(from)
-            .with_progress_notify();
+            .with_progress_notify()
+            .with_fragment();
         let opened = tokio::select! {
             () = stop.cancelled() => return,
             opened = client.watch(prefix.clone(), Some(options)) => opened,
@@ -225,6 +235,13 @@ pub(super) async fn run<P: EtcdPayload>(
                 Ok(Some(response)) => {
                     delays.reset();
                     shared.apply(&response);
+                }
+                Err(error) if matches!(refusal(&error), Some(Refusal::TooLarge)) => {
+                    // A message past the client's decode limit: resuming
+                    // would read it again. Re-list, then resume after.
+                    tracing::warn!(%error, "etcd watch message too big; re-listing");
+                    relist(&shared, &stop, &mut delays).await;
+                    break;
                 }
                 Ok(None) | Err(_) => {
                     tracing::warn!(?message, "etcd watch ended; resuming");
@@ -319,7 +336,9 @@ impl<P: EtcdPayload> Shared<P> {
                     // in flight may hold another handle of the same record.
                     progress.remember(id, revision);
                 }
-                progress.applied = progress.applied.max(revision);
+                // Every revision before this one came whole (a fragment
+                // may end inside this one).
+                progress.applied = progress.applied.max(revision - 1);
             }
             if response.events().is_empty() && !response.created() {
                 // A progress notification: every event up to the header's
