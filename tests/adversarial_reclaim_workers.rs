@@ -1103,3 +1103,60 @@ fn pushes_given_up_while_waiting_in_line_lose_no_slot_and_make_none_up() {
         assert_eq!(spare.lock().len(), CAPACITY);
     });
 }
+
+/// Two producers pushing into a small queue on a runtime's two threads,
+/// as fast as a worker frees slots: no push is left waiting while the
+/// queue has room. (A first version of the line counted a push in before
+/// it was in the semaphore's line: a slot freed in between went to the
+/// other producer's next push, and the first push waited for ever.)
+#[test]
+fn producers_racing_for_freed_slots_are_never_left_waiting() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let queue = ReclaimQueue::builder()
+            .workers(1)
+            .capacity(4)
+            .policy(patient())
+            .build()
+            .unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        for round in 0..40u64 {
+            let producers = (0..2u64)
+                .map(|p| {
+                    let (queue, done) = (queue.clone(), Arc::clone(&done));
+                    tokio::spawn(async move {
+                        for n in 0..2_000 {
+                            let done = Arc::clone(&done);
+                            let id = round * 1_000_000 + p * 100_000 + n;
+                            let task =
+                                ReclaimTask::new(SessionId::new(id), RouterId::new(1), move || {
+                                    done.fetch_add(1, Ordering::Relaxed);
+                                    async { Ok::<(), ReclaimError>(()) }
+                                });
+                            queue.push(task).await.unwrap();
+                        }
+                    })
+                })
+                .collect::<Vec<_>>();
+            let finished = tokio::time::timeout(Duration::from_secs(30), async {
+                for producer in producers {
+                    producer.await.unwrap();
+                }
+            })
+            .await;
+            assert!(
+                finished.is_ok(),
+                "round {round}: a push waits for ever; {:?}",
+                queue.stats()
+            );
+            tokio::time::timeout(Duration::from_secs(30), queue.idle())
+                .await
+                .expect("idle");
+        }
+        assert_eq!(done.load(Ordering::Relaxed), 40 * 4_000);
+    });
+}

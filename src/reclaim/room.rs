@@ -15,8 +15,9 @@
 //!   on its way there (counted off `waiting`, not yet added), or taken (a
 //!   waiting task, or reserved by a push or a `redrive` about to insert).
 //! - `waiting` is never below the number of pushes waiting on `handoff`
-//!   less the permits on their way to it: a push counts itself in under
-//!   the lock before it waits; a slot given back while `waiting` is above
+//!   less the permits on their way to it: a push gets in line on
+//!   `handoff` first, then counts itself in under the lock, looking at the
+//!   free slots once more; a slot given back while `waiting` is above
 //!   0 claims one and becomes a permit; a push that stops waiting
 //!   unserved (dropped) counts itself out if `waiting` is above 0 (if a
 //!   slot claimed it meanwhile, that slot's permit serves the next push in
@@ -31,6 +32,9 @@
 //! leaf: `try_acquire` under `state` calls nothing back; `add_permits`
 //! (which wakes a waiting push) and `close` come after `state` is
 //! released.
+
+use std::pin::pin;
+use std::task::Poll;
 
 use tokio::sync::SemaphorePermit;
 
@@ -108,10 +112,42 @@ impl Shared {
             if self.take_now(&mut state.room) {
                 return Ok(());
             }
-            state.room.waiting += 1;
         }
-        let mut in_line = InLine(Some(self));
-        let served = self.handoff.acquire().await;
+        // In line first, counted in after: a slot given from the moment it
+        // is counted goes to the line, where it is in already (counted in
+        // before it, the slot could become a free permit first, and a
+        // later push take it, leaving this one waiting uncounted for
+        // ever). Out of tokio's cooperative budget, a first poll would not
+        // get in line.
+        let mut served = pin!(tokio::task::unconstrained(self.handoff.acquire()));
+        let mut in_line = match futures::poll!(served.as_mut()) {
+            Poll::Ready(Ok(permit)) => {
+                permit.forget();
+                return Ok(());
+            }
+            Poll::Ready(Err(_)) => return Err(NoRoom::Closed),
+            Poll::Pending => {
+                let looked = {
+                    let mut state = self.state.lock();
+                    if state.closed {
+                        Some(Err(NoRoom::Closed))
+                    } else if state.room.take() {
+                        // A slot freed since it looked.
+                        Some(Ok(()))
+                    } else {
+                        state.room.waiting += 1;
+                        None
+                    }
+                };
+                if let Some(looked) = looked {
+                    // Its place in line goes after the lock (anything
+                    // handed to it there passes on, waking a push).
+                    return looked;
+                }
+                InLine(Some(self))
+            }
+        };
+        let served = served.await;
         in_line.0 = None;
         match served {
             Ok(permit) => {
