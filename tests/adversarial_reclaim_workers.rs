@@ -1160,3 +1160,121 @@ fn producers_racing_for_freed_slots_are_never_left_waiting() {
         assert_eq!(done.load(Ordering::Relaxed), 40 * 4_000);
     });
 }
+
+/// A task pushing a follow-up into its own full queue while another push
+/// waits, as `push` documents it (with `try_push`, or `push` in a task of
+/// its own; awaiting `push` inside the task would wait for a slot only the
+/// busy worker frees): everything runs, nothing hangs.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_task_pushing_a_follow_up_while_a_push_waits_as_documented_does_not_stall() {
+    for spawned in [false, true] {
+        let queue = ReclaimQueue::builder()
+            .workers(1)
+            .capacity(1)
+            .paused(true)
+            .policy(patient())
+            .build()
+            .unwrap();
+        let order: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let first = {
+            let (queue, order) = (queue.clone(), Arc::clone(&order));
+            ReclaimTask::new(SessionId::new(1), RouterId::new(1), move || {
+                order.lock().push(1);
+                let follow_up = ordered(11, &order);
+                if spawned {
+                    let queue = queue.clone();
+                    drop(tokio::spawn(async move { queue.push(follow_up).await }));
+                } else if let Err(TryPushError::Full(follow_up)) = queue.try_push(follow_up) {
+                    // Full: queued later, from a task of its own.
+                    let queue = queue.clone();
+                    drop(tokio::spawn(async move { queue.push(follow_up).await }));
+                }
+                async { Ok::<(), ReclaimError>(()) }
+            })
+        };
+        queue.push(first).await.unwrap();
+        let waiting = {
+            let (queue, order) = (queue.clone(), Arc::clone(&order));
+            tokio::spawn(async move { queue.push(ordered(2, &order)).await })
+        };
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        queue.resume();
+        waiting.await.unwrap().unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(Duration::from_secs(60), queue.idle())
+            .await
+            .expect("idle");
+        assert_eq!(*order.lock(), [1, 2, 11], "spawned {spawned}");
+    }
+}
+
+/// A push from a task that spent tokio's cooperative budget (here, on 128
+/// ready messages) waits in line like any other: it keeps its place, and a
+/// later `try_push` does not take its slot. Before the push got in line
+/// first and out of the budget, a tokio older than 1.54 (which the crate
+/// accepts) returned its first poll of the line unqueued: it counted in,
+/// a `try_push` took its slot, and it waited for ever with the queue
+/// empty. (With the pinned tokio the same gap was open between threads.)
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_push_from_a_task_out_of_coop_budget_keeps_its_place_in_line() {
+    let queue = ReclaimQueue::builder()
+        .workers(1)
+        .capacity(128)
+        .paused(true)
+        .policy(patient())
+        .build()
+        .unwrap();
+    let ran: Ran = Arc::default();
+    let intruder = Arc::new(Mutex::new(None));
+    let first = {
+        let (queue, ran, intruder) = (queue.clone(), Arc::clone(&ran), Arc::clone(&intruder));
+        ReclaimTask::new(SessionId::new(1), RouterId::new(1), move || {
+            *ran.lock().entry(1).or_default() += 1;
+            *intruder.lock() = Some(queue.try_push(counted(1_000, &ran)).is_ok());
+            async { Ok::<(), ReclaimError>(()) }
+        })
+    };
+    queue.push(first).await.unwrap();
+    // The worker looks and sleeps: woken by `resume`, it runs after the
+    // producer filled the queue.
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    // A burst of 128 requests, ready at once: ids 2..=129.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    for id in 2..=129 {
+        tx.send(id).unwrap();
+    }
+    drop(tx);
+    let producer = {
+        let (queue, ran) = (queue.clone(), Arc::clone(&ran));
+        tokio::spawn(async move {
+            while let Some(id) = rx.recv().await {
+                queue.push(counted(id, &ran)).await?;
+            }
+            Ok::<(), PushError>(())
+        })
+    };
+    queue.resume();
+    let served = tokio::time::timeout(Duration::from_secs(3_600), producer).await;
+    assert!(
+        matches!(served, Ok(Ok(Ok(())))),
+        "the producer's last push was not served in an hour: {:?}",
+        queue.stats()
+    );
+    assert_eq!(
+        *intruder.lock(),
+        Some(false),
+        "a later try_push took a waiting push's slot"
+    );
+    tokio::time::timeout(Duration::from_secs(3_600), queue.idle())
+        .await
+        .expect("idle");
+    let ran = ran.lock().clone();
+    assert_eq!(ran.len(), 129);
+    assert!(ran.values().all(|&n| n == 1));
+}

@@ -111,6 +111,15 @@ impl ReclaimQueue {
     /// and no later push (nor a [`try_push`](Self::try_push)) takes a slot
     /// while one waits.
     ///
+    /// A task must not await `push` into its own queue (a follow-up pushed
+    /// as it runs): when the queue is full, only a worker taking a task
+    /// frees a slot, the slot goes to the pushes already waiting, and with
+    /// every worker inside such a task nothing frees one again: the queue
+    /// stalls until the attempts time out. Push follow-ups with
+    /// [`try_push`](Self::try_push) (handling `Full`), or from a task of
+    /// their own (`tokio::spawn`), as a consumer of a bounded channel does
+    /// when it sends into that channel.
+    ///
     /// # Errors
     ///
     /// [`PushError`] hands the task back if the queue is shut down (before
