@@ -733,14 +733,57 @@ async fn own_etcd_ids_reused_across_incarnations_are_never_touched_by_a_late_del
     assert!(a.audit().await.unwrap().is_clean());
 }
 
-/// I10 (found by a review of stop 32; failed before): "A key in its range that is not in its own key
-/// format is foreign (another store's prefix may nest inside this one's):
-/// reported, never deleted, never blocking." An `EtcdStore` B (default
-/// settings) nested in A's router 1 range keeps serving its own router
-/// (sessions created) while A deletes router 1: A's deletion fails with
-/// `contention`, again and again, and router 1 stays fenced: the
-/// tombstone was guarded on no key of the range created since the last
-/// listing, foreign keys included.
+/// Deletes `router` of `a` (its sessions `ours`) while foreign `workers`
+/// write keys in its range (counting them in `written`, until `stop`): the
+/// first attempt must delete it, and the foreign keys stay.
+#[allow(clippy::too_many_arguments)]
+async fn delete_beside_foreign_writers(
+    a: &Arc<EtcdStore>,
+    router: RouterId,
+    incarnation: Incarnation,
+    ours: &[Session],
+    released: &AtomicUsize,
+    written: &AtomicU64,
+    stop: &AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+) {
+    timeout(WAIT, async {
+        while written.load(Ordering::Relaxed) < 100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the foreign writers write");
+    let notified = Arc::new(Notify::new());
+    let deleter = forcing(a, &notified);
+    let outcome = timeout(Duration::from_secs(15), deleter.delete(router))
+        .await
+        .expect("delete returns");
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let status = a.router_status(router).await.unwrap();
+    let outcome = outcome.unwrap_or_else(|error| {
+        panic!(
+            "the deletion of {router} failed beside foreign writers: {error} ({:?}); router {status:?}, \
+             {} foreign keys written",
+            std::error::Error::source(&error).map(ToString::to_string),
+            written.load(Ordering::Relaxed)
+        )
+    });
+    assert_eq!(deleted(outcome).sessions, ours.len());
+    assert_gone(a, router, incarnation, ours, released).await;
+}
+
+/// I10 (found by a review of stop 32; failed before): "A key in its range
+/// that is not in its own key format is foreign (another store's prefix
+/// may nest inside this one's): reported, never deleted, never blocking."
+/// An `EtcdStore` B nested in A's router 1 range keeps creating sessions
+/// on its own router while A deletes router 1. A's deletion failed with
+/// `contention`, again at every retry, router 1 fenced: the tombstone was
+/// guarded on no key of the range created since the last listing,
+/// foreign keys included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn own_etcd_a_busy_nested_store_never_keeps_a_router_fenced() {
     if endpoints().is_none() {
@@ -757,86 +800,48 @@ async fn own_etcd_a_busy_nested_store_never_keeps_a_router_fenced() {
     let released = Arc::new(AtomicUsize::new(0));
     let ours = populate(&a, router, incarnation, 1..=50, &released).await;
 
-    // B, another controller with its own (nested) prefix, serves its own
-    // router as usual: sessions are created all along.
     let b_router = RouterId::new(9);
     let b_incarnation = b.register_router(b_router).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(1));
-    let churned = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..64 {
-        let (b, stop, next, churned) = (
-            Arc::clone(&b),
-            Arc::clone(&stop),
-            Arc::clone(&next),
-            Arc::clone(&churned),
-        );
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let id = SessionId::new(next.fetch_add(1, Ordering::Relaxed));
-                if b.create(NewSession::new(id, b_router, b_incarnation))
-                    .await
-                    .is_ok()
-                {
-                    churned.fetch_add(1, Ordering::Relaxed);
+    let written = Arc::new(AtomicU64::new(0));
+    let workers = (0..64)
+        .map(|_| {
+            let (b, stop, next, written) = (
+                Arc::clone(&b),
+                Arc::clone(&stop),
+                Arc::clone(&next),
+                Arc::clone(&written),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let id = SessionId::new(next.fetch_add(1, Ordering::Relaxed));
+                    if b.create(NewSession::new(id, b_router, b_incarnation))
+                        .await
+                        .is_ok()
+                    {
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            }
-        }));
-    }
-    timeout(WAIT, async {
-        while churned.load(Ordering::Relaxed) < 100 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("B churns");
-
-    let notified = Arc::new(Notify::new());
-    let deleter = forcing(&a, &notified);
-    let mut errors = Vec::new();
-    let mut outcome = None;
-    for _ in 0..2 {
-        let started = std::time::Instant::now();
-        match timeout(Duration::from_secs(12), deleter.delete(router)).await {
-            Ok(Ok(done)) => {
-                outcome = Some(done);
-                break;
-            }
-            Ok(Err(error)) => errors.push(format!(
-                "after {:?}: {error}: {:?}",
-                started.elapsed(),
-                std::error::Error::source(&error).map(|s| s.to_string())
-            )),
-            Err(_) => {
-                errors.push(format!(
-                    "no answer in 12 s; B created {} so far",
-                    churned.load(Ordering::Relaxed)
-                ));
-                break;
-            }
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let status = a.router_status(router).await.unwrap();
-    assert!(
-        errors.is_empty() && outcome.is_some(),
-        "A's deletion of router 1 blocked by B's foreign keys: {} failed attempts ({errors:?}), \
-         router {status:?}, B churned {} sessions",
-        errors.len(),
-        churned.load(Ordering::Relaxed)
-    );
-    let report = deleted(outcome.unwrap());
-    assert_eq!(report.sessions, 50);
-    assert_gone(&a, router, incarnation, &ours, &released).await;
+            })
+        })
+        .collect();
+    delete_beside_foreign_writers(
+        &a,
+        router,
+        incarnation,
+        &ours,
+        &released,
+        &written,
+        &stop,
+        workers,
+    )
+    .await;
 }
 
-/// I10 (review of stop 32; failed before). The same with a plain foreign writer (another program
-/// whose prefix nests in router 1's range) writing new keys of its own
-/// there: 16 writers, about 2,000 puts/s on loopback.
+/// I10 (review of stop 32; failed before). The same with a plain foreign
+/// writer (another program whose prefix nests in router 1's range): 16
+/// writers putting new keys there, about 2,000 puts/s on loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn own_etcd_a_busy_foreign_writer_never_keeps_a_router_fenced() {
     if endpoints().is_none() {
@@ -854,63 +859,33 @@ async fn own_etcd_a_busy_foreign_writer_never_keeps_a_router_fenced() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for worker in 0..16u64 {
-        let (stop, written, nested) = (Arc::clone(&stop), Arc::clone(&written), nested.clone());
-        let mut kv = a.client().kv_client();
-        workers.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("{nested}{worker}/{n}");
-                if kv.put(key.as_str(), "theirs", None).await.is_ok() {
-                    written.fetch_add(1, Ordering::Relaxed);
+    let workers = (0..16u64)
+        .map(|worker| {
+            let (stop, written, nested) = (Arc::clone(&stop), Arc::clone(&written), nested.clone());
+            let mut kv = a.client().kv_client();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("{nested}{worker}/{n}");
+                    if kv.put(key.as_str(), "theirs", None).await.is_ok() {
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            }
-        }));
-    }
-    timeout(WAIT, async {
-        while written.load(Ordering::Relaxed) < 100 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the foreign writer writes");
-
-    let notified = Arc::new(Notify::new());
-    let deleter = forcing(&a, &notified);
-    let mut errors = Vec::new();
-    let mut outcome = None;
-    for _ in 0..3 {
-        match timeout(Duration::from_secs(15), deleter.delete(router))
-            .await
-            .expect("delete returns")
-        {
-            Ok(done) => {
-                outcome = Some(done);
-                break;
-            }
-            Err(error) => errors.push(format!(
-                "{error}: {:?}",
-                std::error::Error::source(&error).map(|s| s.to_string())
-            )),
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let status = a.router_status(router).await.unwrap();
-    assert!(
-        errors.is_empty() && outcome.is_some(),
-        "A's deletion of router 1 blocked by foreign keys: {} failed attempts ({errors:?}), \
-         router {status:?}, {} foreign keys written",
-        errors.len(),
-        written.load(Ordering::Relaxed)
-    );
-    let report = deleted(outcome.unwrap());
-    assert_eq!(report.sessions, 50);
-    assert_gone(&a, router, incarnation, &ours, &released).await;
+            })
+        })
+        .collect();
+    delete_beside_foreign_writers(
+        &a,
+        router,
+        incarnation,
+        &ours,
+        &released,
+        &written,
+        &stop,
+        workers,
+    )
+    .await;
 }
 
 /// Review of stop 32 (failed before). Cross-controller closes (the store's docs: "a close or
