@@ -22,7 +22,16 @@ impl Shared {
             // push follow-ups) does not hold the thread for ever.
             let mut task = match self.next(ended.take(), None) {
                 Next::Run(task) => {
+                    // Held across the yield: a worker aborted there (a
+                    // shutdown deadline) reports the task interrupted.
+                    let mut held = Running {
+                        shared: &self,
+                        info: task.info(),
+                        attempts: 0,
+                        done: false,
+                    };
                     tokio::task::coop::consume_budget().await;
+                    held.done = true;
                     task
                 }
                 Next::Exit => return,
