@@ -9,9 +9,14 @@
 //!   key format belongs to someone else (another store's prefix may nest in
 //!   this one's): it is counted in [`FinishReport::foreign`], never deleted,
 //!   never waited for.
-//! - Listings read keys and revisions only; each deletion transaction is
-//!   guarded on the router still being fenced in the incarnation, each
-//!   record on being the one listed, its pointer on being created with it.
+//! - Listings read keys and revisions only, each at the revision of a read
+//!   that found the router fenced in the incarnation: a call that comes
+//!   late (the incarnation finished and the router registered again
+//!   meanwhile) lists the incarnation's records as they were, never the new
+//!   incarnation's (record keys carry no incarnation), and so closes no
+//!   handle of the new life. Each deletion transaction is guarded on the
+//!   router still being fenced in the incarnation, each record on being the
+//!   one listed, its pointer on being created with it.
 //! - The tombstone is written only while the router is still fenced in the
 //!   incarnation, after a listing that found nothing but foreign keys: no
 //!   record of the incarnation is left behind (creates are refused once
@@ -74,9 +79,17 @@ impl<P: EtcdPayload> EtcdStore<P> {
         // A tombstone attempt whose answer was lost may have landed.
         let mut tombstone_sent = false;
         for _ in 0..CONTENTION {
-            // A linearizable listing of the keys left (keys and revisions
-            // only); the router is fenced, so no record appears.
-            let (kvs, _) = shared.list(prefix.clone(), end.clone(), None, true).await?;
+            // The keys left (keys and revisions only), listed at a revision
+            // where the router is fenced in the incarnation: every record
+            // of the range then is the incarnation's.
+            let (status, at) = shared.status_at(router).await?;
+            if tombstone_sent && status == Some(RouterStatus::Deleted(incarnation)) {
+                return Ok(report); // an earlier attempt of this call landed
+            }
+            check(status)?;
+            let (kvs, _) = shared
+                .list(prefix.clone(), end.clone(), Some(at), true)
+                .await?;
             let (ours, foreign): (Vec<KeyValue>, Vec<KeyValue>) = kvs
                 .into_iter()
                 .partition(|kv| matches!(shared.keys.parse(kv.key()), Some(KeyKind::Record(r, _)) if r == router));
@@ -116,18 +129,12 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 if response.succeeded() {
                     return Ok(report);
                 }
-                let status = shared.status(router).await?;
-                if tombstone_sent && status == Some(RouterStatus::Deleted(incarnation)) {
-                    return Ok(report); // an earlier attempt of this call landed
-                }
-                check(status)?;
-                continue; // the router changed under it: look again
+                continue; // the router changed under it: look again (above)
             }
             for page in ours.chunks(PAGE as usize) {
                 self.delete_listed(router, &key, &fenced, page, &mut report)
                     .await?;
             }
-            check(shared.status(router).await?)?;
         }
         Err(EtcdError::contention(&prefix).into())
     }

@@ -79,10 +79,21 @@ impl<P: EtcdPayload> Shared<P> {
 
     /// The router's status (`None`: not registered).
     pub(super) async fn status(&self, router: RouterId) -> Result<Option<RouterStatus>, EtcdError> {
+        Ok(self.status_at(router).await?.0)
+    }
+
+    /// The router's status, and the revision it was read at (a listing at
+    /// that revision sees the router's range as it was in that status).
+    pub(super) async fn status_at(
+        &self,
+        router: RouterId,
+    ) -> Result<(Option<RouterStatus>, i64), EtcdError> {
         let response = self
             .get("read router", self.keys.router(router), None)
             .await?;
-        response.kvs().first().map(router_status).transpose()
+        let revision = response.header().map_or(0, |header| header.revision());
+        let status = response.kvs().first().map(router_status).transpose()?;
+        Ok((status, revision))
     }
 
     /// The handles of every record of `router`, read at one revision.

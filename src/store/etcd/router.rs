@@ -187,8 +187,13 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 }
             };
             // Read after the fence: every session created before it is in
-            // the listing, unless closed and removed since (I2).
-            let sessions = self.shared.router_sessions(router).await?;
+            // the listing, unless closed and removed since (I2). A call that
+            // comes late (the incarnation finished and the router
+            // registered again meanwhile) lists the new incarnation's
+            // records too (record keys carry no incarnation): only the
+            // fenced incarnation's are its snapshot.
+            let mut sessions = self.shared.router_sessions(router).await?;
+            sessions.retain(|session| session.incarnation() == incarnation);
             return Ok(FenceSnapshot {
                 router,
                 incarnation,
