@@ -289,7 +289,15 @@ async fn many_dropped_after_one_poll(behaviour: Notify, routers: u64, per: u64) 
         assert!(futures::poll!(fut.as_mut()).is_pending());
         drop(fut);
     }
-    assert_eq!(deleter.running(), routers as usize);
+    // Every run goes on (driven by the steward). On several threads some
+    // may have ended already (a loaded machine starting the last ones).
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        assert_eq!(deleter.running(), routers as usize);
+    } else {
+        assert!(deleter.running() <= routers as usize);
+    }
     let mut seen = std::collections::BTreeSet::new();
     within(HOUR, async {
         while seen.len() < routers as usize {
@@ -561,9 +569,13 @@ async fn threaded_case(hang: bool, held: bool, rounds: u64) {
             .unwrap();
         let left = ObservedRouter::fill(&*store, R, 0, 20).await;
         let mut fut = Box::pin(deleter.delete(R));
-        // Two polls: the run starts and waits for its confirmations.
+        // Two polls: the run starts and waits for its confirmations (or,
+        // this thread descheduled inside the second poll past the
+        // confirming thread's delay, ends in it).
         assert!(futures::poll!(fut.as_mut()).is_pending());
-        assert!(futures::poll!(fut.as_mut()).is_pending());
+        if let std::task::Poll::Ready(outcome) = futures::poll!(fut.as_mut()) {
+            assert!(outcome.is_ok(), "round {round}: {outcome:?}");
+        }
         let kept = if held {
             Some(fut)
         } else {

@@ -954,6 +954,10 @@ async fn heartbeats_racing_the_wake_up_from_plain_threads_count() {
     for t in 0..2usize {
         let (m, mine) = (monitor.clone(), all[t * 15..(t + 1) * 15].to_vec());
         threads.push(std::thread::spawn(move || {
+            // Sessions whose thread was descheduled for as long as the
+            // shortest timeout (a loaded machine): silent clients, which
+            // the monitor may rightly suspect.
+            let mut silent = 0usize;
             for s in &mine {
                 let start = std::time::Instant::now();
                 while m.stats().watched != 0 && start.elapsed() < Duration::from_secs(2) {
@@ -961,21 +965,32 @@ async fn heartbeats_racing_the_wake_up_from_plain_threads_count() {
                 }
                 m.watch(s).unwrap();
                 let start = std::time::Instant::now();
+                let mut last = start;
+                let mut longest = Duration::ZERO;
                 while start.elapsed() < Duration::from_millis(150) {
                     m.heartbeat(s).unwrap();
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                longest = longest.max(last.elapsed());
                 let _ = s.close(CloseReason::ClientClosed);
+                silent += usize::from(longest >= Duration::from_millis(20));
             }
+            silent
         }));
     }
+    let mut silent = 0;
     for t in threads {
-        tokio::task::spawn_blocking(move || t.join().unwrap())
+        silent += tokio::task::spawn_blocking(move || t.join().unwrap())
             .await
             .unwrap();
     }
     let stats = monitor.stats();
-    assert_eq!((stats.suspected, stats.reaped), (0, 0), "{stats:?}");
+    assert!(
+        stats.suspected <= silent as u64 && stats.reaped <= silent as u64,
+        "{silent} sessions silent for a timeout; {stats:?}"
+    );
     tokio::time::timeout(Duration::from_secs(10), monitor.shutdown())
         .await
         .expect("shutdown hung");

@@ -120,16 +120,26 @@ mod tests {
         }
     }
 
+    /// Consecutive blocks spread evenly over the shards for nearly every
+    /// map's random keys. Not for every one: a multiplier near a rational
+    /// with a small denominator clusters consecutive blocks (a flake hunt
+    /// saw about 3 maps in 1,000 outside ±20 %, one with 3 of 8 shards
+    /// empty: a cost in contention, not in correctness). Nine maps, at
+    /// most two of them uneven.
     #[test]
     fn blocks_are_scattered_over_shards() {
-        let hash = BlockHash::default();
-        let mut per_shard = [0_u32; 8];
-        for block in 0..8_000_u64 {
-            let h = hash.hash_one(SessionId::new(block << BLOCK_BITS));
-            per_shard[((h << 7) >> (64 - 3)) as usize] += 1;
+        let mut uneven = Vec::new();
+        for _ in 0..9 {
+            let hash = BlockHash::default();
+            let mut per_shard = [0_u32; 8];
+            for block in 0..8_000_u64 {
+                let h = hash.hash_one(SessionId::new(block << BLOCK_BITS));
+                per_shard[((h << 7) >> (64 - 3)) as usize] += 1;
+            }
+            if !per_shard.iter().all(|count| (800..1200).contains(count)) {
+                uneven.push(per_shard);
+            }
         }
-        for count in per_shard {
-            assert!((800..1200).contains(&count), "{per_shard:?}");
-        }
+        assert!(uneven.len() <= 2, "{uneven:?}");
     }
 }
