@@ -20,7 +20,7 @@ use std::sync::Arc;
 use etcd_support::{Cluster, Link, Proxy, endpoints, unique_prefix};
 use session_lifecycle::etcd::{EtcdStore, EtcdStoreBuilder};
 use session_lifecycle::store::RouterStatus;
-use session_lifecycle::{NewSession, RouterId, SessionId, SessionStore};
+use session_lifecycle::{Incarnation, NewSession, RouterId, SessionId, SessionStore};
 use tokio::time::{Duration, timeout};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -49,6 +49,67 @@ fn slow(builder: EtcdStoreBuilder) -> EtcdStoreBuilder {
         .write_timeout(Duration::from_secs(60))
 }
 
+/// One round of a late call on `router`: B registers it and fences it
+/// (`old`); A's link is then slowed to a second a message and A starts
+/// `late(old)`; meanwhile B finishes `old`, registers the router again
+/// (`new`), and A creates five sessions in `new`. Returns `old`, `new`,
+/// A's handles of the new sessions and the late call's answer, with A's
+/// link restored.
+async fn late_round<T: Send + 'static>(
+    a: &Arc<EtcdStore>,
+    b: &Arc<EtcdStore>,
+    proxy: &Proxy,
+    router: RouterId,
+    late: impl FnOnce(Incarnation) -> tokio::task::JoinHandle<T>,
+) -> (Incarnation, Incarnation, Vec<session_lifecycle::Session>, T) {
+    let delay = Duration::from_millis(1000);
+    let old = b.register_router(router).await.unwrap();
+    let _ = b.fence_incarnation(router, old).await.unwrap();
+    // Settle A's connection before slowing it.
+    assert_eq!(
+        a.router_status(router).await.unwrap(),
+        RouterStatus::Fenced(old)
+    );
+    proxy.set(Link::Delay(delay));
+    let late = late(old);
+    // Timing injection (not a wait for a condition): A's status read
+    // reaches etcd after one delay, its listing after about three.
+    tokio::time::sleep(delay * 3 / 2).await;
+    b.finish(router, old)
+        .await
+        .expect("B finishes the old incarnation");
+    let new = b.register_router(router).await.unwrap();
+    let creates: Vec<_> = (1..=5u64)
+        .map(|id| {
+            let a = Arc::clone(a);
+            tokio::spawn(async move {
+                a.create(NewSession::new(
+                    SessionId::new(router.get() * 100 + id),
+                    router,
+                    new,
+                ))
+                .await
+            })
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for create in creates {
+        handles.push(
+            timeout(WAIT, create)
+                .await
+                .expect("create returns")
+                .unwrap()
+                .expect("created in the new incarnation"),
+        );
+    }
+    let answer = timeout(WAIT, late)
+        .await
+        .expect("the late call returns")
+        .unwrap();
+    proxy.set(Link::Pass);
+    (old, new, handles, answer)
+}
+
 /// I9 ("every cleanup acts on *this* session, never on whatever holds its
 /// id now; a delete answers only for the incarnation it deleted") and
 /// `SessionStore::finish`'s docs ("FinishError if the router is ... in
@@ -75,58 +136,14 @@ async fn own_etcd_a_late_finish_of_an_old_incarnation_never_closes_the_new_ones(
     let prefix = unique_prefix("late-finish");
     let a = Arc::new(store_on(&proxy.endpoints(), &prefix, slow).await);
     let b = Arc::new(store_on(&endpoints, &prefix, |b| b).await);
-    let delay = Duration::from_millis(1000);
     let mut hits = 0;
     for attempt in 1..=3u64 {
         let router = RouterId::new(attempt);
-        let old = b.register_router(router).await.unwrap();
-        let _ = b.fence_incarnation(router, old).await.unwrap();
-        // Settle A's connection before slowing it.
-        assert_eq!(
-            a.router_status(router).await.unwrap(),
-            RouterStatus::Fenced(old)
-        );
-
-        proxy.set(Link::Delay(delay));
-        let late = tokio::spawn({
+        let (_, new, handles, answer) = late_round(&a, &b, &proxy, router, |old| {
             let a = Arc::clone(&a);
-            async move { a.finish(router, old).await }
-        });
-        // Timing injection (not a wait for a condition): A's status read
-        // reaches etcd after one delay, its listing after about three.
-        tokio::time::sleep(delay * 3 / 2).await;
-        b.finish(router, old)
-            .await
-            .expect("B finishes the old incarnation");
-        let new = b.register_router(router).await.unwrap();
-        let creates: Vec<_> = (1..=5u64)
-            .map(|id| {
-                let a = Arc::clone(&a);
-                tokio::spawn(async move {
-                    a.create(NewSession::new(
-                        SessionId::new(attempt * 100 + id),
-                        router,
-                        new,
-                    ))
-                    .await
-                })
-            })
-            .collect();
-        let mut handles = Vec::new();
-        for create in creates {
-            handles.push(
-                timeout(WAIT, create)
-                    .await
-                    .expect("create returns")
-                    .unwrap()
-                    .expect("created in the new incarnation"),
-            );
-        }
-        let answer = timeout(WAIT, late)
-            .await
-            .expect("the late finish returns")
-            .unwrap();
-        proxy.set(Link::Pass);
+            tokio::spawn(async move { a.finish(router, old).await })
+        })
+        .await;
         a.flush().await.unwrap();
 
         assert_eq!(
@@ -434,53 +451,14 @@ async fn own_etcd_a_late_fence_snapshot_of_an_old_incarnation_holds_no_new_sessi
     let prefix = unique_prefix("late-fence");
     let a = Arc::new(store_on(&proxy.endpoints(), &prefix, slow).await);
     let b = Arc::new(store_on(&endpoints, &prefix, |b| b).await);
-    let delay = Duration::from_millis(1000);
     let mut wrong = Vec::new();
     for attempt in 1..=3u64 {
         let router = RouterId::new(attempt);
-        let old = b.register_router(router).await.unwrap();
-        let _ = b.fence_incarnation(router, old).await.unwrap();
-        assert_eq!(
-            a.router_status(router).await.unwrap(),
-            RouterStatus::Fenced(old)
-        );
-
-        proxy.set(Link::Delay(delay));
-        let late = tokio::spawn({
+        let (old, new, _, answer) = late_round(&a, &b, &proxy, router, |old| {
             let a = Arc::clone(&a);
-            async move { a.fence_incarnation(router, old).await }
-        });
-        // Timing injection: A's status read reaches etcd after one delay.
-        tokio::time::sleep(delay * 3 / 2).await;
-        b.finish(router, old)
-            .await
-            .expect("B finishes the old incarnation");
-        let new = b.register_router(router).await.unwrap();
-        let creates: Vec<_> = (1..=5u64)
-            .map(|id| {
-                let a = Arc::clone(&a);
-                tokio::spawn(async move {
-                    a.create(NewSession::new(
-                        SessionId::new(attempt * 100 + id),
-                        router,
-                        new,
-                    ))
-                    .await
-                })
-            })
-            .collect();
-        for create in creates {
-            let _ = timeout(WAIT, create)
-                .await
-                .expect("create returns")
-                .unwrap()
-                .expect("created in the new incarnation");
-        }
-        let answer = timeout(WAIT, late)
-            .await
-            .expect("the late fence returns")
-            .unwrap();
-        proxy.set(Link::Pass);
+            tokio::spawn(async move { a.fence_incarnation(router, old).await })
+        })
+        .await;
         match answer {
             Ok(snapshot) => {
                 let foreign: Vec<_> = snapshot
@@ -542,52 +520,14 @@ async fn own_etcd_a_late_delete_incarnation_never_closes_the_routers_new_life() 
         .retries(0)
         .build(Arc::clone(&a), Silent)
         .expect("valid settings");
-    let delay = Duration::from_millis(1000);
     let mut wrong = Vec::new();
     for attempt in 1..=3u64 {
         let router = RouterId::new(attempt);
-        let old = b.register_router(router).await.unwrap();
-        let _ = b.fence_incarnation(router, old).await.unwrap();
-        assert_eq!(
-            a.router_status(router).await.unwrap(),
-            RouterStatus::Fenced(old)
-        );
-
-        proxy.set(Link::Delay(delay));
-        let late = tokio::spawn({
+        let (_, new, handles, answer) = late_round(&a, &b, &proxy, router, |old| {
             let deleter = deleter.clone();
-            async move { deleter.delete_incarnation(router, old).await }
-        });
-        tokio::time::sleep(delay * 3 / 2).await;
-        b.finish(router, old)
-            .await
-            .expect("B finishes the old incarnation");
-        let new = b.register_router(router).await.unwrap();
-        let creates: Vec<_> = (1..=5u64)
-            .map(|id| {
-                let a = Arc::clone(&a);
-                tokio::spawn(async move {
-                    a.create(NewSession::new(
-                        SessionId::new(attempt * 100 + id),
-                        router,
-                        new,
-                    ))
-                    .await
-                })
-            })
-            .collect();
-        let mut handles = Vec::new();
-        for create in creates {
-            handles.push(
-                timeout(WAIT, create)
-                    .await
-                    .expect("create returns")
-                    .unwrap()
-                    .expect("created in the new incarnation"),
-            );
-        }
-        let answer = timeout(WAIT, late).await.expect("the late delete returns");
-        proxy.set(Link::Pass);
+            tokio::spawn(async move { deleter.delete_incarnation(router, old).await })
+        })
+        .await;
         a.flush().await.unwrap();
         let mut closed = Vec::new();
         for session in &handles {
