@@ -968,3 +968,88 @@ async fn own_etcd_a_watch_catching_up_past_big_records_still_closes_handles() {
             });
     }
 }
+
+/// A watch message the client cannot decode (one record past its 64 MiB
+/// limit: fragments split a response only between events) makes the watch
+/// re-list and resume after it; resuming into it would read it again for
+/// ever, and closes by other controllers would never reach the handles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_watch_message_past_the_decode_limit_is_skipped_by_a_re_list() {
+    if endpoints().is_none() {
+        return;
+    }
+    // etcd refuses requests past 1.5 MiB unless told otherwise.
+    let etcd = Cluster::start("rv-watch-huge", 1, &["--max-request-bytes=80000000"]).await;
+    let endpoints = etcd.endpoints();
+    let prefix = unique_prefix("watch-huge");
+    let quick = |b: EtcdStoreBuilder| {
+        b.request_timeout(Duration::from_secs(10))
+            .retry_deadline(Duration::from_secs(10))
+    };
+    let a = Arc::new(store_on::<()>(&endpoints, &prefix, quick).await);
+    let b = Arc::new(store_on::<()>(&endpoints, &prefix, quick).await);
+    let router = RouterId::new(1);
+    let incarnation = b.register_router(router).await.unwrap();
+    for id in 1..=3 {
+        let _ = b
+            .create(NewSession::new(SessionId::new(id), router, incarnation))
+            .await
+            .unwrap();
+    }
+    let on_a = a.sessions(router).await.unwrap();
+    assert_eq!(on_a.len(), 3);
+
+    // Another program writes one 65 MiB value inside the range A watches.
+    let mut raw = session_lifecycle::etcd::client::Client::connect(&endpoints, None)
+        .await
+        .expect("a raw client")
+        .kv_client()
+        .max_encoding_message_size(100 << 20);
+    let foreign = format!("{prefix}r/zz-foreign-huge");
+    raw.put(foreign.as_bytes(), vec![7u8; 65 << 20], None)
+        .await
+        .expect("etcd takes the huge value");
+
+    // B deletes router 1: A's handles of its sessions must close.
+    let notified = Arc::new(Notify::new());
+    let report = deleted(
+        timeout(WAIT, forcing(&b, &notified).delete(router))
+            .await
+            .expect("B's deletion finishes")
+            .expect("deleted"),
+    );
+    assert_eq!(report.sessions, 3);
+    for session in &on_a {
+        timeout(Duration::from_secs(20), session.closed())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "A's handle of {} stays open after B deleted its router (A's watch is stuck \
+                     on the message it cannot decode); A's store stats {:?}",
+                    session.id(),
+                    a.stats()
+                )
+            });
+    }
+    // A still serves, and its watch moved on: a later close by B reaches A.
+    let later = b
+        .create(NewSession::new(
+            SessionId::new(9),
+            RouterId::new(2),
+            b.register_router(RouterId::new(2)).await.unwrap(),
+        ))
+        .await
+        .unwrap();
+    let on_a_later = a
+        .get(later.id())
+        .await
+        .unwrap()
+        .expect("A reads the new session");
+    let _ = b
+        .close(later.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(20), on_a_later.closed())
+        .await
+        .expect("a close after the huge message reaches A");
+}
