@@ -735,7 +735,8 @@ async fn own_etcd_ids_reused_across_incarnations_are_never_touched_by_a_late_del
 
 /// Deletes `router` of `a` (its sessions `ours`) while foreign `workers`
 /// write keys in its range (counting them in `written`, until `stop`): the
-/// first attempt must delete it, and the foreign keys stay.
+/// first attempt must delete it, and the foreign keys stay. It deletes once
+/// they wrote 100 keys.
 #[allow(clippy::too_many_arguments)]
 async fn delete_beside_foreign_writers(
     a: &Arc<EtcdStore>,
@@ -743,17 +744,14 @@ async fn delete_beside_foreign_writers(
     incarnation: Incarnation,
     ours: &[Session],
     released: &AtomicUsize,
-    written: &AtomicU64,
+    written: &watch::Sender<u64>,
     stop: &AtomicBool,
     workers: Vec<tokio::task::JoinHandle<()>>,
 ) {
-    timeout(WAIT, async {
-        while written.load(Ordering::Relaxed) < 100 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the foreign writers write");
+    timeout(WAIT, written.subscribe().wait_for(|n| *n >= 100))
+        .await
+        .expect("the foreign writers write")
+        .expect("the counter lives");
     let notified = Arc::new(Notify::new());
     let deleter = forcing(a, &notified);
     let outcome = timeout(Duration::from_secs(15), deleter.delete(router))
@@ -769,7 +767,7 @@ async fn delete_beside_foreign_writers(
             "the deletion of {router} failed beside foreign writers: {error} ({:?}); router {status:?}, \
              {} foreign keys written",
             std::error::Error::source(&error).map(ToString::to_string),
-            written.load(Ordering::Relaxed)
+            *written.borrow()
         )
     });
     assert_eq!(deleted(outcome).sessions, ours.len());
@@ -804,7 +802,7 @@ async fn own_etcd_a_busy_nested_store_never_keeps_a_router_fenced() {
     let b_incarnation = b.register_router(b_router).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(1));
-    let written = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(watch::Sender::new(0u64));
     let workers = (0..64)
         .map(|_| {
             let (b, stop, next, written) = (
@@ -820,7 +818,7 @@ async fn own_etcd_a_busy_nested_store_never_keeps_a_router_fenced() {
                         .await
                         .is_ok()
                     {
-                        written.fetch_add(1, Ordering::Relaxed);
+                        written.send_modify(|n| *n += 1);
                     }
                 }
             })
@@ -858,7 +856,7 @@ async fn own_etcd_a_busy_foreign_writer_never_keeps_a_router_fenced() {
     let ours = populate(&a, router, incarnation, 1..=50, &released).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(watch::Sender::new(0u64));
     let workers = (0..16u64)
         .map(|worker| {
             let (stop, written, nested) = (Arc::clone(&stop), Arc::clone(&written), nested.clone());
@@ -869,7 +867,7 @@ async fn own_etcd_a_busy_foreign_writer_never_keeps_a_router_fenced() {
                     n += 1;
                     let key = format!("{nested}{worker}/{n}");
                     if kv.put(key.as_str(), "theirs", None).await.is_ok() {
-                        written.fetch_add(1, Ordering::Relaxed);
+                        written.send_modify(|n| *n += 1);
                     }
                 }
             })
