@@ -4,8 +4,11 @@
 //! # Invariants
 //!
 //! - A session is watched by at most one monitor: its state word carries
-//!   the monitor's tag, set once by [`LivenessMonitor::watch`]. No two
-//!   monitors of a process share a tag (see `tag`).
+//!   the monitor's tag, set by [`LivenessMonitor::watch`]. No two
+//!   monitors of a process share a tag (see `tag`). A tag is replaced only
+//!   once its monitor is gone for good (its tasks, which hold its
+//!   `tag::Lease`, all ended): then nothing of it acts on the session, and
+//!   another monitor may watch it.
 //! - A watched, active session is in exactly one place: the `incoming`
 //!   list, the wheel (owned by the monitor task), a router's pending
 //!   suspects, or its probe driver's round. Closed and terminating sessions
@@ -240,7 +243,8 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
         let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime {
             piece: config::PIECE,
         })?;
-        let tag = tag::next()?;
+        let lease = tag::lease()?;
+        let tag = lease.tag();
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             store,
@@ -262,7 +266,9 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             stop: stop.clone(),
             tracker: TaskTracker::new(),
         });
-        shared.tracker.spawn_on(run(Arc::clone(&shared)), &runtime);
+        shared
+            .tracker
+            .spawn_on(run(Arc::clone(&shared), lease), &runtime);
         Ok(Self {
             shared,
             _owner: Arc::new(Owner(stop)),
@@ -275,17 +281,21 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///
     /// # Errors
     ///
-    /// [`WatchError`] if the session is closed, already watched (by this or
-    /// another monitor), or the monitor is shut down.
+    /// [`WatchError`] if the session is closed, already watched (by this
+    /// monitor, or another one whose tasks still run: once a monitor's
+    /// [`shutdown`](Self::shutdown) returned, its sessions may be watched
+    /// again), or this monitor is shut down.
     pub fn watch(&self, session: &Session<S::Payload>) -> Result<(), WatchError> {
         let shared = &*self.shared;
         if shared.stopped() {
             return Err(WatchError::ShutDown);
         }
-        session.watch(shared.tag).map_err(|refused| match refused {
-            WatchRefused::Closed => WatchError::Closed(session.id()),
-            WatchRefused::Watched => WatchError::AlreadyWatched(session.id()),
-        })?;
+        session
+            .watch(shared.tag, tag::gone)
+            .map_err(|refused| match refused {
+                WatchRefused::Closed => WatchError::Closed(session.id()),
+                WatchRefused::Watched => WatchError::AlreadyWatched(session.id()),
+            })?;
         // SeqCst: see the module's invariants.
         if shared.idle.load(Ordering::SeqCst) {
             // The clock stood still while the task rested.
@@ -457,7 +467,9 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 
     /// Stops the monitor: no more heartbeats, probes or reaps; probe rounds
     /// in flight are dropped (their suspects stay open). Returns when the
-    /// monitor's tasks have ended. Dropping every handle stops it too.
+    /// monitor's tasks have ended; from then on another monitor may watch
+    /// the sessions this one watched (a replacement with new settings, say).
+    /// Dropping every handle stops it too (its tasks end soon after).
     ///
     /// # Cancel safety
     ///
@@ -489,6 +501,11 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     ///     store.create(NewSession::new(SessionId::new(2), router, incarnation)).await?;
     /// assert_eq!(monitor.watch(&late), Err(WatchError::ShutDown));
     /// assert!(!session.is_closed()); // nobody is reaped after shutdown
+    ///
+    /// // A replacement monitor takes the session over.
+    /// let replacement = LivenessMonitor::builder().build(Arc::clone(&store), NoProbe)?;
+    /// replacement.watch(&session)?;
+    /// assert!(replacement.heartbeat(&session).is_ok());
     /// # Ok(())
     /// # }
     /// ```
@@ -502,7 +519,10 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 
 /// The monitor task: each tick, raise the clock, check its own health,
 /// file incoming sessions, and look at the entries that came up.
-async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
+///
+/// It holds the monitor's tag `lease` (as each probe driver does): once they
+/// are all gone, other monitors may watch this one's sessions.
+async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc<tag::Lease>) {
     let granularity = shared.config.rule.granularity;
     let mut wheel = Wheel::new(shared.config.wheel_slots());
     let mut convicted: HashMap<RouterId, Vec<Suspect<S::Payload>>> = HashMap::new();
@@ -531,7 +551,7 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>) {
             .timer_fires
             .fetch_add(fires, Ordering::Relaxed);
         for (router, suspects) in convicted.drain() {
-            shared.hand_over(router, suspects);
+            shared.hand_over(router, suspects, &lease);
         }
         if !shared.judge_partition(now_ms) && shared.rests() {
             if !shared.rest().await {
@@ -661,7 +681,12 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
 
     /// Gives a router's new suspects to its probe driver, starting one if
     /// none runs.
-    fn hand_over(self: &Arc<Self>, router: RouterId, suspects: Vec<Suspect<S::Payload>>) {
+    fn hand_over(
+        self: &Arc<Self>,
+        router: RouterId,
+        suspects: Vec<Suspect<S::Payload>>,
+        lease: &Arc<tag::Lease>,
+    ) {
         let (start, arrival) = {
             let mut groups = self.suspects.lock();
             let group = groups.entry(router).or_default();
@@ -670,8 +695,12 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             (start, Arc::clone(&group.arrival))
         };
         if start {
-            self.tracker
-                .spawn(probe::drive(Arc::clone(self), router, arrival));
+            self.tracker.spawn(probe::drive(
+                Arc::clone(self),
+                router,
+                arrival,
+                Arc::clone(lease),
+            ));
         } else {
             // Outside the lock: it wakes the driver's task. Cuts its backoff
             // short, if it is in one.

@@ -162,6 +162,8 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
     shared: Arc<Shared<S, Pr>>,
     router: RouterId,
     arrival: Arc<Notify>,
+    // Held, not read: the monitor's tag stays live while a driver runs.
+    _lease: Arc<super::tag::Lease>,
 ) {
     let mut round: Vec<Suspect<S::Payload>> = Vec::new();
     let mut rounds = 0u32;
@@ -205,12 +207,14 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         }
         rounds = rounds.saturating_add(1);
         let stalls = shared.stall_count();
-        let Some(error) = shared.probe_round(router, rounds, &round).await else {
+        let Some((error, woke_late)) = shared.probe_round(router, rounds, &round).await else {
             return; // shut down
         };
-        if shared.stall_count() != stalls {
-            // The controller stalled during the round: answers may have
-            // been held up; the round does not count against anyone.
+        if woke_late || shared.stall_count() != stalls {
+            // The controller stalled during the round (the monitor's tick
+            // saw it, or the round's own end came late: its deadline can
+            // come before the next tick): answers may have been held up;
+            // the round does not count against anyone.
             continue;
         }
         let (changes, start_over) = shared.partition_state();
@@ -365,13 +369,14 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
 
     /// One probe call with every suspect of `round`, then the wait for
     /// answers. `None` if the monitor shut down; otherwise the call's error,
-    /// if it failed.
+    /// if it failed, and whether the round ended later past its deadline
+    /// than the pause allowance (the controller stalled).
     async fn probe_round(
         &self,
         router: RouterId,
         number: u32,
         round: &[Suspect<S::Payload>],
-    ) -> Option<Option<super::ProbeError>> {
+    ) -> Option<(Option<super::ProbeError>, bool)> {
         let deadline = Instant::now() + self.config.probe_timeout;
         // A big round is split into calls of at most `probe_batch` suspects,
         // made at once and bounded by the one deadline.
@@ -431,7 +436,11 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
         if !all_answered && !self.sleep(deadline).await {
             return None;
         }
-        Some(error)
+        let late = Instant::now().saturating_duration_since(deadline);
+        Some((
+            error,
+            super::millis(late) > self.config.rule.pause_allowance,
+        ))
     }
 
     /// Closes the dead suspects with `LivenessTimeout` (resources through

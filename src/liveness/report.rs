@@ -84,7 +84,8 @@ pub enum WatchError {
     /// The session is closed.
     #[error("{0} is closed")]
     Closed(SessionId),
-    /// A monitor (this one or another) watches it already.
+    /// A monitor (this one, or another whose tasks still run) watches it
+    /// already.
     #[error("{0} is watched already")]
     AlreadyWatched(SessionId),
     /// The monitor was shut down.

@@ -228,9 +228,10 @@ impl<P> Session<P> {
         &self.inner.beat
     }
 
-    /// Tags the session as watched by the liveness monitor `tag`.
-    pub(crate) fn watch(&self, tag: u64) -> Result<(), WatchRefused> {
-        self.inner.word.watch(tag)
+    /// Tags the session as watched by the liveness monitor `tag`, taking
+    /// over the tag of a monitor `gone` says is gone.
+    pub(crate) fn watch(&self, tag: u64, gone: impl Fn(u64) -> bool) -> Result<(), WatchRefused> {
+        self.inner.word.watch(tag, gone)
     }
 
     /// The tag of the monitor watching the session (0: none) and its state.

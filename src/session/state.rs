@@ -434,8 +434,9 @@ impl StateWord {
     }
 
     /// Tags the session as watched by the monitor `tag`, within
-    /// `1..=MAX_WATCHER` (bits beyond are dropped).
-    pub(crate) fn watch(&self, tag: u64) -> Result<(), WatchRefused> {
+    /// `1..=MAX_WATCHER` (bits beyond are dropped). A tag already there is
+    /// taken over if `gone` says its monitor is gone for good.
+    pub(crate) fn watch(&self, tag: u64, gone: impl Fn(u64) -> bool) -> Result<(), WatchRefused> {
         debug_assert!((1..=MAX_WATCHER).contains(&tag), "monitor tag {tag}");
         let tag = (tag & MAX_WATCHER) << WATCHER_SHIFT;
         // Relaxed first guess; the compare-exchange below re-reads.
@@ -444,7 +445,8 @@ impl StateWord {
             if current & STATE_MASK == CLOSED {
                 return Err(WatchRefused::Closed);
             }
-            if current & WATCHER_MASK != 0 {
+            let watcher = current & WATCHER_MASK;
+            if watcher != 0 && (watcher == tag || !gone(watcher >> WATCHER_SHIFT)) {
                 return Err(WatchRefused::Watched);
             }
             // Release on success, paired with the Acquire of `watcher`: a
@@ -453,7 +455,7 @@ impl StateWord {
             // heartbeat racing that write is overwritten, which is harmless.
             match self.0.compare_exchange_weak(
                 current,
-                current | tag,
+                (current & !WATCHER_MASK) | tag,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
@@ -533,11 +535,13 @@ mod tests {
     }
 
     #[test]
-    fn the_watcher_tag_is_set_once_and_survives_every_transition() {
+    fn the_watcher_tag_is_set_once_per_monitor_and_survives_every_transition() {
         let word = StateWord::new();
         assert_eq!(word.watcher(), (0, SessionState::Active));
-        assert_eq!(word.watch(7), Ok(()));
-        assert_eq!(word.watch(8), Err(WatchRefused::Watched));
+        assert_eq!(word.watch(7, |_| false), Ok(()));
+        assert_eq!(word.watch(8, |_| false), Err(WatchRefused::Watched));
+        // Its own tag is never taken over, gone or not.
+        assert_eq!(word.watch(7, |_| true), Err(WatchRefused::Watched));
         assert!(word.flag_long_lived());
         assert!(word.begin_terminating().won());
         assert_eq!(word.watcher(), (7, SessionState::Terminating));
@@ -549,11 +553,11 @@ mod tests {
 
         let word = StateWord::new();
         assert!(word.close(CloseReason::ClientClosed).won());
-        assert_eq!(word.watch(3), Err(WatchRefused::Closed));
+        assert_eq!(word.watch(3, |_| true), Err(WatchRefused::Closed));
         assert_eq!(word.watcher(), (0, SessionState::Closed));
         // The widest tag leaves the state, flags and reason alone.
         let word = StateWord::new();
-        assert_eq!(word.watch(MAX_WATCHER), Ok(()));
+        assert_eq!(word.watch(MAX_WATCHER, |_| false), Ok(()));
         assert_eq!(word.watcher(), (MAX_WATCHER, SessionState::Active));
         assert!(word.close(CloseReason::ClientClosed).won());
         word.mark_complete();
@@ -561,9 +565,16 @@ mod tests {
         assert_eq!(word.completed(), Some(CloseReason::ClientClosed));
         assert!(word.flag_long_lived());
         assert_eq!(word.watcher(), (MAX_WATCHER, SessionState::Closed));
+        // A gone monitor's tag is taken over, the rest of the word kept.
+        let word = StateWord::new();
+        assert_eq!(word.watch(7, |_| false), Ok(()));
+        assert!(word.begin_terminating().won());
+        assert_eq!(word.watch(9, |gone| gone == 7), Ok(()));
+        assert_eq!(word.watcher(), (9, SessionState::Terminating));
+        assert_eq!(word.watch(11, |gone| gone == 7), Err(WatchRefused::Watched));
         // Tags past 16 bits are kept whole (they once wrapped at 65,535).
         let word = StateWord::new();
-        assert_eq!(word.watch(1 << 16), Ok(()));
+        assert_eq!(word.watch(1 << 16, |_| false), Ok(()));
         assert_eq!(word.watcher(), (1 << 16, SessionState::Active));
     }
 }
