@@ -51,6 +51,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::events::{DeletionReport, PhaseDurations};
@@ -78,6 +79,21 @@ pub(crate) struct RunState {
     target: Incarnation,
     /// Set once the run fenced `target`: the router is known to have had it.
     fenced: AtomicBool,
+    /// Cancelled once a deletion started from inside a running one (see
+    /// [`IN_RUN`]) joins or waits for this run: past `max_concurrent`, it
+    /// then takes no slot, as it might wait for one its caller holds.
+    promoted: CancellationToken,
+}
+
+tokio::task_local! {
+    /// Set while a run's work is polled: a deletion started from there
+    /// (awaited in a store method, the notifier or a resource) is nested.
+    static IN_RUN: ();
+}
+
+/// Whether the caller polls from inside a run's work.
+fn nested() -> bool {
+    IN_RUN.try_with(|()| ()).is_ok()
 }
 
 impl RunState {
@@ -88,6 +104,13 @@ impl RunState {
     pub(crate) fn fenced(&self) {
         // Release, paired with the Acquire in `join_or_start`.
         self.fenced.store(true, Ordering::Release);
+    }
+
+    /// A nested deletion waits for this run: it must not wait for a slot.
+    fn promote(&self, nested: bool) {
+        if nested {
+            self.promoted.cancel();
+        }
     }
 }
 
@@ -474,7 +497,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
         let this = self.clone();
         async move {
-            let other = match this.join_or_start(router, target, admitted)? {
+            let nested = nested();
+            let other = match this.join_or_start(router, target, admitted, nested)? {
                 Join::Run(run) => return run.await,
                 Join::Done(outcome) => return outcome,
                 Join::After(other) => other,
@@ -491,7 +515,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             let (answer, answered) = oneshot::channel();
             drop(runtime.spawn(async move {
                 let _token = token;
-                let _ = answer.send(this.after(router, target, admitted, other).await);
+                let _ = answer.send(this.after(router, target, admitted, nested, other).await);
             }));
             answered
                 .await
@@ -506,12 +530,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         router: RouterId,
         target: Incarnation,
         admitted: bool,
+        nested: bool,
         mut other: SharedRun,
     ) -> Result<DeleteOutcome, DeleteError> {
         loop {
             // Ends within its own bound; its end removed it from `runs`.
             let _ = (&mut other).await;
-            match self.join_or_start(router, target, admitted)? {
+            match self.join_or_start(router, target, admitted, nested)? {
                 Join::Run(run) => return run.await,
                 Join::Done(outcome) => return outcome,
                 Join::After(next) => other = next,
@@ -520,12 +545,13 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     }
 
     /// Finds the run that answers a deletion of `router` in `target`, or
-    /// starts one.
+    /// starts one; `nested`: the caller polls from inside a run's work.
     fn join_or_start(
         &self,
         router: RouterId,
         target: Incarnation,
         admitted: bool,
+        nested: bool,
     ) -> Result<Join, DeleteError> {
         let mut runs = self.inner.runs.lock();
         // A run whose driver is gone (dropped with its runtime) is on its way
@@ -536,6 +562,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         {
             // The joined run is handed out, never dropped under `runs`: the
             // last hold on a run drops it, and that takes `runs`.
+            state.promote(nested);
             return Ok(if state.target == target {
                 // This run deletes that very incarnation, finishing or not.
                 Join::Run(SharedRun::join(run))
@@ -561,7 +588,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         let state = Arc::new(RunState {
             target,
             fenced: AtomicBool::new(false),
+            promoted: CancellationToken::new(),
         });
+        state.promote(nested);
         // Taken under `runs`: a `shutdown` that starts after this point
         // waits for the run. (An admitted caller's own token keeps the
         // tracker from emptying until this one is taken.)
@@ -574,24 +603,30 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         let run = async move {
             let _token = token;
             let inner = Arc::clone(&entry.inner);
-            // Past the cap: wait for a slot, in order, before anything.
+            // Past the cap: wait for a slot, in order, before anything;
+            // unless a nested deletion waits for this run (it may hold a
+            // slot itself).
             let _slot = match &inner.slots {
-                Some(slots) => {
+                Some(slots) if !entry.state.promoted.is_cancelled() => {
                     inner.queued.fetch_add(1, Ordering::Relaxed);
-                    let slot = Arc::clone(slots).acquire_owned().await.ok();
+                    let slot = tokio::select! {
+                        biased;
+                        () = entry.state.promoted.cancelled() => None,
+                        slot = Arc::clone(slots).acquire_owned() => slot.ok(),
+                    };
                     inner.queued.fetch_sub(1, Ordering::Relaxed);
                     slot
                 }
-                None => None,
+                _ => None,
             };
-            let outcome = run::delete_router(
+            let work = run::delete_router(
                 &*inner.store,
                 &inner.notifier,
                 &inner.config,
                 router,
                 &entry.state,
-            )
-            .await;
+            );
+            let outcome = IN_RUN.scope((), work).await;
             // Out of `runs` before the result is out: whoever sees the
             // result and deletes again starts afresh, and `running` no
             // longer counts this run.

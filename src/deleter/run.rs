@@ -169,10 +169,12 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             "router fenced"
         );
         let phase = Instant::now();
-        report.already_closed = self
+        let (already_closed, strays) = self
             .mark(sessions)
             .instrument(tracing::debug_span!("mark"))
             .await;
+        report.already_closed = already_closed;
+        report.sessions -= strays;
         report.durations.mark = phase.elapsed();
 
         let phase = Instant::now();
@@ -214,8 +216,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             // Sessions the snapshot missed (a store that lists lazily)
             // closed by `finish` count as forced.
             Ok(finished) => {
-                report.sessions += finished.closed;
-                report.forced += finished.closed;
+                // Saturating: a store's count is not trusted to be sane.
+                report.sessions = report.sessions.saturating_add(finished.closed);
+                report.forced = report.forced.saturating_add(finished.closed);
             }
             // Another deleter (or the controller) finished this very
             // incarnation first, and the router may since have been
@@ -240,10 +243,12 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         };
         free_vec(std::mem::take(&mut self.first_round));
         drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
-        debug_assert!(report.already_closed + report.forced + report.confirmed <= report.sessions);
-        report.closed_otherwise = report
-            .sessions
-            .saturating_sub(report.already_closed + report.forced + report.confirmed);
+        let accounted = report
+            .already_closed
+            .saturating_add(report.forced)
+            .saturating_add(report.confirmed);
+        debug_assert!(accounted <= report.sessions);
+        report.closed_otherwise = report.sessions.saturating_sub(accounted);
         report.durations.total = started.elapsed();
         tracing::info!(
             confirmed = report.confirmed,
@@ -260,15 +265,24 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
 
     /// Marks every open session `Terminating` and tracks it; returns how
     /// many were already closed.
-    async fn mark(&mut self, sessions: Vec<Session<P>>) -> usize {
+    /// Marks the snapshot's sessions terminating and tracks them; returns
+    /// how many were closed already, and how many were strays (of another
+    /// router or incarnation: a store that broke its contract listed them)
+    /// left alone.
+    async fn mark(&mut self, sessions: Vec<Session<P>>) -> (usize, usize) {
         // Every later pass (notify, confirm, force) follows this order.
         let mut sessions = order::by_address(sessions).await;
         let mut tracked = Vec::with_capacity(sessions.len());
         let mut already_closed = 0;
+        let mut strays = 0;
         let bus = self.config.events.as_ref();
         for (step, session) in sessions.drain(..).enumerate() {
             if due(step) {
                 pause().await;
+            }
+            if session.router() != self.router || session.incarnation() != self.incarnation {
+                strays += 1;
+                continue;
             }
             let marked = session.begin_terminating();
             match marked {
@@ -305,7 +319,13 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             already_closed,
             "sessions marked terminating"
         );
-        already_closed
+        if strays > 0 {
+            tracing::warn!(
+                strays,
+                "the store's fence snapshot listed sessions of another router or incarnation; left alone"
+            );
+        }
+        (already_closed, strays)
     }
 
     /// Lets the store remove the sessions closed here without leaving it

@@ -47,6 +47,39 @@ pub struct Repair {
     pub action: RepairAction,
 }
 
+impl Repair {
+    /// A repair of `session` (of `router` in `incarnation`); for store
+    /// implementations (the fields are public, the struct is
+    /// `#[non_exhaustive]`).
+    ///
+    /// ```
+    /// use session_lifecycle::store::{Repair, RepairAction};
+    /// use session_lifecycle::{Incarnation, RouterId, SessionId};
+    ///
+    /// let repair = Repair::new(
+    ///     SessionId::new(7),
+    ///     RouterId::new(1),
+    ///     Incarnation::new(3),
+    ///     RepairAction::ClosedRemoved,
+    /// );
+    /// assert_eq!(repair.session, SessionId::new(7));
+    /// ```
+    #[must_use]
+    pub const fn new(
+        session: SessionId,
+        router: RouterId,
+        incarnation: Incarnation,
+        action: RepairAction,
+    ) -> Self {
+        Self {
+            session,
+            router,
+            incarnation,
+            action,
+        }
+    }
+}
+
 /// What [`SessionStore::repair`](crate::SessionStore::repair) did about one
 /// finding.
 ///

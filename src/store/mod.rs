@@ -53,7 +53,9 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 ///   that awaits a deletion of the very router it is called for, from
 ///   inside that call, waits for itself, and the deletion never ends.
 ///   Spawn such work instead; awaiting the deletion of another router is
-///   fine.
+///   fine, with or without
+///   [`max_concurrent`](crate::deleter::RouterDeleterBuilder::max_concurrent)
+///   (a deletion awaited from inside a running one takes no slot).
 ///
 /// # Example
 ///

@@ -71,6 +71,35 @@ pub struct FenceSnapshot<P> {
     pub sessions: Vec<Session<P>>,
 }
 
+impl<P> FenceSnapshot<P> {
+    /// A snapshot of `router` fenced in `incarnation` with its `sessions`;
+    /// for store implementations (the fields are public, the struct is
+    /// `#[non_exhaustive]`).
+    ///
+    /// ```
+    /// use session_lifecycle::store::FenceSnapshot;
+    /// use session_lifecycle::{Incarnation, RouterId, Session};
+    ///
+    /// let snapshot: FenceSnapshot<()> =
+    ///     FenceSnapshot::new(RouterId::new(1), Incarnation::new(3), true, Vec::<Session>::new());
+    /// assert!(snapshot.newly_fenced && snapshot.sessions.is_empty());
+    /// ```
+    #[must_use]
+    pub fn new(
+        router: RouterId,
+        incarnation: Incarnation,
+        newly_fenced: bool,
+        sessions: Vec<Session<P>>,
+    ) -> Self {
+        Self {
+            router,
+            incarnation,
+            newly_fenced,
+            sessions,
+        }
+    }
+}
+
 impl<P> fmt::Debug for FenceSnapshot<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FenceSnapshot")
@@ -104,6 +133,33 @@ pub struct FinishReport {
     /// nested under its prefix): left alone, not counted in `removed`.
     /// Always 0 for [`MemoryStore`](crate::MemoryStore).
     pub foreign: usize,
+}
+
+impl FinishReport {
+    /// A report of `router`'s `incarnation` tombstoned, with every count 0;
+    /// for store implementations, which set the counts (the fields are
+    /// public, the struct is `#[non_exhaustive]`).
+    ///
+    /// ```
+    /// use session_lifecycle::store::FinishReport;
+    /// use session_lifecycle::{Incarnation, RouterId};
+    ///
+    /// let mut report = FinishReport::new(RouterId::new(1), Incarnation::new(3));
+    /// report.removed = 2;
+    /// report.closed = 1;
+    /// assert_eq!((report.unreadable, report.foreign), (0, 0));
+    /// ```
+    #[must_use]
+    pub const fn new(router: RouterId, incarnation: Incarnation) -> Self {
+        Self {
+            router,
+            incarnation,
+            removed: 0,
+            closed: 0,
+            unreadable: 0,
+            foreign: 0,
+        }
+    }
 }
 
 /// What [`SessionStore::audit`](crate::SessionStore::audit) found.
