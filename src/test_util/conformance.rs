@@ -250,7 +250,12 @@ impl<B: Backend> Sut<B> {
             );
             (deleter, Duration::from_millis(20))
         };
+        // The scripted notifier confirms inside its call, one store call a
+        // session: a slow store's calls must fit in the notify timeout (the
+        // default 5 s, plus what `STORE_TIME` allows the store), or
+        // confirmed sessions are forced.
         let deleter = deleter
+            .notify_timeout(Duration::from_secs(5).saturating_add(B::STORE_TIME))
             .build(Arc::clone(&store), notifier)
             .expect("valid settings");
         // Timeouts of a day: the model has no clock, so no session may be
@@ -295,7 +300,13 @@ impl<B: Backend> Sut<B> {
                 .now_or_never()
                 .unwrap_or_else(|| panic!("{} resolves without waiting", B::NAME))
         } else {
-            self.runtime.block_on(future)
+            // A call that never ends fails the case instead of hanging it.
+            let limit = Self::limit();
+            self.runtime
+                .block_on(async { tokio::time::timeout(limit, future).await })
+                .unwrap_or_else(|_| {
+                    panic!("{}: a store call did not end within {limit:?}", B::NAME)
+                })
         }
     }
 
@@ -329,11 +340,12 @@ impl<B: Backend> Sut<B> {
     /// A bound for a step that waits: at once on a paused clock, a while in
     /// real time.
     fn limit() -> Duration {
-        if B::PAUSED_TIME {
+        let base = if B::PAUSED_TIME {
             HOUR
         } else {
             Duration::from_secs(120)
-        }
+        };
+        base.saturating_add(B::STORE_TIME)
     }
 }
 

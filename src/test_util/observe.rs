@@ -54,7 +54,9 @@ impl<P: Default + Send + Sync + 'static> ObservedRouter<P> {
     ///
     /// # Panics
     ///
-    /// If the router cannot be registered or a session cannot be created.
+    /// If the router cannot be registered or a session cannot be created,
+    /// or if the ids would go past `u64::MAX` (`first_id + count - 1`
+    /// overflows).
     pub async fn fill<S>(store: &S, router: RouterId, first_id: u64, count: u64) -> Self
     where
         S: SessionStore<Payload = P>,
@@ -70,7 +72,14 @@ impl<P: Default + Send + Sync + 'static> ObservedRouter<P> {
             releases: Vec::new(),
             waiters: Vec::new(),
         };
-        for id in first_id..first_id.saturating_add(count) {
+        let last =
+            match count.checked_sub(1) {
+                None => None,
+                Some(rest) => Some(first_id.checked_add(rest).unwrap_or_else(|| {
+                    panic!("{count} session ids from {first_id} go past u64::MAX")
+                })),
+            };
+        for id in last.into_iter().flat_map(|last| first_id..=last) {
             let spec =
                 NewSession::new(SessionId::new(id), router, incarnation).payload(P::default());
             let session = store

@@ -9,8 +9,11 @@ use crate::{DeleteError, DeleteOutcome, DeletionReport};
 
 /// A bound for a paused-time wait that costs nothing: far beyond any
 /// deadline, retry schedule or grace period a test configures. Under paused
-/// time, a run that hangs reaches it at once and fails, instead of hanging
-/// the test.
+/// time, a run that hangs waiting (every task idle: a lost wake-up, a
+/// future that never resolves) reaches it at once and fails, instead of
+/// hanging the test. A task that never waits (a `yield_now` loop polling a
+/// flag, say) keeps the paused clock from moving: no timer, this one
+/// included, fires then; await a condition instead of spinning on one.
 pub const HOUR: Duration = Duration::from_secs(3_600);
 
 /// A current-thread runtime with tokio's clock paused and every driver
@@ -77,7 +80,9 @@ pub fn run_paused<F: Future>(scenario: F) -> F::Output {
 
 /// Awaits `future`, panicking if it takes longer than `limit`: a broken run
 /// shows up as a failure naming the bound, not as a hung test. Under paused
-/// time the limit costs nothing; the clock jumps to it.
+/// time the limit costs nothing; the clock jumps to it, once every task
+/// waits (a task spinning on `yield_now` keeps it from moving: see
+/// [`HOUR`]).
 ///
 /// # Panics
 ///

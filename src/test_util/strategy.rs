@@ -285,10 +285,25 @@ pub fn op(space: Space, weights: &OpWeights) -> impl Strategy<Value = Op> + Clon
     if arms.is_empty() {
         arms.push((1, router.prop_map(Op::Register).boxed()));
     }
+    // proptest needs the weights' sum to fit a `u32`: scale big ones down,
+    // keeping each at least 1.
+    let total: u64 = arms.iter().map(|(weight, _)| u64::from(*weight)).sum();
+    if total > u64::from(u32::MAX) {
+        let divisor = total.div_ceil(u64::from(u32::MAX) / 2);
+        for (weight, _) in &mut arms {
+            *weight = u32::try_from(u64::from(*weight) / divisor)
+                .unwrap_or(u32::MAX)
+                .max(1);
+        }
+    }
     proptest::strategy::Union::new_weighted(arms)
 }
 
 /// A sequence of `len` operations (a range), each drawn by [`op`].
+///
+/// # Panics
+///
+/// If `len` is empty (`5..5`), as proptest's `vec` does.
 ///
 /// # Example
 ///

@@ -57,6 +57,12 @@ impl<P> MemoryStore<P> {
                 let session = spec.into_session();
                 self.announce(&session);
                 *displaced = slot.index_mut().insert(session.id(), session.clone());
+                if displaced.is_some() && slot.keeps_departed() {
+                    // The map held no session of this id: the entry it
+                    // displaced had departed (reachable only when a fenced
+                    // router admits a create, `Fault::SkipFence`).
+                    slot.departed = slot.departed.saturating_sub(1);
+                }
                 vacant.insert(session.clone());
                 Ok(session)
             }

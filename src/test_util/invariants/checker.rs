@@ -7,7 +7,7 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 
 use crate::{
-    CloseReason, Incarnation, RouterError, RouterId, RouterStatus, Session, SessionId,
+    CloseReason, Incarnation, RouterError, RouterId, RouterStatus, Session, SessionId, SessionKey,
     SessionState, SessionStore,
 };
 
@@ -103,7 +103,7 @@ struct Seen {
     status: RouterStatus,
     /// The sessions the store held for the fenced incarnation when a check
     /// first saw the fence.
-    fenced_with: Option<BTreeSet<SessionId>>,
+    fenced_with: Option<BTreeSet<SessionKey>>,
 }
 
 /// A session handle and what the previous check saw of it.
@@ -339,7 +339,9 @@ async fn read_router<S: SessionStore>(
     let mut refreshed = Vec::new();
     for session in &listed {
         match store.get(session.id()).await {
-            Ok(Some(stored)) if Session::ptr_eq(&stored, session) => {}
+            // The very handle, and of this router: a session listed under
+            // another router is misfiled, whatever the map says.
+            Ok(Some(stored)) if Session::ptr_eq(&stored, session) && stored.router() == router => {}
             // Another handle of the same record (a remote store's cache
             // refreshed): the same session.
             Ok(Some(stored)) if stored.router() == router => refreshed.push(stored),
@@ -413,15 +415,17 @@ impl<P> Memory<P> {
                     .cloned()
                     .collect();
                 self.mark_fenced(&of_fence);
-                let of_fence: BTreeSet<SessionId> = of_fence.iter().map(Session::id).collect();
+                // Keys, not ids: a session created after the fence that
+                // reuses the id of one from before it is a new session (I9).
+                let of_fence: BTreeSet<SessionKey> = of_fence.iter().map(Session::key).collect();
                 match previous {
                     Some(Seen {
                         status: RouterStatus::Fenced(was),
                         fenced_with: Some(at_fence),
                     }) if was == incarnation => {
-                        for &session in of_fence.difference(&at_fence) {
+                        for key in of_fence.difference(&at_fence) {
                             found.push(Violation::CreatedAfterFence {
-                                session,
+                                session: key.id(),
                                 router,
                                 incarnation,
                             });
