@@ -1051,3 +1051,173 @@ async fn own_etcd_a_watch_message_past_the_decode_limit_is_skipped_by_a_re_list(
         .await
         .expect("a close after the huge message reaches A");
 }
+
+/// Whether `Touchy(7)`'s `Drop` is to panic (once).
+static TOUCHY_ARMED: AtomicBool = AtomicBool::new(false);
+/// Notified as `Touchy(7)`'s `Drop` panics.
+static TOUCHY_FIRED: Notify = Notify::const_new();
+
+/// A payload whose `Drop` panics once (for session 7), as user code may.
+struct Touchy(u64);
+
+impl Drop for Touchy {
+    fn drop(&mut self) {
+        if self.0 == 7 && TOUCHY_ARMED.swap(false, Ordering::SeqCst) {
+            TOUCHY_FIRED.notify_one();
+            panic!("payload 7's drop panics");
+        }
+    }
+}
+
+impl EtcdPayload for Touchy {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_be_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Touchy(u64::from_be_bytes(bytes.try_into()?)))
+    }
+}
+
+/// The same records with a calm `Drop`.
+struct Calm(u64);
+
+impl EtcdPayload for Calm {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_be_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Calm(u64::from_be_bytes(bytes.try_into()?)))
+    }
+}
+
+/// I1 across controllers (review of stop 33; failed before): controller
+/// B's watch drops B's last handle of a session A's deletion removed, and
+/// that payload's `Drop` panics. The panic ended B's watch for good: from
+/// then on no close by another controller reached B's handles, and B's own
+/// deletion of another router left B's handle of its session open. The
+/// watch now contains each close's user code, and runs again (after a
+/// re-list) if anything else in it panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_a_payload_drop_panicking_in_the_watch_does_not_end_it() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("rv-touchy", 1, &[]).await;
+    let prefix = unique_prefix("touchy");
+    let a = Arc::new(store_on::<Calm>(&etcd.endpoints(), &prefix, |b| b).await);
+    let b = Arc::new(store_on::<Touchy>(&etcd.endpoints(), &prefix, |b| b).await);
+    let router = RouterId::new(1);
+    let incarnation = a.register_router(router).await.unwrap();
+    for id in 1..=20u64 {
+        let spec = NewSession::new(SessionId::new(id), router, incarnation).payload(Calm(id));
+        let _ = a.create(spec).await.unwrap();
+    }
+    // B holds every handle but session 7's: its cache has that one's last.
+    let on_b: Vec<_> = b
+        .sessions(router)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.id() != SessionId::new(7))
+        .collect();
+    assert_eq!((on_b.len(), b.cached()), (19, 20));
+    TOUCHY_ARMED.store(true, Ordering::SeqCst);
+    let notified = Arc::new(Notify::new());
+    let _ = deleted(
+        timeout(WAIT, forcing(&a, &notified).delete(router))
+            .await
+            .expect("A's deletion ends")
+            .expect("deleted"),
+    );
+    timeout(WAIT, TOUCHY_FIRED.notified())
+        .await
+        .expect("B's watch dropped session 7's last handle");
+    for session in &on_b {
+        timeout(WAIT, session.closed())
+            .await
+            .expect("B's handles close");
+    }
+
+    // A close on A still reaches B's handle, and B's own deletion of
+    // another router leaves none of B's handles open (I1).
+    let next = RouterId::new(2);
+    let next_incarnation = a.register_router(next).await.unwrap();
+    let s = a
+        .create(NewSession::new(SessionId::new(100), next, next_incarnation).payload(Calm(100)))
+        .await
+        .unwrap();
+    let t = a
+        .create(NewSession::new(SessionId::new(101), next, next_incarnation).payload(Calm(101)))
+        .await
+        .unwrap();
+    let s_on_b = b.get(s.id()).await.unwrap().expect("B reads it");
+    let t_on_b = b.get(t.id()).await.unwrap().expect("B reads it");
+    let _ = a.close(s.id(), CloseReason::ClientClosed).await.unwrap();
+    timeout(WAIT, s_on_b.closed())
+        .await
+        .expect("a close on A reaches B's handle after the panic");
+    let _ = deleted(
+        timeout(WAIT, forcing(&b, &notified).delete(next))
+            .await
+            .expect("B's deletion ends")
+            .expect("deleted"),
+    );
+    assert!(
+        t_on_b.is_closed(),
+        "B's handle of router 2's session is open after B deleted it"
+    );
+    timeout(WAIT, t.closed())
+        .await
+        .expect("A's handle closes through A's watch");
+}
+
+/// I10, the deleter's report (review of stop 33; failed before): a rolling
+/// upgrade (A with payload `()`, B with `String` on one prefix). A deletes
+/// a router holding 10 sessions of each: the 10 it cannot read are not in
+/// its fence snapshot, and `finish` removes them unread; the report and the
+/// `RouterDeleted` event left them out (10 sessions where 20 went).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_etcd_sessions_removed_unread_are_in_the_deletion_report() {
+    if endpoints().is_none() {
+        return;
+    }
+    let etcd = Cluster::start("rv-mixed", 1, &[]).await;
+    let prefix = unique_prefix("mixed");
+    let a = Arc::new(store_on::<()>(&etcd.endpoints(), &prefix, |b| b).await);
+    let b = Arc::new(store_on::<String>(&etcd.endpoints(), &prefix, |b| b).await);
+    let router = RouterId::new(1);
+    let incarnation = a.register_router(router).await.unwrap();
+    for id in 1..=10u64 {
+        let _ = a
+            .create(NewSession::new(SessionId::new(id), router, incarnation))
+            .await
+            .unwrap();
+    }
+    let mut theirs = Vec::new();
+    for id in 11..=20u64 {
+        let spec =
+            NewSession::new(SessionId::new(id), router, incarnation).payload(format!("s{id}"));
+        theirs.push(b.create(spec).await.unwrap());
+    }
+    assert_eq!(a.count(router).await.unwrap(), 20);
+    let notified = Arc::new(Notify::new());
+    let report = deleted(
+        timeout(WAIT, forcing(&a, &notified).delete(router))
+            .await
+            .expect("the deletion ends")
+            .expect("deleted"),
+    );
+    assert_eq!(a.count(router).await.unwrap(), 0, "all 20 removed");
+    for session in &theirs {
+        timeout(WAIT, session.closed())
+            .await
+            .expect("B's handles close");
+    }
+    assert_eq!(
+        (report.sessions, report.forced),
+        (20, 20),
+        "the deletion removed 20 sessions of the router: {report:?}"
+    );
+}

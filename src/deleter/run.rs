@@ -214,11 +214,13 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             .await;
         match finished {
             // Sessions the snapshot missed (a store that lists lazily)
-            // closed by `finish` count as forced.
+            // closed by `finish`, and records it removed unread (another
+            // controller's version or payload type), count as forced.
             Ok(finished) => {
-                // Saturating: a store's count is not trusted to be sane.
-                report.sessions = report.sessions.saturating_add(finished.closed);
-                report.forced = report.forced.saturating_add(finished.closed);
+                // Saturating: a store's counts are not trusted to be sane.
+                let missed = finished.closed.saturating_add(finished.unreadable);
+                report.sessions = report.sessions.saturating_add(missed);
+                report.forced = report.forced.saturating_add(missed);
             }
             // Another deleter (or the controller) finished this very
             // incarnation first, and the router may since have been

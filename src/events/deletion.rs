@@ -63,7 +63,10 @@ pub struct DeletionReport {
     /// `true` if the router was already fenced by an earlier run that did
     /// not finish, and this run resumed it.
     pub resumed: bool,
-    /// Sessions of the router at the fence.
+    /// Sessions of the router at the fence, and those the store's `finish`
+    /// closed or removed unread (records another controller's version or
+    /// payload type wrote, on a shared backend: see
+    /// [`FinishReport::unreadable`](crate::store::FinishReport::unreadable)).
     pub sessions: usize,
     /// Sessions that closed with
     /// [`CloseReason::RouterDeleted`](crate::CloseReason::RouterDeleted)
@@ -76,7 +79,8 @@ pub struct DeletionReport {
     /// them, another controller forced them.
     pub closed_otherwise: usize,
     /// Sessions force-closed ([`CloseReason::Forced`](crate::CloseReason::Forced))
-    /// after the last round, or closed by the store when it finished.
+    /// after the last round, or closed (or removed unread) by the store
+    /// when it finished.
     pub forced: usize,
     /// Notification rounds run (the first one plus re-notifications).
     pub rounds: u32,

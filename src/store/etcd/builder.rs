@@ -340,13 +340,12 @@ impl EtcdStoreBuilder {
             concurrency: self.concurrency,
             limits,
         });
-        tokio::spawn(watch::run(
+        tokio::spawn(watch::supervise(
             Arc::downgrade(&shared),
             client.watch_client().max_decoding_message_size(MAX_ANSWER),
             shared.keys.all_routers(),
             stop,
             suspended,
-            shared.retry.delays(),
         ));
         stop_on_error.disarm();
         Ok(EtcdStore { shared, client })

@@ -144,9 +144,7 @@ impl<P: EtcdPayload> Shared<P> {
         for reason in built_closed {
             crate::metrics::closed(reason.as_str());
         }
-        for (session, created, reason) in closes {
-            self.close_quietly(&session, created, reason);
-        }
+        self.close_all_quietly(closes);
         sessions
     }
 

@@ -175,6 +175,23 @@ impl<P: EtcdPayload> Shared<P> {
     /// Closes the handle of the record created at `created` because etcd
     /// says it is closed or gone: not written back. `true` if this call
     /// closed it.
+    /// Closes each handle as [`close_quietly`](Self::close_quietly) does,
+    /// then lets it go. A payload's `Drop` (user code, run with the last
+    /// handle) that panics is contained and logged: the other handles
+    /// still close, and the watch that calls this keeps running.
+    pub(super) fn close_all_quietly(&self, closes: Vec<(Session<P>, i64, CloseReason)>) {
+        for (session, created, reason) in closes {
+            let id = session.id();
+            let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.close_quietly(&session, created, reason);
+                drop(session);
+            }));
+            if closed.is_err() {
+                tracing::error!(session = %id, "a session payload's Drop panicked; contained");
+            }
+        }
+    }
+
     pub(super) fn close_quietly(
         &self,
         session: &Session<P>,

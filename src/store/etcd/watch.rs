@@ -21,6 +21,11 @@
 //!   revision (or a re-list in progress) reads the record again once its
 //!   handle is cached.
 //!
+//! - User code the watch runs (a payload's `Drop` with the last handle of a
+//!   closed session, its `decode` in a re-list) cannot end it: each close
+//!   is contained on its own, and a panic anywhere else has `supervise`
+//!   re-list and watch again.
+//!
 //! # Deadlock safety
 //!
 //! The `progress` mutex is taken before any cache shard, never after, and
@@ -30,9 +35,11 @@
 //! too (it may be the session's last, whose payload's `Drop` is user code).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Weak;
 
 use etcd_client::{EventType, WatchClient, WatchOptions, WatchResponse};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Refusal, refusal};
@@ -158,8 +165,52 @@ impl RemoveIfAt for HashMap<SessionId, i64> {
     }
 }
 
+/// Watches the store's keys until `stop`, or until the store is gone; after
+/// a panic (user code the watch ran: a payload's `decode` or `Drop`) it
+/// re-lists and watches again, for a watch that died would leave this
+/// controller's handles open for good.
+pub(super) async fn supervise<P: EtcdPayload>(
+    shared: Weak<Shared<P>>,
+    client: WatchClient,
+    prefix: Vec<u8>,
+    stop: CancellationToken,
+    suspended: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let Some(delays) = shared.upgrade().map(|shared| shared.retry.delays()) else {
+            return;
+        };
+        let watched = AssertUnwindSafe(run(
+            shared.clone(),
+            client.clone(),
+            prefix.clone(),
+            stop.clone(),
+            suspended.clone(),
+            delays,
+        ))
+        .catch_unwind()
+        .await;
+        if watched.is_ok() {
+            return;
+        }
+        tracing::error!(
+            "the etcd watch panicked in user code it ran; re-listing, then watching again"
+        );
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let mut delays = strong.retry.delays();
+        // Not at once: a payload that panics every time is retried at the
+        // store's retry pace.
+        if !pause(&stop, &mut delays).await {
+            return;
+        }
+        relist(&strong, &stop, &mut delays).await;
+    }
+}
+
 /// Watches the store's keys until `stop`, or until the store is gone.
-pub(super) async fn run<P: EtcdPayload>(
+async fn run<P: EtcdPayload>(
     shared: Weak<Shared<P>>,
     mut client: WatchClient,
     prefix: Vec<u8>,
@@ -348,9 +399,7 @@ impl<P: EtcdPayload> Shared<P> {
                 }
             }
         }
-        for (session, created, reason) in closes {
-            self.close_quietly(&session, created, reason);
-        }
+        self.close_all_quietly(closes);
     }
 }
 
