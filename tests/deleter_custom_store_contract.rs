@@ -32,6 +32,8 @@ struct Wrap {
     on_fence: OnceLock<Hook>,
     finish_closed: Option<usize>,
     extra_in_snapshot: Mutex<Option<Session>>,
+    /// `router_status` is not ready at the first poll (a networked store).
+    slow_status: bool,
 }
 
 impl SessionStore for Wrap {
@@ -40,6 +42,9 @@ impl SessionStore for Wrap {
         self.inner.register_router(r).await
     }
     async fn router_status(&self, r: RouterId) -> Result<RouterStatus, RouterError> {
+        if self.slow_status {
+            tokio::task::yield_now().await;
+        }
         self.inner.router_status(r).await
     }
     async fn create(&self, spec: NewSession) -> Result<Session, CreateError<()>> {
@@ -319,4 +324,291 @@ async fn deletions_that_are_not_nested_still_wait_for_a_slot() {
     for o in all {
         o.assert_deleted(&*store).await;
     }
+}
+
+/// A networked store (its `router_status` is not ready at the first poll)
+/// whose fence of a parent awaits `delete(child)`: the documented cascade.
+/// `max_concurrent(1)`: the nested deletion must take no slot.
+#[tokio::test(start_paused = true)]
+async fn nested_delete_on_a_store_that_answers_later_takes_no_slot() {
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let store = Arc::new(Wrap {
+        slow_status: true,
+        ..Wrap::default()
+    });
+    let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
+    let ob = ObservedRouter::fill(&*store, b, 100, 4).await;
+    let deleter = deleter(&store, Notify::confirm_all(), Some(1));
+    cascade_on_fence(&store, &deleter, vec![(a, b)]);
+    let limit = deleter.max_wait(8) * 4 + Duration::from_secs(3600);
+    let outcome = tokio::time::timeout(limit, deleter.delete(a)).await;
+    assert!(
+        outcome.is_ok(),
+        "delete(A) hangs: running {}, queued {}",
+        deleter.running(),
+        deleter.queued()
+    );
+    let outcome = outcome.unwrap();
+    let report = outcome.as_ref().ok().and_then(|o| o.report()).cloned();
+    oa.assert_deleted(&*store).await;
+    ob.assert_deleted(&*store).await;
+    // The nested deletion of B takes no slot: it ends inside A's notify,
+    // which then confirms A's sessions; nothing of A is forced.
+    let report = report.expect("A deleted");
+    assert_eq!(
+        (report.confirmed, report.forced),
+        (4, 0),
+        "A's notify waited for a slot its own run held, until notify_timeout: {report:?}"
+    );
+}
+
+/// `queued()` counts runs waiting for a slot. A run waiting for one whose
+/// runtime is dropped is gone (`running()` forgets it): `queued()` must too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_run_dropped_with_its_runtime_is_counted_out_of_queued() {
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let store = Arc::new(Wrap::default());
+    let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
+    let _ob = ObservedRouter::fill(&*store, b, 100, 4).await;
+    let deleter = deleter(&store, Notify::confirm_all(), Some(1));
+    // A's fence waits for `go`: A holds the only slot meanwhile.
+    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
+    let (go, went) = tokio::sync::watch::channel(false);
+    let _ = store.on_fence.set(Box::new(move |router| {
+        let (entered, mut went) = (entered.clone(), went.clone());
+        Box::pin(async move {
+            if router == RouterId::new(1) {
+                let _ = entered.send(router);
+                let _ = went.wait_for(|go| *go).await;
+            }
+        })
+    }));
+    let first = tokio::spawn(deleter.delete(a));
+    fences.recv().await.expect("A fences");
+    // B's deletion starts on a runtime of its own, queues, and the runtime
+    // is dropped with it.
+    let d = deleter.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _held = tokio::spawn(d.delete(b));
+            for _ in 0..1000 {
+                if d.queued() == 1 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(d.queued(), 1, "B waits for a slot");
+        });
+        drop(rt);
+    })
+    .join()
+    .unwrap();
+    go.send_replace(true);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("A ends")
+        .unwrap();
+    assert!(
+        matches!(outcome, Ok(DeleteOutcome::Deleted(_))),
+        "{outcome:?}"
+    );
+    oa.assert_deleted(&*store).await;
+    // A's run left the count before its answer; B's went with its runtime.
+    assert_eq!(
+        (deleter.running(), deleter.queued()),
+        (0, 0),
+        "nothing runs or waits any more"
+    );
+}
+
+/// A nested `delete(B)` (from A's fence, A holding the only slot) finds a
+/// run of B's previous incarnation waiting for a slot: it must be let go,
+/// and B's current incarnation deleted after it.
+#[tokio::test(start_paused = true)]
+async fn nested_delete_behind_a_queued_run_of_another_incarnation() {
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let store = Arc::new(Wrap::default());
+    let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
+    let ob1 = ObservedRouter::fill(&*store, b, 100, 4).await;
+    let old = ob1.incarnation;
+    let deleter = deleter(&store, Notify::confirm_all(), Some(1));
+    assert!(matches!(
+        deleter.delete(b).await,
+        Ok(DeleteOutcome::Deleted(_))
+    ));
+    ob1.assert_deleted(&*store).await;
+    let ob2 = ObservedRouter::fill(&*store, b, 200, 4).await;
+    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
+    let (go, went) = tokio::sync::watch::channel(false);
+    let d = deleter.clone();
+    let _ = store.on_fence.set(Box::new(move |router| {
+        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
+        Box::pin(async move {
+            if router == RouterId::new(1) {
+                let _ = entered.send(router);
+                let _ = went.wait_for(|go| *go).await;
+                let _ = d.delete(RouterId::new(2)).await;
+            }
+        })
+    }));
+    let parent = tokio::spawn(deleter.delete(a));
+    fences.recv().await.expect("A fences");
+    // A late, duplicate request for B's old life: queued behind A.
+    let late = tokio::spawn(deleter.delete_incarnation(b, old));
+    tokio::task::yield_now().await;
+    assert_eq!(deleter.queued(), 1);
+    go.send_replace(true);
+    let limit = deleter.max_wait(8) * 8 + Duration::from_secs(3600);
+    let both = tokio::time::timeout(limit, async { (parent.await, late.await) }).await;
+    assert!(
+        both.is_ok(),
+        "hangs: running {}, queued {}",
+        deleter.running(),
+        deleter.queued()
+    );
+    oa.assert_deleted(&*store).await;
+    ob2.assert_deleted(&*store).await;
+}
+
+/// The notifier of a parent router awaits its child's deletion (a cascade
+/// from the notifier, as `max_concurrent`'s docs allow), on a store whose
+/// `router_status` is not ready at the first poll.
+struct CascadingNotifier {
+    store: Arc<Wrap>,
+    deleter: OnceLock<RouterDeleter<Wrap, Arc<CascadingNotifier>>>,
+}
+
+impl session_lifecycle::TerminationNotifier for CascadingNotifier {
+    async fn notify(
+        &self,
+        batch: session_lifecycle::TerminationBatch,
+    ) -> Result<(), session_lifecycle::NotifyError> {
+        if batch.router == RouterId::new(1)
+            && let Some(d) = self.deleter.get()
+        {
+            let _ = d.delete(RouterId::new(2)).await;
+        }
+        for key in batch.sessions {
+            let _ = self
+                .store
+                .close_exact(key, CloseReason::RouterDeleted)
+                .await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nested_delete_from_the_notifier_on_a_store_that_answers_later() {
+    notifier_cascade(true).await;
+}
+
+/// Control: the same on a store that answers at once.
+#[tokio::test(start_paused = true)]
+async fn control_nested_delete_from_the_notifier_on_a_store_that_answers_at_once() {
+    notifier_cascade(false).await;
+}
+
+async fn notifier_cascade(slow_status: bool) {
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let store = Arc::new(Wrap {
+        slow_status,
+        ..Wrap::default()
+    });
+    let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
+    let ob = ObservedRouter::fill(&*store, b, 100, 4).await;
+    let notifier = Arc::new(CascadingNotifier {
+        store: Arc::clone(&store),
+        deleter: OnceLock::new(),
+    });
+    let deleter = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_secs(1))
+        .retries(1)
+        .max_concurrent(1)
+        .build(Arc::clone(&store), Arc::clone(&notifier))
+        .unwrap();
+    let _ = notifier.deleter.set(deleter.clone());
+    let limit = deleter.max_wait(8) * 4 + Duration::from_secs(3600);
+    let outcome = tokio::time::timeout(limit, deleter.delete(a)).await;
+    assert!(
+        outcome.is_ok(),
+        "delete(A) hangs: running {}, queued {}",
+        deleter.running(),
+        deleter.queued()
+    );
+    let outcome = outcome.unwrap();
+    let report = outcome.as_ref().ok().and_then(|o| o.report()).cloned();
+    oa.assert_deleted(&*store).await;
+    ob.assert_deleted(&*store).await;
+    // The nested deletion of B takes no slot: it ends inside A's notify,
+    // which then confirms A's sessions; nothing of A is forced.
+    let report = report.expect("A deleted");
+    assert_eq!(
+        (report.confirmed, report.forced),
+        (4, 0),
+        "A's notify waited for a slot its own run held, until notify_timeout: {report:?}"
+    );
+}
+
+/// A shutdown while a parent (holding the only slot) waits to cascade to a
+/// child whose own deletion is queued: the child is promoted, both end,
+/// and the shutdown returns.
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_a_promoted_child() {
+    let (a, b) = (RouterId::new(1), RouterId::new(2));
+    let store = Arc::new(Wrap::default());
+    let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
+    let ob = ObservedRouter::fill(&*store, b, 100, 4).await;
+    let deleter = deleter(&store, Notify::confirm_all(), Some(1));
+    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
+    let (go, went) = tokio::sync::watch::channel(false);
+    let d = deleter.clone();
+    let _ = store.on_fence.set(Box::new(move |router| {
+        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
+        Box::pin(async move {
+            if router == RouterId::new(1) {
+                let _ = entered.send(router);
+                let _ = went.wait_for(|go| *go).await;
+                let _ = d.delete(RouterId::new(2)).await;
+            }
+        })
+    }));
+    let parent = tokio::spawn(deleter.delete(a));
+    fences.recv().await.expect("A fences");
+    let child = tokio::spawn(deleter.delete(b));
+    tokio::task::yield_now().await;
+    assert_eq!((deleter.running(), deleter.queued()), (2, 1));
+    let shutdown = tokio::spawn({
+        let d = deleter.clone();
+        async move { d.shutdown().await }
+    });
+    tokio::task::yield_now().await;
+    go.send_replace(true);
+    let limit = deleter.max_wait(8) * 8 + Duration::from_secs(3600);
+    let all = tokio::time::timeout(limit, async {
+        (
+            parent.await.unwrap(),
+            child.await.unwrap(),
+            shutdown.await.unwrap(),
+        )
+    })
+    .await
+    .expect("everything ends");
+    assert!(
+        matches!(all.0, Ok(DeleteOutcome::Deleted(_))),
+        "{:?}",
+        all.0
+    );
+    assert!(
+        matches!(all.1, Ok(DeleteOutcome::Deleted(_))),
+        "{:?}",
+        all.1
+    );
+    assert_eq!((deleter.running(), deleter.queued()), (0, 0));
+    oa.assert_deleted(&*store).await;
+    ob.assert_deleted(&*store).await;
 }

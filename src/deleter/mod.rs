@@ -96,6 +96,22 @@ fn nested() -> bool {
     IN_RUN.try_with(|()| ()).is_ok()
 }
 
+/// A run counted in [`RouterDeleter::queued`] while this lives.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn count(queued: &'a AtomicUsize) -> Self {
+        queued.fetch_add(1, Ordering::Relaxed);
+        Self(queued)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl RunState {
     pub(crate) fn target(&self) -> Incarnation {
         self.target
@@ -420,6 +436,9 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             // the deletion goes on once this future was polled, even if
             // the caller is gone by the time the store answers.
             let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            // Read here, in the caller's task: the task below inherits no
+            // task-local.
+            let nested = nested();
             let store = Arc::clone(&this.inner.store);
             let mut status = Box::pin(async move { store.router_status(router).await });
             if let Poll::Ready(status) = futures::poll!(status.as_mut()) {
@@ -442,7 +461,12 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
                 let outcome = match status.await {
                     Ok(status) => {
                         let target = status.incarnation();
-                        this.delete_in(router, target, admitted).await
+                        let work = this.delete_in(router, target, admitted);
+                        if nested {
+                            IN_RUN.scope((), work).await
+                        } else {
+                            work.await
+                        }
                     }
                     // Shut down: the only thing left to do was join a run.
                     Err(_) if !admitted => Err(DeleteError::ShuttingDown),
@@ -608,14 +632,14 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             // slot itself).
             let _slot = match &inner.slots {
                 Some(slots) if !entry.state.promoted.is_cancelled() => {
-                    inner.queued.fetch_add(1, Ordering::Relaxed);
-                    let slot = tokio::select! {
+                    // Counted out on drop: this future may be dropped here
+                    // (its runtime gone).
+                    let _queued = Queued::count(&inner.queued);
+                    tokio::select! {
                         biased;
                         () = entry.state.promoted.cancelled() => None,
                         slot = Arc::clone(slots).acquire_owned() => slot.ok(),
-                    };
-                    inner.queued.fetch_sub(1, Ordering::Relaxed);
-                    slot
+                    }
                 }
                 _ => None,
             };

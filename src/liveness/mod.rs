@@ -523,6 +523,10 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 /// It holds the monitor's tag `lease` (as each probe driver does): once they
 /// are all gone, other monitors may watch this one's sessions.
 async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc<tag::Lease>) {
+    // However the task ends (its runtime may drop it), the monitor says it
+    // stopped before its lease goes (a local drops before the parameters):
+    // heartbeats and watches through its handles are refused from then on.
+    let _stopped = Stopped(&shared.clock);
     let granularity = shared.config.rule.granularity;
     let mut wheel = Wheel::new(shared.config.wheel_slots());
     let mut convicted: HashMap<RouterId, Vec<Suspect<S::Payload>>> = HashMap::new();
@@ -566,7 +570,15 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc
         let next_tick = (now_ms / granularity).saturating_add(1);
         next = shared.epoch + Duration::from_millis(next_tick.saturating_mul(granularity));
     }
-    shared.clock.fetch_or(STOPPED, Ordering::Relaxed);
+}
+
+/// Sets `STOPPED` in the clock when dropped.
+struct Stopped<'a>(&'a AtomicU64);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_or(STOPPED, Ordering::Relaxed);
+    }
 }
 
 impl<S: SessionStore, Pr> Shared<S, Pr> {
@@ -642,7 +654,10 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             return;
         }
         let beat = session.beat();
-        let heard = beat.heard();
+        // At most now: a heartbeat recorded through a monitor this one took
+        // the session over from, racing the takeover, wrote that monitor's
+        // clock, which may run ahead of this one's.
+        let heard = beat.heard_by(now);
         // Relaxed: see `stalled`.
         let from = heard.max(self.amnesty.load(Ordering::Relaxed));
         let deadline = from.saturating_add(beat.estimate().timeout(&self.config.rule));

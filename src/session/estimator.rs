@@ -76,6 +76,19 @@ impl Beat {
         self.heard.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// When the session was last heard, brought down to `now` if it is
+    /// later (a heartbeat through the monitor this one took the session
+    /// over from, racing the takeover, wrote that monitor's clock).
+    pub(crate) fn heard_by(&self, now: u64) -> u64 {
+        let heard = self.heard();
+        if heard <= now {
+            return heard;
+        }
+        // Relaxed: as in `record`.
+        self.heard.fetch_min(now, Ordering::Relaxed);
+        now
+    }
+
     pub(crate) fn heard(&self) -> u64 {
         // Relaxed: as in `record`.
         self.heard.load(Ordering::Relaxed)
@@ -187,6 +200,19 @@ mod tests {
         min: 1_000,
         max: 60_000,
     };
+
+    #[test]
+    fn a_heard_time_ahead_of_the_watching_clock_is_brought_down_to_it() {
+        let beat = Beat::default();
+        beat.reset(100, Estimate::initial(1_000));
+        // Another monitor's clock, an hour ahead, written by a late heartbeat.
+        beat.record(3_600_000, &RULE);
+        assert_eq!(beat.heard_by(250), 250);
+        assert_eq!(beat.heard(), 250);
+        // Heartbeats count again from there.
+        beat.record(300, &RULE);
+        assert_eq!(beat.heard_by(400), 300);
+    }
 
     #[test]
     fn a_steady_heartbeat_converges_to_its_interval() {

@@ -72,13 +72,11 @@ impl<P: Default + Send + Sync + 'static> ObservedRouter<P> {
             releases: Vec::new(),
             waiters: Vec::new(),
         };
-        let last =
-            match count.checked_sub(1) {
-                None => None,
-                Some(rest) => Some(first_id.checked_add(rest).unwrap_or_else(|| {
-                    panic!("{count} session ids from {first_id} go past u64::MAX")
-                })),
-            };
+        let last = count.checked_sub(1).map(|rest| {
+            first_id
+                .checked_add(rest)
+                .unwrap_or_else(|| panic!("{count} session ids from {first_id} go past u64::MAX"))
+        });
         for id in last.into_iter().flat_map(|last| first_id..=last) {
             let spec =
                 NewSession::new(SessionId::new(id), router, incarnation).payload(P::default());
