@@ -14,7 +14,12 @@
 //!   suspects, or its probe driver's round. Closed and terminating sessions
 //!   leave wherever they are next looked at.
 //! - The clock only moves forward: the monitor task raises it each tick
-//!   (`fetch_max`); its top bit, once set, says the monitor stopped.
+//!   (`fetch_max`); its top bit, once set, says the monitor stopped. It is
+//!   set by `shutdown` and, however the monitor task ends (its runtime
+//!   may drop it), before the task lets its `tag::Lease` go.
+//! - A session's heard time is in its watching monitor's clock; one ahead
+//!   of that clock (written through a monitor it was taken over from) is
+//!   brought down to it when the session is next filed.
 //! - The monitor task ticks only while a session is watched (or the
 //!   partition guard holds). With none, it rests (`idle`) until `watch`
 //!   wakes it: `watch` raises the clock itself first (nothing else reads

@@ -63,7 +63,8 @@ pub enum HeartbeatError {
     /// This monitor does not watch the session.
     #[error("heartbeat for {0}, which this monitor does not watch")]
     NotWatched(SessionId),
-    /// The monitor was shut down.
+    /// The monitor was shut down, or its tasks ended (its runtime went
+    /// away, or every handle was dropped).
     #[error("heartbeat after the liveness monitor shut down")]
     ShutDown,
     /// The store's backend failed looking the id up.
@@ -88,7 +89,8 @@ pub enum WatchError {
     /// already.
     #[error("{0} is watched already")]
     AlreadyWatched(SessionId),
-    /// The monitor was shut down.
+    /// The monitor was shut down, or its tasks ended (its runtime went
+    /// away, or every handle was dropped).
     #[error("the liveness monitor is shut down")]
     ShutDown,
 }
