@@ -173,13 +173,16 @@ impl RouterDeleterBuilder {
     /// the same router joins it. A mass deletion (a region's routers at
     /// once) then holds at most this many routers' sessions in flight.
     ///
-    /// One exception: a deletion awaited from inside a running one (of any
-    /// deleter: in a store method, the notifier or a resource's release, as
-    /// a cascade to child routers does) takes no slot, nor does a run such
-    /// a deletion joins or waits for: it would wait for a slot its own
-    /// caller holds, for ever once every slot is held so. Such deletions
-    /// run beyond the cap. One spawned (`tokio::spawn`) instead waits for a
-    /// slot as any.
+    /// One exception: a deletion started from inside a running one (of any
+    /// deleter: first polled in a store method, the notifier or a
+    /// resource's release, as a cascade to child routers does) takes no
+    /// slot, nor does a run such a deletion joins or waits for, even if it
+    /// is dropped before the end: awaited there, it would wait for a slot
+    /// its own caller holds, for ever once every slot is held so. Such
+    /// deletions run beyond the cap. One spawned (`tokio::spawn`) instead
+    /// waits for a slot as any, so do not await its `JoinHandle` from
+    /// inside a run: once every slot is held by runs doing so, none moves
+    /// again (from a notifier, until its notify timeout).
     pub fn max_concurrent(mut self, deletions: usize) -> Self {
         self.config.max_concurrent = Some(deletions);
         self

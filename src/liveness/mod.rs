@@ -271,9 +271,10 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             stop: stop.clone(),
             tracker: TaskTracker::new(),
         });
-        shared
-            .tracker
-            .spawn_on(run(Arc::clone(&shared), lease), &runtime);
+        shared.tracker.spawn_on(
+            run(Arc::clone(&shared), Stopping(Arc::clone(&shared), lease)),
+            &runtime,
+        );
         Ok(Self {
             shared,
             _owner: Arc::new(Owner(stop)),
@@ -525,13 +526,11 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 /// The monitor task: each tick, raise the clock, check its own health,
 /// file incoming sessions, and look at the entries that came up.
 ///
-/// It holds the monitor's tag `lease` (as each probe driver does): once they
-/// are all gone, other monitors may watch this one's sessions.
-async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc<tag::Lease>) {
-    // However the task ends (its runtime may drop it), the monitor says it
-    // stopped before its lease goes (a local drops before the parameters):
-    // heartbeats and watches through its handles are refused from then on.
-    let _stopped = Stopped(&shared.clock);
+/// It holds the monitor's tag lease in `stopping` (as each probe driver
+/// holds it): once they are all gone, other monitors may watch this one's
+/// sessions.
+async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, stopping: Stopping<S, Pr>) {
+    let lease = &stopping.1;
     let granularity = shared.config.rule.granularity;
     let mut wheel = Wheel::new(shared.config.wheel_slots());
     let mut convicted: HashMap<RouterId, Vec<Suspect<S::Payload>>> = HashMap::new();
@@ -560,7 +559,7 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc
             .timer_fires
             .fetch_add(fires, Ordering::Relaxed);
         for (router, suspects) in convicted.drain() {
-            shared.hand_over(router, suspects, &lease);
+            shared.hand_over(router, suspects, lease);
         }
         if !shared.judge_partition(now_ms) && shared.rests() {
             if !shared.rest().await {
@@ -578,11 +577,16 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, lease: Arc
 }
 
 /// Sets `STOPPED` in the clock when dropped.
-struct Stopped<'a>(&'a AtomicU64);
+/// The monitor task's hold on its tag: however the task ends (its runtime
+/// may drop it, even before its first poll), the monitor says it stopped
+/// before its lease goes, so heartbeats and watches through its handles are
+/// refused from then on.
+struct Stopping<S: SessionStore, Pr>(Arc<Shared<S, Pr>>, Arc<tag::Lease>);
 
-impl Drop for Stopped<'_> {
+impl<S: SessionStore, Pr> Drop for Stopping<S, Pr> {
     fn drop(&mut self) {
-        self.0.fetch_or(STOPPED, Ordering::Relaxed);
+        // The fields (the lease among them) drop after this.
+        self.0.clock.fetch_or(STOPPED, Ordering::Relaxed);
     }
 }
 

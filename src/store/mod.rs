@@ -55,7 +55,8 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 ///   Spawn such work instead; awaiting the deletion of another router is
 ///   fine, with or without
 ///   [`max_concurrent`](crate::deleter::RouterDeleterBuilder::max_concurrent)
-///   (a deletion awaited from inside a running one takes no slot).
+///   (a deletion started from inside a running one takes no slot; await
+///   it there, not a task spawned for it).
 ///
 /// # Example
 ///

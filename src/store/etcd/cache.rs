@@ -232,7 +232,9 @@ impl<P: EtcdPayload> Shared<P> {
                 (cached.session, CloseReason::Reclaimed)
             }
         };
-        self.close_quietly(&session, created, reason);
+        // Contained: dropping what may be the last handle runs its
+        // payload's `Drop` (user code), here possibly in the watch's task.
+        self.close_all_quietly(vec![(session, created, reason)]);
     }
 
     /// After a compacted watch: checks every cached handle; returns the

@@ -196,16 +196,15 @@ pub(super) async fn supervise<P: EtcdPayload>(
         tracing::error!(
             "the etcd watch panicked in user code it ran; re-listing, then watching again"
         );
-        let Some(strong) = shared.upgrade() else {
+        let Some(mut delays) = shared.upgrade().map(|shared| shared.retry.delays()) else {
             return;
         };
-        let mut delays = strong.retry.delays();
         // Not at once: a payload that panics every time is retried at the
         // store's retry pace.
         if !pause(&stop, &mut delays).await {
             return;
         }
-        relist(&strong, &stop, &mut delays).await;
+        relist(&shared, &stop, &mut delays).await;
     }
 }
 
@@ -264,19 +263,19 @@ async fn run<P: EtcdPayload>(
                 }
                 break;
             };
-            let Some(shared) = shared.upgrade() else {
+            let Some(strong) = shared.upgrade() else {
                 return;
             };
             match message {
                 Ok(Some(response)) if response.canceled() => {
                     let compacted = response.compact_revision();
+                    drop(strong);
                     if compacted > 0 {
                         tracing::info!(compacted, "etcd watch compacted; re-listing");
                         relist(&shared, &stop, &mut delays).await;
                     } else {
                         tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled");
                         // No leader on its member, say: try again, later.
-                        drop(shared);
                         if !pause(&stop, &mut delays).await {
                             return;
                         }
@@ -285,18 +284,19 @@ async fn run<P: EtcdPayload>(
                 }
                 Ok(Some(response)) => {
                     delays.reset();
-                    shared.apply(&response);
+                    strong.apply(&response);
                 }
                 Err(error) if matches!(refusal(&error), Some(Refusal::TooLarge)) => {
                     // A message past the client's decode limit: resuming
                     // would read it again. Re-list, then resume after.
                     tracing::warn!(%error, "etcd watch message too big; re-listing");
+                    drop(strong);
                     relist(&shared, &stop, &mut delays).await;
                     break;
                 }
                 Ok(None) | Err(_) => {
                     tracing::warn!(?message, "etcd watch ended; resuming");
-                    drop(shared);
+                    drop(strong);
                     if !pause(&stop, &mut delays).await {
                         return;
                     }
@@ -318,24 +318,45 @@ async fn pause(stop: &CancellationToken, delays: &mut Delays) -> bool {
 }
 
 /// Checks every cached handle against etcd, then resumes after the revision
-/// read. Retries until it succeeds or the store stops.
-async fn relist<P: EtcdPayload>(shared: &Shared<P>, stop: &CancellationToken, delays: &mut Delays) {
-    shared.progress.lock().relisting = true;
+/// read. Retries until it succeeds, the store stops or is gone: it holds the
+/// store only during an attempt (each bounded by the request timeout), so a
+/// store dropped while etcd does not answer lets go of its handles. A panic
+/// in user code an attempt ran (a payload's `Drop`) fails that attempt.
+async fn relist<P: EtcdPayload>(
+    shared: &Weak<Shared<P>>,
+    stop: &CancellationToken,
+    delays: &mut Delays,
+) {
+    let Some(strong) = shared.upgrade() else {
+        return;
+    };
+    strong.progress.lock().relisting = true;
+    drop(strong);
     loop {
-        match shared.recheck_cached().await {
-            Ok(revision) => {
-                let mut progress = shared.progress.lock();
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let attempt = AssertUnwindSafe(strong.recheck_cached())
+            .catch_unwind()
+            .await;
+        match attempt {
+            Ok(Ok(revision)) => {
+                let mut progress = strong.progress.lock();
                 progress.applied = progress.applied.max(revision);
                 progress.relisted_at = progress.relisted_at.max(revision);
                 progress.relisting = false;
                 return;
             }
-            Err(error) => {
-                tracing::warn!(%error, "re-listing after a compacted watch failed; retrying");
-                if !pause(stop, delays).await {
-                    return;
-                }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "re-listing the cached sessions failed; retrying");
             }
+            Err(_panic) => {
+                tracing::error!("re-listing the cached sessions panicked in user code; retrying");
+            }
+        }
+        drop(strong);
+        if !pause(stop, delays).await {
+            return;
         }
     }
 }
