@@ -340,26 +340,7 @@ async fn nested_delete_on_a_store_that_answers_later_takes_no_slot() {
     let ob = ObservedRouter::fill(&*store, b, 100, 4).await;
     let deleter = deleter(&store, Notify::confirm_all(), Some(1));
     cascade_on_fence(&store, &deleter, vec![(a, b)]);
-    let limit = deleter.max_wait(8) * 4 + Duration::from_secs(3600);
-    let outcome = tokio::time::timeout(limit, deleter.delete(a)).await;
-    assert!(
-        outcome.is_ok(),
-        "delete(A) hangs: running {}, queued {}",
-        deleter.running(),
-        deleter.queued()
-    );
-    let outcome = outcome.unwrap();
-    let report = outcome.as_ref().ok().and_then(|o| o.report()).cloned();
-    oa.assert_deleted(&*store).await;
-    ob.assert_deleted(&*store).await;
-    // The nested deletion of B takes no slot: it ends inside A's notify,
-    // which then confirms A's sessions; nothing of A is forced.
-    let report = report.expect("A deleted");
-    assert_eq!(
-        (report.confirmed, report.forced),
-        (4, 0),
-        "A's notify waited for a slot its own run held, until notify_timeout: {report:?}"
-    );
+    delete_parent_with_its_child(&deleter, &store, a, [oa, ob]).await;
 }
 
 /// `queued()` counts runs waiting for a slot. A run waiting for one whose
@@ -532,26 +513,7 @@ async fn notifier_cascade(slow_status: bool) {
         .build(Arc::clone(&store), Arc::clone(&notifier))
         .unwrap();
     let _ = notifier.deleter.set(deleter.clone());
-    let limit = deleter.max_wait(8) * 4 + Duration::from_secs(3600);
-    let outcome = tokio::time::timeout(limit, deleter.delete(a)).await;
-    assert!(
-        outcome.is_ok(),
-        "delete(A) hangs: running {}, queued {}",
-        deleter.running(),
-        deleter.queued()
-    );
-    let outcome = outcome.unwrap();
-    let report = outcome.as_ref().ok().and_then(|o| o.report()).cloned();
-    oa.assert_deleted(&*store).await;
-    ob.assert_deleted(&*store).await;
-    // The nested deletion of B takes no slot: it ends inside A's notify,
-    // which then confirms A's sessions; nothing of A is forced.
-    let report = report.expect("A deleted");
-    assert_eq!(
-        (report.confirmed, report.forced),
-        (4, 0),
-        "A's notify waited for a slot its own run held, until notify_timeout: {report:?}"
-    );
+    delete_parent_with_its_child(&deleter, &store, a, [oa, ob]).await;
 }
 
 /// A shutdown while a parent (holding the only slot) waits to cascade to a
@@ -611,4 +573,35 @@ async fn shutdown_with_a_promoted_child() {
     assert_eq!((deleter.running(), deleter.queued()), (0, 0));
     oa.assert_deleted(&*store).await;
     ob.assert_deleted(&*store).await;
+}
+
+/// Deletes `parent` (whose deletion cascades to its child's), with a hang
+/// detector; both routers end deleted, and the nested deletion took no
+/// slot: it ended inside the parent's notify, which then confirmed the
+/// parent's 4 sessions, none forced.
+async fn delete_parent_with_its_child<N: session_lifecycle::TerminationNotifier>(
+    deleter: &RouterDeleter<Wrap, N>,
+    store: &Wrap,
+    parent: RouterId,
+    routers: [ObservedRouter<()>; 2],
+) {
+    let limit = deleter.max_wait(8) * 4 + Duration::from_secs(3600);
+    let outcome = tokio::time::timeout(limit, deleter.delete(parent)).await;
+    assert!(
+        outcome.is_ok(),
+        "delete(A) hangs: running {}, queued {}",
+        deleter.running(),
+        deleter.queued()
+    );
+    let outcome = outcome.unwrap();
+    let report = outcome.as_ref().ok().and_then(|o| o.report()).cloned();
+    for router in routers {
+        router.assert_deleted(store).await;
+    }
+    let report = report.expect("A deleted");
+    assert_eq!(
+        (report.confirmed, report.forced),
+        (4, 0),
+        "A's notify waited for a slot its own run held, until notify_timeout: {report:?}"
+    );
 }

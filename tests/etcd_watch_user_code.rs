@@ -77,6 +77,22 @@ impl EtcdPayload for Calm {
     }
 }
 
+/// Compacts etcd's history up to now (through `store`'s client).
+async fn compact_now<P: EtcdPayload>(store: &EtcdStore<P>, prefix: &str) {
+    let mut kv = store.client().kv_client();
+    let revision = kv
+        .get(
+            format!("{prefix}x"),
+            Some(GetOptions::new().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(revision, None).await.unwrap();
+}
+
 /// The tests share the statics above: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -160,18 +176,7 @@ async fn drops_panicking_in_a_relist(panics: usize) {
     let suspended = b.suspend_watch();
     let _ = a.remove(SessionId::new(1)).await.unwrap();
     let _ = a.remove(SessionId::new(2)).await.unwrap();
-    let mut kv = a.client().kv_client();
-    let revision = kv
-        .get(
-            format!("{prefix}x"),
-            Some(GetOptions::new().with_count_only()),
-        )
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    kv.compact(revision, None).await.unwrap();
+    compact_now(&a, &prefix).await;
     BRITTLE_ARMED.store(panics, Ordering::SeqCst);
     drop(suspended);
     until("the drops ran in B's re-lists", || {
@@ -236,18 +241,7 @@ async fn dropped_store_while_etcd_hangs(panic_first: bool) {
     BRITTLE_FIRED.store(0, Ordering::SeqCst);
     let suspended = b.suspend_watch();
     let _ = a.remove(SessionId::new(1)).await.unwrap();
-    let mut kv = a.client().kv_client();
-    let revision = kv
-        .get(
-            format!("{prefix}x"),
-            Some(GetOptions::new().with_count_only()),
-        )
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    kv.compact(revision, None).await.unwrap();
+    compact_now(&a, &prefix).await;
     drop(a);
     *HANG_ON_PANIC.lock().unwrap() = Some(etcd);
     if panic_first {
