@@ -256,6 +256,7 @@ mod backoff;
 pub mod budget;
 mod build;
 mod closing;
+mod contain;
 pub mod deleter;
 pub mod events;
 pub mod expiry;

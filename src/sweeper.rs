@@ -19,9 +19,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::time::{Duration, Instant};
@@ -169,7 +171,8 @@ pub struct SweeperStats {
     pub findings: u64,
     /// Repairs made.
     pub repairs: u64,
-    /// Sweeps the store's backend failed.
+    /// Sweeps that failed: the store's backend failed, or a periodic
+    /// sweep panicked in user code (a payload's `Drop` run by a repair).
     pub failures: u64,
 }
 
@@ -454,6 +457,8 @@ impl<S: SessionStore> AuditSweeper<S> {
             .fetch_add(findings as u64, Ordering::Relaxed);
         if findings == 0 {
             tracing::debug!(sessions = audit.sessions, "audit clean");
+            // No closed session seen: the next sweep's are first sightings.
+            self.inner.lingering.lock().clear();
             return Ok(SweepReport {
                 audit,
                 repairs: Vec::new(),
@@ -523,8 +528,20 @@ async fn run<S: SessionStore>(inner: Weak<Inner<S>>, stop: CancellationToken, in
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        // The periodic sweep logs its own failure.
-        let _ = AuditSweeper { inner }.sweep().await;
+        let sweeper = AuditSweeper { inner };
+        // The periodic sweep logs its own failure. A panic (a payload's
+        // `Drop` run by the store's repair, a store's own) ends that sweep,
+        // not the task: it counts as a failed sweep.
+        let swept = AssertUnwindSafe(sweeper.sweep()).catch_unwind().await;
+        if let Err(panic) = swept {
+            crate::contain::dispose(panic);
+            sweeper
+                .inner
+                .counters
+                .failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("an audit sweep panicked in user code; the next sweep runs on time");
+        }
     }
 }
 

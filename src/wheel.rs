@@ -78,26 +78,34 @@ impl<T> Wheel<T> {
     }
 
     /// Looks at the next `slots` slots after the last sweep (wrapping; at
-    /// most one turn) and drops the entries `keep` refuses, in the caller's
-    /// task: returns how many went. A slot left empty gives its memory
-    /// back. Calls of `N / k` slots sweep every entry once per `k` calls.
-    pub(crate) fn sweep(&mut self, slots: usize, mut keep: impl FnMut(&T) -> bool) -> usize {
-        let mut gone = 0;
+    /// most one turn) and moves the entries `keep` refuses into `gone`, for
+    /// the caller to drop (an entry's drop may be user code): returns how
+    /// many went. A slot left empty gives its memory back. Calls of `N / k`
+    /// slots sweep every entry once per `k` calls.
+    pub(crate) fn sweep(
+        &mut self,
+        slots: usize,
+        mut keep: impl FnMut(&T) -> bool,
+        gone: &mut Vec<T>,
+    ) -> usize {
+        let before = gone.len();
         let span = self.slots.len();
         for _ in 0..slots.min(span) {
             let slot = &mut self.slots[self.swept];
             self.swept = (self.swept + 1) % span;
-            if slot.is_empty() {
-                continue;
+            let mut at = 0;
+            while at < slot.len() {
+                if keep(&slot[at]) {
+                    at += 1;
+                } else {
+                    gone.push(slot.swap_remove(at));
+                }
             }
-            let before = slot.len();
-            slot.retain(&mut keep);
-            gone += before - slot.len();
             if slot.is_empty() {
                 *slot = Vec::new();
             }
         }
-        gone
+        gone.len() - before
     }
 }
 
@@ -128,12 +136,15 @@ mod tests {
             wheel.insert(tick + 100, tick);
         }
         // Slots 0, 1 and 2 (ticks 1 and 2 have entries): the big ones go.
-        assert_eq!(wheel.sweep(3, |e| *e < 100), 2);
+        let mut gone = Vec::new();
+        assert_eq!(wheel.sweep(3, |e| *e < 100, &mut gone), 2);
+        assert_eq!(gone, [101, 102]);
         assert_eq!(wheel.take(1), [1]);
         assert_eq!(wheel.take(3), [3, 103], "not swept yet");
         // The rest of the turn and round again: at most one turn a call.
-        assert_eq!(wheel.sweep(100, |e| *e < 100), 4);
-        assert_eq!(wheel.sweep(8, |e| *e < 100), 0);
+        assert_eq!(wheel.sweep(100, |e| *e < 100, &mut gone), 4);
+        assert_eq!(wheel.sweep(8, |e| *e < 100, &mut gone), 0);
+        assert_eq!(gone.len(), 6);
         let left: Vec<u64> = (4..=7).flat_map(|t| wheel.take(t)).collect();
         assert_eq!(left, [4, 5, 6, 7]);
     }

@@ -202,7 +202,9 @@ async fn stale_or_future_incarnation_changes_nothing_not_even_the_grace() {
 }
 
 /// A user's store that can park a caller right after `router_status` or
-/// right after listing a router's sessions, so a client acts meanwhile.
+/// right after listing a router's sessions, so a client acts meanwhile,
+/// and fail either read a number of times (a backend losing its leader
+/// for a moment).
 #[derive(Default)]
 struct Gated {
     inner: MemoryStore,
@@ -210,6 +212,8 @@ struct Gated {
     after_listing: AtomicBool,
     arrived: Signal,
     release: Signal,
+    failed_statuses: AtomicUsize,
+    failed_listings: AtomicUsize,
 }
 
 impl Gated {
@@ -217,6 +221,16 @@ impl Gated {
         if gate.swap(false, Ordering::SeqCst) {
             self.arrived.notify_one();
             self.release.notified().await;
+        }
+    }
+
+    /// `Err` (a backend error) while `failures` is above zero, taking one.
+    fn fail(failures: &AtomicUsize) -> Result<(), RouterError> {
+        match failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+            Ok(_) => Err(RouterError::Backend(BackendError::new(
+                std::io::Error::other("leader lost"),
+            ))),
+            Err(_) => Ok(()),
         }
     }
 }
@@ -228,6 +242,7 @@ impl SessionStore for Gated {
         self.inner.register_router(router).await
     }
     async fn router_status(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        Self::fail(&self.failed_statuses)?;
         let status = self.inner.router_status(router).await;
         self.park(&self.on_status).await;
         status
@@ -259,6 +274,7 @@ impl SessionStore for Gated {
         self.inner.remove_exact(key).await
     }
     async fn sessions(&self, router: RouterId) -> Result<Vec<Session>, RouterError> {
+        Self::fail(&self.failed_listings)?;
         let listed = self.inner.sessions(router).await;
         self.park(&self.after_listing).await;
         listed
@@ -990,5 +1006,131 @@ async fn a_stale_disconnect_does_not_replace_the_new_lifes_grace() {
             within(LIMIT, session.closed()).await,
             CloseReason::RouterLost
         );
+    }
+}
+
+/// Router `R` registered in `store` with session 1, and a reconciler of a
+/// 30 s grace period (publishing on `events`, if given) that has seen `R`
+/// disconnect.
+async fn one_session_in_grace<St: SessionStore<Payload = ()>>(
+    store: &Arc<St>,
+    events: Option<EventBus>,
+) -> (Incarnation, Session, Reconciler<St>) {
+    let incarnation = store.register_router(R).await.unwrap();
+    let session = store
+        .create(NewSession::new(SessionId::new(1), R, incarnation))
+        .await
+        .unwrap();
+    let mut builder = Reconciler::builder().grace_period(Duration::from_secs(30));
+    if let Some(bus) = events {
+        builder = builder.events(bus);
+    }
+    let reconciler = builder.build(Arc::clone(store)).unwrap();
+    reconciler.router_disconnected(R).await.unwrap();
+    (incarnation, session, reconciler)
+}
+
+/// I5: a grace period ends while the backend fails the router's listing
+/// (then its status) a few times. The expiry gave up at the first error
+/// (a log line only), took the router out of grace and published nothing:
+/// the lost router's sessions stayed open for ever. It retries until the
+/// store answers.
+#[tokio::test(start_paused = true)]
+async fn a_grace_expiry_retries_store_reads_that_fail() {
+    for (listings, statuses) in [(1, 0), (5, 0), (0, 1), (2, 3)] {
+        let store = Arc::new(Gated::default());
+        let bus = EventBus::new(64);
+        let mut events = bus.subscribe();
+        let (_, session, reconciler) = one_session_in_grace(&store, Some(bus)).await;
+        store.failed_listings.store(listings, Ordering::SeqCst);
+        store.failed_statuses.store(statuses, Ordering::SeqCst);
+        let failures = (listings, statuses);
+        assert_eq!(
+            within(LIMIT, session.closed()).await,
+            CloseReason::RouterLost,
+            "{failures:?}"
+        );
+        let lost = within(LIMIT, router_lost(&mut events, R)).await;
+        assert_eq!(lost, 1, "{failures:?}");
+        assert_eq!(reconciler.in_grace(), 0, "{failures:?}");
+        assert_eq!(store.failed_listings.load(Ordering::SeqCst), 0);
+        assert_eq!(store.failed_statuses.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// A reconnect while the expiry waits to retry a failed read stops it at
+/// once: the reconciliation does not wait out the backoff, and nothing is
+/// closed.
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_stops_a_grace_expiry_waiting_to_retry() {
+    let store = Arc::new(Gated::default());
+    let (incarnation, session, reconciler) = one_session_in_grace(&store, None).await;
+    store.failed_listings.store(usize::MAX, Ordering::SeqCst); // down for good
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(reconciler.in_grace(), 1, "still retrying");
+    store.failed_listings.store(0, Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let report = reconciler
+        .reconcile(R, incarnation, ids([1]))
+        .await
+        .unwrap();
+    assert!(report.summary.grace_cancelled);
+    assert_eq!(started.elapsed(), Duration::ZERO, "waited for a backoff");
+    assert_eq!(reconciler.in_grace(), 0);
+    assert!(!session.is_closed());
+    // The expiry's task left its wait at the cancel: a shutdown waits for
+    // no backoff either.
+    let stopping = tokio::time::Instant::now();
+    within(LIMIT, reconciler.shutdown()).await;
+    assert_eq!(
+        stopping.elapsed(),
+        Duration::ZERO,
+        "the task waited out its backoff"
+    );
+}
+
+/// The grace timer is a task on the runtime `router_disconnected` ran on.
+/// When that runtime went away (before or after the task first ran), the
+/// entry stayed: the router counted as in grace for ever, and a later
+/// disconnect on a live runtime got the dead period's deadline back and
+/// started no timer. Now the period ends with its task, and the next
+/// disconnect starts one.
+#[test]
+fn a_grace_timer_lost_with_its_runtime_is_started_again() {
+    for polled in [false, true] {
+        let paused = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let store = Arc::new(MemoryStore::new());
+        let first = paused();
+        let (reconciler, session) = first.block_on(async {
+            let (_, session, reconciler) = one_session_in_grace(&store, None).await;
+            if polled {
+                tokio::task::yield_now().await;
+            }
+            (reconciler, session)
+        });
+        drop(first); // the controller's runtime is replaced
+
+        paused().block_on(async {
+            let before = tokio::time::Instant::now();
+            let deadline = reconciler.router_disconnected(R).await.unwrap();
+            assert_eq!(
+                deadline,
+                before + Duration::from_secs(30),
+                "polled: {polled}"
+            );
+            assert_eq!(
+                within(LIMIT, session.closed()).await,
+                CloseReason::RouterLost,
+                "polled: {polled}"
+            );
+            assert_eq!(reconciler.in_grace(), 0);
+            assert!(store.is_empty());
+        });
     }
 }

@@ -287,3 +287,28 @@ fn a_huge_bus_capacity_is_clamped_to_one_that_can_be_allocated() {
     }
     assert_eq!(EventBus::new(0).stats().capacity, 1);
 }
+
+/// tokio's channel rounds a capacity up to a power of two: the stats say
+/// the lag a subscriber is really allowed (they said the number asked for:
+/// a bus of 3 let a subscriber fall 4 behind and reported 3).
+#[tokio::test]
+async fn the_capacity_reported_is_the_lag_a_subscriber_is_allowed() {
+    for (asked, allowed) in [(1, 1), (3, 4), (4, 4), (5, 8), (1_000, 1_024)] {
+        let bus = EventBus::new(asked);
+        assert_eq!(bus.stats().capacity, allowed, "asked {asked}");
+        let mut events = bus.subscribe();
+        let store = MemoryStore::builder()
+            .events(bus.clone())
+            .build::<()>()
+            .unwrap();
+        let router = RouterId::new(1);
+        let incarnation = store.register_router(router).await.unwrap();
+        // One more event than allowed: exactly one missed.
+        for id in 0..=allowed as u64 {
+            let spec = NewSession::new(SessionId::new(id), router, incarnation);
+            drop(store.create(spec).await.unwrap());
+        }
+        let read = drain(&mut events).len();
+        assert_eq!((read, events.lagged()), (allowed, 1), "asked {asked}");
+    }
+}

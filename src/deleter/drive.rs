@@ -299,7 +299,10 @@ impl Future for SharedRun {
                 return Poll::Pending;
             }
             Ok(Poll::Ready(outcome)) => outcome,
-            Err(_panic) => Err(DeleteError::Interrupted(driver.router)),
+            Err(panic) => {
+                crate::contain::dispose(panic);
+                Err(DeleteError::Interrupted(driver.router))
+            }
         };
         // Whatever the run still holds drops here, under no lock.
         drop(run);

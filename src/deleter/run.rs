@@ -465,7 +465,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             let failure = match tokio::time::timeout(self.config.notify_timeout, call).await {
                 Ok(Ok(Ok(()))) => None,
                 Ok(Ok(Err(error))) => Some(error.to_string()),
-                Ok(Err(_panic)) => Some(String::from("the notifier panicked")),
+                Ok(Err(panic)) => {
+                    crate::contain::dispose(panic);
+                    Some(String::from("the notifier panicked"))
+                }
                 Err(_elapsed) => Some(String::from("the notifier timed out")),
             };
             if let Some(failure) = failure {

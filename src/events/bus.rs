@@ -68,7 +68,8 @@ struct BusShared {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EventStats {
-    /// Events each subscriber can fall behind before it misses some.
+    /// Events each subscriber can fall behind before it misses some: the
+    /// capacity the bus was built with, rounded up to a power of two.
     pub capacity: usize,
     /// Live subscriptions.
     pub subscribers: usize,
@@ -85,8 +86,10 @@ const MAX_CAPACITY: usize = 1 << 20;
 
 impl EventBus {
     /// A bus whose subscribers may each fall `capacity` events behind
-    /// (at least 1, at most 2^20: a capacity outside is clamped) before
-    /// they miss some. The channel's slots are allocated up front, about
+    /// (at least 1, at most 2^20: a capacity outside is clamped; rounded
+    /// up to a power of two, as tokio's broadcast channel does, and
+    /// [`EventStats::capacity`] reports the rounded figure) before they
+    /// miss some. The channel's slots are allocated up front, about
     /// 200 bytes each: 2^20 slots take about 200 MiB. See the example on
     /// [`EventBus`].
     ///
@@ -99,7 +102,7 @@ impl EventBus {
         // tokio's channel allocates every slot up front: 2^30 of them
         // (about 220 GB) aborted the process. A million is more than any
         // use.
-        let capacity = capacity.clamp(1, MAX_CAPACITY);
+        let capacity = capacity.clamp(1, MAX_CAPACITY).next_power_of_two();
         let (sender, _) = broadcast::channel(capacity);
         Self {
             sender,

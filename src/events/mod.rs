@@ -29,11 +29,21 @@
 //! the last one taken). Both send with `send_unrecorded` and `record` the
 //! event in the metrics after the lock, as the recorder is user code.
 //!
-//! The one piece of user code a send can run is the `Drop` of an event it
-//! pushes out of a full ring (the oldest, unread by a lagging subscriber):
-//! an event that was the last holder of an error a prober or reclaim task
-//! returned drops that error there, under the publisher's lock in the two
-//! cases above. The stores' and the reconciler's docs say so.
+//! A send runs two pieces of code that are not the crate's, under the
+//! publisher's lock in the two cases above:
+//!
+//! - the wakers of the subscriptions waiting in [`Subscription::recv`]:
+//!   tokio's channel wakes them inside the send. A task's waker (tokio's,
+//!   `futures`' executors') only schedules its task, which then runs
+//!   outside every lock; a hand-written waker that calls back into the
+//!   store from `wake` deadlocks a `create`. This is the one exception to
+//!   "no user code under a lock of the crate", kept so that a session's
+//!   `SessionCreated` comes before any other event of it;
+//! - the `Drop` of an event it pushes out of a full ring (the oldest,
+//!   unread by a lagging subscriber): an event that was the last holder of
+//!   an error a prober or reclaim task returned drops that error there.
+//!
+//! The stores' and the reconciler's docs say so.
 
 mod bus;
 #[cfg(feature = "metrics")]

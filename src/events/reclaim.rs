@@ -262,6 +262,7 @@ impl ReclaimError {
             .map(|s| (*s).to_owned())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| String::from("a non-string panic payload"));
+        crate::contain::dispose(payload);
         Self::new(ReclaimErrorKind::Panicked, message)
     }
 

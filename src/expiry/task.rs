@@ -41,8 +41,9 @@ struct Entry<P> {
 enum Placed<P> {
     /// In the wheel, at this tick.
     At(Entry<P>, u64),
-    /// Out of the wheel: due (and expired by this pass), closed,
-    /// terminating or cleared.
+    /// Out of the wheel: due (and expired by this pass: its session is in
+    /// the pass's `due`), or closed, terminating or cleared (its session in
+    /// the pass's `left`).
     Gone,
     /// Extended since its expiry was read: to be placed again.
     Extended(Entry<P>),
@@ -51,6 +52,10 @@ enum Placed<P> {
 /// What one pass over the due entries found.
 struct Pass<P> {
     due: Vec<Session<P>>,
+    /// Handles let go by this pass, dropped at its end, each panic
+    /// contained: one may be its session's last, and run the payload's
+    /// `Drop` (user code) in the monitor's task.
+    left: Vec<Session<P>>,
     warnings: Vec<Event>,
     fires: usize,
 }
@@ -82,6 +87,7 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
         let wheel = hands.wheel.get_or_insert_with(|| Wheel::new(WHEEL_SLOTS));
         let mut pass = Pass {
             due: Vec::new(),
+            left: Vec::new(),
             warnings: Vec::new(),
             fires: 0,
         };
@@ -99,10 +105,16 @@ pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
                 held += shared.file(wheel, entry, now_tick, &mut pass);
             }
         }
-        // Sessions closed otherwise: their handles (and payloads) go now.
-        let gone = wheel.sweep(sweep_slots.saturating_mul(moved), |entry| {
-            Shared::<S>::keeps(&entry.session)
-        });
+        // Sessions closed otherwise: their handles (and payloads) go at the
+        // end of the pass.
+        let mut swept = Vec::new();
+        let gone = wheel.sweep(
+            sweep_slots.saturating_mul(moved),
+            |entry| Shared::<S>::keeps(&entry.session),
+            &mut swept,
+        );
+        pass.left
+            .extend(swept.into_iter().map(|entry| entry.session));
         held -= gone;
         shared.counters.leave(gone);
         let incoming = std::mem::take(&mut *shared.incoming.lock());
@@ -136,10 +148,11 @@ impl<S: SessionStore> Drop for Hands<S> {
             std::mem::take(&mut *incoming)
         };
         let wheel = self.wheel.take().into_iter().flat_map(Wheel::into_entries);
-        // No lock held: dropping a handle may run a payload's `Drop`.
-        for session in wheel.map(|entry| entry.session).chain(incoming) {
-            session.untrack_expiry();
-        }
+        // No lock held: dropping a handle may run a payload's `Drop`
+        // (each contained: every other session is still untracked).
+        let sessions = wheel.map(|entry| entry.session).chain(incoming);
+        let untracked = sessions.inspect(|session| session.untrack_expiry());
+        crate::contain::drop_each_logged(untracked, "expiry monitor");
     }
 }
 
@@ -193,6 +206,7 @@ impl<S: SessionStore> Shared<S> {
         let (Some(at), SessionState::Active, false) = (at, session.state(), seen.is_expired())
         else {
             self.counters.leave(1);
+            pass.left.push(entry.session);
             return Placed::Gone;
         };
         let expiry_tick = self.tick_after(at);
@@ -228,9 +242,11 @@ impl<S: SessionStore> Shared<S> {
     fn finish(self: &Arc<Self>, pass: Pass<S::Payload>) {
         let Pass {
             due,
+            left,
             warnings,
             fires,
         } = pass;
+        crate::contain::drop_each_logged(left, "expiry monitor");
         Counters::add(&self.counters.timer_fires, fires);
         Counters::add(&self.counters.warned, warnings.len());
         for warning in warnings {
@@ -257,6 +273,7 @@ impl<S: SessionStore> Shared<S> {
         .await;
         Counters::add(&self.counters.expired, closed.len());
         tracing::debug!(expired = closed.len(), due = due.len(), "sessions expired");
+        crate::contain::drop_each_logged(due, "expiry monitor");
     }
 
     /// Waits until sessions come in; `false` if the monitor stopped first.
@@ -319,6 +336,7 @@ mod tests {
     fn pass() -> Pass<()> {
         Pass {
             due: Vec::new(),
+            left: Vec::new(),
             warnings: Vec::new(),
             fires: 0,
         }

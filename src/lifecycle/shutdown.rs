@@ -66,10 +66,18 @@ pub struct LifecycleShutdown {
 }
 
 impl LifecycleShutdown {
-    /// `true` if nothing was left: no deletion running, every piece
-    /// stopped, and the queue ran every task it was given to success (no
-    /// dead letter left). (Stopped grace
+    /// `true` if nothing was left in hand: no deletion running, every
+    /// piece stopped, and the reclaim queue handed nothing back (no task
+    /// left, interrupted or kept as a dead letter). (Stopped grace
     /// periods are not unfinished work: the routers keep their sessions.)
+    ///
+    /// A task that failed for good is here only as a dead letter. One the
+    /// queue kept no dead letter of (built with `dead_letters(0)`, or past
+    /// its dead-letter capacity) was reported when it failed (a
+    /// [`ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed) event and the
+    /// queue's [`stats`](crate::ReclaimQueue::stats): `failed`,
+    /// `dead_letters_dropped`), not here: `true` does not mean every task
+    /// succeeded.
     ///
     /// See the example on [`Lifecycle::shutdown`].
     #[must_use]

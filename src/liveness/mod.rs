@@ -543,17 +543,21 @@ async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, stopping: 
             shared.stalled(now_ms, late);
         }
         let incoming = std::mem::take(&mut *shared.incoming.lock());
+        // Handles of sessions no longer active, let go at the end of the
+        // tick (a payload's `Drop` that panics must not end the task).
+        let mut left = Vec::new();
         for session in incoming {
-            shared.file(&mut wheel, session, now_ms, &mut convicted);
+            shared.file(&mut wheel, session, now_ms, &mut convicted, &mut left);
         }
         let mut fires = 0u64;
         for tick in wheel.advance(now_ms / granularity) {
             let due = wheel.take(tick);
             fires += due.len() as u64;
             for session in due {
-                shared.file(&mut wheel, session, now_ms, &mut convicted);
+                shared.file(&mut wheel, session, now_ms, &mut convicted, &mut left);
             }
         }
+        crate::contain::drop_each_logged(left, "liveness monitor");
         shared
             .counters
             .timer_fires
@@ -649,17 +653,20 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     }
 
     /// Files a session in the wheel at its deadline, convicts it if the
-    /// deadline has passed, or lets it leave if it is no longer active.
+    /// deadline has passed, or lets it leave (into `left`, for the caller
+    /// to drop) if it is no longer active.
     fn file(
         &self,
         wheel: &mut Wheel<Session<S::Payload>>,
         session: Session<S::Payload>,
         now: u64,
         convicted: &mut HashMap<RouterId, Vec<Suspect<S::Payload>>>,
+        left: &mut Vec<Session<S::Payload>>,
     ) {
         if session.watcher().1 != SessionState::Active {
             self.counters.leave();
             self.tally(|votes, now| votes.leave(session.router(), 1, false, now));
+            left.push(session);
             return;
         }
         let beat = session.beat();

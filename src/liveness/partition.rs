@@ -395,12 +395,16 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// wheel: each starts over, heard at the lift at the latest.
     pub(super) fn start_over(&self, router: RouterId, suspects: Vec<Suspect<S::Payload>>) {
         let mut back = Vec::new();
+        let mut left = Vec::new();
         for suspect in suspects {
             if self.keep(&suspect) {
                 self.counters.unsuspect();
                 back.push(suspect.session);
+            } else {
+                left.push(suspect);
             }
         }
+        crate::contain::drop_each_logged(left, "liveness monitor");
         if back.is_empty() {
             return;
         }

@@ -183,8 +183,8 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         }
         // Suspects heard since they were convicted go back to the wheel
         // unprobed; closed ones leave.
-        round.retain(|suspect| shared.keep(suspect));
-        let fresh: Vec<_> = fresh.into_iter().filter(|s| shared.keep(s)).collect();
+        shared.keep_only(&mut round);
+        shared.keep_only(&mut fresh);
         let fresh_ids: Vec<SessionId> = fresh.iter().map(|s| s.session.id()).collect();
         round.extend(fresh);
         if round.is_empty() {
@@ -222,7 +222,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         if changes != guard || holds {
             // The partition guard held during the round: it counts against
             // nobody. Those heard meanwhile are spared, which lifts it.
-            round.retain(|suspect| shared.keep(suspect));
+            shared.keep_only(&mut round);
             if holds && !round.is_empty() && !shared.pace_hold().await {
                 return;
             }
@@ -231,10 +231,8 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         let mut failed = Vec::new();
         let mut dead = Vec::new();
         let retries = shared.config.probe_retries();
+        shared.keep_only(&mut round);
         for mut suspect in std::mem::take(&mut round) {
-            if !shared.keep(&suspect) {
-                continue;
-            }
             suspect.failed = suspect.failed.saturating_add(1);
             failed.push(suspect.session.id());
             if suspect.failed > retries {
@@ -314,6 +312,17 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
             .lock()
             .get(&router)
             .is_some_and(|group| !group.pending.is_empty())
+    }
+
+    /// [`keep`](Self::keep) over `suspects`, in order; the handles of
+    /// those not kept drop here, each panic of a payload's `Drop`
+    /// contained (a driver outlives it).
+    pub(super) fn keep_only(&self, suspects: &mut Vec<Suspect<S::Payload>>) {
+        let (kept, left): (Vec<_>, Vec<_>) = std::mem::take(suspects)
+            .into_iter()
+            .partition(|suspect| self.keep(suspect));
+        *suspects = kept;
+        crate::contain::drop_each_logged(left, "liveness monitor");
     }
 
     /// Looks at a suspect again: `true` to keep it. Sends answered ones
@@ -414,7 +423,10 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
                         None
                     }
                     Ok(Ok(Err(error))) => Some(error),
-                    Ok(Err(_panic)) => Some(ProbeError::msg("the prober panicked")),
+                    Ok(Err(panic)) => {
+                        crate::contain::dispose(panic);
+                        Some(ProbeError::msg("the prober panicked"))
+                    }
                     Err(_elapsed) => Some(ProbeError::msg("no answer within the probe timeout")),
                 }
             }
@@ -445,18 +457,30 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
 
     /// Closes the dead suspects with `LivenessTimeout` (resources through
     /// the reclaim queue if there is one) and removes them from the store.
+    /// Their handles drop at the end, each panic of a payload's `Drop`
+    /// contained.
     async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
+        self.reap_closing(router, &dead, router_silent).await;
+        crate::contain::drop_each_logged(dead, "liveness monitor");
+    }
+
+    async fn reap_closing(
+        &self,
+        router: RouterId,
+        dead: &[Session<S::Payload>],
+        router_silent: bool,
+    ) {
         let reason = CloseReason::LivenessTimeout;
         // A session its router's deletion marked meanwhile is the deletion's.
         let closed = close_and_remove(
             &*self.store,
             self.config.reclaim.as_ref(),
-            &dead,
+            dead,
             reason,
             CloseFrom::Active,
         )
         .await;
-        for _ in &dead {
+        for _ in dead {
             self.counters.unsuspect();
             self.counters.leave();
         }

@@ -38,7 +38,6 @@
 //! task, waker) runs: every `notify_*` comes after the lock is released.
 //! The `dead`, `interrupted` and `aborts` locks are each taken alone.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -174,7 +173,7 @@ impl Shared {
     /// The policy's priority of a task. The policy is user code: called
     /// outside the lock, contained.
     pub(super) fn priority(&self, info: &TaskInfo) -> Priority {
-        catch_unwind(AssertUnwindSafe(|| self.policy.priority(info))).unwrap_or(Priority::URGENT)
+        crate::contain::contain(|| self.policy.priority(info)).unwrap_or(Priority::URGENT)
     }
 
     /// The due time of a task of `priority` queued now, in nanoseconds

@@ -1,7 +1,6 @@
 //! [`ReclaimQueue`]: pushing tasks, pausing, watching.
 
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -245,8 +244,8 @@ impl ReclaimQueue {
     pub(crate) fn watches_long_lived(&self) -> bool {
         let policy = &self.shared.policy;
         matches!(
-            catch_unwind(AssertUnwindSafe(|| policy.long_lived_threshold())),
-            Ok(Some(_))
+            crate::contain::contain(|| policy.long_lived_threshold()),
+            Some(Some(_))
         )
     }
 
@@ -258,7 +257,7 @@ impl ReclaimQueue {
         sessions: impl IntoIterator<Item = &'a Session<P>>,
     ) -> Option<LongLived> {
         let policy = &self.shared.policy;
-        let Ok(Some(threshold)) = catch_unwind(AssertUnwindSafe(|| policy.long_lived_threshold()))
+        let Some(Some(threshold)) = crate::contain::contain(|| policy.long_lived_threshold())
         else {
             return None;
         };

@@ -262,7 +262,7 @@ impl RunningAttempt {
 /// Drops `value` (a task, an attempt: user code), a panic contained and
 /// logged: a worker outlives the `Drop` of the work it ran.
 pub(super) fn drop_contained<T>(value: T) {
-    if catch_unwind(AssertUnwindSafe(|| drop(value))).is_err() {
+    if crate::contain::contain(|| drop(value)).is_none() {
         tracing::error!("a reclamation task panicked when dropped; the panic was contained");
     }
 }

@@ -2,7 +2,6 @@
 //! final outcome.
 
 use std::future::poll_fn;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -83,8 +82,7 @@ impl Shared {
         let mut schedule = None;
         let mut schedule = move || {
             *schedule.get_or_insert_with(|| {
-                catch_unwind(AssertUnwindSafe(|| self.policy.retry_schedule(&info)))
-                    .unwrap_or_default()
+                crate::contain::contain(|| self.policy.retry_schedule(&info)).unwrap_or_default()
             })
         };
         let mut backoff = None;

@@ -219,10 +219,8 @@ impl<S: SessionStore> Reconciler<S> {
                 pass.summary.adopted += 1;
                 pass.adopted.push(id);
                 // User code, outside any lock; its panic costs only itself.
-                let hooked = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    adopter.adopted(&session);
-                }));
-                if hooked.is_err() {
+                let hooked = crate::contain::contain(|| adopter.adopted(&session));
+                if hooked.is_none() {
                     tracing::warn!(session = %id, "the adopter panicked in `adopted`; the session stays adopted");
                 }
                 Ok(())
@@ -273,7 +271,10 @@ async fn decide_one<P, A: Adopter<P>>(
     match decided {
         Ok(Adoption::Accept { payload, token }) => Ok((payload, token, expires_in)),
         Ok(Adoption::Reject { reason }) => Err(RejectReason::Refused(reason)),
-        Err(_panic) => Err(RejectReason::Panicked),
+        Err(panic) => {
+            crate::contain::dispose(panic);
+            Err(RejectReason::Panicked)
+        }
     }
 }
 

@@ -4,21 +4,29 @@
 //! # Invariants
 //!
 //! - A router has at most one grace entry in `graces`, and whoever removes
-//!   it (the expiry at its end, a reconciliation, a new disconnect of a
+//!   it (the expiry's task when it ends, however it ends: its expiry done,
+//!   a panic, its runtime gone; a reconciliation, a new disconnect of a
 //!   newer incarnation, or shutdown) releases the router's liveness hold,
-//!   exactly once.
+//!   exactly once. An entry whose task ended before its first poll (its
+//!   runtime shut down) is replaced by the next disconnect.
 //! - The entry holds its timer's abort handle from the start (the task is
 //!   spawned under the lock). A timer still sleeping is aborted; once the
-//!   expiry closes sessions (`expiry` set), it is only stopped between
+//!   expiry closes sessions (`started`), it is only stopped between
 //!   chunks, never cut half-way, and a reconciliation that cancels it waits
 //!   for the chunk in flight, so the two never close the same router's
 //!   sessions side by side.
+//! - An expiry never gives up on a store read that fails: it retries, with
+//!   a backoff, until the store answers or the period is stopped (I5).
 //!
 //! # Deadlock safety
 //!
 //! Two locks. `graces` (sync) is held only to look up, insert or remove an
 //! entry, and never across an `.await`. Under it, the crate may spawn the
-//! timer task (its future takes no lock when dropped), publish
+//! timer task (its future takes no lock if dropped before its first poll,
+//! as a spawn on a runtime that shut down does at once; after that its
+//! `PeriodEnd` takes `graces` when the task ends, unless the period was
+//! stopped: every stop, under `graces` or after the entry left it, cancels
+//! the period's token before it aborts the task), publish
 //! `RouterDisconnected` (the bus's lock is a leaf) and take the liveness
 //! monitor's `held` map (a leaf): so a hold is in place before any cancel
 //! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
@@ -27,19 +35,22 @@
 //!
 //! No user code runs under `graces`: the entries hold no session, the
 //! expiry's handles live in its task, and `RouterDisconnected` is counted
-//! in the metrics after the lock. One thing stays under it, inside tokio:
-//! publishing into a full ring drops the oldest event a lagging subscriber
-//! has not read, and if that was the last holder of an error a prober or
-//! reclaim task returned, the error's `Drop` runs there (see
-//! `MemoryStoreBuilder::events`); it must not call back into the
-//! reconciler.
+//! in the metrics after the lock. Two things stay under it, inside tokio's
+//! send: the wakers of the subscriptions waiting in `recv` (a task's
+//! waker only schedules it; a hand-written waker must not call back into
+//! the reconciler from `wake`), and, publishing into a full ring, the drop
+//! of the oldest event a lagging subscriber has not read: if that was the
+//! last holder of an error a prober or reclaim task returned, the error's
+//! `Drop` runs there (see `MemoryStoreBuilder::events`); it must not call
+//! back into the reconciler.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::reconciler::Reconciler;
@@ -47,35 +58,90 @@ use super::report::ReconcileError;
 use crate::events::{Event, emit, send_unrecorded};
 use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseReason, Session, SessionState};
-use crate::store::{RouterStatus, SessionStore};
+use crate::store::{RouterError, RouterStatus, SessionStore};
 
 pub(super) struct Grace {
     incarnation: Incarnation,
     epoch: u64,
     deadline: Instant,
     task: AbortHandle,
-    /// Set once the expiry started closing sessions: from then on it is
-    /// stopped between chunks, never aborted half-way.
-    expiry: Option<Arc<Expiry>>,
+    /// Shared with the period's task from its start.
+    expiry: Arc<Expiry>,
+    /// Set (under `graces`) once the expiry started closing sessions: from
+    /// then on it is stopped between chunks, never aborted half-way.
+    started: bool,
 }
 
-/// An expiry closing a router's sessions, chunk by chunk.
+/// A grace period's expiry, closing a router's sessions chunk by chunk.
 #[derive(Default)]
 struct Expiry {
-    /// Raised by a cancel (a reconnect) or a shutdown: no chunk starts after.
-    stop: AtomicBool,
+    /// Cancelled by a cancel (a reconnect), a newer incarnation's period or
+    /// a shutdown, always after the period's entry left `graces`: no chunk
+    /// starts after, a retry's wait ends, and the task's end leaves
+    /// `graces` alone.
+    stop: CancellationToken,
     /// Held while a chunk closes: a cancel waits on it, so a reconciliation
     /// never runs beside a chunk of the expiry it cancelled.
     closing: tokio::sync::Mutex<()>,
 }
 
-/// Stops a grace period's timer: aborts it while it sleeps, or stops its
-/// expiry between chunks once it closes sessions.
+/// Stops a grace period whose entry left `graces`: aborts its timer while
+/// it sleeps, or stops its expiry between chunks once it closes sessions.
 fn stop(grace: Grace) {
-    match grace.expiry {
-        Some(expiry) => expiry.stop.store(true, Ordering::Release),
-        None => grace.task.abort(),
+    grace.expiry.stop.cancel();
+    if !grace.started {
+        grace.task.abort();
     }
+}
+
+/// The end of a grace period's task, however it ends: at the end of its
+/// expiry, in a panic, or dropped with its runtime. Unless the period was
+/// stopped (its entry gone already), it takes the period's entry out of
+/// `graces` and releases the liveness hold: a router is never left "in
+/// grace" with no task behind it.
+struct PeriodEnd<'a, S: SessionStore> {
+    reconciler: &'a Reconciler<S>,
+    router: RouterId,
+    incarnation: Incarnation,
+    epoch: u64,
+    expiry: Arc<Expiry>,
+}
+
+impl<S: SessionStore> Drop for PeriodEnd<'_, S> {
+    fn drop(&mut self) {
+        // Stopped: whoever stopped it took the entry out and released the
+        // hold (and may hold `graces` now: not taken here).
+        if self.expiry.stop.is_cancelled() {
+            return;
+        }
+        if std::thread::panicking() {
+            tracing::error!(router = %self.router, incarnation = %self.incarnation,
+                "a grace expiry panicked; the router's grace period ended");
+        }
+        let mut graces = self.reconciler.inner.graces.lock();
+        if graces
+            .get(&self.router)
+            .is_some_and(|g| g.epoch == self.epoch)
+        {
+            graces.remove(&self.router);
+            // Under the lock, as the hold was taken: see `# Deadlock safety`.
+            self.reconciler.release(self.router, self.incarnation);
+        }
+    }
+}
+
+/// The longest wait between two tries of a grace expiry's store reads.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// How long a grace expiry waits before each retry of a store read that
+/// failed: from 100 ms doubling to [`MAX_RETRY_DELAY`], with jitter, for as
+/// long as the store fails.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    crate::Backoff::new()
+        .retries(64)
+        .delays(Duration::from_millis(100), MAX_RETRY_DELAY)
+        .iter()
+        .chain(std::iter::repeat(MAX_RETRY_DELAY))
 }
 
 /// Far enough not to matter: what a grace period past `Instant`'s range
@@ -176,7 +242,11 @@ impl<S: SessionStore> Reconciler<S> {
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
         }
-        if let Some(running) = graces.get(&router) {
+        if let Some(running) = graces.get(&router)
+            // A period whose task ended without taking its entry out (its
+            // runtime shut down before the task first ran) is over.
+            && !running.task.is_finished()
+        {
             if running.incarnation == incarnation {
                 return Ok(running.deadline);
             }
@@ -201,10 +271,16 @@ impl<S: SessionStore> Reconciler<S> {
         send_unrecorded(self.inner.config.events.as_ref(), disconnected);
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         // Spawned under the lock (the task's future takes no lock when it is
-        // dropped): its entry holds its abort handle from the start.
+        // dropped, before its first poll; after it, see `PeriodEnd`): its
+        // entry holds its abort handle from the start.
         let this = self.clone();
+        let expiry = Arc::new(Expiry::default());
+        let shared = Arc::clone(&expiry);
         let task = self.inner.tracker.spawn_on(
-            async move { this.expire(router, incarnation, epoch, deadline).await },
+            async move {
+                this.expire(router, incarnation, epoch, deadline, shared)
+                    .await
+            },
             &runtime,
         );
         let replaced = graces.insert(
@@ -214,7 +290,8 @@ impl<S: SessionStore> Reconciler<S> {
                 epoch,
                 deadline,
                 task: task.abort_handle(),
-                expiry: None,
+                expiry,
+                started: false,
             },
         );
         match replaced {
@@ -240,7 +317,7 @@ impl<S: SessionStore> Reconciler<S> {
             return false;
         };
         let matched = grace.incarnation == incarnation;
-        let expiry = grace.expiry.clone();
+        let expiry = grace.started.then(|| Arc::clone(&grace.expiry));
         self.release(router, grace.incarnation);
         stop(grace);
         if let Some(expiry) = expiry {
@@ -268,15 +345,24 @@ impl<S: SessionStore> Reconciler<S> {
         incarnation: Incarnation,
         epoch: u64,
         deadline: Instant,
+        expiry: Arc<Expiry>,
     ) {
+        // Takes the entry out when this task ends, however it ends.
+        let _end = PeriodEnd {
+            reconciler: self,
+            router,
+            incarnation,
+            epoch,
+            expiry: Arc::clone(&expiry),
+        };
         tokio::time::sleep_until(deadline).await;
-        let expiry = {
+        {
             let mut graces = self.inner.graces.lock();
             let Some(grace) = graces.get_mut(&router).filter(|g| g.epoch == epoch) else {
                 return; // cancelled
             };
-            Arc::clone(grace.expiry.get_or_insert_with(Arc::default))
-        };
+            grace.started = true;
+        }
         let span = tracing::info_span!("grace_expired", %router, %incarnation);
         let closed = self
             .close_lost(router, incarnation, &expiry)
@@ -289,75 +375,134 @@ impl<S: SessionStore> Reconciler<S> {
                 closed,
             });
         }
-        let mut graces = self.inner.graces.lock();
-        if graces.get(&router).is_some_and(|g| g.epoch == epoch) {
-            graces.remove(&router);
-            // Under the lock, as the hold was taken: see `# Deadlock safety`.
-            self.release(router, incarnation);
+    }
+
+    /// Reads the store with `read` until it answers: a backend error is
+    /// retried (I5: the expiry is not given up), after a wait from
+    /// [`retry_delays`]; `None` once the expiry is stopped (a reconnect, a
+    /// shutdown), also during a wait.
+    async fn until_answered<T, F>(
+        expiry: &Expiry,
+        what: &str,
+        mut read: impl FnMut() -> F,
+    ) -> Option<Result<T, RouterError>>
+    where
+        F: Future<Output = Result<T, RouterError>>,
+    {
+        let mut delays = retry_delays();
+        loop {
+            if expiry.stop.is_cancelled() {
+                return None;
+            }
+            match read().await {
+                Err(RouterError::Backend(error)) => {
+                    tracing::warn!(%error, "grace expiry: {what} failed; retrying");
+                }
+                answered => return Some(answered),
+            }
+            let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+            tokio::select! {
+                () = expiry.stop.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Whether `router` is live in `incarnation`, asked until the store
+    /// answers; `None` if the expiry was stopped meanwhile.
+    async fn still_live(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        expiry: &Expiry,
+    ) -> Option<bool> {
+        let store = &*self.inner.store;
+        let status = Self::until_answered(expiry, "reading the router's status", || {
+            store.router_status(router)
+        })
+        .await?;
+        match status {
+            Ok(RouterStatus::Live(live)) if live == incarnation => Some(true),
+            status => {
+                tracing::info!(
+                    ?status,
+                    "router no longer live; its sessions are left to the deleter"
+                );
+                Some(false)
+            }
         }
     }
 
     /// Closes the sessions of a router whose grace period expired, chunk by
     /// chunk while it stays live in `incarnation` and the expiry is not
     /// stopped; how many, or `None` if the router was not live (left to its
-    /// deletion) or the expiry was stopped before closing anything.
+    /// deletion) or the expiry was stopped before closing anything. A store
+    /// read that fails is retried until the store answers or the expiry is
+    /// stopped; the handles the expiry lets go drop with their payloads'
+    /// panics contained.
     async fn close_lost(
         &self,
         router: RouterId,
         incarnation: Incarnation,
         expiry: &Expiry,
     ) -> Option<usize> {
-        let held = match self.inner.store.sessions(router).await {
-            Ok(held) => held,
-            Err(error) => {
-                tracing::warn!(%error, "grace expired but the router's sessions could not be listed");
-                return None;
-            }
+        let store = &*self.inner.store;
+        let listed = Self::until_answered(expiry, "listing the router's sessions", || {
+            store.sessions(router)
+        })
+        .await?;
+        let Ok(held) = listed else {
+            tracing::info!("router gone; its sessions are left to the deleter");
+            return None;
         };
-        let mut open: Vec<_> = held
+        let (mut open, others): (Vec<_>, Vec<_>) = held
             .into_iter()
-            .filter(|s| s.incarnation() == incarnation && s.state() == SessionState::Active)
-            .collect();
+            .partition(|s| s.incarnation() == incarnation && s.state() == SessionState::Active);
+        crate::contain::drop_each_logged(others, "grace expiry");
         open.sort_unstable_by_key(Session::id);
+        let closed = self.close_chunks(router, incarnation, expiry, &open).await;
+        crate::contain::drop_each_logged(open, "grace expiry");
+        if let Some(closed) = closed {
+            tracing::warn!(closed, "grace period expired; router's sessions closed");
+        }
+        closed
+    }
+
+    /// The chunks of [`close_lost`](Self::close_lost).
+    async fn close_chunks(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+        expiry: &Expiry,
+        open: &[Session<S::Payload>],
+    ) -> Option<usize> {
+        if open.is_empty() {
+            // Nothing to close: lost all the same, if still live.
+            let live = self.still_live(router, incarnation, expiry).await?;
+            return live.then_some(0);
+        }
         let mut closed = None;
         for (number, chunk) in open.chunks(self.inner.config.chunk).enumerate() {
             if number > 0 {
                 // Between chunks only: a small router closes in one go.
                 tokio::task::yield_now().await;
             }
+            // Asked before the chunk's lock: a retry's wait never holds up a
+            // cancel.
+            match self.still_live(router, incarnation, expiry).await {
+                Some(true) => {}
+                Some(false) | None => break,
+            }
             let _closing = expiry.closing.lock().await;
-            if expiry.stop.load(Ordering::Acquire) {
+            if expiry.stop.is_cancelled() {
                 tracing::info!("grace expiry stopped: the router reconnected or shutdown");
                 break;
-            }
-            match self.inner.store.router_status(router).await {
-                Ok(RouterStatus::Live(live)) if live == incarnation => {}
-                Ok(status) => {
-                    tracing::info!(
-                        ?status,
-                        "router no longer live; its sessions are left to the deleter"
-                    );
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "grace expiry stopped: router status unknown");
-                    break;
-                }
             }
             let now = self
                 .close_and_remove(chunk, CloseReason::RouterLost)
                 .await
                 .len();
             closed = Some(closed.unwrap_or(0) + now);
-        }
-        if open.is_empty() {
-            // Nothing to close: lost all the same, if still live.
-            let live = matches!(self.inner.store.router_status(router).await,
-                Ok(RouterStatus::Live(live)) if live == incarnation);
-            closed = live.then_some(0);
-        }
-        if let Some(closed) = closed {
-            tracing::warn!(closed, "grace period expired; router's sessions closed");
         }
         closed
     }

@@ -5,11 +5,10 @@
 //! These keep the invariants and the lock discipline of the handle
 //! (`handle.rs`, `# Invariants` and `# Deadlock safety`).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use super::handle::Session;
 use super::resource::{Resource, ResourceClass, Resources};
 use super::state::{CloseFrom, CloseOutcome, CloseReason};
+use crate::contain::contain;
 use crate::id::{RouterId, SessionId};
 
 impl<P> Session<P> {
@@ -190,11 +189,23 @@ impl<P> Session<P> {
         let resources = self.take_resources();
         let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
         for resource in resources.into_release_order() {
-            if resource.release_inline() {
+            // `release_inline` and `class` are user code too, called after
+            // the close was won: a panic in either is contained (queued, as
+            // `Critical`), or the close would never complete.
+            let inline = contain(|| resource.release_inline()).unwrap_or_else(|| {
+                tracing::error!(session = %self.id(), router = %self.router(),
+                    "a session resource panicked in `release_inline`; the panic was contained");
+                false
+            });
+            if inline {
                 self.release_contained(resource, reason);
                 continue;
             }
-            let class = resource.class();
+            let class = contain(|| resource.class()).unwrap_or_else(|| {
+                tracing::error!(session = %self.id(), router = %self.router(),
+                    "a session resource panicked in `class`; the panic was contained, the resource released as critical");
+                ResourceClass::Critical
+            });
             match groups.iter_mut().find(|(c, _)| *c == class) {
                 Some((_, group)) => group.push(resource),
                 None => groups.push((class, vec![resource])),
@@ -216,7 +227,7 @@ pub(crate) fn release_contained(
     session: SessionId,
     router: RouterId,
 ) -> bool {
-    let released = catch_unwind(AssertUnwindSafe(|| resource.release(reason))).is_ok();
+    let released = contain(|| resource.release(reason)).is_some();
     if !released {
         tracing::error!(%session, %router,
             "a session resource panicked while being released; the panic was contained");
@@ -261,5 +272,5 @@ fn wake_all(waiters: Vec<Option<std::task::Waker>>, session: SessionId) {
 /// Wakes `waker` (user code), a panic contained: `false` if it panicked.
 /// For lists of waiters, whose others must still be woken.
 pub(crate) fn wake_contained(waker: std::task::Waker) -> bool {
-    catch_unwind(AssertUnwindSafe(|| waker.wake())).is_ok()
+    contain(|| waker.wake()).is_some()
 }

@@ -182,11 +182,11 @@ impl<P: EtcdPayload> Shared<P> {
     pub(super) fn close_all_quietly(&self, closes: Vec<(Session<P>, i64, CloseReason)>) {
         for (session, created, reason) in closes {
             let id = session.id();
-            let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let closed = crate::contain::contain(|| {
                 self.close_quietly(&session, created, reason);
                 drop(session);
-            }));
-            if closed.is_err() {
+            });
+            if closed.is_none() {
                 tracing::error!(session = %id, "a session payload's Drop panicked; contained");
             }
         }

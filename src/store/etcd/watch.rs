@@ -190,8 +190,9 @@ pub(super) async fn supervise<P: EtcdPayload>(
         ))
         .catch_unwind()
         .await;
-        if watched.is_ok() {
-            return;
+        match watched {
+            Ok(()) => return,
+            Err(panic) => crate::contain::dispose(panic),
         }
         tracing::error!(
             "the etcd watch panicked in user code it ran; re-listing, then watching again"
@@ -350,7 +351,8 @@ async fn relist<P: EtcdPayload>(
             Ok(Err(error)) => {
                 tracing::warn!(%error, "re-listing the cached sessions failed; retrying");
             }
-            Err(_panic) => {
+            Err(panic) => {
+                crate::contain::dispose(panic);
                 tracing::error!("re-listing the cached sessions panicked in user code; retrying");
             }
         }

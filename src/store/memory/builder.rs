@@ -75,7 +75,11 @@ impl MemoryStoreBuilder {
     /// the last holder of an error your prober or reclaim task returned
     /// ([`LivenessEvent::ProbeFailed`](crate::LivenessEvent::ProbeFailed),
     /// [`ReclaimEvent`](crate::ReclaimEvent)), the error's `Drop` runs there,
-    /// and must not call back into the store.
+    /// and must not call back into the store. The same send wakes the
+    /// subscriptions waiting in [`Subscription::recv`](crate::events::Subscription::recv)
+    /// (tokio's channel wakes them inside it): a task's waker only
+    /// schedules its task, but a hand-written waker must not call back into
+    /// the store from `wake`.
     pub fn events(mut self, bus: EventBus) -> Self {
         self.events = Some(bus);
         self

@@ -53,13 +53,20 @@
 //! - the metrics recorder is called after the guards (`create` records its
 //!   `SessionCreated` once they are released).
 //!
-//! One thing stays under 3 and 4, inside tokio: publishing `SessionCreated`
-//! into a full ring drops the oldest event a lagging subscriber has not
-//! read. If that is the last clone of a `ProbeFailed` or `Reclaim*` event,
-//! the `Drop` of the error your prober or reclaim task returned runs there;
-//! such an error's `Drop` must not call back into the store. (Publishing
-//! after the guards would break the promise that `SessionCreated` comes
-//! before anybody can see the session.)
+//! Two things stay under 3 and 4, inside tokio, when `create` publishes
+//! `SessionCreated` to a bus someone listens to (publishing after the
+//! guards would break the promise that `SessionCreated` comes before
+//! anybody can see the session):
+//!
+//! - tokio's channel wakes the subscriptions waiting in `recv` inside the
+//!   send: their wakers run there. A task's waker (tokio's, `futures`'
+//!   executors') only schedules the task; a hand-written waker must not
+//!   call back into the store from `wake`;
+//! - publishing into a full ring drops the oldest event a lagging
+//!   subscriber has not read. If that is the last clone of a `ProbeFailed`
+//!   or `Reclaim*` event, the `Drop` of the error your prober or reclaim
+//!   task returned runs there; such an error's `Drop` must not call back
+//!   into the store.
 //!
 //! Iterating `sessions` (shard guards held) never takes a router lock: the
 //! audit copies the handles out first, and `repair` looks each session up

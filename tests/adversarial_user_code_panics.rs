@@ -1,0 +1,343 @@
+//! User code that panics where the crate did not contain it (a review of
+//! stop 33): a resource's `class()`, a panic payload whose own `Drop`
+//! panics, and payload `Drop`s run by background tasks (the expiry
+//! monitor, the audit sweeper, a grace expiry, the liveness monitor).
+//! Each test failed before its fix. Paused time; every wait is bounded.
+#![cfg(feature = "test-util")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use session_lifecycle::liveness::NoProbe;
+use session_lifecycle::test_util::within;
+use session_lifecycle::{
+    AuditSweeper, CloseReason, ExpiryMonitor, Incarnation, Lifecycle, LivenessMonitor, MemoryStore,
+    NewSession, NotifyError, Reconciler, Resource, ResourceClass, RouterDeleter, RouterId,
+    SessionId, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
+};
+use tokio::time::Duration;
+
+const HOUR: Duration = Duration::from_secs(3_600);
+const R: RouterId = RouterId::new(1);
+
+/// A payload whose `Drop` panics while armed.
+#[derive(Debug, Default)]
+struct Bomb(AtomicBool);
+
+impl Bomb {
+    fn armed() -> Self {
+        Self(AtomicBool::new(true))
+    }
+}
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if self.0.load(Ordering::SeqCst) && !std::thread::panicking() {
+            panic!("a payload's Drop panicked");
+        }
+    }
+}
+
+/// A store of `Bomb` sessions with router `R` registered.
+async fn bomb_store() -> (Arc<MemoryStore<Bomb>>, Incarnation) {
+    let store: Arc<MemoryStore<Bomb>> = Arc::new(MemoryStore::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    (store, incarnation)
+}
+
+fn spec(id: u64, incarnation: Incarnation, armed: bool) -> NewSession<Bomb> {
+    let payload = if armed {
+        Bomb::armed()
+    } else {
+        Bomb::default()
+    };
+    NewSession::new(SessionId::new(id), R, incarnation).payload(payload)
+}
+
+/// A router that takes notices and never confirms: every deletion forces.
+struct Deaf;
+
+impl TerminationNotifier for Deaf {
+    async fn notify(&self, _: TerminationBatch) -> Result<(), NotifyError> {
+        Ok(())
+    }
+}
+
+/// Counts its release.
+struct Counted(Arc<AtomicUsize>);
+
+impl Resource for Counted {
+    fn release(self: Box<Self>, _: CloseReason) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A resource whose `class()` (user code, like `release`) panics.
+struct BadClass(Arc<AtomicUsize>);
+
+impl Resource for BadClass {
+    fn release(self: Box<Self>, _: CloseReason) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    fn class(&self) -> ResourceClass {
+        panic!("class() of a user resource panicked");
+    }
+}
+
+/// A resource whose `release_inline()` panics.
+struct BadInline(Arc<AtomicUsize>);
+
+impl Resource for BadInline {
+    fn release(self: Box<Self>, _: CloseReason) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    fn release_inline(&self) -> bool {
+        panic!("release_inline() of a user resource panicked");
+    }
+}
+
+/// A deletion forces a session through the reclaim queue, which asks each
+/// resource its class and whether to release it inline: both are user
+/// code. A panic in either was not contained: the session stayed `Closed`
+/// but never complete (waiters never woken, the other resource never
+/// released), the deletion failed, and the next one hung.
+#[tokio::test(start_paused = true)]
+async fn a_resource_whose_class_or_inline_flag_panics_in_a_forced_close_still_completes_it() {
+    let store = Arc::new(MemoryStore::new());
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), Deaf)
+        .deleter(
+            RouterDeleter::builder()
+                .confirm_timeout(Duration::from_secs(1))
+                .retries(0),
+        )
+        .without_sweeper()
+        .build()
+        .unwrap();
+    let incarnation = store.register_router(R).await.unwrap();
+    let session = store
+        .create(NewSession::new(SessionId::new(1), R, incarnation))
+        .await
+        .unwrap();
+    let (good, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    session.attach(Counted(Arc::clone(&good))).unwrap();
+    session.attach(BadClass(Arc::clone(&bad))).unwrap();
+    session.attach(BadInline(Arc::clone(&bad))).unwrap();
+
+    let deleted = within(HOUR, lifecycle.deleter().delete(R)).await;
+    let report = deleted.expect("the deletion ends");
+    assert_eq!(report.report().map(|r| r.forced), Some(1), "{report:?}");
+    within(HOUR, session.closed()).await;
+    within(HOUR, lifecycle.reclaim().idle()).await;
+    assert_eq!(
+        good.load(Ordering::SeqCst),
+        1,
+        "the other resource released once"
+    );
+    assert_eq!(
+        bad.load(Ordering::SeqCst),
+        2,
+        "both misbehaving resources released"
+    );
+    assert!(store.is_empty());
+    assert!(
+        within(HOUR, lifecycle.deleter().delete(R))
+            .await
+            .unwrap()
+            .report()
+            .is_none(),
+        "deleted already"
+    );
+}
+
+/// A panic payload whose own `Drop` panics (`std::panic::panic_any`).
+struct DropBomb;
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the panic payload's Drop panicked");
+        }
+    }
+}
+
+/// A release that panics with a payload whose `Drop` panics: the crate
+/// dropped that payload outside its `catch_unwind`, so the second panic
+/// escaped `Session::close`, the other resource was never released and
+/// `closed()` never resolved.
+#[tokio::test(start_paused = true)]
+async fn a_release_panicking_with_a_panicking_payload_is_still_contained() {
+    let session = NewSession::new(SessionId::new(1), R, Incarnation::new(1)).into_session();
+    let good = Arc::new(AtomicUsize::new(0));
+    session.attach(Counted(Arc::clone(&good))).unwrap();
+    session
+        .attach(|_: CloseReason| std::panic::panic_any(DropBomb))
+        .unwrap();
+    let closer = session.clone();
+    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        closer.close(CloseReason::ClientClosed)
+    }));
+    assert!(closed.is_ok(), "the close itself panicked");
+    assert_eq!(good.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        within(HOUR, session.closed()).await,
+        CloseReason::ClientClosed
+    );
+}
+
+/// The expiry monitor holds the last handle of a session the client closed
+/// and removed; its payload's `Drop` panics when the monitor lets it go.
+/// That killed the monitor's task: no other session ever expired.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_the_expiry_monitor_leaves_the_others_expiring() {
+    let (store, incarnation) = bomb_store().await;
+    let monitor = ExpiryMonitor::builder().build(Arc::clone(&store)).unwrap();
+    let bomb = store
+        .create(spec(1, incarnation, true).expires_in(HOUR))
+        .await
+        .unwrap();
+    let victim = store
+        .create(spec(2, incarnation, false).expires_in(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    monitor.track(&bomb).unwrap();
+    monitor.track(&victim).unwrap();
+    let _ = store
+        .close(bomb.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    drop(bomb); // the monitor's wheel holds the last handle
+    tokio::time::sleep(Duration::from_secs(120)).await;
+
+    assert_eq!(
+        within(HOUR, victim.closed()).await,
+        CloseReason::Expired,
+        "{:?}",
+        monitor.stats()
+    );
+    assert!(monitor.track(&victim).is_err(), "closed: not tracked again");
+    let later = store
+        .create(spec(3, incarnation, false).expires_in(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    monitor.track(&later).expect("the monitor still runs");
+    assert_eq!(within(HOUR, later.closed()).await, CloseReason::Expired);
+}
+
+/// The periodic sweep removes a closed session left in the store; the
+/// repair drops its last handle and the payload's `Drop` panics. That
+/// ended the periodic task for good.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_a_periodic_sweep_ends_that_sweep_only() {
+    let (store, incarnation) = bomb_store().await;
+    let session = store.create(spec(1, incarnation, true)).await.unwrap();
+    let _ = session.close(CloseReason::ClientClosed); // left in the store
+    drop(session);
+    let sweeper = AuditSweeper::builder()
+        .interval(Duration::from_secs(60))
+        .build(Arc::clone(&store))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60 * 10 + 1)).await;
+    let stats = sweeper.stats();
+    assert_eq!(stats.sweeps, 10, "{stats:?}");
+    assert_eq!(stats.failures, 1, "the sweep that panicked: {stats:?}");
+    assert!(store.is_empty(), "the second sighting removed it");
+}
+
+/// A grace expiry closes the router's sessions and drops the last handle
+/// of one whose payload's `Drop` panics: the task died before it took its
+/// entry out, the router stayed "in grace" for ever, and a later
+/// disconnect got the stale deadline back and started no timer.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_a_grace_expiry_ends_the_period_cleanly() {
+    let (store, incarnation) = bomb_store().await;
+    drop(store.create(spec(1, incarnation, true)).await.unwrap());
+    let reconciler = Reconciler::builder()
+        .grace_period(Duration::from_secs(30))
+        .build(Arc::clone(&store))
+        .unwrap();
+    reconciler.router_disconnected(R).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(
+        store.is_empty(),
+        "the expiry closed and removed the session"
+    );
+    assert_eq!(reconciler.in_grace(), 0);
+
+    // The router reconnects without reporting, a client opens a session,
+    // and the router drops again: a new period, which closes it.
+    let later = store.create(spec(2, incarnation, false)).await.unwrap();
+    let before = tokio::time::Instant::now();
+    let deadline = reconciler.router_disconnected(R).await.unwrap();
+    assert_eq!(deadline, before + Duration::from_secs(30));
+    assert_eq!(within(HOUR, later.closed()).await, CloseReason::RouterLost);
+    assert_eq!(reconciler.in_grace(), 0);
+}
+
+/// The liveness monitor holds the last handle of a session the client
+/// closed and removed; its payload's `Drop` panics when the monitor lets
+/// it go. The monitor must go on reaping the others.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_the_liveness_monitor_leaves_the_others_watched() {
+    let (store, incarnation) = bomb_store().await;
+    let monitor = LivenessMonitor::builder()
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    let bomb = store.create(spec(1, incarnation, true)).await.unwrap();
+    let silent = store.create(spec(2, incarnation, false)).await.unwrap();
+    monitor.watch(&bomb).unwrap();
+    monitor.watch(&silent).unwrap();
+    let _ = store
+        .close(bomb.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    drop(bomb); // the monitor holds the last handle
+
+    // Session 2 never beats: the monitor reaps it.
+    let reason = within(HOUR, silent.closed()).await;
+    assert_eq!(silent.state(), SessionState::Closed, "{reason:?}");
+    // And it still watches new sessions.
+    let later = store.create(spec(3, incarnation, false)).await.unwrap();
+    monitor.watch(&later).expect("the monitor still runs");
+    within(HOUR, later.closed()).await;
+}
+
+/// The same in a probe driver: a silent session is a suspect in its
+/// router's rounds when the client closes and removes it, and the driver
+/// drops the last handle. The driver must live on: a session of the same
+/// router that falls silent later is still probed and reaped.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_a_probe_driver_leaves_the_router_probed() {
+    use session_lifecycle::{Event, EventBus, LivenessEvent};
+    let (store, incarnation) = bomb_store().await;
+    let bus = EventBus::new(64);
+    let mut events = bus.subscribe();
+    let monitor = LivenessMonitor::builder()
+        .probe_retries(3)
+        .events(bus)
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    let bomb = store.create(spec(1, incarnation, true)).await.unwrap();
+    monitor.watch(&bomb).unwrap();
+    // Suspected: it is in the driver's rounds now.
+    within(HOUR, async {
+        while !matches!(
+            events.recv().await,
+            Some(Event::Liveness(LivenessEvent::ProbeFailed { .. }))
+        ) {}
+    })
+    .await;
+    let _ = store
+        .close(bomb.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    drop(bomb); // the driver holds the last handle
+
+    let later = store.create(spec(2, incarnation, false)).await.unwrap();
+    monitor.watch(&later).expect("the monitor still runs");
+    assert_eq!(
+        within(HOUR, later.closed()).await,
+        CloseReason::LivenessTimeout,
+        "{:?}",
+        monitor.stats()
+    );
+}
