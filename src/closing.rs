@@ -46,10 +46,16 @@ pub(crate) async fn close_and_remove<S: SessionStore>(
     from: CloseFrom,
 ) -> Vec<SessionKey> {
     let closed = close_all(queue, sessions, reason, from).await;
-    for &key in &closed {
+    remove_all(store, &closed).await;
+    closed
+}
+
+/// Removes from `store` each closed session of `closed` (by key).
+/// Failures are logged, as in [`close_and_remove`].
+pub(crate) async fn remove_all<S: SessionStore>(store: &S, closed: &[SessionKey]) {
+    for &key in closed {
         remove_closed(store, key).await;
     }
-    closed
 }
 
 /// Removes the closed session `key` from `store`. Failures are logged: the

@@ -1134,3 +1134,122 @@ fn a_grace_timer_lost_with_its_runtime_is_started_again() {
         });
     }
 }
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// A controller handles a router's disconnect on a runtime that goes away
+/// before the grace timer's task first runs (a short-lived runtime, a
+/// runtime being replaced). The task never builds its `PeriodEnd`: the
+/// entry stays, the router counts as in grace for ever and its liveness
+/// hold is never released, so its silent sessions are neither closed by
+/// the grace period nor reaped by the monitor, unless the same router
+/// happened to disconnect or reconcile again. The period now ends with its
+/// task's future, polled or not.
+#[test]
+fn a_grace_period_whose_task_never_ran_releases_the_router() {
+    let main = paused_runtime();
+    let store = Arc::new(MemoryStore::new());
+    let (monitor, reconciler, session) = main.block_on(async {
+        let incarnation = store.register_router(R).await.unwrap();
+        let session = store
+            .create(NewSession::new(SessionId::new(1), R, incarnation))
+            .await
+            .unwrap();
+        let monitor = session_lifecycle::LivenessMonitor::builder()
+            .build(Arc::clone(&store), session_lifecycle::liveness::NoProbe)
+            .unwrap();
+        monitor.watch(&session).unwrap();
+        let reconciler = Reconciler::builder()
+            .grace_period(Duration::from_secs(30))
+            .liveness(&monitor)
+            .build(Arc::clone(&store))
+            .unwrap();
+        (monitor, reconciler, session)
+    });
+    // The disconnect, handled on a runtime that then goes away.
+    let short = paused_runtime();
+    short.block_on(reconciler.router_disconnected(R)).unwrap();
+    drop(short);
+
+    main.block_on(async {
+        let closed = tokio::time::timeout(LIMIT, session.closed()).await;
+        let (in_grace, held) = (reconciler.in_grace(), monitor.is_held(R));
+        assert!(
+            closed.is_ok(),
+            "after an hour the silent session of a router whose period has no \
+             task is still open: in_grace {in_grace}, held {held}, {:?}",
+            monitor.stats()
+        );
+    });
+}
+
+/// Where a [`DisconnectOnDrop`] sends what `router_disconnected` answered.
+type Answer = std::sync::mpsc::Sender<Result<tokio::time::Instant, ReconcileError>>;
+
+/// Calls `router_disconnected` when dropped: a task's future that the
+/// runtime drops as it shuts down.
+struct DisconnectOnDrop(Option<(Reconciler<MemoryStore>, Answer)>);
+
+impl Drop for DisconnectOnDrop {
+    fn drop(&mut self) {
+        use futures::FutureExt;
+        if let Some((reconciler, answer)) = self.0.take() {
+            let answered = reconciler.router_disconnected(R).now_or_never();
+            let _ = answer.send(answered.expect("a MemoryStore answers at once"));
+        }
+    }
+}
+
+/// A disconnect handled on a runtime shutting down: its spawn drops the
+/// timer's task unrun, under the reconciler's lock. It must neither
+/// deadlock nor leave a period with no task: `NoRuntime`, nothing in grace.
+#[test]
+fn a_disconnect_on_a_runtime_shutting_down_starts_no_period() {
+    let store = Arc::new(MemoryStore::new());
+    let main = paused_runtime();
+    let (reconciler, session) = main.block_on(async {
+        let incarnation = store.register_router(R).await.unwrap();
+        let session = store
+            .create(NewSession::new(SessionId::new(1), R, incarnation))
+            .await
+            .unwrap();
+        let reconciler = Reconciler::builder()
+            .grace_period(Duration::from_secs(30))
+            .build(Arc::clone(&store))
+            .unwrap();
+        (reconciler, session)
+    });
+    let (answer, answered) = std::sync::mpsc::channel();
+    let going = paused_runtime();
+    going.block_on(async {
+        let on_drop = DisconnectOnDrop(Some((reconciler.clone(), answer)));
+        drop(tokio::spawn(async move {
+            let _on_drop = on_drop;
+            std::future::pending::<()>().await;
+        }));
+        tokio::task::yield_now().await;
+    });
+    drop(going);
+    let answer = answered
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the disconnect answered");
+    assert!(
+        matches!(answer, Err(ReconcileError::NoRuntime)),
+        "{answer:?}"
+    );
+    assert_eq!(reconciler.in_grace(), 0);
+    main.block_on(async {
+        // A disconnect on a live runtime starts a period as usual.
+        reconciler.router_disconnected(R).await.unwrap();
+        assert_eq!(
+            within(LIMIT, session.closed()).await,
+            CloseReason::RouterLost
+        );
+    });
+}

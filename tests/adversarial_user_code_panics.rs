@@ -1,7 +1,8 @@
 //! User code that panics where the crate did not contain it (a review of
 //! stop 33): a resource's `class()`, a panic payload whose own `Drop`
 //! panics, and payload `Drop`s run by background tasks (the expiry
-//! monitor, the audit sweeper, a grace expiry, the liveness monitor).
+//! monitor, the audit sweeper, a grace expiry, the liveness monitor and
+//! its probe drivers).
 //! Each test failed before its fix. Paused time; every wait is bounded.
 #![cfg(feature = "test-util")]
 
@@ -9,12 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use session_lifecycle::liveness::NoProbe;
+use session_lifecycle::session::CloseOutcome;
+use session_lifecycle::store::{
+    AuditReport, BackendError, CreateError, FenceError, FenceSnapshot, FinishError, FinishReport,
+    RegisterError, Repair, RouterCensus, RouterError, RouterStatus, SessionError,
+};
 use session_lifecycle::test_util::within;
 use session_lifecycle::{
-    AuditSweeper, CloseReason, ExpiryMonitor, Incarnation, Lifecycle, LivenessMonitor, MemoryStore,
-    NewSession, NotifyError, Reconciler, Resource, ResourceClass, RouterDeleter, RouterId,
-    SessionId, SessionState, SessionStore, TerminationBatch, TerminationNotifier,
+    AuditSweeper, CloseReason, Event, EventBus, ExpiryMonitor, Incarnation, Lifecycle,
+    LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NotifyError, Reconciler, Resource,
+    ResourceClass, RouterDeleter, RouterId, Session, SessionId, SessionKey, SessionState,
+    SessionStore, TerminationBatch, TerminationNotifier,
 };
+use tokio::sync::Notify as Signal;
 use tokio::time::Duration;
 
 const HOUR: Duration = Duration::from_secs(3_600);
@@ -307,7 +315,6 @@ async fn a_payload_drop_panicking_in_the_liveness_monitor_leaves_the_others_watc
 /// router that falls silent later is still probed and reaped.
 #[tokio::test(start_paused = true)]
 async fn a_payload_drop_panicking_in_a_probe_driver_leaves_the_router_probed() {
-    use session_lifecycle::{Event, EventBus, LivenessEvent};
     let (store, incarnation) = bomb_store().await;
     let bus = EventBus::new(64);
     let mut events = bus.subscribe();
@@ -340,4 +347,192 @@ async fn a_payload_drop_panicking_in_a_probe_driver_leaves_the_router_probed() {
         "{:?}",
         monitor.stats()
     );
+}
+
+/// A user's store (a remote one, say) whose `sessions` can await after it
+/// built the listing's handles: a client acts meanwhile.
+struct Parking<P> {
+    inner: MemoryStore<P>,
+    park_listing: AtomicBool,
+    arrived: Signal,
+    release: Signal,
+    /// The next `remove_exact` panics (a store's own bug).
+    panic_remove: AtomicBool,
+}
+
+impl<P> Default for Parking<P> {
+    fn default() -> Self {
+        Self {
+            inner: MemoryStore::default(),
+            park_listing: AtomicBool::new(false),
+            panic_remove: AtomicBool::new(false),
+            arrived: Signal::new(),
+            release: Signal::new(),
+        }
+    }
+}
+
+impl<P: Send + Sync + 'static> SessionStore for Parking<P> {
+    type Payload = P;
+
+    async fn register_router(&self, router: RouterId) -> Result<Incarnation, RegisterError> {
+        self.inner.register_router(router).await
+    }
+    async fn router_status(&self, router: RouterId) -> Result<RouterStatus, RouterError> {
+        self.inner.router_status(router).await
+    }
+    async fn create(&self, spec: NewSession<P>) -> Result<Session<P>, CreateError<P>> {
+        self.inner.create(spec).await
+    }
+    async fn get(&self, id: SessionId) -> Result<Option<Session<P>>, BackendError> {
+        self.inner.get(id).await
+    }
+    async fn close(
+        &self,
+        id: SessionId,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close(id, reason).await
+    }
+    async fn close_exact(
+        &self,
+        key: SessionKey,
+        reason: CloseReason,
+    ) -> Result<CloseOutcome, SessionError> {
+        self.inner.close_exact(key, reason).await
+    }
+    async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
+        self.inner.remove(id).await
+    }
+    async fn remove_exact(&self, key: SessionKey) -> Result<Session<P>, SessionError> {
+        if self.panic_remove.swap(false, Ordering::SeqCst) {
+            panic!("the store's remove panicked");
+        }
+        self.inner.remove_exact(key).await
+    }
+    async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
+        let listed = self.inner.sessions(router).await;
+        if self.park_listing.swap(false, Ordering::SeqCst) {
+            self.arrived.notify_one();
+            self.release.notified().await;
+        }
+        listed
+    }
+    async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
+        self.inner.count(router).await
+    }
+    async fn fence(&self, router: RouterId) -> Result<FenceSnapshot<P>, FenceError> {
+        self.inner.fence(router).await
+    }
+    async fn fence_incarnation(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FenceSnapshot<P>, FenceError> {
+        self.inner.fence_incarnation(router, incarnation).await
+    }
+    async fn finish(
+        &self,
+        router: RouterId,
+        incarnation: Incarnation,
+    ) -> Result<FinishReport, FinishError> {
+        self.inner.finish(router, incarnation).await
+    }
+    async fn audit(&self) -> Result<AuditReport, BackendError> {
+        self.inner.audit().await
+    }
+    async fn census(&self) -> Result<Vec<RouterCensus>, BackendError> {
+        self.inner.census().await
+    }
+    async fn repair(&self, findings: &AuditReport) -> Result<Vec<Repair>, BackendError> {
+        self.inner.repair(findings).await
+    }
+}
+
+/// A probe driver lists its router's sessions at each round. A session the
+/// client closed and removed while the listing was in flight (a store that
+/// awaits after it built the listing) has its last handle there: its
+/// payload's `Drop` panicked in the driver, which died with `driving` still
+/// set, and no session of that router was ever probed or reaped again.
+#[tokio::test(start_paused = true)]
+async fn a_payload_drop_panicking_in_a_probe_drivers_listing_leaves_the_router_probed() {
+    let store = Arc::new(Parking::<Bomb>::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let bus = EventBus::new(64);
+    let mut events = bus.subscribe();
+    let monitor = LivenessMonitor::builder()
+        .probe_retries(3)
+        .events(bus)
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    // Not watched: only the store (and then the driver's listing) holds it.
+    let bystander = store.create(spec(2, incarnation, true)).await.unwrap();
+    let suspect = store.create(spec(1, incarnation, false)).await.unwrap();
+    store.park_listing.store(true, Ordering::SeqCst);
+    monitor.watch(&suspect).unwrap();
+    // The driver of R's first round lists R's sessions and waits there.
+    within(HOUR, store.arrived.notified()).await;
+    let _ = store
+        .close(bystander.id(), CloseReason::ClientClosed)
+        .await
+        .unwrap();
+    drop(bystander); // the driver's listing holds the last handle
+    store.release.notify_one();
+
+    let later = store.create(spec(3, incarnation, false)).await.unwrap();
+    monitor.watch(&later).expect("the monitor still runs");
+    let reaped = tokio::time::timeout(HOUR, later.closed()).await;
+    let mut probed_later = false;
+    while let Some(event) = events.try_recv() {
+        if let Event::Liveness(LivenessEvent::ProbeFailed { sessions, .. }) = event
+            && sessions.contains(&later.id())
+        {
+            probed_later = true;
+        }
+    }
+    assert_eq!(
+        reaped.ok(),
+        Some(CloseReason::LivenessTimeout),
+        "a silent session of R never reaped (probed: {probed_later}); {:?}",
+        monitor.stats()
+    );
+}
+
+/// A store whose removal panics while a probe driver reaps: the reaped
+/// session is closed (its removal left to the audit sweeper), and the
+/// driver lives on to reap the router's next silent session.
+#[tokio::test(start_paused = true)]
+async fn a_store_panicking_in_a_reap_leaves_the_router_probed() {
+    let store = Arc::new(Parking::<()>::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let monitor = LivenessMonitor::builder()
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    let first = store
+        .create(NewSession::new(SessionId::new(1), R, incarnation))
+        .await
+        .unwrap();
+    store.panic_remove.store(true, Ordering::SeqCst);
+    monitor.watch(&first).unwrap();
+    assert_eq!(
+        within(HOUR, first.closed()).await,
+        CloseReason::LivenessTimeout
+    );
+    assert!(
+        !store.panic_remove.load(Ordering::SeqCst),
+        "the removal ran"
+    );
+
+    let later = store
+        .create(NewSession::new(SessionId::new(2), R, incarnation))
+        .await
+        .unwrap();
+    monitor.watch(&later).expect("the monitor still runs");
+    assert_eq!(
+        within(HOUR, later.closed()).await,
+        CloseReason::LivenessTimeout,
+        "{:?}",
+        monitor.stats()
+    );
+    assert_eq!(monitor.stats().reaped, 2);
 }

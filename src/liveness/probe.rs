@@ -27,7 +27,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::closing::close_and_remove;
+use crate::closing::{close_all, remove_all};
 use crate::events::{LivenessEvent, ProbeError};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
@@ -366,14 +366,32 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// How many open sessions of the router this monitor watches, and when
     /// the last of them was heard, from the store; `None` if the store
     /// could not say.
+    ///
+    /// The listing may hold the last handle of a session closed and removed
+    /// meanwhile: the handles drop one by one, a payload's `Drop` that
+    /// panics contained (and a store that panics counts as one that could
+    /// not say), so the driver outlives both.
     async fn open_watched(&self, router: RouterId) -> Option<(usize, u64)> {
-        let sessions = self.store.sessions(router).await.ok()?;
+        let listed = AssertUnwindSafe(self.store.sessions(router))
+            .catch_unwind()
+            .await;
+        let sessions = match listed {
+            Ok(Ok(sessions)) => sessions,
+            Ok(Err(_)) => return None,
+            Err(panic) => {
+                crate::contain::dispose(panic);
+                tracing::error!(%router, "the store panicked listing a router's sessions; contained");
+                return None;
+            }
+        };
         let watched = sessions
             .iter()
             .filter(|s| s.watcher() == (self.tag, SessionState::Active));
-        Some(watched.fold((0, 0), |(count, latest), session| {
+        let view = watched.fold((0, 0), |(count, latest), session| {
             (count + 1, latest.max(session.beat().heard()))
-        }))
+        });
+        crate::contain::drop_each_logged(sessions, "liveness monitor");
+        Some(view)
     }
 
     /// One probe call with every suspect of `round`, then the wait for
@@ -472,14 +490,22 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     ) {
         let reason = CloseReason::LivenessTimeout;
         // A session its router's deletion marked meanwhile is the deletion's.
-        let closed = close_and_remove(
-            &*self.store,
+        let closed = close_all(
             self.config.reclaim.as_ref(),
             dead,
             reason,
             CloseFrom::Active,
         )
         .await;
+        // The store is user code: a panic removing them ends the removals
+        // (the audit sweeper removes closed sessions left), not the driver.
+        let removed = AssertUnwindSafe(remove_all(&*self.store, &closed))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = removed {
+            crate::contain::dispose(panic);
+            tracing::error!(%router, "the store panicked removing reaped sessions; contained");
+        }
         for _ in dead {
             self.counters.unsuspect();
             self.counters.leave();

@@ -7,8 +7,8 @@
 //!   it (the expiry's task when it ends, however it ends: its expiry done,
 //!   a panic, its runtime gone; a reconciliation, a new disconnect of a
 //!   newer incarnation, or shutdown) releases the router's liveness hold,
-//!   exactly once. An entry whose task ended before its first poll (its
-//!   runtime shut down) is replaced by the next disconnect.
+//!   exactly once. The task's `PeriodEnd` is part of its future from the
+//!   spawn, so an entry never outlives its task.
 //! - The entry holds its timer's abort handle from the start (the task is
 //!   spawned under the lock). A timer still sleeping is aborted; once the
 //!   expiry closes sessions (`started`), it is only stopped between
@@ -22,11 +22,12 @@
 //!
 //! Two locks. `graces` (sync) is held only to look up, insert or remove an
 //! entry, and never across an `.await`. Under it, the crate may spawn the
-//! timer task (its future takes no lock if dropped before its first poll,
-//! as a spawn on a runtime that shut down does at once; after that its
-//! `PeriodEnd` takes `graces` when the task ends, unless the period was
-//! stopped: every stop, under `graces` or after the entry left it, cancels
-//! the period's token before it aborts the task), publish
+//! timer task (its future, dropped before the disconnect filed its entry,
+//! as a spawn on a runtime shutting down drops it at once, takes no lock:
+//! it marks the period dropped and the disconnect files nothing; after
+//! that its `PeriodEnd` takes `graces` when the task ends, unless the
+//! period was stopped: every stop, under `graces` or after the entry left
+//! it, cancels the period's token before it aborts the task), publish
 //! `RouterDisconnected` (the bus's lock is a leaf) and take the liveness
 //! monitor's `held` map (a leaf): so a hold is in place before any cancel
 //! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
@@ -45,7 +46,7 @@
 //! back into the reconciler.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
@@ -83,7 +84,17 @@ struct Expiry {
     /// Held while a chunk closes: a cancel waits on it, so a reconciliation
     /// never runs beside a chunk of the expiry it cancelled.
     closing: tokio::sync::Mutex<()>,
+    /// Who takes the period's entry out if its task's future is dropped:
+    /// `UNFILED` until the disconnect that spawned it filed its entry
+    /// (`FILED`, under `graces`); a future dropped before that (a spawn on
+    /// a runtime shutting down drops it at once, under `graces`) marks it
+    /// `DROPPED` and takes no lock, and the disconnect files nothing.
+    filed: AtomicU8,
 }
+
+const UNFILED: u8 = 0;
+const FILED: u8 = 1;
+const DROPPED: u8 = 2;
 
 /// Stops a grace period whose entry left `graces`: aborts its timer while
 /// it sleeps, or stops its expiry between chunks once it closes sessions.
@@ -94,24 +105,34 @@ fn stop(grace: Grace) {
     }
 }
 
-/// The end of a grace period's task, however it ends: at the end of its
-/// expiry, in a panic, or dropped with its runtime. Unless the period was
-/// stopped (its entry gone already), it takes the period's entry out of
-/// `graces` and releases the liveness hold: a router is never left "in
-/// grace" with no task behind it.
-struct PeriodEnd<'a, S: SessionStore> {
-    reconciler: &'a Reconciler<S>,
+/// The end of a grace period's task, owned by its future from the spawn:
+/// however the task ends (at the end of its expiry, in a panic, dropped
+/// with its runtime before or after it first ran), unless the period was
+/// stopped (its entry gone already) or never filed, it takes the period's
+/// entry out of `graces` and releases the liveness hold: a router is never
+/// left "in grace" with no task behind it.
+struct PeriodEnd<S: SessionStore> {
+    reconciler: Reconciler<S>,
     router: RouterId,
     incarnation: Incarnation,
     epoch: u64,
     expiry: Arc<Expiry>,
 }
 
-impl<S: SessionStore> Drop for PeriodEnd<'_, S> {
+impl<S: SessionStore> Drop for PeriodEnd<S> {
     fn drop(&mut self) {
         // Stopped: whoever stopped it took the entry out and released the
         // hold (and may hold `graces` now: not taken here).
         if self.expiry.stop.is_cancelled() {
+            return;
+        }
+        // Dropped before its disconnect filed it (that disconnect holds
+        // `graces`, and files nothing once it sees `DROPPED`).
+        let filed = &self.expiry.filed;
+        if filed
+            .compare_exchange(UNFILED, DROPPED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             return;
         }
         if std::thread::panicking() {
@@ -130,12 +151,14 @@ impl<S: SessionStore> Drop for PeriodEnd<'_, S> {
     }
 }
 
-/// The longest wait between two tries of a grace expiry's store reads.
+/// The longest delay between two tries of a grace expiry's store reads,
+/// before jitter (which adds up to as much again).
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// How long a grace expiry waits before each retry of a store read that
-/// failed: from 100 ms doubling to [`MAX_RETRY_DELAY`], with jitter, for as
-/// long as the store fails.
+/// failed: from 100 ms doubling to [`MAX_RETRY_DELAY`], each plus a random
+/// jitter of up to one more delay (so at most 60 s), for as long as the
+/// store fails.
 fn retry_delays() -> impl Iterator<Item = Duration> {
     crate::Backoff::new()
         .retries(64)
@@ -190,7 +213,8 @@ impl<S: SessionStore> Reconciler<S> {
     /// registered again during the call, and the new incarnation's grace
     /// period runs: that one is left as it is),
     /// [`ReconcileError::UnknownRouter`],
-    /// [`ReconcileError::NoRuntime`] outside a tokio runtime,
+    /// [`ReconcileError::NoRuntime`] outside a tokio runtime (or on one
+    /// shutting down, which drops the period's timer unrun),
     /// [`ReconcileError::ShutDown`] after [`shutdown`](Self::shutdown), and
     /// [`ReconcileError::Store`] if the backend failed.
     ///
@@ -242,11 +266,7 @@ impl<S: SessionStore> Reconciler<S> {
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
         }
-        if let Some(running) = graces.get(&router)
-            // A period whose task ended without taking its entry out (its
-            // runtime shut down before the task first ran) is over.
-            && !running.task.is_finished()
-        {
+        if let Some(running) = graces.get(&router) {
             if running.incarnation == incarnation {
                 return Ok(running.deadline);
             }
@@ -260,29 +280,40 @@ impl<S: SessionStore> Reconciler<S> {
                 });
             }
         }
+        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        // Spawned under the lock (the task's future, dropped before its
+        // entry is filed, takes no lock: see `PeriodEnd`): its entry holds
+        // its abort handle from the start.
+        let expiry = Arc::new(Expiry::default());
+        let end = PeriodEnd {
+            reconciler: self.clone(),
+            router,
+            incarnation,
+            epoch,
+            expiry: Arc::clone(&expiry),
+        };
+        let task = self
+            .inner
+            .tracker
+            .spawn_on(async move { end.expire(deadline).await }, &runtime);
+        if expiry
+            .filed
+            .compare_exchange(UNFILED, FILED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // The runtime is shutting down: it dropped the task unrun.
+            return Err(ReconcileError::NoRuntime);
+        }
         tracing::info!(%router, %incarnation, ?grace, "router disconnected; grace period started");
-        // Published before the timer exists: `RouterLost` cannot overtake it.
-        // Counted in the metrics after the lock (the recorder is user code).
+        // Published under the lock, before the timer can take it: `RouterLost`
+        // cannot overtake it. Counted in the metrics after the lock (the
+        // recorder is user code).
         let disconnected = || Event::RouterDisconnected {
             router,
             incarnation,
             grace,
         };
         send_unrecorded(self.inner.config.events.as_ref(), disconnected);
-        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
-        // Spawned under the lock (the task's future takes no lock when it is
-        // dropped, before its first poll; after it, see `PeriodEnd`): its
-        // entry holds its abort handle from the start.
-        let this = self.clone();
-        let expiry = Arc::new(Expiry::default());
-        let shared = Arc::clone(&expiry);
-        let task = self.inner.tracker.spawn_on(
-            async move {
-                this.expire(router, incarnation, epoch, deadline, shared)
-                    .await
-            },
-            &runtime,
-        );
         let replaced = graces.insert(
             router,
             Grace {
@@ -338,45 +369,41 @@ impl<S: SessionStore> Reconciler<S> {
             monitor.release(router, incarnation);
         }
     }
+}
 
-    async fn expire(
-        &self,
-        router: RouterId,
-        incarnation: Incarnation,
-        epoch: u64,
-        deadline: Instant,
-        expiry: Arc<Expiry>,
-    ) {
-        // Takes the entry out when this task ends, however it ends.
-        let _end = PeriodEnd {
-            reconciler: self,
-            router,
-            incarnation,
-            epoch,
-            expiry: Arc::clone(&expiry),
-        };
+impl<S: SessionStore> PeriodEnd<S> {
+    /// The period's task: sleeps until `deadline`, then closes the router's
+    /// sessions unless the period was cancelled. Takes the entry out when
+    /// it ends, however it ends (`self` drops then).
+    async fn expire(self, deadline: Instant) {
+        let (router, incarnation, epoch) = (self.router, self.incarnation, self.epoch);
+        let reconciler = &self.reconciler;
         tokio::time::sleep_until(deadline).await;
         {
-            let mut graces = self.inner.graces.lock();
+            let mut graces = reconciler.inner.graces.lock();
             let Some(grace) = graces.get_mut(&router).filter(|g| g.epoch == epoch) else {
                 return; // cancelled
             };
             grace.started = true;
         }
         let span = tracing::info_span!("grace_expired", %router, %incarnation);
-        let closed = self
-            .close_lost(router, incarnation, &expiry)
+        let closed = reconciler
+            .close_lost(router, incarnation, &self.expiry)
             .instrument(span)
             .await;
         if let Some(closed) = closed {
-            emit(self.inner.config.events.as_ref(), || Event::RouterLost {
-                router,
-                incarnation,
-                closed,
+            emit(reconciler.inner.config.events.as_ref(), || {
+                Event::RouterLost {
+                    router,
+                    incarnation,
+                    closed,
+                }
             });
         }
     }
+}
 
+impl<S: SessionStore> Reconciler<S> {
     /// Reads the store with `read` until it answers: a backend error is
     /// retried (I5: the expiry is not given up), after a wait from
     /// [`retry_delays`]; `None` once the expiry is stopped (a reconnect, a

@@ -107,7 +107,8 @@ pub enum ReconcileError {
         /// Its status in the store.
         status: RouterStatus,
     },
-    /// No tokio runtime to run the grace timer on.
+    /// No tokio runtime to run the grace timer on: called outside one, or
+    /// on one shutting down (which dropped the timer's task unrun).
     #[error("no tokio runtime: router_disconnected must be called within one")]
     NoRuntime,
     /// The reconciler was shut down.

@@ -190,8 +190,9 @@ impl<P> Session<P> {
         let mut groups: Vec<(ResourceClass, Vec<Box<dyn Resource>>)> = Vec::new();
         for resource in resources.into_release_order() {
             // `release_inline` and `class` are user code too, called after
-            // the close was won: a panic in either is contained (queued, as
-            // `Critical`), or the close would never complete.
+            // the close was won: a panic in either is contained (the
+            // resource queued, under `Critical` if `class` panicked), or
+            // the close would never complete.
             let inline = contain(|| resource.release_inline()).unwrap_or_else(|| {
                 tracing::error!(session = %self.id(), router = %self.router(),
                     "a session resource panicked in `release_inline`; the panic was contained");
