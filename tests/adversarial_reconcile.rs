@@ -1253,3 +1253,32 @@ fn a_disconnect_on_a_runtime_shutting_down_starts_no_period() {
         );
     });
 }
+
+/// A disconnect on a runtime built without its time driver: the timer
+/// cannot be made. The grace timer's task used to be spawned all the same
+/// and die on its first poll (a `RouterDisconnected` published for a
+/// period that never ran, or, as the task raced the filing on a
+/// multi-thread runtime, `NoRuntime`): now always `NoRuntime`, at once.
+#[test]
+fn a_disconnect_on_a_runtime_without_timers_is_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let bus = EventBus::new(16);
+        let mut events = bus.subscribe();
+        let reconciler = Reconciler::builder()
+            .events(bus)
+            .build(Arc::clone(&store))
+            .unwrap();
+        store.register_router(R).await.unwrap();
+        let answer = reconciler.router_disconnected(R).await;
+        assert!(
+            matches!(answer, Err(ReconcileError::NoRuntime)),
+            "{answer:?}"
+        );
+        assert_eq!(reconciler.in_grace(), 0);
+        assert!(events.try_recv().is_none(), "no period, no event");
+    });
+}

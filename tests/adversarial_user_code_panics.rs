@@ -358,6 +358,8 @@ struct Parking<P> {
     release: Signal,
     /// The next `remove_exact` panics (a store's own bug).
     panic_remove: AtomicBool,
+    /// The next call of `sessions` panics before it returns its future.
+    panic_listing_call: AtomicBool,
 }
 
 impl<P> Default for Parking<P> {
@@ -366,6 +368,7 @@ impl<P> Default for Parking<P> {
             inner: MemoryStore::default(),
             park_listing: AtomicBool::new(false),
             panic_remove: AtomicBool::new(false),
+            panic_listing_call: AtomicBool::new(false),
             arrived: Signal::new(),
             release: Signal::new(),
         }
@@ -410,13 +413,22 @@ impl<P: Send + Sync + 'static> SessionStore for Parking<P> {
         }
         self.inner.remove_exact(key).await
     }
-    async fn sessions(&self, router: RouterId) -> Result<Vec<Session<P>>, RouterError> {
-        let listed = self.inner.sessions(router).await;
-        if self.park_listing.swap(false, Ordering::SeqCst) {
-            self.arrived.notify_one();
-            self.release.notified().await;
+    fn sessions(
+        &self,
+        router: RouterId,
+    ) -> impl Future<Output = Result<Vec<Session<P>>, RouterError>> + Send {
+        // In the call, before any future exists: a store's own bug.
+        if self.panic_listing_call.swap(false, Ordering::SeqCst) {
+            panic!("the store's sessions() panicked before returning its future");
         }
-        listed
+        async move {
+            let listed = self.inner.sessions(router).await;
+            if self.park_listing.swap(false, Ordering::SeqCst) {
+                self.arrived.notify_one();
+                self.release.notified().await;
+            }
+            listed
+        }
     }
     async fn count(&self, router: RouterId) -> Result<usize, RouterError> {
         self.inner.count(router).await
@@ -498,11 +510,18 @@ async fn a_payload_drop_panicking_in_a_probe_drivers_listing_leaves_the_router_p
     );
 }
 
-/// A store whose removal panics while a probe driver reaps: the reaped
-/// session is closed (its removal left to the audit sweeper), and the
-/// driver lives on to reap the router's next silent session.
+/// A store whose removal panics while a probe driver reaps (`remove`), or
+/// whose `sessions` call panics while the driver lists the router
+/// (`list`): the driver lives on to reap the router's next silent session
+/// (a reaped session's removal is left to the audit sweeper).
 #[tokio::test(start_paused = true)]
-async fn a_store_panicking_in_a_reap_leaves_the_router_probed() {
+async fn a_store_panicking_in_a_probe_driver_leaves_the_router_probed() {
+    for list in [false, true] {
+        store_panicking_in_a_probe_driver(list).await;
+    }
+}
+
+async fn store_panicking_in_a_probe_driver(list: bool) {
     let store = Arc::new(Parking::<()>::default());
     let incarnation = store.register_router(R).await.unwrap();
     let monitor = LivenessMonitor::builder()
@@ -512,15 +531,20 @@ async fn a_store_panicking_in_a_reap_leaves_the_router_probed() {
         .create(NewSession::new(SessionId::new(1), R, incarnation))
         .await
         .unwrap();
-    store.panic_remove.store(true, Ordering::SeqCst);
+    let panics = if list {
+        &store.panic_listing_call
+    } else {
+        &store.panic_remove
+    };
+    panics.store(true, Ordering::SeqCst);
     monitor.watch(&first).unwrap();
     assert_eq!(
         within(HOUR, first.closed()).await,
         CloseReason::LivenessTimeout
     );
     assert!(
-        !store.panic_remove.load(Ordering::SeqCst),
-        "the removal ran"
+        !panics.load(Ordering::SeqCst),
+        "the store panicked (list: {list})"
     );
 
     let later = store

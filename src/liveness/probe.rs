@@ -372,7 +372,8 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// panics contained (and a store that panics counts as one that could
     /// not say), so the driver outlives both.
     async fn open_watched(&self, router: RouterId) -> Option<(usize, u64)> {
-        let listed = AssertUnwindSafe(self.store.sessions(router))
+        // `sessions` itself, not only its future, may panic.
+        let listed = AssertUnwindSafe(async { self.store.sessions(router).await })
             .catch_unwind()
             .await;
         let sessions = match listed {

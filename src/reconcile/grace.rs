@@ -214,7 +214,8 @@ impl<S: SessionStore> Reconciler<S> {
     /// period runs: that one is left as it is),
     /// [`ReconcileError::UnknownRouter`],
     /// [`ReconcileError::NoRuntime`] outside a tokio runtime (or on one
-    /// shutting down, which drops the period's timer unrun),
+    /// built without its time driver, or shutting down, which drops the
+    /// period's timer unrun),
     /// [`ReconcileError::ShutDown`] after [`shutdown`](Self::shutdown), and
     /// [`ReconcileError::Store`] if the backend failed.
     ///
@@ -262,6 +263,11 @@ impl<S: SessionStore> Reconciler<S> {
             .checked_add(grace)
             .or_else(|| now.checked_add(FAR_FUTURE))
             .unwrap_or(now);
+        // The timer, made here: tokio panics making one on a runtime built
+        // without its time driver, which must be this call's `NoRuntime`,
+        // not a task that dies on its first poll.
+        let timer = crate::contain::contain(|| tokio::time::sleep_until(deadline))
+            .ok_or(ReconcileError::NoRuntime)?;
         let mut graces = self.inner.graces.lock();
         if self.inner.tracker.is_closed() {
             return Err(ReconcileError::ShutDown);
@@ -295,7 +301,7 @@ impl<S: SessionStore> Reconciler<S> {
         let task = self
             .inner
             .tracker
-            .spawn_on(async move { end.expire(deadline).await }, &runtime);
+            .spawn_on(async move { end.expire(timer).await }, &runtime);
         if expiry
             .filed
             .compare_exchange(UNFILED, FILED, Ordering::AcqRel, Ordering::Acquire)
@@ -372,13 +378,13 @@ impl<S: SessionStore> Reconciler<S> {
 }
 
 impl<S: SessionStore> PeriodEnd<S> {
-    /// The period's task: sleeps until `deadline`, then closes the router's
-    /// sessions unless the period was cancelled. Takes the entry out when
-    /// it ends, however it ends (`self` drops then).
-    async fn expire(self, deadline: Instant) {
+    /// The period's task: sleeps until its deadline (`timer`), then closes
+    /// the router's sessions unless the period was cancelled. Takes the
+    /// entry out when it ends, however it ends (`self` drops then).
+    async fn expire(self, timer: tokio::time::Sleep) {
         let (router, incarnation, epoch) = (self.router, self.incarnation, self.epoch);
         let reconciler = &self.reconciler;
-        tokio::time::sleep_until(deadline).await;
+        timer.await;
         {
             let mut graces = reconciler.inner.graces.lock();
             let Some(grace) = graces.get_mut(&router).filter(|g| g.epoch == epoch) else {

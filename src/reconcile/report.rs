@@ -107,8 +107,9 @@ pub enum ReconcileError {
         /// Its status in the store.
         status: RouterStatus,
     },
-    /// No tokio runtime to run the grace timer on: called outside one, or
-    /// on one shutting down (which dropped the timer's task unrun).
+    /// No tokio runtime to run the grace timer on: called outside one, on
+    /// one built without its time driver (`enable_time`), or on one
+    /// shutting down (which dropped the timer's task unrun).
     #[error("no tokio runtime: router_disconnected must be called within one")]
     NoRuntime,
     /// The reconciler was shut down.
