@@ -17,7 +17,7 @@ mod etcd_support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use etcd_support::{Cluster, Link, Proxy, endpoints, unique_prefix};
+use etcd_support::{Calm, Cluster, Link, Proxy, decode_u64, encode_u64, endpoints, unique_prefix};
 use futures::StreamExt;
 use session_lifecycle::deleter::{DeleteOutcome, DeletionReport};
 use session_lifecycle::etcd::{EtcdPayload, EtcdStore, EtcdStoreBuilder};
@@ -1071,24 +1071,11 @@ impl Drop for Touchy {
 
 impl EtcdPayload for Touchy {
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.0.to_be_bytes());
+        encode_u64(self.0, out);
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Touchy(u64::from_be_bytes(bytes.try_into()?)))
-    }
-}
-
-/// The same records with a calm `Drop`.
-struct Calm(u64);
-
-impl EtcdPayload for Calm {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.0.to_be_bytes());
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Calm(u64::from_be_bytes(bytes.try_into()?)))
+        decode_u64(bytes).map(Touchy)
     }
 }
 

@@ -15,7 +15,7 @@ use session_lifecycle::store::{
     AuditReport, BackendError, CreateError, FenceError, FenceSnapshot, FinishError, FinishReport,
     RegisterError, Repair, RouterCensus, RouterError, RouterStatus, SessionError,
 };
-use session_lifecycle::test_util::within;
+use session_lifecycle::test_util::{router_lost, within};
 use session_lifecycle::{
     AuditSweeper, CloseReason, Event, EventBus, ExpiryMonitor, Incarnation, Lifecycle,
     LivenessEvent, LivenessMonitor, MemoryStore, NewSession, NotifyError, Reconciler, Resource,
@@ -80,27 +80,27 @@ impl Resource for Counted {
     }
 }
 
-/// A resource whose `class()` (user code, like `release`) panics.
-struct BadClass(Arc<AtomicUsize>);
-
-impl Resource for BadClass {
-    fn release(self: Box<Self>, _: CloseReason) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-    fn class(&self) -> ResourceClass {
-        panic!("class() of a user resource panicked");
-    }
+/// A resource whose `class()` (`in_class`) or `release_inline()` (user
+/// code, like `release`) panics; counts its releases.
+struct Panicky {
+    released: Arc<AtomicUsize>,
+    in_class: bool,
 }
 
-/// A resource whose `release_inline()` panics.
-struct BadInline(Arc<AtomicUsize>);
-
-impl Resource for BadInline {
+impl Resource for Panicky {
     fn release(self: Box<Self>, _: CloseReason) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.released.fetch_add(1, Ordering::SeqCst);
+    }
+    fn class(&self) -> ResourceClass {
+        assert!(!self.in_class, "class() of a user resource panicked");
+        ResourceClass::Normal
     }
     fn release_inline(&self) -> bool {
-        panic!("release_inline() of a user resource panicked");
+        assert!(
+            self.in_class,
+            "release_inline() of a user resource panicked"
+        );
+        false
     }
 }
 
@@ -128,8 +128,10 @@ async fn a_resource_whose_class_or_inline_flag_panics_in_a_forced_close_still_co
         .unwrap();
     let (good, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     session.attach(Counted(Arc::clone(&good))).unwrap();
-    session.attach(BadClass(Arc::clone(&bad))).unwrap();
-    session.attach(BadInline(Arc::clone(&bad))).unwrap();
+    for in_class in [true, false] {
+        let released = Arc::clone(&bad);
+        session.attach(Panicky { released, in_class }).unwrap();
+    }
 
     let deleted = within(HOUR, lifecycle.deleter().delete(R)).await;
     let report = deleted.expect("the deletion ends");
@@ -213,8 +215,7 @@ async fn a_payload_drop_panicking_in_the_expiry_monitor_leaves_the_others_expiri
         .close(bomb.id(), CloseReason::ClientClosed)
         .await
         .unwrap();
-    drop(bomb); // the monitor's wheel holds the last handle
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    drop(bomb); // the monitor's wheel holds the last handle: its sweep drops it
 
     assert_eq!(
         within(HOUR, victim.closed()).await,
@@ -259,12 +260,15 @@ async fn a_payload_drop_panicking_in_a_periodic_sweep_ends_that_sweep_only() {
 async fn a_payload_drop_panicking_in_a_grace_expiry_ends_the_period_cleanly() {
     let (store, incarnation) = bomb_store().await;
     drop(store.create(spec(1, incarnation, true)).await.unwrap());
+    let bus = EventBus::new(16);
+    let mut events = bus.subscribe();
     let reconciler = Reconciler::builder()
         .grace_period(Duration::from_secs(30))
+        .events(bus)
         .build(Arc::clone(&store))
         .unwrap();
     reconciler.router_disconnected(R).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(within(HOUR, router_lost(&mut events, R)).await, 1);
     assert!(
         store.is_empty(),
         "the expiry closed and removed the session"

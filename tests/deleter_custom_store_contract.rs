@@ -125,18 +125,45 @@ fn deleter(store: &Arc<Wrap>, confirm: Notify, cap: Option<usize>) -> Deleter {
 
 /// The store's `fence` of each router in `cascade` awaits the deletion of
 /// its child ("awaiting the deletion of another router is fine").
-/// The store's fence of a parent awaits its child's deletion.
 fn cascade_on_fence(store: &Wrap, deleter: &Deleter, cascade: Vec<(RouterId, RouterId)>) {
+    let cascade = cascade.into_iter().map(|(p, c)| (p, Some(c))).collect();
+    drop(gated_cascade_on_fence(store, deleter, cascade, true));
+}
+
+/// Where a gated cascade's fences report (`fences`), and what lets them
+/// go on (`go`).
+struct Gate {
+    fences: tokio::sync::mpsc::UnboundedReceiver<RouterId>,
+    go: tokio::sync::watch::Sender<bool>,
+}
+
+/// The store's `fence` of each parent in `cascade` reports to the gate,
+/// waits until it is open (at once if `open`), then awaits the deletion
+/// of its child, if it has one.
+fn gated_cascade_on_fence(
+    store: &Wrap,
+    deleter: &Deleter,
+    cascade: Vec<(RouterId, Option<RouterId>)>,
+    open: bool,
+) -> Gate {
+    let (entered, fences) = tokio::sync::mpsc::unbounded_channel();
+    let (go, went) = tokio::sync::watch::channel(open);
     let d = deleter.clone();
     let _ = store.on_fence.set(Box::new(move |router| {
-        let d = d.clone();
-        let child = cascade.iter().find(|(p, _)| *p == router).map(|(_, c)| *c);
+        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
+        let parent = cascade.iter().find(|(p, _)| *p == router).map(|(_, c)| *c);
         Box::pin(async move {
+            let Some(child) = parent else {
+                return;
+            };
+            let _ = entered.send(router);
+            let _ = went.wait_for(|go| *go).await;
             if let Some(child) = child {
                 let _ = d.delete(child).await;
             }
         })
     }));
+    Gate { fences, go }
 }
 
 // --- Finding 1: max_concurrent + a store awaiting another router's deletion
@@ -243,23 +270,8 @@ async fn children_waiting_for_a_slot_are_let_go_when_their_parents_await_them() 
         all.push(ObservedRouter::fill(&*store, router, i as u64 * 100, 4).await);
     }
     let deleter = deleter(&store, Notify::confirm_all(), Some(2));
-    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
-    let (go, went) = tokio::sync::watch::channel(false);
-    let d = deleter.clone();
-    let _ = store.on_fence.set(Box::new(move |router| {
-        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
-        let child = [(r(1), r(11)), (r(2), r(12))]
-            .into_iter()
-            .find(|(p, _)| *p == router)
-            .map(|(_, c)| c);
-        Box::pin(async move {
-            if let Some(child) = child {
-                let _ = entered.send(router);
-                let _ = went.wait_for(|go| *go).await;
-                let _ = d.delete(child).await;
-            }
-        })
-    }));
+    let cascade = vec![(r(1), Some(r(11))), (r(2), Some(r(12)))];
+    let Gate { mut fences, go } = gated_cascade_on_fence(&store, &deleter, cascade, false);
     let limit = deleter.max_wait(4) * 8 + Duration::from_secs(3600);
     let parents = [r(1), r(2)].map(|p| tokio::spawn(deleter.delete(p)));
     for _ in 0..2 {
@@ -353,17 +365,7 @@ async fn a_queued_run_dropped_with_its_runtime_is_counted_out_of_queued() {
     let _ob = ObservedRouter::fill(&*store, b, 100, 4).await;
     let deleter = deleter(&store, Notify::confirm_all(), Some(1));
     // A's fence waits for `go`: A holds the only slot meanwhile.
-    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
-    let (go, went) = tokio::sync::watch::channel(false);
-    let _ = store.on_fence.set(Box::new(move |router| {
-        let (entered, mut went) = (entered.clone(), went.clone());
-        Box::pin(async move {
-            if router == RouterId::new(1) {
-                let _ = entered.send(router);
-                let _ = went.wait_for(|go| *go).await;
-            }
-        })
-    }));
+    let Gate { mut fences, go } = gated_cascade_on_fence(&store, &deleter, vec![(a, None)], false);
     let first = tokio::spawn(deleter.delete(a));
     fences.recv().await.expect("A fences");
     // B's deletion starts on a runtime of its own, queues, and the runtime
@@ -423,19 +425,8 @@ async fn nested_delete_behind_a_queued_run_of_another_incarnation() {
     ));
     ob1.assert_deleted(&*store).await;
     let ob2 = ObservedRouter::fill(&*store, b, 200, 4).await;
-    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
-    let (go, went) = tokio::sync::watch::channel(false);
-    let d = deleter.clone();
-    let _ = store.on_fence.set(Box::new(move |router| {
-        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
-        Box::pin(async move {
-            if router == RouterId::new(1) {
-                let _ = entered.send(router);
-                let _ = went.wait_for(|go| *go).await;
-                let _ = d.delete(RouterId::new(2)).await;
-            }
-        })
-    }));
+    let Gate { mut fences, go } =
+        gated_cascade_on_fence(&store, &deleter, vec![(a, Some(b))], false);
     let parent = tokio::spawn(deleter.delete(a));
     fences.recv().await.expect("A fences");
     // A late, duplicate request for B's old life: queued behind A.
@@ -526,19 +517,8 @@ async fn shutdown_with_a_promoted_child() {
     let oa = ObservedRouter::fill(&*store, a, 0, 4).await;
     let ob = ObservedRouter::fill(&*store, b, 100, 4).await;
     let deleter = deleter(&store, Notify::confirm_all(), Some(1));
-    let (entered, mut fences) = tokio::sync::mpsc::unbounded_channel();
-    let (go, went) = tokio::sync::watch::channel(false);
-    let d = deleter.clone();
-    let _ = store.on_fence.set(Box::new(move |router| {
-        let (d, entered, mut went) = (d.clone(), entered.clone(), went.clone());
-        Box::pin(async move {
-            if router == RouterId::new(1) {
-                let _ = entered.send(router);
-                let _ = went.wait_for(|go| *go).await;
-                let _ = d.delete(RouterId::new(2)).await;
-            }
-        })
-    }));
+    let Gate { mut fences, go } =
+        gated_cascade_on_fence(&store, &deleter, vec![(a, Some(b))], false);
     let parent = tokio::spawn(deleter.delete(a));
     fences.recv().await.expect("A fences");
     let child = tokio::spawn(deleter.delete(b));

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use etcd_client::GetOptions;
-use etcd_support::{Cluster, endpoints, unique_prefix};
+use etcd_support::{Calm, Cluster, decode_u64, encode_u64, endpoints, unique_prefix};
 use session_lifecycle::etcd::{EtcdPayload, EtcdStore};
 use session_lifecycle::{CloseReason, NewSession, RouterId, SessionId, SessionStore};
 use tokio::sync::Notify;
@@ -52,28 +52,17 @@ impl Drop for Brittle {
             }
             panic!("payload {}'s drop panics", self.0);
         }
+        DROPPED.notify_waiters();
     }
 }
 
 impl EtcdPayload for Brittle {
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.0.to_be_bytes());
+        encode_u64(self.0, out);
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Brittle(u64::from_be_bytes(bytes.try_into()?)))
-    }
-}
-
-struct Calm(u64);
-
-impl EtcdPayload for Calm {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.0.to_be_bytes());
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Calm(u64::from_be_bytes(bytes.try_into()?)))
+        decode_u64(bytes).map(Brittle)
     }
 }
 
@@ -253,7 +242,7 @@ async fn dropped_store_while_etcd_hangs(panic_first: bool) {
         .await;
     } else {
         drop(suspended);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        until("B's re-list let session 1 go", || b.cached() == 1).await;
         HANG_ON_PANIC.lock().unwrap().as_ref().unwrap().members[0].pause();
     }
     // The controller lets the store go, and every handle of it.

@@ -337,8 +337,11 @@ impl TerminationNotifier for Confirm {
 #[tokio::test(start_paused = true)]
 async fn counters_add_up_after_churn_deletions_and_reuse() {
     let store = Arc::new(MemoryStore::new());
+    let bus = session_lifecycle::EventBus::new(1 << 12);
+    let mut events = bus.subscribe();
     let monitor = LivenessMonitor::builder()
         .partition_min_routers(100)
+        .events(bus)
         .build(Arc::clone(&store), NoProbe)
         .unwrap();
     let deleter = RouterDeleter::new(Arc::clone(&store), Confirm(Arc::clone(&store)));
@@ -394,9 +397,12 @@ async fn counters_add_up_after_churn_deletions_and_reuse() {
     }
     // Delete routers 0 and 1 while their silent sessions are probed.
     within(HOUR, async {
-        while monitor.stats().suspects == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        while !matches!(
+            events.recv().await,
+            Some(session_lifecycle::Event::Liveness(
+                session_lifecycle::LivenessEvent::SessionSuspect { .. }
+            ))
+        ) {}
     })
     .await;
     let _ = within(HOUR, deleter.delete(RouterId::new(0))).await;

@@ -124,14 +124,15 @@ fn takeover_race(beat: bool) {
     );
 }
 
-/// A prober that never answers (its future hangs).
-struct Hang;
+/// A prober that never answers (its future hangs); says when it is called.
+struct Hang(Arc<tokio::sync::Notify>);
 
 impl session_lifecycle::Prober for Hang {
     async fn probe(
         &self,
         _batch: session_lifecycle::ProbeBatch,
     ) -> Result<Vec<SessionId>, session_lifecycle::ProbeError> {
+        self.0.notify_one();
         std::future::pending().await
     }
 }
@@ -148,18 +149,16 @@ async fn a_dropped_monitor_mid_round_is_taken_over_only_once_its_tasks_ended() {
         .create(NewSession::new(SessionId::new(1), router, incarnation))
         .await
         .unwrap();
+    let probed = Arc::new(tokio::sync::Notify::new());
     let old = LivenessMonitor::builder()
-        .build(Arc::clone(&store), Hang)
+        .build(Arc::clone(&store), Hang(Arc::clone(&probed)))
         .unwrap();
     old.watch(&s).unwrap();
     let clone = old.clone();
-    tokio::time::timeout(Duration::from_secs(3600), async {
-        while old.stats().probes == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap();
+    tokio::time::timeout(Duration::from_secs(3600), probed.notified())
+        .await
+        .unwrap();
+    assert!(old.stats().probes > 0);
     drop(old);
     let new = LivenessMonitor::builder()
         .build(Arc::clone(&store), NoProbe)

@@ -66,7 +66,7 @@ pub struct DeletionReport {
     /// Sessions of the router at the fence, and those the store's `finish`
     /// closed or removed unread (records another controller's version or
     /// payload type wrote, on a shared backend: see
-    /// [`FinishReport::unreadable`](crate::store::FinishReport::unreadable)).
+    /// [`FinishReport::unreadable`](crate::FinishReport::unreadable)).
     pub sessions: usize,
     /// Sessions that closed with
     /// [`CloseReason::RouterDeleted`](crate::CloseReason::RouterDeleted)

@@ -54,7 +54,7 @@ use crate::session::{CloseOutcome, CloseReason, NewSession, Session};
 ///   inside that call, waits for itself, and the deletion never ends.
 ///   Spawn such work instead; awaiting the deletion of another router is
 ///   fine, with or without
-///   [`max_concurrent`](crate::deleter::RouterDeleterBuilder::max_concurrent)
+///   [`max_concurrent`](crate::RouterDeleterBuilder::max_concurrent)
 ///   (a deletion started from inside a running one takes no slot; await
 ///   it there, not a task spawned for it).
 ///

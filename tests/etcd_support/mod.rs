@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use session_lifecycle::etcd::EtcdPayload;
 use session_lifecycle::etcd::client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -431,4 +432,27 @@ pub async fn metric(endpoint: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A test payload: a number, big-endian on the wire, with a plain `Drop`.
+pub struct Calm(pub u64);
+
+impl EtcdPayload for Calm {
+    fn encode(&self, out: &mut Vec<u8>) {
+        encode_u64(self.0, out);
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        decode_u64(bytes).map(Calm)
+    }
+}
+
+/// [`Calm`]'s encoding, for test payloads that are a number too.
+pub fn encode_u64(n: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(&n.to_be_bytes());
+}
+
+/// [`Calm`]'s decoding, for test payloads that are a number too.
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(u64::from_be_bytes(bytes.try_into()?))
 }

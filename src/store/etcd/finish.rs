@@ -68,14 +68,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
         shared.flush().await?;
         let prefix = shared.keys.records(router);
         let end = prefix_end(&prefix);
-        let mut report = FinishReport {
-            router,
-            incarnation,
-            removed: 0,
-            closed: 0,
-            unreadable: 0,
-            foreign: 0,
-        };
+        let mut report = FinishReport::new(router, incarnation);
         // A tombstone attempt whose answer was lost may have landed.
         let mut tombstone_sent = false;
         for _ in 0..CONTENTION {
