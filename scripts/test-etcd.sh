@@ -5,8 +5,10 @@
 #   scripts/test-etcd.sh -- --nocapture
 #
 # Starts etcd in a temporary directory on free non-default ports, waits for
-# it, runs the etcd test suites (tests/etcd_store.rs, tests/etcd_faults.rs)
-# with the endpoint in SESSION_LIFECYCLE_ETCD, and stops etcd.
+# it, runs every etcd test suite (the same list as .ci/run: etcd_store,
+# etcd_faults, adversarial_etcd, etcd_late_incarnations, etcd_watch_user_code,
+# and the etcd unit tests) with the endpoint in SESSION_LIFECYCLE_ETCD, and
+# stops etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +33,6 @@ if [ "${1:-}" = "--" ]; then
   shift
   args=(-- "$@")
 fi
-cargo test --features etcd,test-util --test etcd_store --test etcd_faults "${args[@]}"
+SESSION_LIFECYCLE_ETCD_REQUIRED=1 cargo test --features etcd,test-util --lib \
+  --test etcd_store --test etcd_faults --test adversarial_etcd \
+  --test etcd_late_incarnations --test etcd_watch_user_code "${args[@]}"

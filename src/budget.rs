@@ -247,7 +247,9 @@ impl NotificationBudget {
 /// Sleeps until `at`, unless it has come.
 async fn wait_until(at: Instant) {
     if at > Instant::now() {
-        tokio::time::sleep_until(at).await;
+        // On the runtime that polls it: a deletion's run may be driven
+        // from another runtime than the one it started on.
+        crate::timer::sleep_until_here(at).await;
     }
 }
 

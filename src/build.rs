@@ -34,8 +34,12 @@ pub enum BuildError {
         /// What is wrong with it, with the value given.
         problem: String,
     },
-    /// The piece runs tasks, and `build` was called outside a tokio runtime.
-    #[error("{piece} runs tasks: build it inside a tokio runtime")]
+    /// The piece runs tasks with timers, and `build` was called outside a
+    /// tokio runtime, or on one built without its time driver (tokio's
+    /// `enable_time`, or `enable_all`).
+    #[error(
+        "{piece} runs tasks with timers: build it inside a tokio runtime with its time driver enabled"
+    )]
     NoRuntime {
         /// The piece being built.
         piece: &'static str,
@@ -106,4 +110,15 @@ pub(crate) fn wired<const N: usize>(settings: [(&'static str, bool); N]) -> Opti
     settings
         .into_iter()
         .find_map(|(setting, given)| given.then_some(setting))
+}
+
+/// The current tokio runtime, if there is one and it has its time driver:
+/// every piece that runs tasks also sets deadlines. `None` otherwise
+/// (tokio panics making a timer on a runtime built without its time
+/// driver; the panic is contained here, so the caller can refuse with its
+/// `NoRuntime` instead of leaving tasks that die on their first poll).
+pub(crate) fn timed_runtime() -> Option<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    crate::contain::contain(|| drop(tokio::time::sleep(tokio::time::Duration::ZERO)))?;
+    Some(runtime)
 }

@@ -276,6 +276,7 @@ pub mod sweeper;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
+mod timer;
 mod transport_error;
 mod wheel;
 
@@ -345,12 +346,14 @@ pub use {
     sweeper::{AuditSweeperBuilder, SweepReport, SweeperStats},
 };
 
-/// The close futures' names before 0.2: [`session::WaitForClose`].
+/// The close future's earlier name (renamed during 0.1):
+/// [`session::WaitForClose`].
 #[doc(hidden)]
 #[deprecated(note = "renamed `session::WaitForClose`")]
 pub type Closed<'a, P> = session::WaitForClose<'a, P>;
 
-/// The close futures' names before 0.2: [`session::WaitForCloseOwned`].
+/// The owned close future's earlier name (renamed during 0.1):
+/// [`session::WaitForCloseOwned`].
 #[doc(hidden)]
 #[deprecated(note = "renamed `session::WaitForCloseOwned`")]
 pub type ClosedOwned<P> = session::WaitForCloseOwned<P>;

@@ -43,13 +43,15 @@ pub(crate) fn scan_due(step: usize) -> bool {
 
 /// Drops what `items` yields a slice at a time, pausing in between:
 /// dropping a session's last handle frees it (and runs its payload's
-/// `Drop`).
-pub(crate) async fn drop_in_slices<I: Iterator>(items: I) {
+/// `Drop`, user code: one that panics is contained, and the rest are still
+/// dropped). Returns how many drops panicked.
+pub(crate) async fn drop_in_slices<I: Iterator>(items: I) -> usize {
     let mut items = items.peekable();
+    let mut panicked = 0;
     loop {
-        items.by_ref().take(SLICE).for_each(drop);
+        panicked += crate::contain::drop_each(items.by_ref().take(SLICE));
         if items.peek().is_none() {
-            return;
+            return panicked;
         }
         pause().await;
     }

@@ -25,7 +25,6 @@ use std::sync::{Arc, Weak};
 
 use futures::FutureExt;
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -231,14 +230,16 @@ impl AuditSweeperBuilder {
     ///
     /// # Errors
     ///
-    /// [`BuildError::NoRuntime`] outside a tokio runtime,
+    /// [`BuildError::NoRuntime`] outside a tokio runtime (or on one without
+    /// its time driver),
     /// [`BuildError::Setting`] for a zero interval.
     pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<AuditSweeper<S>, BuildError> {
         const PIECE: &str = "AuditSweeper";
         if self.config.interval.is_zero() {
             return Err(BuildError::setting(PIECE, "interval", "must be above zero"));
         }
-        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
+        let runtime =
+            crate::build::timed_runtime().ok_or(BuildError::NoRuntime { piece: PIECE })?;
         let sweeper = AuditSweeper {
             inner: Arc::new(Inner {
                 store,

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use session_lifecycle::liveness::NoProbe;
 use session_lifecycle::session::CloseOutcome;
 use session_lifecycle::store::{
-    AuditReport, BackendError, CreateError, FenceError, FenceSnapshot, FinishError, FinishReport,
-    RegisterError, Repair, RouterCensus, RouterError, RouterStatus, SessionError,
+    AuditReport, BackendError, CreateError, CreateErrorKind, FenceError, FenceSnapshot,
+    FinishError, FinishReport, RegisterError, Repair, RouterCensus, RouterError, RouterStatus,
+    SessionError,
 };
 use session_lifecycle::test_util::{router_lost, within};
 use session_lifecycle::{
@@ -563,4 +564,120 @@ async fn store_panicking_in_a_probe_driver(list: bool) {
         monitor.stats()
     );
     assert_eq!(monitor.stats().reaped, 2);
+}
+
+/// A payload that counts its drops and panics in `Drop` when `armed`.
+struct Loud {
+    armed: bool,
+    drops: Arc<AtomicUsize>,
+}
+
+impl Drop for Loud {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+        // No `!std::thread::panicking()` guard: a drop run while another
+        // unwinds panics too (and aborts the process), as a careless
+        // payload's would.
+        if self.armed {
+            panic!("a payload's Drop panicked");
+        }
+    }
+}
+
+/// Ten sessions on `R`, three of them `Loud` payloads that panic when
+/// dropped; the caller keeps no handle. Returns the store, the incarnation
+/// and the drop counter.
+async fn loud_router() -> (Arc<MemoryStore<Loud>>, Incarnation, Arc<AtomicUsize>) {
+    let store: Arc<MemoryStore<Loud>> = Arc::new(MemoryStore::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    for id in 0..10 {
+        let payload = Loud {
+            armed: matches!(id, 2 | 5 | 7),
+            drops: Arc::clone(&drops),
+        };
+        let spec = NewSession::new(SessionId::new(id), R, incarnation).payload(payload);
+        drop(store.create(spec).await.unwrap());
+    }
+    (store, incarnation, drops)
+}
+
+/// A deletion holds the last handles of its sessions and drops them at its
+/// end. A payload `Drop` that panicked there ended a deletion whose work
+/// was done `Interrupted` (its report lost: the next call said
+/// `AlreadyDeleted`), and a second one in the same slice panicked while
+/// unwinding: the process aborted.
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_at_a_deletions_end_leave_its_report() {
+    let (store, _, drops) = loud_router().await;
+    let deleter = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_secs(1))
+        .build(Arc::clone(&store), Deaf)
+        .unwrap();
+    let outcome = within(HOUR, deleter.delete(R)).await;
+    let report = outcome
+        .expect("the deletion's work is done: a payload's panic is contained")
+        .report()
+        .cloned()
+        .expect("this call ran the deletion");
+    assert_eq!((report.sessions, report.forced), (10, 10), "{report:?}");
+    assert_eq!(drops.load(Ordering::SeqCst), 10, "every payload dropped");
+    assert_eq!(store.sessions(R).await.unwrap().len(), 0);
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+/// `finish` called by hand (a controller's own deletion flow) drops the
+/// router's index, which holds the sessions' last handles: payload `Drop`s
+/// that panicked there escaped the store's `finish` (the second one, in
+/// the same slice, aborted the process).
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_in_a_stores_finish_are_contained() {
+    let (store, incarnation, drops) = loud_router().await;
+    let snapshot = store.fence_incarnation(R, incarnation).await.unwrap();
+    drop(snapshot);
+    let finished = store.finish(R, incarnation).await.expect("finished");
+    assert_eq!(finished.closed, 10, "{finished:?}");
+    assert_eq!(drops.load(Ordering::SeqCst), 10, "every payload dropped");
+    assert!(store.audit().await.unwrap().is_clean());
+    let late = NewSession::new(SessionId::new(11), R, incarnation).payload(Loud {
+        armed: false,
+        drops: Arc::clone(&drops),
+    });
+    let refused = store
+        .create(late)
+        .await
+        .expect_err("the incarnation is deleted");
+    assert!(
+        matches!(refused.kind(), CreateErrorKind::RouterDeleted { .. }),
+        "{refused}"
+    );
+}
+
+/// Sessions closed through their own handle stay in the store (closed)
+/// until a deletion or a sweep removes them: the store's removal in
+/// `finish` then drops their last handle.
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_when_a_deletion_removes_closed_sessions_are_contained() {
+    let (store, _, drops) = loud_router().await;
+    for id in [2, 5, 7] {
+        let session = store.get(SessionId::new(id)).await.unwrap().unwrap();
+        assert!(session.close(CloseReason::ClientClosed).won());
+    }
+    let deleter = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_secs(1))
+        .build(Arc::clone(&store), Deaf)
+        .unwrap();
+    let outcome = within(HOUR, deleter.delete(R)).await;
+    let report = outcome
+        .expect("a payload's panic is contained")
+        .report()
+        .cloned()
+        .expect("this call ran the deletion");
+    assert_eq!(
+        (report.sessions, report.already_closed, report.forced),
+        (10, 3, 7),
+        "{report:?}"
+    );
+    assert_eq!(drops.load(Ordering::SeqCst), 10, "every payload dropped");
+    assert!(store.audit().await.unwrap().is_clean());
 }

@@ -128,6 +128,62 @@ fn pieces_with_tasks_need_a_runtime() {
     no_runtime(AuditSweeper::builder().build(Arc::clone(&store)).err());
 }
 
+/// On a runtime built without its time driver (no `enable_time`), the
+/// pieces built and their tasks died on their first poll ("timers are
+/// disabled"): a liveness monitor that took watches and never reaped, a
+/// deletion that ended `Interrupted` with its router left fenced. Now the
+/// builds and the deletion refuse with `NoRuntime`, having done nothing.
+#[test]
+fn a_runtime_without_its_time_driver_is_no_runtime() {
+    use session_lifecycle::{
+        DeleteError, ExpiryMonitor, Lifecycle, RouterId, RouterStatus, SessionStore,
+    };
+
+    let timeless = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime builds");
+    let store = Arc::new(MemoryStore::new());
+    let no_runtime = |built: Option<BuildError>| {
+        assert!(
+            matches!(built, Some(BuildError::NoRuntime { .. })),
+            "{built:?}"
+        );
+    };
+    timeless.block_on(async {
+        no_runtime(ReclaimQueue::builder().build().err());
+        no_runtime(
+            LivenessMonitor::builder()
+                .build(Arc::clone(&store), NoProbe)
+                .err(),
+        );
+        no_runtime(AuditSweeper::builder().build(Arc::clone(&store)).err());
+        no_runtime(ExpiryMonitor::builder().build(Arc::clone(&store)).err());
+        no_runtime(
+            Lifecycle::builder(
+                Arc::clone(&store),
+                ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all()),
+            )
+            .build()
+            .err(),
+        );
+
+        let router = RouterId::new(1);
+        let incarnation = store.register_router(router).await.unwrap();
+        let deleter = RouterDeleter::new(
+            Arc::clone(&store),
+            ScriptedNotifier::always(Arc::clone(&store), Notify::confirm_all()),
+        );
+        let result = deleter.delete(router).await;
+        assert!(matches!(result, Err(DeleteError::NoRuntime)), "{result:?}");
+        assert_eq!(
+            store.router_status(router).await.unwrap(),
+            RouterStatus::Live(incarnation),
+            "nothing was done: the router is not fenced"
+        );
+        assert_eq!(deleter.running(), 0);
+    });
+}
+
 /// Any duration, from none to `Duration::MAX`, weighted to the extremes.
 fn duration() -> impl Strategy<Value = Duration> {
     prop_oneof![

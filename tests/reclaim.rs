@@ -751,6 +751,7 @@ fn building_needs_a_runtime_a_capacity_and_a_worker() {
         }
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     runtime.block_on(async {

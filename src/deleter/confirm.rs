@@ -22,6 +22,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{OnceLock, Weak};
 
+use crate::contain::drop_each_logged;
 use crate::id::SessionKey;
 use crate::session::{CloseReason, Session};
 
@@ -162,6 +163,18 @@ impl<P> Tracked<P> {
         Self {
             sessions,
             by_handle: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The last holder drops the sessions (their last handles, maybe: the
+/// payloads' `Drop`s are user code) with each panic contained: a
+/// confirmation that outlives its deletion by an instant may be that
+/// holder, in the caller's context.
+impl<P> Drop for Tracked<P> {
+    fn drop(&mut self) {
+        if !self.sessions.is_empty() {
+            drop_each_logged(self.sessions.drain(..), "a deletion's sessions");
         }
     }
 }
@@ -397,5 +410,38 @@ impl fmt::Debug for Confirmations {
             .field("len", &self.len())
             .field("deletion_running", &(self.target.strong_count() > 0))
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::Tracked;
+    use crate::contain::tests::louds;
+    use crate::{Incarnation, NewSession, RouterId, SessionId};
+
+    /// The last holder of a deletion's sessions may be a confirmation in
+    /// the caller's context: payload `Drop`s that panic there are
+    /// contained (two in one `Vec` would abort the process).
+    #[test]
+    fn tracked_sessions_are_dropped_with_their_panics_contained() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let sessions = louds(6, &[1, 2, 5], &drops)
+            .into_iter()
+            .enumerate()
+            .map(|(i, loud)| {
+                NewSession::new(
+                    SessionId::new(i as u64),
+                    RouterId::new(1),
+                    Incarnation::new(1),
+                )
+                .payload(loud)
+                .into_session()
+            })
+            .collect();
+        drop(Tracked::new(sessions));
+        assert_eq!(drops.load(Ordering::SeqCst), 6);
     }
 }

@@ -251,6 +251,11 @@ impl Future for SharedRun {
         if !this.polled {
             this.polled = true;
             if !matches!(*driver.run.lock(), Stage::Done(_)) {
+                // A waiter that joins asks for a poll of the run, as a
+                // wake does: the run may wait for a timer of a runtime that
+                // nobody drives any more (its caller left it idle), and its
+                // next poll makes that timer again here (see `timer`).
+                driver.waiters.unclaimed.store(true, Ordering::Release);
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }

@@ -48,7 +48,6 @@ use std::sync::{Arc, Weak};
 use std::task::Poll;
 
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -435,7 +434,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             // deleter awaits the answer and starts (or joins) the run, so
             // the deletion goes on once this future was polled, even if
             // the caller is gone by the time the store answers.
-            let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let runtime = crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
             // Read here, in the caller's task: the task below inherits no
             // task-local.
             let nested = nested();
@@ -530,7 +529,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             // Another incarnation's run must end first. A task of the
             // deleter waits for it and then deletes `target`, so the
             // deletion goes on even if the caller leaves meanwhile.
-            let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+            let runtime = crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
             let (token, admitted) = {
                 let _runs = this.inner.runs.lock();
                 let open = !this.inner.tracker.is_closed();
@@ -608,7 +607,7 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         if !admitted && self.inner.tracker.is_closed() {
             return Err(DeleteError::ShuttingDown);
         }
-        let runtime = Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
+        let runtime = crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
         let state = Arc::new(RunState {
             target,
             fenced: AtomicBool::new(false),

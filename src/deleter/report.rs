@@ -81,8 +81,12 @@ pub enum DeleteError {
     #[error("the router deleter is shutting down")]
     ShuttingDown,
     /// `delete` was polled outside a tokio runtime, where the run cannot be
-    /// spawned.
-    #[error("deletion needs a tokio runtime to run on; poll `delete` inside one")]
+    /// spawned, or on one built without its time driver (tokio's
+    /// `enable_time`, or `enable_all`), where its deadlines cannot be set.
+    /// Nothing was done: the router is not fenced.
+    #[error(
+        "deletion needs a tokio runtime with its time driver to run on; poll `delete` inside one"
+    )]
     NoRuntime,
     /// The run stopped before finishing (its runtime shut down, or the run
     /// itself failed unexpectedly). The router stays fenced: calling

@@ -45,6 +45,7 @@ use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::order;
 use super::report::{DeleteError, DeleteOutcome};
 use crate::closing::close_all;
+use crate::contain::{drop_each, drop_each_logged, log_drop_panics};
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionKey};
@@ -182,7 +183,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         let this = &self;
         let _ = (move || this.round())
             .retry(config.backoff)
-            .sleep(tokio::time::sleep)
+            // Timers on the runtime that polls the run (see `timer`).
+            .sleep(|delay| crate::timer::sleep_until_here(after(delay)))
             .notify(|Unconfirmed(open), delay| {
                 tracing::debug!(
                     open,
@@ -236,15 +238,24 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
         }
         report.durations.finish = phase.elapsed();
         // The handles go before the clock stops, a slice at a time.
+        // A payload's `Drop` that panics is contained (the deletion's work
+        // is done): logged, and the report is returned.
+        let mut panicked = 0;
         report.confirmed = match Arc::try_unwrap(std::mem::take(&mut self.tracked)) {
-            Ok(tracked) => count_confirmed_and_drop(tracked.sessions).await,
+            Ok(mut tracked) => {
+                let sessions = std::mem::take(&mut tracked.sessions);
+                let (confirmed, drops) = count_confirmed_and_drop(sessions).await;
+                panicked += drops;
+                confirmed
+            }
             // A confirmation is closing sessions with the handles (closed
             // already, as every tracked one): count, and leave the last
             // drop to it.
             Err(shared) => count_confirmed(&shared.sessions).await,
         };
         free_vec(std::mem::take(&mut self.first_round));
-        drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
+        panicked += drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
+        log_drop_panics(panicked, "router deletion");
         let accounted = report
             .already_closed
             .saturating_add(report.forced)
@@ -284,6 +295,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             }
             if session.router() != self.router || session.incarnation() != self.incarnation {
                 strays += 1;
+                // Its last handle, maybe: the payload's `Drop` is user code.
+                drop_each_logged([session], "router deletion");
                 continue;
             }
             let marked = session.begin_terminating();
@@ -308,7 +321,12 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                     already_closed += 1;
                     // Closed by someone else, who may still be releasing
                     // its resources: the run waits for that too (I1).
-                    if !session.is_close_complete() {
+                    if session.is_close_complete() {
+                        // Removed from the store since the snapshot, maybe:
+                        // this is its last handle, and the payload's `Drop`
+                        // user code.
+                        drop_each_logged([session], "router deletion");
+                    } else {
                         self.closing.push(session);
                     }
                 }
@@ -414,7 +432,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, all).await {
+        match crate::timer::timeout_at_here(deadline, all).await {
             Ok(()) => 0,
             Err(_elapsed) => self.still_open().await.len(),
         }
@@ -438,8 +456,10 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             if let Some(rate) = self.config.notify_rate {
                 let due = Duration::try_from_secs_f64(sent as f64 / f64::from(rate.get()))
                     .unwrap_or(FAR_FUTURE);
-                tokio::time::sleep_until(start.checked_add(due).unwrap_or_else(|| after(due)))
-                    .await;
+                crate::timer::sleep_until_here(
+                    start.checked_add(due).unwrap_or_else(|| after(due)),
+                )
+                .await;
             }
             sent += len;
             bump(&self.attempts);
@@ -462,7 +482,8 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             // inside the guarded future.
             let call = AssertUnwindSafe(async { self.notifier.notify_with(batch, confirm).await })
                 .catch_unwind();
-            let failure = match tokio::time::timeout(self.config.notify_timeout, call).await {
+            let notify_deadline = after(self.config.notify_timeout);
+            let failure = match crate::timer::timeout_at_here(notify_deadline, call).await {
                 Ok(Ok(Ok(()))) => None,
                 Ok(Ok(Err(error))) => Some(error.to_string()),
                 Ok(Err(panic)) => {
@@ -562,17 +583,23 @@ impl Open<'_> {
 /// How many of `tracked` were confirmed (closed with `RouterDeleted`),
 /// dropping them a slice at a time: dropping the last handle frees the
 /// session and runs its payload's `Drop`, part of the deletion's work.
-async fn count_confirmed_and_drop<P: Send + Sync + 'static>(mut tracked: Vec<Session<P>>) -> usize {
-    let mut confirmed = 0;
+/// Also returns how many of those drops panicked (contained).
+async fn count_confirmed_and_drop<P: Send + Sync + 'static>(
+    mut tracked: Vec<Session<P>>,
+) -> (usize, usize) {
+    let (mut confirmed, mut panicked) = (0, 0);
     while !tracked.is_empty() {
         let from = tracked.len().saturating_sub(SLICE);
-        confirmed += tracked.drain(from..).filter(confirmed_by_router).count();
+        let slice = tracked.drain(from..).inspect(|session| {
+            confirmed += usize::from(confirmed_by_router(session));
+        });
+        panicked += drop_each(slice);
         if !tracked.is_empty() {
             pause().await;
         }
     }
     free_vec(tracked);
-    confirmed
+    (confirmed, panicked)
 }
 
 /// How many of `tracked` were confirmed, in read-only slices.

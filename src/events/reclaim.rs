@@ -313,6 +313,28 @@ impl fmt::Debug for ReclaimError {
     }
 }
 
+/// The user's error is dropped with its panic contained: its `Drop` is
+/// user code, and a reclaim worker (or an event's last holder) drops the
+/// last clone.
+impl Drop for ReclaimError {
+    fn drop(&mut self) {
+        // Not the last clone (the common case): a decrement, no user code.
+        // `strong_count` alone cannot tell who drops last when clones go
+        // on two threads at once, so the last one is swapped out and
+        // dropped inside the catch whatever the count said.
+        let source = std::mem::replace(&mut self.source, dropped_source());
+        crate::contain::contain(move || drop(source));
+    }
+}
+
+/// What a dropped [`ReclaimError`] holds in its last instant: one shared
+/// value, no allocation per drop.
+fn dropped_source() -> Arc<dyn StdError + Send + Sync> {
+    static DROPPED: std::sync::LazyLock<Arc<dyn StdError + Send + Sync>> =
+        std::sync::LazyLock::new(|| Arc::from(Box::<dyn StdError + Send + Sync>::from("dropped")));
+    Arc::clone(&DROPPED)
+}
+
 impl StdError for ReclaimError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&*self.source)

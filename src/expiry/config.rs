@@ -160,7 +160,8 @@ impl ExpiryMonitorBuilder {
     /// # Errors
     ///
     /// [`BuildError::Setting`] for a tick out of range,
-    /// [`BuildError::NoRuntime`] outside a tokio runtime.
+    /// [`BuildError::NoRuntime`] outside a tokio runtime (or on one without
+    /// its time driver).
     pub fn build<S: SessionStore>(self, store: Arc<S>) -> Result<ExpiryMonitor<S>, BuildError> {
         let (finest, coarsest) = TICK;
         let tick = self.config.tick;

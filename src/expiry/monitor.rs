@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +156,8 @@ impl ExpiryMonitor<MemoryStore> {
 
 impl<S: SessionStore> ExpiryMonitor<S> {
     pub(super) fn start(store: Arc<S>, config: Config) -> Result<Self, BuildError> {
-        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
+        let runtime =
+            crate::build::timed_runtime().ok_or(BuildError::NoRuntime { piece: PIECE })?;
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             store,

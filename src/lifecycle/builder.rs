@@ -231,7 +231,8 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N,
     /// [`BuildError::Setting`] naming this builder's method (`"deleter"`,
     /// `"reconciler"`, ...) for a piece builder that sets what `Lifecycle`
     /// wires itself, or whatever error a piece's own `build` returns (the
-    /// setting it refused, [`BuildError::NoRuntime`] outside a runtime).
+    /// setting it refused, [`BuildError::NoRuntime`] outside a runtime or on
+    /// one without its time driver).
     /// Nothing keeps running after an error.
     ///
     /// See the example on [`LifecycleBuilder`].

@@ -455,7 +455,8 @@ impl LivenessMonitorBuilder {
     /// # Errors
     ///
     /// [`BuildError::Setting`] names the setting out of range,
-    /// [`BuildError::NoRuntime`] says there is no runtime, and
+    /// [`BuildError::NoRuntime`] says there is no runtime (or no time driver
+    /// in it), and
     /// [`BuildError::Exhausted`] that the process has built so many monitors
     /// (2⁴⁸ − 1) that a new one could not be told apart from an old one.
     pub fn build<S, Pr>(

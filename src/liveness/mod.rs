@@ -245,7 +245,7 @@ impl LivenessMonitor<MemoryStore, NoProbe> {
 
 impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     fn start(store: Arc<S>, prober: Pr, config: Config) -> Result<Self, BuildError> {
-        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime {
+        let runtime = crate::build::timed_runtime().ok_or(BuildError::NoRuntime {
             piece: config::PIECE,
         })?;
         let lease = tag::lease()?;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -141,7 +140,8 @@ impl ReclaimQueueBuilder {
     ///
     /// # Errors
     ///
-    /// [`BuildError::NoRuntime`] outside a tokio runtime;
+    /// [`BuildError::NoRuntime`] outside a tokio runtime (or on one without
+    /// its time driver);
     /// [`BuildError::Setting`] for a capacity of 0 or above `usize::MAX >> 3`, or workers outside 1 to 1,024.
     ///
     /// See the example on [`ReclaimQueueBuilder`].
@@ -149,9 +149,12 @@ impl ReclaimQueueBuilder {
         const PIECE: &str = "ReclaimQueue";
         let capacity = check_count(PIECE, "capacity", self.capacity, MAX_CAPACITY)?;
         let workers = check_count(PIECE, "workers", self.workers, MAX_WORKERS)?;
-        let runtime = Handle::try_current().map_err(|_| BuildError::NoRuntime { piece: PIECE })?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(capacity, self.paused)),
+        let runtime =
+            crate::build::timed_runtime().ok_or(BuildError::NoRuntime { piece: PIECE })?;
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
+            alive: AtomicUsize::new(0),
+            state: Mutex::new(State::new(capacity, self.paused, workers)),
             capacity,
             workers,
             work: Notify::new(),
@@ -167,12 +170,7 @@ impl ReclaimQueueBuilder {
             aborts: Mutex::new(Vec::with_capacity(workers)),
             interrupted: Mutex::new(Vec::new()),
         });
-        for _ in 0..workers {
-            let worker = shared
-                .tracker
-                .spawn_on(Arc::clone(&shared).work_loop(), &runtime);
-            shared.aborts.lock().push(worker.abort_handle());
-        }
+        shared.spawn_workers(&runtime);
         Ok(ReclaimQueue {
             _owner: Arc::new(Owner(Arc::clone(&shared))),
             shared,

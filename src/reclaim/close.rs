@@ -117,6 +117,18 @@ impl ReclaimQueue {
     ///
     /// Pushes waiting for room get their tasks back ([`PushError`]).
     ///
+    /// A worker blocked in a synchronous call past the deadline (a
+    /// [`Resource::release`](crate::Resource::release) that blocks its
+    /// thread, a task's future that never yields) cannot be aborted: 100 ms
+    /// after the deadline its task is reported interrupted (in
+    /// [`ShutdownReport::interrupted`] and a
+    /// [`ReclaimFailed`](crate::ReclaimEvent::ReclaimFailed)) and counted
+    /// out, and the call returns; the call goes on in that thread, and the
+    /// task's end is not counted again. Tokio drives a runtime's timers
+    /// from its idle workers, so such a worker can also hold every timer of
+    /// its runtime, this call's deadline included: await the shutdown on
+    /// another runtime (or a thread of its own) if releases may block.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before the deadline leaves the queue closed and
@@ -146,7 +158,28 @@ impl ReclaimQueue {
             for worker in shared.aborts.lock().iter() {
                 worker.abort();
             }
-            shared.tracker.wait().await;
+            // An aborted worker ends at its next `.await`; one blocked in a
+            // synchronous call (a `release` that blocks its thread) never
+            // reaches one: its task is written off and reported
+            // interrupted, and the shutdown does not wait for it.
+            if tokio::time::timeout(ABORTED_WORKERS_END, shared.tracker.wait())
+                .await
+                .is_err()
+            {
+                for (info, attempts) in shared.write_off_running() {
+                    tracing::error!(task = ?info,
+                        "a reclaim worker is blocked in a synchronous call past the shutdown deadline; its task is reported interrupted");
+                    shared.interrupted.lock().push(info);
+                    shared.fail(
+                        info,
+                        attempts,
+                        ReclaimError::new(
+                            ReclaimErrorKind::Interrupted,
+                            "the queue's shutdown deadline passed while its worker was blocked in it",
+                        ),
+                    );
+                }
+            }
         } else {
             // Every worker ended in time; one that ended without draining
             // (it panicked, or its runtime went away) left tasks waiting:
@@ -172,7 +205,8 @@ impl ReclaimQueue {
                 }
             };
             if let Some(letters) = taken {
-                break letters;
+                // After the lock: the letters' errors are user values.
+                break super::dead::into_tasks(letters);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
@@ -193,6 +227,11 @@ impl ReclaimQueue {
         }
     }
 }
+
+/// How long a shutdown past its deadline waits for the workers it aborted
+/// to end before it writes off the tasks of those that did not (blocked in
+/// a synchronous call): an aborted worker that can end does so at once.
+const ABORTED_WORKERS_END: Duration = Duration::from_millis(100);
 
 /// Tasks a shutdown took out of the queue: reported as failed
 /// (`Interrupted`) if its future is dropped before it hands them back.

@@ -26,9 +26,14 @@
 //!
 //! # Deadlock safety
 //!
-//! The `dead` lock is taken alone: never with the `state` lock, never across
-//! an `.await`. An evicted task is dropped after it is released (a task
-//! that releases session resources releases them when dropped: user code).
+//! The `dead` lock is never held across an `.await`, and nothing takes
+//! another lock while holding it. Lock order: `state`, then `dead`, taken
+//! together only by [`ReclaimQueue::stats`] (so that a letter a `redrive`
+//! moves is never counted in neither half); everywhere else `dead` is
+//! taken alone. Nothing of the user runs under it: an evicted letter, and
+//! the letters a shutdown takes, are dropped after it is released (a task
+//! that releases session resources releases them when dropped, and a
+//! letter's error is the user's value: user code).
 
 use std::collections::VecDeque;
 
@@ -58,10 +63,16 @@ pub(super) struct DeadLetters {
     pub(super) evicted: u64,
 }
 
-struct Letter {
+pub(super) struct Letter {
     task: ReclaimTask,
     attempts: u32,
     error: ReclaimError,
+}
+
+/// The tasks of `letters`, taken out of the `dead` lock: their errors
+/// (user values, whose `Drop` is user code) are dropped here.
+pub(super) fn into_tasks(letters: Vec<Letter>) -> Vec<ReclaimTask> {
+    letters.into_iter().map(|letter| letter.task).collect()
 }
 
 impl DeadLetters {
@@ -81,18 +92,20 @@ impl DeadLetters {
         self.letters.len()
     }
 
-    /// Every letter's task, oldest first, leaving none (counted out).
-    pub(super) fn take_all(&mut self) -> Vec<ReclaimTask> {
-        let tasks: Vec<ReclaimTask> = self.letters.drain(..).map(|letter| letter.task).collect();
-        for task in &tasks {
-            self.count_out(task.info().class);
+    /// Every letter, oldest first, leaving none (counted out). The caller
+    /// drops them (with their errors: user code) after the lock, through
+    /// [`into_tasks`].
+    pub(super) fn take_all(&mut self) -> Vec<Letter> {
+        let letters: Vec<Letter> = self.letters.drain(..).collect();
+        for letter in &letters {
+            self.count_out(letter.task.info().class);
         }
-        tasks
+        letters
     }
 
     /// Every letter, once no `redrive` holds one out; `None` while one
     /// does.
-    pub(super) fn take_all_settled(&mut self) -> Option<Vec<ReclaimTask>> {
+    pub(super) fn take_all_settled(&mut self) -> Option<Vec<Letter>> {
         (self.in_flight == 0).then(|| self.take_all())
     }
 
@@ -137,26 +150,28 @@ impl Shared {
                     attempts,
                     error,
                 });
+                // The whole letter leaves the lock: its error is user code.
                 let evicted = if dead.letters.len() > dead.capacity {
-                    dead.letters.pop_front().map(|letter| letter.task)
+                    dead.letters.pop_front()
                 } else {
                     None
                 };
-                if let Some(task) = &evicted {
-                    dead.count_out(task.info().class);
+                if let Some(letter) = &evicted {
+                    dead.count_out(letter.task.info().class);
                     dead.evicted += 1;
                 }
                 (None, evicted)
             }
         };
-        if let Some(task) = &evicted {
-            let info = task.info();
+        if let Some(letter) = &evicted {
+            let info = letter.task.info();
             tracing::error!(task = ?info,
                 "dead-letter store full; the oldest dead letter is dropped");
             self.publish(ReclaimEvent::DeadLetterDropped { task: info });
         }
-        // Outside the lock: dropping a task may release resources (user
-        // code, its panic contained: the worker goes on).
+        // Outside the lock: dropping a task may release resources, and
+        // the evicted letter's error is the user's (user code, its panic
+        // contained: the worker goes on).
         super::task::drop_contained((dropped, evicted));
     }
 }

@@ -36,13 +36,17 @@
 //! register a waiter with a `Notify` (whose own lock is a leaf: it calls
 //! nothing back), never across an `.await` nor while user code (policy,
 //! task, waker) runs: every `notify_*` comes after the lock is released.
-//! The `dead`, `interrupted` and `aborts` locks are each taken alone.
+//! The `interrupted` and `aborts` locks are each taken alone; `dead` is
+//! taken alone too, except by `stats`, which takes it while holding
+//! `state` (the one order: `state`, then `dead`; nothing takes `state`
+//! while holding `dead`).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
+use tokio::runtime::Handle;
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
@@ -59,6 +63,11 @@ use crate::events::TaskInfo;
 use crate::session::ResourceClass;
 
 pub(super) struct Shared {
+    /// Itself, to spawn workers from a `&self` method.
+    pub(super) me: Weak<Shared>,
+    /// Workers whose task is alive (running or not yet polled): 0 once
+    /// their runtime is gone, when the next push spawns new ones.
+    pub(super) alive: AtomicUsize,
     pub(super) state: Mutex<State>,
     pub(super) capacity: usize,
     pub(super) workers: usize,
@@ -84,6 +93,15 @@ pub(super) struct Shared {
     pub(super) interrupted: Mutex<Vec<TaskInfo>>,
 }
 
+/// A worker's task is alive while this is (owned by its future).
+struct Alive(Arc<Shared>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Everything that changes with the heap, under one lock.
 pub(super) struct State {
     pub(super) heap: Heap,
@@ -104,10 +122,28 @@ pub(super) struct State {
     pub(super) closed: bool,
     /// Workers exit at once (a shutdown deadline passed).
     pub(super) stop: bool,
+    /// What each worker runs, by worker number: a shutdown writes off the
+    /// task of a worker that its abort could not end.
+    pub(super) slots: Vec<Slot>,
+}
+
+/// What a worker is running.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Slot {
+    Idle,
+    Running {
+        info: TaskInfo,
+        /// Attempts started, the one running included.
+        attempts: u32,
+    },
+    /// Its task was reported interrupted and counted out by a shutdown
+    /// while the worker was blocked in it (a synchronous call that never
+    /// yields): the worker's own end of it is not counted again.
+    WrittenOff,
 }
 
 impl State {
-    pub(super) fn new(capacity: usize, paused: bool) -> Self {
+    pub(super) fn new(capacity: usize, paused: bool, workers: usize) -> Self {
         Self {
             heap: Heap::default(),
             room: Room::new(capacity),
@@ -119,6 +155,7 @@ impl State {
             paused,
             closed: false,
             stop: false,
+            slots: vec![Slot::Idle; workers],
         }
     }
 
@@ -127,6 +164,13 @@ impl State {
         // Counted in at insertion, under this lock: no underflow.
         let slot = &mut self.outstanding[rank(class)];
         *slot = slot.saturating_sub(1);
+    }
+
+    /// Sets what worker `worker` runs.
+    pub(super) fn set_slot(&mut self, worker: usize, slot: Slot) {
+        if let Some(at) = self.slots.get_mut(worker) {
+            *at = slot;
+        }
     }
 
     /// Claims one sleeping worker, if any, to notify after the lock.
@@ -204,6 +248,7 @@ impl Shared {
         if wake {
             self.work.notify_one();
         }
+        self.revive();
         Ok(())
     }
 
@@ -230,7 +275,63 @@ impl Shared {
         if wake {
             self.work.notify_one();
         }
+        self.revive();
         Ok(())
+    }
+
+    /// Spawns the workers on `runtime` (their number in `alive`), replacing
+    /// the abort handles of any earlier ones (all ended).
+    pub(super) fn spawn_workers(&self, runtime: &Handle) {
+        let Some(shared) = self.me.upgrade() else {
+            return;
+        };
+        self.alive.store(self.workers, Ordering::Release);
+        let mut aborts = Vec::with_capacity(self.workers);
+        for number in 0..self.workers {
+            // Owned by the task's future from the spawn: a task dropped
+            // unpolled (its runtime gone) counts itself out too.
+            let alive = Alive(Arc::clone(&shared));
+            let worker = Arc::clone(&shared);
+            let task = self.tracker.spawn_on(
+                async move {
+                    let _alive = alive;
+                    worker.work_loop(number).await;
+                },
+                runtime,
+            );
+            aborts.push(task.abort_handle());
+        }
+        *self.aborts.lock() = aborts;
+    }
+
+    /// The workers ended with their runtime (dropped, or shut down) while
+    /// the queue is open: spawns new ones on the current runtime, if there
+    /// is one with its time driver, so that what waits runs (a deleter
+    /// outlives its runtime, and so do the queues it closes through). A
+    /// load on the hot path; the rest only once every worker is gone.
+    fn revive(&self) {
+        if self.alive.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Some(runtime) = crate::build::timed_runtime() else {
+            return;
+        };
+        {
+            // Under the lock, where a shutdown closes the queue: none
+            // revives a queue shut down (whose workers it stopped).
+            let mut state = self.state.lock();
+            if state.closed || self.alive.load(Ordering::Acquire) != 0 {
+                return;
+            }
+            // Workers that were asleep are gone.
+            state.asleep = 0;
+            self.alive.store(self.workers, Ordering::Release);
+        }
+        tracing::warn!(
+            workers = self.workers,
+            "the reclaim queue's workers ended with their runtime; new ones run on this one"
+        );
+        self.spawn_workers(&runtime);
     }
 
     /// Puts `task` in the heap (its slot taken) and counts it; returns
@@ -243,21 +344,34 @@ impl Shared {
         (!state.paused || state.closed) && state.claim_worker()
     }
 
-    /// A worker's next step, counting how its last task `ended` first.
-    /// Given `sleep`, a worker with nothing to run registers with `work`
-    /// under the lock.
-    pub(super) fn next(&self, ended: Option<Ended>, sleep: Option<Pin<&mut Notified<'_>>>) -> Next {
+    /// Worker `worker`'s next step, counting how its last task `ended`
+    /// first. Given `sleep`, a worker with nothing to run registers with
+    /// `work` under the lock.
+    pub(super) fn next(
+        &self,
+        worker: usize,
+        ended: Option<Ended>,
+        sleep: Option<Pin<&mut Notified<'_>>>,
+    ) -> Next {
         let (next, woken_pushers, idle) = {
             let mut state = self.state.lock();
             if let Some(ended) = ended {
-                state.running -= 1;
-                state.count_out(ended.class);
-                state.completed += u64::from(ended.completed);
+                // Written off by a shutdown: counted out there.
+                if !matches!(state.slots.get(worker), Some(Slot::WrittenOff)) {
+                    state.running -= 1;
+                    state.count_out(ended.class);
+                    state.completed += u64::from(ended.completed);
+                }
+                state.set_slot(worker, Slot::Idle);
             }
             let runnable = !state.stop && (!state.paused || state.closed);
             let next = match runnable.then(|| state.heap.pop()).flatten() {
                 Some(task) => {
                     state.running += 1;
+                    let info = task.info();
+                    // Its first attempt starts next, with no `.await`
+                    // between but a cooperative yield.
+                    state.set_slot(worker, Slot::Running { info, attempts: 1 });
                     Next::Run(task)
                 }
                 None if state.stop || (state.closed && state.heap.len() == 0) => Next::Exit,
@@ -285,17 +399,57 @@ impl Shared {
         next
     }
 
-    /// Counts out a task whose worker was aborted while running it.
-    pub(super) fn interrupted(&self, class: ResourceClass) {
-        let idle = {
+    /// Counts out a task whose worker `worker` was aborted while running
+    /// it; `false` if a shutdown wrote it off already (reported and counted
+    /// out there).
+    pub(super) fn interrupted(&self, worker: usize, class: ResourceClass) -> bool {
+        let (counted, idle) = {
             let mut state = self.state.lock();
-            state.running -= 1;
-            state.count_out(class);
-            state.is_idle()
+            let counted = !matches!(state.slots.get(worker), Some(Slot::WrittenOff));
+            if counted {
+                state.running -= 1;
+                state.count_out(class);
+            }
+            state.set_slot(worker, Slot::Idle);
+            (counted, state.is_idle())
         };
         if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
             self.idle.notify_waiters();
         }
+        counted
+    }
+
+    /// Records that worker `worker` started attempt `attempts` of its task
+    /// (a retry: off the hot path).
+    pub(super) fn attempting(&self, worker: usize, attempts: u32) {
+        let mut state = self.state.lock();
+        if let Some(Slot::Running { attempts: at, .. }) = state.slots.get_mut(worker) {
+            *at = attempts;
+        }
+    }
+
+    /// Writes off the tasks of the workers still running one (blocked in a
+    /// synchronous call that an abort cannot end): counted out, and
+    /// returned with their attempts, to be reported interrupted. The
+    /// workers' own ends of them are not counted again.
+    pub(super) fn write_off_running(&self) -> Vec<(TaskInfo, u32)> {
+        let (stuck, idle) = {
+            let mut state = self.state.lock();
+            let mut stuck = Vec::new();
+            for worker in 0..state.slots.len() {
+                if let Some(Slot::Running { info, attempts }) = state.slots.get(worker).copied() {
+                    state.running -= 1;
+                    state.count_out(info.class);
+                    state.set_slot(worker, Slot::WrittenOff);
+                    stuck.push((info, attempts));
+                }
+            }
+            (stuck, state.is_idle())
+        };
+        if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_waiters();
+        }
+        stuck
     }
 
     /// Hands `claimed` slots to the pushes waiting in line (after the

@@ -38,7 +38,11 @@ use crate::session::Session;
 ///   too; the workers then finish every queued task and exit.
 ///
 /// A worker runs one task at a time and sleeps a failing task's backoff
-/// itself; more workers keep other work moving meanwhile.
+/// itself; more workers keep other work moving meanwhile. The workers run
+/// on the runtime the queue was built on; if that runtime goes away while
+/// the queue is open (a controller that restarts its runtime, keeping its
+/// deleter), the next push from another runtime spawns new workers there,
+/// and the tasks left waiting run.
 ///
 /// Handles are cheap to clone and share one queue.
 ///
@@ -309,8 +313,11 @@ impl ReclaimQueue {
         let (depth, peak_depth, in_flight) = (state.heap.len(), state.heap.peak, state.running);
         let (pushed, completed, outstanding) = (state.pushed, state.completed, state.outstanding);
         let (paused, closed) = (state.paused && !state.closed, state.closed);
-        drop(state);
+        // `dead` before `state` is let go (the lock order is `state`, then
+        // `dead`): a letter a `redrive` moves in between would be counted
+        // in neither half.
         let dead = shared.dead.lock();
+        drop(state);
         let outstanding = dead.outstanding(outstanding);
         let counters = &shared.counters;
         ReclaimStats {

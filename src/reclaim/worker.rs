@@ -13,18 +13,20 @@ use crate::events::Event;
 use crate::events::{ReclaimError, ReclaimErrorKind, ReclaimEvent, TaskInfo};
 
 impl Shared {
-    pub(super) async fn work_loop(self: Arc<Self>) {
+    /// The loop of worker number `worker`.
+    pub(super) async fn work_loop(self: Arc<Self>, worker: usize) {
         let mut ended = None;
         loop {
             // Fast path: work waiting, no registration with `work`. It
             // spends tokio's cooperative budget: a backlog (or tasks that
             // push follow-ups) does not hold the thread for ever.
-            let mut task = match self.next(ended.take(), None) {
+            let mut task = match self.next(worker, ended.take(), None) {
                 Next::Run(task) => {
                     // Held across the yield: a worker aborted there (a
                     // shutdown deadline) reports the task interrupted.
                     let mut held = Running {
                         shared: &self,
+                        worker,
                         info: task.info(),
                         attempts: 0,
                         done: false,
@@ -39,7 +41,7 @@ impl Shared {
                     // to run: a push, resume or close after it wakes this
                     // worker.
                     let mut notified = pin!(self.work.notified());
-                    match self.next(None, Some(notified.as_mut())) {
+                    match self.next(worker, None, Some(notified.as_mut())) {
                         Next::Run(task) => task,
                         Next::Exit => return,
                         Next::Sleep => {
@@ -61,17 +63,18 @@ impl Shared {
                         completed: true,
                     }
                 }
-                first => self.execute(task, first).await,
+                first => self.execute(worker, task, first).await,
             });
         }
     }
 
     /// Runs `task`, whose first attempt started as `first`, with retries
     /// to its final outcome.
-    async fn execute(&self, mut task: ReclaimTask, first: Attempt) -> Ended {
+    async fn execute(&self, worker: usize, mut task: ReclaimTask, first: Attempt) -> Ended {
         let info = task.info();
         let mut running = Running {
             shared: self,
+            worker,
             info,
             attempts: 1,
             done: false,
@@ -93,6 +96,7 @@ impl Shared {
                 Some(Attempt::Running(attempt)) => attempt.finish(Some(schedule().timeout())).await,
                 None => {
                     running.attempts = running.attempts.saturating_add(1);
+                    self.attempting(worker, running.attempts);
                     task.attempt(|| Some(schedule().timeout())).await
                 }
             };
@@ -164,6 +168,7 @@ impl Shared {
 /// a shutdown deadline), it reports the task interrupted.
 struct Running<'a> {
     shared: &'a Shared,
+    worker: usize,
     info: TaskInfo,
     attempts: u32,
     done: bool,
@@ -175,6 +180,11 @@ impl Drop for Running<'_> {
             return;
         }
         let shared = self.shared;
+        // Counted out first; a shutdown that wrote the task off (its
+        // worker blocked past the deadline) reported it already.
+        if !shared.interrupted(self.worker, self.info.class) {
+            return;
+        }
         shared.interrupted.lock().push(self.info);
         shared.fail(
             self.info,
@@ -184,6 +194,5 @@ impl Drop for Running<'_> {
                 "the queue's shutdown deadline passed",
             ),
         );
-        shared.interrupted(self.info.class);
     }
 }

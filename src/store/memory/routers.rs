@@ -122,8 +122,12 @@ impl<P> MemoryStore<P> {
                 pause().await;
             }
             // Entries whose sessions had left the map at the fence (an
-            // earlier run's confirmations) are not the router's any more.
-            if !resumed_with_departed || !session.is_closed() || self.holds(session) {
+            // earlier run's confirmations) are not the router's any more,
+            // once their close completed: one still releasing its resources
+            // (its close won by a client whose release is slow, and a later
+            // confirmation of it unlinked it) is listed, so that the run
+            // waits for it (I1).
+            if !resumed_with_departed || !session.is_close_complete() || self.holds(session) {
                 sessions.push(session.clone());
             }
         }
@@ -192,7 +196,8 @@ impl<P> MemoryStore<P> {
         self.remember_tombstone(router, incarnation);
         // After the guards: the index may hold sessions' last handles.
         if let Some(mut index) = index.into_owned() {
-            drop_in_slices(index.drain()).await;
+            let panicked = drop_in_slices(index.drain()).await;
+            crate::contain::log_drop_panics(panicked, "finish");
             let bytes = index
                 .capacity()
                 .saturating_mul(std::mem::size_of::<(SessionId, Session<P>)>());

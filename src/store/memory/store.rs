@@ -164,7 +164,20 @@ impl<P> fmt::Debug for MemoryStore<P> {
 }
 
 impl MemoryStore<()> {
-    /// A store with default settings, for sessions without payload.
+    /// A store with default settings, for sessions without payload. With a
+    /// payload type `P`: `MemoryStore::<P>::default()`, or
+    /// [`MemoryStore::builder`] and `build::<P>()`.
+    ///
+    /// ```
+    /// use session_lifecycle::MemoryStore;
+    ///
+    /// struct Client {
+    ///     name: String,
+    /// }
+    /// let plain = MemoryStore::new();
+    /// let with_payload = MemoryStore::<Client>::default();
+    /// # let _ = (plain, with_payload);
+    /// ```
     #[must_use]
     pub fn new() -> Self {
         Self::default()

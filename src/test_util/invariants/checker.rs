@@ -214,6 +214,12 @@ impl<P: Send + Sync + 'static> InvariantChecker<P> {
     /// Checks the store and panics with the report if any invariant is
     /// broken.
     ///
+    /// The panic is raised inside the returned future, so the test harness
+    /// shows a location in this crate; the message ends with `checked at`
+    /// and the line that called `assert`. For a failure reported at your
+    /// own line, [`check`](Self::check) and assert on the report:
+    /// `assert!(report.is_clean(), "{report}")`.
+    ///
     /// # Panics
     ///
     /// If the check finds a violation.
