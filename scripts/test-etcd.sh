@@ -7,8 +7,8 @@
 # Starts etcd in a temporary directory on free non-default ports, waits for
 # it, runs every etcd test suite (the same list as .ci/run: etcd_store,
 # etcd_faults, adversarial_etcd, etcd_late_incarnations, etcd_watch_user_code,
-# and the etcd unit tests) with the endpoint in SESSION_LIFECYCLE_ETCD, and
-# stops etcd.
+# etcd_resume_closing and the etcd unit tests) with the endpoint in
+# SESSION_LIFECYCLE_ETCD, and stops etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +35,4 @@ if [ "${1:-}" = "--" ]; then
 fi
 SESSION_LIFECYCLE_ETCD_REQUIRED=1 cargo test --features etcd,test-util --lib \
   --test etcd_store --test etcd_faults --test adversarial_etcd \
-  --test etcd_late_incarnations --test etcd_watch_user_code "${args[@]}"
+  --test etcd_late_incarnations --test etcd_watch_user_code --test etcd_resume_closing "${args[@]}"

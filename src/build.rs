@@ -117,8 +117,27 @@ pub(crate) fn wired<const N: usize>(settings: [(&'static str, bool); N]) -> Opti
 /// (tokio panics making a timer on a runtime built without its time
 /// driver; the panic is contained here, so the caller can refuse with its
 /// `NoRuntime` instead of leaving tasks that die on their first poll).
+///
+/// The probe's answer is remembered per thread for the last runtime
+/// probed: a runtime without timers runs the panic hook once per thread,
+/// not at every call (a deletion's entry, a reclaim queue's revival).
 pub(crate) fn timed_runtime() -> Option<tokio::runtime::Handle> {
+    use std::cell::Cell;
+    thread_local! {
+        static PROBED: Cell<Option<(tokio::runtime::Id, bool)>> = const { Cell::new(None) };
+    }
     let runtime = tokio::runtime::Handle::try_current().ok()?;
-    crate::contain::contain(|| drop(tokio::time::sleep(tokio::time::Duration::ZERO)))?;
-    Some(runtime)
+    let id = runtime.id();
+    let timed = match PROBED.get() {
+        Some((probed, timed)) if probed == id => timed,
+        _ => {
+            let timed = crate::contain::contain(|| {
+                drop(tokio::time::sleep(tokio::time::Duration::ZERO));
+            })
+            .is_some();
+            PROBED.set(Some((id, timed)));
+            timed
+        }
+    };
+    timed.then_some(runtime)
 }

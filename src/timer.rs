@@ -7,7 +7,9 @@
 //! (its `block_on` returned after a timeout), it never fires, and a caller
 //! on another runtime that joins the run would wait for it for ever.
 //! [`Deadline`] is made again on the runtime polling it whenever that is
-//! another one than it was made on.
+//! another one than it was made on, and keeps the timers it made on the
+//! others: whichever runtime is still driven fires its own (a joiner whose
+//! runtime is then left idle strands nobody either).
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -19,10 +21,14 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// `sleep_until(deadline)`, on the runtime that polls it.
 pub(crate) struct Deadline {
     deadline: Instant,
-    sleep: Pin<Box<Sleep>>,
-    /// The runtime `sleep` was made on.
-    runtime: Option<Id>,
+    /// A timer per runtime that polled it, the latest last: each one
+    /// keeps the waker of its last poll registered with its runtime.
+    timers: Vec<(Option<Id>, Pin<Box<Sleep>>)>,
 }
+
+/// Timers a [`Deadline`] keeps: a run is polled from a handful of
+/// runtimes at most; past that, the oldest goes.
+const KEPT: usize = 4;
 
 impl Deadline {
     /// A timer for `deadline`, made on the current runtime.
@@ -31,12 +37,11 @@ impl Deadline {
     ///
     /// As `sleep_until`, outside a runtime or on one without its time
     /// driver: callers check for one first (a deletion returns
-    /// `NoRuntime` before it starts).
+    /// `NoRuntime` before it starts or joins a run).
     pub(crate) fn at(deadline: Instant) -> Self {
         Self {
             deadline,
-            sleep: Box::pin(sleep_until(deadline)),
-            runtime: current(),
+            timers: vec![(current(), Box::pin(sleep_until(deadline)))],
         }
     }
 }
@@ -51,12 +56,30 @@ impl Future for Deadline {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let polling = current();
-        if polling.is_some() && polling != self.runtime {
-            // Made again here: the old runtime may never fire it.
-            self.sleep = Box::pin(sleep_until(self.deadline));
-            self.runtime = polling;
+        let this = &mut *self;
+        let at = match this
+            .timers
+            .iter()
+            .position(|(runtime, _)| *runtime == polling)
+        {
+            Some(at) => at,
+            // Polled outside any runtime: the latest timer (its runtime
+            // may still fire it).
+            None if polling.is_none() => this.timers.len().saturating_sub(1),
+            None => {
+                // Made here too; the others stay registered where they are.
+                if this.timers.len() >= KEPT {
+                    drop(this.timers.remove(0));
+                }
+                this.timers
+                    .push((polling, Box::pin(sleep_until(this.deadline))));
+                this.timers.len() - 1
+            }
+        };
+        match this.timers.get_mut(at) {
+            Some((_, timer)) => timer.as_mut().poll(cx),
+            None => Poll::Ready(()),
         }
-        self.sleep.as_mut().poll(cx)
     }
 }
 

@@ -520,6 +520,10 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
     ) -> impl Future<Output = Result<DeleteOutcome, DeleteError>> + Send + 'static {
         let this = self.clone();
         async move {
+            // Before it joins a run too: a caller's first poll drives the
+            // run, on the caller's runtime (see `timer`), which must have
+            // its time driver; outside one the run cannot be driven.
+            crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
             let nested = nested();
             let other = match this.join_or_start(router, target, admitted, nested)? {
                 Join::Run(run) => return run.await,
@@ -607,7 +611,8 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
         if !admitted && self.inner.tracker.is_closed() {
             return Err(DeleteError::ShuttingDown);
         }
-        let runtime = crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
+        // Probed with its time driver by the caller, before `runs`.
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| DeleteError::NoRuntime)?;
         let state = Arc::new(RunState {
             target,
             fenced: AtomicBool::new(false),

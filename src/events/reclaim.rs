@@ -300,7 +300,26 @@ impl fmt::Display for ReclaimError {
             ReclaimErrorKind::TimedOut => "release timed out",
             ReclaimErrorKind::Interrupted => "release interrupted by shutdown",
         };
-        write!(f, "{what}: {}", self.source)
+        write!(f, "{what}: {}", Shown(&*self.source))
+    }
+}
+
+/// The user's error, formatted with a panic in its `Display` (user code)
+/// contained: a worker logs it, a subscriber formats it.
+struct Shown<'a>(&'a (dyn StdError + Send + Sync));
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = crate::contain::contain(|| {
+            use std::fmt::Write as _;
+            let mut text = String::new();
+            write!(text, "{}", self.0).map(|()| text)
+        });
+        match text {
+            Some(Ok(text)) => f.write_str(&text),
+            Some(Err(error)) => Err(error),
+            None => f.write_str("<the error's Display panicked>"),
+        }
     }
 }
 
@@ -308,7 +327,7 @@ impl fmt::Debug for ReclaimError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReclaimError")
             .field("kind", &self.kind)
-            .field("source", &format_args!("{}", self.source))
+            .field("source", &format_args!("{}", Shown(&*self.source)))
             .finish()
     }
 }

@@ -172,7 +172,7 @@ impl<S: SessionStore> ExpiryMonitor<S> {
         });
         shared
             .tracker
-            .spawn_on(super::task::run(Arc::clone(&shared)), &runtime);
+            .spawn_on(super::task::task(Arc::clone(&shared)), &runtime);
         Ok(Self {
             shared,
             _owner: Arc::new(Owner(stop)),

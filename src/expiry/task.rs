@@ -60,15 +60,25 @@ struct Pass<P> {
     fires: usize,
 }
 
-/// The monitor task: sleeps until the next tick while it holds sessions
-/// (until one comes in otherwise), then looks at the entries that came up
-/// and files the incoming sessions.
-pub(super) async fn run<S: SessionStore>(shared: Arc<Shared<S>>) {
-    let mut hands = Hands {
+/// The monitor task's future. Its `Hands` are made here, owned by the
+/// future from the spawn: a task dropped before its first poll (its
+/// runtime gone at once) stops the monitor too.
+pub(super) fn task<S: SessionStore>(shared: Arc<Shared<S>>) -> impl Future<Output = ()> + Send
+where
+    S::Payload: Send + Sync,
+{
+    let hands = Hands {
         shared: Arc::clone(&shared),
         // Built at the first session: a monitor nobody uses costs no wheel.
         wheel: None,
     };
+    run(shared, hands)
+}
+
+/// The monitor task: sleeps until the next tick while it holds sessions
+/// (until one comes in otherwise), then looks at the entries that came up
+/// and files the incoming sessions.
+async fn run<S: SessionStore>(shared: Arc<Shared<S>>, mut hands: Hands<S>) {
     let mut held = 0usize;
     let mut now_tick = 0u64;
     let sweep_slots = shared.config.sweep_slots();

@@ -224,7 +224,14 @@ impl<S, N, Pr> LifecycleBuilder<S, N, Pr> {
 
 impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> LifecycleBuilder<S, N, Pr> {
     /// Builds every piece, wired together, and starts their tasks on the
-    /// current tokio runtime.
+    /// current tokio runtime: build it on the runtime that runs the
+    /// controller. The pieces' tasks (the monitors, the sweeper, the
+    /// reclaim queue's workers, grace timers) run only while that runtime
+    /// is driven: a runtime left idle (a `block_on` that returned, its
+    /// runtime kept) runs none of them, and deletions would wait for the
+    /// queue's releases for ever. If the runtime is dropped, the deleter
+    /// and the reclaim queue go on on the next runtime they are used from;
+    /// the monitors stop (and refuse new work).
     ///
     /// # Errors
     ///

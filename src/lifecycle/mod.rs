@@ -195,7 +195,13 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
     /// unless given to [`ExpiryMonitor::track`].
     ///
     /// A session created after [`shutdown`](Self::shutdown) is not
-    /// tracked: it keeps its expiry, and nothing closes it then.
+    /// tracked: it keeps its expiry, and nothing closes it then. The same
+    /// once the expiry monitor stopped with its runtime (the `Lifecycle`
+    /// built on a runtime that went away), logged as a warning; a
+    /// controller that outlives its runtime tracks such sessions in a
+    /// monitor of its new runtime ([`ExpiryMonitor::track`] answers
+    /// [`TrackError::ShutDown`](crate::expiry::TrackError::ShutDown) on a
+    /// stopped one).
     ///
     /// # Errors
     ///
@@ -249,8 +255,13 @@ impl<S: SessionStore, N: TerminationNotifier, Pr: Prober> Lifecycle<S, N, Pr> {
         if session.expires_at().is_some()
             && let Err(error) = self.expiry.track(&session)
         {
-            // Closed meanwhile, or the controller is stopping.
-            tracing::debug!(session = %session.id(), %error, "created session not tracked");
+            if session.is_closed() {
+                tracing::debug!(session = %session.id(), %error, "created session not tracked");
+            } else {
+                // A shutdown, or the monitor stopped with its runtime.
+                tracing::warn!(session = %session.id(), %error,
+                    "created session's expiry not tracked: the expiry monitor stopped");
+            }
         }
         Ok(session)
     }

@@ -167,10 +167,15 @@ impl ReclaimQueueBuilder {
             dead: Mutex::new(DeadLetters::new(self.dead_letters)),
             bus: self.bus,
             tracker: TaskTracker::new(),
-            aborts: Mutex::new(Vec::with_capacity(workers)),
+            aborts: Mutex::new(vec![None; workers]),
             interrupted: Mutex::new(Vec::new()),
         });
-        shared.spawn_workers(&runtime);
+        let numbers: Vec<usize> = (0..workers).collect();
+        shared.state.lock().claim(&numbers);
+        shared
+            .alive
+            .store(workers, std::sync::atomic::Ordering::Release);
+        shared.spawn_workers(&numbers, &runtime);
         Ok(ReclaimQueue {
             _owner: Arc::new(Owner(Arc::clone(&shared))),
             shared,

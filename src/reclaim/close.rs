@@ -155,7 +155,7 @@ impl ReclaimQueue {
             // Taken under the lock, dropped by the caller: a task's `Drop`
             // may release resources (user code).
             left.tasks = shared.stop();
-            for worker in shared.aborts.lock().iter() {
+            for worker in shared.aborts.lock().iter().flatten() {
                 worker.abort();
             }
             // An aborted worker ends at its next `.await`; one blocked in a

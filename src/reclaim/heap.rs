@@ -65,8 +65,9 @@ use crate::session::ResourceClass;
 pub(super) struct Shared {
     /// Itself, to spawn workers from a `&self` method.
     pub(super) me: Weak<Shared>,
-    /// Workers whose task is alive (running or not yet polled): 0 once
-    /// their runtime is gone, when the next push spawns new ones.
+    /// Workers whose task is alive (running or not yet polled): below
+    /// `workers` once some ended with their runtime, when the next push
+    /// spawns new ones under the missing numbers.
     pub(super) alive: AtomicUsize,
     pub(super) state: Mutex<State>,
     pub(super) capacity: usize,
@@ -89,16 +90,22 @@ pub(super) struct Shared {
     pub(super) dead: Mutex<DeadLetters>,
     pub(super) bus: Option<EventBus>,
     pub(super) tracker: TaskTracker,
-    pub(super) aborts: Mutex<Vec<AbortHandle>>,
+    /// Each worker number's abort handle, of its latest task.
+    pub(super) aborts: Mutex<Vec<Option<AbortHandle>>>,
     pub(super) interrupted: Mutex<Vec<TaskInfo>>,
 }
 
-/// A worker's task is alive while this is (owned by its future).
-struct Alive(Arc<Shared>);
+/// Worker number `1`'s task is alive while this is (owned by its
+/// future from the spawn).
+struct Alive(Arc<Shared>, usize);
 
 impl Drop for Alive {
     fn drop(&mut self) {
-        self.0.alive.fetch_sub(1, Ordering::AcqRel);
+        let Self(shared, number) = self;
+        if let Some(live) = shared.state.lock().live.get_mut(*number) {
+            *live = false;
+        }
+        shared.alive.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -125,6 +132,10 @@ pub(super) struct State {
     /// What each worker runs, by worker number: a shutdown writes off the
     /// task of a worker that its abort could not end.
     pub(super) slots: Vec<Slot>,
+    /// Which worker numbers have a task alive (one that is blocked on a
+    /// runtime that is gone keeps its number: a new worker never shares
+    /// its slot).
+    pub(super) live: Vec<bool>,
 }
 
 /// What a worker is running.
@@ -135,6 +146,12 @@ pub(super) enum Slot {
         info: TaskInfo,
         /// Attempts started, the one running included.
         attempts: u32,
+    },
+    /// Its attempt ended; the worker is settling the outcome (a failure, a
+    /// retry's backoff), or sleeping the backoff: not written off (it
+    /// reports the task itself, and an abort ends a backoff).
+    Settling {
+        info: TaskInfo,
     },
     /// Its task was reported interrupted and counted out by a shutdown
     /// while the worker was blocked in it (a synchronous call that never
@@ -156,6 +173,16 @@ impl State {
             closed: false,
             stop: false,
             slots: vec![Slot::Idle; workers],
+            live: vec![false; workers],
+        }
+    }
+
+    /// Marks worker `numbers` live, before their tasks are spawned.
+    pub(super) fn claim(&mut self, numbers: &[usize]) {
+        for &number in numbers {
+            if let Some(live) = self.live.get_mut(number) {
+                *live = true;
+            }
         }
     }
 
@@ -279,18 +306,18 @@ impl Shared {
         Ok(())
     }
 
-    /// Spawns the workers on `runtime` (their number in `alive`), replacing
-    /// the abort handles of any earlier ones (all ended).
-    pub(super) fn spawn_workers(&self, runtime: &Handle) {
+    /// Spawns workers `numbers` on `runtime`, claimed live (and counted
+    /// in `alive`) by the caller; each one's abort handle replaces its
+    /// number's earlier one (of a task that ended). Outside every lock: a
+    /// runtime shutting down drops the task's future in the spawn.
+    pub(super) fn spawn_workers(&self, numbers: &[usize], runtime: &Handle) {
         let Some(shared) = self.me.upgrade() else {
             return;
         };
-        self.alive.store(self.workers, Ordering::Release);
-        let mut aborts = Vec::with_capacity(self.workers);
-        for number in 0..self.workers {
+        for &number in numbers {
             // Owned by the task's future from the spawn: a task dropped
             // unpolled (its runtime gone) counts itself out too.
-            let alive = Alive(Arc::clone(&shared));
+            let alive = Alive(Arc::clone(&shared), number);
             let worker = Arc::clone(&shared);
             let task = self.tracker.spawn_on(
                 async move {
@@ -299,9 +326,10 @@ impl Shared {
                 },
                 runtime,
             );
-            aborts.push(task.abort_handle());
+            if let Some(abort) = self.aborts.lock().get_mut(number) {
+                *abort = Some(task.abort_handle());
+            }
         }
-        *self.aborts.lock() = aborts;
     }
 
     /// The workers ended with their runtime (dropped, or shut down) while
@@ -309,29 +337,45 @@ impl Shared {
     /// is one with its time driver, so that what waits runs (a deleter
     /// outlives its runtime, and so do the queues it closes through). A
     /// load on the hot path; the rest only once every worker is gone.
+    #[inline]
     fn revive(&self) {
-        if self.alive.load(Ordering::Acquire) != 0 {
-            return;
+        if self.alive.load(Ordering::Acquire) < self.workers {
+            self.revive_missing();
         }
+    }
+
+    /// [`revive`](Self::revive)'s work, once some worker is gone.
+    #[cold]
+    #[inline(never)]
+    fn revive_missing(&self) {
         let Some(runtime) = crate::build::timed_runtime() else {
             return;
         };
-        {
+        let numbers: Vec<usize> = {
             // Under the lock, where a shutdown closes the queue: none
-            // revives a queue shut down (whose workers it stopped).
+            // revives a queue shut down (whose workers it stopped). The
+            // numbers are claimed here: two pushes never spawn the same
+            // one. (A dead worker counted in `asleep` costs a spare
+            // notification at most.)
             let mut state = self.state.lock();
-            if state.closed || self.alive.load(Ordering::Acquire) != 0 {
+            if state.closed {
                 return;
             }
-            // Workers that were asleep are gone.
-            state.asleep = 0;
-            self.alive.store(self.workers, Ordering::Release);
+            let numbers: Vec<usize> = (0..state.live.len())
+                .filter(|&number| !state.live[number])
+                .collect();
+            state.claim(&numbers);
+            self.alive.fetch_add(numbers.len(), Ordering::AcqRel);
+            numbers
+        };
+        if numbers.is_empty() {
+            return;
         }
         tracing::warn!(
-            workers = self.workers,
-            "the reclaim queue's workers ended with their runtime; new ones run on this one"
+            workers = numbers.len(),
+            "reclaim queue workers ended with their runtime; new ones run on this one"
         );
-        self.spawn_workers(&runtime);
+        self.spawn_workers(&numbers, &runtime);
     }
 
     /// Puts `task` in the heap (its slot taken) and counts it; returns
@@ -419,12 +463,58 @@ impl Shared {
         counted
     }
 
+    /// Puts back the task of worker `worker`, whose future was dropped while
+    /// the queue's workers were not stopped (its runtime went away): it
+    /// waits again, still counted outstanding, and runs from a fresh
+    /// attempt on the worker the next push brings back (a shutdown hands
+    /// it back instead). Hands the task back to be dropped if a shutdown
+    /// wrote it off meanwhile (reported there).
+    pub(super) fn requeue(&self, worker: usize, task: ReclaimTask) -> Option<ReclaimTask> {
+        let priority = self.priority(&task.info());
+        let due = self.due(priority);
+        let mut state = self.state.lock();
+        let written_off = matches!(state.slots.get(worker), Some(Slot::WrittenOff));
+        state.set_slot(worker, Slot::Idle);
+        if written_off {
+            return Some(task);
+        }
+        state.running -= 1;
+        state.room.take_or_owe();
+        state.heap.push(due, task);
+        let wake = (!state.paused || state.closed) && state.claim_worker();
+        drop(state);
+        tracing::warn!("a reclaim worker went away with its runtime; its task waits again");
+        if wake {
+            self.work.notify_one();
+        }
+        None
+    }
+
     /// Records that worker `worker` started attempt `attempts` of its task
     /// (a retry: off the hot path).
     pub(super) fn attempting(&self, worker: usize, attempts: u32) {
         let mut state = self.state.lock();
-        if let Some(Slot::Running { attempts: at, .. }) = state.slots.get_mut(worker) {
-            *at = attempts;
+        if let Some(slot) = state.slots.get_mut(worker)
+            && let Slot::Running { info, .. } | Slot::Settling { info } = *slot
+        {
+            *slot = Slot::Running { info, attempts };
+        }
+    }
+
+    /// Worker `worker`'s attempt ended: `false` if a shutdown wrote its
+    /// task off meanwhile (blocked in the attempt past the deadline), so
+    /// the worker does nothing more with it (no failure, retry or dead
+    /// letter: reported and counted out there). Otherwise the task is the
+    /// worker's to settle, and no write-off takes it from now on.
+    pub(super) fn settle(&self, worker: usize) -> bool {
+        let mut state = self.state.lock();
+        match state.slots.get(worker).copied() {
+            Some(Slot::WrittenOff) => false,
+            Some(Slot::Running { info, .. }) => {
+                state.set_slot(worker, Slot::Settling { info });
+                true
+            }
+            _ => true,
         }
     }
 

@@ -42,7 +42,13 @@ use crate::session::Session;
 /// on the runtime the queue was built on; if that runtime goes away while
 /// the queue is open (a controller that restarts its runtime, keeping its
 /// deleter), the next push from another runtime spawns new workers there,
-/// and the tasks left waiting run.
+/// and the tasks left waiting run (a task a worker was running when its
+/// runtime went away waits again, and runs from a fresh attempt). If every
+/// handle is dropped while no worker is left, each task still waiting is
+/// reported failed ([`Interrupted`](crate::ReclaimErrorKind::Interrupted)),
+/// but for a session's releases, which release as they drop. A runtime
+/// that is kept but left idle (a `block_on` that returned) runs nothing:
+/// build the queue on a runtime that runs as long as it is used.
 ///
 /// Handles are cheap to clone and share one queue.
 ///
@@ -89,7 +95,27 @@ pub(super) struct Owner(pub(super) Arc<Shared>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.0.close();
+        let shared = &self.0;
+        shared.close();
+        // No worker left to drain what waits (their runtime went away):
+        // nothing is dropped unreported. A task releasing session
+        // resources releases them as it drops (its work is done); another
+        // is reported failed.
+        if shared.alive.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            for task in shared.stop_if_left() {
+                if task.can_run_again() {
+                    shared.fail(
+                        task.info(),
+                        0,
+                        crate::events::ReclaimError::new(
+                            crate::events::ReclaimErrorKind::Interrupted,
+                            "the queue was dropped with no worker left to run this task",
+                        ),
+                    );
+                }
+                super::task::drop_contained(task);
+            }
+        }
     }
 }
 

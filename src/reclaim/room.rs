@@ -52,6 +52,10 @@ pub(super) enum NoRoom {
 #[derive(Debug)]
 pub(super) struct Room {
     free: usize,
+    /// Slots that tasks put back by a worker that went away hold without
+    /// having taken one (the queue was full): the next slots given back
+    /// pay them first, so the queue holds at most its capacity again.
+    owed: usize,
     /// Pushes registered with `freed`, not yet claimed by a wake-up.
     pub(super) waiting: usize,
 }
@@ -60,6 +64,7 @@ impl Room {
     pub(super) fn new(capacity: usize) -> Self {
         Self {
             free: capacity,
+            owed: 0,
             waiting: 0,
         }
     }
@@ -75,10 +80,20 @@ impl Room {
     /// as permits of `handoff` to add after the lock.
     #[must_use]
     pub(super) fn give(&mut self, slots: usize) -> usize {
+        let paid = slots.min(self.owed);
+        self.owed -= paid;
+        let slots = slots - paid;
         let claimed = slots.min(self.waiting);
         self.waiting -= claimed;
         self.free += slots - claimed;
         claimed
+    }
+
+    /// Takes a slot for a task put back: a free one, or one owed.
+    pub(super) fn take_or_owe(&mut self) {
+        if !self.take() {
+            self.owed += 1;
+        }
     }
 
     /// Counts out a push that stopped waiting before it was served.
@@ -201,5 +216,20 @@ mod tests {
         assert_eq!(room.waiting, 0);
         assert_eq!(room.give(1), 0);
         assert!(room.take());
+    }
+
+    #[test]
+    fn a_task_put_back_into_a_full_queue_owes_its_slot() {
+        let mut room = Room::new(1);
+        assert!(room.take());
+        // Put back with no slot free: owed, paid by the next slot given.
+        room.take_or_owe();
+        room.waiting = 1;
+        assert_eq!(room.give(1), 0, "the slot pays the debt, not the push");
+        assert!(!room.take());
+        assert_eq!(room.give(1), 1, "then slots go to the waiting push");
+        assert_eq!(room.give(1), 0);
+        assert!(room.take());
+        assert!(!room.take(), "capacity 1 again");
     }
 }

@@ -22,18 +22,21 @@ impl Shared {
             // push follow-ups) does not hold the thread for ever.
             let mut task = match self.next(worker, ended.take(), None) {
                 Next::Run(task) => {
-                    // Held across the yield: a worker aborted there (a
-                    // shutdown deadline) reports the task interrupted.
-                    let mut held = Running {
-                        shared: &self,
-                        worker,
-                        info: task.info(),
-                        attempts: 0,
-                        done: false,
-                    };
-                    tokio::task::coop::consume_budget().await;
-                    held.done = true;
-                    task
+                    let mut budget = pin!(tokio::task::coop::consume_budget());
+                    if futures::poll!(budget.as_mut()).is_ready() {
+                        // Budget left: no yield, nothing to hold.
+                        task
+                    } else {
+                        // Held across the yield: a worker aborted there (a
+                        // shutdown deadline) reports the task interrupted;
+                        // one dropped with its runtime puts it back.
+                        let mut held = Running::new(&self, worker, task, 0);
+                        budget.await;
+                        match held.release() {
+                            Some(task) => task,
+                            None => continue,
+                        }
+                    }
                 }
                 Next::Exit => return,
                 Next::Sleep => {
@@ -70,15 +73,9 @@ impl Shared {
 
     /// Runs `task`, whose first attempt started as `first`, with retries
     /// to its final outcome.
-    async fn execute(&self, worker: usize, mut task: ReclaimTask, first: Attempt) -> Ended {
+    async fn execute(&self, worker: usize, task: ReclaimTask, first: Attempt) -> Ended {
         let info = task.info();
-        let mut running = Running {
-            shared: self,
-            worker,
-            info,
-            attempts: 1,
-            done: false,
-        };
+        let mut running = Running::new(self, worker, task, 1);
         // Asked of the policy only when needed (an attempt that does not
         // finish at its first poll needs the timeout, a failure the
         // backoff): most tasks succeed at once.
@@ -97,13 +94,25 @@ impl Shared {
                 None => {
                     running.attempts = running.attempts.saturating_add(1);
                     self.attempting(worker, running.attempts);
-                    task.attempt(|| Some(schedule().timeout())).await
+                    match running.task.as_mut() {
+                        Some(task) => task.attempt(|| Some(schedule().timeout())).await,
+                        // Never: the task leaves the guard only at the end.
+                        None => Ok(()),
+                    }
                 }
             };
+            // Written off by a shutdown while blocked in this attempt: its
+            // end is not counted again (see `next`), nor failed or retried.
+            if !self.settle(worker) {
+                drop_contained(running.release());
+                return Ended {
+                    class: info.class,
+                    completed: false,
+                };
+            }
             let error = match outcome {
                 Ok(()) => {
-                    running.done = true;
-                    drop_contained(task);
+                    drop_contained(running.release());
                     return Ended {
                         class: info.class,
                         completed: true,
@@ -127,9 +136,12 @@ impl Shared {
                 None
             };
             let Some(delay) = delay else {
-                running.done = true;
-                self.fail(info, running.attempts, error.clone());
-                self.bury(task, running.attempts, error);
+                let attempts = running.attempts;
+                let task = running.release();
+                self.fail(info, attempts, error.clone());
+                if let Some(task) = task {
+                    self.bury(task, attempts, error);
+                }
                 return Ended {
                     class: info.class,
                     completed: false,
@@ -164,35 +176,62 @@ impl Shared {
     }
 }
 
-/// A task a worker is running. Dropped before `done` (its worker aborted by
-/// a shutdown deadline), it reports the task interrupted.
+/// A task a worker is running, held across its `.await`s. Dropped with
+/// the task still in it (the worker's future dropped): a shutdown that
+/// stopped the workers reports the task interrupted; otherwise (the
+/// worker's runtime went away, the queue open) the task is put back to run
+/// again, on a worker the next push brings back.
 struct Running<'a> {
     shared: &'a Shared,
     worker: usize,
     info: TaskInfo,
     attempts: u32,
-    done: bool,
+    task: Option<ReclaimTask>,
+}
+
+impl<'a> Running<'a> {
+    fn new(shared: &'a Shared, worker: usize, task: ReclaimTask, attempts: u32) -> Self {
+        Self {
+            shared,
+            worker,
+            info: task.info(),
+            attempts,
+            task: Some(task),
+        }
+    }
+
+    /// The task, out of the guard: the worker settles it itself.
+    fn release(&mut self) -> Option<ReclaimTask> {
+        self.task.take()
+    }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if self.done {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let shared = self.shared;
+        if !shared.stopped() {
+            // Not a shutdown's abort: the runtime went away. Back in the
+            // queue, unless a shutdown wrote it off meanwhile.
+            drop_contained(shared.requeue(self.worker, task));
             return;
         }
-        let shared = self.shared;
         // Counted out first; a shutdown that wrote the task off (its
         // worker blocked past the deadline) reported it already.
-        if !shared.interrupted(self.worker, self.info.class) {
-            return;
+        if shared.interrupted(self.worker, self.info.class) {
+            shared.interrupted.lock().push(self.info);
+            shared.fail(
+                self.info,
+                self.attempts,
+                ReclaimError::new(
+                    ReclaimErrorKind::Interrupted,
+                    "the queue's shutdown deadline passed",
+                ),
+            );
         }
-        shared.interrupted.lock().push(self.info);
-        shared.fail(
-            self.info,
-            self.attempts,
-            ReclaimError::new(
-                ReclaimErrorKind::Interrupted,
-                "the queue's shutdown deadline passed",
-            ),
-        );
+        // A task releasing session resources releases them as it drops.
+        drop_contained(task);
     }
 }

@@ -138,6 +138,15 @@ impl<P: EtcdPayload> EtcdStore<P> {
         // The close is queued before the removal: other controllers see
         // the reason first.
         let outcome = session.close(reason);
+        if !outcome.won() && !session.is_close_complete() {
+            // Closed by another caller of this controller whose release
+            // still runs (a slow resource, queued releases): the record
+            // stays until that close completes, or a deletion resumed
+            // meanwhile (another deleter, or the run's runtime gone) would
+            // not list the session, and would return before its release
+            // ran (I1).
+            session.closed().await;
+        }
         let removed = self.shared.remove_record(&session).await?;
         Ok((session, outcome, removed))
     }
