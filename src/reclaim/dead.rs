@@ -251,6 +251,8 @@ impl ReclaimQueue {
     /// ```
     pub async fn redrive(&self) -> usize {
         let shared = &self.shared;
+        // Before it waits for room (see `push`).
+        shared.revive();
         let kept = shared.dead.lock().len();
         let mut queued = 0;
         for _ in 0..kept {

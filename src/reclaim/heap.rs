@@ -102,10 +102,19 @@ struct Alive(Arc<Shared>, usize);
 impl Drop for Alive {
     fn drop(&mut self) {
         let Self(shared, number) = self;
-        if let Some(live) = shared.state.lock().live.get_mut(*number) {
-            *live = false;
+        let orphans = {
+            // Counted out under the lock, where the last handle's drop
+            // looks: exactly one of the two sees both gone.
+            let mut state = shared.state.lock();
+            if let Some(live) = state.live.get_mut(*number) {
+                *live = false;
+            }
+            let last = shared.alive.fetch_sub(1, Ordering::AcqRel) == 1;
+            last && state.orphaned
+        };
+        if orphans {
+            shared.report_orphans();
         }
-        shared.alive.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -132,6 +141,8 @@ pub(super) struct State {
     /// What each worker runs, by worker number: a shutdown writes off the
     /// task of a worker that its abort could not end.
     pub(super) slots: Vec<Slot>,
+    /// Every handle of the queue is gone (it is closed too).
+    pub(super) orphaned: bool,
     /// Which worker numbers have a task alive (one that is blocked on a
     /// runtime that is gone keeps its number: a new worker never shares
     /// its slot).
@@ -174,6 +185,7 @@ impl State {
             stop: false,
             slots: vec![Slot::Idle; workers],
             live: vec![false; workers],
+            orphaned: false,
         }
     }
 
@@ -261,6 +273,9 @@ impl Shared {
         task: ReclaimTask,
         priority: Priority,
     ) -> Result<(), (ReclaimTask, NoRoom)> {
+        // Before it looks for room: a full queue whose workers are gone
+        // would wait for ever for a slot only a worker frees.
+        self.revive();
         let due = self.due(priority);
         let wake = {
             let mut state = self.state.lock();
@@ -275,7 +290,6 @@ impl Shared {
         if wake {
             self.work.notify_one();
         }
-        self.revive();
         Ok(())
     }
 
@@ -288,6 +302,7 @@ impl Shared {
         priority: Priority,
         fresh: bool,
     ) -> Result<(), ReclaimTask> {
+        self.revive();
         let due = self.due(priority);
         let wake = {
             let mut state = self.state.lock();
@@ -302,7 +317,6 @@ impl Shared {
         if wake {
             self.work.notify_one();
         }
-        self.revive();
         Ok(())
     }
 
@@ -338,7 +352,7 @@ impl Shared {
     /// outlives its runtime, and so do the queues it closes through). A
     /// load on the hot path; the rest only once every worker is gone.
     #[inline]
-    fn revive(&self) {
+    pub(super) fn revive(&self) {
         if self.alive.load(Ordering::Acquire) < self.workers {
             self.revive_missing();
         }
@@ -469,13 +483,40 @@ impl Shared {
     /// attempt on the worker the next push brings back (a shutdown hands
     /// it back instead). Hands the task back to be dropped if a shutdown
     /// wrote it off meanwhile (reported there).
-    pub(super) fn requeue(&self, worker: usize, task: ReclaimTask) -> Option<ReclaimTask> {
-        let priority = self.priority(&task.info());
+    pub(super) fn requeue(
+        &self,
+        worker: usize,
+        task: ReclaimTask,
+        attempts: u32,
+    ) -> Option<ReclaimTask> {
+        let info = task.info();
+        let priority = self.priority(&info);
         let due = self.due(priority);
         let mut state = self.state.lock();
         let written_off = matches!(state.slots.get(worker), Some(Slot::WrittenOff));
         state.set_slot(worker, Slot::Idle);
         if written_off {
+            return Some(task);
+        }
+        if state.stop {
+            // A shutdown stopped the workers meanwhile (and took what
+            // waited): interrupted, as if its abort had dropped the worker.
+            state.running -= 1;
+            state.count_out(info.class);
+            let idle = state.is_idle();
+            drop(state);
+            self.interrupted.lock().push(info);
+            self.fail(
+                info,
+                attempts,
+                crate::events::ReclaimError::new(
+                    crate::events::ReclaimErrorKind::Interrupted,
+                    "the queue's shutdown deadline passed",
+                ),
+            );
+            if idle && self.idle_waiters.load(Ordering::Relaxed) > 0 {
+                self.idle.notify_waiters();
+            }
             return Some(task);
         }
         state.running -= 1;
@@ -586,6 +627,40 @@ impl Shared {
             self.idle.notify_waiters();
         }
         left
+    }
+
+    /// The queue's last handle went; if no worker is left either, what
+    /// waits is reported (see [`report_orphans`](Self::report_orphans)),
+    /// else the last worker to end does it.
+    pub(super) fn orphan(&self) {
+        let none = {
+            let mut state = self.state.lock();
+            state.orphaned = true;
+            self.alive.load(Ordering::Acquire) == 0
+        };
+        if none {
+            self.report_orphans();
+        }
+    }
+
+    /// Nothing will run what waits any more (no handle, no worker): each
+    /// task still waiting is reported failed (`Interrupted`) and dropped;
+    /// a session's releases release as they drop (their work done), and
+    /// are not reported.
+    pub(super) fn report_orphans(&self) {
+        for task in self.stop_if_left() {
+            if task.can_run_again() {
+                self.fail(
+                    task.info(),
+                    0,
+                    crate::events::ReclaimError::new(
+                        crate::events::ReclaimErrorKind::Interrupted,
+                        "the queue was dropped with no worker left to run this task",
+                    ),
+                );
+            }
+            super::task::drop_contained(task);
+        }
     }
 
     /// As [`stop`](Self::stop) if tasks still wait (the workers ended

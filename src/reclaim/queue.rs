@@ -97,25 +97,9 @@ impl Drop for Owner {
     fn drop(&mut self) {
         let shared = &self.0;
         shared.close();
-        // No worker left to drain what waits (their runtime went away):
-        // nothing is dropped unreported. A task releasing session
-        // resources releases them as it drops (its work is done); another
-        // is reported failed.
-        if shared.alive.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            for task in shared.stop_if_left() {
-                if task.can_run_again() {
-                    shared.fail(
-                        task.info(),
-                        0,
-                        crate::events::ReclaimError::new(
-                            crate::events::ReclaimErrorKind::Interrupted,
-                            "the queue was dropped with no worker left to run this task",
-                        ),
-                    );
-                }
-                super::task::drop_contained(task);
-            }
-        }
+        // The workers drain what waits and exit; with none left (their
+        // runtime gone, now or later), nothing is dropped unreported.
+        shared.orphan();
     }
 }
 
@@ -329,6 +313,7 @@ impl ReclaimQueue {
     /// Lets the workers start tasks again. See the example on [`push`](Self::push).
     pub fn resume(&self) {
         self.shared.set_paused(false);
+        self.shared.revive();
     }
 
     /// A snapshot of the queue's counters.

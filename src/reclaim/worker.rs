@@ -215,7 +215,7 @@ impl Drop for Running<'_> {
         if !shared.stopped() {
             // Not a shutdown's abort: the runtime went away. Back in the
             // queue, unless a shutdown wrote it off meanwhile.
-            drop_contained(shared.requeue(self.worker, task));
+            drop_contained(shared.requeue(self.worker, task, self.attempts));
             return;
         }
         // Counted out first; a shutdown that wrote the task off (its
