@@ -21,14 +21,11 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// `sleep_until(deadline)`, on the runtime that polls it.
 pub(crate) struct Deadline {
     deadline: Instant,
-    /// A timer per runtime that polled it, the latest last: each one
-    /// keeps the waker of its last poll registered with its runtime.
+    /// A timer per runtime that polled it, in the order they first did:
+    /// each one keeps the waker of its last poll registered with its
+    /// runtime.
     timers: Vec<(Option<Id>, Pin<Box<Sleep>>)>,
 }
-
-/// Timers a [`Deadline`] keeps: a run is polled from a handful of
-/// runtimes at most; past that, the oldest goes.
-const KEPT: usize = 4;
 
 impl Deadline {
     /// A timer for `deadline`, made on the current runtime.
@@ -67,10 +64,9 @@ impl Future for Deadline {
             // may still fire it).
             None if polling.is_none() => this.timers.len().saturating_sub(1),
             None => {
-                // Made here too; the others stay registered where they are.
-                if this.timers.len() >= KEPT {
-                    drop(this.timers.remove(0));
-                }
+                // Made here too; the others stay registered where they are
+                // (none is dropped: which runtimes are still driven is not
+                // known, and a run is polled from a handful at most).
                 this.timers
                     .push((polling, Box::pin(sleep_until(this.deadline))));
                 this.timers.len() - 1

@@ -4,6 +4,13 @@
 //! close still released, and a second deleter's fence did not list it (a
 //! second review round of stop 34; failed before its fix). Runs when
 //! `SESSION_LIFECYCLE_ETCD` is set (scripts/etcd-env.sh).
+//!
+//! And the same wait must not hold the crate's own removals: the pieces
+//! (expiry, liveness reaps, reconcile) remove the sessions they closed
+//! through the reclaim queue, whose releases may wait (a paused queue);
+//! with the wait in removals too, `Lifecycle::shutdown` spent its whole
+//! deadline on an expiry close in hand (a third review round; failed
+//! before its fix).
 #![cfg(feature = "etcd")]
 
 mod etcd_support;
@@ -15,8 +22,9 @@ use std::time::Duration;
 use etcd_support::{endpoints, unique_prefix};
 use session_lifecycle::etcd::EtcdStore;
 use session_lifecycle::{
-    CloseReason, NewSession, NotifyError, RouterDeleter, RouterId, RouterStatus, SessionId,
-    SessionStore, TerminationBatch, TerminationNotifier,
+    CloseReason, Lifecycle, MemoryStore, NewSession, NotifyError, Resource, ResourceClass,
+    RouterDeleter, RouterId, RouterStatus, SessionId, SessionStore, TerminationBatch,
+    TerminationNotifier,
 };
 
 struct Silent;
@@ -161,5 +169,91 @@ fn etcd_a_second_deleter_waits_for_a_close_still_releasing() {
         (released_then, complete),
         (1, true),
         "delete returned ({outcome:?}) while a session's release had not run (I1)"
+    );
+}
+
+/// Queued (not inline); says when its close was won (its `class` is read
+/// right after, in the closing task).
+struct Queued {
+    closing: Arc<tokio::sync::Notify>,
+    released: Arc<AtomicUsize>,
+}
+
+impl Resource for Queued {
+    fn release(self: Box<Self>, _reason: CloseReason) {
+        self.released.fetch_add(1, Ordering::SeqCst);
+    }
+    fn class(&self) -> ResourceClass {
+        self.closing.notify_one();
+        ResourceClass::Normal
+    }
+}
+
+async fn scenario<S: SessionStore<Payload = ()>>(store: Arc<S>) -> String {
+    let lifecycle = Lifecycle::builder(Arc::clone(&store), Silent)
+        .without_sweeper()
+        .build()
+        .unwrap();
+    let router = RouterId::new(1);
+    let incarnation = store.register_router(router).await.unwrap();
+    lifecycle.reclaim().pause(); // a maintenance window
+    let closing = Arc::new(tokio::sync::Notify::new());
+    let released = Arc::new(AtomicUsize::new(0));
+    let session = lifecycle
+        .create(
+            NewSession::new(SessionId::new(1), router, incarnation)
+                .expires_in(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+    session
+        .attach(Queued {
+            closing: Arc::clone(&closing),
+            released: Arc::clone(&released),
+        })
+        .unwrap();
+    // The expiry monitor closes it (its release queued to the paused queue).
+    tokio::time::timeout(Duration::from_secs(10), closing.notified())
+        .await
+        .expect("the expiry monitor closes the session");
+    let report = tokio::time::timeout(
+        Duration::from_secs(10),
+        lifecycle.shutdown(Duration::from_secs(2)),
+    )
+    .await
+    .expect("shutdown returns");
+    format!(
+        "complete={} still_running={:?} reclaim_left={} released={}",
+        report.is_complete(),
+        report.still_running,
+        report.reclaim.left.len(),
+        released.load(Ordering::SeqCst)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_control_shutdown_completes() {
+    let out = scenario(Arc::new(MemoryStore::new())).await;
+    assert_eq!(
+        out, "complete=true still_running=[] reclaim_left=0 released=1",
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lifecycle_shutdown_with_a_paused_queue_completes() {
+    let Some(endpoints) = endpoints() else { return };
+    let store: Arc<EtcdStore<()>> = Arc::new(
+        EtcdStore::builder()
+            .endpoints(endpoints.iter().cloned())
+            .prefix(unique_prefix("rv-g-shutdown"))
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let out = scenario(store).await;
+    assert_eq!(
+        out, "complete=true still_running=[] reclaim_left=0 released=1",
+        "{out}"
     );
 }

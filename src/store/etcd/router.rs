@@ -122,12 +122,15 @@ impl<P: EtcdPayload> EtcdStore<P> {
     }
 
     /// Closes the handle of `id` (only if it is the life `key` names) and
-    /// deletes its record.
+    /// deletes its record. A close (`settle`: not a removal) that finds the
+    /// session closing by another caller, its release still running,
+    /// waits for that close to complete first.
     pub(super) async fn close_session(
         &self,
         id: SessionId,
         key: Option<SessionKey>,
         reason: CloseReason,
+        settle: bool,
     ) -> Result<(Session<P>, CloseOutcome, bool), SessionError> {
         let session = self
             .shared
@@ -138,13 +141,15 @@ impl<P: EtcdPayload> EtcdStore<P> {
         // The close is queued before the removal: other controllers see
         // the reason first.
         let outcome = session.close(reason);
-        if !outcome.won() && !session.is_close_complete() {
+        if settle && !outcome.won() && !session.is_close_complete() {
             // Closed by another caller of this controller whose release
-            // still runs (a slow resource, queued releases): the record
-            // stays until that close completes, or a deletion resumed
-            // meanwhile (another deleter, or the run's runtime gone) would
-            // not list the session, and would return before its release
-            // ran (I1).
+            // still runs (a client's slow resource): the record stays
+            // until that close completes, or a deletion resumed meanwhile
+            // (another deleter, or the run's runtime gone) would not list
+            // the session, and would return before its release ran (I1).
+            // Not for removals: the crate's own pieces remove the sessions
+            // they closed through the reclaim queue, whose releases may
+            // wait (a paused queue) while the piece shuts down.
             session.closed().await;
         }
         let removed = self.shared.remove_record(&session).await?;
@@ -156,7 +161,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
         id: SessionId,
         key: Option<SessionKey>,
     ) -> Result<Session<P>, SessionError> {
-        match self.close_session(id, key, CloseReason::Reclaimed).await? {
+        match self
+            .close_session(id, key, CloseReason::Reclaimed, false)
+            .await?
+        {
             (session, _, true) => Ok(session),
             // Removed by someone else first (this controller had not heard).
             (_, _, false) => Err(SessionError::UnknownSession(id)),

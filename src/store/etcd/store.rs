@@ -48,6 +48,12 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 ///   resolve. A watch cut off by a compaction re-lists instead.
 /// - `Terminating` is the state of the handles of the controller that runs
 ///   a deletion; etcd records sessions as open or closed.
+/// - A [`close`](SessionStore::close) or
+///   [`close_exact`](SessionStore::close_exact) that finds the session
+///   closing by another caller of this controller, its resources still
+///   being released, waits for that close to complete before it removes
+///   the record: a deletion that resumes meanwhile still lists the
+///   session, and waits for its release (I1).
 /// - A `create` that commits just before its router's fence and answers
 ///   only after the whole deletion finished gets a handle of its own, open,
 ///   which closes (`Reclaimed`) as soon as the watch reports the record
@@ -360,7 +366,7 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
         id: SessionId,
         reason: CloseReason,
     ) -> Result<CloseOutcome, SessionError> {
-        Ok(self.close_session(id, None, reason).await?.1)
+        Ok(self.close_session(id, None, reason, true).await?.1)
     }
 
     async fn close_exact(
@@ -368,7 +374,10 @@ impl<P: EtcdPayload> SessionStore for EtcdStore<P> {
         key: SessionKey,
         reason: CloseReason,
     ) -> Result<CloseOutcome, SessionError> {
-        Ok(self.close_session(key.id(), Some(key), reason).await?.1)
+        Ok(self
+            .close_session(key.id(), Some(key), reason, true)
+            .await?
+            .1)
     }
 
     async fn remove(&self, id: SessionId) -> Result<Session<P>, SessionError> {
