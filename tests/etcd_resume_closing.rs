@@ -10,7 +10,9 @@
 //! through the reclaim queue, whose releases may wait (a paused queue);
 //! with the wait in removals too, `Lifecycle::shutdown` spent its whole
 //! deadline on an expiry close in hand (a third review round; failed
-//! before its fix).
+//! before its fix). Removals (`remove`, `remove_exact`) do not wait, but
+//! leave the record to a task that deletes it once that close completes:
+//! a removal during a deletion reopened the hole (a fourth round).
 #![cfg(feature = "etcd")]
 
 mod etcd_support;
@@ -256,4 +258,123 @@ async fn etcd_lifecycle_shutdown_with_a_paused_queue_completes() {
         out, "complete=true still_running=[] reclaim_left=0 released=1",
         "{out}"
     );
+}
+
+/// A removal by key of a session whose close (a client's, its release
+/// blocked) is still running, during a deletion; a second deleter resumes
+/// it. Returns the releases counted when the resumed deletion returned.
+fn remove_scenario<S: SessionStore<Payload = ()> + 'static>(
+    make: impl std::future::Future<Output = Arc<S>>,
+) -> Option<usize> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    let router = RouterId::new(1);
+    let released = Arc::new(AtomicUsize::new(0));
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let (gate, gate_rx) = mpsc::channel::<()>();
+    let gate_rx = Mutex::new(gate_rx);
+    let (store, slow) = runtime.block_on(async {
+        let store = make.await;
+        let incarnation = store.register_router(router).await.unwrap();
+        let mut sessions = Vec::new();
+        for id in 0..3 {
+            sessions.push(
+                store
+                    .create(NewSession::new(SessionId::new(id), router, incarnation))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let counter = Arc::clone(&released);
+        sessions[0]
+            .attach(move |_: CloseReason| {
+                let _ = entered_tx.send(());
+                let _ = gate_rx.lock().unwrap().recv();
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        (store, sessions[0].clone())
+    });
+    let told = Arc::new(tokio::sync::Notify::new());
+    let first = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_secs(60))
+        .build(Arc::clone(&store), Told(Arc::clone(&told)))
+        .unwrap();
+    let second = RouterDeleter::builder()
+        .confirm_timeout(Duration::from_millis(50))
+        .backoff(session_lifecycle::Backoff::new().retries(0))
+        .build(Arc::clone(&store), Silent)
+        .unwrap();
+    runtime.block_on(async {
+        drop(tokio::spawn(first.delete(router)));
+        told.notified().await;
+    });
+    // A client's close, its release blocked on the gate (thread of its own).
+    let key = slow.key();
+    let closer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let _ = handle.block_on(store.close_exact(key, CloseReason::ClientClosed));
+        })
+    };
+    entered.recv().unwrap();
+    // The controller removes the session by key (a duplicate confirmation
+    // handled with `remove_exact`): the public removal path.
+    let mut remove = runtime.spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let _ = store.remove_exact(key).await;
+        }
+    });
+    let result = runtime.block_on(async {
+        // Bounds, not waits for a condition: a removal that settles first
+        // (the fix) is still waiting after them.
+        let removed = tokio::time::timeout(Duration::from_secs(2), &mut remove)
+            .await
+            .is_ok();
+        let resumed = tokio::time::timeout(Duration::from_secs(5), second.delete(router)).await;
+        let then = released.load(Ordering::SeqCst);
+        (removed, resumed.ok().map(|outcome| (outcome.is_ok(), then)))
+    });
+    let _ = gate.send(());
+    closer.join().unwrap();
+    if !result.0 {
+        runtime.block_on(remove).unwrap();
+    }
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), second.delete(router))
+            .await
+            .expect("the resumed deletion ends once the release ran")
+            .expect("deleted");
+    });
+    result.1.map(|(ok, then)| {
+        assert!(ok);
+        then
+    })
+}
+
+#[test]
+fn memory_store_resumed_delete_waits_for_a_release_behind_a_remove() {
+    let then = remove_scenario(async { Arc::new(MemoryStore::<()>::new()) });
+    assert_ne!(then, Some(0), "delete returned before the release ran (I1)");
+}
+
+#[test]
+fn etcd_resumed_delete_waits_for_a_release_behind_a_remove() {
+    let Some(endpoints) = endpoints() else { return };
+    let then = remove_scenario(async move {
+        Arc::new(
+            EtcdStore::<()>::builder()
+                .endpoints(endpoints.iter().cloned())
+                .prefix(unique_prefix("rv-h-remove"))
+                .connect()
+                .await
+                .unwrap(),
+        )
+    });
+    assert_ne!(then, Some(0), "delete returned before the release ran (I1)");
 }

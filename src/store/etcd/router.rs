@@ -1,5 +1,7 @@
 //! Router and session operations: register, close, remove, fence.
 
+use std::sync::Arc;
+
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use tokio::time::Instant;
@@ -122,9 +124,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
     }
 
     /// Closes the handle of `id` (only if it is the life `key` names) and
-    /// deletes its record. A close (`settle`: not a removal) that finds the
-    /// session closing by another caller, its release still running,
-    /// waits for that close to complete first.
+    /// deletes its record. A close (`settle`) that finds the session
+    /// closing by another caller, its release still running, waits for
+    /// that close to complete first; a removal leaves the record to a task
+    /// that deletes it then.
     pub(super) async fn close_session(
         &self,
         id: SessionId,
@@ -141,16 +144,34 @@ impl<P: EtcdPayload> EtcdStore<P> {
         // The close is queued before the removal: other controllers see
         // the reason first.
         let outcome = session.close(reason);
-        if settle && !outcome.won() && !session.is_close_complete() {
+        if !outcome.won() && !session.is_close_complete() {
             // Closed by another caller of this controller whose release
-            // still runs (a client's slow resource): the record stays
-            // until that close completes, or a deletion resumed meanwhile
-            // (another deleter, or the run's runtime gone) would not list
-            // the session, and would return before its release ran (I1).
-            // Not for removals: the crate's own pieces remove the sessions
-            // they closed through the reclaim queue, whose releases may
-            // wait (a paused queue) while the piece shuts down.
-            session.closed().await;
+            // still runs (a client's slow resource, queued releases): the
+            // record stays until that close completes, or a deletion
+            // resumed meanwhile (another deleter, or the run's runtime
+            // gone) would not list the session, and would return before
+            // its release ran (I1).
+            match tokio::runtime::Handle::try_current() {
+                // A removal does not wait for it (the crate's own pieces
+                // remove sessions whose releases a paused reclaim queue
+                // may hold while the piece shuts down): the record goes in
+                // a task of its own once the close completes.
+                Ok(runtime) if !settle => {
+                    let shared = Arc::clone(&self.shared);
+                    let closing = session.clone();
+                    drop(runtime.spawn(async move {
+                        closing.closed().await;
+                        if let Err(error) = shared.remove_record(&closing).await {
+                            tracing::warn!(session = %closing.id(), %error,
+                                "a removed session's record could not be deleted; the audit finds it");
+                        }
+                    }));
+                    return Ok((session, outcome, true));
+                }
+                _ => {
+                    session.closed().await;
+                }
+            }
         }
         let removed = self.shared.remove_record(&session).await?;
         Ok((session, outcome, removed))

@@ -53,7 +53,11 @@ use crate::store::report::{AuditReport, FenceSnapshot, FinishReport, RouterCensu
 ///   closing by another caller of this controller, its resources still
 ///   being released, waits for that close to complete before it removes
 ///   the record: a deletion that resumes meanwhile still lists the
-///   session, and waits for its release (I1).
+///   session, and waits for its release (I1). A
+///   [`remove`](SessionStore::remove) or
+///   [`remove_exact`](SessionStore::remove_exact) does not wait: it
+///   returns the session at once and leaves the record to a task of the
+///   current runtime that deletes it once that close completes.
 /// - A `create` that commits just before its router's fence and answers
 ///   only after the whole deletion finished gets a handle of its own, open,
 ///   which closes (`Reclaimed`) as soon as the watch reports the record
