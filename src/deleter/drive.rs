@@ -242,6 +242,14 @@ impl SharedRun {
     }
 }
 
+impl SharedRun {
+    /// Wakes the run, as any wake of it does (a poll of it is asked for,
+    /// and every waiter hears it). Under no lock: it wakes the waiters.
+    pub(super) fn wake(&self) {
+        self.driver.waiters.wake_all();
+    }
+}
+
 impl Future for SharedRun {
     type Output = Outcome;
 
@@ -251,11 +259,6 @@ impl Future for SharedRun {
         if !this.polled {
             this.polled = true;
             if !matches!(*driver.run.lock(), Stage::Done(_)) {
-                // A waiter that joins asks for a poll of the run, as a
-                // wake does: the run may wait for a timer of a runtime that
-                // nobody drives any more (its caller left it idle), and its
-                // next poll makes that timer again here (see `timer`).
-                driver.waiters.unclaimed.store(true, Ordering::Release);
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }

@@ -526,7 +526,15 @@ impl<S: SessionStore, N: TerminationNotifier> RouterDeleter<S, N> {
             crate::build::timed_runtime().ok_or(DeleteError::NoRuntime)?;
             let nested = nested();
             let other = match this.join_or_start(router, target, admitted, nested)? {
-                Join::Run(run) => return run.await,
+                Join::Run(run) => {
+                    // A caller that joins wakes the run (after `runs`: the
+                    // wake runs the waiters' wakers), so that it is polled
+                    // on this caller's runtime: it may wait for a timer of
+                    // a runtime nobody drives any more (its caller left it
+                    // idle), made again here (see `timer`).
+                    run.wake();
+                    return run.await;
+                }
                 Join::Done(outcome) => return outcome,
                 Join::After(other) => other,
             };
