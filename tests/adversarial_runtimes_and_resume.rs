@@ -75,6 +75,16 @@ async fn fill(store: &MemoryStore, router: RouterId) -> (Slow, Vec<Session>) {
     (slow, sessions)
 }
 
+/// Lets the tasks run until `router` is fenced (its deletion started).
+async fn until_fenced(store: &MemoryStore, router: RouterId) {
+    while !matches!(
+        store.router_status(router).await.unwrap(),
+        RouterStatus::Fenced(_)
+    ) {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// The client closes the slow session on one thread (its release blocks),
 /// and a duplicate close by key lands on another: the second unlinks the
 /// session from the fenced router while the first still releases.
@@ -111,9 +121,7 @@ async fn delete_and_open<S: SessionStore, N: TerminationNotifier>(
         // On a blocking thread: the paused clock does not jump meanwhile.
         tokio::task::spawn_blocking(move || {
             let _ = gate.send(());
-            while session.closed().now_or_never().is_none() {
-                std::thread::yield_now();
-            }
+            futures::executor::block_on(session.closed());
         })
         .await
         .unwrap();
@@ -162,12 +170,7 @@ fn a_resumed_deletion_waits_for_a_close_still_releasing() {
     let (slow, sessions) = first.block_on(async {
         let filled = fill(&store, router).await;
         drop(tokio::spawn(deleter.delete(router)));
-        while !matches!(
-            store.router_status(router).await.unwrap(),
-            RouterStatus::Fenced(_)
-        ) {
-            tokio::task::yield_now().await;
-        }
+        until_fenced(&store, router).await;
         filled
     });
     let closer = close_twice(&store, &slow);
@@ -203,12 +206,7 @@ fn a_second_deleter_waits_for_a_close_still_releasing() {
             .unwrap();
         let (slow, sessions) = fill(&store, router).await;
         let _first = tokio::spawn(first.delete(router));
-        while !matches!(
-            store.router_status(router).await.unwrap(),
-            RouterStatus::Fenced(_)
-        ) {
-            tokio::task::yield_now().await;
-        }
+        until_fenced(&store, router).await;
         let closer = close_twice(&store, &slow);
         let returned = delete_and_open(&second, router, &slow).await;
         (slow, sessions, returned, closer)

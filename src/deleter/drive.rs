@@ -240,9 +240,7 @@ impl SharedRun {
         };
         drop(replaced);
     }
-}
 
-impl SharedRun {
     /// Wakes the run, as any wake of it does (a poll of it is asked for,
     /// and every waiter hears it). Under no lock: it wakes the waiters.
     pub(super) fn wake(&self) {
