@@ -286,8 +286,9 @@ async fn errors_say_what_the_caller_may_do_and_keep_their_cause() {
     // etcd unreachable: a read fails after the retry deadline, its cause
     // kept as its source; a create is refused before it was ever sent.
     proxy.set(Link::Cut);
-    let Err(RouterError::Backend(error)) = store.count(router).await else {
-        panic!("counted with etcd cut off")
+    let error = match store.count(router).await {
+        Err(RouterError::Backend(error)) => error,
+        other => panic!("counted with etcd cut off: {other:?}"),
     };
     assert_eq!(error.kind(), BackendErrorKind::Unavailable);
     let messages = chain(&error);

@@ -289,16 +289,20 @@ impl Proxy {
         let mut ports = Vec::new();
         let mut tasks = Vec::new();
         for upstream in upstreams {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("a proxy port");
-            let port = listener.local_addr().expect("its address").port();
+            // The port is held by a socket bound for the proxy's whole
+            // life (never listening): see `serve`.
+            let reserve = shared_port(0).expect("a proxy port");
+            let port = reserve.local_addr().expect("its address").port();
+            let listener = shared_port(port)
+                .and_then(|socket| socket.listen(1024))
+                .expect("a listener on the proxy port");
             ports.push(port);
             let target = upstream
                 .trim_start_matches("http://")
                 .trim_end_matches('/')
                 .to_owned();
             tasks.push(tokio::spawn(serve(
+                reserve,
                 listener,
                 port,
                 target,
@@ -328,22 +332,38 @@ impl Drop for Proxy {
     }
 }
 
+/// A socket bound to loopback `port` (0: any) that other sockets of this
+/// process may bind too (`SO_REUSEPORT`).
+fn shared_port(port: u16) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(socket)
+}
+
 /// Accepts on `port` while the link is not cut: a cut link closes the
-/// listener too, so connecting is refused.
+/// listener too, so connecting is refused. `reserve`, bound to the port
+/// and never listening, keeps it ours meanwhile: released, the port could
+/// be handed to another test's etcd (any bind to port 0, `free_port`), and
+/// the client would reconnect to that foreign etcd (CI once saw a count
+/// answered over a cut link, most likely that way).
 async fn serve(
+    reserve: tokio::net::TcpSocket,
     first: tokio::net::TcpListener,
     port: u16,
     target: String,
     mut mode: watch::Receiver<Link>,
 ) {
+    let _held = reserve;
     let mut listener = Some(first);
     loop {
         let Some(open) = listener.take() else {
             if mode.wait_for(|link| *link != Link::Cut).await.is_err() {
                 return;
             }
-            // The port was ours a moment ago; bound again (SO_REUSEADDR).
-            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            // The port is still ours (`reserve`): listen on it again.
+            match shared_port(port).and_then(|socket| socket.listen(1024)) {
                 Ok(open) => listener = Some(open),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

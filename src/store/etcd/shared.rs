@@ -172,9 +172,6 @@ impl<P: EtcdPayload> Shared<P> {
         }
     }
 
-    /// Closes the handle of the record created at `created` because etcd
-    /// says it is closed or gone: not written back. `true` if this call
-    /// closed it.
     /// Closes each handle as [`close_quietly`](Self::close_quietly) does,
     /// then lets it go. A payload's `Drop` (user code, run with the last
     /// handle) that panics is contained and logged: the other handles
@@ -192,6 +189,9 @@ impl<P: EtcdPayload> Shared<P> {
         }
     }
 
+    /// Closes the handle of the record created at `created` because etcd
+    /// says it is closed or gone: not written back. `true` if this call
+    /// closed it.
     pub(super) fn close_quietly(
         &self,
         session: &Session<P>,
