@@ -52,10 +52,23 @@ pub fn unique_prefix(test: &str) -> String {
     )
 }
 
-/// A loopback port free right now (the OS picks it).
+/// A loopback port free right now (the OS picks it), never one this
+/// process was handed before: the port is released until its etcd binds
+/// it, and the OS may hand a released port out again meanwhile (to a
+/// concurrent test's cluster).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-    listener.local_addr().expect("its address").port()
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        let mut handed = HANDED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
 }
 
 /// A temporary directory, removed on drop.
