@@ -5,6 +5,11 @@
 //! [`SessionKey`], never on whatever holds their ids when it runs: an id
 //! reused by a new session while a cleanup is under way is left alone.
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+
+use crate::contain::drop_each_logged;
 use crate::id::SessionKey;
 use crate::reclaim::ReclaimQueue;
 use crate::session::{CloseFrom, CloseReason, Session};
@@ -60,12 +65,23 @@ pub(crate) async fn remove_all<S: SessionStore>(store: &S, closed: &[SessionKey]
 
 /// Removes the closed session `key` from `store`. Failures are logged: the
 /// session is closed already, and the audit sweeper removes what is left.
+/// The store is user code (a wrapping store): a panic in it is contained
+/// and logged too, and the removals that follow still run; so is one of
+/// the removed handle's payload `Drop`.
 async fn remove_closed<S: SessionStore>(store: &S, key: SessionKey) {
-    match store.remove_exact(key).await {
+    let removed = AssertUnwindSafe(store.remove_exact(key))
+        .catch_unwind()
+        .await;
+    match removed {
+        Ok(Ok(session)) => drop_each_logged([session], "a closed session's removal"),
         // Gone already, or the id is another session's now: nothing to do.
-        Ok(_) | Err(SessionError::UnknownSession(_)) => {}
-        Err(error) => {
+        Ok(Err(SessionError::UnknownSession(_))) => {}
+        Ok(Err(error)) => {
             tracing::warn!(session = %key, %error, "closed session left in the store: backend failed");
+        }
+        Err(panic) => {
+            crate::contain::dispose(panic);
+            tracing::error!(session = %key, "the store panicked removing a closed session; contained");
         }
     }
 }

@@ -73,12 +73,91 @@ pub(crate) fn log_drop_panics(panicked: usize, what: &str) {
     }
 }
 
+/// What a [`LetGo`] may hold: a collection that hands out what it holds.
+pub(crate) trait Holds {
+    /// What it holds: values whose drop may run user code.
+    type Item;
+    /// Moves everything it holds to `out`.
+    fn take_into(&mut self, out: &mut Vec<Self::Item>);
+}
+
+impl<T> Holds for Vec<T> {
+    type Item = T;
+    fn take_into(&mut self, out: &mut Vec<T>) {
+        out.append(self);
+    }
+}
+
+/// What a drain has not handed out yet (a loop over it left early: an
+/// `.await` in it where its future was dropped).
+impl<T> Holds for std::vec::Drain<'_, T> {
+    type Item = T;
+    fn take_into(&mut self, out: &mut Vec<T>) {
+        out.extend(self.by_ref());
+    }
+}
+
+impl<K, V: Holds, H> Holds for std::collections::HashMap<K, V, H> {
+    type Item = V::Item;
+    fn take_into(&mut self, out: &mut Vec<V::Item>) {
+        for (_, mut held) in self.drain() {
+            held.take_into(out);
+        }
+    }
+}
+
+impl<T: Holds> Holds for parking_lot::Mutex<T> {
+    type Item = T::Item;
+    fn take_into(&mut self, out: &mut Vec<T::Item>) {
+        self.get_mut().take_into(out);
+    }
+}
+
+/// Holds values whose drop may run user code (session handles: the last
+/// one runs the payload's `Drop`), and lets them go as [`drop_each`] does,
+/// each panic contained and logged as `what`'s, however it is itself let
+/// go: at the end of its scope, on an early return or a `?`, or with a
+/// task's future dropped by its runtime. Plain drop glue would let the
+/// first panic out, and abort the process at the second (a panic while
+/// unwinding).
+pub(crate) struct LetGo<T: Holds> {
+    held: T,
+    what: &'static str,
+}
+
+impl<T: Holds> LetGo<T> {
+    pub(crate) fn new(held: T, what: &'static str) -> Self {
+        Self { held, what }
+    }
+}
+
+impl<T: Holds> std::ops::Deref for LetGo<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.held
+    }
+}
+
+impl<T: Holds> std::ops::DerefMut for LetGo<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.held
+    }
+}
+
+impl<T: Holds> Drop for LetGo<T> {
+    fn drop(&mut self) {
+        let mut held = Vec::new();
+        self.held.take_into(&mut held);
+        drop_each_logged(held, self.what);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::drop_each;
+    use super::{LetGo, drop_each};
 
     /// Counts its drops; panics in `Drop` when `armed`, even while another
     /// panic unwinds (a careless user's payload).
@@ -111,5 +190,23 @@ pub(crate) mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 10);
         assert_eq!(drop_each(louds(3, &[], &drops)), 0);
         assert_eq!(drops.load(Ordering::SeqCst), 13);
+    }
+
+    #[test]
+    fn let_go_drops_what_it_holds_each_panic_contained() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut map = std::collections::HashMap::new();
+        map.insert(1, louds(3, &[0, 2], &drops));
+        map.insert(2, louds(2, &[1], &drops));
+        drop(LetGo::new(parking_lot::Mutex::new(map), "test"));
+        assert_eq!(drops.load(Ordering::SeqCst), 5);
+        // Let go by an unwinding panic: the others still drop, and the
+        // process does not abort.
+        let unwound = std::panic::catch_unwind(|| {
+            let _held = LetGo::new(louds(4, &[1, 3], &drops), "test");
+            panic!("the owner's own panic");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(drops.load(Ordering::SeqCst), 9);
     }
 }

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::build::{BuildError, wired};
 use crate::closing::close_all;
+use crate::contain::LetGo;
 use crate::events::{Event, EventBus, emit};
 use crate::id::SessionKey;
 use crate::reclaim::ReclaimQueue;
@@ -433,8 +434,10 @@ impl<S: SessionStore> AuditSweeper<S> {
                 Err(RouterError::Backend(error)) => return Err(error),
             };
             current += queue.long_lived(&sessions).map_or(0, |found| found.current);
-            // The handles drop here, outside every lock of the crate.
-            drop(sessions);
+            // The handles drop here, outside every lock of the crate, each
+            // payload's `Drop` contained (a client may have removed one
+            // meanwhile, its last handle here).
+            crate::contain::drop_each_logged(sessions, "audit sweeper");
             tokio::task::yield_now().await;
         }
         #[cfg(feature = "metrics")]
@@ -469,14 +472,23 @@ impl<S: SessionStore> AuditSweeper<S> {
         }
         // Orphans are closed here, so that their resources go through the
         // reclaim queue; the store's repair then removes them.
-        let mut orphans: Vec<Session<S::Payload>> = Vec::with_capacity(audit.orphans.len());
+        // Let go each with its payload's `Drop` contained, also on an
+        // error or this future dropped.
+        let mut orphans: LetGo<Vec<Session<S::Payload>>> =
+            LetGo::new(Vec::with_capacity(audit.orphans.len()), "audit sweeper");
         for &id in &audit.orphans {
             // The id may have been removed and reused since the audit: close
             // only a session that is itself an orphan.
-            if let Some(session) = store.get(id).await?
-                && !belongs(store, &session).await?
-            {
-                orphans.push(session);
+            if let Some(session) = store.get(id).await? {
+                match belongs(store, &session).await {
+                    Ok(false) => orphans.push(session),
+                    belongs => {
+                        // Its last handle, maybe: the payload's `Drop` is
+                        // user code.
+                        crate::contain::drop_each_logged([session], "audit sweeper");
+                        belongs?;
+                    }
+                }
             }
         }
         let closed = close_all(

@@ -109,6 +109,15 @@ impl<T> Wheel<T> {
     }
 }
 
+impl<T> crate::contain::Holds for Wheel<T> {
+    type Item = T;
+    fn take_into(&mut self, out: &mut Vec<T>) {
+        for slot in &mut self.slots {
+            out.append(slot);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -681,3 +681,125 @@ async fn payload_drops_panicking_when_a_deletion_removes_closed_sessions_are_con
     assert_eq!(drops.load(Ordering::SeqCst), 10, "every payload dropped");
     assert!(store.audit().await.unwrap().is_clean());
 }
+
+/// Two `Loud` payloads that panic when dropped, on sessions of `R`
+/// created in `store` (returned with the drop counter; the caller holds
+/// the only other handles).
+async fn two_loud(
+    store: &MemoryStore<Loud>,
+    incarnation: Incarnation,
+) -> (Vec<Session<Loud>>, Arc<AtomicUsize>) {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let mut sessions = Vec::new();
+    for id in 1..=2 {
+        let payload = Loud {
+            armed: true,
+            drops: Arc::clone(&drops),
+        };
+        let spec = NewSession::new(SessionId::new(id), R, incarnation).payload(payload);
+        sessions.push(store.create(spec).await.unwrap());
+    }
+    (sessions, drops)
+}
+
+/// Review of stop 35: the liveness monitor's wheel held the last handles
+/// of two watched sessions their clients closed and removed; the task
+/// ending at `shutdown` dropped its wheel by drop glue, the second payload
+/// panicked while the first unwound, and the process aborted.
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_as_the_liveness_monitor_shuts_down_are_contained() {
+    let store: Arc<MemoryStore<Loud>> = Arc::new(MemoryStore::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let monitor = LivenessMonitor::builder()
+        .build(Arc::clone(&store), NoProbe)
+        .unwrap();
+    let (sessions, drops) = two_loud(&store, incarnation).await;
+    for session in &sessions {
+        monitor.watch(session).unwrap();
+    }
+    // A few ticks of the paused clock, the task running at each: it files
+    // them in its wheel.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for session in sessions {
+        let closed = store.close(session.id(), CloseReason::ClientClosed).await;
+        assert!(closed.unwrap().won());
+        // Its handle drops here: the wheel holds the last one.
+    }
+    assert_eq!(drops.load(Ordering::SeqCst), 0);
+    within(HOUR, monitor.shutdown()).await;
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "every payload dropped");
+}
+
+/// Never answers a probe; says when it is called.
+struct Hangs(Arc<Signal>);
+
+impl session_lifecycle::Prober for Hangs {
+    async fn probe(
+        &self,
+        _: session_lifecycle::ProbeBatch,
+    ) -> Result<Vec<SessionId>, session_lifecycle::ProbeError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// Review of stop 35: as above, with the last handles in a probe driver's
+/// round (the probe call hangs) when the monitor shuts down: the driver
+/// returned with its round in a plain `Vec`, and the process aborted.
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_as_a_probe_driver_ends_are_contained() {
+    let store: Arc<MemoryStore<Loud>> = Arc::new(MemoryStore::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let called = Arc::new(Signal::new());
+    let monitor = LivenessMonitor::builder()
+        .probe_timeout(HOUR)
+        .build(Arc::clone(&store), Hangs(Arc::clone(&called)))
+        .unwrap();
+    let (sessions, drops) = two_loud(&store, incarnation).await;
+    for session in &sessions {
+        monitor.watch(session).unwrap();
+    }
+    // Both fall silent and are probed together; the call hangs.
+    within(HOUR, called.notified()).await;
+    for session in sessions {
+        let closed = store.close(session.id(), CloseReason::ClientClosed).await;
+        assert!(closed.unwrap().won());
+    }
+    assert_eq!(drops.load(Ordering::SeqCst), 0, "the round holds them");
+    within(HOUR, monitor.shutdown()).await;
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "every payload dropped");
+}
+
+/// Review of stop 35: a reconciliation closes and removes a session its
+/// router no longer reports and holds its last handle; the payload's
+/// `Drop` panicking made `reconcile()` panic after its work was done, the
+/// report (with the id the router must drop) lost; two aborted the
+/// process.
+#[tokio::test(start_paused = true)]
+async fn payload_drops_panicking_in_a_reconciliation_leave_its_report() {
+    let store: Arc<MemoryStore<Loud>> = Arc::new(MemoryStore::default());
+    let incarnation = store.register_router(R).await.unwrap();
+    let (sessions, drops) = two_loud(&store, incarnation).await;
+    let kept = NewSession::new(SessionId::new(3), R, incarnation).payload(Loud {
+        armed: false,
+        drops: Arc::clone(&drops),
+    });
+    let kept = store.create(kept).await.unwrap();
+    let reconciler = Reconciler::builder().build(Arc::clone(&store)).unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(sessions); // the store holds the only handles of sessions 1 and 2
+
+    // The router reports session 3 and an id the store does not know (4):
+    // 1 and 2 are closed and removed, and the router must drop 4.
+    let report = within(
+        HOUR,
+        reconciler.reconcile(R, incarnation, [SessionId::new(3), SessionId::new(4)]),
+    )
+    .await
+    .expect("reconciled");
+    assert_eq!(report.drop, [SessionId::new(4)]);
+    assert_eq!(report.summary.closed, 2, "{:?}", report.summary);
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "both payloads dropped");
+    assert!(store.get(SessionId::new(1)).await.unwrap().is_none());
+    assert_eq!(kept.state(), SessionState::Active);
+}

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::contain::LetGo;
 use crate::session::Session;
 use crate::slices::{SLICE, due, free_vec, pause};
 
@@ -41,6 +42,10 @@ const DIGIT: u32 = 11;
 const PAGE: u32 = 6;
 
 /// `sessions` in address order (as given if they are few).
+///
+/// Whatever it holds at a pause, it lets go each with its payload's `Drop`
+/// contained if the run is dropped there (its runtime gone): a client may
+/// have removed a session meanwhile, its last handle here.
 pub(super) async fn by_address<P: Send + Sync + 'static>(
     mut sessions: Vec<Session<P>>,
 ) -> Vec<Session<P>> {
@@ -54,16 +59,20 @@ pub(super) async fn by_address<P: Send + Sync + 'static>(
     if on_many_workers() {
         return sort_off_runtime(sessions).await;
     }
+    let mut sessions = LetGo::new(sessions, WHAT);
     let order = radix_order(&sessions).await;
-    let mut slots: Vec<Option<Session<P>>> = Vec::with_capacity(sessions.len());
-    for (step, session) in sessions.drain(..).enumerate() {
+    let mut slots: LetGo<Vec<Option<Session<P>>>> =
+        LetGo::new(Vec::with_capacity(sessions.len()), WHAT);
+    let mut rest = LetGo::new(sessions.drain(..), WHAT);
+    for (step, session) in rest.by_ref().enumerate() {
         if due(step) {
             pause().await;
         }
         slots.push(Some(session));
     }
-    free_vec(sessions);
-    let mut sorted = Vec::with_capacity(slots.len());
+    drop(rest);
+    free_vec(std::mem::take(&mut *sessions));
+    let mut sorted = LetGo::new(Vec::with_capacity(slots.len()), WHAT);
     for (step, &index) in order.iter().enumerate() {
         if due(step) {
             pause().await;
@@ -73,18 +82,22 @@ pub(super) async fn by_address<P: Send + Sync + 'static>(
         }
     }
     // Every slot taken: nothing in them to drop.
-    free_vec(slots);
+    free_vec(std::mem::take(&mut *slots));
     free_vec(order);
-    sorted
+    std::mem::take(&mut *sorted)
 }
+
+/// What lets the sessions go, in the logs.
+const WHAT: &str = "router deletion";
 
 /// `sessions` sorted on tokio's blocking pool, the fastest sort, off the
 /// runtime's workers. They stay in reach of this run meanwhile: if the
 /// pool does not run the sort (a runtime shutting down), they come back as
 /// they were given (the order is for locality only); if this run is
-/// dropped meanwhile, the sort's thread drops them, under no lock.
+/// dropped meanwhile, the sort's thread drops them, under no lock, each
+/// payload's `Drop` contained.
 async fn sort_off_runtime<P: Send + Sync + 'static>(sessions: Vec<Session<P>>) -> Vec<Session<P>> {
-    let cell = Arc::new(Mutex::new(sessions));
+    let cell = Arc::new(LetGo::new(Mutex::new(sessions), WHAT));
     let sorting = Arc::clone(&cell);
     let sorted = tokio::task::spawn_blocking(move || {
         sorting.lock().sort_unstable_by_key(Session::address);

@@ -45,7 +45,7 @@ use super::notifier::{TerminationBatch, TerminationNotifier};
 use super::order;
 use super::report::{DeleteError, DeleteOutcome};
 use crate::closing::close_all;
-use crate::contain::{drop_each, drop_each_logged, log_drop_panics};
+use crate::contain::{LetGo, drop_each, drop_each_logged, log_drop_panics};
 use crate::events::{DeletionReport, PhaseDurations};
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionKey};
@@ -117,7 +117,7 @@ where
             incarnation: snapshot.incarnation,
             tracked: Arc::default(),
             first_round: Vec::with_capacity(snapshot.sessions.len()),
-            closing: Vec::new(),
+            closing: LetGo::new(Vec::new(), "router deletion"),
             rounds: AtomicU32::new(0),
             settled: AtomicBool::new(false),
             attempts: AtomicU32::new(0),
@@ -141,8 +141,10 @@ struct Run<'a, N, P> {
     /// Keys of `tracked`, collected while marking, in its order: the first
     /// round sends them without another pass over the sessions' memory.
     first_round: Vec<SessionKey>,
-    /// Sessions found closed but with their close still in flight.
-    closing: Vec<Session<P>>,
+    /// Sessions found closed but with their close still in flight (the
+    /// last handle of one removed meanwhile, maybe: let go each with its
+    /// payload's `Drop` contained, on an early return too).
+    closing: LetGo<Vec<Session<P>>>,
     rounds: AtomicU32,
     /// A round saw every tracked session's close complete: nothing is left
     /// to force or wait for among them.
@@ -254,7 +256,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             Err(shared) => count_confirmed(&shared.sessions).await,
         };
         free_vec(std::mem::take(&mut self.first_round));
-        panicked += drop_in_slices(std::mem::take(&mut self.closing).into_iter()).await;
+        panicked += drop_in_slices(std::mem::take(&mut *self.closing).into_iter()).await;
         log_drop_panics(panicked, "router deletion");
         let accounted = report
             .already_closed
@@ -285,11 +287,15 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
     async fn mark(&mut self, sessions: Vec<Session<P>>) -> (usize, usize) {
         // Every later pass (notify, confirm, force) follows this order.
         let mut sessions = order::by_address(sessions).await;
-        let mut tracked = Vec::with_capacity(sessions.len());
+        // Let go each with its payload's `Drop` contained if the run is
+        // dropped at a pause (its runtime gone): a client may have removed
+        // a session meanwhile, its last handle here.
+        let mut tracked = LetGo::new(Vec::with_capacity(sessions.len()), "router deletion");
         let mut already_closed = 0;
         let mut strays = 0;
         let bus = self.config.events.as_ref();
-        for (step, session) in sessions.drain(..).enumerate() {
+        let mut rest = LetGo::new(sessions.drain(..), "router deletion");
+        for (step, session) in rest.by_ref().enumerate() {
             if due(step) {
                 pause().await;
             }
@@ -332,8 +338,9 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
                 }
             }
         }
+        drop(rest);
         free_vec(sessions);
-        self.tracked = Arc::new(Tracked::new(tracked));
+        self.tracked = Arc::new(Tracked::new(std::mem::take(&mut *tracked)));
         tracing::debug!(
             tracked = self.tracked.len(),
             already_closed,
@@ -526,7 +533,7 @@ impl<N: TerminationNotifier, P: Send + Sync + 'static> Run<'_, N, P> {
             tracing::warn!(forced, "force-closed sessions that did not confirm in time");
         }
         // Closes won by other callers, or queued, may still be releasing.
-        for (step, session) in tracked.iter().chain(&self.closing).enumerate() {
+        for (step, session) in tracked.iter().chain(self.closing.iter()).enumerate() {
             if scan_due(step) {
                 pause().await;
             }

@@ -4,8 +4,12 @@
 
 use super::{Event, LivenessEvent, ReclaimEvent};
 
-/// Counts `event`.
+/// Counts `event`, a panic of the recorder contained.
 pub(crate) fn record(event: &Event) {
+    crate::metrics::contained(|| count(event));
+}
+
+fn count(event: &Event) {
     match event {
         Event::SessionCreated { .. } => {
             crate::metrics::counter!("session_lifecycle_sessions_created_total").increment(1);

@@ -273,6 +273,9 @@ impl<S: SessionStore> Shared<S> {
     /// them from the store. One that closed or was marked `Terminating`
     /// since is left to whoever did it.
     async fn expire(&self, due: Vec<Session<S::Payload>>) {
+        // Let go each with its payload's `Drop` contained, also if this
+        // task is dropped with its runtime while it closes them.
+        let due = crate::contain::LetGo::new(due, "expiry monitor");
         let closed = close_and_remove(
             &*self.store,
             self.config.reclaim.as_ref(),
@@ -283,7 +286,6 @@ impl<S: SessionStore> Shared<S> {
         .await;
         Counters::add(&self.counters.expired, closed.len());
         tracing::debug!(expired = closed.len(), due = due.len(), "sessions expired");
-        crate::contain::drop_each_logged(due, "expiry monitor");
     }
 
     /// Waits until sessions come in; `false` if the monitor stopped first.

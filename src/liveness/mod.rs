@@ -68,6 +68,7 @@ pub use report::{HeartbeatError, LivenessStats, WatchError};
 pub use crate::events::{LivenessEvent, ProbeError};
 
 use crate::build::BuildError;
+use crate::contain::LetGo;
 use crate::events::Event;
 use crate::id::{Incarnation, RouterId, SessionId};
 use crate::session::{Estimate, Session, SessionState, WatchRefused};
@@ -194,7 +195,7 @@ struct Shared<S: SessionStore, Pr> {
     /// The end of the last stall: sessions count as heard then at least.
     amnesty: AtomicU64,
     /// Sessions to file in the wheel: new watches and spared suspects.
-    incoming: Mutex<Vec<Session<S::Payload>>>,
+    incoming: LetGo<Mutex<Vec<Session<S::Payload>>>>,
     /// The monitor task rests: no session is watched, and it has no
     /// timer until `watch` wakes it (`wake`).
     idle: AtomicBool,
@@ -203,7 +204,7 @@ struct Shared<S: SessionStore, Pr> {
     /// caller outside the runtime would read the real one, which a paused
     /// clock is not).
     runtime: Handle,
-    suspects: Mutex<HashMap<RouterId, Group<S::Payload>>>,
+    suspects: LetGo<Mutex<HashMap<RouterId, Group<S::Payload>>>>,
     /// Routers whose sessions are not convicted for now (a disconnected
     /// router in its grace period), with how many holds each has.
     held: Mutex<HashMap<RouterId, holds::RouterHolds>>,
@@ -259,11 +260,11 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
             epoch: Instant::now(),
             clock: AtomicU64::new(0),
             amnesty: AtomicU64::new(0),
-            incoming: Mutex::new(Vec::new()),
+            incoming: LetGo::new(Mutex::new(Vec::new()), "liveness monitor"),
             idle: AtomicBool::new(false),
             wake: Notify::new(),
             runtime: runtime.clone(),
-            suspects: Mutex::new(HashMap::new()),
+            suspects: LetGo::new(Mutex::new(HashMap::new()), "liveness monitor"),
             held: Mutex::new(HashMap::new()),
             partition: Mutex::new(Votes::default()),
             partition_change: Notify::new(),
@@ -358,7 +359,13 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
     /// look-up.
     pub async fn heartbeat_id(&self, id: SessionId) -> Result<(), HeartbeatError> {
         match self.shared.store.get(id).await {
-            Ok(Some(session)) => self.heartbeat(&session),
+            Ok(Some(session)) => {
+                let heard = self.heartbeat(&session);
+                // Its last handle, maybe (removed meanwhile): the payload's
+                // `Drop` is user code.
+                crate::contain::drop_each_logged([session], "heartbeat");
+                heard
+            }
             Ok(None) => Err(self.shared.ignored(HeartbeatError::UnknownSession(id))),
             Err(error) => Err(self.shared.ignored(HeartbeatError::Store { id, error })),
         }
@@ -532,8 +539,13 @@ impl<S: SessionStore, Pr: Prober> LivenessMonitor<S, Pr> {
 async fn run<S: SessionStore, Pr: Prober>(shared: Arc<Shared<S, Pr>>, stopping: Stopping<S, Pr>) {
     let lease = &stopping.1;
     let granularity = shared.config.rule.granularity;
-    let mut wheel = Wheel::new(shared.config.wheel_slots());
-    let mut convicted: HashMap<RouterId, Vec<Suspect<S::Payload>>> = HashMap::new();
+    // The handles in the task's hands, let go each with its payload's
+    // `Drop` contained however the task ends (a shutdown, its runtime
+    // gone): a client may have closed and removed a session, its last
+    // handle here.
+    let mut wheel = LetGo::new(Wheel::new(shared.config.wheel_slots()), "liveness monitor");
+    let mut convicted: LetGo<HashMap<RouterId, Vec<Suspect<S::Payload>>>> =
+        LetGo::new(HashMap::new(), "liveness monitor");
     let mut next = shared.epoch + shared.config.tick();
     while shared.sleep(next).await {
         let now = Instant::now();

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use crate::closing::{close_all, remove_all};
+use crate::contain::LetGo;
 use crate::events::{LivenessEvent, ProbeError};
 use crate::id::{Incarnation, RouterId, SessionId, SessionKey};
 use crate::session::{CloseFrom, CloseReason, Session, SessionState};
@@ -123,6 +124,13 @@ pub(super) struct Group<P> {
     pub(super) arrival: Arc<Notify>,
 }
 
+impl<P> crate::contain::Holds for Group<P> {
+    type Item = Suspect<P>;
+    fn take_into(&mut self, out: &mut Vec<Suspect<P>>) {
+        out.append(&mut self.pending);
+    }
+}
+
 impl<P> Default for Group<P> {
     fn default() -> Self {
         Self {
@@ -165,7 +173,11 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
     // Held, not read: the monitor's tag stays live while a driver runs.
     _lease: Arc<super::tag::Lease>,
 ) {
-    let mut round: Vec<Suspect<S::Payload>> = Vec::new();
+    // The suspects in the driver's hands, let go each with its payload's
+    // `Drop` contained however the driver ends (a shutdown, its runtime
+    // gone): a client may have closed and removed one, its last handle
+    // here.
+    let mut round: LetGo<Vec<Suspect<S::Payload>>> = LetGo::new(Vec::new(), "liveness monitor");
     let mut rounds = 0u32;
     let mut backoff = shared.config.backoff.iter();
     let mut guard = shared.partition_state().0;
@@ -178,7 +190,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
             // The partition guard lifted: everyone starts over. (After a
             // hold that expired, rounds count again where they were.)
             round.append(&mut fresh);
-            shared.start_over(router, std::mem::take(&mut round));
+            shared.start_over(router, std::mem::take(&mut *round));
             continue;
         }
         // Suspects heard since they were convicted go back to the wheel
@@ -232,7 +244,7 @@ pub(super) async fn drive<S: SessionStore, Pr: Prober>(
         let mut dead = Vec::new();
         let retries = shared.config.probe_retries();
         shared.keep_only(&mut round);
-        for mut suspect in std::mem::take(&mut round) {
+        for mut suspect in std::mem::take(&mut *round) {
             suspect.failed = suspect.failed.saturating_add(1);
             failed.push(suspect.session.id());
             if suspect.failed > retries {
@@ -479,8 +491,9 @@ impl<S: SessionStore, Pr: Prober> Shared<S, Pr> {
     /// Their handles drop at the end, each panic of a payload's `Drop`
     /// contained.
     async fn reap(&self, router: RouterId, dead: Vec<Session<S::Payload>>, router_silent: bool) {
+        // Also if the driver is dropped while it closes them.
+        let dead = LetGo::new(dead, "liveness monitor");
         self.reap_closing(router, &dead, router_silent).await;
-        crate::contain::drop_each_logged(dead, "liveness monitor");
     }
 
     async fn reap_closing(

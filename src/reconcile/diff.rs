@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::reconciler::Reconciler;
 use super::report::{ReconcileError, ReconcileReport, Rejection};
+use crate::contain::{LetGo, drop_each_logged};
 use crate::events::ReconcileSummary;
 use crate::events::{Event, emit};
 use crate::id::{Incarnation, RouterId, SessionId};
@@ -28,8 +29,10 @@ pub(super) struct Pass<P> {
     pub(super) summary: ReconcileSummary,
     /// The ids the router reported, deduplicated.
     pub(super) reported: HashSet<SessionId, RandomState>,
-    /// What the store held for the router when the call started.
-    pub(super) held: Vec<Session<P>>,
+    /// What the store held for the router when the call started (let go
+    /// each with its payload's `Drop` contained: a client may remove a
+    /// session meanwhile, leaving its last handle here).
+    pub(super) held: LetGo<Vec<Session<P>>>,
     /// Reported ids the router must drop (closed, foreign; the unknown ones
     /// once settled).
     pub(super) drop: Vec<SessionId>,
@@ -131,7 +134,7 @@ impl<S: SessionStore> Reconciler<S> {
             started,
             summary,
             reported,
-            held,
+            held: LetGo::new(held, "reconcile"),
             drop: Vec::new(),
             unknown: Vec::new(),
             adopted: Vec::new(),
@@ -145,22 +148,23 @@ impl<S: SessionStore> Reconciler<S> {
             self.next_chunk(router, incarnation, &mut pass.summary)
                 .await?;
             for &id in chunk {
-                match store.get(id).await? {
-                    None => {
-                        pass.summary.unknown += 1;
-                        pass.unknown.push(id);
-                        continue;
-                    }
-                    Some(session)
-                        if session.router() != router || session.incarnation() != incarnation =>
-                    {
-                        pass.summary.foreign += 1;
-                    }
-                    Some(session) if session.is_closed() => pass.summary.closed_reported += 1,
-                    Some(_) => {
-                        pass.summary.matched += 1;
-                        continue;
-                    }
+                let Some(session) = store.get(id).await? else {
+                    pass.summary.unknown += 1;
+                    pass.unknown.push(id);
+                    continue;
+                };
+                let foreign = session.router() != router || session.incarnation() != incarnation;
+                let closed = session.is_closed();
+                // Its last handle, maybe (removed meanwhile): the payload's
+                // `Drop` is user code.
+                drop_each_logged([session], "reconcile");
+                if foreign {
+                    pass.summary.foreign += 1;
+                } else if closed {
+                    pass.summary.closed_reported += 1;
+                } else {
+                    pass.summary.matched += 1;
+                    continue;
                 }
                 tracing::trace!(session = %id, "router holds a session it should drop");
                 pass.drop.push(id);
@@ -179,7 +183,7 @@ impl<S: SessionStore> Reconciler<S> {
             started,
             mut summary,
             reported,
-            held,
+            mut held,
             mut drop,
             unknown: _,
             adopted,
@@ -194,27 +198,30 @@ impl<S: SessionStore> Reconciler<S> {
         // reaches back past the clock's start, so every session is young
         // enough to be spared.
         let cutoff = started.checked_sub(config.spare_younger_than);
-        let mut missing: Vec<Session<S::Payload>> = Vec::new();
-        let mut lingering: Vec<Session<S::Payload>> = Vec::new();
-        for session in held {
+        // The handles go each with its payload's `Drop` contained, also
+        // on an early return or this future dropped: the reconciliation
+        // may hold the last of a session it removed (user code's panic
+        // there must not cost the report, nor two abort the process).
+        let mut missing = LetGo::new(Vec::new(), "reconcile");
+        let mut lingering = LetGo::new(Vec::new(), "reconcile");
+        let mut left = LetGo::new(Vec::new(), "reconcile");
+        for session in std::mem::take(&mut *held) {
             if session.incarnation() != incarnation {
-                continue;
-            }
-            if session.is_closed() {
+                left.push(session);
+            } else if session.is_closed() {
                 // Closed on the controller but still stored (through its
                 // handle, or by a reconciliation dropped half-way).
                 lingering.push(session);
-                continue;
-            }
-            if session.state() != SessionState::Active || reported.contains(&session.id()) {
-                continue;
-            }
-            if cutoff.is_none_or(|cutoff| session.created_at() > cutoff) {
+            } else if session.state() != SessionState::Active || reported.contains(&session.id()) {
+                left.push(session);
+            } else if cutoff.is_none_or(|cutoff| session.created_at() > cutoff) {
                 summary.spared += 1;
+                left.push(session);
             } else {
                 missing.push(session);
             }
         }
+        std::mem::drop(left);
         missing.sort_unstable_by_key(Session::id);
         let mut closed = Vec::new();
         for chunk in missing.chunks(config.chunk) {

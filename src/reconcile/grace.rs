@@ -31,8 +31,11 @@
 //! `RouterDisconnected` (the bus's lock is a leaf) and take the liveness
 //! monitor's `held` map (a leaf): so a hold is in place before any cancel
 //! or expiry can release it. An expiry's `closing` (a tokio mutex) is held
-//! across the awaits of one chunk, never while `graces` is held, and is the
-//! only lock then.
+//! across the closes of one chunk (the reclaim queue's room awaited, the
+//! resources released inline: synchronous user code, which cannot wait for
+//! it), never while `graces` is held, and is the only lock then; the
+//! chunk's removals from the store (user code that may await a
+//! reconciliation, which waits for `closing`) run after it.
 //!
 //! No user code runs under `graces`: the entries hold no session, the
 //! expiry's handles live in its task, and `RouterDisconnected` is counted
@@ -56,6 +59,7 @@ use tracing::Instrument;
 
 use super::reconciler::Reconciler;
 use super::report::ReconcileError;
+use crate::closing::remove_all;
 use crate::events::{Event, emit, send_unrecorded};
 use crate::id::{Incarnation, RouterId};
 use crate::session::{CloseReason, Session, SessionState};
@@ -82,7 +86,9 @@ struct Expiry {
     /// `graces` alone.
     stop: CancellationToken,
     /// Held while a chunk closes: a cancel waits on it, so a reconciliation
-    /// never runs beside a chunk of the expiry it cancelled.
+    /// never runs beside the closes of a chunk of the expiry it cancelled
+    /// (it may beside their removals from the store: closed sessions, which
+    /// it removes too if it comes first).
     closing: tokio::sync::Mutex<()>,
     /// Who takes the period's entry out if its task's future is dropped:
     /// `UNFILED` until the disconnect that spawned it filed its entry
@@ -488,13 +494,16 @@ impl<S: SessionStore> Reconciler<S> {
             tracing::info!("router gone; its sessions are left to the deleter");
             return None;
         };
-        let (mut open, others): (Vec<_>, Vec<_>) = held
+        let (open, others): (Vec<_>, Vec<_>) = held
             .into_iter()
             .partition(|s| s.incarnation() == incarnation && s.state() == SessionState::Active);
         crate::contain::drop_each_logged(others, "grace expiry");
+        // Let go each with its payload's `Drop` contained, also if this
+        // task is dropped with its runtime while it closes them.
+        let mut open = crate::contain::LetGo::new(open, "grace expiry");
         open.sort_unstable_by_key(Session::id);
         let closed = self.close_chunks(router, incarnation, expiry, &open).await;
-        crate::contain::drop_each_logged(open, "grace expiry");
+        drop(open);
         if let Some(closed) = closed {
             tracing::warn!(closed, "grace period expired; router's sessions closed");
         }
@@ -526,16 +535,19 @@ impl<S: SessionStore> Reconciler<S> {
                 Some(true) => {}
                 Some(false) | None => break,
             }
-            let _closing = expiry.closing.lock().await;
+            let closing = expiry.closing.lock().await;
             if expiry.stop.is_cancelled() {
                 tracing::info!("grace expiry stopped: the router reconnected or shutdown");
                 break;
             }
-            let now = self
-                .close_and_remove(chunk, CloseReason::RouterLost)
-                .await
-                .len();
-            closed = Some(closed.unwrap_or(0) + now);
+            let now = self.close_only(chunk, CloseReason::RouterLost).await;
+            // The closes are done: a cancel waiting for the chunk goes on.
+            // The removals (the store: user code, which may itself wait for
+            // a reconciliation of this router, and so for `closing`) run
+            // after the lock.
+            drop(closing);
+            remove_all(&*self.inner.store, &now).await;
+            closed = Some(closed.unwrap_or(0) + now.len());
         }
         closed
     }

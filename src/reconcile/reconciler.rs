@@ -18,7 +18,7 @@ use tokio::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::grace::Grace;
-use crate::closing::close_and_remove;
+use crate::closing::{close_all, remove_all};
 use crate::events::EventBus;
 use crate::id::{RouterId, SessionId, SessionKey};
 use crate::liveness::RouterHold;
@@ -146,10 +146,23 @@ impl<S: SessionStore> Reconciler<S> {
         sessions: &[Session<S::Payload>],
         reason: CloseReason,
     ) -> Vec<SessionId> {
+        let closed = self.close_only(sessions, reason).await;
+        remove_all(&*self.inner.store, &closed).await;
+        closed.into_iter().map(SessionKey::id).collect()
+    }
+
+    /// The first half of [`close_and_remove`](Self::close_and_remove): the
+    /// closes, not the removals (the store's calls: user code a grace
+    /// expiry runs after its chunk's lock). Returns the keys this call
+    /// closed.
+    pub(super) async fn close_only(
+        &self,
+        sessions: &[Session<S::Payload>],
+        reason: CloseReason,
+    ) -> Vec<SessionKey> {
         // Only `Active` sessions: one its router's deletion marked meanwhile
         // is the deletion's alone.
-        let closed = close_and_remove(
-            &*self.inner.store,
+        let closed = close_all(
             self.inner.config.reclaim.as_ref(),
             sessions,
             reason,
@@ -161,6 +174,6 @@ impl<S: SessionStore> Reconciler<S> {
                 tracing::trace!(session = %key, %reason, "session closed");
             }
         }
-        closed.into_iter().map(SessionKey::id).collect()
+        closed
     }
 }
