@@ -7,7 +7,8 @@
 # Starts etcd in a temporary directory on free non-default ports, waits for
 # it, runs every etcd test suite (the same list as .ci/run: etcd_store,
 # etcd_faults, adversarial_etcd, etcd_late_incarnations, etcd_watch_user_code,
-# etcd_resume_closing and the etcd unit tests) with the endpoint in
+# etcd_resume_closing, the adversarial_etcd_user_code_* suites and the etcd
+# unit tests) with the endpoint in
 # SESSION_LIFECYCLE_ETCD, and stops etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +36,6 @@ if [ "${1:-}" = "--" ]; then
 fi
 SESSION_LIFECYCLE_ETCD_REQUIRED=1 cargo test --features etcd,test-util --lib \
   --test etcd_store --test etcd_faults --test adversarial_etcd \
-  --test etcd_late_incarnations --test etcd_watch_user_code --test etcd_resume_closing "${args[@]}"
+  --test etcd_late_incarnations --test etcd_watch_user_code --test etcd_resume_closing \
+  --test adversarial_etcd_user_code_decode_panic --test adversarial_etcd_user_code_decoded_drops \
+  --test adversarial_etcd_user_code_store_drop --test adversarial_etcd_user_code_create "${args[@]}"

@@ -115,8 +115,10 @@ impl Stats {
             ("terminating", stats.terminating),
             ("closed", stats.closed_in_store),
         ] {
-            crate::metrics::labelled_gauge!("session_lifecycle_sessions", "state" => state)
-                .set(count as f64);
+            crate::metrics::contained(|| {
+                crate::metrics::labelled_gauge!("session_lifecycle_sessions", "state" => state)
+                    .set(count as f64);
+            });
         }
         #[cfg(feature = "metrics")]
         crate::metrics::gauge("session_lifecycle_routers", stats.routers.len());
@@ -151,11 +153,13 @@ impl Stats {
                 ("normal", stats.outstanding.normal),
                 ("low", stats.outstanding.low),
             ] {
-                crate::metrics::labelled_gauge!(
-                    "session_lifecycle_reclaim_outstanding",
-                    "class" => class
-                )
-                .set(outstanding as f64);
+                crate::metrics::contained(|| {
+                    crate::metrics::labelled_gauge!(
+                        "session_lifecycle_reclaim_outstanding",
+                        "class" => class
+                    )
+                    .set(outstanding as f64);
+                });
             }
         }
         self.reclaim = Some(stats);

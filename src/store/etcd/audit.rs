@@ -134,7 +134,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 KeyKind::Record(router, id) => match decode_head(kv.value()) {
                     // The payload too: a record of another payload type is
                     // as unreadable to this controller as garbage.
-                    Ok(head) if decode::<P>(kv.value()).is_ok() => {
+                    Ok(head)
+                        if crate::contain::contain(|| decode::<P>(kv.value()).is_ok())
+                            .unwrap_or(true) =>
+                    {
                         let record = ScannedRecord {
                             router,
                             id,
@@ -249,7 +252,12 @@ impl<P: EtcdPayload> EtcdStore<P> {
                     .cache
                     .remove_if(&id, |_, c| c.session.router() == router)
                 {
-                    shared.close_quietly(&cached.session, cached.created, CloseReason::Reclaimed);
+                    // Closed and let go contained: it may be the last handle.
+                    shared.close_all_quietly(vec![(
+                        cached.session,
+                        cached.created,
+                        CloseReason::Reclaimed,
+                    )]);
                 }
                 repairs.push(Repair {
                     session: id,
@@ -412,11 +420,15 @@ impl<P: EtcdPayload> EtcdStore<P> {
         }
         txn = txn.and_then(ops);
         let deleted = self.guarded("reclaim session", txn).await?;
-        if deleted {
-            shared
+        if deleted
+            && let Some((_, evicted)) = shared
                 .cache
-                .remove_if(&record.id, |_, c| c.created == record.created);
+                .remove_if(&record.id, |_, c| c.created == record.created)
+        {
+            crate::contain::drop_each_logged([evicted.session], "etcd repair");
         }
+        // The last handle, maybe: the payload's `Drop` is user code.
+        crate::contain::drop_each_logged(cached, "etcd repair");
         Ok(deleted)
     }
 

@@ -334,6 +334,8 @@ impl EtcdStoreBuilder {
             create_counters,
             member_counters,
             rechecks: std::sync::atomic::AtomicU64::new(0),
+            owed: Mutex::new(Vec::new()),
+            owed_added: Arc::new(tokio::sync::Notify::new()),
             stop: stop.clone(),
             retry,
             write_timeout: self.write_timeout,
@@ -342,6 +344,7 @@ impl EtcdStoreBuilder {
         });
         tokio::spawn(watch::supervise(
             Arc::downgrade(&shared),
+            Arc::clone(&shared.owed_added),
             client.watch_client().max_decoding_message_size(MAX_ANSWER),
             shared.keys.all_routers(),
             stop,

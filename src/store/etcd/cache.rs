@@ -139,7 +139,7 @@ impl<P: EtcdPayload> Shared<P> {
                 sessions.push(session);
             }
         }
-        drop(discards);
+        crate::contain::drop_each_logged(discards, "etcd store listing");
         #[cfg(feature = "metrics")]
         for reason in built_closed {
             crate::metrics::closed(reason.as_str());
@@ -211,6 +211,28 @@ impl<P: EtcdPayload> Shared<P> {
         Ok(())
     }
 
+    /// [`recheck`](Self::recheck); if it does not complete (an error, or
+    /// the caller's future dropped at it), the handles are owed to the
+    /// watch, which reads them again: they are cached already, and one
+    /// that missed a change would otherwise stay as it is for good.
+    pub(super) async fn recheck_or_owe(
+        &self,
+        stale: Vec<(RouterId, SessionId, i64)>,
+    ) -> Result<(), EtcdError> {
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut owed = Owed {
+            shared: self,
+            stale: stale.clone(),
+        };
+        let rechecked = self.recheck(stale).await;
+        if rechecked.is_ok() {
+            owed.stale.clear();
+        }
+        rechecked
+    }
+
     /// Brings the cached handle of `(id, created)` in line with the record
     /// etcd holds now (`None`: no record).
     pub(super) fn settle(&self, id: SessionId, created: i64, current: Option<&KeyValue>) {
@@ -248,6 +270,19 @@ impl<P: EtcdPayload> Shared<P> {
         let revision = self.revision().await?;
         self.recheck(cached).await?;
         Ok(revision)
+    }
+}
+
+/// A recheck not done yet: dropped before it is (`stale` not emptied),
+/// its handles are owed to the watch.
+struct Owed<'a, P> {
+    shared: &'a Shared<P>,
+    stale: Vec<(RouterId, SessionId, i64)>,
+}
+
+impl<P> Drop for Owed<'_, P> {
+    fn drop(&mut self) {
+        self.shared.owe(std::mem::take(&mut self.stale));
     }
 }
 

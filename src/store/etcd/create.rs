@@ -408,14 +408,16 @@ impl<P: EtcdPayload> EtcdStore<P> {
             let changed = progress.stale(id, created);
             (session, previous, changed)
         };
-        drop(unused);
+        // Either may be a session's last handle: its payload's `Drop` is
+        // user code, contained.
+        crate::contain::drop_each_logged(unused, "etcd create");
         if let Some((previous, created)) = previous {
-            shared.close_quietly(&previous, created, CloseReason::Reclaimed);
+            shared.close_all_quietly(vec![(previous, created, CloseReason::Reclaimed)]);
         }
         if recheck {
             // Changed since it was created (by another controller): the
             // handle catches up now. It exists either way.
-            if let Err(error) = shared.recheck(vec![(router, id, created)]).await {
+            if let Err(error) = shared.recheck_or_owe(vec![(router, id, created)]).await {
                 tracing::warn!(%error, %id, "could not re-read a session changed while it was created");
             }
         }

@@ -171,9 +171,17 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 // a record no handle here holds, still open when deleted.
                 // Read whole, as `audit` does: a record of another payload
                 // type is as unreadable here as garbage.
-                let open = match decode::<P>(record.value()) {
-                    Ok(decoded) => decoded.closed.is_none(),
-                    Err(error) => {
+                // The decoded payload is let go inside the catch (its
+                // `Drop` is user code).
+                let decoded = crate::contain::contain(|| {
+                    decode::<P>(record.value()).map(|decoded| decoded.closed.is_none())
+                });
+                let open = match decoded {
+                    Some(Ok(open)) => open,
+                    // Readable; its payload's `Drop` panicked (logged).
+                    None => super::keys::decode_head(record.value())
+                        .map_or(true, |head| head.closed.is_none()),
+                    Some(Err(error)) => {
                         report.unreadable += 1;
                         tracing::warn!(%router, %id, %error, "deleted an unreadable session record");
                         continue;
@@ -182,7 +190,10 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 let won = handled.get(&id).copied().unwrap_or(open);
                 report.closed += usize::from(won);
                 let created = record.create_revision();
-                shared.cache.remove_if(&id, |_, c| c.created == created);
+                if let Some((_, cached)) = shared.cache.remove_if(&id, |_, c| c.created == created)
+                {
+                    crate::contain::drop_each_logged([cached.session], "etcd finish");
+                }
             }
         }
         Ok(())

@@ -322,8 +322,15 @@ impl Head {
 pub(super) fn decode<P: EtcdPayload>(value: &[u8]) -> Result<Record<P>, RecordError> {
     let head = decode_head(value)?;
     let token = value.get(head.token.clone()).unwrap_or_default();
-    let payload =
-        P::decode(head.payload(value)).map_err(|error| RecordError::Payload(error.to_string()))?;
+    // User code: a `decode` that panics makes the record unreadable, as
+    // one that returns an error does.
+    let payload = match crate::contain::contain(|| {
+        P::decode(head.payload(value)).map_err(|error| error.to_string())
+    }) {
+        Some(Ok(payload)) => payload,
+        Some(Err(error)) => return Err(RecordError::Payload(error)),
+        None => return Err(RecordError::Payload("the payload's decode panicked".into())),
+    };
     Ok(Record {
         incarnation: head.incarnation,
         closed: head.closed,

@@ -139,7 +139,7 @@ impl<P: EtcdPayload> Shared<P> {
         }
         let mut recheck = Vec::new();
         let sessions = self.adopt(loaded, revision, &mut recheck);
-        self.recheck(recheck).await?;
+        self.recheck_or_owe(recheck).await?;
         Ok(sessions)
     }
 
@@ -164,8 +164,11 @@ impl<P: EtcdPayload> Shared<P> {
                 .get("read session pointer", pointer.clone(), None)
                 .await?;
             let Some(kv) = response.kvs().first() else {
-                if let Some(created) = stale {
-                    self.cache.remove_if(&id, |_, c| c.created == created);
+                if let Some(created) = stale
+                    && let Some((_, cached)) =
+                        self.cache.remove_if(&id, |_, c| c.created == created)
+                {
+                    crate::contain::drop_each_logged([cached.session], "etcd get");
                 }
                 return Ok(None);
             };
@@ -186,7 +189,7 @@ impl<P: EtcdPayload> Shared<P> {
             let loaded = self.load(kv)?;
             let mut recheck = Vec::new();
             let adopted = self.adopt(vec![loaded], revision, &mut recheck).pop();
-            self.recheck(recheck).await?;
+            self.recheck_or_owe(recheck).await?;
             // Left out: a later life is cached, which is the id's session.
             return Ok(adopted.or_else(|| self.cache.get(&id).map(|c| c.session.clone())));
         }

@@ -36,6 +36,13 @@ pub(super) struct Shared<P> {
     pub(super) member_counters: Arc<super::members::MemberCounters>,
     /// Records read again by `recheck`.
     pub(super) rechecks: std::sync::atomic::AtomicU64,
+    /// Cached handles that may have missed a change and could not be read
+    /// again (etcd unreachable, or the caller's future dropped at it): the
+    /// watch reads them again (`watch::settle_owed`), or such a handle
+    /// would stay as it is for good, the change it missed applied already.
+    pub(super) owed: Mutex<Vec<(RouterId, SessionId, i64)>>,
+    /// Notified when `owed` gets handles.
+    pub(super) owed_added: Arc<tokio::sync::Notify>,
     pub(super) stop: CancellationToken,
     pub(super) retry: Retry,
     /// `true` while a test holds the watch disconnected. Kept alive without
@@ -47,9 +54,31 @@ pub(super) struct Shared<P> {
     pub(super) limits: Limits,
 }
 
+impl<P> Shared<P> {
+    /// Hands the cached handles of `stale` to the watch to read again.
+    pub(super) fn owe(&self, stale: Vec<(RouterId, SessionId, i64)>) {
+        if stale.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            handles = stale.len(),
+            "handles that may have missed a change are read again by the watch"
+        );
+        self.owed.lock().extend(stale);
+        self.owed_added.notify_one();
+    }
+}
+
 impl<P> Drop for Shared<P> {
     fn drop(&mut self) {
         self.stop.cancel();
+        // The cache may hold the last handle of a session: its payload's
+        // `Drop` is user code, each contained.
+        let cache = std::mem::take(&mut self.cache);
+        crate::contain::drop_each_logged(
+            cache.into_iter().map(|(_, cached)| cached.session),
+            "etcd store",
+        );
     }
 }
 

@@ -19,7 +19,9 @@
 //!   every change of a record while loads are in flight is remembered in
 //!   `Progress::misses`, and a load that finds its id there with a later
 //!   revision (or a re-list in progress) reads the record again once its
-//!   handle is cached.
+//!   handle is cached; if that read does not complete (etcd unreachable,
+//!   the caller's future dropped), the handle is owed to the watch, which
+//!   reads it again (`Shared::owed`).
 //!
 //! - User code the watch runs (a payload's `Drop` with the last handle of a
 //!   closed session, its `decode` in a re-list) cannot end it: each close
@@ -36,10 +38,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use etcd_client::{EventType, WatchClient, WatchOptions, WatchResponse};
 use futures::FutureExt;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Refusal, refusal};
@@ -171,6 +174,7 @@ impl RemoveIfAt for HashMap<SessionId, i64> {
 /// controller's handles open for good.
 pub(super) async fn supervise<P: EtcdPayload>(
     shared: Weak<Shared<P>>,
+    owed_added: Arc<Notify>,
     client: WatchClient,
     prefix: Vec<u8>,
     stop: CancellationToken,
@@ -182,6 +186,7 @@ pub(super) async fn supervise<P: EtcdPayload>(
         };
         let watched = AssertUnwindSafe(run(
             shared.clone(),
+            &owed_added,
             client.clone(),
             prefix.clone(),
             stop.clone(),
@@ -212,6 +217,7 @@ pub(super) async fn supervise<P: EtcdPayload>(
 /// Watches the store's keys until `stop`, or until the store is gone.
 async fn run<P: EtcdPayload>(
     shared: Weak<Shared<P>>,
+    owed_added: &Notify,
     mut client: WatchClient,
     prefix: Vec<u8>,
     stop: CancellationToken,
@@ -245,24 +251,37 @@ async fn run<P: EtcdPayload>(
             }
         };
         loop {
-            let message = tokio::select! {
+            let woke = tokio::select! {
                 () = stop.cancelled() => return,
-                _ = suspended.wait_for(|suspended| *suspended) => None,
-                message = stream.message() => Some(message),
+                _ = suspended.wait_for(|suspended| *suspended) => Woke::Suspended,
+                () = owed_added.notified() => Woke::Owed,
+                message = stream.message() => Woke::Message(message),
             };
-            let Some(message) = message else {
-                // Suspended (a test hook): disconnected until resumed, then
-                // the watch resumes from the last revision applied.
-                drop(stream);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    resumed = suspended.wait_for(|suspended| !*suspended) => {
-                        if resumed.is_err() {
-                            return;
+            let message = match woke {
+                Woke::Message(message) => message,
+                Woke::Suspended => {
+                    // A test hook: disconnected until resumed, then the
+                    // watch resumes from the last revision applied.
+                    drop(stream);
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        resumed = suspended.wait_for(|suspended| !*suspended) => {
+                            if resumed.is_err() {
+                                return;
+                            }
                         }
                     }
+                    break;
                 }
-                break;
+                Woke::Owed => {
+                    // Handles that may have missed a change could not be
+                    // read again by their load: read them here (the
+                    // stream's next messages wait meanwhile).
+                    if !settle_owed(&shared, &stop, &mut delays).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             let Some(strong) = shared.upgrade() else {
                 return;
@@ -308,6 +327,16 @@ async fn run<P: EtcdPayload>(
     }
 }
 
+/// What woke the watch.
+enum Woke {
+    /// A test holds the watch disconnected.
+    Suspended,
+    /// Handles are owed a read ([`Shared::owed`]).
+    Owed,
+    /// etcd's next message.
+    Message(Result<Option<WatchResponse>, etcd_client::Error>),
+}
+
 /// Sleeps the next delay of the store's retry schedule; `false` if stopped
 /// meanwhile.
 async fn pause(stop: &CancellationToken, delays: &mut Delays) -> bool {
@@ -315,6 +344,41 @@ async fn pause(stop: &CancellationToken, delays: &mut Delays) -> bool {
     tokio::select! {
         () = stop.cancelled() => false,
         () = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Reads again the handles owed to the watch ([`Shared::owed`]); those it
+/// could not read stay owed, and it paces itself on the retry schedule
+/// before the watch goes on. `false` if the store stopped or is gone.
+async fn settle_owed<P: EtcdPayload>(
+    shared: &Weak<Shared<P>>,
+    stop: &CancellationToken,
+    delays: &mut Delays,
+) -> bool {
+    let Some(strong) = shared.upgrade() else {
+        return false;
+    };
+    let owed = std::mem::take(&mut *strong.owed.lock());
+    // `recheck_or_owe` owes them again if this attempt fails, or panics in
+    // user code (a payload's `Drop`), or this task is dropped meanwhile.
+    let settled = AssertUnwindSafe(strong.recheck_or_owe(owed))
+        .catch_unwind()
+        .await;
+    drop(strong);
+    match settled {
+        Ok(Ok(())) => {
+            delays.reset();
+            true
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "reading owed handles again failed; retrying");
+            pause(stop, delays).await
+        }
+        Err(panic) => {
+            crate::contain::dispose(panic);
+            tracing::error!("reading owed handles again panicked in user code; retrying");
+            pause(stop, delays).await
+        }
     }
 }
 
