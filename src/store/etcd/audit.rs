@@ -420,12 +420,8 @@ impl<P: EtcdPayload> EtcdStore<P> {
         }
         txn = txn.and_then(ops);
         let deleted = self.guarded("reclaim session", txn).await?;
-        if deleted
-            && let Some((_, evicted)) = shared
-                .cache
-                .remove_if(&record.id, |_, c| c.created == record.created)
-        {
-            crate::contain::drop_each_logged([evicted.session], "etcd repair");
+        if deleted {
+            shared.uncache(record.id, record.created);
         }
         // The last handle, maybe: the payload's `Drop` is user code.
         crate::contain::drop_each_logged(cached, "etcd repair");

@@ -190,10 +190,7 @@ impl<P: EtcdPayload> EtcdStore<P> {
                 let won = handled.get(&id).copied().unwrap_or(open);
                 report.closed += usize::from(won);
                 let created = record.create_revision();
-                if let Some((_, cached)) = shared.cache.remove_if(&id, |_, c| c.created == created)
-                {
-                    crate::contain::drop_each_logged([cached.session], "etcd finish");
-                }
+                shared.uncache(id, created);
             }
         }
         Ok(())

@@ -164,11 +164,8 @@ impl<P: EtcdPayload> Shared<P> {
                 .get("read session pointer", pointer.clone(), None)
                 .await?;
             let Some(kv) = response.kvs().first() else {
-                if let Some(created) = stale
-                    && let Some((_, cached)) =
-                        self.cache.remove_if(&id, |_, c| c.created == created)
-                {
-                    crate::contain::drop_each_logged([cached.session], "etcd get");
+                if let Some(created) = stale {
+                    self.uncache(id, created);
                 }
                 return Ok(None);
             };
@@ -217,7 +214,7 @@ impl<P: EtcdPayload> Shared<P> {
             done: Some(done),
         }));
         let removed = self.within("removal", removed).await?.unwrap_or(false);
-        self.cache.remove_if(&id, |_, c| c.created == created);
+        self.uncache(id, created);
         Ok(removed)
     }
 }

@@ -221,6 +221,19 @@ impl<P: EtcdPayload> Shared<P> {
     /// Closes the handle of the record created at `created` because etcd
     /// says it is closed or gone: not written back. `true` if this call
     /// closed it.
+    /// Takes the cached handle of the record of `id` created at `created`
+    /// out of the cache: closed (`Reclaimed`, not written back, as etcd no
+    /// longer holds that record) and let go contained. A handle leaves the
+    /// cache only closed: the one cached may be another handle of the same
+    /// record than the caller's (a load adopted it after the watch took the
+    /// caller's out), and left open it would be out of the watch's reach
+    /// for good.
+    pub(super) fn uncache(&self, id: SessionId, created: i64) {
+        if let Some((_, cached)) = self.cache.remove_if(&id, |_, c| c.created == created) {
+            self.close_all_quietly(vec![(cached.session, created, CloseReason::Reclaimed)]);
+        }
+    }
+
     pub(super) fn close_quietly(
         &self,
         session: &Session<P>,
