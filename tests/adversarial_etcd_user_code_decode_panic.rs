@@ -15,7 +15,7 @@ mod etcd_support;
 
 use std::sync::Arc;
 
-use etcd_support::{endpoints, unique_prefix};
+use etcd_support::{endpoints, store_on_suite as store, unique_prefix};
 use futures::FutureExt;
 use session_lifecycle::etcd::{EtcdPayload, EtcdStore};
 use session_lifecycle::store::RouterStatus;
@@ -38,17 +38,6 @@ impl EtcdPayload for Strict {
     fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         Ok(Strict(u64::from_be_bytes(bytes[..8].try_into().unwrap())))
     }
-}
-
-async fn store<P: EtcdPayload>(prefix: &str) -> EtcdStore<P> {
-    EtcdStore::builder()
-        .endpoints(endpoints().unwrap())
-        .prefix(prefix)
-        .request_timeout(Duration::from_secs(5))
-        .write_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("etcd is reachable")
 }
 
 const R: RouterId = RouterId::new(9);

@@ -22,57 +22,20 @@ mod user_code_support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use etcd_support::{decode_u64, encode_u64, endpoints, unique_prefix};
+use etcd_support::{ARMED, Armed, FIRED, endpoints, store_on_suite, unique_prefix};
 use futures::FutureExt;
-use session_lifecycle::etcd::{EtcdPayload, EtcdStore};
+use session_lifecycle::etcd::EtcdStore;
 use session_lifecycle::{
     NewSession, NotifyError, RouterDeleter, RouterId, SessionId, SessionStore, TerminationBatch,
     TerminationNotifier,
 };
 use tokio::time::{Duration, timeout};
 
-/// Panics left to fire in `Armed`'s `Drop`.
-static ARMED: AtomicUsize = AtomicUsize::new(0);
-/// How many `Armed` drops panicked.
-static FIRED: AtomicUsize = AtomicUsize::new(0);
-
-/// A payload whose `Drop` panics while armed (a careless user's payload).
-struct Armed(u64);
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        if ARMED
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            FIRED.fetch_add(1, Ordering::SeqCst);
-            panic!("payload {}'s Drop panics", self.0);
-        }
-    }
-}
-
-impl EtcdPayload for Armed {
-    fn encode(&self, out: &mut Vec<u8>) {
-        encode_u64(self.0, out);
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        decode_u64(bytes).map(Armed)
-    }
-}
-
 /// The tests share the statics above: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn store(prefix: &str) -> EtcdStore<Armed> {
-    EtcdStore::builder()
-        .endpoints(endpoints().unwrap())
-        .prefix(prefix)
-        .request_timeout(Duration::from_secs(5))
-        .write_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("etcd is reachable")
+    store_on_suite(prefix).await
 }
 
 const R: RouterId = RouterId::new(7);

@@ -13,53 +13,16 @@
 mod etcd_support;
 mod user_code_support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use etcd_support::{decode_u64, encode_u64, endpoints, unique_prefix};
+use etcd_support::{ARMED, Armed, FIRED, endpoints, store_on_suite, unique_prefix};
 use futures::FutureExt;
-use session_lifecycle::etcd::{EtcdPayload, EtcdStore};
+use session_lifecycle::etcd::EtcdStore;
 use session_lifecycle::{CloseReason, NewSession, RouterId, SessionId, SessionStore};
 use tokio::time::Duration;
 
-/// Panics left to fire in `Armed`'s `Drop` (ids below 100 only).
-static ARMED: AtomicUsize = AtomicUsize::new(0);
-/// How many `Armed` drops panicked.
-static FIRED: AtomicUsize = AtomicUsize::new(0);
-
-struct Armed(u64);
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        if self.0 < 100
-            && ARMED
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            FIRED.fetch_add(1, Ordering::SeqCst);
-            panic!("payload {}'s Drop panics", self.0);
-        }
-    }
-}
-
-impl EtcdPayload for Armed {
-    fn encode(&self, out: &mut Vec<u8>) {
-        encode_u64(self.0, out);
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        decode_u64(bytes).map(Armed)
-    }
-}
-
 async fn store(prefix: &str) -> EtcdStore<Armed> {
-    EtcdStore::builder()
-        .endpoints(endpoints().unwrap())
-        .prefix(prefix)
-        .request_timeout(Duration::from_secs(5))
-        .write_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("etcd is reachable")
+    store_on_suite(prefix).await
 }
 
 const R: RouterId = RouterId::new(11);

@@ -489,3 +489,48 @@ pub fn encode_u64(n: u64, out: &mut Vec<u8>) {
 pub fn decode_u64(bytes: &[u8]) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
     Ok(u64::from_be_bytes(bytes.try_into()?))
 }
+
+/// Panics left to fire in [`Armed`]'s `Drop` (each test binary has its own).
+pub static ARMED: AtomicUsize = AtomicUsize::new(0);
+/// How many [`Armed`] drops panicked.
+pub static FIRED: AtomicUsize = AtomicUsize::new(0);
+
+/// A payload (its id) whose `Drop` panics while [`ARMED`] counts down, a
+/// careless user's payload; ids from 100 on never panic.
+pub struct Armed(pub u64);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if self.0 < 100
+            && ARMED
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            FIRED.fetch_add(1, Ordering::SeqCst);
+            panic!("payload {}'s Drop panics", self.0);
+        }
+    }
+}
+
+impl EtcdPayload for Armed {
+    fn encode(&self, out: &mut Vec<u8>) {
+        encode_u64(self.0, out);
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        decode_u64(bytes).map(Armed)
+    }
+}
+
+/// A store on the suite's etcd (`SESSION_LIFECYCLE_ETCD`) under `prefix`,
+/// with 5 s request and write timeouts (the user-code suites').
+pub async fn store_on_suite<P: EtcdPayload>(prefix: &str) -> session_lifecycle::etcd::EtcdStore<P> {
+    session_lifecycle::etcd::EtcdStore::builder()
+        .endpoints(endpoints().expect("the suite's etcd"))
+        .prefix(prefix)
+        .request_timeout(Duration::from_secs(5))
+        .write_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("etcd is reachable")
+}
