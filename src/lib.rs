@@ -219,7 +219,15 @@
 //! [`EventBus`] drops the oldest event a lagging subscriber has not read,
 //! and two publications happen under a lock (see
 //! [`MemoryStoreBuilder::events`]); the `Drop` of an error your prober or
-//! reclaim task returned must not call back into the store. Each module
+//! reclaim task returned must not call back into the store.
+//!
+//! A panic in user code the crate runs is contained and logged
+//! (`tracing::error!`): a payload's `Drop` when the crate lets a session's
+//! last handle go, a resource's release, your store's removals in a
+//! background piece, an `EtcdStore` payload's `decode` (feature `etcd`), the
+//! metrics recorder. A background task goes on, a call still returns its
+//! result, and two panics in a row never abort the process (a panic while
+//! another unwinds would). Each module
 //! with locks documents its lock order under `# Deadlock safety`. The state word and close notification are
 //! model-checked with loom:
 //! `RUSTFLAGS="--cfg session_lifecycle_loom" cargo test --lib --release --target-dir target/loom loom`
