@@ -126,10 +126,10 @@ const STOPPED: u64 = 1 << 63;
 /// - **Partition guard.** If more than a share of the watched routers goes
 ///   silent together (the controller's own network failed, most likely),
 ///   it reaps nobody until they are heard again, with
-///   [`Event::PartitionSuspected`] and [`Event::PartitionEnded`] on the
+///   [`Event::PartitionSuspected`](crate::Event::PartitionSuspected) and [`Event::PartitionEnded`](crate::Event::PartitionEnded) on the
 ///   bus; see [`partition_guard`](LivenessMonitorBuilder::partition_guard).
 ///
-/// Events ([`Event::Liveness`] on the bus given to
+/// Events ([`Event::Liveness`](crate::Event::Liveness) on the bus given to
 /// [`events`](LivenessMonitorBuilder::events)) come per router, and say when
 /// a whole router went silent.
 ///
